@@ -1,0 +1,78 @@
+"""Shared fixtures: tiny NemotronH configs with every block type, built in memory (no downloads)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import NemotronHConfig
+
+
+def tiny_config(pattern: str = "M*-EM*E", **overrides) -> NemotronHConfig:
+    """A NemotronH config small enough for exact float32 tests on CPU.
+
+    `pattern` uses the hybrid_override_pattern letters: M Mamba-2, * attention, - MLP, E MoE.
+    """
+    kwargs = dict(
+        vocab_size=64,
+        hidden_size=32,
+        hybrid_override_pattern=pattern,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=8,
+        intermediate_size=48,
+        mamba_num_heads=4,
+        mamba_head_dim=8,
+        ssm_state_size=8,
+        n_groups=2,
+        conv_kernel=4,
+        chunk_size=16,
+        n_routed_experts=4,
+        num_experts_per_tok=2,
+        moe_intermediate_size=24,
+        moe_shared_expert_intermediate_size=16,
+        routed_scaling_factor=1.5,
+        max_position_embeddings=512,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+        use_conv_bias=True,
+        mamba_proj_bias=False,
+        use_bias=False,
+    )
+    kwargs.update(overrides)
+    return NemotronHConfig(**kwargs)
+
+
+def randomize_(module: torch.nn.Module, seed: int = 0, scale: float = 0.2) -> torch.nn.Module:
+    """Give every parameter and buffer random values so parity tests exercise all weights.
+
+    Mamba's A_log / dt_bias get values in a realistic range; the MoE correction bias is made
+    non-zero so that its choose-only role is tested.
+    """
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in list(module.named_parameters()) + list(module.named_buffers()):
+            if not p.is_floating_point():
+                continue
+            if name.endswith("A_log"):
+                p.copy_(torch.rand(p.shape, generator=g) * 1.5)
+            elif name.endswith("dt_bias"):
+                p.copy_(torch.rand(p.shape, generator=g) * 2 - 3)
+            elif name.endswith("norm.weight") or name.endswith("norm_f.weight"):
+                p.copy_(1 + 0.1 * torch.randn(p.shape, generator=g))
+            elif name.endswith("e_score_correction_bias"):
+                p.copy_(0.1 * torch.randn(p.shape, generator=g))
+            else:
+                p.copy_(scale * torch.randn(p.shape, generator=g))
+    return module
+
+
+@pytest.fixture
+def config() -> NemotronHConfig:
+    return tiny_config()
+
+
+@pytest.fixture(autouse=True)
+def _deterministic():
+    torch.manual_seed(0)
+    yield

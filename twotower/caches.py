@@ -1,0 +1,166 @@
+"""HybridCache: the context tower's per-layer cache (attention K,V + Mamba-2 conv / SSM states).
+
+Attention K,V live in preallocated buffers (b, kv_heads, capacity, d) that grow geometrically, so
+appending a token or a block writes in place instead of re-concatenating the whole history. A
+`key_mask` (b, capacity) marks which cached positions are real tokens (left padding is False).
+Mamba layers keep the conv state (b, conv_dim, k-1) in the model dtype and the SSM state
+(b, heads, head_dim, state) always in float32.
+
+The cache is written only by the context tower (`prefill` / `extend`); the denoiser reads it.
+For two devices, `mirror_to` keeps a copy on another device up to date by sending only what was
+appended since the last call plus the (small) Mamba states.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+
+@dataclass
+class HybridCache:
+    """Per-layer cache; lists are indexed by layer, None where a layer has no such state."""
+
+    keys: list[Tensor | None]
+    values: list[Tensor | None]
+    conv: list[Tensor | None]
+    ssm: list[Tensor | None]
+    key_mask: Tensor  # (b, capacity) bool
+    length: int = 0
+    # Number of positions already sent to each mirror (keyed by id of the mirror cache).
+    _mirrored: dict = field(default_factory=dict, repr=False)
+
+    # ---- construction -------------------------------------------------------------------------
+    @classmethod
+    def empty(cls, backbone, batch: int, *, capacity: int = 64, device=None, dtype=None) -> "HybridCache":
+        """An empty cache shaped for `backbone` (a HybridBackbone)."""
+        n = len(backbone.layers)
+        keys, values, conv, ssm = [None] * n, [None] * n, [None] * n, [None] * n
+        for i, blk in enumerate(backbone.layers):
+            m = blk.mixer
+            if blk.block_type == "full_attention":
+                shape = (batch, m.num_kv_heads, capacity, m.head_dim)
+                keys[i] = torch.zeros(shape, device=device, dtype=dtype)
+                values[i] = torch.zeros(shape, device=device, dtype=dtype)
+            elif blk.block_type == "linear_attention":
+                conv[i], ssm[i] = m.empty_states(batch, device=device, dtype=dtype)
+        mask = torch.zeros(batch, capacity, dtype=torch.bool, device=device)
+        return cls(keys, values, conv, ssm, mask, 0)
+
+    # ---- shape facts --------------------------------------------------------------------------
+    @property
+    def batch_size(self) -> int:
+        return self.key_mask.shape[0]
+
+    @property
+    def capacity(self) -> int:
+        return self.key_mask.shape[1]
+
+    @property
+    def device(self) -> torch.device:
+        return self.key_mask.device
+
+    def valid_mask(self) -> Tensor:
+        """(b, length) bool: which cached positions are real tokens."""
+        return self.key_mask[:, : self.length]
+
+    def kv(self, layer: int, upto: int | None = None) -> tuple[Tensor, Tensor]:
+        """Views (b, kv, upto, d) of layer's keys and values (default: the committed length)."""
+        upto = self.length if upto is None else upto
+        return self.keys[layer][:, :, :upto], self.values[layer][:, :, :upto]
+
+    # ---- writing (context tower only) ---------------------------------------------------------
+    def reserve(self, extra: int) -> None:
+        """Make room for `extra` more positions, doubling capacity when it runs out."""
+        need = self.length + extra
+        if need <= self.capacity:
+            return
+        new_cap = max(need, 2 * self.capacity)
+        for store in (self.keys, self.values):
+            for i, t in enumerate(store):
+                if t is not None:
+                    grown = t.new_zeros(t.shape[0], t.shape[1], new_cap, t.shape[3])
+                    grown[:, :, : self.length] = t[:, :, : self.length]
+                    store[i] = grown
+        mask = self.key_mask.new_zeros(self.batch_size, new_cap)
+        mask[:, : self.length] = self.key_mask[:, : self.length]
+        self.key_mask = mask
+
+    def write_mask(self, new_valid: Tensor) -> None:
+        """Record the validity (b, n) of the n positions about to be appended (call after reserve)."""
+        n = new_valid.shape[1]
+        self.key_mask[:, self.length : self.length + n] = new_valid.to(self.key_mask.device)
+
+    def write_kv(self, layer: int, k: Tensor, v: Tensor) -> None:
+        """Write (b, kv, n, d) at positions [length, length + n) of layer (call after reserve)."""
+        n = k.shape[2]
+        self.keys[layer][:, :, self.length : self.length + n] = k
+        self.values[layer][:, :, self.length : self.length + n] = v
+
+    def advance(self, n: int) -> None:
+        self.length += n
+
+    # ---- copies -------------------------------------------------------------------------------
+    def _map(self, fn) -> "HybridCache":
+        keys = [None if t is None else fn(t) for t in self.keys]
+        values = [None if t is None else fn(t) for t in self.values]
+        conv = [None if t is None else fn(t) for t in self.conv]
+        ssm = [None if t is None else fn(t) for t in self.ssm]
+        return HybridCache(keys, values, conv, ssm, fn(self.key_mask), self.length)
+
+    def clone(self) -> "HybridCache":
+        return self._map(lambda t: t.clone())
+
+    def to(self, device=None, dtype=None) -> "HybridCache":
+        """Move (and optionally cast K,V and conv states; SSM states stay float32, the mask bool)."""
+        cast = lambda t: None if t is None else t.to(device=device, dtype=dtype or t.dtype)  # noqa: E731
+        return HybridCache([cast(t) for t in self.keys], [cast(t) for t in self.values],
+                           [cast(t) for t in self.conv],
+                           [None if t is None else t.to(device=device, dtype=torch.float32) for t in self.ssm],
+                           self.key_mask.to(device=device), self.length)
+
+    def select(self, rows: Tensor) -> "HybridCache":
+        """Keep batch rows `rows` (LongTensor or bool mask), e.g. to drop finished sequences."""
+        rows = rows.to(self.device)
+        return self._map(lambda t: t.index_select(0, rows) if rows.dtype != torch.bool else t[rows])
+
+    def mirror_to(self, device, mirror: "HybridCache | None" = None) -> "HybridCache":
+        """Bring a copy of this cache on `device` up to date, sending only what changed.
+
+        The first call copies everything. Later calls (same `mirror`) append the K,V positions
+        written since the previous call (one block's worth) and replace the Mamba states, which are
+        small and fixed-size. Nothing already sent is sent again.
+        """
+        device = torch.device(device)
+        if mirror is None:
+            mirror = HybridCache.empty_like(self, device)
+        sent = mirror.length
+        if sent > self.length:
+            raise ValueError(f"mirror holds {sent} positions but the source only {self.length}; was the source reset?")
+        new = self.length - sent
+        mirror.reserve(new)
+        for i, k in enumerate(self.keys):
+            if k is not None:
+                mirror.keys[i][:, :, sent : self.length].copy_(k[:, :, sent : self.length], non_blocking=True)
+                mirror.values[i][:, :, sent : self.length].copy_(self.values[i][:, :, sent : self.length], non_blocking=True)
+        mirror.key_mask[:, sent : self.length].copy_(self.key_mask[:, sent : self.length])
+        for i, c in enumerate(self.conv):
+            if c is not None:
+                mirror.conv[i].copy_(c, non_blocking=True)
+                mirror.ssm[i].copy_(self.ssm[i], non_blocking=True)
+        mirror.length = self.length
+        return mirror
+
+    @staticmethod
+    def empty_like(cache: "HybridCache", device) -> "HybridCache":
+        """Zero cache of the same shapes (capacity = cache.capacity) on `device`."""
+        z = lambda t: None if t is None else torch.zeros_like(t, device=device)  # noqa: E731
+        return HybridCache([z(t) for t in cache.keys], [z(t) for t in cache.values],
+                           [z(t) for t in cache.conv], [z(t) for t in cache.ssm],
+                           torch.zeros_like(cache.key_mask, device=device), 0)
+
+    def nbytes(self) -> int:
+        tensors = [t for store in (self.keys, self.values, self.conv, self.ssm) for t in store if t is not None]
+        return sum(t.numel() * t.element_size() for t in tensors) + self.key_mask.numel()

@@ -1,0 +1,218 @@
+"""ContextTower: the frozen AR NemotronH model, run causally, exporting per-layer caches.
+
+Three ways to run it:
+* `tower(input_ids)` / `prefill(input_ids, attention_mask)` — causal forward over a (left-padded)
+  batch; `prefill` also returns a `HybridCache` for later extension.
+* `extend(cache, tokens)` — append any number of tokens (one for AR decoding, a committed block of
+  S in one chunked scan) and return their logits; the cache grows in place.
+* `forward_train(input_ids, block_size)` — one causal pass over clean training sequences that
+  also returns, per layer, what the denoiser needs for every block at once: attention K,V of every
+  position, and Mamba conv / SSM states at every block boundary (state after position kS - 1).
+
+State dict names: `backbone.` + transformers' NemotronH backbone names, and `lm_head.weight`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+from torch import Tensor
+
+from ..caches import HybridCache
+from .layers import ATTENTION, MAMBA, HybridBackbone
+from .ssd import conv_boundary_states
+
+
+@dataclass
+class ContextStates:
+    """Training-time context exports for sequences of L = nB * S clean tokens.
+
+    keys / values[i]: (b, kv, L, d) for attention layers; conv[i]: (b, nB, conv_dim, k-1) and
+    ssm[i]: (b, nB, h, p, n) float32 for Mamba layers: the states entering block k.
+    """
+
+    keys: list[Tensor | None]
+    values: list[Tensor | None]
+    conv: list[Tensor | None]
+    ssm: list[Tensor | None]
+    block_size: int
+
+
+def causal_mask(valid: Tensor, q_len: int, offset: int) -> Tensor:
+    """(b, 1, q_len, offset + q_len) bool: query i (absolute position offset + i) may see key j if
+    j <= offset + i and key j is real. A query always sees itself, so padded rows stay finite."""
+    k_len = valid.shape[1]
+    q_pos = torch.arange(q_len, device=valid.device)[:, None] + offset
+    k_pos = torch.arange(k_len, device=valid.device)[None, :]
+    allowed = (k_pos <= q_pos)[None] & valid[:, None, :]
+    allowed |= (k_pos == q_pos)[None]
+    return allowed[:, None]
+
+
+class ContextTower(nn.Module):
+    """The AR model as the context tower. `config` is a transformers `NemotronHConfig`."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.config = config
+        self.backbone = HybridBackbone(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+
+    # ---- loading ------------------------------------------------------------------------------
+    @classmethod
+    def from_pretrained(cls, path: str | Path, *, dtype: torch.dtype | None = None, device=None) -> "ContextTower":
+        """Load a local NemotronH AR checkpoint directory (config.json + safetensors)."""
+        from .loading import load_backbone_state_dict
+
+        config, state = load_backbone_state_dict(path, dtype=dtype)
+        tower = cls(config)
+        tower.load_backbone_state(state, where=str(path))
+        if dtype is not None:
+            tower.to(dtype)
+            tower.keep_router_fp32()
+        return tower.to(device) if device is not None else tower
+
+    def load_backbone_state(self, state: dict[str, Tensor], *, where: str = "state dict") -> None:
+        """Load a flat backbone state dict (backbone names + `lm_head.weight`), checking keys and shapes."""
+        from .loading import check_keys, check_shapes
+
+        mapped = {k if k == "lm_head.weight" else "backbone." + k: v for k, v in state.items()}
+        own = self.state_dict()
+        check_keys(mapped, own.keys(), where=where)
+        check_shapes(mapped, own, where=where)
+        self.load_state_dict(mapped)
+
+    def keep_router_fp32(self) -> None:
+        """MoE router weights and correction biases stay float32 whatever the model dtype."""
+        for blk in self.backbone.layers:
+            if blk.block_type == "moe":
+                blk.mixer.gate.float()
+
+    # ---- plain causal forward -----------------------------------------------------------------
+    def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None) -> Tensor:
+        """(b, T) token ids -> logits (b, T, V) float32."""
+        return self.prefill(input_ids, attention_mask, logits="all", use_cache=False)[0]
+
+    def prefill(self, input_ids: Tensor, attention_mask: Tensor | None = None, *, logits: str = "all",
+                use_cache: bool = True, capacity: int | None = None):
+        """Causal forward over a prompt batch, returning (logits, cache).
+
+        attention_mask: (b, T), 1 for real tokens, 0 for (left) padding. Padded positions are kept
+        out of attention and out of the Mamba states. logits: "all" (b, T, V), "last" (b, 1, V) or
+        "none" (None).
+        """
+        _check_ids(input_ids, self.config.vocab_size)
+        b, T = input_ids.shape
+        valid = torch.ones(b, T, dtype=torch.bool, device=input_ids.device) if attention_mask is None \
+            else attention_mask.to(input_ids.device).bool()
+        cache = None
+        if use_cache:
+            dtype = self.backbone.embeddings.weight.dtype
+            cache = HybridCache.empty(self.backbone, b, capacity=capacity or max(64, 2 * T),
+                                      device=input_ids.device, dtype=dtype)
+        hidden = self._run(input_ids, valid, cache, offset=0)
+        return self._logits(hidden, logits), cache
+
+    def extend(self, cache: HybridCache, tokens: Tensor, *, logits: str = "all",
+               attention_mask: Tensor | None = None) -> Tensor | None:
+        """Append tokens (b, n) to `cache` (in place) and return their logits (b, n, V).
+
+        n = 1 is an AR step (recurrent Mamba update); larger n runs one chunked scan.
+        """
+        _check_ids(tokens, self.config.vocab_size)
+        if tokens.shape[0] != cache.batch_size:
+            raise ValueError(f"tokens have batch {tokens.shape[0]} but the cache has {cache.batch_size}")
+        valid = torch.ones_like(tokens, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
+        hidden = self._run(tokens, valid, cache, offset=cache.length)
+        return self._logits(hidden, logits)
+
+    def _logits(self, hidden: Tensor, which: str) -> Tensor | None:
+        if which == "none":
+            return None
+        if which == "last":
+            hidden = hidden[:, -1:]
+        elif which != "all":
+            raise ValueError(f"logits must be 'all', 'last' or 'none', got {which!r}")
+        return self.lm_head(hidden).float()
+
+    def _run(self, ids: Tensor, valid: Tensor, cache: HybridCache | None, offset: int) -> Tensor:
+        """Run the stack over `ids` (b, n) appended after `offset` cached positions; returns the final hidden."""
+        n = ids.shape[1]
+        x = self.backbone.embeddings(ids)
+        pad_mask = None if bool(valid.all()) else valid
+        if cache is not None:
+            cache.reserve(n)
+            cache.write_mask(valid)
+            key_valid = cache.key_mask[:, : offset + n]
+        else:
+            key_valid = valid
+        # One mask for every attention layer; None when nothing is masked beyond causality for n = 1.
+        mask = None
+        if any(t == ATTENTION for t in self.backbone.block_types):
+            mask = None if (n == 1 and bool(key_valid.all())) else causal_mask(key_valid, n, offset)
+        for i, blk in enumerate(self.backbone.layers):
+            h = blk.pre(x)
+            if blk.block_type == ATTENTION:
+                q, k, v = blk.mixer.qkv(h)
+                if cache is not None:
+                    cache.write_kv(i, k, v)
+                    k, v = cache.kv(i, upto=offset + n)
+                y = blk.mixer.attend(q, k, v, mask)
+            elif blk.block_type == MAMBA:
+                out = blk.mixer(h, conv_state=None if cache is None else cache.conv[i],
+                                ssm_state=None if cache is None else cache.ssm[i], pad_mask=pad_mask)
+                if cache is not None:
+                    cache.conv[i], cache.ssm[i] = out.conv_state, out.ssm_state
+                y = out.y
+            else:
+                y = blk.mixer(h)
+            x = blk.post(x, y)
+        if cache is not None:
+            cache.advance(n)
+        return self.backbone.norm_f(x)
+
+    # ---- training-time export -----------------------------------------------------------------
+    def forward_train(self, input_ids: Tensor, block_size: int, *, return_logits: bool = False):
+        """One causal pass over clean sequences (b, L), L a multiple of block_size.
+
+        Returns (logits or None, ContextStates). The Mamba scan runs with chunk size = block_size,
+        so the chunk-entry states are the block-boundary states.
+        """
+        _check_ids(input_ids, self.config.vocab_size)
+        b, L = input_ids.shape
+        if L % block_size:
+            raise ValueError(f"sequence length {L} is not a multiple of block_size {block_size}")
+        n_layers = len(self.backbone.layers)
+        keys, values, conv, ssm = [None] * n_layers, [None] * n_layers, [None] * n_layers, [None] * n_layers
+        x = self.backbone.embeddings(input_ids)
+        mask = None
+        for i, blk in enumerate(self.backbone.layers):
+            h = blk.pre(x)
+            if blk.block_type == ATTENTION:
+                q, k, v = blk.mixer.qkv(h)
+                if mask is None:
+                    mask = torch.ones(L, L, dtype=torch.bool, device=x.device).tril()
+                keys[i], values[i] = k, v
+                y = blk.mixer.attend(q, k, v, mask)
+            elif blk.block_type == MAMBA:
+                out = blk.mixer(h, chunk_size=block_size, return_xbc=True, return_chunk_states=True)
+                conv[i] = conv_boundary_states(out.xbc, blk.mixer.kernel_size, block_size)
+                ssm[i] = out.ssm_chunk_states
+                y = out.y
+            else:
+                y = blk.mixer(h)
+            x = blk.post(x, y)
+        logits = self.lm_head(self.backbone.norm_f(x)).float() if return_logits else None
+        return logits, ContextStates(keys, values, conv, ssm, block_size)
+
+
+def _check_ids(ids: Tensor, vocab_size: int) -> None:
+    if ids.dim() != 2:
+        raise ValueError(f"input_ids must be (batch, length), got shape {tuple(ids.shape)}")
+    if ids.dtype not in (torch.int64, torch.int32):
+        raise ValueError(f"input_ids must be an integer tensor, got {ids.dtype}")
+    if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= vocab_size):
+        raise ValueError(f"token ids must lie in [0, {vocab_size}); got min {int(ids.min())}, max {int(ids.max())}")

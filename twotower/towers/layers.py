@@ -1,0 +1,337 @@
+"""The NemotronH layer stack: one module per block type, with transformers' parameter names.
+
+Block types (config.layers_block_type): "linear_attention" (Mamba-2), "full_attention" (GQA, no
+rotary embedding), "mlp" (relu^2), "moe" (sigmoid router + routed experts + shared expert).
+Every block is `x + mixer(norm(x))`; with time conditioning (denoiser) the block is
+`x + gate * mixer(h)` where `h = norm(modulate(x))` for Mamba / attention and `h = modulate(norm(x))`
+for MLP / MoE (DESIGN section 1). The mixers here hold weights and do the per-layer math; the
+towers (context.py, denoiser.py) decide what each layer attends to and which states it carries.
+
+Parameter names equal transformers' `NemotronHForCausalLM` names below `model.`, so state dicts
+move across without renaming (MoE experts in the fused 3-D layout).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch import Tensor
+
+from .ssd import causal_conv1d, ssd_scan, ssd_step
+
+MAMBA, ATTENTION, MLP, MOE = "linear_attention", "full_attention", "mlp", "moe"
+BLOCK_TYPES = (MAMBA, ATTENTION, MLP, MOE)
+
+
+def _activation(name: str):
+    if name == "relu2":
+        return lambda x: torch.square(F.relu(x))
+    from transformers.activations import ACT2FN
+
+    return ACT2FN[name]
+
+
+class RMSNorm(nn.Module):
+    """RMSNorm computed in float32, result cast back to the input dtype."""
+
+    def __init__(self, hidden_size: int, eps: float = 1e-5):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(hidden_size))
+        self.eps = eps
+
+    def forward(self, x: Tensor) -> Tensor:
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (self.weight.float() * xf).to(x.dtype)
+
+
+class GatedRMSNorm(nn.Module):
+    """Mamba-2's output norm: RMSNorm(y * silu(z)) over groups of `group_size` channels."""
+
+    def __init__(self, hidden_size: int, group_size: int, eps: float = 1e-5):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(hidden_size))
+        self.group_size = group_size
+        self.eps = eps
+
+    def forward(self, y: Tensor, z: Tensor) -> Tensor:
+        dtype = y.dtype
+        y = y.float() * F.silu(z.float())
+        g = y.view(*y.shape[:-1], -1, self.group_size)
+        g = g * torch.rsqrt(g.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * g.view(y.shape).to(dtype)
+
+
+@dataclass
+class MambaOut:
+    """Result of a Mamba-2 mixer call. States: conv (b, conv_dim, k-1), ssm (b, h, p, n) float32."""
+
+    y: Tensor
+    conv_state: Tensor
+    ssm_state: Tensor
+    xbc: Tensor | None = None  # raw conv inputs (b, L, conv_dim), when asked for (boundary conv states)
+    ssm_chunk_states: Tensor | None = None  # (b, nchunks, h, p, n), when asked for
+
+
+class Mamba2Mixer(nn.Module):
+    """Mamba-2 mixer: in_proj -> [z | xBC | dt]; causal conv + SiLU on xBC; SSD scan; gated norm; out_proj."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.num_heads = config.mamba_num_heads
+        self.head_dim = config.mamba_head_dim
+        self.state_size = config.ssm_state_size
+        self.n_groups = config.n_groups
+        self.kernel_size = config.conv_kernel
+        self.chunk_size = config.chunk_size
+        self.intermediate = self.num_heads * self.head_dim
+        self.conv_dim = self.intermediate + 2 * self.n_groups * self.state_size
+        # transformers clamps dt from below at time_step_min (no upper limit); we do the same everywhere,
+        # including single-token steps, so that extend(1 token) equals the full forward.
+        self.dt_min = float(config.time_step_min)
+        self.in_proj = nn.Linear(config.hidden_size, self.intermediate + self.conv_dim + self.num_heads, bias=config.use_bias)
+        self.conv1d = nn.Conv1d(self.conv_dim, self.conv_dim, self.kernel_size, groups=self.conv_dim,
+                                padding=self.kernel_size - 1, bias=config.use_conv_bias)
+        self.dt_bias = nn.Parameter(torch.ones(self.num_heads))
+        self.A_log = nn.Parameter(torch.log(torch.arange(1, self.num_heads + 1, dtype=torch.float32)))
+        self.D = nn.Parameter(torch.ones(self.num_heads))
+        self.norm = GatedRMSNorm(self.intermediate, self.intermediate // self.n_groups, eps=config.layer_norm_epsilon)
+        self.out_proj = nn.Linear(self.intermediate, config.hidden_size, bias=config.use_bias)
+
+    def forward(
+        self,
+        h: Tensor,
+        *,
+        conv_state: Tensor | None = None,
+        ssm_state: Tensor | None = None,
+        pad_mask: Tensor | None = None,
+        chunk_size: int | None = None,
+        return_xbc: bool = False,
+        return_chunk_states: bool = False,
+    ) -> MambaOut:
+        """h: (b, L, H). pad_mask: (b, L) bool, True for real tokens; padded positions leave every state unchanged.
+
+        conv_state / ssm_state seed the layer (zeros if None). With `return_chunk_states` the scan
+        uses `chunk_size` exactly and also returns the state entering every chunk.
+        """
+        b, L, _ = h.shape
+        z, xbc, dt = self.in_proj(h).split([self.intermediate, self.conv_dim, self.num_heads], dim=-1)
+        if pad_mask is not None:
+            # A padded position feeds zeros to the conv (as an empty prefix would) and has dt = 0,
+            # i.e. no decay and no input: each row computes what it computes alone.
+            xbc = xbc * pad_mask[..., None].to(xbc.dtype)
+        conv_out, new_conv = causal_conv1d(xbc, self.conv1d.weight.squeeze(1), self.conv1d.bias, initial_state=conv_state)
+        conv_out = F.silu(conv_out)
+        x, B, C = conv_out.split([self.intermediate, self.n_groups * self.state_size, self.n_groups * self.state_size], dim=-1)
+        dt = F.softplus(dt.float() + self.dt_bias.float()).clamp(min=self.dt_min)
+        if pad_mask is not None:
+            dt = dt * pad_mask[..., None].to(dt.dtype)
+        A = -torch.exp(self.A_log.float())
+        x = x.view(b, L, self.num_heads, self.head_dim)
+        B = B.view(b, L, self.n_groups, self.state_size)
+        C = C.view(b, L, self.n_groups, self.state_size)
+        chunk_states = None
+        if L == 1 and ssm_state is not None and not return_chunk_states:
+            y, final = ssd_step(x[:, 0], dt[:, 0], A, B[:, 0], C[:, 0], D=self.D, state=ssm_state.float())
+            y = y[:, None]
+        else:
+            out = ssd_scan(x, dt, A, B, C, chunk_size=chunk_size or self.chunk_size, D=self.D,
+                           initial_state=ssm_state, return_chunk_states=return_chunk_states)
+            y, final = out[0], out[1]
+            if return_chunk_states:
+                chunk_states = out[2]
+        y = self.norm(y.reshape(b, L, self.intermediate).to(h.dtype), z)
+        return MambaOut(self.out_proj(y), new_conv, final, xbc if return_xbc else None, chunk_states)
+
+    def empty_states(self, batch: int, *, device=None, dtype=None) -> tuple[Tensor, Tensor]:
+        """Zero conv state (b, conv_dim, k-1) in `dtype` and SSM state (b, h, p, n) in float32."""
+        conv = torch.zeros(batch, self.conv_dim, self.kernel_size - 1, device=device, dtype=dtype)
+        ssm = torch.zeros(batch, self.num_heads, self.head_dim, self.state_size, device=device, dtype=torch.float32)
+        return conv, ssm
+
+
+class Attention(nn.Module):
+    """Grouped-query attention without positional encoding (NemotronH attention layers)."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.num_heads = config.num_attention_heads
+        self.num_kv_heads = config.num_key_value_heads
+        self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // self.num_heads
+        H = config.hidden_size
+        self.q_proj = nn.Linear(H, self.num_heads * self.head_dim, bias=False)
+        self.k_proj = nn.Linear(H, self.num_kv_heads * self.head_dim, bias=False)
+        self.v_proj = nn.Linear(H, self.num_kv_heads * self.head_dim, bias=False)
+        self.o_proj = nn.Linear(self.num_heads * self.head_dim, H, bias=False)
+
+    def qkv(self, h: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """h (b, T, H) -> q (b, heads, T, d), k and v (b, kv_heads, T, d)."""
+        b, T, _ = h.shape
+        q = self.q_proj(h).view(b, T, self.num_heads, self.head_dim).transpose(1, 2)
+        k = self.k_proj(h).view(b, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        v = self.v_proj(h).view(b, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        return q, k, v
+
+    def attend(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> Tensor:
+        """Softmax attention; mask is bool, True = may attend, broadcastable to (b, 1, Tq, Tk)."""
+        o = F.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype), attn_mask=mask,
+                                           enable_gqa=self.num_kv_heads != self.num_heads)
+        b, _, T, _ = o.shape
+        return self.o_proj(o.transpose(1, 2).reshape(b, T, self.num_heads * self.head_dim))
+
+
+class DenseMLP(nn.Module):
+    """down_proj(act(up_proj(x))), act = relu^2 in NemotronH."""
+
+    def __init__(self, config, intermediate_size: int | None = None):
+        super().__init__()
+        inter = intermediate_size or config.intermediate_size
+        self.up_proj = nn.Linear(config.hidden_size, inter, bias=config.mlp_bias)
+        self.down_proj = nn.Linear(inter, config.hidden_size, bias=config.mlp_bias)
+        self.act = _activation(config.mlp_hidden_act)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.down_proj(self.act(self.up_proj(x)))
+
+
+class TopkRouter(nn.Module):
+    """Sigmoid router; the correction bias only chooses experts, weights come from the raw scores."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.top_k = config.num_experts_per_tok
+        self.num_experts = config.n_routed_experts
+        self.n_group = config.n_group
+        self.topk_group = config.topk_group
+        self.norm_topk_prob = config.norm_topk_prob
+        self.scaling = config.routed_scaling_factor
+        self.weight = nn.Parameter(torch.zeros(self.num_experts, config.hidden_size, dtype=torch.float32))
+        self.register_buffer("e_score_correction_bias", torch.zeros(self.num_experts, dtype=torch.float32))
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """x (N, H) -> (weights (N, k) float32, indices (N, k))."""
+        scores = F.linear(x.float(), self.weight.float()).sigmoid()
+        choice = scores + self.e_score_correction_bias.float()
+        if self.n_group > 1:
+            # Group-limited routing: keep the topk_group groups whose two best experts score highest.
+            grouped = choice.view(-1, self.n_group, self.num_experts // self.n_group)
+            group_score = grouped.topk(2, dim=-1).values.sum(-1)
+            keep = torch.zeros_like(group_score, dtype=torch.bool)
+            keep.scatter_(1, group_score.topk(self.topk_group, dim=-1).indices, True)
+            choice = choice.masked_fill(~keep.repeat_interleave(self.num_experts // self.n_group, dim=1), float("-inf"))
+        idx = choice.topk(self.top_k, dim=-1).indices
+        w = scores.gather(1, idx)
+        if self.norm_topk_prob:
+            w = w / (w.sum(-1, keepdim=True) + 1e-20)
+        return w * self.scaling, idx
+
+
+class Experts(nn.Module):
+    """Routed experts as fused 3-D weights: up_proj (E, I, H_in), down_proj (E, H_in, I)."""
+
+    def __init__(self, config):
+        super().__init__()
+        d_in = config.moe_latent_size or config.hidden_size
+        E, inter = config.n_routed_experts, config.moe_intermediate_size
+        self.up_proj = nn.Parameter(torch.randn(E, inter, d_in) * config.initializer_range)
+        self.down_proj = nn.Parameter(torch.randn(E, d_in, inter) * config.initializer_range)
+        self.act = _activation(config.mlp_hidden_act)
+
+    def forward(self, x: Tensor, weights: Tensor, idx: Tensor) -> Tensor:
+        """x (N, d), weights/idx (N, k) -> (N, d): sum_j weights[:, j] * expert_{idx[:, j]}(x)."""
+        out = torch.zeros_like(x, dtype=weights.dtype)
+        flat_idx = idx.reshape(-1)
+        order = flat_idx.argsort(stable=True)
+        counts = torch.bincount(flat_idx, minlength=self.up_proj.shape[0]).tolist()
+        token = order // idx.shape[1]
+        w_sorted = weights.reshape(-1)[order]
+        start = 0
+        # Loop over experts that received tokens (sorted once), not over tokens.
+        for e, n in enumerate(counts):
+            if n == 0:
+                continue
+            tok = token[start:start + n]
+            y = F.linear(self.act(F.linear(x[tok], self.up_proj[e])), self.down_proj[e])
+            out.index_add_(0, tok, (y * w_sorted[start:start + n, None]).to(out.dtype))
+            start += n
+        return out.to(x.dtype)
+
+
+class MoELayer(nn.Module):
+    """Routed experts (optionally in a latent space) plus a shared expert on the raw input."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.gate = TopkRouter(config)
+        self.experts = Experts(config)
+        self.shared_experts = DenseMLP(config, intermediate_size=config.moe_shared_expert_intermediate_size)
+        if config.moe_latent_size is not None:
+            self.fc1_latent_proj = nn.Linear(config.hidden_size, config.moe_latent_size, bias=config.mlp_bias)
+            self.fc2_latent_proj = nn.Linear(config.moe_latent_size, config.hidden_size, bias=config.mlp_bias)
+        else:
+            self.fc1_latent_proj = self.fc2_latent_proj = None
+
+    def forward(self, x: Tensor) -> Tensor:
+        shape = x.shape
+        flat = x.reshape(-1, shape[-1])
+        w, idx = self.gate(flat)
+        routed_in = flat if self.fc1_latent_proj is None else self.fc1_latent_proj(flat)
+        routed = self.experts(routed_in, w, idx)
+        if self.fc2_latent_proj is not None:
+            routed = self.fc2_latent_proj(routed)
+        return routed.view(shape) + self.shared_experts(x)
+
+
+class HybridBlock(nn.Module):
+    """Pre-norm residual block around one mixer, with optional adaLN modulation (denoiser)."""
+
+    def __init__(self, config, layer_idx: int):
+        super().__init__()
+        self.block_type = config.layers_block_type[layer_idx]
+        self.layer_idx = layer_idx
+        self.norm = RMSNorm(config.hidden_size, eps=config.layer_norm_epsilon)
+        mixer_cls = {MAMBA: Mamba2Mixer, ATTENTION: Attention, MLP: DenseMLP, MOE: MoELayer}
+        if self.block_type not in mixer_cls:
+            raise ValueError(f"layer {layer_idx}: unknown block type {self.block_type!r}; expected one of {BLOCK_TYPES}")
+        self.mixer = mixer_cls[self.block_type](config)
+
+    @property
+    def modulate_before_norm(self) -> bool:
+        return self.block_type in (MAMBA, ATTENTION)
+
+    def pre(self, x: Tensor, mod: tuple[Tensor, Tensor, Tensor] | None = None) -> Tensor:
+        """The mixer's input: norm(x), norm(modulate(x)) or modulate(norm(x))."""
+        if mod is None:
+            return self.norm(x)
+        shift, scale, _ = mod
+        if self.modulate_before_norm:
+            return self.norm(x * (1 + scale) + shift)
+        return self.norm(x) * (1 + scale) + shift
+
+    @staticmethod
+    def post(x: Tensor, y: Tensor, mod: tuple[Tensor, Tensor, Tensor] | None = None) -> Tensor:
+        return x + y if mod is None else x + mod[2] * y
+
+
+class HybridBackbone(nn.Module):
+    """Embeddings, the block stack and the final norm (transformers' `NemotronHModel` names)."""
+
+    def __init__(self, config):
+        super().__init__()
+        for i, t in enumerate(config.layers_block_type):
+            if t not in BLOCK_TYPES:
+                raise ValueError(f"layer {i}: unknown block type {t!r}; expected one of {BLOCK_TYPES}")
+        self.config = config
+        self.embeddings = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(HybridBlock(config, i) for i in range(len(config.layers_block_type)))
+        self.norm_f = RMSNorm(config.hidden_size, eps=config.layer_norm_epsilon)
+
+    @property
+    def block_types(self) -> list[str]:
+        return [blk.block_type for blk in self.layers]
+
+    def layer_indices(self, block_type: str) -> list[int]:
+        return [i for i, blk in enumerate(self.layers) if blk.block_type == block_type]

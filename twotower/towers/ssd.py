@@ -1,0 +1,225 @@
+"""Mamba-2 kernels: the chunked SSD scan and the depthwise causal conv, both with explicit states.
+
+Two implementations of the scan with one meaning:
+
+* `ssd_scan_reference` — pure PyTorch, float32, chunked ("state space duality" form). It takes an
+  initial state and returns the final state and, on request, the state at the start of every
+  chunk. With `chunk_size = S` those chunk-start states are exactly the block-boundary states that
+  denoiser training needs (state after position kS - 1; the initial state for k = 0).
+* mamba-ssm's `mamba_chunk_scan_combined` (CUDA), used by `ssd_scan` when it is installed and the
+  tensors live on a GPU. It is imported inside the dispatcher, never at module top.
+
+The recurrence, per head h (state (P, N)), for t = 0 .. L-1:
+    state_t = exp(dt_t * A_h) * state_{t-1} + dt_t * x_t (outer) B_t
+    y_t     = state_t @ C_t + D_h * x_t
+`dt` arrives already processed (bias, softplus, clamp and padding mask applied by the mixer), so
+both implementations see the same numbers.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+__all__ = [
+    "ssd_scan",
+    "ssd_scan_reference",
+    "ssd_step",
+    "causal_conv1d",
+    "conv_boundary_states",
+    "kernel_backend",
+]
+
+# "auto" (default), "torch" or "mamba_ssm"; tests and benchmarks force one with `kernel_backend`.
+_BACKEND = os.environ.get("TWOTOWER_SSD_BACKEND", "auto")
+
+
+class kernel_backend:
+    """Context manager (and setter) choosing the scan backend: "auto", "torch" or "mamba_ssm"."""
+
+    def __init__(self, name: str):
+        if name not in ("auto", "torch", "mamba_ssm"):
+            raise ValueError(f"kernel backend must be 'auto', 'torch' or 'mamba_ssm', got {name!r}")
+        global _BACKEND
+        self._prev, _BACKEND = _BACKEND, name
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        global _BACKEND
+        _BACKEND = self._prev
+
+
+def _segsum(a: Tensor) -> Tensor:
+    """(..., T) -> (..., T, T) with out[..., t, s] = sum_{s < r <= t} a[r] for s <= t, -inf above.
+
+    Built from a masked cumulative sum rather than differences of one long cumsum, so a long
+    strongly-decaying chunk does not lose precision to cancellation.
+    """
+    T = a.shape[-1]
+    x = a[..., :, None].expand(*a.shape, T)  # x[..., r, s] = a[r]
+    strict = torch.tril(torch.ones(T, T, dtype=torch.bool, device=a.device), diagonal=-1)
+    x = x.masked_fill(~strict, 0.0).cumsum(dim=-2)
+    keep = torch.tril(torch.ones(T, T, dtype=torch.bool, device=a.device))
+    return x.masked_fill(~keep, float("-inf"))
+
+
+def ssd_scan_reference(
+    x: Tensor,
+    dt: Tensor,
+    A: Tensor,
+    B: Tensor,
+    C: Tensor,
+    *,
+    chunk_size: int,
+    D: Tensor | None = None,
+    initial_state: Tensor | None = None,
+    return_chunk_states: bool = False,
+):
+    """Chunked SSD scan in float32.
+
+    Args:
+        x: (b, L, h, p) inputs.        dt: (b, L, h) step sizes (already softplus'd / clamped).
+        A: (h,) negative decay rates.  B, C: (b, L, g, n) with g dividing h.
+        D: (h,) skip, optional.        initial_state: (b, h, p, n), optional (zeros).
+    Returns:
+        y (b, L, h, p) float32, final_state (b, h, p, n) float32, and if `return_chunk_states`
+        also (b, nchunks, h, p, n): the state entering each chunk (chunk c starts at c*chunk_size).
+    """
+    b, L, h, p = x.shape
+    g, n = B.shape[2], B.shape[3]
+    Q = max(1, min(chunk_size, L)) if not return_chunk_states else chunk_size
+    f32 = torch.float32
+    x, dt, B, C, A = x.to(f32), dt.to(f32), B.to(f32), C.to(f32), A.to(f32)
+    if g != h:
+        B = B.repeat_interleave(h // g, dim=2)
+        C = C.repeat_interleave(h // g, dim=2)
+    pad = (-L) % Q
+    if pad:
+        # Zero dt on padding: no decay and no input, so the final state is the state at L - 1.
+        x, dt, B, C = (F.pad(t, (0, 0) * (t.dim() - 2) + (0, pad)) for t in (x, dt, B, C))
+    c = (L + pad) // Q
+    xs = x.reshape(b, c, Q, h, p)
+    Bs = B.reshape(b, c, Q, h, n)
+    Cs = C.reshape(b, c, Q, h, n)
+    dA = (dt * A).reshape(b, c, Q, h).permute(0, 3, 1, 2)  # (b, h, c, Q)
+    xdt = xs * dt.reshape(b, c, Q, h, 1)
+    cum = dA.cumsum(dim=-1)  # (b, h, c, Q)
+
+    # Within a chunk: y_t += sum_{s <= t} exp(sum_{s<r<=t} dA_r) (C_t . B_s) dt_s x_s.
+    decay = torch.exp(_segsum(dA))  # (b, h, c, Q_t, Q_s)
+    scores = torch.einsum("bcthn,bcshn->bhcts", Cs, Bs) * decay
+    y = torch.einsum("bhcts,bcshp->bcthp", scores, xdt)
+
+    # What each chunk adds to the state at its end: sum_s exp(cum_last - cum_s) dt_s x_s B_s.
+    to_end = torch.exp(cum[..., -1:] - cum)  # (b, h, c, Q)
+    chunk_add = torch.einsum("bhcs,bcshn,bcshp->bchpn", to_end, Bs, xdt)
+
+    # Across chunks: start[c+1] = exp(total_c) * start[c] + chunk_add[c], as one matrix product.
+    if initial_state is None:
+        init = torch.zeros(b, 1, h, p, n, dtype=f32, device=x.device)
+    else:
+        init = initial_state.to(f32)[:, None]
+    states = torch.cat([init, chunk_add], dim=1)  # (b, c + 1, h, p, n)
+    chunk_decay = torch.exp(_segsum(F.pad(cum[..., -1], (1, 0))))  # (b, h, c+1, c+1)
+    starts = torch.einsum("bhzy,byhpn->bzhpn", chunk_decay, states)  # state entering chunk z
+    entering, final_state = starts[:, :-1], starts[:, -1]
+
+    # From the state entering the chunk: y_t += exp(cum_t) C_t . state.
+    y = y + torch.einsum("bcthn,bchpn->bcthp", Cs, entering) * torch.exp(cum).permute(0, 2, 3, 1)[..., None]
+    y = y.reshape(b, c * Q, h, p)[:, :L]
+    if D is not None:
+        y = y + x[:, :L] * D.to(f32)[:, None]
+    if return_chunk_states:
+        return y, final_state, entering
+    return y, final_state
+
+
+def ssd_step(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, *, D: Tensor | None, state: Tensor):
+    """One recurrent step (autoregressive decoding): x (b, h, p), dt (b, h), B/C (b, g, n), state (b, h, p, n) fp32.
+
+    Returns y (b, h, p) float32 and the new state. Same recurrence as the scan with L = 1.
+    """
+    h, g = x.shape[1], B.shape[1]
+    B = B.float().repeat_interleave(h // g, dim=1)
+    C = C.float().repeat_interleave(h // g, dim=1)
+    dt = dt.float()
+    xf = x.float()
+    new_state = state * torch.exp(dt * A.float())[..., None, None] + (dt[..., None] * xf)[..., None] * B[:, :, None, :]
+    y = (new_state @ C[..., None]).squeeze(-1)
+    if D is not None:
+        y = y + xf * D.float()[:, None]
+    return y, new_state
+
+
+def _use_mamba_ssm(x: Tensor) -> bool:
+    if _BACKEND == "torch" or not x.is_cuda:
+        if _BACKEND == "mamba_ssm" and not x.is_cuda:
+            raise RuntimeError("kernel backend 'mamba_ssm' needs CUDA tensors")
+        return False
+    try:
+        import mamba_ssm.ops.triton.ssd_combined  # noqa: F401
+    except ImportError:
+        if _BACKEND == "mamba_ssm":
+            raise RuntimeError("kernel backend 'mamba_ssm' requested but mamba-ssm is not installed: pip install 'twotower[mamba]'")
+        return False
+    return True
+
+
+def ssd_scan(x, dt, A, B, C, *, chunk_size, D=None, initial_state=None, return_chunk_states=False):
+    """Dispatch the chunked scan: mamba-ssm's kernel on CUDA when installed, else the reference.
+
+    Chunk-start states (`return_chunk_states`) always come from the reference: the kernel's public
+    entry point returns only the final state.
+    """
+    if return_chunk_states or not _use_mamba_ssm(x):
+        return ssd_scan_reference(
+            x, dt, A, B, C, chunk_size=chunk_size, D=D, initial_state=initial_state,
+            return_chunk_states=return_chunk_states,
+        )
+    from mamba_ssm.ops.triton.ssd_combined import mamba_chunk_scan_combined
+
+    y, final = mamba_chunk_scan_combined(
+        x, dt.to(x.dtype) if dt.dtype != torch.float32 else dt, A.float(), B, C, chunk_size,
+        D=None if D is None else D.float(), z=None, dt_bias=None,
+        initial_states=None if initial_state is None else initial_state.float(),
+        dt_softplus=False, return_final_states=True,
+    )
+    return y.float(), final.float()
+
+
+def causal_conv1d(x: Tensor, weight: Tensor, bias: Tensor | None, *, initial_state: Tensor | None = None):
+    """Depthwise causal conv over time with a carried state, followed by nothing (the caller applies SiLU).
+
+    Args:
+        x: (b, L, c) raw inputs.   weight: (c, k).   bias: (c,) or None.
+        initial_state: (b, c, k - 1): the k - 1 raw inputs preceding x (zeros if None).
+    Returns:
+        y (b, L, c) and the new state (b, c, k - 1): the last k - 1 raw inputs of [state, x].
+    """
+    b, L, c = x.shape
+    k = weight.shape[-1]
+    xt = x.transpose(1, 2)
+    if initial_state is None:
+        initial_state = xt.new_zeros(b, c, k - 1)
+    full = torch.cat([initial_state.to(xt.dtype), xt], dim=-1)  # (b, c, k - 1 + L)
+    y = F.conv1d(full, weight.to(xt.dtype).unsqueeze(1), None if bias is None else bias.to(xt.dtype), groups=c)
+    return y.transpose(1, 2), full[:, :, full.shape[-1] - (k - 1):]
+
+
+def conv_boundary_states(x: Tensor, kernel_size: int, block_size: int) -> Tensor:
+    """Conv states at every block boundary of a clean sequence.
+
+    x: (b, L, c) raw conv inputs, L a multiple of block_size. Returns (b, nB, c, k - 1): for block j
+    the k - 1 raw inputs before position j * block_size (zeros before the sequence start).
+    """
+    b, L, c = x.shape
+    km1 = kernel_size - 1
+    padded = F.pad(x.transpose(1, 2), (km1, 0))  # (b, c, km1 + L); padded index i <-> position i - km1
+    nB = L // block_size
+    idx = torch.arange(nB, device=x.device)[:, None] * block_size + torch.arange(km1, device=x.device)
+    return padded[:, :, idx].permute(0, 2, 1, 3)  # (b, nB, c, km1)
