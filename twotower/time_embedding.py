@@ -1,0 +1,86 @@
+"""adaLN-single time conditioning (PixArt-alpha style) for the denoiser tower.
+
+t in [0, 1] is, per sequence (or per training block), the fraction of the block still masked.
+    e      = t_embedder(t)    : sinusoidal features of 1000 t (256, [cos | sin], periods up to
+                                10000) -> Linear(256, H) -> SiLU -> Linear(H, H)
+    c      = t_block(e)       : SiLU -> Linear(H, 3H), shared by every layer (the "single")
+    (shift, scale, gate)_i = scale_shift_tables[i] (3, H) + c.view(3, H)
+Block i then computes x + gate * mixer(h) with h = norm(x (1 + scale) + shift) for Mamba /
+attention and h = norm(x) (1 + scale) + shift for MLP / MoE (see towers/layers.py).
+
+Identity init (default): t_block's last Linear is zero and the tables are (shift 0, scale 0,
+gate 1), so a fresh denoiser computes exactly the AR layers it was copied from. "pixart" init
+draws the tables from N(0, 1) / sqrt(H) as in PixArt-alpha (the denoiser then starts perturbed).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+from torch import Tensor
+
+
+def sinusoidal_features(t: Tensor, dim: int = 256, max_period: float = 10000.0, scale: float = 1000.0) -> Tensor:
+    """t (...,) -> (..., dim) float32: [cos(s t f_j) | sin(s t f_j)], f_j = max_period^(-j / half)."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
+    args = (t.float() * scale)[..., None] * freqs
+    feats = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+    if dim % 2:
+        feats = torch.cat([feats, torch.zeros_like(feats[..., :1])], dim=-1)
+    return feats
+
+
+class TimestepEmbedder(nn.Module):
+    """Sinusoidal features -> Linear(F, H) -> SiLU -> Linear(H, H). Names: mlp.0, mlp.2."""
+
+    def __init__(self, hidden_size: int, frequency_size: int = 256):
+        super().__init__()
+        self.frequency_size = frequency_size
+        self.mlp = nn.Sequential(nn.Linear(frequency_size, hidden_size), nn.SiLU(), nn.Linear(hidden_size, hidden_size))
+
+    def forward(self, t: Tensor) -> Tensor:
+        feats = sinusoidal_features(t, self.frequency_size)
+        return self.mlp(feats.to(self.mlp[0].weight.dtype))
+
+
+class AdaLNSingle(nn.Module):
+    """t -> per-layer (shift, scale, gate), each broadcastable against (b, T, H).
+
+    Attribute names match the released checkpoint: t_embedder, t_block, scale_shift_tables.
+    """
+
+    def __init__(self, hidden_size: int, num_layers: int, *, init: str = "identity", frequency_size: int = 256):
+        super().__init__()
+        if init not in ("identity", "pixart"):
+            raise ValueError(f"time-conditioning init must be 'identity' or 'pixart', got {init!r}")
+        self.hidden_size = hidden_size
+        self.t_embedder = TimestepEmbedder(hidden_size, frequency_size)
+        self.t_block = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 3 * hidden_size))
+        self.scale_shift_tables = nn.ParameterList(nn.Parameter(torch.zeros(3, hidden_size)) for _ in range(num_layers))
+        self.reset_parameters(init)
+
+    @torch.no_grad()
+    def reset_parameters(self, init: str = "identity") -> None:
+        nn.init.zeros_(self.t_block[1].weight)
+        nn.init.zeros_(self.t_block[1].bias)
+        for table in self.scale_shift_tables:
+            if init == "identity":
+                table.zero_()
+                table[2].fill_(1.0)  # gate = 1: the layer output passes unchanged
+            else:
+                table.copy_(torch.randn_like(table) / math.sqrt(self.hidden_size))
+
+    def shared(self, t: Tensor) -> Tensor:
+        """t (...,) -> the shared conditioning (..., 3, H)."""
+        if t.dim() == 0:
+            t = t[None]
+        c = self.t_block(self.t_embedder(t))
+        return c.view(*t.shape, 3, self.hidden_size)
+
+    def layer(self, shared: Tensor, i: int) -> tuple[Tensor, Tensor, Tensor]:
+        """(shift, scale, gate) for layer i, each (..., H), from `shared` (..., 3, H)."""
+        m = self.scale_shift_tables[i].to(shared.dtype) + shared
+        return m[..., 0, :], m[..., 1, :], m[..., 2, :]

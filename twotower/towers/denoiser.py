@@ -1,0 +1,137 @@
+"""DenoiserTower: writes a block of S tokens in parallel from the context tower's cache.
+
+Layer i of the denoiser, for a block:
+* attention: queries from the block; keys / values = the context tower's layer-i K,V of every clean
+  position before the block, concatenated with the block's own K,V (denoiser weights). No causal
+  mask: the block sees all its context and itself bidirectionally.
+* Mamba-2: a causal chunked scan over the block only, seeded with the context tower's layer-i conv
+  and SSM states at the block boundary, with the denoiser's weights.
+* MLP / MoE: token-wise.
+* adaLN-single time conditioning from t (time_embedding.py); without t the layers are plain.
+
+Two forwards with one meaning:
+* `forward_block(x, cache, t)` — inference: one block (b, S) against a HybridCache.
+* `forward_train(x, states, t)` — training: every block of (b, L = nB S) at once, vectorised.
+  Block k attends to context K,V of positions < kS and to itself; its Mamba layers start from the
+  boundary states of block k. Logits equal `forward_block` of block k given the cache of x[:kS].
+
+State dict names: `backbone.` + NemotronH names, `lm_head.weight`, `time.` + the adaLN modules.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+from torch import Tensor
+
+from ..caches import HybridCache
+from ..time_embedding import AdaLNSingle
+from .context import ContextStates, ContextTower
+from .layers import ATTENTION, MAMBA, HybridBackbone
+
+
+def block_attention_mask(length: int, block_size: int, device=None) -> Tensor:
+    """(L, 2L) bool for the training forward: query i sees context key j if block(j) < block(i)
+    and denoiser key j if block(j) == block(i)."""
+    blk = torch.arange(length, device=device) // block_size
+    return torch.cat([blk[None, :] < blk[:, None], blk[None, :] == blk[:, None]], dim=1)
+
+
+class DenoiserTower(nn.Module):
+    """The trainable tower. `config` is the same NemotronHConfig as the context tower's."""
+
+    def __init__(self, config, *, time_init: str = "identity"):
+        super().__init__()
+        self.config = config
+        self.backbone = HybridBackbone(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.time = AdaLNSingle(config.hidden_size, len(config.layers_block_type), init=time_init)
+
+    @classmethod
+    def from_context(cls, context: ContextTower, *, time_init: str = "identity") -> "DenoiserTower":
+        """A denoiser initialised as a copy of the context tower and its LM head (DESIGN section 3)."""
+        den = cls(context.config, time_init=time_init)
+        p = next(context.parameters())
+        den.to(device=p.device, dtype=p.dtype)
+        with torch.no_grad():
+            den.backbone.load_state_dict(context.backbone.state_dict())
+            den.lm_head.weight.copy_(context.lm_head.weight)
+        return den
+
+    def head(self, hidden: Tensor) -> Tensor:
+        """Final norm + LM head in float32: (..., H) -> (..., V)."""
+        return self.lm_head(self.backbone.norm_f(hidden)).float()
+
+    # ---- inference: one block -----------------------------------------------------------------
+    def forward_block(self, x: Tensor, cache: HybridCache, t: Tensor | None = None, *,
+                      return_hidden: bool = False) -> Tensor:
+        """x (b, S) noisy block, cache = context of length T, t (b,) -> logits (b, S, V) float32.
+
+        The cache is read, never written.
+        """
+        b, S = x.shape
+        if cache.batch_size != b:
+            raise ValueError(f"block has batch {b} but the cache has {cache.batch_size}")
+        h_all = self.backbone.embeddings(x)
+        shared = None if t is None else self.time.shared(t.to(h_all.device))  # (b, 3, H)
+        valid = cache.valid_mask()
+        mask = None
+        if not bool(valid.all()):
+            mask = torch.cat([valid, valid.new_ones(b, S)], dim=1)[:, None, None, :]
+        for i, blk in enumerate(self.backbone.layers):
+            mod = None
+            if shared is not None:
+                mod = tuple(m[:, None, :] for m in self.time.layer(shared, i))
+            h = blk.pre(h_all, mod)
+            if blk.block_type == ATTENTION:
+                q, k, v = blk.mixer.qkv(h)
+                ck, cv = cache.kv(i)
+                y = blk.mixer.attend(q, torch.cat([ck.to(k.dtype), k], 2), torch.cat([cv.to(v.dtype), v], 2), mask)
+            elif blk.block_type == MAMBA:
+                y = blk.mixer(h, conv_state=cache.conv[i], ssm_state=cache.ssm[i]).y
+            else:
+                y = blk.mixer(h)
+            h_all = blk.post(h_all, y, mod)
+        return h_all if return_hidden else self.head(h_all)
+
+    # ---- training: every block at once --------------------------------------------------------
+    def forward_train(self, x: Tensor, states: ContextStates, t: Tensor | None = None, *,
+                      return_hidden: bool = False) -> Tensor:
+        """x (b, L) noisy sequence, states from `ContextTower.forward_train`, t (b, nB) -> logits (b, L, V).
+
+        With `return_hidden` returns the pre-norm hidden (b, L, H) (call `head` on selected rows).
+        """
+        S = states.block_size
+        b, L = x.shape
+        if L % S:
+            raise ValueError(f"sequence length {L} is not a multiple of block_size {S}")
+        nB = L // S
+        if t is not None and t.shape != (b, nB):
+            raise ValueError(f"t must have shape (batch, blocks) = {(b, nB)}, got {tuple(t.shape)}")
+        hid = self.backbone.embeddings(x).view(b, nB, S, -1)
+        H = hid.shape[-1]
+        shared = None if t is None else self.time.shared(t)  # (b, nB, 3, H)
+        mask = None
+        for i, blk in enumerate(self.backbone.layers):
+            mod = None
+            if shared is not None:
+                mod = tuple(m[:, :, None, :] for m in self.time.layer(shared, i))  # (b, nB, 1, H)
+            h = blk.pre(hid, mod)
+            if blk.block_type == ATTENTION:
+                if mask is None:
+                    mask = block_attention_mask(L, S, device=x.device)
+                q, k, v = blk.mixer.qkv(h.reshape(b, L, H))
+                keys = torch.cat([states.keys[i].to(k.dtype), k], 2)
+                vals = torch.cat([states.values[i].to(v.dtype), v], 2)
+                y = blk.mixer.attend(q, keys, vals, mask).view(b, nB, S, H)
+            elif blk.block_type == MAMBA:
+                conv, ssm = states.conv[i], states.ssm[i]
+                out = blk.mixer(h.reshape(b * nB, S, H), chunk_size=S,
+                                conv_state=conv.reshape(b * nB, *conv.shape[2:]),
+                                ssm_state=ssm.reshape(b * nB, *ssm.shape[2:]))
+                y = out.y.view(b, nB, S, H)
+            else:
+                y = blk.mixer(h)
+            hid = blk.post(hid, y, mod)
+        hid = hid.reshape(b, L, H)
+        return hid if return_hidden else self.head(hid)
