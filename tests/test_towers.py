@@ -1,0 +1,188 @@
+"""Context tower parity with transformers' NemotronH, cache consistency, boundary states, padding."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import randomize_, tiny_config
+from transformers import NemotronHForCausalLM
+
+from twotower.caches import HybridCache
+from twotower.towers.context import ContextTower
+
+PATTERNS = ["M*-EM*E", "ME*-M", "*EMM-"]
+
+
+def make_pair(pattern: str, seed: int = 0, **overrides):
+    cfg = tiny_config(pattern, **overrides)
+    ref = NemotronHForCausalLM(cfg).eval()
+    randomize_(ref, seed=seed)
+    tower = ContextTower(cfg).eval()
+    tower.load_backbone_state({k.removeprefix("model."): v for k, v in ref.state_dict().items()})
+    return ref, tower
+
+
+def assert_close(a, b, rtol=1e-5, atol=1e-5):
+    # Relative to the logits' scale: about 1e-5 of the largest magnitude.
+    scale = max(float(b.abs().max()), 1.0)
+    err = float((a - b).abs().max())
+    assert err <= atol * scale + rtol * scale, f"max abs error {err:.3g} at scale {scale:.3g}"
+
+
+@pytest.mark.parametrize("pattern", PATTERNS)
+def test_full_forward_matches_transformers(pattern):
+    ref, tower = make_pair(pattern)
+    x = torch.randint(4, 64, (3, 41))
+    with torch.no_grad():
+        assert_close(tower(x), ref(x).logits)
+
+
+def test_group_limited_routing_and_latent_moe_match_transformers():
+    ref, tower = make_pair("E*ME", n_routed_experts=8, n_group=2, topk_group=1, moe_latent_size=16)
+    x = torch.randint(4, 64, (2, 19))
+    with torch.no_grad():
+        assert_close(tower(x), ref(x).logits)
+
+
+@pytest.mark.parametrize("pattern", PATTERNS)
+def test_prefill_then_extends_match_full_forward(pattern):
+    ref, tower = make_pair(pattern, seed=1)
+    x = torch.randint(4, 64, (2, 13 + 16 + 1 + 7 + 1))
+    with torch.no_grad():
+        full = ref(x).logits
+        logits, cache = tower.prefill(x[:, :13])
+        parts, pos = [logits], 13
+        for n in (16, 1, 7, 1):
+            parts.append(tower.extend(cache, x[:, pos:pos + n]))
+            pos += n
+    assert cache.length == x.shape[1]
+    assert_close(torch.cat(parts, 1), full)
+
+
+def _assert_caches_equal(a: HybridCache, b: HybridCache, tol=1e-5):
+    assert a.length == b.length
+    assert torch.equal(a.valid_mask(), b.valid_mask())
+    for i in range(len(a.keys)):
+        if a.keys[i] is not None:
+            ka, va = a.kv(i)
+            kb, vb = b.kv(i)
+            assert torch.allclose(ka, kb, atol=tol) and torch.allclose(va, vb, atol=tol), f"layer {i} K,V"
+        if a.conv[i] is not None:
+            assert torch.allclose(a.conv[i], b.conv[i], atol=tol), f"layer {i} conv state"
+            assert a.ssm[i].dtype == torch.float32
+            assert torch.allclose(a.ssm[i], b.ssm[i], atol=tol, rtol=1e-5), f"layer {i} ssm state"
+
+
+@pytest.mark.parametrize("split", [1, 5, 16, 30])
+def test_prefill_extend_equals_prefill_of_concatenation(split):
+    _, tower = make_pair("M*-EM*E", seed=2)
+    x = torch.randint(4, 64, (2, 37))
+    with torch.no_grad():
+        la, cache_a = tower.prefill(x[:, :split], capacity=8)  # small capacity: forces growth
+        lb = tower.extend(cache_a, x[:, split:])
+        lfull, cache_full = tower.prefill(x)
+    assert_close(torch.cat([la, lb], 1), lfull)
+    _assert_caches_equal(cache_a, cache_full)
+    assert cache_a.capacity >= 37
+
+
+def test_training_boundary_states_equal_prefix_prefill_states():
+    _, tower = make_pair("M*-EM*E", seed=3)
+    S, x = 8, torch.randint(4, 64, (2, 40))
+    with torch.no_grad():
+        logits, states = tower.forward_train(x, S, return_logits=True)
+        assert_close(logits, tower(x))
+        for k in range(x.shape[1] // S):
+            if k == 0:
+                cache = HybridCache.empty(tower.backbone, 2)
+            else:
+                _, cache = tower.prefill(x[:, : k * S])
+            for i, blk in enumerate(tower.backbone.layers):
+                if blk.block_type == "linear_attention":
+                    assert torch.allclose(states.conv[i][:, k], cache.conv[i], atol=1e-6)
+                    assert torch.allclose(states.ssm[i][:, k], cache.ssm[i], atol=1e-5, rtol=1e-5)
+                elif blk.block_type == "full_attention" and k > 0:
+                    ck, cv = cache.kv(i)
+                    assert torch.allclose(states.keys[i][:, :, : k * S], ck, atol=1e-5)
+                    assert torch.allclose(states.values[i][:, :, : k * S], cv, atol=1e-5)
+
+
+def test_left_padded_batch_equals_each_prompt_alone():
+    _, tower = make_pair("M*-EM*E", seed=4)
+    lengths = [11, 4, 17]
+    prompts = [torch.randint(4, 64, (n,)) for n in lengths]
+    T = max(lengths)
+    ids = torch.zeros(len(prompts), T, dtype=torch.long)
+    mask = torch.zeros(len(prompts), T, dtype=torch.long)
+    for r, p in enumerate(prompts):
+        ids[r, T - len(p):] = p
+        mask[r, T - len(p):] = 1
+    cont = torch.randint(4, 64, (len(prompts), 9))
+    with torch.no_grad():
+        logits, cache = tower.prefill(ids, mask)
+        ext = tower.extend(cache, cont)
+        for r, p in enumerate(prompts):
+            alone, cache_r = tower.prefill(p[None])
+            ext_r = tower.extend(cache_r, cont[r:r + 1])
+            assert_close(logits[r, T - len(p):], alone[0])
+            assert_close(ext[r], ext_r[0])
+            for i, st in enumerate(cache.ssm):
+                if st is not None:
+                    assert torch.allclose(st[r], cache_r.ssm[i][0], atol=1e-5, rtol=1e-5)
+                    assert torch.allclose(cache.conv[i][r], cache_r.conv[i][0], atol=1e-6)
+
+
+def test_left_padded_batch_matches_transformers_real_positions():
+    ref, tower = make_pair("M*-EM*E", seed=5)
+    ids = torch.randint(4, 64, (2, 12))
+    mask = torch.ones_like(ids)
+    mask[0, :5] = 0
+    ids[0, :5] = 0
+    with torch.no_grad():
+        ours = tower(ids, mask)
+        alone = ref(ids[0:1, 5:]).logits
+    assert_close(ours[0, 5:], alone[0])
+
+
+def test_cache_clone_select_and_to_are_independent_copies():
+    _, tower = make_pair("M*E", seed=6)
+    x = torch.randint(4, 64, (3, 10))
+    with torch.no_grad():
+        _, cache = tower.prefill(x)
+        clone = cache.clone()
+        tower.extend(cache, torch.randint(4, 64, (3, 2)))
+        assert clone.length == 10 and cache.length == 12
+        sub = clone.select(torch.tensor([2, 0]))
+        _, alone = tower.prefill(x[[2, 0]])
+        _assert_caches_equal(sub, alone)
+        moved = clone.to("cpu", dtype=torch.float64)
+        assert moved.ssm[0].dtype == torch.float32 and moved.keys[1].dtype == torch.float64
+
+
+def test_cache_mirror_sends_only_new_positions():
+    _, tower = make_pair("M*E", seed=7)
+    x = torch.randint(4, 64, (2, 24))
+    with torch.no_grad():
+        _, cache = tower.prefill(x[:, :8])
+        mirror = cache.mirror_to("cpu")
+        _assert_caches_equal(mirror, cache)
+        # Poison what the mirror already holds: an incremental update must not overwrite it.
+        mirror.keys[1][:, :, :8] += 100.0
+        tower.extend(cache, x[:, 8:24])
+        cache.mirror_to("cpu", mirror)
+        assert mirror.length == 24
+        assert torch.allclose(mirror.keys[1][:, :, 8:24], cache.keys[1][:, :, 8:24])
+        assert torch.all(mirror.keys[1][:, :, :8] - cache.keys[1][:, :, :8] > 99)
+        assert torch.allclose(mirror.ssm[0], cache.ssm[0])
+
+
+def test_bad_inputs_raise_clear_errors():
+    _, tower = make_pair("M*E")
+    with pytest.raises(ValueError, match="token ids must lie"):
+        tower(torch.tensor([[1, 64]]))
+    with pytest.raises(ValueError, match="batch, length"):
+        tower(torch.tensor([1, 2]))
+    with pytest.raises(ValueError, match="multiple of block_size"):
+        tower.forward_train(torch.randint(4, 64, (1, 10)), 8)
+    with pytest.raises(ValueError, match="input_ids must be an integer"):
+        tower(torch.ones(1, 3))
