@@ -1,0 +1,617 @@
+"""Offline checkpoint IO: NemotronH / two-tower checkpoint directories <-> flat state dicts.
+
+Nothing here builds a model: every function works on ``dict[str, Tensor]`` so that the
+tower classes, conversion tools and tests can share one reader and one writer.
+
+Canonical in-memory names
+-------------------------
+* AR backbone ("backbone names"): ``embeddings.weight``, ``layers.{i}.norm.weight``,
+  ``layers.{i}.mixer.*`` (transformers-5 NemotronH names), ``norm_f.weight`` and
+  ``lm_head.weight``.
+* Two-tower (released layout): ``context_tower.<backbone names>``, ``context_lm_head.weight``,
+  ``denoiser_tower.<backbone names>``, ``lm_head.weight``, ``t_embedder.mlp.{0,2}.*``,
+  ``t_block.1.*``, ``scale_shift_tables.{i}``.
+* MoE experts are always FUSED in memory: ``...mixer.experts.up_proj`` (E, I, H) and
+  ``...mixer.experts.down_proj`` (E, H, I).
+
+Accepted on disk
+----------------
+* ``config.json`` with ``hybrid_override_pattern`` or ``layers_block_type`` (extra keys such
+  as ``block_size`` are kept; the raw dict is returned as well);
+* ``model.safetensors``, or shards listed by ``model.safetensors.index.json``, or a single
+  ``*.safetensors`` file of any name;
+* AR prefixes ``backbone.`` (NVIDIA remote code) or ``model.`` (transformers >= 5);
+* experts per expert (``experts.{e}.up_proj.weight`` (I, H), ``experts.{e}.down_proj.weight``
+  (H, I)) or fused;
+* any floating dtype; ``mtp.*`` (multi-token-prediction heads) is ignored.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import struct
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import Tensor
+from transformers import NemotronHConfig
+
+__all__ = [
+    "read_config",
+    "read_safetensors",
+    "load_backbone_state_dict",
+    "load_two_tower_state_dict",
+    "fuse_experts",
+    "unfuse_experts",
+    "save_state_dict",
+    "save_backbone_hf",
+    "check_keys",
+    "check_shapes",
+]
+
+CONFIG_NAME = "config.json"
+SINGLE_WEIGHTS_NAME = "model.safetensors"
+INDEX_NAME = "model.safetensors.index.json"
+TOWER_PREFIXES = ("context_tower.", "denoiser_tower.")
+AR_PREFIXES = ("backbone.", "model.")
+
+# transformers keeps these in float32 whatever the model dtype (router logits and the
+# choose-only correction bias decide expert selection; bf16 would change which experts win).
+_FP32_SUFFIXES = ("e_score_correction_bias", "mixer.gate.weight")
+
+_PER_EXPERT_RE = re.compile(r"^(?P<prefix>(?:.*\.)?experts)\.(?P<idx>\d+)\.(?P<proj>up_proj|down_proj)\.weight$")
+_FUSED_RE = re.compile(r"^(?P<prefix>(?:.*\.)?experts)\.(?P<proj>up_proj|down_proj)$")
+_SHARD_RE = re.compile(r"^model-\d{5}-of-\d{5}\.safetensors$")
+_LAYER_RE = re.compile(r"^layers\.(\d+)\.")
+
+# transformers writes +-inf / nan in config.json as {"__float__": "Infinity"}; it decodes them
+# only in from_pretrained, not in from_dict, so we do the same translation ourselves.
+_FLOAT_TAG = "__float__"
+_FLOAT_TAGS = {"Infinity": math.inf, "-Infinity": -math.inf, "NaN": math.nan}
+
+
+class CheckpointKeyError(KeyError, ValueError):
+    """Missing / unexpected keys. A KeyError and a ValueError, so callers may catch either."""
+
+    def __str__(self) -> str:  # KeyError's default str() would repr() the whole message
+        return str(self.args[0]) if self.args else ""
+
+
+# --------------------------------------------------------------------------------------------
+# config
+
+
+def _decode_floats(obj: Any) -> Any:
+    if isinstance(obj, dict):
+        if set(obj) == {_FLOAT_TAG} and obj[_FLOAT_TAG] in _FLOAT_TAGS:
+            return _FLOAT_TAGS[obj[_FLOAT_TAG]]
+        return {k: _decode_floats(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_decode_floats(v) for v in obj]
+    return obj
+
+
+def _encode_floats(obj: Any) -> Any:
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return {_FLOAT_TAG: "NaN" if math.isnan(obj) else ("Infinity" if obj > 0 else "-Infinity")}
+    if isinstance(obj, dict):
+        return {k: _encode_floats(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_encode_floats(v) for v in obj]
+    return obj
+
+
+def _checkpoint_dir(path: str | os.PathLike) -> Path:
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"checkpoint path does not exist: {path}")
+    return path
+
+
+def read_config(path: str | os.PathLike) -> tuple[NemotronHConfig, dict]:
+    """Read ``<path>/config.json`` (or ``path`` itself if it is a JSON file).
+
+    Returns ``(config, raw)``: the NemotronH config (extra keys such as ``block_size`` become
+    attributes) and the raw JSON dict, with transformers' encoded infinities decoded.
+    """
+    path = _checkpoint_dir(path)
+    file = path if path.is_file() else path / CONFIG_NAME
+    if not file.is_file():
+        raise FileNotFoundError(f"no {CONFIG_NAME} in checkpoint directory: expected {file}")
+    try:
+        raw = _decode_floats(json.loads(file.read_text(encoding="utf-8")))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{file} is not valid JSON: {e}") from e
+    if not isinstance(raw, dict):
+        raise ValueError(f"{file} must hold a JSON object, got {type(raw).__name__}")
+    if "hybrid_override_pattern" not in raw and "layers_block_type" not in raw:
+        raise ValueError(
+            f"{file} is not a NemotronH config: it has neither 'hybrid_override_pattern' nor "
+            "'layers_block_type'"
+        )
+    try:
+        config = NemotronHConfig.from_dict(dict(raw))
+    except Exception as e:  # transformers' strict dataclass validation raises several types
+        raise ValueError(f"{file} is not a valid NemotronH config: {e}") from e
+    return config, raw
+
+
+# --------------------------------------------------------------------------------------------
+# safetensors reading
+
+
+def _truncated(file: Path, why: str) -> ValueError:
+    return ValueError(f"{file.name} is truncated or not a safetensors file: {file} ({why})")
+
+
+def _check_safetensors_header(file: Path) -> None:
+    """Validate the header against the file size before handing the file to safetensors.
+
+    A copy cut short by a full disk or an interrupted download is the common failure; the
+    header tells us exactly how many bytes the file must have, so we can say so plainly.
+    """
+    size = file.stat().st_size
+    if size < 8:
+        raise _truncated(file, f"{size} bytes, shorter than the 8-byte header length")
+    with open(file, "rb") as f:
+        (n,) = struct.unpack("<Q", f.read(8))
+        if 8 + n > size:
+            raise _truncated(file, f"header says {n} header bytes but the file has {size} bytes")
+        try:
+            header = json.loads(f.read(n))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise _truncated(file, f"header is not JSON: {e}") from e
+    if not isinstance(header, dict):
+        raise _truncated(file, "header is not a JSON object")
+    ends = [v["data_offsets"][1] for k, v in header.items() if k != "__metadata__" and isinstance(v, dict)]
+    need = 8 + n + max(ends, default=0)
+    if need > size:
+        raise _truncated(file, f"expected {need} bytes, found {size}")
+
+
+def _read_file(file: Path) -> dict[str, Tensor]:
+    _check_safetensors_header(file)
+    try:
+        with safe_open(str(file), framework="pt", device="cpu") as f:
+            return {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as e:  # safetensors raises its own SafetensorError for corrupt data
+        raise _truncated(file, str(e)) from e
+
+
+def _read_index(index_file: Path) -> dict[str, str]:
+    try:
+        index = json.loads(index_file.read_text(encoding="utf-8"))
+        weight_map = index["weight_map"]
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as e:
+        raise ValueError(f"{index_file} is not a valid safetensors index (needs a 'weight_map'): {e}") from e
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise ValueError(f"{index_file}: 'weight_map' must be a non-empty object of key -> shard file")
+    return weight_map
+
+
+def _read_sharded(index_file: Path) -> dict[str, Tensor]:
+    weight_map = _read_index(index_file)
+    root = index_file.parent
+    shards = sorted(set(weight_map.values()))
+    missing = [s for s in shards if not (root / s).is_file()]
+    if missing:
+        raise FileNotFoundError(
+            f"shard(s) listed in {index_file} are missing: {', '.join(str(root / s) for s in missing)}"
+        )
+    state: dict[str, Tensor] = {}
+    for shard in shards:
+        state.update(_read_file(root / shard))
+    absent = [k for k, s in weight_map.items() if k not in state]
+    if absent:
+        raise ValueError(
+            f"{len(absent)} key(s) listed in {index_file} are not in their shard: "
+            + ", ".join(f"{k} ({weight_map[k]})" for k in absent[:10])
+        )
+    return state
+
+
+def read_safetensors(path: str | os.PathLike) -> dict[str, Tensor]:
+    """All tensors of a checkpoint directory (or of one ``.safetensors`` file), on CPU.
+
+    Lookup order follows transformers: ``model.safetensors``, then
+    ``model.safetensors.index.json``, then a lone ``*.safetensors`` file.
+    """
+    path = _checkpoint_dir(path)
+    if path.is_file():
+        return _read_file(path)
+    if (path / SINGLE_WEIGHTS_NAME).is_file():
+        return _read_file(path / SINGLE_WEIGHTS_NAME)
+    if (path / INDEX_NAME).is_file():
+        return _read_sharded(path / INDEX_NAME)
+    files = sorted(path.glob("*.safetensors"))
+    if len(files) == 1:
+        return _read_file(files[0])
+    if not files:
+        raise FileNotFoundError(
+            f"no weights in {path}: expected {SINGLE_WEIGHTS_NAME}, {INDEX_NAME} or one *.safetensors file"
+        )
+    raise FileNotFoundError(
+        f"{path} holds {len(files)} *.safetensors files ({', '.join(f.name for f in files[:5])}, ...) "
+        f"but no {INDEX_NAME} saying which keys live where"
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# expert layout
+
+
+def fuse_experts(state: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """Per-expert MoE weights -> fused 3-D tensors, under any prefix.
+
+    ``P.experts.{e}.up_proj.weight`` (I, H) for e = 0..E-1 -> ``P.experts.up_proj`` (E, I, H);
+    likewise ``down_proj`` (H, I) -> (E, H, I). Other keys pass through; the fused tensor takes
+    the place of the first expert in key order.
+    """
+    groups: dict[tuple[str, str], dict[int, Tensor]] = {}
+    for k, v in state.items():
+        m = _PER_EXPERT_RE.match(k)
+        if m:
+            groups.setdefault((m["prefix"], m["proj"]), {})[int(m["idx"])] = v
+    if not groups:
+        return dict(state)
+
+    counts: dict[str, dict[str, int]] = {}
+    for (prefix, proj), experts in groups.items():
+        fused_key = f"{prefix}.{proj}"
+        if fused_key in state:
+            raise ValueError(f"{prefix}: both per-expert '{proj}' weights and fused '{fused_key}' are present")
+        n = max(experts) + 1
+        missing = sorted(set(range(n)) - set(experts))
+        if missing:
+            raise ValueError(f"{prefix}: {proj} of expert(s) {missing} missing (found {len(experts)} of {n})")
+        counts.setdefault(prefix, {})[proj] = n
+    for prefix, per_proj in counts.items():
+        if len(set(per_proj.values())) > 1:
+            raise ValueError(f"{prefix}: expert counts differ between projections: {per_proj}")
+
+    out: dict[str, Tensor] = {}
+    for k, v in state.items():
+        m = _PER_EXPERT_RE.match(k)
+        if not m:
+            out[k] = v
+            continue
+        fused_key = f"{m['prefix']}.{m['proj']}"
+        if fused_key not in out:
+            experts = groups[(m["prefix"], m["proj"])]
+            shapes = {tuple(t.shape) for t in experts.values()}
+            if len(shapes) > 1:
+                raise ValueError(f"{m['prefix']}: {m['proj']} experts have different shapes: {sorted(shapes)}")
+            out[fused_key] = torch.stack([experts[e] for e in range(len(experts))])
+    return out
+
+
+def unfuse_experts(state: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """Fused 3-D MoE weights -> one 2-D tensor per expert (views, no copy).
+
+    ``P.experts.up_proj`` (E, I, H) -> ``P.experts.{e}.up_proj.weight`` (I, H), the layout of
+    NVIDIA's remote code and of transformers' ``save_pretrained``.
+    """
+    out: dict[str, Tensor] = {}
+    for k, v in state.items():
+        m = _FUSED_RE.match(k)
+        if not m:
+            out[k] = v
+            continue
+        if v.dim() != 3:
+            raise ValueError(f"{k}: a fused expert tensor must be 3-D (E, out, in), got shape {tuple(v.shape)}")
+        for e in range(v.shape[0]):
+            out[f"{m['prefix']}.{e}.{m['proj']}.weight"] = v[e]
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# dtype
+
+
+def _as_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    name = str(dtype).removeprefix("torch.")
+    resolved = getattr(torch, name, None)
+    if not isinstance(resolved, torch.dtype) or not resolved.is_floating_point:
+        raise ValueError(f"dtype must be a floating torch dtype such as 'bfloat16' or 'float32', got {dtype!r}")
+    return resolved
+
+
+def _target_dtype(key: str, t: Tensor, dtype: torch.dtype | None) -> torch.dtype:
+    if dtype is None or not t.is_floating_point():
+        return t.dtype
+    return torch.float32 if key.endswith(_FP32_SUFFIXES) else dtype
+
+
+def _cast(state: dict[str, Tensor], dtype: torch.dtype | str | None) -> dict[str, Tensor]:
+    dtype = _as_dtype(dtype)
+    if dtype is None:
+        return state
+    return {k: v.to(_target_dtype(k, v, dtype)) for k, v in state.items()}
+
+
+# --------------------------------------------------------------------------------------------
+# loading
+
+
+def _drop_mtp(state: dict[str, Tensor]) -> dict[str, Tensor]:
+    # Multi-token-prediction heads ride along in some NVIDIA checkpoints; neither tower uses them.
+    def is_mtp(key: str) -> bool:
+        parts = key.split(".", 2)
+        return parts[0] == "mtp" or (parts[0] in ("backbone", "model") and parts[1:2] == ["mtp"])
+
+    return {k: v for k, v in state.items() if not is_mtp(k)}
+
+
+def _check_layers(state: Mapping[str, Tensor], config: NemotronHConfig, where: str, prefix: str = "") -> None:
+    """Cheap structural check: the weights have as many layers / experts as the config says."""
+    layers = {int(m[1]) for k in state if k.startswith(prefix) and (m := _LAYER_RE.match(k[len(prefix):]))}
+    if layers and max(layers) + 1 != config.num_hidden_layers:
+        raise ValueError(
+            f"{where}: config.json describes {config.num_hidden_layers} layers but the weights under "
+            f"'{prefix}' have {max(layers) + 1}; the config and the weights belong to different models"
+        )
+    for k, v in state.items():
+        if k.startswith(prefix) and _FUSED_RE.match(k) and v.shape[0] != config.n_routed_experts:
+            raise ValueError(
+                f"{where}: {k} holds {v.shape[0]} experts but config.n_routed_experts = {config.n_routed_experts}"
+            )
+
+
+def load_backbone_state_dict(
+    path: str | os.PathLike, *, dtype: torch.dtype | str | None = None
+) -> tuple[NemotronHConfig, dict[str, Tensor]]:
+    """AR NemotronH checkpoint directory -> ``(config, backbone-named state dict)``.
+
+    Strips ``backbone.`` / ``model.``, fuses experts, adds ``lm_head.weight`` (the embedding
+    itself when the head is absent and ``tie_word_embeddings`` is set). ``dtype`` casts floating
+    tensors, except the router weights and correction bias, which stay float32.
+    """
+    config, _ = read_config(path)
+    state = _drop_mtp(read_safetensors(path))
+    heads = {k.split(".", 1)[0] for k in state if k != "lm_head.weight"}
+    if any(p.rstrip(".") in heads for p in TOWER_PREFIXES):
+        raise ValueError(
+            f"{path} is a two-tower checkpoint (it has context_tower./denoiser_tower. keys); "
+            "load it with load_two_tower_state_dict or TwoTowerLM.from_pretrained"
+        )
+    wrappers = sorted(heads & {p.rstrip(".") for p in AR_PREFIXES})
+    if len(wrappers) > 1:
+        raise ValueError(f"{path}: keys mix the prefixes {wrappers}; expected only one of backbone. / model.")
+    prefix = f"{wrappers[0]}." if wrappers else ""
+    state = {k.removeprefix(prefix) if k != "lm_head.weight" else k: v for k, v in state.items()}
+    if "lm_head.weight" not in state:
+        if not getattr(config, "tie_word_embeddings", False):
+            raise CheckpointKeyError(
+                f"{path}: no lm_head.weight and config.tie_word_embeddings is false, so there is no output head"
+            )
+        if "embeddings.weight" not in state:
+            raise CheckpointKeyError(f"{path}: no embeddings.weight (nor lm_head.weight) in the checkpoint")
+        state["lm_head.weight"] = state["embeddings.weight"]
+    state = fuse_experts(state)
+    _check_layers(state, config, str(path))
+    return config, _cast(state, dtype)
+
+
+def load_two_tower_state_dict(
+    path: str | os.PathLike, *, dtype: torch.dtype | str | None = None
+) -> tuple[NemotronHConfig, dict, dict[str, Tensor]]:
+    """Released-layout two-tower directory -> ``(config, raw config dict, state dict)``.
+
+    Keys keep the released names (``context_tower.*``, ``denoiser_tower.*``, heads, time
+    modules); experts are fused. An AR checkpoint is refused with a pointer to the conversion
+    path, since silently building a two-tower model from it would skip the denoiser init.
+    """
+    config, raw = read_config(path)
+    state = _drop_mtp(read_safetensors(path))
+    present = [p for p in TOWER_PREFIXES if any(k.startswith(p) for k in state)]
+    if not present:
+        raise ValueError(
+            f"{path} holds an AR checkpoint (no context_tower./denoiser_tower. keys); build a two-tower "
+            "model from it with TwoTowerLM.from_backbone(path) or convert it with "
+            "`python -m twotower.cli convert`"
+        )
+    if len(present) == 1:
+        missing = next(p for p in TOWER_PREFIXES if p not in present)
+        raise ValueError(f"{path} has '{present[0]}' keys but no '{missing}' keys; the checkpoint is incomplete")
+    tied = getattr(config, "tie_word_embeddings", False)
+    for head, tower in (("context_lm_head.weight", "context_tower."), ("lm_head.weight", "denoiser_tower.")):
+        if head not in state and tied and f"{tower}embeddings.weight" in state:
+            state[head] = state[f"{tower}embeddings.weight"]
+    required = ["context_lm_head.weight", "lm_head.weight", "t_embedder.mlp.0.weight", "t_block.1.weight"]
+    required += [f"scale_shift_tables.{i}" for i in range(config.num_hidden_layers)]
+    missing = [k for k in required if k not in state]
+    if missing:
+        raise CheckpointKeyError(f"{path}: two-tower checkpoint lacks {len(missing)} key(s): {', '.join(missing[:10])}")
+    state = fuse_experts(state)
+    for tower in TOWER_PREFIXES:
+        _check_layers(state, config, str(path), tower)
+    return config, raw, _cast(state, dtype)
+
+
+# --------------------------------------------------------------------------------------------
+# saving
+
+
+def _config_dict(config: NemotronHConfig | Mapping, extra: Mapping | None) -> dict:
+    cfg = config.to_dict() if isinstance(config, NemotronHConfig) else dict(config)
+    cfg.update(extra or {})
+    return cfg
+
+
+def _plan_shards(sizes: list[tuple[str, int]], max_bytes: int | None) -> list[list[str]]:
+    """Greedy packing in key order, which keeps a layer's tensors together; a tensor larger
+    than the limit gets a shard of its own rather than an error."""
+    total = sum(s for _, s in sizes)
+    if max_bytes is None or total <= max_bytes:
+        return [[k for k, _ in sizes]]
+    shards: list[list[str]] = [[]]
+    used = 0
+    for k, s in sizes:
+        if shards[-1] and used + s > max_bytes:
+            shards.append([])
+            used = 0
+        shards[-1].append(k)
+        used += s
+    return shards
+
+
+def _materialize(items: list[tuple[str, Tensor]]) -> dict[str, Tensor]:
+    """CPU, contiguous, no two tensors sharing storage: what safetensors can write.
+
+    Tied weights and views (unfused experts are views of the fused tensor) share storage;
+    safetensors refuses that, so such tensors are cloned. Only one shard is materialized at a
+    time, which bounds the extra memory.
+    """
+    out: dict[str, Tensor] = {}
+    seen: set[int] = set()
+    for k, t in items:
+        t = t.detach().to("cpu").contiguous()
+        storage = t.untyped_storage()
+        if storage.data_ptr() in seen or storage.nbytes() != t.numel() * t.element_size():
+            t = t.clone()
+        seen.add(t.untyped_storage().data_ptr())
+        out[k] = t
+    return out
+
+
+def _write_atomic_json(file: Path, obj: Any) -> None:
+    tmp = file.with_name(file.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    os.replace(tmp, file)
+
+
+def save_state_dict(
+    state: Mapping[str, Tensor],
+    path: str | os.PathLike,
+    *,
+    config: NemotronHConfig | Mapping,
+    max_shard_size: int | None = None,
+    expert_layout: str = "fused",
+    extra_config: Mapping | None = None,
+    dtype: torch.dtype | str | None = None,
+) -> None:
+    """Write ``config.json`` and the weights of ``state`` (keys as given) into directory ``path``.
+
+    One ``model.safetensors``, or ``model-0000k-of-0000N.safetensors`` shards plus
+    ``model.safetensors.index.json`` when the total exceeds ``max_shard_size`` bytes.
+    ``expert_layout="per_expert"`` writes one tensor per expert. Stale weight files of either
+    layout are removed first, since a leftover index would otherwise shadow a new single file.
+    """
+    if expert_layout not in ("fused", "per_expert"):
+        raise ValueError(f"expert_layout must be 'fused' or 'per_expert', got {expert_layout!r}")
+    if max_shard_size is not None and max_shard_size <= 0:
+        raise ValueError(f"max_shard_size must be a positive number of bytes, got {max_shard_size}")
+    dtype = _as_dtype(dtype)
+    for k, v in state.items():
+        if not isinstance(v, Tensor):
+            raise TypeError(f"state[{k!r}] is a {type(v).__name__}, not a tensor")
+        if v.is_meta:
+            raise ValueError(f"state[{k!r}] is on the meta device and has no data to save")
+    state = fuse_experts(state)  # normalise mixed input before choosing the output layout
+    if expert_layout == "per_expert":
+        state = unfuse_experts(state)
+
+    cfg = _config_dict(config, extra_config)
+    floats = [(_target_dtype(k, v, dtype), v.numel()) for k, v in state.items() if v.is_floating_point()]
+    if floats:
+        # transformers' dtype="auto" reads this; name the dtype that holds most parameters.
+        by_dtype: dict[torch.dtype, int] = {}
+        for dt, n in floats:
+            by_dtype[dt] = by_dtype.get(dt, 0) + n
+        cfg["dtype"] = str(max(by_dtype, key=by_dtype.get)).removeprefix("torch.")
+
+    root = Path(path)
+    root.mkdir(parents=True, exist_ok=True)
+    for f in root.iterdir():
+        if f.name in (SINGLE_WEIGHTS_NAME, INDEX_NAME) or _SHARD_RE.match(f.name):
+            f.unlink()
+    _write_atomic_json(root / CONFIG_NAME, _encode_floats(cfg))
+
+    sizes = [(k, v.numel() * _target_dtype(k, v, dtype).itemsize) for k, v in state.items()]
+    shards = _plan_shards(sizes, max_shard_size)
+    names = (
+        [SINGLE_WEIGHTS_NAME]
+        if len(shards) == 1
+        else [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+    )
+    for keys, name in zip(shards, names):
+        tensors = _materialize([(k, state[k].to(_target_dtype(k, state[k], dtype))) for k in keys])
+        tmp = root / (name + ".tmp")
+        # format=pt: older transformers versions refuse safetensors files without it.
+        save_file(tensors, str(tmp), metadata={"format": "pt"})
+        os.replace(tmp, root / name)
+    if len(shards) > 1:
+        index = {
+            "metadata": {"total_size": sum(s for _, s in sizes)},
+            "weight_map": {k: name for keys, name in zip(shards, names) for k in keys},
+        }
+        _write_atomic_json(root / INDEX_NAME, index)
+
+
+def save_backbone_hf(
+    state: Mapping[str, Tensor], path: str | os.PathLike, *, config: NemotronHConfig | Mapping, **kw: Any
+) -> None:
+    """Write backbone names (+ ``lm_head.weight``) as a transformers ``NemotronHForCausalLM``
+    checkpoint (``model.`` prefix), loadable with ``from_pretrained(path)``.
+
+    Keyword arguments go to :func:`save_state_dict`.
+    """
+    wrapped = [k for k in state if k.startswith(AR_PREFIXES + TOWER_PREFIXES)]
+    if wrapped:
+        raise ValueError(
+            f"save_backbone_hf expects bare backbone names (embeddings.weight, layers.*, norm_f.weight, "
+            f"lm_head.weight); got prefixed keys such as {wrapped[0]!r}"
+        )
+    cfg = _config_dict(config, None)
+    if "lm_head.weight" not in state and not cfg.get("tie_word_embeddings", False):
+        raise CheckpointKeyError("save_backbone_hf: no lm_head.weight and the config does not tie embeddings")
+    out = {k if k == "lm_head.weight" else f"model.{k}": v for k, v in state.items()}
+    extra = {"architectures": ["NemotronHForCausalLM"], "model_type": "nemotron_h"}
+    extra.update(kw.pop("extra_config", None) or {})
+    save_state_dict(out, path, config=cfg, extra_config=extra, **kw)
+
+
+# --------------------------------------------------------------------------------------------
+# validation
+
+
+def _listing(keys: list[str], limit: int = 10) -> str:
+    shown = ", ".join(keys[:limit])
+    return shown + (f", ... (+{len(keys) - limit} more)" if len(keys) > limit else "")
+
+
+def check_keys(state: Mapping[str, Tensor], expected: Iterable[str], *, where: str) -> None:
+    """Raise :class:`CheckpointKeyError` (a KeyError and a ValueError) unless the keys of
+    ``state`` are exactly ``expected``; the message lists the first missing / unexpected keys
+    with their counts and names ``where`` (the checkpoint path)."""
+    expected = set(expected)
+    missing = sorted(expected - set(state))
+    unexpected = sorted(set(state) - expected)
+    if not missing and not unexpected:
+        return
+    parts = []
+    if missing:
+        parts.append(f"{len(missing)} missing key(s): {_listing(missing)}")
+    if unexpected:
+        parts.append(f"{len(unexpected)} unexpected key(s): {_listing(unexpected)}")
+    raise CheckpointKeyError(f"checkpoint {where} does not match the model: " + "; ".join(parts))
+
+
+def check_shapes(state: Mapping[str, Tensor], reference: Mapping[str, Tensor], *, where: str) -> None:
+    """Raise ValueError naming every key present in both dicts whose shapes differ."""
+    bad = [
+        f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(ref.shape)}"
+        for k, ref in reference.items()
+        if k in state and tuple(state[k].shape) != tuple(ref.shape)
+    ]
+    if bad:
+        raise ValueError(f"checkpoint {where}: {len(bad)} shape mismatch(es):\n  " + "\n  ".join(bad))
