@@ -1,0 +1,267 @@
+"""Tokenizer adapters: one small interface over a byte-level tokenizer and local HF tokenizers.
+
+The model code needs five ids (pad, bos, eos, mask, vocabulary size) and encode/decode; it
+never talks to `transformers` tokenizers directly. Two implementations:
+
+* `ByteTokenizer`: UTF-8 bytes, nothing to download. Ids 0..3 are pad, bos, eos, mask
+  (mask = 3 follows the NemotronH convention), byte `b` is id `b + 4`.
+* `HFTokenizer`: a tokenizer directory on local disk, loaded with `local_files_only=True`.
+
+Both are plain classes with typed constructors, so a LightningCLI recipe can pick one with
+`class_path` / `init_args`.
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+
+__all__ = ["Tokenizer", "ByteTokenizer", "HFTokenizer", "NEMOTRON_H_MASK_ID"]
+
+# NemotronH checkpoints reserve id 3 for [MASK]; used when a tokenizer declares no mask token.
+NEMOTRON_H_MASK_ID = 3
+
+
+def _as_int_list(ids: Sequence[int] | torch.Tensor) -> list[int]:
+    # Accept tensors and numpy rows as well as lists: decode is often called on model output.
+    if isinstance(ids, torch.Tensor):
+        if ids.dim() != 1:
+            raise ValueError(f"decode expects a 1-D sequence of ids, got shape {tuple(ids.shape)}")
+        return ids.tolist()
+    return [int(i) for i in ids]
+
+
+class Tokenizer(abc.ABC):
+    """What the rest of twotower needs from a tokenizer.
+
+    Ids are plain Python ints. `encode` never adds special tokens unless asked, so that packing
+    and prompting decide where bos/eos go (HF tokenizers differ in their defaults).
+    """
+
+    @property
+    @abc.abstractmethod
+    def vocab_size(self) -> int:
+        """Number of ids the model's embedding must cover (all ids are in [0, vocab_size))."""
+
+    @property
+    @abc.abstractmethod
+    def pad_token_id(self) -> int: ...
+
+    @property
+    @abc.abstractmethod
+    def bos_token_id(self) -> int: ...
+
+    @property
+    @abc.abstractmethod
+    def eos_token_id(self) -> int: ...
+
+    @property
+    @abc.abstractmethod
+    def mask_token_id(self) -> int: ...
+
+    @property
+    def special_token_ids(self) -> frozenset[int]:
+        """pad, bos, eos and mask ids (some may coincide)."""
+        return frozenset({self.pad_token_id, self.bos_token_id, self.eos_token_id, self.mask_token_id})
+
+    @abc.abstractmethod
+    def encode(self, text: str, *, add_bos: bool = False, add_eos: bool = False) -> list[int]:
+        """Text -> ids, optionally framed by bos / eos."""
+
+    @abc.abstractmethod
+    def decode(self, ids: Sequence[int], *, skip_special_tokens: bool = True) -> str:
+        """Ids -> text. Never raises on ids the model can produce (any id in [0, vocab_size))."""
+
+    def encode_tensor(self, text: str, *, add_bos: bool = False, add_eos: bool = False) -> torch.Tensor:
+        """Like `encode` but returns a LongTensor (L,); subclasses may override for speed."""
+        return torch.tensor(self.encode(text, add_bos=add_bos, add_eos=add_eos), dtype=torch.long)
+
+    def batch_decode(
+        self, sequences: Sequence[Sequence[int]] | torch.Tensor, *, skip_special_tokens: bool = True
+    ) -> list[str]:
+        """Decode each row of a (B, L) tensor or a list of id lists."""
+        return [self.decode(seq, skip_special_tokens=skip_special_tokens) for seq in sequences]
+
+
+class ByteTokenizer(Tokenizer):
+    """UTF-8 byte tokenizer: pad=0, bos=1, eos=2, mask=3, byte b -> b + 4.
+
+    Args:
+        vocab_size: at least 260. Larger values pad the vocabulary (e.g. to 264 or 320, so the
+            embedding's row count is a multiple of 8 / 64); ids 260..vocab_size-1 are unused
+            and decode like special tokens.
+    """
+
+    PAD, BOS, EOS, MASK = 0, 1, 2, 3
+    OFFSET = 4
+    MIN_VOCAB = 256 + OFFSET
+    _SPECIAL_NAMES = {0: "<pad>", 1: "<bos>", 2: "<eos>", 3: "<mask>"}
+
+    def __init__(self, vocab_size: int = MIN_VOCAB) -> None:
+        if vocab_size < self.MIN_VOCAB:
+            raise ValueError(
+                f"ByteTokenizer vocab_size={vocab_size} is too small: it needs at least "
+                f"{self.MIN_VOCAB} ids (4 specials + 256 bytes)"
+            )
+        self._vocab_size = int(vocab_size)
+
+    @property
+    def vocab_size(self) -> int:
+        return self._vocab_size
+
+    @property
+    def pad_token_id(self) -> int:
+        return self.PAD
+
+    @property
+    def bos_token_id(self) -> int:
+        return self.BOS
+
+    @property
+    def eos_token_id(self) -> int:
+        return self.EOS
+
+    @property
+    def mask_token_id(self) -> int:
+        return self.MASK
+
+    def encode(self, text: str, *, add_bos: bool = False, add_eos: bool = False) -> list[int]:
+        return self.encode_tensor(text, add_bos=add_bos, add_eos=add_eos).tolist()
+
+    def encode_tensor(self, text: str, *, add_bos: bool = False, add_eos: bool = False) -> torch.Tensor:
+        data = text.encode("utf-8", errors="surrogatepass")
+        # frombuffer avoids a Python-level loop: the stdlib corpus is ~10 MB of bytes.
+        if data:
+            body = torch.frombuffer(bytearray(data), dtype=torch.uint8).long() + self.OFFSET
+        else:  # frombuffer rejects an empty buffer
+            body = torch.empty(0, dtype=torch.long)
+        parts = []
+        if add_bos:
+            parts.append(torch.tensor([self.BOS]))
+        parts.append(body)
+        if add_eos:
+            parts.append(torch.tensor([self.EOS]))
+        return torch.cat(parts) if len(parts) > 1 else body
+
+    def decode(self, ids: Sequence[int], *, skip_special_tokens: bool = True) -> str:
+        out: list[str] = []
+        run = bytearray()
+        for i in _as_int_list(ids):
+            if not 0 <= i < self._vocab_size:
+                raise ValueError(f"id {i} is outside the ByteTokenizer vocabulary [0, {self._vocab_size})")
+            if self.OFFSET <= i < self.MIN_VOCAB:
+                run.append(i - self.OFFSET)
+                continue
+            if skip_special_tokens:
+                # Skipping must not split a multi-byte character: keep accumulating bytes.
+                continue
+            # Flush bytes first so that a special between two halves of a character shows where it was.
+            out.append(run.decode("utf-8", errors="replace"))
+            run.clear()
+            out.append(self._SPECIAL_NAMES.get(i, f"<unused_{i}>"))
+        out.append(run.decode("utf-8", errors="replace"))
+        return "".join(out)
+
+    def __repr__(self) -> str:
+        return f"ByteTokenizer(vocab_size={self._vocab_size})"
+
+
+class HFTokenizer(Tokenizer):
+    """A `transformers` tokenizer read from a local directory (no hub access).
+
+    Special ids:
+      * mask: the `mask_token` argument if given (it must be in the vocabulary), else the
+        tokenizer's own mask token, else id 3 (the NemotronH convention: [MASK] is id 3).
+      * bos / eos: the tokenizer's; if only one of them is defined it is used for both
+        (GPT-2 style tokenizers use one <|endoftext|> token). Neither -> ValueError,
+        because packing needs a document separator.
+      * pad: the tokenizer's pad token, else eos. Padding is always masked out, so any id works.
+    vocab_size is `len(tokenizer)`, which counts added tokens (the HF `vocab_size` attribute
+    does not).
+
+    Args:
+        path: local tokenizer directory (as written by `save_pretrained`).
+        mask_token: token string to use as the mask, e.g. "[MASK]".
+    """
+
+    def __init__(self, path: str, mask_token: str | None = None) -> None:
+        directory = Path(path).expanduser()
+        if not directory.is_dir():
+            raise FileNotFoundError(
+                f"tokenizer directory {str(path)!r} does not exist (HFTokenizer loads local "
+                "directories only; download the tokenizer first and pass its folder)"
+            )
+        from transformers import AutoTokenizer
+
+        self.path = str(directory)
+        self.hf = AutoTokenizer.from_pretrained(self.path, local_files_only=True)
+        self._vocab_size = len(self.hf)
+        self._bos, self._eos = self._resolve_bos_eos()
+        self._pad = self.hf.pad_token_id if self.hf.pad_token_id is not None else self._eos
+        self._mask = self._resolve_mask(mask_token)
+
+    def _resolve_bos_eos(self) -> tuple[int, int]:
+        bos, eos = self.hf.bos_token_id, self.hf.eos_token_id
+        if bos is None and eos is None:
+            raise ValueError(
+                f"tokenizer at {self.path!r} defines neither a bos nor an eos token; set one "
+                "(e.g. tokenizer.eos_token = ...) and save it again"
+            )
+        return (bos if bos is not None else eos), (eos if eos is not None else bos)
+
+    def _resolve_mask(self, mask_token: str | None) -> int:
+        if mask_token is not None:
+            mask_id = self.hf.convert_tokens_to_ids(mask_token)
+            unk = self.hf.unk_token_id
+            if mask_id is None or (mask_id == unk and mask_token != self.hf.unk_token):
+                raise ValueError(
+                    f"mask_token {mask_token!r} is not in the vocabulary of the tokenizer at {self.path!r}"
+                )
+            return int(mask_id)
+        if self.hf.mask_token_id is not None:
+            return int(self.hf.mask_token_id)
+        if NEMOTRON_H_MASK_ID >= self._vocab_size:
+            raise ValueError(
+                f"tokenizer at {self.path!r} has no mask token and only {self._vocab_size} ids; "
+                "pass mask_token=... naming a token in its vocabulary"
+            )
+        return NEMOTRON_H_MASK_ID
+
+    @property
+    def vocab_size(self) -> int:
+        return self._vocab_size
+
+    @property
+    def pad_token_id(self) -> int:
+        return self._pad
+
+    @property
+    def bos_token_id(self) -> int:
+        return self._bos
+
+    @property
+    def eos_token_id(self) -> int:
+        return self._eos
+
+    @property
+    def mask_token_id(self) -> int:
+        return self._mask
+
+    def encode(self, text: str, *, add_bos: bool = False, add_eos: bool = False) -> list[int]:
+        # add_special_tokens=False: we place bos/eos ourselves, whatever the tokenizer's template.
+        ids = list(self.hf.encode(text, add_special_tokens=False))
+        return ([self._bos] if add_bos else []) + ids + ([self._eos] if add_eos else [])
+
+    def decode(self, ids: Sequence[int], *, skip_special_tokens: bool = True) -> str:
+        ids = _as_int_list(ids)
+        if skip_special_tokens:
+            # The fallback mask id (3) may not be registered as special in the HF tokenizer.
+            special = self.special_token_ids
+            ids = [i for i in ids if i not in special]
+        return self.hf.decode(ids, skip_special_tokens=skip_special_tokens)
+
+    def __repr__(self) -> str:
+        return f"HFTokenizer(path={self.path!r}, vocab_size={self._vocab_size}, mask_token_id={self._mask})"
