@@ -1,0 +1,43 @@
+"""``TopKCommit``: a fixed number of commits per step.
+
+Each step commits the ``k`` most confident masked positions (fewer if fewer remain).
+With ``k * steps_per_block < S`` the budget runs out first and the base class commits
+everything left at the last step; pick ``k >= ceil(S / steps_per_block)`` to avoid that.
+"""
+
+from __future__ import annotations
+
+from torch import Tensor
+
+from twotower.samplers.base import Sampler, commit_top_n
+
+__all__ = ["TopKCommit"]
+
+
+class TopKCommit(Sampler):
+    """Commit the ``k`` most confident masked positions each step.
+
+    Args:
+        k: commits per step, an int >= 1.
+    """
+
+    def __init__(self, k: int = 2) -> None:
+        if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+            raise ValueError(f"k must be an int >= 1, got {k!r}")
+        self.k = k
+
+    def select(
+        self,
+        confidence: Tensor,
+        candidates: Tensor,
+        masked: Tensor,
+        *,
+        step: int,
+        steps_per_block: int,
+        logits: Tensor | None = None,
+    ) -> Tensor:
+        """(B, S) bool: the ``min(k, m)`` most confident masked positions per row."""
+        return commit_top_n(confidence, masked, self.k)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(k={self.k})"
