@@ -1,0 +1,45 @@
+"""twotower: two-tower block-diffusion language models (NemotronH context tower + denoiser tower).
+
+Public API: the composed model, its towers and cache, samplers, noise schedules and the
+Lightning modules. Heavy submodules load on first attribute access, so `import twotower` is quick.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+__version__ = "0.1.0"
+
+_EXPORTS = {
+    "TwoTowerLM": "twotower.model",
+    "GenerationOutput": "twotower.generation",
+    "ContextTower": "twotower.towers.context",
+    "DenoiserTower": "twotower.towers.denoiser",
+    "HybridCache": "twotower.caches",
+    "AdaLNSingle": "twotower.time_embedding",
+    "Sampler": "twotower.samplers",
+    "ConfidenceThreshold": "twotower.samplers",
+    "TopKCommit": "twotower.samplers",
+    "MockAR": "twotower.samplers",
+    "MarginThreshold": "twotower.samplers",
+    "EntropyBounded": "twotower.samplers",
+    "NoiseSchedule": "twotower.schedules",
+    "LinearSchedule": "twotower.schedules",
+    "CosineSchedule": "twotower.schedules",
+    "LogLinearSchedule": "twotower.schedules",
+    "DenoiserFineTuning": "twotower.training",
+    "ARPretraining": "twotower.training",
+    "GenerationModule": "twotower.inference",
+    "ByteTokenizer": "twotower.tokenizers",
+    "HFTokenizer": "twotower.tokenizers",
+    "TextDataModule": "twotower.data",
+    "PromptDataModule": "twotower.data",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module 'twotower' has no attribute {name!r}")

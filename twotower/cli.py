@@ -1,0 +1,116 @@
+"""Command line: LightningCLI for fit / validate / predict, plus checkpoint tools.
+
+    python -m twotower.cli fit --config recipes/denoiser.yaml
+    python -m twotower.cli predict --config recipes/generate.yaml
+    python -m twotower.cli convert AR_DIR OUT_DIR        # AR NemotronH -> two-tower layout (identity init)
+    python -m twotower.cli export RUN.ckpt OUT_DIR       # fine-tuning checkpoint -> two-tower layout
+    python -m twotower.cli bench [--smoke] [--out DIR]   # quality / speed benchmark (benchmarks/)
+
+Every model and data component is chosen in YAML by `class_path` / `init_args`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+TOOLS = ("convert", "export", "bench")
+
+
+def convert(ar_dir: str, out_dir: str, *, block_size: int = 16, mask_token_id: int = 3,
+            time_init: str = "identity", max_shard_size: int | None = None, expert_layout: str = "fused") -> Path:
+    """AR NemotronH checkpoint directory -> released two-tower directory, ready to fine-tune or run."""
+    from .model import TwoTowerLM
+
+    model = TwoTowerLM.from_backbone(ar_dir, block_size=block_size, mask_token_id=mask_token_id, time_init=time_init)
+    model.save_pretrained(out_dir, max_shard_size=max_shard_size, expert_layout=expert_layout)
+    return Path(out_dir)
+
+
+def export(ckpt_path: str, out_dir: str, *, backbone: str | None = None, max_shard_size: int | None = None,
+           expert_layout: str = "fused") -> Path:
+    """Fine-tuning checkpoint (.ckpt, denoiser side only) -> released two-tower directory.
+
+    The frozen context tower is read from the path the checkpoint references (or `backbone`).
+    """
+    import torch
+
+    from .model import TwoTowerLM
+
+    path = Path(ckpt_path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    meta = ckpt.get("twotower")
+    if meta is None:
+        raise ValueError(f"{path} is not a DenoiserFineTuning checkpoint (no 'twotower' entry)")
+    source = backbone or meta["context_source"]
+    if not (Path(source) / "config.json").exists():
+        raise FileNotFoundError(f"the frozen context tower this checkpoint references is missing: {source}; "
+                                "pass --backbone DIR")
+    model = TwoTowerLM.from_backbone(source, block_size=meta["block_size"], mask_token_id=meta["mask_token_id"])
+    den = {k.removeprefix("denoiser."): v for k, v in ckpt["state_dict"].items() if k.startswith("denoiser.")}
+    missing, unexpected = model.denoiser.load_state_dict(den, strict=False)
+    if missing or unexpected:
+        raise ValueError(f"{path}: denoiser weights do not fit the backbone {source}: "
+                         f"missing {missing[:5]}, unexpected {unexpected[:5]}")
+    model.save_pretrained(out_dir, max_shard_size=max_shard_size, expert_layout=expert_layout)
+    return Path(out_dir)
+
+
+def _tool_main(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="python -m twotower.cli")
+    sub = p.add_subparsers(dest="tool", required=True)
+    c = sub.add_parser("convert", help="AR NemotronH checkpoint -> two-tower checkpoint (identity-init denoiser)")
+    c.add_argument("ar_dir")
+    c.add_argument("out_dir")
+    c.add_argument("--block-size", type=int, default=16)
+    c.add_argument("--mask-token-id", type=int, default=3)
+    c.add_argument("--time-init", choices=["identity", "pixart"], default="identity")
+    c.add_argument("--max-shard-size", type=int, default=None, help="bytes per safetensors shard")
+    c.add_argument("--expert-layout", choices=["fused", "per_expert"], default="fused")
+    e = sub.add_parser("export", help="fine-tuning .ckpt -> two-tower checkpoint directory")
+    e.add_argument("ckpt")
+    e.add_argument("out_dir")
+    e.add_argument("--backbone", default=None, help="the frozen context tower, if it moved since training")
+    e.add_argument("--max-shard-size", type=int, default=None)
+    e.add_argument("--expert-layout", choices=["fused", "per_expert"], default="fused")
+    b = sub.add_parser("bench", help="quality/speed benchmark: AR vs mock-AR vs diffusion")
+    b.add_argument("rest", nargs=argparse.REMAINDER)
+    a = p.parse_args(argv)
+    if a.tool == "convert":
+        out = convert(a.ar_dir, a.out_dir, block_size=a.block_size, mask_token_id=a.mask_token_id,
+                      time_init=a.time_init, max_shard_size=a.max_shard_size, expert_layout=a.expert_layout)
+    elif a.tool == "export":
+        out = export(a.ckpt, a.out_dir, backbone=a.backbone, max_shard_size=a.max_shard_size,
+                     expert_layout=a.expert_layout)
+    else:
+        from .bench import main as bench_main
+
+        return bench_main(a.rest)
+    print(f"wrote {out}")
+    return 0
+
+
+def cli_main(args: list[str] | None = None, run: bool = True):
+    """LightningCLI over any LightningModule / LightningDataModule named in the YAML."""
+    import lightning as L
+    from lightning.pytorch.cli import LightningCLI
+
+    return LightningCLI(
+        L.LightningModule, L.LightningDataModule, subclass_mode_model=True, subclass_mode_data=True,
+        save_config_kwargs={"overwrite": True}, args=args, run=run, auto_configure_optimizers=False,
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] in TOOLS:
+        return _tool_main(argv)
+    cli_main(argv)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
