@@ -1,0 +1,176 @@
+"""Denoiser fine-tuning: frozen context tower, loss falls, CLI fit + resume, recipes, convert/export."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+from conftest import randomize_, tiny_config
+
+from twotower.towers.context import ContextTower
+from twotower.towers.loading import save_backbone_hf
+from twotower.training import ARPretraining, DenoiserFineTuning
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture
+def backbone_dir(tmp_path) -> Path:
+    """A tiny random AR NemotronH checkpoint with the byte tokenizer's vocabulary."""
+    cfg = tiny_config("M*-EM*E", vocab_size=260)
+    tower = randomize_(ContextTower(cfg), seed=0, scale=0.1)
+    state = {k.removeprefix("backbone."): v for k, v in tower.state_dict().items()}
+    save_backbone_hf(state, tmp_path / "backbone", config=cfg)
+    return tmp_path / "backbone"
+
+
+def _corpus(tmp_path: Path) -> Path:
+    root = tmp_path / "corpus"
+    root.mkdir()
+    for i in range(6):
+        (root / f"doc{i}.txt").write_text(("def f(x):\n    return x + %d\n\n" % i) * 12)
+    return root
+
+
+def _trainer(tmp_path, steps, **kw):
+    return L.Trainer(accelerator="cpu", devices=1, max_steps=steps, logger=False, enable_checkpointing=False,
+                     enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path,
+                     num_sanity_val_steps=0, **kw)
+
+
+def test_context_tower_frozen_and_bit_identical_after_fit(backbone_dir, tmp_path):
+    from twotower.data import TextDataModule
+
+    module = DenoiserFineTuning(str(backbone_dir), block_size=8, lr=1e-2, warmup_steps=0)
+    before = {k: v.clone() for k, v in module.context.state_dict().items()}
+    den_before = {k: v.clone() for k, v in module.denoiser.state_dict().items()}
+    data = TextDataModule(str(_corpus(tmp_path)), seq_len=32, block_size=8, batch_size=4)
+    _trainer(tmp_path, 5, limit_val_batches=0).fit(module, data)
+    assert all(not p.requires_grad and p.grad is None for p in module.context.parameters())
+    assert not module.context.training
+    for k, v in module.context.state_dict().items():
+        assert torch.equal(v, before[k]), k
+    changed = [k for k, v in module.denoiser.state_dict().items() if not torch.equal(v, den_before[k])]
+    assert any(k.startswith("time.") for k in changed) and any(k.startswith("backbone.") for k in changed)
+
+
+def test_loss_is_nelbo_weighted_and_metrics_consistent(backbone_dir):
+    module = DenoiserFineTuning(str(backbone_dir), block_size=8)
+    x = torch.randint(4, 260, (2, 32))
+    out = module.forward_loss(x, generator=torch.Generator().manual_seed(0))
+    # NELBO weight 1/t >= 1, so the weighted loss per token is at least the masked CE over all tokens.
+    assert out["loss"] >= out["ce_sum"] / x.numel() - 1e-6
+    assert torch.isclose(out["loss"], out["nelbo_sum"] / x.numel())
+    assert 0 < out["masked"] <= x.numel() and out["correct"] <= out["masked"]
+    unweighted = DenoiserFineTuning(str(backbone_dir), block_size=8, loss_weighting="none")
+    out2 = unweighted.forward_loss(x, generator=torch.Generator().manual_seed(0))
+    assert torch.isclose(out2["loss"], out2["ce_sum"] / out2["masked"])
+
+
+def test_tiny_model_overfits_tiny_corpus(backbone_dir):
+    torch.manual_seed(0)
+    module = DenoiserFineTuning(str(backbone_dir), block_size=8, lr=3e-3, warmup_steps=0)
+    x = torch.randint(4, 260, (4, 32), generator=torch.Generator().manual_seed(0))
+    opt = torch.optim.Adam([p for p in module.denoiser.parameters()], lr=3e-3)
+    losses = []
+    for _ in range(60):
+        # The same masks every step: a pure memorisation problem the model must solve.
+        loss = module.forward_loss(x, generator=torch.Generator().manual_seed(0))["loss"]
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(float(loss.detach()))
+    start, end = sum(losses[:5]) / 5, sum(losses[-5:]) / 5
+    assert end < 0.3 * start, (start, end)
+
+
+def test_ar_pretraining_learns_and_saves_transformers_checkpoint(tmp_path):
+    from transformers import NemotronHForCausalLM
+
+    module = ARPretraining(pattern="M*E-", hidden_size=32, head_dim=8, intermediate_size=48, mamba_num_heads=4,
+                           mamba_head_dim=8, ssm_state_size=8, moe_intermediate_size=24,
+                           moe_shared_expert_intermediate_size=16, lr=1e-2, warmup_steps=0,
+                           save_dir=str(tmp_path / "bb"))
+    x = torch.randint(4, 40, (4, 24), generator=torch.Generator().manual_seed(0))
+    first = float(module._loss(x)[0])
+    data = torch.utils.data.DataLoader([x[i] for i in range(4)], batch_size=4)
+    _trainer(tmp_path, 40, limit_val_batches=0).fit(module, data)
+    assert float(module._loss(x)[0]) < 0.5 * first
+    ref = NemotronHForCausalLM.from_pretrained(tmp_path / "bb").eval()
+    with torch.no_grad():
+        assert torch.allclose(ref(x).logits, module.tower.eval()(x), atol=1e-4)
+
+
+def _run_cli(*args, cwd=ROOT):
+    proc = subprocess.run([sys.executable, "-m", "twotower.cli", *args], cwd=cwd, capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc
+
+
+@pytest.mark.parametrize("recipe", sorted(p.name for p in (ROOT / "recipes").glob("*.yaml")))
+def test_every_recipe_prints_config(recipe):
+    sub = "predict" if "generate" in recipe else "fit"
+    proc = _run_cli(sub, "--config", f"recipes/{recipe}", "--print_config")
+    assert "class_path" in proc.stdout
+
+
+def test_fit_from_debug_recipe_then_resume(backbone_dir, tmp_path):
+    run = tmp_path / "run"
+    common = ["--config", "recipes/debug_denoiser.yaml", "--model.init_args.backbone", str(backbone_dir),
+              "--trainer.default_root_dir", str(run), "--trainer.logger.init_args.save_dir", str(run),
+              "--trainer.callbacks.init_args.dirpath", str(run / "ckpt")]
+    _run_cli("fit", *common)
+    last = run / "ckpt" / "last.ckpt"
+    ckpt = torch.load(last, map_location="cpu", weights_only=False)
+    assert ckpt["global_step"] == 4
+    assert not any(k.startswith("context.") for k in ckpt["state_dict"])
+    assert ckpt["twotower"]["context_source"] == str(backbone_dir.resolve())
+    _run_cli("fit", *common, "--trainer.max_steps", "6", "--ckpt_path", str(last))
+    resumed = torch.load(last, map_location="cpu", weights_only=False)
+    assert resumed["global_step"] == 6
+    metrics = (run / "lightning_logs").rglob("metrics.csv")
+    assert any("val/masked_acc" in p.read_text() for p in metrics)
+
+
+def test_bad_recipe_values_raise_clear_errors(backbone_dir, tmp_path):
+    with pytest.raises(FileNotFoundError, match="backbone checkpoint not found"):
+        DenoiserFineTuning(str(tmp_path / "nope"))
+    with pytest.raises(ValueError, match="loss_weighting"):
+        DenoiserFineTuning(str(backbone_dir), loss_weighting="mse")
+    with pytest.raises(ValueError, match="mask_token_id"):
+        DenoiserFineTuning(str(backbone_dir), mask_token_id=5000)
+    module = DenoiserFineTuning(str(backbone_dir), block_size=8)
+    with pytest.raises(ValueError, match="multiple of block_size"):
+        module.forward_loss(torch.randint(4, 260, (1, 12)))
+
+
+def test_convert_then_export_round_trip(backbone_dir, tmp_path):
+    from twotower.cli import convert, export
+    from twotower.model import TwoTowerLM
+
+    conv = convert(str(backbone_dir), str(tmp_path / "tt"), block_size=8, max_shard_size=20_000,
+                   expert_layout="per_expert")
+    model = TwoTowerLM.from_pretrained(conv)
+    ctx = ContextTower.from_pretrained(backbone_dir)
+    for k, v in ctx.state_dict().items():
+        assert torch.equal(model.context.state_dict()[k], v)
+        assert torch.equal(model.denoiser.state_dict()[k], v)  # identity init copies the AR weights
+    # A trained denoiser: fine-tune a few steps, checkpoint, export, reload.
+    module = DenoiserFineTuning(str(backbone_dir), block_size=8, lr=1e-2, warmup_steps=0)
+    trainer = _trainer(tmp_path, 3, limit_val_batches=0)
+    from twotower.data import TextDataModule
+
+    trainer.fit(module, TextDataModule(str(_corpus(tmp_path)), seq_len=32, block_size=8, batch_size=4))
+    trainer.save_checkpoint(tmp_path / "run.ckpt")
+    out = export(str(tmp_path / "run.ckpt"), str(tmp_path / "exported"))
+    loaded = TwoTowerLM.from_pretrained(out)
+    for k, v in module.denoiser.state_dict().items():
+        assert torch.equal(loaded.denoiser.state_dict()[k], v), k
+    for k, v in module.context.state_dict().items():
+        assert torch.equal(loaded.context.state_dict()[k], v), k
+    assert loaded.block_size == 8
