@@ -73,6 +73,11 @@ def config() -> NemotronHConfig:
 
 
 @pytest.fixture(autouse=True)
-def _deterministic():
+def _deterministic_single_thread():
+    """Seeded, and one intra-op thread: the models here are tiny, so extra threads only add
+    synchronisation overhead (and heavy contention on a busy 2-core machine)."""
     torch.manual_seed(0)
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
     yield
+    torch.set_num_threads(before)

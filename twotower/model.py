@@ -1,0 +1,284 @@
+"""TwoTowerLM: the context tower + the denoiser tower as one model, with loading, saving and generation.
+
+    model = TwoTowerLM.from_backbone("path/to/nemotron-h-ar")     # AR checkpoint -> two towers
+    model = TwoTowerLM.from_pretrained("path/to/two-tower")        # released two-tower layout
+    out = model.generate(input_ids, sampler=ConfidenceThreshold(0.8), max_new_tokens=128)
+
+Module names vs released checkpoint names (DESIGN section 1):
+
+    context.backbone.X        <->  context_tower.X
+    context.lm_head.weight    <->  context_lm_head.weight
+    denoiser.backbone.X       <->  denoiser_tower.X
+    denoiser.lm_head.weight   <->  lm_head.weight
+    denoiser.time.Y           <->  Y      (t_embedder.*, t_block.*, scale_shift_tables.*)
+
+The context tower is frozen (requires_grad False): it is the AR model the denoiser reads from.
+The block loops themselves live in generation.py; this class only picks devices and defaults.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping, Sequence
+
+import torch
+import torch.nn as nn
+from torch import Tensor
+
+from .generation import GenerationOutput, StepCallback, generate_ar, generate_diffusion
+from .samplers import ConfidenceThreshold, MockAR, Sampler
+from .towers.context import ContextTower
+from .towers.denoiser import DenoiserTower
+
+__all__ = ["TwoTowerLM"]
+
+DEFAULT_BLOCK_SIZE = 16
+DEFAULT_MASK_TOKEN_ID = 3
+_TIME_PREFIXES = ("t_embedder.", "t_block.", "scale_shift_tables.")
+
+
+def released_name(module_name: str) -> str:
+    """TwoTowerLM state-dict name -> released checkpoint name."""
+    for ours, theirs in (("context.backbone.", "context_tower."), ("denoiser.backbone.", "denoiser_tower."),
+                         ("denoiser.time.", "")):
+        if module_name.startswith(ours):
+            return theirs + module_name[len(ours):]
+    heads = {"context.lm_head.weight": "context_lm_head.weight", "denoiser.lm_head.weight": "lm_head.weight"}
+    if module_name in heads:
+        return heads[module_name]
+    raise KeyError(f"{module_name!r} has no released-layout name")
+
+
+def module_name(released: str) -> str | None:
+    """Released checkpoint name -> TwoTowerLM state-dict name (None for a name the model does not have)."""
+    if released.startswith("context_tower."):
+        return "context.backbone." + released[len("context_tower."):]
+    if released.startswith("denoiser_tower."):
+        return "denoiser.backbone." + released[len("denoiser_tower."):]
+    if released.startswith(_TIME_PREFIXES):
+        return "denoiser.time." + released
+    return {"context_lm_head.weight": "context.lm_head.weight", "lm_head.weight": "denoiser.lm_head.weight"}.get(released)
+
+
+def _check_block_size(block_size) -> int:
+    if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1:
+        raise ValueError(f"block_size must be an int >= 1, got {block_size!r}")
+    return block_size
+
+
+class TwoTowerLM(nn.Module):
+    """Two-tower block-diffusion LM. `config` is a transformers NemotronHConfig shared by both towers.
+
+    Args:
+        block_size: default S for generation (the released model uses 16).
+        mask_token_id: the [MASK] token id (3 in the released model).
+        time_init: "identity" (the denoiser starts as its AR layers) or "pixart".
+        context / denoiser: prebuilt towers to use instead of fresh ones (both or neither).
+    """
+
+    def __init__(self, config, *, block_size: int = DEFAULT_BLOCK_SIZE, mask_token_id: int = DEFAULT_MASK_TOKEN_ID,
+                 time_init: str = "identity", context: ContextTower | None = None,
+                 denoiser: DenoiserTower | None = None):
+        super().__init__()
+        self.config = config
+        self.block_size = _check_block_size(block_size)
+        if isinstance(mask_token_id, bool) or not isinstance(mask_token_id, int) \
+                or not 0 <= mask_token_id < config.vocab_size:
+            raise ValueError(f"mask_token_id must be a token id in [0, {config.vocab_size}), got {mask_token_id!r}")
+        self.mask_token_id = mask_token_id
+        if (context is None) != (denoiser is None):
+            raise ValueError("pass both towers (context and denoiser) or neither")
+        self.context = context if context is not None else ContextTower(config)
+        self.denoiser = denoiser if denoiser is not None else DenoiserTower(config, time_init=time_init)
+        self.context.requires_grad_(False)
+
+    @property
+    def max_position_embeddings(self) -> int | None:
+        return getattr(self.config, "max_position_embeddings", None)
+
+    def extra_repr(self) -> str:
+        return f"block_size={self.block_size}, mask_token_id={self.mask_token_id}"
+
+    # ---- construction -------------------------------------------------------------------------
+    @classmethod
+    def from_backbone(cls, path_or_tower: str | os.PathLike | ContextTower, *, block_size: int = DEFAULT_BLOCK_SIZE,
+                      mask_token_id: int = DEFAULT_MASK_TOKEN_ID, time_init: str = "identity",
+                      dtype: torch.dtype | None = None) -> "TwoTowerLM":
+        """Two towers from an AR NemotronH checkpoint directory (or a ContextTower instance).
+
+        The denoiser and its head are copies of the AR model (DESIGN section 3); with
+        time_init="identity" a fresh model's denoiser computes exactly the AR layers.
+        """
+        if isinstance(path_or_tower, ContextTower):
+            context = path_or_tower
+            if dtype is not None:
+                context.to(dtype)
+                context.keep_router_fp32()
+        else:
+            context = ContextTower.from_pretrained(path_or_tower, dtype=dtype)
+        denoiser = DenoiserTower.from_context(context, time_init=time_init)
+        _match_router_precision(denoiser, context)
+        return cls(context.config, block_size=block_size, mask_token_id=mask_token_id,
+                   context=context, denoiser=denoiser)
+
+    @classmethod
+    def from_pretrained(cls, path: str | os.PathLike, *, dtype: torch.dtype | str | None = None,
+                        device=None) -> "TwoTowerLM":
+        """Load a released-layout two-tower directory (config.json + safetensors, sharded or not,
+        fused or per-expert MoE weights).
+
+        `block_size` and `mask_token_id` come from config.json when present (else 16 and 3).
+        dtype=None keeps the stored dtypes; otherwise floating weights are cast (routers stay float32).
+        """
+        from .towers.loading import load_two_tower_state_dict
+
+        config, raw, state = load_two_tower_state_dict(path, dtype=dtype)
+        kwargs = dict(block_size=raw.get("block_size", DEFAULT_BLOCK_SIZE),
+                      mask_token_id=raw.get("mask_token_id", DEFAULT_MASK_TOKEN_ID))
+        # Build on the meta device and adopt the loaded tensors: no random init, no second copy.
+        with torch.device("meta"):
+            model = cls(config, **kwargs)
+        model.load_released_state_dict(state, where=str(path))
+        model.context.requires_grad_(False)
+        return model.to(device) if device is not None else model
+
+    # ---- released layout ----------------------------------------------------------------------
+    def released_state_dict(self) -> dict[str, Tensor]:
+        """The weights under released checkpoint names (MoE experts fused), sharing storage with the model."""
+        return {released_name(k): v for k, v in self.state_dict().items()}
+
+    def load_released_state_dict(self, state: Mapping[str, Tensor], *, where: str = "state dict") -> None:
+        """Load weights given under released names, after checking keys and shapes (errors name `where`).
+
+        A model built on the meta device adopts the tensors as they are (dtype included).
+        """
+        from .towers.loading import check_keys, check_shapes
+
+        own = self.released_state_dict()
+        check_keys(state, own.keys(), where=where)
+        check_shapes(state, own, where=where)
+        assign = any(t.is_meta for t in own.values())
+        self.load_state_dict({module_name(k): v for k, v in state.items()}, strict=True, assign=assign)
+
+    def save_pretrained(self, path: str | os.PathLike, *, max_shard_size: int | None = None,
+                        expert_layout: str = "fused") -> None:
+        """Write the released layout: config.json (NemotronH config + block_size, mask_token_id,
+        architectures) and safetensors weights (sharded above `max_shard_size` bytes)."""
+        from .towers.loading import save_state_dict
+
+        extra = {"block_size": self.block_size, "mask_token_id": self.mask_token_id, "architectures": ["TwoTowerLM"]}
+        save_state_dict(self.released_state_dict(), path, config=self.config, max_shard_size=max_shard_size,
+                        expert_layout=expert_layout, extra_config=extra)
+
+    # ---- devices ------------------------------------------------------------------------------
+    def place_towers_on_devices(self, ctx_device, den_device) -> "TwoTowerLM":
+        """Context tower (+ its head) on `ctx_device`; denoiser tower, its head and the time modules on
+        `den_device`. Generation then mirrors the context cache to the denoiser incrementally."""
+        self.context.to(ctx_device)
+        self.denoiser.to(den_device)
+        return self
+
+    @property
+    def devices(self) -> tuple[torch.device, torch.device]:
+        """(context device, denoiser device), read from the weights."""
+        def dev(m):
+            p = next(m.parameters(), None)
+            return p.device if p is not None else torch.device("cpu")
+
+        return dev(self.context), dev(self.denoiser)
+
+    @property
+    def context_device(self) -> torch.device:
+        """Where the context tower lives: inputs go here, outputs come back here."""
+        return self.devices[0]
+
+    @property
+    def denoiser_device(self) -> torch.device:
+        return self.devices[1]
+
+    def _pad_id(self, eos_token_id) -> int:
+        pad = getattr(self.config, "pad_token_id", None)
+        if pad is None:
+            pad = eos_token_id if isinstance(eos_token_id, int) else getattr(self.config, "eos_token_id", None)
+        if isinstance(pad, (list, tuple)):
+            pad = pad[0] if pad else None
+        return 0 if pad is None else int(pad)
+
+    # ---- generation ---------------------------------------------------------------------------
+    def generate(self, input_ids: Tensor, attention_mask: Tensor | None = None, sampler: Sampler | None = None,
+                 block_size: int | None = None, steps_per_block: int = 16, max_new_tokens: int = 64,
+                 temperature: float = 0.0, eos_token_id: int | Sequence[int] | None = None,
+                 generator: torch.Generator | None = None, step_callback: StepCallback | None = None, *,
+                 pad_token_id: int | None = None, mask_token_id: int | None = None) -> GenerationOutput:
+        """Block mask diffusion (DESIGN section 2). input_ids / attention_mask: (B, T), left padding.
+
+        sampler: default ConfidenceThreshold(0.8); block_size / mask_token_id: default the model's;
+        pad_token_id: default config.pad_token_id (else the EOS id, else 0). See
+        `generation.generate_diffusion`.
+        """
+        sampler = ConfidenceThreshold(0.8) if sampler is None else sampler
+        block_size = self.block_size if block_size is None else _check_block_size(block_size)
+        ctx_device, _ = self.devices
+        return generate_diffusion(
+            self.context, self.denoiser, _to(input_ids, ctx_device), _to(attention_mask, ctx_device),
+            sampler=sampler, block_size=block_size, steps_per_block=steps_per_block, max_new_tokens=max_new_tokens,
+            mask_token_id=self.mask_token_id if mask_token_id is None else mask_token_id,
+            pad_token_id=self._pad_id(eos_token_id) if pad_token_id is None else pad_token_id,
+            temperature=temperature, eos_token_id=eos_token_id, generator=generator, step_callback=step_callback,
+        )
+
+    # Drop-in names of the released model's generation methods. They return `sequences` (B, T + N);
+    # pass return_dict=True for the GenerationOutput.
+    def generate_mask_diffusion(self, input_ids: Tensor, max_new_tokens: int = 64, block_size: int | None = None,
+                                steps_per_block: int = 16, mask_token_id: int | None = None,
+                                temperature: float = 0.0, confidence_threshold: float = 0.8,
+                                eos_token_id: int | Sequence[int] | None = None,
+                                attention_mask: Tensor | None = None, *, generator: torch.Generator | None = None,
+                                return_dict: bool = False) -> Tensor | GenerationOutput:
+        """Mask diffusion with the confidence-threshold sampler (threshold in (0, 1])."""
+        out = self._diffusion(input_ids, attention_mask, ConfidenceThreshold(confidence_threshold), block_size,
+                              steps_per_block, max_new_tokens, mask_token_id, temperature, eos_token_id, generator)
+        return out if return_dict else out.sequences
+
+    def generate_mock_ar(self, input_ids: Tensor, max_new_tokens: int = 64, block_size: int | None = None,
+                         mask_token_id: int | None = None, temperature: float = 0.0,
+                         eos_token_id: int | Sequence[int] | None = None, attention_mask: Tensor | None = None, *,
+                         generator: torch.Generator | None = None,
+                         return_dict: bool = False) -> Tensor | GenerationOutput:
+        """Two towers stepping autoregressively: one token per denoiser forward, left to right."""
+        block_size = self.block_size if block_size is None else _check_block_size(block_size)
+        out = self._diffusion(input_ids, attention_mask, MockAR(), block_size, block_size, max_new_tokens,
+                              mask_token_id, temperature, eos_token_id, generator)
+        return out if return_dict else out.sequences
+
+    def generate_ar(self, input_ids: Tensor, max_new_tokens: int = 64, temperature: float = 0.0,
+                    eos_token_id: int | Sequence[int] | None = None, attention_mask: Tensor | None = None, *,
+                    generator: torch.Generator | None = None, return_dict: bool = False) -> Tensor | GenerationOutput:
+        """The AR baseline: the context tower alone, cached, one token per forward."""
+        ctx_device, _ = self.devices
+        out = generate_ar(self.context, _to(input_ids, ctx_device), _to(attention_mask, ctx_device),
+                          max_new_tokens=max_new_tokens, pad_token_id=self._pad_id(eos_token_id),
+                          temperature=temperature, eos_token_id=eos_token_id, generator=generator)
+        return out if return_dict else out.sequences
+
+    def _diffusion(self, input_ids, attention_mask, sampler, block_size, steps_per_block, max_new_tokens,
+                   mask_token_id, temperature, eos_token_id, generator) -> GenerationOutput:
+        return self.generate(input_ids, attention_mask, sampler=sampler, block_size=block_size,
+                             steps_per_block=steps_per_block, max_new_tokens=max_new_tokens,
+                             temperature=temperature, eos_token_id=eos_token_id, generator=generator,
+                             mask_token_id=mask_token_id)
+
+
+def _to(t: Tensor | None, device) -> Tensor | None:
+    return None if t is None else t.to(device)
+
+
+def _match_router_precision(denoiser: DenoiserTower, context: ContextTower) -> None:
+    """`from_context` casts the whole denoiser to the context's first dtype; MoE routers must stay in
+    the context's (float32) precision, so re-copy them at full precision."""
+    with torch.no_grad():
+        for d_blk, c_blk in zip(denoiser.backbone.layers, context.backbone.layers):
+            if d_blk.block_type == "moe":
+                ref = next(c_blk.mixer.gate.parameters())
+                d_blk.mixer.gate.to(ref.dtype)
+                d_blk.mixer.gate.load_state_dict(c_blk.mixer.gate.state_dict())
