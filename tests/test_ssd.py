@@ -77,13 +77,14 @@ def test_single_step_matches_scan_of_length_one():
     assert torch.allclose(y[:, 0], y1, atol=1e-5) and torch.allclose(final, final1, atol=1e-5)
 
 
-def test_causal_conv_with_state_matches_unsplit_conv():
+@pytest.mark.parametrize("L", [20, 100])  # the shifted multiply-add path and the conv1d path
+def test_causal_conv_with_state_matches_unsplit_conv(L):
     gen = torch.Generator().manual_seed(0)
-    x = torch.randn(2, 20, 6, generator=gen)
+    x = torch.randn(2, L, 6, generator=gen)
     w, bias = torch.randn(6, 4, generator=gen), torch.randn(6, generator=gen)
     full, state_full = causal_conv1d(x, w, bias)
     # Reference: torch's conv with left padding, as a plain Conv1d would run it.
-    ref = F.conv1d(x.transpose(1, 2), w[:, None], bias, padding=3, groups=6)[:, :, :20].transpose(1, 2)
+    ref = F.conv1d(x.transpose(1, 2), w[:, None], bias, padding=3, groups=6)[:, :, :L].transpose(1, 2)
     assert torch.allclose(full, ref, atol=1e-6)
     a, st = causal_conv1d(x[:, :7], w, bias)
     b, st2 = causal_conv1d(x[:, 7:], w, bias, initial_state=st)

@@ -242,6 +242,24 @@ class Experts(nn.Module):
 
     def forward(self, x: Tensor, weights: Tensor, idx: Tensor) -> Tensor:
         """x (N, d), weights/idx (N, k) -> (N, d): sum_j weights[:, j] * expert_{idx[:, j]}(x)."""
+        E = self.up_proj.shape[0]
+        if idx.numel() >= E:
+            return self._dense(x, weights, idx)
+        return self._sparse(x, weights, idx)
+
+    def _dense(self, x: Tensor, weights: Tensor, idx: Tensor) -> Tensor:
+        """Every expert on every token, combined with zero weight for the unchosen ones.
+
+        When most experts receive tokens anyway (small E or many tokens), a few batched matmuls
+        cost less than a Python loop over experts; unchosen experts contribute exactly 0.
+        """
+        E = self.up_proj.shape[0]
+        gate = torch.zeros(x.shape[0], E, dtype=weights.dtype, device=x.device).scatter_add_(1, idx, weights)
+        hidden = self.act(torch.einsum("nd,eid->eni", x, self.up_proj))
+        y = torch.einsum("eni,edi->end", hidden, self.down_proj)
+        return torch.einsum("end,ne->nd", y.to(gate.dtype), gate).to(x.dtype)
+
+    def _sparse(self, x: Tensor, weights: Tensor, idx: Tensor) -> Tensor:
         out = torch.zeros_like(x, dtype=weights.dtype)
         flat_idx = idx.reshape(-1)
         order = flat_idx.argsort(stable=True)

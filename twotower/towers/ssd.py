@@ -62,10 +62,21 @@ def _segsum(a: Tensor) -> Tensor:
     """
     T = a.shape[-1]
     x = a[..., :, None].expand(*a.shape, T)  # x[..., r, s] = a[r]
-    strict = torch.tril(torch.ones(T, T, dtype=torch.bool, device=a.device), diagonal=-1)
-    x = x.masked_fill(~strict, 0.0).cumsum(dim=-2)
-    keep = torch.tril(torch.ones(T, T, dtype=torch.bool, device=a.device))
-    return x.masked_fill(~keep, float("-inf"))
+    not_strict, not_keep = _tril_masks(T, a.device)
+    x = x.masked_fill(not_strict, 0.0).cumsum(dim=-2)
+    return x.masked_fill(not_keep, float("-inf"))
+
+
+_MASKS: dict = {}
+
+
+def _tril_masks(T: int, device) -> tuple[Tensor, Tensor]:
+    """Cached complements of the strict and non-strict lower triangles (T, T)."""
+    key = (T, str(device))
+    if key not in _MASKS:
+        ones = torch.ones(T, T, dtype=torch.bool, device=device)
+        _MASKS[key] = (~torch.tril(ones, diagonal=-1), ~torch.tril(ones))
+    return _MASKS[key]
 
 
 def ssd_scan_reference(
@@ -192,6 +203,9 @@ def ssd_scan(x, dt, A, B, C, *, chunk_size, D=None, initial_state=None, return_c
     return y.float(), final.float()
 
 
+_SHIFT_CONV_MAX_LEN = 64
+
+
 def causal_conv1d(x: Tensor, weight: Tensor, bias: Tensor | None, *, initial_state: Tensor | None = None):
     """Depthwise causal conv over time with a carried state, followed by nothing (the caller applies SiLU).
 
@@ -207,7 +221,17 @@ def causal_conv1d(x: Tensor, weight: Tensor, bias: Tensor | None, *, initial_sta
     if initial_state is None:
         initial_state = xt.new_zeros(b, c, k - 1)
     full = torch.cat([initial_state.to(xt.dtype), xt], dim=-1)  # (b, c, k - 1 + L)
-    y = F.conv1d(full, weight.to(xt.dtype).unsqueeze(1), None if bias is None else bias.to(xt.dtype), groups=c)
+    w = weight.to(xt.dtype)
+    if L <= _SHIFT_CONV_MAX_LEN:
+        # k shifted multiply-adds: for short inputs (decode steps, one block) this avoids the
+        # fixed cost of a convolution kernel launch, which dominates at these sizes.
+        y = full[:, :, 0:L] * w[:, 0, None]
+        for j in range(1, k):
+            y = y + full[:, :, j:j + L] * w[:, j, None]
+        if bias is not None:
+            y = y + bias.to(xt.dtype)[:, None]
+    else:
+        y = F.conv1d(full, w.unsqueeze(1), None if bias is None else bias.to(xt.dtype), groups=c)
     return y.transpose(1, 2), full[:, :, full.shape[-1] - (k - 1):]
 
 
