@@ -186,3 +186,46 @@ def test_bad_inputs_raise_clear_errors():
         tower.forward_train(torch.randint(4, 64, (1, 10)), 8)
     with pytest.raises(ValueError, match="input_ids must be an integer"):
         tower(torch.ones(1, 3))
+
+
+def test_from_pretrained_transformers_save_and_sharded_backbone_prefix(tmp_path):
+    from twotower.towers.loading import read_safetensors, save_state_dict
+
+    ref, _ = make_pair("M*-EM*E", seed=8)
+    ref.save_pretrained(tmp_path / "hf")
+    tower = ContextTower.from_pretrained(tmp_path / "hf").eval()
+    x = torch.randint(4, 64, (2, 21))
+    with torch.no_grad():
+        expected = ref(x).logits
+        assert_close(tower(x), expected)
+    # The NVIDIA remote-code spelling: `backbone.` prefix, one module per expert, sharded.
+    state = {k.removeprefix("model."): v for k, v in ref.state_dict().items()}
+    remote = {("backbone." + k if k != "lm_head.weight" else k): v for k, v in state.items()}
+    save_state_dict(remote, tmp_path / "remote", config=ref.config, max_shard_size=8_000, expert_layout="per_expert")
+    assert (tmp_path / "remote" / "model.safetensors.index.json").exists()
+    assert any(".experts.1.up_proj.weight" in k for k in read_safetensors(tmp_path / "remote"))
+    tower2 = ContextTower.from_pretrained(tmp_path / "remote").eval()
+    with torch.no_grad():
+        assert_close(tower2(x), expected)
+    # bf16 weights: loads, computes, and keeps the router in float32.
+    tower3 = ContextTower.from_pretrained(tmp_path / "hf", dtype=torch.bfloat16).eval()
+    assert tower3.backbone.embeddings.weight.dtype == torch.bfloat16
+    assert tower3.backbone.layers[3].mixer.gate.weight.dtype == torch.float32
+    with torch.no_grad():
+        logits = tower3(x)
+    assert torch.isfinite(logits).all() and (logits.argmax(-1) == expected.argmax(-1)).float().mean() > 0.5
+
+
+def test_from_pretrained_truncated_or_missing_files_name_the_problem(tmp_path):
+    ref, _ = make_pair("M*E", seed=9)
+    ref.save_pretrained(tmp_path / "hf")
+    weights = tmp_path / "hf" / "model.safetensors"
+    data = weights.read_bytes()
+    weights.write_bytes(data[: len(data) // 2])
+    with pytest.raises(Exception, match="truncated"):
+        ContextTower.from_pretrained(tmp_path / "hf")
+    with pytest.raises(FileNotFoundError, match="nothing"):
+        ContextTower.from_pretrained(tmp_path / "nothing")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="config.json"):
+        ContextTower.from_pretrained(tmp_path / "empty")
