@@ -127,3 +127,13 @@ def test_mamba_ssm_kernel_matches_reference(L, chunk):
     y_ref, final_ref = ssd_scan_reference(x, dt, A, B, C, chunk_size=chunk, D=D, initial_state=s0)
     assert torch.allclose(y, y_ref, atol=1e-3, rtol=1e-3)
     assert torch.allclose(final, final_ref, atol=1e-3, rtol=1e-3)
+
+
+def test_masks_cached_during_inference_still_train():
+    x, dt, A, B, C, D, s0 = random_inputs(L=13)
+    with torch.inference_mode():
+        ssd_scan_reference(x, dt, A, B, C, chunk_size=13, D=D)
+    x = x.clone().requires_grad_(True)
+    y, _ = ssd_scan_reference(x, dt, A, B, C, chunk_size=13, D=D)
+    y.sum().backward()
+    assert x.grad is not None and torch.isfinite(x.grad).all()

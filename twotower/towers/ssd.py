@@ -74,8 +74,11 @@ def _tril_masks(T: int, device) -> tuple[Tensor, Tensor]:
     """Cached complements of the strict and non-strict lower triangles (T, T)."""
     key = (T, str(device))
     if key not in _MASKS:
-        ones = torch.ones(T, T, dtype=torch.bool, device=device)
-        _MASKS[key] = (~torch.tril(ones, diagonal=-1), ~torch.tril(ones))
+        # Built outside inference mode: a cached mask first made during generation must still be
+        # usable by a training step later in the same process.
+        with torch.inference_mode(False):
+            ones = torch.ones(T, T, dtype=torch.bool, device=device)
+            _MASKS[key] = (~torch.tril(ones, diagonal=-1), ~torch.tril(ones))
     return _MASKS[key]
 
 
