@@ -13,7 +13,7 @@ appended since the last call plus the (small) Mamba states.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
@@ -29,8 +29,6 @@ class HybridCache:
     ssm: list[Tensor | None]
     key_mask: Tensor  # (b, capacity) bool
     length: int = 0
-    # Number of positions already sent to each mirror (keyed by id of the mirror cache).
-    _mirrored: dict = field(default_factory=dict, repr=False)
 
     # ---- construction -------------------------------------------------------------------------
     @classmethod
