@@ -1,0 +1,71 @@
+"""GPU checks (marker `gpu`; skipped without CUDA; the bf16 check also runs on CPU): CUDA parity of the towers in float32, bf16
+generation with float32 SSM states, and the embedded default on the GPU. The mamba-ssm kernel
+parity tests live in test_ssd.py and the two-device test in test_model.py.
+
+    python -m pytest -m gpu -q     # on a CUDA machine
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import randomize_, tiny_config
+
+from twotower.model import TwoTowerLM
+from twotower.towers.context import ContextTower
+
+gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+DEVICES = ["cpu", pytest.param("cuda", marks=[pytest.mark.gpu, gpu])]
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.gpu
+@gpu
+def test_cuda_float32_context_and_denoiser_match_cpu():
+    cpu = TwoTowerLM.from_backbone(randomize_(ContextTower(tiny_config()), seed=0)).eval()
+    randomize_(cpu.denoiser.time, seed=1, scale=0.05)
+    gpu = TwoTowerLM.from_backbone(randomize_(ContextTower(tiny_config()), seed=0)).eval()
+    gpu.load_state_dict(cpu.state_dict())
+    gpu.cuda()
+    x = torch.randint(4, 64, (2, 40))
+    with torch.no_grad():
+        torch.testing.assert_close(gpu.context(x.cuda()).cpu(), cpu.context(x), rtol=1e-4, atol=1e-4)
+        _, states_c = cpu.context.forward_train(x[:, :32], 8)
+        _, states_g = gpu.context.forward_train(x[:, :32].cuda(), 8)
+        t = torch.rand(2, 4)
+        a = cpu.denoiser.forward_train(x[:, :32], states_c, t)
+        b = gpu.denoiser.forward_train(x[:, :32].cuda(), states_g, t.cuda()).cpu()
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-4)
+    ids = torch.randint(4, 64, (2, 9))
+    assert torch.equal(cpu.generate(ids, max_new_tokens=16).sequences,
+                       gpu.generate(ids.cuda(), max_new_tokens=16).sequences.cpu())
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_bf16_generation_keeps_fp32_ssm_states_and_finishes(device):
+    model = TwoTowerLM.from_backbone(randomize_(ContextTower(tiny_config()), seed=2), dtype=None)
+    model = model.to(device=device, dtype=torch.bfloat16).eval()
+    model.context.keep_router_fp32()
+    ids = torch.randint(4, 64, (3, 200), device=device)  # a long context: seeded states must not overflow
+    with torch.no_grad():
+        _, cache = model.context.prefill(ids)
+    assert all(s.dtype == torch.float32 for s in cache.ssm if s is not None)
+    assert all(torch.isfinite(s).all() for s in cache.ssm if s is not None)
+    out = model.generate(ids, max_new_tokens=32)
+    assert out.new_tokens.shape == (3, 32) and (out.new_tokens != model.mask_token_id).all()
+
+
+@pytest.mark.gpu
+@gpu
+def test_embedded_default_generates_on_gpu():
+    path = ROOT / "twotower" / "assets" / "twotower"
+    if not (path / "config.json").exists():
+        pytest.skip("embedded default not present")
+    model = TwoTowerLM.from_pretrained(path).cuda().eval()
+    ids = torch.tensor([[1] + list(b + 4 for b in b"def main():\n    ")], device="cuda")
+    ar = model.generate_ar(ids, max_new_tokens=32, return_dict=True)
+    diff = model.generate(ids, max_new_tokens=32)
+    assert ar.new_tokens.shape == diff.new_tokens.shape == (1, 32)
+    assert float(diff.tokens_per_nfe[0]) >= 1.0
