@@ -99,6 +99,7 @@ def cli_main(args: list[str] | None = None, run: bool = True):
 
 
 def main(argv: list[str] | None = None) -> int:
+    from_command_line = argv is None
     argv = sys.argv[1:] if argv is None else argv
     if argv and argv[0] == "bench":
         # Passed through whole: the benchmark parses its own --options.
@@ -107,7 +108,8 @@ def main(argv: list[str] | None = None) -> int:
         return bench_main(argv[1:])
     if argv and argv[0] in TOOLS:
         return _tool_main(argv)
-    cli_main(argv)
+    # LightningCLI reads sys.argv itself; handing it the same list again only triggers a warning.
+    cli_main(None if from_command_line else argv)
     return 0
 
 
