@@ -32,7 +32,7 @@ import abc
 import torch
 from torch import Tensor
 
-__all__ = ["Sampler", "commit_top_n"]
+__all__ = ["Sampler", "commit_top_n", "check_float"]
 
 
 def commit_top_n(confidence: Tensor, masked: Tensor, n: Tensor | int) -> Tensor:
@@ -78,6 +78,22 @@ def commit_top_n(confidence: Tensor, masked: Tensor, n: Tensor | int) -> Tensor:
     return (rank < count[:, None]) & masked
 
 
+
+def check_float(name: str, value, *, low: float, high: float, low_open: bool = False, high_open: bool = False) -> float:
+    """Validate a sampler hyperparameter in an interval; returns it as a float.
+
+    Bools and non-numbers are rejected, and NaN fails every comparison, so it is rejected too.
+    The message names the parameter and the interval, e.g. "threshold must be in (0, 1], got 1.5".
+    """
+    interval = f"{'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"{name} must be a float in {interval}, got {value!r}")
+    above = value > low if low_open else value >= low
+    below = value < high if high_open else value <= high
+    if not (above and below):
+        raise ValueError(f"{name} must be in {interval}, got {value}")
+    return float(value)
+
 class Sampler(abc.ABC):
     """A commit policy: which masked positions of a block to commit at one step.
 
@@ -114,6 +130,10 @@ class Sampler(abc.ABC):
 
         Must be a subset of ``masked``; :meth:`__call__` trims and completes it anyway.
         """
+
+    def __repr__(self) -> str:
+        args = ", ".join(f"{k}={v!r}" for k, v in vars(self).items() if not k.startswith("_"))
+        return f"{type(self).__name__}({args})"
 
     def __call__(
         self,

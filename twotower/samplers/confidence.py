@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from twotower.samplers.base import Sampler, commit_top_n
+from twotower.samplers.base import Sampler, check_float, commit_top_n
 
 __all__ = ["ConfidenceThreshold"]
 
@@ -30,11 +30,7 @@ class ConfidenceThreshold(Sampler):
     """
 
     def __init__(self, threshold: float = 0.8) -> None:
-        if isinstance(threshold, bool) or not isinstance(threshold, (int, float)):
-            raise ValueError(f"threshold must be a float in (0, 1], got {threshold!r}")
-        if not (0.0 < threshold <= 1.0):  # also rejects NaN
-            raise ValueError(f"threshold must be in (0, 1], got {threshold}")
-        self.threshold = float(threshold)
+        self.threshold = check_float("threshold", threshold, low=0.0, high=1.0, low_open=True)
 
     def select(
         self,
@@ -54,5 +50,3 @@ class ConfidenceThreshold(Sampler):
         n = above.clamp(min=1).maximum(pace)
         return commit_top_n(confidence, masked, n)  # caps n at m
 
-    def __repr__(self) -> str:
-        return f"{type(self).__name__}(threshold={self.threshold})"

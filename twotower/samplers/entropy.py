@@ -23,7 +23,7 @@ import math
 import torch
 from torch import Tensor
 
-from twotower.samplers.base import Sampler, commit_top_n
+from twotower.samplers.base import Sampler, check_float, commit_top_n
 
 __all__ = ["EntropyBounded", "token_entropy"]
 
@@ -48,11 +48,7 @@ class EntropyBounded(Sampler):
     """
 
     def __init__(self, max_entropy: float = 0.5) -> None:
-        if isinstance(max_entropy, bool) or not isinstance(max_entropy, (int, float)):
-            raise ValueError(f"max_entropy must be a float >= 0, got {max_entropy!r}")
-        if not (0.0 <= max_entropy < math.inf):  # also rejects NaN
-            raise ValueError(f"max_entropy must be a finite float >= 0, got {max_entropy}")
-        self.max_entropy = float(max_entropy)
+        self.max_entropy = check_float("max_entropy", max_entropy, low=0.0, high=math.inf, high_open=True)
 
     def select(
         self,
@@ -77,5 +73,3 @@ class EntropyBounded(Sampler):
         # Same order as the sort above: ascending entropy, lower index on ties.
         return commit_top_n(-entropy, masked, n)
 
-    def __repr__(self) -> str:
-        return f"{type(self).__name__}(max_entropy={self.max_entropy})"

@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from twotower.samplers.base import Sampler, commit_top_n
+from twotower.samplers.base import Sampler, check_float, commit_top_n
 
 __all__ = ["MarginThreshold", "probability_margin"]
 
@@ -45,11 +45,7 @@ class MarginThreshold(Sampler):
     """
 
     def __init__(self, margin: float = 0.5) -> None:
-        if isinstance(margin, bool) or not isinstance(margin, (int, float)):
-            raise ValueError(f"margin must be a float in [0, 1), got {margin!r}")
-        if not (0.0 <= margin < 1.0):  # also rejects NaN
-            raise ValueError(f"margin must be in [0, 1), got {margin}")
-        self.margin = float(margin)
+        self.margin = check_float("margin", margin, low=0.0, high=1.0, high_open=True)
 
     def select(
         self,
@@ -69,5 +65,3 @@ class MarginThreshold(Sampler):
         n = ((score > self.margin) & masked).sum(-1).clamp(min=1)
         return commit_top_n(score, masked, n)
 
-    def __repr__(self) -> str:
-        return f"{type(self).__name__}(margin={self.margin})"

@@ -32,5 +32,3 @@ class MockAR(Sampler):
         # The running count of masks reaches 1 exactly at the first masked position.
         return masked & (masked.long().cumsum(-1) == 1)
 
-    def __repr__(self) -> str:
-        return f"{type(self).__name__}()"

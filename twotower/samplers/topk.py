@@ -39,5 +39,3 @@ class TopKCommit(Sampler):
         """(B, S) bool: the ``min(k, m)`` most confident masked positions per row."""
         return commit_top_n(confidence, masked, self.k)
 
-    def __repr__(self) -> str:
-        return f"{type(self).__name__}(k={self.k})"
