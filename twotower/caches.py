@@ -29,6 +29,9 @@ class HybridCache:
     ssm: list[Tensor | None]
     key_mask: Tensor  # (b, capacity) bool
     length: int = 0
+    # Whether any cached position is padding (False in key_mask). A summary kept so that hot paths
+    # can skip building masks without reading key_mask back from the device on every step.
+    padded: bool = False
 
     # ---- construction -------------------------------------------------------------------------
     @classmethod
@@ -86,10 +89,12 @@ class HybridCache:
         mask[:, : self.length] = self.key_mask[:, : self.length]
         self.key_mask = mask
 
-    def write_mask(self, new_valid: Tensor) -> None:
-        """Record the validity (b, n) of the n positions about to be appended (call after reserve)."""
+    def write_mask(self, new_valid: Tensor, *, padded: bool) -> None:
+        """Record the validity (b, n) of the n positions about to be appended (call after reserve);
+        `padded` says whether any of them is False (the caller knows without a device read)."""
         n = new_valid.shape[1]
         self.key_mask[:, self.length : self.length + n] = new_valid.to(self.key_mask.device)
+        self.padded = self.padded or padded
 
     def write_kv(self, layer: int, k: Tensor, v: Tensor) -> None:
         """Write (b, kv, n, d) at positions [length, length + n) of layer (call after reserve)."""
@@ -106,7 +111,7 @@ class HybridCache:
         values = [None if t is None else fn(t) for t in self.values]
         conv = [None if t is None else fn(t) for t in self.conv]
         ssm = [None if t is None else fn(t) for t in self.ssm]
-        return HybridCache(keys, values, conv, ssm, fn(self.key_mask), self.length)
+        return HybridCache(keys, values, conv, ssm, fn(self.key_mask), self.length, self.padded)
 
     def clone(self) -> "HybridCache":
         return self._map(lambda t: t.clone())
@@ -117,7 +122,7 @@ class HybridCache:
         return HybridCache([cast(t) for t in self.keys], [cast(t) for t in self.values],
                            [cast(t) for t in self.conv],
                            [None if t is None else t.to(device=device, dtype=torch.float32) for t in self.ssm],
-                           self.key_mask.to(device=device), self.length)
+                           self.key_mask.to(device=device), self.length, self.padded)
 
     def select(self, rows: Tensor) -> "HybridCache":
         """Keep batch rows `rows` (LongTensor or bool mask), e.g. to drop finished sequences."""
@@ -149,6 +154,7 @@ class HybridCache:
                 mirror.conv[i].copy_(c, non_blocking=True)
                 mirror.ssm[i].copy_(self.ssm[i], non_blocking=True)
         mirror.length = self.length
+        mirror.padded = self.padded
         return mirror
 
     @staticmethod

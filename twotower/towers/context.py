@@ -106,14 +106,13 @@ class ContextTower(nn.Module):
         """
         _check_ids(input_ids, self.config.vocab_size)
         b, T = input_ids.shape
-        valid = torch.ones(b, T, dtype=torch.bool, device=input_ids.device) if attention_mask is None \
-            else attention_mask.to(input_ids.device).bool()
+        valid, padded = _validity(input_ids, attention_mask)
         cache = None
         if use_cache:
             dtype = self.backbone.embeddings.weight.dtype
             cache = HybridCache.empty(self.backbone, b, capacity=capacity or max(64, 2 * T),
                                       device=input_ids.device, dtype=dtype)
-        hidden = self._run(input_ids, valid, cache, offset=0)
+        hidden = self._run(input_ids, valid, padded, cache, offset=0)
         return self._logits(hidden, logits), cache
 
     def extend(self, cache: HybridCache, tokens: Tensor, *, logits: str = "all",
@@ -122,11 +121,12 @@ class ContextTower(nn.Module):
 
         n = 1 is an AR step (recurrent Mamba update); larger n runs one chunked scan.
         """
-        _check_ids(tokens, self.config.vocab_size)
+        # No value-range check here: it would read the ids back from the device on every AR step.
+        _check_ids(tokens, self.config.vocab_size, check_range=False)
         if tokens.shape[0] != cache.batch_size:
             raise ValueError(f"tokens have batch {tokens.shape[0]} but the cache has {cache.batch_size}")
-        valid = torch.ones_like(tokens, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
-        hidden = self._run(tokens, valid, cache, offset=cache.length)
+        valid, padded = _validity(tokens, attention_mask)
+        hidden = self._run(tokens, valid, padded, cache, offset=cache.length)
         return self._logits(hidden, logits)
 
     def _logits(self, hidden: Tensor, which: str) -> Tensor | None:
@@ -138,21 +138,24 @@ class ContextTower(nn.Module):
             raise ValueError(f"logits must be 'all', 'last' or 'none', got {which!r}")
         return self.lm_head(hidden).float()
 
-    def _run(self, ids: Tensor, valid: Tensor, cache: HybridCache | None, offset: int) -> Tensor:
-        """Run the stack over `ids` (b, n) appended after `offset` cached positions; returns the final hidden."""
+    def _run(self, ids: Tensor, valid: Tensor, padded: bool, cache: HybridCache | None, offset: int) -> Tensor:
+        """Run the stack over `ids` (b, n) appended after `offset` cached positions; returns the final hidden.
+
+        valid (b, n) marks real tokens; `padded` says whether any is False.
+        """
         n = ids.shape[1]
         x = self.backbone.embeddings(ids)
-        pad_mask = None if bool(valid.all()) else valid
+        pad_mask = valid if padded else None
         if cache is not None:
             cache.reserve(n)
-            cache.write_mask(valid)
-            key_valid = cache.key_mask[:, : offset + n]
+            cache.write_mask(valid, padded=padded)
+            key_valid, any_padding = cache.key_mask[:, : offset + n], cache.padded
         else:
-            key_valid = valid
+            key_valid, any_padding = valid, padded
         # One mask for every attention layer; None when nothing is masked beyond causality for n = 1.
         mask = None
         if any(t == ATTENTION for t in self.backbone.block_types):
-            mask = None if (n == 1 and bool(key_valid.all())) else causal_mask(key_valid, n, offset)
+            mask = None if (n == 1 and not any_padding) else causal_mask(key_valid, n, offset)
         for i, blk in enumerate(self.backbone.layers):
             h = blk.pre(x)
             if blk.block_type == ATTENTION:
@@ -209,10 +212,18 @@ class ContextTower(nn.Module):
         return logits, ContextStates(keys, values, conv, ssm, block_size)
 
 
-def _check_ids(ids: Tensor, vocab_size: int) -> None:
+def _validity(ids: Tensor, attention_mask: Tensor | None) -> tuple[Tensor, bool]:
+    """(valid (b, n) bool, whether any position is padding) from an optional 0/1 attention mask."""
+    if attention_mask is None:
+        return torch.ones(ids.shape, dtype=torch.bool, device=ids.device), False
+    valid = attention_mask.to(ids.device).bool()
+    return valid, not bool(valid.all())
+
+
+def _check_ids(ids: Tensor, vocab_size: int, *, check_range: bool = True) -> None:
     if ids.dim() != 2:
         raise ValueError(f"input_ids must be (batch, length), got shape {tuple(ids.shape)}")
     if ids.dtype not in (torch.int64, torch.int32):
         raise ValueError(f"input_ids must be an integer tensor, got {ids.dtype}")
-    if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= vocab_size):
+    if check_range and ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= vocab_size):
         raise ValueError(f"token ids must lie in [0, {vocab_size}); got min {int(ids.min())}, max {int(ids.max())}")

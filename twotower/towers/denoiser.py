@@ -74,9 +74,9 @@ class DenoiserTower(nn.Module):
             raise ValueError(f"block has batch {b} but the cache has {cache.batch_size}")
         h_all = self.backbone.embeddings(x)
         shared = None if t is None else self.time.shared(t.to(h_all.device))  # (b, 3, H)
-        valid = cache.valid_mask()
         mask = None
-        if not bool(valid.all()):
+        if cache.padded:
+            valid = cache.valid_mask()
             mask = torch.cat([valid, valid.new_ones(b, S)], dim=1)[:, None, None, :]
         for i, blk in enumerate(self.backbone.layers):
             mod = None
