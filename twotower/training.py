@@ -248,13 +248,14 @@ class DenoiserFineTuning(L.LightningModule):
         logits = self.denoiser.head(hidden[masked])  # (N, V): only masked positions pay for the head
         target = x[masked]
         ce = F.cross_entropy(logits, target, reduction="none")
-        per_block = {"nelbo": 1.0 / t_act, "schedule": self.schedule.loss_weight(t),
-                     "none": torch.ones_like(t_act)}
-        w_blocks = per_block[self.hparams.loss_weighting]
-        nelbo_w = (1.0 / t_act).repeat_interleave(S, dim=1)[masked]
-        w = w_blocks.repeat_interleave(S, dim=1)[masked]
+        nelbo_w = (1.0 / t_act).repeat_interleave(S, dim=1)[masked]  # reported whatever the objective
         n_tokens = x.numel()
-        loss = (w * ce).sum() / n_tokens if self.hparams.loss_weighting != "none" else ce.mean()
+        weighting = self.hparams.loss_weighting
+        if weighting == "none":
+            loss = ce.mean()
+        else:
+            w = nelbo_w if weighting == "nelbo" else self.schedule.loss_weight(t).repeat_interleave(S, dim=1)[masked]
+            loss = (w * ce).sum() / n_tokens
         return {"loss": loss, "nelbo_sum": (nelbo_w * ce).sum().detach(), "ce_sum": ce.sum().detach(),
                 "correct": (logits.argmax(-1) == target).sum(), "masked": masked.sum(), "tokens": torch.tensor(n_tokens)}
 
