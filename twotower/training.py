@@ -196,13 +196,19 @@ class DenoiserFineTuning(L.LightningModule):
         loss_weighting: "nelbo" (1 / realised mask fraction: the any-order NELBO, weight <= S),
             "schedule" (the schedule's continuous-time weight at the sampled t) or "none" (plain CE).
         time_init: "identity" (the denoiser starts as the AR model) or "pixart".
+        init_from: a released-layout two-tower directory whose denoiser (tower, head, time modules)
+            starts this run instead of a copy of the backbone; its context tower must equal `backbone`.
+
+    Batches are (B, L) token tensors, or dicts {"input_ids": (B, L), "loss_mask": (B, L) bool}
+    where only positions with loss_mask True are training targets (see `twotower.distill`).
     """
 
     def __init__(self, backbone: str, block_size: int = 16, mask_token_id: int = 3,
                  schedule: NoiseSchedule | None = None, time_sampler: TimeSampler | None = None,
                  exact_mask_count: bool = False, loss_weighting: str = "nelbo", time_init: str = "identity",
                  lr: float = 1e-3, weight_decay: float = 0.0, betas: tuple[float, float] = (0.9, 0.95),
-                 warmup_steps: int = 50, min_lr_ratio: float = 0.1, val_seed: int = 1234):
+                 warmup_steps: int = 50, min_lr_ratio: float = 0.1, val_seed: int = 1234,
+                 init_from: str | None = None):
         super().__init__()
         if loss_weighting not in ("nelbo", "schedule", "none"):
             raise ValueError(f"loss_weighting must be 'nelbo', 'schedule' or 'none', got {loss_weighting!r}")
@@ -221,6 +227,8 @@ class DenoiserFineTuning(L.LightningModule):
             raise ValueError(f"mask_token_id {mask_token_id} is outside the vocabulary [0, {self.context.config.vocab_size})")
         self.context.requires_grad_(False).eval()
         self.denoiser = DenoiserTower.from_context(self.context, time_init=time_init)
+        if init_from is not None:
+            self._init_denoiser(Path(init_from))
         self.metrics = torch.nn.ModuleDict({
             split: torch.nn.ModuleDict({"nelbo": SumMetric(), "ce": SumMetric(), "correct": SumMetric(),
                                         "masked": SumMetric(), "tokens": SumMetric()})
@@ -232,30 +240,59 @@ class DenoiserFineTuning(L.LightningModule):
         self.context.eval()
         return self
 
-    def forward_loss(self, x: Tensor, *, generator: torch.Generator | None = None) -> dict[str, Tensor]:
-        """x (B, L) clean tokens -> dict of loss (to optimise) and the summed statistics."""
+    def _init_denoiser(self, path: Path) -> None:
+        from .model import TwoTowerLM
+
+        if not (path / "config.json").exists():
+            raise FileNotFoundError(f"init_from checkpoint not found: {path / 'config.json'}")
+        start = TwoTowerLM.from_pretrained(path)
+        mine, theirs = self.context.state_dict(), start.context.state_dict()
+        if mine.keys() != theirs.keys() or any(mine[k].shape != theirs[k].shape or not torch.equal(mine[k], theirs[k].to(mine[k].dtype))
+                                               for k in mine):
+            raise ValueError(f"init_from {path}: its context tower differs from the backbone {self.hparams.backbone}; "
+                             "a denoiser only makes sense with the context tower it was trained against")
+        self.denoiser.load_state_dict(start.denoiser.state_dict())
+
+    @staticmethod
+    def _unpack(batch) -> tuple[Tensor, Tensor | None]:
+        if isinstance(batch, Tensor):
+            return batch, None
+        if isinstance(batch, dict) and "input_ids" in batch:
+            return batch["input_ids"], batch.get("loss_mask")
+        raise TypeError(f"a batch must be a (B, L) tensor or a dict with 'input_ids' (and 'loss_mask'), got {type(batch).__name__}")
+
+    def forward_loss(self, x: Tensor, *, loss_mask: Tensor | None = None,
+                     generator: torch.Generator | None = None) -> dict[str, Tensor]:
+        """x (B, L) clean tokens -> dict of loss (to optimise) and the summed statistics.
+
+        loss_mask (B, L) bool: only these positions are targets (None: every position).
+        """
         S = self.hparams.block_size
         if x.shape[1] % S:
             raise ValueError(f"sequence length {x.shape[1]} is not a multiple of block_size {S}; "
                              f"set the data module's seq_len to a multiple of {S}")
+        if loss_mask is not None and loss_mask.shape != x.shape:
+            raise ValueError(f"loss_mask has shape {tuple(loss_mask.shape)} but the batch {tuple(x.shape)}")
         with torch.no_grad():
             _, states = self.context.forward_train(x, S)
         B, nB = x.shape[0], x.shape[1] // S
         t = self.time_sampler.sample((B, nB), generator=generator, device=x.device)
         noisy, masked, t_act = mask_blocks(x, S, t, self.hparams.mask_token_id, schedule=self.schedule,
                                            exact=self.hparams.exact_mask_count, generator=generator)
+        if loss_mask is not None:
+            masked = masked & loss_mask.bool()
         hidden = self.denoiser.forward_train(noisy, states, t_act.to(self.denoiser.lm_head.weight.dtype), return_hidden=True)
         logits = self.denoiser.head(hidden[masked])  # (N, V): only masked positions pay for the head
         target = x[masked]
         ce = F.cross_entropy(logits, target, reduction="none")
         nelbo_w = (1.0 / t_act).repeat_interleave(S, dim=1)[masked]  # reported whatever the objective
-        n_tokens = x.numel()
+        n_tokens = x.numel() if loss_mask is None else int(loss_mask.sum())
         weighting = self.hparams.loss_weighting
         if weighting == "none":
-            loss = ce.mean()
+            loss = ce.sum() / masked.sum().clamp(min=1)
         else:
             w = nelbo_w if weighting == "nelbo" else self.schedule.loss_weight(t).repeat_interleave(S, dim=1)[masked]
-            loss = (w * ce).sum() / n_tokens
+            loss = (w * ce).sum() / max(n_tokens, 1)
         return {"loss": loss, "nelbo_sum": (nelbo_w * ce).sum().detach(), "ce_sum": ce.sum().detach(),
                 "correct": (logits.argmax(-1) == target).sum(), "masked": masked.sum(), "tokens": torch.tensor(n_tokens)}
 
@@ -278,9 +315,10 @@ class DenoiserFineTuning(L.LightningModule):
             metric.reset()
 
     def training_step(self, batch: Tensor, batch_idx: int):
-        out = self.forward_loss(batch)
+        x, loss_mask = self._unpack(batch)
+        out = self.forward_loss(x, loss_mask=loss_mask)
         self.log("train/loss", out["loss"], prog_bar=True)
-        self.log("train/masked_acc", out["correct"].float() / out["masked"], prog_bar=True)
+        self.log("train/masked_acc", out["correct"].float() / out["masked"].clamp(min=1), prog_bar=True)
         self._update("train_", out)
         return out["loss"]
 
@@ -289,8 +327,9 @@ class DenoiserFineTuning(L.LightningModule):
 
     def validation_step(self, batch: Tensor, batch_idx: int):
         # A fixed generator per batch: every validation pass scores the same masks and times.
-        gen = torch.Generator(device=batch.device).manual_seed(self.hparams.val_seed + batch_idx)
-        self._update("val_", self.forward_loss(batch, generator=gen))
+        x, loss_mask = self._unpack(batch)
+        gen = torch.Generator(device=x.device).manual_seed(self.hparams.val_seed + batch_idx)
+        self._update("val_", self.forward_loss(x, loss_mask=loss_mask, generator=gen))
 
     def on_validation_epoch_end(self):
         self._log_epoch("val_")
