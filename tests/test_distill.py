@@ -156,3 +156,107 @@ def test_fit_on_distilled_batches_and_init_from(backbone_dir, corpus, tmp_path):
         DenoiserFineTuning(str(backbone_dir), block_size=8, init_from=str(tmp_path / "missing"))
     with pytest.raises(TypeError, match="batch must be"):
         module.training_step([1, 2], 0)
+
+
+# ---- the shifted (AR-aligned) variant -------------------------------------------------------------
+
+
+def test_shifted_loss_equals_a_naive_per_block_loop(backbone_dir):
+    """Training (all blocks at once) == inference forward per block on the prefix cache, read shifted."""
+    torch.manual_seed(0)
+    S = 8
+    module = DenoiserFineTuning(str(backbone_dir), block_size=S, loss_weighting="none", shifted=True,
+                                time_init="pixart").eval()
+    randomize_(module.denoiser, seed=2, scale=0.1)
+    x = torch.randint(4, 260, (2, 32), generator=torch.Generator().manual_seed(5))
+    mask_id = module.hparams.mask_token_id
+    # Re-create the masks forward_loss draws: same generator, same calls.
+    seen = {}
+    import twotower.training as training
+
+    real_mask_blocks = training.mask_blocks
+
+    def spy(*a, **k):
+        out = real_mask_blocks(*a, **k)
+        seen["noisy_tail"], seen["masked_tail"] = out[0], out[1]
+        return out
+
+    training.mask_blocks = spy
+    try:
+        with torch.no_grad():
+            out = module.forward_loss(x, generator=torch.Generator().manual_seed(0))
+    finally:
+        training.mask_blocks = real_mask_blocks
+    noisy = x.clone().view(2, 4, S)
+    noisy[:, :, 1:] = seen["noisy_tail"].view(2, 4, S - 1)
+    masked = torch.zeros(2, 4, S, dtype=torch.bool)
+    masked[:, :, 1:] = seen["masked_tail"].view(2, 4, S - 1)
+    assert not masked[:, :, 0].any() and masked.any()
+    ce_sum, count = 0.0, 0
+    with torch.no_grad():
+        for k in range(4):
+            for b in range(2):
+                if k == 0:  # an empty context: the first block runs on a zero-length cache
+                    _, cache = module.context.prefill(x[b : b + 1, :1], logits="none")
+                    cache = cache.empty_like(cache, "cpu")
+                    assert cache.length == 0
+                else:
+                    _, cache = module.context.prefill(x[b : b + 1, : k * S], logits="none")
+                blk = noisy[b : b + 1, k]
+                t = masked[b, k].float().sum()[None] / S
+                logits = module.denoiser.forward_block(blk, cache, t)[0]  # (S, V)
+                for p in range(1, S):
+                    if masked[b, k, p]:
+                        ce_sum += torch.nn.functional.cross_entropy(logits[p - 1], x[b, k * S + p]).item()
+                        count += 1
+    assert count == int(out["masked"])
+    assert abs(ce_sum - float(out["ce_sum"])) < 1e-4 * max(1.0, ce_sum)
+    assert all(noisy.view(2, -1)[masked.view(2, -1)] == mask_id)
+
+
+def test_shifted_generation_opens_each_block_with_the_ar_token(backbone_dir, tmp_path):
+    from twotower.samplers import ConfidenceThreshold
+
+    lm = TwoTowerLM.from_backbone(backbone_dir, block_size=8, shifted=True, time_init="pixart").eval()
+    randomize_(lm.denoiser, seed=4, scale=0.1)
+    prompts = torch.randint(4, 260, (3, 10), generator=torch.Generator().manual_seed(2))
+    mask = torch.ones_like(prompts)
+    mask[1, :3] = 0  # left padding
+    calls = []
+    out = lm.generate(prompts, mask, sampler=ConfidenceThreshold(0.3), steps_per_block=8, max_new_tokens=17,
+                      step_callback=lambda blk, step, before, logits, after: calls.append(blk))
+    assert out.new_tokens.shape == (3, 17) and out.blocks == 3
+    assert 2 not in calls  # the last block has one position: the AR token, no denoiser forward
+    assert int(out.nfe.max()) == sum(1 for c in calls if c == 0) + sum(1 for c in calls if c == 1)
+    with torch.no_grad():
+        for b in range(3):
+            start = int((mask[b] == 0).sum())
+            seq = torch.cat([prompts[b, start:], out.new_tokens[b]])
+            for k in range(3):  # position 0 of every block is the context tower's argmax (never [MASK])
+                at = 10 - start + 8 * k
+                logits = lm.context(seq[None, :at])[0, -1]
+                logits[lm.mask_token_id] = float("-inf")
+                assert int(seq[at]) == int(logits.argmax()), (b, k)
+            # the same row alone gives the same tokens (batch invariance with left padding)
+            alone = lm.generate(prompts[b : b + 1, start:], sampler=ConfidenceThreshold(0.3), steps_per_block=8,
+                                max_new_tokens=17)
+            assert torch.equal(alone.new_tokens[0], out.new_tokens[b])
+    # the flag survives save / load, and so does the output
+    lm.save_pretrained(tmp_path / "shifted")
+    again = TwoTowerLM.from_pretrained(tmp_path / "shifted")
+    assert again.shifted
+    assert torch.equal(again.generate(prompts, mask, sampler=ConfidenceThreshold(0.3), steps_per_block=8,
+                                      max_new_tokens=17).new_tokens, out.new_tokens)
+    # an unshifted run of the same weights reads the outputs at another offset: different tokens
+    lm.shifted = False
+    plain = lm.generate(prompts, mask, sampler=ConfidenceThreshold(0.3), steps_per_block=8, max_new_tokens=17)
+    assert not torch.equal(plain.new_tokens, out.new_tokens)
+
+
+def test_shifted_flag_must_match_init_from(backbone_dir, tmp_path):
+    TwoTowerLM.from_backbone(backbone_dir, block_size=8, shifted=True).save_pretrained(tmp_path / "s")
+    with pytest.raises(ValueError, match="shifted"):
+        DenoiserFineTuning(str(backbone_dir), block_size=8, init_from=str(tmp_path / "s"))
+    assert DenoiserFineTuning(str(backbone_dir), block_size=8, init_from=str(tmp_path / "s"), shifted=True)
+    with pytest.raises(ValueError, match="block_size >= 2"):
+        DenoiserFineTuning(str(backbone_dir), block_size=1, shifted=True)

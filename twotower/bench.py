@@ -409,7 +409,8 @@ def training_speed(model, backbone: Path, rows: Tensor, *, steps: int, warmup: i
 
     x = rows[:, :-1].to(device)
     B, L = x.shape
-    ft = DenoiserFineTuning(backbone=str(backbone), block_size=model.block_size, mask_token_id=model.mask_token_id)
+    ft = DenoiserFineTuning(backbone=str(backbone), block_size=model.block_size, mask_token_id=model.mask_token_id,
+                            shifted=model.shifted)
     ft.denoiser.load_state_dict(model.denoiser.state_dict())  # the benchmarked model's own denoiser
     ft.to(device).train()
     params = [p for p in ft.denoiser.parameters() if p.requires_grad]

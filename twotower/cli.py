@@ -49,7 +49,8 @@ def export(ckpt_path: str, out_dir: str, *, backbone: str | None = None, max_sha
     if not (Path(source) / "config.json").exists():
         raise FileNotFoundError(f"the frozen context tower this checkpoint references is missing: {source}; "
                                 "pass --backbone DIR")
-    model = TwoTowerLM.from_backbone(source, block_size=meta["block_size"], mask_token_id=meta["mask_token_id"])
+    model = TwoTowerLM.from_backbone(source, block_size=meta["block_size"], mask_token_id=meta["mask_token_id"],
+                                     shifted=bool(meta.get("shifted", False)))
     den = {k.removeprefix("denoiser."): v for k, v in ckpt["state_dict"].items() if k.startswith("denoiser.")}
     missing, unexpected = model.denoiser.load_state_dict(den, strict=False)
     if missing or unexpected:

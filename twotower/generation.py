@@ -259,19 +259,26 @@ class _Tracker:
 
 def _denoise_block(denoiser, cache, active: Tensor, n: int, *, sampler, steps_per_block: int, mask_token_id: int,
                    pad_token_id: int, temperature: float, generator, tracker: _Tracker, block_index: int,
-                   step_callback: StepCallback | None) -> Tensor:
+                   step_callback: StepCallback | None, first: Tensor | None = None) -> Tensor:
     """Fill one block of n positions for the rows in `active` (B,) bool; returns x (B, n) with no [MASK] left.
 
-    Rows not active hold pad tokens, are never masked and count no NFE.
+    Rows not active hold pad tokens, are never masked and count no NFE. `first` (B,): a shifted
+    model's block opens with these tokens (the context tower's next-token prediction), and the
+    denoiser output at position i is read as the prediction for position i + 1.
     """
     B = active.shape[0]
     masked = active[:, None].expand(B, n).clone()
     x = torch.where(masked, mask_token_id, pad_token_id)
+    if first is not None:
+        masked[:, 0] = False
+        x[:, 0] = torch.where(active, first, pad_token_id)
     for step in range(steps_per_block):
         if not bool(masked.any()):  # the one host sync per step
             break
         t = masked.sum(-1, dtype=torch.float32) / n
         logits = denoiser.forward_block(x, cache, t)  # (B, n, V) float32, freshly allocated
+        if first is not None:  # output i predicts position i + 1; position 0 is never masked
+            logits = torch.cat([logits[:, :1], logits[:, :-1]], dim=1)
         logits[..., mask_token_id] = float("-inf")
         cand = torch.where(masked, _predict(logits, temperature, generator), x)
         conf = _confidence(logits, cand)
@@ -320,6 +327,7 @@ def generate_diffusion(
     generator: torch.Generator | None = None,
     step_callback: StepCallback | None = None,
     denoiser_device=None,
+    shifted: bool = False,
 ) -> GenerationOutput:
     """Block-wise mask-diffusion generation with a context tower and a denoiser tower.
 
@@ -344,6 +352,10 @@ def generate_diffusion(
         denoiser_device: None = the denoiser's own device, with the context cache mirrored to it
             (incrementally, once per block) only when it differs from the context's. Given
             explicitly, the mirror is always used.
+        shifted: the denoiser was trained shifted (`DenoiserFineTuning(shifted=True)`): each block's
+            first token is the context tower's own next-token prediction (from the prefill / the
+            previous block's extend, no extra forward), and the denoiser output at position i
+            predicts position i + 1, as in the AR model it was copied from.
 
     Returns:
         GenerationOutput (see its docstring).
@@ -365,20 +377,27 @@ def generate_diffusion(
     start = time.perf_counter()
     B, T = input_ids.shape
     # Capacity for everything this call will append: no cache growth (reallocation) mid-generation.
-    _, cache = context.prefill(input_ids, valid, logits="none", capacity=T + max_new_tokens)
+    want = "last" if shifted else "none"
+    logits, cache = context.prefill(input_ids, valid, logits=want, capacity=T + max_new_tokens)
     den_cache = cache.mirror_to(den_device) if use_mirror else cache
     tracker = _Tracker(B, max_new_tokens, pad_token_id, eos, den_device, start)
     blocks = 0
     while tracker.length < max_new_tokens:
         n = min(block_size, max_new_tokens - tracker.length)
+        first = None
+        if shifted:  # [MASK] is never produced, as in the denoiser's steps
+            last = logits[:, -1].float()
+            last[:, mask_token_id] = float("-inf")
+            first = _predict(last, temperature, generator).to(den_device)
         x = _denoise_block(denoiser, den_cache, ~tracker.finished, n, sampler=sampler, steps_per_block=steps_per_block,
                            mask_token_id=mask_token_id, pad_token_id=pad_token_id, temperature=temperature,
-                           generator=generator, tracker=tracker, block_index=blocks, step_callback=step_callback)
+                           generator=generator, tracker=tracker, block_index=blocks, step_callback=step_callback,
+                           first=first)
         blocks += 1
         x, all_done = tracker.commit(x)
         if all_done or tracker.length >= max_new_tokens:
             break  # the context never needs the last block
-        context.extend(cache, x.to(ctx_device), logits="none")
+        logits = context.extend(cache, x.to(ctx_device), logits=want)
         if use_mirror:
             den_cache = cache.mirror_to(den_device, den_cache)
     return tracker.output(input_ids, blocks)

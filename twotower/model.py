@@ -74,12 +74,18 @@ class TwoTowerLM(nn.Module):
         mask_token_id: the [MASK] token id (3 in the released model).
         time_init: "identity" (the denoiser starts as its AR layers) or "pixart".
         context / denoiser: prebuilt towers to use instead of fresh ones (both or neither).
+        shifted: the denoiser output at block position i predicts position i + 1 and each block's
+            first token is the context tower's next-token prediction (see
+            `generation.generate_diffusion`); stored in config.json. False = DESIGN's layout.
     """
 
     def __init__(self, config, *, block_size: int = DEFAULT_BLOCK_SIZE, mask_token_id: int = DEFAULT_MASK_TOKEN_ID,
                  time_init: str = "identity", context: ContextTower | None = None,
-                 denoiser: DenoiserTower | None = None):
+                 denoiser: DenoiserTower | None = None, shifted: bool = False):
         super().__init__()
+        if not isinstance(shifted, bool):
+            raise ValueError(f"shifted must be a bool, got {shifted!r}")
+        self.shifted = shifted
         self.config = config
         self.block_size = _check_block_size(block_size)
         if isinstance(mask_token_id, bool) or not isinstance(mask_token_id, int) \
@@ -97,13 +103,13 @@ class TwoTowerLM(nn.Module):
         return getattr(self.config, "max_position_embeddings", None)
 
     def extra_repr(self) -> str:
-        return f"block_size={self.block_size}, mask_token_id={self.mask_token_id}"
+        return f"block_size={self.block_size}, mask_token_id={self.mask_token_id}, shifted={self.shifted}"
 
     # ---- construction -------------------------------------------------------------------------
     @classmethod
     def from_backbone(cls, path_or_tower: str | os.PathLike | ContextTower, *, block_size: int = DEFAULT_BLOCK_SIZE,
                       mask_token_id: int = DEFAULT_MASK_TOKEN_ID, time_init: str = "identity",
-                      dtype: torch.dtype | None = None) -> "TwoTowerLM":
+                      dtype: torch.dtype | None = None, shifted: bool = False) -> "TwoTowerLM":
         """Two towers from an AR NemotronH checkpoint directory (or a ContextTower instance).
 
         The denoiser and its head are copies of the AR model (DESIGN section 3); with
@@ -119,7 +125,7 @@ class TwoTowerLM(nn.Module):
         denoiser = DenoiserTower.from_context(context, time_init=time_init)
         _match_router_precision(denoiser, context)
         return cls(context.config, block_size=block_size, mask_token_id=mask_token_id,
-                   context=context, denoiser=denoiser)
+                   context=context, denoiser=denoiser, shifted=shifted)
 
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike, *, dtype: torch.dtype | str | None = None,
@@ -134,7 +140,8 @@ class TwoTowerLM(nn.Module):
 
         config, raw, state = load_two_tower_state_dict(path, dtype=dtype)
         kwargs = dict(block_size=raw.get("block_size", DEFAULT_BLOCK_SIZE),
-                      mask_token_id=raw.get("mask_token_id", DEFAULT_MASK_TOKEN_ID))
+                      mask_token_id=raw.get("mask_token_id", DEFAULT_MASK_TOKEN_ID),
+                      shifted=bool(raw.get("shifted", False)))
         # Build on the meta device and adopt the loaded tensors: no random init, no second copy.
         with torch.device("meta"):
             model = cls(config, **kwargs)
@@ -166,7 +173,8 @@ class TwoTowerLM(nn.Module):
         architectures) and safetensors weights (sharded above `max_shard_size` bytes)."""
         from .towers.loading import save_state_dict
 
-        extra = {"block_size": self.block_size, "mask_token_id": self.mask_token_id, "architectures": ["TwoTowerLM"]}
+        extra = {"block_size": self.block_size, "mask_token_id": self.mask_token_id, "shifted": self.shifted,
+                 "architectures": ["TwoTowerLM"]}
         save_state_dict(self.released_state_dict(), path, config=self.config, max_shard_size=max_shard_size,
                         expert_layout=expert_layout, extra_config=extra)
 
@@ -225,6 +233,7 @@ class TwoTowerLM(nn.Module):
             mask_token_id=self.mask_token_id if mask_token_id is None else mask_token_id,
             pad_token_id=self._pad_id(eos_token_id) if pad_token_id is None else pad_token_id,
             temperature=temperature, eos_token_id=eos_token_id, generator=generator, step_callback=step_callback,
+            shifted=self.shifted,
         )
 
     # Drop-in names of the released model's generation methods. They return `sequences` (B, T + N);

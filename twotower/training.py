@@ -196,6 +196,10 @@ class DenoiserFineTuning(L.LightningModule):
         loss_weighting: "nelbo" (1 / realised mask fraction: the any-order NELBO, weight <= S),
             "schedule" (the schedule's continuous-time weight at the sampled t) or "none" (plain CE).
         time_init: "identity" (the denoiser starts as the AR model) or "pixart".
+        shifted: train the AR-aligned variant: block position 0 is never masked (at inference it is
+            the context tower's own next-token prediction) and the denoiser output at position i
+            is scored against the token at i + 1, the offset the copied AR layers already use.
+            Exported models record it; generation reads it from there.
         init_from: a released-layout two-tower directory whose denoiser (tower, head, time modules)
             starts this run instead of a copy of the backbone; its context tower must equal `backbone`.
 
@@ -208,12 +212,14 @@ class DenoiserFineTuning(L.LightningModule):
                  exact_mask_count: bool = False, loss_weighting: str = "nelbo", time_init: str = "identity",
                  lr: float = 1e-3, weight_decay: float = 0.0, betas: tuple[float, float] = (0.9, 0.95),
                  warmup_steps: int = 50, min_lr_ratio: float = 0.1, val_seed: int = 1234,
-                 init_from: str | None = None):
+                 init_from: str | None = None, shifted: bool = False):
         super().__init__()
         if loss_weighting not in ("nelbo", "schedule", "none"):
             raise ValueError(f"loss_weighting must be 'nelbo', 'schedule' or 'none', got {loss_weighting!r}")
         if not isinstance(block_size, int) or block_size < 1:
             raise ValueError(f"block_size must be an integer >= 1, got {block_size!r}")
+        if shifted and block_size < 2:
+            raise ValueError("shifted training needs block_size >= 2 (position 0 of a block is never masked)")
         _check_positive(lr=lr)
         self.save_hyperparameters()
         self.schedule = schedule or LinearSchedule()
@@ -251,6 +257,9 @@ class DenoiserFineTuning(L.LightningModule):
                                                for k in mine):
             raise ValueError(f"init_from {path}: its context tower differs from the backbone {self.hparams.backbone}; "
                              "a denoiser only makes sense with the context tower it was trained against")
+        if start.shifted != self.hparams.shifted:
+            raise ValueError(f"init_from {path} was trained with shifted={start.shifted}, this run has "
+                             f"shifted={self.hparams.shifted}; the two read the denoiser's outputs at different offsets")
         self.denoiser.load_state_dict(start.denoiser.state_dict())
 
     @staticmethod
@@ -277,11 +286,25 @@ class DenoiserFineTuning(L.LightningModule):
             _, states = self.context.forward_train(x, S)
         B, nB = x.shape[0], x.shape[1] // S
         t = self.time_sampler.sample((B, nB), generator=generator, device=x.device)
-        noisy, masked, t_act = mask_blocks(x, S, t, self.hparams.mask_token_id, schedule=self.schedule,
-                                           exact=self.hparams.exact_mask_count, generator=generator)
+        shifted = self.hparams.shifted
+        if shifted:  # positions 1 .. S-1 of each block are maskable; t is still a fraction of S (as at inference)
+            tail = x.view(B, nB, S)[:, :, 1:].reshape(B, nB * (S - 1))
+            noisy_tail, masked_tail, _ = mask_blocks(tail, S - 1, t, self.hparams.mask_token_id, schedule=self.schedule,
+                                                     exact=self.hparams.exact_mask_count, generator=generator)
+            noisy = x.clone().view(B, nB, S)
+            noisy[:, :, 1:] = noisy_tail.view(B, nB, S - 1)
+            masked = torch.zeros(B, nB, S, dtype=torch.bool, device=x.device)
+            masked[:, :, 1:] = masked_tail.view(B, nB, S - 1)
+            t_act = masked.sum(-1, dtype=torch.float32) / S
+            noisy, masked = noisy.view(B, -1), masked.view(B, -1)
+        else:
+            noisy, masked, t_act = mask_blocks(x, S, t, self.hparams.mask_token_id, schedule=self.schedule,
+                                               exact=self.hparams.exact_mask_count, generator=generator)
         if loss_mask is not None:
             masked = masked & loss_mask.bool()
         hidden = self.denoiser.forward_train(noisy, states, t_act.to(self.denoiser.lm_head.weight.dtype), return_hidden=True)
+        if shifted:  # the token at p is read from the output at p - 1 (p is never a block's first position)
+            hidden = hidden.roll(1, dims=1)
         logits = self.denoiser.head(hidden[masked])  # (N, V): only masked positions pay for the head
         target = x[masked]
         ce = F.cross_entropy(logits, target, reduction="none")
@@ -343,7 +366,8 @@ class DenoiserFineTuning(L.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if not k.startswith("context.")}
         checkpoint["twotower"] = {"context_source": str(Path(self.hparams.backbone).resolve()),
-                                  "block_size": self.hparams.block_size, "mask_token_id": self.hparams.mask_token_id}
+                                  "block_size": self.hparams.block_size, "mask_token_id": self.hparams.mask_token_id,
+                                  "shifted": self.hparams.shifted}
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         # The frozen tower was left out on save; put back the weights this module loaded from its path.
