@@ -106,3 +106,15 @@ def test_adaln_single_shapes_identity_and_features():
         AdaLNSingle(16, 3, init="zeros")
     pix = AdaLNSingle(16, 3, init="pixart")
     assert not torch.equal(pix.scale_shift_tables[0], ada.scale_shift_tables[0])
+
+
+def test_stacked_modulations_equal_the_per_layer_ones():
+    torch.manual_seed(0)
+    ada = AdaLNSingle(16, 3, init="pixart")
+    randomize_(ada, seed=1, scale=0.3)
+    shared = ada.shared(torch.rand(2, 5))  # (2, 5, 3, 16)
+    mods = ada.modulations(shared)
+    assert len(mods) == 3
+    for i, (shift, scale1, gate) in enumerate(mods):
+        s, sc, gt = ada.layer(shared, i)
+        assert torch.allclose(shift, s) and torch.allclose(scale1, 1 + sc) and torch.allclose(gate, gt)

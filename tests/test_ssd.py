@@ -137,3 +137,16 @@ def test_masks_cached_during_inference_still_train():
     y, _ = ssd_scan_reference(x, dt, A, B, C, chunk_size=13, D=D)
     y.sum().backward()
     assert x.grad is not None and torch.isfinite(x.grad).all()
+
+
+def test_single_chunk_without_final_state_gives_the_same_outputs():
+    g = torch.Generator().manual_seed(11)
+    b, L, h, p, n = 2, 16, 4, 8, 6
+    x = torch.randn(b, L, h, p, generator=g)
+    dt = torch.rand(b, L, h, generator=g) * 0.5
+    A = -torch.rand(h, generator=g) - 0.1
+    B, C = torch.randn(b, L, 2, n, generator=g), torch.randn(b, L, 2, n, generator=g)
+    init = torch.randn(b, h, p, n, generator=g)
+    y, final = ssd_scan_reference(x, dt, A, B, C, chunk_size=16, D=torch.ones(h), initial_state=init)
+    y2, none = ssd_scan_reference(x, dt, A, B, C, chunk_size=16, D=torch.ones(h), initial_state=init, final_state=False)
+    assert none is None and torch.equal(y, y2) and final is not None

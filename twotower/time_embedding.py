@@ -80,6 +80,17 @@ class AdaLNSingle(nn.Module):
         c = self.t_block(self.t_embedder(t))
         return c.view(*t.shape, 3, self.hidden_size)
 
+    def modulations(self, shared: Tensor) -> list[tuple[Tensor, Tensor, Tensor]]:
+        """Every layer's (shift, 1 + scale, gate), each (..., H), from `shared` (..., 3, H).
+
+        One stacked add for all layers instead of one per layer; the scale comes with the 1 added,
+        ready for `addcmul` (see `HybridBlock.pre`).
+        """
+        tables = torch.stack(tuple(self.scale_shift_tables)).to(shared.dtype)  # (nL, 3, H)
+        m = tables.view(tables.shape[0], *([1] * (shared.dim() - 2)), 3, -1) + shared
+        m[..., 1, :] += 1
+        return [(mi[..., 0, :], mi[..., 1, :], mi[..., 2, :]) for mi in m.unbind(0)]
+
     def layer(self, shared: Tensor, i: int) -> tuple[Tensor, Tensor, Tensor]:
         """(shift, scale, gate) for layer i, each (..., H), from `shared` (..., 3, H)."""
         m = self.scale_shift_tables[i].to(shared.dtype) + shared

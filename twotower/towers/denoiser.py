@@ -78,17 +78,16 @@ class DenoiserTower(nn.Module):
         if cache.padded:
             valid = cache.valid_mask()
             mask = torch.cat([valid, valid.new_ones(b, S)], dim=1)[:, None, None, :]
+        mods = None if shared is None else self.time.modulations(shared[:, None])  # each (b, 1, H)
         for i, blk in enumerate(self.backbone.layers):
-            mod = None
-            if shared is not None:
-                mod = tuple(m[:, None, :] for m in self.time.layer(shared, i))
+            mod = None if mods is None else mods[i]
             h = blk.pre(h_all, mod)
             if blk.block_type == ATTENTION:
                 q, k, v = blk.mixer.qkv(h)
                 ck, cv = cache.kv(i)
                 y = blk.mixer.attend(q, torch.cat([ck.to(k.dtype), k], 2), torch.cat([cv.to(v.dtype), v], 2), mask)
             elif blk.block_type == MAMBA:
-                y = blk.mixer(h, conv_state=cache.conv[i], ssm_state=cache.ssm[i]).y
+                y = blk.mixer(h, conv_state=cache.conv[i], ssm_state=cache.ssm[i], need_final_state=False).y
             else:
                 y = blk.mixer(h)
             h_all = blk.post(h_all, y, mod)
@@ -112,10 +111,9 @@ class DenoiserTower(nn.Module):
         H = hid.shape[-1]
         shared = None if t is None else self.time.shared(t)  # (b, nB, 3, H)
         mask = None
+        mods = None if shared is None else self.time.modulations(shared[:, :, None])  # each (b, nB, 1, H)
         for i, blk in enumerate(self.backbone.layers):
-            mod = None
-            if shared is not None:
-                mod = tuple(m[:, :, None, :] for m in self.time.layer(shared, i))  # (b, nB, 1, H)
+            mod = None if mods is None else mods[i]
             h = blk.pre(hid, mod)
             if blk.block_type == ATTENTION:
                 if mask is None:
@@ -128,7 +126,7 @@ class DenoiserTower(nn.Module):
                 conv, ssm = states.conv[i], states.ssm[i]
                 out = blk.mixer(h.reshape(b * nB, S, H), chunk_size=S,
                                 conv_state=conv.reshape(b * nB, *conv.shape[2:]),
-                                ssm_state=ssm.reshape(b * nB, *ssm.shape[2:]))
+                                ssm_state=ssm.reshape(b * nB, *ssm.shape[2:]), need_final_state=False)
                 y = out.y.view(b, nB, S, H)
             else:
                 y = blk.mixer(h)

@@ -111,11 +111,14 @@ class Mamba2Mixer(nn.Module):
         chunk_size: int | None = None,
         return_xbc: bool = False,
         return_chunk_states: bool = False,
+        need_final_state: bool = True,
     ) -> MambaOut:
         """h: (b, L, H). pad_mask: (b, L) bool, True for real tokens; padded positions leave every state unchanged.
 
         conv_state / ssm_state seed the layer (zeros if None). With `return_chunk_states` the scan
         uses `chunk_size` exactly and also returns the state entering every chunk.
+        `need_final_state=False` lets a single-chunk scan skip the final SSM state (it may come back None):
+        the denoiser reads its cache and never writes it.
         """
         b, L, _ = h.shape
         z, xbc, dt = self.in_proj(h).split([self.intermediate, self.conv_dim, self.num_heads], dim=-1)
@@ -139,7 +142,8 @@ class Mamba2Mixer(nn.Module):
             y = y[:, None]
         else:
             out = ssd_scan(x, dt, A, B, C, chunk_size=chunk_size or self.chunk_size, D=self.D,
-                           initial_state=ssm_state, return_chunk_states=return_chunk_states)
+                           initial_state=ssm_state, return_chunk_states=return_chunk_states,
+                           final_state=need_final_state)
             y, final = out[0], out[1]
             if return_chunk_states:
                 chunk_states = out[2]
@@ -321,17 +325,20 @@ class HybridBlock(nn.Module):
         return self.block_type in (MAMBA, ATTENTION)
 
     def pre(self, x: Tensor, mod: tuple[Tensor, Tensor, Tensor] | None = None) -> Tensor:
-        """The mixer's input: norm(x), norm(modulate(x)) or modulate(norm(x))."""
+        """The mixer's input: norm(x), norm(modulate(x)) or modulate(norm(x)).
+
+        mod = (shift, 1 + scale, gate), as `AdaLNSingle.modulations` gives it; modulate(x) = x (1 + scale) + shift.
+        """
         if mod is None:
             return self.norm(x)
-        shift, scale, _ = mod
+        shift, scale1, _ = mod
         if self.modulate_before_norm:
-            return self.norm(x * (1 + scale) + shift)
-        return self.norm(x) * (1 + scale) + shift
+            return self.norm(torch.addcmul(shift, x, scale1))
+        return torch.addcmul(shift, self.norm(x), scale1)
 
     @staticmethod
     def post(x: Tensor, y: Tensor, mod: tuple[Tensor, Tensor, Tensor] | None = None) -> Tensor:
-        return x + y if mod is None else x + mod[2] * y
+        return x + y if mod is None else torch.addcmul(x, mod[2], y)
 
 
 class HybridBackbone(nn.Module):

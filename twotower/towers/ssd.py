@@ -93,6 +93,7 @@ def ssd_scan_reference(
     D: Tensor | None = None,
     initial_state: Tensor | None = None,
     return_chunk_states: bool = False,
+    final_state: bool = True,
 ):
     """Chunked SSD scan in float32.
 
@@ -103,6 +104,7 @@ def ssd_scan_reference(
     Returns:
         y (b, L, h, p) float32, final_state (b, h, p, n) float32, and if `return_chunk_states`
         also (b, nchunks, h, p, n): the state entering each chunk (chunk c starts at c*chunk_size).
+        With `final_state=False` a single-chunk scan skips the final state and returns None for it.
     """
     b, L, h, p = x.shape
     g, n = B.shape[2], B.shape[3]
@@ -113,7 +115,7 @@ def ssd_scan_reference(
         B = B.repeat_interleave(h // g, dim=2)
         C = C.repeat_interleave(h // g, dim=2)
     if Q == L and not return_chunk_states:
-        return _single_chunk(x, dt, A, B, C, D, initial_state)
+        return _single_chunk(x, dt, A, B, C, D, initial_state, final_state=final_state)
     pad = (-L) % Q
     if pad:
         # Zero dt on padding: no decay and no input, so the final state is the state at L - 1.
@@ -156,7 +158,7 @@ def ssd_scan_reference(
 
 
 def _single_chunk(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor | None,
-                  initial_state: Tensor | None) -> tuple[Tensor, Tensor]:
+                  initial_state: Tensor | None, *, final_state: bool = True) -> tuple[Tensor, Tensor | None]:
     """The whole sequence is one chunk (decode blocks, short extends): the same math as the chunked
     form with the inter-chunk recurrence reduced to one decay, written as batched matmuls over
     (b, h) so a 16-token block costs a handful of kernels. Inputs float32, B/C already per head."""
@@ -166,12 +168,15 @@ def _single_chunk(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Ten
     cum = dA.cumsum(-1)
     scores = (Ch @ Bh.transpose(-1, -2)) * torch.exp(_segsum(dA))  # (b, h, t, s)
     y = scores @ xh  # (b, h, L, p)
-    to_end = torch.exp(cum[..., -1:] - cum)  # (b, h, L)
-    final = ((Bh * to_end[..., None]).transpose(-1, -2) @ xh).transpose(-1, -2)  # (b, h, p, n)
+    final = None
+    if final_state:
+        to_end = torch.exp(cum[..., -1:] - cum)  # (b, h, L)
+        final = ((Bh * to_end[..., None]).transpose(-1, -2) @ xh).transpose(-1, -2)  # (b, h, p, n)
     if initial_state is not None:
         init = initial_state.float()
         y = y + (Ch @ init.transpose(-1, -2)) * torch.exp(cum)[..., None]
-        final = final + init * torch.exp(cum[..., -1])[..., None, None]
+        if final_state:
+            final = final + init * torch.exp(cum[..., -1])[..., None, None]
     y = y.permute(0, 2, 1, 3)
     if D is not None:
         y = y + x * D.float()[:, None]
@@ -209,16 +214,17 @@ def _use_mamba_ssm(x: Tensor) -> bool:
     return True
 
 
-def ssd_scan(x, dt, A, B, C, *, chunk_size, D=None, initial_state=None, return_chunk_states=False):
+def ssd_scan(x, dt, A, B, C, *, chunk_size, D=None, initial_state=None, return_chunk_states=False, final_state=True):
     """Dispatch the chunked scan: mamba-ssm's kernel on CUDA when installed, else the reference.
 
     Chunk-start states (`return_chunk_states`) always come from the reference: the kernel's public
-    entry point returns only the final state.
+    entry point returns only the final state. `final_state=False` allows the reference's single-chunk
+    path to skip the final state (returned as None then).
     """
     if return_chunk_states or not _use_mamba_ssm(x):
         return ssd_scan_reference(
             x, dt, A, B, C, chunk_size=chunk_size, D=D, initial_state=initial_state,
-            return_chunk_states=return_chunk_states,
+            return_chunk_states=return_chunk_states, final_state=final_state,
         )
     from mamba_ssm.ops.triton.ssd_combined import mamba_chunk_scan_combined
 
