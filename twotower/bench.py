@@ -776,7 +776,7 @@ def build_parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--model", default=DEFAULT_MODEL, help="two-tower checkpoint directory")
     p.add_argument("--backbone", default=DEFAULT_BACKBONE, help="AR NemotronH checkpoint (transformers baseline, training)")
-    p.add_argument("--prompts", type=int, default=16, help="held-out prompts")
+    p.add_argument("--prompts", type=int, default=64, help="held-out prompts")
     p.add_argument("--prompt-len", type=int, default=128, help="prompt tokens (after [bos])")
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--repeats", type=int, default=3, help="timed runs per mode (median reported)")
