@@ -174,3 +174,25 @@ def test_convert_then_export_round_trip(backbone_dir, tmp_path):
     for k, v in module.context.state_dict().items():
         assert torch.equal(loaded.context.state_dict()[k], v), k
     assert loaded.block_size == 8
+
+
+def test_shifted_flag_travels_through_convert_and_export(backbone_dir, tmp_path):
+    from twotower.cli import _tool_main, export
+    from twotower.model import TwoTowerLM
+
+    assert _tool_main(["convert", str(backbone_dir), str(tmp_path / "conv"), "--block-size", "8", "--shifted"]) == 0
+    assert TwoTowerLM.from_pretrained(tmp_path / "conv").shifted
+    from twotower.data import TextDataModule
+
+    corpus = str(_corpus(tmp_path))
+    module = DenoiserFineTuning(str(backbone_dir), block_size=8, lr=1e-2, warmup_steps=0, shifted=True)
+    trainer = _trainer(tmp_path, 2, limit_val_batches=0)
+    trainer.fit(module, TextDataModule(corpus, seq_len=32, block_size=8, batch_size=4))
+    trainer.save_checkpoint(tmp_path / "run.ckpt")
+    loaded = TwoTowerLM.from_pretrained(export(str(tmp_path / "run.ckpt"), str(tmp_path / "exported")))
+    assert loaded.shifted and loaded.block_size == 8
+    unshifted = DenoiserFineTuning(str(backbone_dir), block_size=8)
+    trainer = _trainer(tmp_path, 1, limit_val_batches=0)
+    trainer.fit(unshifted, TextDataModule(corpus, seq_len=32, block_size=8, batch_size=4))
+    trainer.save_checkpoint(tmp_path / "plain.ckpt")
+    assert not TwoTowerLM.from_pretrained(export(str(tmp_path / "plain.ckpt"), str(tmp_path / "plain"))).shifted

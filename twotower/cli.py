@@ -19,11 +19,16 @@ TOOLS = ("convert", "export", "bench")
 
 
 def convert(ar_dir: str, out_dir: str, *, block_size: int = 16, mask_token_id: int = 3,
-            time_init: str = "identity", max_shard_size: int | None = None, expert_layout: str = "fused") -> Path:
-    """AR NemotronH checkpoint directory -> released two-tower directory, ready to fine-tune or run."""
+            time_init: str = "identity", max_shard_size: int | None = None, expert_layout: str = "fused",
+            shifted: bool = False) -> Path:
+    """AR NemotronH checkpoint directory -> released two-tower directory, ready to fine-tune or run.
+
+    shifted: mark the model AR-aligned (see `TwoTowerLM`); fine-tune it with `shifted=True` too.
+    """
     from .model import TwoTowerLM
 
-    model = TwoTowerLM.from_backbone(ar_dir, block_size=block_size, mask_token_id=mask_token_id, time_init=time_init)
+    model = TwoTowerLM.from_backbone(ar_dir, block_size=block_size, mask_token_id=mask_token_id, time_init=time_init,
+                                     shifted=shifted)
     model.save_pretrained(out_dir, max_shard_size=max_shard_size, expert_layout=expert_layout)
     return Path(out_dir)
 
@@ -71,6 +76,7 @@ def _tool_main(argv: list[str]) -> int:
     c.add_argument("--time-init", choices=["identity", "pixart"], default="identity")
     c.add_argument("--max-shard-size", type=int, default=None, help="bytes per safetensors shard")
     c.add_argument("--expert-layout", choices=["fused", "per_expert"], default="fused")
+    c.add_argument("--shifted", action="store_true", help="AR-aligned denoiser (output i predicts position i + 1)")
     e = sub.add_parser("export", help="fine-tuning .ckpt -> two-tower checkpoint directory")
     e.add_argument("ckpt")
     e.add_argument("out_dir")
@@ -80,7 +86,8 @@ def _tool_main(argv: list[str]) -> int:
     a = p.parse_args(argv)
     if a.tool == "convert":
         out = convert(a.ar_dir, a.out_dir, block_size=a.block_size, mask_token_id=a.mask_token_id,
-                      time_init=a.time_init, max_shard_size=a.max_shard_size, expert_layout=a.expert_layout)
+                      time_init=a.time_init, max_shard_size=a.max_shard_size, expert_layout=a.expert_layout,
+                      shifted=a.shifted)
     else:
         out = export(a.ckpt, a.out_dir, backbone=a.backbone, max_shard_size=a.max_shard_size,
                      expert_layout=a.expert_layout)
