@@ -329,6 +329,14 @@ def _source_fingerprint(source: str) -> str:
     return h.hexdigest()
 
 
+def save_cache(path: Path, obj) -> None:
+    """torch.save to `path` by write-then-rename: concurrent ranks never read a half-written file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
 class TextDataModule(L.LightningDataModule):
     """Packed next-token / denoising training rows from a text corpus.
 
@@ -497,11 +505,7 @@ class TextDataModule(L.LightningDataModule):
                 f"seq_len={self.seq_len} tokens; raise val_fraction, lower seq_len or add documents"
             )
         if cache is not None:
-            cache.parent.mkdir(parents=True, exist_ok=True)
-            # Write then rename: concurrent ranks never read a half-written file.
-            tmp = cache.with_name(f"{cache.name}.{os.getpid()}.tmp")
-            torch.save({"train": train, "val": val}, tmp)
-            os.replace(tmp, cache)
+            save_cache(cache, {"train": train, "val": val})
         self.train_data, self.val_data = train, val
 
     # -- loaders

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import sys
 from pathlib import Path
 
@@ -29,7 +28,7 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from .data import STDLIB, TextDataModule, _check_seq_len
+from .data import STDLIB, TextDataModule, _check_seq_len, save_cache
 from .generation import generate_ar
 from .tokenizers import Tokenizer
 from .towers.context import ContextTower
@@ -181,10 +180,7 @@ class DistilledDataModule(L.LightningDataModule):
         else:
             d = self._build()
             if cache is not None:
-                cache.parent.mkdir(parents=True, exist_ok=True)
-                tmp = cache.with_name(f"{cache.name}.{os.getpid()}.tmp")
-                torch.save(d, tmp)
-                os.replace(tmp, cache)
+                save_cache(cache, d)
         self.train_set = _DistilledRows(d["train"], d["train_prompt"])
         self.val_set = _DistilledRows(d["val"], d["val_prompt"])
 

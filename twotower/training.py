@@ -309,15 +309,16 @@ class DenoiserFineTuning(L.LightningModule):
         target = x[masked]
         ce = F.cross_entropy(logits, target, reduction="none")
         nelbo_w = (1.0 / t_act).repeat_interleave(S, dim=1)[masked]  # reported whatever the objective
-        n_tokens = x.numel() if loss_mask is None else int(loss_mask.sum())
+        # A tensor, not an int: reading the mask's count back would sync the device on every step.
+        n_tokens = torch.tensor(x.numel(), device=x.device) if loss_mask is None else loss_mask.sum()
         weighting = self.hparams.loss_weighting
         if weighting == "none":
             loss = ce.sum() / masked.sum().clamp(min=1)
         else:
             w = nelbo_w if weighting == "nelbo" else self.schedule.loss_weight(t).repeat_interleave(S, dim=1)[masked]
-            loss = (w * ce).sum() / max(n_tokens, 1)
+            loss = (w * ce).sum() / n_tokens.clamp(min=1)
         return {"loss": loss, "nelbo_sum": (nelbo_w * ce).sum().detach(), "ce_sum": ce.sum().detach(),
-                "correct": (logits.argmax(-1) == target).sum(), "masked": masked.sum(), "tokens": torch.tensor(n_tokens)}
+                "correct": (logits.argmax(-1) == target).sum(), "masked": masked.sum(), "tokens": n_tokens}
 
     def _update(self, split: str, out: dict[str, Tensor]):
         m = self.metrics[split]
