@@ -9,6 +9,12 @@ Mamba layers keep the conv state (b, conv_dim, k-1) in the model dtype and the S
 The cache is written only by the context tower (`prefill` / `extend`); the denoiser reads it.
 For two devices, `mirror_to` keeps a copy on another device up to date by sending only what was
 appended since the last call plus the (small) Mamba states.
+
+A *provisional* extend (`ContextTower.extend(..., provisional=True)`, speculative decoding) appends
+a block's K,V but leaves the Mamba states where they were and records in `pending` what is needed to
+move them to any accepted prefix; `ContextTower.accept` settles it. Until then the cache refuses to
+be read, copied or extended. Positions a row rejected stay behind as holes (False in `key_mask`):
+NemotronH attention has no positional encoding, so a hole is exactly a masked-out key.
 """
 
 from __future__ import annotations
@@ -17,6 +23,20 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor
+
+
+@dataclass
+class PendingBlock:
+    """A provisionally appended block: it starts at cache position `start` and holds `n` positions.
+
+    Per Mamba layer index: `xbc` the raw conv inputs (b, n, conv_dim), `scan` the scan inputs
+    (x, dt, B) (see `MambaOut.scan_inputs`).
+    """
+
+    start: int
+    n: int
+    xbc: dict[int, Tensor]
+    scan: dict[int, tuple[Tensor, Tensor, Tensor]]
 
 
 @dataclass
@@ -32,6 +52,13 @@ class HybridCache:
     # Whether any cached position is padding (False in key_mask). A summary kept so that hot paths
     # can skip building masks without reading key_mask back from the device on every step.
     padded: bool = False
+    pending: PendingBlock | None = None
+
+    def check_settled(self, action: str) -> None:
+        """Raise if a provisional block waits for `ContextTower.accept` (its Mamba states are stale)."""
+        if self.pending is not None:
+            raise RuntimeError(f"cannot {action}: the cache holds a provisional block of {self.pending.n} positions; "
+                               "call ContextTower.accept(cache, keep) first")
 
     # ---- construction -------------------------------------------------------------------------
     @classmethod
@@ -107,6 +134,7 @@ class HybridCache:
 
     # ---- copies -------------------------------------------------------------------------------
     def _map(self, fn) -> "HybridCache":
+        self.check_settled("copy it")
         keys = [None if t is None else fn(t) for t in self.keys]
         values = [None if t is None else fn(t) for t in self.values]
         conv = [None if t is None else fn(t) for t in self.conv]
@@ -118,6 +146,7 @@ class HybridCache:
 
     def to(self, device=None, dtype=None) -> "HybridCache":
         """Move (and optionally cast K,V and conv states; SSM states stay float32, the mask bool)."""
+        self.check_settled("move it")
         cast = lambda t: None if t is None else t.to(device=device, dtype=dtype or t.dtype)  # noqa: E731
         return HybridCache([cast(t) for t in self.keys], [cast(t) for t in self.values],
                            [cast(t) for t in self.conv],
@@ -136,6 +165,7 @@ class HybridCache:
         written since the previous call (one block's worth) and replace the Mamba states, which are
         small and fixed-size. Nothing already sent is sent again.
         """
+        self.check_settled("mirror it")
         device = torch.device(device)
         if mirror is None:
             mirror = HybridCache.empty_like(self, device)

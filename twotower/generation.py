@@ -15,6 +15,12 @@
         a row's first EOS in the block ends it (pad after it)
         context.extend(cache, x)                                      # one chunked forward
 
+`generate_speculative`: lossless two-tower decoding. The denoiser drafts a block in a few forwards
+(default one); the context tower appends it provisionally in the chunked extend it runs anyway and
+so scores every drafted position at once; each row keeps the longest prefix its own next-token
+choice agrees with, plus that choice at the first disagreement, and the rest is rolled back without
+another forward (`ContextTower.accept`). The output is the AR model's own: greedy, token for token.
+
 `generate_ar`: the context tower alone, one token per forward (the quality / speed baseline).
 
 Both loops are vectorised over the batch and keep host syncs to one per step (diffusion: "is
@@ -32,7 +38,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-__all__ = ["GenerationOutput", "generate_diffusion", "generate_ar"]
+__all__ = ["GenerationOutput", "generate_diffusion", "generate_speculative", "generate_ar"]
 
 StepCallback = Callable[[int, int, Tensor, Tensor, Tensor], None]
 
@@ -234,6 +240,31 @@ class _Tracker:
         self.seconds[finished & self.seconds.isnan()] = time.perf_counter() - self.start
         return block, bool(finished.all())
 
+    def commit_ragged(self, block: Tensor, count: Tensor, max_new_tokens: int) -> bool:
+        """Record the first count[b] tokens of block (B, n) after what row b already holds; returns
+        whether every row has finished.
+
+        Rows advance by different amounts (speculative decoding). A row finishes at its first EOS
+        or when it holds max_new_tokens; tokens past either are dropped. `self.tokens` must have n
+        spare columns past max_new_tokens (writes that are dropped land there). One host sync.
+        """
+        B, n = block.shape
+        j = torch.arange(n, device=block.device)
+        count = torch.where(self.finished, 0, count.minimum(max_new_tokens - self.num_generated))
+        if self.eos is not None:
+            is_eos = torch.isin(block, self.eos) & (j < count[:, None])
+            hit = is_eos.any(-1)
+            count = torch.where(hit, is_eos.long().argmax(-1) + 1, count)
+            self.finished |= hit
+        pos = self.num_generated[:, None] + j
+        pos = torch.where(j < count[:, None], pos, max_new_tokens + j)  # dropped writes go to the spare columns
+        self.tokens.scatter_(1, pos, block)
+        self.num_generated += count
+        self.finished |= self.num_generated >= max_new_tokens
+        finished = self.finished.cpu()
+        self.seconds[finished & self.seconds.isnan()] = time.perf_counter() - self.start
+        return bool(finished.all())
+
     def output(self, input_ids: Tensor, blocks: int) -> GenerationOutput:
         n = int(self.num_generated.max())  # also waits for queued device work before reading the clock
         total = time.perf_counter() - self.start
@@ -259,12 +290,15 @@ class _Tracker:
 
 def _denoise_block(denoiser, cache, active: Tensor, n: int, *, sampler, steps_per_block: int, mask_token_id: int,
                    pad_token_id: int, temperature: float, generator, tracker: _Tracker, block_index: int,
-                   step_callback: StepCallback | None, first: Tensor | None = None) -> Tensor:
+                   step_callback: StepCallback | None, first: Tensor | None = None, shift: bool = False,
+                   fill_last: bool = False) -> Tensor:
     """Fill one block of n positions for the rows in `active` (B,) bool; returns x (B, n) with no [MASK] left.
 
-    Rows not active hold pad tokens, are never masked and count no NFE. `first` (B,): a shifted
-    model's block opens with these tokens (the context tower's next-token prediction), and the
-    denoiser output at position i is read as the prediction for position i + 1.
+    Rows not active hold pad tokens, are never masked and count no NFE. `first` (B,): the block
+    opens with these tokens (the context tower's next-token prediction), never masked. `shift`: the
+    denoiser output at position i is read as the prediction for position i + 1 (a shifted model;
+    needs `first`). `fill_last`: the last allowed step fills every position still masked without
+    consulting the sampler (a one-step draft is then the plain argmax, no confidences computed).
     """
     B = active.shape[0]
     masked = active[:, None].expand(B, n).clone()
@@ -277,14 +311,17 @@ def _denoise_block(denoiser, cache, active: Tensor, n: int, *, sampler, steps_pe
             break
         t = masked.sum(-1, dtype=torch.float32) / n
         logits = denoiser.forward_block(x, cache, t)  # (B, n, V) float32, freshly allocated
-        if first is not None:  # output i predicts position i + 1; position 0 is never masked
+        if shift:  # output i predicts position i + 1; position 0 is never masked
             logits = torch.cat([logits[:, :1], logits[:, :-1]], dim=1)
         logits[..., mask_token_id] = float("-inf")
         cand = torch.where(masked, _predict(logits, temperature, generator), x)
-        conf = _confidence(logits, cand)
-        commit = sampler(conf, cand, masked, step=step, steps_per_block=steps_per_block, logits=logits)
-        commit = commit & masked  # a plain-callable sampler gets no contract enforcement otherwise
-        tracker.nfe += masked.any(-1)
+        if fill_last and step == steps_per_block - 1:
+            commit = masked
+        else:
+            conf = _confidence(logits, cand)
+            commit = sampler(conf, cand, masked, step=step, steps_per_block=steps_per_block, logits=logits)
+            commit = commit & masked  # a plain-callable sampler gets no contract enforcement otherwise
+        tracker.nfe += masked.any(-1).to(tracker.nfe.device)
         before, x = x, torch.where(commit, cand, x)
         masked &= ~commit
         if step_callback is not None:
@@ -392,7 +429,7 @@ def generate_diffusion(
         x = _denoise_block(denoiser, den_cache, ~tracker.finished, n, sampler=sampler, steps_per_block=steps_per_block,
                            mask_token_id=mask_token_id, pad_token_id=pad_token_id, temperature=temperature,
                            generator=generator, tracker=tracker, block_index=blocks, step_callback=step_callback,
-                           first=first)
+                           first=first, shift=shifted)
         blocks += 1
         x, all_done = tracker.commit(x)
         if all_done or tracker.length >= max_new_tokens:
@@ -401,6 +438,100 @@ def generate_diffusion(
         if use_mirror:
             den_cache = cache.mirror_to(den_device, den_cache)
     return tracker.output(input_ids, blocks)
+
+
+# ---- speculative (lossless) ---------------------------------------------------------------------
+
+
+@torch.inference_mode()
+def generate_speculative(
+    context,
+    denoiser,
+    input_ids: Tensor,
+    attention_mask: Tensor | None = None,
+    *,
+    sampler,
+    block_size: int = 16,
+    draft_steps: int = 1,
+    max_new_tokens: int,
+    mask_token_id: int,
+    pad_token_id: int,
+    temperature: float = 0.0,
+    eos_token_id: int | Sequence[int] | None = None,
+    generator: torch.Generator | None = None,
+    step_callback: StepCallback | None = None,
+    denoiser_device=None,
+    shifted: bool = False,
+) -> GenerationOutput:
+    """Draft with the denoiser, verify with the context tower: the AR model's output, fewer forwards.
+
+    Per iteration, for every unfinished row:
+
+        d_0         = the context tower's own next token (known from the previous forward)
+        d_1..d_{n-1} = the denoiser's draft: `draft_steps` denoising steps with `sampler` from an
+                      all-[MASK] block whose position 0 holds d_0 (the last step fills the rest)
+        logits      = context.extend(cache, d, provisional=True)      # one chunked forward
+        a_i         = the context tower's token after d_0..d_{i-1} (argmax of logits[i - 1], or a
+                      Gumbel-max sample at temperature > 0)
+        keep        = 1 + the number of leading i >= 1 with d_i == a_i
+        accept(cache, keep); the next d_0 = a_keep (the context tower's token after the kept ones)
+
+    Every kept token is the context tower's own choice given the tokens before it, so greedy output
+    equals `generate_ar` (up to float rounding between a chunked and a one-token forward) and
+    sampled output is distributed as AR sampling. The denoiser only decides how many tokens one
+    iteration yields (1 to n). Rows advance independently; a row that keeps fewer than another
+    leaves masked-out holes in the shared cache.
+
+    Args: as `generate_diffusion`, plus `draft_steps` (denoiser forwards per draft; the sampler
+    picks the commits of all but the last, which fills every position left: with the default 1
+    the draft is the denoiser's argmax and the sampler is not consulted). `nfe` counts denoiser forwards, as in mask diffusion
+    (the verifying extend is the context forward every block-wise mode runs per block); `blocks`
+    counts iterations. `step_callback` sees the draft steps.
+    """
+    cfg = context.config
+    vocab = cfg.vocab_size
+    _check_int("block_size", block_size)
+    _check_int("draft_steps", draft_steps)
+    _check_token("mask_token_id", mask_token_id, vocab)
+    _check_token("pad_token_id", pad_token_id, vocab)
+    temperature = _check_temperature(temperature)
+    if not callable(sampler):
+        raise ValueError(f"sampler must be a Sampler (or a callable with its signature), got {sampler!r}")
+    if block_size < 2:
+        raise ValueError("speculative decoding needs block_size >= 2 (position 0 is the context tower's own token)")
+    ctx_device = _device_of(context)
+    input_ids, valid = _check_prompt(cfg, input_ids, attention_mask, max_new_tokens, ctx_device, mask_token_id)
+    den_device, use_mirror = _denoiser_placement(denoiser, ctx_device, denoiser_device)
+    eos = _eos_ids(eos_token_id, vocab, ctx_device)
+
+    start = time.perf_counter()
+    B, T = input_ids.shape
+    n = block_size
+    logits, cache = context.prefill(input_ids, valid, logits="last", capacity=T + max_new_tokens + n)
+    den_cache = cache.mirror_to(den_device) if use_mirror else cache
+    tracker = _Tracker(B, max_new_tokens + n, pad_token_id, eos, ctx_device, start)  # n spare columns
+    nxt = _predict(logits[:, -1], temperature, generator)  # (B,) the context tower's next token
+    iterations = 0
+    while True:
+        active = ~tracker.finished
+        x = _denoise_block(denoiser, den_cache, active.to(den_device), n, sampler=sampler,
+                           steps_per_block=draft_steps, mask_token_id=mask_token_id, pad_token_id=pad_token_id,
+                           temperature=0.0, generator=None, tracker=tracker, block_index=iterations,
+                           step_callback=step_callback, first=nxt.to(den_device), shift=shifted, fill_last=True)
+        x = x.to(ctx_device)
+        logits = context.extend(cache, x, logits="all", provisional=True)  # (B, n, V)
+        ar = _predict(logits, temperature, generator)  # ar[:, i]: the context tower's token after x[:, :i + 1]
+        agree = (ar[:, :-1] == x[:, 1:]).long().cumprod(-1).sum(-1)
+        keep = torch.where(active, agree + 1, 0)
+        context.accept(cache, keep)
+        nxt = ar.gather(1, (keep - 1).clamp(min=0)[:, None]).squeeze(1)
+        iterations += 1
+        if tracker.commit_ragged(x, keep, max_new_tokens):
+            break
+        if use_mirror:
+            den_cache = cache.mirror_to(den_device, den_cache)
+    tracker.tokens = tracker.tokens[:, :max_new_tokens]
+    return tracker.output(input_ids, iterations)
 
 
 # ---- AR baseline --------------------------------------------------------------------------------

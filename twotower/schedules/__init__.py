@@ -11,6 +11,7 @@ from twotower.schedules.linear import LinearSchedule
 from twotower.schedules.loglinear import LogLinearSchedule
 from twotower.schedules.sampling import (
     AntitheticTime,
+    FullMaskMix,
     StratifiedTime,
     TimeSampler,
     UniformTime,
@@ -26,5 +27,6 @@ __all__ = [
     "UniformTime",
     "StratifiedTime",
     "AntitheticTime",
+    "FullMaskMix",
     "mask_blocks",
 ]

@@ -23,7 +23,7 @@ from torch import Tensor
 
 from twotower.schedules.base import NoiseSchedule
 
-__all__ = ["TimeSampler", "UniformTime", "StratifiedTime", "AntitheticTime", "mask_blocks"]
+__all__ = ["TimeSampler", "UniformTime", "StratifiedTime", "AntitheticTime", "FullMaskMix", "mask_blocks"]
 
 
 class TimeSampler(abc.ABC):
@@ -115,6 +115,39 @@ class AntitheticTime(TimeSampler):
         h = (n + 1) // 2
         u = torch.rand(h, generator=generator, device=device, dtype=torch.float64)
         return torch.cat([u, 1.0 - u[: n - h]])
+
+
+class FullMaskMix(TimeSampler):
+    """A share ``p_full`` of the blocks at ``t = 1`` exactly (every maskable position masked), the rest
+    from ``base``.
+
+    A fully masked block is what the denoiser sees when it drafts a block in one forward (the
+    default of :func:`twotower.generation.generate_speculative`); a uniform ``t`` gives it that case
+    only rarely. The only sampler here that returns ``t = 1`` (outside ``[eps, 1)``): pair it with a
+    schedule whose ``mask_prob(1) = 1`` and whose loss weight is finite at 1 (linear, log-linear).
+
+    Args:
+        p_full: probability in [0, 1] that a block is fully masked.
+        base: the sampler for the other blocks (default ``StratifiedTime(eps)``).
+    """
+
+    def __init__(self, p_full: float = 0.5, base: TimeSampler | None = None, eps: float = 1e-3) -> None:
+        super().__init__(eps)
+        if isinstance(p_full, bool) or not isinstance(p_full, (int, float)) or not 0.0 <= p_full <= 1.0:
+            raise ValueError(f"p_full must be a float in [0, 1], got {p_full!r}")
+        self.p_full = float(p_full)
+        self.base = base if base is not None else StratifiedTime(eps)
+
+    def sample(self, shape, *, generator=None, device=None) -> Tensor:
+        t = self.base.sample(shape, generator=generator, device=device)
+        full = torch.rand(t.shape, generator=generator, device=t.device) < self.p_full
+        return t.masked_fill(full, 1.0)
+
+    def _unit(self, n, *, generator, device):  # not used: `sample` delegates to `base`
+        raise NotImplementedError
+
+    def __repr__(self) -> str:
+        return f"FullMaskMix(p_full={self.p_full}, base={self.base!r})"
 
 
 def mask_blocks(

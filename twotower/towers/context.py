@@ -4,7 +4,9 @@ Three ways to run it:
 * `tower(input_ids)` / `prefill(input_ids, attention_mask)` — causal forward over a (left-padded)
   batch; `prefill` also returns a `HybridCache` for later extension.
 * `extend(cache, tokens)` — append any number of tokens (one for AR decoding, a committed block of
-  S in one chunked scan) and return their logits; the cache grows in place.
+  S in one chunked scan) and return their logits; the cache grows in place. With
+  `provisional=True` (speculative decoding) the block is appended on trial: `accept(cache, keep)`
+  then keeps each row's first keep[b] tokens and rolls the rest back, without another forward.
 * `forward_train(input_ids, block_size)` — one causal pass over clean training sequences that
   also returns, per layer, what the denoiser needs for every block at once: attention K,V of every
   position, and Mamba conv / SSM states at every block boundary (state after position kS - 1).
@@ -21,9 +23,9 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
-from ..caches import HybridCache
+from ..caches import HybridCache, PendingBlock
 from .layers import ATTENTION, MAMBA, HybridBackbone
-from .ssd import conv_boundary_states
+from .ssd import conv_boundary_states, conv_state_at, ssd_state_at
 
 
 @dataclass
@@ -116,18 +118,55 @@ class ContextTower(nn.Module):
         return self._logits(hidden, logits), cache
 
     def extend(self, cache: HybridCache, tokens: Tensor, *, logits: str = "all",
-               attention_mask: Tensor | None = None) -> Tensor | None:
+               attention_mask: Tensor | None = None, provisional: bool = False) -> Tensor | None:
         """Append tokens (b, n) to `cache` (in place) and return their logits (b, n, V).
 
         n = 1 is an AR step (recurrent Mamba update); larger n runs one chunked scan.
+        provisional: append on trial (speculative decoding). The logits are those of a normal
+        extend; the cache then waits for `accept(cache, keep)`, which settles how many of the n
+        tokens each row keeps.
         """
         # No value-range check here: it would read the ids back from the device on every AR step.
         _check_ids(tokens, self.config.vocab_size, check_range=False)
+        cache.check_settled("extend it")
         if tokens.shape[0] != cache.batch_size:
             raise ValueError(f"tokens have batch {tokens.shape[0]} but the cache has {cache.batch_size}")
         valid, padded = _validity(tokens, attention_mask)
-        hidden = self._run(tokens, valid, padded, cache, offset=cache.length)
+        hidden = self._run(tokens, valid, padded, cache, offset=cache.length, provisional=provisional)
         return self._logits(hidden, logits)
+
+    def accept(self, cache: HybridCache, keep: Tensor) -> None:
+        """Settle a provisional block: row b keeps its first keep[b] tokens (0 <= keep[b] <= n).
+
+        The Mamba conv / SSM states move to the state after each row's last kept token (rebuilt in
+        closed form from the recorded scan inputs: no forward). The cache length grows by
+        max(keep); a row that kept fewer leaves holes (False in `key_mask`) that attention skips.
+        Rows are then exactly as if only their kept tokens had been appended.
+        """
+        pending = cache.pending
+        if pending is None:
+            raise RuntimeError("accept: the cache holds no provisional block (extend(..., provisional=True) first)")
+        b, n = cache.batch_size, pending.n
+        if not isinstance(keep, Tensor) or keep.shape != (b,) or keep.dtype not in (torch.int64, torch.int32):
+            shape = tuple(keep.shape) if isinstance(keep, Tensor) else type(keep).__name__
+            raise ValueError(f"keep must be a ({b},) integer tensor, got {shape}")
+        keep = keep.to(device=cache.device, dtype=torch.long)
+        lo, hi = torch.aminmax(keep)
+        lo, hi = int(lo), int(hi)  # one host read: the new length depends on it
+        if lo < 0 or hi > n:
+            raise ValueError(f"keep must lie in [0, {n}] (the provisional block's length), got [{lo}, {hi}]")
+        for i, blk in enumerate(self.backbone.layers):
+            if i in pending.scan:
+                x, dt, B = pending.scan[i]
+                cache.ssm[i] = ssd_state_at(x, dt, blk.mixer.decay_rates(), B, initial_state=cache.ssm[i],
+                                            last=keep - 1)
+                cache.conv[i] = conv_state_at(cache.conv[i], pending.xbc[i], keep)
+        if lo < hi:  # rows that kept fewer than `hi` leave holes
+            kept = torch.arange(hi, device=cache.device)[None, :] < keep[:, None]
+            cache.key_mask[:, pending.start: pending.start + hi] &= kept
+            cache.padded = True
+        cache.length = pending.start + hi
+        cache.pending = None
 
     def _logits(self, hidden: Tensor, which: str) -> Tensor | None:
         if which == "none":
@@ -138,10 +177,12 @@ class ContextTower(nn.Module):
             raise ValueError(f"logits must be 'all', 'last' or 'none', got {which!r}")
         return self.lm_head(hidden).float()
 
-    def _run(self, ids: Tensor, valid: Tensor, padded: bool, cache: HybridCache | None, offset: int) -> Tensor:
+    def _run(self, ids: Tensor, valid: Tensor, padded: bool, cache: HybridCache | None, offset: int,
+             provisional: bool = False) -> Tensor:
         """Run the stack over `ids` (b, n) appended after `offset` cached positions; returns the final hidden.
 
-        valid (b, n) marks real tokens; `padded` says whether any is False.
+        valid (b, n) marks real tokens; `padded` says whether any is False. `provisional`: leave the
+        Mamba states as they are and record in `cache.pending` what `accept` needs.
         """
         n = ids.shape[1]
         x = self.backbone.embeddings(ids)
@@ -156,6 +197,10 @@ class ContextTower(nn.Module):
         mask = None
         if any(t == ATTENTION for t in self.backbone.block_types):
             mask = None if (n == 1 and not any_padding) else causal_mask(key_valid, n, offset)
+        if provisional:
+            if cache is None:
+                raise ValueError("a provisional run needs a cache")
+            pending = PendingBlock(offset, n, {}, {})
         for i, blk in enumerate(self.backbone.layers):
             h = blk.pre(x)
             if blk.block_type == ATTENTION:
@@ -166,8 +211,12 @@ class ContextTower(nn.Module):
                 y = blk.mixer.attend(q, k, v, mask)
             elif blk.block_type == MAMBA:
                 out = blk.mixer(h, conv_state=None if cache is None else cache.conv[i],
-                                ssm_state=None if cache is None else cache.ssm[i], pad_mask=pad_mask)
-                if cache is not None:
+                                ssm_state=None if cache is None else cache.ssm[i], pad_mask=pad_mask,
+                                return_xbc=provisional, return_scan_inputs=provisional,
+                                need_final_state=not provisional)
+                if provisional:
+                    pending.xbc[i], pending.scan[i] = out.xbc, out.scan_inputs
+                elif cache is not None:
                     cache.conv[i], cache.ssm[i] = out.conv_state, out.ssm_state
                 y = out.y
             else:
@@ -175,6 +224,8 @@ class ContextTower(nn.Module):
             x = blk.post(x, y)
         if cache is not None:
             cache.advance(n)
+            if provisional:
+                cache.pending = pending
         return self.backbone.norm_f(x)
 
     # ---- training-time export -----------------------------------------------------------------

@@ -70,6 +70,7 @@ class DenoiserTower(nn.Module):
         The cache is read, never written.
         """
         b, S = x.shape
+        cache.check_settled("denoise from it")
         if cache.batch_size != b:
             raise ValueError(f"block has batch {b} but the cache has {cache.batch_size}")
         h_all = self.backbone.embeddings(x)

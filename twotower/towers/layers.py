@@ -74,6 +74,9 @@ class MambaOut:
     ssm_state: Tensor
     xbc: Tensor | None = None  # raw conv inputs (b, L, conv_dim), when asked for (boundary conv states)
     ssm_chunk_states: Tensor | None = None  # (b, nchunks, h, p, n), when asked for
+    # (x (b, L, h, p), dt (b, L, h) float32, B (b, L, g, n)) as the scan saw them, when asked for:
+    # enough to recompute the state after any position (`ssd_state_at`).
+    scan_inputs: tuple[Tensor, Tensor, Tensor] | None = None
 
 
 class Mamba2Mixer(nn.Module):
@@ -112,13 +115,16 @@ class Mamba2Mixer(nn.Module):
         return_xbc: bool = False,
         return_chunk_states: bool = False,
         need_final_state: bool = True,
+        return_scan_inputs: bool = False,
     ) -> MambaOut:
         """h: (b, L, H). pad_mask: (b, L) bool, True for real tokens; padded positions leave every state unchanged.
 
         conv_state / ssm_state seed the layer (zeros if None). With `return_chunk_states` the scan
         uses `chunk_size` exactly and also returns the state entering every chunk.
         `need_final_state=False` lets a single-chunk scan skip the final SSM state (it may come back None):
-        the denoiser reads its cache and never writes it.
+        the denoiser reads its cache and never writes it. `return_scan_inputs` also returns the
+        scan's inputs (and, with `return_xbc`, the raw conv inputs), from which the states after any
+        position can be rebuilt (a speculative extend that is then cut back).
         """
         b, L, _ = h.shape
         z, xbc, dt = self.in_proj(h).split([self.intermediate, self.conv_dim, self.num_heads], dim=-1)
@@ -132,7 +138,7 @@ class Mamba2Mixer(nn.Module):
         dt = F.softplus(dt.float() + self.dt_bias.float()).clamp(min=self.dt_min)
         if pad_mask is not None:
             dt = dt * pad_mask[..., None].to(dt.dtype)
-        A = -torch.exp(self.A_log.float())
+        A = self.decay_rates()
         x = x.view(b, L, self.num_heads, self.head_dim)
         B = B.view(b, L, self.n_groups, self.state_size)
         C = C.view(b, L, self.n_groups, self.state_size)
@@ -148,7 +154,12 @@ class Mamba2Mixer(nn.Module):
             if return_chunk_states:
                 chunk_states = out[2]
         y = self.norm(y.reshape(b, L, self.intermediate).to(h.dtype), z)
-        return MambaOut(self.out_proj(y), new_conv, final, xbc if return_xbc else None, chunk_states)
+        return MambaOut(self.out_proj(y), new_conv, final, xbc if return_xbc else None, chunk_states,
+                        (x, dt, B) if return_scan_inputs else None)
+
+    def decay_rates(self) -> Tensor:
+        """A (h,) float32: the negative per-head decay rates the scan uses."""
+        return -torch.exp(self.A_log.float())
 
     def empty_states(self, batch: int, *, device=None, dtype=None) -> tuple[Tensor, Tensor]:
         """Zero conv state (b, conv_dim, k-1) in `dtype` and SSM state (b, h, p, n) in float32."""

@@ -30,6 +30,8 @@ __all__ = [
     "ssd_step",
     "causal_conv1d",
     "conv_boundary_states",
+    "conv_state_at",
+    "ssd_state_at",
     "kernel_backend",
 ]
 
@@ -198,6 +200,46 @@ def ssd_step(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, *, D: Tenso
     if D is not None:
         y = y + xf * D.float()[:, None]
     return y, new_state
+
+
+def ssd_state_at(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, *, initial_state: Tensor | None,
+                 last: Tensor) -> Tensor:
+    """The SSM state right after position `last[b]` of a scanned segment, per row, in float32.
+
+    x (b, L, h, p), dt (b, L, h), A (h,), B (b, L, g, n) as for the scan; initial_state (b, h, p, n)
+    (zeros if None); last (b,) long in [-1, L - 1], where -1 means "before the segment" (the initial
+    state). Closed form of the recurrence:
+        state = exp(sum_{r <= last} dA_r) init + sum_{s <= last} exp(sum_{s < r <= last} dA_r) dt_s x_s B_s^T
+    Used to roll a speculative extend back to the tokens that were accepted.
+    """
+    b, L, h, p = x.shape
+    g = B.shape[2]
+    f32 = torch.float32
+    dA = dt.to(f32) * A.to(f32)  # (b, L, h)
+    cum = F.pad(dA.cumsum(1), (0, 0, 1, 0))  # (b, L + 1, h); cum[:, i + 1] = sum_{r <= i} dA_r
+    end = cum.gather(1, (last + 1).view(b, 1, 1).expand(b, 1, h))  # (b, 1, h)
+    pos = torch.arange(L, device=x.device)
+    diff = (end - cum[:, 1:]).masked_fill(pos.view(1, L, 1) > last.view(b, 1, 1), float("-inf"))
+    w = diff.exp() * dt.to(f32)  # (b, L, h): exp(decay to `last`) dt_s, 0 after `last`
+    Bh = B.to(f32)
+    if g != h:
+        Bh = Bh.repeat_interleave(h // g, dim=2)
+    state = torch.einsum("bsh,bshp,bshn->bhpn", w, x.to(f32), Bh)
+    if initial_state is not None:
+        state = state + initial_state.to(f32) * end.view(b, h, 1, 1).exp()
+    return state
+
+
+def conv_state_at(initial_state: Tensor, x: Tensor, keep: Tensor) -> Tensor:
+    """The conv state after the first `keep[b]` positions of x, per row.
+
+    initial_state (b, c, k - 1): the raw inputs before x; x (b, L, c) raw conv inputs; keep (b,) long
+    in [0, L]. Returns (b, c, k - 1): the last k - 1 raw inputs of [initial_state, x[:keep]].
+    """
+    b, c, km1 = initial_state.shape
+    full = torch.cat([initial_state, x.transpose(1, 2).to(initial_state.dtype)], dim=-1)  # (b, c, k - 1 + L)
+    idx = keep.view(b, 1, 1) + torch.arange(km1, device=x.device).view(1, 1, km1)
+    return full.gather(-1, idx.expand(b, c, km1))
 
 
 def _use_mamba_ssm(x: Tensor) -> bool:

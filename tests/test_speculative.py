@@ -1,0 +1,277 @@
+"""Speculative (lossless) two-tower decoding: state rollback in closed form, provisional extends with
+per-row acceptance (holes in the cache), and `generate_speculative` == `generate_ar` token for token."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from test_generation import MASK, PAD, left_pad, make_towers, random_prompts
+
+from twotower.generation import generate_ar, generate_speculative
+from twotower.samplers import ConfidenceThreshold
+from twotower.schedules import FullMaskMix, LinearSchedule, StratifiedTime, mask_blocks
+from twotower.towers.ssd import conv_state_at, ssd_state_at
+
+
+# ---- closed-form states vs the plain recurrence ------------------------------------------------
+
+
+def recurrence_states(x, dt, A, B, init):
+    """Every state of the plain per-step recurrence: (b, L + 1, h, p, n), index 0 = init."""
+    b, L, h, p = x.shape
+    g = B.shape[2]
+    Bh = B.repeat_interleave(h // g, dim=2)
+    state = init.clone()
+    out = [state]
+    for t in range(L):
+        decay = torch.exp(dt[:, t] * A)[..., None, None]  # (b, h, 1, 1)
+        state = decay * state + (dt[:, t, :, None] * x[:, t])[..., None] * Bh[:, t, :, None, :]
+        out.append(state)
+    return torch.stack(out, 1)
+
+
+@pytest.mark.parametrize("with_init", [True, False])
+def test_ssd_state_at_equals_the_recurrence_at_every_position(with_init):
+    g = torch.Generator().manual_seed(0)
+    b, L, h, p, n, groups = 3, 11, 4, 5, 6, 2
+    x = torch.randn(b, L, h, p, generator=g)
+    dt = torch.rand(b, L, h, generator=g) * 0.5 + 0.01
+    A = -torch.rand(h, generator=g) * 2
+    B = torch.randn(b, L, groups, n, generator=g)
+    init = torch.randn(b, h, p, n, generator=g) if with_init else torch.zeros(b, h, p, n)
+    ref = recurrence_states(x, dt, A, B, init)
+    for last in ([-1, 0, L - 1], [4, L - 1, -1], [2, 7, 9]):
+        last = torch.tensor(last)
+        got = ssd_state_at(x, dt, A, B, initial_state=init if with_init else None, last=last)
+        want = ref[torch.arange(b), last + 1]
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_conv_state_at_is_the_last_inputs_before_the_kept_prefix():
+    g = torch.Generator().manual_seed(1)
+    b, c, k, L = 3, 5, 4, 7
+    init = torch.randn(b, c, k - 1, generator=g)
+    x = torch.randn(b, L, c, generator=g)
+    keep = torch.tensor([0, 2, L])
+    got = conv_state_at(init, x, keep)
+    for r in range(b):
+        history = torch.cat([init[r], x[r, : keep[r]].T], dim=1)  # (c, k - 1 + keep)
+        torch.testing.assert_close(got[r], history[:, -(k - 1):])
+
+
+# ---- provisional extend + accept ----------------------------------------------------------------
+
+
+def test_accept_equals_appending_only_the_kept_tokens_per_row():
+    """Row r keeps keep[r] of a provisional block; afterwards the cache behaves, for the context
+    (next extend) and for the denoiser (forward_block), as if only those tokens had been appended."""
+    ctx, den = make_towers(seed=3)
+    ids, mask = left_pad(random_prompts([5, 9, 7, 6], seed=3))
+    block = torch.randint(4, 64, (4, 6))
+    after = torch.randint(4, 64, (4, 3))
+    nxt_block = torch.randint(4, 64, (4, 6))
+    keep = torch.tensor([2, 6, 0, 1])
+    t = torch.full((4,), 0.5)
+    with torch.inference_mode():
+        _, cache = ctx.prefill(ids, mask, logits="none")
+        ctx.extend(cache, block, provisional=True)
+        ctx.accept(cache, keep)
+        assert cache.length == ids.shape[1] + 6 and cache.padded
+        den_out = den.forward_block(nxt_block, cache, t)
+        out = ctx.extend(cache, after)
+        for r in range(4):
+            real = mask[r].bool()
+            _, ref_cache = ctx.prefill(ids[r:r + 1, real], logits="none")
+            if keep[r] > 0:
+                ctx.extend(ref_cache, block[r:r + 1, : keep[r]])
+            ref_den = den.forward_block(nxt_block[r:r + 1], ref_cache, t[r:r + 1])
+            ref = ctx.extend(ref_cache, after[r:r + 1])
+            torch.testing.assert_close(out[r], ref[0], rtol=1e-4, atol=1e-4)
+            torch.testing.assert_close(den_out[r], ref_den[0], rtol=1e-4, atol=1e-4)
+
+
+def test_full_accept_equals_a_normal_extend():
+    ctx, _ = make_towers(seed=4)
+    ids = torch.randint(4, 64, (2, 9))
+    block = torch.randint(4, 64, (2, 5))
+    with torch.inference_mode():
+        _, a = ctx.prefill(ids, logits="none")
+        _, b = ctx.prefill(ids, logits="none")
+        la = ctx.extend(a, block, provisional=True)
+        ctx.accept(a, torch.tensor([5, 5]))
+        lb = ctx.extend(b, block)
+        torch.testing.assert_close(la, lb)
+        assert a.length == b.length and not a.padded
+        for sa, sb in zip(a.ssm + a.conv, b.ssm + b.conv):
+            if sa is not None:
+                torch.testing.assert_close(sa, sb, rtol=1e-5, atol=1e-6)
+
+
+def test_a_pending_block_must_be_accepted_before_anything_else():
+    ctx, den = make_towers(seed=5)
+    ids = torch.randint(4, 64, (2, 6))
+    with torch.inference_mode():
+        _, cache = ctx.prefill(ids, logits="none")
+        with pytest.raises(RuntimeError, match="no provisional block"):
+            ctx.accept(cache, torch.tensor([1, 1]))
+        ctx.extend(cache, torch.randint(4, 64, (2, 4)), provisional=True)
+        for action in (lambda: ctx.extend(cache, ids[:, :1]), lambda: den.forward_block(ids[:, :4], cache),
+                       cache.clone, lambda: cache.mirror_to("cpu")):
+            with pytest.raises(RuntimeError, match="accept"):
+                action()
+        with pytest.raises(ValueError, match="keep must be"):
+            ctx.accept(cache, torch.tensor([1, 1, 1]))
+        with pytest.raises(ValueError, match=r"keep must lie in \[0, 4\]"):
+            ctx.accept(cache, torch.tensor([5, 1]))
+        ctx.accept(cache, torch.tensor([4, 3]))  # the failed calls left it usable
+        assert cache.pending is None and cache.length == 10
+
+
+# ---- generate_speculative -------------------------------------------------------------------------
+
+
+class PerfectDrafter(torch.nn.Module):
+    """A denoiser stand-in whose draft is the context tower's own greedy continuation (computed by
+    stepping the context tower on a copy of the cache), so every drafted token is accepted."""
+
+    def __init__(self, ctx, shifted: bool, vocab: int):
+        super().__init__()
+        self.ctx, self.shifted, self.vocab = ctx, shifted, vocab
+        self.anchor = torch.nn.Parameter(torch.zeros(1))  # gives the stand-in a device
+        self.calls = 0
+
+    def forward_block(self, x, cache, t=None):
+        self.calls += 1
+        work = cache.clone()
+        tok, seq = x[:, :1], [x[:, 0]]
+        for _ in range(x.shape[1] - 1):
+            tok = self.ctx.extend(work, tok, logits="last")[:, -1].argmax(-1, keepdim=True)
+            seq.append(tok[:, 0])
+        seq = torch.stack(seq, 1)  # (b, n): the AR continuation starting with x[:, 0]
+        want = torch.cat([seq[:, 1:], seq[:, -1:]], 1) if self.shifted else seq
+        return torch.nn.functional.one_hot(want, self.vocab).float() * 10
+
+
+def speculative(ctx, den, ids, mask=None, **kw):
+    kw.setdefault("sampler", ConfidenceThreshold(0.8))
+    kw.setdefault("max_new_tokens", 21)
+    kw.setdefault("block_size", 6)
+    return generate_speculative(ctx, den, ids, mask, mask_token_id=MASK, pad_token_id=PAD, **kw)
+
+
+@pytest.mark.parametrize("shifted", [True, False])
+@pytest.mark.parametrize("draft_steps", [1, 3])
+def test_speculative_output_is_the_ar_output(shifted, draft_steps):
+    ctx, den = make_towers(seed=6)
+    ids, mask = left_pad(random_prompts([4, 9, 6], seed=6))
+    ar = generate_ar(ctx, ids, mask, max_new_tokens=21, pad_token_id=PAD)
+    out = speculative(ctx, den, ids, mask, shifted=shifted, draft_steps=draft_steps)
+    assert torch.equal(out.new_tokens, ar.new_tokens)
+    assert out.num_generated.tolist() == [21, 21, 21]
+    assert torch.all(out.nfe <= out.blocks * draft_steps) and out.blocks >= math.ceil(21 / 6)
+
+
+@pytest.mark.parametrize("shifted", [True, False])
+def test_a_perfect_draft_is_accepted_whole(shifted):
+    ctx, _ = make_towers(seed=9)
+    ids, mask = left_pad(random_prompts([5, 8], seed=9))
+    drafter = PerfectDrafter(ctx, shifted, 64)
+    ar = generate_ar(ctx, ids, mask, max_new_tokens=24, pad_token_id=PAD)
+    # A draft never holds [MASK]; this seed's AR output has none (a random model can emit it).
+    assert not (ar.new_tokens == MASK).any()
+    out = speculative(ctx, drafter, ids, mask, shifted=shifted, max_new_tokens=24, block_size=6)
+    assert torch.equal(out.new_tokens, ar.new_tokens)
+    assert out.blocks == 4 and drafter.calls == 4  # 6 tokens per iteration
+    assert out.tokens_per_nfe.tolist() == [6.0, 6.0]
+
+
+def test_rows_that_accept_different_lengths_stay_independent():
+    """Batch output equals each prompt run alone (holes from other rows' rejections are invisible)."""
+    ctx, den = make_towers(seed=9)
+    prompts = random_prompts([3, 10, 6, 8], seed=9)
+    ids, mask = left_pad(prompts)
+    batch = speculative(ctx, den, ids, mask, max_new_tokens=30, shifted=True)
+    for r, p in enumerate(prompts):
+        alone = speculative(ctx, den, p[None], max_new_tokens=30, shifted=True)
+        assert torch.equal(batch.new_tokens[r], alone.new_tokens[0])
+        assert int(batch.nfe[r]) == int(alone.nfe[0])
+
+
+def test_eos_and_max_new_tokens_end_rows_like_ar():
+    ctx, den = make_towers(seed=10)
+    ids, mask = left_pad(random_prompts([4, 7], seed=10))
+    free = generate_ar(ctx, ids, mask, max_new_tokens=19, pad_token_id=PAD)
+    eos = int(free.new_tokens[0, 5])
+    ar = generate_ar(ctx, ids, mask, max_new_tokens=19, pad_token_id=PAD, eos_token_id=eos)
+    out = speculative(ctx, den, ids, mask, max_new_tokens=19, eos_token_id=eos, shifted=True)
+    assert torch.equal(out.num_generated, ar.num_generated)
+    assert torch.equal(out.sequences, ar.sequences)
+
+
+def test_two_device_mirror_path_gives_the_same_output():
+    ctx, den = make_towers(seed=11)
+    ids, mask = left_pad(random_prompts([5, 3], seed=11))
+    shared = speculative(ctx, den, ids, mask, shifted=True)
+    mirrored = speculative(ctx, den, ids, mask, shifted=True, denoiser_device="cpu")
+    assert torch.equal(shared.new_tokens, mirrored.new_tokens) and torch.equal(shared.nfe, mirrored.nfe)
+
+
+def test_sampling_is_seeded_and_a_cold_temperature_is_greedy():
+    ctx, den = make_towers(seed=12)
+    ids = torch.randint(4, 64, (2, 6))
+    run = lambda seed, temp: speculative(ctx, den, ids, temperature=temp,  # noqa: E731
+                                         generator=torch.Generator().manual_seed(seed)).new_tokens
+    assert torch.equal(run(0, 1.0), run(0, 1.0))
+    assert not torch.equal(run(0, 1.0), run(1, 1.0))
+    greedy = generate_ar(ctx, ids, max_new_tokens=21, pad_token_id=PAD).new_tokens
+    assert torch.equal(run(0, 1e-4), greedy)
+
+
+def test_speculative_sampling_follows_the_ar_distribution():
+    """With temperature 1 every kept token is the context tower's own sample: the first generated
+    token's frequencies match softmax(prefill logits) (a chi-square-style bound over 2000 draws)."""
+    ctx, den = make_towers(seed=13, vocab_size=8)
+    ids = torch.randint(4, 8, (1, 5)).expand(2000, 5).contiguous()
+    with torch.inference_mode():
+        probs = ctx(ids[:1])[0, -1].softmax(-1)
+    out = speculative(ctx, den, ids, max_new_tokens=2, block_size=2, temperature=1.0, shifted=True,
+                      generator=torch.Generator().manual_seed(0))
+    second = out.new_tokens[:, 1]
+    first = out.new_tokens[:, 0]
+    freq = torch.bincount(first, minlength=8).float() / len(first)
+    assert torch.all((freq - probs).abs() < 4 * (probs * (1 - probs) / len(first)).sqrt() + 1e-3)
+    # the second token, drawn after an accepted or a corrected first one, is AR's conditional too
+    pick = int(first.mode().values)
+    with torch.inference_mode():
+        cond = ctx(torch.cat([ids[:1], torch.tensor([[pick]])], 1))[0, -1].softmax(-1)
+    rows = first == pick
+    freq2 = torch.bincount(second[rows], minlength=8).float() / int(rows.sum())
+    assert torch.all((freq2 - cond).abs() < 4 * (cond * (1 - cond) / int(rows.sum())).sqrt() + 1e-3)
+
+
+def test_bad_speculative_arguments_raise_clear_errors():
+    ctx, den = make_towers(seed=14)
+    ids = torch.randint(4, 64, (1, 4))
+    with pytest.raises(ValueError, match="draft_steps"):
+        speculative(ctx, den, ids, draft_steps=0)
+    with pytest.raises(ValueError, match="block_size >= 2"):
+        speculative(ctx, den, ids, block_size=1)
+
+
+# ---- training for one-step drafts ------------------------------------------------------------------
+
+
+def test_full_mask_mix_masks_a_share_of_blocks_completely():
+    g = torch.Generator().manual_seed(0)
+    t = FullMaskMix(p_full=0.3).sample((400, 10), generator=g)
+    full = t == 1.0
+    assert 0.25 < float(full.float().mean()) < 0.35
+    assert torch.all((t[~full] >= 1e-3) & (t[~full] < 1.0))
+    x = torch.randint(4, 64, (400, 160))
+    _, masked, t_act = mask_blocks(x, 16, t, MASK, schedule=LinearSchedule(), generator=g)
+    assert torch.all(t_act[full] == 1.0)
+    assert torch.all(FullMaskMix(p_full=0.0, base=StratifiedTime()).sample((5, 3), generator=g) < 1.0)
+    with pytest.raises(ValueError, match="p_full"):
+        FullMaskMix(p_full=1.5)
