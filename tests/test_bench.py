@@ -54,8 +54,12 @@ def test_smoke_json_has_every_mode_and_batch_size_with_sane_numbers(smoke):
         assert ar["tokens_per_nfe"] == 1.0 and mock["tokens_per_nfe"] == 1.0
         assert mock["nfe_per_block"] == res["settings"]["block_size_model"]  # one token per step
         # Every denoiser forward commits at least one token per row.
-        for name in ("diff_t0.5_b16", "diff_t0.8_b16", "diff_t0.8_b4"):
+        for name in ("diff_t0.5_b16", "diff_t0.8_b16", "diff_t0.8_b4", "spec_b16"):
             assert runs[(name, b)]["tokens_per_nfe"] >= 1.0
+        # Speculative decoding is lossless: the AR tokens exactly, one draft forward per iteration.
+        spec = runs[("spec_b16", b)]
+        assert spec["quality"]["match_ar"] == 1.0 and spec["retention_nll"] == pytest.approx(1.0)
+        assert spec["nfe_per_block"] == 1.0
 
 
 def test_smoke_training_and_profile_numbers(smoke):
@@ -64,11 +68,14 @@ def test_smoke_training_and_profile_numbers(smoke):
     assert t["denoiser_tokens_per_s"] > 0 and t["ar_tokens_per_s"] > 0
     assert t["ratio"] == pytest.approx(t["denoiser_tokens_per_s"] / t["ar_tokens_per_s"])
     modes = [p["mode"] for p in res["profile"]]
-    assert modes == ["diff_t0.8_b16", "ar"]
+    assert modes == ["diff_t0.8_b16", "spec_b16", "ar"]
     for p in res["profile"]:
         assert sum(r["seconds"] for r in p["phases"].values()) == pytest.approx(p["total_seconds"], rel=1e-6)
     den = res["profile"][0]["phases"]
     assert den["denoiser forward"]["calls"] == den["sampling/commit"]["calls"] > 0
+    spec = res["profile"][1]["phases"]
+    draft, verify = spec["denoiser forward (draft)"]["calls"], spec["context extend (verify)"]["calls"]
+    assert draft == verify == spec["accept (rollback)"]["calls"] > 0  # one of each per iteration
 
 
 # ---- metrics on hand-built inputs ---------------------------------------------------------------
@@ -128,10 +135,14 @@ def test_parse_modes_accepts_any_threshold_and_block_and_always_runs_ar():
     modes = bench.parse_modes("diff_t0.6_b8,mock_ar", bench.FULL_MODES)
     assert [m.name for m in modes] == ["ar", "diff_t0.6_b8", "mock_ar"]
     assert (modes[1].threshold, modes[1].block) == (0.6, 8)
+    spec = bench.parse_modes("spec_b8", bench.FULL_MODES)[1]
+    assert (spec.kind, spec.block) == ("speculative", 8)
     assert [m.name for m in bench.parse_modes("mock_ar,ar,mock_ar", bench.FULL_MODES)] == ["ar", "mock_ar"]
     assert bench.parse_modes(None, bench.SMOKE_MODES) == bench.SMOKE_MODES
     with pytest.raises(SystemExit, match="unknown mode"):
         bench.parse_modes("fast", bench.FULL_MODES)
+    with pytest.raises(SystemExit, match="unknown mode"):
+        bench.parse_modes("spec_bx", bench.FULL_MODES)
 
 
 def test_update_readme_replaces_between_markers_or_appends_a_results_section(tmp_path):

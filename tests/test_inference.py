@@ -86,11 +86,17 @@ def test_generation_module_modes_agree_with_model(twotower_dir):
 
     data = PromptDataModule(prompt_list=["abc", "hello world"], batch_size=2)
     batch = next(iter(data.predict_dataloader()))
-    for mode in ("ar", "mock_ar", "diffusion"):
+    completions = {}
+    for mode in ("ar", "mock_ar", "diffusion", "speculative"):
         module = GenerationModule(str(twotower_dir), mode=mode, max_new_tokens=10, stop_at_eos=False)
         rows = module.predict_step(batch, 0)
+        completions[mode] = [row["completion"] for row in rows]
         model = module.model
-        if mode == "ar":
+        if mode == "speculative":  # lossless: the AR model's own greedy output
+            assert completions[mode] == completions["ar"]
+            ref = model.generate_speculative(batch["input_ids"], 10, attention_mask=batch["attention_mask"],
+                                             return_dict=True)
+        elif mode == "ar":
             ref = model.generate_ar(batch["input_ids"], max_new_tokens=10, attention_mask=batch["attention_mask"],
                                     return_dict=True)
         else:
@@ -98,7 +104,7 @@ def test_generation_module_modes_agree_with_model(twotower_dir):
                                  steps_per_block=module.steps_per_block, max_new_tokens=10)
         for r, row in enumerate(rows):
             assert row["completion"] == module.tokenizer.decode(ref.new_tokens[r].tolist())
-        if mode != "diffusion":
+        if mode in ("ar", "mock_ar"):
             assert all(row["tokens_per_nfe"] == 1.0 for row in rows)
 
 

@@ -57,7 +57,8 @@ README_START, README_END = "<!-- bench:start -->", "<!-- bench:end -->"
 
 @dataclass(frozen=True)
 class Mode:
-    """One way of generating. kind: "ar" (ours), "hf" (transformers), "mock_ar" or "diffusion"."""
+    """One way of generating. kind: "ar" (ours), "hf" (transformers), "mock_ar", "diffusion" or
+    "speculative" (one-forward drafts verified by the context tower: lossless)."""
 
     name: str
     kind: str
@@ -67,6 +68,8 @@ class Mode:
     def describe(self) -> str:
         if self.kind == "diffusion":
             return f"mask diffusion, ConfidenceThreshold({self.threshold:g}), block {self.block}"
+        if self.kind == "speculative":
+            return f"speculative: 1-forward denoiser draft + context-tower verification, block {self.block}"
         return {"ar": "AR (ours: context tower, cached)", "hf": "transformers greedy generate",
                 "mock_ar": "mock-AR (two towers, 1 token / step)"}[self.kind]
 
@@ -75,14 +78,18 @@ def _diffusion(threshold: float, block: int) -> Mode:
     return Mode(f"diff_t{threshold:g}_b{block}", "diffusion", threshold, block)
 
 
+def _speculative(block: int) -> Mode:
+    return Mode(f"spec_b{block}", "speculative", None, block)
+
+
 BASE_MODES = [Mode("ar", "ar"), Mode("hf_generate", "hf"), Mode("mock_ar", "mock_ar")]
 FULL_MODES = BASE_MODES + [_diffusion(t, 16) for t in (0.5, 0.7, 0.8, 0.9, 0.95)] + \
-    [_diffusion(0.8, b) for b in (4, 8, 32)]
-SMOKE_MODES = BASE_MODES + [_diffusion(0.5, 16), _diffusion(0.8, 16), _diffusion(0.8, 4)]
+    [_diffusion(0.8, b) for b in (4, 8, 32)] + [_speculative(16)]
+SMOKE_MODES = BASE_MODES + [_diffusion(0.5, 16), _diffusion(0.8, 16), _diffusion(0.8, 4), _speculative(16)]
 
 
 def parse_modes(spec: str | None, available: list[Mode]) -> list[Mode]:
-    """`--modes a,b,c` -> Mode list (any diff_t<T>_b<S> name is accepted); "ar" is always run first."""
+    """`--modes a,b,c` -> Mode list (any diff_t<T>_b<S> or spec_b<S> name is accepted); "ar" is always run first."""
     if not spec:
         return list(available)  # both lists start with "ar"
     known = {m.name: m for m in FULL_MODES + available}
@@ -92,12 +99,15 @@ def parse_modes(spec: str | None, available: list[Mode]) -> list[Mode]:
             out.append(known[name])
             continue
         try:
+            if name.startswith("spec_b"):
+                out.append(_speculative(int(name.removeprefix("spec_b"))))
+                continue
             t, b = name.removeprefix("diff_t").split("_b")
             assert name.startswith("diff_t")
             out.append(_diffusion(float(t), int(b)))
         except (ValueError, AssertionError):
             raise SystemExit(f"unknown mode {name!r}; choose from {', '.join(m.name for m in FULL_MODES)} "
-                             "(or any diff_t<THRESHOLD>_b<BLOCK>)") from None
+                             "(or any diff_t<THRESHOLD>_b<BLOCK> / spec_b<BLOCK>)") from None
     # "ar" runs first, always: the reference for retention, throughput ratios and "= AR".
     return [known["ar"]] + [m for m in dict.fromkeys(out) if m.name != "ar"]
 
@@ -289,6 +299,9 @@ class Runner:
                 out = m.generate_ar(ids, N, attention_mask=mask, eos_token_id=None, return_dict=True)
             elif mode.kind == "mock_ar":
                 out = m.generate_mock_ar(ids, N, attention_mask=mask, eos_token_id=None, return_dict=True)
+            elif mode.kind == "speculative":
+                out = m.generate_speculative(ids, N, block_size=mode.block, attention_mask=mask, eos_token_id=None,
+                                             return_dict=True)
             else:
                 from .samplers import ConfidenceThreshold
 
@@ -477,12 +490,14 @@ class PhaseTimer:
 
 
 def profile(model, mode: Mode, batches: list[tuple[Tensor, Tensor]], N: int, device: torch.device) -> dict:
-    """Wall-time split of one pass over `batches` (batch 1) into prefill / forward / sampling / extend / other.
+    """Wall-time split of one pass over `batches` (batch 1) into its phases.
 
     Diffusion: "denoiser forward" = DenoiserTower.forward_block; "sampling/commit" = from its return
     to the end of the step (mask logit, argmax, confidence softmax, sampler, commit), read through
-    the step callback. AR: "decode forward" = ContextTower.extend; "sampling/commit" = the argmax.
-    CUDA is synchronised around each timed call, which adds a little time of its own.
+    the step callback. Speculative: "denoiser forward (draft)", "context extend (verify)" and
+    "accept (rollback)" = ContextTower.accept. AR: "decode forward" = ContextTower.extend;
+    "sampling/commit" = the argmax. CUDA is synchronised around each timed call, which adds a
+    little time of its own.
     """
     from . import generation
     from .samplers import ConfidenceThreshold
@@ -490,13 +505,17 @@ def profile(model, mode: Mode, batches: list[tuple[Tensor, Tensor]], N: int, dev
     pt = PhaseTimer(device)
     ctx = model.context
     total = 0.0
+    names = {"diffusion": ("denoiser forward", "context extend"),
+             "speculative": ("denoiser forward (draft)", "context extend (verify)"),
+             "ar": (None, "decode forward (extend)")}[mode.kind]
     with contextlib.ExitStack() as stack:
         stack.enter_context(_patched(ctx, "prefill", pt.wrap("prefill")))
-        extend_name = "context extend" if mode.kind == "diffusion" else "decode forward (extend)"
-        stack.enter_context(_patched(ctx, "extend", pt.wrap(extend_name)))
-        if mode.kind == "diffusion":
-            stack.enter_context(_patched(model.denoiser, "forward_block", pt.wrap("denoiser forward", True)))
-        else:
+        stack.enter_context(_patched(ctx, "extend", pt.wrap(names[1])))
+        if mode.kind != "ar":
+            stack.enter_context(_patched(model.denoiser, "forward_block", pt.wrap(names[0], True)))
+        if mode.kind == "speculative":
+            stack.enter_context(_patched(ctx, "accept", pt.wrap("accept (rollback)")))
+        if mode.kind == "ar":
             stack.enter_context(_patched(generation, "_predict", pt.wrap("sampling/commit")))
 
         def on_step(*_):
@@ -509,12 +528,16 @@ def profile(model, mode: Mode, batches: list[tuple[Tensor, Tensor]], N: int, dev
             if mode.kind == "diffusion":
                 model.generate(ids, mask, sampler=ConfidenceThreshold(mode.threshold), block_size=mode.block,
                                steps_per_block=mode.block, max_new_tokens=N, eos_token_id=None, step_callback=on_step)
+            elif mode.kind == "speculative":
+                model.generate_speculative(ids, N, block_size=mode.block, attention_mask=mask, eos_token_id=None,
+                                           step_callback=on_step)
             else:
                 model.generate_ar(ids, N, attention_mask=mask, eos_token_id=None, return_dict=True)
             _sync(device)
             total += time.perf_counter() - start
-    phases = ["prefill", "denoiser forward", "sampling/commit", "context extend"] if mode.kind == "diffusion" \
-        else ["prefill", "decode forward (extend)", "sampling/commit"]
+    phases = {"diffusion": ["prefill", names[0], "sampling/commit", names[1]],
+              "speculative": ["prefill", names[0], "sampling/commit", names[1], "accept (rollback)"],
+              "ar": ["prefill", names[1], "sampling/commit"]}[mode.kind]
     rows = {p: {"seconds": pt.seconds.get(p, 0.0), "calls": pt.calls.get(p, 0)} for p in phases}
     rows["other"] = {"seconds": max(0.0, total - sum(r["seconds"] for r in rows.values())), "calls": None}
     for r in rows.values():
@@ -634,7 +657,10 @@ def render_markdown(res: dict, *, level: int = 1, png: str = "tradeoff.png") -> 
           f"byte tokens, {s['max_new_tokens']} new tokens, seed {s['seed']}; greedy (temperature 0) everywhere. "
           f"**EOS is ignored** (no early stop), so every mode generates exactly {s['max_new_tokens']} tokens and "
           f"speeds compare like for like. tok/s = generated tokens / wall second, median of {s['repeats']} runs "
-          f"after one warm-up call per mode. Diffusion uses steps_per_block = block size.", ""]
+          f"after one warm-up call per mode. Diffusion uses steps_per_block = block size. spec_b<S>: speculative "
+          f"decoding, a one-forward denoiser draft of S positions verified by the context tower (its output is "
+          f"the AR output); its NFE counts denoiser forwards, one per iteration, so tok/NFE = tokens per "
+          f"iteration, each of which also runs one verifying context extend.", ""]
     L += [f"Machine: {m['cpu']}, {m['cores']} cores, {m['torch_threads']} torch threads, torch {m['torch']}, "
           f"transformers {m['transformers']}, device `{m['device']}`" + (f" ({m['gpu']})" if cuda else "")
           + f", {m['date']}.", ""]
@@ -672,8 +698,10 @@ def render_markdown(res: dict, *, level: int = 1, png: str = "tradeoff.png") -> 
     if any(not r["deterministic_across_repeats"] for r in res["runs"]):
         bad = ", ".join(f"{r['mode']}@{r['batch_size']}" for r in res["runs"] if not r["deterministic_across_repeats"])
         L += [f"Warning: output differed between repeats for {bad} (quality uses the first repeat).", ""]
-    for head in (r for r in res["runs"] if r["mode"] == "diff_t0.8_b16"):
-        L += [f"- Headline operating point (threshold 0.8, block 16) at batch {head['batch_size']}: "
+    for head in (r for r in res["runs"] if r["mode"] in ("diff_t0.8_b16", "spec_b16")):
+        what = "Headline operating point (threshold 0.8, block 16)" if head["kind"] == "diffusion" else \
+            "Lossless speculative mode (block 16)"
+        L += [f"- {what} at batch {head['batch_size']}: "
               f"{_f(head['speedup_vs_ar'], '.2f')}x our AR's throughput ({_f(head['speedup_vs_hf'], '.2f')}x "
               f"transformers') at {_f(head['retention_agreement'], '.1%')} agreement retention / "
               f"{_f(head['retention_nll'], '.1%')} NLL retention (NVIDIA: {TARGET_SPEEDUP}x at {TARGET_RETENTION:.1%})."]
@@ -888,7 +916,7 @@ def _run(args, modes: list[Mode], batch_sizes: list[int], device: torch.device, 
         one = [(prompts[i: i + 1], torch.ones_like(prompts[i: i + 1])) for i in range(len(windows))]
         result["profile"] = []
         with torch.inference_mode():
-            for mode in (_diffusion(0.8, 16), Mode("ar", "ar")):
+            for mode in (_diffusion(0.8, 16), _speculative(16), Mode("ar", "ar")):
                 result["profile"].append(profile(model, mode, one, args.max_new_tokens, device))
                 p = result["profile"][-1]
                 split = ", ".join(f"{k} {v['share']:.0%}" for k, v in p["phases"].items() if v["share"] is not None)

@@ -22,7 +22,7 @@ from lightning.pytorch.callbacks import BasePredictionWriter
 from .samplers import ConfidenceThreshold, MockAR, Sampler
 from .tokenizers import ByteTokenizer, Tokenizer
 
-MODES = ("diffusion", "mock_ar", "ar")
+MODES = ("diffusion", "speculative", "mock_ar", "ar")
 
 
 class GenerationModule(L.LightningModule):
@@ -30,11 +30,14 @@ class GenerationModule(L.LightningModule):
 
     Args:
         model: a two-tower checkpoint directory (released layout).
-        mode: "diffusion" (the sampler decides commits), "mock_ar" (one token per denoiser step,
-            left to right) or "ar" (context tower alone, the baseline).
-        sampler: the commit policy for "diffusion"; default ConfidenceThreshold(0.8).
+        mode: "diffusion" (the sampler decides commits), "speculative" (the denoiser drafts, the
+            context tower verifies: the AR model's own output, fewer forwards), "mock_ar" (one token
+            per denoiser step, left to right) or "ar" (context tower alone, the baseline).
+        sampler: the commit policy for "diffusion" (and for the draft steps before the last in
+            "speculative"); default ConfidenceThreshold(0.8).
         block_size: tokens per block (default: the checkpoint's).
-        steps_per_block: the most denoiser steps a block may take.
+        steps_per_block: the most denoiser steps a block may take ("diffusion").
+        draft_steps: denoiser steps per draft ("speculative").
         max_new_tokens: per prompt.
         temperature: 0 = greedy; > 0 samples (Gumbel-max) with `seed`.
         stop_at_eos: stop a sequence at the tokenizer's EOS.
@@ -44,7 +47,8 @@ class GenerationModule(L.LightningModule):
     """
 
     def __init__(self, model: str, mode: str = "diffusion", sampler: Sampler | None = None,
-                 block_size: int | None = None, steps_per_block: int = 16, max_new_tokens: int = 128,
+                 block_size: int | None = None, steps_per_block: int = 16, draft_steps: int = 1,
+                 max_new_tokens: int = 128,
                  temperature: float = 0.0, stop_at_eos: bool = True, context_device: str | None = None,
                  denoiser_device: str | None = None, dtype: str | None = None, seed: int | None = 0,
                  tokenizer: Tokenizer | None = None):
@@ -69,6 +73,7 @@ class GenerationModule(L.LightningModule):
         self.sampler = MockAR() if mode == "mock_ar" else (sampler or ConfidenceThreshold(0.8))
         self.block_size = block_size or self.model.block_size
         self.steps_per_block = self.block_size if mode == "mock_ar" else steps_per_block
+        self.draft_steps = draft_steps
         self.max_new_tokens = max_new_tokens
         self.temperature = temperature
         self.stop_at_eos = stop_at_eos
@@ -89,6 +94,10 @@ class GenerationModule(L.LightningModule):
         if self.mode == "ar":
             out = self.model.generate_ar(ids, max_new_tokens=self.max_new_tokens, temperature=self.temperature,
                                          eos_token_id=eos, attention_mask=mask, generator=gen, return_dict=True)
+        elif self.mode == "speculative":
+            out = self.model.generate_speculative(ids, self.max_new_tokens, self.block_size, self.draft_steps,
+                                                  self.temperature, eos, mask, sampler=self.sampler, generator=gen,
+                                                  return_dict=True)
         else:
             out = self.model.generate(ids, attention_mask=mask, sampler=self.sampler, block_size=self.block_size,
                                       steps_per_block=self.steps_per_block, max_new_tokens=self.max_new_tokens,

@@ -25,7 +25,7 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
-from .generation import GenerationOutput, StepCallback, generate_ar, generate_diffusion
+from .generation import GenerationOutput, StepCallback, generate_ar, generate_diffusion, generate_speculative
 from .samplers import ConfidenceThreshold, MockAR, Sampler
 from .towers.context import ContextTower
 from .towers.denoiser import DenoiserTower
@@ -258,6 +258,31 @@ class TwoTowerLM(nn.Module):
         block_size = self.block_size if block_size is None else _check_block_size(block_size)
         out = self._diffusion(input_ids, attention_mask, MockAR(), block_size, block_size, max_new_tokens,
                               mask_token_id, temperature, eos_token_id, generator)
+        return out if return_dict else out.sequences
+
+    def generate_speculative(self, input_ids: Tensor, max_new_tokens: int = 64, block_size: int | None = None,
+                             draft_steps: int = 1, temperature: float = 0.0,
+                             eos_token_id: int | Sequence[int] | None = None, attention_mask: Tensor | None = None,
+                             *, sampler: Sampler | None = None, generator: torch.Generator | None = None,
+                             step_callback: StepCallback | None = None, pad_token_id: int | None = None,
+                             mask_token_id: int | None = None,
+                             return_dict: bool = False) -> Tensor | GenerationOutput:
+        """Lossless two-tower decoding: the denoiser drafts each block in `draft_steps` forwards, the
+        context tower verifies it in the extend it runs anyway, and each row keeps the prefix the
+        context tower agrees with (plus its own token at the first disagreement). Greedy output is
+        the AR output (`generate_ar`) token for token. See `generation.generate_speculative`.
+        """
+        block_size = self.block_size if block_size is None else _check_block_size(block_size)
+        ctx_device, _ = self.devices
+        out = generate_speculative(
+            self.context, self.denoiser, _to(input_ids, ctx_device), _to(attention_mask, ctx_device),
+            sampler=ConfidenceThreshold(0.8) if sampler is None else sampler, block_size=block_size,
+            draft_steps=draft_steps, max_new_tokens=max_new_tokens,
+            mask_token_id=self.mask_token_id if mask_token_id is None else mask_token_id,
+            pad_token_id=self._pad_id(eos_token_id) if pad_token_id is None else pad_token_id,
+            temperature=temperature, eos_token_id=eos_token_id, generator=generator, step_callback=step_callback,
+            shifted=self.shifted,
+        )
         return out if return_dict else out.sequences
 
     def generate_ar(self, input_ids: Tensor, max_new_tokens: int = 64, temperature: float = 0.0,
