@@ -69,3 +69,18 @@ def test_embedded_default_generates_on_gpu():
     diff = model.generate(ids, max_new_tokens=32)
     assert ar.new_tokens.shape == diff.new_tokens.shape == (1, 32)
     assert float(diff.tokens_per_nfe[0]) >= 1.0
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_speculative_decoding_is_the_ar_output_on_each_device(device):
+    """On CUDA the provisional extend's scan runs on mamba-ssm's kernel when installed; the closed-form
+    rollback must land on the same states, so the output stays the AR output, in float32 and bf16."""
+    model = TwoTowerLM.from_backbone(randomize_(ContextTower(tiny_config()), seed=4)).to(device).eval()
+    ids = torch.randint(4, 64, (3, 40), device=device)
+    ar = model.generate_ar(ids, max_new_tokens=40, return_dict=True)
+    spec = model.generate_speculative(ids, max_new_tokens=40, block_size=8, return_dict=True)
+    assert torch.equal(spec.new_tokens, ar.new_tokens)
+    half = model.to(torch.bfloat16)
+    half.context.keep_router_fp32()
+    out = half.generate_speculative(ids, max_new_tokens=40, block_size=8, return_dict=True)
+    assert out.new_tokens.shape == (3, 40) and int(out.num_generated.min()) == 40

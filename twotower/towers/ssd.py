@@ -220,13 +220,14 @@ def ssd_state_at(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, *, initial_state: 
     end = cum.gather(1, (last + 1).view(b, 1, 1).expand(b, 1, h))  # (b, 1, h)
     pos = torch.arange(L, device=x.device)
     diff = (end - cum[:, 1:]).masked_fill(pos.view(1, L, 1) > last.view(b, 1, 1), float("-inf"))
-    w = diff.exp() * dt.to(f32)  # (b, L, h): exp(decay to `last`) dt_s, 0 after `last`
+    w = diff.exp_().mul_(dt.to(f32))  # (b, L, h): exp(decay to `last`) dt_s, 0 after `last`
     Bh = B.to(f32)
     if g != h:
         Bh = Bh.repeat_interleave(h // g, dim=2)
-    state = torch.einsum("bsh,bshp,bshn->bhpn", w, x.to(f32), Bh)
+    xw = (x.to(f32) * w[..., None]).permute(0, 2, 3, 1)  # (b, h, p, L)
+    state = xw @ Bh.permute(0, 2, 1, 3)  # (b, h, p, n)
     if initial_state is not None:
-        state = state + initial_state.to(f32) * end.view(b, h, 1, 1).exp()
+        state = torch.addcmul(state, initial_state.to(f32), end.view(b, h, 1, 1).exp())
     return state
 
 
