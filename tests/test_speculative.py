@@ -275,3 +275,23 @@ def test_full_mask_mix_masks_a_share_of_blocks_completely():
     assert torch.all(FullMaskMix(p_full=0.0, base=StratifiedTime()).sample((5, 3), generator=g) < 1.0)
     with pytest.raises(ValueError, match="p_full"):
         FullMaskMix(p_full=1.5)
+
+
+def test_finished_rows_leave_the_working_batch(monkeypatch):
+    """Once a row finishes (EOS here), later forwards run without it; outputs are unchanged."""
+    ctx, den = make_towers(seed=10)
+    ids, mask = left_pad(random_prompts([4, 7, 5], seed=10))
+    free = generate_ar(ctx, ids, mask, max_new_tokens=30, pad_token_id=PAD)
+    eos = int(free.new_tokens[1, 3])  # row 1 stops early (others may too)
+    ar = generate_ar(ctx, ids, mask, max_new_tokens=30, pad_token_id=PAD, eos_token_id=eos)
+    sizes, real = [], ctx.extend
+
+    def spy(cache, tokens, **kw):
+        sizes.append(tokens.shape[0])
+        return real(cache, tokens, **kw)
+
+    monkeypatch.setattr(ctx, "extend", spy)
+    out = speculative(ctx, den, ids, mask, max_new_tokens=30, eos_token_id=eos, shifted=True)
+    assert torch.equal(out.sequences, ar.sequences) and torch.equal(out.num_generated, ar.num_generated)
+    assert sizes == sorted(sizes, reverse=True) and sizes[0] == 3
+    assert sizes[-1] < 3  # the last iterations ran without the rows that had finished

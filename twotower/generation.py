@@ -240,30 +240,35 @@ class _Tracker:
         self.seconds[finished & self.seconds.isnan()] = time.perf_counter() - self.start
         return block, bool(finished.all())
 
-    def commit_ragged(self, block: Tensor, count: Tensor, max_new_tokens: int) -> bool:
-        """Record the first count[b] tokens of block (B, n) after what row b already holds; returns
-        whether every row has finished.
+    def commit_ragged(self, block: Tensor, count: Tensor, max_new_tokens: int, rows: Tensor) -> Tensor:
+        """Record, for working row r (the tracker's row rows[r]), the first count[r] tokens of block
+        (R, n) after what that row already holds; returns the (R,) bool host tensor of which working
+        rows have now finished.
 
         Rows advance by different amounts (speculative decoding). A row finishes at its first EOS
         or when it holds max_new_tokens; tokens past either are dropped. `self.tokens` must have n
         spare columns past max_new_tokens (writes that are dropped land there). One host sync.
         """
-        B, n = block.shape
+        n = block.shape[1]
         j = torch.arange(n, device=block.device)
-        count = torch.where(self.finished, 0, count.minimum(max_new_tokens - self.num_generated))
+        finished, have = self.finished[rows], self.num_generated[rows]
+        count = torch.where(finished, 0, count.minimum(max_new_tokens - have))
         if self.eos is not None:
             is_eos = torch.isin(block, self.eos) & (j < count[:, None])
             hit = is_eos.any(-1)
             count = torch.where(hit, is_eos.long().argmax(-1) + 1, count)
-            self.finished |= hit
-        pos = self.num_generated[:, None] + j
-        pos = torch.where(j < count[:, None], pos, max_new_tokens + j)  # dropped writes go to the spare columns
-        self.tokens.scatter_(1, pos, block)
-        self.num_generated += count
-        self.finished |= self.num_generated >= max_new_tokens
-        finished = self.finished.cpu()
-        self.seconds[finished & self.seconds.isnan()] = time.perf_counter() - self.start
-        return bool(finished.all())
+            finished = finished | hit
+        pos = torch.where(j < count[:, None], have[:, None] + j, max_new_tokens + j)  # dropped: spare columns
+        self.tokens[rows] = self.tokens[rows].scatter_(1, pos, block)
+        have = have + count
+        finished = finished | (have >= max_new_tokens)
+        self.num_generated[rows] = have
+        self.finished[rows] = finished
+        done = finished.cpu()
+        now = time.perf_counter()
+        newly = rows.cpu()[done]
+        self.seconds[newly] = torch.where(self.seconds[newly].isnan(), now - self.start, self.seconds[newly])
+        return done
 
     def output(self, input_ids: Tensor, blocks: int) -> GenerationOutput:
         n = int(self.num_generated.max())  # also waits for queued device work before reading the clock
@@ -291,7 +296,7 @@ class _Tracker:
 def _denoise_block(denoiser, cache, active: Tensor, n: int, *, sampler, steps_per_block: int, mask_token_id: int,
                    pad_token_id: int, temperature: float, generator, tracker: _Tracker, block_index: int,
                    step_callback: StepCallback | None, first: Tensor | None = None, shift: bool = False,
-                   fill_last: bool = False) -> Tensor:
+                   fill_last: bool = False, rows: Tensor | None = None) -> Tensor:
     """Fill one block of n positions for the rows in `active` (B,) bool; returns x (B, n) with no [MASK] left.
 
     Rows not active hold pad tokens, are never masked and count no NFE. `first` (B,): the block
@@ -299,6 +304,7 @@ def _denoise_block(denoiser, cache, active: Tensor, n: int, *, sampler, steps_pe
     denoiser output at position i is read as the prediction for position i + 1 (a shifted model;
     needs `first`). `fill_last`: the last allowed step fills every position still masked without
     consulting the sampler (a one-step draft is then the plain argmax, no confidences computed).
+    `rows` (B,): the tracker rows these B rows are (a compacted batch); default the first B.
     """
     B = active.shape[0]
     masked = active[:, None].expand(B, n).clone()
@@ -321,7 +327,11 @@ def _denoise_block(denoiser, cache, active: Tensor, n: int, *, sampler, steps_pe
             conf = _confidence(logits, cand)
             commit = sampler(conf, cand, masked, step=step, steps_per_block=steps_per_block, logits=logits)
             commit = commit & masked  # a plain-callable sampler gets no contract enforcement otherwise
-        tracker.nfe += masked.any(-1).to(tracker.nfe.device)
+        took_part = masked.any(-1).to(tracker.nfe.device)
+        if rows is None:
+            tracker.nfe += took_part
+        else:
+            tracker.nfe.index_add_(0, rows, took_part.long())
         before, x = x, torch.where(commit, cand, x)
         masked &= ~commit
         if step_callback is not None:
@@ -480,13 +490,14 @@ def generate_speculative(
     equals `generate_ar` (up to float rounding between a chunked and a one-token forward) and
     sampled output is distributed as AR sampling. The denoiser only decides how many tokens one
     iteration yields (1 to n). Rows advance independently; a row that keeps fewer than another
-    leaves masked-out holes in the shared cache.
+    leaves masked-out holes in the shared cache, and a row that has finished leaves the working
+    batch (its cache rows are dropped), so later forwards only pay for the rows still running.
 
     Args: as `generate_diffusion`, plus `draft_steps` (denoiser forwards per draft; the sampler
     picks the commits of all but the last, which fills every position left: with the default 1
     the draft is the denoiser's argmax and the sampler is not consulted). `nfe` counts denoiser forwards, as in mask diffusion
     (the verifying extend is the context forward every block-wise mode runs per block); `blocks`
-    counts iterations. `step_callback` sees the draft steps.
+    counts iterations. `step_callback` sees the draft steps of the rows still running.
     """
     cfg = context.config
     vocab = cfg.vocab_size
@@ -511,24 +522,30 @@ def generate_speculative(
     den_cache = cache.mirror_to(den_device) if use_mirror else cache
     tracker = _Tracker(B, max_new_tokens + n, pad_token_id, eos, ctx_device, start)  # n spare columns
     nxt = _predict(logits[:, -1], temperature, generator)  # (B,) the context tower's next token
+    rows = torch.arange(B, device=ctx_device)  # the working batch: the rows still running
     iterations = 0
     while True:
-        active = ~tracker.finished
-        x = _denoise_block(denoiser, den_cache, active.to(den_device), n, sampler=sampler,
-                           steps_per_block=draft_steps, mask_token_id=mask_token_id, pad_token_id=pad_token_id,
-                           temperature=0.0, generator=None, tracker=tracker, block_index=iterations,
-                           step_callback=step_callback, first=nxt.to(den_device), shift=shifted, fill_last=True)
+        R = rows.shape[0]
+        x = _denoise_block(denoiser, den_cache, torch.ones(R, dtype=torch.bool, device=den_device), n,
+                           sampler=sampler, steps_per_block=draft_steps, mask_token_id=mask_token_id,
+                           pad_token_id=pad_token_id, temperature=0.0, generator=None, tracker=tracker,
+                           block_index=iterations, step_callback=step_callback, first=nxt.to(den_device),
+                           shift=shifted, fill_last=True, rows=rows)
         x = x.to(ctx_device)
-        logits = context.extend(cache, x, logits="all", provisional=True)  # (B, n, V)
+        logits = context.extend(cache, x, logits="all", provisional=True)  # (R, n, V)
         ar = _predict(logits, temperature, generator)  # ar[:, i]: the context tower's token after x[:, :i + 1]
-        agree = (ar[:, :-1] == x[:, 1:]).long().cumprod(-1).sum(-1)
-        keep = torch.where(active, agree + 1, 0)
+        keep = (ar[:, :-1] == x[:, 1:]).long().cumprod(-1).sum(-1) + 1
         context.accept(cache, keep)
-        nxt = ar.gather(1, (keep - 1).clamp(min=0)[:, None]).squeeze(1)
+        nxt = ar.gather(1, (keep - 1)[:, None]).squeeze(1)
         iterations += 1
-        if tracker.commit_ragged(x, keep, max_new_tokens):
+        done = tracker.commit_ragged(x, keep, max_new_tokens, rows)
+        if bool(done.all()):
             break
-        if use_mirror:
+        if bool(done.any()):  # drop finished rows: later forwards only pay for the rows still running
+            stay = (~done).nonzero().squeeze(1).to(ctx_device)
+            cache, rows, nxt = cache.select(stay), rows[stay], nxt[stay]
+            den_cache = cache.mirror_to(den_device) if use_mirror else cache
+        elif use_mirror:
             den_cache = cache.mirror_to(den_device, den_cache)
     tracker.tokens = tracker.tokens[:, :max_new_tokens]
     return tracker.output(input_ids, iterations)
