@@ -364,7 +364,9 @@ def run_mode(runner: Runner, mode: Mode, batches: list[tuple[Tensor, Tensor]], r
         "nfe_total": nfe,
         "nfe_source": "by construction (1 forward per token)" if mode.kind == "hf" else "counted",
         "tokens_per_nfe": total / nfe,
-        "nfe_per_block": nfe / block_rows if block_rows else None,
+        # Speculative: one draft forward per row and iteration by construction (rows run different
+        # numbers of iterations), so tok/NFE already is tokens per iteration; no per-block figure.
+        "nfe_per_block": nfe / block_rows if block_rows and mode.kind != "speculative" else None,
         "deterministic_across_repeats": deterministic,
         "cache_bytes": warm.cache_bytes,
         "cuda_peak_bytes": torch.cuda.max_memory_allocated(device) if resident is not None else None,
