@@ -229,3 +229,24 @@ def test_from_pretrained_truncated_or_missing_files_name_the_problem(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(FileNotFoundError, match="config.json"):
         ContextTower.from_pretrained(tmp_path / "empty")
+
+
+def test_moe_sparse_and_dense_expert_paths_agree_and_dispatch_by_coverage(monkeypatch):
+    """Both expert paths compute the same mixture; many experts with few chosen slots go sparse
+    (a per-expert loop), the rest dense (every expert on every token)."""
+    from twotower.towers.layers import Experts
+
+    cfg = tiny_config(n_routed_experts=16, num_experts_per_tok=2)
+    experts = randomize_(Experts(cfg), seed=4)
+    g = torch.Generator().manual_seed(4)
+    for n in (1, 3, 40):
+        x = torch.randn(n, cfg.hidden_size, generator=g)
+        idx = torch.stack([torch.randperm(16, generator=g)[:2] for _ in range(n)])
+        w = torch.rand(n, 2, generator=g)
+        torch.testing.assert_close(experts._sparse(x, w, idx), experts._dense(x, w, idx), rtol=1e-5, atol=1e-6)
+    used = []
+    monkeypatch.setattr(experts, "_sparse", lambda *a: used.append("sparse") or a[0])
+    monkeypatch.setattr(experts, "_dense", lambda *a: used.append("dense") or a[0])
+    for n in (1, 3, 4):  # 2, 6, 8 chosen slots of 16 experts
+        experts(torch.zeros(n, cfg.hidden_size), torch.ones(n, 2), torch.zeros(n, 2, dtype=torch.long))
+    assert used == ["sparse", "sparse", "dense"]

