@@ -663,6 +663,9 @@ def render_markdown(res: dict, *, level: int = 1, png: str = "tradeoff.png") -> 
           f"decoding, a one-forward denoiser draft of S positions verified by the context tower (its output is "
           f"the AR output); its NFE counts denoiser forwards, one per iteration, so tok/NFE = tokens per "
           f"iteration, each of which also runs one verifying context extend.", ""]
+    if s.get("compile"):
+        L += ["**Compiled**: our towers ran under `torch.compile` (`TwoTowerLM.compile_towers`) in every mode of ours, "
+              "AR included; transformers' `generate` ran eagerly. Compilation happened in the warm-up calls.", ""]
     L += [f"Machine: {m['cpu']}, {m['cores']} cores, {m['torch_threads']} torch threads, torch {m['torch']}, "
           f"transformers {m['transformers']}, device `{m['device']}`" + (f" ({m['gpu']})" if cuda else "")
           + f", {m['date']}.", ""]
@@ -820,6 +823,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--train-steps", type=int, default=5, help="timed training steps per path")
     p.add_argument("--no-training", action="store_true", help="skip the training-speed comparison")
     p.add_argument("--no-profile", action="store_true", help="skip the per-phase profile")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile our towers (TwoTowerLM.compile_towers) for every mode of ours, AR included; "
+                        "compilation happens in the warm-up calls, outside the timings")
     p.add_argument("--out", default="benchmarks/results")
     p.add_argument("--update-readme", action="store_true", help="write bench.md into README.md's Results section")
     p.add_argument("--readme", default=str(REPO_ROOT / "README.md"), help=argparse.SUPPRESS)
@@ -876,6 +882,8 @@ def _run(args, modes: list[Mode], batch_sizes: list[int], device: torch.device, 
 
     torch.manual_seed(args.seed)
     model, hf, backbone = load_models(args, tmp, device, need_hf=any(m.kind == "hf" for m in modes))
+    if args.compile:
+        model.compile_towers()
     vocab = model.config.vocab_size
     if vocab < ByteTokenizer.MIN_VOCAB:
         raise SystemExit(f"the benchmark prompts are byte-tokenised (vocab >= 260); this model's vocab is {vocab}")

@@ -43,6 +43,8 @@ class GenerationModule(L.LightningModule):
         stop_at_eos: stop a sequence at the tokenizer's EOS.
         context_device / denoiser_device: e.g. "cuda:0" / "cuda:1" to split the towers.
         dtype: "float32", "bfloat16" or "float16" (None keeps the checkpoint's).
+        compile: `torch.compile` the towers' hot paths (`TwoTowerLM.compile_towers`) when prediction
+            starts: slower first batches, faster after.
         tokenizer: decodes completions; default the byte tokenizer.
     """
 
@@ -51,7 +53,7 @@ class GenerationModule(L.LightningModule):
                  max_new_tokens: int = 128,
                  temperature: float = 0.0, stop_at_eos: bool = True, context_device: str | None = None,
                  denoiser_device: str | None = None, dtype: str | None = None, seed: int | None = 0,
-                 tokenizer: Tokenizer | None = None):
+                 tokenizer: Tokenizer | None = None, compile: bool = False):
         super().__init__()
         from .model import TwoTowerLM
 
@@ -80,10 +82,13 @@ class GenerationModule(L.LightningModule):
         self.devices = (context_device, denoiser_device)
         self.seed = seed
         self.tokenizer = tokenizer or ByteTokenizer()
+        self.compile = compile
 
     def on_predict_start(self) -> None:
         if self.devices[0] is not None:
             self.model.place_towers_on_devices(*self.devices)
+        if self.compile:
+            self.model.compile_towers()
 
     def predict_step(self, batch: dict[str, Any], batch_idx: int, dataloader_idx: int = 0) -> list[dict]:
         ids, mask = batch["input_ids"], batch["attention_mask"]

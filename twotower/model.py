@@ -178,6 +178,30 @@ class TwoTowerLM(nn.Module):
         save_state_dict(self.released_state_dict(), path, config=self.config, max_shard_size=max_shard_size,
                         expert_layout=expert_layout, extra_config=extra)
 
+    # ---- compilation --------------------------------------------------------------------------
+    def compile_towers(self, **compile_kwargs) -> "TwoTowerLM":
+        """Opt in to `torch.compile` for the generation hot paths: the context tower's layer stack
+        (prefill, extend: every mode, AR included) and the denoiser's `forward_block`.
+
+        At these model sizes a forward is a few hundred small kernels, so fusing them pays most on
+        CPU (benchmarks/README.md has figures). The first calls compile (tens of seconds per new
+        shape family; shapes are dynamic by default, so growing caches do not recompile). Outputs
+        can differ from eager in the last float bits. Keyword arguments go to `torch.compile`
+        (default `dynamic=True`). Returns self; calling it again does nothing.
+        """
+        if self.compiled:
+            return self
+        compile_kwargs.setdefault("dynamic", True)
+        # Instance attributes shadow the methods; the eager ones stay reachable through the class.
+        self.context._run = torch.compile(self.context._run, **compile_kwargs)
+        self.denoiser.forward_block = torch.compile(self.denoiser.forward_block, **compile_kwargs)
+        return self
+
+    @property
+    def compiled(self) -> bool:
+        """Whether `compile_towers` has been called."""
+        return "_run" in vars(self.context)
+
     # ---- devices ------------------------------------------------------------------------------
     def place_towers_on_devices(self, ctx_device, den_device) -> "TwoTowerLM":
         """Context tower (+ its head) on `ctx_device`; denoiser tower, its head and the time modules on
