@@ -495,9 +495,12 @@ def generate_speculative(
 
     Args: as `generate_diffusion`, plus `draft_steps` (denoiser forwards per draft; the sampler
     picks the commits of all but the last, which fills every position left: with the default 1
-    the draft is the denoiser's argmax and the sampler is not consulted). `nfe` counts denoiser forwards, as in mask diffusion
-    (the verifying extend is the context forward every block-wise mode runs per block); `blocks`
-    counts iterations. `step_callback` sees the draft steps of the rows still running.
+    the draft is the denoiser's argmax and the sampler is not consulted). Drafts are always
+    greedy; `temperature` applies to the context tower's choices, i.e. to the output.
+
+    `nfe` counts denoiser forwards, as in mask diffusion (the verifying extend is the context
+    forward every block-wise mode runs per block); `blocks` counts iterations. `step_callback`
+    sees the draft steps of the rows still running.
     """
     cfg = context.config
     vocab = cfg.vocab_size
