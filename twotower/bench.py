@@ -1,4 +1,4 @@
-"""Quality / speed benchmark: our AR mode, transformers' greedy `generate`, mock-AR and mask diffusion.
+"""Quality / speed benchmark: our AR mode, transformers' `generate`, mock-AR, diffusion and speculative decoding.
 
     python -m twotower.cli bench                       # the full run (benchmarks/README.md)
     python -m twotower.cli bench --smoke --out /tmp/b  # a tiny random model, seconds
