@@ -250,7 +250,7 @@ def test_sampler_sees_untempered_confidence_and_kept_tokens():
         assert torch.allclose(conf, expected, atol=1e-6)
 
 
-def test_denoiser_sees_t_as_the_masked_fraction_and_finished_rows_as_pad(monkeypatch):
+def test_denoiser_sees_t_as_the_masked_fraction_and_finished_rows_leave_the_batch(monkeypatch):
     ctx, den = make_towers(seed=14)
     ids, mask = left_pad(random_prompts([4, 6], seed=14))
     free = diffusion(ctx, den, ids, mask, max_new_tokens=24, block_size=6, steps_per_block=6)
@@ -269,8 +269,7 @@ def test_denoiser_sees_t_as_the_masked_fraction_and_finished_rows_as_pad(monkeyp
     assert int(out.num_generated[0]) <= 3 and out.blocks >= 2
     for (x, t), b in zip(calls, blocks):
         assert torch.allclose(t, (x == MASK).float().mean(-1))
-        if b > 0:  # row 0 ended in block 0: pad tokens, never masked, t = 0
-            assert torch.all(x[0] == PAD) and float(t[0]) == 0.0
+        assert x.shape[0] == (2 if b == 0 else 1)  # row 0 ended in block 0 and left the working batch
     assert any(b > 0 for b in blocks)
     assert 1 <= int(out.nfe[0]) <= blocks.count(0)  # only the steps in which row 0 had masks
     # t matters: the same block at another t gives other logits.
@@ -341,6 +340,16 @@ def test_mirror_path_equals_shared_cache_and_sends_only_new_positions(monkeypatc
     calls.clear()
     diffusion(ctx, den, ids, mask, max_new_tokens=20, block_size=6, steps_per_block=6)
     assert calls == []  # same device, no explicit denoiser_device: the cache itself is read
+
+    # With an EOS that ends a row early, the mirror follows the working batch when it shrinks.
+    eos = int(shared.new_tokens[0, 7])
+    monkeypatch.undo()
+    kw = dict(max_new_tokens=20, block_size=6, steps_per_block=6, eos_token_id=eos)
+    shared_eos = diffusion(ctx, den, ids, mask, **kw)
+    mirrored_eos = diffusion(ctx, den, ids, mask, denoiser_device="cpu", **kw)
+    assert int(shared_eos.num_generated.min()) < 20  # some row did stop early
+    assert torch.equal(mirrored_eos.sequences, shared_eos.sequences)
+    assert torch.equal(mirrored_eos.nfe, shared_eos.nfe)
 
 
 def test_denoiser_device_must_match_the_denoiser_weights():

@@ -23,10 +23,14 @@ another forward (`ContextTower.accept`). The output is the AR model's own: greed
 
 `generate_ar`: the context tower alone, one token per forward (the quality / speed baseline).
 
-Both loops are vectorised over the batch and keep host syncs to one per step (diffusion: "is
-anything still masked"; AR: "has every row finished", only when an EOS id is given). Caches are
-preallocated for prompt + max_new_tokens so that no step reallocates. Finished rows stay in the
-batch (holding pad tokens) so every tensor keeps its shape; they count no NFE.
+The loops are vectorised over the batch and keep host syncs to about one per step (diffusion: "is
+anything still masked", plus one per block when an EOS id is given; speculative: two per
+iteration; AR: "has every row finished", only when an EOS id is given). Caches are preallocated
+for prompt + max_new_tokens so that no step reallocates. Rows that finish (EOS, or their
+max_new_tokens in speculative decoding) leave the working batch of the diffusion and speculative
+loops at the next block boundary, so later forwards only pay for the rows still running; within a
+block, a row whose positions are all filled takes no part (no NFE). The AR baseline keeps finished
+rows in the batch (holding pad tokens).
 """
 
 from __future__ import annotations
@@ -240,6 +244,14 @@ class _Tracker:
         self.seconds[finished & self.seconds.isnan()] = time.perf_counter() - self.start
         return block, bool(finished.all())
 
+    def commit_block(self, block: Tensor, rows: Tensor) -> None:
+        """Record a whole block (R, n) for working rows `rows` that all hold the same number of tokens
+        and cannot finish early (no EOS id). No host read."""
+        n = block.shape[1]
+        pos = self.num_generated[rows][:, None] + torch.arange(n, device=block.device)
+        self.tokens[rows] = self.tokens[rows].scatter_(1, pos, block)
+        self.num_generated[rows] += n
+
     def commit_ragged(self, block: Tensor, count: Tensor, max_new_tokens: int, rows: Tensor) -> Tensor:
         """Record, for working row r (the tracker's row rows[r]), the first count[r] tokens of block
         (R, n) after what that row already holds; returns the (R,) bool host tensor of which working
@@ -427,26 +439,39 @@ def generate_diffusion(
     want = "last" if shifted else "none"
     logits, cache = context.prefill(input_ids, valid, logits=want, capacity=T + max_new_tokens)
     den_cache = cache.mirror_to(den_device) if use_mirror else cache
-    tracker = _Tracker(B, max_new_tokens, pad_token_id, eos, den_device, start)
-    blocks = 0
-    while tracker.length < max_new_tokens:
-        n = min(block_size, max_new_tokens - tracker.length)
+    tracker = _Tracker(B, max_new_tokens + block_size, pad_token_id, eos, den_device, start)  # spare columns
+    rows = torch.arange(B, device=den_device)  # the working batch: the rows still running
+    blocks = made = 0
+    while made < max_new_tokens:
+        n = min(block_size, max_new_tokens - made)
+        R = rows.shape[0]
         first = None
         if shifted:  # [MASK] is never produced, as in the denoiser's steps
             last = logits[:, -1].float()
             last[:, mask_token_id] = float("-inf")
             first = _predict(last, temperature, generator).to(den_device)
-        x = _denoise_block(denoiser, den_cache, ~tracker.finished, n, sampler=sampler, steps_per_block=steps_per_block,
-                           mask_token_id=mask_token_id, pad_token_id=pad_token_id, temperature=temperature,
-                           generator=generator, tracker=tracker, block_index=blocks, step_callback=step_callback,
-                           first=first, shift=shifted)
+        x = _denoise_block(denoiser, den_cache, torch.ones(R, dtype=torch.bool, device=den_device), n,
+                           sampler=sampler, steps_per_block=steps_per_block, mask_token_id=mask_token_id,
+                           pad_token_id=pad_token_id, temperature=temperature, generator=generator, tracker=tracker,
+                           block_index=blocks, step_callback=step_callback, first=first, shift=shifted, rows=rows)
         blocks += 1
-        x, all_done = tracker.commit(x)
-        if all_done or tracker.length >= max_new_tokens:
-            break  # the context never needs the last block
+        made += n
+        if eos is None:  # no row can finish early: no host read needed
+            tracker.commit_block(x, rows)
+            if made >= max_new_tokens:
+                break  # the context never needs the last block
+        else:
+            done = tracker.commit_ragged(x, torch.full((R,), n, device=den_device), max_new_tokens, rows)
+            if bool(done.all()) or made >= max_new_tokens:
+                break
+            if bool(done.any()):  # drop finished rows: later forwards only pay for the rows still running
+                stay = (~done).nonzero().squeeze(1)
+                cache, rows, x = cache.select(stay.to(ctx_device)), rows[stay.to(den_device)], x[stay.to(x.device)]
+                den_cache = cache.mirror_to(den_device) if use_mirror else cache
         logits = context.extend(cache, x.to(ctx_device), logits=want)
-        if use_mirror:
+        if use_mirror and den_cache is not cache:
             den_cache = cache.mirror_to(den_device, den_cache)
+    tracker.tokens = tracker.tokens[:, :max_new_tokens]
     return tracker.output(input_ids, blocks)
 
 
