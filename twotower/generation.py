@@ -244,13 +244,12 @@ class _Tracker:
         self.seconds[finished & self.seconds.isnan()] = time.perf_counter() - self.start
         return block, bool(finished.all())
 
-    def commit_block(self, block: Tensor, rows: Tensor) -> None:
-        """Record a whole block (R, n) for working rows `rows` that all hold the same number of tokens
-        and cannot finish early (no EOS id). No host read."""
+    def commit_block(self, block: Tensor, offset: int) -> None:
+        """Record a block (B, n) for every row at positions [offset, offset + n): the case where no
+        row can finish early (no EOS id), so all rows advance together. No host read."""
         n = block.shape[1]
-        pos = self.num_generated[rows][:, None] + torch.arange(n, device=block.device)
-        self.tokens[rows] = self.tokens[rows].scatter_(1, pos, block)
-        self.num_generated[rows] += n
+        self.tokens[:, offset: offset + n] = block
+        self.num_generated += n
 
     def commit_ragged(self, block: Tensor, count: Tensor, max_new_tokens: int, rows: Tensor) -> Tensor:
         """Record, for working row r (the tracker's row rows[r]), the first count[r] tokens of block
@@ -456,8 +455,8 @@ def generate_diffusion(
                            block_index=blocks, step_callback=step_callback, first=first, shift=shifted, rows=rows)
         blocks += 1
         made += n
-        if eos is None:  # no row can finish early: no host read needed
-            tracker.commit_block(x, rows)
+        if eos is None:  # no row can finish early (the batch never shrinks): no host read needed
+            tracker.commit_block(x, made - n)
             if made >= max_new_tokens:
                 break  # the context never needs the last block
         else:
