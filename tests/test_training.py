@@ -196,3 +196,14 @@ def test_shifted_flag_travels_through_convert_and_export(backbone_dir, tmp_path)
     trainer.fit(unshifted, TextDataModule(corpus, seq_len=32, block_size=8, batch_size=4))
     trainer.save_checkpoint(tmp_path / "plain.ckpt")
     assert not TwoTowerLM.from_pretrained(export(str(tmp_path / "plain.ckpt"), str(tmp_path / "plain"))).shifted
+
+
+def test_full_mask_mix_masks_every_maskable_position_of_a_shifted_block(backbone_dir):
+    from twotower.schedules import FullMaskMix
+
+    module = DenoiserFineTuning(str(backbone_dir), block_size=8, shifted=True, time_sampler=FullMaskMix(p_full=1.0),
+                                loss_weighting="none")
+    x = torch.randint(4, 64, (3, 32))
+    out = module.forward_loss(x, generator=torch.Generator().manual_seed(0))
+    assert int(out["masked"]) == 3 * 4 * 7  # every position but each block's first (the context tower's)
+    assert torch.isfinite(out["loss"])
