@@ -367,6 +367,23 @@ def _denoiser_placement(denoiser, ctx_device: torch.device, denoiser_device) -> 
     return actual, True
 
 
+def _check_two_tower_call(context, denoiser, input_ids, attention_mask, *, sampler, block_size, max_new_tokens,
+                          mask_token_id, pad_token_id, temperature, denoiser_device):
+    """The checks both two-tower loops share. Returns (temperature, input_ids, valid, context
+    device, denoiser device, whether the denoiser reads a mirror of the cache)."""
+    cfg = context.config
+    _check_int("block_size", block_size)
+    _check_token("mask_token_id", mask_token_id, cfg.vocab_size)
+    _check_token("pad_token_id", pad_token_id, cfg.vocab_size)
+    temperature = _check_temperature(temperature)
+    if not callable(sampler):
+        raise ValueError(f"sampler must be a Sampler (or a callable with its signature), got {sampler!r}")
+    ctx_device = _device_of(context)
+    input_ids, valid = _check_prompt(cfg, input_ids, attention_mask, max_new_tokens, ctx_device, mask_token_id)
+    den_device, use_mirror = _denoiser_placement(denoiser, ctx_device, denoiser_device)
+    return temperature, input_ids, valid, ctx_device, den_device, use_mirror
+
+
 @torch.inference_mode()
 def generate_diffusion(
     context,
@@ -418,19 +435,12 @@ def generate_diffusion(
     Returns:
         GenerationOutput (see its docstring).
     """
-    cfg = context.config
-    vocab = cfg.vocab_size
-    _check_int("block_size", block_size)
     _check_int("steps_per_block", steps_per_block)
-    _check_token("mask_token_id", mask_token_id, vocab)
-    _check_token("pad_token_id", pad_token_id, vocab)
-    temperature = _check_temperature(temperature)
-    if not callable(sampler):
-        raise ValueError(f"sampler must be a Sampler (or a callable with its signature), got {sampler!r}")
-    ctx_device = _device_of(context)
-    input_ids, valid = _check_prompt(cfg, input_ids, attention_mask, max_new_tokens, ctx_device, mask_token_id)
-    den_device, use_mirror = _denoiser_placement(denoiser, ctx_device, denoiser_device)
-    eos = _eos_ids(eos_token_id, vocab, den_device)
+    temperature, input_ids, valid, ctx_device, den_device, use_mirror = _check_two_tower_call(
+        context, denoiser, input_ids, attention_mask, sampler=sampler, block_size=block_size,
+        max_new_tokens=max_new_tokens, mask_token_id=mask_token_id, pad_token_id=pad_token_id,
+        temperature=temperature, denoiser_device=denoiser_device)
+    eos = _eos_ids(eos_token_id, context.config.vocab_size, den_device)
 
     start = time.perf_counter()
     B, T = input_ids.shape
@@ -526,21 +536,14 @@ def generate_speculative(
     forward every block-wise mode runs per block); `blocks` counts iterations. `step_callback`
     sees the draft steps of the rows still running.
     """
-    cfg = context.config
-    vocab = cfg.vocab_size
-    _check_int("block_size", block_size)
     _check_int("draft_steps", draft_steps)
-    _check_token("mask_token_id", mask_token_id, vocab)
-    _check_token("pad_token_id", pad_token_id, vocab)
-    temperature = _check_temperature(temperature)
-    if not callable(sampler):
-        raise ValueError(f"sampler must be a Sampler (or a callable with its signature), got {sampler!r}")
+    temperature, input_ids, valid, ctx_device, den_device, use_mirror = _check_two_tower_call(
+        context, denoiser, input_ids, attention_mask, sampler=sampler, block_size=block_size,
+        max_new_tokens=max_new_tokens, mask_token_id=mask_token_id, pad_token_id=pad_token_id,
+        temperature=temperature, denoiser_device=denoiser_device)
     if block_size < 2:
         raise ValueError("speculative decoding needs block_size >= 2 (position 0 is the context tower's own token)")
-    ctx_device = _device_of(context)
-    input_ids, valid = _check_prompt(cfg, input_ids, attention_mask, max_new_tokens, ctx_device, mask_token_id)
-    den_device, use_mirror = _denoiser_placement(denoiser, ctx_device, denoiser_device)
-    eos = _eos_ids(eos_token_id, vocab, ctx_device)
+    eos = _eos_ids(eos_token_id, context.config.vocab_size, ctx_device)
 
     start = time.perf_counter()
     B, T = input_ids.shape
