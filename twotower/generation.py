@@ -304,25 +304,25 @@ class _Tracker:
 # ---- mask diffusion -----------------------------------------------------------------------------
 
 
-def _denoise_block(denoiser, cache, active: Tensor, n: int, *, sampler, steps_per_block: int, mask_token_id: int,
-                   pad_token_id: int, temperature: float, generator, tracker: _Tracker, block_index: int,
+def _denoise_block(denoiser, cache, n: int, *, sampler, steps_per_block: int, mask_token_id: int,
+                   temperature: float, generator, tracker: _Tracker, rows: Tensor, block_index: int,
                    step_callback: StepCallback | None, first: Tensor | None = None, shift: bool = False,
-                   fill_last: bool = False, rows: Tensor | None = None) -> Tensor:
-    """Fill one block of n positions for the rows in `active` (B,) bool; returns x (B, n) with no [MASK] left.
+                   fill_last: bool = False) -> Tensor:
+    """Fill one block of n positions for every row of the working batch; returns x (R, n) with no [MASK] left.
 
-    Rows not active hold pad tokens, are never masked and count no NFE. `first` (B,): the block
-    opens with these tokens (the context tower's next-token prediction), never masked. `shift`: the
+    `rows` (R,): the tracker rows the working batch holds (finished rows have left it); a row
+    counts an NFE for each forward in which it still had a [MASK]. `first` (R,): the block opens
+    with these tokens (the context tower's next-token prediction), never masked. `shift`: the
     denoiser output at position i is read as the prediction for position i + 1 (a shifted model;
     needs `first`). `fill_last`: the last allowed step fills every position still masked without
     consulting the sampler (a one-step draft is then the plain argmax, no confidences computed).
-    `rows` (B,): the tracker rows these B rows are (a compacted batch); default the first B.
     """
-    B = active.shape[0]
-    masked = active[:, None].expand(B, n).clone()
-    x = torch.where(masked, mask_token_id, pad_token_id)
+    R, device = rows.shape[0], cache.device
+    masked = torch.ones(R, n, dtype=torch.bool, device=device)
+    x = torch.full((R, n), mask_token_id, dtype=torch.long, device=device)
     if first is not None:
         masked[:, 0] = False
-        x[:, 0] = torch.where(active, first, pad_token_id)
+        x[:, 0] = first
     for step in range(steps_per_block):
         if not bool(masked.any()):  # the one host sync per step
             break
@@ -338,11 +338,7 @@ def _denoise_block(denoiser, cache, active: Tensor, n: int, *, sampler, steps_pe
             conf = _confidence(logits, cand)
             commit = sampler(conf, cand, masked, step=step, steps_per_block=steps_per_block, logits=logits)
             commit = commit & masked  # a plain-callable sampler gets no contract enforcement otherwise
-        took_part = masked.any(-1).to(tracker.nfe.device)
-        if rows is None:
-            tracker.nfe += took_part
-        else:
-            tracker.nfe.index_add_(0, rows, took_part.long())
+        tracker.nfe.index_add_(0, rows, masked.any(-1).long().to(tracker.nfe.device))
         before, x = x, torch.where(commit, cand, x)
         masked &= ~commit
         if step_callback is not None:
@@ -453,16 +449,14 @@ def generate_diffusion(
     blocks = made = 0
     while made < max_new_tokens:
         n = min(block_size, max_new_tokens - made)
-        R = rows.shape[0]
         first = None
         if shifted:  # [MASK] is never produced, as in the denoiser's steps
             last = logits[:, -1].float()
             last[:, mask_token_id] = float("-inf")
             first = _predict(last, temperature, generator).to(den_device)
-        x = _denoise_block(denoiser, den_cache, torch.ones(R, dtype=torch.bool, device=den_device), n,
-                           sampler=sampler, steps_per_block=steps_per_block, mask_token_id=mask_token_id,
-                           pad_token_id=pad_token_id, temperature=temperature, generator=generator, tracker=tracker,
-                           block_index=blocks, step_callback=step_callback, first=first, shift=shifted, rows=rows)
+        x = _denoise_block(denoiser, den_cache, n, sampler=sampler, steps_per_block=steps_per_block,
+                           mask_token_id=mask_token_id, temperature=temperature, generator=generator, tracker=tracker,
+                           rows=rows, block_index=blocks, step_callback=step_callback, first=first, shift=shifted)
         blocks += 1
         made += n
         if eos is None:  # no row can finish early (the batch never shrinks): no host read needed
@@ -470,7 +464,7 @@ def generate_diffusion(
             if made >= max_new_tokens:
                 break  # the context never needs the last block
         else:
-            done = tracker.commit_ragged(x, torch.full((R,), n, device=den_device), max_new_tokens, rows)
+            done = tracker.commit_ragged(x, torch.full((rows.shape[0],), n, device=den_device), max_new_tokens, rows)
             if bool(done.all()) or made >= max_new_tokens:
                 break
             if bool(done.any()):  # drop finished rows: later forwards only pay for the rows still running
@@ -555,12 +549,10 @@ def generate_speculative(
     rows = torch.arange(B, device=ctx_device)  # the working batch: the rows still running
     iterations = 0
     while True:
-        R = rows.shape[0]
-        x = _denoise_block(denoiser, den_cache, torch.ones(R, dtype=torch.bool, device=den_device), n,
-                           sampler=sampler, steps_per_block=draft_steps, mask_token_id=mask_token_id,
-                           pad_token_id=pad_token_id, temperature=0.0, generator=None, tracker=tracker,
-                           block_index=iterations, step_callback=step_callback, first=nxt.to(den_device),
-                           shift=shifted, fill_last=True, rows=rows)
+        x = _denoise_block(denoiser, den_cache, n, sampler=sampler, steps_per_block=draft_steps,
+                           mask_token_id=mask_token_id, temperature=0.0, generator=None, tracker=tracker,
+                           rows=rows, block_index=iterations, step_callback=step_callback,
+                           first=nxt.to(den_device), shift=shifted, fill_last=True)
         x = x.to(ctx_device)
         logits = context.extend(cache, x, logits="all", provisional=True)  # (R, n, V)
         ar = _predict(logits, temperature, generator)  # ar[:, i]: the context tower's token after x[:, :i + 1]
