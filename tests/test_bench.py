@@ -62,6 +62,20 @@ def test_smoke_json_has_every_mode_and_batch_size_with_sane_numbers(smoke):
         assert spec["nfe_per_block"] is None  # tok/NFE is tokens per iteration
 
 
+def test_markdown_without_the_transformers_baseline_reads_cleanly(smoke):
+    """`--modes` without hf_generate: no "n/ax" fragments in the headline lines."""
+    import copy
+
+    _, res = smoke
+    res = copy.deepcopy(res)
+    for r in res["runs"]:
+        r["speedup_vs_hf"] = None
+    md = bench.render_markdown(res)
+    heads = [line for line in md.splitlines() if line.startswith(("- Headline", "- Lossless"))]
+    assert heads and all("transformers'" not in h and "n/a" not in h.split("throughput")[0] for h in heads)
+    assert all("our AR's throughput at " in h for h in heads)
+
+
 def test_smoke_training_and_profile_numbers(smoke):
     _, res = smoke
     t = res["training"]

@@ -295,3 +295,80 @@ def test_finished_rows_leave_the_working_batch(monkeypatch):
     assert torch.equal(out.sequences, ar.sequences) and torch.equal(out.num_generated, ar.num_generated)
     assert sizes == sorted(sizes, reverse=True) and sizes[0] == 3
     assert sizes[-1] < 3  # the last iterations ran without the rows that had finished
+
+
+# ---- hole compaction ------------------------------------------------------------------------------
+
+
+def holey_cache(ctx, seed=3):
+    """A batch cache with holes from left padding and from per-row acceptance."""
+    ids, mask = left_pad(random_prompts([5, 9, 7, 6], seed=seed))
+    with torch.inference_mode():
+        _, cache = ctx.prefill(ids, mask, logits="none")
+        ctx.extend(cache, torch.randint(4, 64, (4, 6)), provisional=True)
+        ctx.accept(cache, torch.tensor([2, 6, 0, 1]))
+        ctx.extend(cache, torch.randint(4, 64, (4, 5)), provisional=True)
+        ctx.accept(cache, torch.tensor([5, 1, 3, 0]))
+    return cache, mask
+
+
+def test_compact_moves_real_positions_to_the_front_and_changes_no_output():
+    ctx, den = make_towers(seed=3)
+    cache, mask = holey_cache(ctx)
+    counts = cache.valid_mask().sum(1)
+    assert cache.length == 9 + 6 + 5 and counts.tolist() == [5 + 2 + 5, 9 + 6 + 1, 7 + 0 + 3, 6 + 1 + 0]
+    block, after, t = torch.randint(4, 64, (4, 6)), torch.randint(4, 64, (4, 3)), torch.full((4,), 0.5)
+    before = cache.clone()
+    with torch.inference_mode():
+        removed = cache.compact()
+    assert removed == 20 - 16 and cache.length == 16 and cache.padded
+    expected = torch.arange(16)[None, :] < counts[:, None]
+    assert torch.equal(cache.valid_mask(), expected)
+    for i, k in enumerate(before.keys):  # each row's real keys / values, in their order
+        if k is None:
+            continue
+        for r in range(4):
+            real = before.valid_mask()[r]
+            torch.testing.assert_close(cache.keys[i][r, :, : counts[r]], k[r, :, : before.length][:, real])
+            torch.testing.assert_close(cache.values[i][r, :, : counts[r]], before.values[i][r, :, : before.length][:, real])
+    with torch.inference_mode():
+        torch.testing.assert_close(den.forward_block(block, cache, t), den.forward_block(block, before, t),
+                                   rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(ctx.extend(cache, after), ctx.extend(before, after), rtol=1e-5, atol=1e-5)
+        assert cache.length == 16 + 3 and before.length == 20 + 3
+
+
+def test_compact_respects_min_gain_and_refuses_a_pending_cache():
+    ctx, _ = make_towers(seed=4)
+    cache, _ = holey_cache(ctx, seed=4)
+    snapshot = cache.clone()
+    with torch.inference_mode():
+        assert cache.compact(min_gain=5) == 0  # only 4 positions to gain: nothing moves
+        assert cache.length == snapshot.length and torch.equal(cache.key_mask, snapshot.key_mask)
+        _, full = ctx.prefill(torch.randint(4, 64, (2, 7)), logits="none")
+        assert full.compact() == 0 and full.length == 7 and not full.padded
+        ctx.extend(full, torch.randint(4, 64, (2, 3)), provisional=True)
+        with pytest.raises(RuntimeError, match="accept"):
+            full.compact()
+
+
+@pytest.mark.parametrize("mirror", [False, True])
+def test_speculative_decoding_compacts_holes_and_still_gives_the_ar_output(monkeypatch, mirror):
+    from twotower.caches import HybridCache
+
+    ctx, den = make_towers(seed=9)
+    ids, mask = left_pad(random_prompts([3, 10, 6, 8], seed=9))
+    ar = generate_ar(ctx, ids, mask, max_new_tokens=60, pad_token_id=PAD)
+    gains, packed, real = [], [], HybridCache.compact
+
+    def spy(self, **kw):
+        gains.append(real(self, **kw))
+        if gains[-1]:  # every column left holds some row's real key: no all-hole column remains
+            packed.append(bool(self.valid_mask().any(0).all()))
+        return gains[-1]
+
+    monkeypatch.setattr(HybridCache, "compact", spy)
+    out = speculative(ctx, den, ids, mask, max_new_tokens=60, shifted=True,
+                      denoiser_device="cpu" if mirror else None)
+    assert torch.equal(out.new_tokens, ar.new_tokens)
+    assert packed and all(packed)

@@ -706,9 +706,10 @@ def render_markdown(res: dict, *, level: int = 1, png: str = "tradeoff.png") -> 
     for head in (r for r in res["runs"] if r["mode"] in ("diff_t0.8_b16", "spec_b16")):
         what = "Headline operating point (threshold 0.8, block 16)" if head["kind"] == "diffusion" else \
             "Lossless speculative mode (block 16)"
+        vs_hf = "" if head["speedup_vs_hf"] is None else f" ({head['speedup_vs_hf']:.2f}x transformers')"
         L += [f"- {what} at batch {head['batch_size']}: "
-              f"{_f(head['speedup_vs_ar'], '.2f')}x our AR's throughput ({_f(head['speedup_vs_hf'], '.2f')}x "
-              f"transformers') at {_f(head['retention_agreement'], '.1%')} agreement retention / "
+              f"{_f(head['speedup_vs_ar'], '.2f')}x our AR's throughput{vs_hf} at "
+              f"{_f(head['retention_agreement'], '.1%')} agreement retention / "
               f"{_f(head['retention_nll'], '.1%')} NLL retention (NVIDIA: {TARGET_SPEEDUP}x at {TARGET_RETENTION:.1%})."]
     L += [""]
     L += [f"![quality retention vs throughput]({png})", ""]

@@ -132,6 +132,38 @@ class HybridCache:
     def advance(self, n: int) -> None:
         self.length += n
 
+    def compact(self, *, min_gain: int = 1) -> int:
+        """Squeeze the holes out of the K,V buffers: each row's real positions move, in order, to the
+        front, and the length becomes the longest row's count of real positions. Returns how many
+        positions the length shrank by (0, and nothing moves, if that would be fewer than `min_gain`).
+
+        Exact for NemotronH, whose attention has no positional encoding: a row's attention output
+        depends on which keys it sees, not on where they sit, and the Mamba states are untouched.
+        (A tower with positional attention must not call this.) Holes come from left padding and
+        from speculative decoding, where rows keep different prefixes of a shared block. Anything
+        that mirrors this cache elsewhere must copy it afresh afterwards. One host read.
+        """
+        self.check_settled("compact it")
+        L = self.length
+        valid = self.key_mask[:, :L]
+        counts = valid.sum(1)
+        lengths = counts.cpu()
+        new_len = int(lengths.max()) if lengths.numel() else 0
+        if L - new_len < max(1, min_gain):
+            return 0
+        # Real positions first, in their order (a stable sort of the hole flags), then cut at new_len.
+        order = torch.sort((~valid).to(torch.uint8), dim=1, stable=True).indices[:, :new_len]
+        for store in (self.keys, self.values):
+            for t in store:
+                if t is not None:
+                    idx = order[:, None, :, None].expand(t.shape[0], t.shape[1], new_len, t.shape[3])
+                    t[:, :, :new_len] = t[:, :, :L].gather(2, idx)
+        self.key_mask[:, :new_len] = torch.arange(new_len, device=self.device)[None, :] < counts[:, None]
+        self.key_mask[:, new_len:L] = False
+        self.length = new_len
+        self.padded = bool((lengths < new_len).any())
+        return L - new_len
+
     # ---- copies -------------------------------------------------------------------------------
     def _map(self, fn) -> "HybridCache":
         self.check_settled("copy it")

@@ -518,8 +518,9 @@ def generate_speculative(
     equals `generate_ar` (up to float rounding between a chunked and a one-token forward) and
     sampled output is distributed as AR sampling. The denoiser only decides how many tokens one
     iteration yields (1 to n). Rows advance independently; a row that keeps fewer than another
-    leaves masked-out holes in the shared cache, and a row that has finished leaves the working
-    batch (its cache rows are dropped), so later forwards only pay for the rows still running.
+    leaves masked-out holes in the shared cache (squeezed out by `HybridCache.compact` once they
+    add up to a block), and a row that has finished leaves the working batch (its cache rows are
+    dropped), so later forwards only pay for the rows still running.
 
     Args: as `generate_diffusion`, plus `draft_steps` (denoiser forwards per draft; the sampler
     picks the commits of all but the last, which fills every position left: with the default 1
@@ -563,12 +564,19 @@ def generate_speculative(
         done = tracker.commit_ragged(x, keep, max_new_tokens, rows)
         if bool(done.all()):
             break
+        fresh = False
         if bool(done.any()):  # drop finished rows: later forwards only pay for the rows still running
             stay = (~done).nonzero().squeeze(1).to(ctx_device)
             cache, rows, nxt = cache.select(stay), rows[stay], nxt[stay]
-            den_cache = cache.mirror_to(den_device) if use_mirror else cache
-        elif use_mirror:
-            den_cache = cache.mirror_to(den_device, den_cache)
+            fresh = True
+        if rows.numel() > 1:
+            # Rows keep different prefixes, so the others leave holes: squeeze them out once they
+            # add up to a block and an eighth of the cache (bounds memory and attention width).
+            fresh = cache.compact(min_gain=max(n, cache.length // 8)) > 0 or fresh
+        if use_mirror:
+            den_cache = cache.mirror_to(den_device) if fresh else cache.mirror_to(den_device, den_cache)
+        else:
+            den_cache = cache
     tracker.tokens = tracker.tokens[:, :max_new_tokens]
     return tracker.output(input_ids, iterations)
 
