@@ -8,7 +8,7 @@ wall-clock throughput (confidence threshold 0.8, block 16). This measures ours, 
 same held-out prompts for every mode:
 
 * speed: generated tokens / s (wall clock, one warm-up call per mode, median of `--repeats` runs over
-  all prompts), tokens per NFE, NFE per block, memory (CUDA: peak allocated; CPU: parameter bytes +
+  all prompts; the runs are interleaved, one pass of every mode per round, so drift hits all alike), tokens per NFE, NFE per block, memory (CUDA: peak allocated; CPU: parameter bytes +
   the bytes of the run's cache, both computed from tensor shapes);
 * quality: (a) agreement with the held-out continuation over its first 64 tokens, (b) NLL per token
   of the generated continuation under the context tower (teacher-forced; lower is better), (c)
@@ -330,48 +330,69 @@ class Runner:
         return Call(new.cpu(), torch.full((ids.shape[0],), N), 0, cache)
 
 
-def run_mode(runner: Runner, mode: Mode, batches: list[tuple[Tensor, Tensor]], repeats: int,
-             device: torch.device) -> dict:
-    """Warm-up call, then `repeats` timed runs over every batch. Returns raw numbers + the tokens."""
-    warm = runner(mode, *batches[0], measure_cache=True)  # warm-up; also sizes the cache
+def _timed_pass(runner: Runner, mode: Mode, batches: list[tuple[Tensor, Tensor]], device: torch.device):
+    """One timed pass of `mode` over every batch: (seconds, calls, CUDA peak working bytes or None)."""
     resident = None
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
         resident = torch.cuda.memory_allocated(device)  # every loaded model's weights, not only this mode's
-    seconds, tokens, calls = [], None, None
-    deterministic = True
+    _sync(device)
+    start = time.perf_counter()
+    calls = [runner(mode, ids, mask) for ids, mask in batches]
+    _sync(device)
+    seconds = time.perf_counter() - start
+    peak = None if resident is None else (torch.cuda.max_memory_allocated(device), resident)
+    return seconds, calls, peak
+
+
+def run_modes(runner: Runner, modes: list[Mode], batches: list[tuple[Tensor, Tensor]], repeats: int,
+              device: torch.device) -> list[dict]:
+    """One warm-up call per mode, then `repeats` rounds in which every mode makes one timed pass over
+    every batch. Interleaving the modes round by round means a slow spell of the machine (other load,
+    frequency changes) lands on every mode alike instead of on whichever mode happened to run then,
+    so the throughput ratios are steadier. Returns, per mode, raw numbers + the tokens."""
+    warm = [runner(mode, *batches[0], measure_cache=True) for mode in modes]  # warm-up; also sizes the caches
+    seconds = [[] for _ in modes]
+    first: list = [None] * len(modes)
+    deterministic = [True] * len(modes)
+    peaks: list = [None] * len(modes)
     for _ in range(repeats):
-        _sync(device)
-        start = time.perf_counter()
-        run = [runner(mode, ids, mask) for ids, mask in batches]
-        _sync(device)
-        seconds.append(time.perf_counter() - start)
-        new = torch.cat([c.new_tokens for c in run])
-        if tokens is None:
-            tokens, calls = new, run
-        else:
-            deterministic &= torch.equal(tokens, new)
-    total = tokens.numel()
-    nfe = int(sum(int(c.nfe.sum()) for c in calls))
-    block_rows = sum(c.blocks * c.new_tokens.shape[0] for c in calls)
-    tps = [total / s for s in seconds]
-    return {
-        "tokens": tokens,
-        "seconds_per_repeat": seconds,
-        "tokens_per_s_per_repeat": tps,
-        "tokens_per_s": statistics.median(tps),
-        "generated_tokens_per_repeat": total,
-        "nfe_total": nfe,
-        "nfe_source": "by construction (1 forward per token)" if mode.kind == "hf" else "counted",
-        "tokens_per_nfe": total / nfe,
-        # Speculative: one draft forward per row and iteration by construction (rows run different
-        # numbers of iterations), so tok/NFE already is tokens per iteration; no per-block figure.
-        "nfe_per_block": nfe / block_rows if block_rows and mode.kind != "speculative" else None,
-        "deterministic_across_repeats": deterministic,
-        "cache_bytes": warm.cache_bytes,
-        "cuda_peak_bytes": torch.cuda.max_memory_allocated(device) if resident is not None else None,
-        "cuda_peak_working_bytes": torch.cuda.max_memory_allocated(device) - resident if resident is not None else None,
-    }
+        for i, mode in enumerate(modes):
+            dt, calls, peak = _timed_pass(runner, mode, batches, device)
+            seconds[i].append(dt)
+            new = torch.cat([c.new_tokens for c in calls])
+            if first[i] is None:
+                first[i] = calls
+            else:
+                deterministic[i] &= torch.equal(torch.cat([c.new_tokens for c in first[i]]), new)
+            if peak is not None and (peaks[i] is None or peak[0] - peak[1] > peaks[i][0] - peaks[i][1]):
+                peaks[i] = peak
+    out = []
+    for i, mode in enumerate(modes):
+        calls = first[i]
+        tokens = torch.cat([c.new_tokens for c in calls])
+        total = tokens.numel()
+        nfe = int(sum(int(c.nfe.sum()) for c in calls))
+        block_rows = sum(c.blocks * c.new_tokens.shape[0] for c in calls)
+        tps = [total / s for s in seconds[i]]
+        out.append({
+            "tokens": tokens,
+            "seconds_per_repeat": seconds[i],
+            "tokens_per_s_per_repeat": tps,
+            "tokens_per_s": statistics.median(tps),
+            "generated_tokens_per_repeat": total,
+            "nfe_total": nfe,
+            "nfe_source": "by construction (1 forward per token)" if mode.kind == "hf" else "counted",
+            "tokens_per_nfe": total / nfe,
+            # Speculative: one draft forward per row and iteration by construction (rows run different
+            # numbers of iterations), so tok/NFE already is tokens per iteration; no per-block figure.
+            "nfe_per_block": nfe / block_rows if block_rows and mode.kind != "speculative" else None,
+            "deterministic_across_repeats": deterministic[i],
+            "cache_bytes": warm[i].cache_bytes,
+            "cuda_peak_bytes": None if peaks[i] is None else peaks[i][0],
+            "cuda_peak_working_bytes": None if peaks[i] is None else peaks[i][0] - peaks[i][1],
+        })
+    return out
 
 
 def quality(context, prompts: Tensor, tokens: Tensor, truth: Tensor, ar_tokens: Tensor | None) -> dict:
@@ -659,7 +680,8 @@ def render_markdown(res: dict, *, level: int = 1, png: str = "tradeoff.png") -> 
           f"byte tokens, {s['max_new_tokens']} new tokens, seed {s['seed']}; greedy (temperature 0) everywhere. "
           f"**EOS is ignored** (no early stop), so every mode generates exactly {s['max_new_tokens']} tokens and "
           f"speeds compare like for like. tok/s = generated tokens / wall second, median of {s['repeats']} runs "
-          f"after one warm-up call per mode. Diffusion uses steps_per_block = block size. spec_b<S>: speculative "
+          f"after one warm-up call per mode, interleaved (each round times one pass of every mode, so a slow "
+          f"spell of the machine hits all modes alike). Diffusion uses steps_per_block = block size. spec_b<S>: speculative "
           f"decoding, a one-forward denoiser draft of S positions verified by the context tower (its output is "
           f"the AR output); its NFE counts denoiser forwards, one per iteration, so tok/NFE = tokens per "
           f"iteration, each of which also runs one verifying context extend.", ""]
@@ -941,8 +963,8 @@ def _generation_runs(runner: Runner, modes: list[Mode], prompts: Tensor, truth: 
     model = runner.model
     batches = [(prompts[i: i + b], torch.ones_like(prompts[i: i + b])) for i in range(0, prompts.shape[0], b)]
     runs, ar_tokens = [], None  # modes[0] is "ar" (parse_modes), the reference for "= AR"
-    for mode in modes:
-        r = run_mode(runner, mode, batches, repeats, device)
+    print(f"  batch {b}: warm-up, then {repeats} interleaved rounds of {len(modes)} modes", flush=True)
+    for mode, r in zip(modes, run_modes(runner, modes, batches, repeats, device)):
         tokens = r.pop("tokens")
         ar_tokens = tokens if mode.kind == "ar" else ar_tokens
         params = {"hf": (runner.hf,), "ar": (model.context,)}.get(mode.kind, (model.context, model.denoiser))
