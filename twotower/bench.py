@@ -356,7 +356,8 @@ def run_modes(runner: Runner, modes: list[Mode], batches: list[tuple[Tensor, Ten
     first: list = [None] * len(modes)
     deterministic = [True] * len(modes)
     peaks: list = [None] * len(modes)
-    for _ in range(repeats):
+    started = time.perf_counter()
+    for rnd in range(repeats):
         for i, mode in enumerate(modes):
             dt, calls, peak = _timed_pass(runner, mode, batches, device)
             seconds[i].append(dt)
@@ -367,6 +368,7 @@ def run_modes(runner: Runner, modes: list[Mode], batches: list[tuple[Tensor, Ten
                 deterministic[i] &= torch.equal(torch.cat([c.new_tokens for c in first[i]]), new)
             if peak is not None and (peaks[i] is None or peak[0] - peak[1] > peaks[i][0] - peaks[i][1]):
                 peaks[i] = peak
+        print(f"    round {rnd + 1}/{repeats} done ({time.perf_counter() - started:.0f} s)", flush=True)
     out = []
     for i, mode in enumerate(modes):
         calls = first[i]
