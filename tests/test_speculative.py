@@ -317,11 +317,12 @@ def test_compact_moves_real_positions_to_the_front_and_changes_no_output():
     cache, mask = holey_cache(ctx)
     counts = cache.valid_mask().sum(1)
     assert cache.length == 9 + 6 + 5 and counts.tolist() == [5 + 2 + 5, 9 + 6 + 1, 7 + 0 + 3, 6 + 1 + 0]
+    assert cache.hole_bound >= cache.length - int(counts.max())  # the host-side bound holds
     block, after, t = torch.randint(4, 64, (4, 6)), torch.randint(4, 64, (4, 3)), torch.full((4,), 0.5)
     before = cache.clone()
     with torch.inference_mode():
         removed = cache.compact()
-    assert removed == 20 - 16 and cache.length == 16 and cache.padded
+    assert removed == 20 - 16 and cache.length == 16 and cache.padded and cache.hole_bound == 0
     expected = torch.arange(16)[None, :] < counts[:, None]
     assert torch.equal(cache.valid_mask(), expected)
     for i, k in enumerate(before.keys):  # each row's real keys / values, in their order
@@ -345,6 +346,14 @@ def test_compact_respects_min_gain_and_refuses_a_pending_cache():
     with torch.inference_mode():
         assert cache.compact(min_gain=5) == 0  # only 4 positions to gain: nothing moves
         assert cache.length == snapshot.length and torch.equal(cache.key_mask, snapshot.key_mask)
+        assert cache.hole_bound == 4  # made exact by the look
+        # Dropping the fullest row (row 1) can only raise the gain: the bound turns conservative.
+        rest = cache.select(torch.tensor([0, 2, 3]))
+        assert rest.hole_bound >= rest.length - int(rest.valid_mask().sum(1).max()) == 20 - 12
+        assert rest.compact() == 8 and rest.length == 12
+        # While the bound rules a gain out, compact declines without looking at the mask.
+        snapshot.hole_bound = 0
+        assert snapshot.compact() == 0 and snapshot.length == 20
         _, full = ctx.prefill(torch.randint(4, 64, (2, 7)), logits="none")
         assert full.compact() == 0 and full.length == 7 and not full.padded
         ctx.extend(full, torch.randint(4, 64, (2, 3)), provisional=True)

@@ -53,6 +53,9 @@ class HybridCache:
     # can skip building masks without reading key_mask back from the device on every step.
     padded: bool = False
     pending: PendingBlock | None = None
+    # A host-side upper bound on how far `compact` could shrink the length (holes in the row with the
+    # most real positions), so that `compact` can decline without reading the mask from the device.
+    hole_bound: int = 0
 
     def check_settled(self, action: str) -> None:
         """Raise if a provisional block waits for `ContextTower.accept` (its Mamba states are stale)."""
@@ -122,6 +125,8 @@ class HybridCache:
         n = new_valid.shape[1]
         self.key_mask[:, self.length : self.length + n] = new_valid.to(self.key_mask.device)
         self.padded = self.padded or padded
+        if padded:
+            self.hole_bound += n
 
     def write_kv(self, layer: int, k: Tensor, v: Tensor) -> None:
         """Write (b, kv, n, d) at positions [length, length + n) of layer (call after reserve)."""
@@ -141,14 +146,18 @@ class HybridCache:
         depends on which keys it sees, not on where they sit, and the Mamba states are untouched.
         (A tower with positional attention must not call this.) Holes come from left padding and
         from speculative decoding, where rows keep different prefixes of a shared block. Anything
-        that mirrors this cache elsewhere must copy it afresh afterwards. One host read.
+        that mirrors this cache elsewhere must copy it afresh afterwards. One host read, skipped
+        while `hole_bound` already rules out `min_gain`.
         """
         self.check_settled("compact it")
         L = self.length
+        if self.hole_bound < max(1, min_gain):
+            return 0
         valid = self.key_mask[:, :L]
         counts = valid.sum(1)
         lengths = counts.cpu()
         new_len = int(lengths.max()) if lengths.numel() else 0
+        self.hole_bound = L - new_len  # exact now
         if L - new_len < max(1, min_gain):
             return 0
         # Real positions first, in their order (a stable sort of the hole flags), then cut at new_len.
@@ -162,6 +171,7 @@ class HybridCache:
         self.key_mask[:, new_len:L] = False
         self.length = new_len
         self.padded = bool((lengths < new_len).any())
+        self.hole_bound = 0
         return L - new_len
 
     # ---- copies -------------------------------------------------------------------------------
@@ -171,7 +181,8 @@ class HybridCache:
         values = [None if t is None else fn(t) for t in self.values]
         conv = [None if t is None else fn(t) for t in self.conv]
         ssm = [None if t is None else fn(t) for t in self.ssm]
-        return HybridCache(keys, values, conv, ssm, fn(self.key_mask), self.length, self.padded)
+        return HybridCache(keys, values, conv, ssm, fn(self.key_mask), self.length, self.padded,
+                           hole_bound=self.hole_bound)
 
     def clone(self) -> "HybridCache":
         return self._map(lambda t: t.clone())
@@ -183,12 +194,15 @@ class HybridCache:
         return HybridCache([cast(t) for t in self.keys], [cast(t) for t in self.values],
                            [cast(t) for t in self.conv],
                            [None if t is None else t.to(device=device, dtype=torch.float32) for t in self.ssm],
-                           self.key_mask.to(device=device), self.length, self.padded)
+                           self.key_mask.to(device=device), self.length, self.padded, hole_bound=self.hole_bound)
 
     def select(self, rows: Tensor) -> "HybridCache":
         """Keep batch rows `rows` (LongTensor or bool mask), e.g. to drop finished sequences."""
         rows = rows.to(self.device)
-        return self._map(lambda t: t.index_select(0, rows) if rows.dtype != torch.bool else t[rows])
+        out = self._map(lambda t: t.index_select(0, rows) if rows.dtype != torch.bool else t[rows])
+        if out.padded:  # the row with the most real positions may be gone: every hole may now count
+            out.hole_bound = out.length
+        return out
 
     def mirror_to(self, device, mirror: "HybridCache | None" = None) -> "HybridCache":
         """Bring a copy of this cache on `device` up to date, sending only what changed.
@@ -217,6 +231,7 @@ class HybridCache:
                 mirror.ssm[i].copy_(self.ssm[i], non_blocking=True)
         mirror.length = self.length
         mirror.padded = self.padded
+        mirror.hole_bound = self.hole_bound
         return mirror
 
     @staticmethod

@@ -165,6 +165,7 @@ class ContextTower(nn.Module):
             kept = torch.arange(hi, device=cache.device)[None, :] < keep[:, None]
             cache.key_mask[:, pending.start: pending.start + hi] &= kept
             cache.padded = True
+            cache.hole_bound += hi - lo  # the fullest row lost at most hi - lo positions
         cache.length = pending.start + hi
         cache.pending = None
 
