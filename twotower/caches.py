@@ -14,7 +14,8 @@ A *provisional* extend (`ContextTower.extend(..., provisional=True)`, speculativ
 a block's K,V but leaves the Mamba states where they were and records in `pending` what is needed to
 move them to any accepted prefix; `ContextTower.accept` settles it. Until then the cache refuses to
 be read, copied or extended. Positions a row rejected stay behind as holes (False in `key_mask`):
-NemotronH attention has no positional encoding, so a hole is exactly a masked-out key.
+NemotronH attention has no positional encoding, so a hole is exactly a masked-out key, and
+`compact` can squeeze holes out by moving each row's real positions to the front.
 """
 
 from __future__ import annotations
