@@ -151,15 +151,15 @@ class HybridCache:
         while `hole_bound` already rules out `min_gain`.
         """
         self.check_settled("compact it")
-        L = self.length
-        if self.hole_bound < max(1, min_gain):
+        L, need = self.length, max(1, min_gain)
+        if self.hole_bound < need:
             return 0
         valid = self.key_mask[:, :L]
         counts = valid.sum(1)
         lengths = counts.cpu()
         new_len = int(lengths.max()) if lengths.numel() else 0
         self.hole_bound = L - new_len  # exact now
-        if L - new_len < max(1, min_gain):
+        if L - new_len < need:
             return 0
         # Real positions first, in their order (a stable sort of the hole flags), then cut at new_len.
         order = torch.sort((~valid).to(torch.uint8), dim=1, stable=True).indices[:, :new_len]

@@ -472,7 +472,7 @@ def generate_diffusion(
                 cache, rows, x = cache.select(stay.to(ctx_device)), rows[stay.to(den_device)], x[stay.to(x.device)]
                 den_cache = cache.mirror_to(den_device) if use_mirror else cache
         logits = context.extend(cache, x.to(ctx_device), logits=want)
-        if use_mirror and den_cache is not cache:
+        if use_mirror:
             den_cache = cache.mirror_to(den_device, den_cache)
     tracker.tokens = tracker.tokens[:, :max_new_tokens]
     return tracker.output(input_ids, blocks)
