@@ -13,7 +13,9 @@ Module names vs released checkpoint names (DESIGN section 1):
     denoiser.time.Y           <->  Y      (t_embedder.*, t_block.*, scale_shift_tables.*)
 
 The context tower is frozen (requires_grad False): it is the AR model the denoiser reads from.
-The block loops themselves live in generation.py; this class only picks devices and defaults.
+The decoding loops live in `twotower.decoding` (one `Decoder` per strategy); `generate` runs one, and
+the released model's method names (`generate_mask_diffusion`, `generate_mock_ar`, `generate_ar`) and
+`generate_speculative` are thin aliases over them (`decoding/released.py`).
 """
 
 from __future__ import annotations
@@ -25,8 +27,8 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
-from .generation import GenerationOutput, StepCallback, generate_ar, generate_diffusion, generate_speculative
-from .samplers import ConfidenceThreshold, MockAR, Sampler
+from .decoding import Decoder, GenerationOutput, MaskDiffusion, ReleasedGenerationMixin, StepCallback
+from .samplers import Sampler
 from .towers.context import ContextTower
 from .towers.denoiser import DenoiserTower
 
@@ -66,7 +68,7 @@ def _check_block_size(block_size) -> int:
     return block_size
 
 
-class TwoTowerLM(nn.Module):
+class TwoTowerLM(ReleasedGenerationMixin, nn.Module):
     """Two-tower block-diffusion LM. `config` is a transformers NemotronHConfig shared by both towers.
 
     Args:
@@ -76,7 +78,7 @@ class TwoTowerLM(nn.Module):
         context / denoiser: prebuilt towers to use instead of fresh ones (both or neither).
         shifted: the denoiser output at block position i predicts position i + 1 and each block's
             first token is the context tower's next-token prediction (see
-            `generation.generate_diffusion`); stored in config.json. False = DESIGN's layout.
+            `decoding.MaskDiffusion`); stored in config.json. False = the released layout.
     """
 
     def __init__(self, config, *, block_size: int = DEFAULT_BLOCK_SIZE, mask_token_id: int = DEFAULT_MASK_TOKEN_ID,
@@ -228,107 +230,30 @@ class TwoTowerLM(nn.Module):
     def denoiser_device(self) -> torch.device:
         return self.devices[1]
 
-    def _pad_id(self, eos_token_id) -> int:
-        pad = getattr(self.config, "pad_token_id", None)
-        if pad is None:
-            pad = eos_token_id if isinstance(eos_token_id, int) else getattr(self.config, "eos_token_id", None)
-        if isinstance(pad, (list, tuple)):
-            pad = pad[0] if pad else None
-        return 0 if pad is None else int(pad)
-
     # ---- generation ---------------------------------------------------------------------------
-    def generate(self, input_ids: Tensor, attention_mask: Tensor | None = None, sampler: Sampler | None = None,
-                 block_size: int | None = None, steps_per_block: int = 16, max_new_tokens: int = 64,
-                 temperature: float = 0.0, eos_token_id: int | Sequence[int] | None = None,
-                 generator: torch.Generator | None = None, step_callback: StepCallback | None = None, *,
-                 pad_token_id: int | None = None, mask_token_id: int | None = None) -> GenerationOutput:
-        """Block mask diffusion (DESIGN section 2). input_ids / attention_mask: (B, T), left padding.
+    def generate(self, input_ids: Tensor, attention_mask: Tensor | None = None, decoder: Decoder | None = None, *,
+                 max_new_tokens: int = 64, eos_token_id: int | Sequence[int] | None = None,
+                 generator: torch.Generator | None = None, step_callback: StepCallback | None = None,
+                 sampler: Sampler | None = None, block_size: int | None = None, steps_per_block: int | None = None,
+                 temperature: float | None = None) -> GenerationOutput:
+        """Generate with `decoder` (any `twotower.decoding.Decoder`). input_ids / attention_mask: (B, T),
+        left padding; outputs come back on the context tower's device.
 
-        sampler: default ConfidenceThreshold(0.8); block_size / mask_token_id: default the model's;
-        pad_token_id: default config.pad_token_id (else the EOS id, else 0). See
-        `generation.generate_diffusion`.
+        Without a decoder this is mask diffusion, `MaskDiffusion(sampler, block_size, steps_per_block,
+        temperature)` (default sampler ConfidenceThreshold(0.8), the model's block size, 16 steps,
+        greedy); those four shorthands are refused next to an explicit decoder, which carries its own.
         """
-        sampler = ConfidenceThreshold(0.8) if sampler is None else sampler
-        block_size = self.block_size if block_size is None else _check_block_size(block_size)
-        ctx_device, _ = self.devices
-        return generate_diffusion(
-            self.context, self.denoiser, _to(input_ids, ctx_device), _to(attention_mask, ctx_device),
-            sampler=sampler, block_size=block_size, steps_per_block=steps_per_block, max_new_tokens=max_new_tokens,
-            mask_token_id=self.mask_token_id if mask_token_id is None else mask_token_id,
-            pad_token_id=self._pad_id(eos_token_id) if pad_token_id is None else pad_token_id,
-            temperature=temperature, eos_token_id=eos_token_id, generator=generator, step_callback=step_callback,
-            shifted=self.shifted,
-        )
-
-    # Drop-in names of the released model's generation methods. They return `sequences` (B, T + N);
-    # pass return_dict=True for the GenerationOutput.
-    def generate_mask_diffusion(self, input_ids: Tensor, max_new_tokens: int = 64, block_size: int | None = None,
-                                steps_per_block: int = 16, mask_token_id: int | None = None,
-                                temperature: float = 0.0, confidence_threshold: float = 0.8,
-                                eos_token_id: int | Sequence[int] | None = None,
-                                attention_mask: Tensor | None = None, *, generator: torch.Generator | None = None,
-                                return_dict: bool = False) -> Tensor | GenerationOutput:
-        """Mask diffusion with the confidence-threshold sampler (threshold in (0, 1])."""
-        out = self._diffusion(input_ids, attention_mask, ConfidenceThreshold(confidence_threshold), block_size,
-                              steps_per_block, max_new_tokens, mask_token_id, temperature, eos_token_id, generator)
-        return out if return_dict else out.sequences
-
-    def generate_mock_ar(self, input_ids: Tensor, max_new_tokens: int = 64, block_size: int | None = None,
-                         mask_token_id: int | None = None, temperature: float = 0.0,
-                         eos_token_id: int | Sequence[int] | None = None, attention_mask: Tensor | None = None, *,
-                         generator: torch.Generator | None = None,
-                         return_dict: bool = False) -> Tensor | GenerationOutput:
-        """Two towers stepping autoregressively: one token per denoiser forward, left to right."""
-        block_size = self.block_size if block_size is None else _check_block_size(block_size)
-        out = self._diffusion(input_ids, attention_mask, MockAR(), block_size, block_size, max_new_tokens,
-                              mask_token_id, temperature, eos_token_id, generator)
-        return out if return_dict else out.sequences
-
-    def generate_speculative(self, input_ids: Tensor, max_new_tokens: int = 64, block_size: int | None = None,
-                             draft_steps: int = 1, temperature: float = 0.0,
-                             eos_token_id: int | Sequence[int] | None = None, attention_mask: Tensor | None = None,
-                             *, sampler: Sampler | None = None, generator: torch.Generator | None = None,
-                             step_callback: StepCallback | None = None, pad_token_id: int | None = None,
-                             mask_token_id: int | None = None,
-                             return_dict: bool = False) -> Tensor | GenerationOutput:
-        """Lossless two-tower decoding: the denoiser drafts each block in `draft_steps` forwards, the
-        context tower verifies it in the extend it runs anyway, and each row keeps the prefix the
-        context tower agrees with (plus its own token at the first disagreement). Greedy output is
-        the AR output (`generate_ar`) token for token. See `generation.generate_speculative`.
-        """
-        block_size = self.block_size if block_size is None else _check_block_size(block_size)
-        ctx_device, _ = self.devices
-        out = generate_speculative(
-            self.context, self.denoiser, _to(input_ids, ctx_device), _to(attention_mask, ctx_device),
-            sampler=ConfidenceThreshold(0.8) if sampler is None else sampler, block_size=block_size,
-            draft_steps=draft_steps, max_new_tokens=max_new_tokens,
-            mask_token_id=self.mask_token_id if mask_token_id is None else mask_token_id,
-            pad_token_id=self._pad_id(eos_token_id) if pad_token_id is None else pad_token_id,
-            temperature=temperature, eos_token_id=eos_token_id, generator=generator, step_callback=step_callback,
-            shifted=self.shifted,
-        )
-        return out if return_dict else out.sequences
-
-    def generate_ar(self, input_ids: Tensor, max_new_tokens: int = 64, temperature: float = 0.0,
-                    eos_token_id: int | Sequence[int] | None = None, attention_mask: Tensor | None = None, *,
-                    generator: torch.Generator | None = None, return_dict: bool = False) -> Tensor | GenerationOutput:
-        """The AR baseline: the context tower alone, cached, one token per forward."""
-        ctx_device, _ = self.devices
-        out = generate_ar(self.context, _to(input_ids, ctx_device), _to(attention_mask, ctx_device),
-                          max_new_tokens=max_new_tokens, pad_token_id=self._pad_id(eos_token_id),
-                          temperature=temperature, eos_token_id=eos_token_id, generator=generator)
-        return out if return_dict else out.sequences
-
-    def _diffusion(self, input_ids, attention_mask, sampler, block_size, steps_per_block, max_new_tokens,
-                   mask_token_id, temperature, eos_token_id, generator) -> GenerationOutput:
-        return self.generate(input_ids, attention_mask, sampler=sampler, block_size=block_size,
-                             steps_per_block=steps_per_block, max_new_tokens=max_new_tokens,
-                             temperature=temperature, eos_token_id=eos_token_id, generator=generator,
-                             mask_token_id=mask_token_id)
-
-
-def _to(t: Tensor | None, device) -> Tensor | None:
-    return None if t is None else t.to(device)
+        shorthands = {"sampler": sampler, "block_size": block_size, "steps_per_block": steps_per_block,
+                      "temperature": temperature}
+        given = sorted(k for k, v in shorthands.items() if v is not None)
+        if decoder is None:
+            decoder = MaskDiffusion(**{k: v for k, v in shorthands.items() if v is not None})
+        elif not isinstance(decoder, Decoder):
+            raise ValueError(f"decoder must be a twotower.decoding.Decoder, got {decoder!r}")
+        elif given:
+            raise ValueError(f"{given} are MaskDiffusion settings; with decoder={decoder!r} set them on the decoder")
+        return decoder.generate(self, input_ids, attention_mask, max_new_tokens=max_new_tokens,
+                                eos_token_id=eos_token_id, generator=generator, step_callback=step_callback)
 
 
 def _match_router_precision(denoiser: DenoiserTower, context: ContextTower) -> None:

@@ -1,0 +1,34 @@
+"""Decoding strategies as plug-ins: how a prompt batch becomes tokens with one or both towers.
+
+    from twotower.decoding import MaskDiffusion, Speculative, MockAR, Autoregressive
+    out = Speculative(block_size=16).generate(model, input_ids, attention_mask, max_new_tokens=64)
+
+| decoder | what it does |
+|---|---|
+| `MaskDiffusion` | block mask diffusion: the denoiser fills each block over a few steps, a `Sampler` commits |
+| `Speculative` | lossless: the denoiser drafts a block, the context tower keeps what it agrees with |
+| `MockAR` | the released mock-AR mode: one clean token per denoiser forward, no time conditioning |
+| `Autoregressive` | the context tower alone, one token per forward (the baseline) |
+
+A recipe picks one by `class_path` (`decoder: {class_path: twotower.decoding.Speculative}`); a
+decoder of your own subclasses `Decoder` and implements `_decode` (see `base.py`). Nothing here
+imports Lightning. Layout: `base.py` (the interface and its checks), `tracker.py` (per-row
+bookkeeping, `GenerationOutput`), `logits.py` (temperature, top-k / top-p, processors), one file
+per decoder, `released.py` (the released model's method names and callback).
+"""
+
+from .autoregressive import Autoregressive
+from .base import DecodeCall, Decoder, StepCallback, Towers
+from .diffusion import MaskDiffusion, denoise_block
+from .logits import LogitsProcessor, TokenChooser, TopK, TopP
+from .mock_ar import MockAR
+from .released import ReleasedGenerationMixin, released_step_callback
+from .speculative import Speculative
+from .tracker import GenerationOutput, RowTracker
+
+__all__ = [
+    "Decoder", "DecodeCall", "Towers", "StepCallback", "GenerationOutput", "RowTracker",
+    "MaskDiffusion", "Speculative", "MockAR", "Autoregressive", "denoise_block",
+    "LogitsProcessor", "TokenChooser", "TopK", "TopP",
+    "ReleasedGenerationMixin", "released_step_callback",
+]

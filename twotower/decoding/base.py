@@ -1,0 +1,354 @@
+"""The `Decoder` interface: how a prompt batch becomes generated tokens.
+
+A decoder holds its hyperparameters (block size, sampler, temperature, ...) from its constructor,
+so a recipe can pick one by `class_path`, and is called with the per-call things:
+
+    out = decoder.generate(model, input_ids, attention_mask, max_new_tokens=64,
+                           eos_token_id=2, generator=g, step_callback=cb)   # -> GenerationOutput
+
+`model` is a `TwoTowerLM`, a `Towers` (the two towers and the token ids they need), or, for
+decoders that use the context tower alone, a bare context tower. `Decoder.generate` checks every
+argument once (prompt shape, left padding, lengths against the model's limit, EOS / pad ids,
+devices), runs the subclass's `_decode` loop under `torch.inference_mode`, and checks what the
+loop returned, so a decoder written in research code gets the same guarantees as the built-in
+ones. A subclass implements `_decode(call: DecodeCall) -> GenerationOutput`.
+
+The step callback is called after every network forward as
+`step_callback(block_index, step_index, tokens_before, logits, tokens_after)`:
+(R, n) tokens of the working rows before and after the step (`tokens_before` is None for
+decoders that write one token per forward), and their (R, n, V) logits. Treat them as read-only.
+"""
+
+from __future__ import annotations
+
+import abc
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from .logits import LogitsProcessor, TokenChooser
+from .tracker import GenerationOutput, RowTracker
+
+__all__ = ["Decoder", "DecodeCall", "Towers", "StepCallback", "GenerationOutput", "RowTracker", "check_int",
+           "device_of", "default_pad_id"]
+
+StepCallback = Callable[[int, int, "Tensor | None", Tensor, Tensor], None]
+
+
+# ---- argument checks ----------------------------------------------------------------------------
+
+
+def check_int(name: str, value, minimum: int = 1) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
+    return value
+
+
+def check_token(name: str, value, vocab_size: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < vocab_size:
+        raise ValueError(f"{name} must be a token id in [0, {vocab_size}), got {value!r}")
+    return value
+
+
+def _rows(mask: Tensor, limit: int = 8) -> str:
+    rows = mask.nonzero().flatten().tolist()
+    return str(rows[:limit]) + (" ..." if len(rows) > limit else "")
+
+
+def device_of(module: torch.nn.Module) -> torch.device:
+    p = next(module.parameters(), None)
+    return p.device if p is not None else torch.device("cpu")
+
+
+def same_device(a: torch.device, b: torch.device) -> bool:
+    """Device equality where a missing index means the current one ("cuda" == "cuda:0" on device 0)."""
+    if a.type != b.type:
+        return False
+    if a.type == "cpu":
+        return True
+
+    def index(d: torch.device) -> int:
+        if d.index is not None:
+            return d.index
+        return torch.cuda.current_device() if d.type == "cuda" else 0
+
+    return index(a) == index(b)
+
+
+def default_pad_id(config, eos_token_id) -> int:
+    """config.pad_token_id, else the (first) EOS id, else 0."""
+    pad = getattr(config, "pad_token_id", None)
+    if pad is None:
+        pad = eos_token_id if eos_token_id is not None else getattr(config, "eos_token_id", None)
+    if isinstance(pad, (list, tuple)):
+        pad = pad[0] if pad else None
+    return 0 if pad is None else int(pad)
+
+
+# ---- what a decoder runs on ---------------------------------------------------------------------
+
+
+@dataclass
+class Towers:
+    """The two towers and the token ids a decoder needs, for callers without a `TwoTowerLM`.
+
+    Args:
+        context: the context tower (prefill / extend / accept).
+        denoiser: the denoiser tower, or None for decoders that use the context alone.
+        mask_token_id: the [MASK] id the denoiser was trained with.
+        pad_token_id: written after a row's end; None = config.pad_token_id, else the EOS id, else 0.
+        shifted: the denoiser was trained AR-aligned (output i predicts position i + 1).
+        block_size: the default block size of decoders that leave theirs unset.
+        denoiser_device: None = the denoiser's own device, with the context cache mirrored to it
+            only when it differs from the context's; given explicitly, the mirror is always used.
+    """
+
+    context: torch.nn.Module
+    denoiser: torch.nn.Module | None = None
+    mask_token_id: int = 3
+    pad_token_id: int | None = None
+    shifted: bool = False
+    block_size: int = 16
+    denoiser_device: object = None
+
+    @classmethod
+    def of(cls, model) -> "Towers":
+        """A `Towers` from a TwoTowerLM (anything with .context and .denoiser), a Towers, or a context tower."""
+        if isinstance(model, Towers):
+            return model
+        if hasattr(model, "context") and hasattr(model, "denoiser"):
+            return cls(model.context, model.denoiser, mask_token_id=model.mask_token_id,
+                       shifted=bool(getattr(model, "shifted", False)), block_size=model.block_size)
+        if hasattr(model, "prefill") and hasattr(model, "extend"):
+            return cls(model)
+        raise ValueError(f"a decoder runs on a TwoTowerLM, a twotower.decoding.Towers or a context tower, "
+                         f"got {type(model).__name__}")
+
+
+@dataclass
+class DecodeCall:
+    """One checked decoding call, as a decoder's `_decode` receives it.
+
+    input_ids (B, T) long on the context device; valid (B, T) bool (left padding) or None when no
+    position is padding; eos (k,) long on the context device or None; den_device / use_mirror:
+    where the denoiser runs and whether it reads a mirror of the context cache.
+    """
+
+    context: torch.nn.Module
+    denoiser: torch.nn.Module | None
+    input_ids: Tensor
+    valid: Tensor | None
+    max_new_tokens: int
+    eos: Tensor | None
+    pad_token_id: int
+    mask_token_id: int
+    shifted: bool
+    block_size: int
+    generator: torch.Generator | None
+    step_callback: StepCallback | None
+    ctx_device: torch.device
+    den_device: torch.device | None
+    use_mirror: bool
+    start: float = field(default_factory=time.perf_counter)
+
+    def tracker(self, spare: int, device=None) -> RowTracker:
+        """A fresh RowTracker for this call's batch (on `device`, default the context's)."""
+        eos = self.eos if device is None else (None if self.eos is None else self.eos.to(device))
+        return RowTracker(self.input_ids.shape[0], self.max_new_tokens, spare=spare, pad_token_id=self.pad_token_id,
+                          eos=eos, device=device or self.ctx_device, start=self.start)
+
+
+class Decoder(abc.ABC):
+    """Base class of every decoding strategy. Subclasses implement `_decode`.
+
+    Args (shared by the built-in decoders):
+        temperature: 0 = greedy; > 0 samples (seeded by the call's generator).
+        top_k / top_p: filters applied wherever the decoder samples (`logits.TopK` / `TopP`).
+        logits_processors: further `LogitsProcessor`s, applied after top-k / top-p.
+
+    Class attributes a subclass sets:
+        uses_denoiser: False for decoders that run the context tower alone.
+        uses_mask_token: the [MASK] id is reserved (refused in prompts).
+    """
+
+    uses_denoiser: bool = True
+    uses_mask_token: bool = False
+
+    def __init__(self, *, temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
+                 logits_processors: Sequence[LogitsProcessor] | None = None):
+        self.chooser = TokenChooser(temperature, top_k, top_p, logits_processors or ())
+
+    @property
+    def temperature(self) -> float:
+        return self.chooser.temperature
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.extra_repr()})"
+
+    def extra_repr(self) -> str:
+        return f"temperature={self.temperature}"
+
+    # ---- the one public entry point -------------------------------------------------------------
+    def generate(self, model, input_ids: Tensor, attention_mask: Tensor | None = None, *, max_new_tokens: int,
+                 eos_token_id: int | Sequence[int] | None = None, generator: torch.Generator | None = None,
+                 step_callback: StepCallback | None = None) -> GenerationOutput:
+        """Generate up to `max_new_tokens` per row after a left-padded prompt batch.
+
+        model: a TwoTowerLM, a `Towers`, or a context tower (for context-only decoders).
+        input_ids / attention_mask: (B, T); 1 = real token, padding on the left. Moved to the
+            context tower's device; outputs come back there.
+        eos_token_id: an id (or ids) that ends a row; None = every row makes max_new_tokens.
+        generator: seeds sampling (temperature > 0).
+        step_callback: see the module docstring.
+        """
+        call = self._prepare(Towers.of(model), input_ids, attention_mask, max_new_tokens, eos_token_id, generator,
+                             step_callback)
+        with torch.inference_mode():
+            out = self._decode(call)
+        self._check_output(out, call)
+        return out
+
+    __call__ = generate
+
+    @abc.abstractmethod
+    def _decode(self, call: DecodeCall) -> GenerationOutput:
+        """Run the loop for a checked call; return `call.tracker(...).output(call.input_ids, blocks)`."""
+
+    def block_size_for(self, towers: Towers) -> int:
+        """The block size this decoder uses with these towers (decoders with a block size override)."""
+        return towers.block_size
+
+    def check_call(self, call: DecodeCall) -> None:
+        """Checks that depend on the towers (override to add; raise ValueError naming the value)."""
+
+    # ---- checks ------------------------------------------------------------------------------
+    def _prepare(self, towers: Towers, input_ids, attention_mask, max_new_tokens, eos_token_id, generator,
+                 step_callback) -> DecodeCall:
+        context, denoiser = towers.context, towers.denoiser
+        cfg = context.config
+        if self.uses_denoiser and denoiser is None:
+            raise ValueError(f"{type(self).__name__} needs the denoiser tower; pass a TwoTowerLM or "
+                             "Towers(context, denoiser)")
+        check_int("max_new_tokens", max_new_tokens)
+        if generator is not None and not isinstance(generator, torch.Generator):
+            raise ValueError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
+        if step_callback is not None and not callable(step_callback):
+            raise ValueError(f"step_callback must be callable, got {step_callback!r}")
+        check_token("mask_token_id", towers.mask_token_id, cfg.vocab_size)
+        pad = towers.pad_token_id
+        if pad is None:
+            first_eos = eos_token_id if isinstance(eos_token_id, int) or eos_token_id is None else \
+                (list(eos_token_id) or [None])[0]
+            pad = default_pad_id(cfg, first_eos)
+        check_token("pad_token_id", pad, cfg.vocab_size)
+        ctx_device = device_of(context)
+        input_ids, valid = _check_prompt(cfg, input_ids, attention_mask, max_new_tokens, ctx_device,
+                                         towers.mask_token_id if self.uses_mask_token else None)
+        den_device, use_mirror = None, False
+        if self.uses_denoiser:
+            den_device, use_mirror = _denoiser_placement(denoiser, ctx_device, towers.denoiser_device)
+        call = DecodeCall(context=context, denoiser=denoiser if self.uses_denoiser else None, input_ids=input_ids,
+                          valid=valid, max_new_tokens=max_new_tokens,
+                          eos=_eos_ids(eos_token_id, cfg.vocab_size, ctx_device), pad_token_id=pad,
+                          mask_token_id=towers.mask_token_id, shifted=towers.shifted,
+                          block_size=check_int("block_size", self.block_size_for(towers)), generator=generator,
+                          step_callback=step_callback, ctx_device=ctx_device, den_device=den_device,
+                          use_mirror=use_mirror)
+        self.check_call(call)
+        return call
+
+    def _check_output(self, out, call: DecodeCall) -> None:
+        """The contract every decoder's result honours (one host read, after the loop)."""
+        name = type(self).__name__
+        if not isinstance(out, GenerationOutput):
+            raise RuntimeError(f"{name}._decode must return a GenerationOutput, got {type(out).__name__}")
+        B, T = call.input_ids.shape
+        N = out.new_tokens.shape[1] if out.new_tokens.dim() == 2 else -1
+        if out.new_tokens.shape[0] != B or not 0 <= N <= call.max_new_tokens:
+            raise RuntimeError(f"{name} returned new_tokens of shape {tuple(out.new_tokens.shape)}; expected "
+                               f"({B}, at most {call.max_new_tokens})")
+        if tuple(out.sequences.shape) != (B, T + N) or tuple(out.num_generated.shape) != (B,):
+            raise RuntimeError(f"{name} returned sequences {tuple(out.sequences.shape)} / num_generated "
+                               f"{tuple(out.num_generated.shape)}; expected {(B, T + N)} / {(B,)}")
+        lo, hi = torch.aminmax(out.num_generated)
+        if int(lo) < 0 or int(hi) > call.max_new_tokens:
+            raise RuntimeError(f"{name} generated between {int(lo)} and {int(hi)} tokens per row; each row must "
+                               f"have 0 .. max_new_tokens = {call.max_new_tokens}")
+
+
+# ---- helpers for _prepare -----------------------------------------------------------------------
+
+
+def _eos_ids(eos_token_id: int | Sequence[int] | None, vocab_size: int, device) -> Tensor | None:
+    """The EOS id(s) as a (k,) long tensor, or None when generation should not stop early."""
+    if eos_token_id is None:
+        return None
+    ids = [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id)
+    if not ids:
+        return None
+    for i in ids:
+        check_token("eos_token_id", i, vocab_size)
+    return torch.tensor(ids, dtype=torch.long, device=device)
+
+
+def _check_prompt(config, input_ids: Tensor, attention_mask: Tensor | None, max_new_tokens: int,
+                  device, mask_token_id: int | None = None) -> tuple[Tensor, Tensor | None]:
+    """Validate a (left-padded) prompt batch; returns (input_ids long, bool mask or None) on `device`."""
+    if not isinstance(input_ids, Tensor) or input_ids.dim() != 2:
+        shape = tuple(input_ids.shape) if isinstance(input_ids, Tensor) else type(input_ids).__name__
+        raise ValueError(f"input_ids must be a (batch, length) tensor, got {shape}")
+    if input_ids.is_floating_point() or input_ids.dtype == torch.bool:
+        raise ValueError(f"input_ids must hold integer token ids, got dtype {input_ids.dtype}")
+    B, T = input_ids.shape
+    if B == 0 or T == 0:
+        raise ValueError(f"empty prompt: input_ids has shape {(B, T)}; every row needs at least one token")
+    limit = getattr(config, "max_position_embeddings", None)
+    if limit is not None and T + max_new_tokens > limit:
+        raise ValueError(
+            f"prompt length {T} + max_new_tokens {max_new_tokens} = {T + max_new_tokens} exceeds the model's "
+            f"max_position_embeddings = {limit}; shorten the prompt or lower max_new_tokens"
+        )
+    input_ids = input_ids.to(device=device, dtype=torch.long)
+    valid = None
+    if attention_mask is not None:
+        if not isinstance(attention_mask, Tensor) or tuple(attention_mask.shape) != (B, T):
+            shape = tuple(attention_mask.shape) if isinstance(attention_mask, Tensor) else type(attention_mask).__name__
+            raise ValueError(f"attention_mask has shape {shape}, expected {(B, T)} like input_ids")
+        valid = attention_mask.to(device).bool()
+        empty = ~valid.any(-1)
+        if bool(empty.any()):
+            raise ValueError(f"empty prompt: row(s) {_rows(empty)} of attention_mask have no real token")
+        # Generated tokens are appended on the right, so padding must sit on the left.
+        right_pad = (valid[:, 1:] < valid[:, :-1]).any(-1)
+        if bool(right_pad.any()):
+            raise ValueError(f"attention_mask must use left padding (zeros before the prompt); row(s) "
+                             f"{_rows(right_pad)} have a 0 after a 1")
+        if bool(valid.all()):
+            valid = None  # lets the towers take their unpadded fast path
+    if mask_token_id is not None:
+        has_mask = input_ids == mask_token_id
+        if valid is not None:
+            has_mask &= valid
+        bad = has_mask.any(-1)
+        if bool(bad.any()):
+            raise ValueError(f"the prompt of row(s) {_rows(bad)} contains the [MASK] token id {mask_token_id}, "
+                             "which is reserved for the positions the denoiser fills; remove it from the prompt "
+                             "(or pass the model's real mask_token_id)")
+    return input_ids, valid
+
+
+def _denoiser_placement(denoiser, ctx_device: torch.device, denoiser_device) -> tuple[torch.device, bool]:
+    """(device the denoiser runs on, whether its cache is a mirror of the context cache)."""
+    actual = device_of(denoiser)
+    if denoiser_device is None:
+        return actual, not same_device(actual, ctx_device)
+    wanted = torch.device(denoiser_device)
+    if not same_device(wanted, actual):
+        raise ValueError(f"denoiser_device={wanted} but the denoiser's weights are on {actual}; move the denoiser "
+                         "first (TwoTowerLM.place_towers_on_devices) or leave denoiser_device=None")
+    # An explicit device always uses the mirror, even when it equals the context's (tests, debugging).
+    return actual, True
+

@@ -1,0 +1,159 @@
+"""`MaskDiffusion`: block-wise mask diffusion (docs/design.md, section 2), and the block denoiser
+it shares with speculative decoding.
+
+    cache = context.prefill(prompt)                                   # clean prompt, once
+    for each block of n = min(S, what is left) positions:
+        x = [MASK] * n
+        for s in 0 .. steps_per_block - 1, while x has a [MASK]:
+            t       = (#[MASK] in x) / n                              # (R,), per row
+            logits  = denoiser.forward_block(x, cache, t)             # (R, n, V); [MASK] logit -> -inf
+            cand    = the chooser's token (argmax, or a seeded sample)
+            conf    = softmax(logits)[cand]                           # untempered
+            commit  = sampler(conf, cand, masked, step=s, ...)        # which masks to fill now
+            x[commit] = cand[commit]
+        a row's first EOS in the block ends it (pad after it)
+        context.extend(cache, x)                                      # one chunked forward
+
+Host syncs: one per step ("is anything still masked"), plus one per block when an EOS id is
+given. Rows that finish leave the working batch at the next block boundary (`cache.select`), so
+later forwards only pay for the rows still running; within a block, a row whose positions are
+all filled takes no part in the forward's NFE count.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+from ..samplers import ConfidenceThreshold, Sampler
+from .base import DecodeCall, Decoder, Towers, check_int
+from .logits import LogitsProcessor, TokenChooser, confidence_of
+from .tracker import GenerationOutput, RowTracker
+
+__all__ = ["MaskDiffusion", "denoise_block"]
+
+
+def denoise_block(denoiser, cache, n: int, *, sampler, steps: int, mask_token_id: int, chooser: TokenChooser,
+                  generator, tracker: RowTracker, rows: Tensor, block_index: int, step_callback=None,
+                  first: Tensor | None = None, shift: bool = False, fill_last: bool = False) -> Tensor:
+    """Fill one block of n positions for every working row; returns x (R, n) with no [MASK] left.
+
+    rows (R,): the tracker rows of the working batch; a row counts an NFE for each forward in
+    which it still had a [MASK]. first (R,): the block opens with these tokens (the context
+    tower's next-token prediction), never masked. shift: the denoiser output at position i is the
+    prediction for position i + 1 (a shifted model; needs `first`). fill_last: the last allowed
+    step fills every masked position without consulting the sampler (a one-step draft is then
+    the plain choice, no confidences computed).
+    """
+    R, device = rows.shape[0], cache.device
+    masked = torch.ones(R, n, dtype=torch.bool, device=device)
+    x = torch.full((R, n), mask_token_id, dtype=torch.long, device=device)
+    if first is not None:
+        masked[:, 0] = False
+        x[:, 0] = first
+    for step in range(steps):
+        if not bool(masked.any()):  # the one host sync per step
+            break
+        t = masked.sum(-1, dtype=torch.float32) / n
+        logits = denoiser.forward_block(x, cache, t)  # (R, n, V) float32, freshly allocated
+        if shift:  # output i predicts position i + 1; position 0 is never masked
+            logits = torch.cat([logits[:, :1], logits[:, :-1]], dim=1)
+        logits[..., mask_token_id] = float("-inf")
+        cand = torch.where(masked, chooser(logits, generator), x)
+        if fill_last and step == steps - 1:
+            commit = masked
+        else:
+            commit = sampler(confidence_of(logits, cand), cand, masked, step=step, steps_per_block=steps,
+                             logits=logits)
+            commit = commit & masked  # a plain-callable sampler gets no contract enforcement otherwise
+        tracker.count_forward(rows, masked.any(-1))
+        before, x = x, torch.where(commit, cand, x)
+        masked &= ~commit
+        if step_callback is not None:
+            step_callback(block_index, step, before, logits, x)
+    if bool(masked.any()):
+        raise RuntimeError(f"sampler {sampler!r} left masked positions after steps_per_block={steps} "
+                           "steps; a sampler must commit every masked position at the last step "
+                           "(subclass twotower.samplers.Sampler to get this guaranteed)")
+    return x
+
+
+class MaskDiffusion(Decoder):
+    """Block mask diffusion: the denoiser fills each block of [MASK] over a few steps; the sampler
+    decides which confident positions commit at each step.
+
+    Args:
+        sampler: the commit policy (default `ConfidenceThreshold(0.8)`); any `Sampler`, the
+            user's own included.
+        block_size: positions per block (None = the model's); the last block is shorter when
+            max_new_tokens is not a multiple of it.
+        steps_per_block: the most denoiser forwards a block may take (the sampler's contract
+            finishes every block in time).
+        temperature / top_k / top_p / logits_processors: how candidates are chosen (see
+            `Decoder`). Confidence always uses the untempered, unfiltered softmax.
+
+    With a shifted model each block's first token is the context tower's own next-token choice
+    (from the prefill / the previous extend: no extra forward), and denoiser output i is read as
+    the prediction for position i + 1.
+    """
+
+    uses_mask_token = True
+
+    def __init__(self, sampler: Sampler | None = None, block_size: int | None = None, steps_per_block: int = 16,
+                 temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
+                 logits_processors: Sequence[LogitsProcessor] | None = None):
+        super().__init__(temperature=temperature, top_k=top_k, top_p=top_p, logits_processors=logits_processors)
+        self.sampler = ConfidenceThreshold(0.8) if sampler is None else sampler
+        if not callable(self.sampler):
+            raise ValueError(f"sampler must be a Sampler (or a callable with its signature), got {sampler!r}")
+        self.block_size = None if block_size is None else check_int("block_size", block_size)
+        self.steps_per_block = check_int("steps_per_block", steps_per_block)
+
+    def extra_repr(self) -> str:
+        return (f"sampler={self.sampler!r}, block_size={self.block_size}, steps_per_block={self.steps_per_block}, "
+                f"temperature={self.temperature}")
+
+    def block_size_for(self, towers: Towers) -> int:
+        return towers.block_size if self.block_size is None else self.block_size
+
+    def _decode(self, call: DecodeCall) -> GenerationOutput:
+        context, denoiser, n_max = call.context, call.denoiser, call.block_size
+        ctx_device, den_device = call.ctx_device, call.den_device
+        B, T = call.input_ids.shape
+        want = "last" if call.shifted else "none"
+        # Capacity for everything this call will append: no cache growth (reallocation) mid-generation.
+        logits, cache = context.prefill(call.input_ids, call.valid, logits=want, capacity=T + call.max_new_tokens)
+        den_cache = cache.mirror_to(den_device) if call.use_mirror else cache
+        tracker = call.tracker(spare=n_max, device=den_device)
+        rows = torch.arange(B, device=den_device)  # the working batch: the rows still running
+        blocks = made = 0
+        while made < call.max_new_tokens:
+            n = min(n_max, call.max_new_tokens - made)
+            first = None
+            if call.shifted:  # [MASK] is never produced, as in the denoiser's steps
+                last = logits[:, -1].float()
+                last[:, call.mask_token_id] = float("-inf")
+                first = self.chooser(last, call.generator).to(den_device)
+            x = denoise_block(denoiser, den_cache, n, sampler=self.sampler, steps=self.steps_per_block,
+                              mask_token_id=call.mask_token_id, chooser=self.chooser, generator=call.generator,
+                              tracker=tracker, rows=rows, block_index=blocks, step_callback=call.step_callback,
+                              first=first, shift=call.shifted)
+            blocks += 1
+            made += n
+            done = tracker.commit(x, rows=None if call.eos is None else rows)
+            if done is None:  # no EOS id: the batch never shrinks, nothing to read back
+                if made >= call.max_new_tokens:
+                    break  # the context never needs the last block
+            else:
+                if bool(done.all()) or made >= call.max_new_tokens:
+                    break
+                if bool(done.any()):  # drop finished rows: later forwards only pay for the rows still running
+                    stay = (~done).nonzero().squeeze(1)
+                    cache, rows, x = cache.select(stay.to(ctx_device)), rows[stay.to(den_device)], x[stay.to(x.device)]
+                    den_cache = cache.mirror_to(den_device) if call.use_mirror else cache
+            logits = context.extend(cache, x.to(ctx_device), logits=want)
+            if call.use_mirror:
+                den_cache = cache.mirror_to(den_device, den_cache)
+        return tracker.output(call.input_ids, blocks)
