@@ -81,3 +81,95 @@ def _deterministic_single_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+# ---- shared builders: towers, prompts, and decoder calls on bare towers -------------------------
+
+MASK, PAD = 3, 0  # the tiny configs' [MASK] and pad ids (ids 0-3 are pad / bos / eos / mask)
+
+
+def randomize_time_(denoiser, seed: int) -> None:
+    """Random adaLN modules (gates around 1) and a sharper head, so that t matters and the
+    confidence threshold sees a spread of confidences."""
+    randomize_(denoiser.time, seed=seed, scale=0.05)
+    with torch.no_grad():
+        for table in denoiser.time.scale_shift_tables:
+            table[2] += 1.0
+        denoiser.lm_head.weight.mul_(3.0)
+
+
+def make_towers(pattern: str = "M*-EM*E", seed: int = 0, **overrides):
+    """(context, denoiser): a random tiny context tower and its copy with random time modules."""
+    from twotower.towers.context import ContextTower
+    from twotower.towers.denoiser import DenoiserTower
+
+    ctx = randomize_(ContextTower(tiny_config(pattern, **overrides)), seed=seed).eval()
+    den = DenoiserTower.from_context(ctx).eval()
+    randomize_time_(den, seed + 1000)
+    return ctx, den
+
+
+def make_model(seed: int = 0, block_size: int = 8, pattern: str = "M*-EM*E"):
+    """A TwoTowerLM over a random tiny backbone, with random time modules."""
+    from twotower.model import TwoTowerLM
+    from twotower.towers.context import ContextTower
+
+    ctx = randomize_(ContextTower(tiny_config(pattern)), seed=seed).eval()
+    model = TwoTowerLM.from_backbone(ctx, block_size=block_size)
+    randomize_time_(model.denoiser, seed + 1000)
+    return model.eval()
+
+
+def left_pad(prompts: list[torch.Tensor], pad: int = PAD) -> tuple[torch.Tensor, torch.Tensor]:
+    """A list of 1-D prompts -> (ids, attention_mask) (B, T), padded on the left."""
+    T = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), T), pad, dtype=torch.long)
+    mask = torch.zeros(len(prompts), T, dtype=torch.long)
+    for r, p in enumerate(prompts):
+        ids[r, T - len(p):] = p
+        mask[r, T - len(p):] = 1
+    return ids, mask
+
+
+def random_prompts(lengths, seed: int = 0) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(4, 64, (n,), generator=g) for n in lengths]  # ids 0-3 are special
+
+
+def run_decoder(decoder, ctx, den, ids, mask=None, *, max_new_tokens: int, eos_token_id=None, generator=None,
+                step_callback=None, pad_token_id: int = PAD, mask_token_id: int = MASK, shifted: bool = False,
+                denoiser_device=None):
+    """Run `decoder` on bare towers with the tiny configs' token ids."""
+    from twotower.decoding import Towers
+
+    towers = Towers(ctx, den, mask_token_id=mask_token_id, pad_token_id=pad_token_id, shifted=shifted,
+                    denoiser_device=denoiser_device)
+    return decoder.generate(towers, ids, mask, max_new_tokens=max_new_tokens, eos_token_id=eos_token_id,
+                            generator=generator, step_callback=step_callback)
+
+
+def diffusion(ctx, den, ids, mask=None, *, sampler=None, block_size: int = 8, steps_per_block: int = 8,
+              temperature: float = 0.0, max_new_tokens: int = 20, **call):
+    """MaskDiffusion (default ConfidenceThreshold(0.5), block 8, 8 steps) on bare towers."""
+    from twotower.decoding import MaskDiffusion
+    from twotower.samplers import ConfidenceThreshold
+
+    decoder = MaskDiffusion(ConfidenceThreshold(0.5) if sampler is None else sampler, block_size=block_size,
+                            steps_per_block=steps_per_block, temperature=temperature)
+    return run_decoder(decoder, ctx, den, ids, mask, max_new_tokens=max_new_tokens, **call)
+
+
+def speculative(ctx, den, ids, mask=None, *, sampler=None, block_size: int = 6, draft_steps: int = 1,
+                temperature: float = 0.0, max_new_tokens: int = 21, **call):
+    """Speculative decoding (block 6, one draft step) on bare towers."""
+    from twotower.decoding import Speculative
+
+    decoder = Speculative(block_size=block_size, draft_steps=draft_steps, sampler=sampler, temperature=temperature)
+    return run_decoder(decoder, ctx, den, ids, mask, max_new_tokens=max_new_tokens, **call)
+
+
+def autoregressive(ctx, ids, mask=None, *, temperature: float = 0.0, max_new_tokens: int, **call):
+    """The context tower alone (Autoregressive) on a bare context tower."""
+    from twotower.decoding import Autoregressive
+
+    return run_decoder(Autoregressive(temperature), ctx, None, ids, mask, max_new_tokens=max_new_tokens, **call)

@@ -1,60 +1,18 @@
-"""The block loop (generation.py): batch invariance, AR parity with transformers, EOS / NFE accounting,
-step callbacks, seeded sampling, the two-device mirror path, and input validation."""
+"""MaskDiffusion and Autoregressive on bare towers: batch invariance, AR parity with transformers,
+EOS / NFE accounting, step callbacks, seeded sampling, the two-device mirror path, and input
+validation."""
 
 from __future__ import annotations
 
 import pytest
 import torch
-from conftest import randomize_, tiny_config
+from conftest import MASK, PAD, autoregressive, diffusion, left_pad, make_towers, random_prompts, randomize_, tiny_config
 from transformers import NemotronHForCausalLM
 
 from twotower.caches import HybridCache
-from twotower.generation import GenerationOutput, generate_ar, generate_diffusion
+from twotower.decoding import GenerationOutput
 from twotower.samplers import ConfidenceThreshold, EntropyBounded, MarginThreshold, MockAR, TopKCommit
 from twotower.towers.context import ContextTower
-from twotower.towers.denoiser import DenoiserTower
-
-MASK, PAD = 3, 0
-
-
-def randomize_time_(denoiser: DenoiserTower, seed: int) -> None:
-    """Random adaLN modules (gates around 1) and a sharper head, so that t matters and the
-    confidence threshold sees a spread of confidences."""
-    randomize_(denoiser.time, seed=seed, scale=0.05)
-    with torch.no_grad():
-        for table in denoiser.time.scale_shift_tables:
-            table[2] += 1.0
-        denoiser.lm_head.weight.mul_(3.0)
-
-
-def make_towers(pattern: str = "M*-EM*E", seed: int = 0, **overrides):
-    ctx = randomize_(ContextTower(tiny_config(pattern, **overrides)), seed=seed).eval()
-    den = DenoiserTower.from_context(ctx).eval()
-    randomize_time_(den, seed + 1000)
-    return ctx, den
-
-
-def left_pad(prompts: list[torch.Tensor], pad: int = PAD) -> tuple[torch.Tensor, torch.Tensor]:
-    T = max(len(p) for p in prompts)
-    ids = torch.full((len(prompts), T), pad, dtype=torch.long)
-    mask = torch.zeros(len(prompts), T, dtype=torch.long)
-    for r, p in enumerate(prompts):
-        ids[r, T - len(p):] = p
-        mask[r, T - len(p):] = 1
-    return ids, mask
-
-
-def random_prompts(lengths, seed: int = 0) -> list[torch.Tensor]:
-    g = torch.Generator().manual_seed(seed)
-    return [torch.randint(4, 64, (n,), generator=g) for n in lengths]  # ids 0-3 are pad/bos/eos/mask
-
-
-def diffusion(ctx, den, ids, mask=None, **kw):
-    kw.setdefault("sampler", ConfidenceThreshold(0.5))
-    kw.setdefault("max_new_tokens", 20)
-    kw.setdefault("block_size", 8)
-    kw.setdefault("steps_per_block", 8)
-    return generate_diffusion(ctx, den, ids, mask, mask_token_id=MASK, pad_token_id=PAD, **kw)
 
 
 MODES = {
@@ -77,7 +35,7 @@ def test_padded_batch_gives_each_prompt_its_own_result(mode):
 
     def run(i, m):
         if mode == "ar":
-            return generate_ar(ctx, i, m, max_new_tokens=13, pad_token_id=PAD)
+            return autoregressive(ctx, i, m, max_new_tokens=13, pad_token_id=PAD)
         return diffusion(ctx, den, i, m, max_new_tokens=19, **MODES[mode])
 
     batch = run(ids, mask)
@@ -118,7 +76,7 @@ def test_generate_ar_equals_transformers_greedy_generate(seed):
     ids = torch.randint(4, 512, (2, 6 + seed), generator=torch.Generator().manual_seed(seed))
     with torch.no_grad():
         expected = ref.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=12, do_sample=False)
-    ours = generate_ar(ctx, ids, max_new_tokens=12, pad_token_id=PAD)
+    ours = autoregressive(ctx, ids, max_new_tokens=12, pad_token_id=PAD)
     assert expected.shape == ours.sequences.shape
     assert torch.equal(ours.sequences, expected)
     assert torch.equal(ours.nfe, torch.full((2,), 12)) and torch.all(ours.tokens_per_nfe == 1)
@@ -151,9 +109,8 @@ def test_eos_ends_rows_with_padding_and_ends_the_loop():
     # NFE counts only the blocks a row was still running in.
     assert torch.all(out.nfe <= torch.tensor([(e + 3) // 4 * 4 for e in ends]))
     # Tokenizers often use EOS as the pad id: a finished row's padding must not read as a new EOS.
-    same = generate_diffusion(ctx, den, ids.masked_fill(mask == 0, eos), mask, sampler=ConfidenceThreshold(0.5),
-                              max_new_tokens=40, block_size=4, steps_per_block=4, mask_token_id=MASK,
-                              pad_token_id=eos, eos_token_id=eos)
+    same = diffusion(ctx, den, ids.masked_fill(mask == 0, eos), mask, sampler=ConfidenceThreshold(0.5),
+                     max_new_tokens=40, block_size=4, steps_per_block=4, pad_token_id=eos, eos_token_id=eos)
     assert same.num_generated.tolist() == ends
     assert torch.equal(same.new_tokens.masked_fill(same.new_tokens == eos, PAD),
                        out.new_tokens.masked_fill(out.new_tokens == eos, PAD))
@@ -285,14 +242,14 @@ def test_temperature_sampling_is_reproducible_and_seed_dependent():
     ctx, den = make_towers(seed=8)
     ids = torch.randint(4, 64, (2, 6))
 
-    def run(seed, ar=False):
+    def run(seed, use_ar=False):
         g = torch.Generator().manual_seed(seed)
-        if ar:
-            return generate_ar(ctx, ids, max_new_tokens=16, pad_token_id=PAD, temperature=1.0, generator=g).new_tokens
+        if use_ar:
+            return autoregressive(ctx, ids, max_new_tokens=16, pad_token_id=PAD, temperature=1.0, generator=g).new_tokens
         return diffusion(ctx, den, ids, max_new_tokens=16, temperature=1.0, generator=g).new_tokens
 
-    for ar in (False, True):
-        a, b, c = run(0, ar), run(0, ar), run(1, ar)
+    for use_ar in (False, True):
+        a, b, c = run(0, use_ar), run(0, use_ar), run(1, use_ar)
         assert torch.equal(a, b)
         assert not torch.equal(a, c)
     greedy = diffusion(ctx, den, ids, max_new_tokens=16).new_tokens
@@ -374,17 +331,16 @@ def towers():
     (dict(max_new_tokens=0), "max_new_tokens must be an int >= 1, got 0"),
     (dict(max_new_tokens=600), "max_position_embeddings = 512"),
     (dict(eos_token_id=64), "eos_token_id must be a token id in \\[0, 64\\)"),
-    (dict(sampler=ConfidenceThreshold(0.5), mask_token_id=99), "mask_token_id must be a token id"),
+    (dict(mask_token_id=99), "mask_token_id must be a token id"),
+    (dict(pad_token_id=-1), "pad_token_id must be a token id"),
+    (dict(generator=0), "generator must be a torch.Generator"),
+    (dict(step_callback=5), "step_callback must be callable"),
 ])
 def test_bad_arguments_raise_clear_errors(towers, kwargs, match):
     ctx, den = towers
     ids = torch.randint(4, 64, (2, 5))
     with pytest.raises(ValueError, match=match):
-        if "mask_token_id" in kwargs:
-            generate_diffusion(ctx, den, ids, sampler=kwargs["sampler"], max_new_tokens=4,
-                               mask_token_id=kwargs["mask_token_id"], pad_token_id=PAD)
-        else:
-            diffusion(ctx, den, ids, **{"max_new_tokens": 4, **kwargs})
+        diffusion(ctx, den, ids, **{"max_new_tokens": 4, **kwargs})
 
 
 def test_bad_prompts_raise_clear_errors(towers):
@@ -396,7 +352,7 @@ def test_bad_prompts_raise_clear_errors(towers):
     with pytest.raises(ValueError, match=r"empty prompt: row\(s\) \[0\]"):
         diffusion(ctx, den, ids, mask)
     with pytest.raises(ValueError, match=r"empty prompt: row\(s\) \[0\]"):
-        generate_ar(ctx, ids, mask, max_new_tokens=4, pad_token_id=PAD)
+        autoregressive(ctx, ids, mask, max_new_tokens=4, pad_token_id=PAD)
     ids, mask = left_pad(random_prompts([4, 6]))
     ids[1, 3] = MASK
     with pytest.raises(ValueError, match=r"row\(s\) \[1\] contains the \[MASK\] token id 3"):
@@ -409,7 +365,7 @@ def test_bad_prompts_raise_clear_errors(towers):
     with pytest.raises(ValueError, match="left padding"):
         diffusion(ctx, den, torch.randint(4, 64, (2, 6)), right)
     with pytest.raises(ValueError, match="exceeds the model's max_position_embeddings = 512"):
-        generate_ar(ctx, torch.randint(4, 64, (1, 500)), max_new_tokens=13, pad_token_id=PAD)
+        autoregressive(ctx, torch.randint(4, 64, (1, 500)), max_new_tokens=13, pad_token_id=PAD)
 
 
 def test_output_is_a_generation_output_with_consistent_shapes(towers):

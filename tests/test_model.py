@@ -205,7 +205,7 @@ def test_two_devices_equal_one_device():
 def test_generate_defaults_to_confidence_threshold_and_model_block_size(model):
     ids, mask = left_pad(random_prompts([5, 2], seed=6))
     out = model.generate(ids, mask, max_new_tokens=20)
-    ref = generate_diffusion(model.context, model.denoiser, ids, mask, sampler=ConfidenceThreshold(0.8),
+    ref = diffusion(model.context, model.denoiser, ids, mask, sampler=ConfidenceThreshold(0.8),
                              block_size=8, steps_per_block=16, max_new_tokens=20, mask_token_id=MASK,
                              pad_token_id=PAD)
     assert torch.equal(out.sequences, ref.sequences) and out.blocks == ref.blocks == 3
@@ -217,18 +217,18 @@ def test_drop_in_methods_match_the_generation_functions(model):
     seq = model.generate_mask_diffusion(ids, max_new_tokens=12, block_size=4, steps_per_block=4,
                                         confidence_threshold=0.5, attention_mask=mask)
     assert isinstance(seq, torch.Tensor) and seq.shape == (2, ids.shape[1] + 12)
-    ref = generate_diffusion(model.context, model.denoiser, ids, mask, sampler=ConfidenceThreshold(0.5), block_size=4,
+    ref = diffusion(model.context, model.denoiser, ids, mask, sampler=ConfidenceThreshold(0.5), block_size=4,
                              steps_per_block=4, max_new_tokens=12, mask_token_id=MASK, pad_token_id=PAD)
     assert torch.equal(seq, ref.sequences)
 
     out = model.generate_mock_ar(ids, 12, block_size=4, attention_mask=mask, return_dict=True)
     assert isinstance(out, GenerationOutput)
-    ref = generate_diffusion(model.context, model.denoiser, ids, mask, sampler=MockAR(), block_size=4,
+    ref = diffusion(model.context, model.denoiser, ids, mask, sampler=MockAR(), block_size=4,
                              steps_per_block=4, max_new_tokens=12, mask_token_id=MASK, pad_token_id=PAD)
     assert torch.equal(out.sequences, ref.sequences) and out.nfe.tolist() == [12, 12]
 
     seq = model.generate_ar(ids, 12, attention_mask=mask)
-    assert torch.equal(seq, generate_ar(model.context, ids, mask, max_new_tokens=12, pad_token_id=PAD).sequences)
+    assert torch.equal(seq, autoregressive(model.context, ids, mask, max_new_tokens=12, pad_token_id=PAD).sequences)
     # TopKCommit differs from the threshold policy on this model: the methods really pick samplers.
     topk = model.generate(ids, mask, sampler=TopKCommit(4), block_size=4, steps_per_block=4, max_new_tokens=12)
     assert topk.nfe.tolist() == [3, 3]

@@ -7,9 +7,8 @@ import math
 
 import pytest
 import torch
-from test_generation import MASK, PAD, left_pad, make_towers, random_prompts
+from conftest import MASK, PAD, autoregressive, left_pad, make_towers, random_prompts, speculative
 
-from twotower.generation import generate_ar, generate_speculative
 from twotower.samplers import ConfidenceThreshold
 from twotower.schedules import FullMaskMix, LinearSchedule, StratifiedTime, mask_blocks
 from twotower.towers.ssd import conv_state_at, ssd_state_at
@@ -154,19 +153,12 @@ class PerfectDrafter(torch.nn.Module):
         return torch.nn.functional.one_hot(want, self.vocab).float() * 10
 
 
-def speculative(ctx, den, ids, mask=None, **kw):
-    kw.setdefault("sampler", ConfidenceThreshold(0.8))
-    kw.setdefault("max_new_tokens", 21)
-    kw.setdefault("block_size", 6)
-    return generate_speculative(ctx, den, ids, mask, mask_token_id=MASK, pad_token_id=PAD, **kw)
-
-
 @pytest.mark.parametrize("shifted", [True, False])
 @pytest.mark.parametrize("draft_steps", [1, 3])
 def test_speculative_output_is_the_ar_output(shifted, draft_steps):
     ctx, den = make_towers(seed=6)
     ids, mask = left_pad(random_prompts([4, 9, 6], seed=6))
-    ar = generate_ar(ctx, ids, mask, max_new_tokens=21, pad_token_id=PAD)
+    ar = autoregressive(ctx, ids, mask, max_new_tokens=21, pad_token_id=PAD)
     out = speculative(ctx, den, ids, mask, shifted=shifted, draft_steps=draft_steps)
     assert torch.equal(out.new_tokens, ar.new_tokens)
     assert out.num_generated.tolist() == [21, 21, 21]
@@ -178,7 +170,7 @@ def test_a_perfect_draft_is_accepted_whole(shifted):
     ctx, _ = make_towers(seed=9)
     ids, mask = left_pad(random_prompts([5, 8], seed=9))
     drafter = PerfectDrafter(ctx, shifted, 64)
-    ar = generate_ar(ctx, ids, mask, max_new_tokens=24, pad_token_id=PAD)
+    ar = autoregressive(ctx, ids, mask, max_new_tokens=24, pad_token_id=PAD)
     # A draft never holds [MASK]; this seed's AR output has none (a random model can emit it).
     assert not (ar.new_tokens == MASK).any()
     out = speculative(ctx, drafter, ids, mask, shifted=shifted, max_new_tokens=24, block_size=6)
@@ -202,9 +194,9 @@ def test_rows_that_accept_different_lengths_stay_independent():
 def test_eos_and_max_new_tokens_end_rows_like_ar():
     ctx, den = make_towers(seed=10)
     ids, mask = left_pad(random_prompts([4, 7], seed=10))
-    free = generate_ar(ctx, ids, mask, max_new_tokens=19, pad_token_id=PAD)
+    free = autoregressive(ctx, ids, mask, max_new_tokens=19, pad_token_id=PAD)
     eos = int(free.new_tokens[0, 5])
-    ar = generate_ar(ctx, ids, mask, max_new_tokens=19, pad_token_id=PAD, eos_token_id=eos)
+    ar = autoregressive(ctx, ids, mask, max_new_tokens=19, pad_token_id=PAD, eos_token_id=eos)
     out = speculative(ctx, den, ids, mask, max_new_tokens=19, eos_token_id=eos, shifted=True)
     assert torch.equal(out.num_generated, ar.num_generated)
     assert torch.equal(out.sequences, ar.sequences)
@@ -225,7 +217,7 @@ def test_sampling_is_seeded_and_a_cold_temperature_is_greedy():
                                          generator=torch.Generator().manual_seed(seed)).new_tokens
     assert torch.equal(run(0, 1.0), run(0, 1.0))
     assert not torch.equal(run(0, 1.0), run(1, 1.0))
-    greedy = generate_ar(ctx, ids, max_new_tokens=21, pad_token_id=PAD).new_tokens
+    greedy = autoregressive(ctx, ids, max_new_tokens=21, pad_token_id=PAD).new_tokens
     assert torch.equal(run(0, 1e-4), greedy)
 
 
@@ -281,9 +273,9 @@ def test_finished_rows_leave_the_working_batch(monkeypatch):
     """Once a row finishes (EOS here), later forwards run without it; outputs are unchanged."""
     ctx, den = make_towers(seed=10)
     ids, mask = left_pad(random_prompts([4, 7, 5], seed=10))
-    free = generate_ar(ctx, ids, mask, max_new_tokens=30, pad_token_id=PAD)
+    free = autoregressive(ctx, ids, mask, max_new_tokens=30, pad_token_id=PAD)
     eos = int(free.new_tokens[1, 3])  # row 1 stops early (others may too)
-    ar = generate_ar(ctx, ids, mask, max_new_tokens=30, pad_token_id=PAD, eos_token_id=eos)
+    ar = autoregressive(ctx, ids, mask, max_new_tokens=30, pad_token_id=PAD, eos_token_id=eos)
     sizes, real = [], ctx.extend
 
     def spy(cache, tokens, **kw):
@@ -367,7 +359,7 @@ def test_speculative_decoding_compacts_holes_and_still_gives_the_ar_output(monke
 
     ctx, den = make_towers(seed=9)
     ids, mask = left_pad(random_prompts([3, 10, 6, 8], seed=9))
-    ar = generate_ar(ctx, ids, mask, max_new_tokens=60, pad_token_id=PAD)
+    ar = autoregressive(ctx, ids, mask, max_new_tokens=60, pad_token_id=PAD)
     gains, packed, real = [], [], HybridCache.compact
 
     def spy(self, **kw):

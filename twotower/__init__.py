@@ -12,7 +12,11 @@ __version__ = "0.1.0"
 
 _EXPORTS = {
     "TwoTowerLM": "twotower.model",
-    "GenerationOutput": "twotower.generation",
+    "GenerationOutput": "twotower.decoding",
+    "Decoder": "twotower.decoding",
+    "MaskDiffusion": "twotower.decoding",
+    "Speculative": "twotower.decoding",
+    "Autoregressive": "twotower.decoding",
     "ContextTower": "twotower.towers.context",
     "DenoiserTower": "twotower.towers.denoiser",
     "HybridCache": "twotower.caches",

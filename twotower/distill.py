@@ -29,7 +29,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from .data import STDLIB, TextDataModule, _check_seq_len, save_cache
-from .generation import generate_ar
+from .decoding import Autoregressive, Towers
 from .tokenizers import Tokenizer
 from .towers.context import ContextTower
 
@@ -83,8 +83,9 @@ def distill_rows(context: ContextTower, real: torch.Tensor, prompt_len: torch.Te
     bar = _progress(total, desc) if progress else None
     with torch.inference_mode():
         for p, idx in groups:
-            res = generate_ar(context, real[idx, :p].to(device), max_new_tokens=Lr - p, pad_token_id=pad_token_id,
-                              temperature=temperature, generator=generator)
+            res = Autoregressive(temperature).generate(Towers(context, pad_token_id=pad_token_id),
+                                                       real[idx, :p].to(device), max_new_tokens=Lr - p,
+                                                       generator=generator)
             out[idx, p:] = res.sequences[:, p:].to(out.device, out.dtype)
             if bar is not None:
                 bar.update(int(idx.numel()) * (Lr - p))

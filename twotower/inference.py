@@ -1,12 +1,11 @@
-"""GenerationModule: `predict` for a batch of prompts, from a YAML recipe.
+"""Batch generation as a LightningModule: `python -m twotower.cli predict --config recipes/generate.yaml`.
 
-    python -m twotower.cli predict --config recipes/generate.yaml
-
-The module loads a two-tower checkpoint directory and generates with the sampler the recipe names
-(`class_path`, any importable `Sampler` subclass, the user's own included). Inference-only choices
-(sampler, steps, temperature) live here, never in training checkpoints. Two-device placement
-happens when prediction starts (LightningCLI first moves the whole module to one device).
-Each prediction is a list of per-prompt dicts; `JsonlPredictionWriter` writes them as JSONL.
+`GenerationModule` loads a released-layout two-tower directory and generates with the decoder the
+recipe names by `class_path` (any `twotower.decoding.Decoder` subclass, the user's own included),
+which carries its own settings (sampler, block size, steps, temperature, ...). Inference-only
+choices live here, never in training checkpoints. Two-device placement happens when prediction
+starts (LightningCLI first moves the whole module to one device). Each prediction is a list of
+per-prompt dicts; `JsonlPredictionWriter` writes them as JSONL.
 """
 
 from __future__ import annotations
@@ -19,10 +18,8 @@ import lightning as L
 import torch
 from lightning.pytorch.callbacks import BasePredictionWriter
 
-from .samplers import ConfidenceThreshold, MockAR, Sampler
+from .decoding import Decoder, MaskDiffusion
 from .tokenizers import ByteTokenizer, Tokenizer
-
-MODES = ("diffusion", "speculative", "mock_ar", "ar")
 
 
 class GenerationModule(L.LightningModule):
@@ -30,35 +27,30 @@ class GenerationModule(L.LightningModule):
 
     Args:
         model: a two-tower checkpoint directory (released layout).
-        mode: "diffusion" (the sampler decides commits), "speculative" (the denoiser drafts, the
-            context tower verifies: the AR model's own output, fewer forwards), "mock_ar" (one token
-            per denoiser step, left to right) or "ar" (context tower alone, the baseline).
-        sampler: the commit policy for "diffusion" (and for the draft steps before the last in
-            "speculative"); default ConfidenceThreshold(0.8).
-        block_size: tokens per block (default: the checkpoint's).
-        steps_per_block: the most denoiser steps a block may take ("diffusion").
-        draft_steps: denoiser steps per draft ("speculative").
+        decoder: the decoding strategy, e.g. `twotower.decoding.Speculative` (lossless, the AR
+            model's own output), `MaskDiffusion` (a sampler commits tokens), `MockAR`,
+            `Autoregressive`; default `MaskDiffusion()` (ConfidenceThreshold(0.8), the model's block).
         max_new_tokens: per prompt.
-        temperature: 0 = greedy; > 0 samples (Gumbel-max) with `seed`.
         stop_at_eos: stop a sequence at the tokenizer's EOS.
         context_device / denoiser_device: e.g. "cuda:0" / "cuda:1" to split the towers.
         dtype: "float32", "bfloat16" or "float16" (None keeps the checkpoint's).
+        seed: seeds sampling decoders (temperature > 0): batch i uses seed + i.
+        tokenizer: decodes completions; default the byte tokenizer.
         compile: `torch.compile` the towers' hot paths (`TwoTowerLM.compile_towers`) when prediction
             starts: slower first batches, faster after.
-        tokenizer: decodes completions; default the byte tokenizer.
     """
 
-    def __init__(self, model: str, mode: str = "diffusion", sampler: Sampler | None = None,
-                 block_size: int | None = None, steps_per_block: int = 16, draft_steps: int = 1,
-                 max_new_tokens: int = 128,
-                 temperature: float = 0.0, stop_at_eos: bool = True, context_device: str | None = None,
-                 denoiser_device: str | None = None, dtype: str | None = None, seed: int | None = 0,
-                 tokenizer: Tokenizer | None = None, compile: bool = False):
+    def __init__(self, model: str, decoder: Decoder | None = None, max_new_tokens: int = 128,
+                 stop_at_eos: bool = True, context_device: str | None = None, denoiser_device: str | None = None,
+                 dtype: str | None = None, seed: int | None = 0, tokenizer: Tokenizer | None = None,
+                 compile: bool = False):
         super().__init__()
         from .model import TwoTowerLM
 
-        if mode not in MODES:
-            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        if decoder is not None and not isinstance(decoder, Decoder):
+            raise ValueError(f"decoder must be a twotower.decoding.Decoder (chosen by class_path), got {decoder!r}")
+        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be an int >= 1, got {max_new_tokens!r}")
         if (context_device is None) != (denoiser_device is None):
             raise ValueError("give both context_device and denoiser_device, or neither")
         torch_dtype = None
@@ -71,13 +63,8 @@ class GenerationModule(L.LightningModule):
                                     "(make one with `python -m twotower.cli convert` or `export`)")
         self.model = TwoTowerLM.from_pretrained(model, dtype=torch_dtype)
         self.model.eval().requires_grad_(False)
-        self.mode = mode
-        self.sampler = MockAR() if mode == "mock_ar" else (sampler or ConfidenceThreshold(0.8))
-        self.block_size = block_size or self.model.block_size
-        self.steps_per_block = self.block_size if mode == "mock_ar" else steps_per_block
-        self.draft_steps = draft_steps
+        self.decoder = MaskDiffusion() if decoder is None else decoder
         self.max_new_tokens = max_new_tokens
-        self.temperature = temperature
         self.stop_at_eos = stop_at_eos
         self.devices = (context_device, denoiser_device)
         self.seed = seed
@@ -93,20 +80,11 @@ class GenerationModule(L.LightningModule):
     def predict_step(self, batch: dict[str, Any], batch_idx: int, dataloader_idx: int = 0) -> list[dict]:
         ids, mask = batch["input_ids"], batch["attention_mask"]
         gen = None
-        if self.temperature > 0 and self.seed is not None:
+        if self.decoder.temperature > 0 and self.seed is not None:
             gen = torch.Generator(device=self.model.context_device).manual_seed(self.seed + batch_idx)
         eos = self.tokenizer.eos_token_id if self.stop_at_eos else None
-        if self.mode == "ar":
-            out = self.model.generate_ar(ids, max_new_tokens=self.max_new_tokens, temperature=self.temperature,
-                                         eos_token_id=eos, attention_mask=mask, generator=gen, return_dict=True)
-        elif self.mode == "speculative":
-            out = self.model.generate_speculative(ids, self.max_new_tokens, self.block_size, self.draft_steps,
-                                                  self.temperature, eos, mask, sampler=self.sampler, generator=gen,
-                                                  return_dict=True)
-        else:
-            out = self.model.generate(ids, attention_mask=mask, sampler=self.sampler, block_size=self.block_size,
-                                      steps_per_block=self.steps_per_block, max_new_tokens=self.max_new_tokens,
-                                      temperature=self.temperature, eos_token_id=eos, generator=gen)
+        out = self.model.generate(ids, mask, self.decoder, max_new_tokens=self.max_new_tokens, eos_token_id=eos,
+                                  generator=gen)
         rows = []
         for r in range(ids.shape[0]):
             n = int(out.num_generated[r])
@@ -120,7 +98,7 @@ class GenerationModule(L.LightningModule):
                 "nfe": int(out.nfe[r]),
                 "tokens_per_nfe": round(float(out.tokens_per_nfe[r]), 4),
                 "seconds": round(float(out.seconds[r]), 4),
-                "mode": self.mode,
+                "decoder": type(self.decoder).__name__,
             })
         return rows
 

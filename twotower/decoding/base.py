@@ -237,7 +237,8 @@ class Decoder(abc.ABC):
             raise ValueError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
         if step_callback is not None and not callable(step_callback):
             raise ValueError(f"step_callback must be callable, got {step_callback!r}")
-        check_token("mask_token_id", towers.mask_token_id, cfg.vocab_size)
+        if self.uses_denoiser or self.uses_mask_token:
+            check_token("mask_token_id", towers.mask_token_id, cfg.vocab_size)
         pad = towers.pad_token_id
         if pad is None:
             first_eos = eos_token_id if isinstance(eos_token_id, int) or eos_token_id is None else \

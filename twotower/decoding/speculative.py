@@ -58,7 +58,11 @@ class Speculative(Decoder):
                  temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
                  logits_processors: Sequence[LogitsProcessor] | None = None):
         super().__init__(temperature=temperature, top_k=top_k, top_p=top_p, logits_processors=logits_processors)
-        self.block_size = None if block_size is None else check_int("block_size", block_size, minimum=2)
+        if block_size is not None and not (isinstance(block_size, int) and not isinstance(block_size, bool)
+                                           and block_size >= 2):
+            raise ValueError(f"speculative decoding needs block_size >= 2 (position 0 is the context tower's own "
+                             f"token), got {block_size!r}")
+        self.block_size = block_size
         self.draft_steps = check_int("draft_steps", draft_steps)
         self.sampler = ConfidenceThreshold(0.8) if sampler is None else sampler
         if not callable(self.sampler):

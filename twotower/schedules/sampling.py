@@ -122,7 +122,7 @@ class FullMaskMix(TimeSampler):
     from ``base``.
 
     A fully masked block is what the denoiser sees when it drafts a block in one forward (the
-    default of :func:`twotower.generation.generate_speculative`); a uniform ``t`` gives it that case
+    default of :class:`twotower.decoding.Speculative`); a uniform ``t`` gives it that case
     only rarely. The only sampler here that returns ``t = 1`` (outside ``[eps, 1)``): pair it with a
     schedule whose ``mask_prob(1) = 1`` and whose loss weight is finite at 1 (linear, log-linear).
 
