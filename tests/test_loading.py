@@ -13,17 +13,14 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from transformers import NemotronHForCausalLM
 
+from twotower.towers.checkpoints import check_keys, check_shapes, fuse_experts, unfuse_experts
 from twotower.towers.loading import (
-    check_keys,
-    check_shapes,
-    fuse_experts,
     load_backbone_state_dict,
     load_two_tower_state_dict,
     read_config,
     read_safetensors,
     save_backbone_hf,
     save_state_dict,
-    unfuse_experts,
 )
 
 SMALL_SHARD = 20_000  # bytes; the tiny model is ~100 kB in float32, so this gives several shards

@@ -37,32 +37,13 @@ def export(ckpt_path: str, out_dir: str, *, backbone: str | None = None, max_sha
            expert_layout: str = "fused") -> Path:
     """Fine-tuning checkpoint (.ckpt, denoiser side only) -> released two-tower directory.
 
-    The frozen context tower is read from the path the checkpoint references (or `backbone`).
+    The frozen context tower is read from the path the checkpoint references (or `backbone`);
+    the conversion is `towers.checkpoints.export_checkpoint`.
     """
-    import torch
+    from .towers.checkpoints import export_checkpoint
 
-    from .model import TwoTowerLM
-
-    path = Path(ckpt_path)
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint not found: {path}")
-    ckpt = torch.load(path, map_location="cpu", weights_only=False)
-    meta = ckpt.get("twotower")
-    if meta is None:
-        raise ValueError(f"{path} is not a DenoiserFineTuning checkpoint (no 'twotower' entry)")
-    source = backbone or meta["context_source"]
-    if not (Path(source) / "config.json").exists():
-        raise FileNotFoundError(f"the frozen context tower this checkpoint references is missing: {source}; "
-                                "pass --backbone DIR")
-    model = TwoTowerLM.from_backbone(source, block_size=meta["block_size"], mask_token_id=meta["mask_token_id"],
-                                     shifted=bool(meta.get("shifted", False)))
-    den = {k.removeprefix("denoiser."): v for k, v in ckpt["state_dict"].items() if k.startswith("denoiser.")}
-    missing, unexpected = model.denoiser.load_state_dict(den, strict=False)
-    if missing or unexpected:
-        raise ValueError(f"{path}: denoiser weights do not fit the backbone {source}: "
-                         f"missing {missing[:5]}, unexpected {unexpected[:5]}")
-    model.save_pretrained(out_dir, max_shard_size=max_shard_size, expert_layout=expert_layout)
-    return Path(out_dir)
+    return export_checkpoint(ckpt_path, out_dir, backbone=backbone, max_shard_size=max_shard_size,
+                             expert_layout=expert_layout)
 
 
 def _tool_main(argv: list[str]) -> int:

@@ -4,7 +4,7 @@
     model = TwoTowerLM.from_pretrained("path/to/two-tower")        # released two-tower layout
     out = model.generate(input_ids, sampler=ConfidenceThreshold(0.8), max_new_tokens=128)
 
-Module names vs released checkpoint names (DESIGN section 1):
+Module names vs released checkpoint names (docs/design.md, section 1; mapped in towers/checkpoints.py):
 
     context.backbone.X        <->  context_tower.X
     context.lm_head.weight    <->  context_lm_head.weight
@@ -29,6 +29,7 @@ from torch import Tensor
 
 from .decoding import Decoder, GenerationOutput, MaskDiffusion, ReleasedGenerationMixin, StepCallback
 from .samplers import Sampler
+from .towers.checkpoints import module_name, released_name
 from .towers.context import ContextTower
 from .towers.denoiser import DenoiserTower
 
@@ -36,30 +37,6 @@ __all__ = ["TwoTowerLM"]
 
 DEFAULT_BLOCK_SIZE = 16
 DEFAULT_MASK_TOKEN_ID = 3
-_TIME_PREFIXES = ("t_embedder.", "t_block.", "scale_shift_tables.")
-
-
-def released_name(module_name: str) -> str:
-    """TwoTowerLM state-dict name -> released checkpoint name."""
-    for ours, theirs in (("context.backbone.", "context_tower."), ("denoiser.backbone.", "denoiser_tower."),
-                         ("denoiser.time.", "")):
-        if module_name.startswith(ours):
-            return theirs + module_name[len(ours):]
-    heads = {"context.lm_head.weight": "context_lm_head.weight", "denoiser.lm_head.weight": "lm_head.weight"}
-    if module_name in heads:
-        return heads[module_name]
-    raise KeyError(f"{module_name!r} has no released-layout name")
-
-
-def module_name(released: str) -> str | None:
-    """Released checkpoint name -> TwoTowerLM state-dict name (None for a name the model does not have)."""
-    if released.startswith("context_tower."):
-        return "context.backbone." + released[len("context_tower."):]
-    if released.startswith("denoiser_tower."):
-        return "denoiser.backbone." + released[len("denoiser_tower."):]
-    if released.startswith(_TIME_PREFIXES):
-        return "denoiser.time." + released
-    return {"context_lm_head.weight": "context.lm_head.weight", "lm_head.weight": "denoiser.lm_head.weight"}.get(released)
 
 
 def _check_block_size(block_size) -> int:
@@ -78,7 +55,7 @@ class TwoTowerLM(ReleasedGenerationMixin, nn.Module):
         context / denoiser: prebuilt towers to use instead of fresh ones (both or neither).
         shifted: the denoiser output at block position i predicts position i + 1 and each block's
             first token is the context tower's next-token prediction (see
-            `decoding.MaskDiffusion`); stored in config.json. False = the released layout.
+            `decoding.MaskDiffusion`); stored in config.json. False = the layout of docs/design.md, section 2.1.
     """
 
     def __init__(self, config, *, block_size: int = DEFAULT_BLOCK_SIZE, mask_token_id: int = DEFAULT_MASK_TOKEN_ID,
@@ -114,7 +91,7 @@ class TwoTowerLM(ReleasedGenerationMixin, nn.Module):
                       dtype: torch.dtype | None = None, shifted: bool = False) -> "TwoTowerLM":
         """Two towers from an AR NemotronH checkpoint directory (or a ContextTower instance).
 
-        The denoiser and its head are copies of the AR model (DESIGN section 3); with
+        The denoiser and its head are copies of the AR model (docs/design.md, section 3); with
         time_init="identity" a fresh model's denoiser computes exactly the AR layers.
         """
         if isinstance(path_or_tower, ContextTower):
@@ -161,7 +138,7 @@ class TwoTowerLM(ReleasedGenerationMixin, nn.Module):
 
         A model built on the meta device adopts the tensors as they are (dtype included).
         """
-        from .towers.loading import check_keys, check_shapes
+        from .towers.checkpoints import check_keys, check_shapes
 
         own = self.released_state_dict()
         check_keys(state, own.keys(), where=where)

@@ -1,6 +1,6 @@
 """LightningModules for training: the AR backbone (embedded default) and denoiser fine-tuning.
 
-`DenoiserFineTuning` (DESIGN section 3): the context tower is frozen (eval mode, no grad, weights
+`DenoiserFineTuning` (docs/design.md, section 3): the context tower is frozen (eval mode, no grad, weights
 never change) and runs once per batch over the clean sequences, exporting K,V of every position and
 Mamba states at every block boundary; the denoiser runs over all noisy blocks at once. Loss is the
 masked-diffusion NELBO: cross-entropy on masked positions weighted by 1 / (fraction of the block
@@ -23,6 +23,7 @@ from torch import Tensor
 from torchmetrics import MeanMetric, SumMetric
 
 from .schedules import LinearSchedule, NoiseSchedule, TimeSampler, UniformTime, mask_blocks
+from .towers.checkpoints import CKPT_META_KEY, from_tower_names, restore_frozen, training_checkpoint
 from .towers.context import ContextTower
 from .towers.denoiser import DenoiserTower
 
@@ -176,7 +177,7 @@ class ARPretraining(L.LightningModule):
         """Write the tower in transformers' NemotronH format (loadable by NemotronHForCausalLM)."""
         from .towers.loading import save_backbone_hf
 
-        state = {k.removeprefix("backbone."): v.detach().cpu() for k, v in self.tower.state_dict().items()}
+        state = {k: v.detach().cpu() for k, v in from_tower_names(self.tower.state_dict()).items()}
         save_backbone_hf(state, path, config=self.tower.config)
 
 
@@ -365,12 +366,11 @@ class DenoiserFineTuning(L.LightningModule):
 
     # ---- checkpoints: only the trainable side -------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict) -> None:
-        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if not k.startswith("context.")}
-        checkpoint["twotower"] = {"context_source": str(Path(self.hparams.backbone).resolve()),
-                                  "block_size": self.hparams.block_size, "mask_token_id": self.hparams.mask_token_id,
-                                  "shifted": self.hparams.shifted}
+        h = self.hparams
+        checkpoint["state_dict"], checkpoint[CKPT_META_KEY] = training_checkpoint(
+            checkpoint["state_dict"], context_source=h.backbone, block_size=h.block_size,
+            mask_token_id=h.mask_token_id, shifted=h.shifted)
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         # The frozen tower was left out on save; put back the weights this module loaded from its path.
-        for k, v in self.context.state_dict().items():
-            checkpoint["state_dict"].setdefault("context." + k, v)
+        restore_frozen(checkpoint["state_dict"], self.context.state_dict())

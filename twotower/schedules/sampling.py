@@ -2,7 +2,7 @@
 
 Training draws one time per block, ``t ~ U[eps, 1)``, masks the block's positions
 with probability ``mask_prob(t)``, and weights the masked cross-entropy by
-``loss_weight(t)`` (DESIGN.md section 3). Two pieces live here:
+``loss_weight(t)`` (docs/design.md, section 3). Two pieces live here:
 
 - :class:`TimeSampler` and its implementations draw the times. ``UniformTime`` is
   i.i.d.; ``StratifiedTime`` and ``AntitheticTime`` spread one batch's times over

@@ -79,9 +79,9 @@ class ContextTower(nn.Module):
 
     def load_backbone_state(self, state: dict[str, Tensor], *, where: str = "state dict") -> None:
         """Load a flat backbone state dict (backbone names + `lm_head.weight`), checking keys and shapes."""
-        from .loading import check_keys, check_shapes
+        from .checkpoints import check_keys, check_shapes, to_tower_names
 
-        mapped = {k if k == "lm_head.weight" else "backbone." + k: v for k, v in state.items()}
+        mapped = to_tower_names(state)
         own = self.state_dict()
         check_keys(mapped, own.keys(), where=where)
         check_shapes(mapped, own, where=where)

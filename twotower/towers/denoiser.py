@@ -49,7 +49,7 @@ class DenoiserTower(nn.Module):
 
     @classmethod
     def from_context(cls, context: ContextTower, *, time_init: str = "identity") -> "DenoiserTower":
-        """A denoiser initialised as a copy of the context tower and its LM head (DESIGN section 3)."""
+        """A denoiser initialised as a copy of the context tower and its LM head (docs/design.md, section 3)."""
         den = cls(context.config, time_init=time_init)
         p = next(context.parameters())
         den.to(device=p.device, dtype=p.dtype)

@@ -4,7 +4,7 @@ Block types (config.layers_block_type): "linear_attention" (Mamba-2), "full_atte
 rotary embedding), "mlp" (relu^2), "moe" (sigmoid router + routed experts + shared expert).
 Every block is `x + mixer(norm(x))`; with time conditioning (denoiser) the block is
 `x + gate * mixer(h)` where `h = norm(modulate(x))` for Mamba / attention and `h = modulate(norm(x))`
-for MLP / MoE (DESIGN section 1). The mixers here hold weights and do the per-layer math; the
+for MLP / MoE (docs/design.md, section 1.3). The mixers here hold weights and do the per-layer math; the
 towers (context.py, denoiser.py) decide what each layer attends to and which states it carries.
 
 Parameter names equal transformers' `NemotronHForCausalLM` names below `model.`, so state dicts

@@ -1,18 +1,9 @@
-"""Offline checkpoint IO: NemotronH / two-tower checkpoint directories <-> flat state dicts.
+"""Checkpoint file IO: NemotronH / two-tower checkpoint directories <-> flat state dicts.
 
-Nothing here builds a model: every function works on ``dict[str, Tensor]`` so that the
-tower classes, conversion tools and tests can share one reader and one writer.
-
-Canonical in-memory names
--------------------------
-* AR backbone ("backbone names"): ``embeddings.weight``, ``layers.{i}.norm.weight``,
-  ``layers.{i}.mixer.*`` (transformers-5 NemotronH names), ``norm_f.weight`` and
-  ``lm_head.weight``.
-* Two-tower (released layout): ``context_tower.<backbone names>``, ``context_lm_head.weight``,
-  ``denoiser_tower.<backbone names>``, ``lm_head.weight``, ``t_embedder.mlp.{0,2}.*``,
-  ``t_block.1.*``, ``scale_shift_tables.{i}``.
-* MoE experts are always FUSED in memory: ``...mixer.experts.up_proj`` (E, I, H) and
-  ``...mixer.experts.down_proj`` (E, H, I).
+Nothing here builds a model: every function works on ``dict[str, Tensor]`` so that the tower
+classes, conversion tools and tests share one reader and one writer. What the keys are called
+(backbone / released / per-expert names, AR prefixes) is `checkpoints.py`'s business; this
+module reads and writes the files.
 
 Accepted on disk
 ----------------
@@ -20,10 +11,8 @@ Accepted on disk
   as ``block_size`` are kept; the raw dict is returned as well);
 * ``model.safetensors``, or shards listed by ``model.safetensors.index.json``, or a single
   ``*.safetensors`` file of any name;
-* AR prefixes ``backbone.`` (NVIDIA remote code) or ``model.`` (transformers >= 5);
-* experts per expert (``experts.{e}.up_proj.weight`` (I, H), ``experts.{e}.down_proj.weight``
-  (H, I)) or fused;
-* any floating dtype; ``mtp.*`` (multi-token-prediction heads) is ignored.
+* every key layout `checkpoints.py` maps (``backbone.`` / ``model.`` prefixes, fused or
+  per-expert MoE weights, ``mtp.*`` ignored), in any floating dtype.
 """
 
 from __future__ import annotations
@@ -33,7 +22,7 @@ import math
 import os
 import re
 import struct
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -43,45 +32,39 @@ from safetensors.torch import save_file
 from torch import Tensor
 from transformers import NemotronHConfig
 
+from .checkpoints import (
+    TOWER_PREFIXES,
+    ar_to_backbone_names,
+    backbone_to_hf_names,
+    check_layer_counts,
+    check_released_names,
+    fuse_experts,
+    unfuse_experts,
+)
+
 __all__ = [
     "read_config",
     "read_safetensors",
     "load_backbone_state_dict",
     "load_two_tower_state_dict",
-    "fuse_experts",
-    "unfuse_experts",
     "save_state_dict",
     "save_backbone_hf",
-    "check_keys",
-    "check_shapes",
 ]
 
 CONFIG_NAME = "config.json"
 SINGLE_WEIGHTS_NAME = "model.safetensors"
 INDEX_NAME = "model.safetensors.index.json"
-TOWER_PREFIXES = ("context_tower.", "denoiser_tower.")
-AR_PREFIXES = ("backbone.", "model.")
 
 # transformers keeps these in float32 whatever the model dtype (router logits and the
 # choose-only correction bias decide expert selection; bf16 would change which experts win).
 _FP32_SUFFIXES = ("e_score_correction_bias", "mixer.gate.weight")
 
-_PER_EXPERT_RE = re.compile(r"^(?P<prefix>(?:.*\.)?experts)\.(?P<idx>\d+)\.(?P<proj>up_proj|down_proj)\.weight$")
-_FUSED_RE = re.compile(r"^(?P<prefix>(?:.*\.)?experts)\.(?P<proj>up_proj|down_proj)$")
 _SHARD_RE = re.compile(r"^model-\d{5}-of-\d{5}\.safetensors$")
-_LAYER_RE = re.compile(r"^layers\.(\d+)\.")
 
 # transformers writes +-inf / nan in config.json as {"__float__": "Infinity"}; it decodes them
 # only in from_pretrained, not in from_dict, so we do the same translation ourselves.
 _FLOAT_TAG = "__float__"
 _FLOAT_TAGS = {"Infinity": math.inf, "-Infinity": -math.inf, "NaN": math.nan}
-
-
-class CheckpointKeyError(KeyError, ValueError):
-    """Missing / unexpected keys. A KeyError and a ValueError, so callers may catch either."""
-
-    def __str__(self) -> str:  # KeyError's default str() would repr() the whole message
-        return str(self.args[0]) if self.args else ""
 
 
 # --------------------------------------------------------------------------------------------
@@ -244,74 +227,6 @@ def read_safetensors(path: str | os.PathLike) -> dict[str, Tensor]:
 
 
 # --------------------------------------------------------------------------------------------
-# expert layout
-
-
-def fuse_experts(state: Mapping[str, Tensor]) -> dict[str, Tensor]:
-    """Per-expert MoE weights -> fused 3-D tensors, under any prefix.
-
-    ``P.experts.{e}.up_proj.weight`` (I, H) for e = 0..E-1 -> ``P.experts.up_proj`` (E, I, H);
-    likewise ``down_proj`` (H, I) -> (E, H, I). Other keys pass through; the fused tensor takes
-    the place of the first expert in key order.
-    """
-    groups: dict[tuple[str, str], dict[int, Tensor]] = {}
-    for k, v in state.items():
-        m = _PER_EXPERT_RE.match(k)
-        if m:
-            groups.setdefault((m["prefix"], m["proj"]), {})[int(m["idx"])] = v
-    if not groups:
-        return dict(state)
-
-    counts: dict[str, dict[str, int]] = {}
-    for (prefix, proj), experts in groups.items():
-        fused_key = f"{prefix}.{proj}"
-        if fused_key in state:
-            raise ValueError(f"{prefix}: both per-expert '{proj}' weights and fused '{fused_key}' are present")
-        n = max(experts) + 1
-        missing = sorted(set(range(n)) - set(experts))
-        if missing:
-            raise ValueError(f"{prefix}: {proj} of expert(s) {missing} missing (found {len(experts)} of {n})")
-        counts.setdefault(prefix, {})[proj] = n
-    for prefix, per_proj in counts.items():
-        if len(set(per_proj.values())) > 1:
-            raise ValueError(f"{prefix}: expert counts differ between projections: {per_proj}")
-
-    out: dict[str, Tensor] = {}
-    for k, v in state.items():
-        m = _PER_EXPERT_RE.match(k)
-        if not m:
-            out[k] = v
-            continue
-        fused_key = f"{m['prefix']}.{m['proj']}"
-        if fused_key not in out:
-            experts = groups[(m["prefix"], m["proj"])]
-            shapes = {tuple(t.shape) for t in experts.values()}
-            if len(shapes) > 1:
-                raise ValueError(f"{m['prefix']}: {m['proj']} experts have different shapes: {sorted(shapes)}")
-            out[fused_key] = torch.stack([experts[e] for e in range(len(experts))])
-    return out
-
-
-def unfuse_experts(state: Mapping[str, Tensor]) -> dict[str, Tensor]:
-    """Fused 3-D MoE weights -> one 2-D tensor per expert (views, no copy).
-
-    ``P.experts.up_proj`` (E, I, H) -> ``P.experts.{e}.up_proj.weight`` (I, H), the layout of
-    NVIDIA's remote code and of transformers' ``save_pretrained``.
-    """
-    out: dict[str, Tensor] = {}
-    for k, v in state.items():
-        m = _FUSED_RE.match(k)
-        if not m:
-            out[k] = v
-            continue
-        if v.dim() != 3:
-            raise ValueError(f"{k}: a fused expert tensor must be 3-D (E, out, in), got shape {tuple(v.shape)}")
-        for e in range(v.shape[0]):
-            out[f"{m['prefix']}.{e}.{m['proj']}.weight"] = v[e]
-    return out
-
-
-# --------------------------------------------------------------------------------------------
 # dtype
 
 
@@ -342,62 +257,19 @@ def _cast(state: dict[str, Tensor], dtype: torch.dtype | str | None) -> dict[str
 # loading
 
 
-def _drop_mtp(state: dict[str, Tensor]) -> dict[str, Tensor]:
-    # Multi-token-prediction heads ride along in some NVIDIA checkpoints; neither tower uses them.
-    def is_mtp(key: str) -> bool:
-        parts = key.split(".", 2)
-        return parts[0] == "mtp" or (parts[0] in ("backbone", "model") and parts[1:2] == ["mtp"])
-
-    return {k: v for k, v in state.items() if not is_mtp(k)}
-
-
-def _check_layers(state: Mapping[str, Tensor], config: NemotronHConfig, where: str, prefix: str = "") -> None:
-    """Cheap structural check: the weights have as many layers / experts as the config says."""
-    layers = {int(m[1]) for k in state if k.startswith(prefix) and (m := _LAYER_RE.match(k[len(prefix):]))}
-    if layers and max(layers) + 1 != config.num_hidden_layers:
-        raise ValueError(
-            f"{where}: config.json describes {config.num_hidden_layers} layers but the weights under "
-            f"'{prefix}' have {max(layers) + 1}; the config and the weights belong to different models"
-        )
-    for k, v in state.items():
-        if k.startswith(prefix) and _FUSED_RE.match(k) and v.shape[0] != config.n_routed_experts:
-            raise ValueError(
-                f"{where}: {k} holds {v.shape[0]} experts but config.n_routed_experts = {config.n_routed_experts}"
-            )
-
-
 def load_backbone_state_dict(
     path: str | os.PathLike, *, dtype: torch.dtype | str | None = None
 ) -> tuple[NemotronHConfig, dict[str, Tensor]]:
     """AR NemotronH checkpoint directory -> ``(config, backbone-named state dict)``.
 
-    Strips ``backbone.`` / ``model.``, fuses experts, adds ``lm_head.weight`` (the embedding
-    itself when the head is absent and ``tie_word_embeddings`` is set). ``dtype`` casts floating
-    tensors, except the router weights and correction bias, which stay float32.
+    Keys are renamed by `checkpoints.ar_to_backbone_names` (prefix stripped, experts fused,
+    ``lm_head.weight`` present). ``dtype`` casts floating tensors, except the router weights and
+    correction bias, which stay float32.
     """
     config, _ = read_config(path)
-    state = _drop_mtp(read_safetensors(path))
-    heads = {k.split(".", 1)[0] for k in state if k != "lm_head.weight"}
-    if any(p.rstrip(".") in heads for p in TOWER_PREFIXES):
-        raise ValueError(
-            f"{path} is a two-tower checkpoint (it has context_tower./denoiser_tower. keys); "
-            "load it with load_two_tower_state_dict or TwoTowerLM.from_pretrained"
-        )
-    wrappers = sorted(heads & {p.rstrip(".") for p in AR_PREFIXES})
-    if len(wrappers) > 1:
-        raise ValueError(f"{path}: keys mix the prefixes {wrappers}; expected only one of backbone. / model.")
-    prefix = f"{wrappers[0]}." if wrappers else ""
-    state = {k.removeprefix(prefix) if k != "lm_head.weight" else k: v for k, v in state.items()}
-    if "lm_head.weight" not in state:
-        if not getattr(config, "tie_word_embeddings", False):
-            raise CheckpointKeyError(
-                f"{path}: no lm_head.weight and config.tie_word_embeddings is false, so there is no output head"
-            )
-        if "embeddings.weight" not in state:
-            raise CheckpointKeyError(f"{path}: no embeddings.weight (nor lm_head.weight) in the checkpoint")
-        state["lm_head.weight"] = state["embeddings.weight"]
-    state = fuse_experts(state)
-    _check_layers(state, config, str(path))
+    state = ar_to_backbone_names(read_safetensors(path), where=str(path),
+                                 tie_word_embeddings=getattr(config, "tie_word_embeddings", False))
+    check_layer_counts(state, config, str(path))
     return config, _cast(state, dtype)
 
 
@@ -407,33 +279,14 @@ def load_two_tower_state_dict(
     """Released-layout two-tower directory -> ``(config, raw config dict, state dict)``.
 
     Keys keep the released names (``context_tower.*``, ``denoiser_tower.*``, heads, time
-    modules); experts are fused. An AR checkpoint is refused with a pointer to the conversion
-    path, since silently building a two-tower model from it would skip the denoiser init.
+    modules), checked by `checkpoints.check_released_names`; experts are fused. An AR
+    checkpoint is refused with a pointer to the conversion path.
     """
     config, raw = read_config(path)
-    state = _drop_mtp(read_safetensors(path))
-    present = [p for p in TOWER_PREFIXES if any(k.startswith(p) for k in state)]
-    if not present:
-        raise ValueError(
-            f"{path} holds an AR checkpoint (no context_tower./denoiser_tower. keys); build a two-tower "
-            "model from it with TwoTowerLM.from_backbone(path) or convert it with "
-            "`python -m twotower.cli convert`"
-        )
-    if len(present) == 1:
-        missing = next(p for p in TOWER_PREFIXES if p not in present)
-        raise ValueError(f"{path} has '{present[0]}' keys but no '{missing}' keys; the checkpoint is incomplete")
-    tied = getattr(config, "tie_word_embeddings", False)
-    for head, tower in (("context_lm_head.weight", "context_tower."), ("lm_head.weight", "denoiser_tower.")):
-        if head not in state and tied and f"{tower}embeddings.weight" in state:
-            state[head] = state[f"{tower}embeddings.weight"]
-    required = ["context_lm_head.weight", "lm_head.weight", "t_embedder.mlp.0.weight", "t_block.1.weight"]
-    required += [f"scale_shift_tables.{i}" for i in range(config.num_hidden_layers)]
-    missing = [k for k in required if k not in state]
-    if missing:
-        raise CheckpointKeyError(f"{path}: two-tower checkpoint lacks {len(missing)} key(s): {', '.join(missing[:10])}")
-    state = fuse_experts(state)
+    state = check_released_names(read_safetensors(path), num_layers=config.num_hidden_layers, where=str(path),
+                                 tie_word_embeddings=getattr(config, "tie_word_embeddings", False))
     for tower in TOWER_PREFIXES:
-        _check_layers(state, config, str(path), tower)
+        check_layer_counts(state, config, str(path), tower)
     return config, raw, _cast(state, dtype)
 
 
@@ -565,53 +418,8 @@ def save_backbone_hf(
 
     Keyword arguments go to :func:`save_state_dict`.
     """
-    wrapped = [k for k in state if k.startswith(AR_PREFIXES + TOWER_PREFIXES)]
-    if wrapped:
-        raise ValueError(
-            f"save_backbone_hf expects bare backbone names (embeddings.weight, layers.*, norm_f.weight, "
-            f"lm_head.weight); got prefixed keys such as {wrapped[0]!r}"
-        )
     cfg = _config_dict(config, None)
-    if "lm_head.weight" not in state and not cfg.get("tie_word_embeddings", False):
-        raise CheckpointKeyError("save_backbone_hf: no lm_head.weight and the config does not tie embeddings")
-    out = {k if k == "lm_head.weight" else f"model.{k}": v for k, v in state.items()}
+    out = backbone_to_hf_names(state, tie_word_embeddings=cfg.get("tie_word_embeddings", False))
     extra = {"architectures": ["NemotronHForCausalLM"], "model_type": "nemotron_h"}
     extra.update(kw.pop("extra_config", None) or {})
     save_state_dict(out, path, config=cfg, extra_config=extra, **kw)
-
-
-# --------------------------------------------------------------------------------------------
-# validation
-
-
-def _listing(keys: list[str], limit: int = 10) -> str:
-    shown = ", ".join(keys[:limit])
-    return shown + (f", ... (+{len(keys) - limit} more)" if len(keys) > limit else "")
-
-
-def check_keys(state: Mapping[str, Tensor], expected: Iterable[str], *, where: str) -> None:
-    """Raise :class:`CheckpointKeyError` (a KeyError and a ValueError) unless the keys of
-    ``state`` are exactly ``expected``; the message lists the first missing / unexpected keys
-    with their counts and names ``where`` (the checkpoint path)."""
-    expected = set(expected)
-    missing = sorted(expected - set(state))
-    unexpected = sorted(set(state) - expected)
-    if not missing and not unexpected:
-        return
-    parts = []
-    if missing:
-        parts.append(f"{len(missing)} missing key(s): {_listing(missing)}")
-    if unexpected:
-        parts.append(f"{len(unexpected)} unexpected key(s): {_listing(unexpected)}")
-    raise CheckpointKeyError(f"checkpoint {where} does not match the model: " + "; ".join(parts))
-
-
-def check_shapes(state: Mapping[str, Tensor], reference: Mapping[str, Tensor], *, where: str) -> None:
-    """Raise ValueError naming every key present in both dicts whose shapes differ."""
-    bad = [
-        f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(ref.shape)}"
-        for k, ref in reference.items()
-        if k in state and tuple(state[k].shape) != tuple(ref.shape)
-    ]
-    if bad:
-        raise ValueError(f"checkpoint {where}: {len(bad)} shape mismatch(es):\n  " + "\n  ".join(bad))
