@@ -1,4 +1,5 @@
-"""`predict` end to end: recipe -> GenerationModule -> JSONL, with the user's own sampler class."""
+"""`predict` end to end: recipe -> GenerationModule -> JSONL, with decoders chosen by class_path (the
+user's own decoder and sampler classes included)."""
 
 from __future__ import annotations
 
@@ -13,7 +14,9 @@ import pytest
 import torch
 from conftest import randomize_, tiny_config
 
+from twotower.decoding import Autoregressive, MaskDiffusion, MockAR, Speculative
 from twotower.inference import GenerationModule
+from twotower.samplers import TopKCommit
 from twotower.model import TwoTowerLM
 from twotower.towers.context import ContextTower
 
@@ -38,9 +41,9 @@ def _prompts(tmp_path: Path, n: int) -> Path:
     return path
 
 
-def _predict(tmp_path, model_dir, prompts, *extra, env=None):
+def _predict(tmp_path, model_dir, prompts, *extra, env=None, config="recipes/generate.yaml"):
     out = tmp_path / "pred.jsonl"
-    cmd = [sys.executable, "-m", "twotower.cli", "predict", "--config", "recipes/generate.yaml",
+    cmd = [sys.executable, "-m", "twotower.cli", "predict", "--config", config,
            "--model.init_args.model", str(model_dir), "--data.init_args.prompts", str(prompts),
            "--data.init_args.batch_size", "3", "--model.init_args.max_new_tokens", "12",
            "--trainer.callbacks.init_args.output", str(out), "--trainer.enable_progress_bar", "false", *extra]
@@ -74,43 +77,74 @@ def test_predict_with_users_own_sampler_class(twotower_dir, tmp_path):
                 return commit_top_n(confidence, masked, self.k)
     '''))
     env = dict(os.environ, PYTHONPATH=f"{pkg}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
-    rows = _predict(tmp_path, twotower_dir, _prompts(tmp_path, 2), "--model.init_args.sampler", "my_samplers.CommitThree",
-                    "--model.init_args.sampler.k", "3", "--model.init_args.stop_at_eos", "false", env=env)
+    rows = _predict(tmp_path, twotower_dir, _prompts(tmp_path, 2),
+                    "--model.init_args.decoder.init_args.sampler", "my_samplers.CommitThree",
+                    "--model.init_args.decoder.init_args.sampler.k", "3", "--model.init_args.stop_at_eos", "false",
+                    env=env)
     # Blocks of 8 with 3 commits per step: 3 denoiser steps per block (3 + 3 + 2), 12 tokens = 8 + 4.
     assert all(r["generated_tokens"] == 12 for r in rows)
     assert all(r["nfe"] == 3 + 2 for r in rows)  # block 1: 3 steps; block 2 (4 tokens): 2 steps
 
 
-def test_generation_module_modes_agree_with_model(twotower_dir):
+def test_predict_with_users_own_decoder_class(twotower_dir, tmp_path):
+    pkg = tmp_path / "userpkg"
+    pkg.mkdir()
+    (pkg / "my_decoders.py").write_text(textwrap.dedent('''
+        import torch
+        from twotower.decoding import Decoder
+
+        class RepeatLast(Decoder):
+            """Writes the prompt's last token `times` times per forward-free step (a toy loop)."""
+            uses_denoiser = False
+
+            def __init__(self, times: int = 2):
+                super().__init__()
+                self.times = times
+
+            def _decode(self, call):
+                tracker = call.tracker(spare=self.times)
+                last = call.input_ids[:, -1:]
+                for _ in range(-(-call.max_new_tokens // self.times)):
+                    tracker.count_forward(None)
+                    tracker.commit(last.repeat(1, self.times), torch.full((last.shape[0],), self.times))
+                return tracker.output(call.input_ids, blocks=0)
+    '''))
+    env = dict(os.environ, PYTHONPATH=f"{pkg}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
+    rows = _predict(tmp_path, twotower_dir, _prompts(tmp_path, 3), "--model.init_args.decoder", "my_decoders.RepeatLast",
+                    "--model.init_args.decoder.times", "4", env=env)
+    for r in rows:
+        assert r["decoder"] == "RepeatLast" and r["generated_tokens"] == 12 and r["nfe"] == 3
+        assert r["completion"] == r["prompt"][-1] * 12
+
+
+def test_predict_recipe_with_speculative_decoder_is_the_ar_output(twotower_dir, tmp_path):
+    prompts = _prompts(tmp_path, 4)
+    spec = _predict(tmp_path, twotower_dir, prompts, config="recipes/generate_speculative.yaml")
+    ar = _predict(tmp_path, twotower_dir, prompts, "--model.init_args.decoder", "twotower.decoding.Autoregressive")
+    assert [r["completion"] for r in spec] == [r["completion"] for r in ar]
+    assert {r["decoder"] for r in spec} == {"Speculative"} and {r["decoder"] for r in ar} == {"Autoregressive"}
+
+
+@pytest.mark.parametrize("decoder", [Autoregressive(), MockAR(), MaskDiffusion(), Speculative(),
+                                     MaskDiffusion(TopKCommit(3), steps_per_block=4)], ids=repr)
+def test_generation_module_runs_its_decoder_like_the_model(twotower_dir, decoder):
     from twotower.data import PromptDataModule
 
     data = PromptDataModule(prompt_list=["abc", "hello world"], batch_size=2)
     batch = next(iter(data.predict_dataloader()))
-    completions = {}
-    for mode in ("ar", "mock_ar", "diffusion", "speculative"):
-        module = GenerationModule(str(twotower_dir), mode=mode, max_new_tokens=10, stop_at_eos=False)
-        rows = module.predict_step(batch, 0)
-        completions[mode] = [row["completion"] for row in rows]
-        model = module.model
-        if mode == "speculative":  # lossless: the AR model's own greedy output
-            assert completions[mode] == completions["ar"]
-            ref = model.generate_speculative(batch["input_ids"], 10, attention_mask=batch["attention_mask"],
-                                             return_dict=True)
-        elif mode == "ar":
-            ref = model.generate_ar(batch["input_ids"], max_new_tokens=10, attention_mask=batch["attention_mask"],
-                                    return_dict=True)
-        else:
-            ref = model.generate(batch["input_ids"], batch["attention_mask"], sampler=module.sampler,
-                                 steps_per_block=module.steps_per_block, max_new_tokens=10)
-        for r, row in enumerate(rows):
-            assert row["completion"] == module.tokenizer.decode(ref.new_tokens[r].tolist())
-        if mode in ("ar", "mock_ar"):
-            assert all(row["tokens_per_nfe"] == 1.0 for row in rows)
+    module = GenerationModule(str(twotower_dir), decoder=decoder, max_new_tokens=10, stop_at_eos=False)
+    rows = module.predict_step(batch, 0)
+    ref = module.model.generate(batch["input_ids"], batch["attention_mask"], decoder, max_new_tokens=10)
+    for r, row in enumerate(rows):
+        assert row["completion"] == module.tokenizer.decode(ref.new_tokens[r].tolist())
+        assert row["nfe"] == int(ref.nfe[r]) and row["decoder"] == type(decoder).__name__
 
 
 def test_generation_module_bad_values(twotower_dir, tmp_path):
-    with pytest.raises(ValueError, match="mode"):
-        GenerationModule(str(twotower_dir), mode="beam")
+    with pytest.raises(ValueError, match="decoder must be a twotower.decoding.Decoder"):
+        GenerationModule(str(twotower_dir), decoder="speculative")
+    with pytest.raises(ValueError, match="max_new_tokens must be an int >= 1"):
+        GenerationModule(str(twotower_dir), max_new_tokens=0)
     with pytest.raises(FileNotFoundError, match="two-tower checkpoint not found"):
         GenerationModule(str(tmp_path / "missing"))
     with pytest.raises(ValueError, match="both context_device and denoiser_device"):

@@ -1,5 +1,5 @@
 """TwoTowerLM: construction from an AR backbone, the released checkpoint layout (save / load,
-sharded and per-expert), device placement, the drop-in generate_* methods, and validation."""
+sharded and per-expert), and device placement (generation itself: test_decoders.py)."""
 
 from __future__ import annotations
 
@@ -7,21 +7,11 @@ import json
 
 import pytest
 import torch
-from conftest import randomize_, tiny_config
-from test_generation import MASK, PAD, left_pad, random_prompts, randomize_time_
+from conftest import left_pad, make_model, random_prompts, randomize_, tiny_config
 
-from twotower.generation import GenerationOutput, generate_ar, generate_diffusion
 from twotower.model import TwoTowerLM
-from twotower.samplers import ConfidenceThreshold, MockAR, TopKCommit
 from twotower.towers.context import ContextTower
 from twotower.towers.loading import read_safetensors, save_backbone_hf, save_state_dict
-
-
-def make_model(seed: int = 0, block_size: int = 8, pattern: str = "M*-EM*E") -> TwoTowerLM:
-    ctx = randomize_(ContextTower(tiny_config(pattern)), seed=seed).eval()
-    model = TwoTowerLM.from_backbone(ctx, block_size=block_size)
-    randomize_time_(model.denoiser, seed + 1000)
-    return model.eval()
 
 
 @pytest.fixture(scope="module")
@@ -197,72 +187,3 @@ def test_two_devices_equal_one_device():
     assert model.devices[1].type == "cuda"
     out = model.generate(ids, mask, max_new_tokens=12, eos_token_id=2)
     assert torch.equal(out.sequences, ref.sequences)
-
-
-# ---- generate and the drop-in names -------------------------------------------------------------
-
-
-def test_generate_defaults_to_confidence_threshold_and_model_block_size(model):
-    ids, mask = left_pad(random_prompts([5, 2], seed=6))
-    out = model.generate(ids, mask, max_new_tokens=20)
-    ref = diffusion(model.context, model.denoiser, ids, mask, sampler=ConfidenceThreshold(0.8),
-                             block_size=8, steps_per_block=16, max_new_tokens=20, mask_token_id=MASK,
-                             pad_token_id=PAD)
-    assert torch.equal(out.sequences, ref.sequences) and out.blocks == ref.blocks == 3
-    assert torch.equal(out.nfe, ref.nfe)
-
-
-def test_drop_in_methods_match_the_generation_functions(model):
-    ids, mask = left_pad(random_prompts([6, 3], seed=7))
-    seq = model.generate_mask_diffusion(ids, max_new_tokens=12, block_size=4, steps_per_block=4,
-                                        confidence_threshold=0.5, attention_mask=mask)
-    assert isinstance(seq, torch.Tensor) and seq.shape == (2, ids.shape[1] + 12)
-    ref = diffusion(model.context, model.denoiser, ids, mask, sampler=ConfidenceThreshold(0.5), block_size=4,
-                             steps_per_block=4, max_new_tokens=12, mask_token_id=MASK, pad_token_id=PAD)
-    assert torch.equal(seq, ref.sequences)
-
-    out = model.generate_mock_ar(ids, 12, block_size=4, attention_mask=mask, return_dict=True)
-    assert isinstance(out, GenerationOutput)
-    ref = diffusion(model.context, model.denoiser, ids, mask, sampler=MockAR(), block_size=4,
-                             steps_per_block=4, max_new_tokens=12, mask_token_id=MASK, pad_token_id=PAD)
-    assert torch.equal(out.sequences, ref.sequences) and out.nfe.tolist() == [12, 12]
-
-    seq = model.generate_ar(ids, 12, attention_mask=mask)
-    assert torch.equal(seq, autoregressive(model.context, ids, mask, max_new_tokens=12, pad_token_id=PAD).sequences)
-    # TopKCommit differs from the threshold policy on this model: the methods really pick samplers.
-    topk = model.generate(ids, mask, sampler=TopKCommit(4), block_size=4, steps_per_block=4, max_new_tokens=12)
-    assert topk.nfe.tolist() == [3, 3]
-
-
-def test_drop_in_eos_and_temperature(model):
-    ids = torch.randint(4, 64, (2, 5), generator=torch.Generator().manual_seed(8))
-    free = model.generate_mask_diffusion(ids, max_new_tokens=16, return_dict=True)
-    eos = int(free.new_tokens[0, 2])
-    out = model.generate_mask_diffusion(ids, max_new_tokens=16, eos_token_id=eos, return_dict=True)
-    assert int(out.num_generated[0]) <= 3 and int(out.new_tokens[0, int(out.num_generated[0]) - 1]) == eos
-    g1, g2 = torch.Generator().manual_seed(1), torch.Generator().manual_seed(1)
-    a = model.generate_mask_diffusion(ids, max_new_tokens=8, temperature=1.0, generator=g1)
-    b = model.generate_mask_diffusion(ids, max_new_tokens=8, temperature=1.0, generator=g2)
-    assert torch.equal(a, b)
-
-
-@pytest.mark.parametrize("call, match", [
-    (lambda m, x: m.generate_mask_diffusion(x, confidence_threshold=1.5), r"threshold must be in \(0, 1\]"),
-    (lambda m, x: m.generate_mask_diffusion(x, confidence_threshold=0.0), r"threshold must be in \(0, 1\]"),
-    (lambda m, x: m.generate_mask_diffusion(x, block_size=0), "block_size must be an int >= 1, got 0"),
-    (lambda m, x: m.generate_mock_ar(x, block_size=0), "block_size must be an int >= 1, got 0"),
-    (lambda m, x: m.generate(x, block_size=0), "block_size must be an int >= 1, got 0"),
-    (lambda m, x: m.generate(x, steps_per_block=0), "steps_per_block must be an int >= 1, got 0"),
-    (lambda m, x: m.generate(x, temperature=-1), "temperature must be >= 0"),
-    (lambda m, x: m.generate_ar(x, temperature=-1), "temperature must be >= 0"),
-    (lambda m, x: m.generate(x, max_new_tokens=0), "max_new_tokens must be an int >= 1"),
-    (lambda m, x: m.generate(x, max_new_tokens=510), "exceeds the model's max_position_embeddings = 512"),
-    (lambda m, x: m.generate_ar(x, max_new_tokens=510), "exceeds the model's max_position_embeddings = 512"),
-    (lambda m, x: m.generate(torch.zeros(1, 0, dtype=torch.long)), "empty prompt"),
-    (lambda m, x: m.generate(torch.tensor([[5, MASK, 6]])), r"contains the \[MASK\] token id 3"),
-    (lambda m, x: m.generate_mask_diffusion(x, mask_token_id=9), r"contains the \[MASK\] token id 9"),
-])
-def test_bad_inputs_raise_value_errors(model, call, match):
-    x = torch.tensor([[5, 6, 9]])
-    with pytest.raises(ValueError, match=match):
-        call(model, x)
