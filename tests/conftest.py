@@ -173,3 +173,38 @@ def autoregressive(ctx, ids, mask=None, *, temperature: float = 0.0, max_new_tok
     from twotower.decoding import Autoregressive
 
     return run_decoder(Autoregressive(temperature), ctx, None, ids, mask, max_new_tokens=max_new_tokens, **call)
+
+
+# ----------------------------------------------------------------------------- training scaffolding
+
+
+def save_tiny_backbone(path, seed: int = 0):
+    """Write a tiny random AR NemotronH checkpoint (byte-tokenizer vocabulary, 260) to `path`.
+
+    Used by the fine-tuning and self-distillation tests as the frozen backbone; another seed
+    gives a checkpoint with other weights (what invalidates caches and init_from checks).
+    """
+    from twotower.towers.context import ContextTower
+    from twotower.towers.loading import save_backbone_hf
+
+    cfg = tiny_config("M*-EM*E", vocab_size=260)
+    tower = randomize_(ContextTower(cfg), seed=seed, scale=0.1)
+    state = {k.removeprefix("backbone."): v for k, v in tower.state_dict().items()}
+    save_backbone_hf(state, path, config=cfg)
+    return path
+
+
+@pytest.fixture
+def backbone_dir(tmp_path):
+    """`save_tiny_backbone` at tmp_path/backbone, seed 0."""
+    return save_tiny_backbone(tmp_path / "backbone", seed=0)
+
+
+@pytest.fixture
+def code_corpus(tmp_path):
+    """A folder of 8 small Python-like `.txt` documents (about 300-450 bytes each) at tmp_path/corpus."""
+    root = tmp_path / "corpus"
+    root.mkdir()
+    for i in range(8):
+        (root / f"doc{i}.txt").write_text(("def g%d(y):\n    return y * %d  # %s\n" % (i, i, "ab" * i)) * 10)
+    return root

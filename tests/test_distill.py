@@ -2,41 +2,16 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import lightning as L
 import pytest
 import torch
-from conftest import randomize_, tiny_config
+from conftest import randomize_, save_tiny_backbone
 
-import twotower.distill as distill
-from twotower.distill import DistilledDataModule, distill_rows
+import twotower.data.distill as distill
+from twotower.data import DistilledDataModule, distill_rows
 from twotower.model import TwoTowerLM
 from twotower.towers.context import ContextTower
-from twotower.towers.loading import save_backbone_hf
 from twotower.training import DenoiserFineTuning
-
-
-def _save_backbone(path: Path, seed: int) -> Path:
-    cfg = tiny_config("M*-EM*E", vocab_size=260)
-    tower = randomize_(ContextTower(cfg), seed=seed, scale=0.1)
-    state = {k.removeprefix("backbone."): v for k, v in tower.state_dict().items()}
-    save_backbone_hf(state, path, config=cfg)
-    return path
-
-
-@pytest.fixture
-def backbone_dir(tmp_path) -> Path:
-    return _save_backbone(tmp_path / "backbone", seed=0)
-
-
-@pytest.fixture
-def corpus(tmp_path) -> Path:
-    root = tmp_path / "corpus"
-    root.mkdir()
-    for i in range(8):
-        (root / f"doc{i}.txt").write_text(("def g%d(y):\n    return y * %d  # %s\n" % (i, i, "ab" * i)) * 10)
-    return root
 
 
 def _naive_greedy(context: ContextTower, prompt: torch.Tensor, n: int) -> torch.Tensor:
@@ -69,8 +44,8 @@ def test_distill_rows_rejects_bad_prompt_lengths(backbone_dir):
         distill_rows(context, real, torch.tensor([8, 16]), pad_token_id=0, progress=False)
 
 
-def test_data_module_rows_masks_and_cache(backbone_dir, corpus, tmp_path, monkeypatch):
-    kw = dict(source=str(corpus), seq_len=32, block_size=8, batch_size=4, num_train=12, num_val=3,
+def test_data_module_rows_masks_and_cache(backbone_dir, code_corpus, tmp_path, monkeypatch):
+    kw = dict(source=str(code_corpus), seq_len=32, block_size=8, batch_size=4, num_train=12, num_val=3,
               min_prompt=8, max_prompt=16, val_fraction=0.2, cache_dir=str(tmp_path / "cache"))
     dm = DistilledDataModule(str(backbone_dir), **kw)
     dm.setup()
@@ -92,18 +67,18 @@ def test_data_module_rows_masks_and_cache(backbone_dir, corpus, tmp_path, monkey
     again.setup()
     assert torch.equal(again.train_set.rows, dm.train_set.rows)
     # A different backbone invalidates it.
-    other = _save_backbone(tmp_path / "other", seed=5)
+    other = save_tiny_backbone(tmp_path / "other", seed=5)
     with pytest.raises(pytest.fail.Exception, match="regenerated"):
         DistilledDataModule(str(other), **kw).setup()
 
 
-def test_data_module_bad_settings(backbone_dir, corpus):
+def test_data_module_bad_settings(backbone_dir, code_corpus):
     with pytest.raises(ValueError, match="multiple of block_size"):
-        DistilledDataModule(str(backbone_dir), source=str(corpus), seq_len=32, block_size=8, min_prompt=4)
+        DistilledDataModule(str(backbone_dir), source=str(code_corpus), seq_len=32, block_size=8, min_prompt=4)
     with pytest.raises(ValueError, match="max_prompt < seq_len"):
-        DistilledDataModule(str(backbone_dir), source=str(corpus), seq_len=32, block_size=8, min_prompt=8, max_prompt=32)
+        DistilledDataModule(str(backbone_dir), source=str(code_corpus), seq_len=32, block_size=8, min_prompt=8, max_prompt=32)
     with pytest.raises(FileNotFoundError):
-        DistilledDataModule("/nonexistent/backbone", source=str(corpus), seq_len=32, block_size=8, min_prompt=8, max_prompt=16)
+        DistilledDataModule("/nonexistent/backbone", source=str(code_corpus), seq_len=32, block_size=8, min_prompt=8, max_prompt=16)
 
 
 def test_loss_mask_limits_the_targets(backbone_dir):
@@ -129,7 +104,7 @@ def test_loss_mask_limits_the_targets(backbone_dir):
         run(x, mask[:, :16])
 
 
-def test_fit_on_distilled_batches_and_init_from(backbone_dir, corpus, tmp_path):
+def test_fit_on_distilled_batches_and_init_from(backbone_dir, code_corpus, tmp_path):
     # init_from: a released two-tower directory seeds the denoiser.
     lm = TwoTowerLM.from_backbone(backbone_dir, block_size=8)
     randomize_(lm.denoiser, seed=9, scale=0.1)
@@ -138,7 +113,7 @@ def test_fit_on_distilled_batches_and_init_from(backbone_dir, corpus, tmp_path):
                                 warmup_steps=0)
     for k, v in lm.denoiser.state_dict().items():
         assert torch.equal(module.denoiser.state_dict()[k], v), k
-    dm = DistilledDataModule(str(backbone_dir), source=str(corpus), seq_len=32, block_size=8, batch_size=4,
+    dm = DistilledDataModule(str(backbone_dir), source=str(code_corpus), seq_len=32, block_size=8, batch_size=4,
                              num_train=8, num_val=4, min_prompt=8, max_prompt=16, val_fraction=0.2)
     trainer = L.Trainer(accelerator="cpu", devices=1, max_steps=3, logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path,
@@ -148,7 +123,7 @@ def test_fit_on_distilled_batches_and_init_from(backbone_dir, corpus, tmp_path):
     assert torch.isfinite(trainer.callback_metrics["val/masked_acc"])
     assert any(not torch.equal(module.denoiser.state_dict()[k], v) for k, v in lm.denoiser.state_dict().items())
     # A denoiser trained against another context tower is refused.
-    other = TwoTowerLM.from_backbone(_save_backbone(tmp_path / "other", seed=5), block_size=8)
+    other = TwoTowerLM.from_backbone(save_tiny_backbone(tmp_path / "other", seed=5), block_size=8)
     other.save_pretrained(tmp_path / "other_tt")
     with pytest.raises(ValueError, match="context tower differs"):
         DenoiserFineTuning(str(backbone_dir), block_size=8, init_from=str(tmp_path / "other_tt"))

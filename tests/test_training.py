@@ -9,31 +9,11 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
-from conftest import randomize_, tiny_config
 
 from twotower.towers.context import ContextTower
-from twotower.towers.loading import save_backbone_hf
 from twotower.training import ARPretraining, DenoiserFineTuning
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture
-def backbone_dir(tmp_path) -> Path:
-    """A tiny random AR NemotronH checkpoint with the byte tokenizer's vocabulary."""
-    cfg = tiny_config("M*-EM*E", vocab_size=260)
-    tower = randomize_(ContextTower(cfg), seed=0, scale=0.1)
-    state = {k.removeprefix("backbone."): v for k, v in tower.state_dict().items()}
-    save_backbone_hf(state, tmp_path / "backbone", config=cfg)
-    return tmp_path / "backbone"
-
-
-def _corpus(tmp_path: Path) -> Path:
-    root = tmp_path / "corpus"
-    root.mkdir()
-    for i in range(6):
-        (root / f"doc{i}.txt").write_text(("def f(x):\n    return x + %d\n\n" % i) * 12)
-    return root
 
 
 def _trainer(tmp_path, steps, **kw):
@@ -42,13 +22,13 @@ def _trainer(tmp_path, steps, **kw):
                      num_sanity_val_steps=0, **kw)
 
 
-def test_context_tower_frozen_and_bit_identical_after_fit(backbone_dir, tmp_path):
+def test_context_tower_frozen_and_bit_identical_after_fit(backbone_dir, code_corpus, tmp_path):
     from twotower.data import TextDataModule
 
     module = DenoiserFineTuning(str(backbone_dir), block_size=8, lr=1e-2, warmup_steps=0)
     before = {k: v.clone() for k, v in module.context.state_dict().items()}
     den_before = {k: v.clone() for k, v in module.denoiser.state_dict().items()}
-    data = TextDataModule(str(_corpus(tmp_path)), seq_len=32, block_size=8, batch_size=4)
+    data = TextDataModule(str(code_corpus), seq_len=32, block_size=8, batch_size=4)
     _trainer(tmp_path, 5, limit_val_batches=0).fit(module, data)
     assert all(not p.requires_grad and p.grad is None for p in module.context.parameters())
     assert not module.context.training
@@ -149,7 +129,7 @@ def test_bad_recipe_values_raise_clear_errors(backbone_dir, tmp_path):
         module.forward_loss(torch.randint(4, 260, (1, 12)))
 
 
-def test_convert_then_export_round_trip(backbone_dir, tmp_path):
+def test_convert_then_export_round_trip(backbone_dir, code_corpus, tmp_path):
     from twotower.cli import convert, export
     from twotower.model import TwoTowerLM
 
@@ -165,7 +145,7 @@ def test_convert_then_export_round_trip(backbone_dir, tmp_path):
     trainer = _trainer(tmp_path, 3, limit_val_batches=0)
     from twotower.data import TextDataModule
 
-    trainer.fit(module, TextDataModule(str(_corpus(tmp_path)), seq_len=32, block_size=8, batch_size=4))
+    trainer.fit(module, TextDataModule(str(code_corpus), seq_len=32, block_size=8, batch_size=4))
     trainer.save_checkpoint(tmp_path / "run.ckpt")
     out = export(str(tmp_path / "run.ckpt"), str(tmp_path / "exported"))
     loaded = TwoTowerLM.from_pretrained(out)
@@ -176,7 +156,7 @@ def test_convert_then_export_round_trip(backbone_dir, tmp_path):
     assert loaded.block_size == 8
 
 
-def test_shifted_flag_travels_through_convert_and_export(backbone_dir, tmp_path):
+def test_shifted_flag_travels_through_convert_and_export(backbone_dir, code_corpus, tmp_path):
     from twotower.cli import _tool_main, export
     from twotower.model import TwoTowerLM
 
@@ -184,7 +164,7 @@ def test_shifted_flag_travels_through_convert_and_export(backbone_dir, tmp_path)
     assert TwoTowerLM.from_pretrained(tmp_path / "conv").shifted
     from twotower.data import TextDataModule
 
-    corpus = str(_corpus(tmp_path))
+    corpus = str(code_corpus)
     module = DenoiserFineTuning(str(backbone_dir), block_size=8, lr=1e-2, warmup_steps=0, shifted=True)
     trainer = _trainer(tmp_path, 2, limit_val_batches=0)
     trainer.fit(module, TextDataModule(corpus, seq_len=32, block_size=8, batch_size=4))

@@ -38,6 +38,7 @@ _EXPORTS = {
     "HFTokenizer": "twotower.tokenizers",
     "TextDataModule": "twotower.data",
     "PromptDataModule": "twotower.data",
+    "DistilledDataModule": "twotower.data",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -205,7 +205,7 @@ class DenoiserFineTuning(L.LightningModule):
             starts this run instead of a copy of the backbone; its context tower must equal `backbone`.
 
     Batches are (B, L) token tensors, or dicts {"input_ids": (B, L), "loss_mask": (B, L) bool}
-    where only positions with loss_mask True are training targets (see `twotower.distill`).
+    where only positions with loss_mask True are training targets (see `twotower.data.distill`).
     """
 
     def __init__(self, backbone: str, block_size: int = 16, mask_token_id: int = 3,

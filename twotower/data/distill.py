@@ -14,13 +14,11 @@ entropy, becomes confident, and commits many tokens per step while staying close
 p is a multiple of block_size drawn per row from [min_prompt, max_prompt], so the first
 training block starts exactly where generation starts: right after a real prompt.
 Batches are dicts {"input_ids": (B, L) long, "loss_mask": (B, L) bool}; `DenoiserFineTuning`
-accepts them as well as plain (B, L) tensors.
+accepts them as well as plain (B, L) tensors. `distill_rows` is the generation step on its own.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 import sys
 from pathlib import Path
 
@@ -28,15 +26,22 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from .data import STDLIB, TextDataModule, _check_seq_len, save_cache
-from .decoding import Autoregressive, Towers
-from .tokenizers import Tokenizer
-from .towers.context import ContextTower
+from twotower.decoding import Autoregressive, Towers
+from twotower.tokenizers import Tokenizer
+from twotower.towers.context import ContextTower
 
+from .cache import _files_fingerprint, cache_file, load_cache, save_cache
+from .packing import _check_seq_len
+from .sources import STDLIB
+from .text import TextDataModule
+
+# Bump when the cached distilled layout changes, so that stale caches are not reused.
 _FORMAT = 1
 
 
 class _DistilledRows(Dataset):
+    """Distilled rows (N, L) with prompt lengths (N,); items are {"input_ids": (L,) long, "loss_mask": (L,) bool}."""
+
     def __init__(self, rows: torch.Tensor, prompt_len: torch.Tensor) -> None:
         self.rows, self.prompt_len = rows, prompt_len
         self._pos = torch.arange(rows.shape[1])
@@ -46,18 +51,6 @@ class _DistilledRows(Dataset):
 
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
         return {"input_ids": self.rows[i].long(), "loss_mask": self._pos >= self.prompt_len[i]}
-
-
-def _files_fingerprint(path: Path) -> str:
-    """Content hash of a checkpoint directory's config and weight files."""
-    h = hashlib.sha256()
-    for f in sorted(path.iterdir()):
-        if f.suffix in (".json", ".safetensors", ".bin") and f.is_file():
-            h.update(f.name.encode())
-            with open(f, "rb") as fh:
-                for chunk in iter(lambda: fh.read(1 << 20), b""):
-                    h.update(chunk)
-    return h.hexdigest()[:20]
 
 
 def distill_rows(context: ContextTower, real: torch.Tensor, prompt_len: torch.Tensor, *, pad_token_id: int,
@@ -158,8 +151,7 @@ class DistilledDataModule(L.LightningDataModule):
                     "num_train": self.num_train, "num_val": self.num_val, "min_prompt": self.min_prompt,
                     "max_prompt": self.max_prompt, "block_size": self.block_size, "temperature": self.temperature,
                     "seed": self.seed}
-        key = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:20]
-        return Path(self.cache_dir).expanduser() / f"distilled-{key}.pt"
+        return cache_file(self.cache_dir, "distilled", settings)
 
     def _draw(self, data: torch.Tensor, n: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
         if data.shape[0] == 0:
@@ -177,7 +169,7 @@ class DistilledDataModule(L.LightningDataModule):
         self.text.setup()
         cache = self._cache_path(str(self.text._cache_path() or self.text.source))
         if cache is not None and cache.is_file():
-            d = torch.load(cache, weights_only=True)
+            d = load_cache(cache)
         else:
             d = self._build()
             if cache is not None:

@@ -1,0 +1,83 @@
+"""Packing: token streams -> fixed-length training rows.
+
+`pack_documents` concatenates `[bos] + doc + [eos]` for every document and cuts the stream
+into rows of `seq_len` tokens, a LongTensor (N, seq_len); `_Rows` serves those rows to a
+DataLoader. `_check_seq_len` enforces that a row is a whole number of denoiser blocks, the
+layout every training module here assumes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+
+import torch
+from torch.utils.data import Dataset
+
+
+def _as_long_tensor(ids: Sequence[int] | torch.Tensor) -> torch.Tensor:
+    """A token list or tensor of any shape as a flat LongTensor (n,)."""
+    if isinstance(ids, torch.Tensor):
+        return ids.long().reshape(-1)
+    return torch.tensor(list(ids), dtype=torch.long)
+
+
+def pack_documents(
+    docs: Iterable[Sequence[int] | torch.Tensor],
+    seq_len: int,
+    *,
+    bos_id: int | None,
+    eos_id: int | None,
+    max_sequences: int | None = None,
+) -> torch.Tensor:
+    """Concatenate `[bos] + doc + [eos]` for every doc and cut the stream into rows.
+
+    Rows may start or end mid-document (standard LM packing); the last partial row is dropped.
+    `bos_id` / `eos_id` = None omits that marker. `max_sequences` stops reading `docs` once
+    that many rows are full, so a lazy iterable is only tokenised as far as needed.
+
+    Returns:
+        LongTensor (N, seq_len); N may be 0.
+    """
+    if seq_len <= 0:
+        raise ValueError(f"seq_len={seq_len} must be positive")
+    bos = torch.tensor([bos_id] if bos_id is not None else [], dtype=torch.long)
+    eos = torch.tensor([eos_id] if eos_id is not None else [], dtype=torch.long)
+    pieces: list[torch.Tensor] = []
+    total = 0
+    limit = None if max_sequences is None else max_sequences * seq_len
+    for doc in docs:
+        if limit is not None and total >= limit:
+            break
+        ids = _as_long_tensor(doc)
+        pieces += [bos, ids, eos]
+        total += bos.numel() + ids.numel() + eos.numel()
+    stream = torch.cat(pieces) if pieces else torch.empty(0, dtype=torch.long)
+    n = stream.numel() // seq_len
+    if max_sequences is not None:
+        n = min(n, max_sequences)
+    return stream[: n * seq_len].reshape(n, seq_len).clone()
+
+
+class _Rows(Dataset):
+    """Rows of a (N, L) tensor; items are (L,) tensors, so default collation gives (B, L)."""
+
+    def __init__(self, data: torch.Tensor) -> None:
+        self.data = data
+
+    def __len__(self) -> int:
+        return self.data.shape[0]
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        return self.data[i]
+
+
+def _check_seq_len(seq_len: int, block_size: int) -> None:
+    """Raise unless seq_len is a positive multiple of block_size (the error names the nearest valid one)."""
+    if block_size <= 0:
+        raise ValueError(f"block_size={block_size} must be positive")
+    if seq_len <= 0 or seq_len % block_size:
+        nearest = max(block_size, round(seq_len / block_size) * block_size)
+        raise ValueError(
+            f"seq_len={seq_len} must be a positive multiple of block_size={block_size}; "
+            f"nearest valid value: seq_len={nearest}"
+        )

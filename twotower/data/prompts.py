@@ -1,0 +1,181 @@
+"""Prompts for generation: a prompt file or list -> LEFT-padded token batches.
+
+    read_prompts      a JSONL file (`prompt` or `text` field) or one prompt per line -> [str]
+    collate_prompts   token lists -> input_ids, attention_mask, both (B, T), left-padded
+    PromptDataModule  `predict` batches {input_ids, attention_mask, prompts, index}
+
+Left padding puts every row's last prompt token in the last column, so that generation
+appends to all rows at the same position.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from twotower.tokenizers import ByteTokenizer, Tokenizer
+
+from .packing import _as_long_tensor
+
+
+def read_prompts(path: str | os.PathLike) -> list[str]:
+    """Prompts from a file, in file order.
+
+    * `.jsonl`: one JSON object per non-blank line with a string `prompt` (preferred) or
+      `text` field.
+    * anything else: one prompt per non-blank line, taken verbatim (a literal `\\n` stays two
+      characters; use JSONL for multi-line prompts).
+    """
+    file = Path(path).expanduser()
+    if not file.is_file():
+        raise FileNotFoundError(f"prompt file {str(path)!r} does not exist")
+    prompts: list[str] = []
+    with file.open(encoding="utf-8", errors="replace", newline="") as f:
+        for line_no, line in enumerate(f, start=1):
+            line = line.rstrip("\r\n")
+            if not line.strip():
+                continue
+            prompts.append(_jsonl_prompt(file, line_no, line) if file.suffix == ".jsonl" else line)
+    if not prompts:
+        raise ValueError(f"prompt file {str(path)!r} contains no prompts")
+    return prompts
+
+
+def _jsonl_prompt(file: Path, line_no: int, line: str) -> str:
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{file}:{line_no}: invalid JSON ({e.msg})") from None
+    if isinstance(record, dict):
+        for key in ("prompt", "text"):
+            if isinstance(record.get(key), str):
+                return record[key]
+    raise ValueError(f"{file}:{line_no}: expected an object with a string 'prompt' or 'text' field")
+
+
+def collate_prompts(
+    token_lists: Sequence[Sequence[int] | torch.Tensor], pad_id: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left-pad prompts to a common length.
+
+    Left padding puts every prompt's last token in the last column, so that a batch extends
+    all rows at the same position.
+
+    Returns:
+        input_ids: LongTensor (B, T), T = longest prompt; padding is `pad_id`.
+        attention_mask: LongTensor (B, T), 1 on real tokens, 0 on padding.
+    """
+    if len(token_lists) == 0:
+        raise ValueError("collate_prompts needs at least one prompt")
+    rows = [_as_long_tensor(t) for t in token_lists]
+    for i, row in enumerate(rows):
+        if row.numel() == 0:
+            raise ValueError(f"prompt {i} of the batch has no tokens; generation needs at least one")
+    width = max(row.numel() for row in rows)
+    input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, row in enumerate(rows):
+        input_ids[i, width - row.numel():] = row
+        attention_mask[i, width - row.numel():] = 1
+    return input_ids, attention_mask
+
+
+class _PromptCollator:
+    """Picklable collate_fn (DataLoader workers need one) turning items into a prompt batch dict."""
+
+    def __init__(self, pad_id: int) -> None:
+        self.pad_id = pad_id
+
+    def __call__(self, items: list[tuple[int, str, list[int]]]) -> dict[str, Any]:
+        input_ids, attention_mask = collate_prompts([ids for _, _, ids in items], self.pad_id)
+        return {
+            "input_ids": input_ids,
+            "attention_mask": attention_mask,
+            "prompts": [text for _, text, _ in items],
+            "index": torch.tensor([i for i, _, _ in items], dtype=torch.long),
+        }
+
+
+class _PromptItems(Dataset):
+    def __init__(self, prompts: list[str], tokens: list[list[int]]) -> None:
+        self.prompts, self.tokens = prompts, tokens
+
+    def __len__(self) -> int:
+        return len(self.prompts)
+
+    def __getitem__(self, i: int) -> tuple[int, str, list[int]]:
+        return i, self.prompts[i], self.tokens[i]
+
+
+class PromptDataModule(L.LightningDataModule):
+    """Prompts for `predict`, in their original order.
+
+    Each batch is a dict:
+        input_ids: LongTensor (B, T), LEFT-padded with the tokenizer's pad id
+        attention_mask: LongTensor (B, T), 1 for real tokens
+        prompts: list[str], the prompt texts
+        index: LongTensor (B,), positions in the prompt list
+
+    Args:
+        prompts: path to a prompt file (see `read_prompts`).
+        prompt_list: prompts given directly; exactly one of `prompts` / `prompt_list`.
+        tokenizer: defaults to `ByteTokenizer()`.
+        batch_size: prompts per batch.
+        add_bos: prepend the bos token (an empty prompt then means unconditional generation).
+        num_workers: DataLoader workers.
+    """
+
+    def __init__(
+        self,
+        prompts: str | None = None,
+        prompt_list: list[str] | None = None,
+        tokenizer: Tokenizer | None = None,
+        batch_size: int = 8,
+        add_bos: bool = True,
+        num_workers: int = 0,
+    ) -> None:
+        super().__init__()
+        if (prompts is None) == (prompt_list is None):
+            raise ValueError("give exactly one of prompts (a file path) or prompt_list (a list of strings)")
+        if batch_size <= 0:
+            raise ValueError(f"batch_size={batch_size} must be positive")
+        if prompt_list is not None and len(prompt_list) == 0:
+            raise ValueError("prompt_list is empty")
+        self.prompts = prompts
+        self.prompt_list = list(prompt_list) if prompt_list is not None else None
+        self.tokenizer = tokenizer if tokenizer is not None else ByteTokenizer()
+        self.batch_size = batch_size
+        self.add_bos = add_bos
+        self.num_workers = num_workers
+        self.prompt_texts: list[str] | None = None
+        self.prompt_tokens: list[list[int]] | None = None
+
+    def setup(self, stage: str | None = None) -> None:
+        """Read (if from a file) and tokenise the prompts; idempotent."""
+        if self.prompt_texts is not None:
+            return
+        texts = self.prompt_list if self.prompt_list is not None else read_prompts(self.prompts)
+        tokens = [self.tokenizer.encode(t, add_bos=self.add_bos) for t in texts]
+        for i, ids in enumerate(tokens):
+            if not ids:
+                raise ValueError(
+                    f"prompt {i} ({texts[i]!r}) encodes to no tokens; remove it or set add_bos=True"
+                )
+        self.prompt_texts, self.prompt_tokens = texts, tokens
+
+    def predict_dataloader(self) -> DataLoader:
+        self.setup()
+        return DataLoader(
+            _PromptItems(self.prompt_texts, self.prompt_tokens),
+            batch_size=self.batch_size,
+            shuffle=False,
+            collate_fn=_PromptCollator(self.tokenizer.pad_token_id),
+            num_workers=self.num_workers,
+        )
