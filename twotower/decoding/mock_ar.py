@@ -24,7 +24,6 @@ from collections.abc import Sequence
 
 import torch
 
-from ..caches import HybridCache
 from .base import DecodeCall, Decoder
 from .logits import LogitsProcessor
 from .tracker import GenerationOutput
@@ -51,8 +50,7 @@ class MockAR(Decoder):
             head_valid = None if call.valid is None else call.valid[:, :-1]
             _, cache = context.prefill(call.input_ids[:, :-1], head_valid, logits="none", capacity=capacity)
         else:
-            p = next(context.parameters())
-            cache = HybridCache.empty(context.backbone, B, capacity=capacity, device=ctx_device, dtype=p.dtype)
+            cache = context.empty_cache(B, capacity=capacity, device=ctx_device)
         den_cache = cache.mirror_to(den_device) if call.use_mirror else cache
         tracker = call.tracker(spare=1)
         rows = torch.arange(B, device=ctx_device)  # the working batch: the rows still running

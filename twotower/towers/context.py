@@ -109,13 +109,16 @@ class ContextTower(nn.Module):
         _check_ids(input_ids, self.config.vocab_size)
         b, T = input_ids.shape
         valid, padded = _validity(input_ids, attention_mask)
-        cache = None
-        if use_cache:
-            dtype = self.backbone.embeddings.weight.dtype
-            cache = HybridCache.empty(self.backbone, b, capacity=capacity or max(64, 2 * T),
-                                      device=input_ids.device, dtype=dtype)
+        cache = self.empty_cache(b, capacity=capacity or max(64, 2 * T), device=input_ids.device) if use_cache else None
         hidden = self._run(input_ids, valid, padded, cache, offset=0)
         return self._logits(hidden, logits), cache
+
+    def empty_cache(self, batch: int, *, capacity: int = 64, device=None) -> HybridCache:
+        """An empty cache for `batch` rows with room for `capacity` positions (grows when needed)."""
+        dtype = self.backbone.embeddings.weight.dtype
+        return HybridCache.empty(self.backbone, batch, capacity=capacity,
+                                 device=self.backbone.embeddings.weight.device if device is None else device,
+                                 dtype=dtype)
 
     def extend(self, cache: HybridCache, tokens: Tensor, *, logits: str = "all",
                attention_mask: Tensor | None = None, provisional: bool = False) -> Tensor | None:
