@@ -9,5 +9,5 @@ mkdir -p "$out"
 python -c "import torch; print('torch', torch.__version__, 'cuda', torch.cuda.is_available(), torch.cuda.get_device_name(0) if torch.cuda.is_available() else '')"
 python -c "import mamba_ssm; print('mamba_ssm', mamba_ssm.__version__)" || echo "mamba-ssm not installed: kernel parity tests will skip"
 python -m pytest -m gpu -q -rs 2>&1 | tee "$out/gpu_tests.log"
-python -m twotower.bench --device cuda --prompts 8 --repeats 2 --modes ar,hf_generate,mock_ar,diff_t0.8_b16,diff_t0.5_b16,spec_b16 \
+python benchmarks/bench.py --device cuda --prompts 8 --repeats 2 --modes ar,hf_generate,mock_ar,diff_t0.8_b16,diff_t0.5_b16,spec_b16 \
     --no-training --out "$out/bench" 2>&1 | tee "$out/bench.log"

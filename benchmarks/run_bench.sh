@@ -4,4 +4,4 @@
 #   benchmarks/run_bench.sh --device cuda --threads 8
 set -euo pipefail
 cd "$(dirname "$0")/.."
-exec python -m twotower.bench --out benchmarks/results --update-readme "$@"
+exec python benchmarks/bench.py --out benchmarks/results --update-readme "$@"

@@ -1,17 +1,26 @@
-"""bench: the smoke benchmark end to end (files, JSON contents, reference invariants), and the quality
-metrics, prompt windows, mode parsing and README update on hand-built inputs."""
+"""benchmarks/: the smoke benchmark end to end (files, JSON contents, reference invariants), the run
+without matplotlib, and the prompt windows, mode parsing and README update on hand-built inputs.
+(The quality measures it reports are tested in test_quality.py.)"""
 
 from __future__ import annotations
 
 import json
 import math
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
-from conftest import randomize_, tiny_config
 
-from twotower import bench
-from twotower.towers.context import ContextTower
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:  # benchmarks/ is a folder of the repository, not an installed package
+    sys.path.insert(0, str(REPO))
+
+from benchmarks import bench, harness, modes, report, workload  # noqa: E402
+from benchmarks.phases import profile  # noqa: E402
+from twotower import decoding, samplers  # noqa: E402
 
 # ---- the smoke run ------------------------------------------------------------------------------
 
@@ -35,7 +44,7 @@ def test_smoke_writes_the_three_files(smoke):
 def test_smoke_json_has_every_mode_and_batch_size_with_sane_numbers(smoke):
     _, res = smoke
     runs = {(r["mode"], r["batch_size"]): r for r in res["runs"]}
-    expected = {(m.name, b) for m in bench.SMOKE_MODES for b in (1, 2)}
+    expected = {(m.name, b) for m in modes.SMOKE_MODES for b in (1, 2)}
     assert set(runs) == expected
     for key, r in runs.items():
         assert math.isfinite(r["tokens_per_s"]) and r["tokens_per_s"] > 0, key
@@ -52,7 +61,10 @@ def test_smoke_json_has_every_mode_and_batch_size_with_sane_numbers(smoke):
         assert ar["retention_agreement"] == 1.0 and ar["retention_nll"] == 1.0
         assert ar["speedup_vs_ar"] == 1.0 and ar["quality"]["match_ar"] == 1.0
         assert ar["tokens_per_nfe"] == 1.0 and mock["tokens_per_nfe"] == 1.0
-        assert mock["nfe_per_block"] == res["settings"]["block_size_model"]  # one token per step
+        # The released mock-AR: one token per denoiser forward and no blocks; with the smoke model's
+        # identity-initialised denoiser its greedy output is the AR output.
+        assert mock["decoder"].startswith("MockAR(") and mock["nfe_per_block"] is None and mock["block_size"] is None
+        assert mock["quality"]["match_ar"] == 1.0
         # Every denoiser forward commits at least one token per row.
         for name in ("diff_t0.5_b16", "diff_t0.8_b16", "diff_t0.8_b4", "spec_b16"):
             assert runs[(name, b)]["tokens_per_nfe"] >= 1.0
@@ -70,7 +82,7 @@ def test_markdown_without_the_transformers_baseline_reads_cleanly(smoke):
     res = copy.deepcopy(res)
     for r in res["runs"]:
         r["speedup_vs_hf"] = None
-    md = bench.render_markdown(res)
+    md = report.render_markdown(res)
     heads = [line for line in md.splitlines() if line.startswith(("- Headline", "- Lossless"))]
     assert heads and all("transformers'" not in h and "n/a" not in h.split("throughput")[0] for h in heads)
     assert all("our AR's throughput at " in h for h in heads)
@@ -85,87 +97,132 @@ def test_smoke_training_and_profile_numbers(smoke):
     assert modes == ["diff_t0.8_b16", "spec_b16", "ar"]
     for p in res["profile"]:
         assert sum(r["seconds"] for r in p["phases"].values()) == pytest.approx(p["total_seconds"], rel=1e-6)
+        rest = p["phases"]["sampling/commit + other"]
+        assert list(p["phases"])[-1] == "sampling/commit + other" and rest["calls"] is None
+        prefill = p["phases"]["prefill"]
+        assert prefill["calls"] == len(res["prompts"]) and prefill["ms_per_call"] > 0  # one prompt per call
     den = res["profile"][0]["phases"]
-    assert den["denoiser forward"]["calls"] == den["sampling/commit"]["calls"] > 0
+    assert list(den) == ["prefill", "denoiser forward", "context extend", "sampling/commit + other"]
+    assert den["denoiser forward"]["calls"] > 0
     spec = res["profile"][1]["phases"]
     draft, verify = spec["denoiser forward (draft)"]["calls"], spec["context extend (verify)"]["calls"]
     assert draft == verify == spec["accept (rollback)"]["calls"] > 0  # one of each per iteration
+    ar = res["profile"][2]["phases"]
+    # AR: one prefill per prompt, then one extend per further token.
+    assert ar["decode forward (extend)"]["calls"] == len(res["prompts"]) * (res["settings"]["max_new_tokens"] - 1)
 
 
-# ---- metrics on hand-built inputs ---------------------------------------------------------------
+def test_profile_restores_the_tower_methods(smoke):
+    """The profile wraps public methods on the instances only; afterwards nothing is left behind."""
+    model, _ = workload.smoke_model(smoke[0] / "tiny")
+    before = {k for t in (model.context, model.denoiser) for k in vars(t)}
+    ids = torch.tensor([[1, 40, 41, 42]])
+    p = profile(model, modes.speculative(4), [(ids, torch.ones_like(ids))], 6, torch.device("cpu"))
+    assert p["phases"]["accept (rollback)"]["calls"] > 0
+    assert {k for t in (model.context, model.denoiser) for k in vars(t)} == before
 
 
-def test_agreement_counts_equal_positions_over_the_first_n():
-    gen = torch.tensor([[1, 2, 3, 4], [5, 6, 7, 8]])
-    truth = torch.tensor([[1, 0, 3, 0], [5, 6, 7, 9]])
-    assert bench.agreement(gen, truth).tolist() == [0.5, 0.75]
-    assert bench.agreement(gen, truth, first=2).tolist() == [0.5, 1.0]
-    assert bench.agreement(gen, truth[:, :1]).tolist() == [1.0, 1.0]  # only the positions both have
+def test_plot_from_an_existing_json(smoke, tmp_path):
+    out, _ = smoke
+    (tmp_path / "bench.json").write_text((out / "bench.json").read_text())
+    assert bench.main(["--plot-from", str(tmp_path / "bench.json")]) == 0
+    assert (tmp_path / "tradeoff.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def test_distinct_n_by_hand():
-    seq = [1, 2, 1, 2, 1]
-    assert bench.distinct_n(seq, 1) == 2 / 5
-    assert bench.distinct_n(seq, 2) == 2 / 4  # (1,2) (2,1) (1,2) (2,1)
-    assert bench.distinct_n(torch.tensor(seq), 4) == 1.0  # (1,2,1,2) (2,1,2,1)
-    assert bench.distinct_n([7] * 6, 4) == 1 / 3
-    assert math.isnan(bench.distinct_n(seq, 6))
+def test_without_matplotlib_the_tables_json_and_readme_are_written_then_it_fails_naming_the_extra(tmp_path):
+    """The script as a user runs it, in a fresh interpreter where `import matplotlib` fails."""
+    out, readme = tmp_path / "out", tmp_path / "README.md"
+    readme.write_text("# Title\n")
+    script = REPO / "benchmarks" / "bench.py"
+    # Lightning's torchmetrics imports an installed matplotlib by itself (it would not, were matplotlib
+    # missing), so it is imported first; from then on every `import matplotlib` fails.
+    code = "\n".join([
+        "import runpy, sys",
+        "import lightning.pytorch",
+        "for name in [m for m in sys.modules if m.split('.')[0] == 'matplotlib']:",
+        "    del sys.modules[name]",
+        "sys.modules['matplotlib'] = None",
+        "sys.argv = sys.argv[1:]",
+        "runpy.run_path(sys.argv[0], run_name='__main__')",
+    ])
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}  # the script finds its checkout itself
+    proc = subprocess.run([sys.executable, "-c", code, str(script), "--smoke", "--modes", "ar", "--no-training",
+                           "--no-profile", "--out", str(out), "--update-readme", "--readme",
+                           str(readme)], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0, proc.stdout
+    assert 'pip install -e ".[bench]"' in proc.stderr and "matplotlib" in proc.stderr, proc.stderr
+    assert "--plot-from" in proc.stderr
+    res = json.loads((out / "bench.json").read_text())
+    assert {r["mode"] for r in res["runs"]} == {"ar"}
+    assert "## Generation" in (out / "bench.md").read_text()
+    assert report.README_START in readme.read_text()
+    assert not (out / "tradeoff.png").exists()
 
 
-def test_continuation_nll_equals_a_prefix_by_prefix_hand_computation():
-    ctx = randomize_(ContextTower(tiny_config()), seed=3).eval()
-    g = torch.Generator().manual_seed(0)
-    prompts, cont = torch.randint(4, 64, (3, 5), generator=g), torch.randint(4, 64, (3, 4), generator=g)
-    got = bench.continuation_nll(ctx, prompts, cont, batch_size=2)  # two chunks
-    full = torch.cat([prompts, cont], 1)
-    with torch.no_grad():
-        for r in range(3):
-            nll = [-ctx(full[r: r + 1, : 5 + j])[0, -1].double().log_softmax(-1)[cont[r, j]] for j in range(4)]
-            assert got[r].item() == pytest.approx(torch.stack(nll).mean().item(), abs=1e-5)
+# ---- hand-built inputs -------------------------------------------------------------------------
 
 
 def test_ratio_is_undefined_for_a_zero_or_missing_reference():
-    assert bench.ratio(3.0, 2.0) == 1.5
-    assert bench.ratio(0.0, 0.0) is None and bench.ratio(1.0, None) is None and bench.ratio(None, 1.0) is None
-
-
-# ---- prompts, modes, README ---------------------------------------------------------------------
+    assert harness.ratio(3.0, 2.0) == 1.5
+    assert harness.ratio(0.0, 0.0) is None and harness.ratio(1.0, None) is None and harness.ratio(None, 1.0) is None
 
 
 def test_select_windows_are_seeded_skip_short_documents_and_follow_the_text():
     docs = [list(range(100, 105)), list(range(200, 230)), list(range(300, 340))]
-    w = bench.select_windows(docs, 5, prompt_len=8, max_new_tokens=4, bos_id=1, seed=7)
-    assert w == bench.select_windows(docs, 5, prompt_len=8, max_new_tokens=4, bos_id=1, seed=7)
+    w = workload.select_windows(docs, 5, prompt_len=8, max_new_tokens=4, bos_id=1, seed=7)
+    assert w == workload.select_windows(docs, 5, prompt_len=8, max_new_tokens=4, bos_id=1, seed=7)
     assert {x.doc for x in w} == {1, 2}  # document 0 is too short for 8 + 4 tokens
     for x in w:
         doc = docs[x.doc]
         assert x.ids == [1] + doc[x.offset: x.offset + 8]
         assert x.truth == doc[x.offset + 8: x.offset + 12]
     with pytest.raises(ValueError, match="prompt_len"):
-        bench.select_windows(docs, 1, prompt_len=60, max_new_tokens=4, bos_id=1)
+        workload.select_windows(docs, 1, prompt_len=60, max_new_tokens=4, bos_id=1)
 
 
 def test_parse_modes_accepts_any_threshold_and_block_and_always_runs_ar():
-    modes = bench.parse_modes("diff_t0.6_b8,mock_ar", bench.FULL_MODES)
-    assert [m.name for m in modes] == ["ar", "diff_t0.6_b8", "mock_ar"]
-    assert (modes[1].threshold, modes[1].block) == (0.6, 8)
-    spec = bench.parse_modes("spec_b8", bench.FULL_MODES)[1]
+    parsed = modes.parse_modes("diff_t0.6_b8,mock_ar", modes.FULL_MODES)
+    assert [m.name for m in parsed] == ["ar", "diff_t0.6_b8", "mock_ar"]
+    assert (parsed[1].threshold, parsed[1].block) == (0.6, 8)
+    spec = modes.parse_modes("spec_b8", modes.FULL_MODES)[1]
     assert (spec.kind, spec.block) == ("speculative", 8)
-    assert [m.name for m in bench.parse_modes("mock_ar,ar,mock_ar", bench.FULL_MODES)] == ["ar", "mock_ar"]
-    assert bench.parse_modes(None, bench.SMOKE_MODES) == bench.SMOKE_MODES
+    assert [m.name for m in modes.parse_modes("mock_ar,ar,mock_ar", modes.FULL_MODES)] == ["ar", "mock_ar"]
+    assert modes.parse_modes(None, modes.SMOKE_MODES) == modes.SMOKE_MODES
     with pytest.raises(SystemExit, match="unknown mode"):
-        bench.parse_modes("fast", bench.FULL_MODES)
+        modes.parse_modes("fast", modes.FULL_MODES)
     with pytest.raises(SystemExit, match="unknown mode"):
-        bench.parse_modes("spec_bx", bench.FULL_MODES)
+        modes.parse_modes("spec_bx", modes.FULL_MODES)
+    with pytest.raises(SystemExit, match="spec_b1.*block_size"):  # the decoder's own refusal, passed on
+        modes.parse_modes("spec_b1", modes.FULL_MODES)
+
+
+def test_modes_are_decoder_instances():
+    by_name = {m.name: m for m in modes.FULL_MODES}
+    assert by_name["hf_generate"].decoder is None and not by_name["hf_generate"].uses_denoiser
+    assert isinstance(by_name["ar"].decoder, decoding.Autoregressive) and not by_name["ar"].uses_denoiser
+    assert isinstance(by_name["mock_ar"].decoder, decoding.MockAR)  # the released mock-AR, not the sampler
+    diff = by_name["diff_t0.8_b16"].decoder
+    assert isinstance(diff, decoding.MaskDiffusion) and diff.steps_per_block == diff.block_size == 16
+    assert isinstance(diff.sampler, samplers.ConfidenceThreshold) and diff.sampler.threshold == 0.8
+    spec = by_name["spec_b16"].decoder
+    assert isinstance(spec, decoding.Speculative) and spec.block_size == 16 and spec.draft_steps == 1
+
+
+def test_the_benchmark_left_the_package():
+    from twotower import cli
+
+    assert "bench" not in cli.TOOLS
+    assert not (REPO / "twotower" / "bench.py").exists()
 
 
 def test_update_readme_replaces_between_markers_or_appends_a_results_section(tmp_path):
     readme = tmp_path / "README.md"
     readme.write_text("# Title\n\nIntro.\n")
-    bench.update_readme(readme, "first")
-    assert readme.read_text() == f"# Title\n\nIntro.\n\n## Results\n\n{bench.README_START}\nfirst\n{bench.README_END}\n"
+    report.update_readme(readme, "first")
+    start, end = report.README_START, report.README_END
+    assert readme.read_text() == f"# Title\n\nIntro.\n\n## Results\n\n{start}\nfirst\n{end}\n"
     readme.write_text(readme.read_text() + "\n## After\n")
-    bench.update_readme(readme, "second\n")
+    report.update_readme(readme, "second\n")
     text = readme.read_text()
-    assert "first" not in text and f"{bench.README_START}\nsecond\n{bench.README_END}" in text
+    assert "first" not in text and f"{start}\nsecond\n{end}" in text
     assert text.startswith("# Title\n\nIntro.\n") and text.endswith("## After\n") and text.count("## Results") == 1

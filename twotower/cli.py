@@ -4,7 +4,6 @@
     python -m twotower.cli predict --config recipes/generate.yaml
     python -m twotower.cli convert AR_DIR OUT_DIR        # AR NemotronH -> two-tower layout (identity init)
     python -m twotower.cli export RUN.ckpt OUT_DIR       # fine-tuning checkpoint -> two-tower layout
-    python -m twotower.cli bench [--smoke] [--out DIR]   # quality / speed benchmark (benchmarks/)
 
 Every model and data component is chosen in YAML by `class_path` / `init_args`.
 """
@@ -15,7 +14,7 @@ import argparse
 import sys
 from pathlib import Path
 
-TOOLS = ("convert", "export", "bench")
+TOOLS = ("convert", "export")
 
 
 def convert(ar_dir: str, out_dir: str, *, block_size: int = 16, mask_token_id: int = 3,
@@ -90,11 +89,6 @@ def cli_main(args: list[str] | None = None, run: bool = True):
 def main(argv: list[str] | None = None) -> int:
     from_command_line = argv is None
     argv = sys.argv[1:] if argv is None else argv
-    if argv and argv[0] == "bench":
-        # Passed through whole: the benchmark parses its own --options.
-        from .bench import main as bench_main
-
-        return bench_main(argv[1:])
     if argv and argv[0] in TOOLS:
         return _tool_main(argv)
     # LightningCLI reads sys.argv itself; handing it the same list again only triggers a warning.
