@@ -17,7 +17,7 @@ from conftest import MASK, PAD, left_pad, make_model, random_prompts, randomize_
 
 import twotower.decoding as decoding
 from twotower.decoding import (Autoregressive, Decoder, GenerationOutput, MaskDiffusion, MockAR, Speculative,
-                               TokenChooser, TopK, TopP, Towers)
+                               StopStrings, TokenChooser, TopK, TopP, Towers)
 from twotower.model import TwoTowerLM
 from twotower.samplers import ConfidenceThreshold, TopKCommit
 from twotower.samplers import MockAR as MockARSampler
@@ -77,6 +77,18 @@ def test_decoder_contract(cls, model):
     for r in range(3):
         n = int(cut.num_generated[r])
         assert torch.equal(cut.new_tokens[r, :n], out.new_tokens[r, :n])
+    # A stop string ends its row early, also when it spans two blocks (positions 3-4, blocks of 4);
+    # the text before it is unchanged, and rows without it are untouched.
+    decode = lambda ids: "".join(f"<{i}>" for i in ids)  # noqa: E731
+    stopper = StopStrings(decode, [decode(out.new_tokens[0, 3:5].tolist())])
+    st = decoder.generate(model, ids, mask, max_new_tokens=10, stop=stopper)
+    for r in range(3):
+        full, text = decode(out.new_tokens[r].tolist()), decode(st.new_tokens[r, : st.num_generated[r]].tolist())
+        if stopper.strings[0] in full:
+            assert stopper.strings[0] in text and stopper.truncate(text) == stopper.truncate(full), r
+        else:
+            assert text == full, r
+    assert int(st.num_generated[0]) < 10
     # The step callback fires once per forward that `nfe` counts (batch 1, no EOS).
     calls = []
     one = decoder.generate(model, ids[2:], max_new_tokens=7, step_callback=lambda *a: calls.append(a))
@@ -291,6 +303,16 @@ def test_drop_in_errors(model):
 
 
 # ---- logits processors --------------------------------------------------------------------------
+
+
+def test_stop_strings_truncate_at_the_earliest():
+    stop = StopStrings(lambda ids: "".join(map(chr, ids)), ["\n\n", "def ", ""])
+    assert stop.strings == ("\n\n", "def ")
+    assert stop.truncate("x = 1\ndef f\n\n") == "x = 1\n" and stop.truncate("abc") == "abc"
+    assert stop(torch.tensor([[100, 101, 102, 32, 0], [10, 10, 0, 0, 0]]), torch.tensor([3, 2])).tolist() == [False, True]
+    assert stop(torch.tensor([[100, 101, 102, 32, 0]]), torch.tensor([4])).tolist() == [True]
+    with pytest.raises(ValueError, match="stop strings must be str"):
+        StopStrings(chr, ["a", 3])
 
 
 def test_top_k_and_top_p_filters():

@@ -212,13 +212,14 @@ class TwoTowerLM(ReleasedGenerationMixin, nn.Module):
                  max_new_tokens: int = 64, eos_token_id: int | Sequence[int] | None = None,
                  generator: torch.Generator | None = None, step_callback: StepCallback | None = None,
                  sampler: Sampler | None = None, block_size: int | None = None, steps_per_block: int | None = None,
-                 temperature: float | None = None) -> GenerationOutput:
+                 temperature: float | None = None, stop=None) -> GenerationOutput:
         """Generate with `decoder` (any `twotower.decoding.Decoder`). input_ids / attention_mask: (B, T),
         left padding; outputs come back on the context tower's device.
 
         Without a decoder this is mask diffusion, `MaskDiffusion(sampler, block_size, steps_per_block,
         temperature)` (default sampler ConfidenceThreshold(0.8), the model's block size, 16 steps,
         greedy); those four shorthands are refused next to an explicit decoder, which carries its own.
+        `stop`: a stop criterion such as `decoding.StopStrings` (see `Decoder.generate`).
         """
         shorthands = {"sampler": sampler, "block_size": block_size, "steps_per_block": steps_per_block,
                       "temperature": temperature}
@@ -230,7 +231,8 @@ class TwoTowerLM(ReleasedGenerationMixin, nn.Module):
         elif given:
             raise ValueError(f"{given} are MaskDiffusion settings; with decoder={decoder!r} set them on the decoder")
         return decoder.generate(self, input_ids, attention_mask, max_new_tokens=max_new_tokens,
-                                eos_token_id=eos_token_id, generator=generator, step_callback=step_callback)
+                                eos_token_id=eos_token_id, generator=generator, step_callback=step_callback,
+                                stop=stop)
 
 
 def _match_router_precision(denoiser: DenoiserTower, context: ContextTower) -> None:

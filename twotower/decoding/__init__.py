@@ -24,11 +24,12 @@ from .logits import LogitsProcessor, TokenChooser, TopK, TopP
 from .mock_ar import MockAR
 from .released import ReleasedGenerationMixin, released_step_callback
 from .speculative import Speculative
+from .stopping import StopCriterion, StopStrings
 from .tracker import GenerationOutput, RowTracker
 
 __all__ = [
     "Decoder", "DecodeCall", "Towers", "StepCallback", "GenerationOutput", "RowTracker",
     "MaskDiffusion", "Speculative", "MockAR", "Autoregressive", "denoise_block",
     "LogitsProcessor", "TokenChooser", "TopK", "TopP",
-    "ReleasedGenerationMixin", "released_step_callback",
+    "ReleasedGenerationMixin", "released_step_callback", "StopStrings", "StopCriterion",
 ]

@@ -4,7 +4,7 @@ Greedy decoding takes the argmax over the whole vocabulary, so it matches transf
 `generate` on the same weights. NFE counts context forwards: the prefill (first token) plus one
 `extend` per later token. Rows that finished keep stepping (on pad) until the whole batch has:
 one-token forwards cost about the same at any batch size, so shrinking the batch would not pay for
-the cache copies. Host syncs: one per token when an EOS id is given ("has every row finished"),
+the cache copies. Host syncs: one per token when an EOS id or a stop criterion is given ("has every row finished"),
 none otherwise.
 """
 
@@ -34,7 +34,7 @@ class Autoregressive(Decoder):
         logits, cache = context.prefill(call.input_ids, call.valid, logits="last", capacity=T + call.max_new_tokens)
         tracker = call.tracker(spare=1)
         for i in range(call.max_new_tokens):
-            tracker.count_forward(None, None if call.eos is None else ~tracker.finished)
+            tracker.count_forward(None, ~tracker.finished if tracker.can_finish_early else None)
             token = self.chooser(logits[:, -1], call.generator)[:, None]  # (B, 1)
             if call.step_callback is not None:
                 call.step_callback(i, 0, None, logits, token)

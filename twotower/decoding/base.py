@@ -30,6 +30,7 @@ import torch
 from torch import Tensor
 
 from .logits import LogitsProcessor, TokenChooser
+from .stopping import StopCriterion
 from .tracker import GenerationOutput, RowTracker
 
 __all__ = ["Decoder", "DecodeCall", "Towers", "StepCallback", "GenerationOutput", "RowTracker", "check_int",
@@ -152,13 +153,14 @@ class DecodeCall:
     ctx_device: torch.device
     den_device: torch.device | None
     use_mirror: bool
+    stop: StopCriterion | None = None
     start: float = field(default_factory=time.perf_counter)
 
     def tracker(self, spare: int, device=None) -> RowTracker:
         """A fresh RowTracker for this call's batch (on `device`, default the context's)."""
         eos = self.eos if device is None else (None if self.eos is None else self.eos.to(device))
         return RowTracker(self.input_ids.shape[0], self.max_new_tokens, spare=spare, pad_token_id=self.pad_token_id,
-                          eos=eos, device=device or self.ctx_device, start=self.start)
+                          eos=eos, device=device or self.ctx_device, start=self.start, stop=self.stop)
 
 
 class Decoder(abc.ABC):
@@ -194,7 +196,7 @@ class Decoder(abc.ABC):
     # ---- the one public entry point -------------------------------------------------------------
     def generate(self, model, input_ids: Tensor, attention_mask: Tensor | None = None, *, max_new_tokens: int,
                  eos_token_id: int | Sequence[int] | None = None, generator: torch.Generator | None = None,
-                 step_callback: StepCallback | None = None) -> GenerationOutput:
+                 step_callback: StepCallback | None = None, stop: StopCriterion | None = None) -> GenerationOutput:
         """Generate up to `max_new_tokens` per row after a left-padded prompt batch.
 
         model: a TwoTowerLM, a `Towers`, or a context tower (for context-only decoders).
@@ -203,9 +205,14 @@ class Decoder(abc.ABC):
         eos_token_id: an id (or ids) that ends a row; None = every row makes max_new_tokens.
         generator: seeds sampling (temperature > 0).
         step_callback: see the module docstring.
+        stop: ends a row early once it fires (e.g. `decoding.StopStrings`); checked where the loop
+            commits tokens, for the rows still running. The tokens are kept whole.
         """
         call = self._prepare(Towers.of(model), input_ids, attention_mask, max_new_tokens, eos_token_id, generator,
                              step_callback)
+        if stop is not None and not callable(stop):
+            raise ValueError(f"stop must be a stop criterion (e.g. twotower.decoding.StopStrings), got {stop!r}")
+        call.stop = stop or None
         with torch.inference_mode():
             out = self._decode(call)
         self._check_output(out, call)

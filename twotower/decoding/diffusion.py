@@ -142,8 +142,8 @@ class MaskDiffusion(Decoder):
                               first=first, shift=call.shifted)
             blocks += 1
             made += n
-            done = tracker.commit(x, rows=None if call.eos is None else rows)
-            if done is None:  # no EOS id: the batch never shrinks, nothing to read back
+            done = tracker.commit(x, rows=rows if tracker.can_finish_early else None)
+            if done is None:  # no row can end early: the batch never shrinks, nothing to read back
                 if made >= call.max_new_tokens:
                     break  # the context never needs the last block
             else:

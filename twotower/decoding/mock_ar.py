@@ -61,7 +61,7 @@ class MockAR(Decoder):
             nxt = self.chooser(logits[:, -1], call.generator).to(ctx_device)[:, None]  # (R, 1)
             if call.step_callback is not None:
                 call.step_callback(i, 0, None, logits, nxt)
-            done = tracker.commit(nxt, rows=None if call.eos is None else rows)
+            done = tracker.commit(nxt, rows=rows if tracker.can_finish_early else None)
             if i == call.max_new_tokens - 1 or (done is not None and bool(done.all())):
                 break
             context.extend(cache, last, logits="none")

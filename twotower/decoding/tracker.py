@@ -52,18 +52,26 @@ class RowTracker:
             commit is one scatter, with no per-row branching); at least the largest block.
         eos: (k,) long EOS ids on `device`, or None (rows then only stop at max_new_tokens).
         start: `time.perf_counter()` at the call's start.
+        stop: a stop criterion (`decoding.stopping.StopCriterion`), asked after each commit about
+            the rows still running; a row it flags finishes there.
     """
 
     def __init__(self, batch: int, max_new_tokens: int, *, spare: int, pad_token_id: int, eos: Tensor | None,
-                 device, start: float):
+                 device, start: float, stop=None):
         self.max_new_tokens = max_new_tokens
         self.tokens = torch.full((batch, max_new_tokens + spare), pad_token_id, dtype=torch.long, device=device)
         self.num_generated = torch.zeros(batch, dtype=torch.long, device=device)
         self.nfe = torch.zeros(batch, dtype=torch.long, device=device)
         self.finished = torch.zeros(batch, dtype=torch.bool, device=device)
         self.seconds = torch.full((batch,), float("nan"), dtype=torch.float64)  # host
-        self.eos, self.start = eos, start
+        self.eos, self.start, self.stop = eos, start, stop
         self._uniform = 0  # while every row has advanced alike with no EOS id: positions written
+
+    @property
+    def can_finish_early(self) -> bool:
+        """Whether a row can finish before max_new_tokens (an EOS id or a stop criterion is set):
+        loops then pass their working rows to `commit` and drop the rows that finish."""
+        return self.eos is not None or self.stop is not None
 
     def count_forward(self, rows: Tensor | None, took_part: Tensor | None = None) -> None:
         """One network forward for the working rows `rows` (R,) (None = all); `took_part` (R,)
@@ -78,16 +86,19 @@ class RowTracker:
     def commit(self, block: Tensor, count: Tensor | None = None, rows: Tensor | None = None) -> Tensor | None:
         """Record new tokens; returns which working rows have finished, as an (R,) bool host tensor.
 
+        Loops call it with `rows` whenever `can_finish_early`, and drop the rows it reports done.
+
         block (R, n): the working rows' new tokens; row r keeps its first count[r] (default n).
         rows (R,): the tracker rows the working batch holds (default: all B, in order).
 
         A row finishes at its first EOS or once it holds max_new_tokens; tokens past either are
-        dropped. With no EOS id, every row given and no count, nothing needs reading from the
+        dropped (and, with a stop criterion, at the commit where it fires). With no EOS id or stop
+        criterion, every row given and no count, nothing needs reading from the
         device: the tokens are written as a slice and None is returned (all rows advance alike,
         so the caller knows from its own step count when they are done). Otherwise one host sync.
         """
         n = block.shape[1]
-        if self.eos is None and count is None and rows is None and self._uniform is not None:
+        if not self.can_finish_early and count is None and rows is None and self._uniform is not None:
             self.tokens[:, self._uniform: self._uniform + n] = block
             self._uniform += n
             self.num_generated += n
@@ -115,8 +126,18 @@ class RowTracker:
             self.num_generated[rows] = have
             self.finished[rows] = finished
         done = finished.cpu()
+        all_rows = torch.arange(done.shape[0]) if rows is None else rows.cpu()
+        if self.stop is not None and not bool(done.all()):
+            running = (~done).nonzero().squeeze(1)  # working-batch positions still running
+            live = all_rows[running]
+            on_device = live.to(self.tokens.device)
+            hit = self.stop(self.tokens[on_device].cpu(), self.num_generated[on_device].cpu())
+            if bool(hit.any()):
+                done = done.clone()  # on CPU, .cpu() returned the tracker's own tensor
+                done[running[hit]] = True
+                self.finished[live[hit].to(self.finished.device)] = True
         now = time.perf_counter()
-        newly = torch.arange(done.shape[0])[done] if rows is None else rows.cpu()[done]
+        newly = all_rows[done]
         self.seconds[newly] = torch.where(self.seconds[newly].isnan(), now - self.start, self.seconds[newly])
         return done
 
