@@ -1,7 +1,11 @@
 """Evaluation tools: how good generated text is, apart from how fast it came.
 
-This package will hold the library's evaluation tools; for now it has the quality measures the
-benchmark (`benchmarks/bench.py`) reports for every decoding mode:
+Two parts:
+* `harness.py`: an lm-evaluation-harness model (`--model twotower`, run through `twotower-eval`;
+  needs the `[eval]` extra, so it is imported only when used): exact log-likelihoods from the
+  context tower, generation with any decoder.
+* `quality.py`: the quality measures the benchmark (`benchmarks/bench.py`) reports for every
+  decoding mode:
 
     from twotower.evaluation import agreement, distinct_n, continuation_nll, score_continuations
 
