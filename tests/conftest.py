@@ -98,26 +98,93 @@ def randomize_time_(denoiser, seed: int) -> None:
         denoiser.lm_head.weight.mul_(3.0)
 
 
-def make_towers(pattern: str = "M*-EM*E", seed: int = 0, **overrides):
-    """(context, denoiser): a random tiny context tower and its copy with random time modules."""
+# ---- tiny models: the one family of builders every test file uses -------------------------------
+#
+# Each builder makes the same calls, in the same order, as the inline code it replaced: module
+# construction draws from the global RNG, so a test's later unseeded draws stay what they were.
+
+BYTE_CHECKPOINT = dict(vocab_size=260, scale=0.1)  # the on-disk tiny checkpoints: byte-tokenizer vocabulary
+
+
+def make_context(pattern: str = "M*-EM*E", seed: int = 0, scale: float = 0.2, **overrides):
+    """A random tiny ContextTower (eval mode) on tiny_config(pattern, **overrides)."""
     from twotower.towers.context import ContextTower
+
+    return randomize_(ContextTower(tiny_config(pattern, **overrides)), seed=seed, scale=scale).eval()
+
+
+def perturb_denoiser_(den, seed: int, *, identity: bool = False, time_seed: int | None = None,
+                      time_scale: float = 0.05, denoiser_seed: int | None = None, scale: float = 0.2):
+    """Make a fresh denoiser (a copy of its context tower) differ from it, one of four ways:
+
+    - default: randomize_time_(den, seed + 1000) (adaLN gates around 1, a sharper head);
+    - identity=True: left as is (identity time conditioning: the denoiser's layers are the AR layers);
+    - time_seed: plain random time modules, randomize_(den.time, time_seed, time_scale);
+    - denoiser_seed: every denoiser weight random, randomize_(den, denoiser_seed, scale).
+    """
+    if identity + (time_seed is not None) + (denoiser_seed is not None) > 1:
+        raise ValueError("choose at most one of identity, time_seed and denoiser_seed")
+    if denoiser_seed is not None:
+        randomize_(den, seed=denoiser_seed, scale=scale)
+    elif time_seed is not None:
+        randomize_(den.time, seed=time_seed, scale=time_scale)
+    elif not identity:
+        randomize_time_(den, seed + 1000)
+    return den
+
+
+def make_towers(pattern: str = "M*-EM*E", seed: int = 0, *, scale: float = 0.2, time_init: str = "identity",
+                identity: bool = False, time_seed: int | None = None, time_scale: float = 0.05,
+                denoiser_seed: int | None = None, **overrides):
+    """(context, denoiser): make_context(pattern, seed, scale, **overrides) and its denoiser copy
+    (DenoiserTower.from_context(ctx, time_init=...)), perturbed by perturb_denoiser_ (default: random
+    time modules; identity / time_seed / denoiser_seed as there). Both in eval mode."""
     from twotower.towers.denoiser import DenoiserTower
 
-    ctx = randomize_(ContextTower(tiny_config(pattern, **overrides)), seed=seed).eval()
-    den = DenoiserTower.from_context(ctx).eval()
-    randomize_time_(den, seed + 1000)
+    ctx = make_context(pattern, seed, scale, **overrides)
+    den = DenoiserTower.from_context(ctx, time_init=time_init).eval()
+    perturb_denoiser_(den, seed, identity=identity, time_seed=time_seed, time_scale=time_scale,
+                      denoiser_seed=denoiser_seed, scale=scale)
     return ctx, den
 
 
-def make_model(seed: int = 0, block_size: int = 8, pattern: str = "M*-EM*E"):
-    """A TwoTowerLM over a random tiny backbone, with random time modules."""
+def make_model(seed: int = 0, block_size: int | None = 8, pattern: str = "M*-EM*E", *, scale: float = 0.2,
+               identity: bool = False, time_seed: int | None = None, time_scale: float = 0.05,
+               denoiser_seed: int | None = None, **overrides):
+    """A TwoTowerLM (eval mode): TwoTowerLM.from_backbone(make_context(pattern, seed, scale, **overrides),
+    block_size=...) with its denoiser perturbed by perturb_denoiser_ (default: random time
+    modules; identity=True: from_backbone as is). block_size=None: from_backbone's default (16)."""
     from twotower.model import TwoTowerLM
+
+    kwargs = {} if block_size is None else {"block_size": block_size}
+    model = TwoTowerLM.from_backbone(make_context(pattern, seed, scale, **overrides), **kwargs)
+    perturb_denoiser_(model.denoiser, seed, identity=identity, time_seed=time_seed, time_scale=time_scale,
+                      denoiser_seed=denoiser_seed, scale=scale)
+    return model.eval()
+
+
+def make_hf_model(pattern: str = "M*-EM*E", seed: int = 0, **overrides):
+    """transformers' NemotronHForCausalLM (eval mode) on tiny_config(pattern, **overrides), randomize_(seed):
+    the independent reference."""
+    from transformers import NemotronHForCausalLM
+
+    return randomize_(NemotronHForCausalLM(tiny_config(pattern, **overrides)).eval(), seed=seed)
+
+
+def hf_backbone_state(ref) -> dict[str, torch.Tensor]:
+    """A transformers NemotronH model's weights (copies) under backbone names (`model.` prefix dropped)."""
+    return {k.removeprefix("model."): v.detach().clone() for k, v in ref.state_dict().items()}
+
+
+def make_hf_pair(pattern: str = "M*-EM*E", seed: int = 0, **overrides):
+    """(reference, tower): make_hf_model(pattern, seed, **overrides) and our ContextTower (eval mode)
+    holding the same weights."""
     from twotower.towers.context import ContextTower
 
-    ctx = randomize_(ContextTower(tiny_config(pattern)), seed=seed).eval()
-    model = TwoTowerLM.from_backbone(ctx, block_size=block_size)
-    randomize_time_(model.denoiser, seed + 1000)
-    return model.eval()
+    ref = make_hf_model(pattern, seed, **overrides)
+    tower = ContextTower(ref.config).eval()
+    tower.load_backbone_state(hf_backbone_state(ref))
+    return ref, tower
 
 
 def left_pad(prompts: list[torch.Tensor], pad: int = PAD) -> tuple[torch.Tensor, torch.Tensor]:
@@ -178,19 +245,28 @@ def autoregressive(ctx, ids, mask=None, *, temperature: float = 0.0, max_new_tok
 # ----------------------------------------------------------------------------- training scaffolding
 
 
+def save_backbone(ctx, path, **kwargs):
+    """Write a ContextTower to `path` as an AR NemotronH checkpoint (what from_backbone reads)."""
+    from twotower.towers.loading import save_backbone_hf
+
+    state = {k.removeprefix("backbone."): v for k, v in ctx.state_dict().items()}
+    save_backbone_hf(state, path, config=ctx.config, **kwargs)
+    return path
+
+
 def save_tiny_backbone(path, seed: int = 0):
     """Write a tiny random AR NemotronH checkpoint (byte-tokenizer vocabulary, 260) to `path`.
 
     Used by the fine-tuning and self-distillation tests as the frozen backbone; another seed
     gives a checkpoint with other weights (what invalidates caches and init_from checks).
     """
-    from twotower.towers.context import ContextTower
-    from twotower.towers.loading import save_backbone_hf
+    return save_backbone(make_context("M*-EM*E", seed, **BYTE_CHECKPOINT), path)
 
-    cfg = tiny_config("M*-EM*E", vocab_size=260)
-    tower = randomize_(ContextTower(cfg), seed=seed, scale=0.1)
-    state = {k.removeprefix("backbone."): v for k, v in tower.state_dict().items()}
-    save_backbone_hf(state, path, config=cfg)
+
+def save_tiny_twotower(path, seed: int = 0, block_size: int = 8):
+    """Write a tiny two-tower checkpoint (byte-tokenizer vocabulary, 260) to `path`: the context
+    tower of save_tiny_backbone(seed) and a denoiser with plain random time modules (seed + 1)."""
+    make_model(seed, block_size, time_seed=seed + 1, **BYTE_CHECKPOINT).save_pretrained(path)
     return path
 
 
@@ -198,6 +274,12 @@ def save_tiny_backbone(path, seed: int = 0):
 def backbone_dir(tmp_path):
     """`save_tiny_backbone` at tmp_path/backbone, seed 0."""
     return save_tiny_backbone(tmp_path / "backbone", seed=0)
+
+
+@pytest.fixture
+def twotower_dir(tmp_path):
+    """`save_tiny_twotower` at tmp_path/tt, seed 0."""
+    return save_tiny_twotower(tmp_path / "tt", seed=0)
 
 
 @pytest.fixture

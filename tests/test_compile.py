@@ -9,10 +9,7 @@ import shutil
 
 import pytest
 import torch
-from conftest import randomize_, tiny_config
-
-from twotower.model import TwoTowerLM
-from twotower.towers.context import ContextTower
+from conftest import make_model
 
 pytestmark = pytest.mark.skipif(shutil.which("g++") is None and shutil.which("c++") is None,
                                 reason="torch.compile on CPU needs a C++ compiler")
@@ -29,8 +26,7 @@ def _inductor_works():
 
 
 def test_compiled_towers_compute_what_eager_towers_compute():
-    model = TwoTowerLM.from_backbone(randomize_(ContextTower(tiny_config("M*E")), seed=0)).eval()
-    randomize_(model.denoiser.time, seed=1, scale=0.05)
+    model = make_model(seed=0, block_size=16, pattern="M*E", time_seed=1)
     ids = torch.randint(4, 64, (2, 12))
     block = torch.randint(4, 64, (2, 8))
     t = torch.tensor([0.5, 1.0])
@@ -57,4 +53,4 @@ def test_compiled_towers_compute_what_eager_towers_compute():
     out = model.generate(ids, max_new_tokens=20, block_size=8)
     assert out.new_tokens.shape == (2, 20) and not (out.new_tokens == model.mask_token_id).any()
     assert "_run" not in model.context.state_dict() and set(model.state_dict()) == set(
-        TwoTowerLM.from_backbone(ContextTower(tiny_config("M*E"))).state_dict())  # no state added
+        make_model(block_size=16, pattern="M*E", identity=True).state_dict())  # no state added

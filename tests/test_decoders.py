@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import MASK, PAD, left_pad, make_model, random_prompts, randomize_, run_decoder, tiny_config
+from conftest import MASK, PAD, left_pad, make_model, random_prompts, run_decoder
 
 import twotower.decoding as decoding
 from twotower.decoding import (Autoregressive, Decoder, GenerationOutput, MaskDiffusion, MockAR, Speculative,
@@ -21,7 +21,6 @@ from twotower.decoding import (Autoregressive, Decoder, GenerationOutput, MaskDi
 from twotower.model import TwoTowerLM
 from twotower.samplers import ConfidenceThreshold, TopKCommit
 from twotower.samplers import MockAR as MockARSampler
-from twotower.towers.context import ContextTower
 
 GOLDEN = Path(__file__).parent / "data" / "decoder_golden.json"
 
@@ -172,10 +171,8 @@ def slow_mock_ar(context, denoiser, prompt: torch.Tensor, n: int) -> torch.Tenso
 
 
 def test_mock_ar_equals_an_independent_slow_computation():
-    ctx = randomize_(ContextTower(tiny_config()), seed=21).eval()
-    model = TwoTowerLM.from_backbone(ctx)
-    randomize_(model.denoiser, seed=22)  # a denoiser that is NOT the AR model (time modules unused)
-    model.eval()
+    # A denoiser that is NOT the AR model (time modules unused).
+    model = make_model(seed=21, block_size=16, denoiser_seed=22)
     prompts = random_prompts([6, 1, 9], seed=21)  # a one-token prompt: the empty-cache start
     ids, mask = left_pad(prompts)
     out = model.generate(ids, mask, MockAR(), max_new_tokens=12)
@@ -198,9 +195,8 @@ def test_mock_ar_ignores_time_conditioning(monkeypatch):
 
 
 def test_identity_initialised_mock_ar_is_ar():
-    ctx = randomize_(ContextTower(tiny_config()), seed=24).eval()
-    model = TwoTowerLM.from_backbone(ctx).eval()
-    randomize_(model.denoiser.time, seed=25)  # t is not used by mock-AR, so this changes nothing
+    # Random time modules: t is not used by mock-AR, so this changes nothing.
+    model = make_model(seed=24, block_size=16, time_seed=25, time_scale=0.2)
     ids, mask = left_pad(random_prompts([3, 8, 1], seed=24))
     mock = model.generate_mock_ar(ids, 16, attention_mask=mask, return_dict=True)
     ar = model.generate_ar(ids, 16, attention_mask=mask, return_dict=True)

@@ -4,27 +4,21 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import randomize_, tiny_config
+from conftest import make_towers, randomize_
 
 from twotower.caches import HybridCache
 from twotower.time_embedding import AdaLNSingle, sinusoidal_features
-from twotower.towers.context import ContextTower
-from twotower.towers.denoiser import DenoiserTower, block_attention_mask
+from twotower.towers.denoiser import block_attention_mask
 
-
-def make_towers(pattern="M*-EM*E", seed=0, time_init="pixart"):
-    cfg = tiny_config(pattern)
-    ctx = randomize_(ContextTower(cfg).eval(), seed=seed)
-    den = DenoiserTower.from_context(ctx, time_init=time_init).eval()
-    # Perturb the denoiser and its time modules so that neither equals the context tower.
-    randomize_(den, seed=seed + 100, scale=0.2)
-    return ctx, den
+# PixArt time init, and every denoiser weight random so that neither it nor its time modules equal
+# the context tower.
+PERTURBED = dict(seed=0, time_init="pixart", denoiser_seed=100)
 
 
 @pytest.mark.parametrize("pattern", ["M*-EM*E", "*M", "EM-*"])
 @pytest.mark.parametrize("S", [4, 8])
 def test_training_forward_equals_per_block_inference(pattern, S):
-    ctx, den = make_towers(pattern)
+    ctx, den = make_towers(pattern, **PERTURBED)
     b, L = 2, 4 * S
     gen = torch.Generator().manual_seed(1)
     x = torch.randint(4, 64, (b, L), generator=gen)
@@ -46,7 +40,7 @@ def test_training_forward_equals_per_block_inference(pattern, S):
 
 
 def test_time_conditioning_changes_the_output():
-    ctx, den = make_towers()
+    ctx, den = make_towers(**PERTURBED)
     x = torch.randint(4, 64, (1, 8))
     with torch.no_grad():
         _, cache = ctx.prefill(x)
@@ -56,9 +50,7 @@ def test_time_conditioning_changes_the_output():
 
 
 def test_identity_init_one_token_block_gives_context_next_token_logits():
-    cfg = tiny_config()
-    ctx = randomize_(ContextTower(cfg).eval(), seed=4)
-    den = DenoiserTower.from_context(ctx).eval()
+    ctx, den = make_towers(seed=4, identity=True)
     x = torch.randint(4, 64, (3, 14))
     with torch.no_grad():
         _, cache = ctx.prefill(x[:, :13])
@@ -72,9 +64,7 @@ def test_identity_init_one_token_block_gives_context_next_token_logits():
 
 
 def test_identity_init_training_forward_of_clean_sequence_equals_context_for_one_token_blocks():
-    cfg = tiny_config()
-    ctx = randomize_(ContextTower(cfg).eval(), seed=5)
-    den = DenoiserTower.from_context(ctx).eval()
+    ctx, den = make_towers(seed=5, identity=True)
     x = torch.randint(4, 64, (2, 12))
     with torch.no_grad():
         logits, states = ctx.forward_train(x, 1, return_logits=True)

@@ -6,13 +6,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import MASK, PAD, autoregressive, diffusion, left_pad, make_towers, random_prompts, randomize_, tiny_config
-from transformers import NemotronHForCausalLM
+from conftest import MASK, PAD, autoregressive, diffusion, left_pad, make_hf_pair, make_towers, random_prompts
 
 from twotower.caches import HybridCache
 from twotower.decoding import GenerationOutput
 from twotower.samplers import ConfidenceThreshold, EntropyBounded, MarginThreshold, MockAR, TopKCommit
-from twotower.towers.context import ContextTower
 
 
 MODES = {
@@ -67,12 +65,9 @@ def test_batch_rows_finish_independently_with_eos():
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_generate_ar_equals_transformers_greedy_generate(seed):
-    cfg = tiny_config("M*-EM*E", vocab_size=512)  # a large vocab keeps EOS (id 2) unlikely
-    ref = randomize_(NemotronHForCausalLM(cfg), seed=seed).eval()
+    ref, ctx = make_hf_pair("M*-EM*E", seed=seed, vocab_size=512)  # a large vocab keeps EOS (id 2) unlikely
     ref.generation_config.eos_token_id = None
     ref.generation_config.pad_token_id = PAD
-    ctx = ContextTower(cfg).eval()
-    ctx.load_backbone_state({k.removeprefix("model."): v for k, v in ref.state_dict().items()})
     ids = torch.randint(4, 512, (2, 6 + seed), generator=torch.Generator().manual_seed(seed))
     with torch.no_grad():
         expected = ref.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=12, do_sample=False)

@@ -11,10 +11,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import randomize_, tiny_config
+from conftest import make_model
 
 from twotower.model import TwoTowerLM
-from twotower.towers.context import ContextTower
 
 gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 DEVICES = ["cpu", pytest.param("cuda", marks=[pytest.mark.gpu, gpu])]
@@ -24,9 +23,8 @@ ROOT = Path(__file__).resolve().parents[1]
 @pytest.mark.gpu
 @gpu
 def test_cuda_float32_context_and_denoiser_match_cpu():
-    cpu = TwoTowerLM.from_backbone(randomize_(ContextTower(tiny_config()), seed=0)).eval()
-    randomize_(cpu.denoiser.time, seed=1, scale=0.05)
-    gpu = TwoTowerLM.from_backbone(randomize_(ContextTower(tiny_config()), seed=0)).eval()
+    cpu = make_model(seed=0, block_size=16, time_seed=1)
+    gpu = make_model(seed=0, block_size=16, identity=True)
     gpu.load_state_dict(cpu.state_dict())
     gpu.cuda()
     x = torch.randint(4, 64, (2, 40))
@@ -45,7 +43,7 @@ def test_cuda_float32_context_and_denoiser_match_cpu():
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_bf16_generation_keeps_fp32_ssm_states_and_finishes(device):
-    model = TwoTowerLM.from_backbone(randomize_(ContextTower(tiny_config()), seed=2), dtype=None)
+    model = make_model(seed=2, block_size=16, identity=True)
     model = model.to(device=device, dtype=torch.bfloat16).eval()
     model.context.keep_router_fp32()
     ids = torch.randint(4, 64, (3, 200), device=device)  # a long context: seeded states must not overflow
@@ -75,7 +73,7 @@ def test_embedded_default_generates_on_gpu():
 def test_speculative_decoding_is_the_ar_output_on_each_device(device):
     """On CUDA the provisional extend's scan runs on mamba-ssm's kernel when installed; the closed-form
     rollback must land on the same states, so the output stays the AR output, in float32 and bf16."""
-    model = TwoTowerLM.from_backbone(randomize_(ContextTower(tiny_config()), seed=4)).to(device).eval()
+    model = make_model(seed=4, block_size=16, identity=True).to(device).eval()
     ids = torch.randint(4, 64, (3, 40), device=device)
     ar = model.generate_ar(ids, max_new_tokens=40, return_dict=True)
     spec = model.generate_speculative(ids, max_new_tokens=40, block_size=8, return_dict=True)

@@ -12,24 +12,14 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import randomize_, tiny_config
 
 from twotower.decoding import Autoregressive, MaskDiffusion, MockAR, Speculative
 from twotower.inference import GenerationModule
 from twotower.samplers import TopKCommit
-from twotower.model import TwoTowerLM
-from twotower.towers.context import ContextTower
 
 ROOT = Path(__file__).resolve().parents[1]
 
-
-@pytest.fixture
-def twotower_dir(tmp_path) -> Path:
-    ctx = randomize_(ContextTower(tiny_config("M*-EM*E", vocab_size=260)), seed=0, scale=0.1)
-    model = TwoTowerLM.from_backbone(ctx, block_size=8)
-    randomize_(model.denoiser.time, seed=1, scale=0.05)
-    model.save_pretrained(tmp_path / "tt")
-    return tmp_path / "tt"
+# twotower_dir (conftest): a tiny two-tower checkpoint, byte-tokenizer vocabulary, block size 8.
 
 
 def _prompts(tmp_path: Path, n: int) -> Path:

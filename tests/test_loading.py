@@ -8,7 +8,7 @@ import json
 
 import pytest
 import torch
-from conftest import randomize_, tiny_config
+from conftest import hf_backbone_state, make_hf_model, tiny_config
 from safetensors import safe_open
 from safetensors.torch import save_file
 from transformers import NemotronHForCausalLM
@@ -28,13 +28,13 @@ SMALL_SHARD = 20_000  # bytes; the tiny model is ~100 kB in float32, so this giv
 
 @pytest.fixture
 def model() -> NemotronHForCausalLM:
-    return randomize_(NemotronHForCausalLM(tiny_config())).eval()
+    return make_hf_model()
 
 
 @pytest.fixture
 def backbone(model) -> dict[str, torch.Tensor]:
     """The model's weights under backbone names (what the loaders must return)."""
-    return {k.removeprefix("model."): v.detach().clone() for k, v in model.state_dict().items()}
+    return hf_backbone_state(model)
 
 
 def assert_same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:

@@ -7,11 +7,10 @@ import json
 
 import pytest
 import torch
-from conftest import left_pad, make_model, random_prompts, randomize_, tiny_config
+from conftest import left_pad, make_context, make_model, random_prompts, save_backbone, tiny_config
 
 from twotower.model import TwoTowerLM
-from twotower.towers.context import ContextTower
-from twotower.towers.loading import read_safetensors, save_backbone_hf, save_state_dict
+from twotower.towers.loading import read_safetensors, save_state_dict
 
 
 @pytest.fixture(scope="module")
@@ -31,7 +30,7 @@ def assert_same_weights(a: TwoTowerLM, b: TwoTowerLM) -> None:
 
 
 def test_from_backbone_copies_the_ar_model_with_identity_time_conditioning():
-    ctx = randomize_(ContextTower(tiny_config("ME-MEM")), seed=1).eval()
+    ctx = make_context("ME-MEM", seed=1)
     model = TwoTowerLM.from_backbone(ctx)
     assert model.context is ctx and model.block_size == 16 and model.mask_token_id == 3
     assert not any(p.requires_grad for p in model.context.parameters())
@@ -47,8 +46,8 @@ def test_from_backbone_copies_the_ar_model_with_identity_time_conditioning():
 
 
 def test_from_backbone_loads_an_ar_checkpoint_directory(tmp_path):
-    ctx = randomize_(ContextTower(tiny_config()), seed=2)
-    save_backbone_hf({k.removeprefix("backbone."): v for k, v in ctx.state_dict().items()}, tmp_path, config=ctx.config)
+    ctx = make_context(seed=2)
+    save_backbone(ctx, tmp_path)
     model = TwoTowerLM.from_backbone(tmp_path, block_size=4, mask_token_id=5)
     assert (model.block_size, model.mask_token_id) == (4, 5)
     for k, v in ctx.state_dict().items():
@@ -57,8 +56,7 @@ def test_from_backbone_loads_an_ar_checkpoint_directory(tmp_path):
 
 
 def test_from_backbone_in_bfloat16_keeps_routers_float32():
-    ctx = randomize_(ContextTower(tiny_config()), seed=3)
-    model = TwoTowerLM.from_backbone(ctx, dtype=torch.bfloat16)
+    model = TwoTowerLM.from_backbone(make_context(seed=3), dtype=torch.bfloat16)
     for tower in (model.context, model.denoiser):
         assert tower.backbone.embeddings.weight.dtype == torch.bfloat16
         for blk in tower.backbone.layers:
@@ -159,8 +157,7 @@ def test_from_pretrained_without_the_denoiser_tower_names_the_directory(model, t
 
 
 def test_from_pretrained_refuses_an_ar_checkpoint(tmp_path):
-    ctx = ContextTower(tiny_config())
-    save_backbone_hf({k.removeprefix("backbone."): v for k, v in ctx.state_dict().items()}, tmp_path, config=ctx.config)
+    save_backbone(make_context(), tmp_path)
     with pytest.raises(ValueError, match="from_backbone"):
         TwoTowerLM.from_pretrained(tmp_path)
 

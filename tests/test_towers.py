@@ -4,22 +4,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import randomize_, tiny_config
-from transformers import NemotronHForCausalLM
+from conftest import hf_backbone_state, left_pad, make_hf_pair, randomize_, tiny_config
 
 from twotower.caches import HybridCache
 from twotower.towers.context import ContextTower
 
 PATTERNS = ["M*-EM*E", "ME*-M", "*EMM-"]
-
-
-def make_pair(pattern: str, seed: int = 0, **overrides):
-    cfg = tiny_config(pattern, **overrides)
-    ref = NemotronHForCausalLM(cfg).eval()
-    randomize_(ref, seed=seed)
-    tower = ContextTower(cfg).eval()
-    tower.load_backbone_state({k.removeprefix("model."): v for k, v in ref.state_dict().items()})
-    return ref, tower
 
 
 def assert_close(a, b, rtol=1e-5, atol=1e-5):
@@ -31,14 +21,14 @@ def assert_close(a, b, rtol=1e-5, atol=1e-5):
 
 @pytest.mark.parametrize("pattern", PATTERNS)
 def test_full_forward_matches_transformers(pattern):
-    ref, tower = make_pair(pattern)
+    ref, tower = make_hf_pair(pattern)
     x = torch.randint(4, 64, (3, 41))
     with torch.no_grad():
         assert_close(tower(x), ref(x).logits)
 
 
 def test_group_limited_routing_and_latent_moe_match_transformers():
-    ref, tower = make_pair("E*ME", n_routed_experts=8, n_group=2, topk_group=1, moe_latent_size=16)
+    ref, tower = make_hf_pair("E*ME", n_routed_experts=8, n_group=2, topk_group=1, moe_latent_size=16)
     x = torch.randint(4, 64, (2, 19))
     with torch.no_grad():
         assert_close(tower(x), ref(x).logits)
@@ -46,7 +36,7 @@ def test_group_limited_routing_and_latent_moe_match_transformers():
 
 @pytest.mark.parametrize("pattern", PATTERNS)
 def test_prefill_then_extends_match_full_forward(pattern):
-    ref, tower = make_pair(pattern, seed=1)
+    ref, tower = make_hf_pair(pattern, seed=1)
     x = torch.randint(4, 64, (2, 13 + 16 + 1 + 7 + 1))
     with torch.no_grad():
         full = ref(x).logits
@@ -75,7 +65,7 @@ def _assert_caches_equal(a: HybridCache, b: HybridCache, tol=1e-5):
 
 @pytest.mark.parametrize("split", [1, 5, 16, 30])
 def test_prefill_extend_equals_prefill_of_concatenation(split):
-    _, tower = make_pair("M*-EM*E", seed=2)
+    _, tower = make_hf_pair("M*-EM*E", seed=2)
     x = torch.randint(4, 64, (2, 37))
     with torch.no_grad():
         la, cache_a = tower.prefill(x[:, :split], capacity=8)  # small capacity: forces growth
@@ -87,7 +77,7 @@ def test_prefill_extend_equals_prefill_of_concatenation(split):
 
 
 def test_training_boundary_states_equal_prefix_prefill_states():
-    _, tower = make_pair("M*-EM*E", seed=3)
+    _, tower = make_hf_pair("M*-EM*E", seed=3)
     S, x = 8, torch.randint(4, 64, (2, 40))
     with torch.no_grad():
         logits, states = tower.forward_train(x, S, return_logits=True)
@@ -108,15 +98,11 @@ def test_training_boundary_states_equal_prefix_prefill_states():
 
 
 def test_left_padded_batch_equals_each_prompt_alone():
-    _, tower = make_pair("M*-EM*E", seed=4)
+    _, tower = make_hf_pair("M*-EM*E", seed=4)
     lengths = [11, 4, 17]
     prompts = [torch.randint(4, 64, (n,)) for n in lengths]
     T = max(lengths)
-    ids = torch.zeros(len(prompts), T, dtype=torch.long)
-    mask = torch.zeros(len(prompts), T, dtype=torch.long)
-    for r, p in enumerate(prompts):
-        ids[r, T - len(p):] = p
-        mask[r, T - len(p):] = 1
+    ids, mask = left_pad(prompts)
     cont = torch.randint(4, 64, (len(prompts), 9))
     with torch.no_grad():
         logits, cache = tower.prefill(ids, mask)
@@ -133,7 +119,7 @@ def test_left_padded_batch_equals_each_prompt_alone():
 
 
 def test_left_padded_batch_matches_transformers_real_positions():
-    ref, tower = make_pair("M*-EM*E", seed=5)
+    ref, tower = make_hf_pair("M*-EM*E", seed=5)
     ids = torch.randint(4, 64, (2, 12))
     mask = torch.ones_like(ids)
     mask[0, :5] = 0
@@ -145,7 +131,7 @@ def test_left_padded_batch_matches_transformers_real_positions():
 
 
 def test_cache_clone_select_and_to_are_independent_copies():
-    _, tower = make_pair("M*E", seed=6)
+    _, tower = make_hf_pair("M*E", seed=6)
     x = torch.randint(4, 64, (3, 10))
     with torch.no_grad():
         _, cache = tower.prefill(x)
@@ -160,7 +146,7 @@ def test_cache_clone_select_and_to_are_independent_copies():
 
 
 def test_cache_mirror_sends_only_new_positions():
-    _, tower = make_pair("M*E", seed=7)
+    _, tower = make_hf_pair("M*E", seed=7)
     x = torch.randint(4, 64, (2, 24))
     with torch.no_grad():
         _, cache = tower.prefill(x[:, :8])
@@ -177,7 +163,7 @@ def test_cache_mirror_sends_only_new_positions():
 
 
 def test_bad_inputs_raise_clear_errors():
-    _, tower = make_pair("M*E")
+    _, tower = make_hf_pair("M*E")
     with pytest.raises(ValueError, match="token ids must lie"):
         tower(torch.tensor([[1, 64]]))
     with pytest.raises(ValueError, match="batch, length"):
@@ -191,7 +177,7 @@ def test_bad_inputs_raise_clear_errors():
 def test_from_pretrained_transformers_save_and_sharded_backbone_prefix(tmp_path):
     from twotower.towers.loading import read_safetensors, save_state_dict
 
-    ref, _ = make_pair("M*-EM*E", seed=8)
+    ref, _ = make_hf_pair("M*-EM*E", seed=8)
     ref.save_pretrained(tmp_path / "hf")
     tower = ContextTower.from_pretrained(tmp_path / "hf").eval()
     x = torch.randint(4, 64, (2, 21))
@@ -199,7 +185,7 @@ def test_from_pretrained_transformers_save_and_sharded_backbone_prefix(tmp_path)
         expected = ref(x).logits
         assert_close(tower(x), expected)
     # The NVIDIA remote-code spelling: `backbone.` prefix, one module per expert, sharded.
-    state = {k.removeprefix("model."): v for k, v in ref.state_dict().items()}
+    state = hf_backbone_state(ref)
     remote = {("backbone." + k if k != "lm_head.weight" else k): v for k, v in state.items()}
     save_state_dict(remote, tmp_path / "remote", config=ref.config, max_shard_size=8_000, expert_layout="per_expert")
     assert (tmp_path / "remote" / "model.safetensors.index.json").exists()
@@ -217,7 +203,7 @@ def test_from_pretrained_transformers_save_and_sharded_backbone_prefix(tmp_path)
 
 
 def test_from_pretrained_truncated_or_missing_files_name_the_problem(tmp_path):
-    ref, _ = make_pair("M*E", seed=9)
+    ref, _ = make_hf_pair("M*E", seed=9)
     ref.save_pretrained(tmp_path / "hf")
     weights = tmp_path / "hf" / "model.safetensors"
     data = weights.read_bytes()
