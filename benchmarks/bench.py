@@ -16,7 +16,9 @@ same held-out prompts for every mode (each mode is a `twotower.decoding` decoder
   lower is better), distinct-2 / distinct-4 (degenerate, repetitive output scores low);
 * retention = mode / AR for agreement, AR / mode for NLL; throughput ratios vs our AR and vs transformers;
 * training speed: denoiser fine-tuning step vs AR backbone training step on the same batch;
-* a per-phase wall-time profile of mask diffusion, speculative and AR decoding at batch 1.
+* a per-phase wall-time profile of mask diffusion, speculative and AR decoding at batch 1;
+* the local lm-evaluation-harness suite (benchmarks/eval/, eval_suite.py) for AR, speculative and
+  diffusion at 0.8, each score with its retention against AR (`--no-eval` skips it).
 
 Every mode is greedy (temperature 0) and ignores EOS, so each generates exactly max_new_tokens.
 Results go to `--out`: bench.json (every raw number), bench.md (tables), then tradeoff.png.
@@ -76,6 +78,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--train-steps", type=int, default=5, help="timed training steps per path")
     p.add_argument("--no-training", action="store_true", help="skip the training-speed comparison")
     p.add_argument("--no-profile", action="store_true", help="skip the per-phase profile")
+    p.add_argument("--no-eval", action="store_true",
+                   help="skip the lm-evaluation-harness suite (benchmarks/eval/; needs the [eval] extra)")
+    p.add_argument("--eval-limit", type=int, default=None, help="documents per evaluation task (default: all)")
     p.add_argument("--compile", action="store_true",
                    help="torch.compile our towers (TwoTowerLM.compile_towers) for every mode of ours, AR included; "
                         "compilation happens in the warm-up calls, outside the timings")
@@ -93,6 +98,7 @@ def build_parser() -> argparse.ArgumentParser:
 def _apply_smoke(args) -> None:
     args.prompts, args.prompt_len, args.max_new_tokens, args.repeats = 2, 32, 16, 1
     args.batch_sizes, args.train_batch, args.train_seq_len, args.train_steps = "1,2", 2, 32, 2
+    args.no_eval = True  # the suite needs a byte-level trained model; the smoke model is random
     if args.threads is None:
         args.threads = 1  # a tiny model: more threads only add synchronisation
 
@@ -195,6 +201,11 @@ def _run(args, modes: list[mode_lib.Mode], batch_sizes: list[int], device: torch
                 result["profile"].append(p)
                 split = ", ".join(f"{k} {v['share']:.0%}" for k, v in p["phases"].items() if v["share"] is not None)
                 print(f"  profile {mode.name}: {split}", flush=True)
+    if not args.no_eval:
+        from benchmarks.eval_suite import run_suite
+
+        print("bench: evaluation suite (lm-evaluation-harness)", flush=True)
+        result["eval_suite"] = run_suite(args.model, limit=args.eval_limit)
     return result
 
 

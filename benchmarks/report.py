@@ -118,6 +118,10 @@ def render_markdown(res: dict, *, level: int = 1, png: str = "tradeoff.png") -> 
               f"| AR backbone training | {_f(1e3 * statistics.median(t['ar_step_seconds']), '.1f')} "
               f"| {_f(t['ar_tokens_per_s'], '.0f')} |", "",
               f"Denoiser / AR training throughput: **{_f(t['ratio'], '.2f')}** (target >= {t['target_ratio']}).", ""]
+    if res.get("eval_suite"):
+        from benchmarks.eval_suite import render
+
+        L += render(res["eval_suite"], h)
     prof = res.get("profile")
     if prof:
         L += [f"{h}# Where the time goes (batch 1)", "",

@@ -43,7 +43,7 @@ def nextline_rows(texts: list[str], n: int, rng: random.Random) -> list[dict]:
     for doc, text in enumerate(texts):
         lines = text.splitlines()
         spots = [i for i in range(CONTEXT_LINES, len(lines)) if len(lines[i].strip()) >= 12 and len(lines[i]) <= 100]
-        for i in rng.sample(spots, min(2, len(spots))):
+        for i in rng.sample(spots, min(20, len(spots))):
             truth = lines[i]
             distractors = []
             while len(distractors) < 3:

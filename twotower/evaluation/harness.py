@@ -145,6 +145,9 @@ class TwoTowerEvalLM(TemplateLM):
         if self.tok.vocab_size > self.model.config.vocab_size:
             raise ValueError(f"tokenizer vocabulary ({self.tok.vocab_size}) is larger than the model's "
                              f"({self.model.config.vocab_size}); pass the model's own tokenizer")
+        if device and str(device).startswith("cuda") and not torch.cuda.is_available():
+            log.warning("device=%s but CUDA is not available: running on the CPU", device)
+            device = "cpu"
         if device:
             self.model.to(device)
         limit = getattr(self.model.config, "max_position_embeddings", None) or 2048
