@@ -244,3 +244,16 @@ def test_lm_eval_cli_runs_every_output_type(tmp_path):
                               disable_tqdm=True)
         correct += int(max(range(len(ll)), key=lambda i: ll[i][0]) == doc["gold"])
     assert r["tt_mc"]["acc,none"] == pytest.approx(correct / len(docs))
+
+
+def test_the_shipped_suite_runs_through_the_readme_command(tmp_path):
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "twotower.evaluation", "--model", "twotower", "--model_args",
+           "pretrained=twotower/assets/twotower,decoder=speculative", "--tasks", "twotower_nextline,twotower_complete",
+           "--include_path", "benchmarks/eval", "--batch_size", "2", "--limit", "2", "--output_path", str(out)]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600,
+                          env=dict(os.environ, HF_DATASETS_OFFLINE="1"))
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    r = json.loads(next(out.rglob("results_*.json")).read_text())["results"]
+    assert set(r) == {"twotower_nextline", "twotower_complete"}
+    assert 0 <= r["twotower_complete"]["edit_similarity,none"] <= 1 and 0 <= r["twotower_nextline"]["acc,none"] <= 1
