@@ -233,7 +233,9 @@ class HybridCache(Cache):
 
         Exact for NemotronH, whose attention has no positional encoding: a row's attention output
         depends on which keys it sees, not on where they sit, and the Mamba states are untouched.
-        (A tower with positional attention must not call this.) Holes come from left padding and
+        Exact too for a RoPE family that caches keys already rotated and takes the next positions
+        from `real_counts` (Llama): moving a key does not change its rotation, and the count of
+        real keys does not change. (A family that derives positions from slots must not call this.) Holes come from left padding and
         from speculative decoding, where rows keep different prefixes of a shared block. Anything
         that mirrors this cache elsewhere must copy it afresh afterwards. One host read, skipped
         while `hole_bound` already rules out `min_gain`.
@@ -334,3 +336,22 @@ class HybridCache(Cache):
     def nbytes(self) -> int:
         tensors = [t for store in (self.keys, self.values, self.conv, self.ssm) for t in store if t is not None]
         return sum(t.numel() * t.element_size() for t in tensors) + self.key_mask.numel()
+
+
+class KVCache(HybridCache):
+    """A cache of attention K,V only (every layer attends; no recurrent state), e.g. Llama's.
+
+    Keys are stored after RoPE rotation at their logical positions; the next logical position of a
+    row is `real_counts()`, so holes (left padding, rejected drafts) are plain masked-out keys and
+    `compact` stays exact.
+    """
+
+    @classmethod
+    def allocate(cls, num_layers: int, kv_heads: int, head_dim: int, batch: int, *, capacity: int = 64,
+                 device=None, dtype=None) -> "KVCache":
+        """An empty cache: per layer K and V buffers (batch, kv_heads, capacity, head_dim)."""
+        shape = (batch, kv_heads, capacity, head_dim)
+        keys = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(num_layers)]
+        values = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(num_layers)]
+        none = [None] * num_layers
+        return cls(keys, values, list(none), list(none), torch.zeros(batch, capacity, dtype=torch.bool, device=device), 0)
