@@ -179,3 +179,38 @@ def test_from_backbone_of_a_transformers_checkpoint_and_round_trip(tmp_path, tie
     assert type(back.context) is LlamaContextTower and back.block_size == 4
     for k, v in model.state_dict().items():
         assert torch.equal(v, back.state_dict()[k]), k
+
+
+def test_llama_recipe_fits_a_tiny_generated_checkpoint_and_exports(tmp_path):
+    """recipes/llama_denoiser.yaml on a random LlamaForCausalLM written by transformers (vocab 260,
+    the byte tokenizer's), then export: the released directory is a Llama two-tower model with the
+    recipe's time conditioning."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    save_tiny_llama(tmp_path / "ar", seed=10, vocab_size=260)
+    run = tmp_path / "run"
+
+    def cli(*args):
+        proc = subprocess.run([sys.executable, "-m", "twotower.cli", *args], cwd=root, capture_output=True,
+                              text=True, timeout=600)
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+
+    cli("fit", "--config", "recipes/llama_denoiser.yaml", "--model.init_args.backbone", str(tmp_path / "ar"),
+        "--trainer.max_steps", "3", "--trainer.val_check_interval", "3", "--trainer.limit_val_batches", "1",
+        "--trainer.default_root_dir", str(run), "--trainer.logger.init_args.save_dir", str(run),
+        "--trainer.callbacks.init_args.dirpath", str(run / "ckpt"))
+    ckpt = torch.load(run / "ckpt" / "last.ckpt", map_location="cpu", weights_only=False)
+    assert ckpt["global_step"] == 3
+    assert ckpt["twotower"]["time_conditioning"]["class_path"] == "twotower.time_embedding.AdaLNSingle"
+    cli("export", str(run / "ckpt" / "last.ckpt"), str(tmp_path / "tt"))
+    raw = json.loads((tmp_path / "tt" / "config.json").read_text())
+    assert raw["model_type"] == "llama" and raw["time_conditioning"]["init_args"]["init"] == "identity"
+    model = TwoTowerLM.from_pretrained(tmp_path / "tt")
+    assert type(model.denoiser) is LlamaDenoiserTower
+    den = {k.removeprefix("denoiser."): v for k, v in ckpt["state_dict"].items() if k.startswith("denoiser.")}
+    for k, v in model.denoiser.state_dict().items():
+        assert torch.equal(v, den[k]), k
