@@ -1,4 +1,6 @@
-"""twotower: two-tower block-diffusion language models (a frozen AR context tower + a denoiser tower; NemotronH and Llama families).
+"""twotower: two-tower block-diffusion language models (frozen AR context tower + denoiser tower).
+
+Tower families: NemotronH and Llama (`twotower.towers.base` says how to add one).
 
 Public API: the composed model, its towers and cache, samplers, noise schedules and the
 Lightning modules. Heavy submodules load on first attribute access, so `import twotower` is quick.
