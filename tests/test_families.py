@@ -118,7 +118,8 @@ def test_save_and_load_round_trip(family, time, tmp_path):
     model.save_pretrained(tmp_path)
     raw = json.loads((tmp_path / "config.json").read_text())
     assert raw["model_type"] == family
-    assert raw["time_conditioning"]["class_path"] == (time or {}).get("class_path", "twotower.time_embedding.AdaLNSingle")
+    want = (time or {}).get("class_path", "twotower.time_embedding.AdaLNSingle")
+    assert raw["time_conditioning"]["class_path"] == want
     back = TwoTowerLM.from_pretrained(tmp_path).eval()
     assert type(back.context) is type(model.context) and type(back.denoiser.time) is type(model.denoiser.time)
     ids = torch.randint(4, 64, (1, 6))

@@ -353,5 +353,5 @@ class KVCache(HybridCache):
         shape = (batch, kv_heads, capacity, head_dim)
         keys = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(num_layers)]
         values = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(num_layers)]
-        none = [None] * num_layers
-        return cls(keys, values, list(none), list(none), torch.zeros(batch, capacity, dtype=torch.bool, device=device), 0)
+        mask = torch.zeros(batch, capacity, dtype=torch.bool, device=device)
+        return cls(keys, values, [None] * num_layers, [None] * num_layers, mask, 0)
