@@ -52,7 +52,7 @@ def randomize_(module: torch.nn.Module, seed: int = 0, scale: float = 0.2) -> to
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in list(module.named_parameters()) + list(module.named_buffers()):
-            if not p.is_floating_point():
+            if not p.is_floating_point() or "inv_freq" in name:  # transformers' RoPE tables are not weights
                 continue
             if name.endswith("A_log"):
                 p.copy_(torch.rand(p.shape, generator=g) * 1.5)
@@ -290,3 +290,43 @@ def code_corpus(tmp_path):
     for i in range(8):
         (root / f"doc{i}.txt").write_text(("def g%d(y):\n    return y * %d  # %s\n" % (i, i, "ab" * i)) * 10)
     return root
+
+
+# ----------------------------------------------------------------------------- other tower families
+
+
+def tiny_llama_config(**overrides):
+    """A transformers LlamaConfig small enough for exact float32 tests (ids 0-3 special, as above)."""
+    from transformers import LlamaConfig
+
+    kwargs = dict(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=3, num_attention_heads=4,
+                  num_key_value_heads=2, head_dim=8, max_position_embeddings=512, pad_token_id=0, bos_token_id=1,
+                  eos_token_id=2, tie_word_embeddings=False)
+    kwargs.update(overrides)
+    return LlamaConfig(**kwargs)
+
+
+# model_type -> a tiny config builder (**overrides). The family contract test (test_families.py)
+# runs over every registered family and needs one here: a new family adds its builder.
+FAMILY_CONFIGS = {"nemotron_h": tiny_config, "llama": tiny_llama_config}
+
+
+def make_family_towers(model_type: str, seed: int = 0, **overrides):
+    """(context, denoiser) of any registered family: random context, copy with random time modules."""
+    from twotower.towers.base import family_for
+
+    family = family_for(model_type)
+    ctx = randomize_(family.context(FAMILY_CONFIGS[model_type](**overrides)), seed=seed).eval()
+    den = family.denoiser.from_context(ctx).eval()
+    randomize_time_(den, seed + 1000)
+    return ctx, den
+
+
+def save_tiny_llama(path, seed: int = 0, **overrides):
+    """Write a random transformers LlamaForCausalLM (its own save_pretrained) to `path`; returns the model."""
+    from transformers import LlamaForCausalLM
+
+    hf = LlamaForCausalLM(tiny_llama_config(**overrides))
+    randomize_(hf, seed=seed, scale=0.2)
+    hf.save_pretrained(path)
+    return hf.eval()

@@ -1,4 +1,6 @@
-"""twotower: two-tower block-diffusion language models (NemotronH context tower + denoiser tower).
+"""twotower: two-tower block-diffusion language models (frozen AR context tower + denoiser tower).
+
+Tower families: NemotronH and Llama (`twotower.towers.base` says how to add one).
 
 Public API: the composed model, its towers and cache, samplers, noise schedules and the
 Lightning modules. Heavy submodules load on first attribute access, so `import twotower` is quick.
@@ -20,7 +22,15 @@ _EXPORTS = {
     "ContextTower": "twotower.towers.context",
     "DenoiserTower": "twotower.towers.denoiser",
     "HybridCache": "twotower.caches",
+    "KVCache": "twotower.caches",
+    "Cache": "twotower.caches",
+    "LlamaContextTower": "twotower.towers.llama",
+    "LlamaDenoiserTower": "twotower.towers.llama",
+    "ContextTowerBase": "twotower.towers.base",
+    "DenoiserTowerBase": "twotower.towers.base",
     "AdaLNSingle": "twotower.time_embedding",
+    "TimeConditioning": "twotower.time_embedding",
+    "NoTimeConditioning": "twotower.time_embedding",
     "Sampler": "twotower.samplers",
     "ConfidenceThreshold": "twotower.samplers",
     "TopKCommit": "twotower.samplers",

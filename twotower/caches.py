@@ -20,10 +20,61 @@ NemotronH attention has no positional encoding, so a hole is exactly a masked-ou
 
 from __future__ import annotations
 
+import abc
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
+
+
+class Cache(abc.ABC):
+    """What decoders and the two-device mirror need from any family's context cache.
+
+    A cache holds, per layer, what the context tower left behind for B rows after `length`
+    positions (left padding and speculative holes included: `valid_mask` says which are real).
+    It is written only by its context tower; the denoiser reads it.
+    """
+
+    length: int  # cached positions, holes included
+
+    @property
+    @abc.abstractmethod
+    def batch_size(self) -> int:
+        """B, the number of rows."""
+
+    @property
+    @abc.abstractmethod
+    def device(self) -> torch.device:
+        """Where the cache lives."""
+
+    @abc.abstractmethod
+    def valid_mask(self) -> Tensor:
+        """(B, length) bool: which cached positions are real tokens."""
+
+    @abc.abstractmethod
+    def check_settled(self, action: str) -> None:
+        """Raise RuntimeError naming `action` while a provisional block awaits `accept`."""
+
+    @abc.abstractmethod
+    def select(self, rows: Tensor) -> "Cache":
+        """A cache of rows `rows` only (LongTensor of indices or (B,) bool mask)."""
+
+    @abc.abstractmethod
+    def clone(self) -> "Cache":
+        """An independent copy."""
+
+    @abc.abstractmethod
+    def mirror_to(self, device, mirror: "Cache | None" = None) -> "Cache":
+        """Bring a copy on `device` up to date, sending only what changed since `mirror` was made."""
+
+    @abc.abstractmethod
+    def compact(self, *, min_gain: int = 1) -> int:
+        """Squeeze holes out; return how many positions the length shrank by (0: nothing moved).
+        Outputs of every later tower call must not change."""
+
+    @abc.abstractmethod
+    def nbytes(self) -> int:
+        """Bytes held by the cache's tensors."""
 
 
 @dataclass
@@ -41,7 +92,7 @@ class PendingBlock:
 
 
 @dataclass
-class HybridCache:
+class HybridCache(Cache):
     """Per-layer cache; lists are indexed by layer, None where a layer has no such state."""
 
     keys: list[Tensor | None]
@@ -138,6 +189,43 @@ class HybridCache:
     def advance(self, n: int) -> None:
         self.length += n
 
+    def settle(self, keep: Tensor) -> tuple[int, int]:
+        """The family-independent half of `accept`: check `keep` (b,) against the pending block,
+        turn each row's rejected positions into holes and set the length to start + max(keep).
+
+        Returns (min(keep), max(keep)) (one host read: the new length depends on it). The caller
+        moves any recurrent state first, using `pending`, which this clears.
+        """
+        pending = self.pending
+        if pending is None:
+            raise RuntimeError("accept: the cache holds no provisional block (extend(..., provisional=True) first)")
+        b, n = self.batch_size, pending.n
+        if not isinstance(keep, Tensor) or keep.shape != (b,) or keep.dtype not in (torch.int64, torch.int32):
+            shape = tuple(keep.shape) if isinstance(keep, Tensor) else type(keep).__name__
+            raise ValueError(f"keep must be a ({b},) integer tensor, got {shape}")
+        keep = keep.to(device=self.device, dtype=torch.long)
+        lo, hi = torch.aminmax(keep)
+        lo, hi = int(lo), int(hi)
+        if lo < 0 or hi > n:
+            raise ValueError(f"keep must lie in [0, {n}] (the provisional block's length), got [{lo}, {hi}]")
+        if lo < hi:  # rows that kept fewer than `hi` leave holes
+            kept = torch.arange(hi, device=self.device)[None, :] < keep[:, None]
+            self.key_mask[:, pending.start: pending.start + hi] &= kept
+            self.padded = True
+            self.hole_bound += hi - lo  # the fullest row lost at most hi - lo positions
+        self.length = pending.start + hi
+        self.pending = None
+        return lo, hi
+
+    def real_counts(self, upto: int | None = None) -> Tensor:
+        """(b,) long: real (non-hole) positions among the first `upto` (default: length), on the device.
+
+        A positional family's next logical position per row: holes from padding or rejected
+        drafts do not count, so positions stay those of an unpadded single-row run.
+        """
+        upto = self.length if upto is None else upto
+        return self.key_mask[:, :upto].sum(1)
+
     def compact(self, *, min_gain: int = 1) -> int:
         """Squeeze the holes out of the K,V buffers: each row's real positions move, in order, to the
         front, and the length becomes the longest row's count of real positions. Returns how many
@@ -145,7 +233,9 @@ class HybridCache:
 
         Exact for NemotronH, whose attention has no positional encoding: a row's attention output
         depends on which keys it sees, not on where they sit, and the Mamba states are untouched.
-        (A tower with positional attention must not call this.) Holes come from left padding and
+        Exact too for a RoPE family that caches keys already rotated and takes the next positions
+        from `real_counts` (Llama): moving a key does not change its rotation, and the count of
+        real keys does not change. (A family that derives positions from slots must not call this.) Holes come from left padding and
         from speculative decoding, where rows keep different prefixes of a shared block. Anything
         that mirrors this cache elsewhere must copy it afresh afterwards. One host read, skipped
         while `hole_bound` already rules out `min_gain`.
@@ -182,8 +272,8 @@ class HybridCache:
         values = [None if t is None else fn(t) for t in self.values]
         conv = [None if t is None else fn(t) for t in self.conv]
         ssm = [None if t is None else fn(t) for t in self.ssm]
-        return HybridCache(keys, values, conv, ssm, fn(self.key_mask), self.length, self.padded,
-                           hole_bound=self.hole_bound)
+        return type(self)(keys, values, conv, ssm, fn(self.key_mask), self.length, self.padded,
+                          hole_bound=self.hole_bound)
 
     def clone(self) -> "HybridCache":
         return self._map(lambda t: t.clone())
@@ -192,7 +282,7 @@ class HybridCache:
         """Move (and optionally cast K,V and conv states; SSM states stay float32, the mask bool)."""
         self.check_settled("move it")
         cast = lambda t: None if t is None else t.to(device=device, dtype=dtype or t.dtype)  # noqa: E731
-        return HybridCache([cast(t) for t in self.keys], [cast(t) for t in self.values],
+        return type(self)([cast(t) for t in self.keys], [cast(t) for t in self.values],
                            [cast(t) for t in self.conv],
                            [None if t is None else t.to(device=device, dtype=torch.float32) for t in self.ssm],
                            self.key_mask.to(device=device), self.length, self.padded, hole_bound=self.hole_bound)
@@ -215,7 +305,7 @@ class HybridCache:
         self.check_settled("mirror it")
         device = torch.device(device)
         if mirror is None:
-            mirror = HybridCache.empty_like(self, device)
+            mirror = type(self).empty_like(self, device)
         sent = mirror.length
         if sent > self.length:
             raise ValueError(f"mirror holds {sent} positions but the source only {self.length}; was the source reset?")
@@ -235,14 +325,33 @@ class HybridCache:
         mirror.hole_bound = self.hole_bound
         return mirror
 
-    @staticmethod
-    def empty_like(cache: "HybridCache", device) -> "HybridCache":
+    @classmethod
+    def empty_like(cls, cache: "HybridCache", device) -> "HybridCache":
         """Zero cache of the same shapes (capacity = cache.capacity) on `device`."""
         z = lambda t: None if t is None else torch.zeros_like(t, device=device)  # noqa: E731
-        return HybridCache([z(t) for t in cache.keys], [z(t) for t in cache.values],
+        return cls([z(t) for t in cache.keys], [z(t) for t in cache.values],
                            [z(t) for t in cache.conv], [z(t) for t in cache.ssm],
                            torch.zeros_like(cache.key_mask, device=device), 0)
 
     def nbytes(self) -> int:
         tensors = [t for store in (self.keys, self.values, self.conv, self.ssm) for t in store if t is not None]
         return sum(t.numel() * t.element_size() for t in tensors) + self.key_mask.numel()
+
+
+class KVCache(HybridCache):
+    """A cache of attention K,V only (every layer attends; no recurrent state), e.g. Llama's.
+
+    Keys are stored after RoPE rotation at their logical positions; the next logical position of a
+    row is `real_counts()`, so holes (left padding, rejected drafts) are plain masked-out keys and
+    `compact` stays exact.
+    """
+
+    @classmethod
+    def allocate(cls, num_layers: int, kv_heads: int, head_dim: int, batch: int, *, capacity: int = 64,
+                 device=None, dtype=None) -> "KVCache":
+        """An empty cache: per layer K and V buffers (batch, kv_heads, capacity, head_dim)."""
+        shape = (batch, kv_heads, capacity, head_dim)
+        keys = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(num_layers)]
+        values = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(num_layers)]
+        mask = torch.zeros(batch, capacity, dtype=torch.bool, device=device)
+        return cls(keys, values, [None] * num_layers, [None] * num_layers, mask, 0)

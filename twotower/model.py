@@ -29,9 +29,10 @@ from torch import Tensor
 
 from .decoding import Decoder, GenerationOutput, MaskDiffusion, ReleasedGenerationMixin, StepCallback
 from .samplers import Sampler
+from .towers.base import ContextTowerBase, DenoiserTowerBase, family_for
 from .towers.checkpoints import module_name, released_name
-from .towers.context import ContextTower
-from .towers.denoiser import DenoiserTower
+from .towers.context import ContextTower  # noqa: F401  (kept importable from here)
+from .towers.denoiser import DenoiserTower  # noqa: F401
 
 __all__ = ["TwoTowerLM"]
 
@@ -46,12 +47,15 @@ def _check_block_size(block_size) -> int:
 
 
 class TwoTowerLM(ReleasedGenerationMixin, nn.Module):
-    """Two-tower block-diffusion LM. `config` is a transformers NemotronHConfig shared by both towers.
+    """Two-tower block-diffusion LM. `config` is the transformers config shared by both towers; its
+    `model_type` picks the tower family (`towers.base.family_for`: NemotronH, Llama, ...).
 
     Args:
         block_size: default S for generation (the released model uses 16).
         mask_token_id: the [MASK] token id (3 in the released model).
-        time_init: "identity" (the denoiser starts as its AR layers) or "pixart".
+        time_init: "identity" (the denoiser starts as its AR layers) or "pixart" (AdaLNSingle's init).
+        time: the time conditioning {"class_path", "init_args"} (None: AdaLNSingle(init=time_init));
+            stored in config.json as "time_conditioning".
         context / denoiser: prebuilt towers to use instead of fresh ones (both or neither).
         shifted: the denoiser output at block position i predicts position i + 1 and each block's
             first token is the context tower's next-token prediction (see
@@ -59,8 +63,8 @@ class TwoTowerLM(ReleasedGenerationMixin, nn.Module):
     """
 
     def __init__(self, config, *, block_size: int = DEFAULT_BLOCK_SIZE, mask_token_id: int = DEFAULT_MASK_TOKEN_ID,
-                 time_init: str = "identity", context: ContextTower | None = None,
-                 denoiser: DenoiserTower | None = None, shifted: bool = False):
+                 time_init: str = "identity", context: ContextTowerBase | None = None,
+                 denoiser: DenoiserTowerBase | None = None, shifted: bool = False, time: dict | None = None):
         super().__init__()
         if not isinstance(shifted, bool):
             raise ValueError(f"shifted must be a bool, got {shifted!r}")
@@ -73,8 +77,9 @@ class TwoTowerLM(ReleasedGenerationMixin, nn.Module):
         self.mask_token_id = mask_token_id
         if (context is None) != (denoiser is None):
             raise ValueError("pass both towers (context and denoiser) or neither")
-        self.context = context if context is not None else ContextTower(config)
-        self.denoiser = denoiser if denoiser is not None else DenoiserTower(config, time_init=time_init)
+        family = family_for(config)
+        self.context = context if context is not None else family.context(config)
+        self.denoiser = denoiser if denoiser is not None else family.denoiser(config, time_init=time_init, time=time)
         self.context.requires_grad_(False)
 
     @property
@@ -86,22 +91,23 @@ class TwoTowerLM(ReleasedGenerationMixin, nn.Module):
 
     # ---- construction -------------------------------------------------------------------------
     @classmethod
-    def from_backbone(cls, path_or_tower: str | os.PathLike | ContextTower, *, block_size: int = DEFAULT_BLOCK_SIZE,
-                      mask_token_id: int = DEFAULT_MASK_TOKEN_ID, time_init: str = "identity",
-                      dtype: torch.dtype | None = None, shifted: bool = False) -> "TwoTowerLM":
-        """Two towers from an AR NemotronH checkpoint directory (or a ContextTower instance).
+    def from_backbone(cls, path_or_tower: str | os.PathLike | ContextTowerBase, *,
+                      block_size: int = DEFAULT_BLOCK_SIZE, mask_token_id: int = DEFAULT_MASK_TOKEN_ID,
+                      time_init: str = "identity", dtype: torch.dtype | None = None, shifted: bool = False,
+                      time: dict | None = None) -> "TwoTowerLM":
+        """Two towers from an AR checkpoint directory of any registered family (or a context tower).
 
         The denoiser and its head are copies of the AR model (docs/design.md, section 3); with
         time_init="identity" a fresh model's denoiser computes exactly the AR layers.
         """
-        if isinstance(path_or_tower, ContextTower):
+        if isinstance(path_or_tower, ContextTowerBase):
             context = path_or_tower
             if dtype is not None:
                 context.to(dtype)
-                context.keep_router_fp32()
+                context.restore_precision()
         else:
-            context = ContextTower.from_pretrained(path_or_tower, dtype=dtype)
-        denoiser = DenoiserTower.from_context(context, time_init=time_init)
+            context = ContextTowerBase.from_pretrained(path_or_tower, dtype=dtype)
+        denoiser = family_for(context.config).denoiser.from_context(context, time_init=time_init, time=time)
         _match_router_precision(denoiser, context)
         return cls(context.config, block_size=block_size, mask_token_id=mask_token_id,
                    context=context, denoiser=denoiser, shifted=shifted)
@@ -120,7 +126,7 @@ class TwoTowerLM(ReleasedGenerationMixin, nn.Module):
         config, raw, state = load_two_tower_state_dict(path, dtype=dtype)
         kwargs = dict(block_size=raw.get("block_size", DEFAULT_BLOCK_SIZE),
                       mask_token_id=raw.get("mask_token_id", DEFAULT_MASK_TOKEN_ID),
-                      shifted=bool(raw.get("shifted", False)))
+                      shifted=bool(raw.get("shifted", False)), time=raw.get("time_conditioning"))
         # Build on the meta device and adopt the loaded tensors: no random init, no second copy.
         with torch.device("meta"):
             model = cls(config, **kwargs)
@@ -153,7 +159,7 @@ class TwoTowerLM(ReleasedGenerationMixin, nn.Module):
         from .towers.loading import save_state_dict
 
         extra = {"block_size": self.block_size, "mask_token_id": self.mask_token_id, "shifted": self.shifted,
-                 "architectures": ["TwoTowerLM"]}
+                 "architectures": ["TwoTowerLM"], "time_conditioning": self.denoiser.time.spec()}
         save_state_dict(self.released_state_dict(), path, config=self.config, max_shard_size=max_shard_size,
                         expert_layout=expert_layout, extra_config=extra)
 
@@ -235,12 +241,12 @@ class TwoTowerLM(ReleasedGenerationMixin, nn.Module):
                                 stop=stop)
 
 
-def _match_router_precision(denoiser: DenoiserTower, context: ContextTower) -> None:
+def _match_router_precision(denoiser: DenoiserTowerBase, context: ContextTowerBase) -> None:
     """`from_context` casts the whole denoiser to the context's first dtype; MoE routers must stay in
     the context's (float32) precision, so re-copy them at full precision."""
     with torch.no_grad():
         for d_blk, c_blk in zip(denoiser.backbone.layers, context.backbone.layers):
-            if d_blk.block_type == "moe":
+            if getattr(d_blk, "block_type", None) == "moe":
                 ref = next(c_blk.mixer.gate.parameters())
                 d_blk.mixer.gate.to(ref.dtype)
                 d_blk.mixer.gate.load_state_dict(c_blk.mixer.gate.state_dict())

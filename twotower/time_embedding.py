@@ -1,4 +1,10 @@
-"""adaLN-single time conditioning (PixArt-alpha style) for the denoiser tower.
+"""Time conditioning for the denoiser tower: the interface, adaLN-single (released) and none.
+
+`TimeConditioning` maps t (the masked fraction of a block) to one modulation per modulated
+sub-block, or None where the sub-block runs plain. Which class a model uses is recorded in
+config.json as {"class_path": ..., "init_args": {...}} (`time_spec` / `build_time_conditioning`).
+
+adaLN-single (PixArt-alpha style), the released design:
 
 t in [0, 1] is, per sequence (or per training block), the fraction of the block still masked.
     e      = t_embedder(t)    : sinusoidal features of 1000 t (256, [cos | sin], periods up to
@@ -15,6 +21,8 @@ draws the tables from N(0, 1) / sqrt(H) as in PixArt-alpha (the denoiser then st
 
 from __future__ import annotations
 
+import abc
+import importlib
 import math
 
 import torch
@@ -46,17 +54,82 @@ class TimestepEmbedder(nn.Module):
         return self.mlp(feats.to(self.mlp[0].weight.dtype))
 
 
-class AdaLNSingle(nn.Module):
+Modulation = tuple[Tensor, Tensor, Tensor]  # (shift, 1 + scale, gate), each (..., 1, H)
+
+
+class TimeConditioning(nn.Module, abc.ABC):
+    """t -> per-sub-block modulation. Built as cls(hidden_size, num_layers, **init_args), where
+    num_layers is the number of modulated sub-blocks the denoiser has.
+
+    A sub-block with modulation (shift, scale1, gate) computes x + gate * f(h) with
+    h = norm(x * scale1 + shift) or h = norm(x) * scale1 + shift (the family decides where);
+    with None it is the plain AR sub-block x + f(norm(x)).
+    """
+
+    def __init__(self, hidden_size: int, num_layers: int):
+        super().__init__()
+        self.hidden_size, self.num_layers = hidden_size, num_layers
+
+    def init_args(self) -> dict:
+        """The constructor's keyword arguments, as config.json records them (override when any)."""
+        return {}
+
+    def spec(self) -> dict:
+        """{"class_path", "init_args"} rebuilding this module's structure (`build_time_conditioning`)."""
+        return time_spec(self, **self.init_args())
+
+    @abc.abstractmethod
+    def forward(self, t: Tensor) -> list[Modulation] | None:
+        """t (...,) in [0, 1] -> num_layers modulations, each part (..., 1, H) (broadcast over the
+        block's tokens), or None when t changes nothing."""
+
+
+class NoTimeConditioning(TimeConditioning):
+    """A time-agnostic denoiser (as in MDLM's): t is ignored and every sub-block runs plain.
+
+    No parameters. The masked tokens themselves tell the network how noisy the block is.
+    """
+
+    def forward(self, t: Tensor) -> None:
+        return None
+
+
+def time_spec(cls_or_module, **init_args) -> dict:
+    """{"class_path": "module.Class", "init_args": {...}}: how config.json records the choice."""
+    cls = cls_or_module if isinstance(cls_or_module, type) else type(cls_or_module)
+    return {"class_path": f"{cls.__module__}.{cls.__qualname__}", "init_args": dict(init_args)}
+
+
+def build_time_conditioning(spec: dict | None, hidden_size: int, num_layers: int, *,
+                            time_init: str = "identity") -> TimeConditioning:
+    """Instantiate `spec` ({"class_path", "init_args"}; None = AdaLNSingle(init=time_init))."""
+    if spec is None:
+        return AdaLNSingle(hidden_size, num_layers, init=time_init)
+    if not isinstance(spec, dict) or "class_path" not in spec or set(spec) - {"class_path", "init_args"}:
+        raise ValueError(f"time conditioning must be {{'class_path': ..., 'init_args': {{...}}}}, got {spec!r}")
+    path = spec["class_path"]
+    module, _, name = path.rpartition(".")
+    try:
+        cls = getattr(importlib.import_module(module), name) if module else None
+    except ImportError as e:
+        raise ValueError(f"time conditioning class_path {path!r}: cannot import {module!r} ({e})") from e
+    if not (isinstance(cls, type) and issubclass(cls, TimeConditioning)):
+        raise ValueError(f"time conditioning class_path {path!r} is not a twotower.time_embedding.TimeConditioning "
+                         "subclass (e.g. twotower.time_embedding.AdaLNSingle or NoTimeConditioning)")
+    return cls(hidden_size, num_layers, **dict(spec.get("init_args") or {}))
+
+
+class AdaLNSingle(TimeConditioning):
     """t -> per-layer (shift, scale, gate), each broadcastable against (b, T, H).
 
     Attribute names match the released checkpoint: t_embedder, t_block, scale_shift_tables.
     """
 
     def __init__(self, hidden_size: int, num_layers: int, *, init: str = "identity", frequency_size: int = 256):
-        super().__init__()
+        super().__init__(hidden_size, num_layers)
         if init not in ("identity", "pixart"):
             raise ValueError(f"time-conditioning init must be 'identity' or 'pixart', got {init!r}")
-        self.hidden_size = hidden_size
+        self.init, self.frequency_size = init, frequency_size
         self.t_embedder = TimestepEmbedder(hidden_size, frequency_size)
         self.t_block = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 3 * hidden_size))
         self.scale_shift_tables = nn.ParameterList(nn.Parameter(torch.zeros(3, hidden_size)) for _ in range(num_layers))
@@ -72,6 +145,14 @@ class AdaLNSingle(nn.Module):
                 table[2].fill_(1.0)  # gate = 1: the layer output passes unchanged
             else:
                 table.copy_(torch.randn_like(table) / math.sqrt(self.hidden_size))
+
+    def init_args(self) -> dict:
+        return {"init": self.init, "frequency_size": self.frequency_size}
+
+    def forward(self, t: Tensor) -> list[Modulation]:
+        """t (...,) -> every layer's (shift, 1 + scale, gate), each (..., 1, H)."""
+        shared = self.shared(t)
+        return self.modulations(shared.unsqueeze(-3))
 
     def shared(self, t: Tensor) -> Tensor:
         """t (...,) -> the shared conditioning (..., 3, H)."""

@@ -24,8 +24,8 @@ from torchmetrics import MeanMetric, SumMetric
 
 from .schedules import LinearSchedule, NoiseSchedule, TimeSampler, UniformTime, mask_blocks
 from .towers.checkpoints import CKPT_META_KEY, from_tower_names, restore_frozen, training_checkpoint
+from .towers.base import ContextTowerBase, family_for
 from .towers.context import ContextTower
-from .towers.denoiser import DenoiserTower
 
 
 # ---- shared optimisation pieces ---------------------------------------------------------------
@@ -187,8 +187,8 @@ class DenoiserFineTuning(L.LightningModule):
     """Trains the denoiser tower, its LM head and the time modules against a frozen context tower.
 
     Args:
-        backbone: a local AR NemotronH checkpoint directory (the frozen context tower, and the
-            denoiser's initial weights).
+        backbone: a local AR checkpoint directory of any registered tower family (NemotronH, Llama;
+            the frozen context tower, and the denoiser's initial weights).
         block_size: S, tokens per block; training sequences must be multiples of it.
         mask_token_id: the [MASK] id (3 in NemotronH vocabularies and the byte tokenizer).
         schedule: how a block's time maps to a mask probability.
@@ -196,7 +196,10 @@ class DenoiserFineTuning(L.LightningModule):
         exact_mask_count: mask exactly max(1, round(p S)) positions per block instead of i.i.d.
         loss_weighting: "nelbo" (1 / realised mask fraction: the any-order NELBO, weight <= S),
             "schedule" (the schedule's continuous-time weight at the sampled t) or "none" (plain CE).
-        time_init: "identity" (the denoiser starts as the AR model) or "pixart".
+        time_init: "identity" (the denoiser starts as the AR model) or "pixart" (AdaLNSingle's init).
+        time_conditioning: the time conditioning by class_path, {"class_path": ..., "init_args": {...}}
+            (a `twotower.time_embedding.TimeConditioning`; None: AdaLNSingle(init=time_init)).
+            Recorded in the checkpoint and, on export, in config.json.
         shifted: train the AR-aligned variant: block position 0 is never masked (at inference it is
             the context tower's own next-token prediction) and the denoiser output at position i
             is scored against the token at i + 1, the offset the copied AR layers already use.
@@ -213,7 +216,7 @@ class DenoiserFineTuning(L.LightningModule):
                  exact_mask_count: bool = False, loss_weighting: str = "nelbo", time_init: str = "identity",
                  lr: float = 1e-3, weight_decay: float = 0.0, betas: tuple[float, float] = (0.9, 0.95),
                  warmup_steps: int = 50, min_lr_ratio: float = 0.1, val_seed: int = 1234,
-                 init_from: str | None = None, shifted: bool = False):
+                 init_from: str | None = None, shifted: bool = False, time_conditioning: dict | None = None):
         super().__init__()
         if loss_weighting not in ("nelbo", "schedule", "none"):
             raise ValueError(f"loss_weighting must be 'nelbo', 'schedule' or 'none', got {loss_weighting!r}")
@@ -228,12 +231,13 @@ class DenoiserFineTuning(L.LightningModule):
         path = Path(backbone)
         if not (path / "config.json").exists():
             raise FileNotFoundError(f"backbone checkpoint not found: {path / 'config.json'} "
-                                    "(give a local NemotronH checkpoint directory; see recipes/backbone.yaml)")
-        self.context = ContextTower.from_pretrained(path)
+                                    "(give a local AR checkpoint directory; see recipes/backbone.yaml)")
+        self.context = ContextTowerBase.from_pretrained(path)
         if not 0 <= mask_token_id < self.context.config.vocab_size:
             raise ValueError(f"mask_token_id {mask_token_id} is outside the vocabulary [0, {self.context.config.vocab_size})")
         self.context.requires_grad_(False).eval()
-        self.denoiser = DenoiserTower.from_context(self.context, time_init=time_init)
+        self.denoiser = family_for(self.context.config).denoiser.from_context(
+            self.context, time_init=time_init, time=time_conditioning)
         if init_from is not None:
             self._init_denoiser(Path(init_from))
         self.metrics = torch.nn.ModuleDict({
@@ -369,7 +373,7 @@ class DenoiserFineTuning(L.LightningModule):
         h = self.hparams
         checkpoint["state_dict"], checkpoint[CKPT_META_KEY] = training_checkpoint(
             checkpoint["state_dict"], context_source=h.backbone, block_size=h.block_size,
-            mask_token_id=h.mask_token_id, shifted=h.shifted)
+            mask_token_id=h.mask_token_id, shifted=h.shifted, time_conditioning=self.denoiser.time.spec())
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         # The frozen tower was left out on save; put back the weights this module loaded from its path.

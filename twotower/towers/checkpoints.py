@@ -212,11 +212,13 @@ def unfuse_experts(state: Mapping[str, Tensor]) -> dict[str, Tensor]:
 # on-disk names -> canonical names (and back, for the HF writer)
 
 
-def ar_to_backbone_names(state: Mapping[str, Tensor], *, tie_word_embeddings: bool, where: str) -> dict[str, Tensor]:
+def ar_to_backbone_names(state: Mapping[str, Tensor], *, tie_word_embeddings: bool, where: str,
+                         embed_key: str = "embeddings.weight") -> dict[str, Tensor]:
     """An AR checkpoint's keys -> backbone names with fused experts and an ``lm_head.weight``.
 
     Drops ``mtp.*``, strips the one AR prefix (``backbone.`` or ``model.``), and when the head is
-    absent and the embeddings are tied uses ``embeddings.weight`` as ``lm_head.weight``. A
+    absent and the embeddings are tied uses ``embed_key`` (the family's embedding name, e.g.
+    ``embeddings.weight`` or ``embed_tokens.weight``) as ``lm_head.weight``. A
     two-tower checkpoint is refused, since reading its context tower as the AR model would
     silently drop the denoiser. ``where`` (the path) goes into every error.
     """
@@ -237,9 +239,9 @@ def ar_to_backbone_names(state: Mapping[str, Tensor], *, tie_word_embeddings: bo
             raise CheckpointKeyError(
                 f"{where}: no lm_head.weight and config.tie_word_embeddings is false, so there is no output head"
             )
-        if "embeddings.weight" not in state:
-            raise CheckpointKeyError(f"{where}: no embeddings.weight (nor lm_head.weight) in the checkpoint")
-        state[LM_HEAD] = state["embeddings.weight"]
+        if embed_key not in state:
+            raise CheckpointKeyError(f"{where}: no {embed_key} (nor lm_head.weight) in the checkpoint")
+        state[LM_HEAD] = state[embed_key]
     return fuse_experts(state)
 
 
@@ -258,13 +260,14 @@ def backbone_to_hf_names(state: Mapping[str, Tensor], *, tie_word_embeddings: bo
 
 
 def check_released_names(state: Mapping[str, Tensor], *, num_layers: int, tie_word_embeddings: bool,
-                         where: str) -> dict[str, Tensor]:
+                         where: str, embed_key: str = "embeddings.weight", time_keys: bool = True) -> dict[str, Tensor]:
     """A released two-tower checkpoint's keys, checked and completed: ``mtp.*`` dropped, tied
     heads filled from their tower's embeddings, experts fused.
 
     Refuses an AR checkpoint (pointing at the conversion path, since building a two-tower model
     from it here would skip the denoiser's initialisation), a checkpoint with one tower only, and
-    one missing a head, the time modules or any of the ``num_layers`` scale-shift tables.
+    one missing a head, the time modules or any of the ``num_layers`` scale-shift tables (those
+    two only with ``time_keys``, i.e. adaLN-single time conditioning).
     """
     state = drop_mtp(state)
     present = [p for p in TOWER_PREFIXES if any(k.startswith(p) for k in state)]
@@ -278,10 +281,12 @@ def check_released_names(state: Mapping[str, Tensor], *, num_layers: int, tie_wo
         missing = next(p for p in TOWER_PREFIXES if p not in present)
         raise ValueError(f"{where} has '{present[0]}' keys but no '{missing}' keys; the checkpoint is incomplete")
     for head, tower in (("context_lm_head.weight", "context_tower."), (LM_HEAD, "denoiser_tower.")):
-        if head not in state and tie_word_embeddings and f"{tower}embeddings.weight" in state:
-            state[head] = state[f"{tower}embeddings.weight"]
-    required = ["context_lm_head.weight", LM_HEAD, "t_embedder.mlp.0.weight", "t_block.1.weight"]
-    required += [f"scale_shift_tables.{i}" for i in range(num_layers)]
+        if head not in state and tie_word_embeddings and f"{tower}{embed_key}" in state:
+            state[head] = state[f"{tower}{embed_key}"]
+    required = ["context_lm_head.weight", LM_HEAD]
+    if time_keys:
+        required += ["t_embedder.mlp.0.weight", "t_block.1.weight"]
+        required += [f"scale_shift_tables.{i}" for i in range(num_layers)]
     missing = [k for k in required if k not in state]
     if missing:
         raise CheckpointKeyError(f"{where}: two-tower checkpoint lacks {len(missing)} key(s): {', '.join(missing[:10])}")
@@ -347,7 +352,8 @@ def check_layer_counts(state: Mapping[str, Tensor], config, where: str, prefix: 
 
 
 def training_checkpoint(state_dict: Mapping[str, Tensor], *, context_source: str | os.PathLike, block_size: int,
-                        mask_token_id: int, shifted: bool) -> tuple[dict[str, Tensor], dict]:
+                        mask_token_id: int, shifted: bool,
+                        time_conditioning: dict | None = None) -> tuple[dict[str, Tensor], dict]:
     """What a DenoiserFineTuning `.ckpt` stores: ``(state_dict, meta)``.
 
     The LightningModule's ``context.*`` weights are dropped (frozen, and as large as the denoiser);
@@ -355,7 +361,7 @@ def training_checkpoint(state_dict: Mapping[str, Tensor], *, context_source: str
     """
     trainable = {k: v for k, v in state_dict.items() if not k.startswith(_FROZEN)}
     meta = {"context_source": str(Path(context_source).resolve()), "block_size": block_size,
-            "mask_token_id": mask_token_id, "shifted": shifted}
+            "mask_token_id": mask_token_id, "shifted": shifted, "time_conditioning": time_conditioning}
     return trainable, meta
 
 
@@ -388,7 +394,7 @@ def export_checkpoint(ckpt_path: str | os.PathLike, out_dir: str | os.PathLike, 
         raise FileNotFoundError(f"the frozen context tower this checkpoint references is missing: {source}; "
                                 "pass --backbone DIR")
     model = TwoTowerLM.from_backbone(source, block_size=meta["block_size"], mask_token_id=meta["mask_token_id"],
-                                     shifted=bool(meta.get("shifted", False)))
+                                     shifted=bool(meta.get("shifted", False)), time=meta.get("time_conditioning"))
     den = {k.removeprefix(_TRAINABLE): v for k, v in ckpt["state_dict"].items() if k.startswith(_TRAINABLE)}
     missing, unexpected = model.denoiser.load_state_dict(den, strict=False)
     if missing or unexpected:

@@ -17,13 +17,13 @@ State dict names: `backbone.` + transformers' NemotronH backbone names, and `lm_
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 import torch.nn as nn
 from torch import Tensor
 
 from ..caches import HybridCache, PendingBlock
+from .base import ContextTowerBase
 from .layers import ATTENTION, MAMBA, HybridBackbone
 from .ssd import conv_boundary_states, conv_state_at, ssd_state_at
 
@@ -54,7 +54,7 @@ def causal_mask(valid: Tensor, q_len: int, offset: int) -> Tensor:
     return allowed[:, None]
 
 
-class ContextTower(nn.Module):
+class ContextTower(ContextTowerBase):
     """The AR model as the context tower. `config` is a transformers `NemotronHConfig`."""
 
     def __init__(self, config):
@@ -63,35 +63,15 @@ class ContextTower(nn.Module):
         self.backbone = HybridBackbone(config)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
 
-    # ---- loading ------------------------------------------------------------------------------
-    @classmethod
-    def from_pretrained(cls, path: str | Path, *, dtype: torch.dtype | None = None, device=None) -> "ContextTower":
-        """Load a local NemotronH AR checkpoint directory (config.json + safetensors)."""
-        from .loading import load_backbone_state_dict
-
-        config, state = load_backbone_state_dict(path, dtype=dtype)
-        tower = cls(config)
-        tower.load_backbone_state(state, where=str(path))
-        if dtype is not None:
-            tower.to(dtype)
-            tower.keep_router_fp32()
-        return tower.to(device) if device is not None else tower
-
-    def load_backbone_state(self, state: dict[str, Tensor], *, where: str = "state dict") -> None:
-        """Load a flat backbone state dict (backbone names + `lm_head.weight`), checking keys and shapes."""
-        from .checkpoints import check_keys, check_shapes, to_tower_names
-
-        mapped = to_tower_names(state)
-        own = self.state_dict()
-        check_keys(mapped, own.keys(), where=where)
-        check_shapes(mapped, own, where=where)
-        self.load_state_dict(mapped)
-
+    # ---- precision ----------------------------------------------------------------------------
     def keep_router_fp32(self) -> None:
         """MoE router weights and correction biases stay float32 whatever the model dtype."""
         for blk in self.backbone.layers:
             if blk.block_type == "moe":
                 blk.mixer.gate.float()
+
+    def restore_precision(self) -> None:
+        self.keep_router_fp32()
 
     # ---- plain causal forward -----------------------------------------------------------------
     def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None) -> Tensor:
@@ -149,28 +129,17 @@ class ContextTower(nn.Module):
         pending = cache.pending
         if pending is None:
             raise RuntimeError("accept: the cache holds no provisional block (extend(..., provisional=True) first)")
-        b, n = cache.batch_size, pending.n
-        if not isinstance(keep, Tensor) or keep.shape != (b,) or keep.dtype not in (torch.int64, torch.int32):
-            shape = tuple(keep.shape) if isinstance(keep, Tensor) else type(keep).__name__
-            raise ValueError(f"keep must be a ({b},) integer tensor, got {shape}")
-        keep = keep.to(device=cache.device, dtype=torch.long)
-        lo, hi = torch.aminmax(keep)
-        lo, hi = int(lo), int(hi)  # one host read: the new length depends on it
-        if lo < 0 or hi > n:
-            raise ValueError(f"keep must lie in [0, {n}] (the provisional block's length), got [{lo}, {hi}]")
-        for i, blk in enumerate(self.backbone.layers):
-            if i in pending.scan:
-                x, dt, B = pending.scan[i]
-                cache.ssm[i] = ssd_state_at(x, dt, blk.mixer.decay_rates(), B, initial_state=cache.ssm[i],
-                                            last=keep - 1)
-                cache.conv[i] = conv_state_at(cache.conv[i], pending.xbc[i], keep)
-        if lo < hi:  # rows that kept fewer than `hi` leave holes
-            kept = torch.arange(hi, device=cache.device)[None, :] < keep[:, None]
-            cache.key_mask[:, pending.start: pending.start + hi] &= kept
-            cache.padded = True
-            cache.hole_bound += hi - lo  # the fullest row lost at most hi - lo positions
-        cache.length = pending.start + hi
-        cache.pending = None
+        b = cache.batch_size
+        if isinstance(keep, Tensor) and keep.shape == (b,) and keep.dtype in (torch.int64, torch.int32):
+            keep_dev = keep.to(device=cache.device, dtype=torch.long)
+            if bool(((keep_dev >= 0) & (keep_dev <= pending.n)).all()):
+                for i, blk in enumerate(self.backbone.layers):
+                    if i in pending.scan:
+                        x, dt, B = pending.scan[i]
+                        cache.ssm[i] = ssd_state_at(x, dt, blk.mixer.decay_rates(), B, initial_state=cache.ssm[i],
+                                                    last=keep_dev - 1)
+                        cache.conv[i] = conv_state_at(cache.conv[i], pending.xbc[i], keep_dev)
+        cache.settle(keep)  # checks keep (raising before anything moved), holes, length
 
     def _logits(self, hidden: Tensor, which: str) -> Tensor | None:
         if which == "none":

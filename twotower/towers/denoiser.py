@@ -25,7 +25,8 @@ import torch.nn as nn
 from torch import Tensor
 
 from ..caches import HybridCache
-from ..time_embedding import AdaLNSingle
+from ..time_embedding import build_time_conditioning
+from .base import DenoiserTowerBase
 from .context import ContextStates, ContextTower
 from .layers import ATTENTION, MAMBA, HybridBackbone
 
@@ -37,20 +38,26 @@ def block_attention_mask(length: int, block_size: int, device=None) -> Tensor:
     return torch.cat([blk[None, :] < blk[:, None], blk[None, :] == blk[:, None]], dim=1)
 
 
-class DenoiserTower(nn.Module):
-    """The trainable tower. `config` is the same NemotronHConfig as the context tower's."""
+class DenoiserTower(DenoiserTowerBase):
+    """The trainable tower. `config` is the same NemotronHConfig as the context tower's.
 
-    def __init__(self, config, *, time_init: str = "identity"):
+    time: the time conditioning spec {"class_path", "init_args"} (None: AdaLNSingle(init=time_init)),
+    one modulation per layer.
+    """
+
+    def __init__(self, config, *, time_init: str = "identity", time: dict | None = None):
         super().__init__()
         self.config = config
         self.backbone = HybridBackbone(config)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
-        self.time = AdaLNSingle(config.hidden_size, len(config.layers_block_type), init=time_init)
+        self.num_modulated = len(config.layers_block_type)
+        self.time = build_time_conditioning(time, config.hidden_size, self.num_modulated, time_init=time_init)
 
     @classmethod
-    def from_context(cls, context: ContextTower, *, time_init: str = "identity") -> "DenoiserTower":
+    def from_context(cls, context: ContextTower, *, time_init: str = "identity",
+                     time: dict | None = None) -> "DenoiserTower":
         """A denoiser initialised as a copy of the context tower and its LM head (docs/design.md, section 3)."""
-        den = cls(context.config, time_init=time_init)
+        den = cls(context.config, time_init=time_init, time=time)
         p = next(context.parameters())
         den.to(device=p.device, dtype=p.dtype)
         with torch.no_grad():
@@ -74,12 +81,11 @@ class DenoiserTower(nn.Module):
         if cache.batch_size != b:
             raise ValueError(f"block has batch {b} but the cache has {cache.batch_size}")
         h_all = self.backbone.embeddings(x)
-        shared = None if t is None else self.time.shared(t.to(h_all.device))  # (b, 3, H)
+        mods = None if t is None else self.time(t.to(h_all.device))  # each (b, 1, H)
         mask = None
         if cache.padded:
             valid = cache.valid_mask()
             mask = torch.cat([valid, valid.new_ones(b, S)], dim=1)[:, None, None, :]
-        mods = None if shared is None else self.time.modulations(shared[:, None])  # each (b, 1, H)
         for i, blk in enumerate(self.backbone.layers):
             mod = None if mods is None else mods[i]
             h = blk.pre(h_all, mod)
@@ -110,9 +116,8 @@ class DenoiserTower(nn.Module):
             raise ValueError(f"t must have shape (batch, blocks) = {(b, nB)}, got {tuple(t.shape)}")
         hid = self.backbone.embeddings(x).view(b, nB, S, -1)
         H = hid.shape[-1]
-        shared = None if t is None else self.time.shared(t)  # (b, nB, 3, H)
         mask = None
-        mods = None if shared is None else self.time.modulations(shared[:, :, None])  # each (b, nB, 1, H)
+        mods = None if t is None else self.time(t)  # each (b, nB, 1, H)
         for i, blk in enumerate(self.backbone.layers):
             mod = None if mods is None else mods[i]
             h = blk.pre(hid, mod)
@@ -134,3 +139,16 @@ class DenoiserTower(nn.Module):
             hid = blk.post(hid, y, mod)
         hid = hid.reshape(b, L, H)
         return hid if return_hidden else self.head(hid)
+
+
+def _register() -> None:
+    from transformers import NemotronHConfig
+
+    from .base import TowerFamily, register_family
+
+    register_family(TowerFamily(model_type="nemotron_h", config_class=NemotronHConfig, context=ContextTower,
+                                denoiser=DenoiserTower, embed_key="embeddings.weight",
+                                hf_architecture="NemotronHForCausalLM"))
+
+
+_register()

@@ -1,4 +1,4 @@
-"""Checkpoint file IO: NemotronH / two-tower checkpoint directories <-> flat state dicts.
+"""Checkpoint file IO: AR (any registered family) / two-tower checkpoint directories <-> flat state dicts.
 
 Nothing here builds a model: every function works on ``dict[str, Tensor]`` so that the tower
 classes, conversion tools and tests share one reader and one writer. What the keys are called
@@ -7,8 +7,9 @@ module reads and writes the files.
 
 Accepted on disk
 ----------------
-* ``config.json`` with ``hybrid_override_pattern`` or ``layers_block_type`` (extra keys such
-  as ``block_size`` are kept; the raw dict is returned as well);
+* ``config.json`` of a registered tower family (``model_type``; NemotronH files may instead
+  just carry ``hybrid_override_pattern`` or ``layers_block_type``); extra keys such as
+  ``block_size`` are kept and the raw dict is returned as well;
 * ``model.safetensors``, or shards listed by ``model.safetensors.index.json``, or a single
   ``*.safetensors`` file of any name;
 * every key layout `checkpoints.py` maps (``backbone.`` / ``model.`` prefixes, fused or
@@ -30,7 +31,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import Tensor
-from transformers import NemotronHConfig
+from transformers import PretrainedConfig
 
 from .checkpoints import (
     TOWER_PREFIXES,
@@ -98,12 +99,16 @@ def _checkpoint_dir(path: str | os.PathLike) -> Path:
     return path
 
 
-def read_config(path: str | os.PathLike) -> tuple[NemotronHConfig, dict]:
+def read_config(path: str | os.PathLike) -> tuple[PretrainedConfig, dict]:
     """Read ``<path>/config.json`` (or ``path`` itself if it is a JSON file).
 
-    Returns ``(config, raw)``: the NemotronH config (extra keys such as ``block_size`` become
-    attributes) and the raw JSON dict, with transformers' encoded infinities decoded.
+    Returns ``(config, raw)``: the config of the registered tower family named by ``model_type``
+    (extra keys such as ``block_size`` become attributes) and the raw JSON dict, with
+    transformers' encoded infinities decoded. A file without ``model_type`` but with NemotronH's
+    ``hybrid_override_pattern`` / ``layers_block_type`` is read as NemotronH (older files).
     """
+    from .base import family_for
+
     path = _checkpoint_dir(path)
     file = path if path.is_file() else path / CONFIG_NAME
     if not file.is_file():
@@ -114,16 +119,32 @@ def read_config(path: str | os.PathLike) -> tuple[NemotronHConfig, dict]:
         raise ValueError(f"{file} is not valid JSON: {e}") from e
     if not isinstance(raw, dict):
         raise ValueError(f"{file} must hold a JSON object, got {type(raw).__name__}")
-    if "hybrid_override_pattern" not in raw and "layers_block_type" not in raw:
-        raise ValueError(
-            f"{file} is not a NemotronH config: it has neither 'hybrid_override_pattern' nor "
-            "'layers_block_type'"
-        )
+    model_type = raw.get("model_type")
+    if model_type is None:
+        if "hybrid_override_pattern" not in raw and "layers_block_type" not in raw:
+            raise ValueError(
+                f"{file} names no 'model_type' and is not a NemotronH config: it has neither "
+                "'hybrid_override_pattern' nor 'layers_block_type'"
+            )
+        model_type = "nemotron_h"
     try:
-        config = NemotronHConfig.from_dict(dict(raw))
+        family = family_for(model_type)
+    except ValueError as e:
+        raise ValueError(f"{file}: {e}") from e
+    if family.model_type == "nemotron_h" and "hybrid_override_pattern" not in raw and "layers_block_type" not in raw:
+        raise ValueError(f"{file} is not a NemotronH config: it has neither 'hybrid_override_pattern' nor "
+                         "'layers_block_type'")
+    try:
+        config = family.config_class.from_dict(dict(raw))
     except Exception as e:  # transformers' strict dataclass validation raises several types
-        raise ValueError(f"{file} is not a valid NemotronH config: {e}") from e
+        raise ValueError(f"{file} is not a valid {model_type} config: {e}") from e
     return config, raw
+
+
+def _embed_key(config) -> str:
+    from .base import family_for
+
+    return family_for(config).embed_key
 
 
 # --------------------------------------------------------------------------------------------
@@ -259,7 +280,7 @@ def _cast(state: dict[str, Tensor], dtype: torch.dtype | str | None) -> dict[str
 
 def load_backbone_state_dict(
     path: str | os.PathLike, *, dtype: torch.dtype | str | None = None
-) -> tuple[NemotronHConfig, dict[str, Tensor]]:
+) -> tuple[PretrainedConfig, dict[str, Tensor]]:
     """AR NemotronH checkpoint directory -> ``(config, backbone-named state dict)``.
 
     Keys are renamed by `checkpoints.ar_to_backbone_names` (prefix stripped, experts fused,
@@ -267,7 +288,7 @@ def load_backbone_state_dict(
     correction bias, which stay float32.
     """
     config, _ = read_config(path)
-    state = ar_to_backbone_names(read_safetensors(path), where=str(path),
+    state = ar_to_backbone_names(read_safetensors(path), where=str(path), embed_key=_embed_key(config),
                                  tie_word_embeddings=getattr(config, "tie_word_embeddings", False))
     check_layer_counts(state, config, str(path))
     return config, _cast(state, dtype)
@@ -275,7 +296,7 @@ def load_backbone_state_dict(
 
 def load_two_tower_state_dict(
     path: str | os.PathLike, *, dtype: torch.dtype | str | None = None
-) -> tuple[NemotronHConfig, dict, dict[str, Tensor]]:
+) -> tuple[PretrainedConfig, dict, dict[str, Tensor]]:
     """Released-layout two-tower directory -> ``(config, raw config dict, state dict)``.
 
     Keys keep the released names (``context_tower.*``, ``denoiser_tower.*``, heads, time
@@ -283,19 +304,29 @@ def load_two_tower_state_dict(
     checkpoint is refused with a pointer to the conversion path.
     """
     config, raw = read_config(path)
-    state = check_released_names(read_safetensors(path), num_layers=config.num_hidden_layers, where=str(path),
-                                 tie_word_embeddings=getattr(config, "tie_word_embeddings", False))
+    adaln = (raw.get("time_conditioning") or {}).get("class_path", "twotower.time_embedding.AdaLNSingle")
+    state = check_released_names(read_safetensors(path), num_layers=_modulated_layers(config), where=str(path),
+                                 tie_word_embeddings=getattr(config, "tie_word_embeddings", False),
+                                 embed_key=_embed_key(config),
+                                 time_keys=adaln == "twotower.time_embedding.AdaLNSingle")
     for tower in TOWER_PREFIXES:
         check_layer_counts(state, config, str(path), tower)
     return config, raw, _cast(state, dtype)
+
+
+def _modulated_layers(config) -> int:
+    """How many scale-shift tables the family's denoiser has (its `num_modulated`)."""
+    from .base import family_for
+
+    return getattr(family_for(config).denoiser, "modulated_layers", lambda c: c.num_hidden_layers)(config)
 
 
 # --------------------------------------------------------------------------------------------
 # saving
 
 
-def _config_dict(config: NemotronHConfig | Mapping, extra: Mapping | None) -> dict:
-    cfg = config.to_dict() if isinstance(config, NemotronHConfig) else dict(config)
+def _config_dict(config: PretrainedConfig | Mapping, extra: Mapping | None) -> dict:
+    cfg = config.to_dict() if isinstance(config, PretrainedConfig) else dict(config)
     cfg.update(extra or {})
     return cfg
 
@@ -346,7 +377,7 @@ def save_state_dict(
     state: Mapping[str, Tensor],
     path: str | os.PathLike,
     *,
-    config: NemotronHConfig | Mapping,
+    config: PretrainedConfig | Mapping,
     max_shard_size: int | None = None,
     expert_layout: str = "fused",
     extra_config: Mapping | None = None,
@@ -411,15 +442,19 @@ def save_state_dict(
 
 
 def save_backbone_hf(
-    state: Mapping[str, Tensor], path: str | os.PathLike, *, config: NemotronHConfig | Mapping, **kw: Any
+    state: Mapping[str, Tensor], path: str | os.PathLike, *, config: PretrainedConfig | Mapping, **kw: Any
 ) -> None:
-    """Write backbone names (+ ``lm_head.weight``) as a transformers ``NemotronHForCausalLM``
+    """Write backbone names (+ ``lm_head.weight``) as a transformers ``<Family>ForCausalLM``
     checkpoint (``model.`` prefix), loadable with ``from_pretrained(path)``.
 
-    Keyword arguments go to :func:`save_state_dict`.
+    The family comes from the config's ``model_type`` (NemotronH when absent). Keyword arguments
+    go to :func:`save_state_dict`.
     """
+    from .base import family_for
+
     cfg = _config_dict(config, None)
+    family = family_for(cfg.get("model_type") or "nemotron_h")
     out = backbone_to_hf_names(state, tie_word_embeddings=cfg.get("tie_word_embeddings", False))
-    extra = {"architectures": ["NemotronHForCausalLM"], "model_type": "nemotron_h"}
+    extra = {"architectures": [family.hf_architecture], "model_type": family.model_type}
     extra.update(kw.pop("extra_config", None) or {})
     save_state_dict(out, path, config=cfg, extra_config=extra, **kw)

@@ -1,0 +1,136 @@
+"""The tower-family contract, run over every registered family (NemotronH, Llama, and any family
+registered later, which needs only a tiny config builder in conftest.FAMILY_CONFIGS):
+
+* prefill + extends (1 token and blocks) == the full forward; left-padded rows == rows alone;
+* the all-blocks training forward == per-block inference;
+* every decoder in twotower.decoding runs, rows do not depend on their batch, and Speculative ==
+  Autoregressive; the two-device mirror gives the same tokens;
+* save_pretrained / from_pretrained round trip, with either time conditioning (by class_path).
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from conftest import FAMILY_CONFIGS, MASK, left_pad, make_family_towers, random_prompts, run_decoder
+from test_decoders import all_decoders
+
+from twotower.caches import Cache
+from twotower.decoding import Autoregressive, Speculative
+from twotower.model import TwoTowerLM
+from twotower.time_embedding import NoTimeConditioning, TimeConditioning
+from twotower.towers.base import ContextTowerBase, DenoiserTowerBase, registered_families
+
+TOL = dict(rtol=1e-5, atol=1e-5)
+
+
+def assert_close(a, b, tol=1e-5):
+    """Max abs error within tol relative to the logits' scale (float32 sums in another order)."""
+    scale = max(1.0, float(b.abs().max()))
+    err = float((a - b).abs().max())
+    assert err <= tol * scale, f"max abs error {err:.3g} at scale {scale:.3g}"
+FAMILIES = sorted(registered_families())
+
+
+def test_every_registered_family_has_a_test_config():
+    missing = set(FAMILIES) - set(FAMILY_CONFIGS)
+    assert not missing, f"add a tiny config builder for {sorted(missing)} to tests/conftest.py FAMILY_CONFIGS"
+    assert {"nemotron_h", "llama"} <= set(FAMILIES)
+
+
+@pytest.fixture(params=FAMILIES)
+def family(request):
+    return request.param
+
+
+@pytest.fixture
+def pair(family):
+    return make_family_towers(family, seed=5)
+
+
+def test_towers_implement_the_interfaces(pair):
+    ctx, den = pair
+    assert isinstance(ctx, ContextTowerBase) and isinstance(den, DenoiserTowerBase)
+    assert isinstance(den.time, TimeConditioning)
+    assert isinstance(ctx.empty_cache(2), Cache)
+
+
+def test_prefill_and_extends_equal_the_full_forward(pair):
+    ctx, _ = pair
+    ids = torch.randint(4, 64, (2, 19))
+    with torch.inference_mode():
+        full = ctx(ids)
+        got, cache = ctx.prefill(ids[:, :6], capacity=8)
+        parts = [got] + [ctx.extend(cache, ids[:, lo:hi]) for lo, hi in ((6, 7), (7, 13), (13, 14), (14, 19))]
+        torch.testing.assert_close(torch.cat(parts, 1), full, **TOL)
+        # left padding: each row as if alone
+        prompts = random_prompts([3, 8, 5], seed=1)
+        pids, mask = left_pad(prompts)
+        logits, _ = ctx.prefill(pids, mask)
+        for r, p in enumerate(prompts):
+            torch.testing.assert_close(logits[r, -len(p):], ctx(p[None])[0], **TOL)
+
+
+def test_training_forward_equals_per_block_inference(pair):
+    ctx, den = pair
+    S, nB = 4, 3
+    x = torch.randint(4, 64, (2, S * nB))
+    noisy = torch.where(torch.rand(x.shape) < 0.5, torch.full_like(x, MASK), x)
+    t = torch.rand(2, nB)
+    with torch.inference_mode():
+        _, states = ctx.forward_train(x, S)
+        logits = den.forward_train(noisy, states, t)
+        for k in range(nB):
+            cache = ctx.empty_cache(2) if k == 0 else ctx.prefill(x[:, : k * S])[1]
+            assert_close(logits[:, k * S: (k + 1) * S], den.forward_block(noisy[:, k * S: (k + 1) * S], cache, t[:, k]))
+
+
+@pytest.mark.parametrize("cls", all_decoders(), ids=lambda c: c.__name__)
+def test_every_decoder_runs_and_rows_are_independent(family, cls):
+    ctx, den = make_family_towers(family, seed=6)
+    prompts = random_prompts([4, 1, 6], seed=2)
+    ids, mask = left_pad(prompts)
+    with torch.inference_mode():
+        out = run_decoder(cls(), ctx, den, ids, mask, max_new_tokens=9)
+        assert out.new_tokens.shape == (3, 9) and not torch.any(out.new_tokens == MASK)
+        for r, p in enumerate(prompts):
+            alone = run_decoder(cls(), ctx, den, p[None], max_new_tokens=9)
+            assert torch.equal(alone.new_tokens[0], out.new_tokens[r]), f"{cls.__name__} row {r}"
+
+
+@pytest.mark.parametrize("mirror", [False, True])
+def test_speculative_equals_autoregressive(family, mirror):
+    ctx, den = make_family_towers(family, seed=7)
+    ids, mask = left_pad(random_prompts([2, 9, 5, 4], seed=3))
+    with torch.inference_mode():
+        ar = run_decoder(Autoregressive(), ctx, None, ids, mask, max_new_tokens=17)
+        spec = run_decoder(Speculative(block_size=5), ctx, den, ids, mask, max_new_tokens=17,
+                           denoiser_device="cpu" if mirror else None)
+    assert torch.equal(spec.sequences, ar.sequences)
+
+
+@pytest.mark.parametrize("time", [None, {"class_path": "twotower.time_embedding.NoTimeConditioning"}])
+def test_save_and_load_round_trip(family, time, tmp_path):
+    ctx, _ = make_family_towers(family, seed=8)
+    model = TwoTowerLM.from_backbone(ctx, block_size=4, time=time).eval()
+    model.save_pretrained(tmp_path)
+    raw = json.loads((tmp_path / "config.json").read_text())
+    assert raw["model_type"] == family
+    want = (time or {}).get("class_path", "twotower.time_embedding.AdaLNSingle")
+    assert raw["time_conditioning"]["class_path"] == want
+    back = TwoTowerLM.from_pretrained(tmp_path).eval()
+    assert type(back.context) is type(model.context) and type(back.denoiser.time) is type(model.denoiser.time)
+    ids = torch.randint(4, 64, (1, 6))
+    with torch.inference_mode():
+        a = model.generate(ids, max_new_tokens=8).sequences
+        b = back.generate(ids, max_new_tokens=8).sequences
+    assert torch.equal(a, b)
+    if time is not None:  # time-agnostic: t changes nothing
+        assert isinstance(back.denoiser.time, NoTimeConditioning)
+        _, cache = back.context.prefill(ids)
+        x = torch.full((1, 4), MASK)
+        with torch.inference_mode():
+            torch.testing.assert_close(back.denoiser.forward_block(x, cache, torch.tensor([0.2])),
+                                       back.denoiser.forward_block(x, cache, torch.tensor([0.9])))

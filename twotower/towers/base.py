@@ -1,0 +1,217 @@
+"""What a tower family provides: the context-tower and denoiser-tower contracts and the registry.
+
+A *family* is one backbone architecture (NemotronH, Llama, ...) turned into two towers. The
+decoders (`twotower/decoding/`), the training module (`DenoiserFineTuning`) and `TwoTowerLM` talk
+to towers only through the methods below, so a new family is three classes (context tower,
+denoiser tower, cache) plus one `register_family` call; nothing else changes.
+
+Shapes: B batch, T cached (context) length, n appended tokens, S block size, L = nB * S training
+length, V vocabulary, H hidden size.
+
+The registry maps transformers' `config.model_type` to the family's classes. It is filled by each
+family's module on import (`twotower.towers` imports every built-in family), and it is the only
+place that turns a model type into classes: loading, conversion and training ask
+`family_for(config)` instead of testing strings.
+"""
+
+from __future__ import annotations
+
+import abc
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+from torch import Tensor
+
+from ..caches import Cache
+
+__all__ = ["ContextTowerBase", "DenoiserTowerBase", "TowerFamily", "register_family", "family_for",
+           "registered_families", "load_context_tower"]
+
+
+class ContextTowerBase(nn.Module, abc.ABC):
+    """The frozen AR model, run causally over clean tokens, leaving a per-layer cache behind.
+
+    Subclasses hold `config` (the transformers config), `backbone` (a module whose state-dict names
+    are transformers' names below `model.`) and `lm_head` (the AR head, `lm_head.weight`).
+    `logits` arguments take "all" (B, n, V), "last" (B, 1, V) or "none" (None); logits are float32.
+    """
+
+    config: Any
+    backbone: nn.Module
+    lm_head: nn.Linear
+
+    @abc.abstractmethod
+    def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None) -> Tensor:
+        """(B, T) ids, optional (B, T) 0/1 mask (left padding) -> logits (B, T, V), no cache."""
+
+    @abc.abstractmethod
+    def prefill(self, input_ids: Tensor, attention_mask: Tensor | None = None, *, logits: str = "all",
+                use_cache: bool = True, capacity: int | None = None) -> tuple[Tensor | None, Cache | None]:
+        """Causal pass over a left-padded prompt batch (B, T) -> (logits, cache of length T).
+
+        Padded positions (mask 0) are invisible to every real token; `capacity` preallocates room
+        for that many positions (the cache grows when it runs out).
+        """
+
+    @abc.abstractmethod
+    def extend(self, cache: Cache, tokens: Tensor, *, logits: str = "all", attention_mask: Tensor | None = None,
+               provisional: bool = False) -> Tensor | None:
+        """Append tokens (B, n) to `cache` in place and return their logits.
+
+        n = 1 is an AR step, n = S a committed block in one forward. With `provisional=True`
+        (speculative decoding) the block is appended on trial and `accept` must settle it before
+        the cache is used again.
+        """
+
+    @abc.abstractmethod
+    def accept(self, cache: Cache, keep: Tensor) -> None:
+        """Settle a provisional block: row b keeps its first keep[b] (B,) tokens, without a forward.
+
+        Rejected positions become holes (masked-out keys); each row is then exactly as if only
+        its kept tokens had been appended.
+        """
+
+    @abc.abstractmethod
+    def empty_cache(self, batch: int, *, capacity: int = 64, device=None) -> Cache:
+        """A cache for `batch` rows holding no position yet (an empty prompt)."""
+
+    @abc.abstractmethod
+    def forward_train(self, input_ids: Tensor, block_size: int, *, return_logits: bool = False):
+        """One causal pass over clean sequences (B, L), L a multiple of `block_size`.
+
+        Returns (logits (B, L, V) or None, states): `states` is whatever this family's denoiser
+        `forward_train` needs to denoise every block k at once as if it had the cache of
+        input_ids[:, :kS] (attention K,V of all positions, recurrent states at block entries, ...),
+        with a `block_size` attribute.
+        """
+
+    def restore_precision(self) -> None:
+        """Called after a cast to a low-precision dtype: put back the parts that must stay float32
+        (e.g. MoE routers). Nothing by default."""
+
+    # ---- loading: shared by every family ------------------------------------------------------
+    @classmethod
+    def from_pretrained(cls, path: str | os.PathLike, *, dtype: torch.dtype | None = None,
+                        device=None) -> "ContextTowerBase":
+        """Load a local AR checkpoint directory (config.json + safetensors) as a context tower.
+
+        On the base class the family comes from config.json's `model_type`; on a family's class the
+        checkpoint must be of that family.
+        """
+        from .loading import load_backbone_state_dict
+
+        config, state = load_backbone_state_dict(path, dtype=dtype)
+        family = family_for(config)
+        if cls is not ContextTowerBase and not issubclass(family.context, cls):
+            raise ValueError(f"{path} holds a {config.model_type!r} model, which {cls.__name__} cannot load; "
+                             f"use {family.context.__name__}.from_pretrained or ContextTowerBase.from_pretrained")
+        tower = family.context(config)
+        tower.load_backbone_state(state, where=str(path))
+        if dtype is not None:
+            tower.to(dtype)
+            tower.restore_precision()
+        return tower.to(device) if device is not None else tower
+
+    def load_backbone_state(self, state: dict[str, Tensor], *, where: str = "state dict") -> None:
+        """Load a flat backbone state dict (backbone names + `lm_head.weight`), checking keys and shapes."""
+        from .checkpoints import check_keys, check_shapes, to_tower_names
+
+        mapped = to_tower_names(state)
+        own = self.state_dict()
+        check_keys(mapped, own.keys(), where=where)
+        check_shapes(mapped, own, where=where)
+        self.load_state_dict(mapped)
+
+
+class DenoiserTowerBase(nn.Module, abc.ABC):
+    """The trainable tower: writes a block of S tokens from the context cache, conditioned on t.
+
+    Subclasses hold `config`, `backbone`, `lm_head` and `time` (a `TimeConditioning`), with
+    `num_modulated` sub-blocks that `time` modulates.
+    """
+
+    config: Any
+    backbone: nn.Module
+    lm_head: nn.Linear
+    time: nn.Module
+
+    @abc.abstractmethod
+    def forward_block(self, x: Tensor, cache: Cache, t: Tensor | None = None, *,
+                      return_hidden: bool = False) -> Tensor:
+        """x (B, S) noisy block after the cache's T positions, t (B,) masked fraction or None ->
+        logits (B, S, V) float32. The cache is read, never written. t=None: plain AR layers."""
+
+    @abc.abstractmethod
+    def forward_train(self, x: Tensor, states, t: Tensor | None = None, *, return_hidden: bool = False) -> Tensor:
+        """x (B, L) noisy sequence, `states` from the context's `forward_train`, t (B, nB) ->
+        logits (B, L, V) (or the pre-norm hidden (B, L, H)); block k equals `forward_block` of
+        block k over the cache of the clean x[:, :kS]."""
+
+    @abc.abstractmethod
+    def head(self, hidden: Tensor) -> Tensor:
+        """Final norm + LM head in float32: (..., H) -> (..., V)."""
+
+    @classmethod
+    @abc.abstractmethod
+    def from_context(cls, context: ContextTowerBase, *, time_init: str = "identity",
+                     time: dict | None = None) -> "DenoiserTowerBase":
+        """A denoiser initialised as a copy of `context` and its head (docs/design.md, section 3).
+
+        time: the time conditioning as {"class_path": ..., "init_args": {...}} (default AdaLNSingle
+        with init=time_init).
+        """
+
+
+@dataclass(frozen=True)
+class TowerFamily:
+    """One backbone architecture's classes and checkpoint facts.
+
+    model_type: transformers' `config.model_type`; config_class: its config class;
+    embed_key: the backbone name of the input embeddings (what a tied head copies);
+    hf_architecture: the transformers class name written into an AR config.json.
+    """
+
+    model_type: str
+    config_class: type
+    context: type
+    denoiser: type
+    embed_key: str
+    hf_architecture: str
+
+
+_FAMILIES: dict[str, TowerFamily] = {}
+
+
+def register_family(family: TowerFamily) -> TowerFamily:
+    """Add a family to the registry (its module calls this on import)."""
+    for cls, base in ((family.context, ContextTowerBase), (family.denoiser, DenoiserTowerBase)):
+        if not (isinstance(cls, type) and issubclass(cls, base)):
+            raise TypeError(f"family {family.model_type!r}: {cls!r} must subclass {base.__name__}")
+    _FAMILIES[family.model_type] = family
+    return family
+
+
+def registered_families() -> dict[str, TowerFamily]:
+    """model_type -> family, every family registered so far (all built-in ones once `twotower.towers` is imported)."""
+    import twotower.towers  # noqa: F401  (registers the built-in families)
+
+    return dict(_FAMILIES)
+
+
+def family_for(config_or_type) -> TowerFamily:
+    """The family of a config (or a model_type string); an unknown type names the registered ones."""
+    families = registered_families()
+    model_type = config_or_type if isinstance(config_or_type, str) else getattr(config_or_type, "model_type", None)
+    if model_type not in families:
+        raise ValueError(f"no tower family is registered for model_type {model_type!r}; registered: "
+                         f"{sorted(families)} (a new family calls twotower.towers.base.register_family)")
+    return families[model_type]
+
+
+def load_context_tower(path: str | os.PathLike | Path, **kwargs) -> ContextTowerBase:
+    """The context tower of whatever family the AR checkpoint at `path` is."""
+    return ContextTowerBase.from_pretrained(path, **kwargs)

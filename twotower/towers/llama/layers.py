@@ -1,0 +1,175 @@
+"""The Llama layer stack (transformers' `LlamaConfig`): RoPE, grouped-query attention, SwiGLU MLP, RMSNorm.
+
+Every decoder layer is two pre-norm residual sub-blocks, attention then MLP:
+    x = x + attn(input_layernorm(x));  x = x + mlp(post_attention_layernorm(x)).
+With time conditioning (denoiser) each sub-block takes its own modulation (shift, 1 + scale, gate),
+the attention one modulating *before* its pre-norm and the MLP one *after* it, as the NemotronH
+attention and MLP layers do (docs/design.md, section 1.3): sub-block 2i is layer i's attention,
+2i + 1 its MLP, and the residual is gated.
+
+RoPE: keys are rotated before they are cached, at each token's *logical* position (the number of
+real tokens before it in its row), so left padding, speculative holes and compaction never change
+what a row computes. Inverse frequencies come from transformers' `ROPE_INIT_FUNCTIONS` for the
+scaled variants (linear, llama3, yarn) and are computed here for the default; the variants whose
+frequencies depend on the running length (dynamic, longrope) are refused.
+
+Parameter names equal transformers' `LlamaForCausalLM` names below `model.` (`embed_tokens`,
+`layers.{i}.self_attn.q_proj`, ..., `norm`); Qwen2-style biases follow `config.attention_bias`.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch import Tensor
+
+from ..layers import RMSNorm
+
+Modulation = tuple[Tensor, Tensor, Tensor]
+
+_LENGTH_DEPENDENT_ROPE = ("dynamic", "longrope")
+
+
+def rope_parameters(config) -> dict:
+    """The config's RoPE settings as one dict with at least `rope_type` and `rope_theta`."""
+    params = dict(getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {})
+    params.setdefault("rope_type", params.get("type", "default"))
+    params.setdefault("rope_theta", getattr(config, "rope_theta", 10000.0))
+    return params
+
+
+class Rotary(nn.Module):
+    """positions (b, n) -> (cos, sin), each (b, 1, n, head_dim) float32, scaled by the variant's factor.
+
+    The inverse frequencies live on the CPU as a plain attribute (not a buffer): the towers may be
+    built on the meta device and loaded with `assign`, and a buffer would stay meta.
+    """
+
+    def __init__(self, config, head_dim: int):
+        super().__init__()
+        params = rope_parameters(config)
+        rope_type = params["rope_type"]
+        if rope_type in _LENGTH_DEPENDENT_ROPE:
+            raise ValueError(f"rope_type {rope_type!r} changes its frequencies with the running length, which a "
+                             "cached two-tower model cannot follow; use default, linear, llama3 or yarn")
+        cpu = torch.device("cpu")
+        if rope_type == "default":
+            exponents = torch.arange(0, head_dim, 2, dtype=torch.int64, device=cpu).float() / head_dim
+            inv_freq, scaling = 1.0 / (float(params["rope_theta"]) ** exponents), 1.0
+        else:
+            from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+            if rope_type not in ROPE_INIT_FUNCTIONS:
+                raise ValueError(f"unknown rope_type {rope_type!r}; transformers knows {sorted(ROPE_INIT_FUNCTIONS)}")
+            inv_freq, scaling = ROPE_INIT_FUNCTIONS[rope_type](config, cpu)
+        self.rope_type = rope_type
+        self.inv_freq = inv_freq.float()
+        self.scaling = float(scaling)
+
+    def forward(self, positions: Tensor) -> tuple[Tensor, Tensor]:
+        inv = self.inv_freq.to(positions.device)
+        angles = positions[..., None].float() * inv  # (b, n, d/2)
+        emb = torch.cat([angles, angles], dim=-1)[:, None]  # (b, 1, n, d)
+        return emb.cos() * self.scaling, emb.sin() * self.scaling
+
+
+def rotate(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """Apply RoPE to x (b, heads, n, d): x cos + rot(x) sin, rot(x) = [-x2, x1] over the two halves."""
+    half = x.shape[-1] // 2
+    rot = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+    return x * cos.to(x.dtype) + rot * sin.to(x.dtype)
+
+
+class LlamaAttention(nn.Module):
+    """Grouped-query attention with RoPE applied to queries and keys."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.num_heads = config.num_attention_heads
+        self.num_kv_heads = config.num_key_value_heads
+        self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // self.num_heads
+        H, bias = config.hidden_size, bool(getattr(config, "attention_bias", False))
+        self.q_proj = nn.Linear(H, self.num_heads * self.head_dim, bias=bias)
+        self.k_proj = nn.Linear(H, self.num_kv_heads * self.head_dim, bias=bias)
+        self.v_proj = nn.Linear(H, self.num_kv_heads * self.head_dim, bias=bias)
+        self.o_proj = nn.Linear(self.num_heads * self.head_dim, H, bias=bias)
+
+    def qkv(self, h: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """h (b, n, H) -> q (b, heads, n, d), k and v (b, kv_heads, n, d); q and k rotated."""
+        b, n, _ = h.shape
+        q = self.q_proj(h).view(b, n, self.num_heads, self.head_dim).transpose(1, 2)
+        k = self.k_proj(h).view(b, n, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        v = self.v_proj(h).view(b, n, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        return rotate(q, cos, sin), rotate(k, cos, sin), v
+
+    def attend(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> Tensor:
+        """Softmax attention; mask bool (True = may attend), broadcastable to (b, 1, n, keys)."""
+        o = F.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype), attn_mask=mask,
+                                           enable_gqa=self.num_kv_heads != self.num_heads)
+        b, _, n, _ = o.shape
+        return self.o_proj(o.transpose(1, 2).reshape(b, n, self.num_heads * self.head_dim))
+
+
+class LlamaMLP(nn.Module):
+    """SwiGLU: down_proj(act(gate_proj(x)) * up_proj(x)), act = config.hidden_act (silu)."""
+
+    def __init__(self, config):
+        super().__init__()
+        from transformers.activations import ACT2FN
+
+        H, inter, bias = config.hidden_size, config.intermediate_size, bool(getattr(config, "mlp_bias", False))
+        self.gate_proj = nn.Linear(H, inter, bias=bias)
+        self.up_proj = nn.Linear(H, inter, bias=bias)
+        self.down_proj = nn.Linear(inter, H, bias=bias)
+        self.act = ACT2FN[config.hidden_act]
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
+
+
+class LlamaBlock(nn.Module):
+    """One decoder layer: attention and MLP sub-blocks, each optionally modulated (denoiser)."""
+
+    def __init__(self, config, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.input_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.self_attn = LlamaAttention(config)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.mlp = LlamaMLP(config)
+
+    def attn_input(self, x: Tensor, mod: Modulation | None = None) -> Tensor:
+        """input_layernorm(x), or input_layernorm(x (1 + scale) + shift) with a modulation."""
+        return self.input_layernorm(x if mod is None else torch.addcmul(mod[0], x, mod[1]))
+
+    def mlp_out(self, x: Tensor, mod: Modulation | None = None) -> Tensor:
+        """The whole MLP sub-block: x + mlp(norm(x)), or x + gate * mlp(norm(x) (1 + scale) + shift)."""
+        h = self.post_attention_layernorm(x)
+        if mod is None:
+            return x + self.mlp(h)
+        return torch.addcmul(x, mod[2], self.mlp(torch.addcmul(mod[0], h, mod[1])))
+
+    @staticmethod
+    def residual(x: Tensor, y: Tensor, mod: Modulation | None = None) -> Tensor:
+        """x + y, or x + gate * y with a modulation."""
+        return x + y if mod is None else torch.addcmul(x, mod[2], y)
+
+
+class LlamaBackbone(nn.Module):
+    """Embeddings, the decoder layers, the final norm and the rotary tables (`LlamaModel` names)."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.config = config
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(LlamaBlock(config, i) for i in range(config.num_hidden_layers))
+        self.norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.rotary = Rotary(config, self.layers[0].self_attn.head_dim if len(self.layers) else
+                             (getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads))
+
+    @property
+    def kv_shape(self) -> tuple[int, int]:
+        """(kv_heads, head_dim) of every layer's cache."""
+        attn = self.layers[0].self_attn
+        return attn.num_kv_heads, attn.head_dim
