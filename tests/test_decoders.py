@@ -393,3 +393,14 @@ def test_run_decoder_helper_matches_the_model_path(model):
     a = run_decoder(MaskDiffusion(block_size=4), model.context, model.denoiser, ids, mask, max_new_tokens=9)
     b = model.generate(ids, mask, MaskDiffusion(), max_new_tokens=9)  # the model's block size is 4
     assert torch.equal(a.sequences, b.sequences)
+
+
+def test_decoding_imports_no_lightning():
+    import subprocess
+    import sys
+
+    code = ("import sys, twotower.decoding, twotower.model; "
+            "bad = sorted(m for m in sys.modules if m.split('.')[0] in ('lightning', 'pytorch_lightning')); "
+            "print(bad); sys.exit(1 if bad else 0)")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
