@@ -209,10 +209,7 @@ class Decoder(abc.ABC):
             commits tokens, for the rows still running. The tokens are kept whole.
         """
         call = self._prepare(Towers.of(model), input_ids, attention_mask, max_new_tokens, eos_token_id, generator,
-                             step_callback)
-        if stop is not None and not callable(stop):
-            raise ValueError(f"stop must be a stop criterion (e.g. twotower.decoding.StopStrings), got {stop!r}")
-        call.stop = stop or None
+                             step_callback, stop)
         with torch.inference_mode():
             out = self._decode(call)
         self._check_output(out, call)
@@ -233,7 +230,7 @@ class Decoder(abc.ABC):
 
     # ---- checks ------------------------------------------------------------------------------
     def _prepare(self, towers: Towers, input_ids, attention_mask, max_new_tokens, eos_token_id, generator,
-                 step_callback) -> DecodeCall:
+                 step_callback, stop=None) -> DecodeCall:
         context, denoiser = towers.context, towers.denoiser
         cfg = context.config
         if self.uses_denoiser and denoiser is None:
@@ -244,6 +241,8 @@ class Decoder(abc.ABC):
             raise ValueError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
         if step_callback is not None and not callable(step_callback):
             raise ValueError(f"step_callback must be callable, got {step_callback!r}")
+        if stop is not None and not callable(stop):
+            raise ValueError(f"stop must be a stop criterion (e.g. twotower.decoding.StopStrings), got {stop!r}")
         if self.uses_denoiser or self.uses_mask_token:
             check_token("mask_token_id", towers.mask_token_id, cfg.vocab_size)
         pad = towers.pad_token_id
@@ -264,7 +263,7 @@ class Decoder(abc.ABC):
                           mask_token_id=towers.mask_token_id, shifted=towers.shifted,
                           block_size=check_int("block_size", self.block_size_for(towers)), generator=generator,
                           step_callback=step_callback, ctx_device=ctx_device, den_device=den_device,
-                          use_mirror=use_mirror)
+                          use_mirror=use_mirror, stop=stop or None)
         self.check_call(call)
         return call
 
