@@ -214,3 +214,34 @@ def test_llama_recipe_fits_a_tiny_generated_checkpoint_and_exports(tmp_path):
     den = {k.removeprefix("denoiser."): v for k, v in ckpt["state_dict"].items() if k.startswith("denoiser.")}
     for k, v in model.denoiser.state_dict().items():
         assert torch.equal(v, den[k]), k
+    # predict on the export with every decoder, through the CLI (the speculative output is the AR one)
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in ("def f(x):\n", "import os\n", "x = ")))
+    texts = {}
+    for decoder in ("Autoregressive", "Speculative", "MaskDiffusion", "MockAR"):
+        out = tmp_path / f"pred_{decoder}.jsonl"
+        cli("predict", "--config", "recipes/generate.yaml", "--model.init_args.model", str(tmp_path / "tt"),
+            "--model.init_args.decoder", f"twotower.decoding.{decoder}", "--data.init_args.prompts", str(prompts),
+            "--model.init_args.max_new_tokens", "10", "--model.init_args.stop_at_eos", "false",
+            "--trainer.callbacks.init_args.output", str(out), "--trainer.enable_progress_bar", "false")
+        rows = [json.loads(line) for line in out.read_text().splitlines()]
+        assert [r["index"] for r in rows] == [0, 1, 2] and all(r["generated_tokens"] == 10 for r in rows)
+        texts[decoder] = [r["completion"] for r in rows]
+    assert texts["Speculative"] == texts["Autoregressive"]
+
+
+def test_convert_cli_on_a_llama_checkpoint(tmp_path):
+    """`python -m twotower.cli convert` on a transformers Llama folder: an identity-initialised two-tower
+    model whose mock-AR output is the AR output."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    save_tiny_llama(tmp_path / "ar", seed=11, vocab_size=260)
+    proc = subprocess.run([sys.executable, "-m", "twotower.cli", "convert", str(tmp_path / "ar"), str(tmp_path / "tt")],
+                          cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    model = TwoTowerLM.from_pretrained(tmp_path / "tt").eval()
+    assert type(model.denoiser) is LlamaDenoiserTower
+    ids, mask = left_pad(random_prompts([5, 9], seed=11))
+    assert torch.equal(model.generate_mock_ar(ids, 12, attention_mask=mask), model.generate_ar(ids, 12, attention_mask=mask))
