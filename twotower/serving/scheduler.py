@@ -137,6 +137,7 @@ class Scheduler:
         self.waiting: deque[Job] = deque()
         self.batches: dict[tuple, Stepper] = {}
         self.iterations = 0
+        self.peak = 0  # the most rows ever running at once (batching at work)
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -162,7 +163,7 @@ class Scheduler:
     def stats(self) -> dict:
         return {"running": sum(len(b) for b in list(self.batches.values())),
                 "waiting": len(self.waiting) + self.inbox.qsize(), "batches": len(self.batches),
-                "iterations": self.iterations}
+                "iterations": self.iterations, "peak": self.peak}
 
     # ---- the loop (scheduler thread) ----------------------------------------------------------
     def _loop(self) -> None:
@@ -170,6 +171,7 @@ class Scheduler:
             while not self._stop.is_set():
                 self._take(block=not self.batches and not self.waiting)
                 self._admit()
+                self.peak = max(self.peak, sum(len(b) for b in self.batches.values()))
                 for key, batch in list(self.batches.items()):
                     batch.leave()  # abandoned rows go before the forward
                     if len(batch):
