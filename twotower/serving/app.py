@@ -27,6 +27,8 @@ import uuid
 from contextlib import asynccontextmanager
 
 import torch
+from fastapi import FastAPI, Request  # module level: FastAPI resolves the handlers' annotations here
+from fastapi.responses import JSONResponse, StreamingResponse
 
 from ..decoding import Towers
 from ..tokenizers import ByteTokenizer
@@ -54,9 +56,6 @@ def create_app(settings: ServeSettings, model=None, tokenizer=None, on_limit=Non
     on_limit: called once `settings.max_requests` completions have been answered (`serve` stops
     uvicorn with it).
     """
-    from fastapi import FastAPI, Request
-    from fastapi.responses import JSONResponse, StreamingResponse
-
     model = load_model(settings) if model is None else model
     tokenizer = tokenizer or settings.tokenizer or ByteTokenizer()
     towers = Towers.of(model)
