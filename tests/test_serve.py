@@ -242,3 +242,37 @@ def test_cache_concat_is_exact():
     torch.testing.assert_close(ctx.extend(joined, nxt), want, rtol=1e-5, atol=1e-5)
     assert joined.compact() == 0  # the fullest row has no hole: nothing to squeeze
     assert HybridCache.cat == HybridCache.concat
+
+
+@pytest.mark.parametrize("mirror", [False, True])
+def test_scheduler_thread_with_a_small_batch_and_a_cache_mirror(tmp_path, mirror):
+    """The scheduler alone (no HTTP): more requests than max_batch wait their turn, and with an
+    explicit denoiser device the denoiser reads a mirror of the context cache; outputs as alone."""
+    from twotower.decoding import Towers
+    from twotower.model import TwoTowerLM
+    from twotower.serving.scheduler import Job, Scheduler
+
+    model = TwoTowerLM.from_pretrained(save_tiny_twotower(tmp_path / "tt")).eval()
+    towers = Towers.of(model)
+    if mirror:
+        towers.denoiser_device = "cpu"
+    srv = SimpleNamespace(model=model, settings=ServeSettings(max_tokens=16))
+    bodies = [{"prompt": p, "max_tokens": 6 + 4 * i, "decoder": d}
+              for i, (p, d) in enumerate([("ab", "speculative"), ("x = 1\n", "diffusion"), ("hi", "speculative"),
+                                          ("0123", "diffusion"), ("q", "ar"), ("def", "speculative")])]
+    events: dict[int, list] = {i: [] for i in range(len(bodies))}
+    sched = Scheduler(towers, max_batch=2).start()
+    try:
+        jobs = [sched.submit(Job(parse_completion(b, srv.settings, TOK, context_limit=512, model_block_size=8),
+                                 TOK, [TOK.eos_token_id], sink=events[i].append)) for i, b in enumerate(bodies)]
+        deadline = time.time() + 120
+        while not all(j.over for j in jobs):
+            assert time.time() < deadline
+            time.sleep(0.02)
+    finally:
+        sched.stop()
+    assert sched.peak <= 6  # three decoder settings, at most two rows each
+    for i, (b, j) in enumerate(zip(bodies, jobs)):
+        assert j.error is None and j.text == alone(srv, b)
+        assert "".join(e["text"] for e in events[i] if e["type"] == "text") == j.text
+        assert events[i][-1]["type"] == "done"

@@ -47,7 +47,10 @@ def load_model(settings: ServeSettings):
         if settings.dtype not in ("float32", "bfloat16", "float16"):
             raise ValueError(f"dtype must be float32, bfloat16 or float16, got {settings.dtype!r}")
         dtype = getattr(torch, settings.dtype)
-    return TwoTowerLM.from_pretrained(settings.model, dtype=dtype).to(settings.device).eval().requires_grad_(False)
+    model = TwoTowerLM.from_pretrained(settings.model, dtype=dtype).to(settings.device).eval().requires_grad_(False)
+    if settings.denoiser_device is not None:
+        model.place_towers_on_devices(settings.device, settings.denoiser_device)
+    return model
 
 
 def create_app(settings: ServeSettings, model=None, tokenizer=None, on_limit=None):
@@ -59,6 +62,8 @@ def create_app(settings: ServeSettings, model=None, tokenizer=None, on_limit=Non
     model = load_model(settings) if model is None else model
     tokenizer = tokenizer or settings.tokenizer or ByteTokenizer()
     towers = Towers.of(model)
+    if settings.denoiser_device is not None:  # explicit: the denoiser reads a mirror of the context cache
+        towers.denoiser_device = settings.denoiser_device
     eos = [tokenizer.eos_token_id] if settings.stop_at_eos else []
     limit = getattr(towers.context.config, "max_position_embeddings", None)
     scheduler = Scheduler(towers, max_batch=settings.max_batch)

@@ -36,7 +36,9 @@ class ServeSettings:
         max_batch: rows per working batch; further requests wait for a row to leave.
         stop_at_eos: a row ends at the tokenizer's EOS.
         dtype: float32 / bfloat16 / float16, or None to keep the checkpoint's.
-        device: where the towers run.
+        device: where the towers run (the context tower, when denoiser_device is set).
+        denoiser_device: put the denoiser on another device (e.g. "cuda:1"); it then reads a mirror
+            of the context cache. (The towers run one after the other: no overlap yet.)
         host / port: where to listen (127.0.0.1 unless told otherwise).
         max_requests: stop after serving this many requests (bounded runs); None = serve until stopped.
     """
@@ -55,6 +57,7 @@ class ServeSettings:
     stop_at_eos: bool = True
     dtype: str | None = None
     device: str = "cpu"
+    denoiser_device: str | None = None
     host: str = "127.0.0.1"
     port: int = 8000
     max_requests: int | None = None

@@ -78,6 +78,12 @@ class Stepper(abc.ABC):
         self.cache: HybridCache | None = None
         self.state: Tensor | None = None
         self.iterations = 0
+        self._mirror: HybridCache | None = None  # the denoiser's copy of the cache (two devices)
+        from ..decoding.base import _denoiser_placement, device_of
+
+        self.ctx_device = device_of(towers.context)
+        self.den_device, self.use_mirror = (None, False) if towers.denoiser is None else \
+            _denoiser_placement(towers.denoiser, self.ctx_device, towers.denoiser_device)
 
     @classmethod
     def key(cls, decoder: Decoder, towers: Towers) -> tuple:
@@ -97,6 +103,7 @@ class Stepper(abc.ABC):
             states.append(state)
             self.jobs.append(job)
         self.cache = caches[0] if len(caches) == 1 else HybridCache.concat(caches)
+        self._mirror = None
         self.state = torch.cat(states) if states[0] is not None else None
 
     def leave(self) -> None:
@@ -105,6 +112,7 @@ class Stepper(abc.ABC):
         if len(stay) == len(self.jobs):
             return
         self.jobs = [self.jobs[r] for r in stay]
+        self._mirror = None
         if not stay:
             self.cache, self.state = None, None
             return
@@ -129,11 +137,22 @@ class Stepper(abc.ABC):
         """Advance every row by one iteration and `commit` each row's new tokens to its job."""
 
     def _prompt(self, job) -> Tensor:
-        return torch.tensor([job.prompt_ids], dtype=torch.long, device=self.towers_device)
+        return torch.tensor([job.prompt_ids], dtype=torch.long, device=self.ctx_device)
 
-    @property
-    def towers_device(self) -> torch.device:
-        return next(self.towers.context.parameters()).device
+    def den_cache(self, cache: HybridCache | None = None) -> HybridCache:
+        """The cache as the denoiser reads it: the context cache itself on one device; on two, a
+        mirror on the denoiser's device, brought up to date incrementally (`HybridCache.mirror_to`)
+        and copied afresh after the batch changed shape (admit / leave / compact) or for a sub-batch."""
+        if not self.use_mirror:
+            return self.cache if cache is None else cache
+        if cache is not None:
+            return cache.mirror_to(self.den_device)
+        if self._mirror is None or self._mirror.batch_size != self.cache.batch_size \
+                or self._mirror.length > self.cache.length:
+            self._mirror = self.cache.mirror_to(self.den_device)
+        else:
+            self._mirror = self.cache.mirror_to(self.den_device, self._mirror)
+        return self._mirror
 
 
 class ARStepper(Stepper):
@@ -184,10 +203,12 @@ class SpeculativeStepper(Stepper):
     def _step(self) -> None:
         dec, towers, n = self.decoder, self.towers, self.decoder.block_size_for(self.towers)
         R = len(self.jobs)
-        x = denoise_block(towers.denoiser, self.cache, n, sampler=dec.sampler, steps=dec.draft_steps,
+        den = self.den_cache()
+        x = denoise_block(towers.denoiser, den, n, sampler=dec.sampler, steps=dec.draft_steps,
                           mask_token_id=towers.mask_token_id, chooser=_GREEDY, generator=None,
                           tracker=_Counter(self.jobs), rows=torch.arange(R), block_index=self.iterations,
-                          first=self.state, shift=towers.shifted, fill_last=True)
+                          first=self.state.to(den.device), shift=towers.shifted, fill_last=True)
+        x = x.to(self.ctx_device)
         logits = towers.context.extend(self.cache, x, logits="all", provisional=True)  # (R, n, V)
         ar = RowChoice(self.jobs)(logits)  # ar[:, i]: the context tower's token after x[:, :i + 1]
         keep = (ar[:, :-1] == x[:, 1:]).long().cumprod(-1).sum(-1) + 1
@@ -196,7 +217,8 @@ class SpeculativeStepper(Stepper):
         for j, row, k in zip(self.jobs, x.tolist(), keep.tolist()):
             j.commit(row[:k])
         if R > 1:  # rows keep different prefixes: squeeze the holes out once they add up (exact)
-            self.cache.compact(min_gain=max(n, self.cache.length // 8))
+            if self.cache.compact(min_gain=max(n, self.cache.length // 8)):
+                self._mirror = None
 
 
 class DiffusionStepper(Stepper):
@@ -227,15 +249,15 @@ class DiffusionStepper(Stepper):
             rows = [r for r, w in enumerate(widths) if w == n]
             whole = len(rows) == len(self.jobs)
             idx = torch.tensor(rows, dtype=torch.long, device=self.cache.device)
-            cache = self.cache if whole else self.cache.select(idx)
+            den = self.den_cache() if whole else self.den_cache(self.cache.select(idx))
             jobs = [self.jobs[r] for r in rows]
             choice = RowChoice(jobs)
             first = None
             if towers.shifted:  # the context tower's own next token opens the block ([MASK] never chosen)
                 last = (self.state if whole else self.state[idx]).float()
                 last[:, towers.mask_token_id] = float("-inf")
-                first = choice(last)
-            x = denoise_block(towers.denoiser, cache, n, sampler=dec.sampler, steps=dec.steps_per_block,
+                first = choice(last).to(den.device)
+            x = denoise_block(towers.denoiser, den, n, sampler=dec.sampler, steps=dec.steps_per_block,
                               mask_token_id=towers.mask_token_id, chooser=choice, generator=None,
                               tracker=_Counter(jobs), rows=torch.arange(len(rows)), block_index=self.iterations,
                               first=first, shift=towers.shifted)
@@ -250,7 +272,7 @@ class DiffusionStepper(Stepper):
         if len(stay) < len(self.jobs):
             idx = torch.tensor(stay, dtype=torch.long, device=self.cache.device)
             self.jobs = [self.jobs[r] for r in stay]
-            self.cache = self.cache.select(idx)
+            self.cache, self._mirror = self.cache.select(idx), None
             self.state = None if self.state is None else self.state[idx]
         logits = towers.context.extend(self.cache, x, logits="last" if towers.shifted else "none")
         if towers.shifted:
