@@ -112,7 +112,10 @@ class CompletionRequest:
         if self.decoder.temperature <= 0:
             return None
         g = torch.Generator()
-        return g.manual_seed(self.seed) if self.seed is not None else g.manual_seed(torch.seed())
+        if self.seed is None:
+            g.seed()  # a fresh non-deterministic seed for this generator only (global RNG untouched)
+            return g
+        return g.manual_seed(self.seed)
 
 
 def _int(body, name, default, minimum):
