@@ -295,6 +295,60 @@ class HybridCache(Cache):
             out.hole_bound = out.length
         return out
 
+    @classmethod
+    def concat(cls, caches: "list[HybridCache]") -> "HybridCache":
+        """Stack caches of other batches into one batch (b = sum of their batch sizes), in order.
+
+        Lengths may differ: each cache's positions are right-aligned to the longest length L and the
+        positions in front are left padding (False in `key_mask`). NemotronH attention has no
+        positional encoding, so a masked-out position is exactly an absent key: each row computes
+        what it computed in its own cache (continuous batching joins freshly prefilled requests
+        to a running batch this way). Mamba states are per row and simply stacked. The capacity
+        keeps every cache's spare room. Every cache must be settled and share devices and dtypes.
+        """
+        caches = list(caches)
+        if not caches:
+            raise ValueError("concat needs at least one cache")
+        for c in caches:
+            c.check_settled("concatenate it")
+        first = caches[0]
+        for c in caches[1:]:
+            if c.device != first.device or len(c.keys) != len(first.keys):
+                raise ValueError(f"concat: caches differ in device or layers ({c.device}, {len(c.keys)} layers vs "
+                                 f"{first.device}, {len(first.keys)}); build them with the same tower and device")
+        L = max(c.length for c in caches)
+        capacity = max(L - c.length + c.capacity for c in caches)
+        b = sum(c.batch_size for c in caches)
+
+        def stack_kv(store: str, i: int) -> Tensor | None:
+            parts = [getattr(c, store)[i] for c in caches]
+            if parts[0] is None:
+                return None
+            t0 = parts[0]
+            big = t0.new_zeros(b, t0.shape[1], capacity, t0.shape[3])
+            r = 0
+            for c, t in zip(caches, parts):
+                big[r: r + t.shape[0], :, L - c.length: L] = t[:, :, : c.length]
+                r += t.shape[0]
+            return big
+
+        keys = [stack_kv("keys", i) for i in range(len(first.keys))]
+        values = [stack_kv("values", i) for i in range(len(first.values))]
+        conv = [None if t is None else torch.cat([c.conv[i] for c in caches]) for i, t in enumerate(first.conv)]
+        ssm = [None if t is None else torch.cat([c.ssm[i] for c in caches]) for i, t in enumerate(first.ssm)]
+        mask = torch.zeros(b, capacity, dtype=torch.bool, device=first.device)
+        r = 0
+        for c in caches:
+            mask[r: r + c.batch_size, L - c.length: L] = c.key_mask[:, : c.length]
+            r += c.batch_size
+        padded = any(c.padded or c.length < L for c in caches)
+        # compact can shrink by at most L minus the fullest row's real count, and each cache's fullest
+        # row holds at least c.length - c.hole_bound real positions.
+        bound = min(L - c.length + c.hole_bound for c in caches) if padded else 0
+        return cls(keys, values, conv, ssm, mask, L, padded, hole_bound=bound)
+
+    cat = concat
+
     def mirror_to(self, device, mirror: "HybridCache | None" = None) -> "HybridCache":
         """Bring a copy of this cache on `device` up to date, sending only what changed.
 

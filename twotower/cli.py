@@ -4,6 +4,7 @@
     python -m twotower.cli predict --config recipes/generate.yaml
     python -m twotower.cli convert AR_DIR OUT_DIR        # AR NemotronH -> two-tower layout (identity init)
     python -m twotower.cli export RUN.ckpt OUT_DIR       # fine-tuning checkpoint -> two-tower layout
+    python -m twotower.cli serve --config recipes/serve.yaml [--port 8000]   # OpenAI-compatible server
 
 Every model and data component is chosen in YAML by `class_path` / `init_args`.
 """
@@ -14,7 +15,7 @@ import argparse
 import sys
 from pathlib import Path
 
-TOOLS = ("convert", "export")
+TOOLS = ("convert", "export", "serve")
 
 
 def convert(ar_dir: str, out_dir: str, *, block_size: int = 16, mask_token_id: int = 3,
@@ -89,6 +90,10 @@ def cli_main(args: list[str] | None = None, run: bool = True):
 def main(argv: list[str] | None = None) -> int:
     from_command_line = argv is None
     argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] == "serve":  # jsonargparse settings (recipes/serve.yaml); needs the [serve] extra
+        from .serving.app import main as serve_main
+
+        return serve_main(argv[1:])
     if argv and argv[0] in TOOLS:
         return _tool_main(argv)
     # LightningCLI reads sys.argv itself; handing it the same list again only triggers a warning.

@@ -1,0 +1,202 @@
+"""The HTTP layer: OpenAI-compatible endpoints on FastAPI + uvicorn, and `serve` (the CLI entry).
+
+    POST /v1/completions   {"prompt", "max_tokens", "temperature", "top_p", "stop", "seed", "stream",
+                            extensions: "decoder" (speculative | diffusion | ar), "threshold", "block_size"}
+    GET  /v1/models        the one served model
+    GET  /health           {"status": "ok", "running", "waiting", ...}
+
+Why FastAPI + uvicorn rather than LitServe: continuous batching at block boundaries needs our own
+scheduler loop either way (rows join and leave a working batch between denoiser blocks, which
+LitServe's request-level `batch` / `unbatch` cannot express), and LitServe's worker processes and
+its own batching window would sit between the HTTP layer and that loop. FastAPI gives plain async
+handlers, server-sent events through `StreamingResponse`, and disconnect detection, and runs in a
+thread inside tests and benchmarks; the scheduler thread (scheduler.py) owns the model.
+
+Handlers validate the body (400 + OpenAI's error object naming `param`), submit a `Job`, and read
+its events from an asyncio queue fed thread-safely by the scheduler. A stream that the client
+closes, or a non-streaming request whose client disconnects, cancels its job; the row leaves the
+batch at the next boundary and the server keeps serving.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+import uuid
+from contextlib import asynccontextmanager
+
+import torch
+from fastapi import FastAPI, Request  # module level: FastAPI resolves the handlers' annotations here
+from fastapi.responses import JSONResponse, StreamingResponse
+
+from ..decoding import Towers
+from ..tokenizers import ByteTokenizer
+from .requests import RequestError, ServeSettings, parse_completion
+from .scheduler import Job, Scheduler
+
+__all__ = ["create_app", "serve", "main", "load_model"]
+
+
+def load_model(settings: ServeSettings):
+    """The two-tower model of `settings.model`, in eval mode on `settings.device`."""
+    from ..model import TwoTowerLM
+
+    dtype = None
+    if settings.dtype is not None:
+        if settings.dtype not in ("float32", "bfloat16", "float16"):
+            raise ValueError(f"dtype must be float32, bfloat16 or float16, got {settings.dtype!r}")
+        dtype = getattr(torch, settings.dtype)
+    model = TwoTowerLM.from_pretrained(settings.model, dtype=dtype).to(settings.device).eval().requires_grad_(False)
+    if settings.denoiser_device is not None:
+        model.place_towers_on_devices(settings.device, settings.denoiser_device)
+    return model
+
+
+def create_app(settings: ServeSettings, model=None, tokenizer=None, on_limit=None):
+    """A FastAPI app serving `model` (default: loaded from settings.model).
+
+    on_limit: called once `settings.max_requests` completions have been answered (`serve` stops
+    uvicorn with it).
+    """
+    model = load_model(settings) if model is None else model
+    tokenizer = tokenizer or settings.tokenizer or ByteTokenizer()
+    towers = Towers.of(model)
+    if settings.denoiser_device is not None:  # explicit: the denoiser reads a mirror of the context cache
+        towers.denoiser_device = settings.denoiser_device
+    eos = [tokenizer.eos_token_id] if settings.stop_at_eos else []
+    limit = getattr(towers.context.config, "max_position_embeddings", None)
+    scheduler = Scheduler(towers, max_batch=settings.max_batch)
+    answered = [0]
+
+    @asynccontextmanager
+    async def lifespan(app):
+        scheduler.start()
+        try:
+            yield
+        finally:
+            scheduler.stop()
+
+    app = FastAPI(title="twotower", lifespan=lifespan)
+    app.state.scheduler, app.state.model, app.state.tokenizer = scheduler, model, tokenizer
+
+    def finished_one() -> None:
+        answered[0] += 1
+        if settings.max_requests is not None and answered[0] >= settings.max_requests and on_limit is not None:
+            on_limit()
+
+    def chunk(cid: str, created: int, text: str, reason) -> dict:
+        return {"id": cid, "object": "text_completion", "created": created, "model": settings.model_name,
+                "choices": [{"text": text, "index": 0, "logprobs": None, "finish_reason": reason}]}
+
+    @app.get("/health")
+    async def health():
+        return {"status": "ok", "model": settings.model_name, **scheduler.stats()}
+
+    @app.get("/v1/models")
+    async def models():
+        return {"object": "list", "data": [{"id": settings.model_name, "object": "model", "created": 0,
+                                            "owned_by": "twotower"}]}
+
+    @app.post("/v1/completions")
+    async def completions(request: Request):
+        try:
+            body = json.loads(await request.body())
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            return JSONResponse(RequestError("body", f"the body is not valid JSON: {e}").body(), status_code=400)
+        try:
+            req = parse_completion(body, settings, tokenizer, context_limit=limit, model_block_size=towers.block_size)
+        except RequestError as e:
+            return JSONResponse(e.body(), status_code=400)
+        loop, events = asyncio.get_running_loop(), asyncio.Queue()
+        job = Job(req, tokenizer, eos, sink=lambda ev: loop.call_soon_threadsafe(events.put_nowait, ev))
+        scheduler.submit(job)
+        cid, created = f"cmpl-{uuid.uuid4().hex[:24]}", int(time.time())
+        usage = lambda n: {"prompt_tokens": len(req.prompt_ids), "completion_tokens": n,  # noqa: E731
+                           "total_tokens": len(req.prompt_ids) + n}
+
+        if req.stream:
+            async def stream():
+                try:
+                    while True:
+                        ev = await events.get()
+                        if ev["type"] == "text":
+                            yield f"data: {json.dumps(chunk(cid, created, ev['text'], None))}\n\n"
+                        elif ev["type"] == "done":
+                            last = chunk(cid, created, "", ev["finish_reason"])
+                            last["usage"] = usage(ev["completion_tokens"])
+                            yield f"data: {json.dumps(last)}\n\n"
+                            break
+                        else:
+                            err = {"error": {"message": ev["message"], "type": "server_error", "param": None}}
+                            yield f"data: {json.dumps(err)}\n\n"
+                            break
+                    yield "data: [DONE]\n\n"
+                finally:  # normal end, or the client closed the stream (the generator is cancelled)
+                    job.cancel()
+                    finished_one()
+
+            return StreamingResponse(stream(), media_type="text/event-stream",
+                                     headers={"Cache-Control": "no-cache"})
+
+        try:
+            while True:
+                try:
+                    ev = await asyncio.wait_for(events.get(), timeout=0.25)
+                except asyncio.TimeoutError:
+                    if await request.is_disconnected():
+                        job.cancel()
+                        return JSONResponse({"error": {"message": "client disconnected"}}, status_code=499)
+                    continue
+                if ev["type"] == "done":
+                    out = chunk(cid, created, ev["text"], ev["finish_reason"])
+                    out["usage"] = usage(ev["completion_tokens"])
+                    return JSONResponse(out)
+                if ev["type"] == "error":
+                    return JSONResponse({"error": {"message": ev["message"], "type": "server_error", "param": None}},
+                                        status_code=500)
+        finally:
+            job.cancel()
+            finished_one()
+
+    return app
+
+
+def serve(settings: ServeSettings, model=None, tokenizer=None) -> None:
+    """Run the server in this thread until stopped (Ctrl-C) or `settings.max_requests` are answered."""
+    import uvicorn
+
+    server: uvicorn.Server | None = None
+
+    def stop() -> None:
+        if server is not None:
+            server.should_exit = True
+
+    app = create_app(settings, model, tokenizer, on_limit=stop)
+    server = uvicorn.Server(uvicorn.Config(app, host=settings.host, port=settings.port, log_level="warning"))
+    print(f"twotower: serving {settings.model_name} ({settings.model}) on http://{settings.host}:{settings.port}",
+          flush=True)
+    server.run()
+
+
+def settings_parser():
+    """jsonargparse parser: --config recipes/serve.yaml plus every ServeSettings field as a flag."""
+    from jsonargparse import ActionConfigFile, ArgumentParser
+
+    p = ArgumentParser(prog="python -m twotower.cli serve", description="OpenAI-compatible twotower server")
+    p.add_argument("--config", action=ActionConfigFile, help="a YAML file of ServeSettings (recipes/serve.yaml)")
+    p.add_class_arguments(ServeSettings, nested_key=None)
+    return p
+
+
+def parse_settings(argv: list[str]) -> ServeSettings:
+    p = settings_parser()
+    cfg = p.parse_args(argv)
+    cfg = p.instantiate_classes(cfg)
+    fields = {k: v for k, v in vars(cfg).items() if k != "config" and k in ServeSettings.__dataclass_fields__}
+    return ServeSettings(**fields)
+
+
+def main(argv: list[str]) -> int:
+    serve(parse_settings(argv))
+    return 0

@@ -1,0 +1,240 @@
+"""Continuous batching at block boundaries: one scheduler thread, one working batch per decoder setting.
+
+    HTTP handlers --submit(Job)--> inbox --> waiting (FIFO) --admit--> Stepper (per key) --step--> Job.commit
+                                                                                              |
+                            HTTP handlers <--events (text deltas, done)-- Job.sink  <---------+
+
+The scheduler thread owns every cache and tensor (no locks around the models). Each turn of its
+loop it takes new requests, admits as many as the working batches have room for (`max_batch` rows
+each; a new row is prefilled alone and concatenated into the batch), and advances every working
+batch by one iteration. A request joins at the next block boundary and leaves as soon as it has
+finished, so a long request never holds back a short one; an abandoned request (client gone) is
+dropped at the next boundary. An error inside a step fails the requests of that batch only.
+
+`Job` is one request's row: its cap, EOS ids and stop strings decide when it ends (`commit`), and
+it turns tokens into text deltas for streaming: the text is sent only up to a point no later token
+can change (trailing partial UTF-8 characters, and the last len(stop) - 1 characters while stop
+strings are set, are held back), so the streamed pieces always add up to the final text.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+
+import torch
+
+from ..decoding import StopStrings, Towers
+from .requests import CompletionRequest
+from .stepper import Stepper, stepper_for
+
+__all__ = ["Job", "Scheduler"]
+
+log = logging.getLogger("twotower.serving")
+
+
+class Job:
+    """One request's row in a working batch, and the bridge to its HTTP handler.
+
+    sink: called on the scheduler thread with each event: {"type": "text", "text": delta},
+    {"type": "done", "finish_reason": "stop" | "length", "text", "completion_tokens"}, or
+    {"type": "error", "message"}. It must not block (the HTTP layer hands it to its event loop).
+    """
+
+    def __init__(self, request: CompletionRequest, tokenizer, eos_ids, sink: Callable[[dict], None] | None = None):
+        self.request = request
+        self.prompt_ids, self.max_tokens, self.decoder = request.prompt_ids, request.max_tokens, request.decoder
+        self.generator = request.generator()
+        self.tokenizer, self.eos = tokenizer, frozenset(eos_ids)
+        self.stop = StopStrings(tokenizer.decode, request.stop) if request.stop else None
+        self.hold = max((len(s) for s in request.stop), default=1) - 1
+        self.sink = sink
+        self.tokens: list[int] = []
+        self.nfe = 0
+        self.finish_reason: str | None = None
+        self.cancelled = False
+        self.error: str | None = None
+        self.text = ""
+        self._sent = 0
+        self.submitted = time.perf_counter()
+
+    @property
+    def made(self) -> int:
+        return len(self.tokens)
+
+    @property
+    def over(self) -> bool:
+        """Finished, failed or abandoned: the row leaves its batch at the next boundary."""
+        return self.finish_reason is not None or self.cancelled or self.error is not None
+
+    def cancel(self) -> None:
+        """The client went away (called from the HTTP side; the scheduler drops the row)."""
+        self.cancelled = True
+
+    def fail(self, message: str) -> None:
+        self.error = message
+        self._send({"type": "error", "message": message})
+
+    def commit(self, tokens: list[int]) -> bool:
+        """Record a row's new tokens; returns whether the row has finished.
+
+        Keeps at most max_tokens in all, up to and including the first EOS; with stop strings the
+        row finishes once its text contains one (tokens kept whole, the text cut before it).
+        """
+        if self.over:
+            return True
+        tokens = list(tokens)[: self.max_tokens - len(self.tokens)]
+        for i, t in enumerate(tokens):
+            if t in self.eos:
+                tokens, self.finish_reason = tokens[: i + 1], "stop"
+                break
+        self.tokens.extend(tokens)
+        if self.finish_reason is None and len(self.tokens) >= self.max_tokens:
+            self.finish_reason = "length"
+        text = self.tokenizer.decode(self.tokens)
+        if self.stop is not None and any(s in text for s in self.stop.strings):
+            text, self.finish_reason = self.stop.truncate(text), "stop"
+        self._emit(text)
+        return self.finish_reason is not None
+
+    def _emit(self, text: str) -> None:
+        done = self.finish_reason is not None
+        upto = len(text) if done else len(text.rstrip("\ufffd")) - self.hold
+        if upto > self._sent:
+            self._send({"type": "text", "text": text[self._sent: upto]})
+            self._sent = upto
+        if done:
+            self.text = text
+            self._send({"type": "done", "finish_reason": self.finish_reason, "text": text,
+                        "completion_tokens": len(self.tokens), "nfe": self.nfe})
+
+    def _send(self, event: dict) -> None:
+        if self.sink is not None and not self.cancelled:
+            try:
+                self.sink(event)
+            except RuntimeError:  # the handler's event loop is gone: nobody is listening any more
+                self.cancelled = True
+
+
+class Scheduler:
+    """The batching loop, on its own thread.
+
+    Args:
+        towers: the model's towers (one device; the denoiser reads the context cache directly).
+        max_batch: rows per working batch.
+        idle_wait: seconds the idle loop blocks waiting for a request before checking for stop.
+    """
+
+    def __init__(self, towers: Towers, *, max_batch: int = 8, idle_wait: float = 0.05):
+        if isinstance(max_batch, bool) or not isinstance(max_batch, int) or max_batch < 1:
+            raise ValueError(f"max_batch must be an int >= 1, got {max_batch!r}")
+        self.towers, self.max_batch, self.idle_wait = towers, max_batch, idle_wait
+        self.inbox: queue.SimpleQueue[Job] = queue.SimpleQueue()
+        self.waiting: deque[Job] = deque()
+        self.batches: dict[tuple, Stepper] = {}
+        self.iterations = 0
+        self.peak = 0  # the most rows ever running at once (batching at work)
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    # ---- control (any thread) -----------------------------------------------------------------
+    def start(self) -> "Scheduler":
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._loop, name="twotower-scheduler", daemon=True)
+            self._thread.start()
+        return self
+
+    def stop(self, timeout: float = 10.0) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout)
+            self._thread = None
+
+    def submit(self, job: Job) -> Job:
+        if self._thread is None:
+            raise RuntimeError("the scheduler is not running; call start() first")
+        self.inbox.put(job)
+        return job
+
+    def stats(self) -> dict:
+        return {"running": sum(len(b) for b in list(self.batches.values())),
+                "waiting": len(self.waiting) + self.inbox.qsize(), "batches": len(self.batches),
+                "iterations": self.iterations, "peak": self.peak}
+
+    # ---- the loop (scheduler thread) ----------------------------------------------------------
+    def _loop(self) -> None:
+        with torch.inference_mode():
+            while not self._stop.is_set():
+                self._take(block=not self.batches and not self.waiting)
+                self._admit()
+                self.peak = max(self.peak, sum(len(b) for b in self.batches.values()))
+                for key, batch in list(self.batches.items()):
+                    batch.leave()  # abandoned rows go before the forward
+                    if len(batch):
+                        self._guarded(batch, batch.step)
+                    if not len(batch):
+                        del self.batches[key]
+                if self.batches:
+                    self.iterations += 1
+        for batch in self.batches.values():
+            for job in batch.jobs:
+                job.fail("the server is shutting down")
+        for job in self.waiting:
+            job.fail("the server is shutting down")
+
+    def _take(self, block: bool) -> None:
+        try:
+            if block:
+                self.waiting.append(self.inbox.get(timeout=self.idle_wait))
+            while True:
+                self.waiting.append(self.inbox.get_nowait())
+        except queue.Empty:
+            pass
+
+    def _admit(self) -> None:
+        """Join waiting requests to their working batch while it has room (FIFO per batch)."""
+        still: deque[Job] = deque()
+        while self.waiting:
+            job = self.waiting.popleft()
+            if job.over:
+                continue
+            try:
+                cls = stepper_for(job.decoder)
+                key = cls.key(job.decoder, self.towers)
+            except Exception as e:  # noqa: BLE001 - a request the loop cannot run fails alone
+                job.fail(f"cannot schedule this request: {e}")
+                continue
+            batch = self.batches.get(key)
+            if batch is None:
+                batch = self.batches[key] = cls(self.towers, job.decoder)
+            if len(batch) >= self.max_batch:
+                still.append(job)
+                continue
+            try:
+                batch.admit([job])
+            except Exception as e:  # noqa: BLE001
+                log.exception("prefill failed")
+                if job in batch.jobs:  # joined before the failure: the batch state is suspect
+                    self._fail_batch(key, batch, f"prefill failed: {e}")
+                else:
+                    job.fail(f"prefill failed: {e}")
+                if not len(batch):
+                    self.batches.pop(key, None)
+        self.waiting = still
+
+    def _guarded(self, batch: Stepper, fn) -> None:
+        try:
+            fn()
+        except Exception as e:  # noqa: BLE001 - fail this batch's requests, keep serving the others
+            log.exception("a decoding step failed")
+            key = next(k for k, b in self.batches.items() if b is batch)
+            self._fail_batch(key, batch, f"decoding failed: {type(e).__name__}: {e}")
+
+    def _fail_batch(self, key, batch: Stepper, message: str) -> None:
+        for job in batch.jobs:
+            job.fail(message)
+        batch.jobs, batch.cache, batch.state = [], None, None
