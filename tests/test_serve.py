@@ -244,10 +244,12 @@ def test_cache_concat_is_exact():
     assert HybridCache.cat == HybridCache.concat
 
 
-@pytest.mark.parametrize("mirror", [False, True])
-def test_scheduler_thread_with_a_small_batch_and_a_cache_mirror(tmp_path, mirror):
+@pytest.mark.parametrize("mirror, overlap", [(False, False), (True, False), (True, True)])
+def test_scheduler_thread_with_a_small_batch_and_a_cache_mirror(tmp_path, mirror, overlap):
     """The scheduler alone (no HTTP): more requests than max_batch wait their turn, and with an
-    explicit denoiser device the denoiser reads a mirror of the context cache; outputs as alone."""
+    explicit denoiser device the denoiser reads a mirror of the context cache; with `overlap` the
+    denoiser drafts one request group on a second thread while the context tower finishes
+    another. Outputs as alone in every case."""
     from twotower.decoding import Towers
     from twotower.model import TwoTowerLM
     from twotower.serving.scheduler import Job, Scheduler
@@ -261,7 +263,15 @@ def test_scheduler_thread_with_a_small_batch_and_a_cache_mirror(tmp_path, mirror
               for i, (p, d) in enumerate([("ab", "speculative"), ("x = 1\n", "diffusion"), ("hi", "speculative"),
                                           ("0123", "diffusion"), ("q", "ar"), ("def", "speculative")])]
     events: dict[int, list] = {i: [] for i in range(len(bodies))}
-    sched = Scheduler(towers, max_batch=2).start()
+    threads = set()
+    real_block = model.denoiser.forward_block
+
+    def spy(*a, **kw):
+        threads.add(threading.current_thread().name)
+        return real_block(*a, **kw)
+
+    model.denoiser.forward_block = spy
+    sched = Scheduler(towers, max_batch=2, overlap=overlap).start()
     try:
         jobs = [sched.submit(Job(parse_completion(b, srv.settings, TOK, context_limit=512, model_block_size=8),
                                  TOK, [TOK.eos_token_id], sink=events[i].append)) for i, b in enumerate(bodies)]
@@ -271,7 +281,11 @@ def test_scheduler_thread_with_a_small_batch_and_a_cache_mirror(tmp_path, mirror
             time.sleep(0.02)
     finally:
         sched.stop()
-    assert sched.peak <= 6  # three decoder settings, at most two rows each
+    assert sched.peak <= (12 if overlap else 6)  # three decoder settings (x 2 groups), at most two rows each
+    if overlap:  # drafts ran on the denoiser's thread beside another group's context half
+        assert sched.overlapped > 0 and any(t.startswith("twotower-denoiser") for t in threads)
+    else:
+        assert sched.overlapped == 0 and not any(t.startswith("twotower-denoiser") for t in threads)
     for i, (b, j) in enumerate(zip(bodies, jobs)):
         assert j.error is None and j.text == alone(srv, b)
         assert "".join(e["text"] for e in events[i] if e["type"] == "text") == j.text

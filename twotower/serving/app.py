@@ -66,7 +66,7 @@ def create_app(settings: ServeSettings, model=None, tokenizer=None, on_limit=Non
         towers.denoiser_device = settings.denoiser_device
     eos = [tokenizer.eos_token_id] if settings.stop_at_eos else []
     limit = getattr(towers.context.config, "max_position_embeddings", None)
-    scheduler = Scheduler(towers, max_batch=settings.max_batch)
+    scheduler = Scheduler(towers, max_batch=settings.max_batch, overlap=settings.overlap)
     answered = [0]
 
     @asynccontextmanager

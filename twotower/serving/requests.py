@@ -38,7 +38,10 @@ class ServeSettings:
         dtype: float32 / bfloat16 / float16, or None to keep the checkpoint's.
         device: where the towers run (the context tower, when denoiser_device is set).
         denoiser_device: put the denoiser on another device (e.g. "cuda:1"); it then reads a mirror
-            of the context cache. (The towers run one after the other: no overlap yet.)
+            of the context cache.
+        overlap: run the two towers at once across request groups (the denoiser drafts one group
+            while the context tower verifies another); None = on exactly when the towers are on two
+            devices. See `Scheduler`.
         host / port: where to listen (127.0.0.1 unless told otherwise).
         max_requests: stop after serving this many requests (bounded runs); None = serve until stopped.
     """
@@ -58,6 +61,7 @@ class ServeSettings:
     dtype: str | None = None
     device: str = "cpu"
     denoiser_device: str | None = None
+    overlap: bool | None = None
     host: str = "127.0.0.1"
     port: int = 8000
     max_requests: int | None = None

@@ -124,15 +124,26 @@ class Scheduler:
     """The batching loop, on its own thread.
 
     Args:
-        towers: the model's towers (one device; the denoiser reads the context cache directly).
+        towers: the model's towers (with `denoiser_device` set, the denoiser reads a mirror).
         max_batch: rows per working batch.
         idle_wait: seconds the idle loop blocks waiting for a request before checking for stop.
+        overlap: run the towers at the same time across request groups: requests of one decoder
+            setting are spread over two working batches, and while the context tower finishes
+            (verifies / extends) one batch, the denoiser drafts the next one on a second thread.
+            Each batch still runs draft -> finish in order, so outputs are unchanged. None (the
+            default) turns it on when the towers live on two different devices, where the two
+            halves really run in parallel; on one device they would only contend.
     """
 
-    def __init__(self, towers: Towers, *, max_batch: int = 8, idle_wait: float = 0.05):
+    def __init__(self, towers: Towers, *, max_batch: int = 8, idle_wait: float = 0.05, overlap: bool | None = None):
         if isinstance(max_batch, bool) or not isinstance(max_batch, int) or max_batch < 1:
             raise ValueError(f"max_batch must be an int >= 1, got {max_batch!r}")
+        if overlap is not None and not isinstance(overlap, bool):
+            raise ValueError(f"overlap must be a bool or None (auto), got {overlap!r}")
         self.towers, self.max_batch, self.idle_wait = towers, max_batch, idle_wait
+        self.overlap = _two_devices(towers) if overlap is None else overlap
+        self.overlapped = 0  # iterations whose draft ran beside another batch's finish
+        self._pool = None
         self.inbox: queue.SimpleQueue[Job] = queue.SimpleQueue()
         self.waiting: deque[Job] = deque()
         self.batches: dict[tuple, Stepper] = {}
@@ -143,6 +154,10 @@ class Scheduler:
 
     # ---- control (any thread) -----------------------------------------------------------------
     def start(self) -> "Scheduler":
+        if self.overlap and self._pool is None:
+            from concurrent.futures import ThreadPoolExecutor
+
+            self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="twotower-denoiser")
         if self._thread is None:
             self._thread = threading.Thread(target=self._loop, name="twotower-scheduler", daemon=True)
             self._thread.start()
@@ -153,6 +168,9 @@ class Scheduler:
         if self._thread is not None:
             self._thread.join(timeout)
             self._thread = None
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+            self._pool = None
 
     def submit(self, job: Job) -> Job:
         if self._thread is None:
@@ -163,7 +181,8 @@ class Scheduler:
     def stats(self) -> dict:
         return {"running": sum(len(b) for b in list(self.batches.values())),
                 "waiting": len(self.waiting) + self.inbox.qsize(), "batches": len(self.batches),
-                "iterations": self.iterations, "peak": self.peak}
+                "iterations": self.iterations, "peak": self.peak,
+                "overlap": self.overlap, "overlapped": self.overlapped}
 
     # ---- the loop (scheduler thread) ----------------------------------------------------------
     def _loop(self) -> None:
@@ -172,10 +191,15 @@ class Scheduler:
                 self._take(block=not self.batches and not self.waiting)
                 self._admit()
                 self.peak = max(self.peak, sum(len(b) for b in self.batches.values()))
-                for key, batch in list(self.batches.items()):
+                for batch in self.batches.values():
                     batch.leave()  # abandoned rows go before the forward
-                    if len(batch):
+                active = [b for b in self.batches.values() if len(b)]
+                if self.overlap and self._pool is not None and len(active) > 1:
+                    self._overlapped_turn(active)
+                else:
+                    for batch in active:
                         self._guarded(batch, batch.step)
+                for key, batch in list(self.batches.items()):
                     if not len(batch):
                         del self.batches[key]
                 if self.batches:
@@ -185,6 +209,24 @@ class Scheduler:
                 job.fail("the server is shutting down")
         for job in self.waiting:
             job.fail("the server is shutting down")
+
+    def _overlapped_turn(self, active: list[Stepper]) -> None:
+        """One iteration of every batch, pipelined: batch i+1 drafts (denoiser, worker thread) while
+        batch i finishes (context tower, this thread)."""
+        failed = object()
+
+        def draft(batch):
+            with torch.inference_mode():  # inference mode is per thread
+                return batch.draft()
+
+        pending = self._guarded(active[0], active[0].draft, failed)
+        for i, batch in enumerate(active):
+            future = self._pool.submit(draft, active[i + 1]) if i + 1 < len(active) else None
+            if pending is not failed:
+                self._guarded(batch, lambda b=batch, d=pending: b.finish(d))
+            if future is not None:
+                pending = self._guarded(active[i + 1], future.result, failed)
+                self.overlapped += 1
 
     def _take(self, block: bool) -> None:
         try:
@@ -208,6 +250,8 @@ class Scheduler:
             except Exception as e:  # noqa: BLE001 - a request the loop cannot run fails alone
                 job.fail(f"cannot schedule this request: {e}")
                 continue
+            if self.overlap:  # two groups per setting, so the towers have two batches to overlap
+                key = min(((*key, g) for g in (0, 1)), key=lambda k: len(self.batches.get(k, ())))
             batch = self.batches.get(key)
             if batch is None:
                 batch = self.batches[key] = cls(self.towers, job.decoder)
@@ -226,15 +270,27 @@ class Scheduler:
                     self.batches.pop(key, None)
         self.waiting = still
 
-    def _guarded(self, batch: Stepper, fn) -> None:
+    def _guarded(self, batch: Stepper, fn, failed=None):
+        """fn()'s result; on an exception the batch's requests fail (the others keep being served)
+        and `failed` is returned."""
         try:
-            fn()
+            return fn()
         except Exception as e:  # noqa: BLE001 - fail this batch's requests, keep serving the others
             log.exception("a decoding step failed")
             key = next(k for k, b in self.batches.items() if b is batch)
             self._fail_batch(key, batch, f"decoding failed: {type(e).__name__}: {e}")
+            return failed
 
     def _fail_batch(self, key, batch: Stepper, message: str) -> None:
         for job in batch.jobs:
             job.fail(message)
         batch.jobs, batch.cache, batch.state = [], None, None
+
+
+def _two_devices(towers: Towers) -> bool:
+    """Whether the context and the denoiser tower sit on different devices."""
+    if towers.denoiser is None:
+        return False
+    from ..decoding.base import device_of, same_device
+
+    return not same_device(device_of(towers.context), device_of(towers.denoiser))

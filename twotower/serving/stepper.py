@@ -123,7 +123,19 @@ class Stepper(abc.ABC):
 
     def step(self) -> None:
         """One iteration for every row, then finished rows leave."""
-        self._step()
+        self.finish(self.draft())
+
+    def draft(self):
+        """The denoiser-side half of an iteration (reads the batch, writes nothing the context half
+        reads concurrently); returns what `finish` needs. Decoders without a denoiser half return None."""
+        return None
+
+    def finish(self, drafted) -> None:
+        """The context-side half: commit the drafted tokens, extend the cache; then finished rows leave.
+
+        Splitting an iteration lets the scheduler overlap the towers across working batches when
+        they live on two devices: batch B's draft runs while batch A's `finish` runs."""
+        self._step(drafted)
         self.iterations += 1
         self.leave()
 
@@ -133,8 +145,9 @@ class Stepper(abc.ABC):
         """Run the prompt alone; return its 1-row cache and state."""
 
     @abc.abstractmethod
-    def _step(self) -> None:
-        """Advance every row by one iteration and `commit` each row's new tokens to its job."""
+    def _step(self, drafted) -> None:
+        """Advance every row by one iteration (given `draft()`'s result) and `commit` each row's new
+        tokens to its job."""
 
     def _prompt(self, job) -> Tensor:
         return torch.tensor([job.prompt_ids], dtype=torch.long, device=self.ctx_device)
@@ -166,7 +179,7 @@ class ARStepper(Stepper):
         job.nfe += 1
         return cache, logits[:, -1]
 
-    def _step(self) -> None:
+    def _step(self, drafted) -> None:
         token = RowChoice(self.jobs)(self.state)  # (R,)
         done = [j.commit([t]) for j, t in zip(self.jobs, token.tolist())]
         if all(done):
@@ -200,15 +213,18 @@ class SpeculativeStepper(Stepper):
                                                     capacity=ids.shape[1] + job.max_tokens + n)
         return cache, job.decoder.chooser(logits[:, -1], job.generator)
 
-    def _step(self) -> None:
+    def draft(self) -> Tensor:
         dec, towers, n = self.decoder, self.towers, self.decoder.block_size_for(self.towers)
-        R = len(self.jobs)
         den = self.den_cache()
-        x = denoise_block(towers.denoiser, den, n, sampler=dec.sampler, steps=dec.draft_steps,
-                          mask_token_id=towers.mask_token_id, chooser=_GREEDY, generator=None,
-                          tracker=_Counter(self.jobs), rows=torch.arange(R), block_index=self.iterations,
-                          first=self.state.to(den.device), shift=towers.shifted, fill_last=True)
-        x = x.to(self.ctx_device)
+        return denoise_block(towers.denoiser, den, n, sampler=dec.sampler, steps=dec.draft_steps,
+                             mask_token_id=towers.mask_token_id, chooser=_GREEDY, generator=None,
+                             tracker=_Counter(self.jobs), rows=torch.arange(len(self.jobs)),
+                             block_index=self.iterations, first=self.state.to(den.device), shift=towers.shifted,
+                             fill_last=True)
+
+    def _step(self, drafted: Tensor) -> None:
+        towers, n, R = self.towers, self.decoder.block_size_for(self.towers), len(self.jobs)
+        x = drafted.to(self.ctx_device)
         logits = towers.context.extend(self.cache, x, logits="all", provisional=True)  # (R, n, V)
         ar = RowChoice(self.jobs)(logits)  # ar[:, i]: the context tower's token after x[:, :i + 1]
         keep = (ar[:, :-1] == x[:, 1:]).long().cumprod(-1).sum(-1) + 1
@@ -241,7 +257,8 @@ class DiffusionStepper(Stepper):
         logits, cache = self.towers.context.prefill(ids, None, logits=want, capacity=ids.shape[1] + job.max_tokens)
         return cache, (logits[:, -1] if self.towers.shifted else None)
 
-    def _step(self) -> None:
+    def draft(self) -> list[list[int]]:
+        """Denoise every row's next block (rows with a shorter last block in a group of their own)."""
         dec, towers, n_max = self.decoder, self.towers, self.decoder.block_size_for(self.towers)
         widths = [min(n_max, j.max_tokens - j.made) for j in self.jobs]
         blocks: list[list[int] | None] = [None] * len(self.jobs)
@@ -263,6 +280,10 @@ class DiffusionStepper(Stepper):
                               first=first, shift=towers.shifted)
             for r, block in zip(rows, x.tolist()):
                 blocks[r] = block
+        return blocks
+
+    def _step(self, blocks: list[list[int]]) -> None:
+        towers = self.towers
         done = [j.commit(b) for j, b in zip(self.jobs, blocks)]
         if all(done):
             return
