@@ -102,7 +102,7 @@ class Stepper(abc.ABC):
             caches.append(cache)
             states.append(state)
             self.jobs.append(job)
-        self.cache = caches[0] if len(caches) == 1 else HybridCache.concat(caches)
+        self.cache = caches[0] if len(caches) == 1 else type(caches[0]).concat(caches)
         self._mirror = None
         self.state = torch.cat(states) if states[0] is not None else None
 
