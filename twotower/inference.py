@@ -69,14 +69,17 @@ class GenerationModule(L.LightningModule):
         tokenizer: decodes completions; default the byte tokenizer.
         compile: `torch.compile` the towers' hot paths (`TwoTowerLM.compile_towers`) when prediction
             starts: slower first batches, faster after.
+        quantize: "int8" loads both towers with weight-only int8 projections (about half the
+            memory; see `twotower.quantization`); None keeps full precision.
     """
 
     def __init__(self, model: str, decoder: Decoder | None = None, max_new_tokens: int = 128,
                  stop_at_eos: bool = True, context_device: str | None = None, denoiser_device: str | None = None,
                  dtype: str | None = None, seed: int | None = 0, tokenizer: Tokenizer | None = None,
-                 compile: bool = False):
+                 compile: bool = False, quantize: str | None = None):
         super().__init__()
         from .model import TwoTowerLM
+        from .quantization import check_quantize
 
         if decoder is not None and not isinstance(decoder, Decoder):
             raise ValueError(f"decoder must be a twotower.decoding.Decoder (chosen by class_path), got {decoder!r}")
@@ -89,10 +92,11 @@ class GenerationModule(L.LightningModule):
             if dtype not in ("float32", "bfloat16", "float16"):
                 raise ValueError(f"dtype must be float32, bfloat16 or float16, got {dtype!r}")
             torch_dtype = getattr(torch, dtype)
+        self.quantize = check_quantize(quantize)
         if not (Path(model) / "config.json").exists():
             raise FileNotFoundError(f"two-tower checkpoint not found: {Path(model) / 'config.json'} "
                                     "(make one with `python -m twotower.cli convert` or `export`)")
-        self.model = TwoTowerLM.from_pretrained(model, dtype=torch_dtype)
+        self.model = TwoTowerLM.from_pretrained(model, dtype=torch_dtype, quantize=quantize)
         self.model.eval().requires_grad_(False)
         self.decoder = MaskDiffusion() if decoder is None else decoder
         self.max_new_tokens = max_new_tokens
@@ -116,6 +120,7 @@ class GenerationModule(L.LightningModule):
             "stop_at_eos": self.stop_at_eos,
             "seed": self.seed,
             "dtype": self.dtype_name,
+            "quantize": self.quantize,
             "tokenizer": repr(self.tokenizer),
         }
 
