@@ -130,7 +130,7 @@ class JsonlPredictionWriter(BasePredictionWriter):
         if trainer.is_global_zero:
             try:
                 decision = ("ok", self._prepare(settings, getattr(datamodule, "prompt_texts", None)))
-            except (ValueError, OSError) as e:
+            except Exception as e:  # sent, not raised here: the other ranks wait in the broadcast
                 decision = ("error", f"{type(e).__name__}: {e}")
         decision = trainer.strategy.broadcast(decision, src=0)
         if decision[0] == "error":  # every rank raises, so none waits in a collective for rank 0
@@ -217,9 +217,15 @@ class JsonlPredictionWriter(BasePredictionWriter):
             os.close(self._fd)
             self._fd = None
         trainer.strategy.barrier("twotower-jsonl-parts-written")
+        error = None
         if trainer.is_global_zero:
-            self.merge(expected=getattr(trainer.datamodule, "num_prompts", None))
+            try:
+                self.merge(expected=getattr(trainer.datamodule, "num_prompts", None))
+            except Exception as e:  # raised after the barrier, so that no rank waits for rank 0 forever
+                error = e
         trainer.strategy.barrier("twotower-jsonl-merged")
+        if error is not None:
+            raise error
 
     def merge(self, expected: int | None = None) -> int:
         """Rank 0: the output (kept on resume; a fresh run removed it at start) and every part file
