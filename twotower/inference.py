@@ -5,21 +5,52 @@ recipe names by `class_path` (any `twotower.decoding.Decoder` subclass, the user
 which carries its own settings (sampler, block size, steps, temperature, ...). Inference-only
 choices live here, never in training checkpoints. Two-device placement happens when prediction
 starts (LightningCLI first moves the whole module to one device). Each prediction is a list of
-per-prompt dicts; `JsonlPredictionWriter` writes them as JSONL.
+per-prompt dicts; `twotower.writers.JsonlPredictionWriter` (re-exported here) writes them as one
+JSONL file, under DDP too, and resumes a killed run. `prediction_settings()` is what the writer's
+sidecar records, so that a resume with another model or decoder is refused.
 """
 
 from __future__ import annotations
 
-import json
+import hashlib
+import os
 from pathlib import Path
 from typing import Any
 
 import lightning as L
 import torch
-from lightning.pytorch.callbacks import BasePredictionWriter
 
 from .decoding import Decoder, MaskDiffusion
 from .tokenizers import ByteTokenizer, Tokenizer
+from .writers import JsonlPredictionWriter
+
+__all__ = ["GenerationModule", "JsonlPredictionWriter", "checkpoint_fingerprint"]
+
+_SAMPLE = 1 << 20  # bytes hashed from each end of a weight file's data
+
+
+def checkpoint_fingerprint(path: str | os.PathLike) -> str:
+    """A short hash identifying a checkpoint directory's contents, cheap at any size.
+
+    It covers config.json, the safetensors index, and per weight file its name, size, header
+    (names, dtypes, shapes) and the first and last MiB of its data: retraining changes those bytes,
+    while hashing every byte of a large checkpoint would take minutes. mtimes are left out, so a
+    copied checkpoint keeps its fingerprint.
+    """
+    root = Path(path)
+    h = hashlib.sha256()
+    for name in ("config.json", "model.safetensors.index.json"):
+        if (root / name).exists():
+            h.update(name.encode() + b"\0" + (root / name).read_bytes())
+    for file in sorted(root.glob("*.safetensors")):
+        size = file.stat().st_size
+        h.update(f"{file.name}\0{size}\0".encode())
+        with file.open("rb") as f:
+            h.update(f.read(_SAMPLE))
+            if size > _SAMPLE:
+                f.seek(max(_SAMPLE, size - _SAMPLE))
+                h.update(f.read(_SAMPLE))
+    return h.hexdigest()[:16]
 
 
 class GenerationModule(L.LightningModule):
@@ -38,14 +69,17 @@ class GenerationModule(L.LightningModule):
         tokenizer: decodes completions; default the byte tokenizer.
         compile: `torch.compile` the towers' hot paths (`TwoTowerLM.compile_towers`) when prediction
             starts: slower first batches, faster after.
+        quantize: "int8" loads both towers with weight-only int8 projections (about half the
+            memory; see `twotower.quantization`); None keeps full precision.
     """
 
     def __init__(self, model: str, decoder: Decoder | None = None, max_new_tokens: int = 128,
                  stop_at_eos: bool = True, context_device: str | None = None, denoiser_device: str | None = None,
                  dtype: str | None = None, seed: int | None = 0, tokenizer: Tokenizer | None = None,
-                 compile: bool = False):
+                 compile: bool = False, quantize: str | None = None):
         super().__init__()
         from .model import TwoTowerLM
+        from .quantization import check_quantize
 
         if decoder is not None and not isinstance(decoder, Decoder):
             raise ValueError(f"decoder must be a twotower.decoding.Decoder (chosen by class_path), got {decoder!r}")
@@ -58,10 +92,11 @@ class GenerationModule(L.LightningModule):
             if dtype not in ("float32", "bfloat16", "float16"):
                 raise ValueError(f"dtype must be float32, bfloat16 or float16, got {dtype!r}")
             torch_dtype = getattr(torch, dtype)
+        self.quantize = check_quantize(quantize)
         if not (Path(model) / "config.json").exists():
             raise FileNotFoundError(f"two-tower checkpoint not found: {Path(model) / 'config.json'} "
                                     "(make one with `python -m twotower.cli convert` or `export`)")
-        self.model = TwoTowerLM.from_pretrained(model, dtype=torch_dtype)
+        self.model = TwoTowerLM.from_pretrained(model, dtype=torch_dtype, quantize=quantize)
         self.model.eval().requires_grad_(False)
         self.decoder = MaskDiffusion() if decoder is None else decoder
         self.max_new_tokens = max_new_tokens
@@ -70,6 +105,24 @@ class GenerationModule(L.LightningModule):
         self.seed = seed
         self.tokenizer = tokenizer or ByteTokenizer()
         self.compile = compile
+        self.model_dir = str(Path(model).resolve())
+        self.fingerprint = checkpoint_fingerprint(model)
+        self.dtype_name = dtype
+
+    def prediction_settings(self) -> dict[str, Any]:
+        """What determines the completions, as JSON values: recorded next to a predictions file so
+        that resuming it with another model, decoder or setting is refused."""
+        return {
+            "model": self.model_dir,
+            "fingerprint": self.fingerprint,
+            "decoder": repr(self.decoder),
+            "max_new_tokens": self.max_new_tokens,
+            "stop_at_eos": self.stop_at_eos,
+            "seed": self.seed,
+            "dtype": self.dtype_name,
+            "quantize": self.quantize,
+            "tokenizer": repr(self.tokenizer),
+        }
 
     def on_predict_start(self) -> None:
         if self.devices[0] is not None:
@@ -101,20 +154,3 @@ class GenerationModule(L.LightningModule):
                 "decoder": type(self.decoder).__name__,
             })
         return rows
-
-
-class JsonlPredictionWriter(BasePredictionWriter):
-    """Writes each predicted row as one JSON line, in prompt order, as batches finish."""
-
-    def __init__(self, output: str = "predictions.jsonl"):
-        super().__init__(write_interval="batch")
-        self.output = Path(output)
-
-    def on_predict_start(self, trainer, pl_module) -> None:
-        self.output.parent.mkdir(parents=True, exist_ok=True)
-        self.output.write_text("")  # a fresh file per run: no stale lines from an earlier run
-
-    def write_on_batch_end(self, trainer, pl_module, prediction, batch_indices, batch, batch_idx, dataloader_idx):
-        with self.output.open("a", encoding="utf-8") as f:
-            for row in prediction:
-                f.write(json.dumps(row, ensure_ascii=False) + "\n")

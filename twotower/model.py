@@ -81,6 +81,7 @@ class TwoTowerLM(ReleasedGenerationMixin, nn.Module):
         self.context = context if context is not None else family.context(config)
         self.denoiser = denoiser if denoiser is not None else family.denoiser(config, time_init=time_init, time=time)
         self.context.requires_grad_(False)
+        self.quantization: str | None = None  # set by `twotower.quantization.quantize_model`
 
     @property
     def max_position_embeddings(self) -> int | None:
@@ -114,15 +115,19 @@ class TwoTowerLM(ReleasedGenerationMixin, nn.Module):
 
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike, *, dtype: torch.dtype | str | None = None,
-                        device=None) -> "TwoTowerLM":
+                        device=None, quantize: str | None = None) -> "TwoTowerLM":
         """Load a released-layout two-tower directory (config.json + safetensors, sharded or not,
         fused or per-expert MoE weights).
 
         `block_size` and `mask_token_id` come from config.json when present (else 16 and 3).
         dtype=None keeps the stored dtypes; otherwise floating weights are cast (routers stay float32).
+        quantize="int8": weight-only int8 for both towers' projection weights (embeddings, heads, time
+        modules and routers stay in `dtype`); see `twotower.quantization`. Inference only.
         """
+        from .quantization import check_quantize, quantize_model
         from .towers.loading import load_two_tower_state_dict
 
+        check_quantize(quantize)
         config, raw, state = load_two_tower_state_dict(path, dtype=dtype)
         kwargs = dict(block_size=raw.get("block_size", DEFAULT_BLOCK_SIZE),
                       mask_token_id=raw.get("mask_token_id", DEFAULT_MASK_TOKEN_ID),
@@ -132,6 +137,8 @@ class TwoTowerLM(ReleasedGenerationMixin, nn.Module):
             model = cls(config, **kwargs)
         model.load_released_state_dict(state, where=str(path))
         model.context.requires_grad_(False)
+        if quantize is not None:
+            quantize_model(model, quantize)
         return model.to(device) if device is not None else model
 
     # ---- released layout ----------------------------------------------------------------------
@@ -158,6 +165,9 @@ class TwoTowerLM(ReleasedGenerationMixin, nn.Module):
         architectures) and safetensors weights (sharded above `max_shard_size` bytes)."""
         from .towers.loading import save_state_dict
 
+        if self.quantization is not None:
+            raise ValueError(f"this model is quantized ({self.quantization}) for inference and cannot be saved; "
+                             "save the full-precision model and pass quantize= when loading it")
         extra = {"block_size": self.block_size, "mask_token_id": self.mask_token_id, "shifted": self.shifted,
                  "architectures": ["TwoTowerLM"], "time_conditioning": self.denoiser.time.spec()}
         save_state_dict(self.released_state_dict(), path, config=self.config, max_shard_size=max_shard_size,

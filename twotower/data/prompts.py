@@ -104,13 +104,16 @@ class _PromptCollator:
 
 
 class _PromptItems(Dataset):
-    def __init__(self, prompts: list[str], tokens: list[list[int]]) -> None:
-        self.prompts, self.tokens = prompts, tokens
+    """The prompts at `indices` (positions in the full prompt list), as (index, text, tokens)."""
+
+    def __init__(self, prompts: list[str], tokens: list[list[int]], indices: list[int]) -> None:
+        self.prompts, self.tokens, self.indices = prompts, tokens, indices
 
     def __len__(self) -> int:
-        return len(self.prompts)
+        return len(self.indices)
 
-    def __getitem__(self, i: int) -> tuple[int, str, list[int]]:
+    def __getitem__(self, k: int) -> tuple[int, str, list[int]]:
+        i = self.indices[k]
         return i, self.prompts[i], self.tokens[i]
 
 
@@ -130,7 +133,15 @@ class PromptDataModule(L.LightningDataModule):
         batch_size: prompts per batch.
         add_bos: prepend the bos token (an empty prompt then means unconditional generation).
         num_workers: DataLoader workers.
+
+    Resuming: `skip_prompts(indices)` leaves finished prompts out of `predict_dataloader`
+    (`twotower.writers.JsonlPredictionWriter(resume=True)` calls it); batches keep the original
+    indices. Under DDP, fewer remaining prompts than ranks are repeated up to the rank count
+    (Lightning's predict sampler needs one per rank; the writer drops the repeats).
     """
+
+    # A resumed run may have nothing left to do; Lightning then skips predict instead of failing.
+    allow_zero_length_dataloader_with_multiple_devices = True
 
     def __init__(
         self,
@@ -156,6 +167,23 @@ class PromptDataModule(L.LightningDataModule):
         self.num_workers = num_workers
         self.prompt_texts: list[str] | None = None
         self.prompt_tokens: list[list[int]] | None = None
+        self.skipped: set[int] = set()
+
+    @property
+    def num_prompts(self) -> int:
+        self.setup()
+        return len(self.prompt_texts)
+
+    def skip_prompts(self, indices) -> int:
+        """Leave the prompts at `indices` out of `predict_dataloader` (they are done); returns how
+        many remain. Indices outside the prompt list are refused."""
+        self.setup()
+        indices = set(int(i) for i in indices)
+        bad = sorted(i for i in indices if not 0 <= i < len(self.prompt_texts))
+        if bad:
+            raise ValueError(f"skip_prompts: indices {bad[:10]} are outside the {len(self.prompt_texts)} prompts")
+        self.skipped = indices
+        return len(self.prompt_texts) - len(indices)
 
     def setup(self, stage: str | None = None) -> None:
         """Read (if from a file) and tokenise the prompts; idempotent."""
@@ -172,8 +200,12 @@ class PromptDataModule(L.LightningDataModule):
 
     def predict_dataloader(self) -> DataLoader:
         self.setup()
+        keep = [i for i in range(len(self.prompt_texts)) if i not in self.skipped]
+        ranks = self.trainer.world_size if self.trainer is not None else 1
+        if 0 < len(keep) < ranks:
+            keep = (keep * ranks)[:ranks]
         return DataLoader(
-            _PromptItems(self.prompt_texts, self.prompt_tokens),
+            _PromptItems(self.prompt_texts, self.prompt_tokens, keep),
             batch_size=self.batch_size,
             shuffle=False,
             collate_fn=_PromptCollator(self.tokenizer.pad_token_id),

@@ -255,33 +255,44 @@ class Experts(nn.Module):
         self.down_proj = nn.Parameter(torch.randn(E, d_in, inter) * config.initializer_range)
         self.act = _activation(config.mlp_hidden_act)
 
+    def expert_weights(self, dtype: torch.dtype | None = None) -> tuple[Tensor, Tensor]:
+        """(up (E, I, d), down (E, d, I)) as the forward uses them; a quantized subclass
+        (`twotower.quantization`) dequantizes here to `dtype` (the activations'), once per forward."""
+        return self.up_proj, self.down_proj
+
     def forward(self, x: Tensor, weights: Tensor, idx: Tensor) -> Tensor:
         """x (N, d), weights/idx (N, k) -> (N, d): sum_j weights[:, j] * expert_{idx[:, j]}(x)."""
-        E = self.up_proj.shape[0]
+        up, down = self.expert_weights(x.dtype)
         # Dense when the chosen slots could cover at least half of the experts: it then wastes at
         # most as many expert evaluations as it uses and saves the sparse path's per-expert loop
         # (on CPU a 1-token step of a 4-expert, top-2 model: 46 us dense vs 71 us sparse).
-        if 2 * idx.numel() >= E:
-            return self._dense(x, weights, idx)
-        return self._sparse(x, weights, idx)
+        if 2 * idx.numel() >= up.shape[0]:
+            return self._dense(x, weights, idx, up, down)
+        return self._sparse(x, weights, idx, up, down)
 
-    def _dense(self, x: Tensor, weights: Tensor, idx: Tensor) -> Tensor:
+    def _dense(self, x: Tensor, weights: Tensor, idx: Tensor, up: Tensor | None = None,
+               down: Tensor | None = None) -> Tensor:
         """Every expert on every token, combined with zero weight for the unchosen ones.
 
         When most experts receive tokens anyway (small E or many tokens), a few batched matmuls
         cost less than a Python loop over experts; unchosen experts contribute exactly 0.
         """
-        E = self.up_proj.shape[0]
+        if up is None:
+            up, down = self.expert_weights(x.dtype)
+        E = up.shape[0]
         gate = torch.zeros(x.shape[0], E, dtype=weights.dtype, device=x.device).scatter_add_(1, idx, weights)
-        hidden = self.act(torch.einsum("nd,eid->eni", x, self.up_proj))
-        y = torch.einsum("eni,edi->end", hidden, self.down_proj)
+        hidden = self.act(torch.einsum("nd,eid->eni", x, up))
+        y = torch.einsum("eni,edi->end", hidden, down)
         return torch.einsum("end,ne->nd", y.to(gate.dtype), gate).to(x.dtype)
 
-    def _sparse(self, x: Tensor, weights: Tensor, idx: Tensor) -> Tensor:
+    def _sparse(self, x: Tensor, weights: Tensor, idx: Tensor, up: Tensor | None = None,
+                down: Tensor | None = None) -> Tensor:
+        if up is None:
+            up, down = self.expert_weights(x.dtype)
         out = torch.zeros_like(x, dtype=weights.dtype)
         flat_idx = idx.reshape(-1)
         order = flat_idx.argsort(stable=True)
-        counts = torch.bincount(flat_idx, minlength=self.up_proj.shape[0]).tolist()
+        counts = torch.bincount(flat_idx, minlength=up.shape[0]).tolist()
         token = order // idx.shape[1]
         w_sorted = weights.reshape(-1)[order]
         start = 0
@@ -290,7 +301,7 @@ class Experts(nn.Module):
             if n == 0:
                 continue
             tok = token[start:start + n]
-            y = F.linear(self.act(F.linear(x[tok], self.up_proj[e])), self.down_proj[e])
+            y = F.linear(self.act(F.linear(x[tok], up[e])), down[e])
             out.index_add_(0, tok, (y * w_sorted[start:start + n, None]).to(out.dtype))
             start += n
         return out.to(x.dtype)
