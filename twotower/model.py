@@ -94,69 +94,87 @@ class TwoTowerLM(ReleasedGenerationMixin, nn.Module):
     def from_backbone(cls, path_or_tower: str | os.PathLike | ContextTowerBase, *,
                       block_size: int = DEFAULT_BLOCK_SIZE, mask_token_id: int = DEFAULT_MASK_TOKEN_ID,
                       time_init: str = "identity", dtype: torch.dtype | None = None, shifted: bool = False,
-                      time: dict | None = None) -> "TwoTowerLM":
+                      time: dict | None = None, device=None, denoiser_device=None) -> "TwoTowerLM":
         """Two towers from an AR checkpoint directory of any registered family (or a context tower).
 
         The denoiser and its head are copies of the AR model (docs/design.md, section 3); with
         time_init="identity" a fresh model's denoiser computes exactly the AR layers.
+        The context tower is read straight onto `device` and the denoiser copied straight onto
+        `denoiser_device` (default: `device`), each weight once: peak memory is both towers plus
+        one tensor, with no move afterwards.
         """
         if isinstance(path_or_tower, ContextTowerBase):
             context = path_or_tower
             if dtype is not None:
                 context.to(dtype)
                 context.restore_precision()
+            if device is not None:
+                context.to(device)
         else:
-            context = ContextTowerBase.from_pretrained(path_or_tower, dtype=dtype)
-        denoiser = family_for(context.config).denoiser.from_context(context, time_init=time_init, time=time)
+            context = ContextTowerBase.from_pretrained(path_or_tower, dtype=dtype, device=device)
+        denoiser = family_for(context.config).denoiser.from_context(
+            context, time_init=time_init, time=time, device=denoiser_device if denoiser_device is not None else device)
         _match_router_precision(denoiser, context)
         return cls(context.config, block_size=block_size, mask_token_id=mask_token_id,
                    context=context, denoiser=denoiser, shifted=shifted)
 
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike, *, dtype: torch.dtype | str | None = None,
-                        device=None) -> "TwoTowerLM":
+                        device=None, denoiser_device=None) -> "TwoTowerLM":
         """Load a released-layout two-tower directory (config.json + safetensors, sharded or not,
         fused or per-expert MoE weights).
 
         `block_size` and `mask_token_id` come from config.json when present (else 16 and 3).
         dtype=None keeps the stored dtypes; otherwise floating weights are cast (routers stay float32).
+        The model is built on the meta device and each weight is read once from the memory-mapped
+        files straight into its dtype on its tower's device: the context tower on `device`, the
+        denoiser (and time modules) on `denoiser_device` (default: `device`).
         """
-        from .towers.loading import load_two_tower_state_dict
+        from .towers.lazy import close_refs
+        from .towers.loading import two_tower_refs
 
-        config, raw, state = load_two_tower_state_dict(path, dtype=dtype)
-        kwargs = dict(block_size=raw.get("block_size", DEFAULT_BLOCK_SIZE),
-                      mask_token_id=raw.get("mask_token_id", DEFAULT_MASK_TOKEN_ID),
-                      shifted=bool(raw.get("shifted", False)), time=raw.get("time_conditioning"))
-        # Build on the meta device and adopt the loaded tensors: no random init, no second copy.
-        with torch.device("meta"):
-            model = cls(config, **kwargs)
-        model.load_released_state_dict(state, where=str(path))
+        config, raw, refs = two_tower_refs(path)
+        try:
+            kwargs = dict(block_size=raw.get("block_size", DEFAULT_BLOCK_SIZE),
+                          mask_token_id=raw.get("mask_token_id", DEFAULT_MASK_TOKEN_ID),
+                          shifted=bool(raw.get("shifted", False)), time=raw.get("time_conditioning"))
+            with torch.device("meta"):
+                model = cls(config, **kwargs)
+            model.load_released_state_dict(refs, where=str(path), dtype=dtype, device=device,
+                                           denoiser_device=denoiser_device)
+        finally:
+            close_refs(refs.values())
         model.context.requires_grad_(False)
-        return model.to(device) if device is not None else model
+        return model
 
     # ---- released layout ----------------------------------------------------------------------
     def released_state_dict(self) -> dict[str, Tensor]:
         """The weights under released checkpoint names (MoE experts fused), sharing storage with the model."""
         return {released_name(k): v for k, v in self.state_dict().items()}
 
-    def load_released_state_dict(self, state: Mapping[str, Tensor], *, where: str = "state dict") -> None:
-        """Load weights given under released names, after checking keys and shapes (errors name `where`).
+    def load_released_state_dict(self, state: Mapping[str, Tensor], *, where: str = "state dict",
+                                 dtype: torch.dtype | str | None = None, device=None, denoiser_device=None) -> None:
+        """Load weights given under released names (tensors or lazy references), after checking keys
+        and shapes (errors name `where`).
 
-        A model built on the meta device adopts the tensors as they are (dtype included).
+        A model built on the meta device adopts the tensors, read into `dtype` (None: as given; routers
+        stay float32) on `device` (context) / `denoiser_device` (denoiser, default `device`).
         """
         from .towers.checkpoints import check_keys, check_shapes
+        from .towers.loading import materialize
 
         own = self.released_state_dict()
         check_keys(state, own.keys(), where=where)
         check_shapes(state, own, where=where)
-        assign = any(t.is_meta for t in own.values())
-        self.load_state_dict({module_name(k): v for k, v in state.items()}, strict=True, assign=assign)
+        den_device = device if denoiser_device is None else denoiser_device
+        materialize(self, {module_name(k): v for k, v in state.items()}, dtype=dtype,
+                    device=lambda k: den_device if k.startswith("denoiser.") else device)
 
     def save_pretrained(self, path: str | os.PathLike, *, max_shard_size: int | None = None,
                         expert_layout: str = "fused") -> None:
         """Write the released layout: config.json (NemotronH config + block_size, mask_token_id,
         architectures) and safetensors weights (sharded above `max_shard_size` bytes)."""
-        from .towers.loading import save_state_dict
+        from .towers.saving import save_state_dict
 
         extra = {"block_size": self.block_size, "mask_token_id": self.mask_token_id, "shifted": self.shifted,
                  "architectures": ["TwoTowerLM"], "time_conditioning": self.denoiser.time.spec()}
