@@ -47,7 +47,20 @@ if kind == "hf":
 def rss():
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+def peak_rss():
+    # VmHWM, reset to the current RSS just before the load (clear_refs 5), so that transient peaks
+    # of imports and warm-up do not count; ru_maxrss (the lifetime peak) where it cannot be reset.
+    if RESET:
+        with open("/proc/self/status") as f:
+            return next(int(l.split()[1]) for l in f if l.startswith("VmHWM")) * 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 gc.collect()
+try:
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    RESET = True
+except OSError:
+    RESET = False
 before = rss()
 t0 = time.perf_counter()
 if kind == "ctx":
@@ -59,7 +72,7 @@ elif kind == "twotower":
 else:
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
 seconds = time.perf_counter() - t0
-peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+peak = peak_rss()
 seen, weights = set(), 0
 for t in list(model.parameters()) + list(model.buffers()):
     if t.untyped_storage().data_ptr() not in seen:

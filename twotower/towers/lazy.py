@@ -15,12 +15,12 @@ Here `load_into(out)`:
   copy; the file is mapped once and kept open until `close_refs`),
 * copies it once into ``out``, already allocated in the target dtype on the target device (the
   cast, if any, happens inside that copy; fused experts are copied expert by expert into their
-  slice),
-* drops the mapped pages again (``madvise(MADV_DONTNEED)``, Linux), so the process holds at most
-  one tensor's worth of file pages beyond the weights it keeps.
+  slice), in pieces of 8 MiB,
+* drops each piece's mapped pages again (``madvise(MADV_DONTNEED)``, Linux), so the process holds
+  at most one piece of file pages beyond the weights it keeps.
 
-Peak resident memory of a load is thus the loaded weights plus the largest tensor, whatever the
-shard sizes. The header is validated against the file size first, so a truncated copy fails
+Peak resident memory of a load is thus the loaded weights plus 8 MiB, whatever the shard and
+tensor sizes. The header is validated against the file size first, so a truncated copy fails
 with a message naming the file, before any mapping.
 """
 
@@ -47,6 +47,7 @@ for _name, _attr in (("F8_E4M3", "float8_e4m3fn"), ("F8_E5M2", "float8_e5m2")):
         _DTYPES[_name] = getattr(torch, _attr)
 
 _PAGE = mmap.PAGESIZE
+_PIECE = 8 * 2**20  # bytes copied (and their file pages held) at a time
 _CAN_DROP = hasattr(mmap, "MADV_DONTNEED")
 
 
@@ -105,16 +106,23 @@ class SafetensorsFile:
         return self._map
 
     def copy_into(self, ref: "TensorRef", out: Tensor) -> None:
-        """out (ref.shape, any dtype / device) <- the stored bytes, then drop their pages."""
-        if ref.numel() == 0:
+        """out (ref.shape, any dtype / device, contiguous) <- the stored bytes, in pieces of at most
+        `_PIECE` bytes, dropping each piece's mapped pages once copied."""
+        n = ref.numel()
+        if n == 0:
             return
         mm = self._mapped()
-        src = torch.frombuffer(mm, dtype=ref.dtype, count=ref.numel(), offset=ref.offset).view(ref.shape)
-        out.copy_(src)
-        del src
-        if _CAN_DROP:
-            start = ref.offset // _PAGE * _PAGE
-            mm.madvise(mmap.MADV_DONTNEED, start, ref.offset + ref.nbytes - start)
+        flat = out.view(-1)
+        step = max(1, _PIECE // ref.dtype.itemsize)
+        for a in range(0, n, step):
+            b = min(n, a + step)
+            offset = ref.offset + a * ref.dtype.itemsize
+            src = torch.frombuffer(mm, dtype=ref.dtype, count=b - a, offset=offset)
+            flat[a:b].copy_(src)
+            del src
+            if _CAN_DROP:
+                start = offset // _PAGE * _PAGE
+                mm.madvise(mmap.MADV_DONTNEED, start, offset + (b - a) * ref.dtype.itemsize - start)
 
     def close(self) -> None:
         if self._map is not None:
