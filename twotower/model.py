@@ -29,6 +29,7 @@ from torch import Tensor
 
 from .decoding import Decoder, GenerationOutput, MaskDiffusion, ReleasedGenerationMixin, StepCallback
 from .samplers import Sampler
+from .tokenizers import Tokenizer, find_tokenizer, save_tokenizer
 from .towers.base import ContextTowerBase, DenoiserTowerBase, family_for
 from .towers.checkpoints import module_name, released_name
 from .towers.context import ContextTower  # noqa: F401  (kept importable from here)
@@ -81,6 +82,9 @@ class TwoTowerLM(ReleasedGenerationMixin, nn.Module):
         self.context = context if context is not None else family.context(config)
         self.denoiser = denoiser if denoiser is not None else family.denoiser(config, time_init=time_init, time=time)
         self.context.requires_grad_(False)
+        # The checkpoint's own tokenizer (`tokenizers.find_tokenizer`), set by the loaders; None when
+        # the checkpoint has none. save_pretrained writes it beside the weights.
+        self.tokenizer: Tokenizer | None = None
 
     @property
     def max_position_embeddings(self) -> int | None:
@@ -115,8 +119,11 @@ class TwoTowerLM(ReleasedGenerationMixin, nn.Module):
         denoiser = family_for(context.config).denoiser.from_context(
             context, time_init=time_init, time=time, device=denoiser_device if denoiser_device is not None else device)
         _match_router_precision(denoiser, context)
-        return cls(context.config, block_size=block_size, mask_token_id=mask_token_id,
-                   context=context, denoiser=denoiser, shifted=shifted)
+        model = cls(context.config, block_size=block_size, mask_token_id=mask_token_id,
+                    context=context, denoiser=denoiser, shifted=shifted)
+        if not isinstance(path_or_tower, ContextTowerBase):
+            model.tokenizer = find_tokenizer(path_or_tower)
+        return model
 
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike, *, dtype: torch.dtype | str | None = None,
@@ -145,6 +152,7 @@ class TwoTowerLM(ReleasedGenerationMixin, nn.Module):
         finally:
             close_refs(refs.values())
         model.context.requires_grad_(False)
+        model.tokenizer = find_tokenizer(path)
         return model
 
     # ---- released layout ----------------------------------------------------------------------
@@ -171,13 +179,16 @@ class TwoTowerLM(ReleasedGenerationMixin, nn.Module):
                     device=lambda k: den_device if k.startswith("denoiser.") else device)
 
     def save_pretrained(self, path: str | os.PathLike, *, max_shard_size: int | None = None,
-                        expert_layout: str = "fused") -> None:
+                        expert_layout: str = "fused", tokenizer: Tokenizer | None = None) -> None:
         """Write the released layout: config.json (NemotronH config + block_size, mask_token_id,
-        architectures) and safetensors weights (sharded above `max_shard_size` bytes)."""
+        architectures) and safetensors weights (sharded above `max_shard_size` bytes), and the
+        tokenizer (`tokenizer`, default the model's own) beside them (`tokenizers.save_tokenizer`:
+        HF files, or ``"tokenizer": "byte"`` in config.json)."""
         from .towers.saving import save_state_dict
 
         extra = {"block_size": self.block_size, "mask_token_id": self.mask_token_id, "shifted": self.shifted,
                  "architectures": ["TwoTowerLM"], "time_conditioning": self.denoiser.time.spec()}
+        extra.update(save_tokenizer(tokenizer if tokenizer is not None else self.tokenizer, path))
         save_state_dict(self.released_state_dict(), path, config=self.config, max_shard_size=max_shard_size,
                         expert_layout=expert_layout, extra_config=extra)
 
