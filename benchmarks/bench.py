@@ -85,6 +85,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="torch.compile our towers (TwoTowerLM.compile_towers) for every mode of ours, AR included; "
                         "compilation happens in the warm-up calls, outside the timings")
     p.add_argument("--out", default="benchmarks/results")
+    p.add_argument("--scale-checkpoint", default=None, metavar="AR_DIR",
+                   help="also run the scale section (benchmarks/scale.py) on this AR checkpoint "
+                        "(benchmarks/make_scale_checkpoint.py); written as scale.json / scale.md in --out")
     p.add_argument("--update-readme", action="store_true", help="write bench.md into README.md's Results section")
     p.add_argument("--readme", default=str(workload.REPO_ROOT / "README.md"), help=argparse.SUPPRESS)
     p.add_argument("--plot-from", default=None, metavar="BENCH_JSON",
@@ -131,6 +134,10 @@ def main(argv: list[str] | None = None) -> int:
     except report.PlotUnavailable as err:
         raise SystemExit(f"bench: {err}") from None
     print("wrote " + ", ".join(str(p) for p in written))
+    if args.scale_checkpoint:
+        from benchmarks import scale
+
+        scale.main(["--checkpoint", args.scale_checkpoint, "--out", str(Path(args.out) / "scale.json")])
     return 0
 
 

@@ -1,13 +1,24 @@
 #!/usr/bin/env bash
 # The GPU checks as one prepared script, for a machine with CUDA (and, for the kernel parity
-# tests, mamba-ssm installed): GPU-marked tests, then a short benchmark on the GPU.
+# tests, mamba-ssm installed): every CUDA test (pytest -m gpu), then a short benchmark on the GPU.
 #   bash benchmarks/gpu_checks.sh [OUT_DIR]
+# Kernel allow-list: if test_mamba_ssm_kernel_matches_reference passes (it includes seeded scans
+# shorter than chunk_size, e.g. L=16 with chunk 128), the printed mamba-ssm version may be added to
+# twotower/towers/ssd.py VERIFIED_KERNEL_VERSIONS, citing $OUT_DIR/gpu_tests.log. Until then short
+# seeded scans take the reference path on the GPU.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out="${1:-${OUT:-/tmp/gpu_checks}}"
 mkdir -p "$out"
+status=0
 python -c "import torch; print('torch', torch.__version__, 'cuda', torch.cuda.is_available(), torch.cuda.get_device_name(0) if torch.cuda.is_available() else '')"
-python -c "import mamba_ssm; print('mamba_ssm', mamba_ssm.__version__)" || echo "mamba-ssm not installed: kernel parity tests will skip"
-python -m pytest -m gpu -q -rs 2>&1 | tee "$out/gpu_tests.log"
+python -c "from twotower.towers.ssd import _kernel_version; print('mamba_ssm', _kernel_version())" \
+    || echo "mamba-ssm not installed: kernel parity tests will skip"
+python -m pytest -m gpu -q -rs tests 2>&1 | tee "$out/gpu_tests.log"
+[ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+python -m pytest -q -rs "tests/test_ssd.py::test_mamba_ssm_kernel_matches_reference" 2>&1 | tee "$out/kernel_parity.log"
+[ "${PIPESTATUS[0]}" -eq 0 ] || status=1
 python benchmarks/bench.py --device cuda --prompts 8 --repeats 2 --modes ar,hf_generate,mock_ar,diff_t0.8_b16,diff_t0.5_b16,spec_b16 \
     --no-training --out "$out/bench" 2>&1 | tee "$out/bench.log"
+[ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+exit $status

@@ -260,13 +260,16 @@ def save_tiny_backbone(path, seed: int = 0):
     Used by the fine-tuning and self-distillation tests as the frozen backbone; another seed
     gives a checkpoint with other weights (what invalidates caches and init_from checks).
     """
-    return save_backbone(make_context("M*-EM*E", seed, **BYTE_CHECKPOINT), path)
+    return save_backbone(make_context("M*-EM*E", seed, **BYTE_CHECKPOINT), path, extra_config={"tokenizer": "byte"})
 
 
 def save_tiny_twotower(path, seed: int = 0, block_size: int = 8):
     """Write a tiny two-tower checkpoint (byte-tokenizer vocabulary, 260) to `path`: the context
     tower of save_tiny_backbone(seed) and a denoiser with plain random time modules (seed + 1)."""
-    make_model(seed, block_size, time_seed=seed + 1, **BYTE_CHECKPOINT).save_pretrained(path)
+    from twotower.tokenizers import ByteTokenizer
+
+    model = make_model(seed, block_size, time_seed=seed + 1, **BYTE_CHECKPOINT)
+    model.save_pretrained(path, tokenizer=ByteTokenizer(model.config.vocab_size))
     return path
 
 

@@ -10,9 +10,11 @@ from twotower.towers.ssd import (
     causal_conv1d,
     conv_boundary_states,
     kernel_backend,
+    scan_path,
     ssd_scan,
     ssd_scan_reference,
     ssd_step,
+    trust_short_seeded,
 )
 
 
@@ -117,7 +119,7 @@ gpu = pytest.mark.gpu
 
 @gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-@pytest.mark.parametrize("L,chunk", [(7, 256), (16, 256), (100, 64), (300, 128)])
+@pytest.mark.parametrize("L,chunk", [(1, 128), (7, 256), (16, 128), (16, 256), (100, 64), (300, 128)])
 def test_mamba_ssm_kernel_matches_reference(L, chunk):
     """Includes seeded scans shorter than the kernel's chunk size (reported elsewhere to go wrong)."""
     pytest.importorskip("mamba_ssm")
@@ -127,6 +129,53 @@ def test_mamba_ssm_kernel_matches_reference(L, chunk):
     y_ref, final_ref = ssd_scan_reference(x, dt, A, B, C, chunk_size=chunk, D=D, initial_state=s0)
     assert torch.allclose(y, y_ref, atol=1e-3, rtol=1e-3)
     assert torch.allclose(final, final_ref, atol=1e-3, rtol=1e-3)
+
+
+class _FakeCuda:
+    """Stands for a CUDA tensor in the dispatch rule only (shape + is_cuda)."""
+
+    def __init__(self, L: int):
+        self.shape = (1, L, 4, 8)
+        self.is_cuda = True
+
+
+@pytest.mark.parametrize("version", ["2.2.4", None])
+def test_short_seeded_scans_take_the_reference_until_the_kernel_is_verified(monkeypatch, version):
+    """The dispatch rule with mamba-ssm mocked as installed: short seeded scans (decode blocks,
+    short extends) go to the reference unless the version is verified or trust is forced; long or
+    unseeded scans, and forced kernel runs (the parity test), go to the kernel."""
+    import sys
+    import types
+
+    from twotower.towers import ssd
+
+    fake = types.ModuleType("mamba_ssm.ops.triton.ssd_combined")
+    for name in ("mamba_ssm", "mamba_ssm.ops", "mamba_ssm.ops.triton"):
+        monkeypatch.setitem(sys.modules, name, types.ModuleType(name))
+    monkeypatch.setitem(sys.modules, "mamba_ssm.ops.triton.ssd_combined", fake)
+    monkeypatch.setattr(ssd, "_kernel_version", lambda: version)
+    s0 = torch.zeros(1)
+    short, long_ = _FakeCuda(16), _FakeCuda(300)
+    with kernel_backend("auto"), trust_short_seeded(False):
+        assert scan_path(short, chunk_size=128, initial_state=s0) == "reference"        # denoiser block
+        assert scan_path(_FakeCuda(1), chunk_size=128, initial_state=s0) == "reference"  # AR step as a scan
+        assert scan_path(short, chunk_size=128, initial_state=None) == "mamba_ssm"     # unseeded
+        assert scan_path(long_, chunk_size=128, initial_state=s0) == "mamba_ssm"       # long seeded
+        assert scan_path(long_, chunk_size=128, initial_state=s0, return_chunk_states=True) == "reference"
+        with trust_short_seeded(True):
+            assert scan_path(short, chunk_size=128, initial_state=s0) == "mamba_ssm"
+        with kernel_backend("mamba_ssm"):
+            assert scan_path(short, chunk_size=128, initial_state=s0) == "mamba_ssm"
+        monkeypatch.setattr(ssd, "VERIFIED_KERNEL_VERSIONS", frozenset({"2.2.4"}))
+        assert scan_path(short, chunk_size=128, initial_state=s0) == ("mamba_ssm" if version else "reference")
+        with kernel_backend("torch"):
+            assert scan_path(long_, chunk_size=128, initial_state=s0) == "reference"
+
+
+def test_no_kernel_version_is_verified_by_default():
+    from twotower.towers import ssd
+
+    assert ssd.VERIFIED_KERNEL_VERSIONS == frozenset()
 
 
 def test_masks_cached_during_inference_still_train():

@@ -217,9 +217,10 @@ def test_from_pretrained_truncated_or_missing_files_name_the_problem(tmp_path):
         ContextTower.from_pretrained(tmp_path / "empty")
 
 
-def test_moe_sparse_and_dense_expert_paths_agree_and_dispatch_by_coverage(monkeypatch):
-    """Both expert paths compute the same mixture; many experts with few chosen slots go sparse
-    (a per-expert loop), the rest dense (every expert on every token)."""
+def test_moe_expert_paths_agree_and_dispatch_by_expert_count(monkeypatch):
+    """The dense, per-expert-loop and grouped paths compute the same mixture; dense serves only
+    tiny expert counts (E <= 2 top-k, where every token uses half of the experts anyway), larger
+    ones go grouped (no gradient) or through the loop."""
     from twotower.towers.layers import Experts
 
     cfg = tiny_config(n_routed_experts=16, num_experts_per_tok=2)
@@ -229,10 +230,13 @@ def test_moe_sparse_and_dense_expert_paths_agree_and_dispatch_by_coverage(monkey
         x = torch.randn(n, cfg.hidden_size, generator=g)
         idx = torch.stack([torch.randperm(16, generator=g)[:2] for _ in range(n)])
         w = torch.rand(n, 2, generator=g)
-        torch.testing.assert_close(experts._sparse(x, w, idx), experts._dense(x, w, idx), rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(experts._loop(x, w, idx), experts._dense(x, w, idx), rtol=1e-5, atol=1e-6)
     used = []
-    monkeypatch.setattr(experts, "_sparse", lambda *a: used.append("sparse") or a[0])
-    monkeypatch.setattr(experts, "_dense", lambda *a: used.append("dense") or a[0])
-    for n in (1, 3, 4):  # 2, 6, 8 chosen slots of 16 experts
-        experts(torch.zeros(n, cfg.hidden_size), torch.ones(n, 2), torch.zeros(n, 2, dtype=torch.long))
-    assert used == ["sparse", "sparse", "dense"]
+    for name in ("_loop", "_dense", "_grouped"):
+        monkeypatch.setattr(experts, name, lambda *a, _n=name: used.append(_n) or a[0])
+    small = randomize_(Experts(tiny_config(n_routed_experts=4, num_experts_per_tok=2)), seed=4)
+    monkeypatch.setattr(small, "_dense", lambda *a: used.append("small_dense") or a[0])
+    with torch.no_grad():
+        experts(torch.zeros(3, cfg.hidden_size), torch.ones(3, 2), torch.zeros(3, 2, dtype=torch.long))
+        small(torch.zeros(3, cfg.hidden_size), torch.ones(3, 2), torch.zeros(3, 2, dtype=torch.long))
+    assert used[0] in ("_grouped", "_loop") and used[1] == "small_dense"

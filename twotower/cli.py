@@ -76,12 +76,39 @@ def _tool_main(argv: list[str]) -> int:
     return 0
 
 
-def cli_main(args: list[str] | None = None, run: bool = True):
-    """LightningCLI over any LightningModule / LightningDataModule named in the YAML."""
-    import lightning as L
+def model_tokenizer(model):
+    """The instantiated model's tokenizer (GenerationModule: the checkpoint's own, or the one it was given)."""
+    tok = getattr(model, "tokenizer", None)
+    if tok is None:
+        raise ValueError(f"{type(model).__name__} has no tokenizer to hand to the data module")
+    return tok
+
+
+def _cli_class():
     from lightning.pytorch.cli import LightningCLI
 
-    return LightningCLI(
+    class TwoTowerCLI(LightningCLI):
+        """LightningCLI whose `predict` links the model's tokenizer into the data module
+        (`data.init_args.tokenizer` is computed from the instantiated model, never set twice)."""
+
+        def _prepare_subcommand_parser(self, klass, subcommand, **kwargs):
+            self._building = subcommand
+            return super()._prepare_subcommand_parser(klass, subcommand, **kwargs)
+
+        def add_arguments_to_parser(self, parser) -> None:
+            if getattr(self, "_building", None) == "predict":
+                parser.link_arguments("model", "data.init_args.tokenizer", compute_fn=model_tokenizer,
+                                      apply_on="instantiate")
+
+    return TwoTowerCLI
+
+
+def cli_main(args: list[str] | None = None, run: bool = True):
+    """LightningCLI over any LightningModule / LightningDataModule named in the YAML; `predict`
+    hands the model's tokenizer to the data module (`TwoTowerCLI`)."""
+    import lightning as L
+
+    return _cli_class()(
         L.LightningModule, L.LightningDataModule, subclass_mode_model=True, subclass_mode_data=True,
         save_config_kwargs={"overwrite": True}, args=args, run=run, auto_configure_optimizers=False,
     )

@@ -21,7 +21,7 @@ import lightning as L
 import torch
 
 from .decoding import Decoder, MaskDiffusion
-from .tokenizers import ByteTokenizer, Tokenizer
+from .tokenizers import BYTE_TOKENIZER, Tokenizer, check_tokenizer_fits, load_tokenizer
 from .writers import JsonlPredictionWriter
 
 __all__ = ["GenerationModule", "JsonlPredictionWriter", "checkpoint_fingerprint"]
@@ -66,7 +66,9 @@ class GenerationModule(L.LightningModule):
         context_device / denoiser_device: e.g. "cuda:0" / "cuda:1" to split the towers.
         dtype: "float32", "bfloat16" or "float16" (None keeps the checkpoint's).
         seed: seeds sampling decoders (temperature > 0): batch i uses seed + i.
-        tokenizer: decodes completions; default the byte tokenizer.
+        tokenizer: decodes completions (and, linked by the CLI, encodes the prompts); default the
+            checkpoint's own (`tokenizers.load_tokenizer`). One that does not fit the model (more ids
+            than its embedding, or a byte tokenizer on a model that is not byte-level) is refused.
         compile: `torch.compile` the towers' hot paths (`TwoTowerLM.compile_towers`) when prediction
             starts: slower first batches, faster after.
         quantize: "int8" loads both towers with weight-only int8 projections (about half the
@@ -103,7 +105,11 @@ class GenerationModule(L.LightningModule):
         self.stop_at_eos = stop_at_eos
         self.devices = (context_device, denoiser_device)
         self.seed = seed
-        self.tokenizer = tokenizer or ByteTokenizer()
+        if tokenizer is None:
+            tokenizer = self.model.tokenizer or load_tokenizer(model)
+        byte_level = getattr(self.model.config, "tokenizer", None) == BYTE_TOKENIZER
+        self.tokenizer = check_tokenizer_fits(tokenizer, vocab_size=self.model.config.vocab_size,
+                                              byte_level=byte_level, where=model)
         self.compile = compile
         self.model_dir = str(Path(model).resolve())
         self.fingerprint = checkpoint_fingerprint(model)

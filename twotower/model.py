@@ -29,6 +29,7 @@ from torch import Tensor
 
 from .decoding import Decoder, GenerationOutput, MaskDiffusion, ReleasedGenerationMixin, StepCallback
 from .samplers import Sampler
+from .tokenizers import Tokenizer, find_tokenizer, save_tokenizer
 from .towers.base import ContextTowerBase, DenoiserTowerBase, family_for
 from .towers.checkpoints import module_name, released_name
 from .towers.context import ContextTower  # noqa: F401  (kept importable from here)
@@ -82,6 +83,9 @@ class TwoTowerLM(ReleasedGenerationMixin, nn.Module):
         self.denoiser = denoiser if denoiser is not None else family.denoiser(config, time_init=time_init, time=time)
         self.context.requires_grad_(False)
         self.quantization: str | None = None  # set by `twotower.quantization.quantize_model`
+        # The checkpoint's own tokenizer (`tokenizers.find_tokenizer`), set by the loaders; None when
+        # the checkpoint has none. save_pretrained writes it beside the weights.
+        self.tokenizer: Tokenizer | None = None
 
     @property
     def max_position_embeddings(self) -> int | None:
@@ -95,81 +99,106 @@ class TwoTowerLM(ReleasedGenerationMixin, nn.Module):
     def from_backbone(cls, path_or_tower: str | os.PathLike | ContextTowerBase, *,
                       block_size: int = DEFAULT_BLOCK_SIZE, mask_token_id: int = DEFAULT_MASK_TOKEN_ID,
                       time_init: str = "identity", dtype: torch.dtype | None = None, shifted: bool = False,
-                      time: dict | None = None) -> "TwoTowerLM":
+                      time: dict | None = None, device=None, denoiser_device=None) -> "TwoTowerLM":
         """Two towers from an AR checkpoint directory of any registered family (or a context tower).
 
         The denoiser and its head are copies of the AR model (docs/design.md, section 3); with
         time_init="identity" a fresh model's denoiser computes exactly the AR layers.
+        The context tower is read straight onto `device` and the denoiser copied straight onto
+        `denoiser_device` (default: `device`), each weight once: peak memory is both towers plus
+        one tensor, with no move afterwards.
         """
         if isinstance(path_or_tower, ContextTowerBase):
             context = path_or_tower
             if dtype is not None:
                 context.to(dtype)
                 context.restore_precision()
+            if device is not None:
+                context.to(device)
         else:
-            context = ContextTowerBase.from_pretrained(path_or_tower, dtype=dtype)
-        denoiser = family_for(context.config).denoiser.from_context(context, time_init=time_init, time=time)
+            context = ContextTowerBase.from_pretrained(path_or_tower, dtype=dtype, device=device)
+        denoiser = family_for(context.config).denoiser.from_context(
+            context, time_init=time_init, time=time, device=denoiser_device if denoiser_device is not None else device)
         _match_router_precision(denoiser, context)
-        return cls(context.config, block_size=block_size, mask_token_id=mask_token_id,
-                   context=context, denoiser=denoiser, shifted=shifted)
+        model = cls(context.config, block_size=block_size, mask_token_id=mask_token_id,
+                    context=context, denoiser=denoiser, shifted=shifted)
+        if not isinstance(path_or_tower, ContextTowerBase):
+            model.tokenizer = find_tokenizer(path_or_tower)
+        return model
 
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike, *, dtype: torch.dtype | str | None = None,
-                        device=None, quantize: str | None = None) -> "TwoTowerLM":
+                        device=None, denoiser_device=None, quantize: str | None = None) -> "TwoTowerLM":
         """Load a released-layout two-tower directory (config.json + safetensors, sharded or not,
         fused or per-expert MoE weights).
 
         `block_size` and `mask_token_id` come from config.json when present (else 16 and 3).
         dtype=None keeps the stored dtypes; otherwise floating weights are cast (routers stay float32).
+        The model is built on the meta device and each weight is read once from the memory-mapped
+        files straight into its dtype on its tower's device: the context tower on `device`, the
+        denoiser (and time modules) on `denoiser_device` (default: `device`).
         quantize="int8": weight-only int8 for both towers' projection weights (embeddings, heads, time
         modules and routers stay in `dtype`); see `twotower.quantization`. Inference only.
         """
         from .quantization import check_quantize, quantize_model
-        from .towers.loading import load_two_tower_state_dict
+        from .towers.lazy import close_refs
+        from .towers.loading import two_tower_refs
 
         check_quantize(quantize)
-        config, raw, state = load_two_tower_state_dict(path, dtype=dtype)
-        kwargs = dict(block_size=raw.get("block_size", DEFAULT_BLOCK_SIZE),
-                      mask_token_id=raw.get("mask_token_id", DEFAULT_MASK_TOKEN_ID),
-                      shifted=bool(raw.get("shifted", False)), time=raw.get("time_conditioning"))
-        # Build on the meta device and adopt the loaded tensors: no random init, no second copy.
-        with torch.device("meta"):
-            model = cls(config, **kwargs)
-        model.load_released_state_dict(state, where=str(path))
+        config, raw, refs = two_tower_refs(path)
+        try:
+            kwargs = dict(block_size=raw.get("block_size", DEFAULT_BLOCK_SIZE),
+                          mask_token_id=raw.get("mask_token_id", DEFAULT_MASK_TOKEN_ID),
+                          shifted=bool(raw.get("shifted", False)), time=raw.get("time_conditioning"))
+            with torch.device("meta"):
+                model = cls(config, **kwargs)
+            model.load_released_state_dict(refs, where=str(path), dtype=dtype, device=device,
+                                           denoiser_device=denoiser_device)
+        finally:
+            close_refs(refs.values())
         model.context.requires_grad_(False)
+        model.tokenizer = find_tokenizer(path)
         if quantize is not None:
             quantize_model(model, quantize)
-        return model.to(device) if device is not None else model
+        return model
 
     # ---- released layout ----------------------------------------------------------------------
     def released_state_dict(self) -> dict[str, Tensor]:
         """The weights under released checkpoint names (MoE experts fused), sharing storage with the model."""
         return {released_name(k): v for k, v in self.state_dict().items()}
 
-    def load_released_state_dict(self, state: Mapping[str, Tensor], *, where: str = "state dict") -> None:
-        """Load weights given under released names, after checking keys and shapes (errors name `where`).
+    def load_released_state_dict(self, state: Mapping[str, Tensor], *, where: str = "state dict",
+                                 dtype: torch.dtype | str | None = None, device=None, denoiser_device=None) -> None:
+        """Load weights given under released names (tensors or lazy references), after checking keys
+        and shapes (errors name `where`).
 
-        A model built on the meta device adopts the tensors as they are (dtype included).
+        A model built on the meta device adopts the tensors, read into `dtype` (None: as given; routers
+        stay float32) on `device` (context) / `denoiser_device` (denoiser, default `device`).
         """
         from .towers.checkpoints import check_keys, check_shapes
+        from .towers.loading import materialize
 
         own = self.released_state_dict()
         check_keys(state, own.keys(), where=where)
         check_shapes(state, own, where=where)
-        assign = any(t.is_meta for t in own.values())
-        self.load_state_dict({module_name(k): v for k, v in state.items()}, strict=True, assign=assign)
+        den_device = device if denoiser_device is None else denoiser_device
+        materialize(self, {module_name(k): v for k, v in state.items()}, dtype=dtype,
+                    device=lambda k: den_device if k.startswith("denoiser.") else device)
 
     def save_pretrained(self, path: str | os.PathLike, *, max_shard_size: int | None = None,
-                        expert_layout: str = "fused") -> None:
+                        expert_layout: str = "fused", tokenizer: Tokenizer | None = None) -> None:
         """Write the released layout: config.json (NemotronH config + block_size, mask_token_id,
-        architectures) and safetensors weights (sharded above `max_shard_size` bytes)."""
-        from .towers.loading import save_state_dict
+        architectures) and safetensors weights (sharded above `max_shard_size` bytes), and the
+        tokenizer (`tokenizer`, default the model's own) beside them (`tokenizers.save_tokenizer`:
+        HF files, or ``"tokenizer": "byte"`` in config.json)."""
+        from .towers.saving import save_state_dict
 
         if self.quantization is not None:
             raise ValueError(f"this model is quantized ({self.quantization}) for inference and cannot be saved; "
                              "save the full-precision model and pass quantize= when loading it")
         extra = {"block_size": self.block_size, "mask_token_id": self.mask_token_id, "shifted": self.shifted,
                  "architectures": ["TwoTowerLM"], "time_conditioning": self.denoiser.time.spec()}
+        extra.update(save_tokenizer(tokenizer if tokenizer is not None else self.tokenizer, path))
         save_state_dict(self.released_state_dict(), path, config=self.config, max_shard_size=max_shard_size,
                         expert_layout=expert_layout, extra_config=extra)
 

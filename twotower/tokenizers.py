@@ -19,7 +19,12 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["Tokenizer", "ByteTokenizer", "HFTokenizer", "NEMOTRON_H_MASK_ID"]
+__all__ = ["Tokenizer", "ByteTokenizer", "HFTokenizer", "NEMOTRON_H_MASK_ID", "load_tokenizer", "find_tokenizer",
+           "check_tokenizer_fits", "save_tokenizer", "BYTE_TOKENIZER"]
+
+# config.json's "tokenizer" entry for byte-level models (ByteTokenizer, ids = UTF-8 bytes + 4).
+BYTE_TOKENIZER = "byte"
+_HF_FILES = ("tokenizer.json", "tokenizer_config.json")
 
 # NemotronH checkpoints reserve id 3 for [MASK]; used when a tokenizer declares no mask token.
 NEMOTRON_H_MASK_ID = 3
@@ -265,3 +270,75 @@ class HFTokenizer(Tokenizer):
 
     def __repr__(self) -> str:
         return f"HFTokenizer(path={self.path!r}, vocab_size={self._vocab_size}, mask_token_id={self._mask})"
+
+
+# ---- the model's own tokenizer -------------------------------------------------------------------
+
+
+def _config_entry(path: Path) -> tuple[str | None, int | None]:
+    import json
+
+    file = path / "config.json"
+    if not file.is_file():
+        return None, None
+    raw = json.loads(file.read_text(encoding="utf-8"))
+    return raw.get("tokenizer"), raw.get("vocab_size")
+
+
+def find_tokenizer(path: str | Path) -> Tokenizer | None:
+    """The tokenizer saved with the checkpoint at `path`, or None when it has none.
+
+    An HF tokenizer when tokenizer.json / tokenizer_config.json are there (as transformers'
+    `save_pretrained` writes them); else a `ByteTokenizer` (of the model's vocab_size) when
+    config.json says ``"tokenizer": "byte"``.
+    """
+    path = Path(path)
+    if any((path / f).is_file() for f in _HF_FILES):
+        return HFTokenizer(str(path))
+    kind, vocab = _config_entry(path)
+    if kind == BYTE_TOKENIZER:
+        return ByteTokenizer(vocab or ByteTokenizer.MIN_VOCAB)
+    if kind is not None:
+        raise ValueError(f"{path / 'config.json'}: unknown \"tokenizer\": {kind!r}; expected {BYTE_TOKENIZER!r} "
+                         "or tokenizer files (tokenizer.json) beside the weights")
+    return None
+
+
+def load_tokenizer(path: str | Path) -> Tokenizer:
+    """`find_tokenizer`, refusing a checkpoint without one (the model's vocabulary is unknown then)."""
+    tok = find_tokenizer(path)
+    if tok is None:
+        raise FileNotFoundError(
+            f"no tokenizer in {path}: expected tokenizer.json / tokenizer_config.json (write them with "
+            f"tokenizer.save_pretrained({str(path)!r})) or \"tokenizer\": \"byte\" in config.json for a byte-level "
+            "model; or pass a tokenizer explicitly")
+    return tok
+
+
+def check_tokenizer_fits(tokenizer: Tokenizer, *, vocab_size: int, byte_level: bool, where: str) -> Tokenizer:
+    """Refuse a tokenizer that cannot be the model's: more ids than the embedding has rows, or a
+    byte tokenizer on a model whose checkpoint is not byte-level. Returns the tokenizer."""
+    if tokenizer.vocab_size > vocab_size:
+        raise ValueError(f"tokenizer {tokenizer!r} has {tokenizer.vocab_size} ids but the model at {where} embeds only "
+                         f"{vocab_size}: it is not this model's tokenizer (leave tokenizer unset to use the "
+                         "checkpoint's own)")
+    if isinstance(tokenizer, ByteTokenizer) and not byte_level:
+        raise ValueError(f"a ByteTokenizer was given but the model at {where} is not byte-level (its config.json has "
+                         f"no \"tokenizer\": \"byte\"); leave tokenizer unset to use the checkpoint's own")
+    return tokenizer
+
+
+def save_tokenizer(tokenizer: Tokenizer | None, path: str | Path) -> dict:
+    """Write `tokenizer` beside a checkpoint's weights; returns the config.json entries to add.
+
+    HF tokenizers write their files (tokenizer.json, tokenizer_config.json, ...); a byte tokenizer
+    writes nothing and returns ``{"tokenizer": "byte"}``; None writes nothing.
+    """
+    if tokenizer is None:
+        return {}
+    if isinstance(tokenizer, ByteTokenizer):
+        return {"tokenizer": BYTE_TOKENIZER}
+    if isinstance(tokenizer, HFTokenizer):
+        tokenizer.hf.save_pretrained(str(path))
+        return {}
+    raise TypeError(f"cannot save a {type(tokenizer).__name__} beside a checkpoint; use HFTokenizer or ByteTokenizer")

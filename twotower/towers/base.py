@@ -100,31 +100,40 @@ class ContextTowerBase(nn.Module, abc.ABC):
         """Load a local AR checkpoint directory (config.json + safetensors) as a context tower.
 
         On the base class the family comes from config.json's `model_type`; on a family's class the
-        checkpoint must be of that family.
+        checkpoint must be of that family. The tower is built on the meta device and each weight is
+        read once from the (memory-mapped) files straight into `dtype` on `device`
+        (`loading.materialize`): peak memory is the tower plus one tensor. dtype=None gives the
+        modules' default dtype (float32); routers stay float32 in any dtype.
         """
-        from .loading import load_backbone_state_dict
+        from .lazy import close_refs
+        from .loading import backbone_refs
 
-        config, state = load_backbone_state_dict(path, dtype=dtype)
-        family = family_for(config)
-        if cls is not ContextTowerBase and not issubclass(family.context, cls):
-            raise ValueError(f"{path} holds a {config.model_type!r} model, which {cls.__name__} cannot load; "
-                             f"use {family.context.__name__}.from_pretrained or ContextTowerBase.from_pretrained")
-        tower = family.context(config)
-        tower.load_backbone_state(state, where=str(path))
-        if dtype is not None:
-            tower.to(dtype)
-            tower.restore_precision()
-        return tower.to(device) if device is not None else tower
+        config, refs = backbone_refs(path)
+        try:
+            family = family_for(config)
+            if cls is not ContextTowerBase and not issubclass(family.context, cls):
+                raise ValueError(f"{path} holds a {config.model_type!r} model, which {cls.__name__} cannot load; "
+                                 f"use {family.context.__name__}.from_pretrained or ContextTowerBase.from_pretrained")
+            with torch.device("meta"):
+                tower = family.context(config)
+            tower.load_backbone_state(refs, where=str(path), dtype=dtype, device=device)
+        finally:
+            close_refs(refs.values())
+        return tower
 
-    def load_backbone_state(self, state: dict[str, Tensor], *, where: str = "state dict") -> None:
-        """Load a flat backbone state dict (backbone names + `lm_head.weight`), checking keys and shapes."""
+    def load_backbone_state(self, state: dict[str, Tensor], *, where: str = "state dict",
+                            dtype: torch.dtype | None = None, device=None) -> None:
+        """Load a flat backbone state dict (backbone names + `lm_head.weight`; tensors or lazy
+        references), checking keys and shapes. A tower on the meta device adopts the weights,
+        read into `dtype` (None: the modules' own) on `device`."""
         from .checkpoints import check_keys, check_shapes, to_tower_names
+        from .loading import materialize
 
         mapped = to_tower_names(state)
         own = self.state_dict()
         check_keys(mapped, own.keys(), where=where)
         check_shapes(mapped, own, where=where)
-        self.load_state_dict(mapped)
+        materialize(self, mapped, dtype=dtype, device=device, keep="module")
 
 
 class DenoiserTowerBase(nn.Module, abc.ABC):
@@ -158,12 +167,42 @@ class DenoiserTowerBase(nn.Module, abc.ABC):
     @classmethod
     @abc.abstractmethod
     def from_context(cls, context: ContextTowerBase, *, time_init: str = "identity",
-                     time: dict | None = None) -> "DenoiserTowerBase":
-        """A denoiser initialised as a copy of `context` and its head (docs/design.md, section 3).
+                     time: dict | None = None, device=None) -> "DenoiserTowerBase":
+        """A denoiser initialised as a copy of `context` and its head (docs/design.md, section 3),
+        on `device` (None: the context's).
 
         time: the time conditioning as {"class_path": ..., "init_args": {...}} (default AdaLNSingle
         with init=time_init).
         """
+
+    @classmethod
+    def copy_of_context(cls, context: ContextTowerBase, *, time_init: str = "identity",
+                        time: dict | None = None, device=None) -> "DenoiserTowerBase":
+        """`from_context` for families whose denoiser holds the context's weights (backbone +
+        lm_head, same names) plus a `time` module built by `build_time_conditioning`.
+
+        Memory-lean: the denoiser is built on the meta device and each context tensor is copied
+        once, straight onto `device` (its own storage, dtype kept, so float32 routers stay
+        float32); no random initialisation, no intermediate copy. Only the time modules, new
+        weights, are built for real (on CPU, with the seeded init, then moved), in the dtype of the
+        context's first parameter.
+        """
+        from ..time_embedding import build_time_conditioning
+
+        p = next(context.parameters())
+        device = p.device if device is None else torch.device(device)
+        with torch.device("meta"):
+            den = cls(context.config, time_init=time_init, time=time)
+        real_time = build_time_conditioning(time, context.config.hidden_size, den.num_modulated, time_init=time_init)
+        state = {"time." + k: v.to(device=device, dtype=p.dtype if v.is_floating_point() else v.dtype)
+                 for k, v in real_time.state_dict().items()}
+        with torch.no_grad():
+            state.update({k: v.detach().to(device, copy=True) for k, v in context.state_dict().items()})
+        from .checkpoints import check_keys
+
+        check_keys(state, den.state_dict().keys(), where=f"{cls.__name__}.copy_of_context")
+        den.load_state_dict(state, strict=True, assign=True)
+        return den
 
 
 @dataclass(frozen=True)

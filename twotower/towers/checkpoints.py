@@ -185,7 +185,9 @@ def fuse_experts(state: Mapping[str, Tensor]) -> dict[str, Tensor]:
             shapes = {tuple(t.shape) for t in experts.values()}
             if len(shapes) > 1:
                 raise ValueError(f"{m['prefix']}: {m['proj']} experts have different shapes: {sorted(shapes)}")
-            out[fused_key] = torch.stack([experts[e] for e in range(len(experts))])
+            parts = [experts[e] for e in range(len(experts))]
+            # Lazy references (`lazy.py`) fuse into a reference read expert by expert into place.
+            out[fused_key] = torch.stack(parts) if isinstance(parts[0], Tensor) else parts[0].stack(parts)
     return out
 
 

@@ -21,31 +21,29 @@ from __future__ import annotations
 import json
 import math
 import os
-import re
-import struct
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
-from safetensors.torch import save_file
 from torch import Tensor
 from transformers import PretrainedConfig
 
 from .checkpoints import (
     TOWER_PREFIXES,
     ar_to_backbone_names,
-    backbone_to_hf_names,
     check_layer_counts,
     check_released_names,
-    fuse_experts,
-    unfuse_experts,
 )
+from .lazy import SafetensorsFile, TensorRef, close_refs, load_ref
 
 __all__ = [
     "read_config",
     "read_safetensors",
+    "safetensors_refs",
+    "backbone_refs",
+    "two_tower_refs",
+    "materialize",
     "load_backbone_state_dict",
     "load_two_tower_state_dict",
     "save_state_dict",
@@ -59,8 +57,6 @@ INDEX_NAME = "model.safetensors.index.json"
 # transformers keeps these in float32 whatever the model dtype (router logits and the
 # choose-only correction bias decide expert selection; bf16 would change which experts win).
 _FP32_SUFFIXES = ("e_score_correction_bias", "mixer.gate.weight")
-
-_SHARD_RE = re.compile(r"^model-\d{5}-of-\d{5}\.safetensors$")
 
 # transformers writes +-inf / nan in config.json as {"__float__": "Infinity"}; it decodes them
 # only in from_pretrained, not in from_dict, so we do the same translation ourselves.
@@ -148,45 +144,7 @@ def _embed_key(config) -> str:
 
 
 # --------------------------------------------------------------------------------------------
-# safetensors reading
-
-
-def _truncated(file: Path, why: str) -> ValueError:
-    return ValueError(f"{file.name} is truncated or not a safetensors file: {file} ({why})")
-
-
-def _check_safetensors_header(file: Path) -> None:
-    """Validate the header against the file size before handing the file to safetensors.
-
-    A copy cut short by a full disk or an interrupted download is the common failure; the
-    header tells us exactly how many bytes the file must have, so we can say so plainly.
-    """
-    size = file.stat().st_size
-    if size < 8:
-        raise _truncated(file, f"{size} bytes, shorter than the 8-byte header length")
-    with open(file, "rb") as f:
-        (n,) = struct.unpack("<Q", f.read(8))
-        if 8 + n > size:
-            raise _truncated(file, f"header says {n} header bytes but the file has {size} bytes")
-        try:
-            header = json.loads(f.read(n))
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise _truncated(file, f"header is not JSON: {e}") from e
-    if not isinstance(header, dict):
-        raise _truncated(file, "header is not a JSON object")
-    ends = [v["data_offsets"][1] for k, v in header.items() if k != "__metadata__" and isinstance(v, dict)]
-    need = 8 + n + max(ends, default=0)
-    if need > size:
-        raise _truncated(file, f"expected {need} bytes, found {size}")
-
-
-def _read_file(file: Path) -> dict[str, Tensor]:
-    _check_safetensors_header(file)
-    try:
-        with safe_open(str(file), framework="pt", device="cpu") as f:
-            return {k: f.get_tensor(k) for k in f.keys()}
-    except Exception as e:  # safetensors raises its own SafetensorError for corrupt data
-        raise _truncated(file, str(e)) from e
+# safetensors reading (lazy references: `lazy.py`)
 
 
 def _read_index(index_file: Path) -> dict[str, str]:
@@ -200,7 +158,7 @@ def _read_index(index_file: Path) -> dict[str, str]:
     return weight_map
 
 
-def _read_sharded(index_file: Path) -> dict[str, Tensor]:
+def _sharded_refs(index_file: Path) -> dict[str, TensorRef]:
     weight_map = _read_index(index_file)
     root = index_file.parent
     shards = sorted(set(weight_map.values()))
@@ -209,34 +167,35 @@ def _read_sharded(index_file: Path) -> dict[str, Tensor]:
         raise FileNotFoundError(
             f"shard(s) listed in {index_file} are missing: {', '.join(str(root / s) for s in missing)}"
         )
-    state: dict[str, Tensor] = {}
+    refs: dict[str, TensorRef] = {}
     for shard in shards:
-        state.update(_read_file(root / shard))
-    absent = [k for k, s in weight_map.items() if k not in state]
+        refs.update(SafetensorsFile(root / shard).refs)
+    absent = [k for k, s in weight_map.items() if k not in refs]
     if absent:
         raise ValueError(
             f"{len(absent)} key(s) listed in {index_file} are not in their shard: "
             + ", ".join(f"{k} ({weight_map[k]})" for k in absent[:10])
         )
-    return state
+    return refs
 
 
-def read_safetensors(path: str | os.PathLike) -> dict[str, Tensor]:
-    """All tensors of a checkpoint directory (or of one ``.safetensors`` file), on CPU.
+def safetensors_refs(path: str | os.PathLike) -> dict[str, TensorRef]:
+    """Every tensor of a checkpoint directory (or of one ``.safetensors`` file) as a lazy
+    `TensorRef`: headers read and checked, no data read (see `lazy.py`).
 
     Lookup order follows transformers: ``model.safetensors``, then
     ``model.safetensors.index.json``, then a lone ``*.safetensors`` file.
     """
     path = _checkpoint_dir(path)
     if path.is_file():
-        return _read_file(path)
+        return SafetensorsFile(path).refs
     if (path / SINGLE_WEIGHTS_NAME).is_file():
-        return _read_file(path / SINGLE_WEIGHTS_NAME)
+        return SafetensorsFile(path / SINGLE_WEIGHTS_NAME).refs
     if (path / INDEX_NAME).is_file():
-        return _read_sharded(path / INDEX_NAME)
+        return _sharded_refs(path / INDEX_NAME)
     files = sorted(path.glob("*.safetensors"))
     if len(files) == 1:
-        return _read_file(files[0])
+        return SafetensorsFile(files[0]).refs
     if not files:
         raise FileNotFoundError(
             f"no weights in {path}: expected {SINGLE_WEIGHTS_NAME}, {INDEX_NAME} or one *.safetensors file"
@@ -245,6 +204,19 @@ def read_safetensors(path: str | os.PathLike) -> dict[str, Tensor]:
         f"{path} holds {len(files)} *.safetensors files ({', '.join(f.name for f in files[:5])}, ...) "
         f"but no {INDEX_NAME} saying which keys live where"
     )
+
+
+def _load_all(refs: Mapping, dtype: torch.dtype | None = None) -> dict[str, Tensor]:
+    """Read every reference (cast as `_target_dtype` says), then unmap the files."""
+    try:
+        return {k: load_ref(r, _target_dtype(k, r, dtype)) for k, r in refs.items()}
+    finally:
+        close_refs(refs.values())
+
+
+def read_safetensors(path: str | os.PathLike) -> dict[str, Tensor]:
+    """All tensors of a checkpoint directory (or of one ``.safetensors`` file), on CPU, as stored."""
+    return _load_all(safetensors_refs(path))
 
 
 # --------------------------------------------------------------------------------------------
@@ -267,37 +239,39 @@ def _target_dtype(key: str, t: Tensor, dtype: torch.dtype | None) -> torch.dtype
     return torch.float32 if key.endswith(_FP32_SUFFIXES) else dtype
 
 
-def _cast(state: dict[str, Tensor], dtype: torch.dtype | str | None) -> dict[str, Tensor]:
-    dtype = _as_dtype(dtype)
-    if dtype is None:
-        return state
-    return {k: v.to(_target_dtype(k, v, dtype)) for k, v in state.items()}
-
-
 # --------------------------------------------------------------------------------------------
 # loading
+
+
+def backbone_refs(path: str | os.PathLike) -> tuple[PretrainedConfig, dict[str, TensorRef]]:
+    """AR checkpoint directory -> ``(config, backbone-named lazy references)``, nothing read yet.
+
+    Keys are renamed by `checkpoints.ar_to_backbone_names` (prefix stripped, per-expert weights
+    fused into `StackedRef`s, ``lm_head.weight`` present, tied to the embeddings' reference when
+    the file has no head) and checked against the config's layer and expert counts.
+    """
+    config, _ = read_config(path)
+    refs = ar_to_backbone_names(safetensors_refs(path), where=str(path), embed_key=_embed_key(config),
+                                tie_word_embeddings=getattr(config, "tie_word_embeddings", False))
+    check_layer_counts(refs, config, str(path))
+    return config, refs
 
 
 def load_backbone_state_dict(
     path: str | os.PathLike, *, dtype: torch.dtype | str | None = None
 ) -> tuple[PretrainedConfig, dict[str, Tensor]]:
-    """AR NemotronH checkpoint directory -> ``(config, backbone-named state dict)``.
+    """AR checkpoint directory -> ``(config, backbone-named state dict)`` (see `backbone_refs`).
 
-    Keys are renamed by `checkpoints.ar_to_backbone_names` (prefix stripped, experts fused,
-    ``lm_head.weight`` present). ``dtype`` casts floating tensors, except the router weights and
-    correction bias, which stay float32.
+    ``dtype`` casts floating tensors, except the router weights and correction bias, which stay
+    float32. Towers load through `backbone_refs` + `materialize` instead (no full state dict).
     """
-    config, _ = read_config(path)
-    state = ar_to_backbone_names(read_safetensors(path), where=str(path), embed_key=_embed_key(config),
-                                 tie_word_embeddings=getattr(config, "tie_word_embeddings", False))
-    check_layer_counts(state, config, str(path))
-    return config, _cast(state, dtype)
+    dtype = _as_dtype(dtype)
+    config, refs = backbone_refs(path)
+    return config, _load_all(refs, dtype)
 
 
-def load_two_tower_state_dict(
-    path: str | os.PathLike, *, dtype: torch.dtype | str | None = None
-) -> tuple[PretrainedConfig, dict, dict[str, Tensor]]:
-    """Released-layout two-tower directory -> ``(config, raw config dict, state dict)``.
+def two_tower_refs(path: str | os.PathLike) -> tuple[PretrainedConfig, dict, dict[str, TensorRef]]:
+    """Released-layout two-tower directory -> ``(config, raw config dict, lazy references)``.
 
     Keys keep the released names (``context_tower.*``, ``denoiser_tower.*``, heads, time
     modules), checked by `checkpoints.check_released_names`; experts are fused. An AR
@@ -305,13 +279,53 @@ def load_two_tower_state_dict(
     """
     config, raw = read_config(path)
     adaln = (raw.get("time_conditioning") or {}).get("class_path", "twotower.time_embedding.AdaLNSingle")
-    state = check_released_names(read_safetensors(path), num_layers=_modulated_layers(config), where=str(path),
-                                 tie_word_embeddings=getattr(config, "tie_word_embeddings", False),
-                                 embed_key=_embed_key(config),
-                                 time_keys=adaln == "twotower.time_embedding.AdaLNSingle")
+    refs = check_released_names(safetensors_refs(path), num_layers=_modulated_layers(config), where=str(path),
+                                tie_word_embeddings=getattr(config, "tie_word_embeddings", False),
+                                embed_key=_embed_key(config),
+                                time_keys=adaln == "twotower.time_embedding.AdaLNSingle")
     for tower in TOWER_PREFIXES:
-        check_layer_counts(state, config, str(path), tower)
-    return config, raw, _cast(state, dtype)
+        check_layer_counts(refs, config, str(path), tower)
+    return config, raw, refs
+
+
+def load_two_tower_state_dict(
+    path: str | os.PathLike, *, dtype: torch.dtype | str | None = None
+) -> tuple[PretrainedConfig, dict, dict[str, Tensor]]:
+    """`two_tower_refs`, read into a state dict (``dtype`` as in `load_backbone_state_dict`)."""
+    dtype = _as_dtype(dtype)
+    config, raw, refs = two_tower_refs(path)
+    return config, raw, _load_all(refs, dtype)
+
+
+def materialize(module: torch.nn.Module, state: Mapping, *, dtype: torch.dtype | str | None = None,
+                device=None, keep: str = "stored") -> None:
+    """Fill `module` (built on the meta device, or real) from ``state``: state-dict names -> lazy
+    references (or tensors), keys and shapes already checked.
+
+    Each tensor is read once, straight into its final dtype and device, and adopted by the module
+    (``load_state_dict(assign=True)``): no initialisation, no full-precision or second copy.
+    dtype: floating tensors become it, routers stay float32 (`_target_dtype`); None keeps
+    ``keep="stored"`` the file's dtype or ``keep="module"`` the module's own (float32 by default).
+    device: one device, or a callable key -> device (two towers on two devices).
+    """
+    dtype = _as_dtype(dtype)
+    own = module.state_dict()
+    out: dict[str, Tensor] = {}
+    try:
+        for k, ref in state.items():
+            if dtype is not None:
+                target = _target_dtype(k, ref, dtype)
+            else:
+                target = own[k].dtype if keep == "module" and ref.is_floating_point() else ref.dtype
+            dev = device(k) if callable(device) else device
+            out[k] = load_ref(ref, target, own[k].device if dev is None and not own[k].is_meta else dev)
+    finally:
+        close_refs(state.values())
+    module.load_state_dict(out, strict=True, assign=any(t.is_meta for t in own.values()))
+    left = [n for n, t in [*module.named_parameters(), *module.named_buffers()] if t.is_meta]
+    if left:
+        raise RuntimeError(f"{type(module).__name__}: {left[:5]} are not in the checkpoint and stayed on the meta "
+                           "device; a family that keeps computed buffers must rebuild them after loading")
 
 
 def _modulated_layers(config) -> int:
@@ -321,140 +335,12 @@ def _modulated_layers(config) -> int:
     return getattr(family_for(config).denoiser, "modulated_layers", lambda c: c.num_hidden_layers)(config)
 
 
-# --------------------------------------------------------------------------------------------
-# saving
 
 
-def _config_dict(config: PretrainedConfig | Mapping, extra: Mapping | None) -> dict:
-    cfg = config.to_dict() if isinstance(config, PretrainedConfig) else dict(config)
-    cfg.update(extra or {})
-    return cfg
+def __getattr__(name: str):
+    # The writers moved to saving.py (which imports this module); re-exported lazily for old imports.
+    if name in ("save_state_dict", "save_backbone_hf"):
+        from . import saving
 
-
-def _plan_shards(sizes: list[tuple[str, int]], max_bytes: int | None) -> list[list[str]]:
-    """Greedy packing in key order, which keeps a layer's tensors together; a tensor larger
-    than the limit gets a shard of its own rather than an error."""
-    total = sum(s for _, s in sizes)
-    if max_bytes is None or total <= max_bytes:
-        return [[k for k, _ in sizes]]
-    shards: list[list[str]] = [[]]
-    used = 0
-    for k, s in sizes:
-        if shards[-1] and used + s > max_bytes:
-            shards.append([])
-            used = 0
-        shards[-1].append(k)
-        used += s
-    return shards
-
-
-def _materialize(items: list[tuple[str, Tensor]]) -> dict[str, Tensor]:
-    """CPU, contiguous, no two tensors sharing storage: what safetensors can write.
-
-    Tied weights and views (unfused experts are views of the fused tensor) share storage;
-    safetensors refuses that, so such tensors are cloned. Only one shard is materialized at a
-    time, which bounds the extra memory.
-    """
-    out: dict[str, Tensor] = {}
-    seen: set[int] = set()
-    for k, t in items:
-        t = t.detach().to("cpu").contiguous()
-        storage = t.untyped_storage()
-        if storage.data_ptr() in seen or storage.nbytes() != t.numel() * t.element_size():
-            t = t.clone()
-        seen.add(t.untyped_storage().data_ptr())
-        out[k] = t
-    return out
-
-
-def _write_atomic_json(file: Path, obj: Any) -> None:
-    tmp = file.with_name(file.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-    os.replace(tmp, file)
-
-
-def save_state_dict(
-    state: Mapping[str, Tensor],
-    path: str | os.PathLike,
-    *,
-    config: PretrainedConfig | Mapping,
-    max_shard_size: int | None = None,
-    expert_layout: str = "fused",
-    extra_config: Mapping | None = None,
-    dtype: torch.dtype | str | None = None,
-) -> None:
-    """Write ``config.json`` and the weights of ``state`` (keys as given) into directory ``path``.
-
-    One ``model.safetensors``, or ``model-0000k-of-0000N.safetensors`` shards plus
-    ``model.safetensors.index.json`` when the total exceeds ``max_shard_size`` bytes.
-    ``expert_layout="per_expert"`` writes one tensor per expert. Stale weight files of either
-    layout are removed first, since a leftover index would otherwise shadow a new single file.
-    """
-    if expert_layout not in ("fused", "per_expert"):
-        raise ValueError(f"expert_layout must be 'fused' or 'per_expert', got {expert_layout!r}")
-    if max_shard_size is not None and max_shard_size <= 0:
-        raise ValueError(f"max_shard_size must be a positive number of bytes, got {max_shard_size}")
-    dtype = _as_dtype(dtype)
-    for k, v in state.items():
-        if not isinstance(v, Tensor):
-            raise TypeError(f"state[{k!r}] is a {type(v).__name__}, not a tensor")
-        if v.is_meta:
-            raise ValueError(f"state[{k!r}] is on the meta device and has no data to save")
-    state = fuse_experts(state)  # normalise mixed input before choosing the output layout
-    if expert_layout == "per_expert":
-        state = unfuse_experts(state)
-
-    cfg = _config_dict(config, extra_config)
-    floats = [(_target_dtype(k, v, dtype), v.numel()) for k, v in state.items() if v.is_floating_point()]
-    if floats:
-        # transformers' dtype="auto" reads this; name the dtype that holds most parameters.
-        by_dtype: dict[torch.dtype, int] = {}
-        for dt, n in floats:
-            by_dtype[dt] = by_dtype.get(dt, 0) + n
-        cfg["dtype"] = str(max(by_dtype, key=by_dtype.get)).removeprefix("torch.")
-
-    root = Path(path)
-    root.mkdir(parents=True, exist_ok=True)
-    for f in root.iterdir():
-        if f.name in (SINGLE_WEIGHTS_NAME, INDEX_NAME) or _SHARD_RE.match(f.name):
-            f.unlink()
-    _write_atomic_json(root / CONFIG_NAME, _encode_floats(cfg))
-
-    sizes = [(k, v.numel() * _target_dtype(k, v, dtype).itemsize) for k, v in state.items()]
-    shards = _plan_shards(sizes, max_shard_size)
-    names = (
-        [SINGLE_WEIGHTS_NAME]
-        if len(shards) == 1
-        else [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
-    )
-    for keys, name in zip(shards, names):
-        tensors = _materialize([(k, state[k].to(_target_dtype(k, state[k], dtype))) for k in keys])
-        tmp = root / (name + ".tmp")
-        # format=pt: older transformers versions refuse safetensors files without it.
-        save_file(tensors, str(tmp), metadata={"format": "pt"})
-        os.replace(tmp, root / name)
-    if len(shards) > 1:
-        index = {
-            "metadata": {"total_size": sum(s for _, s in sizes)},
-            "weight_map": {k: name for keys, name in zip(shards, names) for k in keys},
-        }
-        _write_atomic_json(root / INDEX_NAME, index)
-
-
-def save_backbone_hf(
-    state: Mapping[str, Tensor], path: str | os.PathLike, *, config: PretrainedConfig | Mapping, **kw: Any
-) -> None:
-    """Write backbone names (+ ``lm_head.weight``) as a transformers ``<Family>ForCausalLM``
-    checkpoint (``model.`` prefix), loadable with ``from_pretrained(path)``.
-
-    The family comes from the config's ``model_type`` (NemotronH when absent). Keyword arguments
-    go to :func:`save_state_dict`.
-    """
-    from .base import family_for
-
-    cfg = _config_dict(config, None)
-    family = family_for(cfg.get("model_type") or "nemotron_h")
-    out = backbone_to_hf_names(state, tie_word_embeddings=cfg.get("tie_word_embeddings", False))
-    extra = {"architectures": [family.hf_architecture], "model_type": family.model_type}
-    extra.update(kw.pop("extra_config", None) or {})
-    save_state_dict(out, path, config=cfg, extra_config=extra, **kw)
+        return getattr(saving, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -9,6 +9,15 @@ Two implementations of the scan with one meaning:
 * mamba-ssm's `mamba_chunk_scan_combined` (CUDA), used by `ssd_scan` when it is installed and the
   tensors live on a GPU. It is imported inside the dispatcher, never at module top.
 
+Short seeded scans (the dispatch rule, `scan_path`): the kernel is reported to go wrong when given
+`initial_states` on a sequence shorter than its `chunk_size` (vLLM PR #21783), which is exactly a
+denoiser block (16 tokens, chunk_size 128) or a short extend. Such scans take the reference's
+single-chunk path unless the installed mamba-ssm version is in `VERIFIED_KERNEL_VERSIONS`, the
+versions whose short seeded parity (`tests/test_ssd.py::test_mamba_ssm_kernel_matches_reference`,
+run by `benchmarks/gpu_checks.sh`) has passed on a GPU. The list is empty until such a run; add a
+version only with that run's log. `TWOTOWER_TRUST_SHORT_SEEDED_KERNEL=1` (or `trust_short_seeded`)
+overrides the list, for that parity run and for tests. Long or unseeded scans use the kernel.
+
 The recurrence, per head h (state (P, N)), for t = 0 .. L-1:
     state_t = exp(dt_t * A_h) * state_{t-1} + dt_t * x_t (outer) B_t
     y_t     = state_t @ C_t + D_h * x_t
@@ -33,6 +42,9 @@ __all__ = [
     "conv_state_at",
     "ssd_state_at",
     "kernel_backend",
+    "scan_path",
+    "trust_short_seeded",
+    "VERIFIED_KERNEL_VERSIONS",
 ]
 
 # "auto" (default), "torch" or "mamba_ssm"; tests and benchmarks force one with `kernel_backend`.
@@ -257,14 +269,70 @@ def _use_mamba_ssm(x: Tensor) -> bool:
     return True
 
 
+# mamba-ssm versions whose seeded scans shorter than chunk_size matched the reference on a GPU
+# (benchmarks/gpu_checks.sh). Empty: no version has been verified yet.
+VERIFIED_KERNEL_VERSIONS: frozenset[str] = frozenset()
+
+_TRUST_SHORT = os.environ.get("TWOTOWER_TRUST_SHORT_SEEDED_KERNEL", "") == "1"
+
+
+class trust_short_seeded:
+    """Context manager (and setter): True lets short seeded scans use the kernel whatever its
+    version (the GPU parity run, tests); False restores the allow-list rule."""
+
+    def __init__(self, value: bool = True):
+        global _TRUST_SHORT
+        self._prev, _TRUST_SHORT = _TRUST_SHORT, bool(value)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        global _TRUST_SHORT
+        _TRUST_SHORT = self._prev
+
+
+def _kernel_version() -> str | None:
+    try:
+        from importlib.metadata import version
+
+        return version("mamba-ssm")
+    except Exception:  # not installed as a distribution (e.g. a source checkout)
+        try:
+            import mamba_ssm
+
+            return getattr(mamba_ssm, "__version__", None)
+        except ImportError:
+            return None
+
+
+def scan_path(x: Tensor, *, chunk_size: int, initial_state: Tensor | None, return_chunk_states: bool = False) -> str:
+    """Which implementation `ssd_scan` runs for these inputs: "reference" or "mamba_ssm".
+
+    The rule: the reference for chunk-start states, off CUDA, or without mamba-ssm; the reference
+    for a seeded scan shorter than `chunk_size` (x (b, L, h, p), L < chunk_size, initial_state
+    given) unless the kernel is trusted for it (`VERIFIED_KERNEL_VERSIONS`, `trust_short_seeded`)
+    or forced (`kernel_backend("mamba_ssm")`, which the parity test uses); else the kernel.
+    """
+    if return_chunk_states or not _use_mamba_ssm(x):
+        return "reference"
+    short_seeded = initial_state is not None and x.shape[1] < chunk_size
+    if short_seeded and _BACKEND != "mamba_ssm" and not _TRUST_SHORT \
+            and _kernel_version() not in VERIFIED_KERNEL_VERSIONS:
+        return "reference"
+    return "mamba_ssm"
+
+
 def ssd_scan(x, dt, A, B, C, *, chunk_size, D=None, initial_state=None, return_chunk_states=False, final_state=True):
-    """Dispatch the chunked scan: mamba-ssm's kernel on CUDA when installed, else the reference.
+    """Dispatch the chunked scan (rule: `scan_path`): mamba-ssm's kernel on CUDA when installed and
+    trusted for these inputs, else the reference.
 
     Chunk-start states (`return_chunk_states`) always come from the reference: the kernel's public
     entry point returns only the final state. `final_state=False` allows the reference's single-chunk
     path to skip the final state (returned as None then).
     """
-    if return_chunk_states or not _use_mamba_ssm(x):
+    path = scan_path(x, chunk_size=chunk_size, initial_state=initial_state, return_chunk_states=return_chunk_states)
+    if path == "reference":
         return ssd_scan_reference(
             x, dt, A, B, C, chunk_size=chunk_size, D=D, initial_state=initial_state,
             return_chunk_states=return_chunk_states, final_state=final_state,

@@ -52,15 +52,10 @@ class LlamaDenoiserTower(DenoiserTowerBase):
 
     @classmethod
     def from_context(cls, context: LlamaContextTower, *, time_init: str = "identity",
-                     time: dict | None = None) -> "LlamaDenoiserTower":
-        """A denoiser initialised as a copy of the context tower and its LM head (docs/design.md, section 3)."""
-        den = cls(context.config, time_init=time_init, time=time)
-        p = next(context.parameters())
-        den.to(device=p.device, dtype=p.dtype)
-        with torch.no_grad():
-            den.backbone.load_state_dict(context.backbone.state_dict())
-            den.lm_head.weight.copy_(context.lm_head.weight)
-        return den
+                     time: dict | None = None, device=None) -> "LlamaDenoiserTower":
+        """A denoiser initialised as a copy of the context tower and its LM head (docs/design.md,
+        section 3), on `device` (None: the context's); each weight is copied once (`copy_of_context`)."""
+        return cls.copy_of_context(context, time_init=time_init, time=time, device=device)
 
     def head(self, hidden: Tensor) -> Tensor:
         """Final norm + LM head in float32: (..., H) -> (..., V)."""

@@ -54,15 +54,15 @@ class Rotary(nn.Module):
             raise ValueError(f"rope_type {rope_type!r} changes its frequencies with the running length, which a "
                              "cached two-tower model cannot follow; use default, linear, llama3 or yarn")
         cpu = torch.device("cpu")
-        if rope_type == "default":
-            exponents = torch.arange(0, head_dim, 2, dtype=torch.int64, device=cpu).float() / head_dim
-            inv_freq, scaling = 1.0 / (float(params["rope_theta"]) ** exponents), 1.0
-        else:
-            from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
-
-            if rope_type not in ROPE_INIT_FUNCTIONS:
-                raise ValueError(f"unknown rope_type {rope_type!r}; transformers knows {sorted(ROPE_INIT_FUNCTIONS)}")
-            inv_freq, scaling = ROPE_INIT_FUNCTIONS[rope_type](config, cpu)
+        if rope_type not in ("default", *_rope_functions()):
+            raise ValueError(f"unknown rope_type {rope_type!r}; transformers knows {sorted(_rope_functions())}")
+        # Computed tables, not weights: real (CPU) even when the tower is built on the meta device.
+        with cpu:
+            if rope_type == "default":
+                exponents = torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim
+                inv_freq, scaling = 1.0 / (float(params["rope_theta"]) ** exponents), 1.0
+            else:
+                inv_freq, scaling = _rope_functions()[rope_type](config, cpu)
         self.rope_type = rope_type
         self.inv_freq = inv_freq.float()
         self.scaling = float(scaling)
@@ -72,6 +72,12 @@ class Rotary(nn.Module):
         angles = positions[..., None].float() * inv  # (b, n, d/2)
         emb = torch.cat([angles, angles], dim=-1)[:, None]  # (b, 1, n, d)
         return emb.cos() * self.scaling, emb.sin() * self.scaling
+
+
+def _rope_functions() -> dict:
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    return ROPE_INIT_FUNCTIONS
 
 
 def rotate(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
