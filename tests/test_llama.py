@@ -192,6 +192,8 @@ def test_llama_recipe_fits_a_tiny_generated_checkpoint_and_exports(tmp_path):
 
     root = Path(__file__).resolve().parents[1]
     save_tiny_llama(tmp_path / "ar", seed=10, vocab_size=260)
+    cfg = json.loads((tmp_path / "ar" / "config.json").read_text())  # mark it byte-level, as our backbones are:
+    (tmp_path / "ar" / "config.json").write_text(json.dumps({**cfg, "tokenizer": "byte"}))  # predict then uses bytes
     run = tmp_path / "run"
 
     def cli(*args):
