@@ -69,7 +69,9 @@ def test_data_module_rows_masks_and_cache(backbone_dir, code_corpus, tmp_path, m
     # A different backbone invalidates it.
     other = save_tiny_backbone(tmp_path / "other", seed=5)
     with pytest.raises(pytest.fail.Exception, match="regenerated"):
-        DistilledDataModule(str(other), **kw).setup()
+        fresh = DistilledDataModule(str(other), **kw)
+        fresh.setup()  # distils nothing yet: rows are made when a batch first needs them
+        fresh.train_set[0]
 
 
 def test_data_module_bad_settings(backbone_dir, code_corpus):
