@@ -135,7 +135,12 @@ class DenoiserFineTuning(L.LightningModule):
                 distributed.apply_activation_checkpointing(self.denoiser)
         mesh = self._device_mesh if self._trainer is not None else None
         if mesh is not None and not self._sharded:
-            dp = mesh["data_parallel"] if "data_parallel" in (mesh.mesh_dim_names or ()) else mesh
+            names = mesh.mesh_dim_names or ()
+            if "tensor_parallel" in names and mesh["tensor_parallel"].size() > 1:
+                raise ValueError(f"ModelParallelStrategy has tensor_parallel_size={mesh['tensor_parallel'].size()}, but "
+                                 "DenoiserFineTuning shards with FSDP2 only; set ModelParallelStrategy("
+                                 "data_parallel_size=<devices x nodes>, tensor_parallel_size=1)")
+            dp = mesh["data_parallel"] if "data_parallel" in names else mesh
             distributed.shard_towers(self.context, self.denoiser, dp, context_sharding=h.context_sharding)
             self._sharded = True
 
