@@ -132,6 +132,7 @@ def test_nemotron_h_recipe_runs_on_a_tiny_checkpoint(backbone_dir, code_corpus, 
          "--data.init_args.cache_dir", str(tmp_path / "cache"),
          "--trainer.accelerator", "cpu", "--trainer.devices", "1", "--trainer.strategy", "auto",
          "--trainer.precision", "bf16-mixed", "--trainer.max_steps", "2", "--trainer.limit_val_batches", "1",
+         "--trainer.val_check_interval", "2",
          "--trainer.default_root_dir", str(run), "--trainer.logger.init_args.save_dir", str(run),
          "--trainer.callbacks.init_args.dirpath", str(run / "ckpt"))
     ckpt = torch.load(run / "ckpt" / "last.ckpt", map_location="cpu", weights_only=False)
