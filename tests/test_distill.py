@@ -69,7 +69,9 @@ def test_data_module_rows_masks_and_cache(backbone_dir, code_corpus, tmp_path, m
     # A different backbone invalidates it.
     other = save_tiny_backbone(tmp_path / "other", seed=5)
     with pytest.raises(pytest.fail.Exception, match="regenerated"):
-        DistilledDataModule(str(other), **kw).setup()
+        fresh = DistilledDataModule(str(other), **kw)
+        fresh.setup()  # distils nothing yet: rows are made when a batch first needs them
+        fresh.train_set[0]
 
 
 def test_data_module_bad_settings(backbone_dir, code_corpus):
@@ -126,7 +128,8 @@ def test_fit_on_distilled_batches_and_init_from(backbone_dir, code_corpus, tmp_p
     other = TwoTowerLM.from_backbone(save_tiny_backbone(tmp_path / "other", seed=5), block_size=8)
     other.save_pretrained(tmp_path / "other_tt")
     with pytest.raises(ValueError, match="context tower differs"):
-        DenoiserFineTuning(str(backbone_dir), block_size=8, init_from=str(tmp_path / "other_tt"))
+        # (checked when the towers are built: configure_model, or the first access outside a Trainer)
+        DenoiserFineTuning(str(backbone_dir), block_size=8, init_from=str(tmp_path / "other_tt")).configure_model()
     with pytest.raises(FileNotFoundError, match="init_from"):
         DenoiserFineTuning(str(backbone_dir), block_size=8, init_from=str(tmp_path / "missing"))
     with pytest.raises(TypeError, match="batch must be"):

@@ -4,6 +4,7 @@
     python -m twotower.cli predict --config recipes/generate.yaml
     python -m twotower.cli convert AR_DIR OUT_DIR        # AR NemotronH -> two-tower layout (identity init)
     python -m twotower.cli export RUN.ckpt OUT_DIR       # fine-tuning checkpoint -> two-tower layout
+                                                        # (a .ckpt file or a sharded FSDP2 checkpoint folder)
     python -m twotower.cli serve --config recipes/serve.yaml [--port 8000]   # OpenAI-compatible server
 
 Every model and data component is chosen in YAML by `class_path` / `init_args`.
@@ -58,7 +59,7 @@ def _tool_main(argv: list[str]) -> int:
     c.add_argument("--max-shard-size", type=int, default=None, help="bytes per safetensors shard")
     c.add_argument("--expert-layout", choices=["fused", "per_expert"], default="fused")
     c.add_argument("--shifted", action="store_true", help="AR-aligned denoiser (output i predicts position i + 1)")
-    e = sub.add_parser("export", help="fine-tuning .ckpt -> two-tower checkpoint directory")
+    e = sub.add_parser("export", help="fine-tuning .ckpt (or sharded checkpoint folder) -> two-tower directory")
     e.add_argument("ckpt")
     e.add_argument("out_dir")
     e.add_argument("--backbone", default=None, help="the frozen context tower, if it moved since training")

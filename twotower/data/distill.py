@@ -6,15 +6,29 @@ two-tower model is asked to reproduce at inference is the AR model's *greedy* co
 that is a deterministic function of the context: a denoiser trained on it faces no irreducible
 entropy, becomes confident, and commits many tokens per step while staying close to AR quality.
 
-`DistilledDataModule` builds such rows once (with a progress bar) and caches them:
+`DistilledDataModule` builds such rows on demand, a shard of `shard_rows` rows at a time when a
+batch first needs one (with a progress bar), and caches each shard, so that training starts after
+one shard instead of after the whole set (16,000 rows of recipes/denoiser.yaml took hours on CPU):
 
     row       = real[:p] + greedy_AR(real[:p], seq_len - p)
     loss_mask = positions >= p           (only the AR-written part is a training target)
 
 p is a multiple of block_size drawn per row from [min_prompt, max_prompt], so the first
 training block starts exactly where generation starts: right after a real prompt.
-Batches are dicts {"input_ids": (B, L) long, "loss_mask": (B, L) bool}; `DenoiserFineTuning`
+Batches are dicts {"input_ids": (B, L) long, "loss_mask": (B, L) bool, "index": (B,)}; `DenoiserFineTuning`
 accepts them as well as plain (B, L) tensors. `distill_rows` is the generation step on its own.
+
+Cache layout, keyed by every setting and the backbone files' content (`cache.cache_file`):
+
+    distilled-<key>.pt             a finished cache of the earlier format (all rows in one file);
+                                   still found and used whole
+    distilled-<key>-s<R>/<split>-<k>.pt   shard k of a split: rows [kR, (k+1)R) (the same rows, in the
+                                   same order, as the one-file cache would hold)
+
+The training order is shard-major (`distributed.EpochShuffle(shard_rows=R)`): shards in a random
+order, rows shuffled within each, so a run touches one shard at a time. Distillation runs in the
+process that loads the batch: keep num_workers=0 (each worker would distil on its own), and note
+that data-parallel ranks each distil the shard they share (they write the same file atomically).
 """
 
 from __future__ import annotations
@@ -26,6 +40,7 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from twotower.distributed import EpochShuffle
 from twotower.decoding import Autoregressive, Towers
 from twotower.tokenizers import Tokenizer
 from twotower.towers.context import ContextTower
@@ -40,17 +55,55 @@ _FORMAT = 1
 
 
 class _DistilledRows(Dataset):
-    """Distilled rows (N, L) with prompt lengths (N,); items are {"input_ids": (L,) long, "loss_mask": (L,) bool}."""
+    """Distilled rows, made a shard at a time on first use; items are
+    {"input_ids": (L,) long, "loss_mask": (L,) bool, "index": i}.
 
-    def __init__(self, rows: torch.Tensor, prompt_len: torch.Tensor) -> None:
-        self.rows, self.prompt_len = rows, prompt_len
-        self._pos = torch.arange(rows.shape[1])
+    real (N, L): the real rows the prompts come from; prompt_len (N,); distil(real, p) -> rows;
+    folder: where shard files live (None: not cached); done: all N rows already distilled.
+    `distilled_rows` counts the rows this object generated (the rest came from the cache).
+    """
+
+    def __init__(self, real: torch.Tensor, prompt_len: torch.Tensor, *, shard_rows: int, split: str,
+                 distil=None, folder: Path | None = None, done: torch.Tensor | None = None) -> None:
+        self.real, self.prompt_len, self.shard_rows, self.split = real, prompt_len, shard_rows, split
+        self.distil, self.folder = distil, folder
+        self._shards: dict[int, torch.Tensor] = {}
+        if done is not None:
+            self._shards = {k: done[k * shard_rows:(k + 1) * shard_rows] for k in range(self.num_shards)}
+        self._pos = torch.arange(real.shape[1])
+        self.distilled_rows = 0
+
+    @property
+    def num_shards(self) -> int:
+        return (self.real.shape[0] + self.shard_rows - 1) // self.shard_rows
+
+    def shard(self, k: int) -> torch.Tensor:
+        """Rows of shard k: from memory, the cache folder, or distilled now (then cached)."""
+        if k not in self._shards:
+            path = None if self.folder is None else self.folder / f"{self.split}-{k:05d}.pt"
+            if path is not None and path.is_file():
+                self._shards[k] = load_cache(path)["rows"]
+            else:
+                lo, hi = k * self.shard_rows, min((k + 1) * self.shard_rows, self.real.shape[0])
+                rows = self.distil(self.real[lo:hi], self.prompt_len[lo:hi],
+                                   f"distilling {self.split} shard {k + 1}/{self.num_shards}")
+                self.distilled_rows += hi - lo
+                if path is not None:
+                    save_cache(path, {"rows": rows})
+                self._shards[k] = rows
+        return self._shards[k]
+
+    @property
+    def rows(self) -> torch.Tensor:
+        """Every row (N, L), distilling whatever shard is still missing."""
+        return torch.cat([self.shard(k) for k in range(self.num_shards)])
 
     def __len__(self) -> int:
-        return self.rows.shape[0]
+        return self.real.shape[0]
 
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
-        return {"input_ids": self.rows[i].long(), "loss_mask": self._pos >= self.prompt_len[i]}
+        row = self.shard(i // self.shard_rows)[i % self.shard_rows]
+        return {"input_ids": row.long(), "loss_mask": self._pos >= self.prompt_len[i], "index": i}
 
 
 def distill_rows(context: ContextTower, real: torch.Tensor, prompt_len: torch.Tensor, *, pad_token_id: int,
@@ -103,7 +156,11 @@ class DistilledDataModule(L.LightningDataModule):
         num_train / num_val: rows to distil (a seeded random subset of the packed rows).
         min_prompt / max_prompt: prompt length range, in tokens; multiples of block_size.
         temperature: 0 distils the greedy continuation (what generation reproduces at temperature 0).
-        gen_batch_size: rows per generation batch. device: where to generate ("auto": CUDA if available).
+        gen_batch_size: rows per generation batch. device: where to generate ("auto": this rank's CUDA
+            device if there is one).
+        shard_rows: rows distilled (and cached) together when a batch first needs one of them; a
+            multiple of batch_size keeps batches within a shard. Smaller: an earlier first step;
+            larger: fewer, better-filled generation batches.
         batch_size, num_workers, seed: loaders and the subset / prompt-length draw.
         cache_dir: distilled rows are cached there as `distilled-<hash>.pt`, keyed by every setting
             above and the backbone files' content; None regenerates on every setup.
@@ -113,11 +170,11 @@ class DistilledDataModule(L.LightningDataModule):
                  block_size: int = 16, batch_size: int = 16, num_train: int = 4096, num_val: int = 128,
                  min_prompt: int = 16, max_prompt: int = 128, temperature: float = 0.0, gen_batch_size: int = 128,
                  val_fraction: float = 0.02, device: str = "auto", num_workers: int = 0, seed: int = 0,
-                 cache_dir: str | None = None) -> None:
+                 cache_dir: str | None = None, shard_rows: int = 32) -> None:
         super().__init__()
         _check_seq_len(seq_len, block_size)
         for name, value in [("num_train", num_train), ("num_val", num_val), ("batch_size", batch_size),
-                            ("gen_batch_size", gen_batch_size)]:
+                            ("gen_batch_size", gen_batch_size), ("shard_rows", shard_rows)]:
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
         for name, value in [("min_prompt", min_prompt), ("max_prompt", max_prompt)]:
@@ -136,7 +193,8 @@ class DistilledDataModule(L.LightningDataModule):
         self.num_train, self.num_val = num_train, num_val
         self.min_prompt, self.max_prompt = min_prompt, max_prompt
         self.temperature, self.gen_batch_size, self.device = temperature, gen_batch_size, device
-        self.num_workers, self.seed, self.cache_dir = num_workers, seed, cache_dir
+        self.num_workers, self.seed, self.cache_dir, self.shard_rows = num_workers, seed, cache_dir, shard_rows
+        self._context: ContextTower | None = None
         self.train_set: _DistilledRows | None = None
         self.val_set: _DistilledRows | None = None
 
@@ -164,38 +222,39 @@ class DistilledDataModule(L.LightningDataModule):
         return data[take], p
 
     def setup(self, stage: str | None = None) -> None:
+        """Draw the prompts (cheap) and find what the cache already holds; distil nothing yet."""
         if self.train_set is not None:
             return
         self.text.setup()
         cache = self._cache_path(str(self.text._cache_path() or self.text.source))
-        if cache is not None and cache.is_file():
-            d = load_cache(cache)
-        else:
-            d = self._build()
-            if cache is not None:
-                save_cache(cache, d)
-        self.train_set = _DistilledRows(d["train"], d["train_prompt"])
-        self.val_set = _DistilledRows(d["val"], d["val_prompt"])
-
-    def _build(self) -> dict[str, torch.Tensor]:
-        device = self.device
-        if device == "auto":
-            device = "cuda" if torch.cuda.is_available() else "cpu"
-        context = ContextTower.from_pretrained(self.backbone, device=device).eval()
+        whole = load_cache(cache) if cache is not None and cache.is_file() else {}  # the one-file format
+        folder = None if cache is None else cache.with_name(f"{cache.stem}-s{self.shard_rows}")
         gen = torch.Generator().manual_seed(self.seed)
-        pad = self.tokenizer.pad_token_id
-        out = {}
+        sets = {}
         for split, data, n in [("train", self.text.train_data, self.num_train), ("val", self.text.val_data, self.num_val)]:
             real, p = self._draw(data, n, gen)
-            out[split] = distill_rows(context, real, p, pad_token_id=pad, batch_size=self.gen_batch_size,
-                                      temperature=self.temperature, desc=f"distilling {split} rows")
-            out[f"{split}_prompt"] = p
-        return out
+            if split in whole:
+                p = whole[f"{split}_prompt"]
+            sets[split] = _DistilledRows(real, p, shard_rows=self.shard_rows, split=split, distil=self._distil,
+                                         folder=folder, done=whole.get(split))
+        self.train_set, self.val_set = sets["train"], sets["val"]
+
+    def _distil(self, real: torch.Tensor, p: torch.Tensor, desc: str) -> torch.Tensor:
+        if self._context is None:
+            device = self.device
+            if device == "auto":
+                device = f"cuda:{torch.cuda.current_device()}" if torch.cuda.is_available() else "cpu"
+            self._context = ContextTower.from_pretrained(self.backbone, device=device).eval()
+        # Seeded per shard: a shard's rows do not depend on which shards were made before it.
+        gen = torch.Generator(device=next(self._context.parameters()).device).manual_seed(self.seed + int(p.sum()))
+        return distill_rows(self._context, real, p, pad_token_id=self.tokenizer.pad_token_id,
+                            batch_size=self.gen_batch_size, temperature=self.temperature, desc=desc,
+                            generator=gen if self.temperature > 0 else None)
 
     def train_dataloader(self) -> DataLoader:
         self.setup()
-        return DataLoader(self.train_set, batch_size=self.batch_size, shuffle=True,
-                          generator=torch.Generator().manual_seed(self.seed), num_workers=self.num_workers)
+        sampler = EpochShuffle(len(self.train_set), seed=self.seed, shard_rows=self.shard_rows)
+        return DataLoader(self.train_set, batch_size=self.batch_size, sampler=sampler, num_workers=self.num_workers)
 
     def val_dataloader(self) -> DataLoader:
         self.setup()

@@ -59,16 +59,20 @@ def pack_documents(
 
 
 class _Rows(Dataset):
-    """Rows of a (N, L) tensor; items are (L,) tensors, so default collation gives (B, L)."""
+    """Rows of a (N, L) tensor; items are (L,) tensors, so default collation gives (B, L).
 
-    def __init__(self, data: torch.Tensor) -> None:
-        self.data = data
+    indexed: items are {"input_ids": (L,), "index": i} instead; the index seeds each sample's noise
+    in `DenoiserFineTuning`, which makes data-parallel training equal to one process.
+    """
+
+    def __init__(self, data: torch.Tensor, indexed: bool = False) -> None:
+        self.data, self.indexed = data, indexed
 
     def __len__(self) -> int:
         return self.data.shape[0]
 
-    def __getitem__(self, i: int) -> torch.Tensor:
-        return self.data[i]
+    def __getitem__(self, i: int):
+        return {"input_ids": self.data[i], "index": i} if self.indexed else self.data[i]
 
 
 def _check_seq_len(seq_len: int, block_size: int) -> None:

@@ -18,6 +18,8 @@ from torch.utils.data import DataLoader
 
 from twotower.tokenizers import ByteTokenizer, Tokenizer
 
+from twotower.distributed import EpochShuffle
+
 from .cache import _source_fingerprint, _tokenizer_fingerprint, cache_file, load_cache, save_cache
 from .packing import _check_seq_len, _Rows, pack_documents
 from .sources import STDLIB, Document, _unit_hash, iter_documents, split_documents
@@ -47,6 +49,9 @@ class TextDataModule(L.LightningDataModule):
         seed: seeds the training shuffle (each epoch draws a new order from this generator).
         text_field: JSONL / datasets column holding the text.
         pattern: glob for folder sources.
+        indexed: batches are {"input_ids": (B, seq_len), "index": (B,)}: each sample's noise is then
+            seeded by its index, and N data-parallel ranks train exactly as one process (see
+            `twotower.distributed.EpochShuffle`, which orders and splits the rows either way).
         cache_dir: if set, packed tensors are cached there as `packed-<hash>.pt`, keyed by the
             settings above, the tokenizer and the source files' sizes and mtimes.
     """
@@ -67,6 +72,7 @@ class TextDataModule(L.LightningDataModule):
         text_field: str = "text",
         pattern: str = "**/*.txt",
         cache_dir: str | None = None,
+        indexed: bool = False,
     ) -> None:
         super().__init__()
         _check_seq_len(seq_len, block_size)
@@ -95,6 +101,7 @@ class TextDataModule(L.LightningDataModule):
         self.text_field = text_field
         self.pattern = pattern
         self.cache_dir = cache_dir
+        self.indexed = indexed
         self.train_data: torch.Tensor | None = None  # (N_train, seq_len)
         self.val_data: torch.Tensor | None = None  # (N_val, seq_len)
         self._split: tuple[list[Document], list[Document]] | None = None
@@ -201,15 +208,14 @@ class TextDataModule(L.LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         self.setup()
         return DataLoader(
-            _Rows(self.train_data),
+            _Rows(self.train_data, self.indexed),
             batch_size=self.batch_size,
-            shuffle=True,
-            generator=torch.Generator().manual_seed(self.seed),
+            sampler=EpochShuffle(self.train_data.shape[0], seed=self.seed),
             num_workers=self.num_workers,
         )
 
     def val_dataloader(self) -> DataLoader:
         self.setup()
         return DataLoader(
-            _Rows(self.val_data), batch_size=self.batch_size, shuffle=False, num_workers=self.num_workers
+            _Rows(self.val_data, self.indexed), batch_size=self.batch_size, shuffle=False, num_workers=self.num_workers
         )

@@ -32,6 +32,22 @@ __all__ = ["ContextTowerBase", "DenoiserTowerBase", "TowerFamily", "register_fam
            "registered_families", "load_context_tower"]
 
 
+# The attribute a training engine sets on a block (or a tower) to wrap its training forward.
+BLOCK_RUNNER = "twotower_run"
+
+
+def run_block(module: nn.Module, step, *args):
+    """Run `step(*args)` as one call of `module` (a block, or a whole tower).
+
+    The training forwards call their blocks through sub-methods (pre, qkv, attend, post), never
+    through `module(...)`, so hooks that wrap a module call would not fire. This is the seam
+    instead: `twotower.distributed` sets `module.twotower_run` to a wrapper (an FSDP2 unit's
+    forward, activation checkpointing); without one the step simply runs.
+    """
+    runner = module.__dict__.get(BLOCK_RUNNER)
+    return step(*args) if runner is None else runner(step, *args)
+
+
 class ContextTowerBase(nn.Module, abc.ABC):
     """The frozen AR model, run causally over clean tokens, leaving a per-layer cache behind.
 

@@ -376,7 +376,8 @@ def restore_frozen(state_dict: dict[str, Tensor], context_state: Mapping[str, Te
 
 def export_checkpoint(ckpt_path: str | os.PathLike, out_dir: str | os.PathLike, *, backbone: str | None = None,
                       max_shard_size: int | None = None, expert_layout: str = "fused") -> Path:
-    """Fine-tuning checkpoint (.ckpt, denoiser side only) -> released two-tower directory.
+    """Fine-tuning checkpoint (.ckpt file, or the distributed checkpoint folder ModelParallelStrategy
+    writes; denoiser side only) -> released two-tower directory.
 
     The frozen context tower is rebuilt from the path recorded in the checkpoint (or from
     ``backbone`` when it moved since training); the ``denoiser.*`` weights are loaded over its
@@ -384,10 +385,10 @@ def export_checkpoint(ckpt_path: str | os.PathLike, out_dir: str | os.PathLike, 
     """
     from ..model import TwoTowerLM
 
+    from ..distributed import read_checkpoint  # a .ckpt file or a sharded (DCP) checkpoint folder
+
     path = Path(ckpt_path)
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint not found: {path}")
-    ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    ckpt = read_checkpoint(path)
     meta = ckpt.get(CKPT_META_KEY)
     if meta is None:
         raise ValueError(f"{path} is not a DenoiserFineTuning checkpoint (no '{CKPT_META_KEY}' entry)")

@@ -17,13 +17,14 @@ State dict names: `backbone.` + transformers' NemotronH backbone names, and `lm_
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 import torch.nn as nn
 from torch import Tensor
 
 from ..caches import HybridCache, PendingBlock
-from .base import ContextTowerBase
+from .base import ContextTowerBase, run_block
 from .layers import ATTENTION, MAMBA, HybridBackbone
 from .ssd import conv_boundary_states, conv_state_at, ssd_state_at
 
@@ -215,13 +216,12 @@ class ContextTower(ContextTowerBase):
         n_layers = len(self.backbone.layers)
         keys, values, conv, ssm = [None] * n_layers, [None] * n_layers, [None] * n_layers, [None] * n_layers
         x = self.backbone.embeddings(input_ids)
-        mask = None
-        for i, blk in enumerate(self.backbone.layers):
+        mask = torch.ones(L, L, dtype=torch.bool, device=x.device).tril() if ATTENTION in self.backbone.block_types else None
+
+        def step(i, blk, x):
             h = blk.pre(x)
             if blk.block_type == ATTENTION:
                 q, k, v = blk.mixer.qkv(h)
-                if mask is None:
-                    mask = torch.ones(L, L, dtype=torch.bool, device=x.device).tril()
                 keys[i], values[i] = k, v
                 y = blk.mixer.attend(q, k, v, mask)
             elif blk.block_type == MAMBA:
@@ -231,7 +231,10 @@ class ContextTower(ContextTowerBase):
                 y = out.y
             else:
                 y = blk.mixer(h)
-            x = blk.post(x, y)
+            return blk.post(x, y)
+
+        for i, blk in enumerate(self.backbone.layers):
+            x = run_block(blk, partial(step, i, blk), x)
         logits = self.lm_head(self.backbone.norm_f(x)).float() if return_logits else None
         return logits, ContextStates(keys, values, conv, ssm, block_size)
 

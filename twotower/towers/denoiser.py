@@ -20,13 +20,15 @@ State dict names: `backbone.` + NemotronH names, `lm_head.weight`, `time.` + the
 
 from __future__ import annotations
 
+from functools import partial
+
 import torch
 import torch.nn as nn
 from torch import Tensor
 
 from ..caches import HybridCache
 from ..time_embedding import build_time_conditioning
-from .base import DenoiserTowerBase
+from .base import DenoiserTowerBase, run_block
 from .context import ContextStates, ContextTower
 from .layers import ATTENTION, MAMBA, HybridBackbone
 
@@ -111,14 +113,12 @@ class DenoiserTower(DenoiserTowerBase):
             raise ValueError(f"t must have shape (batch, blocks) = {(b, nB)}, got {tuple(t.shape)}")
         hid = self.backbone.embeddings(x).view(b, nB, S, -1)
         H = hid.shape[-1]
-        mask = None
+        mask = block_attention_mask(L, S, device=x.device) if ATTENTION in self.backbone.block_types else None
         mods = None if t is None else self.time(t)  # each (b, nB, 1, H)
-        for i, blk in enumerate(self.backbone.layers):
-            mod = None if mods is None else mods[i]
+
+        def step(i, blk, hid, mod):
             h = blk.pre(hid, mod)
             if blk.block_type == ATTENTION:
-                if mask is None:
-                    mask = block_attention_mask(L, S, device=x.device)
                 q, k, v = blk.mixer.qkv(h.reshape(b, L, H))
                 keys = torch.cat([states.keys[i].to(k.dtype), k], 2)
                 vals = torch.cat([states.values[i].to(v.dtype), v], 2)
@@ -131,7 +131,10 @@ class DenoiserTower(DenoiserTowerBase):
                 y = out.y.view(b, nB, S, H)
             else:
                 y = blk.mixer(h)
-            hid = blk.post(hid, y, mod)
+            return blk.post(hid, y, mod)
+
+        for i, blk in enumerate(self.backbone.layers):
+            hid = run_block(blk, partial(step, i, blk), hid, None if mods is None else mods[i])
         hid = hid.reshape(b, L, H)
         return hid if return_hidden else self.head(hid)
 

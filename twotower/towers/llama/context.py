@@ -15,12 +15,14 @@ State dict names: `backbone.` + transformers' names below `model.`, and `lm_head
 
 from __future__ import annotations
 
+from functools import partial
+
 import torch
 import torch.nn as nn
 from torch import Tensor
 
 from ...caches import KVCache, PendingBlock
-from ..base import ContextTowerBase
+from ..base import ContextTowerBase, run_block
 from ..context import ContextStates, _check_ids, _validity, causal_mask
 from .layers import LlamaBackbone
 
@@ -140,10 +142,13 @@ class LlamaContextTower(ContextTowerBase):
         mask = torch.ones(L, L, dtype=torch.bool, device=x.device).tril()
         n_layers = len(self.backbone.layers)
         keys, values = [None] * n_layers, [None] * n_layers
-        for i, blk in enumerate(self.backbone.layers):
+
+        def step(i, blk, x):
             q, k, v = blk.self_attn.qkv(blk.attn_input(x), cos, sin)
             keys[i], values[i] = k, v
-            x = blk.residual(x, blk.self_attn.attend(q, k, v, mask))
-            x = blk.mlp_out(x)
+            return blk.mlp_out(blk.residual(x, blk.self_attn.attend(q, k, v, mask)))
+
+        for i, blk in enumerate(self.backbone.layers):
+            x = run_block(blk, partial(step, i, blk), x)
         logits = self.lm_head(self.backbone.norm(x)).float() if return_logits else None
         return logits, ContextStates(keys, values, [None] * n_layers, [None] * n_layers, block_size)

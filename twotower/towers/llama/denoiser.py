@@ -17,13 +17,15 @@ State dict names: `backbone.` + transformers' Llama names, `lm_head.weight`, `ti
 
 from __future__ import annotations
 
+from functools import partial
+
 import torch
 import torch.nn as nn
 from torch import Tensor
 
 from ...caches import KVCache
 from ...time_embedding import build_time_conditioning
-from ..base import DenoiserTowerBase
+from ..base import DenoiserTowerBase, run_block
 from ..context import ContextStates
 from ..denoiser import block_attention_mask
 from .context import LlamaContextTower
@@ -66,9 +68,13 @@ class LlamaDenoiserTower(DenoiserTowerBase):
         for i, blk in enumerate(self.backbone.layers):
             m_attn = None if mods is None else mods[2 * i]
             m_mlp = None if mods is None else mods[2 * i + 1]
-            h = blk.residual(h, attend(i, blk, blk.attn_input(h, m_attn)), m_attn)
-            h = blk.mlp_out(h, m_mlp)
+            h = run_block(blk, partial(self._layer, i, blk, attend), h, m_attn, m_mlp)
         return h
+
+    @staticmethod
+    def _layer(i, blk, attend, h: Tensor, m_attn, m_mlp) -> Tensor:
+        h = blk.residual(h, attend(i, blk, blk.attn_input(h, m_attn)), m_attn)
+        return blk.mlp_out(h, m_mlp)
 
     # ---- inference: one block -----------------------------------------------------------------
     def forward_block(self, x: Tensor, cache: KVCache, t: Tensor | None = None, *,
