@@ -91,19 +91,20 @@ def test_training_options_run_two_steps(backbone_dir, code_corpus, tmp_path, opt
     assert any(not torch.equal(v.float(), before[k].float()) for k, v in module.denoiser.state_dict().items())
 
 
-@pytest.mark.xfail(strict=True, reason="OPEN BUG: with activation_checkpointing the gradient of time.t_block.1.weight "
-                   "differs from the plain run (max |diff| 0.30 vs |grad| 0.29); every other gradient matches")
 def test_activation_checkpointing_keeps_the_gradients(backbone_dir):
-    if True:
-        x = torch.randint(4, 260, (2, 32), generator=torch.Generator().manual_seed(0))
-        grads = []
-        for checkpointing in (True, False):
-            m = DenoiserFineTuning(str(backbone_dir), block_size=8, activation_checkpointing=checkpointing)
-            m.forward_loss(x, sample_seeds=[1, 2])["loss"].backward()
-            grads.append({k: p.grad for k, p in m.denoiser.named_parameters() if p.grad is not None})
-        assert grads[0].keys() == grads[1].keys() and grads[0]
-        for k, g in grads[1].items():
-            torch.testing.assert_close(grads[0][k], g, atol=1e-6, rtol=1e-5, msg=k)
+    """Recomputing each block's activations in backward gives the plain run's gradients. Both runs
+    start from the same weights: the time embedder is freshly initialised, so the seed is fixed."""
+    x = torch.randint(4, 260, (2, 32), generator=torch.Generator().manual_seed(0))
+    grads = []
+    for checkpointing in (True, False):
+        torch.manual_seed(123)
+        m = DenoiserFineTuning(str(backbone_dir), block_size=8, activation_checkpointing=checkpointing)
+        m.configure_model()
+        m.forward_loss(x, sample_seeds=[1, 2])["loss"].backward()
+        grads.append({k: p.grad for k, p in m.denoiser.named_parameters() if p.grad is not None})
+    assert grads[0].keys() == grads[1].keys() and grads[0]
+    for k, g in grads[1].items():
+        torch.testing.assert_close(grads[0][k], g, atol=1e-6, rtol=1e-5, msg=k)
 
 
 def _save_byte_hf_tokenizer(directory: Path) -> Path:

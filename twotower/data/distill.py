@@ -111,8 +111,11 @@ def distill_rows(context: ContextTower, real: torch.Tensor, prompt_len: torch.Te
                  progress: bool = True, desc: str = "distilling") -> torch.Tensor:
     """Replace real[i, prompt_len[i]:] with the context tower's continuation of real[i, :prompt_len[i]].
 
-    Rows are grouped by prompt length (no padding), generated `batch_size` at a time on the
-    context tower's device, EOS ignored (a fixed-length continuation). Returns a new (N, L) tensor.
+    Rows are sorted by prompt length and generated `batch_size` at a time on the context tower's
+    device, EOS ignored (a fixed-length continuation): each batch's prompts are left-padded to its
+    longest and it runs Lr - (its shortest prompt) steps, each row keeping the first Lr - p tokens.
+    A row's greedy continuation does not depend on its batch (padding is masked out exactly), so one
+    batched loop per batch replaces one loop per prompt length. Returns a new (N, L) tensor.
     """
     if real.ndim != 2 or prompt_len.shape != real.shape[:1]:
         raise ValueError(f"real must be (N, L) and prompt_len (N,), got {tuple(real.shape)} and {tuple(prompt_len.shape)}")
@@ -121,20 +124,26 @@ def distill_rows(context: ContextTower, real: torch.Tensor, prompt_len: torch.Te
         raise ValueError(f"prompt lengths must lie in [1, {Lr - 1}]")
     device = next(context.parameters()).device
     out = real.clone()
-    groups = []
-    for p in sorted(set(prompt_len.tolist())):
-        idx = (prompt_len == p).nonzero().flatten()
-        groups += [(p, idx[i:i + batch_size]) for i in range(0, idx.numel(), batch_size)]
-    total = sum(int(i.numel()) * (Lr - p) for p, i in groups)
-    bar = _progress(total, desc) if progress else None
+    order = sorted(range(N), key=lambda i: int(prompt_len[i]))
+    batches = [torch.tensor(order[i:i + batch_size], dtype=torch.long) for i in range(0, N, batch_size)]
+    bar = _progress(int((Lr - prompt_len).sum()), desc) if progress else None
+    decoder, towers = Autoregressive(temperature), Towers(context, pad_token_id=pad_token_id)
     with torch.inference_mode():
-        for p, idx in groups:
-            res = Autoregressive(temperature).generate(Towers(context, pad_token_id=pad_token_id),
-                                                       real[idx, :p].to(device), max_new_tokens=Lr - p,
-                                                       generator=generator)
-            out[idx, p:] = res.sequences[:, p:].to(out.device, out.dtype)
+        for idx in batches:
+            lens = prompt_len[idx]
+            lo, hi = int(lens.min()), int(lens.max())
+            ids = torch.full((idx.numel(), hi), pad_token_id, dtype=real.dtype)
+            mask = torch.zeros(idx.numel(), hi, dtype=torch.long)
+            for r, (i, p) in enumerate(zip(idx.tolist(), lens.tolist())):
+                ids[r, hi - p:] = real[i, :p]
+                mask[r, hi - p:] = 1
+            res = decoder.generate(towers, ids.to(device), None if lo == hi else mask.to(device),
+                                   max_new_tokens=Lr - lo, generator=generator)
+            new = res.new_tokens.to(out.device, out.dtype)
+            for r, (i, p) in enumerate(zip(idx.tolist(), lens.tolist())):
+                out[i, p:] = new[r, : Lr - p]
             if bar is not None:
-                bar.update(int(idx.numel()) * (Lr - p))
+                bar.update(int((Lr - lens).sum()))
     if bar is not None:
         bar.close()
     return out
