@@ -34,6 +34,9 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # run as a file: benchmarks/ is a folder of the repository
+    sys.path.insert(0, str(ROOT))
+from benchmarks.memory import PEAK_RSS_PRELUDE  # noqa: E402
 
 CHILD = r"""
 import gc, json, os, resource, sys, time
@@ -44,25 +47,7 @@ from twotower.model import TwoTowerLM
 kind, path, dtype = sys.argv[1], sys.argv[2], getattr(torch, sys.argv[3])
 if kind == "hf":
     from transformers import AutoModelForCausalLM
-def rss():
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-def peak_rss():
-    # VmHWM, reset to the current RSS just before the load (clear_refs 5), so that transient peaks
-    # of imports and warm-up do not count; ru_maxrss (the lifetime peak) where it cannot be reset.
-    if RESET:
-        with open("/proc/self/status") as f:
-            return next(int(l.split()[1]) for l in f if l.startswith("VmHWM")) * 1024
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-gc.collect()
-try:
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
-    RESET = True
-except OSError:
-    RESET = False
-before = rss()
-t0 = time.perf_counter()
+""" + PEAK_RSS_PRELUDE + r"""t0 = time.perf_counter()
 if kind == "ctx":
     model = ContextTowerBase.from_pretrained(path, dtype=dtype)
 elif kind == "backbone":

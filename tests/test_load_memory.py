@@ -19,6 +19,9 @@ import torch
 from conftest import tiny_config
 
 ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # benchmarks/ is a folder of the repository, not an installed package
+    sys.path.insert(0, str(ROOT))
+from benchmarks.memory import PEAK_RSS_PRELUDE  # noqa: E402
 
 CHILD = r"""
 import gc, json, os, resource, sys
@@ -32,25 +35,7 @@ kind, path = sys.argv[1], sys.argv[2]
 config, raw = read_config(path)
 with torch.device("meta"):
     TwoTowerLM(config, time=raw.get("time_conditioning"))
-def rss():
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-def peak_rss():
-    # VmHWM, reset to the current RSS just before the load (clear_refs 5), so that transient peaks
-    # of imports and warm-up do not count; ru_maxrss (the lifetime peak) where it cannot be reset.
-    if RESET:
-        with open("/proc/self/status") as f:
-            return next(int(l.split()[1]) for l in f if l.startswith("VmHWM")) * 1024
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-gc.collect()
-try:
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
-    RESET = True
-except OSError:
-    RESET = False
-before = rss()
-if kind == "context":
+""" + PEAK_RSS_PRELUDE + r"""if kind == "context":
     model = ContextTowerBase.from_pretrained(path, dtype=torch.bfloat16)
 elif kind == "from_backbone":
     model = TwoTowerLM.from_backbone(path, dtype=torch.bfloat16)
