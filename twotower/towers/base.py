@@ -176,6 +176,18 @@ class DenoiserTowerBase(nn.Module, abc.ABC):
         logits (B, L, V) (or the pre-norm hidden (B, L, H)); block k equals `forward_block` of
         block k over the cache of the clean x[:, :kS]."""
 
+    @staticmethod
+    def training_blocks(x: Tensor, block_size: int, t: Tensor | None) -> tuple[int, int, int]:
+        """(b, L, nB) of a training batch x (b, L), checked: L a multiple of the block size and t,
+        if given, one value per block (b, nB). Every family's `forward_train` starts here."""
+        b, L = x.shape
+        if L % block_size:
+            raise ValueError(f"sequence length {L} is not a multiple of block_size {block_size}")
+        nB = L // block_size
+        if t is not None and t.shape != (b, nB):
+            raise ValueError(f"t must have shape (batch, blocks) = {(b, nB)}, got {tuple(t.shape)}")
+        return b, L, nB
+
     @abc.abstractmethod
     def head(self, hidden: Tensor) -> Tensor:
         """Final norm + LM head in float32: (..., H) -> (..., V)."""

@@ -105,12 +105,7 @@ class DenoiserTower(DenoiserTowerBase):
         With `return_hidden` returns the pre-norm hidden (b, L, H) (call `head` on selected rows).
         """
         S = states.block_size
-        b, L = x.shape
-        if L % S:
-            raise ValueError(f"sequence length {L} is not a multiple of block_size {S}")
-        nB = L // S
-        if t is not None and t.shape != (b, nB):
-            raise ValueError(f"t must have shape (batch, blocks) = {(b, nB)}, got {tuple(t.shape)}")
+        b, L, nB = self.training_blocks(x, S, t)
         hid = self.backbone.embeddings(x).view(b, nB, S, -1)
         H = hid.shape[-1]
         mask = block_attention_mask(L, S, device=x.device) if ATTENTION in self.backbone.block_types else None

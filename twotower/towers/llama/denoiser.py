@@ -112,12 +112,7 @@ class LlamaDenoiserTower(DenoiserTowerBase):
         With `return_hidden` returns the pre-norm hidden (b, L, H) (call `head` on selected rows).
         """
         S = states.block_size
-        b, L = x.shape
-        if L % S:
-            raise ValueError(f"sequence length {L} is not a multiple of block_size {S}")
-        nB = L // S
-        if t is not None and t.shape != (b, nB):
-            raise ValueError(f"t must have shape (batch, blocks) = {(b, nB)}, got {tuple(t.shape)}")
+        b, L, nB = self.training_blocks(x, S, t)
         h = self.backbone.embed_tokens(x)
         H = h.shape[-1]
         cos, sin = self.backbone.rotary(torch.arange(L, device=x.device).expand(b, L))
