@@ -166,4 +166,4 @@ def test_two_training_steps(backbone_dir, corpus, tmp_path):
     trainer.fit(module, data)
     assert trainer.global_step == 2
     assert any(not torch.equal(v, before[k]) for k, v in module.denoiser.state_dict().items())
-    assert "val/masked_acc" in trainer.callback_metrics or any("val" in k for k in trainer.callback_metrics)
+    assert any(k.startswith("val/") for k in trainer.callback_metrics), list(trainer.callback_metrics)
