@@ -4,17 +4,20 @@ What lives where:
 
     sources   Document, STDLIB, stdlib_source_files, iter_documents, read_corpus: corpus readers
               (the embedded stdlib, folders, text / JSONL files, `datasets` directories);
-              split_documents: the deterministic train / held-out split by name hash
+              split_documents, held_out: the deterministic train / held-out split by name hash
     packing   pack_documents: `[bos] + doc + [eos]` streams cut into (N, seq_len) rows
     cache     save_cache / load_cache / cache_file: the on-disk cache and its keys (fingerprints
               of the tokenizer, the corpus files and checkpoint files)
     text      TextDataModule: packed (B, seq_len) rows of a corpus, train and held-out
+    streaming StreamingTextDataModule, StreamingRows: the same rows read as a stream (sharded
+              over workers and ranks, a seeded shuffle buffer) for corpora too large for memory
     prompts   read_prompts, collate_prompts, PromptDataModule: left-padded prompt batches
     distill   DistilledDataModule, distill_rows: real prompts continued by the frozen AR
               backbone, with a loss mask on the continuation
 
 Every name below is importable from `twotower.data` directly; recipes name the data modules as
-`twotower.data.TextDataModule`, `twotower.data.PromptDataModule`, `twotower.data.DistilledDataModule`.
+`twotower.data.TextDataModule`, `twotower.data.StreamingTextDataModule`,
+`twotower.data.PromptDataModule`, `twotower.data.DistilledDataModule`.
 """
 
 from __future__ import annotations
@@ -23,7 +26,8 @@ from .cache import cache_file, load_cache, save_cache
 from .distill import DistilledDataModule, distill_rows
 from .packing import pack_documents
 from .prompts import PromptDataModule, collate_prompts, read_prompts
-from .sources import STDLIB, Document, iter_documents, read_corpus, split_documents, stdlib_source_files
+from .sources import STDLIB, Document, held_out, iter_documents, read_corpus, split_documents, stdlib_source_files
+from .streaming import StreamingRows, StreamingTextDataModule
 from .text import TextDataModule
 
 __all__ = [
@@ -33,11 +37,14 @@ __all__ = [
     "iter_documents",
     "read_corpus",
     "split_documents",
+    "held_out",
     "pack_documents",
     "save_cache",
     "load_cache",
     "cache_file",
     "TextDataModule",
+    "StreamingTextDataModule",
+    "StreamingRows",
     "read_prompts",
     "collate_prompts",
     "PromptDataModule",

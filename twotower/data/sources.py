@@ -188,6 +188,14 @@ def _unit_hash(name: str) -> float:
     return int.from_bytes(digest[:8], "big") / 2.0**64
 
 
+def held_out(name: str, val_fraction: float) -> bool:
+    """Whether the document called `name` belongs to the held-out split: u(name) < val_fraction.
+
+    The per-document rule of `split_documents`, usable on a stream (no listing of the corpus).
+    """
+    return _unit_hash(name) < val_fraction
+
+
 def split_documents(names: Sequence[str], val_fraction: float = 0.02) -> tuple[list[int], list[int]]:
     """Deterministic train / held-out split by document name.
 
@@ -203,7 +211,7 @@ def split_documents(names: Sequence[str], val_fraction: float = 0.02) -> tuple[l
     if not 0.0 <= val_fraction < 1.0:
         raise ValueError(f"val_fraction={val_fraction} must be in [0, 1)")
     scores = [_unit_hash(n) for n in names]
-    held = [s < val_fraction for s in scores]
+    held = [held_out(n, val_fraction) for n in names]
     if val_fraction > 0 and len(names) >= 2:
         # Ties broken by name so the choice stays independent of order.
         if not any(held):
