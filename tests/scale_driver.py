@@ -49,7 +49,7 @@ def main() -> None:
         strategy = ModelParallelStrategy(data_parallel_size=a.devices, tensor_parallel_size=1)
     else:
         strategy = {"single": "auto", "ddp": "ddp"}[a.strategy]
-    module = DenoiserFineTuning(a.backbone, block_size=8, lr=1e-2, warmup_steps=0, loss_weighting="none",
+    module = DenoiserFineTuning(a.backbone, block_size=8, lr=2e-3, warmup_steps=0, loss_weighting="none",
                                 context_sharding=a.context_sharding)
     data = TextDataModule(a.corpus, seq_len=32, block_size=8, batch_size=a.batch, indexed=True, val_fraction=0.2)
     losses = _Losses()
