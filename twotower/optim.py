@@ -19,7 +19,7 @@ def warmup_cosine(step: int, *, warmup: int, total: int, min_ratio: float) -> fl
     return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
-def _optimizer(module: L.LightningModule, params, lr, weight_decay, betas, warmup_steps, min_lr_ratio):
+def adamw_with_schedule(module: L.LightningModule, params, lr, weight_decay, betas, warmup_steps, min_lr_ratio):
     decay = [p for p in params if p.dim() >= 2]
     no_decay = [p for p in params if p.dim() < 2]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay},
@@ -31,7 +31,7 @@ def _optimizer(module: L.LightningModule, params, lr, weight_decay, betas, warmu
     return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
 
-def _check_positive(**values):
+def check_positive(**values):
     for name, v in values.items():
         if v is None or v <= 0:
             raise ValueError(f"{name} must be > 0, got {v!r}")

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torchmetrics import MeanMetric
 
-from .optim import _check_positive, _optimizer
+from .optim import check_positive, adamw_with_schedule
 from .towers.checkpoints import from_tower_names
 from .towers.context import ContextTower
 
@@ -91,7 +91,7 @@ class ARPretraining(L.LightningModule):
                  warmup_steps: int = 100, min_lr_ratio: float = 0.1, init_seed: int = 0,
                  save_dir: str | None = None):
         super().__init__()
-        _check_positive(lr=lr, hidden_size=hidden_size, vocab_size=vocab_size)
+        check_positive(lr=lr, hidden_size=hidden_size, vocab_size=vocab_size)
         self.save_hyperparameters()
         config = tiny_nemotron_config(
             pattern=pattern, vocab_size=vocab_size, hidden_size=hidden_size,
@@ -128,7 +128,7 @@ class ARPretraining(L.LightningModule):
 
     def configure_optimizers(self):
         h = self.hparams
-        return _optimizer(self, list(self.tower.parameters()), h.lr, h.weight_decay, h.betas, h.warmup_steps, h.min_lr_ratio)
+        return adamw_with_schedule(self, list(self.tower.parameters()), h.lr, h.weight_decay, h.betas, h.warmup_steps, h.min_lr_ratio)
 
     def on_fit_end(self):
         if self.hparams.save_dir and self.trainer.is_global_zero:

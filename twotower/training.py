@@ -27,7 +27,7 @@ from torch import Tensor
 from torchmetrics import SumMetric
 
 from .schedules import LinearSchedule, NoiseSchedule, TimeSampler, UniformTime, mask_blocks
-from .optim import _check_positive, _optimizer, warmup_cosine  # noqa: F401  (warmup_cosine: re-exported)
+from .optim import check_positive, adamw_with_schedule, warmup_cosine  # noqa: F401  (warmup_cosine: re-exported)
 from .pretraining import ARPretraining, init_weights, tiny_nemotron_config  # noqa: F401  (re-exported)
 from .towers.checkpoints import CKPT_META_KEY, restore_frozen, training_checkpoint
 from .distributed import sample_seed
@@ -90,7 +90,7 @@ class DenoiserFineTuning(L.LightningModule):
             raise ValueError(f"block_size must be an integer >= 1, got {block_size!r}")
         if shifted and block_size < 2:
             raise ValueError("shifted training needs block_size >= 2 (position 0 of a block is never masked)")
-        _check_positive(lr=lr)
+        check_positive(lr=lr)
         self.save_hyperparameters()
         if context_sharding not in ("replicate", "shard"):
             raise ValueError(f"context_sharding must be 'replicate' or 'shard', got {context_sharding!r}")
@@ -307,7 +307,7 @@ class DenoiserFineTuning(L.LightningModule):
     def configure_optimizers(self):
         h = self.hparams
         params = [p for p in self.denoiser.parameters() if p.requires_grad]
-        return _optimizer(self, params, h.lr, h.weight_decay, h.betas, h.warmup_steps, h.min_lr_ratio)
+        return adamw_with_schedule(self, params, h.lr, h.weight_decay, h.betas, h.warmup_steps, h.min_lr_ratio)
 
     # ---- checkpoints: only the trainable side -------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict) -> None:

@@ -5,9 +5,9 @@ the JSON of every setting that shapes its contents (`cache_file`). The settings 
 fingerprints of what the data came from, so that a changed input misses the cache instead of
 silently reusing stale rows:
 
-    _tokenizer_fingerprint   the tokenizer's repr, vocabulary size, specials and a probe encoding
-    _source_fingerprint      the corpus files' relative paths, sizes and mtimes
-    _files_fingerprint       the content of a checkpoint directory's config and weight files
+    tokenizer_fingerprint   the tokenizer's repr, vocabulary size, specials and a probe encoding
+    source_fingerprint      the corpus files' relative paths, sizes and mtimes
+    files_fingerprint       the content of a checkpoint directory's config and weight files
 
 `save_cache` writes by write-then-rename, so concurrent ranks never read a half-written file.
 """
@@ -48,7 +48,7 @@ def load_cache(path: Path) -> dict[str, torch.Tensor]:
     return torch.load(path, weights_only=True)
 
 
-def _tokenizer_fingerprint(tokenizer: Tokenizer) -> str:
+def tokenizer_fingerprint(tokenizer: Tokenizer) -> str:
     # The probe catches two tokenizers with identical settings but different vocabularies.
     probe = "Hello, wörld! 123\n\tdef f(x): return x  # ünïcode ✓"
     ids = tokenizer.encode(probe)
@@ -57,7 +57,7 @@ def _tokenizer_fingerprint(tokenizer: Tokenizer) -> str:
     )
 
 
-def _source_fingerprint(source: str) -> str:
+def source_fingerprint(source: str) -> str:
     """Hash of the files behind `source` (paths, sizes, mtimes): a changed corpus misses the cache."""
     if source == STDLIB:
         root = Path(sysconfig.get_paths()["stdlib"])
@@ -75,7 +75,7 @@ def _source_fingerprint(source: str) -> str:
     return h.hexdigest()
 
 
-def _files_fingerprint(path: Path) -> str:
+def files_fingerprint(path: Path) -> str:
     """Content hash of a checkpoint directory's config and weight files."""
     h = hashlib.sha256()
     for f in sorted(path.iterdir()):

@@ -45,8 +45,8 @@ from twotower.decoding import Autoregressive, Towers
 from twotower.tokenizers import Tokenizer
 from twotower.towers.context import ContextTower
 
-from .cache import _files_fingerprint, cache_file, load_cache, save_cache
-from .packing import _check_seq_len
+from .cache import files_fingerprint, cache_file, load_cache, save_cache
+from .packing import check_seq_len
 from .sources import STDLIB
 from .text import TextDataModule
 
@@ -181,7 +181,7 @@ class DistilledDataModule(L.LightningDataModule):
                  val_fraction: float = 0.02, device: str = "auto", num_workers: int = 0, seed: int = 0,
                  cache_dir: str | None = None, shard_rows: int = 32) -> None:
         super().__init__()
-        _check_seq_len(seq_len, block_size)
+        check_seq_len(seq_len, block_size)
         for name, value in [("num_train", num_train), ("num_val", num_val), ("batch_size", batch_size),
                             ("gen_batch_size", gen_batch_size), ("shard_rows", shard_rows)]:
             if not isinstance(value, int) or value < 1:
@@ -214,7 +214,7 @@ class DistilledDataModule(L.LightningDataModule):
     def _cache_path(self, text_key: str) -> Path | None:
         if self.cache_dir is None:
             return None
-        settings = {"format": _FORMAT, "text": text_key, "backbone": _files_fingerprint(self.backbone),
+        settings = {"format": _FORMAT, "text": text_key, "backbone": files_fingerprint(self.backbone),
                     "num_train": self.num_train, "num_val": self.num_val, "min_prompt": self.min_prompt,
                     "max_prompt": self.max_prompt, "block_size": self.block_size, "temperature": self.temperature,
                     "seed": self.seed}

@@ -1,8 +1,8 @@
 """Packing: token streams -> fixed-length training rows.
 
 `pack_documents` concatenates `[bos] + doc + [eos]` for every document and cuts the stream
-into rows of `seq_len` tokens, a LongTensor (N, seq_len); `_Rows` serves those rows to a
-DataLoader. `_check_seq_len` enforces that a row is a whole number of denoiser blocks, the
+into rows of `seq_len` tokens, a LongTensor (N, seq_len); `PackedRows` serves those rows to a
+DataLoader. `check_seq_len` enforces that a row is a whole number of denoiser blocks, the
 layout every training module here assumes.
 """
 
@@ -14,7 +14,7 @@ import torch
 from torch.utils.data import Dataset
 
 
-def _as_long_tensor(ids: Sequence[int] | torch.Tensor) -> torch.Tensor:
+def as_long_tensor(ids: Sequence[int] | torch.Tensor) -> torch.Tensor:
     """A token list or tensor of any shape as a flat LongTensor (n,)."""
     if isinstance(ids, torch.Tensor):
         return ids.long().reshape(-1)
@@ -48,7 +48,7 @@ def pack_documents(
     for doc in docs:
         if limit is not None and total >= limit:
             break
-        ids = _as_long_tensor(doc)
+        ids = as_long_tensor(doc)
         pieces += [bos, ids, eos]
         total += bos.numel() + ids.numel() + eos.numel()
     stream = torch.cat(pieces) if pieces else torch.empty(0, dtype=torch.long)
@@ -58,7 +58,7 @@ def pack_documents(
     return stream[: n * seq_len].reshape(n, seq_len).clone()
 
 
-class _Rows(Dataset):
+class PackedRows(Dataset):
     """Rows of a (N, L) tensor; items are (L,) tensors, so default collation gives (B, L).
 
     indexed: items are {"input_ids": (L,), "index": i} instead; the index seeds each sample's noise
@@ -75,7 +75,7 @@ class _Rows(Dataset):
         return {"input_ids": self.data[i], "index": i} if self.indexed else self.data[i]
 
 
-def _check_seq_len(seq_len: int, block_size: int) -> None:
+def check_seq_len(seq_len: int, block_size: int) -> None:
     """Raise unless seq_len is a positive multiple of block_size (the error names the nearest valid one)."""
     if block_size <= 0:
         raise ValueError(f"block_size={block_size} must be positive")

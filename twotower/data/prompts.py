@@ -22,7 +22,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from twotower.tokenizers import ByteTokenizer, Tokenizer
 
-from .packing import _as_long_tensor
+from .packing import as_long_tensor
 
 
 def read_prompts(path: str | os.PathLike) -> list[str]:
@@ -74,7 +74,7 @@ def collate_prompts(
     """
     if len(token_lists) == 0:
         raise ValueError("collate_prompts needs at least one prompt")
-    rows = [_as_long_tensor(t) for t in token_lists]
+    rows = [as_long_tensor(t) for t in token_lists]
     for i, row in enumerate(rows):
         if row.numel() == 0:
             raise ValueError(f"prompt {i} of the batch has no tokens; generation needs at least one")

@@ -182,7 +182,7 @@ def read_corpus(
 # ----------------------------------------------------------------------------- split
 
 
-def _unit_hash(name: str) -> float:
+def unit_hash(name: str) -> float:
     # sha256, not hash(): Python's str hash is salted per process.
     digest = hashlib.sha256(name.encode("utf-8", errors="surrogatepass")).digest()
     return int.from_bytes(digest[:8], "big") / 2.0**64
@@ -193,7 +193,7 @@ def held_out(name: str, val_fraction: float) -> bool:
 
     The per-document rule of `split_documents`, usable on a stream (no listing of the corpus).
     """
-    return _unit_hash(name) < val_fraction
+    return unit_hash(name) < val_fraction
 
 
 def split_documents(names: Sequence[str], val_fraction: float = 0.02) -> tuple[list[int], list[int]]:
@@ -210,7 +210,7 @@ def split_documents(names: Sequence[str], val_fraction: float = 0.02) -> tuple[l
     """
     if not 0.0 <= val_fraction < 1.0:
         raise ValueError(f"val_fraction={val_fraction} must be in [0, 1)")
-    scores = [_unit_hash(n) for n in names]
+    scores = [unit_hash(n) for n in names]
     held = [held_out(n, val_fraction) for n in names]
     if val_fraction > 0 and len(names) >= 2:
         # Ties broken by name so the choice stays independent of order.

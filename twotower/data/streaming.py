@@ -29,7 +29,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from twotower.distributed import _rank_world
 from twotower.tokenizers import ByteTokenizer, Tokenizer
 
-from .packing import _as_long_tensor, _check_seq_len
+from .packing import as_long_tensor, check_seq_len
 from .sources import STDLIB, held_out, iter_documents
 
 
@@ -96,7 +96,7 @@ class StreamingRows(IterableDataset):
         eos = torch.tensor([] if tok.eos_token_id is None else [tok.eos_token_id], dtype=torch.long)
         carry, i = torch.empty(0, dtype=torch.long), 0
         for ids in self.token_documents():
-            stream = torch.cat([carry, bos, _as_long_tensor(ids), eos])
+            stream = torch.cat([carry, bos, as_long_tensor(ids), eos])
             n = stream.numel() // L_
             for k in range(n):
                 if self.max_sequences is not None and i >= self.max_sequences:
@@ -199,7 +199,7 @@ class StreamingTextDataModule(L.LightningDataModule):
                  seed: int = 0, text_field: str = "text", pattern: str = "**/*.txt",
                  rank: int | None = None, world_size: int | None = None) -> None:
         super().__init__()
-        _check_seq_len(seq_len, block_size)
+        check_seq_len(seq_len, block_size)
         if batch_size <= 0:
             raise ValueError(f"batch_size={batch_size} must be positive")
         if not 0.0 <= val_fraction < 1.0:

@@ -20,9 +20,9 @@ from twotower.tokenizers import ByteTokenizer, Tokenizer
 
 from twotower.distributed import EpochShuffle
 
-from .cache import _source_fingerprint, _tokenizer_fingerprint, cache_file, load_cache, save_cache
-from .packing import _check_seq_len, _Rows, pack_documents
-from .sources import STDLIB, Document, _unit_hash, iter_documents, split_documents
+from .cache import source_fingerprint, tokenizer_fingerprint, cache_file, load_cache, save_cache
+from .packing import check_seq_len, PackedRows, pack_documents
+from .sources import STDLIB, Document, unit_hash, iter_documents, split_documents
 
 # Bump when the packed layout changes, so that stale caches are not reused.
 _CACHE_FORMAT = 1
@@ -75,7 +75,7 @@ class TextDataModule(L.LightningDataModule):
         indexed: bool = False,
     ) -> None:
         super().__init__()
-        _check_seq_len(seq_len, block_size)
+        check_seq_len(seq_len, block_size)
         if batch_size <= 0:
             raise ValueError(f"batch_size={batch_size} must be positive")
         if not 0.0 <= val_fraction < 1.0:
@@ -136,7 +136,7 @@ class TextDataModule(L.LightningDataModule):
 
         have = sum(length(i) for i in val_idx)
         moved = set()
-        for i in sorted(train_idx, key=lambda i: (_unit_hash(docs[i].name), docs[i].name))[:-1]:
+        for i in sorted(train_idx, key=lambda i: (unit_hash(docs[i].name), docs[i].name))[:-1]:
             if have >= self.seq_len:
                 break
             moved.add(i)
@@ -165,8 +165,8 @@ class TextDataModule(L.LightningDataModule):
         settings = {
             "format": _CACHE_FORMAT,
             "source": self.source,
-            "files": _source_fingerprint(self.source),
-            "tokenizer": _tokenizer_fingerprint(self.tokenizer),
+            "files": source_fingerprint(self.source),
+            "tokenizer": tokenizer_fingerprint(self.tokenizer),
             "seq_len": self.seq_len,
             "val_fraction": self.val_fraction,
             "max_documents": self.max_documents,
@@ -208,7 +208,7 @@ class TextDataModule(L.LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         self.setup()
         return DataLoader(
-            _Rows(self.train_data, self.indexed),
+            PackedRows(self.train_data, self.indexed),
             batch_size=self.batch_size,
             sampler=EpochShuffle(self.train_data.shape[0], seed=self.seed),
             num_workers=self.num_workers,
@@ -217,5 +217,5 @@ class TextDataModule(L.LightningDataModule):
     def val_dataloader(self) -> DataLoader:
         self.setup()
         return DataLoader(
-            _Rows(self.val_data, self.indexed), batch_size=self.batch_size, shuffle=False, num_workers=self.num_workers
+            PackedRows(self.val_data, self.indexed), batch_size=self.batch_size, shuffle=False, num_workers=self.num_workers
         )

@@ -256,7 +256,7 @@ class Decoder(abc.ABC):
                                          towers.mask_token_id if self.uses_mask_token else None)
         den_device, use_mirror = None, False
         if self.uses_denoiser:
-            den_device, use_mirror = _denoiser_placement(denoiser, ctx_device, towers.denoiser_device)
+            den_device, use_mirror = denoiser_placement(denoiser, ctx_device, towers.denoiser_device)
         call = DecodeCall(context=context, denoiser=denoiser if self.uses_denoiser else None, input_ids=input_ids,
                           valid=valid, max_new_tokens=max_new_tokens,
                           eos=_eos_ids(eos_token_id, cfg.vocab_size, ctx_device), pad_token_id=pad,
@@ -347,7 +347,7 @@ def _check_prompt(config, input_ids: Tensor, attention_mask: Tensor | None, max_
     return input_ids, valid
 
 
-def _denoiser_placement(denoiser, ctx_device: torch.device, denoiser_device) -> tuple[torch.device, bool]:
+def denoiser_placement(denoiser, ctx_device: torch.device, denoiser_device) -> tuple[torch.device, bool]:
     """(device the denoiser runs on, whether its cache is a mirror of the context cache)."""
     actual = device_of(denoiser)
     if denoiser_device is None:

@@ -79,11 +79,11 @@ class Stepper(abc.ABC):
         self.state: Tensor | None = None
         self.iterations = 0
         self._mirror: HybridCache | None = None  # the denoiser's copy of the cache (two devices)
-        from ..decoding.base import _denoiser_placement, device_of
+        from ..decoding.base import denoiser_placement, device_of
 
         self.ctx_device = device_of(towers.context)
         self.den_device, self.use_mirror = (None, False) if towers.denoiser is None else \
-            _denoiser_placement(towers.denoiser, self.ctx_device, towers.denoiser_device)
+            denoiser_placement(towers.denoiser, self.ctx_device, towers.denoiser_device)
 
     @classmethod
     def key(cls, decoder: Decoder, towers: Towers) -> tuple:

@@ -87,9 +87,9 @@ class ContextTower(ContextTowerBase):
         out of attention and out of the Mamba states. logits: "all" (b, T, V), "last" (b, 1, V) or
         "none" (None).
         """
-        _check_ids(input_ids, self.config.vocab_size)
+        check_ids(input_ids, self.config.vocab_size)
         b, T = input_ids.shape
-        valid, padded = _validity(input_ids, attention_mask)
+        valid, padded = validity(input_ids, attention_mask)
         cache = self.empty_cache(b, capacity=capacity or max(64, 2 * T), device=input_ids.device) if use_cache else None
         hidden = self._run(input_ids, valid, padded, cache, offset=0)
         return self._logits(hidden, logits), cache
@@ -111,11 +111,11 @@ class ContextTower(ContextTowerBase):
         tokens each row keeps.
         """
         # No value-range check here: it would read the ids back from the device on every AR step.
-        _check_ids(tokens, self.config.vocab_size, check_range=False)
+        check_ids(tokens, self.config.vocab_size, check_range=False)
         cache.check_settled("extend it")
         if tokens.shape[0] != cache.batch_size:
             raise ValueError(f"tokens have batch {tokens.shape[0]} but the cache has {cache.batch_size}")
-        valid, padded = _validity(tokens, attention_mask)
+        valid, padded = validity(tokens, attention_mask)
         hidden = self._run(tokens, valid, padded, cache, offset=cache.length, provisional=provisional)
         return self._logits(hidden, logits)
 
@@ -209,7 +209,7 @@ class ContextTower(ContextTowerBase):
         Returns (logits or None, ContextStates). The Mamba scan runs with chunk size = block_size,
         so the chunk-entry states are the block-boundary states.
         """
-        _check_ids(input_ids, self.config.vocab_size)
+        check_ids(input_ids, self.config.vocab_size)
         b, L = input_ids.shape
         if L % block_size:
             raise ValueError(f"sequence length {L} is not a multiple of block_size {block_size}")
@@ -239,7 +239,7 @@ class ContextTower(ContextTowerBase):
         return logits, ContextStates(keys, values, conv, ssm, block_size)
 
 
-def _validity(ids: Tensor, attention_mask: Tensor | None) -> tuple[Tensor, bool]:
+def validity(ids: Tensor, attention_mask: Tensor | None) -> tuple[Tensor, bool]:
     """(valid (b, n) bool, whether any position is padding) from an optional 0/1 attention mask."""
     if attention_mask is None:
         return torch.ones(ids.shape, dtype=torch.bool, device=ids.device), False
@@ -247,7 +247,7 @@ def _validity(ids: Tensor, attention_mask: Tensor | None) -> tuple[Tensor, bool]
     return valid, not bool(valid.all())
 
 
-def _check_ids(ids: Tensor, vocab_size: int, *, check_range: bool = True) -> None:
+def check_ids(ids: Tensor, vocab_size: int, *, check_range: bool = True) -> None:
     if ids.dim() != 2:
         raise ValueError(f"input_ids must be (batch, length), got shape {tuple(ids.shape)}")
     if ids.dtype not in (torch.int64, torch.int32):

@@ -23,7 +23,7 @@ from torch import Tensor
 
 from ...caches import KVCache, PendingBlock
 from ..base import ContextTowerBase, run_block
-from ..context import ContextStates, _check_ids, _validity, causal_mask
+from ..context import ContextStates, check_ids, validity, causal_mask
 from .layers import LlamaBackbone
 
 
@@ -54,9 +54,9 @@ class LlamaContextTower(ContextTowerBase):
     def prefill(self, input_ids: Tensor, attention_mask: Tensor | None = None, *, logits: str = "all",
                 use_cache: bool = True, capacity: int | None = None):
         """Causal forward over a left-padded prompt batch -> (logits, KVCache or None)."""
-        _check_ids(input_ids, self.config.vocab_size)
+        check_ids(input_ids, self.config.vocab_size)
         b, T = input_ids.shape
-        valid, padded = _validity(input_ids, attention_mask)
+        valid, padded = validity(input_ids, attention_mask)
         cache = self.empty_cache(b, capacity=capacity or max(64, 2 * T), device=input_ids.device) if use_cache else None
         hidden = self._run(input_ids, valid, padded, cache, offset=0)
         return self._logits(hidden, logits), cache
@@ -74,11 +74,11 @@ class LlamaContextTower(ContextTowerBase):
 
         provisional: append on trial; `accept(cache, keep)` then settles how many each row keeps.
         """
-        _check_ids(tokens, self.config.vocab_size, check_range=False)
+        check_ids(tokens, self.config.vocab_size, check_range=False)
         cache.check_settled("extend it")
         if tokens.shape[0] != cache.batch_size:
             raise ValueError(f"tokens have batch {tokens.shape[0]} but the cache has {cache.batch_size}")
-        valid, padded = _validity(tokens, attention_mask)
+        valid, padded = validity(tokens, attention_mask)
         hidden = self._run(tokens, valid, padded, cache, offset=cache.length)
         if provisional:
             cache.pending = PendingBlock(cache.length - tokens.shape[1], tokens.shape[1], {}, {})
@@ -132,7 +132,7 @@ class LlamaContextTower(ContextTowerBase):
         Returns (logits or None, ContextStates) with every layer's rotated keys and values
         (b, kv, L, d); there is no recurrent state (conv / ssm are None).
         """
-        _check_ids(input_ids, self.config.vocab_size)
+        check_ids(input_ids, self.config.vocab_size)
         b, L = input_ids.shape
         if L % block_size:
             raise ValueError(f"sequence length {L} is not a multiple of block_size {block_size}")
