@@ -137,15 +137,9 @@ class SafetensorsFile:
         self.close()
 
 
-@dataclass(frozen=True, eq=False)
-class TensorRef:
-    """A tensor stored in `file` at byte `offset`: shape and dtype known, data not read yet."""
-
-    file: SafetensorsFile
-    name: str
-    dtype: torch.dtype
-    shape: torch.Size
-    offset: int
+class _TensorLike:
+    """What the key mapping and the loaders ask of a not-yet-read tensor, given `shape`, `dtype`
+    and `load_into(out)`: sizes, and a read into a fresh tensor of any dtype / device."""
 
     def numel(self) -> int:
         return math.prod(self.shape)
@@ -164,6 +158,17 @@ class TensorRef:
         out = torch.empty(self.shape, dtype=dtype or self.dtype, device=device)
         self.load_into(out)
         return out
+
+
+@dataclass(frozen=True, eq=False)
+class TensorRef(_TensorLike):
+    """A tensor stored in `file` at byte `offset`: shape and dtype known, data not read yet."""
+
+    file: SafetensorsFile
+    name: str
+    dtype: torch.dtype
+    shape: torch.Size
+    offset: int
 
     def load_into(self, out: Tensor) -> None:
         self.file.copy_into(self, out)
@@ -177,7 +182,7 @@ class TensorRef:
 
 
 @dataclass(frozen=True, eq=False)
-class StackedRef:
+class StackedRef(_TensorLike):
     """Equal-shaped references fused along a new dim 0 (per-expert MoE weights -> (E, ...))."""
 
     parts: tuple
@@ -189,24 +194,6 @@ class StackedRef:
     @property
     def shape(self) -> torch.Size:
         return torch.Size((len(self.parts), *self.parts[0].shape))
-
-    def numel(self) -> int:
-        return math.prod(self.shape)
-
-    @property
-    def nbytes(self) -> int:
-        return self.numel() * self.dtype.itemsize
-
-    def is_floating_point(self) -> bool:
-        return self.dtype.is_floating_point
-
-    def dim(self) -> int:
-        return len(self.shape)
-
-    def load(self, dtype: torch.dtype | None = None, device=None) -> Tensor:
-        out = torch.empty(self.shape, dtype=dtype or self.dtype, device=device)
-        self.load_into(out)
-        return out
 
     def load_into(self, out: Tensor) -> None:
         for i, part in enumerate(self.parts):
