@@ -80,6 +80,25 @@ def alone(srv, body: dict) -> str:
     return stop.truncate(text) if stop else text
 
 
+def run_jobs(sched, srv, bodies: list[dict], sinks=None) -> list:
+    """Start `sched`, submit one Job per request body (with its event sink), wait (bounded) until all
+    are over, stop the scheduler; returns the jobs."""
+    from twotower.serving.scheduler import Job
+
+    sinks = sinks or [None] * len(bodies)
+    sched.start()
+    try:
+        jobs = [sched.submit(Job(parse_completion(b, srv.settings, TOK, context_limit=512, model_block_size=8),
+                                 TOK, [TOK.eos_token_id], sink=sink)) for b, sink in zip(bodies, sinks)]
+        deadline = time.time() + 120
+        while not all(j.over for j in jobs):
+            assert time.time() < deadline
+            time.sleep(0.02)
+    finally:
+        sched.stop()
+    return jobs
+
+
 def post(url: str, body, path: str = "/v1/completions") -> tuple[int, dict]:
     data = body if isinstance(body, bytes) else json.dumps(body).encode()
     req = urllib.request.Request(url + path, data=data, headers={"Content-Type": "application/json"})
@@ -252,7 +271,7 @@ def test_scheduler_thread_with_a_small_batch_and_a_cache_mirror(tmp_path, mirror
     another. Outputs as alone in every case."""
     from twotower.decoding import Towers
     from twotower.model import TwoTowerLM
-    from twotower.serving.scheduler import Job, Scheduler
+    from twotower.serving.scheduler import Scheduler
 
     model = TwoTowerLM.from_pretrained(save_tiny_twotower(tmp_path / "tt")).eval()
     towers = Towers.of(model)
@@ -271,16 +290,8 @@ def test_scheduler_thread_with_a_small_batch_and_a_cache_mirror(tmp_path, mirror
         return real_block(*a, **kw)
 
     model.denoiser.forward_block = spy
-    sched = Scheduler(towers, max_batch=2, overlap=overlap).start()
-    try:
-        jobs = [sched.submit(Job(parse_completion(b, srv.settings, TOK, context_limit=512, model_block_size=8),
-                                 TOK, [TOK.eos_token_id], sink=events[i].append)) for i, b in enumerate(bodies)]
-        deadline = time.time() + 120
-        while not all(j.over for j in jobs):
-            assert time.time() < deadline
-            time.sleep(0.02)
-    finally:
-        sched.stop()
+    sched = Scheduler(towers, max_batch=2, overlap=overlap)
+    jobs = run_jobs(sched, srv, bodies, [events[i].append for i in range(len(bodies))])
     assert sched.peak <= (12 if overlap else 6)  # three decoder settings (x 2 groups), at most two rows each
     if overlap:  # drafts ran on the denoiser's thread beside another group's context half
         assert sched.overlapped > 0 and any(t.startswith("twotower-denoiser") for t in threads)
@@ -299,7 +310,7 @@ def test_scheduler_serves_a_llama_family_model(tmp_path):
 
     from twotower.decoding import Towers
     from twotower.model import TwoTowerLM
-    from twotower.serving.scheduler import Job, Scheduler
+    from twotower.serving.scheduler import Scheduler
 
     ctx, den = make_family_towers("llama", seed=4, vocab_size=260)
     model = TwoTowerLM(ctx.config, block_size=8, context=ctx, denoiser=den).eval()
@@ -307,16 +318,8 @@ def test_scheduler_serves_a_llama_family_model(tmp_path):
     bodies = [{"prompt": p, "max_tokens": 5 + 3 * i, "decoder": d}
               for i, (p, d) in enumerate([("ab", "speculative"), ("x = 1\n", "diffusion"), ("hello", "speculative"),
                                           ("0123", "ar"), ("q", "speculative")])]
-    sched = Scheduler(Towers.of(model), max_batch=4).start()
-    try:
-        jobs = [sched.submit(Job(parse_completion(b, srv.settings, TOK, context_limit=512, model_block_size=8),
-                                 TOK, [TOK.eos_token_id])) for b in bodies]
-        deadline = time.time() + 120
-        while not all(j.over for j in jobs):
-            assert time.time() < deadline
-            time.sleep(0.02)
-    finally:
-        sched.stop()
+    sched = Scheduler(Towers.of(model), max_batch=4)
+    jobs = run_jobs(sched, srv, bodies)
     assert sched.peak >= 2  # rows really shared a batch
     for b, j in zip(bodies, jobs):
         assert j.error is None and j.text == alone(srv, b), b
