@@ -85,3 +85,17 @@ def check_seq_len(seq_len: int, block_size: int) -> None:
             f"seq_len={seq_len} must be a positive multiple of block_size={block_size}; "
             f"nearest valid value: seq_len={nearest}"
         )
+
+
+def check_corpus_settings(seq_len: int, block_size: int, batch_size: int, val_fraction: float,
+                          **limits: int | None) -> None:
+    """The settings every text data module shares: seq_len a multiple of block_size, a positive
+    batch, val_fraction in [0, 1), and positive row / document limits (None = no limit)."""
+    check_seq_len(seq_len, block_size)
+    if batch_size <= 0:
+        raise ValueError(f"batch_size={batch_size} must be positive")
+    if not 0.0 <= val_fraction < 1.0:
+        raise ValueError(f"val_fraction={val_fraction} must be in [0, 1)")
+    for name, value in limits.items():
+        if value is not None and value <= 0:
+            raise ValueError(f"{name}={value} must be positive (or None for no limit)")

@@ -29,7 +29,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from twotower.distributed import _rank_world
 from twotower.tokenizers import ByteTokenizer, Tokenizer
 
-from .packing import as_long_tensor, check_seq_len
+from .packing import as_long_tensor, check_corpus_settings
 from .sources import STDLIB, held_out, iter_documents
 
 
@@ -199,15 +199,8 @@ class StreamingTextDataModule(L.LightningDataModule):
                  seed: int = 0, text_field: str = "text", pattern: str = "**/*.txt",
                  rank: int | None = None, world_size: int | None = None) -> None:
         super().__init__()
-        check_seq_len(seq_len, block_size)
-        if batch_size <= 0:
-            raise ValueError(f"batch_size={batch_size} must be positive")
-        if not 0.0 <= val_fraction < 1.0:
-            raise ValueError(f"val_fraction={val_fraction} must be in [0, 1)")
-        for name, value in [("max_documents", max_documents), ("max_train_sequences", max_train_sequences),
-                            ("max_val_sequences", max_val_sequences)]:
-            if value is not None and value <= 0:
-                raise ValueError(f"{name}={value} must be positive (or None for no limit)")
+        check_corpus_settings(seq_len, block_size, batch_size, val_fraction, max_documents=max_documents,
+                              max_train_sequences=max_train_sequences, max_val_sequences=max_val_sequences)
         if shuffle_buffer < 0:
             raise ValueError(f"shuffle_buffer={shuffle_buffer} must be >= 0 (0: no shuffle)")
         self.source, self.seq_len, self.block_size = str(source), seq_len, block_size

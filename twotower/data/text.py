@@ -21,7 +21,7 @@ from twotower.tokenizers import ByteTokenizer, Tokenizer
 from twotower.distributed import EpochShuffle
 
 from .cache import source_fingerprint, tokenizer_fingerprint, cache_file, load_cache, save_cache
-from .packing import check_seq_len, PackedRows, pack_documents
+from .packing import PackedRows, check_corpus_settings, pack_documents
 from .sources import STDLIB, Document, unit_hash, iter_documents, split_documents
 
 # Bump when the packed layout changes, so that stale caches are not reused.
@@ -75,18 +75,8 @@ class TextDataModule(L.LightningDataModule):
         indexed: bool = False,
     ) -> None:
         super().__init__()
-        check_seq_len(seq_len, block_size)
-        if batch_size <= 0:
-            raise ValueError(f"batch_size={batch_size} must be positive")
-        if not 0.0 <= val_fraction < 1.0:
-            raise ValueError(f"val_fraction={val_fraction} must be in [0, 1)")
-        for name, value in [
-            ("max_documents", max_documents),
-            ("max_train_sequences", max_train_sequences),
-            ("max_val_sequences", max_val_sequences),
-        ]:
-            if value is not None and value <= 0:
-                raise ValueError(f"{name}={value} must be positive (or None for no limit)")
+        check_corpus_settings(seq_len, block_size, batch_size, val_fraction, max_documents=max_documents,
+                              max_train_sequences=max_train_sequences, max_val_sequences=max_val_sequences)
         self.source = str(source)
         self.tokenizer = tokenizer if tokenizer is not None else ByteTokenizer()
         self.seq_len = seq_len
