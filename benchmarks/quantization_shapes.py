@@ -5,7 +5,8 @@
 Builds both towers of each config on the meta device (`twotower.quantization.shape_only_model`:
 the model `from_pretrained(dtype=bfloat16, quantize="int8")` would build, quantized by the same
 `quantize_model` and plan), and prints the stored bytes per part in bf16 and int8 and the ratio,
-then what one GPU must hold for the two towers. tests/test_quantization_shapes.py proves the count
+then what one GPU must hold for the two towers (weights; the load and forward transients are
+estimates from the code's order of work, not measurements). tests/test_quantization_shapes.py proves the count
 equal to the bytes of real quantized models and keeps these configs at or under 0.55x.
 
 The configs carry the public numbers of NVIDIA's published checkpoints (their config.json fields,
@@ -24,7 +25,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from transformers import NemotronHConfig  # noqa: E402
 
-from twotower.quantization import PARTS, Int8Experts, Int8Linear, bytes_by_part, shape_only_model  # noqa: E402
+from twotower.quantization import (  # noqa: E402
+    PARTS,
+    QUANT_CHUNK,
+    Int8Experts,
+    Int8Linear,
+    bytes_by_part,
+    shape_only_model,
+)
 
 _COMMON = dict(vocab_size=131072, head_dim=128, mamba_head_dim=64, ssm_state_size=128, n_groups=8, conv_kernel=4,
                chunk_size=128, expand=2, mlp_hidden_act="relu2", mamba_hidden_act="silu", use_conv_bias=True,
@@ -73,15 +81,15 @@ def measure(name: str) -> dict:
     int8 = shape_only_model(config, quantize="int8")
     full, quant = bytes_by_part(bf16), bytes_by_part(int8)
     params = sum(p.numel() for p in bf16.parameters()) + sum(b.numel() for b in bf16.buffers())
-    largest = max(p.numel() for p in bf16.parameters())
+    largest = max(t.numel() * t.element_size() for t in bf16.state_dict().values())
     return {"config": name, "parameters": params, "bf16": full, "int8": quant,
             "bf16_total": sum(full.values()), "int8_total": sum(quant.values()),
             "ratio": sum(quant.values()) / sum(full.values()),
-            "largest_dequantized": largest_dequantized_bytes(int8),
-            # from_pretrained reads each tensor once, straight into its dtype and device: the bf16 model
-            # plus its largest tensor; quantize_model then swaps one projection at a time (the int8 copy
-            # of one projection and a 4 M-element float32 rounding buffer on top of the bf16 model).
-            "bf16_load_peak": sum(full.values()) + 2 * largest}
+            # from_pretrained(quantize="int8") reads one tensor at a time in bf16 and rounds it straight
+            # away (float32 temporaries of QUANT_CHUNK elements): the device holds the int8 model, one
+            # bf16 tensor and that buffer at most (an estimate from the loader's order, not a measurement)
+            "int8_load_transient": largest + 3 * 4 * QUANT_CHUNK,
+            "largest_dequantized": largest_dequantized_bytes(int8)}
 
 
 def report(r: dict) -> None:
@@ -96,7 +104,8 @@ def report(r: dict) -> None:
     print(f"  {'total':24s} {r['bf16_total'] / gb:9.3f} {r['int8_total'] / gb:9.3f} {r['ratio']:7.3f}"
           f"   (kept in bf16 / float32: {100 * kept / r['bf16_total']:.1f} % of the bf16 bytes)")
     print(f"  one GPU, both towers: weights {r['bf16_total'] / gb:.1f} GB bf16 vs {r['int8_total'] / gb:.1f} GB int8; "
-          f"an int8 forward adds at most {r['largest_dequantized'] / gb:.2f} GB (the largest module dequantized)")
+          f"loading int8 adds at most {r['int8_load_transient'] / gb:.2f} GB (one bf16 tensor + the rounding buffer), "
+          f"an int8 forward {r['largest_dequantized'] / gb:.2f} GB (the largest module dequantized)")
 
 
 def main(argv: list[str] | None = None) -> list[dict]:

@@ -17,6 +17,12 @@ touch the fused 3-D routed-expert weights (`Experts.up_proj` / `down_proj` are P
 Linears), which hold about 40 % of the default model's projection weights; this module treats
 both kinds with one scheme and needs no extra dependency.
 
+The plan (`quantization_targets`) reads module types only, so it applies to a model on the meta
+device: `from_pretrained(quantize="int8")` swaps the int8 modules in before any weight is read and
+rounds each projection as it is read (`int8_converter`), so a device never holds the full-precision
+model; `shape_only_model` stops before reading and gives the exact stored bytes of any config
+(benchmarks/quantization_shapes.py).
+
 A quantized model is for inference: `save_pretrained` refuses it (quantize when loading instead).
 """
 
@@ -69,6 +75,8 @@ def dequantize(q: Tensor, scale: Tensor, dtype: torch.dtype) -> Tensor:
 class Int8Linear(nn.Module):
     """A Linear with int8 weights (per-output-channel scales); the bias stays as it was."""
 
+    QUANTIZED = ("weight",)  # the original's tensors stored as <name>_int8 + <name>_scale
+
     def __init__(self, linear: nn.Linear):
         super().__init__()
         self.in_features, self.out_features = linear.in_features, linear.out_features
@@ -89,11 +97,13 @@ class Int8Experts(Experts):
     """Fused routed experts with int8 weights, scaled per expert and output channel; the forward
     (dense or sparse) is `Experts`' own, on weights dequantized once per call."""
 
+    QUANTIZED = ("up_proj", "down_proj")
+
     def __init__(self, experts: Experts):
         nn.Module.__init__(self)
         self.act = experts.act
         self.dtype = experts.up_proj.dtype
-        for name in ("up_proj", "down_proj"):
+        for name in self.QUANTIZED:
             q, scale = quantize_int8(getattr(experts, name))
             self.register_buffer(f"{name}_int8", q)
             self.register_buffer(f"{name}_scale", scale)
@@ -135,6 +145,26 @@ def quantize_model(model, mode: str = "int8"):
         del child
     model.quantization = mode
     return model
+
+
+def int8_converter(model):
+    """For `towers.loading.materialize` into a model `quantize_model` already planned on the meta
+    device: a weight just read whose module is now `Int8Linear` / `Int8Experts` becomes that
+    module's int8 values and scales (`quantize_int8`, as `quantize_model` would round it); every
+    other tensor passes through. The full-precision copy is dropped right away."""
+    owners = {name: m for name, m in model.named_modules() if isinstance(m, (Int8Linear, Int8Experts))}
+
+    def convert(key: str, t: Tensor) -> dict[str, Tensor]:
+        owner, _, attr = key.rpartition(".")
+        m = owners.get(owner)
+        if m is None or attr not in m.QUANTIZED:
+            return {key: t}
+        if isinstance(m, Int8Experts):
+            m.dtype = t.dtype
+        q, scale = quantize_int8(t)
+        return {f"{key}_int8": q, f"{key}_scale": scale}
+
+    return convert
 
 
 def stored_bytes(module: nn.Module) -> int:

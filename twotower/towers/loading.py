@@ -301,7 +301,7 @@ def load_two_tower_state_dict(
 
 
 def materialize(module: torch.nn.Module, state: Mapping, *, dtype: torch.dtype | str | None = None,
-                device=None, keep: str = "stored") -> None:
+                device=None, keep: str = "stored", convert=None) -> None:
     """Fill `module` (built on the meta device, or real) from ``state``: state-dict names -> lazy
     references (or tensors), keys and shapes already checked.
 
@@ -310,18 +310,29 @@ def materialize(module: torch.nn.Module, state: Mapping, *, dtype: torch.dtype |
     dtype: floating tensors become it, routers stay float32 (`target_dtype`); None keeps
     ``keep="stored"`` the file's dtype or ``keep="module"`` the module's own (float32 by default).
     device: one device, or a callable key -> device (two towers on two devices).
+    convert: None, or a callable (key, tensor just read) -> {state-dict name: tensor} for the module
+    as it is now (e.g. `quantization.int8_converter`: a weight becomes its int8 values and scales,
+    and the read tensor is dropped before the next one is read).
     """
     dtype = _as_dtype(dtype)
     own = module.state_dict()
     out: dict[str, Tensor] = {}
     try:
         for k, ref in state.items():
+            mine = own.get(k)  # None: a key `convert` renames (the module holds its converted form)
             if dtype is not None:
                 target = target_dtype(k, ref, dtype)
             else:
-                target = own[k].dtype if keep == "module" and ref.is_floating_point() else ref.dtype
+                target = mine.dtype if keep == "module" and mine is not None and ref.is_floating_point() else ref.dtype
             dev = device(k) if callable(device) else device
-            out[k] = load_ref(ref, target, own[k].device if dev is None and not own[k].is_meta else dev)
+            if dev is None and mine is not None and not mine.is_meta:
+                dev = mine.device
+            t = load_ref(ref, target, dev)
+            if convert is None:
+                out[k] = t
+            else:
+                out.update(convert(k, t))
+            del t
     finally:
         close_refs(state.values())
     module.load_state_dict(out, strict=True, assign=any(t.is_meta for t in own.values()))
