@@ -54,6 +54,24 @@ def test_quantized_model_runs_every_decoder(quantized, decoder):
     assert out.new_tokens.shape == (3, 12) and (out.num_generated >= 1).all()
 
 
+def test_chunked_rounding_equals_the_whole_tensor_at_once(monkeypatch):
+    """quantize_int8 rounds a few rows at a time (bounded temporaries); the result is the one-shot
+    per-row formula's, bit for bit."""
+    from twotower import quantization
+
+    torch.manual_seed(5)
+    w = torch.randn(3, 10, 7).bfloat16()
+    w[1, 4] = 0
+    ref = w.float()
+    ref_scale = ref.abs().amax(-1, keepdim=True) / 127.0
+    ref_scale = torch.where(ref_scale > 0, ref_scale, torch.ones_like(ref_scale))
+    ref_q = torch.round(ref / ref_scale).clamp(-127, 127).to(torch.int8)
+    for chunk in (1, 7 * 4, 7 * 5 + 3, 10 ** 6):  # one row, 4 rows, 5 rows (not dividing 30), all
+        monkeypatch.setattr(quantization, "QUANT_CHUNK", chunk)
+        q, scale = quantize_int8(w)
+        assert torch.equal(q, ref_q) and torch.equal(scale, ref_scale), chunk
+
+
 def test_int8_layers_match_their_float_originals_closely():
     torch.manual_seed(3)
     lin = nn.Linear(32, 48, bias=True)
@@ -102,13 +120,17 @@ def test_a_quantized_model_is_not_saved(quantized, tmp_path):
         quantized.save_pretrained(tmp_path / "out")
 
 
-def test_quantized_while_loading_equals_quantized_after(twotower_dir):
+@pytest.mark.parametrize("expert_layout", ["fused", "per_expert"])
+def test_quantized_while_loading_equals_quantized_after(twotower_dir, tmp_path, expert_layout):
     """from_pretrained(quantize=...) rounds each projection as it is read (the plan applied on the meta
-    model first); the result is exactly quantize_model on the loaded bf16 model."""
+    model first); the result is exactly quantize_model on the loaded bf16 model, whatever the
+    checkpoint's expert layout (per-expert tensors are stacked when read)."""
     from twotower.quantization import quantize_model
 
-    on_load = TwoTowerLM.from_pretrained(twotower_dir, dtype=torch.bfloat16, quantize="int8")
-    after = quantize_model(TwoTowerLM.from_pretrained(twotower_dir, dtype=torch.bfloat16), "int8")
+    path = tmp_path / expert_layout
+    TwoTowerLM.from_pretrained(twotower_dir).save_pretrained(path, expert_layout=expert_layout)
+    on_load = TwoTowerLM.from_pretrained(path, dtype=torch.bfloat16, quantize="int8")
+    after = quantize_model(TwoTowerLM.from_pretrained(path, dtype=torch.bfloat16), "int8")
     a, b = on_load.state_dict(), after.state_dict()
     assert a.keys() == b.keys() and all(a[k].dtype == b[k].dtype and torch.equal(a[k], b[k]) for k in a)
     assert [m.dtype for m in on_load.modules() if isinstance(m, Int8Experts)] == [torch.bfloat16] * 4
