@@ -54,6 +54,24 @@ def test_quantized_model_runs_every_decoder(quantized, decoder):
     assert out.new_tokens.shape == (3, 12) and (out.num_generated >= 1).all()
 
 
+def test_chunked_rounding_equals_the_whole_tensor_at_once(monkeypatch):
+    """quantize_int8 rounds a few rows at a time (bounded temporaries); the result is the one-shot
+    per-row formula's, bit for bit."""
+    from twotower import quantization
+
+    torch.manual_seed(5)
+    w = torch.randn(3, 10, 7).bfloat16()
+    w[1, 4] = 0
+    ref = w.float()
+    ref_scale = ref.abs().amax(-1, keepdim=True) / 127.0
+    ref_scale = torch.where(ref_scale > 0, ref_scale, torch.ones_like(ref_scale))
+    ref_q = torch.round(ref / ref_scale).clamp(-127, 127).to(torch.int8)
+    for chunk in (1, 7 * 4, 7 * 5 + 3, 10 ** 6):  # one row, 4 rows, 5 rows (not dividing 30), all
+        monkeypatch.setattr(quantization, "QUANT_CHUNK", chunk)
+        q, scale = quantize_int8(w)
+        assert torch.equal(q, ref_q) and torch.equal(scale, ref_scale), chunk
+
+
 def test_int8_layers_match_their_float_originals_closely():
     torch.manual_seed(3)
     lin = nn.Linear(32, 48, bias=True)
@@ -100,3 +118,52 @@ def test_generation_module_quantize_and_bad_values(twotower_dir):
 def test_a_quantized_model_is_not_saved(quantized, tmp_path):
     with pytest.raises(ValueError, match="quantized .* cannot be saved; save the full-precision model"):
         quantized.save_pretrained(tmp_path / "out")
+
+
+@pytest.mark.parametrize("expert_layout", ["fused", "per_expert"])
+def test_quantized_while_loading_equals_quantized_after(twotower_dir, tmp_path, expert_layout):
+    """from_pretrained(quantize=...) rounds each projection as it is read (the plan applied on the meta
+    model first); the result is exactly quantize_model on the loaded bf16 model, whatever the
+    checkpoint's expert layout (per-expert tensors are stacked when read)."""
+    from twotower.quantization import quantize_model
+
+    path = tmp_path / expert_layout
+    TwoTowerLM.from_pretrained(twotower_dir).save_pretrained(path, expert_layout=expert_layout)
+    on_load = TwoTowerLM.from_pretrained(path, dtype=torch.bfloat16, quantize="int8")
+    after = quantize_model(TwoTowerLM.from_pretrained(path, dtype=torch.bfloat16), "int8")
+    a, b = on_load.state_dict(), after.state_dict()
+    assert a.keys() == b.keys() and all(a[k].dtype == b[k].dtype and torch.equal(a[k], b[k]) for k in a)
+    assert [m.dtype for m in on_load.modules() if isinstance(m, Int8Experts)] == [torch.bfloat16] * 4
+    ids, mask = left_pad(random_prompts([5, 9], seed=4))
+    ids = ids + 4 * mask
+    torch.testing.assert_close(on_load.generate(ids, mask, MaskDiffusion(), max_new_tokens=8).new_tokens,
+                               after.generate(ids, mask, MaskDiffusion(), max_new_tokens=8).new_tokens)
+
+
+def test_loading_quantized_never_holds_the_full_precision_projections(twotower_dir, monkeypatch):
+    """Whenever a projection is rounded during from_pretrained(quantize="int8"), the only bf16 matrices
+    alive are the ones kept in bf16 (embeddings, heads, time modules) and the one being rounded."""
+    import gc
+
+    from twotower import quantization
+
+    def bf16_matrices():
+        return [t for t in gc.get_objects() if type(t) in (torch.Tensor, nn.Parameter) and not t.is_meta
+                and t.dtype == torch.bfloat16 and t.dim() >= 2]
+
+    real = quantization.quantize_int8
+    seen = []
+
+    def spy(weight):
+        if not weight.is_meta:
+            live = sum(t.numel() for t in bf16_matrices())
+            seen.append((live, weight.numel()))
+        return real(weight)
+
+    monkeypatch.setattr(quantization, "quantize_int8", spy)
+    model = TwoTowerLM.from_pretrained(twotower_dir, dtype=torch.bfloat16, quantize="int8")
+    kept = sum(p.numel() for n, p in model.named_parameters() if p.dtype == torch.bfloat16 and p.dim() >= 2)
+    full = sum(p.numel() for p in TwoTowerLM.from_pretrained(twotower_dir, dtype=torch.bfloat16).parameters())
+    assert len(seen) == 2 * (2 * 2 + 2 * 4 + 2 + 2 * 4)  # every projection, the experts' two stacks each
+    assert all(live <= kept + n for live, n in seen), (seen, kept)
+    assert kept + max(n for _, n in seen) < full / 2

@@ -138,9 +138,11 @@ class TwoTowerLM(ReleasedGenerationMixin, nn.Module):
         files straight into its dtype on its tower's device: the context tower on `device`, the
         denoiser (and time modules) on `denoiser_device` (default: `device`).
         quantize="int8": weight-only int8 for both towers' projection weights (embeddings, heads, time
-        modules and routers stay in `dtype`); see `twotower.quantization`. Inference only.
+        modules and routers stay in `dtype`); see `twotower.quantization`. Inference only. Each
+        projection is quantized as it is read, so the devices never hold the full-precision model:
+        the peak is the int8 model plus one tensor in `dtype`.
         """
-        from .quantization import check_quantize, quantize_model
+        from .quantization import check_quantize
         from .towers.lazy import close_refs
         from .towers.loading import two_tower_refs
 
@@ -153,13 +155,11 @@ class TwoTowerLM(ReleasedGenerationMixin, nn.Module):
             with torch.device("meta"):
                 model = cls(config, **kwargs)
             model.load_released_state_dict(refs, where=str(path), dtype=dtype, device=device,
-                                           denoiser_device=denoiser_device)
+                                           denoiser_device=denoiser_device, quantize=quantize)
         finally:
             close_refs(refs.values())
         model.context.requires_grad_(False)
         model.tokenizer = find_tokenizer(path)
-        if quantize is not None:
-            quantize_model(model, quantize)
         return model
 
     # ---- released layout ----------------------------------------------------------------------
@@ -168,22 +168,34 @@ class TwoTowerLM(ReleasedGenerationMixin, nn.Module):
         return {released_name(k): v for k, v in self.state_dict().items()}
 
     def load_released_state_dict(self, state: Mapping[str, Tensor], *, where: str = "state dict",
-                                 dtype: torch.dtype | str | None = None, device=None, denoiser_device=None) -> None:
+                                 dtype: torch.dtype | str | None = None, device=None, denoiser_device=None,
+                                 quantize: str | None = None) -> None:
         """Load weights given under released names (tensors or lazy references), after checking keys
         and shapes (errors name `where`).
 
         A model built on the meta device adopts the tensors, read into `dtype` (None: as given; routers
         stay float32) on `device` (context) / `denoiser_device` (denoiser, default `device`).
+        quantize: see `from_pretrained`; on a meta model the plan is applied first and each
+        projection quantized as it is read (`quantization.int8_converter`), else after loading.
         """
+        from .quantization import check_quantize, int8_converter, quantize_model
         from .towers.checkpoints import check_keys, check_shapes
         from .towers.loading import materialize
 
+        check_quantize(quantize)
         own = self.released_state_dict()
         check_keys(state, own.keys(), where=where)
         check_shapes(state, own, where=where)
+        del own
         den_device = device if denoiser_device is None else denoiser_device
+        convert = None
+        if quantize is not None and all(t.is_meta for t in self.state_dict().values()):
+            quantize_model(self, quantize)  # on meta: swaps in the int8 modules, allocates nothing
+            convert = int8_converter(self)
         materialize(self, {module_name(k): v for k, v in state.items()}, dtype=dtype,
-                    device=lambda k: den_device if k.startswith("denoiser.") else device)
+                    device=lambda k: den_device if k.startswith("denoiser.") else device, convert=convert)
+        if quantize is not None and convert is None:
+            quantize_model(self, quantize)
 
     def save_pretrained(self, path: str | os.PathLike, *, max_shard_size: int | None = None,
                         expert_layout: str = "fused", tokenizer: Tokenizer | None = None) -> None:

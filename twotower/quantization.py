@@ -17,6 +17,12 @@ touch the fused 3-D routed-expert weights (`Experts.up_proj` / `down_proj` are P
 Linears), which hold about 40 % of the default model's projection weights; this module treats
 both kinds with one scheme and needs no extra dependency.
 
+The plan (`quantization_targets`) reads module types only, so it applies to a model on the meta
+device: `from_pretrained(quantize="int8")` swaps the int8 modules in before any weight is read and
+rounds each projection as it is read (`int8_converter`), so a device never holds the full-precision
+model; `shape_only_model` stops before reading and gives the exact stored bytes of any config
+(benchmarks/quantization_shapes.py).
+
 A quantized model is for inference: `save_pretrained` refuses it (quantize when loading instead).
 """
 
@@ -39,16 +45,27 @@ def check_quantize(quantize) -> str | None:
     raise ValueError(f"quantize must be one of {list(QUANTIZE_MODES)} or None (full precision), got {quantize!r}")
 
 
+QUANT_CHUNK = 1 << 22  # elements rounded at once: bounds the float32 temporaries (~50 MB), not the result
+
+
 def quantize_int8(weight: Tensor) -> tuple[Tensor, Tensor]:
     """Symmetric per-output-channel int8: weight (..., out, in) -> (int8 values, float32 scales (..., out, 1)).
 
-    An all-zero row gets scale 1 (its values are all 0 either way).
+    An all-zero row gets scale 1 (its values are all 0 either way). Rows are rounded a chunk at a
+    time, so the float32 temporaries stay small whatever the tensor (a 128-expert stack is 0.6 G
+    elements); on the meta device nothing is computed and the results have the right shapes.
     """
-    w = weight.detach().float()
-    scale = w.abs().amax(dim=-1, keepdim=True) / 127.0
-    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
-    q = torch.round(w / scale).clamp_(-127, 127).to(torch.int8)
-    return q, scale
+    rows = weight.detach().reshape(-1, weight.shape[-1])
+    q = torch.empty(rows.shape, dtype=torch.int8, device=weight.device)
+    scale = torch.empty(rows.shape[0], 1, dtype=torch.float32, device=weight.device)
+    step = max(1, QUANT_CHUNK // max(1, rows.shape[1]))
+    for start in range(0, rows.shape[0], step) if not weight.is_meta else ():
+        w = rows[start:start + step].float()
+        s = w.abs().amax(dim=-1, keepdim=True) / 127.0
+        s = torch.where(s > 0, s, torch.ones_like(s))
+        q[start:start + step] = torch.round(w / s).clamp_(-127, 127)
+        scale[start:start + step] = s
+    return q.view(weight.shape), scale.view(*weight.shape[:-1], 1)
 
 
 def dequantize(q: Tensor, scale: Tensor, dtype: torch.dtype) -> Tensor:
@@ -57,6 +74,8 @@ def dequantize(q: Tensor, scale: Tensor, dtype: torch.dtype) -> Tensor:
 
 class Int8Linear(nn.Module):
     """A Linear with int8 weights (per-output-channel scales); the bias stays as it was."""
+
+    QUANTIZED = ("weight",)  # the original's tensors stored as <name>_int8 + <name>_scale
 
     def __init__(self, linear: nn.Linear):
         super().__init__()
@@ -78,11 +97,13 @@ class Int8Experts(Experts):
     """Fused routed experts with int8 weights, scaled per expert and output channel; the forward
     (dense or sparse) is `Experts`' own, on weights dequantized once per call."""
 
+    QUANTIZED = ("up_proj", "down_proj")
+
     def __init__(self, experts: Experts):
         nn.Module.__init__(self)
         self.act = experts.act
         self.dtype = experts.up_proj.dtype
-        for name in ("up_proj", "down_proj"):
+        for name in self.QUANTIZED:
             q, scale = quantize_int8(getattr(experts, name))
             self.register_buffer(f"{name}_int8", q)
             self.register_buffer(f"{name}_scale", scale)
@@ -97,36 +118,116 @@ class Int8Experts(Experts):
         return f"experts={E}, intermediate={inter}, hidden={d}, int8"
 
 
-def _targets(model) -> list[tuple[nn.Module, str, nn.Module]]:
-    """(parent, attribute, module) for every projection to quantize: Linears and fused experts inside
-    the two towers' layer stacks (routers are not Linears; heads, embeddings and time modules lie
-    outside the stacks)."""
+def quantization_targets(model) -> list[tuple[str, nn.Module, str]]:
+    """The plan: (qualified name, parent, attribute) of every projection to quantize, i.e. the Linears
+    and fused experts inside the two towers' layer stacks (routers are not Linears; heads,
+    embeddings and time modules lie outside the stacks). Reads only module types, so it is the
+    same on a model built on the meta device (`shape_only_model`) as on a loaded one."""
     found = []
-    for tower in (model.context, model.denoiser):
-        for parent in tower.backbone.layers.modules():
+    for tower_name, tower in (("context", model.context), ("denoiser", model.denoiser)):
+        for parent_name, parent in tower.backbone.layers.named_modules(prefix=f"{tower_name}.backbone.layers"):
             for name, child in parent.named_children():
                 if isinstance(child, nn.Linear) or (isinstance(child, Experts) and not isinstance(child, Int8Experts)):
-                    found.append((parent, name, child))
+                    found.append((f"{parent_name}.{name}", parent, name))
     return found
 
 
 @torch.no_grad()
 def quantize_model(model, mode: str = "int8"):
-    """Quantize `model`'s (a TwoTowerLM's) projection weights in place; returns the model."""
+    """Quantize `model`'s (a TwoTowerLM's) projection weights in place, as `quantization_targets`
+    plans; returns the model. Each original is released as soon as it is replaced, so the peak is
+    the model plus one projection's int8 copy (and a small rounding buffer)."""
     if check_quantize(mode) is None:
         return model
-    for parent, name, child in _targets(model):
+    for _, parent, name in quantization_targets(model):
+        child = getattr(parent, name)
         setattr(parent, name, Int8Linear(child) if isinstance(child, nn.Linear) else Int8Experts(child))
+        del child
     model.quantization = mode
     return model
 
 
+def int8_converter(model):
+    """For `towers.loading.materialize` into a model `quantize_model` already planned on the meta
+    device: a weight just read whose module is now `Int8Linear` / `Int8Experts` becomes that
+    module's int8 values and scales (`quantize_int8`, as `quantize_model` would round it); every
+    other tensor passes through. The full-precision copy is dropped right away."""
+    owners = {name: m for name, m in model.named_modules() if isinstance(m, (Int8Linear, Int8Experts))}
+
+    def convert(key: str, t: Tensor) -> dict[str, Tensor]:
+        owner, _, attr = key.rpartition(".")
+        m = owners.get(owner)
+        if m is None or attr not in m.QUANTIZED:
+            return {key: t}
+        if isinstance(m, Int8Experts):
+            m.dtype = t.dtype
+        q, scale = quantize_int8(t)
+        return {f"{key}_int8": q, f"{key}_scale": scale}
+
+    return convert
+
+
 def stored_bytes(module: nn.Module) -> int:
-    """Bytes of every parameter and buffer as stored (tensors shared between modules counted once)."""
+    """Bytes of every parameter and buffer as stored (tensors shared between modules counted once;
+    on the meta device, where nothing has an address, each tensor object once)."""
     seen, total = set(), 0
     for t in list(module.parameters()) + list(module.buffers()):
-        if t.data_ptr() in seen:
+        key = id(t) if t.is_meta else (t.device, t.data_ptr())
+        if key in seen:
             continue
-        seen.add(t.data_ptr())
+        seen.add(key)
         total += t.numel() * t.element_size()
     return total
+
+
+PARTS = ("projections", "MoE experts", "int8 scales", "embeddings + LM heads", "time conditioning", "other")
+
+
+def bytes_by_part(model) -> dict[str, int]:
+    """`stored_bytes` of a TwoTowerLM (quantized or not) split into `PARTS`: the layer stacks'
+    Linear projections and fused routed experts (int8 values once quantized), their float32
+    scales, the token embeddings and both LM heads, the denoiser's time conditioning, and the
+    rest (norms, MoE routers, Mamba convolutions and SSM parameters, biases)."""
+    parts = dict.fromkeys(PARTS, 0)
+    seen = set()
+    for mname, mod in model.named_modules():
+        for tname, t in [*mod.named_parameters(recurse=False), *mod.named_buffers(recurse=False)]:
+            key = id(t) if t.is_meta else (t.device, t.data_ptr())
+            if key in seen:
+                continue
+            seen.add(key)
+            in_stack = ".backbone.layers." in f"{mname}."
+            if tname.endswith("_scale") and isinstance(mod, (Int8Linear, Int8Experts)):
+                part = "int8 scales"
+            elif in_stack and isinstance(mod, Experts):
+                part = "MoE experts"
+            elif in_stack and ((isinstance(mod, nn.Linear) and tname == "weight")
+                               or (isinstance(mod, Int8Linear) and tname == "weight_int8")):
+                part = "projections"
+            elif mname.endswith(("backbone.embeddings", "lm_head")):
+                part = "embeddings + LM heads"
+            elif mname.startswith("denoiser.time"):
+                part = "time conditioning"
+            else:
+                part = "other"
+            parts[part] += t.numel() * t.element_size()
+    return parts
+
+
+def shape_only_model(config, *, dtype: torch.dtype = torch.bfloat16, quantize: str | None = None, **model_kwargs):
+    """A TwoTowerLM of `config` on the meta device (no weight memory), every tensor in the dtype
+    `from_pretrained(dtype=dtype)` would load it in (`towers.loading.target_dtype`: routers stay
+    float32), then quantized by `quantize_model`: the same plan and modules as
+    `from_pretrained(..., dtype=dtype, quantize=quantize)`, so `stored_bytes` / `bytes_by_part`
+    of it are that model's, for any size (a 2 x 30 B model takes a second on a CPU)."""
+    from .model import TwoTowerLM
+    from .towers.loading import target_dtype
+
+    check_quantize(quantize)
+    with torch.device("meta"):
+        model = TwoTowerLM(config, **model_kwargs)
+        model.load_state_dict({k: t.to(target_dtype(k, t, dtype)) for k, t in model.state_dict().items()},
+                              strict=True, assign=True)
+    if quantize is not None:
+        quantize_model(model, quantize)
+    return model

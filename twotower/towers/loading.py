@@ -44,6 +44,7 @@ __all__ = [
     "backbone_refs",
     "two_tower_refs",
     "materialize",
+    "target_dtype",
     "load_backbone_state_dict",
     "load_two_tower_state_dict",
     "save_state_dict",
@@ -207,9 +208,9 @@ def safetensors_refs(path: str | os.PathLike) -> dict[str, TensorRef]:
 
 
 def _load_all(refs: Mapping, dtype: torch.dtype | None = None) -> dict[str, Tensor]:
-    """Read every reference (cast as `_target_dtype` says), then unmap the files."""
+    """Read every reference (cast as `target_dtype` says), then unmap the files."""
     try:
-        return {k: load_ref(r, _target_dtype(k, r, dtype)) for k, r in refs.items()}
+        return {k: load_ref(r, target_dtype(k, r, dtype)) for k, r in refs.items()}
     finally:
         close_refs(refs.values())
 
@@ -233,7 +234,9 @@ def _as_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
     return resolved
 
 
-def _target_dtype(key: str, t: Tensor, dtype: torch.dtype | None) -> torch.dtype:
+def target_dtype(key: str, t: Tensor, dtype: torch.dtype | None) -> torch.dtype:
+    """The dtype tensor `key` is loaded in when `dtype` is asked for: floating tensors take it, except
+    the MoE routers (float32 always); None and non-floating tensors keep their own."""
     if dtype is None or not t.is_floating_point():
         return t.dtype
     return torch.float32 if key.endswith(_FP32_SUFFIXES) else dtype
@@ -298,27 +301,38 @@ def load_two_tower_state_dict(
 
 
 def materialize(module: torch.nn.Module, state: Mapping, *, dtype: torch.dtype | str | None = None,
-                device=None, keep: str = "stored") -> None:
+                device=None, keep: str = "stored", convert=None) -> None:
     """Fill `module` (built on the meta device, or real) from ``state``: state-dict names -> lazy
     references (or tensors), keys and shapes already checked.
 
     Each tensor is read once, straight into its final dtype and device, and adopted by the module
     (``load_state_dict(assign=True)``): no initialisation, no full-precision or second copy.
-    dtype: floating tensors become it, routers stay float32 (`_target_dtype`); None keeps
+    dtype: floating tensors become it, routers stay float32 (`target_dtype`); None keeps
     ``keep="stored"`` the file's dtype or ``keep="module"`` the module's own (float32 by default).
     device: one device, or a callable key -> device (two towers on two devices).
+    convert: None, or a callable (key, tensor just read) -> {state-dict name: tensor} for the module
+    as it is now (e.g. `quantization.int8_converter`: a weight becomes its int8 values and scales,
+    and the read tensor is dropped before the next one is read).
     """
     dtype = _as_dtype(dtype)
     own = module.state_dict()
     out: dict[str, Tensor] = {}
     try:
         for k, ref in state.items():
+            mine = own.get(k)  # None: a key `convert` renames (the module holds its converted form)
             if dtype is not None:
-                target = _target_dtype(k, ref, dtype)
+                target = target_dtype(k, ref, dtype)
             else:
-                target = own[k].dtype if keep == "module" and ref.is_floating_point() else ref.dtype
+                target = mine.dtype if keep == "module" and mine is not None and ref.is_floating_point() else ref.dtype
             dev = device(k) if callable(device) else device
-            out[k] = load_ref(ref, target, own[k].device if dev is None and not own[k].is_meta else dev)
+            if dev is None and mine is not None and not mine.is_meta:
+                dev = mine.device
+            t = load_ref(ref, target, dev)
+            if convert is None:
+                out[k] = t
+            else:
+                out.update(convert(k, t))
+            del t
     finally:
         close_refs(state.values())
     module.load_state_dict(out, strict=True, assign=any(t.is_meta for t in own.values()))

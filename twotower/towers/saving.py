@@ -26,7 +26,7 @@ from .loading import (
     SINGLE_WEIGHTS_NAME,
     _as_dtype,
     _encode_floats,
-    _target_dtype,
+    target_dtype,
 )
 
 __all__ = ["save_state_dict", "save_backbone_hf"]
@@ -115,7 +115,7 @@ def save_state_dict(
         state = unfuse_experts(state)
 
     cfg = _config_dict(config, extra_config)
-    floats = [(_target_dtype(k, v, dtype), v.numel()) for k, v in state.items() if v.is_floating_point()]
+    floats = [(target_dtype(k, v, dtype), v.numel()) for k, v in state.items() if v.is_floating_point()]
     if floats:
         # transformers' dtype="auto" reads this; name the dtype that holds most parameters.
         by_dtype: dict[torch.dtype, int] = {}
@@ -130,7 +130,7 @@ def save_state_dict(
             f.unlink()
     _write_atomic_json(root / CONFIG_NAME, _encode_floats(cfg))
 
-    sizes = [(k, v.numel() * _target_dtype(k, v, dtype).itemsize) for k, v in state.items()]
+    sizes = [(k, v.numel() * target_dtype(k, v, dtype).itemsize) for k, v in state.items()]
     shards = _plan_shards(sizes, max_shard_size)
     names = (
         [SINGLE_WEIGHTS_NAME]
@@ -138,7 +138,7 @@ def save_state_dict(
         else [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
     )
     for keys, name in zip(shards, names):
-        tensors = _materialize([(k, state[k].to(_target_dtype(k, state[k], dtype))) for k in keys])
+        tensors = _materialize([(k, state[k].to(target_dtype(k, state[k], dtype))) for k in keys])
         tmp = root / (name + ".tmp")
         # format=pt: older transformers versions refuse safetensors files without it.
         save_file(tensors, str(tmp), metadata={"format": "pt"})
