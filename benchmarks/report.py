@@ -50,6 +50,13 @@ def _m(s: dict | None, fmt: str = ".2f", missing: str = "n/a") -> str:
     return f"{_f(s['mean'], fmt)} ({_f(s['min'], fmt)}-{_f(s['max'], fmt)})"
 
 
+def _times(s: dict | None) -> str:
+    """A ratio's spread as "1.50x (seeds 1.20-1.80x)"."""
+    if s is None or s["n"] == 1 or s["min"] == s["max"]:
+        return f"{_f(None if s is None else s['mean'], '.2f')}x"
+    return f"{s['mean']:.2f}x (seeds {s['min']:.2f}-{s['max']:.2f}x)"
+
+
 def _mean(s: dict | None):
     return None if s is None else s["mean"]
 
@@ -125,9 +132,9 @@ def render_markdown(res: dict, *, level: int = 1, png: str = "tradeoff.png") -> 
     for head in (r for r in res["summary"] if r["mode"] in ("diff_t0.8_b16", "spec_b16")):
         what = "Headline operating point (threshold 0.8, block 16)" if head["kind"] == "diffusion" else \
             "Lossless speculative mode (block 16)"
-        vs_hf = "" if head["speedup_vs_hf"] is None else f" ({_m(head['speedup_vs_hf'])}x transformers')"
+        vs_hf = "" if head["speedup_vs_hf"] is None else f" ({_times(head['speedup_vs_hf'])} transformers')"
         L += [f"- {what} at batch {head['batch_size']}: "
-              f"{_m(head['speedup_vs_ar'])}x our AR's throughput{vs_hf} at "
+              f"{_times(head['speedup_vs_ar'])} our AR's throughput{vs_hf} at "
               f"{_f(_mean(head['retention_agreement']), '.1%')} agreement retention / "
               f"{_f(_mean(head['retention_nll']), '.1%')} NLL retention (means; NVIDIA: {TARGET_SPEEDUP}x at "
               f"{TARGET_RETENTION:.1%})."]
