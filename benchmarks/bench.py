@@ -52,7 +52,7 @@ import tempfile  # noqa: E402
 import torch  # noqa: E402
 
 from benchmarks import harness, modes as mode_lib, report, workload  # noqa: E402
-from benchmarks.phases import per_iteration, profile  # noqa: E402
+from benchmarks.phases import per_iteration, profile_interleaved  # noqa: E402
 from benchmarks.summary import check_targets, summarize_iterations, summarize_profiles, summarize_runs  # noqa: E402
 from benchmarks.training_speed import training_batch, training_speed  # noqa: E402
 from twotower.evaluation import AGREEMENT_TOKENS, continuation_nll, distinct_n  # noqa: E402
@@ -231,8 +231,8 @@ def _run(args, modes: list[mode_lib.Mode], seeds: list[int], batch_sizes: list[i
         if not args.no_profile:
             one = [(prompts[i: i + 1], torch.ones_like(prompts[i: i + 1])) for i in range(len(windows))]
             with torch.inference_mode():
-                seed_profiles = [profile(model, mode, one, args.max_new_tokens, device) | {"seed": seed}
-                                 for mode in _profile_modes(modes)]
+                seed_profiles = [p | {"seed": seed} for p in
+                                 profile_interleaved(model, _profile_modes(modes), one, args.max_new_tokens, device)]
             ar_profile = next(p for p in seed_profiles if p["kind"] == "ar")
             for p in seed_profiles:
                 split = ", ".join(f"{k} {v['share']:.0%}" for k, v in p["phases"].items() if v["share"] is not None)

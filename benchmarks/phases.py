@@ -1,4 +1,5 @@
-"""Where the time goes: a per-phase wall-time split of one mode's generation at batch 1.
+"""Where the time goes: a per-phase wall-time split of generation at batch 1, one mode or several
+interleaved prompt by prompt (`profile_interleaved`).
 
 The phases are the towers' PUBLIC methods, timed by wrapping them on the model's own instances
 for the duration of the profile (restored afterwards, nothing global is touched):
@@ -32,7 +33,7 @@ from torch import Tensor
 from .harness import sync, wrap_method
 from .modes import Mode
 
-__all__ = ["PhaseTimer", "profile", "per_iteration", "REMAINDER", "PREFILL"]
+__all__ = ["PhaseTimer", "profile", "profile_interleaved", "per_iteration", "REMAINDER", "PREFILL"]
 
 REMAINDER = "sampling/commit + other"
 PREFILL = "prefill"
@@ -104,45 +105,59 @@ def profile(model, mode: Mode, batches: list[tuple[Tensor, Tensor]], N: int, dev
     verifier's `keep`, cut where the row reached N tokens, so they add up to `tokens`), and
     `accepted_raw`: the verifier's `keep` as it was.
     """
-    if mode.decoder is None or mode.kind not in _PHASES:
-        raise ValueError(f"profile needs one of our modes of kind {sorted(_PHASES)}, got {mode.name!r} "
-                         f"(kind {mode.kind!r})")
+    return profile_interleaved(model, [mode], batches, N, device)[0]
+
+
+def profile_interleaved(model, modes: list[Mode], batches: list[tuple[Tensor, Tensor]], N: int,
+                        device: torch.device) -> list[dict]:
+    """`profile` of each mode, interleaved: prompt by prompt, every mode generates it in turn, so a
+    slow spell of the machine lands on all of them alike (and a speculative iteration's cost in AR
+    steps compares like with like). The methods are wrapped around each call only."""
+    for mode in modes:
+        if mode.decoder is None or mode.kind not in _PHASES:
+            raise ValueError(f"profile needs one of our modes of kind {sorted(_PHASES)}, got {mode.name!r} "
+                             f"(kind {mode.kind!r})")
     if any(ids.shape[0] != 1 for ids, _ in batches):
         raise ValueError(f"profile runs at batch 1: every batch must be (1, T) ids, got batch sizes "
                          f"{sorted({ids.shape[0] for ids, _ in batches})}")
     towers = {"context": model.context, "denoiser": model.denoiser}
-    phases = _PHASES[mode.kind]
-    pt = PhaseTimer(device)
-    total, accepted, raw = 0.0, [], []
-    with contextlib.ExitStack() as stack:
-        for name, tower, method in phases:
-            stack.enter_context(wrap_method(towers[tower], method, pt.wrap(name)))
-        kept: list[list[int]] = []
-        if mode.kind == "speculative":
-            stack.enter_context(wrap_method(model.context, "accept", lambda fn: _record_keep(kept, fn)))
-        for ids, mask in batches:
-            kept.clear()
-            sync(device)
-            start = time.perf_counter()
-            mode.decoder.generate(model, ids, mask, max_new_tokens=N, eos_token_id=None)
-            sync(device)
-            total += time.perf_counter() - start
+    timers = [PhaseTimer(device) for _ in modes]
+    totals, accepted, raw = [0.0] * len(modes), [[] for _ in modes], [[] for _ in modes]
+    for ids, mask in batches:
+        for i, mode in enumerate(modes):
+            kept: list[list[int]] = []
+            with contextlib.ExitStack() as stack:
+                for name, tower, method in _PHASES[mode.kind]:
+                    stack.enter_context(wrap_method(towers[tower], method, timers[i].wrap(name)))
+                if mode.kind == "speculative":
+                    stack.enter_context(wrap_method(model.context, "accept", lambda fn: _record_keep(kept, fn)))
+                sync(device)
+                start = time.perf_counter()
+                mode.decoder.generate(model, ids, mask, max_new_tokens=N, eos_token_id=None)
+                sync(device)
+                totals[i] += time.perf_counter() - start
             left = N
             for keep in kept:  # batch 1: one row, so one count per iteration
-                raw.append(keep[0])
-                accepted.append(min(keep[0], left))
-                left -= accepted[-1]
-    rows = {name: {"seconds": pt.seconds.get(name, 0.0), "calls": pt.calls.get(name, 0)} for name, _, _ in phases}
-    rows[REMAINDER] = {"seconds": max(0.0, total - sum(r["seconds"] for r in rows.values())), "calls": None}
-    for r in rows.values():
-        r["share"] = r["seconds"] / total if total else None
-        r["ms_per_call"] = 1e3 * r["seconds"] / r["calls"] if r["calls"] else None
+                raw[i].append(keep[0])
+                accepted[i].append(min(keep[0], left))
+                left -= accepted[i][-1]
+    out = []
     tokens = N * sum(ids.shape[0] for ids, _ in batches)
-    out = {"mode": mode.name, "kind": mode.kind, "decoder": repr(mode.decoder), "block_size": mode.block,
-           "total_seconds": total, "tokens": tokens, "calls": len(batches), "steps": rows[_STEP[mode.kind]]["calls"],
-           "tokens_per_s": tokens / total if total else None, "phases": rows}
-    if mode.kind == "speculative":
-        out["accepted"], out["accepted_raw"] = accepted, raw
+    for i, mode in enumerate(modes):
+        pt, total, phases = timers[i], totals[i], _PHASES[mode.kind]
+        rows = {name: {"seconds": pt.seconds.get(name, 0.0), "calls": pt.calls.get(name, 0)}
+                for name, _, _ in phases}
+        rows[REMAINDER] = {"seconds": max(0.0, total - sum(r["seconds"] for r in rows.values())), "calls": None}
+        for r in rows.values():
+            r["share"] = r["seconds"] / total if total else None
+            r["ms_per_call"] = 1e3 * r["seconds"] / r["calls"] if r["calls"] else None
+        res = {"mode": mode.name, "kind": mode.kind, "decoder": repr(mode.decoder), "block_size": mode.block,
+               "total_seconds": total, "tokens": tokens, "calls": len(batches),
+               "steps": rows[_STEP[mode.kind]]["calls"], "tokens_per_s": tokens / total if total else None,
+               "phases": rows}
+        if mode.kind == "speculative":
+            res["accepted"], res["accepted_raw"] = accepted[i], raw[i]
+        out.append(res)
     return out
 
 
@@ -166,7 +181,8 @@ def per_iteration(spec: dict, ar: dict | None = None) -> dict:
     for k in spec["accepted"]:
         hist[k - 1] += 1
     out = {"mode": spec["mode"], "iterations": its, "calls": spec["calls"], "phases_ms": phases_ms,
-           "iteration_ms": iteration_ms, "prefill_ms_per_call": 1e3 * spec["phases"][PREFILL]["seconds"] / spec["calls"],
+           "iteration_ms": iteration_ms,
+           "prefill_ms_per_call": 1e3 * spec["phases"][PREFILL]["seconds"] / spec["calls"],
            "tokens_per_iteration": spec["tokens"] / its,
            "verifier_accepted_per_iteration": sum(spec["accepted_raw"]) / its,
            "accepted_histogram": hist, "ar_step_ms": None, "iteration_ar_steps": None, "implied_speedup": None}

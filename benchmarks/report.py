@@ -149,7 +149,8 @@ def render_markdown(res: dict, *, level: int = 1, png: str = "tradeoff.png") -> 
         q = r["quality"]
         memv = f"{_mib(r['param_bytes'])} + {_mib(r['cuda_peak_working_bytes' if cuda else 'cache_bytes'])}"
         L.append(f"| {r['seed']} | {r['mode']} | {r['batch_size']} | {_f(r['tokens_per_s'], '.1f')} "
-                 f"| {_f(r['speedup_vs_ar'], '.2f')} | {_f(r['speedup_vs_hf'], '.2f')} | {_f(r['tokens_per_nfe'], '.2f')} "
+                 f"| {_f(r['speedup_vs_ar'], '.2f')} | {_f(r['speedup_vs_hf'], '.2f')} "
+                 f"| {_f(r['tokens_per_nfe'], '.2f')} "
                  f"| {_f(q['agreement'])} | {_f(r['retention_agreement'])} | {_f(q['nll'])} | {_f(r['retention_nll'])} "
                  f"| {_f(q['distinct_2'])} | {_f(q['distinct_4'])} | {_f(q.get('match_ar'))} | {memv} |")
     L += ["", "Held-out text itself: " + "; ".join(
@@ -180,9 +181,9 @@ def _render_profile(res: dict, h: str) -> list[str]:
         return []
     L = [f"{h}# Where the time goes (batch 1)", "",
          "Phases are the towers' public methods (`prefill`, `forward_block`, `extend`, `accept`), timed on "
-         "the model's instances for one pass per seed over that seed's prompts; sampling/commit + other is the rest "
-         "of the wall time (token choice, the sampler's commits, bookkeeping, host syncs). Mean (min-max) over "
-         "seeds.", ""]
+         "the model's instances, over each seed's prompts, the modes interleaved prompt by prompt; "
+         "sampling/commit + other is the rest of the wall time (token choice, the sampler's commits, bookkeeping, "
+         "host syncs). Mean (min-max) over seeds.", ""]
     for p in prof:
         L += [f"`{p['mode']}`: {p['tokens']} tokens over {len(p['seeds'])} seed(s), "
               f"{_m(p['tokens_per_s'], '.1f')} tok/s with timers on.", "",

@@ -19,7 +19,7 @@ if str(REPO) not in sys.path:  # benchmarks/ is a folder of the repository, not 
     sys.path.insert(0, str(REPO))
 
 from benchmarks import bench, harness, modes, report, summary, workload  # noqa: E402
-from benchmarks.phases import per_iteration, profile  # noqa: E402
+from benchmarks.phases import per_iteration, profile, profile_interleaved  # noqa: E402
 from twotower import decoding, samplers  # noqa: E402
 
 # ---- the smoke run ------------------------------------------------------------------------------
@@ -150,13 +150,22 @@ def test_smoke_training_and_profile_numbers(smoke):
     assert "### `spec_b16` per iteration (batch 1)" in md and "| **iteration** |" in md
 
 
-def test_profile_restores_the_tower_methods(smoke):
-    """The profile wraps public methods on the instances only; afterwards nothing is left behind."""
+def test_profile_restores_the_tower_methods_and_interleaving_counts_what_single_passes_do(smoke):
+    """The profile wraps public methods on the instances only; afterwards nothing is left behind.
+    Interleaved (prompt by prompt, mode by mode), each mode's calls and accepted counts are those of
+    its own pass."""
     model, _ = workload.smoke_model(smoke[0] / "tiny")
     before = {k for t in (model.context, model.denoiser) for k in vars(t)}
-    ids = torch.tensor([[1, 40, 41, 42]])
-    p = profile(model, modes.speculative(4), [(ids, torch.ones_like(ids))], 6, torch.device("cpu"))
-    assert p["phases"]["accept (rollback)"]["calls"] > 0
+    batches = [(torch.tensor([[1, 40 + i, 41, 42]]), torch.ones(1, 4, dtype=torch.long)) for i in range(2)]
+    trio = [modes.diffusion(0.8, 4), modes.speculative(4), modes.ar()]
+    together = profile_interleaved(model, trio, batches, 6, torch.device("cpu"))
+    assert {k for t in (model.context, model.denoiser) for k in vars(t)} == before
+    for mode, p in zip(trio, together):
+        alone = profile(model, mode, batches, 6, torch.device("cpu"))
+        assert {n: r["calls"] for n, r in p["phases"].items()} == {n: r["calls"] for n, r in alone["phases"].items()}
+        assert p.get("accepted") == alone.get("accepted") and p["steps"] == alone["steps"] > 0
+        assert sum(r["seconds"] for r in p["phases"].values()) == pytest.approx(p["total_seconds"], rel=1e-6)
+    assert together[1]["phases"]["accept (rollback)"]["calls"] > 0
     assert {k for t in (model.context, model.denoiser) for k in vars(t)} == before
 
 
