@@ -19,6 +19,8 @@ from torch import Tensor
 
 from twotower.evaluation import AGREEMENT_TOKENS
 
+from .summary import summarize_runs
+
 __all__ = ["TARGET_RETENTION", "TARGET_SPEEDUP", "README_START", "README_END", "PlotUnavailable", "render_markdown",
            "plot_tradeoff", "update_readme", "write_results"]
 
@@ -233,7 +235,8 @@ def plot_tradeoff(res: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 2, figsize=(12, 5), constrained_layout=True)
-    rows = res["summary"]
+    # A bench.json from before the seeds has no summary: its runs are one seed's.
+    rows = res.get("summary") or summarize_runs([{"seed": 0} | r for r in res["runs"]])
     batches = sorted({r["batch_size"] for r in rows})
     colors = dict(zip(batches, plt.rcParams["axes.prop_cycle"].by_key()["color"]))
     for ax, key, title in ((axes[0], "retention_agreement", "(a) agreement retention (mode / AR)"),
