@@ -176,6 +176,16 @@ def test_plot_from_an_existing_json(smoke, tmp_path):
     assert (tmp_path / "tradeoff.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_plot_from_a_json_written_before_the_seeds(smoke, tmp_path):
+    """A bench.json of one seed, as written before --seeds (no seed, no summary), still plots."""
+    _, res = smoke
+    old = {"settings": res["settings"], "machine": res["machine"],
+           "runs": [{k: v for k, v in r.items() if k != "seed"} for r in res["runs"] if r["seed"] == 0]}
+    (tmp_path / "bench.json").write_text(json.dumps(old))
+    assert bench.main(["--plot-from", str(tmp_path / "bench.json")]) == 0
+    assert (tmp_path / "tradeoff.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
 def test_without_matplotlib_the_tables_json_and_readme_are_written_then_it_fails_naming_the_extra(tmp_path):
     """The script as a user runs it, in a fresh interpreter where `import matplotlib` fails."""
     out, readme = tmp_path / "out", tmp_path / "README.md"
