@@ -232,5 +232,7 @@ def parse_modes(spec: str | None, available: list[Mode]) -> list[Mode]:
             raise SystemExit(f"unknown mode {item!r}; choose from {', '.join(m.name for m in FULL_MODES)} "
                              f"or {SPEC_HELP}")
         for mode in found:
+            if mode is not known.get(mode.name, mode) and "=" in item.split(":", 1)[0]:
+                raise SystemExit(f"mode {item!r}: the name {mode.name!r} is a built-in mode's; pick another NAME")
             out.setdefault(mode.name, mode)
     return [known["ar"]] + [m for name, m in out.items() if name != "ar"]

@@ -19,7 +19,7 @@ from torch import Tensor
 
 from twotower.evaluation import AGREEMENT_TOKENS
 
-from .summary import summarize_runs
+from .summary import diffusion_against_target, summarize_runs
 
 __all__ = ["TARGET_RETENTION", "TARGET_SPEEDUP", "README_START", "README_END", "PlotUnavailable", "render_markdown",
            "plot_tradeoff", "update_readme", "write_results"]
@@ -102,6 +102,13 @@ def render_markdown(res: dict, *, level: int = 1, png: str = "tradeoff.png") -> 
             L.append(f"| {t['label']} | {t['mode']} @ {t['batch']} | >= {t['minimum']:g} | {_m(spread, '.3f')} "
                      f"| {t['seeds_met']}/{t['n']} | **{t['status']}** | {gap} |")
         L += [""]
+        diff = diffusion_against_target(res["summary"])
+        if len(diff) > 1:
+            L += ["Every diffusion mode of the run against the diffusion target (batch 1, means; fastest first):", "",
+                  "| mode | x AR (>= 1.5) | ret. agree (>= 0.95) | both met |", "|---|---:|---:|---|"]
+            L += [f"| {d['mode']} | {_m(d['speedup_vs_ar'])} | {_m(d['retention_agreement'], '.3f')} "
+                  f"| {'yes' if d['met'] else 'no'} |" for d in diff]
+            L += [""]
     L += [f"{h}# Generation", "", f"Mean (min-max) over {len(seeds)} seed(s); per-seed rows below.", ""]
     L += [f"| mode | batch | tok/s | x AR | x HF | tok/NFE | NFE/block | agree@{AGREEMENT_TOKENS} | ret. agree "
           f"| NLL | ret. NLL | dist-4 | = AR |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]

@@ -14,7 +14,7 @@ import statistics
 from dataclasses import dataclass
 
 __all__ = ["RUN_FIGURES", "spread", "summarize_runs", "summarize_iterations", "summarize_profiles", "Target", "TARGETS",
-           "check_targets"]
+           "check_targets", "diffusion_against_target"]
 
 # The per-run figures aggregated over seeds: name -> where a run dict holds it.
 RUN_FIGURES = {
@@ -172,3 +172,19 @@ def summarize_profiles(profiles: list[dict]) -> list[dict]:
                              is not None else None} for n in names})
         rows.append(g)
     return rows
+
+
+def diffusion_against_target(summary: list[dict], *, speedup: float = 1.5, retention: float = 0.95,
+                             batch: int = 1) -> list[dict]:
+    """Every diffusion mode of a `summarize_runs` summary at `batch` against the diffusion target
+    (x AR >= speedup with agreement retention >= retention, both on the means), fastest first:
+    {mode, speedup_vs_ar, retention_agreement (spreads), met}. For comparing samplers and thresholds,
+    where TARGETS names only diff_t0.8_b16."""
+    rows = []
+    for r in summary:
+        if r.get("kind") != "diffusion" or r["batch_size"] != batch:
+            continue
+        sp, ret = r["speedup_vs_ar"], r["retention_agreement"]
+        met = sp is not None and ret is not None and sp["mean"] >= speedup and ret["mean"] >= retention
+        rows.append({"mode": r["mode"], "speedup_vs_ar": sp, "retention_agreement": ret, "met": met})
+    return sorted(rows, key=lambda x: -(x["speedup_vs_ar"] or {"mean": 0.0})["mean"])

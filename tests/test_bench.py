@@ -408,6 +408,21 @@ def test_targets_met_missed_and_not_run():
         summary.Target("x", "ar", 1, "speedup_vs_hf", 1.0, rule="median")
 
 
+def test_diffusion_modes_against_the_diffusion_target():
+    def row(mode, kind, b, sp, ret):
+        return {"mode": mode, "kind": kind, "batch_size": b, "speedup_vs_ar": summary.spread(sp),
+                "retention_agreement": summary.spread(ret)}
+
+    rows = [row("diff_t0.8_b16", "diffusion", 1, [1.4, 1.5], [0.97, 0.99]),
+            row("pos", "diffusion", 1, [1.6, 1.7], [0.95, 0.96]),
+            row("diff_t0.5_b16", "diffusion", 1, [2.0, 2.2], [0.8, 0.9]),
+            row("pos", "diffusion", 8, [3.0, 3.0], [1.0, 1.0]), row("spec_b16", "speculative", 1, [3.0], [1.0]),
+            row("undefined", "diffusion", 1, [1.9], [None])]
+    out = summary.diffusion_against_target(rows)
+    assert [(d["mode"], d["met"]) for d in out] == [("diff_t0.5_b16", False), ("undefined", False), ("pos", True),
+                                                    ("diff_t0.8_b16", False)]
+
+
 def test_modes_by_class_path_split_and_groups():
     parsed = modes.parse_modes('default,diff:twotower.samplers.MarginThreshold:{"margin": 0.3},'
                                'pos=diff_b8:twotower.samplers.ConfidenceThreshold:{"threshold": 0.7},'
@@ -430,7 +445,8 @@ def test_modes_by_class_path_split_and_groups():
                        ('diff:twotower.samplers.MarginThreshold:{"margin": 0.3', "unbalanced"),
                        ('diff:twotower.samplers.MarginThreshold:{"width": 1}', "MarginThreshold"),
                        ('diff_bx:twotower.samplers.MarginThreshold', "diff_b<BLOCK>"),
-                       ("nosuch:twotower.decoding.Speculative", "unknown mode")):
+                       ("nosuch:twotower.decoding.Speculative", "unknown mode"),
+                       ("ar=decoder:twotower.decoding.Speculative", "built-in mode")):
         with pytest.raises(SystemExit, match=match):
             modes.parse_modes(bad, modes.FULL_MODES)
 
