@@ -10,7 +10,7 @@ from conftest import MASK, PAD, autoregressive, diffusion, left_pad, make_hf_pai
 
 from twotower.caches import HybridCache
 from twotower.decoding import GenerationOutput
-from twotower.samplers import ConfidenceThreshold, EntropyBounded, MarginThreshold, MockAR, TopKCommit
+from twotower.samplers import ConfidenceThreshold, EntropyBounded, FrontierRun, MarginThreshold, MockAR, TopKCommit
 
 
 MODES = {
@@ -19,6 +19,7 @@ MODES = {
     "mock_ar": dict(sampler=MockAR()),
     "margin": dict(sampler=MarginThreshold(0.3)),
     "entropy": dict(sampler=EntropyBounded(2.0)),
+    "frontier": dict(sampler=FrontierRun(0.3)),
 }
 
 
@@ -167,7 +168,7 @@ class Recording:
         return out
 
 
-@pytest.mark.parametrize("sampler", [ConfidenceThreshold(0.5), TopKCommit(2), MockAR()])
+@pytest.mark.parametrize("sampler", [ConfidenceThreshold(0.5), TopKCommit(2), MockAR(), FrontierRun(0.5)])
 def test_step_callback_sees_exactly_the_sampler_commits(sampler):
     ctx, den = make_towers(seed=7)
     ids, mask = left_pad(random_prompts([3, 6], seed=7))

@@ -13,9 +13,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from twotower.decoding import Autoregressive, MaskDiffusion, MockAR, Speculative
+from twotower.decoding import Autoregressive, MaskDiffusion, MockAR, Speculative, TolerantSpeculative
 from twotower.inference import GenerationModule
-from twotower.samplers import TopKCommit
+from twotower.samplers import FrontierRun, TopKCommit
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -116,7 +116,8 @@ def test_predict_recipe_with_speculative_decoder_is_the_ar_output(twotower_dir, 
 
 
 @pytest.mark.parametrize("decoder", [Autoregressive(), MockAR(), MaskDiffusion(), Speculative(),
-                                     MaskDiffusion(TopKCommit(3), steps_per_block=4)], ids=repr)
+                                     MaskDiffusion(TopKCommit(3), steps_per_block=4), MaskDiffusion(FrontierRun(0.5)),
+                                     TolerantSpeculative(0.5)], ids=repr)
 def test_generation_module_runs_its_decoder_like_the_model(twotower_dir, decoder):
     from twotower.data import PromptDataModule
 

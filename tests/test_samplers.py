@@ -14,6 +14,7 @@ import torch
 from twotower.samplers import (
     ConfidenceThreshold,
     EntropyBounded,
+    FrontierRun,
     MarginThreshold,
     MockAR,
     Sampler,
@@ -64,6 +65,8 @@ ALL_SAMPLERS = [
     pytest.param(MockAR(), id="mock-ar"),
     pytest.param(MarginThreshold(0.2), id="margin-0.2"),
     pytest.param(EntropyBounded(0.5), id="entropy-0.5"),
+    pytest.param(FrontierRun(0.7), id="frontier-0.7"),
+    pytest.param(FrontierRun(1.0), id="frontier-1.0"),
     pytest.param(CommitAboveHalfOnlyEven(), id="user-subclass"),
 ]
 
@@ -275,6 +278,87 @@ def test_entropy_ignores_excluded_mask_logit():
     assert torch.equal(got, B([0, 1]))
 
 
+def test_frontier_run_grows_while_the_product_stays_above():
+    # 0.9, 0.9 * 0.9 = 0.81 > 0.7, then 0.81 * 0.5 = 0.405: a run of two, although the
+    # last position (0.99) is more confident than either.
+    got = call(FrontierRun(0.7), [0.9, 0.9, 0.5, 0.99], all_masked(4), step=0, steps=8)
+    assert torch.equal(got, B([1, 1, 0, 0]))
+    # Every single position above 0.7, but not their product: 0.8 * 0.8 = 0.64.
+    got = call(FrontierRun(0.7), [0.8, 0.8, 0.8, 0.8], all_masked(4), step=0, steps=8)
+    assert torch.equal(got, B([1, 0, 0, 0]))
+
+
+def test_frontier_run_is_strict_and_always_commits_the_frontier():
+    # The leftmost masked position commits even when unsure, and nothing to its right then.
+    got = call(FrontierRun(0.5), [0.1, 0.99, 0.99, 0.99], all_masked(4), step=0, steps=8)
+    assert torch.equal(got, B([1, 0, 0, 0]))
+    # 0.5 is not > 0.5: the run stops before the second position.
+    got = call(FrontierRun(0.5), [1.0, 0.5, 1.0, 1.0], all_masked(4), step=0, steps=8)
+    assert torch.equal(got, B([1, 0, 0, 0]))
+    # min_joint = 1 never grows a run: one token per step, left to right (like MockAR).
+    got = call(FrontierRun(1.0), [1.0, 1.0, 1.0, 1.0], all_masked(4), step=0, steps=8)
+    assert torch.equal(got, B([1, 0, 0, 0]))
+
+
+def test_frontier_run_starts_at_the_leftmost_mask_and_skips_committed_positions():
+    # Position 0 is committed (the context tower's token in a shifted model), position 2 too:
+    # neither ends the run nor counts; the run is 1, 3 (0.9 * 0.9 = 0.81 > 0.75), then 4 stops it
+    # (0.81 * 0.9 = 0.729). Their own confidences are ignored.
+    conf = [0.0, 0.9, 0.0, 0.9, 0.9, 0.9]
+    masked = B([0, 1, 0, 1, 1, 1])
+    got = call(FrontierRun(0.75), conf, masked, step=0, steps=8)
+    assert torch.equal(got, B([0, 1, 0, 1, 0, 0]))
+
+
+def test_frontier_run_nan_and_zero_confidence_end_the_run():
+    got = call(FrontierRun(0.1), [0.9, math.nan, 0.9], all_masked(3), step=0, steps=8)
+    assert torch.equal(got, B([1, 0, 0]))
+    got = call(FrontierRun(0.1), [0.9, 0.0, 0.9], all_masked(3), step=0, steps=8)
+    assert torch.equal(got, B([1, 0, 0]))
+
+
+def test_frontier_run_pace_term_binds():
+    # 6 masked, 2 steps left: ceil(6 / 2) = 3 leftmost masked positions, whatever the confidence.
+    masked = B([1, 0, 1, 1, 1, 1, 1, 0])
+    got = call(FrontierRun(0.9), [0.1] * 8, masked, step=2, steps=4)
+    assert torch.equal(got, B([1, 0, 1, 1, 0, 0, 0, 0]))
+
+
+def test_frontier_run_rows_use_their_own_runs():
+    conf = torch.tensor([[0.95, 0.95, 0.95, 0.1], [0.2, 0.95, 0.95, 0.95], [0.99, 0.99, 0.99, 0.99]])
+    masked = B([1, 1, 1, 1], [1, 1, 1, 1], [0, 0, 1, 1])
+    got = call(FrontierRun(0.8), conf, masked, step=0, steps=8)
+    # Row 0: 0.95^3 = 0.857 > 0.8, then 0.1 ends it. Row 1: the frontier only. Row 2: both left.
+    assert torch.equal(got, B([1, 1, 1, 0], [1, 0, 0, 0], [0, 0, 1, 1]))
+
+
+def test_frontier_run_matches_a_naive_loop():
+    """The vectorised run equals a plain per-row loop over positions (random cases)."""
+    g = torch.Generator().manual_seed(11)
+    sampler = FrontierRun(0.6)
+    for _ in range(20):
+        b, s, steps = 4, 10, 6
+        step = int(torch.randint(0, steps - 1, (1,), generator=g))
+        confidence = torch.rand(b, s, generator=g) ** 0.3
+        masked = torch.rand(b, s, generator=g) < 0.7
+        got = call(sampler, confidence, masked, step=step, steps=steps)
+        for r in range(b):
+            idx = [i for i in range(s) if masked[r, i]]
+            joint, run = 1.0, 0
+            for i in idx:
+                joint *= float(confidence[r, i])
+                if joint <= 0.6:
+                    break
+                run += 1
+            pace = -(-len(idx) // (steps - step))
+            n = min(len(idx), max(run, 1, pace))
+            want = torch.zeros(s, dtype=torch.bool)
+            want[idx[:n]] = True
+            if not idx:
+                want[:] = False
+            assert torch.equal(got[r], want), (r, confidence[r], masked[r])
+
+
 # ------------------------------------------------------------ the contract, for all
 
 
@@ -404,6 +488,10 @@ def test_bad_call_arguments_raise():
         (lambda: EntropyBounded(-1.0), "max_entropy"),
         (lambda: EntropyBounded(math.inf), "max_entropy"),
         (lambda: EntropyBounded(math.nan), "max_entropy"),
+        (lambda: FrontierRun(0.0), "min_joint"),
+        (lambda: FrontierRun(1.5), "min_joint"),
+        (lambda: FrontierRun(math.nan), "min_joint"),
+        (lambda: FrontierRun(True), "min_joint"),
     ],
 )
 def test_bad_constructor_values_raise(make, match):
@@ -417,3 +505,4 @@ def test_valid_constructor_edges_accepted():
     assert TopKCommit(1).k == 1
     assert MarginThreshold(0.0).margin == 0.0
     assert EntropyBounded(0).max_entropy == 0.0
+    assert FrontierRun(1).min_joint == 1.0

@@ -7,6 +7,7 @@
 |---|---|
 | `MaskDiffusion` | block mask diffusion: the denoiser fills each block over a few steps, a `Sampler` commits |
 | `Speculative` | lossless: the denoiser drafts a block, the context tower keeps what it agrees with |
+| `TolerantSpeculative` | `Speculative` that also keeps drafted tokens the context tower finds nearly as likely as its own (not lossless) |
 | `MockAR` | the released mock-AR mode: one clean token per denoiser forward, no time conditioning |
 | `Autoregressive` | the context tower alone, one token per forward (the baseline) |
 
@@ -25,11 +26,12 @@ from .mock_ar import MockAR
 from .released import ReleasedGenerationMixin, released_step_callback
 from .speculative import Speculative
 from .stopping import StopCriterion, StopStrings
+from .tolerant import TolerantSpeculative
 from .tracker import GenerationOutput, RowTracker
 
 __all__ = [
     "Decoder", "DecodeCall", "Towers", "StepCallback", "GenerationOutput", "RowTracker",
-    "MaskDiffusion", "Speculative", "MockAR", "Autoregressive", "denoise_block",
+    "MaskDiffusion", "Speculative", "TolerantSpeculative", "MockAR", "Autoregressive", "denoise_block",
     "LogitsProcessor", "TokenChooser", "TopK", "TopP",
     "ReleasedGenerationMixin", "released_step_callback", "StopStrings", "StopCriterion",
 ]

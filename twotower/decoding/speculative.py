@@ -24,6 +24,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
+from torch import Tensor
 
 from ..samplers import ConfidenceThreshold, Sampler
 from .base import DecodeCall, Decoder, Towers, check_int
@@ -79,6 +80,15 @@ class Speculative(Decoder):
             raise ValueError(f"speculative decoding needs block_size >= 2 (position 0 is the context tower's own "
                              f"token), got the model's block_size {call.block_size}; pass Speculative(block_size=16)")
 
+    def _kept(self, logits: Tensor, ar: Tensor, x: Tensor) -> Tensor:
+        """(R,) long: how many tokens of the draft x (R, n) each row keeps, 1 to n.
+
+        1 (the context tower's own first token) + the leading i >= 1 with x[:, i] == ar[:, i - 1],
+        the context tower's token after x[:, :i]. logits (R, n, V): the verifying extend's (unused
+        here; a subclass may relax the rule, e.g. `TolerantSpeculative`).
+        """
+        return (ar[:, :-1] == x[:, 1:]).long().cumprod(-1).sum(-1) + 1
+
     def _decode(self, call: DecodeCall) -> GenerationOutput:
         context, denoiser, n = call.context, call.denoiser, call.block_size
         ctx_device, den_device = call.ctx_device, call.den_device
@@ -98,7 +108,7 @@ class Speculative(Decoder):
             x = x.to(ctx_device)
             logits = context.extend(cache, x, logits="all", provisional=True)  # (R, n, V)
             ar = self.chooser(logits, call.generator)  # ar[:, i]: the context tower's token after x[:, :i + 1]
-            keep = (ar[:, :-1] == x[:, 1:]).long().cumprod(-1).sum(-1) + 1
+            keep = self._kept(logits, ar, x)
             context.accept(cache, keep)
             nxt = ar.gather(1, (keep - 1)[:, None]).squeeze(1)
             iterations += 1

@@ -8,6 +8,7 @@ pass an instance. Write your own by subclassing :class:`Sampler` and implementin
 from twotower.samplers.base import Sampler, commit_top_n
 from twotower.samplers.confidence import ConfidenceThreshold
 from twotower.samplers.entropy import EntropyBounded
+from twotower.samplers.frontier import FrontierRun
 from twotower.samplers.margin import MarginThreshold
 from twotower.samplers.mock_ar import MockAR
 from twotower.samplers.topk import TopKCommit
@@ -20,4 +21,5 @@ __all__ = [
     "MockAR",
     "MarginThreshold",
     "EntropyBounded",
+    "FrontierRun",
 ]
