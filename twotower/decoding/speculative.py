@@ -24,16 +24,49 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
+from torch import Tensor
 
 from ..samplers import ConfidenceThreshold, Sampler
 from .base import DecodeCall, Decoder, Towers, check_int
 from .diffusion import denoise_block
 from .logits import LogitsProcessor, TokenChooser
-from .tracker import GenerationOutput
+from .tracker import GenerationOutput, RowTracker
 
-__all__ = ["Speculative"]
+__all__ = ["Speculative", "draft_one_step"]
 
 _GREEDY = TokenChooser()
+
+
+def draft_one_step(denoiser, cache, n: int, *, first: Tensor, shift: bool, mask_token_id: int, tracker: RowTracker,
+                   rows: Tensor, block_index: int, step_callback=None, cut: float = 0.0
+                   ) -> tuple[Tensor, Tensor | None]:
+    """A one-forward greedy draft: x (R, n) with x[:, 0] = first, and each row's draft length.
+
+    The same tokens, NFE count and step callback as `denoise_block(..., steps=1, fill_last=True,
+    chooser=TokenChooser())` (the reference, tests/test_speculative.py holds the parity test),
+    without its host syncs and per-step bookkeeping: one forward, one argmax.
+
+    cut > 0: also returns width (R,) long, 1 + the number of leading drafted positions whose
+    running product of confidences (the softmax probability of the drafted token, [MASK] excluded)
+    stays >= cut; else width is None (every position counts).
+    """
+    R, device = first.shape[0], first.device
+    x = torch.full((R, n), mask_token_id, dtype=torch.long, device=device)
+    x[:, 0] = first
+    t = torch.full((R,), n - 1, dtype=torch.float32, device=device) / n  # as denoise_block: masked count / n
+    logits = denoiser.forward_block(x, cache, t)  # (R, n, V) float32, freshly allocated
+    logits[..., mask_token_id] = float("-inf")
+    pred = logits[:, :-1] if shift else logits[:, 1:]  # the predictions for positions 1 .. n - 1
+    before = x.clone() if step_callback is not None else None
+    x[:, 1:] = pred.argmax(-1)
+    tracker.count_forward(rows)  # every row had n - 1 >= 1 masked positions
+    if step_callback is not None:
+        shown = torch.cat([logits[:, :1], logits[:, :-1]], dim=1) if shift else logits
+        step_callback(block_index, 0, before, shown, x)
+    if cut <= 0:
+        return x, None
+    conf = (pred.amax(-1) - pred.logsumexp(-1)).exp_()  # (R, n - 1): the drafted tokens' probabilities
+    return x, (conf.cumprod_(-1) >= cut).sum(-1) + 1
 
 
 class Speculative(Decoder):
@@ -48,6 +81,13 @@ class Speculative(Decoder):
         temperature / top_k / top_p / logits_processors: how the context tower's tokens, i.e. the
             output, are chosen. Drafts are always greedy.
 
+        draft_cut: greedy one-step drafts only: a row's draft ends before the first position where the
+            product of the denoiser's confidences so far (its softmax probability of each drafted token)
+            falls below `draft_cut`, and the verifying extend covers the longest row's draft only. It
+            trades a few accepted tokens for a shorter verify, which pays where a forward's cost grows
+            with its positions (batches on CPU; benchmarks/spec_cost.py). 0 (default): every position.
+            Output is unchanged either way.
+
     `nfe` counts denoiser forwards (one per iteration by default), so tokens per NFE is tokens per
     iteration; `blocks` counts iterations. The step callback sees the draft steps.
     """
@@ -56,8 +96,12 @@ class Speculative(Decoder):
 
     def __init__(self, block_size: int | None = None, draft_steps: int = 1, sampler: Sampler | None = None,
                  temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
-                 logits_processors: Sequence[LogitsProcessor] | None = None):
+                 logits_processors: Sequence[LogitsProcessor] | None = None, draft_cut: float = 0.0):
         super().__init__(temperature=temperature, top_k=top_k, top_p=top_p, logits_processors=logits_processors)
+        if isinstance(draft_cut, bool) or not isinstance(draft_cut, (int, float)) or not 0 <= draft_cut < 1:
+            raise ValueError(f"draft_cut must be a number in [0, 1) (0 = verify every drafted position), "
+                             f"got {draft_cut!r}")
+        self.draft_cut = float(draft_cut)
         if block_size is not None and not (isinstance(block_size, int) and not isinstance(block_size, bool)
                                            and block_size >= 2):
             raise ValueError(f"speculative decoding needs block_size >= 2 (position 0 is the context tower's own "
@@ -69,7 +113,8 @@ class Speculative(Decoder):
             raise ValueError(f"sampler must be a Sampler (or a callable with its signature), got {sampler!r}")
 
     def extra_repr(self) -> str:
-        return f"block_size={self.block_size}, draft_steps={self.draft_steps}, temperature={self.temperature}"
+        return (f"block_size={self.block_size}, draft_steps={self.draft_steps}, temperature={self.temperature}, "
+                f"draft_cut={self.draft_cut}")
 
     def block_size_for(self, towers: Towers) -> int:
         return towers.block_size if self.block_size is None else self.block_size
@@ -90,15 +135,28 @@ class Speculative(Decoder):
         nxt = self.chooser(logits[:, -1], call.generator)  # (B,) the context tower's next token
         rows = torch.arange(B, device=ctx_device)  # the working batch: the rows still running
         iterations = 0
+        cut = self.draft_cut if (self.chooser.greedy and self.draft_steps == 1) else 0.0
         while True:
-            x = denoise_block(denoiser, den_cache, n, sampler=self.sampler, steps=self.draft_steps,
-                              mask_token_id=call.mask_token_id, chooser=_GREEDY, generator=None, tracker=tracker,
-                              rows=rows, block_index=iterations, step_callback=call.step_callback,
-                              first=nxt.to(den_device), shift=call.shifted, fill_last=True)
+            if self.draft_steps == 1:
+                x, width = draft_one_step(denoiser, den_cache, n, first=nxt.to(den_device), shift=call.shifted,
+                                          mask_token_id=call.mask_token_id, tracker=tracker, rows=rows,
+                                          block_index=iterations, step_callback=call.step_callback, cut=cut)
+            else:
+                x = denoise_block(denoiser, den_cache, n, sampler=self.sampler, steps=self.draft_steps,
+                                  mask_token_id=call.mask_token_id, chooser=_GREEDY, generator=None,
+                                  tracker=tracker, rows=rows, block_index=iterations,
+                                  step_callback=call.step_callback, first=nxt.to(den_device), shift=call.shifted,
+                                  fill_last=True)
+                width = None
             x = x.to(ctx_device)
-            logits = context.extend(cache, x, logits="all", provisional=True)  # (R, n, V)
+            if width is not None:  # row r drafted width[r] positions; verify the longest of them
+                width = width.to(ctx_device)
+                x = x[:, : int(width.max())]
+            logits = context.extend(cache, x, logits="all", provisional=True)  # (R, m, V)
             ar = self.chooser(logits, call.generator)  # ar[:, i]: the context tower's token after x[:, :i + 1]
             keep = (ar[:, :-1] == x[:, 1:]).long().cumprod(-1).sum(-1) + 1
+            if width is not None:
+                keep = torch.minimum(keep, width)  # a row keeps nothing past its own draft
             context.accept(cache, keep)
             nxt = ar.gather(1, (keep - 1)[:, None]).squeeze(1)
             iterations += 1
