@@ -134,6 +134,8 @@ LEVERS = {
     "draft_cut=0.02": ("verify only the confident draft prefix", Speculative(draft_cut=0.02), {}),
     "draft_cut=0.05": ("verify only the confident draft prefix", Speculative(draft_cut=0.05), {}),
     "draft_cut=0.1": ("verify only the confident draft prefix", Speculative(draft_cut=0.1), {}),
+    "block_size=12": ("shorter drafts (the denoiser was trained on 16)", Speculative(block_size=12), {}),
+    "block_size=8": ("shorter drafts (the denoiser was trained on 16)", Speculative(block_size=8), {}),
 }
 
 
