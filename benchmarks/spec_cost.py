@@ -33,9 +33,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.workload import REPO_ROOT, heldout_token_docs, select_windows  # noqa: E402
 from twotower import ByteTokenizer, TwoTowerLM  # noqa: E402
-from twotower.decoding import Autoregressive, Speculative, denoise_block  # noqa: E402
+from twotower.decoding import Autoregressive, RowTracker, Speculative, denoise_block  # noqa: E402
 from twotower.decoding import speculative as spec_module  # noqa: E402
-from twotower.decoding.tracker import RowTracker  # noqa: E402
 from twotower.towers import layers  # noqa: E402
 
 
@@ -89,7 +88,8 @@ def cost_split(model, batches, N: int, decoder: Speculative) -> dict:
     split, ar = Split(), Split()
     ctx, den = model.context, model.denoiser
     phases = ((den, "forward_block", "draft forward"), (ctx, "extend", "verify extend"),
-              (ctx, "accept", "accept (rollback)"), (ctx, "prefill", "prefill"), (RowTracker, "commit", "tracker commit"))
+              (ctx, "accept", "accept (rollback)"), (ctx, "prefill", "prefill"),
+              (RowTracker, "commit", "tracker commit"))
     iters = 0
     spec_total, ar_total = {"wall": 0.0, "cpu": 0.0}, {"wall": 0.0, "cpu": 0.0}
     for ids in batches:
@@ -116,7 +116,8 @@ def cost_split(model, batches, N: int, decoder: Speculative) -> dict:
         phases_ms["rest of the loop"] = total - sum(phases_ms.values())
         out[clock] = {k: 1e3 * v / iters for k, v in phases_ms.items()} | {"iteration": 1e3 * total / iters}
     steps = len(batches) * N
-    out["ar_step"] = {clock: 1e3 * (ar_total[clock] - getattr(ar, clock)["prefill"]) / steps for clock in ("cpu", "wall")}
+    out["ar_step"] = {clock: 1e3 * (ar_total[clock] - getattr(ar, clock)["prefill"]) / steps
+                      for clock in ("cpu", "wall")}
     out["ar_over_spec"] = {clock: (ar_total[clock] - getattr(ar, clock)["prefill"])
                            / (spec_total[clock] - getattr(split, clock)["prefill"]) for clock in ("cpu", "wall")}
     return out
@@ -177,7 +178,8 @@ def ab(model, batches, N: int, rounds: int, lever: tuple, base: tuple) -> dict:
                 else:
                     t[name]["wall"][r] += wall
                     t[name]["cpu"][r] += cpu
-    ratio = {clock: statistics.median(b / a for a, b in zip(t["lever"][clock], t["base"][clock])) for clock in ("cpu", "wall")}
+    ratio = {clock: statistics.median(b / a for a, b in zip(t["lever"][clock], t["base"][clock]))
+             for clock in ("cpu", "wall")}
     spread = [b / a for a, b in zip(t["lever"]["cpu"], t["base"]["cpu"])]
     return {"speedup_cpu": ratio["cpu"], "speedup_wall": ratio["wall"], "spread_cpu": (min(spread), max(spread)),
             "identical": torch.equal(torch.cat(toks["lever"]), torch.cat(toks["base"])),
@@ -185,7 +187,8 @@ def ab(model, batches, N: int, rounds: int, lever: tuple, base: tuple) -> dict:
 
 
 def main(argv=None) -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default=str(REPO_ROOT / "twotower" / "assets" / "twotower"))
     p.add_argument("--prompts", type=int, default=16, help="held-out prompt windows per seed")
     p.add_argument("--seeds", default="1", help="comma-separated window seeds (bench.py's default is 0)")
@@ -224,7 +227,8 @@ def main(argv=None) -> None:
             for k, v in split["cpu"].items():
                 print(f"| {k} | {v:.2f} ({split['wall'][k]:.2f}) | {v / ar['cpu']:.2f} |")
             if levers:
-                print("\n| lever | speedup over shipped (cpu, [min..max]) | wall | tokens/iter lever / shipped | identical |\n|---|---|---|---|---|")
+                print("\n| lever | speedup over shipped (cpu, [min..max]) | wall | tokens/iter lever / shipped "
+                      "| identical |\n|---|---|---|---|---|")
             for name in levers:
                 what, dec, undo = LEVERS[name]
                 if undo:  # the shipped code has the lever: A = shipped, B = the lever undone

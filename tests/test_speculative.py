@@ -9,10 +9,7 @@ import pytest
 import torch
 from conftest import MASK, PAD, autoregressive, left_pad, make_towers, random_prompts, run_decoder, speculative
 
-from twotower.decoding import Speculative, denoise_block
-from twotower.decoding.logits import TokenChooser
-from twotower.decoding.speculative import draft_one_step
-from twotower.decoding.tracker import RowTracker
+from twotower.decoding import RowTracker, Speculative, TokenChooser, denoise_block, draft_one_step
 from twotower.samplers import ConfidenceThreshold
 from twotower.schedules import FullMaskMix, LinearSchedule, StratifiedTime, mask_blocks
 from twotower.towers.ssd import conv_state_at, ssd_state_at
