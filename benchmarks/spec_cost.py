@@ -146,6 +146,10 @@ LEVERS = {
     "draft_cut=0.1": ("verify only the confident draft prefix", Speculative(draft_cut=0.1), {}),
     "block_size=12": ("shorter drafts (the denoiser was trained on 16)", Speculative(block_size=12), {}),
     "block_size=8": ("shorter drafts (the denoiser was trained on 16)", Speculative(block_size=8), {}),
+    "batch_block_size=8": ("8-position drafts while more than one row runs, 16 after",
+                           Speculative(batch_block_size=8), {}),
+    "batch_block_size=12": ("12-position drafts while more than one row runs, 16 after",
+                            Speculative(batch_block_size=12), {}),
 }
 
 

@@ -345,6 +345,34 @@ def test_draft_cut_leaves_sampling_alone_and_checks_its_value():
             Speculative(draft_cut=bad)
 
 
+def test_batch_block_size_drafts_shorter_while_rows_share_the_batch(monkeypatch):
+    """batch_block_size: 4-position drafts while more than one row runs, block_size (6) for a lone
+    row; the output is AR's either way."""
+    ctx, den = make_towers(seed=10)
+    ids, mask = left_pad(random_prompts([4, 7, 5], seed=10))
+    free = autoregressive(ctx, ids, mask, max_new_tokens=30, pad_token_id=PAD)
+    eos = int(free.new_tokens[1, 3])  # row 1 stops early, so the working batch shrinks
+    ar = autoregressive(ctx, ids, mask, max_new_tokens=30, pad_token_id=PAD, eos_token_id=eos)
+    shapes, real = [], ctx.extend
+
+    def spy(cache, tokens, **kw):
+        shapes.append(tuple(tokens.shape))
+        return real(cache, tokens, **kw)
+
+    monkeypatch.setattr(ctx, "extend", spy)
+    dec = Speculative(block_size=6, batch_block_size=4)
+    out = run_decoder(dec, ctx, den, ids, mask, max_new_tokens=30, eos_token_id=eos, shifted=True)
+    assert torch.equal(out.sequences, ar.sequences) and torch.equal(out.num_generated, ar.num_generated)
+    assert shapes[0] == (3, 4) and all(m == (4 if r > 1 else 6) for r, m in shapes)
+    shapes.clear()
+    alone = run_decoder(dec, ctx, den, ids[:1], mask[:1], max_new_tokens=30, eos_token_id=eos, shifted=True)
+    assert torch.equal(alone.new_tokens[0, : int(alone.num_generated[0])],
+                       ar.new_tokens[0, : int(ar.num_generated[0])])
+    assert {m for _, m in shapes} == {6}
+    with pytest.raises(ValueError, match="batch_block_size >= 2"):
+        Speculative(batch_block_size=1)
+
+
 # ---- training for one-step drafts ------------------------------------------------------------------
 
 

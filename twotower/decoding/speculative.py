@@ -83,6 +83,9 @@ class Speculative(Decoder):
         temperature / top_k / top_p / logits_processors: how the context tower's tokens, i.e. the
             output, are chosen. Drafts are always greedy.
 
+        batch_block_size: positions per draft while more than one row runs (at most block_size;
+            None = block_size): where a forward's cost grows with rows x positions (batches on CPU),
+            shorter drafts while the batch is full and full-length ones once one row is left.
         draft_cut: greedy one-step drafts only: a row's draft ends before the first position where the
             product of the denoiser's confidences so far (its softmax probability of each drafted token)
             falls below `draft_cut`, and the verifying extend covers the longest row's draft only. It
@@ -98,17 +101,19 @@ class Speculative(Decoder):
 
     def __init__(self, block_size: int | None = None, draft_steps: int = 1, sampler: Sampler | None = None,
                  temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
-                 logits_processors: Sequence[LogitsProcessor] | None = None, draft_cut: float = 0.0):
+                 logits_processors: Sequence[LogitsProcessor] | None = None, draft_cut: float = 0.0,
+                 batch_block_size: int | None = None):
         super().__init__(temperature=temperature, top_k=top_k, top_p=top_p, logits_processors=logits_processors)
         if isinstance(draft_cut, bool) or not isinstance(draft_cut, (int, float)) or not 0 <= draft_cut < 1:
             raise ValueError(f"draft_cut must be a number in [0, 1) (0 = verify every drafted position), "
                              f"got {draft_cut!r}")
         self.draft_cut = float(draft_cut)
-        if block_size is not None and not (isinstance(block_size, int) and not isinstance(block_size, bool)
-                                           and block_size >= 2):
-            raise ValueError(f"speculative decoding needs block_size >= 2 (position 0 is the context tower's own "
-                             f"token), got {block_size!r}")
+        for name, value in (("block_size", block_size), ("batch_block_size", batch_block_size)):
+            if value is not None and not (isinstance(value, int) and not isinstance(value, bool) and value >= 2):
+                raise ValueError(f"speculative decoding needs {name} >= 2 (position 0 is the context tower's own "
+                                 f"token), got {value!r}")
         self.block_size = block_size
+        self.batch_block_size = batch_block_size
         self.draft_steps = check_int("draft_steps", draft_steps)
         self.sampler = ConfidenceThreshold(0.8) if sampler is None else sampler
         if not callable(self.sampler):
@@ -116,7 +121,7 @@ class Speculative(Decoder):
 
     def extra_repr(self) -> str:
         return (f"block_size={self.block_size}, draft_steps={self.draft_steps}, temperature={self.temperature}, "
-                f"draft_cut={self.draft_cut}")
+                f"draft_cut={self.draft_cut}, batch_block_size={self.batch_block_size}")
 
     def block_size_for(self, towers: Towers) -> int:
         return towers.block_size if self.block_size is None else self.block_size
@@ -138,7 +143,9 @@ class Speculative(Decoder):
         rows = torch.arange(B, device=ctx_device)  # the working batch: the rows still running
         iterations = 0
         cut = self.draft_cut if (self.chooser.greedy and self.draft_steps == 1) else 0.0
+        n_full, n_batch = n, n if self.batch_block_size is None else min(n, self.batch_block_size)
         while True:
+            n = n_batch if rows.numel() > 1 else n_full
             if self.draft_steps == 1:
                 x, width = draft_one_step(denoiser, den_cache, n, first=nxt.to(den_device), shift=call.shifted,
                                           mask_token_id=call.mask_token_id, tracker=tracker, rows=rows,
@@ -173,7 +180,7 @@ class Speculative(Decoder):
             if rows.numel() > 1:
                 # Rows keep different prefixes, so the others leave holes: squeeze them out once they
                 # add up to a block and an eighth of the cache (bounds memory and attention width).
-                fresh = cache.compact(min_gain=max(n, cache.length // 8)) > 0 or fresh
+                fresh = cache.compact(min_gain=max(n_full, cache.length // 8)) > 0 or fresh
             if call.use_mirror:
                 den_cache = cache.mirror_to(den_device) if fresh else cache.mirror_to(den_device, den_cache)
             else:
