@@ -86,3 +86,21 @@ def test_grouped_override_off(monkeypatch):
         w, idx = moe.gate(x)
         torch.testing.assert_close(moe.experts(x, w, idx).double(), reference(moe.experts, x, w, idx),
                                    rtol=1e-5, atol=1e-5)
+
+
+@grouped
+def test_a_few_experts_run_dense_up_to_dense_max_tokens_then_grouped(monkeypatch):
+    """E <= 2k: every expert on every token while that is cheap, the grouped GEMM past
+    DENSE_MAX_TOKENS tokens; both sum what the per-token reference sums."""
+    moe = random_experts(E=4, k=2, seed=3)
+    calls = []
+    for name in ("_dense", "_grouped"):
+        real = getattr(moe.experts, name)
+        monkeypatch.setattr(moe.experts, name, lambda *a, _real=real, _name=name: calls.append(_name) or _real(*a))
+    for tokens in (layers.DENSE_MAX_TOKENS, layers.DENSE_MAX_TOKENS + 1):
+        x = torch.randn(tokens, moe.experts.up_proj.shape[2])
+        with torch.no_grad():
+            w, idx = moe.gate(x)
+            torch.testing.assert_close(moe.experts(x, w, idx).double(), reference(moe.experts, x, w, idx),
+                                       rtol=1e-5, atol=1e-5)
+    assert calls == ["_dense", "_grouped"]

@@ -7,8 +7,9 @@ import math
 
 import pytest
 import torch
-from conftest import MASK, PAD, autoregressive, left_pad, make_towers, random_prompts, speculative
+from conftest import MASK, PAD, autoregressive, left_pad, make_towers, random_prompts, run_decoder, speculative
 
+from twotower.decoding import RowTracker, Speculative, TokenChooser, denoise_block, draft_one_step
 from twotower.samplers import ConfidenceThreshold
 from twotower.schedules import FullMaskMix, LinearSchedule, StratifiedTime, mask_blocks
 from twotower.towers.ssd import conv_state_at, ssd_state_at
@@ -250,6 +251,126 @@ def test_bad_speculative_arguments_raise_clear_errors():
         speculative(ctx, den, ids, draft_steps=0)
     with pytest.raises(ValueError, match="block_size >= 2"):
         speculative(ctx, den, ids, block_size=1)
+
+
+# ---- the one-step draft path and the draft cut ---------------------------------------------------
+
+
+def one_step_setup(seed):
+    ctx, den = make_towers(seed=seed)
+    ids, mask = left_pad(random_prompts([5, 8, 3], seed=seed))
+    with torch.inference_mode():
+        _, cache = ctx.prefill(ids, mask, logits="none")
+    first = torch.randint(4, 64, (3,), generator=torch.Generator().manual_seed(seed))
+    return den, cache, first, torch.tensor([0, 2, 3])  # rows: the working rows of a 4-row tracker
+
+
+def tracker4():
+    return RowTracker(4, 10, spare=6, pad_token_id=PAD, eos=None, device="cpu", start=0.0)
+
+
+@pytest.mark.parametrize("shifted", [True, False])
+def test_one_step_draft_equals_denoise_block(shifted):
+    """draft_one_step gives the reference's tokens, NFE counts and step-callback arguments."""
+    den, cache, first, rows = one_step_setup(15)
+    seen, trackers = {}, (tracker4(), tracker4())
+    with torch.inference_mode():
+        ref = denoise_block(den, cache, 6, sampler=None, steps=1, mask_token_id=MASK, chooser=TokenChooser(),
+                            generator=None, tracker=trackers[0], rows=rows, block_index=2,
+                            step_callback=lambda *a: seen.setdefault("ref", a), first=first, shift=shifted,
+                            fill_last=True)
+        got, width = draft_one_step(den, cache, 6, first=first, shift=shifted, mask_token_id=MASK,
+                                    tracker=trackers[1], rows=rows, block_index=2,
+                                    step_callback=lambda *a: seen.setdefault("got", a))
+    assert width is None and torch.equal(got, ref) and torch.equal(trackers[0].nfe, trackers[1].nfe)
+    assert trackers[1].nfe.tolist() == [1, 0, 1, 1]
+    for a, b in zip(seen["ref"], seen["got"], strict=True):
+        assert torch.equal(a, b) if isinstance(a, torch.Tensor) else a == b
+
+
+@pytest.mark.parametrize("shifted", [True, False])
+def test_draft_cut_width_is_the_confident_prefix(shifted):
+    """width[r] = 1 + the leading drafted positions whose running product of probabilities >= cut."""
+    den, cache, first, rows = one_step_setup(16)
+    n, cut = 6, 0.02
+    with torch.inference_mode():
+        x, width = draft_one_step(den, cache, n, first=first, shift=shifted, mask_token_id=MASK,
+                                  tracker=tracker4(), rows=rows, block_index=0, cut=cut)
+        block = torch.full((3, n), MASK)
+        block[:, 0] = first
+        logits = den.forward_block(block, cache, torch.full((3,), (n - 1) / n))
+    for r in range(3):
+        want, running = 1, 1.0
+        for i in range(1, n):
+            row = logits[r, i - 1 if shifted else i].double()
+            row[MASK] = float("-inf")
+            assert int(x[r, i]) == int(row.argmax())
+            running *= float(row.softmax(-1).max())
+            if running < cut:
+                break
+            want += 1
+        assert int(width[r]) == want
+    assert 1 <= int(width.min()) and int(width.max()) <= n
+
+
+def test_draft_cut_keeps_the_ar_output_and_shortens_the_verify(monkeypatch):
+    ctx, den = make_towers(seed=6)
+    prompts = random_prompts([4, 9, 6], seed=6)
+    ids, mask = left_pad(prompts)
+    ar = autoregressive(ctx, ids, mask, max_new_tokens=21, pad_token_id=PAD)
+    widths, real = [], ctx.extend
+
+    def spy(cache, tokens, **kw):
+        widths.append(tokens.shape[1])
+        return real(cache, tokens, **kw)
+
+    monkeypatch.setattr(ctx, "extend", spy)
+    cut = Speculative(block_size=6, draft_cut=0.5)
+    out = run_decoder(cut, ctx, den, ids, mask, max_new_tokens=21, shifted=True)
+    assert torch.equal(out.new_tokens, ar.new_tokens)
+    assert min(widths) < 6  # this random denoiser is unsure: some verifies were cut short
+    for r, p in enumerate(prompts):  # a row's draft length is its own: alone it takes the same iterations
+        alone = run_decoder(cut, ctx, den, p[None], max_new_tokens=21, shifted=True)
+        assert torch.equal(out.new_tokens[r], alone.new_tokens[0]) and int(out.nfe[r]) == int(alone.nfe[0])
+
+
+def test_draft_cut_leaves_sampling_alone_and_checks_its_value():
+    ctx, den = make_towers(seed=12)
+    ids = torch.randint(4, 64, (2, 6))
+    runs = [run_decoder(Speculative(block_size=6, draft_cut=c, temperature=1.0), ctx, den, ids, max_new_tokens=15,
+                        shifted=True, generator=torch.Generator().manual_seed(0)) for c in (0.0, 0.9)]
+    assert torch.equal(runs[0].new_tokens, runs[1].new_tokens) and torch.equal(runs[0].nfe, runs[1].nfe)
+    for bad in (1.0, -0.1, True, "0.1"):
+        with pytest.raises(ValueError, match="draft_cut"):
+            Speculative(draft_cut=bad)
+
+
+def test_batch_block_size_drafts_shorter_while_rows_share_the_batch(monkeypatch):
+    """batch_block_size: 4-position drafts while more than one row runs, block_size (6) for a lone
+    row; the output is AR's either way."""
+    ctx, den = make_towers(seed=10)
+    ids, mask = left_pad(random_prompts([4, 7, 5], seed=10))
+    free = autoregressive(ctx, ids, mask, max_new_tokens=30, pad_token_id=PAD)
+    eos = int(free.new_tokens[1, 3])  # row 1 stops early, so the working batch shrinks
+    ar = autoregressive(ctx, ids, mask, max_new_tokens=30, pad_token_id=PAD, eos_token_id=eos)
+    shapes, real = [], ctx.extend
+
+    def spy(cache, tokens, **kw):
+        shapes.append(tuple(tokens.shape))
+        return real(cache, tokens, **kw)
+
+    monkeypatch.setattr(ctx, "extend", spy)
+    dec = Speculative(block_size=6, batch_block_size=4)
+    out = run_decoder(dec, ctx, den, ids, mask, max_new_tokens=30, eos_token_id=eos, shifted=True)
+    assert torch.equal(out.sequences, ar.sequences) and torch.equal(out.num_generated, ar.num_generated)
+    assert shapes[0] == (3, 4) and all(m == (4 if r > 1 else 6) for r, m in shapes)
+    shapes.clear()
+    alone = run_decoder(dec, ctx, den, ids[:1], mask[:1], max_new_tokens=30, eos_token_id=eos, shifted=True)
+    assert torch.equal(alone.new_tokens[0, : int(alone.num_generated[0])],
+                       ar.new_tokens[0, : int(ar.num_generated[0])])
+    assert {m for _, m in shapes} == {6}
+    with pytest.raises(ValueError, match="batch_block_size >= 2"):
+        Speculative(batch_block_size=1)
 
 
 # ---- training for one-step drafts ------------------------------------------------------------------

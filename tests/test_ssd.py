@@ -199,3 +199,15 @@ def test_single_chunk_without_final_state_gives_the_same_outputs():
     y, final = ssd_scan_reference(x, dt, A, B, C, chunk_size=16, D=torch.ones(h), initial_state=init)
     y2, none = ssd_scan_reference(x, dt, A, B, C, chunk_size=16, D=torch.ones(h), initial_state=init, final_state=False)
     assert none is None and torch.equal(y, y2) and final is not None
+
+
+@pytest.mark.parametrize("groups", [1, 2, 4])
+@pytest.mark.parametrize("seeded", [False, True])
+def test_single_chunk_with_grouped_b_c_matches_naive_recurrence(groups, seeded):
+    # One chunk (a decode block): the C.B products are formed per group and shared by its heads.
+    x, dt, A, B, C, D, s0 = random_inputs(b=3, L=16, h=4, p=3, g=groups, n=5, seed=groups)
+    init = s0 if seeded else None
+    y, final = ssd_scan_reference(x, dt, A, B, C, chunk_size=64, D=D, initial_state=init)
+    y_ref, final_ref, _ = naive_scan(x, dt, A, B, C, D, s0 if seeded else torch.zeros_like(s0))
+    assert torch.allclose(y.double(), y_ref, atol=2e-5, rtol=1e-5)
+    assert torch.allclose(final.double(), final_ref, atol=2e-5, rtol=1e-5)

@@ -189,13 +189,9 @@ class HybridCache(Cache):
     def advance(self, n: int) -> None:
         self.length += n
 
-    def settle(self, keep: Tensor) -> tuple[int, int]:
-        """The family-independent half of `accept`: check `keep` (b,) against the pending block,
-        turn each row's rejected positions into holes and set the length to start + max(keep).
-
-        Returns (min(keep), max(keep)) (one host read: the new length depends on it). The caller
-        moves any recurrent state first, using `pending`, which this clears.
-        """
+    def check_keep(self, keep: Tensor) -> tuple[Tensor, int, int]:
+        """Check `keep` (b,) against the pending block: (keep as long on the cache's device,
+        min(keep), max(keep)), or a ValueError naming the bad value. One host read (the bounds)."""
         pending = self.pending
         if pending is None:
             raise RuntimeError("accept: the cache holds no provisional block (extend(..., provisional=True) first)")
@@ -204,10 +200,24 @@ class HybridCache(Cache):
             shape = tuple(keep.shape) if isinstance(keep, Tensor) else type(keep).__name__
             raise ValueError(f"keep must be a ({b},) integer tensor, got {shape}")
         keep = keep.to(device=self.device, dtype=torch.long)
-        lo, hi = torch.aminmax(keep)
-        lo, hi = int(lo), int(hi)
+        lo, hi = (int(v) for v in torch.aminmax(keep))
         if lo < 0 or hi > n:
             raise ValueError(f"keep must lie in [0, {n}] (the provisional block's length), got [{lo}, {hi}]")
+        return keep, lo, hi
+
+    def settle(self, keep: Tensor, bounds: tuple[int, int] | None = None) -> tuple[int, int]:
+        """The family-independent half of `accept`: check `keep` (b,) against the pending block,
+        turn each row's rejected positions into holes and set the length to start + max(keep).
+
+        Returns (min(keep), max(keep)) (one host read: the new length depends on it; none when the
+        caller passes the `bounds` `check_keep` returned for this `keep`). The caller moves any
+        recurrent state first, using `pending`, which this clears.
+        """
+        if bounds is None:
+            keep, lo, hi = self.check_keep(keep)
+        else:
+            lo, hi = bounds
+        pending = self.pending
         if lo < hi:  # rows that kept fewer than `hi` leave holes
             kept = torch.arange(hi, device=self.device)[None, :] < keep[:, None]
             self.key_mask[:, pending.start: pending.start + hi] &= kept

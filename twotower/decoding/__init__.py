@@ -24,7 +24,7 @@ from .diffusion import MaskDiffusion, denoise_block
 from .logits import LogitsProcessor, TokenChooser, TopK, TopP
 from .mock_ar import MockAR
 from .released import ReleasedGenerationMixin, released_step_callback
-from .speculative import Speculative
+from .speculative import Speculative, draft_one_step
 from .stopping import StopCriterion, StopStrings
 from .tolerant import TolerantSpeculative
 from .tracker import GenerationOutput, RowTracker
@@ -32,6 +32,7 @@ from .tracker import GenerationOutput, RowTracker
 __all__ = [
     "Decoder", "DecodeCall", "Towers", "StepCallback", "GenerationOutput", "RowTracker",
     "MaskDiffusion", "Speculative", "TolerantSpeculative", "MockAR", "Autoregressive", "denoise_block",
+    "draft_one_step",
     "LogitsProcessor", "TokenChooser", "TopK", "TopP",
     "ReleasedGenerationMixin", "released_step_callback", "StopStrings", "StopCriterion",
 ]

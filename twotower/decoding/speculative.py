@@ -16,7 +16,9 @@ forward) and sampled output is distributed as AR sampling with the same temperat
 The denoiser only decides how many tokens an iteration yields (1 to n). Rows advance
 independently: a row that keeps fewer than another leaves masked-out holes in the shared cache
 (squeezed out by `HybridCache.compact` once they add up), and a finished row leaves the working
-batch. Host syncs: two per iteration (the new cache length in `accept`, the finished rows).
+batch. Host syncs: two per iteration (the new cache length in `accept`, the finished rows), plus
+the verify width with `draft_cut`. A one-step draft (the default) runs `draft_one_step`: the
+reference `denoise_block`'s tokens without its per-step bookkeeping and host syncs.
 """
 
 from __future__ import annotations
@@ -30,11 +32,43 @@ from ..samplers import ConfidenceThreshold, Sampler
 from .base import DecodeCall, Decoder, Towers, check_int
 from .diffusion import denoise_block
 from .logits import LogitsProcessor, TokenChooser
-from .tracker import GenerationOutput
+from .tracker import GenerationOutput, RowTracker
 
-__all__ = ["Speculative"]
+__all__ = ["Speculative", "draft_one_step"]
 
 _GREEDY = TokenChooser()
+
+
+def draft_one_step(denoiser, cache, n: int, *, first: Tensor, shift: bool, mask_token_id: int, tracker: RowTracker,
+                   rows: Tensor, block_index: int, step_callback=None, cut: float = 0.0
+                   ) -> tuple[Tensor, Tensor | None]:
+    """A one-forward greedy draft: x (R, n) with x[:, 0] = first, and each row's draft length.
+
+    The same tokens, NFE count and step callback as `denoise_block(..., steps=1, fill_last=True,
+    chooser=TokenChooser())` (the reference, tests/test_speculative.py holds the parity test),
+    without its host syncs and per-step bookkeeping: one forward, one argmax.
+
+    cut > 0: also returns width (R,) long, 1 + the number of leading drafted positions whose
+    running product of confidences (the softmax probability of the drafted token, [MASK] excluded)
+    stays >= cut; else width is None (every position counts).
+    """
+    R, device = first.shape[0], first.device
+    x = torch.full((R, n), mask_token_id, dtype=torch.long, device=device)
+    x[:, 0] = first
+    t = torch.full((R,), n - 1, dtype=torch.float32, device=device) / n  # as denoise_block: masked count / n
+    logits = denoiser.forward_block(x, cache, t)  # (R, n, V) float32, freshly allocated
+    logits[..., mask_token_id] = float("-inf")
+    pred = logits[:, :-1] if shift else logits[:, 1:]  # the predictions for positions 1 .. n - 1
+    before = x.clone() if step_callback is not None else None
+    x[:, 1:] = pred.argmax(-1)
+    tracker.count_forward(rows)  # every row had n - 1 >= 1 masked positions
+    if step_callback is not None:
+        shown = torch.cat([logits[:, :1], logits[:, :-1]], dim=1) if shift else logits
+        step_callback(block_index, 0, before, shown, x)
+    if cut <= 0:
+        return x, None
+    conf = (pred.amax(-1) - pred.logsumexp(-1)).exp_()  # (R, n - 1): the drafted tokens' probabilities
+    return x, (conf.cumprod_(-1) >= cut).sum(-1) + 1
 
 
 class Speculative(Decoder):
@@ -49,6 +83,16 @@ class Speculative(Decoder):
         temperature / top_k / top_p / logits_processors: how the context tower's tokens, i.e. the
             output, are chosen. Drafts are always greedy.
 
+        batch_block_size: positions per draft while more than one row runs (at most block_size;
+            None = block_size): where a forward's cost grows with rows x positions (batches on CPU),
+            shorter drafts while the batch is full and full-length ones once one row is left.
+        draft_cut: greedy one-step drafts only: a row's draft ends before the first position where the
+            product of the denoiser's confidences so far (its softmax probability of each drafted token)
+            falls below `draft_cut`, and the verifying extend covers the longest row's draft only. It
+            trades a few accepted tokens for a shorter verify, which pays where a forward's cost grows
+            with its positions (batches on CPU; benchmarks/spec_cost.py). 0 (default): every position.
+            Output is unchanged either way.
+
     `nfe` counts denoiser forwards (one per iteration by default), so tokens per NFE is tokens per
     iteration; `blocks` counts iterations. The step callback sees the draft steps.
     """
@@ -57,20 +101,27 @@ class Speculative(Decoder):
 
     def __init__(self, block_size: int | None = None, draft_steps: int = 1, sampler: Sampler | None = None,
                  temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
-                 logits_processors: Sequence[LogitsProcessor] | None = None):
+                 logits_processors: Sequence[LogitsProcessor] | None = None, draft_cut: float = 0.0,
+                 batch_block_size: int | None = None):
         super().__init__(temperature=temperature, top_k=top_k, top_p=top_p, logits_processors=logits_processors)
-        if block_size is not None and not (isinstance(block_size, int) and not isinstance(block_size, bool)
-                                           and block_size >= 2):
-            raise ValueError(f"speculative decoding needs block_size >= 2 (position 0 is the context tower's own "
-                             f"token), got {block_size!r}")
+        if isinstance(draft_cut, bool) or not isinstance(draft_cut, (int, float)) or not 0 <= draft_cut < 1:
+            raise ValueError(f"draft_cut must be a number in [0, 1) (0 = verify every drafted position), "
+                             f"got {draft_cut!r}")
+        self.draft_cut = float(draft_cut)
+        for name, value in (("block_size", block_size), ("batch_block_size", batch_block_size)):
+            if value is not None and not (isinstance(value, int) and not isinstance(value, bool) and value >= 2):
+                raise ValueError(f"speculative decoding needs {name} >= 2 (position 0 is the context tower's own "
+                                 f"token), got {value!r}")
         self.block_size = block_size
+        self.batch_block_size = batch_block_size
         self.draft_steps = check_int("draft_steps", draft_steps)
         self.sampler = ConfidenceThreshold(0.8) if sampler is None else sampler
         if not callable(self.sampler):
             raise ValueError(f"sampler must be a Sampler (or a callable with its signature), got {sampler!r}")
 
     def extra_repr(self) -> str:
-        return f"block_size={self.block_size}, draft_steps={self.draft_steps}, temperature={self.temperature}"
+        return (f"block_size={self.block_size}, draft_steps={self.draft_steps}, temperature={self.temperature}, "
+                f"draft_cut={self.draft_cut}, batch_block_size={self.batch_block_size}")
 
     def block_size_for(self, towers: Towers) -> int:
         return towers.block_size if self.block_size is None else self.block_size
@@ -100,15 +151,30 @@ class Speculative(Decoder):
         nxt = self.chooser(logits[:, -1], call.generator)  # (B,) the context tower's next token
         rows = torch.arange(B, device=ctx_device)  # the working batch: the rows still running
         iterations = 0
+        cut = self.draft_cut if (self.chooser.greedy and self.draft_steps == 1) else 0.0
+        n_full, n_batch = n, n if self.batch_block_size is None else min(n, self.batch_block_size)
         while True:
-            x = denoise_block(denoiser, den_cache, n, sampler=self.sampler, steps=self.draft_steps,
-                              mask_token_id=call.mask_token_id, chooser=_GREEDY, generator=None, tracker=tracker,
-                              rows=rows, block_index=iterations, step_callback=call.step_callback,
-                              first=nxt.to(den_device), shift=call.shifted, fill_last=True)
+            n = n_batch if rows.numel() > 1 else n_full
+            if self.draft_steps == 1:
+                x, width = draft_one_step(denoiser, den_cache, n, first=nxt.to(den_device), shift=call.shifted,
+                                          mask_token_id=call.mask_token_id, tracker=tracker, rows=rows,
+                                          block_index=iterations, step_callback=call.step_callback, cut=cut)
+            else:
+                x = denoise_block(denoiser, den_cache, n, sampler=self.sampler, steps=self.draft_steps,
+                                  mask_token_id=call.mask_token_id, chooser=_GREEDY, generator=None,
+                                  tracker=tracker, rows=rows, block_index=iterations,
+                                  step_callback=call.step_callback, first=nxt.to(den_device), shift=call.shifted,
+                                  fill_last=True)
+                width = None
             x = x.to(ctx_device)
-            logits = context.extend(cache, x, logits="all", provisional=True)  # (R, n, V)
+            if width is not None:  # row r drafted width[r] positions; verify the longest of them
+                width = width.to(ctx_device)
+                x = x[:, : int(width.max())]
+            logits = context.extend(cache, x, logits="all", provisional=True)  # (R, m, V)
             ar = self.chooser(logits, call.generator)  # ar[:, i]: the context tower's token after x[:, :i + 1]
             keep = self._kept(logits, ar, x)
+            if width is not None:
+                keep = torch.minimum(keep, width)  # a row keeps nothing past its own draft
             context.accept(cache, keep)
             nxt = ar.gather(1, (keep - 1)[:, None]).squeeze(1)
             iterations += 1
@@ -123,7 +189,7 @@ class Speculative(Decoder):
             if rows.numel() > 1:
                 # Rows keep different prefixes, so the others leave holes: squeeze them out once they
                 # add up to a block and an eighth of the cache (bounds memory and attention width).
-                fresh = cache.compact(min_gain=max(n, cache.length // 8)) > 0 or fresh
+                fresh = cache.compact(min_gain=max(n_full, cache.length // 8)) > 0 or fresh
             if call.use_mirror:
                 den_cache = cache.mirror_to(den_device) if fresh else cache.mirror_to(den_device, den_cache)
             else:

@@ -25,7 +25,8 @@ import torch
 from torch import Tensor
 
 from ..caches import HybridCache
-from ..decoding import Autoregressive, Decoder, MaskDiffusion, Speculative, TokenChooser, Towers, denoise_block
+from ..decoding import (Autoregressive, Decoder, MaskDiffusion, Speculative, TokenChooser, Towers, denoise_block,
+                        draft_one_step)
 
 __all__ = ["Stepper", "ARStepper", "SpeculativeStepper", "DiffusionStepper", "RowChoice", "stepper_for"]
 
@@ -216,6 +217,10 @@ class SpeculativeStepper(Stepper):
     def draft(self) -> Tensor:
         dec, towers, n = self.decoder, self.towers, self.decoder.block_size_for(self.towers)
         den = self.den_cache()
+        if dec.draft_steps == 1:  # denoise_block's tokens and NFE counts, without its host syncs
+            return draft_one_step(towers.denoiser, den, n, first=self.state.to(den.device), shift=towers.shifted,
+                                  mask_token_id=towers.mask_token_id, tracker=_Counter(self.jobs),
+                                  rows=torch.arange(len(self.jobs)), block_index=self.iterations)[0]
         return denoise_block(towers.denoiser, den, n, sampler=dec.sampler, steps=dec.draft_steps,
                              mask_token_id=towers.mask_token_id, chooser=_GREEDY, generator=None,
                              tracker=_Counter(self.jobs), rows=torch.arange(len(self.jobs)),

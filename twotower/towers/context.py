@@ -130,17 +130,14 @@ class ContextTower(ContextTowerBase):
         pending = cache.pending
         if pending is None:
             raise RuntimeError("accept: the cache holds no provisional block (extend(..., provisional=True) first)")
-        b = cache.batch_size
-        if isinstance(keep, Tensor) and keep.shape == (b,) and keep.dtype in (torch.int64, torch.int32):
-            keep_dev = keep.to(device=cache.device, dtype=torch.long)
-            if bool(((keep_dev >= 0) & (keep_dev <= pending.n)).all()):
-                for i, blk in enumerate(self.backbone.layers):
-                    if i in pending.scan:
-                        x, dt, B = pending.scan[i]
-                        cache.ssm[i] = ssd_state_at(x, dt, blk.mixer.decay_rates(), B, initial_state=cache.ssm[i],
-                                                    last=keep_dev - 1)
-                        cache.conv[i] = conv_state_at(cache.conv[i], pending.xbc[i], keep_dev)
-        cache.settle(keep)  # checks keep (raising before anything moved), holes, length
+        keep, lo, hi = cache.check_keep(keep)  # raises before anything moved; the one host read
+        for i, blk in enumerate(self.backbone.layers):
+            if i in pending.scan:
+                x, dt, B = pending.scan[i]
+                cache.ssm[i] = ssd_state_at(x, dt, blk.mixer.decay_rates(), B, initial_state=cache.ssm[i],
+                                            last=keep - 1)
+                cache.conv[i] = conv_state_at(cache.conv[i], pending.xbc[i], keep)
+        cache.settle(keep, bounds=(lo, hi))  # holes, length
 
     def _logits(self, hidden: Tensor, which: str) -> Tensor | None:
         if which == "none":

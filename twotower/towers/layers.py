@@ -266,7 +266,10 @@ class Experts(nn.Module):
         E, k = up.shape[0], idx.shape[1]
         # Dense when every token would use at least half of the experts anyway (tiny E): it wastes at
         # most as many expert evaluations as it uses and needs no sorting (E = 4, k = 2: 46 us vs 71 us).
-        if E <= 2 * k:
+        # Past DENSE_MAX_TOKENS tokens the wasted evaluations cost more than the sort, so the grouped
+        # GEMM takes over where it can run (embedded default, CPU, 1 thread: 128 tokens, 731 us dense
+        # vs 519 us grouped; 16 tokens, 153 vs 155; benchmarks/spec_cost.py).
+        if E <= 2 * k and (x.shape[0] <= DENSE_MAX_TOKENS or not _grouped_mm_ok(x, up)):
             return self._dense(x, weights, idx, up, down)
         if _grouped_mm_ok(x, up):
             return self._grouped(x, weights, idx, up, down)
@@ -333,6 +336,10 @@ class Experts(nn.Module):
 
 # Override for tests and benchmarks: None = automatic, False = never use torch._grouped_mm.
 USE_GROUPED_MM: bool | None = None
+
+# The most tokens for which experts with E <= 2 k run dense (every expert on every token), see
+# `Experts.forward`; a decode step or a one-row block stays dense, a batch of blocks goes grouped.
+DENSE_MAX_TOKENS = 24
 
 
 def _grouped_mm_ok(x: Tensor, w: Tensor) -> bool:

@@ -125,11 +125,11 @@ def ssd_scan_reference(
     Q = max(1, min(chunk_size, L)) if not return_chunk_states else chunk_size
     f32 = torch.float32
     x, dt, B, C, A = x.to(f32), dt.to(f32), B.to(f32), C.to(f32), A.to(f32)
+    if Q == L and not return_chunk_states:
+        return _single_chunk(x, dt, A, B, C, D, initial_state, final_state=final_state)
     if g != h:
         B = B.repeat_interleave(h // g, dim=2)
         C = C.repeat_interleave(h // g, dim=2)
-    if Q == L and not return_chunk_states:
-        return _single_chunk(x, dt, A, B, C, D, initial_state, final_state=final_state)
     pad = (-L) % Q
     if pad:
         # Zero dt on padding: no decay and no input, so the final state is the state at L - 1.
@@ -175,20 +175,28 @@ def _single_chunk(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Ten
                   initial_state: Tensor | None, *, final_state: bool = True) -> tuple[Tensor, Tensor | None]:
     """The whole sequence is one chunk (decode blocks, short extends): the same math as the chunked
     form with the inter-chunk recurrence reduced to one decay, written as batched matmuls over
-    (b, h) so a 16-token block costs a handful of kernels. Inputs float32, B/C already per head."""
+    (b, h) so a 16-token block costs a handful of kernels. Inputs float32; B / C per group
+    (b, L, g, n): the C_t . B_s products are shared by a group's h / g heads, so they are computed
+    once per group (the products the per-head form computes, bit for bit, h / g times fewer)."""
+    b, L, h, p = x.shape
+    g, n = B.shape[2], B.shape[3]
+    r = h // g  # heads per group; head j reads group j // r (as repeat_interleave lays them out)
     xh = (x * dt[..., None]).permute(0, 2, 1, 3)  # (b, h, L, p): dt_s x_s
-    Bh, Ch = B.permute(0, 2, 1, 3), C.permute(0, 2, 1, 3)  # (b, h, L, n)
+    Bg, Cg = B.permute(0, 2, 1, 3), C.permute(0, 2, 1, 3)  # (b, g, L, n)
     dA = (dt * A).permute(0, 2, 1)  # (b, h, L)
     cum = dA.cumsum(-1)
-    scores = (Ch @ Bh.transpose(-1, -2)) * torch.exp(_segsum(dA))  # (b, h, t, s)
+    cb = (Cg @ Bg.transpose(-1, -2))[:, :, None]  # (b, g, 1, t, s)
+    scores = (cb * torch.exp(_segsum(dA)).view(b, g, r, L, L)).view(b, h, L, L)  # (b, h, t, s)
     y = scores @ xh  # (b, h, L, p)
     final = None
     if final_state:
+        Bh = Bg[:, :, None].expand(b, g, r, L, n).reshape(b, h, L, n)
         to_end = torch.exp(cum[..., -1:] - cum)  # (b, h, L)
         final = ((Bh * to_end[..., None]).transpose(-1, -2) @ xh).transpose(-1, -2)  # (b, h, p, n)
     if initial_state is not None:
         init = initial_state.float()
-        y = y + (Ch @ init.transpose(-1, -2)) * torch.exp(cum)[..., None]
+        from_init = (Cg[:, :, None] @ init.view(b, g, r, p, n).transpose(-1, -2)).view(b, h, L, p)
+        y = y + from_init * torch.exp(cum)[..., None]
         if final_state:
             final = final + init * torch.exp(cum[..., -1])[..., None, None]
     y = y.permute(0, 2, 1, 3)
