@@ -16,7 +16,7 @@ from twotower.decoding import Autoregressive, Decoder, MaskDiffusion, MockAR, Sp
 from twotower.samplers import ConfidenceThreshold, FrontierRun, Sampler
 
 __all__ = ["Mode", "ar", "hf_generate", "mock_ar", "diffusion", "speculative", "BASE_MODES", "DEFAULT_MODES",
-           "frontier", "tolerant", "FULL_MODES", "SMOKE_MODES", "GROUPS", "from_class_path", "split_modes", "parse_modes"]
+           "speculative_batch", "frontier", "tolerant", "FULL_MODES", "SMOKE_MODES", "GROUPS", "from_class_path", "split_modes", "parse_modes"]
 
 
 @dataclass(frozen=True)
@@ -71,6 +71,13 @@ def speculative(block: int) -> Mode:
                 f"speculative: 1-forward denoiser draft + context-tower verification, block {block}", None, block)
 
 
+def speculative_batch(block: int, batch_block: int) -> Mode:
+    return Mode(f"spec_b{block}_bb{batch_block}", "speculative",
+                Speculative(block_size=block, batch_block_size=batch_block),
+                f"speculative, drafts of {batch_block} while rows share the batch, {block} alone (same output as AR)",
+                None, block)
+
+
 def frontier(min_joint: float, block: int) -> Mode:
     dec = MaskDiffusion(sampler=FrontierRun(min_joint), block_size=block, steps_per_block=block)
     return Mode(f"diff_frontier{min_joint:g}_b{block}", "diffusion", dec,
@@ -87,9 +94,9 @@ BASE_MODES = [ar(), hf_generate(), mock_ar()]
 # The default run: the baselines, diffusion at three thresholds (0.8 is the headline) and speculative
 # decoding, all at block 16. Every other mode stays selectable (--modes all, or by name).
 DEFAULT_MODES = BASE_MODES + [diffusion(t, 16) for t in (0.5, 0.8, 0.9)] + [frontier(0.5, 16), speculative(16),
-                                                                          tolerant(0.5, 16)]
+                                                                          speculative_batch(16, 8), tolerant(0.5, 16)]
 FULL_MODES = BASE_MODES + [diffusion(t, 16) for t in (0.5, 0.7, 0.8, 0.9, 0.95)] + \
-    [diffusion(0.8, b) for b in (4, 8, 32)] + [frontier(m, 16) for m in (0.5, 0.7)] + [speculative(16), tolerant(0.5, 16)]
+    [diffusion(0.8, b) for b in (4, 8, 32)] + [frontier(m, 16) for m in (0.5, 0.7)] + [speculative(16), speculative_batch(16, 8), tolerant(0.5, 16)]
 SMOKE_MODES = BASE_MODES + [diffusion(0.5, 16), diffusion(0.8, 16), diffusion(0.8, 4), speculative(16)]
 GROUPS = {"default": DEFAULT_MODES, "all": FULL_MODES}
 
