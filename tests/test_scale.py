@@ -39,11 +39,13 @@ def test_ddp_two_processes_equal_one_process(backbone_dir, code_corpus, tmp_path
     assert one["losses"] == pytest.approx(two["losses"], abs=1e-5)
     assert one["nelbo"] == pytest.approx(two["nelbo"], abs=1e-5)
     for k, v in one["denoiser"].items():
-        # gloo sums the two halves' gradients in another order than one process does, and Adam's first
-        # steps (update ~ lr g / |g|) amplify that rounding for gradients near its eps, in proportion
-        # to lr: at the recipes' lr (2e-3) the weights agree to 1e-5 (at lr=1e-2, one element of 1024
-        # differed by 2.6e-5).
-        torch.testing.assert_close(two["denoiser"][k], v, atol=1e-5, rtol=0, msg=k)
+        # gloo sums the two halves' gradients in another order than one process does, the frozen
+        # context tower's grouped MoE GEMM (past layers.DENSE_MAX_TOKENS tokens) rounds by how the
+        # batch's tokens fall into expert groups, and Adam's first steps (update ~ lr g / |g|) amplify
+        # that rounding for gradients near its eps, in proportion to lr. At the recipes' lr (2e-3) the
+        # largest difference measured was 1.01e-5 (5.3e-6 with the experts run dense); a wrong
+        # gradient average would move weights by the order of a step, lr = 2e-3, 70x this bound.
+        torch.testing.assert_close(two["denoiser"][k], v, atol=3e-5, rtol=0, msg=k)
     assert any(not torch.equal(v, DenoiserFineTuning(str(backbone_dir), block_size=8).denoiser.state_dict()[k])
                for k, v in one["denoiser"].items())  # the 3 steps did train
 
