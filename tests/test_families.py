@@ -2,7 +2,7 @@
 registered later, which needs only a tiny config builder in conftest.FAMILY_CONFIGS):
 
 * prefill + extends (1 token and blocks) == the full forward; left-padded rows == rows alone;
-* the all-blocks training forward == per-block inference;
+* the all-blocks training forward == per-block inference; its logits (all, or at a mask) == the full forward;
 * every decoder in twotower.decoding runs, rows do not depend on their batch, and Speculative ==
   Autoregressive; the two-device mirror gives the same tokens;
 * save_pretrained / from_pretrained round trip, with either time conditioning (by class_path).
@@ -85,6 +85,23 @@ def test_training_forward_equals_per_block_inference(pair):
         for k in range(nB):
             cache = ctx.empty_cache(2) if k == 0 else ctx.prefill(x[:, : k * S])[1]
             assert_close(logits[:, k * S: (k + 1) * S], den.forward_block(noisy[:, k * S: (k + 1) * S], cache, t[:, k]))
+
+
+def test_training_forward_logits_at_a_mask_are_the_full_forwards_there(pair):
+    ctx, _ = pair
+    S = 4
+    x = torch.randint(4, 64, (2, 3 * S))
+    where = torch.rand(x.shape, generator=torch.Generator().manual_seed(0)) < 0.4
+    with torch.inference_mode():
+        full = ctx(x)
+        every, _ = ctx.forward_train(x, S, return_logits=True)
+        picked, _ = ctx.forward_train(x, S, return_logits=where)
+        assert ctx.forward_train(x, S)[0] is None
+    assert picked.shape == (int(where.sum()), full.shape[-1])
+    assert_close(every, full)
+    assert_close(picked, full[where])
+    with pytest.raises(ValueError, match="bool mask"):
+        ctx.forward_train(x, S, return_logits=where[:, :-1])
 
 
 @pytest.mark.parametrize("cls", all_decoders(), ids=lambda c: c.__name__)

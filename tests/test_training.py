@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from twotower.towers.context import ContextTower
+from twotower.objectives import HardLabelCE
 from twotower.training import ARPretraining, DenoiserFineTuning
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -191,3 +192,131 @@ def test_full_mask_mix_masks_every_maskable_position_of_a_shifted_block(backbone
     out = module.forward_loss(x, generator=torch.Generator().manual_seed(0))
     assert int(out["masked"]) == 3 * 4 * 7  # every position but each block's first (the context tower's)
     assert torch.isfinite(out["loss"])
+
+
+# ---- draft-quality objectives (twotower.objectives) ----------------------------------------------
+
+class _Recording(HardLabelCE):
+    """HardLabelCE through the plug-in path, keeping what it was given."""
+
+    needs_teacher = True
+
+    def loss(self, logits, target, teacher=None):
+        self.seen = (logits.detach(), target, teacher)
+        return super().loss(logits, target, teacher)
+
+
+def test_ar_distillation_targets_are_the_context_towers_full_forward_at_the_previous_position(backbone_dir):
+    module = DenoiserFineTuning(str(backbone_dir), block_size=8, shifted=True, objective=_Recording())
+    x = torch.randint(4, 260, (3, 32), generator=torch.Generator().manual_seed(1))
+    loss_mask = torch.arange(32)[None] >= torch.tensor([[8], [16], [8]])
+    out = module.forward_loss(x, loss_mask=loss_mask, generator=torch.Generator().manual_seed(0))
+    logits, target, teacher = module.objective.seen
+    # The same draws again give the masked positions; the reference is a separate full causal forward.
+    _, _, masked, _ = module._noise(x, torch.Generator().manual_seed(0))
+    masked &= loss_mask
+    rows, cols = masked.nonzero(as_tuple=True)
+    assert bool((cols % 8 != 0).all()) and int(out["masked"]) == rows.numel() > 0
+    with torch.no_grad():
+        full = module.context(x)  # (B, L, V): logits at p predict the token at p + 1
+    torch.testing.assert_close(teacher, full[rows, cols - 1], rtol=1e-5, atol=1e-5)
+    assert torch.equal(target, x[rows, cols])
+    assert logits.shape == teacher.shape
+
+
+def test_ar_distillation_loss_values():
+    from twotower.objectives import ARDistillation
+
+    g = torch.Generator().manual_seed(0)
+    student, teacher = torch.randn(5, 11, generator=g) * 3, torch.randn(5, 11, generator=g) * 3
+    target = torch.randint(0, 11, (5,), generator=g)
+    # Zero exactly where the denoiser's distribution is the AR model's (a constant shift of the logits too).
+    assert ARDistillation(temperature=1.7).loss(teacher + 2.0, target, teacher).abs().max() < 1e-5
+    for T in (1.0, 2.0):
+        ref = torch.tensor([sum(float(torch.softmax(teacher[i] / T, -1)[v]) * (float(torch.log_softmax(teacher[i] / T, -1)[v])
+                                                                            - float(torch.log_softmax(student[i] / T, -1)[v]))
+                                for v in range(11)) * T * T for i in range(5)])
+        got = ARDistillation(temperature=T).loss(student, target, teacher)
+        torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-6)
+        assert bool((got > 0).all())
+        ce = torch.nn.functional.cross_entropy(student, target, reduction="none")
+        torch.testing.assert_close(ARDistillation(T, hard_weight=0.25).loss(student, target, teacher), 0.75 * ref + 0.25 * ce,
+                                   rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(ARDistillation(T, hard_weight=1.0).loss(student, target, teacher), ce)
+    with pytest.raises(ValueError, match="needs the AR model's logits"):
+        ARDistillation().loss(student, target, None)
+    for bad in (dict(temperature=0.0), dict(hard_weight=1.5)):
+        with pytest.raises(ValueError, match=next(iter(bad))):
+            ARDistillation(**bad)
+
+
+def test_position_weights_exact_values():
+    from twotower.objectives import GeometricPositions, UniformPositions
+
+    w = GeometricPositions(gamma=0.5).weights(5, shifted=True)
+    raw = torch.tensor([1.0, 0.5, 0.25, 0.125])
+    torch.testing.assert_close(w, torch.cat([torch.zeros(1), raw * 4 / raw.sum()]))
+    w = GeometricPositions(gamma=0.5).weights(4, shifted=False)
+    torch.testing.assert_close(w, raw * 4 / raw.sum())
+    assert torch.equal(UniformPositions().weights(4, shifted=True), torch.tensor([0.0, 1.0, 1.0, 1.0]))
+    assert torch.equal(GeometricPositions(gamma=1.0).weights(4, shifted=False), torch.ones(4))
+    with pytest.raises(ValueError, match="gamma"):
+        GeometricPositions(gamma=0.0)
+
+
+@pytest.mark.parametrize("weighting", ["none", "nelbo"])
+def test_uniform_positions_and_hard_labels_leave_the_loss_unchanged_and_geometric_weights_it(backbone_dir, weighting):
+    from twotower.objectives import GeometricPositions, UniformPositions
+
+    kw = dict(block_size=8, shifted=True, loss_weighting=weighting)
+    x = torch.randint(4, 260, (2, 32), generator=torch.Generator().manual_seed(2))
+
+    def run(**more):
+        torch.manual_seed(0)  # the same denoiser weights (its time modules are drawn at construction)
+        module = DenoiserFineTuning(str(backbone_dir), **kw, **more)
+        return module, module.forward_loss(x, generator=torch.Generator().manual_seed(3))
+
+    _, old = run()
+    _, same = run(objective=HardLabelCE(), position_weighting=UniformPositions())
+    assert torch.equal(old["loss"], same["loss"]) and torch.equal(old["ce_sum"], same["ce_sum"])
+    module, geo = run(objective=_Recording(), position_weighting=GeometricPositions(gamma=0.6))
+    ce = torch.nn.functional.cross_entropy(*module.objective.seen[:2], reduction="none")
+    t, _, masked, t_act = module._noise(x, torch.Generator().manual_seed(3))
+    pos = masked.nonzero(as_tuple=True)[1] % 8
+    w = torch.tensor([0.6 ** (k - 1) for k in range(1, 8)])
+    w = torch.cat([torch.zeros(1), w * 7 / w.sum()])[pos]
+    if weighting == "none":
+        expected = (w * ce).sum() / masked.sum()
+    else:
+        expected = (w * ce / t_act.repeat_interleave(8, dim=1)[masked]).sum() / x.numel()
+    torch.testing.assert_close(geo["loss"], expected, rtol=1e-5, atol=1e-6)
+    assert torch.equal(geo["ce_sum"], old["ce_sum"])  # the reported CE stays the unweighted one
+    assert not torch.isclose(geo["loss"], old["loss"])
+
+
+def test_distillation_needs_shifted_and_plug_ins_are_checked(backbone_dir):
+    from twotower.objectives import ARDistillation
+
+    with pytest.raises(ValueError, match="shifted: true"):
+        DenoiserFineTuning(str(backbone_dir), block_size=8, objective=ARDistillation())
+    with pytest.raises(TypeError, match="TokenObjective"):
+        DenoiserFineTuning(str(backbone_dir), block_size=8, objective="kl")
+    with pytest.raises(TypeError, match="PositionWeighting"):
+        DenoiserFineTuning(str(backbone_dir), block_size=8, position_weighting=0.9)
+
+
+def test_ar_distillation_trains_towards_the_ar_distribution(backbone_dir):
+    from twotower.objectives import ARDistillation
+
+    torch.manual_seed(0)
+    module = DenoiserFineTuning(str(backbone_dir), block_size=8, shifted=True, objective=ARDistillation(temperature=2.0))
+    x = torch.randint(4, 260, (2, 32), generator=torch.Generator().manual_seed(0))
+    opt = torch.optim.Adam(list(module.denoiser.parameters()), lr=3e-3)
+    losses = []
+    for _ in range(40):
+        loss = module.forward_loss(x, generator=torch.Generator().manual_seed(0))["loss"]
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(float(loss.detach()))
+    assert losses[-1] < 0.3 * losses[0], (losses[0], losses[-1])

@@ -4,7 +4,8 @@
 never change) and runs once per batch over the clean sequences, exporting K,V of every position and
 Mamba states at every block boundary; the denoiser runs over all noisy blocks at once. Loss is the
 masked-diffusion NELBO: cross-entropy on masked positions weighted by 1 / (fraction of the block
-actually masked), summed and averaged over all tokens. Training checkpoints hold only the
+actually masked), summed and averaged over all tokens. What a position is scored against (the clean
+token, or the AR model's softmax) and per-block-position weights are plug-ins (`twotower.objectives`). Training checkpoints hold only the
 trainable side; the frozen tower is referenced by its path.
 
 `ARPretraining` (in `twotower.pretraining`, re-exported here): next-token training of a small
@@ -18,6 +19,7 @@ Lightning's `ModelParallelStrategy` can shard them as they are made.
 from __future__ import annotations
 
 import json
+from functools import partial
 from pathlib import Path
 
 import lightning as L
@@ -26,6 +28,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torchmetrics import SumMetric
 
+from .objectives import HardLabelCE, PositionWeighting, TokenObjective, UniformPositions
 from .schedules import LinearSchedule, NoiseSchedule, TimeSampler, UniformTime, mask_blocks
 from .optim import check_positive, adamw_with_schedule, warmup_cosine  # noqa: F401  (warmup_cosine: re-exported)
 from .pretraining import ARPretraining, init_weights, tiny_nemotron_config  # noqa: F401  (re-exported)
@@ -49,6 +52,13 @@ class DenoiserFineTuning(L.LightningModule):
         exact_mask_count: mask exactly max(1, round(p S)) positions per block instead of i.i.d.
         loss_weighting: "nelbo" (1 / realised mask fraction: the any-order NELBO, weight <= S),
             "schedule" (the schedule's continuous-time weight at the sampled t) or "none" (plain CE).
+        objective: what each masked position is scored against, by class_path (a
+            `twotower.objectives.TokenObjective`; None: `HardLabelCE`, the clean token). `ARDistillation`
+            distils the frozen AR model's softmax at the same position (needs shifted=True).
+        position_weighting: per-block-position loss weights, by class_path (a
+            `twotower.objectives.PositionWeighting`, mean 1 over the maskable positions; None:
+            `UniformPositions`, the unweighted loss). `GeometricPositions` favours early positions,
+            the prefix a speculative draft gets accepted.
         time_init: "identity" (the denoiser starts as the AR model) or "pixart" (AdaLNSingle's init).
         time_conditioning: the time conditioning by class_path, {"class_path": ..., "init_args": {...}}
             (a `twotower.time_embedding.TimeConditioning`; None: AdaLNSingle(init=time_init)).
@@ -82,7 +92,8 @@ class DenoiserFineTuning(L.LightningModule):
                  lr: float = 1e-3, weight_decay: float = 0.0, betas: tuple[float, float] = (0.9, 0.95),
                  warmup_steps: int = 50, min_lr_ratio: float = 0.1, val_seed: int = 1234,
                  init_from: str | None = None, shifted: bool = False, time_conditioning: dict | None = None,
-                 context_sharding: str = "replicate", activation_checkpointing: bool = False, noise_seed: int = 0):
+                 context_sharding: str = "replicate", activation_checkpointing: bool = False, noise_seed: int = 0,
+                 objective: TokenObjective | None = None, position_weighting: PositionWeighting | None = None):
         super().__init__()
         if loss_weighting not in ("nelbo", "schedule", "none"):
             raise ValueError(f"loss_weighting must be 'nelbo', 'schedule' or 'none', got {loss_weighting!r}")
@@ -96,6 +107,21 @@ class DenoiserFineTuning(L.LightningModule):
             raise ValueError(f"context_sharding must be 'replicate' or 'shard', got {context_sharding!r}")
         self.schedule = schedule or LinearSchedule()
         self.time_sampler = time_sampler or UniformTime()
+        self.objective = objective or HardLabelCE()
+        if not isinstance(self.objective, TokenObjective):
+            raise TypeError(f"objective must be a twotower.objectives.TokenObjective (e.g. HardLabelCE, ARDistillation), "
+                            f"got {type(self.objective).__name__}")
+        if self.objective.needs_teacher and not shifted:
+            raise ValueError(f"objective {self.objective!r} distils the AR model's next-token distribution, which is "
+                             "where a denoiser reads its tokens only with shifted=True; set shifted: true")
+        position_weighting = position_weighting or UniformPositions()
+        if not isinstance(position_weighting, PositionWeighting):
+            raise TypeError(f"position_weighting must be a twotower.objectives.PositionWeighting (e.g. UniformPositions, "
+                            f"GeometricPositions), got {type(position_weighting).__name__}")
+        self.position_weighting = position_weighting
+        # (S,) weights; a plain attribute, not a buffer: checkpoints of earlier runs stay loadable.
+        self._position_w = position_weighting.weights(block_size, shifted=shifted)
+        self._uniform_positions = bool((self._position_w[1 if shifted else 0:] == 1).all())
         path = Path(backbone)
         if not (path / "config.json").exists():
             raise FileNotFoundError(f"backbone checkpoint not found: {path / 'config.json'} "
@@ -197,8 +223,6 @@ class DenoiserFineTuning(L.LightningModule):
                              f"set the data module's seq_len to a multiple of {S}")
         if loss_mask is not None and loss_mask.shape != x.shape:
             raise ValueError(f"loss_mask has shape {tuple(loss_mask.shape)} but the batch {tuple(x.shape)}")
-        with torch.no_grad():
-            _, states = run_block(self.context, self.context.forward_train, x, S)
         if sample_seeds is None:
             t, noisy, masked, t_act = self._noise(x, generator)
         else:
@@ -209,6 +233,11 @@ class DenoiserFineTuning(L.LightningModule):
             t, noisy, masked, t_act = (torch.cat(part) for part in zip(*rows))
         if loss_mask is not None:
             masked = masked & loss_mask.bool()
+        # The AR model's logits for the token at p are the context tower's at p - 1 (never across a row:
+        # shifted training never masks a block's first position); only they pay for the head.
+        teacher_at = masked.roll(-1, dims=1) if self.objective.needs_teacher else False
+        with torch.no_grad():
+            teacher, states = run_block(self.context, partial(self.context.forward_train, return_logits=teacher_at), x, S)
 
         def denoise(noisy, t_act, masked):  # one call of the denoiser (one FSDP2 root forward)
             hidden = self.denoiser.forward_train(noisy, states, t_act, return_hidden=True)
@@ -218,17 +247,21 @@ class DenoiserFineTuning(L.LightningModule):
 
         logits = run_block(self.denoiser, denoise, noisy, t_act.to(self.denoiser.lm_head.weight.dtype), masked)
         target = x[masked]
-        ce = F.cross_entropy(logits, target, reduction="none")
+        ce = F.cross_entropy(logits, target, reduction="none")  # reported whatever the objective
+        per_token = ce if type(self.objective) is HardLabelCE else self.objective.loss(logits, target, teacher)
+        if not self._uniform_positions:  # uniform weights leave the loss untouched, bit for bit
+            pos_w = self._position_w.to(x.device).repeat(x.shape[1] // S)
+            per_token = per_token * pos_w.expand_as(masked)[masked]
         nelbo_w = (1.0 / t_act).repeat_interleave(S, dim=1)[masked]  # reported whatever the objective
         # A tensor, not an int: reading the mask's count back would sync the device on every step.
         n_tokens = torch.tensor(x.numel(), device=x.device) if loss_mask is None else loss_mask.sum()
         weighting = self.hparams.loss_weighting
         norm = self._across_ranks if across_ranks else (lambda n: n)
         if weighting == "none":
-            loss = ce.sum() / norm(masked.sum()).clamp(min=1)
+            loss = per_token.sum() / norm(masked.sum()).clamp(min=1)
         else:
             w = nelbo_w if weighting == "nelbo" else self.schedule.loss_weight(t).repeat_interleave(S, dim=1)[masked]
-            loss = (w * ce).sum() / norm(n_tokens).clamp(min=1)
+            loss = (w * per_token).sum() / norm(n_tokens).clamp(min=1)
         return {"loss": loss, "nelbo_sum": (nelbo_w * ce).sum().detach(), "ce_sum": ce.sum().detach(),
                 "correct": (logits.argmax(-1) == target).sum(), "masked": masked.sum(), "tokens": n_tokens}
 

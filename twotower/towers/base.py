@@ -36,6 +36,16 @@ __all__ = ["ContextTowerBase", "DenoiserTowerBase", "TowerFamily", "register_fam
 BLOCK_RUNNER = "twotower_run"
 
 
+def at_positions(hidden: Tensor, where: bool | Tensor) -> Tensor:
+    """hidden (B, L, H) -> itself for where=True, or hidden[where] (N, H) for a (B, L) bool mask."""
+    if isinstance(where, Tensor):
+        if where.dtype != torch.bool or where.shape != hidden.shape[:2]:
+            raise ValueError(f"return_logits must be a bool or a (B, L) = {tuple(hidden.shape[:2])} bool mask, "
+                             f"got a {where.dtype} tensor of shape {tuple(where.shape)}")
+        return hidden[where]
+    return hidden
+
+
 def run_block(module: nn.Module, step, *args):
     """Run `step(*args)` as one call of `module` (a block, or a whole tower).
 
@@ -96,11 +106,12 @@ class ContextTowerBase(nn.Module, abc.ABC):
         """A cache for `batch` rows holding no position yet (an empty prompt)."""
 
     @abc.abstractmethod
-    def forward_train(self, input_ids: Tensor, block_size: int, *, return_logits: bool = False):
+    def forward_train(self, input_ids: Tensor, block_size: int, *, return_logits: bool | Tensor = False):
         """One causal pass over clean sequences (B, L), L a multiple of `block_size`.
 
-        Returns (logits (B, L, V) or None, states): `states` is whatever this family's denoiser
-        `forward_train` needs to denoise every block k at once as if it had the cache of
+        Returns (logits or None, states). Logits are (B, L, V) for return_logits=True, or (N, V) at the
+        N True positions (row-major, as `x[mask]`) of a (B, L) bool return_logits: only those positions
+        pay for the head (`at_positions`). `states` is whatever this family's denoiser `forward_train` needs to denoise every block k at once as if it had the cache of
         input_ids[:, :kS] (attention K,V of all positions, recurrent states at block entries, ...),
         with a `block_size` attribute.
         """

@@ -24,7 +24,7 @@ import torch.nn as nn
 from torch import Tensor
 
 from ..caches import HybridCache, PendingBlock
-from .base import ContextTowerBase, run_block
+from .base import ContextTowerBase, at_positions, run_block
 from .layers import ATTENTION, MAMBA, HybridBackbone
 from .ssd import conv_boundary_states, conv_state_at, ssd_state_at
 
@@ -200,7 +200,7 @@ class ContextTower(ContextTowerBase):
         return self.backbone.norm_f(x)
 
     # ---- training-time export -----------------------------------------------------------------
-    def forward_train(self, input_ids: Tensor, block_size: int, *, return_logits: bool = False):
+    def forward_train(self, input_ids: Tensor, block_size: int, *, return_logits: bool | Tensor = False):
         """One causal pass over clean sequences (b, L), L a multiple of block_size.
 
         Returns (logits or None, ContextStates). The Mamba scan runs with chunk size = block_size,
@@ -232,7 +232,7 @@ class ContextTower(ContextTowerBase):
 
         for i, blk in enumerate(self.backbone.layers):
             x = run_block(blk, partial(step, i, blk), x)
-        logits = self.lm_head(self.backbone.norm_f(x)).float() if return_logits else None
+        logits = None if return_logits is False else self.lm_head(self.backbone.norm_f(at_positions(x, return_logits))).float()
         return logits, ContextStates(keys, values, conv, ssm, block_size)
 
 

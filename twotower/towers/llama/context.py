@@ -22,7 +22,7 @@ import torch.nn as nn
 from torch import Tensor
 
 from ...caches import KVCache, PendingBlock
-from ..base import ContextTowerBase, run_block
+from ..base import ContextTowerBase, at_positions, run_block
 from ..context import ContextStates, check_ids, validity, causal_mask
 from .layers import LlamaBackbone
 
@@ -126,7 +126,7 @@ class LlamaContextTower(ContextTowerBase):
         return self.backbone.norm(x)
 
     # ---- training-time export -----------------------------------------------------------------
-    def forward_train(self, input_ids: Tensor, block_size: int, *, return_logits: bool = False):
+    def forward_train(self, input_ids: Tensor, block_size: int, *, return_logits: bool | Tensor = False):
         """One causal pass over clean sequences (b, L), L a multiple of block_size.
 
         Returns (logits or None, ContextStates) with every layer's rotated keys and values
@@ -150,5 +150,5 @@ class LlamaContextTower(ContextTowerBase):
 
         for i, blk in enumerate(self.backbone.layers):
             x = run_block(blk, partial(step, i, blk), x)
-        logits = self.lm_head(self.backbone.norm(x)).float() if return_logits else None
+        logits = None if return_logits is False else self.lm_head(self.backbone.norm(at_positions(x, return_logits))).float()
         return logits, ContextStates(keys, values, [None] * n_layers, [None] * n_layers, block_size)
