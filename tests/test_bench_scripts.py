@@ -1,0 +1,72 @@
+"""benchmarks/'s stand-alone scripts (spec_cost.py, draft_quality.py, draft_diagnostics.py) run end to end
+on the embedded default with a few short prompts, and what they report agrees with the decoders run
+directly. (bench.py has its own smoke run in test_bench.py.)"""
+
+from __future__ import annotations
+
+import json
+import re
+import sys
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:  # benchmarks/ is a folder of the repository, not an installed package
+    sys.path.insert(0, str(REPO))
+
+from benchmarks import draft_diagnostics, draft_quality, spec_cost, workload  # noqa: E402
+from twotower import ByteTokenizer, TwoTowerLM  # noqa: E402
+from twotower.decoding import Speculative  # noqa: E402
+
+MODEL = str(REPO / "twotower" / "assets" / "twotower")
+SHORT = ["--prompts", "3", "--prompt-len", "32", "--max-new-tokens", "16"]
+
+
+def _windows(seed: int) -> torch.Tensor:
+    tok = ByteTokenizer()
+    docs, _ = workload.heldout_token_docs(False, tok)
+    return torch.tensor([w.ids for w in workload.select_windows(docs, 3, 32, 16, bos_id=tok.bos_token_id,
+                                                                seed=seed)])
+
+
+def test_draft_quality_matches_the_decoders(tmp_path):
+    out = tmp_path / "dq.json"
+    assert draft_quality.main([MODEL, *SHORT, "--seeds", "0", "1", "--batch", "2", "--out", str(out)]) == 0
+    res = json.loads(out.read_text())
+    summary = res["summary"][MODEL]
+    assert summary["spec_equals_ar_every_seed"] is True
+    model = TwoTowerLM.from_pretrained(MODEL).eval()
+    for seed in (0, 1):
+        got = res["seeds"][str(seed)]["models"][MODEL]
+        direct = Speculative(block_size=16).generate(model, _windows(seed), None, max_new_tokens=16,
+                                                     eos_token_id=None)
+        assert got["spec_tokens_per_iter"] == direct.new_tokens.numel() / int(direct.nfe.sum())
+        assert 0.0 <= got["diff_agreement"] <= 1.0 and got["diff_tokens_per_nfe"] >= 1.0
+    mean = summary["spec_tokens_per_iter"]["mean"]
+    assert mean == sum(summary["spec_tokens_per_iter"]["values"]) / 2
+
+
+def test_spec_cost_prints_the_split_and_lossless_levers(capsys):
+    spec_cost.main(["--model", MODEL, *SHORT, "--seeds", "0", "--batch-sizes", "1,2", "--rounds", "1",
+                    "--levers", "batch_block_size=8,grouped MoE past 24 tokens"])
+    text = capsys.readouterr().out
+    assert text.count("## seed 0, batch") == 2
+    for table in text.split("## seed 0, batch")[1:]:
+        rows = dict(re.findall(r"^\| ([a-z ()]+) \| ([\d.]+) \(", table, flags=re.M))
+        assert set(rows) == {"draft forward", "verify extend", "accept (rollback)", "tracker commit",
+                             "rest of the loop", "iteration"}, table
+        parts = sum(float(v) for k, v in rows.items() if k != "iteration")
+        assert abs(parts - float(rows["iteration"])) <= 0.03  # the parts add up to the iteration (2-decimal rounding)
+    rows = re.findall(r"^\| (batch_block_size=8|grouped MoE past 24 tokens) .*\| (True|False) \|$", text, flags=re.M)
+    assert len(rows) == 4 and all(identical == "True" for _, identical in rows), text
+
+
+def test_draft_diagnostics_counts_the_loop(capsys):
+    assert draft_diagnostics.main([MODEL, *SHORT, "--seed", "0"]) == 0
+    line = capsys.readouterr().out.strip().splitlines()[-1]
+    loop = re.search(r"loop: (\d+) iterations keep ([\d.]+)", line)
+    assert loop, line
+    assert int(loop.group(1)) >= 3 and 1.0 <= float(loop.group(2)) <= 16.0
+    prefix = float(re.search(r"teacher-forced accepted prefix ([\d.]+)", line).group(1))
+    assert 0.0 <= prefix <= 15.0
