@@ -323,3 +323,39 @@ def test_scheduler_serves_a_llama_family_model(tmp_path):
     assert sched.peak >= 2  # rows really shared a batch
     for b, j in zip(bodies, jobs):
         assert j.error is None and j.text == alone(srv, b), b
+
+
+def test_scheduler_honours_a_speculative_subclass_keep_rule(tmp_path):
+    """The stepper drafts through `Speculative.draft` and keeps through the decoder's own `kept`, so a
+    subclass with another keep rule (`TolerantSpeculative`, not lossless) is served as it decodes
+    alone, and rows of different rules never share a verify (`rule_key` is part of the batch key)."""
+    import dataclasses
+
+    from twotower.decoding import Speculative, TolerantSpeculative, Towers
+    from twotower.model import TwoTowerLM
+    from twotower.serving.scheduler import Job, Scheduler
+
+    model = TwoTowerLM.from_pretrained(save_tiny_twotower(tmp_path / "tt")).eval()
+    srv = SimpleNamespace(model=model, settings=ServeSettings(max_tokens=16))
+    prompts = ["ab", "x = 1\n", "hello", "0123"]
+    decoders = [TolerantSpeculative(0.05, block_size=8), Speculative(block_size=8)] * 2
+    reqs = [dataclasses.replace(parse_completion({"prompt": p, "max_tokens": 12}, srv.settings, TOK, context_limit=512,
+                                                 model_block_size=8), decoder=d) for p, d in zip(prompts, decoders)]
+    sched = Scheduler(Towers.of(model), max_batch=4)
+    sched.start()
+    try:
+        jobs = [sched.submit(Job(r, TOK, [TOK.eos_token_id])) for r in reqs]
+        deadline = time.time() + 120
+        while not all(j.over for j in jobs):
+            assert time.time() < deadline
+            time.sleep(0.02)
+    finally:
+        sched.stop()
+    differs = False
+    for r, j in zip(reqs, jobs):
+        out = r.decoder.generate(model, torch.tensor([r.prompt_ids]), max_new_tokens=12, eos_token_id=TOK.eos_token_id)
+        assert j.error is None and j.text == TOK.decode(out.new_tokens[0, : int(out.num_generated[0])].tolist())
+        strict = Speculative(block_size=8).generate(model, torch.tensor([r.prompt_ids]), max_new_tokens=12,
+                                                    eos_token_id=TOK.eos_token_id)
+        differs |= not torch.equal(out.new_tokens, strict.new_tokens)
+    assert differs, "the tolerant rule never kept another token here: the test cannot tell the rules apart"

@@ -31,9 +31,9 @@ def test_kept_prefix_on_hand_made_distributions():
     x = torch.tensor([[7, 1, 0, 2], [7, 1, 2, 3], [7, 4, 0, 0]])
     logits = logits_of(probs)
     ar = logits.argmax(-1)
-    assert dec._kept(logits, ar, x).tolist() == [2, 4, 1]
+    assert dec.kept(logits, ar, x).tolist() == [2, 4, 1]
     # Tolerance 1: only the context tower's own tokens pass (Speculative's rule).
-    assert TolerantSpeculative(tolerance=1.0)._kept(logits, ar, x).tolist() == [1, 2, 1]
+    assert TolerantSpeculative(tolerance=1.0).kept(logits, ar, x).tolist() == [1, 2, 1]
 
 
 @pytest.mark.parametrize("shifted", [False, True])

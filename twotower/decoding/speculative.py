@@ -131,7 +131,29 @@ class Speculative(Decoder):
             raise ValueError(f"speculative decoding needs block_size >= 2 (position 0 is the context tower's own "
                              f"token), got the model's block_size {call.block_size}; pass Speculative(block_size=16)")
 
-    def _kept(self, logits: Tensor, ar: Tensor, x: Tensor) -> Tensor:
+    def draft(self, denoiser, cache, n: int, *, first: Tensor, shift: bool, mask_token_id: int, tracker,
+              rows: Tensor, block_index: int, step_callback=None, cut: float = 0.0) -> tuple[Tensor, Tensor | None]:
+        """The denoiser's draft x (R, n), x[:, 0] = first, and each row's draft length (None: all n).
+
+        One greedy step (`draft_one_step`, which alone honours `cut`) or `draft_steps` steps of
+        `denoise_block` with this decoder's sampler. The decode loop and the server's stepper both
+        draft through here. tracker: a `RowTracker`, or anything with its `count_forward`.
+        """
+        if self.draft_steps == 1:
+            return draft_one_step(denoiser, cache, n, first=first, shift=shift, mask_token_id=mask_token_id,
+                                  tracker=tracker, rows=rows, block_index=block_index, step_callback=step_callback,
+                                  cut=cut)
+        x = denoise_block(denoiser, cache, n, sampler=self.sampler, steps=self.draft_steps,
+                          mask_token_id=mask_token_id, chooser=_GREEDY, generator=None, tracker=tracker, rows=rows,
+                          block_index=block_index, step_callback=step_callback, first=first, shift=shift,
+                          fill_last=True)
+        return x, None
+
+    def rule_key(self) -> tuple:
+        """What, besides the draft settings, must agree among rows verified together (the keep rule)."""
+        return (type(self).__qualname__,)
+
+    def kept(self, logits: Tensor, ar: Tensor, x: Tensor) -> Tensor:
         """(R,) long: how many tokens of the draft x (R, n) each row keeps, 1 to n.
 
         1 (the context tower's own first token) + the leading i >= 1 with x[:, i] == ar[:, i - 1],
@@ -155,24 +177,16 @@ class Speculative(Decoder):
         n_full, n_batch = n, n if self.batch_block_size is None else min(n, self.batch_block_size)
         while True:
             n = n_batch if rows.numel() > 1 else n_full
-            if self.draft_steps == 1:
-                x, width = draft_one_step(denoiser, den_cache, n, first=nxt.to(den_device), shift=call.shifted,
-                                          mask_token_id=call.mask_token_id, tracker=tracker, rows=rows,
-                                          block_index=iterations, step_callback=call.step_callback, cut=cut)
-            else:
-                x = denoise_block(denoiser, den_cache, n, sampler=self.sampler, steps=self.draft_steps,
-                                  mask_token_id=call.mask_token_id, chooser=_GREEDY, generator=None,
-                                  tracker=tracker, rows=rows, block_index=iterations,
-                                  step_callback=call.step_callback, first=nxt.to(den_device), shift=call.shifted,
-                                  fill_last=True)
-                width = None
+            x, width = self.draft(denoiser, den_cache, n, first=nxt.to(den_device), shift=call.shifted,
+                                  mask_token_id=call.mask_token_id, tracker=tracker, rows=rows,
+                                  block_index=iterations, step_callback=call.step_callback, cut=cut)
             x = x.to(ctx_device)
             if width is not None:  # row r drafted width[r] positions; verify the longest of them
                 width = width.to(ctx_device)
                 x = x[:, : int(width.max())]
             logits = context.extend(cache, x, logits="all", provisional=True)  # (R, m, V)
             ar = self.chooser(logits, call.generator)  # ar[:, i]: the context tower's token after x[:, :i + 1]
-            keep = self._kept(logits, ar, x)
+            keep = self.kept(logits, ar, x)
             if width is not None:
                 keep = torch.minimum(keep, width)  # a row keeps nothing past its own draft
             context.accept(cache, keep)

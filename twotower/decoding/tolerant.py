@@ -57,7 +57,10 @@ class TolerantSpeculative(Speculative):
     def extra_repr(self) -> str:
         return f"tolerance={self.tolerance}, {super().extra_repr()}"
 
-    def _kept(self, logits: Tensor, ar: Tensor, x: Tensor) -> Tensor:
+    def rule_key(self) -> tuple:
+        return super().rule_key() + (self.tolerance,)
+
+    def kept(self, logits: Tensor, ar: Tensor, x: Tensor) -> Tensor:
         probs = logits[:, :-1].float().softmax(-1)  # (R, n - 1, V): the distributions of x[:, 1:]
         drafted = probs.gather(-1, x[:, 1:, None]).squeeze(-1)
         passes = (x[:, 1:] == ar[:, :-1]) | (drafted >= self.tolerance * probs.amax(-1))

@@ -32,7 +32,14 @@ import abc
 import torch
 from torch import Tensor
 
-__all__ = ["Sampler", "commit_top_n", "check_float"]
+__all__ = ["Sampler", "commit_top_n", "check_float", "pace"]
+
+
+def pace(masked: Tensor, step: int, steps_per_block: int) -> Tensor:
+    """(B,) long: ceil(m / steps_left), the fewest commits per row that still empty the block's m
+    masked positions within the steps left (step is 0-based)."""
+    steps_left = steps_per_block - step
+    return (masked.sum(-1) + steps_left - 1) // steps_left  # ceil on integers
 
 
 def commit_top_n(confidence: Tensor, masked: Tensor, n: Tensor | int) -> Tensor:

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from twotower.samplers.base import Sampler, check_float, commit_top_n
+from twotower.samplers.base import Sampler, check_float, commit_top_n, pace
 
 __all__ = ["ConfidenceThreshold"]
 
@@ -43,10 +43,7 @@ class ConfidenceThreshold(Sampler):
         logits: Tensor | None = None,
     ) -> Tensor:
         """(B, S) bool: the ``n[b]`` most confident masked positions of each row."""
-        m = masked.sum(-1)  # (B,)
         above = ((confidence > self.threshold) & masked).sum(-1)
-        steps_left = steps_per_block - step
-        pace = (m + steps_left - 1) // steps_left  # ceil(m / steps_left) on integers
-        n = above.clamp(min=1).maximum(pace)
+        n = above.clamp(min=1).maximum(pace(masked, step, steps_per_block))
         return commit_top_n(confidence, masked, n)  # caps n at m
 

@@ -31,7 +31,7 @@ import math
 import torch
 from torch import Tensor
 
-from twotower.samplers.base import Sampler, check_float
+from twotower.samplers.base import Sampler, check_float, pace
 
 __all__ = ["FrontierRun"]
 
@@ -65,9 +65,6 @@ class FrontierRun(Sampler):
         log_conf = torch.where(masked, confidence.float().clamp(min=0.0).log(), 0.0)
         in_run = (log_conf.cumsum(-1) > math.log(self.min_joint)).long().cumprod(-1).bool()
         run = (in_run & masked).sum(-1)
-        m = masked.sum(-1)
-        steps_left = steps_per_block - step
-        pace = (m + steps_left - 1) // steps_left  # ceil(m / steps_left) on integers
-        n = run.clamp(min=1).maximum(pace)
+        n = run.clamp(min=1).maximum(pace(masked, step, steps_per_block))
         # The n leftmost masked positions: the running count of masks is 1 .. n there.
         return masked & (masked.long().cumsum(-1) <= n[:, None])

@@ -25,12 +25,10 @@ import torch
 from torch import Tensor
 
 from ..caches import HybridCache
-from ..decoding import (Autoregressive, Decoder, MaskDiffusion, Speculative, TokenChooser, Towers, denoise_block,
-                        draft_one_step)
+from ..decoding import Autoregressive, Decoder, MaskDiffusion, Speculative, Towers, denoise_block
 
 __all__ = ["Stepper", "ARStepper", "SpeculativeStepper", "DiffusionStepper", "RowChoice", "stepper_for"]
 
-_GREEDY = TokenChooser()
 
 
 class RowChoice:
@@ -205,7 +203,8 @@ class SpeculativeStepper(Stepper):
 
     @classmethod
     def key(cls, decoder, towers):
-        return (cls.__name__, decoder.block_size_for(towers), decoder.draft_steps, repr(decoder.sampler))
+        return (cls.__name__, decoder.block_size_for(towers), decoder.draft_steps, repr(decoder.sampler),
+                decoder.rule_key())
 
     def _prefill(self, job):
         ids = self._prompt(job)
@@ -215,24 +214,18 @@ class SpeculativeStepper(Stepper):
         return cache, job.decoder.chooser(logits[:, -1], job.generator)
 
     def draft(self) -> Tensor:
-        dec, towers, n = self.decoder, self.towers, self.decoder.block_size_for(self.towers)
+        towers, n = self.towers, self.decoder.block_size_for(self.towers)
         den = self.den_cache()
-        if dec.draft_steps == 1:  # denoise_block's tokens and NFE counts, without its host syncs
-            return draft_one_step(towers.denoiser, den, n, first=self.state.to(den.device), shift=towers.shifted,
+        return self.decoder.draft(towers.denoiser, den, n, first=self.state.to(den.device), shift=towers.shifted,
                                   mask_token_id=towers.mask_token_id, tracker=_Counter(self.jobs),
                                   rows=torch.arange(len(self.jobs)), block_index=self.iterations)[0]
-        return denoise_block(towers.denoiser, den, n, sampler=dec.sampler, steps=dec.draft_steps,
-                             mask_token_id=towers.mask_token_id, chooser=_GREEDY, generator=None,
-                             tracker=_Counter(self.jobs), rows=torch.arange(len(self.jobs)),
-                             block_index=self.iterations, first=self.state.to(den.device), shift=towers.shifted,
-                             fill_last=True)
 
     def _step(self, drafted: Tensor) -> None:
         towers, n, R = self.towers, self.decoder.block_size_for(self.towers), len(self.jobs)
         x = drafted.to(self.ctx_device)
         logits = towers.context.extend(self.cache, x, logits="all", provisional=True)  # (R, n, V)
         ar = RowChoice(self.jobs)(logits)  # ar[:, i]: the context tower's token after x[:, :i + 1]
-        keep = (ar[:, :-1] == x[:, 1:]).long().cumprod(-1).sum(-1) + 1
+        keep = self.decoder.kept(logits, ar, x)
         towers.context.accept(self.cache, keep)
         self.state = ar.gather(1, (keep - 1)[:, None]).squeeze(1)
         for j, row, k in zip(self.jobs, x.tolist(), keep.tolist()):
