@@ -52,19 +52,25 @@ def test_loss_is_nelbo_weighted_and_metrics_consistent(backbone_dir):
     assert torch.isclose(out2["loss"], out2["ce_sum"] / out2["masked"])
 
 
-def test_tiny_model_overfits_tiny_corpus(backbone_dir):
-    torch.manual_seed(0)
-    module = DenoiserFineTuning(str(backbone_dir), block_size=8, lr=3e-3, warmup_steps=0)
-    x = torch.randint(4, 260, (4, 32), generator=torch.Generator().manual_seed(0))
-    opt = torch.optim.Adam([p for p in module.denoiser.parameters()], lr=3e-3)
+def _memorise(module, x, steps: int) -> list[float]:
+    """Adam (lr 3e-3) on the denoiser for `steps` steps on the same batch and the same masks every step,
+    a pure memorisation problem the model must solve; the loss of each step."""
+    opt = torch.optim.Adam(list(module.denoiser.parameters()), lr=3e-3)
     losses = []
-    for _ in range(60):
-        # The same masks every step: a pure memorisation problem the model must solve.
+    for _ in range(steps):
         loss = module.forward_loss(x, generator=torch.Generator().manual_seed(0))["loss"]
         opt.zero_grad()
         loss.backward()
         opt.step()
         losses.append(float(loss.detach()))
+    return losses
+
+
+def test_tiny_model_overfits_tiny_corpus(backbone_dir):
+    torch.manual_seed(0)
+    module = DenoiserFineTuning(str(backbone_dir), block_size=8, lr=3e-3, warmup_steps=0)
+    x = torch.randint(4, 260, (4, 32), generator=torch.Generator().manual_seed(0))
+    losses = _memorise(module, x, 60)
     start, end = sum(losses[:5]) / 5, sum(losses[-5:]) / 5
     assert end < 0.3 * start, (start, end)
 
@@ -311,12 +317,5 @@ def test_ar_distillation_trains_towards_the_ar_distribution(backbone_dir):
     torch.manual_seed(0)
     module = DenoiserFineTuning(str(backbone_dir), block_size=8, shifted=True, objective=ARDistillation(temperature=2.0))
     x = torch.randint(4, 260, (2, 32), generator=torch.Generator().manual_seed(0))
-    opt = torch.optim.Adam(list(module.denoiser.parameters()), lr=3e-3)
-    losses = []
-    for _ in range(40):
-        loss = module.forward_loss(x, generator=torch.Generator().manual_seed(0))["loss"]
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        losses.append(float(loss.detach()))
+    losses = _memorise(module, x, 40)
     assert losses[-1] < 0.3 * losses[0], (losses[0], losses[-1])
