@@ -355,7 +355,8 @@ def check_layer_counts(state: Mapping[str, Tensor], config, where: str, prefix: 
 
 def training_checkpoint(state_dict: Mapping[str, Tensor], *, context_source: str | os.PathLike, block_size: int,
                         mask_token_id: int, shifted: bool,
-                        time_conditioning: dict | None = None) -> tuple[dict[str, Tensor], dict]:
+                        time_conditioning: dict | None = None,
+                        denoiser: dict | None = None) -> tuple[dict[str, Tensor], dict]:
     """What a DenoiserFineTuning `.ckpt` stores: ``(state_dict, meta)``.
 
     The LightningModule's ``context.*`` weights are dropped (frozen, and as large as the denoiser);
@@ -363,7 +364,8 @@ def training_checkpoint(state_dict: Mapping[str, Tensor], *, context_source: str
     """
     trainable = {k: v for k, v in state_dict.items() if not k.startswith(_FROZEN)}
     meta = {"context_source": str(Path(context_source).resolve()), "block_size": block_size,
-            "mask_token_id": mask_token_id, "shifted": shifted, "time_conditioning": time_conditioning}
+            "mask_token_id": mask_token_id, "shifted": shifted, "time_conditioning": time_conditioning,
+            "denoiser": denoiser}
     return trainable, meta
 
 
@@ -397,7 +399,8 @@ def export_checkpoint(ckpt_path: str | os.PathLike, out_dir: str | os.PathLike, 
         raise FileNotFoundError(f"the frozen context tower this checkpoint references is missing: {source}; "
                                 "pass --backbone DIR")
     model = TwoTowerLM.from_backbone(source, block_size=meta["block_size"], mask_token_id=meta["mask_token_id"],
-                                     shifted=bool(meta.get("shifted", False)), time=meta.get("time_conditioning"))
+                                     shifted=bool(meta.get("shifted", False)), time=meta.get("time_conditioning"),
+                                     denoiser=meta.get("denoiser"))
     den = {k.removeprefix(_TRAINABLE): v for k, v in ckpt["state_dict"].items() if k.startswith(_TRAINABLE)}
     missing, unexpected = model.denoiser.load_state_dict(den, strict=False)
     if missing or unexpected:
