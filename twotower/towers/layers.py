@@ -85,12 +85,12 @@ def dt_limit(config) -> tuple[float, float]:
     forward, and we follow the full forward.
     """
     raw = getattr(config, "time_step_limit", NO_DT_LIMIT)
-    try:
-        lo, hi = (float(v) for v in raw)
-    except (TypeError, ValueError):
+    if not (isinstance(raw, (list, tuple)) and len(raw) == 2
+            and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in raw)):
         raise ValueError(
             f"time_step_limit must be [min, max], two numbers, got {raw!r}; in config.json write e.g. "
-            '[0.0, {"__float__": "Infinity"}] (transformers\' spelling of [0, inf]: no limit)') from None
+            '[0.0, {"__float__": "Infinity"}] (transformers\' spelling of [0, inf]: no limit)')
+    lo, hi = float(raw[0]), float(raw[1])
     if not 0.0 <= lo <= hi:  # also rejects NaN
         raise ValueError(
             f"time_step_limit must satisfy 0 <= min <= max (dt is a softplus, never negative), got {raw!r}; "
