@@ -378,3 +378,37 @@ def save_tiny_llama(path, seed: int = 0, **overrides):
     randomize_(hf, seed=seed, scale=0.2)
     hf.save_pretrained(path)
     return hf.eval()
+
+
+# ----------------------------------------------------------------------------- a chat backbone
+
+CHAT_SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]  # ids 0 (unk / pad), 1 (bos), 2 (eos)
+CHAT_TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+                 "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+def save_chat_tokenizer(path):
+    """A byte-level BPE tokenizer (3 specials + the 256 byte symbols + a few merges, no download) with a
+    ChatML chat template, saved as transformers writes it; eos is <|im_end|> (id 2). Returns its size."""
+    from tokenizers import Tokenizer as RawTokenizer
+    from tokenizers import decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    merges = [("Ġ", "t"), ("h", "e"), ("Ġt", "he"), ("i", "n"), ("e", "r"), ("a", "n"), ("o", "n"), ("r", "e")]
+    tokens = CHAT_SPECIALS + list(bytes_to_unicode().values()) + [a + b for a, b in merges]
+    raw = RawTokenizer(models.BPE({t: i for i, t in enumerate(tokens)}, merges))
+    raw.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    raw.decoder = decoders.ByteLevel()
+    fast = PreTrainedTokenizerFast(tokenizer_object=raw, unk_token="<|endoftext|>", pad_token="<|endoftext|>",
+                                   bos_token="<|im_start|>", eos_token="<|im_end|>", chat_template=CHAT_TEMPLATE)
+    fast.save_pretrained(str(path))
+    return len(tokens)
+
+
+def save_chat_llama(path, seed: int = 0, **overrides):
+    """A tiny random Llama backbone folder (transformers' own files) with `save_chat_tokenizer`'s
+    tokenizer beside it, the vocabulary sized to fit; returns the path."""
+    vocab = save_chat_tokenizer(path)
+    save_tiny_llama(path, seed=seed, **({"vocab_size": vocab} | overrides))
+    return path
