@@ -133,11 +133,13 @@ class OutputLock:
     def __init__(self, path: Path) -> None:
         self.path = path
         self.held = False
-        self.me = {"pid": os.getpid(), "host": socket.gethostname()}
+        self.me: dict = {}
 
     def acquire(self) -> None:
         if self.held:
             return
+        # Read now, not at construction: a spawned rank runs in another process than the one that built it.
+        self.me = {"pid": os.getpid(), "host": socket.gethostname()}
         for _ in range(3):  # a stale lock removed, or one released meanwhile: try again
             try:
                 fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
