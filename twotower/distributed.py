@@ -191,14 +191,15 @@ def checkpoint_globals() -> list[type]:
     """The classes, besides tensors and plain containers, that a twotower training checkpoint holds.
 
     A module built in Python keeps its plug-in objects (noise schedule, time sampler, objective,
-    position weighting) in `hyper_parameters`; the CLI stores them as class_path dicts instead and
+    position weighting, denoiser builder) in `hyper_parameters`; the CLI stores them as class_path dicts instead and
     needs none of these. Only twotower's own subclasses are listed: their constructors only check
     and store numbers, so rebuilding one from a file runs nothing the file chooses.
     """
     from .objectives import PositionWeighting, TokenObjective
     from .schedules import NoiseSchedule, TimeSampler
+    from .towers.adapters import DenoiserBuilder
 
-    found, todo = [], [NoiseSchedule, TimeSampler, TokenObjective, PositionWeighting]
+    found, todo = [], [NoiseSchedule, TimeSampler, TokenObjective, PositionWeighting, DenoiserBuilder]
     while todo:
         cls = todo.pop()
         todo += cls.__subclasses__()
