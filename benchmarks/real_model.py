@@ -1,0 +1,300 @@
+"""The real model: SmolLM2-135M-Instruct as two towers, measured against its own AR decoding.
+
+    python benchmarks/real_model.py                         # the shipped "smollm2-135m", 3 seeds
+    python benchmarks/real_model.py --model DIR --seeds 0   # any two-tower folder, one seed
+
+Held-out prompts of three kinds, none in the training text (`recipes/smollm2_denoiser.yaml`):
+  * prose:        a window of a held-out "stdlib-docs" document (English docstrings / help topics);
+  * python:       a window of a held-out stdlib source file;
+  * instruction:  one of `INSTRUCTIONS` (written for this benchmark), through the chat template.
+Each seed draws its own windows and instructions. Batch 1, greedy, block 16, EOS ends a row.
+
+Modes run prompt by prompt, interleaved, so the machine's load hits them alike:
+  ar / spec in bfloat16 (the speed comparison in one dtype), ar / spec in float32 (the exactness
+  check: speculative output must equal AR token for token) and mask-diffusion samplers in bfloat16.
+Quality of a diffusion mode (judged against AR's own output on the same prompts):
+  * NLL retention: AR's NLL / the mode's NLL of its generated text under the float32 AR model;
+  * distinct-4 retention: the mode's distinct-4 / AR's;
+  * prefix agreement: tokens until the first difference from AR's output;
+  * next-line task: held-out Python cut at a line end; exact match of the generated next line
+    (AR's own score is printed: the task is only a gate where AR scores well above chance).
+Prints markdown tables and writes JSON (default benchmarks/results/real_model.json).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from twotower.data.sources import held_out, iter_documents
+from twotower.decoding import Autoregressive, MaskDiffusion, Speculative
+from twotower.evaluation import continuation_nll, distinct_n
+from twotower.model import TwoTowerLM
+from twotower.samplers import ConfidenceThreshold, FrontierRun
+
+# The training recipe's split: documents whose name hashes below this are held out.
+VAL_FRACTION = 0.02
+
+INSTRUCTIONS = [
+    "Give three tips for keeping a small garden healthy.",
+    "Explain why the sky looks blue during the day.",
+    "Write a short poem about a lighthouse at night.",
+    "What are the main differences between a list and a tuple in Python?",
+    "Describe how a bicycle converts pedalling into motion.",
+    "Suggest a simple dinner recipe with rice and vegetables.",
+    "Explain what a prime number is to a ten-year-old.",
+    "Write a polite email asking a colleague to review a document.",
+    "Why do leaves change colour in autumn?",
+    "List four ways to save water at home.",
+    "Write a Python function that returns the largest of three numbers.",
+    "Summarize the plot of a story about a lost dog finding its way home.",
+    "What should someone pack for a weekend hiking trip?",
+    "Explain the difference between weather and climate.",
+    "Write a haiku about morning coffee.",
+    "How does a refrigerator keep food cold?",
+    "Give advice to a student preparing for an exam.",
+    "Describe the water cycle in simple terms.",
+    "Write a Python function that counts the vowels in a string.",
+    "What are the benefits of reading books regularly?",
+    "Explain what an algorithm is with an everyday example.",
+    "Write a short story opening set in a busy train station.",
+    "How can I improve my sleep habits?",
+    "Explain why exercise is good for the heart.",
+]
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="smollm2-135m", help="a two-tower folder or a built-in name")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--per-kind", type=int, default=4, help="prompts of each kind per seed")
+    p.add_argument("--new-tokens", type=int, default=64)
+    p.add_argument("--prompt-tokens", type=int, default=48, help="prose / python prompt window")
+    p.add_argument("--next-lines", type=int, default=16, help="next-line task prompts per seed (0: skip)")
+    p.add_argument("--diffusion", nargs="*", default=["confidence:0.9", "frontier:0.7"],
+                   help="samplers: confidence:THRESHOLD or frontier:MIN_JOINT")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    p.add_argument("--out", default="benchmarks/results/real_model.json")
+    p.add_argument("--samples", type=int, default=2, help="completions per mode to print")
+    return p.parse_args(argv)
+
+
+# ---- prompts ----------------------------------------------------------------------------------
+def held_out_documents(source: str) -> list[str]:
+    """Texts of the documents of `source` that the training recipe's split holds out."""
+    return [d.text for d in iter_documents(source) if held_out(d.name, VAL_FRACTION) and len(d.text) > 2000]
+
+
+def windows(tok, texts: list[str], n: int, length: int, rng: random.Random) -> list[list[int]]:
+    """n token windows of `length`, each from a random held-out document at a random offset."""
+    out = []
+    while len(out) < n:
+        ids = tok.encode(rng.choice(texts))
+        if len(ids) > length + 8:
+            start = rng.randrange(0, len(ids) - length)
+            out.append(ids[start:start + length])
+    return out
+
+
+def chat_ids(tok, text: str) -> list[int]:
+    ids = tok.hf.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True, tokenize=True)
+    return list(ids["input_ids"] if hasattr(ids, "keys") else ids)
+
+
+def next_line_cases(tok, texts: list[str], n: int, rng: random.Random) -> list[tuple[list[int], str]]:
+    """(prompt ids ending at a line end, the true next line) from held-out Python, non-trivial lines only."""
+    cases = []
+    while len(cases) < n:
+        lines = rng.choice(texts).split("\n")
+        i = rng.randrange(8, max(9, len(lines) - 1))
+        if i >= len(lines) or len(lines[i].strip()) < 12:
+            continue
+        prompt = "\n".join(lines[max(0, i - 12):i]) + "\n"
+        cases.append((tok.encode(prompt), lines[i]))
+    return cases
+
+
+# ---- running ----------------------------------------------------------------------------------
+def run(model, decoder, ids: list[int], new_tokens: int, eos) -> tuple[list[int], float, dict]:
+    x = torch.tensor([ids])
+    t0 = time.perf_counter()
+    out = decoder.generate(model, x, max_new_tokens=new_tokens, eos_token_id=eos)
+    dt = time.perf_counter() - t0
+    n = int(out.num_generated[0])
+    return out.new_tokens[0, :n].tolist(), dt, {"nfe": int(out.nfe[0]), "blocks": out.blocks}
+
+
+def prefix_agreement(a: list[int], b: list[int]) -> int:
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+def build_modes(samplers: list[str]) -> dict:
+    modes = {"ar": ("bf16", Autoregressive()), "spec": ("bf16", Speculative()),
+             "ar_fp32": ("fp32", Autoregressive()), "spec_fp32": ("fp32", Speculative())}
+    for s in samplers:
+        kind, _, value = s.partition(":")
+        sampler = {"confidence": ConfidenceThreshold, "frontier": FrontierRun}[kind](float(value))
+        modes[f"diff_{kind}{value}"] = ("bf16", MaskDiffusion(sampler))
+    return modes
+
+
+def measure_seed(models, modes, tok, seed: int, args, docs) -> dict:
+    rng = random.Random(seed)
+    prompts = [("prose", ids) for ids in windows(tok, docs["prose"], args.per_kind, args.prompt_tokens, rng)]
+    prompts += [("python", ids) for ids in windows(tok, docs["python"], args.per_kind, args.prompt_tokens, rng)]
+    prompts += [("instruction", chat_ids(tok, t)) for t in rng.sample(INSTRUCTIONS, args.per_kind)]
+    eos = tok.eos_token_id
+    rows = {name: [] for name in modes}
+    for k, (kind, ids) in enumerate(prompts):
+        for name in _rotated(list(modes), k):  # a different mode first on each prompt
+            dtype, dec = modes[name]
+            toks, dt, info = run(models[dtype], dec, ids, args.new_tokens, eos)
+            rows[name].append({"kind": kind, "prompt": ids, "tokens": toks, "seconds": dt, **info})
+        print(f"  seed {seed} prompt {k + 1}/{len(prompts)} ({kind})", file=sys.stderr, flush=True)
+    return {"rows": rows, "next_line": next_line_task(models, modes, tok, docs["python"], rng, args)}
+
+
+def _rotated(names: list[str], k: int) -> list[str]:
+    k %= len(names)
+    return names[k:] + names[:k]
+
+
+def next_line_task(models, modes, tok, texts, rng, args) -> dict:
+    """Exact-match rate of the first generated line against the held-out next line, per mode."""
+    if not args.next_lines:
+        return {}
+    cases = next_line_cases(tok, texts, args.next_lines, rng)
+    scores = {}
+    for name, (dtype, dec) in modes.items():
+        if name.endswith("fp32"):
+            continue
+        hits = 0
+        for ids, truth in cases:
+            toks, _, _ = run(models[dtype], dec, ids, 24, None)
+            hits += tok.decode(toks).split("\n")[0].strip() == truth.strip()
+        scores[name] = hits / len(cases)
+    return scores
+
+
+# ---- summaries --------------------------------------------------------------------------------
+def summarize_seed(res: dict, judge) -> dict:
+    rows = res["rows"]
+    ar, ar32 = rows["ar"], rows["ar_fp32"]
+    ar_time = sum(r["seconds"] for r in ar)
+    ar_tokens = sum(len(r["tokens"]) for r in ar)
+    ar_nll = _nll(judge, ar)
+    ar_d4 = statistics.fmean(distinct_n(r["tokens"], 4) for r in ar if len(r["tokens"]) >= 4)
+    out = {}
+    for name, rs in rows.items():
+        tokens = sum(len(r["tokens"]) for r in rs)
+        secs = sum(r["seconds"] for r in rs)
+        s = {"tok_per_s": tokens / secs, "tokens": tokens}
+        if name.startswith("spec"):
+            ref = ar if name == "spec" else ar32
+            s["tokens_per_iteration"] = tokens / sum(r["blocks"] for r in rs)
+            s["equal_to_ar"] = all(r["tokens"] == a["tokens"] for r, a in zip(rs, ref))
+        if name.startswith("diff"):
+            s["tokens_per_forward"] = tokens / sum(r["nfe"] for r in rs)
+            s["nll_retention"] = ar_nll / _nll(judge, rs)
+            s["distinct4_retention"] = statistics.fmean(
+                distinct_n(r["tokens"], 4) for r in rs if len(r["tokens"]) >= 4) / ar_d4
+            s["prefix_agreement"] = statistics.fmean(prefix_agreement(r["tokens"], a["tokens"]) for r, a in zip(rs, ar))
+        s["speedup_vs_ar"] = s["tok_per_s"] / (ar_tokens / ar_time)
+        out[name] = s
+    out["fastest_ar_tok_per_s"] = max(out["ar"]["tok_per_s"], out["ar_fp32"]["tok_per_s"])
+    out["next_line"] = res["next_line"]
+    return out
+
+
+def _nll(judge, rs) -> float:
+    vals = [float(continuation_nll(judge, torch.tensor([r["prompt"]]), torch.tensor([r["tokens"]]))[0])
+            for r in rs if r["tokens"]]
+    return statistics.fmean(vals)
+
+
+def aggregate(per_seed: list[dict]) -> dict:
+    """mean, min and max over seeds of every numeric figure."""
+    agg = {}
+    for name in per_seed[0]:
+        if isinstance(per_seed[0][name], dict):
+            agg[name] = {k: _stats([s[name].get(k) for s in per_seed]) for k in per_seed[0][name]}
+        else:
+            agg[name] = _stats([s[name] for s in per_seed])
+    return agg
+
+
+def _stats(values):
+    if all(isinstance(v, bool) for v in values):
+        return all(values)
+    vals = [float(v) for v in values if v is not None]
+    return {"mean": statistics.fmean(vals), "min": min(vals), "max": max(vals)} if vals else None
+
+
+def render(agg: dict, samples: dict) -> str:
+    f = lambda d, p=".2f": f"{d['mean']:{p}} ({d['min']:{p}}-{d['max']:{p}})" if isinstance(d, dict) else str(d)
+    L = ["| mode | tok/s | x AR (bf16) | tokens / iteration or / forward | equal to AR | NLL retention | "
+         "distinct-4 retention | prefix agreement | next-line exact |", "|---|---|---|---|---|---|---|---|---|"]
+    for name, s in agg.items():
+        if not isinstance(s, dict) or "tok_per_s" not in s:
+            continue
+        per = s.get("tokens_per_iteration") or s.get("tokens_per_forward")
+        nl = agg["next_line"].get(name) if isinstance(agg.get("next_line"), dict) else None
+        L.append(f"| {name} | {f(s['tok_per_s'], '.1f')} | {f(s['speedup_vs_ar'])} | {f(per) if per else '-'} "
+                 f"| {s.get('equal_to_ar', '-')} | {f(s['nll_retention']) if 'nll_retention' in s else '-'} "
+                 f"| {f(s['distinct4_retention']) if 'distinct4_retention' in s else '-'} "
+                 f"| {f(s['prefix_agreement'], '.1f') if 'prefix_agreement' in s else '-'} | {f(nl) if nl else '-'} |")
+    L += ["", f"fastest AR on this CPU: {f(agg['fastest_ar_tok_per_s'], '.1f')} tok/s", ""]
+    for name, texts in samples.items():
+        L.append(f"**{name}**")
+        L += [f"    {t!r}" for t in texts]
+    return "\n".join(L)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    models = {"bf16": TwoTowerLM.from_pretrained(args.model, dtype=torch.bfloat16).eval(),
+              "fp32": TwoTowerLM.from_pretrained(args.model, dtype=torch.float32).eval()}
+    tok = models["fp32"].tokenizer
+    docs = {"prose": held_out_documents("stdlib-docs"), "python": held_out_documents("stdlib")}
+    modes = build_modes(args.diffusion)
+    judge = models["fp32"].context
+    results, per_seed = [], []
+    with torch.inference_mode():
+        for seed in args.seeds:
+            res = measure_seed(models, modes, tok, seed, args, docs)
+            results.append(res)
+            per_seed.append(summarize_seed(res, judge))
+    agg = aggregate(per_seed)
+    samples = {name: [tok.decode(r["prompt"][-24:]) + " ||| " + tok.decode(r["tokens"])
+                      for r in results[0]["rows"][name] if r["kind"] == kind][:1]
+               for name in modes for kind in ("instruction",)}
+    for kind in ("prose", "python"):
+        samples[f"ar ({kind})"] = [tok.decode(r["prompt"][-24:]) + " ||| " + tok.decode(r["tokens"])
+                                   for r in results[0]["rows"]["ar"] if r["kind"] == kind][:args.samples]
+        samples[f"spec ({kind})"] = [tok.decode(r["tokens"]) for r in results[0]["rows"]["spec"]
+                                     if r["kind"] == kind][:args.samples]
+    print(render(agg, samples))
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"args": vars(args), "per_seed": per_seed, "aggregate": agg,
+                               "runs": results}, indent=1))
+    print(f"wrote {out}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
