@@ -132,7 +132,7 @@ def test_non_streaming_equals_generate_alone(server, decoder):
     r = create(server, "def add(a, b):", 12, decoder)
     assert r.object == "text_completion" and r.choices[0].finish_reason in ("stop", "length")
     assert r.choices[0].text == alone(server, {"prompt": "def add(a, b):", "max_tokens": 12, "decoder": decoder})
-    assert r.usage.prompt_tokens == len("def add(a, b):") and r.usage.completion_tokens >= 1
+    assert r.usage.prompt_tokens == 1 + len("def add(a, b):") and r.usage.completion_tokens >= 1  # BOS + bytes
 
 
 def test_streaming_chunks_add_up_to_the_completion(server):
@@ -200,7 +200,7 @@ def test_bad_request_through_the_client_and_bad_json(server):
     assert "max_tokens" in str(e.value)
     status, out = post(server.url, b"{not json")
     assert status == 400 and out["error"]["param"] == "body"
-    status, out = post(server.url, {"prompt": "x" * 508, "max_tokens": 10})  # fits alone, not with the tokens
+    status, out = post(server.url, {"prompt": "x" * 507, "max_tokens": 10})  # BOS + 507 bytes: fits, not with the tokens
     assert status == 400 and out["error"]["param"] == "max_tokens" and "at most 4" in out["error"]["message"]
 
 

@@ -28,6 +28,8 @@ import torch.nn as nn
 from torch import Tensor
 
 from .decoding import Decoder, GenerationOutput, MaskDiffusion, ReleasedGenerationMixin, StepCallback
+from .hub import resolve_model
+from .prompting import Prompt, encode_prompt
 from .samplers import Sampler
 from .tokenizers import Tokenizer, find_tokenizer, save_tokenizer
 from .towers.base import ContextTowerBase, DenoiserTowerBase, family_for
@@ -100,7 +102,8 @@ class TwoTowerLM(ReleasedGenerationMixin, nn.Module):
                       block_size: int = DEFAULT_BLOCK_SIZE, mask_token_id: int = DEFAULT_MASK_TOKEN_ID,
                       time_init: str = "identity", dtype: torch.dtype | None = None, shifted: bool = False,
                       time: dict | None = None, device=None, denoiser_device=None) -> "TwoTowerLM":
-        """Two towers from an AR checkpoint directory of any registered family (or a context tower).
+        """Two towers from an AR checkpoint directory of any registered family, a built-in model name
+        (`twotower.hub.resolve_model`: "embedded-backbone", ...), or a context tower.
 
         The denoiser and its head are copies of the AR model (docs/design.md, section 3); with
         time_init="identity" a fresh model's denoiser computes exactly the AR layers.
@@ -116,6 +119,7 @@ class TwoTowerLM(ReleasedGenerationMixin, nn.Module):
             if device is not None:
                 context.to(device)
         else:
+            path_or_tower = resolve_model(path_or_tower, kind="backbone checkpoint")
             context = ContextTowerBase.from_pretrained(path_or_tower, dtype=dtype, device=device)
         denoiser = family_for(context.config).denoiser.from_context(
             context, time_init=time_init, time=time, device=denoiser_device if denoiser_device is not None else device)
@@ -130,7 +134,8 @@ class TwoTowerLM(ReleasedGenerationMixin, nn.Module):
     def from_pretrained(cls, path: str | os.PathLike, *, dtype: torch.dtype | str | None = None,
                         device=None, denoiser_device=None, quantize: str | None = None) -> "TwoTowerLM":
         """Load a released-layout two-tower directory (config.json + safetensors, sharded or not,
-        fused or per-expert MoE weights).
+        fused or per-expert MoE weights), or a built-in model by name (`twotower.hub.resolve_model`:
+        "embedded" is the embedded default), from any working directory.
 
         `block_size` and `mask_token_id` come from config.json when present (else 16 and 3).
         dtype=None keeps the stored dtypes; otherwise floating weights are cast (routers stay float32).
@@ -147,6 +152,7 @@ class TwoTowerLM(ReleasedGenerationMixin, nn.Module):
         from .towers.loading import two_tower_refs
 
         check_quantize(quantize)
+        path = resolve_model(path, kind="two-tower checkpoint")
         config, raw, refs = two_tower_refs(path)
         try:
             kwargs = dict(block_size=raw.get("block_size", DEFAULT_BLOCK_SIZE),
@@ -263,6 +269,18 @@ class TwoTowerLM(ReleasedGenerationMixin, nn.Module):
     @property
     def denoiser_device(self) -> torch.device:
         return self.devices[1]
+
+    # ---- prompts ------------------------------------------------------------------------------
+    def encode(self, prompt: Prompt) -> Tensor:
+        """A prompt (text, or chat messages [{"role", "content"}, ...]) -> ids (1, T) on the context
+        tower's device, ready for `generate`; encoded with the model's own tokenizer by the rule
+        `predict`, `serve` and the eval harness share (`prompting.encode_prompt`: BOS as the tokenizer
+        does it, chat messages through its template)."""
+        if self.tokenizer is None:
+            raise ValueError("this model has no tokenizer (its folder had neither tokenizer files nor \"tokenizer\": "
+                             "\"byte\" in config.json); set model.tokenizer, e.g. to twotower.HFTokenizer(DIR) or "
+                             "twotower.ByteTokenizer()")
+        return torch.tensor([encode_prompt(self.tokenizer, prompt)], dtype=torch.long, device=self.context_device)
 
     # ---- generation ---------------------------------------------------------------------------
     def generate(self, input_ids: Tensor, attention_mask: Tensor | None = None, decoder: Decoder | None = None, *,

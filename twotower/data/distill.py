@@ -42,6 +42,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from twotower.distributed import EpochShuffle
 from twotower.decoding import Autoregressive, Towers
+from twotower.hub import resolve_model
 from twotower.tokenizers import Tokenizer
 from twotower.towers.context import ContextTower
 
@@ -159,7 +160,7 @@ class DistilledDataModule(L.LightningDataModule):
     """Rows of real prompt + the frozen AR backbone's continuation, for denoiser fine-tuning.
 
     Args:
-        backbone: the AR checkpoint directory (the same one `DenoiserFineTuning` freezes).
+        backbone: the AR checkpoint directory or built-in name (the same one `DenoiserFineTuning` freezes).
         source, tokenizer, seq_len, block_size, val_fraction, cache_dir: as `TextDataModule`
             (its packed rows supply the real prompts; train and held-out prompts stay apart).
         num_train / num_val: rows to distil (a seeded random subset of the packed rows).
@@ -193,7 +194,7 @@ class DistilledDataModule(L.LightningDataModule):
             raise ValueError(f"need min_prompt <= max_prompt < seq_len, got {min_prompt}, {max_prompt}, {seq_len}")
         if temperature < 0:
             raise ValueError(f"temperature must be >= 0, got {temperature}")
-        self.backbone = Path(backbone)
+        self.backbone = resolve_model(backbone, kind="backbone checkpoint")
         if not (self.backbone / "config.json").exists():
             raise FileNotFoundError(f"backbone checkpoint not found: {self.backbone / 'config.json'}")
         self.text = TextDataModule(source, tokenizer=tokenizer, seq_len=seq_len, block_size=block_size,
