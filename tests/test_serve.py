@@ -184,7 +184,8 @@ def test_bad_request_through_the_client_and_bad_json(server):
     assert "max_tokens" in str(e.value)
     status, out = post(server.url, b"{not json")
     assert status == 400 and out["error"]["param"] == "body"
-    status, out = post(server.url, {"prompt": "x" * 507, "max_tokens": 10})  # BOS + 507 bytes: fits, not with the tokens
+    # BOS + 507 bytes: fits alone, not with the tokens
+    status, out = post(server.url, {"prompt": "x" * 507, "max_tokens": 10})
     assert status == 400 and out["error"]["param"] == "max_tokens" and "at most 4" in out["error"]["message"]
 
 

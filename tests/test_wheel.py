@@ -11,7 +11,6 @@ import sys
 import zipfile
 from pathlib import Path
 
-
 ROOT = Path(__file__).resolve().parents[1]
 # Build from a copy: an in-tree build would leave build/ and *.egg-info behind in the checkout.
 LEAVE_OUT = shutil.ignore_patterns(".git", "runs", "outputs", "build", "dist", "*.egg-info", "__pycache__",

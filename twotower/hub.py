@@ -102,8 +102,8 @@ def resolve_recipe(name_or_path: str | os.PathLike, *, kind: str = "recipe") -> 
     """`find_recipe`, raising FileNotFoundError (naming the shipped files) when nothing matches."""
     found = find_recipe(name_or_path)
     if found is None:
-        raise FileNotFoundError(f"{kind} {str(name_or_path)!r} does not exist, and twotower ships no recipe file of that "
-                                f"name (shipped: {', '.join(shipped_recipes())})")
+        raise FileNotFoundError(f"{kind} {str(name_or_path)!r} does not exist, and twotower ships no recipe file of "
+                                f"that name (shipped: {', '.join(shipped_recipes())})")
     return found
 
 

@@ -69,8 +69,9 @@ class GenerationModule(L.LightningModule):
         dtype: "float32", "bfloat16" or "float16" (None keeps the checkpoint's).
         seed: seeds sampling decoders (temperature > 0): batch i uses seed + i.
         tokenizer: decodes completions (and, linked by the CLI, encodes the prompts by
-            `prompting.encode_prompt`); default the checkpoint's own (`tokenizers.tokenizer_for`). One that does not fit the model (more ids
-            than its embedding, or a byte tokenizer on a model that is not byte-level) is refused.
+            `prompting.encode_prompt`); default the checkpoint's own (`tokenizers.tokenizer_for`).
+            One that does not fit the model (more ids than its embedding, or a byte tokenizer on a
+            model that is not byte-level) is refused.
         compile: `torch.compile` the towers' hot paths (`TwoTowerLM.compile_towers`) when prediction
             starts: slower first batches, faster after.
         quantize: "int8" loads both towers with weight-only int8 projections (about half the

@@ -36,7 +36,8 @@ def check_messages(messages) -> list[dict]:
     "content": str} dicts (other keys are passed on to the template). Raises ValueError naming the
     first bad message."""
     if not isinstance(messages, list) or not messages:
-        raise ValueError(f"messages must be a non-empty list of {{\"role\", \"content\"}} objects, got {messages!r:.80}")
+        raise ValueError(f"messages must be a non-empty list of {{\"role\", \"content\"}} objects, "
+                         f"got {messages!r:.80}")
     for i, m in enumerate(messages):
         if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
             raise ValueError(f"messages[{i}] must be an object with a string \"role\" and a string \"content\", "

@@ -177,7 +177,8 @@ class CompletionShape:
     kind = "text_completion"
 
     def __init__(self, model_name: str):
-        self.model_name, self.id, self.created = model_name, f"{self.prefix()}-{uuid.uuid4().hex[:24]}", int(time.time())
+        self.model_name, self.created = model_name, int(time.time())
+        self.id = f"{self.prefix()}-{uuid.uuid4().hex[:24]}"
 
     def prefix(self) -> str:
         return "cmpl"
@@ -219,7 +220,8 @@ class ChatShape(CompletionShape):
         return self.wrap(self.kind, {"delta": {}, "finish_reason": reason})
 
     def whole(self, text: str, reason: str) -> dict:
-        return self.wrap("chat.completion", {"message": {"role": "assistant", "content": text}, "finish_reason": reason})
+        message = {"role": "assistant", "content": text}
+        return self.wrap("chat.completion", {"message": message, "finish_reason": reason})
 
 
 def serve(settings: ServeSettings, model=None, tokenizer=None) -> None:
