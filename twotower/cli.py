@@ -5,6 +5,7 @@
     python -m twotower.cli convert AR_DIR OUT_DIR        # AR NemotronH -> two-tower layout (identity init)
     python -m twotower.cli export RUN.ckpt OUT_DIR       # fine-tuning checkpoint -> two-tower layout
                                                         # (a .ckpt file or a sharded FSDP2 checkpoint folder)
+    python -m twotower.cli import-gguf FILE.gguf OUT_DIR # llama.cpp GGUF (Llama family) -> backbone folder
     python -m twotower.cli serve --config recipes/serve.yaml [--port 8000]   # OpenAI-compatible server
 
 Every model and data component is chosen in YAML by `class_path` / `init_args`. `--config` takes a
@@ -18,7 +19,7 @@ import argparse
 import sys
 from pathlib import Path
 
-TOOLS = ("convert", "export", "serve")
+TOOLS = ("convert", "export", "import-gguf", "serve")
 
 
 def convert(ar_dir: str, out_dir: str, *, block_size: int = 16, mask_token_id: int = 3,
@@ -68,8 +69,16 @@ def _tool_main(argv: list[str]) -> int:
     e.add_argument("--backbone", default=None, help="the frozen context tower, if it moved since training")
     e.add_argument("--max-shard-size", type=int, default=None)
     e.add_argument("--expert-layout", choices=["fused", "per_expert"], default="fused")
+    g = sub.add_parser("import-gguf", help="llama.cpp .gguf file (Llama family) -> backbone folder (needs [gguf])")
+    g.add_argument("gguf")
+    g.add_argument("out_dir")
+    g.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32", help="weights' dtype on disk")
     a = p.parse_args(argv)
-    if a.tool == "convert":
+    if a.tool == "import-gguf":
+        from .gguf import import_gguf
+
+        out = import_gguf(a.gguf, a.out_dir, dtype=a.dtype)
+    elif a.tool == "convert":
         out = convert(a.ar_dir, a.out_dir, block_size=a.block_size, mask_token_id=a.mask_token_id,
                       time_init=a.time_init, max_shard_size=a.max_shard_size, expert_layout=a.expert_layout,
                       shifted=a.shifted)

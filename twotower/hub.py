@@ -26,7 +26,7 @@ import os
 from collections.abc import Callable
 from pathlib import Path
 
-__all__ = ["register_model", "resolve_model", "known_models", "resolve_recipe", "find_recipe", "shipped_recipes",
+__all__ = ["register_model", "resolve_model", "builtin_name", "model_reference", "known_models", "resolve_recipe", "find_recipe", "shipped_recipes",
            "PACKAGE_DIR", "ASSETS_DIR", "RECIPES_DIR"]
 
 PACKAGE_DIR = Path(__file__).resolve().parent
@@ -57,6 +57,20 @@ def known_models() -> list[str]:
     return sorted(_MODELS)
 
 
+def builtin_name(name_or_path: str | os.PathLike) -> str | None:
+    """The registered name `name_or_path` resolves through, or None when it is a path (an existing
+    path wins over a name) or unknown."""
+    name = str(name_or_path)
+    return name if name in _MODELS and not Path(name_or_path).expanduser().exists() else None
+
+
+def model_reference(name_or_path: str | os.PathLike) -> str:
+    """How a checkpoint records the model it builds on: a built-in name as given (it resolves on any
+    machine and in any install), else the absolute path."""
+    name = builtin_name(name_or_path)
+    return name if name is not None else str(Path(name_or_path).expanduser().resolve())
+
+
 def resolve_model(name_or_path: str | os.PathLike, *, kind: str = "model") -> Path:
     """The local folder of a model: an existing path as it is, else a registered name's folder.
 
@@ -66,15 +80,15 @@ def resolve_model(name_or_path: str | os.PathLike, *, kind: str = "model") -> Pa
     path = Path(name_or_path).expanduser()
     if path.exists():
         return path
-    name = str(name_or_path)
-    if name in _MODELS:
+    name = builtin_name(name_or_path)
+    if name is not None:
         folder = Path(_MODELS[name]()).expanduser()
         if not (folder / "config.json").is_file():
             raise FileNotFoundError(f"built-in model {name!r} resolved to {folder}, which holds no config.json; "
                                     "its resolver (twotower.hub.register_model) must return a model folder")
         return folder
-    raise FileNotFoundError(f"{kind} not found: {name!r} does not exist and is not a built-in model name; known names: "
-                            f"{', '.join(known_models())} (twotower.hub.register_model adds one)")
+    raise FileNotFoundError(f"{kind} not found: {str(name_or_path)!r} does not exist and is not a built-in model name; "
+                            f"known names: {', '.join(known_models())} (twotower.hub.register_model adds one)")
 
 
 # ---- recipes ---------------------------------------------------------------------------------------

@@ -20,18 +20,21 @@ the released model's method names (`generate_mask_diffusion`, `generate_mock_ar`
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 
 import torch
 import torch.nn as nn
 from torch import Tensor
 
 from .decoding import Decoder, GenerationOutput, MaskDiffusion, ReleasedGenerationMixin, StepCallback
-from .hub import resolve_model
+from .hub import model_reference, resolve_model
 from .prompting import Prompt, encode_prompt
 from .samplers import Sampler
 from .tokenizers import Tokenizer, find_tokenizer, save_tokenizer
+from .towers.adapters import DenoiserBuilder, builder_from_spec, is_adapter
 from .towers.base import ContextTowerBase, DenoiserTowerBase, family_for
 from .towers.checkpoints import module_name, released_name
 from .towers.context import ContextTower  # noqa: F401  (kept importable from here)
@@ -41,6 +44,8 @@ __all__ = ["TwoTowerLM"]
 
 DEFAULT_BLOCK_SIZE = 16
 DEFAULT_MASK_TOKEN_ID = 3
+# An adapter checkpoint's weights: the denoiser's own parameters only (adapters + time conditioning).
+ADAPTER_FILE = "adapter.safetensors"
 
 
 def _check_block_size(block_size) -> int:
@@ -88,6 +93,12 @@ class TwoTowerLM(ReleasedGenerationMixin, nn.Module):
         # The checkpoint's own tokenizer (`tokenizers.find_tokenizer`), set by the loaders; None when
         # the checkpoint has none. save_pretrained writes it beside the weights.
         self.tokenizer: Tokenizer | None = None
+        # Where the context tower was read from (a path or a built-in name), set by the loaders: an
+        # adapter checkpoint records it, since it holds no context weights of its own.
+        self.backbone_source: str | None = None
+        # How the denoiser was made from the context tower (`towers.adapters`); FullCopy unless a
+        # loader or `from_backbone(denoiser=...)` says otherwise.
+        self.denoiser_builder: DenoiserBuilder = builder_from_spec(None)
 
     @property
     def max_position_embeddings(self) -> int | None:
@@ -101,12 +112,14 @@ class TwoTowerLM(ReleasedGenerationMixin, nn.Module):
     def from_backbone(cls, path_or_tower: str | os.PathLike | ContextTowerBase, *,
                       block_size: int = DEFAULT_BLOCK_SIZE, mask_token_id: int = DEFAULT_MASK_TOKEN_ID,
                       time_init: str = "identity", dtype: torch.dtype | None = None, shifted: bool = False,
-                      time: dict | None = None, device=None, denoiser_device=None) -> "TwoTowerLM":
+                      time: dict | None = None, device=None, denoiser_device=None,
+                      denoiser: DenoiserBuilder | dict | None = None) -> "TwoTowerLM":
         """Two towers from an AR checkpoint directory of any registered family, a built-in model name
         (`twotower.hub.resolve_model`: "embedded-backbone", ...), or a context tower.
 
-        The denoiser and its head are copies of the AR model (docs/design.md, section 3); with
-        time_init="identity" a fresh model's denoiser computes exactly the AR layers.
+        The denoiser and its head are copies of the AR model (docs/design.md, section 3), or, with
+        `denoiser=LoRA(...)` (`twotower.towers.adapters`), low-rank adapters over the context tower's
+        own weights; with time_init="identity" a fresh model's denoiser computes exactly the AR layers.
         The context tower is read straight onto `device` and the denoiser copied straight onto
         `denoiser_device` (default: `device`), each weight once: peak memory is both towers plus
         one tensor, with no move afterwards.
@@ -119,15 +132,18 @@ class TwoTowerLM(ReleasedGenerationMixin, nn.Module):
             if device is not None:
                 context.to(device)
         else:
-            path_or_tower = resolve_model(path_or_tower, kind="backbone checkpoint")
             context = ContextTowerBase.from_pretrained(path_or_tower, dtype=dtype, device=device)
-        denoiser = family_for(context.config).denoiser.from_context(
-            context, time_init=time_init, time=time, device=denoiser_device if denoiser_device is not None else device)
-        _match_router_precision(denoiser, context)
+        builder = builder_from_spec(denoiser)
+        den = builder.build(context, time_init=time_init, time=time,
+                            device=denoiser_device if denoiser_device is not None else device)
+        if not is_adapter(den):  # an adapter borrows the context's routers as they are
+            _match_router_precision(den, context)
         model = cls(context.config, block_size=block_size, mask_token_id=mask_token_id,
-                    context=context, denoiser=denoiser, shifted=shifted)
+                    context=context, denoiser=den, shifted=shifted)
+        model.denoiser_builder = builder
         if not isinstance(path_or_tower, ContextTowerBase):
-            model.tokenizer = find_tokenizer(path_or_tower)
+            model.tokenizer = find_tokenizer(resolve_model(path_or_tower))
+            model.backbone_source = model_reference(path_or_tower)  # what an adapter checkpoint records
         return model
 
     @classmethod
@@ -153,6 +169,11 @@ class TwoTowerLM(ReleasedGenerationMixin, nn.Module):
 
         check_quantize(quantize)
         path = resolve_model(path, kind="two-tower checkpoint")
+        if (path / ADAPTER_FILE).is_file():
+            if quantize is not None:
+                raise ValueError(f"{path} is an adapter over a shared backbone; int8 would replace the weights it "
+                                 "borrows. Load it without quantize=")
+            return cls.from_adapter(path, dtype=dtype, device=device)
         config, raw, refs = two_tower_refs(path)
         try:
             kwargs = dict(block_size=raw.get("block_size", DEFAULT_BLOCK_SIZE),
@@ -167,6 +188,64 @@ class TwoTowerLM(ReleasedGenerationMixin, nn.Module):
         model.context.requires_grad_(False)
         model.tokenizer = find_tokenizer(path)
         return model
+
+    @classmethod
+    def from_adapter(cls, path: str | os.PathLike, *, backbone: str | os.PathLike | None = None,
+                     dtype: torch.dtype | str | None = None, device=None) -> "TwoTowerLM":
+        """Load an adapter checkpoint (`save_pretrained` of a LoRA model: config.json + adapter.safetensors)
+        over its backbone: the one it records, or `backbone` (a path or a built-in name) instead.
+
+        The context tower is read from the backbone; the denoiser is rebuilt by the recorded builder
+        over it and only the adapter weights are read from `path` (cast to `dtype` when given).
+        """
+        from safetensors.torch import load_file
+
+        from .towers.checkpoints import check_keys, check_shapes
+
+        path = Path(resolve_model(path))
+        raw = json.loads((path / "config.json").read_text())
+        source = backbone if backbone is not None else raw.get("backbone")
+        if source is None:
+            raise ValueError(f"{path / 'config.json'} records no \"backbone\"; pass backbone=PATH_OR_NAME")
+        if isinstance(dtype, str):
+            dtype = getattr(torch, dtype)
+        model = cls.from_backbone(source, block_size=raw.get("block_size", DEFAULT_BLOCK_SIZE),
+                                  mask_token_id=raw.get("mask_token_id", DEFAULT_MASK_TOKEN_ID),
+                                  shifted=bool(raw.get("shifted", False)), time=raw.get("time_conditioning"),
+                                  dtype=dtype, device=device, denoiser=raw.get("denoiser"))
+        state = load_file(str(path / ADAPTER_FILE))
+        own = model.denoiser.state_dict()
+        check_keys(state, own.keys(), where=str(path / ADAPTER_FILE))
+        check_shapes(state, own, where=str(path / ADAPTER_FILE))
+        with torch.no_grad():
+            for k, v in own.items():
+                v.copy_(state[k])
+        model.tokenizer = find_tokenizer(path) or model.tokenizer
+        return model
+
+    def save_adapter(self, path: str | os.PathLike, *, backbone: str | None = None,
+                     tokenizer: Tokenizer | None = None) -> None:
+        """Write an adapter checkpoint: config.json (the backbone's config, the generation settings,
+        the denoiser builder and the backbone reference) and adapter.safetensors (the denoiser's own
+        parameters), and the tokenizer (`tokenizer`, default the model's own) as `save_pretrained`
+        does. `backbone` overrides the recorded reference (a path or a built-in name)."""
+        from safetensors.torch import save_file
+
+        if not is_adapter(self.denoiser):
+            raise ValueError("this model's denoiser is a full copy; save it with save_pretrained")
+        source = backbone if backbone is not None else self.backbone_source
+        if source is None:
+            raise ValueError("the model does not know where its backbone came from; pass backbone=PATH_OR_NAME")
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        raw = self.config.to_dict()
+        raw.update({"block_size": self.block_size, "mask_token_id": self.mask_token_id, "shifted": self.shifted,
+                    "architectures": ["TwoTowerLM"], "time_conditioning": self.denoiser.time.spec(),
+                    "denoiser": self.denoiser_builder.spec(), "backbone": str(source)})
+        raw.update(save_tokenizer(tokenizer if tokenizer is not None else self.tokenizer, path))
+        (path / "config.json").write_text(json.dumps(raw, indent=2) + "\n")
+        state = {k: v.detach().contiguous() for k, v in self.denoiser.state_dict().items()}
+        save_file(state, str(path / ADAPTER_FILE), metadata={"format": "pt"})
 
     # ---- released layout ----------------------------------------------------------------------
     def released_state_dict(self) -> dict[str, Tensor]:
@@ -211,6 +290,8 @@ class TwoTowerLM(ReleasedGenerationMixin, nn.Module):
         HF files, or ``"tokenizer": "byte"`` in config.json)."""
         from .towers.saving import save_state_dict
 
+        if is_adapter(self.denoiser):  # no context weights of its own to write: the backbone is referenced
+            return self.save_adapter(path, tokenizer=tokenizer)
         if self.quantization is not None:
             raise ValueError(f"this model is quantized ({self.quantization}) for inference and cannot be saved; "
                              "save the full-precision model and pass quantize= when loading it")
@@ -248,6 +329,9 @@ class TwoTowerLM(ReleasedGenerationMixin, nn.Module):
     def place_towers_on_devices(self, ctx_device, den_device) -> "TwoTowerLM":
         """Context tower (+ its head) on `ctx_device`; denoiser tower, its head and the time modules on
         `den_device`. Generation then mirrors the context cache to the denoiser incrementally."""
+        if is_adapter(self.denoiser) and torch.device(ctx_device) != torch.device(den_device):
+            raise ValueError(f"this model's denoiser borrows the context tower's weights (an adapter), so both "
+                             f"towers must share one device; got {ctx_device} and {den_device}")
         self.context.to(ctx_device)
         self.denoiser.to(den_device)
         return self

@@ -36,7 +36,8 @@ from .towers.checkpoints import CKPT_META_KEY, restore_frozen, training_checkpoi
 from .distributed import sample_seed
 from .hub import resolve_model
 from .tokenizers import tokenizer_spec
-from .towers.base import ContextTowerBase, family_for, run_block
+from .towers.adapters import DenoiserBuilder, builder_from_spec
+from .towers.base import ContextTowerBase, run_block
 
 
 # ---- denoiser fine-tuning ---------------------------------------------------------------------
@@ -79,6 +80,11 @@ class DenoiserFineTuning(L.LightningModule):
             always sharded per block. Ignored by other strategies. See `twotower.distributed`.
         activation_checkpointing: recompute each denoiser block's activations in backward
             (torch.utils.checkpoint per block): less activation memory for about a third more compute.
+        denoiser: how the denoiser is made from the backbone, by class_path (a
+            `twotower.towers.adapters.DenoiserBuilder`; None: `FullCopy`, the released design).
+            `LoRA(rank, alpha, targets)` trains low-rank adapters over the frozen backbone's own
+            projections plus the time conditioning: a fraction of the memory and of the checkpoint.
+            Recorded in the checkpoint; `export` then writes an adapter folder that references the backbone.
         noise_seed: batches that carry an "index" (the data modules here do) draw each sample's times
             and masks from a generator seeded by (noise_seed, epoch, index): the noise of a sample does
             not depend on its rank or batch, so N processes with batch B/N train exactly as one with B.
@@ -97,7 +103,8 @@ class DenoiserFineTuning(L.LightningModule):
                  warmup_steps: int = 50, min_lr_ratio: float = 0.1, val_seed: int = 1234,
                  init_from: str | None = None, shifted: bool = False, time_conditioning: dict | None = None,
                  context_sharding: str = "replicate", activation_checkpointing: bool = False, noise_seed: int = 0,
-                 objective: TokenObjective | None = None, position_weighting: PositionWeighting | None = None):
+                 objective: TokenObjective | None = None, position_weighting: PositionWeighting | None = None,
+                 denoiser: DenoiserBuilder | None = None):
         super().__init__()
         if loss_weighting not in ("nelbo", "schedule", "none"):
             raise ValueError(f"loss_weighting must be 'nelbo', 'schedule' or 'none', got {loss_weighting!r}")
@@ -141,6 +148,7 @@ class DenoiserFineTuning(L.LightningModule):
             if theirs != shifted:
                 raise ValueError(f"init_from {init_from} was trained with shifted={theirs}, this run has "
                                  f"shifted={shifted}; the two read the denoiser's outputs at different offsets")
+        self.builder = builder_from_spec(denoiser)
         self._sharded = False
         self.metrics = torch.nn.ModuleDict({
             split: torch.nn.ModuleDict({"nelbo": SumMetric(), "ce": SumMetric(), "correct": SumMetric(),
@@ -157,8 +165,7 @@ class DenoiserFineTuning(L.LightningModule):
             context = ContextTowerBase.from_pretrained(h.backbone)
             context.requires_grad_(False).eval()
             self.context = context
-            self.denoiser = family_for(context.config).denoiser.from_context(
-                context, time_init=h.time_init, time=h.time_conditioning)
+            self.denoiser = self.builder.build(context, time_init=h.time_init, time=h.time_conditioning)
             if h.init_from is not None:
                 self._init_denoiser(resolve_model(h.init_from, kind="init_from checkpoint"))
             if h.activation_checkpointing:
@@ -352,9 +359,9 @@ class DenoiserFineTuning(L.LightningModule):
         # The data module's tokenizer is the model's vocabulary: recorded so that `export` writes it.
         data = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
         checkpoint["state_dict"], checkpoint[CKPT_META_KEY] = training_checkpoint(
-            checkpoint["state_dict"], context_source=resolve_model(h.backbone), block_size=h.block_size,
+            checkpoint["state_dict"], context_source=h.backbone, block_size=h.block_size,
             mask_token_id=h.mask_token_id, shifted=h.shifted, time_conditioning=self.denoiser.time.spec(),
-            tokenizer=tokenizer_spec(getattr(data, "tokenizer", None)))
+            denoiser=self.builder.spec(), tokenizer=tokenizer_spec(getattr(data, "tokenizer", None)))
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         # The frozen tower was left out on save; put back the weights this module loaded from its path.

@@ -26,7 +26,7 @@ import torch
 
 from twotower.tokenizers import Tokenizer
 
-from .sources import STDLIB, stdlib_source_files
+from .sources import BUILTIN_SOURCES, stdlib_source_files
 
 
 def cache_file(cache_dir: str | os.PathLike, kind: str, settings: dict[str, Any]) -> Path:
@@ -59,10 +59,10 @@ def tokenizer_fingerprint(tokenizer: Tokenizer) -> str:
 
 def source_fingerprint(source: str) -> str:
     """Hash of the files behind `source` (paths, sizes, mtimes): a changed corpus misses the cache."""
-    if source == STDLIB:
+    if all(part in BUILTIN_SOURCES for part in source.split("+")):  # built-in sources all read the stdlib
         root = Path(sysconfig.get_paths()["stdlib"])
         files = stdlib_source_files()
-        header = f"stdlib {sys.version} {root}"
+        header = f"{source} {sys.version} {root}"
     else:
         root = Path(source).expanduser().resolve()
         files = sorted(p for p in root.rglob("*") if p.is_file()) if root.is_dir() else [root]

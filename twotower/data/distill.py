@@ -43,8 +43,8 @@ from torch.utils.data import DataLoader, Dataset
 from twotower.distributed import EpochShuffle
 from twotower.decoding import Autoregressive, Towers
 from twotower.hub import resolve_model
-from twotower.tokenizers import Tokenizer
-from twotower.towers.context import ContextTower
+from twotower.tokenizers import Tokenizer, find_tokenizer
+from twotower.towers.base import ContextTowerBase
 
 from .cache import files_fingerprint, cache_file, load_cache, save_cache
 from .packing import check_seq_len
@@ -53,6 +53,18 @@ from .text import TextDataModule
 
 # Bump when the cached distilled layout changes, so that stale caches are not reused.
 _FORMAT = 1
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+# Instructions wrapped around a real snippet to make a chat prompt (`DistilledDataModule(chat_fraction=...)`):
+# the backbone answers them itself, so the denoiser learns its assistant turns, not just plain text.
+CHAT_TEMPLATES = (
+    "Explain what the following text says, briefly:\n\n{snippet}",
+    "Continue this text:\n\n{snippet}",
+    "Summarize this in two sentences:\n\n{snippet}",
+    "What is the main idea of the following?\n\n{snippet}",
+    "Rewrite this more simply:\n\n{snippet}",
+    "Write a short note about this:\n\n{snippet}",
+)
 
 
 class _DistilledRows(Dataset):
@@ -65,8 +77,12 @@ class _DistilledRows(Dataset):
     """
 
     def __init__(self, real: torch.Tensor, prompt_len: torch.Tensor, *, shard_rows: int, split: str,
-                 distil=None, folder: Path | None = None, done: torch.Tensor | None = None) -> None:
+                 distil=None, folder: Path | None = None, done: torch.Tensor | None = None,
+                 stop_at: torch.Tensor | None = None, eos_id: int | None = None) -> None:
         self.real, self.prompt_len, self.shard_rows, self.split = real, prompt_len, shard_rows, split
+        # stop_at (N,) bool: rows whose targets end at the first EOS of the continuation (chat answers:
+        # what follows an answer's end is never generated at inference).
+        self.stop_at, self.eos_id = stop_at, eos_id
         self.distil, self.folder = distil, folder
         self._shards: dict[int, torch.Tensor] = {}
         if done is not None:
@@ -104,10 +120,16 @@ class _DistilledRows(Dataset):
 
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
         row = self.shard(i // self.shard_rows)[i % self.shard_rows]
-        return {"input_ids": row.long(), "loss_mask": self._pos >= self.prompt_len[i], "index": i}
+        mask = self._pos >= self.prompt_len[i]
+        if self.stop_at is not None and bool(self.stop_at[i]):
+            # The EOS itself stays a target (the model must learn to end), everything after it does not.
+            ends = ((row == self.eos_id) & mask).nonzero()
+            if len(ends):
+                mask &= self._pos <= int(ends[0])
+        return {"input_ids": row.long(), "loss_mask": mask, "index": i}
 
 
-def distill_rows(context: ContextTower, real: torch.Tensor, prompt_len: torch.Tensor, *, pad_token_id: int,
+def distill_rows(context: ContextTowerBase, real: torch.Tensor, prompt_len: torch.Tensor, *, pad_token_id: int,
                  batch_size: int = 128, temperature: float = 0.0, generator: torch.Generator | None = None,
                  progress: bool = True, desc: str = "distilling") -> torch.Tensor:
     """Replace real[i, prompt_len[i]:] with the context tower's continuation of real[i, :prompt_len[i]].
@@ -162,12 +184,18 @@ class DistilledDataModule(L.LightningDataModule):
     Args:
         backbone: the AR checkpoint directory or built-in name (the same one `DenoiserFineTuning` freezes).
         source, tokenizer, seq_len, block_size, val_fraction, cache_dir: as `TextDataModule`
-            (its packed rows supply the real prompts; train and held-out prompts stay apart).
+            (its packed rows supply the real prompts; train and held-out prompts stay apart);
+            tokenizer None: the backbone's own (`tokenizers.find_tokenizer`), else the byte tokenizer.
         num_train / num_val: rows to distil (a seeded random subset of the packed rows).
         min_prompt / max_prompt: prompt length range, in tokens; multiples of block_size.
         temperature: 0 distils the greedy continuation (what generation reproduces at temperature 0).
         gen_batch_size: rows per generation batch. device: where to generate ("auto": this rank's CUDA
-            device if there is one).
+            device if there is one). gen_dtype: the backbone's dtype while generating ("float32", or
+            "bfloat16": several times faster on CPUs with bf16 matrix units, but its greedy choices can
+            differ from float32's where two tokens nearly tie).
+        chat_fraction: this fraction of rows are chat prompts instead of text windows: one of
+            `CHAT_TEMPLATES` around the row's first `chat_snippet` tokens, through the tokenizer's chat
+            template, answered by the backbone (loss on the answer only). Needs a chat template.
         shard_rows: rows distilled (and cached) together when a batch first needs one of them; a
             multiple of batch_size keeps batches within a shard. Smaller: an earlier first step;
             larger: fewer, better-filled generation batches.
@@ -180,7 +208,8 @@ class DistilledDataModule(L.LightningDataModule):
                  block_size: int = 16, batch_size: int = 16, num_train: int = 4096, num_val: int = 128,
                  min_prompt: int = 16, max_prompt: int = 128, temperature: float = 0.0, gen_batch_size: int = 128,
                  val_fraction: float = 0.02, device: str = "auto", num_workers: int = 0, seed: int = 0,
-                 cache_dir: str | None = None, shard_rows: int = 32) -> None:
+                 cache_dir: str | None = None, shard_rows: int = 32, chat_fraction: float = 0.0,
+                 chat_snippet: int = 48, gen_dtype: str = "float32") -> None:
         super().__init__()
         check_seq_len(seq_len, block_size)
         for name, value in [("num_train", num_train), ("num_val", num_val), ("batch_size", batch_size),
@@ -194,9 +223,15 @@ class DistilledDataModule(L.LightningDataModule):
             raise ValueError(f"need min_prompt <= max_prompt < seq_len, got {min_prompt}, {max_prompt}, {seq_len}")
         if temperature < 0:
             raise ValueError(f"temperature must be >= 0, got {temperature}")
+        if not 0.0 <= chat_fraction <= 1.0:
+            raise ValueError(f"chat_fraction must be in [0, 1], got {chat_fraction!r}")
+        if gen_dtype not in _DTYPES:
+            raise ValueError(f"gen_dtype must be one of {sorted(_DTYPES)}, got {gen_dtype!r}")
         self.backbone = resolve_model(backbone, kind="backbone checkpoint")
         if not (self.backbone / "config.json").exists():
             raise FileNotFoundError(f"backbone checkpoint not found: {self.backbone / 'config.json'}")
+        if tokenizer is None:  # the backbone's own (HF files or "byte" in its config.json), as generation uses
+            tokenizer = find_tokenizer(self.backbone)
         self.text = TextDataModule(source, tokenizer=tokenizer, seq_len=seq_len, block_size=block_size,
                                    batch_size=batch_size, val_fraction=val_fraction, cache_dir=cache_dir, seed=seed)
         self.seq_len, self.block_size, self.batch_size = seq_len, block_size, batch_size
@@ -204,7 +239,8 @@ class DistilledDataModule(L.LightningDataModule):
         self.min_prompt, self.max_prompt = min_prompt, max_prompt
         self.temperature, self.gen_batch_size, self.device = temperature, gen_batch_size, device
         self.num_workers, self.seed, self.cache_dir, self.shard_rows = num_workers, seed, cache_dir, shard_rows
-        self._context: ContextTower | None = None
+        self.chat_fraction, self.chat_snippet, self.gen_dtype = chat_fraction, chat_snippet, gen_dtype
+        self._context: ContextTowerBase | None = None
         self.train_set: _DistilledRows | None = None
         self.val_set: _DistilledRows | None = None
 
@@ -219,6 +255,8 @@ class DistilledDataModule(L.LightningDataModule):
                     "num_train": self.num_train, "num_val": self.num_val, "min_prompt": self.min_prompt,
                     "max_prompt": self.max_prompt, "block_size": self.block_size, "temperature": self.temperature,
                     "seed": self.seed}
+        if self.chat_fraction or self.gen_dtype != "float32":  # absent otherwise: earlier caches keep their keys
+            settings.update(chat_fraction=self.chat_fraction, chat_snippet=self.chat_snippet, gen_dtype=self.gen_dtype)
         return cache_file(self.cache_dir, "distilled", settings)
 
     def _draw(self, data: torch.Tensor, n: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
@@ -229,7 +267,30 @@ class DistilledDataModule(L.LightningDataModule):
             take = take.repeat((n + take.numel() - 1) // take.numel())[:n]
         S = self.block_size
         p = torch.randint(self.min_prompt // S, self.max_prompt // S + 1, (n,), generator=gen) * S
-        return data[take], p
+        real = data[take].clone()
+        chat = torch.rand(n, generator=gen) < self.chat_fraction
+        for i in chat.nonzero().flatten().tolist():
+            prompt = self._chat_prompt(real[i], int(torch.randint(len(CHAT_TEMPLATES), (), generator=gen)))
+            real[i, :len(prompt)] = torch.tensor(prompt, dtype=real.dtype)
+            p[i] = len(prompt)
+        return real, p, chat
+
+    def _chat_prompt(self, row: torch.Tensor, template: int) -> list[int]:
+        """A chat prompt (the tokenizer's chat template, generation prompt added) asking about the
+        row's first `chat_snippet` tokens. Its length is not a multiple of the block size: training
+        blocks then also start mid-answer, as they do at inference after the first block."""
+        hf = getattr(self.tokenizer, "hf", None)
+        if hf is None or not getattr(hf, "chat_template", None):
+            raise ValueError(f"chat_fraction={self.chat_fraction} needs a tokenizer with a chat template; "
+                             f"{self.tokenizer!r} has none (set chat_fraction: 0)")
+        snippet = self.tokenizer.decode(row[:self.chat_snippet].tolist()).strip()
+        messages = [{"role": "user", "content": CHAT_TEMPLATES[template].format(snippet=snippet)}]
+        ids = hf.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+        ids = list(ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids)
+        if len(ids) > self.seq_len - self.block_size:
+            raise ValueError(f"a chat prompt of {len(ids)} tokens leaves less than one block of seq_len="
+                             f"{self.seq_len}; lower chat_snippet ({self.chat_snippet}) or raise seq_len")
+        return ids
 
     def setup(self, stage: str | None = None) -> None:
         """Draw the prompts (cheap) and find what the cache already holds; distil nothing yet."""
@@ -242,11 +303,12 @@ class DistilledDataModule(L.LightningDataModule):
         gen = torch.Generator().manual_seed(self.seed)
         sets = {}
         for split, data, n in [("train", self.text.train_data, self.num_train), ("val", self.text.val_data, self.num_val)]:
-            real, p = self._draw(data, n, gen)
+            real, p, chat = self._draw(data, n, gen)
             if split in whole:
                 p = whole[f"{split}_prompt"]
             sets[split] = _DistilledRows(real, p, shard_rows=self.shard_rows, split=split, distil=self._distil,
-                                         folder=folder, done=whole.get(split))
+                                         folder=folder, done=whole.get(split), stop_at=chat,
+                                         eos_id=self.tokenizer.eos_token_id)
         self.train_set, self.val_set = sets["train"], sets["val"]
 
     def _distil(self, real: torch.Tensor, p: torch.Tensor, desc: str) -> torch.Tensor:
@@ -254,7 +316,9 @@ class DistilledDataModule(L.LightningDataModule):
             device = self.device
             if device == "auto":
                 device = f"cuda:{torch.cuda.current_device()}" if torch.cuda.is_available() else "cpu"
-            self._context = ContextTower.from_pretrained(self.backbone, device=device).eval()
+            # Any registered family: the backbone's config.json names it.
+            self._context = ContextTowerBase.from_pretrained(self.backbone, device=device,
+                                                             dtype=_DTYPES[self.gen_dtype]).eval()
         # Seeded per shard: a shard's rows do not depend on which shards were made before it.
         gen = torch.Generator(device=next(self._context.parameters()).device).manual_seed(self.seed + int(p.sum()))
         return distill_rows(self._context, real, p, pad_token_id=self.tokenizer.pad_token_id,

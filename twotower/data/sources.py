@@ -3,6 +3,9 @@
 `iter_documents` turns a source into `Document(name, text)`s in a deterministic order:
 
     "stdlib"            one document per standard-library `.py` file (no download needed)
+    "stdlib-docs"       English prose: one document per stdlib file's docstrings, plus one per topic
+                        of the interpreter's own reference pages (`pydoc_data.topics`)
+    "A+B"               the documents of built-in sources A and B, in that order (e.g. "stdlib+stdlib-docs")
     a folder            one per file matching a glob; `.jsonl` files among them, one per line
     a `.jsonl` file     one per line's text field, named `file.jsonl:LINE`
     a `datasets` dir    one per row's text field, all splits (what `save_to_disk` writes)
@@ -26,6 +29,10 @@ from typing import NamedTuple
 # The literal source name for the embedded corpus. A local folder called "stdlib" can still be
 # used by spelling it as a path ("./stdlib").
 STDLIB = "stdlib"
+# English prose that every Python ships: docstrings and the reference topics of `help()`.
+STDLIB_DOCS = "stdlib-docs"
+# Shorter docstring collections are mostly one-liners, not prose.
+_MIN_DOCSTRING_CHARS = 400
 
 # Directories of the stdlib that are not representative library code (test suites, the IDLE
 # app, the deprecated 2to3 fixers, turtle demos) or not stdlib at all (installed packages).
@@ -60,6 +67,46 @@ def stdlib_source_files() -> list[Path]:
         subdirs[:] = [d for d in subdirs if d not in _STDLIB_EXCLUDED_DIRS and d != "__pycache__"]
         files += [Path(directory, n) for n in names if n.endswith(".py")]
     return sorted(p for p in files if p.is_file())
+
+
+def _docstrings(text: str) -> str:
+    """Every docstring of a module (module, classes, functions), blank-line separated, in source order."""
+    import ast
+
+    try:
+        tree = ast.parse(text)
+    except (SyntaxError, ValueError):  # a stdlib file of another Python version's grammar
+        return ""
+    nodes = [tree] + [n for n in ast.walk(tree) if isinstance(n, (ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef))]
+    docs = [ast.get_docstring(n) for n in nodes]
+    return "\n\n".join(d.strip() for d in docs if d and len(d.split()) > 3)
+
+
+def stdlib_docs_documents() -> Iterator[Document]:
+    """English prose from the interpreter itself: per stdlib file, its docstrings (when they add up to
+    `_MIN_DOCSTRING_CHARS`), then the reference topics `help()` shows (`pydoc_data.topics`)."""
+    root = Path(sysconfig.get_paths()["stdlib"])
+    for path in stdlib_source_files():
+        prose = _docstrings(_read_text(path))
+        if len(prose) >= _MIN_DOCSTRING_CHARS:
+            yield Document(f"docs:{path.relative_to(root).as_posix()}", prose)
+    try:
+        from pydoc_data.topics import topics
+    except ImportError:  # some distributions leave the help topics out
+        return
+    for name in sorted(topics):
+        yield Document(f"topics:{name}", topics[name].strip())
+
+
+BUILTIN_SOURCES = {STDLIB: lambda: _stdlib_documents(), STDLIB_DOCS: stdlib_docs_documents}
+
+
+def _stdlib_documents() -> Iterator[Document]:
+    root = Path(sysconfig.get_paths()["stdlib"])
+    for path in stdlib_source_files():
+        text = _read_text(path)
+        if text:
+            yield Document(path.relative_to(root).as_posix(), text)
 
 
 def _read_text(path: Path) -> str:
@@ -143,6 +190,8 @@ def iter_documents(
 
     Source kinds (empty documents are skipped):
       * "stdlib": one document per `stdlib_source_files()` file, named by its relative path.
+      * "stdlib-docs": English prose (`stdlib_docs_documents`), named `docs:PATH` / `topics:NAME`.
+      * "A+B": built-in sources chained, e.g. "stdlib+stdlib-docs".
       * a folder: one document per file matching `pattern` (sorted), named by its relative
         path; `.jsonl` files among them contribute one document per line.
       * a `.jsonl` file: one document per line's `text_field`, named `file.jsonl:LINE`.
@@ -150,12 +199,10 @@ def iter_documents(
       * any other file: one document per blank-line-separated block, named `file#K`.
     Files are read as UTF-8 with errors="replace".
     """
-    if str(source) == STDLIB:
-        root = Path(sysconfig.get_paths()["stdlib"])
-        for path in stdlib_source_files():
-            text = _read_text(path)
-            if text:
-                yield Document(path.relative_to(root).as_posix(), text)
+    parts = str(source).split("+")
+    if all(p in BUILTIN_SOURCES for p in parts):
+        for part in parts:
+            yield from BUILTIN_SOURCES[part]()
         return
     path = Path(source).expanduser()
     if not path.exists():

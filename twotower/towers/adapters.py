@@ -1,0 +1,221 @@
+"""How a denoiser tower is made from the context tower: a full copy, or low-rank adapters over it.
+
+A `DenoiserBuilder` turns a (frozen) context tower into a trainable denoiser tower; training
+(`DenoiserFineTuning(denoiser=...)`), export and loading choose one by `class_path`:
+
+* `FullCopy` (the default, and the released design): the denoiser owns a copy of every weight
+  (`DenoiserTowerBase.from_context`). Two towers cost 2x the backbone's bytes.
+* `LoRA`: the denoiser *borrows* the context tower's modules (embeddings, norms, LM head and every
+  projection) and owns only a low-rank update ``B A`` on chosen projections plus the time
+  conditioning. The pair costs the backbone plus a few percent, and an adapter checkpoint is a few
+  MB that loads over a named or given backbone (`TwoTowerLM.save_pretrained(adapter_only=True)`).
+
+Borrowing, not copying, is what saves the memory: a `Borrowed` module calls the context's module
+but is not registered, so it is absent from the denoiser's parameters, state dict and `.to()`.
+The two towers therefore must live on one device (`TwoTowerLM.place_towers_on_devices` refuses
+otherwise). With B = 0 at initialisation (and the identity time init) a fresh LoRA denoiser
+computes exactly the AR layers, as a fresh full copy does.
+"""
+
+from __future__ import annotations
+
+import abc
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch import Tensor
+
+from .base import ContextTowerBase, DenoiserTowerBase, family_for
+
+__all__ = ["DenoiserBuilder", "FullCopy", "LoRA", "LoRALinear", "Borrowed", "builder_from_spec", "is_adapter"]
+
+# Every projection of the Llama family's layers; NemotronH's Mamba / attention / MLP projections
+# share these names where they exist (in_proj, out_proj, ...: add them to `targets`).
+LLAMA_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+class Borrowed(nn.Module):
+    """Calls a module that another tower owns, without owning it.
+
+    The target is kept out of `_modules` on purpose: its weights then appear once (in the owner's
+    state dict), are moved once (by the owner's `.to()`), and receive no gradient from this side.
+    Attribute reads that this wrapper lacks (`weight`, `eps`, ...) fall through to the target.
+    """
+
+    def __init__(self, target: nn.Module):
+        super().__init__()
+        self.__dict__["target"] = target  # not a registered submodule: see the class docstring
+
+    def forward(self, *args, **kwargs):
+        return self.__dict__["target"](*args, **kwargs)
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(self.__dict__["target"], name)
+
+    def extra_repr(self) -> str:
+        return f"borrows {type(self.__dict__['target']).__name__}"
+
+
+class LoRALinear(nn.Module):
+    """y = base(x) + (alpha / rank) * x A^T B^T, with `base` borrowed (frozen, not owned).
+
+    A (rank, in) starts Kaiming-uniform and B (out, rank) at zero, so the layer starts equal to
+    `base` (the usual LoRA initialisation: training moves B first).
+    """
+
+    def __init__(self, base: nn.Linear, rank: int, alpha: float):
+        super().__init__()
+        self.__dict__["base"] = base  # borrowed, see `Borrowed`
+        w = base.weight
+        self.rank, self.scaling = rank, alpha / rank
+        self.lora_A = nn.Parameter(torch.empty(rank, base.in_features, device=w.device, dtype=w.dtype))
+        self.lora_B = nn.Parameter(torch.zeros(base.out_features, rank, device=w.device, dtype=w.dtype))
+        with torch.no_grad():
+            # Seeded on the CPU, then moved: the same init on every device (as the time modules are).
+            a = torch.empty(rank, base.in_features)
+            nn.init.kaiming_uniform_(a, a=math.sqrt(5))
+            self.lora_A.copy_(a)
+
+    @property
+    def weight(self) -> Tensor:
+        """The base weight (read by code that asks a projection for its dtype or device)."""
+        return self.__dict__["base"].weight
+
+    @property
+    def bias(self) -> Tensor | None:
+        return self.__dict__["base"].bias
+
+    def forward(self, x: Tensor) -> Tensor:
+        update = F.linear(F.linear(x, self.lora_A.to(x.dtype)), self.lora_B.to(x.dtype))
+        return torch.add(self.__dict__["base"](x), update, alpha=self.scaling)
+
+    def extra_repr(self) -> str:
+        base = self.__dict__["base"]
+        return f"in={base.in_features}, out={base.out_features}, rank={self.rank}, scaling={self.scaling:g}"
+
+
+class DenoiserBuilder(abc.ABC):
+    """Makes a denoiser tower from a context tower. Subclasses are chosen by `class_path`
+    (`DenoiserFineTuning(denoiser=...)`, config.json's "denoiser" entry) and must round-trip
+    through `spec()` / `builder_from_spec`."""
+
+    @abc.abstractmethod
+    def build(self, context: ContextTowerBase, *, time_init: str = "identity", time: dict | None = None,
+              device=None) -> DenoiserTowerBase:
+        """A fresh denoiser over `context` (on `device`, None: the context's)."""
+
+    def init_args(self) -> dict:
+        """The constructor arguments that rebuild this builder (JSON-serialisable)."""
+        return {}
+
+    def spec(self) -> dict:
+        """{"class_path", "init_args"}: what config.json and checkpoints record."""
+        cls = type(self)
+        return {"class_path": f"{cls.__module__}.{cls.__qualname__}", "init_args": self.init_args()}
+
+    def __repr__(self) -> str:
+        args = ", ".join(f"{k}={v!r}" for k, v in self.init_args().items())
+        return f"{type(self).__name__}({args})"
+
+
+class FullCopy(DenoiserBuilder):
+    """The released design: the denoiser owns a copy of every context weight (+ time conditioning)."""
+
+    def build(self, context, *, time_init="identity", time=None, device=None):
+        return family_for(context.config).denoiser.from_context(context, time_init=time_init, time=time, device=device)
+
+
+class LoRA(DenoiserBuilder):
+    """Low-rank adapters on the context tower's own projections; everything else is borrowed.
+
+    Args:
+        rank: r of each update B A (r x in and out x r parameters per projection).
+        alpha: the update is scaled by alpha / rank (so a change of rank keeps the step size).
+        targets: the projection names (last component of the module path) that get an adapter.
+    """
+
+    def __init__(self, rank: int = 32, alpha: float = 32.0, targets: list[str] | tuple[str, ...] = LLAMA_PROJECTIONS):
+        if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
+            raise ValueError(f"LoRA rank must be an int >= 1, got {rank!r}")
+        if not isinstance(alpha, (int, float)) or isinstance(alpha, bool) or alpha <= 0:
+            raise ValueError(f"LoRA alpha must be a number > 0, got {alpha!r}")
+        if isinstance(targets, str) or not targets or not all(isinstance(t, str) for t in targets):
+            raise ValueError(f"LoRA targets must be a non-empty list of projection names, got {targets!r}")
+        self.rank, self.alpha, self.targets = rank, float(alpha), tuple(targets)
+
+    def init_args(self) -> dict:
+        return {"rank": self.rank, "alpha": self.alpha, "targets": list(self.targets)}
+
+    def build(self, context, *, time_init="identity", time=None, device=None):
+        from ..time_embedding import build_time_conditioning
+
+        p = next(context.parameters())
+        if device is not None and torch.device(device) != p.device:
+            raise ValueError(f"a LoRA denoiser borrows the context tower's weights, which are on {p.device}; "
+                             f"it cannot be built on {device} (use FullCopy for two devices)")
+        cls = family_for(context.config).denoiser
+        with torch.device("meta"):  # the skeleton: every weight is replaced below, none is allocated
+            den = cls(context.config, time_init=time_init, time=time)
+        den.time = build_time_conditioning(time, context.config.hidden_size, den.num_modulated,
+                                           time_init=time_init).to(device=p.device, dtype=p.dtype)
+        adapted = self._adapt(den.backbone, context.backbone)
+        if not adapted:
+            raise ValueError(f"LoRA targets {list(self.targets)} match no linear layer of {type(context).__name__}; "
+                             f"its projections are named e.g. {sorted(_linear_names(context.backbone))[:8]}")
+        den.lm_head = Borrowed(context.lm_head)
+        left = [n for n, t in den.named_parameters() if t.is_meta]
+        if left:
+            raise RuntimeError(f"LoRA skeleton of {cls.__name__} kept meta weights {left[:5]}: a module of this "
+                               "family is neither borrowed nor adapted")
+        return den
+
+    def _adapt(self, skeleton: nn.Module, owner: nn.Module) -> int:
+        """Replace every child of `skeleton` by a LoRA wrapper (a target linear) or a `Borrowed`
+        owner module (anything else holding weights), recursing through plain containers.
+        Returns how many adapters were made."""
+        count = 0
+        for name, child in list(skeleton.named_children()):
+            theirs = getattr(owner, name)
+            if isinstance(theirs, nn.Linear) and name in self.targets:
+                setattr(skeleton, name, LoRALinear(theirs, self.rank, self.alpha))
+                count += 1
+            elif any(True for _ in child.parameters(recurse=False)) or not any(True for _ in child.children()):
+                if any(True for _ in child.parameters()):
+                    setattr(skeleton, name, Borrowed(theirs))
+            else:
+                count += self._adapt(child, theirs)
+        return count
+
+
+def _linear_names(module: nn.Module) -> set[str]:
+    return {n.rsplit(".", 1)[-1] for n, m in module.named_modules() if isinstance(m, nn.Linear)}
+
+
+def builder_from_spec(spec: dict | DenoiserBuilder | None) -> DenoiserBuilder:
+    """A builder from its {"class_path", "init_args"} record (None: `FullCopy`)."""
+    if spec is None:
+        return FullCopy()
+    if isinstance(spec, DenoiserBuilder):
+        return spec
+    import importlib
+
+    path = spec.get("class_path", "") if isinstance(spec, dict) else ""
+    module, _, name = path.rpartition(".")
+    try:
+        cls = getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError, ValueError) as e:
+        raise ValueError(f"denoiser builder {path!r} cannot be imported ({e}); expected e.g. "
+                         "twotower.towers.adapters.LoRA") from None
+    if not (isinstance(cls, type) and issubclass(cls, DenoiserBuilder)):
+        raise ValueError(f"denoiser builder {path!r} is not a twotower.towers.adapters.DenoiserBuilder")
+    return cls(**spec.get("init_args", {}))
+
+
+def is_adapter(denoiser: nn.Module) -> bool:
+    """Whether `denoiser` borrows weights from its context tower (a LoRA denoiser)."""
+    return any(isinstance(m, (Borrowed, LoRALinear)) for m in denoiser.modules())
