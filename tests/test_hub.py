@@ -114,3 +114,24 @@ def test_config_takes_a_shipped_recipe_by_name(tmp_path, monkeypatch):
     assert resolve_configs(["predict", "--config", "generate.yaml"])[2] == "generate.yaml"  # a local file wins
     with pytest.raises(FileNotFoundError, match="recipe 'nope' does not exist.*shipped: .*generate.yaml"):
         hub.resolve_recipe("nope")
+
+
+def test_an_adapter_records_a_builtin_backbone_name_and_its_tokenizer(tmp_path, monkeypatch):
+    """A LoRA model over a backbone given by name references the name (portable across installs) and
+    writes the tokenizer it is given, as save_pretrained does for full models."""
+    import json
+
+    from conftest import save_tiny_llama
+
+    from twotower.tokenizers import ByteTokenizer
+    from twotower.towers.adapters import LoRA
+
+    save_tiny_llama(tmp_path / "llama", seed=3, vocab_size=260)  # a bare transformers folder, no tokenizer
+    monkeypatch.setattr(hub, "_MODELS", dict(hub._MODELS))
+    hub.register_model("tiny-llama", lambda: tmp_path / "llama")
+    model = TwoTowerLM.from_backbone("tiny-llama", denoiser=LoRA(rank=2))
+    model.save_pretrained(tmp_path / "adapter", tokenizer=ByteTokenizer(260))
+    raw = json.loads((tmp_path / "adapter" / "config.json").read_text())
+    assert raw["backbone"] == "tiny-llama" and raw["tokenizer"] == "byte"
+    back = TwoTowerLM.from_pretrained(tmp_path / "adapter")
+    assert isinstance(back.tokenizer, ByteTokenizer) and same_weights(back, model)
