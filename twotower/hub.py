@@ -26,8 +26,8 @@ import os
 from collections.abc import Callable
 from pathlib import Path
 
-__all__ = ["register_model", "resolve_model", "builtin_name", "model_reference", "known_models", "resolve_recipe", "find_recipe", "shipped_recipes",
-           "PACKAGE_DIR", "ASSETS_DIR", "RECIPES_DIR"]
+__all__ = ["register_model", "resolve_model", "builtin_name", "model_reference", "known_models", "resolve_recipe",
+           "find_recipe", "shipped_recipes", "PACKAGE_DIR", "ASSETS_DIR", "RECIPES_DIR"]
 
 PACKAGE_DIR = Path(__file__).resolve().parent
 ASSETS_DIR = PACKAGE_DIR / "assets"
