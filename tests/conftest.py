@@ -69,6 +69,43 @@ def randomize_(module: torch.nn.Module, seed: int = 0, scale: float = 0.2) -> to
     return module
 
 
+def trained_time_steps_(module: torch.nn.Module, seed: int = 0, bc_scale: float = 3.0) -> torch.nn.Module:
+    """Put every Mamba-2 mixer of `module` (our tower or transformers' NemotronH) in the regime of
+    trained checkpoints, where the time-step clamp (`time_step_limit`) decides the numbers.
+
+    `randomize_` never gets there: its dt = softplus(dt_raw + dt_bias) stays above 0.05, and a fresh
+    model starts in [time_step_min, time_step_max]. Trained heads go below time_step_min (1e-3).
+    Here dt_bias runs from -9 to 0.5 across heads, so with dt_raw ~ N(0, ~1) the first head's dt
+    is about 1e-4 (always below 1e-3), the second straddles 1e-3 and the rest are ordinary; the
+    in_proj rows that produce B and C are scaled by `bc_scale`, so that such small steps still
+    move the logits well above test tolerance (a floor at 1e-3 changes them by far more).
+    """
+    g = torch.Generator().manual_seed(seed + 77)
+    with torch.no_grad():
+        for mixer in module.modules():
+            if not (hasattr(mixer, "dt_bias") and hasattr(mixer, "in_proj") and hasattr(mixer, "conv1d")):
+                continue
+            h = mixer.dt_bias.numel()
+            mixer.dt_bias.copy_(torch.linspace(-9.0, 0.5, h)[torch.randperm(h, generator=g)])
+            # in_proj rows: [z (I) | x (I) | B (g n) | C (g n) | dt (h)], with conv_dim = I + 2 g n.
+            conv_dim = mixer.conv1d.out_channels
+            inter = mixer.in_proj.out_features - conv_dim - h
+            mixer.in_proj.weight[2 * inter: inter + conv_dim] *= bc_scale
+    return module
+
+
+INF = float("inf")
+# The builders' dt regimes, for tests that must hold in each: random init (dt >= 0.05); trained
+# time steps (`trained_time_steps_`, small chunks so that scans span many chunks) with
+# transformers' default time_step_limit (no clamp); the same with a recorded floor at 1e-3.
+DT_REGIMES = {
+    "random": {},
+    "low_dt": dict(low_dt=True, chunk_size=4),
+    "low_dt_floor": dict(low_dt=True, chunk_size=4, time_step_limit=[0.001, INF]),
+}
+dt_regimes = pytest.mark.parametrize("regime", list(DT_REGIMES.values()), ids=list(DT_REGIMES))
+
+
 @pytest.fixture
 def config() -> NemotronHConfig:
     return tiny_config()
@@ -108,11 +145,13 @@ def randomize_time_(denoiser, seed: int) -> None:
 BYTE_CHECKPOINT = dict(vocab_size=260, scale=0.1)  # the on-disk tiny checkpoints: byte-tokenizer vocabulary
 
 
-def make_context(pattern: str = "M*-EM*E", seed: int = 0, scale: float = 0.2, **overrides):
-    """A random tiny ContextTower (eval mode) on tiny_config(pattern, **overrides)."""
+def make_context(pattern: str = "M*-EM*E", seed: int = 0, scale: float = 0.2, *, low_dt: bool = False, **overrides):
+    """A random tiny ContextTower (eval mode) on tiny_config(pattern, **overrides); low_dt: with
+    trained_time_steps_(seed) applied (time steps below time_step_min)."""
     from twotower.towers.context import ContextTower
 
-    return randomize_(ContextTower(tiny_config(pattern, **overrides)), seed=seed, scale=scale).eval()
+    tower = randomize_(ContextTower(tiny_config(pattern, **overrides)), seed=seed, scale=scale)
+    return (trained_time_steps_(tower, seed) if low_dt else tower).eval()
 
 
 def perturb_denoiser_(den, seed: int, *, identity: bool = False, time_seed: int | None = None,
@@ -137,40 +176,46 @@ def perturb_denoiser_(den, seed: int, *, identity: bool = False, time_seed: int 
 
 def make_towers(pattern: str = "M*-EM*E", seed: int = 0, *, scale: float = 0.2, time_init: str = "identity",
                 identity: bool = False, time_seed: int | None = None, time_scale: float = 0.05,
-                denoiser_seed: int | None = None, **overrides):
-    """(context, denoiser): make_context(pattern, seed, scale, **overrides) and its denoiser copy
-    (DenoiserTower.from_context(ctx, time_init=...)), perturbed by perturb_denoiser_ (default: random
-    time modules; identity / time_seed / denoiser_seed as there). Both in eval mode."""
+                denoiser_seed: int | None = None, low_dt: bool = False, **overrides):
+    """(context, denoiser): make_context(pattern, seed, scale, low_dt=..., **overrides) and its denoiser
+    copy (DenoiserTower.from_context(ctx, time_init=...)), perturbed by perturb_denoiser_ (default:
+    random time modules; identity / time_seed / denoiser_seed as there). Both in eval mode; with
+    low_dt a randomized denoiser gets trained time steps too."""
     from twotower.towers.denoiser import DenoiserTower
 
-    ctx = make_context(pattern, seed, scale, **overrides)
+    ctx = make_context(pattern, seed, scale, low_dt=low_dt, **overrides)
     den = DenoiserTower.from_context(ctx, time_init=time_init).eval()
     perturb_denoiser_(den, seed, identity=identity, time_seed=time_seed, time_scale=time_scale,
                       denoiser_seed=denoiser_seed, scale=scale)
+    if low_dt and denoiser_seed is not None:
+        trained_time_steps_(den, denoiser_seed)
     return ctx, den
 
 
 def make_model(seed: int = 0, block_size: int | None = 8, pattern: str = "M*-EM*E", *, scale: float = 0.2,
                identity: bool = False, time_seed: int | None = None, time_scale: float = 0.05,
-               denoiser_seed: int | None = None, **overrides):
-    """A TwoTowerLM (eval mode): TwoTowerLM.from_backbone(make_context(pattern, seed, scale, **overrides),
-    block_size=...) with its denoiser perturbed by perturb_denoiser_ (default: random time
-    modules; identity=True: from_backbone as is). block_size=None: from_backbone's default (16)."""
+               denoiser_seed: int | None = None, low_dt: bool = False, **overrides):
+    """A TwoTowerLM (eval mode): TwoTowerLM.from_backbone(make_context(pattern, seed, scale, low_dt=...,
+    **overrides), block_size=...) with its denoiser perturbed by perturb_denoiser_ (default: random
+    time modules; identity=True: from_backbone as is). block_size=None: from_backbone's default (16)."""
     from twotower.model import TwoTowerLM
 
     kwargs = {} if block_size is None else {"block_size": block_size}
-    model = TwoTowerLM.from_backbone(make_context(pattern, seed, scale, **overrides), **kwargs)
+    model = TwoTowerLM.from_backbone(make_context(pattern, seed, scale, low_dt=low_dt, **overrides), **kwargs)
     perturb_denoiser_(model.denoiser, seed, identity=identity, time_seed=time_seed, time_scale=time_scale,
                       denoiser_seed=denoiser_seed, scale=scale)
+    if low_dt and denoiser_seed is not None:
+        trained_time_steps_(model.denoiser, denoiser_seed)
     return model.eval()
 
 
-def make_hf_model(pattern: str = "M*-EM*E", seed: int = 0, **overrides):
-    """transformers' NemotronHForCausalLM (eval mode) on tiny_config(pattern, **overrides), randomize_(seed):
-    the independent reference."""
+def make_hf_model(pattern: str = "M*-EM*E", seed: int = 0, *, low_dt: bool = False, **overrides):
+    """transformers' NemotronHForCausalLM (eval mode) on tiny_config(pattern, **overrides), randomize_(seed)
+    (and trained_time_steps_(seed) with low_dt): the independent reference."""
     from transformers import NemotronHForCausalLM
 
-    return randomize_(NemotronHForCausalLM(tiny_config(pattern, **overrides)).eval(), seed=seed)
+    ref = randomize_(NemotronHForCausalLM(tiny_config(pattern, **overrides)).eval(), seed=seed)
+    return trained_time_steps_(ref, seed) if low_dt else ref
 
 
 def hf_backbone_state(ref) -> dict[str, torch.Tensor]:
@@ -178,12 +223,12 @@ def hf_backbone_state(ref) -> dict[str, torch.Tensor]:
     return {k.removeprefix("model."): v.detach().clone() for k, v in ref.state_dict().items()}
 
 
-def make_hf_pair(pattern: str = "M*-EM*E", seed: int = 0, **overrides):
-    """(reference, tower): make_hf_model(pattern, seed, **overrides) and our ContextTower (eval mode)
-    holding the same weights."""
+def make_hf_pair(pattern: str = "M*-EM*E", seed: int = 0, *, low_dt: bool = False, **overrides):
+    """(reference, tower): make_hf_model(pattern, seed, low_dt=..., **overrides) and our ContextTower
+    (eval mode) holding the same weights."""
     from twotower.towers.context import ContextTower
 
-    ref = make_hf_model(pattern, seed, **overrides)
+    ref = make_hf_model(pattern, seed, low_dt=low_dt, **overrides)
     tower = ContextTower(ref.config).eval()
     tower.load_backbone_state(hf_backbone_state(ref))
     return ref, tower
@@ -405,3 +450,37 @@ def save_tiny_llama(path, seed: int = 0, **overrides):
     randomize_(hf, seed=seed, scale=0.2)
     hf.save_pretrained(path)
     return hf.eval()
+
+
+# ----------------------------------------------------------------------------- a chat backbone
+
+CHAT_SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]  # ids 0 (unk / pad), 1 (bos), 2 (eos)
+CHAT_TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+                 "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+def save_chat_tokenizer(path):
+    """A byte-level BPE tokenizer (3 specials + the 256 byte symbols + a few merges, no download) with a
+    ChatML chat template, saved as transformers writes it; eos is <|im_end|> (id 2). Returns its size."""
+    from tokenizers import Tokenizer as RawTokenizer
+    from tokenizers import decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    merges = [("Ġ", "t"), ("h", "e"), ("Ġt", "he"), ("i", "n"), ("e", "r"), ("a", "n"), ("o", "n"), ("r", "e")]
+    tokens = CHAT_SPECIALS + list(bytes_to_unicode().values()) + [a + b for a, b in merges]
+    raw = RawTokenizer(models.BPE({t: i for i, t in enumerate(tokens)}, merges))
+    raw.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    raw.decoder = decoders.ByteLevel()
+    fast = PreTrainedTokenizerFast(tokenizer_object=raw, unk_token="<|endoftext|>", pad_token="<|endoftext|>",
+                                   bos_token="<|im_start|>", eos_token="<|im_end|>", chat_template=CHAT_TEMPLATE)
+    fast.save_pretrained(str(path))
+    return len(tokens)
+
+
+def save_chat_llama(path, seed: int = 0, **overrides):
+    """A tiny random Llama backbone folder (transformers' own files) with `save_chat_tokenizer`'s
+    tokenizer beside it, the vocabulary sized to fit; returns the path."""
+    vocab = save_chat_tokenizer(path)
+    save_tiny_llama(path, seed=seed, **({"vocab_size": vocab} | overrides))
+    return path

@@ -395,3 +395,80 @@ def test_prompt_datamodule_from_file_and_errors(tmp_path):
         PromptDataModule(prompt_list=["x", ""], add_bos=False).setup()
     with pytest.raises(ValueError, match="exactly one"):
         PromptDataModule()
+
+
+# ----------------------------------------------------------------------------- built-in sources
+
+STOPWORDS = {"the", "a", "an", "of", "to", "is", "and", "in", "it", "if", "for", "this", "that", "be", "are", "or"}
+FEW_STDLIB = ["json/__init__.py", "keyword.py", "textwrap.py", "this.py"]  # 8.9k, 0.4k, 6.4k, 0 docstring chars
+
+
+@pytest.fixture
+def few_stdlib_files(monkeypatch):
+    """Make the built-in sources read 4 stdlib files only (sorted as stdlib_source_files() sorts)."""
+    import twotower.data.sources as sources
+
+    root = Path(sysconfig.get_paths()["stdlib"])
+    files = sorted(root / f for f in FEW_STDLIB)
+    monkeypatch.setattr(sources, "stdlib_source_files", lambda: files)
+    return files
+
+
+def _stopword_share(text: str) -> float:
+    """The share of words that are common English function words (about a fifth in prose, little in code)."""
+    import re
+
+    words = re.findall(r"[A-Za-z]+", text.lower())
+    return sum(w in STOPWORDS for w in words) / max(1, len(words))
+
+
+def test_stdlib_docs_are_docstrings_and_help_topics(few_stdlib_files):
+    import inspect
+    import json as json_module
+    import textwrap
+
+    docs = list(iter_documents("stdlib-docs"))
+    files = [d for d in docs if d.name.startswith("docs:")]
+    topics = [d for d in docs if d.name.startswith("topics:")]
+    assert len(files) + len(topics) == len(docs) and docs[:len(files)] == files  # files first, then topics
+    # keyword.py's docstrings are too short to count as prose; this.py has none.
+    assert [d.name for d in files] == ["docs:json/__init__.py", "docs:textwrap.py"]
+    js, tw = files[0].text, files[1].text
+    assert js.startswith(json_module.__doc__.strip()[:200]) and inspect.getdoc(json_module.dumps) in js
+    assert inspect.getdoc(textwrap.TextWrapper.wrap) in tw
+    assert "def dumps(" not in js and "import codecs" not in js  # the code itself is left out
+    for d in files:
+        assert _stopword_share(d.text) > 0.1, d.name
+    code = (Path(sysconfig.get_paths()["stdlib"]) / "json/__init__.py").read_text()
+    assert _stopword_share(code) < _stopword_share(js)
+    pydoc_topics = pytest.importorskip("pydoc_data.topics").topics
+    assert [d.name for d in topics] == [f"topics:{k}" for k in sorted(pydoc_topics)]
+    assert all(d.text == pydoc_topics[d.name.removeprefix("topics:")].strip() and d.text for d in topics)
+    assert _stopword_share(" ".join(d.text for d in topics)) > 0.1
+
+
+def test_builtin_sources_chain_in_order(few_stdlib_files, tmp_path):
+    code = list(iter_documents("stdlib"))
+    prose = list(iter_documents("stdlib-docs"))
+    assert [d.name for d in code] == ["json/__init__.py", "keyword.py", "textwrap.py", "this.py"]
+    assert list(iter_documents("stdlib+stdlib-docs")) == code + prose
+    assert list(iter_documents("stdlib-docs+stdlib")) == prose + code
+    # A name that is not built-in makes the whole source a path.
+    with pytest.raises(FileNotFoundError):
+        list(iter_documents("stdlib+nonexistent-corpus"))
+
+
+def test_stdlib_cache_fingerprint_is_unchanged_and_other_builtins_get_their_own():
+    import hashlib
+
+    from twotower.data.cache import source_fingerprint
+
+    # The rule before "stdlib-docs" existed: header "stdlib {version} {root}", then each file's stats.
+    root = Path(sysconfig.get_paths()["stdlib"])
+    h = hashlib.sha256(f"stdlib {sys.version} {root}".encode())
+    for p in stdlib_source_files():
+        st = p.stat()
+        h.update(f"\n{p.relative_to(root).as_posix()}\t{st.st_size}\t{st.st_mtime_ns}".encode())
+    assert source_fingerprint("stdlib") == h.hexdigest()
+    keys = {source_fingerprint(s) for s in ("stdlib", "stdlib-docs", "stdlib+stdlib-docs", "stdlib-docs+stdlib")}
+    assert len(keys) == 4

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import make_towers, randomize_
+from conftest import dt_regimes, make_towers, randomize_
 
 from twotower.caches import HybridCache
 from twotower.time_embedding import AdaLNSingle, sinusoidal_features
@@ -15,10 +15,11 @@ from twotower.towers.denoiser import block_attention_mask
 PERTURBED = dict(seed=0, time_init="pixart", denoiser_seed=100)
 
 
+@dt_regimes
 @pytest.mark.parametrize("pattern", ["M*-EM*E", "*M", "EM-*"])
 @pytest.mark.parametrize("S", [4, 8])
-def test_training_forward_equals_per_block_inference(pattern, S):
-    ctx, den = make_towers(pattern, **PERTURBED)
+def test_training_forward_equals_per_block_inference(pattern, S, regime):
+    ctx, den = make_towers(pattern, **PERTURBED, **regime)
     b, L = 2, 4 * S
     gen = torch.Generator().manual_seed(1)
     x = torch.randint(4, 64, (b, L), generator=gen)
@@ -49,8 +50,9 @@ def test_time_conditioning_changes_the_output():
     assert not torch.allclose(a, b)
 
 
-def test_identity_init_one_token_block_gives_context_next_token_logits():
-    ctx, den = make_towers(seed=4, identity=True)
+@dt_regimes
+def test_identity_init_one_token_block_gives_context_next_token_logits(regime):
+    ctx, den = make_towers(seed=4, identity=True, **regime)
     x = torch.randint(4, 64, (3, 14))
     with torch.no_grad():
         _, cache = ctx.prefill(x[:, :13])
@@ -63,8 +65,9 @@ def test_identity_init_one_token_block_gives_context_next_token_logits():
     assert torch.allclose(plain, one, atol=1e-6)
 
 
-def test_identity_init_training_forward_of_clean_sequence_equals_context_for_one_token_blocks():
-    ctx, den = make_towers(seed=5, identity=True)
+@dt_regimes
+def test_identity_init_training_forward_of_clean_sequence_equals_context_for_one_token_blocks(regime):
+    ctx, den = make_towers(seed=5, identity=True, **regime)
     x = torch.randint(4, 64, (2, 12))
     with torch.no_grad():
         logits, states = ctx.forward_train(x, 1, return_logits=True)

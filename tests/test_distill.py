@@ -238,3 +238,140 @@ def test_shifted_flag_must_match_init_from(backbone_dir, tmp_path):
     assert DenoiserFineTuning(str(backbone_dir), block_size=8, init_from=str(tmp_path / "s"), shifted=True)
     with pytest.raises(ValueError, match="block_size >= 2"):
         DenoiserFineTuning(str(backbone_dir), block_size=1, shifted=True)
+
+
+# ---- any family, chat prompts, generation dtype ---------------------------------------------------
+
+
+def _chat_module(backbone, corpus, **kw) -> DistilledDataModule:
+    """A DistilledDataModule on `backbone` whose rows are all chat prompts (short snippets, room to answer)."""
+    kw = dict(source=str(corpus), seq_len=128, block_size=8, batch_size=2, num_train=4, num_val=2, min_prompt=8,
+              max_prompt=16, val_fraction=0.2, chat_fraction=1.0, chat_snippet=8) | kw
+    dm = DistilledDataModule(str(backbone), **kw)
+    dm.setup()
+    return dm
+
+
+def _eos_after(backbone, out, token: int) -> None:
+    """Copy the Llama backbone folder to `out` with the EOS row of its LM head set to 1.05x token's row:
+    wherever `token` is the greedy choice with a positive logit, EOS now is."""
+    import shutil
+
+    from transformers import LlamaForCausalLM
+
+    hf = LlamaForCausalLM.from_pretrained(backbone)
+    eos = hf.config.eos_token_id
+    with torch.no_grad():
+        hf.lm_head.weight[eos] = 1.05 * hf.lm_head.weight[token]
+    hf.save_pretrained(out)
+    for f in backbone.iterdir():
+        if f.name.startswith(("tokenizer", "special_tokens", "chat_template")):
+            shutil.copy(f, out / f.name)
+
+
+def test_chat_prompts_use_the_backbones_template_and_targets_stop_after_the_first_eos(tmp_path, code_corpus):
+    from conftest import save_chat_llama
+
+    from twotower.tokenizers import HFTokenizer
+    from twotower.towers.base import ContextTowerBase
+
+    plain = save_chat_llama(tmp_path / "llama")
+    dm = _chat_module(plain, code_corpus)
+    assert isinstance(dm.tokenizer, HFTokenizer) and dm.tokenizer.path == str(plain)  # the backbone's own
+    rows = dm.train_set.rows
+    # A token the backbone likes to continue with: made to be EOS in a second backbone.
+    gen = torch.cat([rows[i, int(dm.train_set.prompt_len[i]):] for i in range(len(rows))])
+    favourite = int(torch.mode(gen).values)
+    _eos_after(plain, tmp_path / "eos", favourite)
+    dm = _chat_module(tmp_path / "eos", code_corpus)
+    context = ContextTowerBase.from_pretrained(tmp_path / "eos").eval()  # a Llama: any family distils
+    tok, eos = dm.tokenizer, dm.tokenizer.eos_token_id
+    snippets = {tok.decode(r[:8].tolist()).strip() for r in dm.text.train_data}
+    instructions = [t.split("{snippet}")[0] for t in distill.CHAT_TEMPLATES]
+    cut = 0
+    for i in range(len(dm.train_set)):
+        item, p = dm.train_set[i], int(dm.train_set.prompt_len[i])
+        row, mask = item["input_ids"], item["loss_mask"]
+        prompt = tok.decode(row[:p].tolist(), skip_special_tokens=False)
+        assert prompt.startswith("<|im_start|>user\n") and prompt.endswith("<|im_end|>\n<|im_start|>assistant\n")
+        assert sum(prompt.startswith("<|im_start|>user\n" + s) for s in instructions) == 1
+        assert any(s in prompt for s in snippets)  # about a real snippet of the corpus
+        assert p > 16  # the template's length, not a drawn text prompt (8 or 16)
+        with torch.no_grad():  # answered by the backbone itself
+            assert torch.equal(row, _naive_greedy(context, row[:p], 128 - p))
+        ends = [j for j in range(p, 128) if int(row[j]) == eos]
+        last = ends[0] if ends else 127  # the EOS itself is a target, nothing after it
+        assert not mask[:p].any() and mask[p:last + 1].all() and not mask[last + 1:].any()
+        cut += bool(ends) and ends[0] < 127
+    assert cut >= 1  # some answer really ended early
+    assert dm.train_set.stop_at.all()  # every row is a chat row
+
+
+def test_stop_at_eos_masks_by_hand():
+    """`_DistilledRows` on hand-made rows: only chat rows stop, at the first EOS after the prompt."""
+    E = 2
+    rows = torch.tensor([[5, E, 6, 7, E, 8, E, 9],    # chat: an EOS in the prompt is not the end
+                         [5, 6, 7, 8, 9, 10, 11, 12],  # chat, no EOS: targets to the end
+                         [5, 6, 7, E, 8, 9, 10, 11],   # text row: EOS is an ordinary target
+                         [5, 6, 7, 8, E, 9, 10, 11]])  # chat, EOS right at the prompt end
+    sets = distill._DistilledRows(rows, torch.tensor([3, 3, 2, 4]), shard_rows=2, split="train", done=rows,
+                                  stop_at=torch.tensor([True, True, False, True]), eos_id=E)
+    masks = [sets[i]["loss_mask"].int().tolist() for i in range(4)]
+    assert masks == [[0, 0, 0, 1, 1, 0, 0, 0],
+                     [0, 0, 0, 1, 1, 1, 1, 1],
+                     [0, 0, 1, 1, 1, 1, 1, 1],
+                     [0, 0, 0, 0, 1, 0, 0, 0]]
+    assert all(torch.equal(sets[i]["input_ids"], rows[i]) for i in range(4))
+
+
+def test_chat_prompts_need_a_chat_template_and_settings_are_checked(backbone_dir, code_corpus):
+    kw = dict(source=str(code_corpus), seq_len=32, block_size=8, min_prompt=8, max_prompt=16, val_fraction=0.2)
+    dm = DistilledDataModule(str(backbone_dir), chat_fraction=1.0, **kw)
+    with pytest.raises(ValueError, match=r"chat_fraction=1.0 needs a tokenizer with a chat template; "
+                                         r"ByteTokenizer.* has none \(set chat_fraction: 0\)"):
+        dm.setup()
+    for bad in (-0.1, 1.5):
+        with pytest.raises(ValueError, match="chat_fraction must be in"):
+            DistilledDataModule(str(backbone_dir), chat_fraction=bad, **kw)
+    with pytest.raises(ValueError, match="gen_dtype must be one of"):
+        DistilledDataModule(str(backbone_dir), gen_dtype="float16", **kw)
+
+
+def test_chat_prompts_longer_than_the_rows_are_refused(tmp_path, code_corpus):
+    from conftest import save_chat_llama
+
+    backbone = save_chat_llama(tmp_path / "llama")
+    with pytest.raises(ValueError, match="leaves less than one block of seq_len=64; lower chat_snippet"):
+        _chat_module(backbone, code_corpus, seq_len=64, chat_snippet=32)
+
+
+def test_without_chat_rows_the_prompts_are_drawn_as_before(backbone_dir, code_corpus):
+    """chat_fraction=0 keeps the cache keys of the rule before chat prompts, so it must keep its draws
+    too (train then val, from one generator), or a cached val shard would meet other prompt lengths."""
+    dm = DistilledDataModule(str(backbone_dir), source=str(code_corpus), seq_len=32, block_size=8, num_train=6,
+                             num_val=5, min_prompt=8, max_prompt=24, val_fraction=0.2, seed=3)
+    dm.setup()
+    gen = torch.Generator().manual_seed(3)
+    for split, data, n in [(dm.train_set, dm.text.train_data, 6), (dm.val_set, dm.text.val_data, 5)]:
+        take = torch.randperm(data.shape[0], generator=gen)[:n]
+        take = take.repeat((n + take.numel() - 1) // take.numel())[:n]
+        p = torch.randint(1, 3 + 1, (n,), generator=gen) * 8
+        assert torch.equal(split.prompt_len, p) and torch.equal(split.real, data[take])
+        assert not split.stop_at.any()
+
+
+def test_generation_in_bfloat16(tmp_path, code_corpus):
+    from conftest import save_chat_llama
+
+    backbone = save_chat_llama(tmp_path / "llama")
+    kw = dict(source=str(code_corpus), seq_len=32, block_size=8, batch_size=2, num_train=2, num_val=1, min_prompt=8,
+              max_prompt=16, val_fraction=0.2, cache_dir=str(tmp_path / "cache"))
+    dm = DistilledDataModule(str(backbone), gen_dtype="bfloat16", **kw)
+    dm.setup()
+    row = dm.train_set[0]["input_ids"]
+    assert next(dm._context.parameters()).dtype == torch.bfloat16
+    assert row.shape == (32,) and int(row.max()) < dm.tokenizer.vocab_size
+    plain = DistilledDataModule(str(backbone), **kw)
+    key = plain._cache_path("text")
+    assert key != dm._cache_path("text")  # a bf16 distillation is cached apart
+    assert key == DistilledDataModule(str(backbone), chat_snippet=5, **kw)._cache_path("text")  # unused: same key

@@ -7,7 +7,8 @@ import math
 
 import pytest
 import torch
-from conftest import MASK, PAD, autoregressive, left_pad, make_towers, random_prompts, run_decoder, speculative
+from conftest import (MASK, PAD, autoregressive, dt_regimes, left_pad, make_towers, random_prompts, run_decoder,
+                      speculative)
 
 from twotower.decoding import RowTracker, Speculative, TokenChooser, denoise_block, draft_one_step
 from twotower.samplers import ConfidenceThreshold
@@ -64,10 +65,12 @@ def test_conv_state_at_is_the_last_inputs_before_the_kept_prefix():
 # ---- provisional extend + accept ----------------------------------------------------------------
 
 
-def test_accept_equals_appending_only_the_kept_tokens_per_row():
+@dt_regimes
+def test_accept_equals_appending_only_the_kept_tokens_per_row(regime):
     """Row r keeps keep[r] of a provisional block; afterwards the cache behaves, for the context
-    (next extend) and for the denoiser (forward_block), as if only those tokens had been appended."""
-    ctx, den = make_towers(seed=3)
+    (next extend) and for the denoiser (forward_block), as if only those tokens had been appended.
+    In the low-dt regimes the closed-form rollback must use the clamped time steps."""
+    ctx, den = make_towers(seed=3, **regime)
     ids, mask = left_pad(random_prompts([5, 9, 7, 6], seed=3))
     block = torch.randint(4, 64, (4, 6))
     after = torch.randint(4, 64, (4, 3))
@@ -92,8 +95,9 @@ def test_accept_equals_appending_only_the_kept_tokens_per_row():
             torch.testing.assert_close(den_out[r], ref_den[0], rtol=1e-4, atol=1e-4)
 
 
-def test_full_accept_equals_a_normal_extend():
-    ctx, _ = make_towers(seed=4)
+@dt_regimes
+def test_full_accept_equals_a_normal_extend(regime):
+    ctx, _ = make_towers(seed=4, **regime)
     ids = torch.randint(4, 64, (2, 9))
     block = torch.randint(4, 64, (2, 5))
     with torch.inference_mode():
@@ -154,10 +158,11 @@ class PerfectDrafter(torch.nn.Module):
         return torch.nn.functional.one_hot(want, self.vocab).float() * 10
 
 
+@dt_regimes
 @pytest.mark.parametrize("shifted", [True, False])
 @pytest.mark.parametrize("draft_steps", [1, 3])
-def test_speculative_output_is_the_ar_output(shifted, draft_steps):
-    ctx, den = make_towers(seed=6)
+def test_speculative_output_is_the_ar_output(shifted, draft_steps, regime):
+    ctx, den = make_towers(seed=6, **regime)
     ids, mask = left_pad(random_prompts([4, 9, 6], seed=6))
     ar = autoregressive(ctx, ids, mask, max_new_tokens=21, pad_token_id=PAD)
     out = speculative(ctx, den, ids, mask, shifted=shifted, draft_steps=draft_steps)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import hf_backbone_state, left_pad, make_hf_pair, randomize_, tiny_config
+from conftest import dt_regimes, hf_backbone_state, left_pad, make_hf_pair, randomize_, tiny_config
 
 from twotower.caches import HybridCache
 from twotower.towers.context import ContextTower
@@ -31,15 +31,25 @@ def test_group_limited_routing_and_latent_moe_match_transformers():
     ref, tower = make_hf_pair("E*ME", n_routed_experts=8, n_group=2, topk_group=1, moe_latent_size=16)
     x = torch.randint(4, 64, (2, 19))
     with torch.no_grad():
-        assert_close(tower(x), ref(x).logits)
+        # use_cache=False: a full forward needs no cache, and transformers (5.25) cannot build one
+        # for a stack whose first layer is MoE or MLP: its cache's placeholder for a stateless
+        # layer 0 (`DummyLayer`) has no `get_seq_length`, which the forward asks layer 0 for.
+        assert_close(tower(x), ref(x, use_cache=False).logits)
 
 
+def assert_state_close(a, b, tol=1e-6):
+    # Conv states are raw in_proj outputs; in the low-dt regimes (B and C rows scaled up) they reach
+    # magnitudes around 20, so float32 rounding is judged relative to the state's own scale.
+    assert torch.allclose(a, b, rtol=0, atol=tol * max(float(b.abs().max()), 1.0))
+
+
+@dt_regimes
 @pytest.mark.parametrize("pattern", PATTERNS)
-def test_prefill_then_extends_match_full_forward(pattern):
-    ref, tower = make_hf_pair(pattern, seed=1)
+def test_prefill_then_extends_match_full_forward(pattern, regime):
+    ref, tower = make_hf_pair(pattern, seed=1, **regime)
     x = torch.randint(4, 64, (2, 13 + 16 + 1 + 7 + 1))
     with torch.no_grad():
-        full = ref(x).logits
+        full = ref(x, use_cache=False).logits
         logits, cache = tower.prefill(x[:, :13])
         parts, pos = [logits], 13
         for n in (16, 1, 7, 1):
@@ -76,8 +86,9 @@ def test_prefill_extend_equals_prefill_of_concatenation(split):
     assert cache_a.capacity >= 37
 
 
-def test_training_boundary_states_equal_prefix_prefill_states():
-    _, tower = make_hf_pair("M*-EM*E", seed=3)
+@dt_regimes
+def test_training_boundary_states_equal_prefix_prefill_states(regime):
+    _, tower = make_hf_pair("M*-EM*E", seed=3, **regime)
     S, x = 8, torch.randint(4, 64, (2, 40))
     with torch.no_grad():
         logits, states = tower.forward_train(x, S, return_logits=True)
@@ -89,7 +100,7 @@ def test_training_boundary_states_equal_prefix_prefill_states():
                 _, cache = tower.prefill(x[:, : k * S])
             for i, blk in enumerate(tower.backbone.layers):
                 if blk.block_type == "linear_attention":
-                    assert torch.allclose(states.conv[i][:, k], cache.conv[i], atol=1e-6)
+                    assert_state_close(states.conv[i][:, k], cache.conv[i])
                     assert torch.allclose(states.ssm[i][:, k], cache.ssm[i], atol=1e-5, rtol=1e-5)
                 elif blk.block_type == "full_attention" and k > 0:
                     ck, cv = cache.kv(i)
@@ -97,8 +108,10 @@ def test_training_boundary_states_equal_prefix_prefill_states():
                     assert torch.allclose(states.values[i][:, :, : k * S], cv, atol=1e-5)
 
 
-def test_left_padded_batch_equals_each_prompt_alone():
-    _, tower = make_hf_pair("M*-EM*E", seed=4)
+@dt_regimes
+def test_left_padded_batch_equals_each_prompt_alone(regime):
+    # With a floor (low_dt_floor) this also checks that padded positions keep dt = 0.
+    _, tower = make_hf_pair("M*-EM*E", seed=4, **regime)
     lengths = [11, 4, 17]
     prompts = [torch.randint(4, 64, (n,)) for n in lengths]
     T = max(lengths)
@@ -115,11 +128,12 @@ def test_left_padded_batch_equals_each_prompt_alone():
             for i, st in enumerate(cache.ssm):
                 if st is not None:
                     assert torch.allclose(st[r], cache_r.ssm[i][0], atol=1e-5, rtol=1e-5)
-                    assert torch.allclose(cache.conv[i][r], cache_r.conv[i][0], atol=1e-6)
+                    assert_state_close(cache.conv[i][r], cache_r.conv[i][0])
 
 
-def test_left_padded_batch_matches_transformers_real_positions():
-    ref, tower = make_hf_pair("M*-EM*E", seed=5)
+@dt_regimes
+def test_left_padded_batch_matches_transformers_real_positions(regime):
+    ref, tower = make_hf_pair("M*-EM*E", seed=5, **regime)
     ids = torch.randint(4, 64, (2, 12))
     mask = torch.ones_like(ids)
     mask[0, :5] = 0

@@ -48,6 +48,15 @@ DEFAULT_MASK_TOKEN_ID = 3
 ADAPTER_FILE = "adapter.safetensors"
 
 
+def _has_config(name_or_path) -> bool:
+    """Whether a model path or built-in name leads to a folder with config.json (False, not an error,
+    when it leads nowhere: the caller names what is missing)."""
+    try:
+        return (resolve_model(name_or_path) / "config.json").is_file()
+    except FileNotFoundError:
+        return False
+
+
 def _check_block_size(block_size) -> int:
     if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1:
         raise ValueError(f"block_size must be an int >= 1, got {block_size!r}")
@@ -173,7 +182,7 @@ class TwoTowerLM(ReleasedGenerationMixin, nn.Module):
             if quantize is not None:
                 raise ValueError(f"{path} is an adapter over a shared backbone; int8 would replace the weights it "
                                  "borrows. Load it without quantize=")
-            return cls.from_adapter(path, dtype=dtype, device=device)
+            return cls.from_adapter(path, dtype=dtype, device=device, denoiser_device=denoiser_device)
         config, raw, refs = two_tower_refs(path)
         try:
             kwargs = dict(block_size=raw.get("block_size", DEFAULT_BLOCK_SIZE),
@@ -191,7 +200,7 @@ class TwoTowerLM(ReleasedGenerationMixin, nn.Module):
 
     @classmethod
     def from_adapter(cls, path: str | os.PathLike, *, backbone: str | os.PathLike | None = None,
-                     dtype: torch.dtype | str | None = None, device=None) -> "TwoTowerLM":
+                     dtype: torch.dtype | str | None = None, device=None, denoiser_device=None) -> "TwoTowerLM":
         """Load an adapter checkpoint (`save_pretrained` of a LoRA model: config.json + adapter.safetensors)
         over its backbone: the one it records, or `backbone` (a path or a built-in name) instead.
 
@@ -207,12 +216,17 @@ class TwoTowerLM(ReleasedGenerationMixin, nn.Module):
         source = backbone if backbone is not None else raw.get("backbone")
         if source is None:
             raise ValueError(f"{path / 'config.json'} records no \"backbone\"; pass backbone=PATH_OR_NAME")
+        if not _has_config(source):
+            where = "given" if backbone is not None else f"recorded in {path / 'config.json'}"
+            raise FileNotFoundError(f"{path} is an adapter over the backbone {source} ({where}), which is missing "
+                                    "(no config.json there); pass backbone=PATH_OR_NAME where it is now")
         if isinstance(dtype, str):
             dtype = getattr(torch, dtype)
         model = cls.from_backbone(source, block_size=raw.get("block_size", DEFAULT_BLOCK_SIZE),
                                   mask_token_id=raw.get("mask_token_id", DEFAULT_MASK_TOKEN_ID),
                                   shifted=bool(raw.get("shifted", False)), time=raw.get("time_conditioning"),
-                                  dtype=dtype, device=device, denoiser=raw.get("denoiser"))
+                                  dtype=dtype, device=device, denoiser_device=denoiser_device,
+                                  denoiser=raw.get("denoiser"))
         state = load_file(str(path / ADAPTER_FILE))
         own = model.denoiser.state_dict()
         check_keys(state, own.keys(), where=str(path / ADAPTER_FILE))
@@ -227,8 +241,8 @@ class TwoTowerLM(ReleasedGenerationMixin, nn.Module):
                      tokenizer: Tokenizer | None = None) -> None:
         """Write an adapter checkpoint: config.json (the backbone's config, the generation settings,
         the denoiser builder and the backbone reference) and adapter.safetensors (the denoiser's own
-        parameters), and the tokenizer (`tokenizer`, default the model's own) as `save_pretrained`
-        does. `backbone` overrides the recorded reference (a path or a built-in name)."""
+        parameters). `backbone` overrides the recorded reference (a path or a built-in name).
+        `tokenizer` is written beside them when given (else loading uses the backbone's)."""
         from safetensors.torch import save_file
 
         if not is_adapter(self.denoiser):
@@ -242,7 +256,7 @@ class TwoTowerLM(ReleasedGenerationMixin, nn.Module):
         raw.update({"block_size": self.block_size, "mask_token_id": self.mask_token_id, "shifted": self.shifted,
                     "architectures": ["TwoTowerLM"], "time_conditioning": self.denoiser.time.spec(),
                     "denoiser": self.denoiser_builder.spec(), "backbone": str(source)})
-        raw.update(save_tokenizer(tokenizer if tokenizer is not None else self.tokenizer, path))
+        raw.update(save_tokenizer(tokenizer, path))
         (path / "config.json").write_text(json.dumps(raw, indent=2) + "\n")
         state = {k: v.detach().contiguous() for k, v in self.denoiser.state_dict().items()}
         save_file(state, str(path / ADAPTER_FILE), metadata={"format": "pt"})
@@ -287,7 +301,8 @@ class TwoTowerLM(ReleasedGenerationMixin, nn.Module):
         """Write the released layout: config.json (NemotronH config + block_size, mask_token_id,
         architectures) and safetensors weights (sharded above `max_shard_size` bytes), and the
         tokenizer (`tokenizer`, default the model's own) beside them (`tokenizers.save_tokenizer`:
-        HF files, or ``"tokenizer": "byte"`` in config.json)."""
+        HF files, or ``"tokenizer": "byte"`` in config.json). An adapter model (`denoiser=LoRA(...)`)
+        writes an adapter folder instead (`save_adapter`: the backbone is referenced, not copied)."""
         from .towers.saving import save_state_dict
 
         if is_adapter(self.denoiser):  # no context weights of its own to write: the backbone is referenced

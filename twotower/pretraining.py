@@ -26,8 +26,12 @@ def tiny_nemotron_config(*, pattern: str, vocab_size: int, hidden_size: int, num
                          mamba_num_heads: int, mamba_head_dim: int, ssm_state_size: int, n_groups: int,
                          n_routed_experts: int, num_experts_per_tok: int, moe_intermediate_size: int,
                          moe_shared_expert_intermediate_size: int, max_position_embeddings: int,
-                         chunk_size: int = 64, pad_token_id: int = 0, bos_token_id: int = 1, eos_token_id: int = 2):
-    """A NemotronHConfig from the handful of sizes a small recipe sets."""
+                         chunk_size: int = 64, pad_token_id: int = 0, bos_token_id: int = 1, eos_token_id: int = 2,
+                         time_step_limit: tuple[float, float] = (0.0, math.inf)):
+    """A NemotronHConfig from the handful of sizes a small recipe sets.
+
+    `time_step_limit` clamps every Mamba-2 time step (`towers.layers.dt_limit`); the default, (0, inf),
+    is transformers' and mamba-ssm's: no clamp."""
     from transformers import NemotronHConfig
 
     bad = set(pattern) - set("M*-E")
@@ -43,6 +47,7 @@ def tiny_nemotron_config(*, pattern: str, vocab_size: int, hidden_size: int, num
         moe_shared_expert_intermediate_size=moe_shared_expert_intermediate_size,
         max_position_embeddings=max_position_embeddings, pad_token_id=pad_token_id,
         bos_token_id=bos_token_id, eos_token_id=eos_token_id, tie_word_embeddings=False,
+        time_step_limit=[float(v) for v in time_step_limit],  # NemotronHConfig takes floats only
     )
 
 
@@ -79,6 +84,8 @@ class ARPretraining(L.LightningModule):
 
     Batches are LongTensors (B, T) of packed token ids. At the end of `fit`, the model is written
     to `save_dir` in transformers' NemotronH format (config.json + model.safetensors).
+    `time_step_limit` is the Mamba-2 time-step clamp, trained with and recorded in config.json;
+    the default (0, inf) clamps nothing, as transformers and mamba-ssm default to.
     """
 
     def __init__(self, pattern: str = "M*-EM*E", vocab_size: int = 260, hidden_size: int = 128,
@@ -89,7 +96,7 @@ class ARPretraining(L.LightningModule):
                  moe_shared_expert_intermediate_size: int = 128, max_position_embeddings: int = 4096,
                  lr: float = 3e-3, weight_decay: float = 0.1, betas: tuple[float, float] = (0.9, 0.95),
                  warmup_steps: int = 100, min_lr_ratio: float = 0.1, init_seed: int = 0,
-                 save_dir: str | None = None):
+                 time_step_limit: tuple[float, float] = (0.0, math.inf), save_dir: str | None = None):
         super().__init__()
         check_positive(lr=lr, hidden_size=hidden_size, vocab_size=vocab_size)
         self.save_hyperparameters()
@@ -100,7 +107,7 @@ class ARPretraining(L.LightningModule):
             ssm_state_size=ssm_state_size, n_groups=n_groups, n_routed_experts=n_routed_experts,
             num_experts_per_tok=num_experts_per_tok, moe_intermediate_size=moe_intermediate_size,
             moe_shared_expert_intermediate_size=moe_shared_expert_intermediate_size,
-            max_position_embeddings=max_position_embeddings)
+            max_position_embeddings=max_position_embeddings, time_step_limit=time_step_limit)
         self.tower = ContextTower(config)
         init_weights(self.tower, seed=init_seed)
         self.val_loss = MeanMetric()

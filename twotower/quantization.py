@@ -139,6 +139,13 @@ def quantize_model(model, mode: str = "int8"):
     the model plus one projection's int8 copy (and a small rounding buffer)."""
     if check_quantize(mode) is None:
         return model
+    from .towers.adapters import is_adapter
+
+    if is_adapter(model.denoiser):
+        # The context's projections would become int8 while the adapter denoiser kept calling the
+        # full-precision originals it borrows: two different weights and no memory saved.
+        raise ValueError("this model's denoiser is an adapter that borrows the context tower's weights; int8 "
+                         "would replace the weights it borrows. Quantize a full-copy model, or none")
     for _, parent, name in quantization_targets(model):
         child = getattr(parent, name)
         setattr(parent, name, Int8Linear(child) if isinstance(child, nn.Linear) else Int8Experts(child))

@@ -36,7 +36,7 @@ from .towers.checkpoints import CKPT_META_KEY, restore_frozen, training_checkpoi
 from .distributed import sample_seed
 from .hub import resolve_model
 from .tokenizers import tokenizer_spec
-from .towers.adapters import DenoiserBuilder, builder_from_spec
+from .towers.adapters import DenoiserBuilder, FullCopy, builder_from_spec
 from .towers.base import ContextTowerBase, run_block
 
 
@@ -149,6 +149,11 @@ class DenoiserFineTuning(L.LightningModule):
                 raise ValueError(f"init_from {init_from} was trained with shifted={theirs}, this run has "
                                  f"shifted={shifted}; the two read the denoiser's outputs at different offsets")
         self.builder = builder_from_spec(denoiser)
+        if context_sharding == "shard" and not isinstance(self.builder, FullCopy):
+            # FSDP gathers a sharded block's weights only when that block runs; an adapter denoiser
+            # calls the context's modules directly, so it would meet the shards.
+            raise ValueError(f"denoiser={self.builder!r} borrows the frozen context tower's modules, which "
+                             "context_sharding='shard' would split across ranks; use context_sharding='replicate'")
         self._sharded = False
         self.metrics = torch.nn.ModuleDict({
             split: torch.nn.ModuleDict({"nelbo": SumMetric(), "ce": SumMetric(), "correct": SumMetric(),

@@ -59,7 +59,7 @@ def tokenizer_fingerprint(tokenizer: Tokenizer) -> str:
 
 def source_fingerprint(source: str) -> str:
     """Hash of the files behind `source` (paths, sizes, mtimes): a changed corpus misses the cache."""
-    if all(part in BUILTIN_SOURCES for part in source.split("+")):  # built-in sources all read the stdlib
+    if all(part in BUILTIN_SOURCES for part in str(source).split("+")):  # built-in sources all read the stdlib
         root = Path(sysconfig.get_paths()["stdlib"])
         files = stdlib_source_files()
         header = f"{source} {sys.version} {root}"

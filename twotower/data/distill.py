@@ -268,7 +268,13 @@ class DistilledDataModule(L.LightningDataModule):
         S = self.block_size
         p = torch.randint(self.min_prompt // S, self.max_prompt // S + 1, (n,), generator=gen) * S
         real = data[take].clone()
-        chat = torch.rand(n, generator=gen) < self.chat_fraction
+        # Drawn only when asked for: with chat_fraction=0 the generator runs as before chat prompts
+        # existed, so the val split's prompts (drawn after train's) match the caches of that rule,
+        # whose keys chat_fraction=0 leaves unchanged.
+        if self.chat_fraction > 0:
+            chat = torch.rand(n, generator=gen) < self.chat_fraction
+        else:
+            chat = torch.zeros(n, dtype=torch.bool)
         for i in chat.nonzero().flatten().tolist():
             prompt = self._chat_prompt(real[i], int(torch.randint(len(CHAT_TEMPLATES), (), generator=gen)))
             real[i, :len(prompt)] = torch.tensor(prompt, dtype=real.dtype)

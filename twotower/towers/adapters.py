@@ -8,10 +8,14 @@ A `DenoiserBuilder` turns a (frozen) context tower into a trainable denoiser tow
 * `LoRA`: the denoiser *borrows* the context tower's modules (embeddings, norms, LM head and every
   projection) and owns only a low-rank update ``B A`` on chosen projections plus the time
   conditioning. The pair costs the backbone plus a few percent, and an adapter checkpoint is a few
-  MB that loads over a named or given backbone (`TwoTowerLM.save_pretrained(adapter_only=True)`).
+  MB that loads over a named or given backbone (`TwoTowerLM.save_pretrained` of a LoRA model
+  writes one: `TwoTowerLM.save_adapter`).
 
 Borrowing, not copying, is what saves the memory: a `Borrowed` module calls the context's module
 but is not registered, so it is absent from the denoiser's parameters, state dict and `.to()`.
+A module that holds tensors of its own *and* a target projection (a Mamba mixer: A_log, D and
+dt_bias beside in_proj / out_proj) is split: its projections are adapted or borrowed one by one and its own
+parameters are the context's, held as plain attributes.
 The two towers therefore must live on one device (`TwoTowerLM.place_towers_on_devices` refuses
 otherwise). With B = 0 at initialisation (and the identity time init) a fresh LoRA denoiser
 computes exactly the AR layers, as a fresh full copy does.
@@ -175,21 +179,42 @@ class LoRA(DenoiserBuilder):
         return den
 
     def _adapt(self, skeleton: nn.Module, owner: nn.Module) -> int:
-        """Replace every child of `skeleton` by a LoRA wrapper (a target linear) or a `Borrowed`
-        owner module (anything else holding weights), recursing through plain containers.
-        Returns how many adapters were made."""
+        """Replace every child of `skeleton` by a LoRA wrapper (a target linear), a `Borrowed` owner
+        module (anything else holding weights and no target), or keep it and recurse (a module with
+        a target below it: its own direct tensors, e.g. a Mamba mixer's A_log, are the owner's,
+        attached unregistered by `_borrow_tensors`). Returns how many adapters were made."""
         count = 0
         for name, child in list(skeleton.named_children()):
             theirs = getattr(owner, name)
             if isinstance(theirs, nn.Linear) and name in self.targets:
                 setattr(skeleton, name, LoRALinear(theirs, self.rank, self.alpha))
                 count += 1
-            elif any(True for _ in child.parameters(recurse=False)) or not any(True for _ in child.children()):
-                if any(True for _ in child.parameters()):
-                    setattr(skeleton, name, Borrowed(theirs))
+            elif not any(True for _ in child.parameters()) and not any(True for _ in child.buffers()):
+                continue  # holds no tensors (an activation, the rotary tables): the skeleton's own serves
+            elif not self._has_target(theirs):
+                setattr(skeleton, name, Borrowed(theirs))
             else:
+                _borrow_tensors(child, theirs)
                 count += self._adapt(child, theirs)
         return count
+
+    def _has_target(self, module: nn.Module) -> bool:
+        return any(isinstance(m, nn.Linear) and n.rsplit(".", 1)[-1] in self.targets
+                   for n, m in module.named_modules() if n)
+
+
+def _borrow_tensors(skeleton: nn.Module, owner: nn.Module) -> None:
+    """Give `skeleton` the owner's direct parameters as plain (unregistered) attributes, the same
+    Parameter objects: read by the module's own code, absent from the skeleton's state dict.
+
+    The owner's `.to()` keeps its Parameter objects (it swaps their data), so the skeleton follows;
+    a buffer would be replaced by `.to()`, so a module with direct buffers cannot be split."""
+    if any(True for _ in owner.buffers(recurse=False)):
+        raise ValueError(f"a LoRA target lies inside {type(owner).__name__}, which holds buffers of its own; "
+                         "it cannot be shared partly: leave its projections out of `targets`")
+    for name, param in list(owner.named_parameters(recurse=False)):
+        del skeleton._parameters[name]
+        skeleton.__dict__[name] = param
 
 
 def _linear_names(module: nn.Module) -> set[str]:

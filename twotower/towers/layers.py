@@ -13,6 +13,7 @@ move across without renaming (MoE experts in the fused 3-D layout).
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -65,6 +66,38 @@ class GatedRMSNorm(nn.Module):
         return self.weight * g.view(y.shape).to(dtype)
 
 
+NO_DT_LIMIT = (0.0, math.inf)
+
+
+def dt_limit(config) -> tuple[float, float]:
+    """(lo, hi): the clamp on every Mamba-2 time step, dt = clamp(softplus(dt_raw + dt_bias), lo, hi).
+
+    Read from `config.time_step_limit` exactly as transformers' NemotronH (>= 5.25) and mamba-ssm's
+    chunked-scan kernels (`dt_limit`) read it; NemotronHConfig's default, (0.0, inf), clamps nothing.
+    `time_step_min` / `time_step_max` only set the range dt_bias is initialised in, never a clamp:
+    trained heads may go below time_step_min, and a floor there changes the model (docs/design.md,
+    section 1.1). A checkpoint trained with a floor records it here, e.g. [0.001, Infinity].
+
+    The same clamp applies on every path (prefill, extend of one token or many, the denoiser's
+    block scan, `accept`'s rollback, training), so that extend(1 token) equals the full forward.
+    transformers' and mamba-ssm's one-token recurrent step (`selective_state_update`) apply no
+    limit; with a non-default limit, their cached decoding therefore differs from their own full
+    forward, and we follow the full forward.
+    """
+    raw = getattr(config, "time_step_limit", NO_DT_LIMIT)
+    if not (isinstance(raw, (list, tuple)) and len(raw) == 2
+            and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in raw)):
+        raise ValueError(
+            f"time_step_limit must be [min, max], two numbers, got {raw!r}; in config.json write e.g. "
+            '[0.0, {"__float__": "Infinity"}] (transformers\' spelling of [0, inf]: no limit)')
+    lo, hi = float(raw[0]), float(raw[1])
+    if not 0.0 <= lo <= hi:  # also rejects NaN
+        raise ValueError(
+            f"time_step_limit must satisfy 0 <= min <= max (dt is a softplus, never negative), got {raw!r}; "
+            "use [0.0, inf] for no limit or [floor, inf] for a floor")
+    return lo, hi
+
+
 @dataclass
 class MambaOut:
     """Result of a Mamba-2 mixer call. States: conv (b, conv_dim, k-1), ssm (b, h, p, n) float32."""
@@ -92,9 +125,8 @@ class Mamba2Mixer(nn.Module):
         self.chunk_size = config.chunk_size
         self.intermediate = self.num_heads * self.head_dim
         self.conv_dim = self.intermediate + 2 * self.n_groups * self.state_size
-        # transformers clamps dt from below at time_step_min (no upper limit); we do the same everywhere,
-        # including single-token steps, so that extend(1 token) equals the full forward.
-        self.dt_min = float(config.time_step_min)
+        # dt = softplus(dt_raw + dt_bias) is clamped to the checkpoint's `time_step_limit` (`dt_limit`).
+        self.dt_limit = dt_limit(config)
         self.in_proj = nn.Linear(config.hidden_size, self.intermediate + self.conv_dim + self.num_heads, bias=config.use_bias)
         self.conv1d = nn.Conv1d(self.conv_dim, self.conv_dim, self.kernel_size, groups=self.conv_dim,
                                 padding=self.kernel_size - 1, bias=config.use_conv_bias)
@@ -135,7 +167,11 @@ class Mamba2Mixer(nn.Module):
         conv_out, new_conv = causal_conv1d(xbc, self.conv1d.weight.squeeze(1), self.conv1d.bias, initial_state=conv_state)
         conv_out = F.silu(conv_out)
         x, B, C = conv_out.split([self.intermediate, self.n_groups * self.state_size, self.n_groups * self.state_size], dim=-1)
-        dt = F.softplus(dt.float() + self.dt_bias.float()).clamp(min=self.dt_min)
+        dt = F.softplus(dt.float() + self.dt_bias.float())
+        if self.dt_limit != NO_DT_LIMIT:  # softplus is already >= 0: the default limit is a no-op
+            dt = dt.clamp(min=self.dt_limit[0], max=self.dt_limit[1])
+        # Every consumer (scan, step, the recorded `scan_inputs` that `accept` rolls back from) gets
+        # this one dt. The padding zeros come after the clamp, so a floor cannot lift them.
         if pad_mask is not None:
             dt = dt * pad_mask[..., None].to(dt.dtype)
         A = self.decay_rates()

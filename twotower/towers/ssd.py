@@ -21,8 +21,9 @@ overrides the list, for that parity run and for tests. Long or unseeded scans us
 The recurrence, per head h (state (P, N)), for t = 0 .. L-1:
     state_t = exp(dt_t * A_h) * state_{t-1} + dt_t * x_t (outer) B_t
     y_t     = state_t @ C_t + D_h * x_t
-`dt` arrives already processed (bias, softplus, clamp and padding mask applied by the mixer), so
-both implementations see the same numbers.
+`dt` arrives already processed (bias, softplus, the checkpoint's `time_step_limit` clamp and the
+padding mask, all applied by the mixer: `layers.dt_limit`), so both implementations see the same
+numbers and the kernel is called with no bias, no softplus and no limit of its own.
 """
 
 from __future__ import annotations
@@ -347,11 +348,15 @@ def ssd_scan(x, dt, A, B, C, *, chunk_size, D=None, initial_state=None, return_c
         )
     from mamba_ssm.ops.triton.ssd_combined import mamba_chunk_scan_combined
 
+    # dt is final here: the mixer already applied dt_bias, softplus, the checkpoint's
+    # `time_step_limit` and the padding zeros (`Mamba2Mixer.forward`), so the kernel gets no bias,
+    # no softplus and no limit. Passing the limit again would be idempotent on real positions
+    # but a floor would lift a padded position's dt = 0 (no step) to the floor.
     y, final = mamba_chunk_scan_combined(
         x, dt.to(x.dtype) if dt.dtype != torch.float32 else dt, A.float(), B, C, chunk_size,
         D=None if D is None else D.float(), z=None, dt_bias=None,
         initial_states=None if initial_state is None else initial_state.float(),
-        dt_softplus=False, return_final_states=True,
+        dt_softplus=False, dt_limit=(0.0, float("inf")), return_final_states=True,
     )
     return y.float(), final.float()
 
