@@ -322,7 +322,7 @@ def save_tiny_twotower(path, seed: int = 0, block_size: int = 8):
 
 WORDS = ["<pad>", "<s>", "</s>", "[MASK]"] + [f"w{i}" for i in range(40)]
 # A small Jinja chat template over WORDS-style vocabularies: each turn is "<s> role content </s>".
-CHAT_TEMPLATE = ("{% for m in messages %}<s> {{ m['role'] }} {{ m['content'] }} </s> {% endfor %}"
+WORD_CHAT_TEMPLATE = ("{% for m in messages %}<s> {{ m['role'] }} {{ m['content'] }} </s> {% endfor %}"
                  "{% if add_generation_prompt %}<s> assistant {% endif %}")
 
 

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import CHAT_TEMPLATE, WORDS, running_server, save_word_tokenizer, save_word_twotower
+from conftest import WORD_CHAT_TEMPLATE, WORDS, running_server, save_word_tokenizer, save_word_twotower
 
 from twotower.decoding import Autoregressive, Speculative
 from twotower.prompting import encode_prompt
@@ -48,7 +48,7 @@ def test_bos_follows_the_tokenizer(tmp_path):
 
 
 def test_chat_messages_go_through_the_template(tmp_path):
-    path = save_word_tokenizer(tmp_path / "chat", CHAT_WORDS, chat_template=CHAT_TEMPLATE)
+    path = save_word_tokenizer(tmp_path / "chat", CHAT_WORDS, chat_template=WORD_CHAT_TEMPLATE)
     want = hf_reference(path).apply_chat_template(MESSAGES, add_generation_prompt=True, tokenize=True)["input_ids"]
     ids = encode_prompt(HFTokenizer(str(path)), MESSAGES)
     assert ids == want and ids[-2:] == [CHAT_WORDS.index("<s>"), CHAT_WORDS.index("assistant")]
@@ -151,7 +151,7 @@ def test_a_prompt_gives_the_same_ids_and_text_through_every_path(kind, tmp_path)
 def chat_model_dir(tmp_path_factory):
     """A tiny two-tower model whose word tokenizer has a chat template."""
     root = tmp_path_factory.mktemp("chat")
-    tok = save_word_tokenizer(root / "tok", CHAT_WORDS, chat_template=CHAT_TEMPLATE)
+    tok = save_word_tokenizer(root / "tok", CHAT_WORDS, chat_template=WORD_CHAT_TEMPLATE)
     return save_word_twotower(root / "model", tok, seed=1)
 
 

@@ -43,6 +43,7 @@ from torch.utils.data import DataLoader, Dataset
 from twotower.distributed import EpochShuffle
 from twotower.decoding import Autoregressive, Towers
 from twotower.hub import resolve_model
+from twotower.prompting import encode_prompt
 from twotower.tokenizers import Tokenizer, find_tokenizer
 from twotower.towers.base import ContextTowerBase
 
@@ -291,8 +292,7 @@ class DistilledDataModule(L.LightningDataModule):
                              f"{self.tokenizer!r} has none (set chat_fraction: 0)")
         snippet = self.tokenizer.decode(row[:self.chat_snippet].tolist()).strip()
         messages = [{"role": "user", "content": CHAT_TEMPLATES[template].format(snippet=snippet)}]
-        ids = hf.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
-        ids = list(ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids)
+        ids = encode_prompt(self.tokenizer, messages)  # as predict and serve encode a chat request
         if len(ids) > self.seq_len - self.block_size:
             raise ValueError(f"a chat prompt of {len(ids)} tokens leaves less than one block of seq_len="
                              f"{self.seq_len}; lower chat_snippet ({self.chat_snippet}) or raise seq_len")
