@@ -16,6 +16,10 @@ model folders may be given by built-in name (`embedded`, `embedded-backbone`; se
 from __future__ import annotations
 
 import argparse
+import difflib
+import importlib
+import inspect
+import re
 import sys
 from pathlib import Path
 
@@ -89,6 +93,44 @@ def _tool_main(argv: list[str]) -> int:
     return 0
 
 
+# ---- bad options: the error first, with the closest valid key ------------------------------------
+
+def _closest(word: str, candidates) -> str | None:
+    found = difflib.get_close_matches(word, sorted(set(candidates)), n=1, cutoff=0.6)
+    return found[0] if found else None
+
+
+def _init_args(class_path: str) -> list[str]:
+    """The constructor arguments of the class `class_path` names (none if it cannot be imported)."""
+    module, _, name = class_path.rpartition(".")
+    try:
+        params = inspect.signature(getattr(importlib.import_module(module), name)).parameters.values()
+    except (ImportError, AttributeError, ValueError, TypeError):
+        return []
+    return [p.name for p in params if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
+
+
+def option_hint(message: str, keys) -> str | None:
+    """One line for a jsonargparse error about an unknown option or subcommand, naming it and the
+    closest valid one (a class's constructor argument, a key of `keys`, or a subcommand); None for
+    other errors."""
+    nested = re.search(r"Option '([^']+)' is not accepted", message)
+    owners = re.findall(r"class_path '([^']+)'", message[: nested.start()]) if nested else []
+    if owners:  # an init_args key of the innermost class named before it
+        bad, owner, near = nested[1], owners[-1], _closest(nested[1], _init_args(owners[-1]))
+        return f"'{bad}' is not an argument of {owner}" + (f"; did you mean '{near}'?" if near else "")
+    top = re.search(r"does not accept option '([^']+)'|unrecognized arguments: --([^\s=]+)", message)
+    if top:
+        bad = top[1] or top[2]
+        near = _closest(bad, keys)
+        return f"unknown option '{bad}'" + (f"; did you mean '{near}'?" if near else "")
+    choice = re.search(r"invalid choice: '([^']+)' \(choose from (.*)\)", message)
+    if choice:
+        near = _closest(choice[1], re.findall(r"'([^']+)'", choice[2]))
+        return f"unknown subcommand '{choice[1]}'" + (f"; did you mean '{near}'?" if near else "")
+    return None
+
+
 def model_tokenizer(model):
     """The instantiated model's tokenizer (GenerationModule: the checkpoint's own, or the one it was given)."""
     tok = getattr(model, "tokenizer", None)
@@ -98,15 +140,44 @@ def model_tokenizer(model):
 
 
 def _cli_class():
+    from argparse import ArgumentError
+
     from lightning.pytorch.cli import LightningCLI
 
     class TwoTowerCLI(LightningCLI):
         """LightningCLI whose `predict` links the model's tokenizer into the data module
-        (`data.init_args.tokenizer` is computed from the instantiated model, never set twice)."""
+        (`data.init_args.tokenizer` is computed from the instantiated model, never set twice), and
+        whose bad options are reported in a line or two, the closest valid key suggested, instead of
+        after the whole usage text."""
 
         def _prepare_subcommand_parser(self, klass, subcommand, **kwargs):
             self._building = subcommand
             return super()._prepare_subcommand_parser(klass, subcommand, **kwargs)
+
+        def init_parser(self, **kwargs):
+            # Parsers raise instead of printing their usage (about 40 lines) above the error;
+            # parse_arguments reports it, then restores the default for later errors.
+            parser = super().init_parser(**{**kwargs, "exit_on_error": False})
+            self.__dict__.setdefault("_parsers", []).append(parser)
+            return parser
+
+        def parse_arguments(self, parser, args) -> None:
+            try:
+                super().parse_arguments(parser, args)
+            except ArgumentError as e:
+                sys.exit(self._report(str(e), sys.argv[1:] if args is None else args))
+            finally:
+                for p in self._parsers:
+                    p.exit_on_error = True
+
+        def _report(self, message: str, args) -> int:
+            keys = [k for p in self._parsers for k in p.get_defaults().keys()]
+            sub = next((a for a in args if a in self.subcommands()), None)
+            hint = option_hint(message, keys)
+            sys.stderr.write(f"error: {hint or message}\n")
+            sys.stderr.write(f"tip: python -m twotower.cli {sub or '{' + ','.join(self.subcommands()) + '}'} --help "
+                             "lists the accepted options\n")
+            return 2
 
         def add_arguments_to_parser(self, parser) -> None:
             if getattr(self, "_building", None) == "predict":

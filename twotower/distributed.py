@@ -23,7 +23,9 @@ an FSDP2 forward method.
 from __future__ import annotations
 
 import os
-import tempfile
+import pickle
+import re
+import warnings
 from pathlib import Path
 from types import MethodType
 
@@ -127,14 +129,32 @@ class EpochShuffle(DistributedSampler):
     touches one shard at a time. Rank and world size are read when iterating (Lightning sets up
     the process group before it asks for loaders); a subclass of `DistributedSampler` so that
     Lightning neither replaces nor re-splits it, and calls `set_epoch`.
+
+    `start_at(epoch, position)` makes the pass over `epoch` begin at `position` of its order: after
+    k batches on every rank, the first k b W positions are exactly the samples trained on, so a
+    resumed run (`twotower.data.sampling.ResumableLoader`) goes on with the same samples.
     """
 
     def __init__(self, n: int, *, seed: int = 0, shuffle: bool = True, shard_rows: int | None = None) -> None:
         # DistributedSampler.__init__ would query the process group now; it may not exist yet.
         self.n, self.seed, self.shuffle, self.shard_rows, self.epoch = n, seed, shuffle, shard_rows, 0
+        self._start: tuple[int, int] | None = None  # (epoch, position) set by start_at
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
+
+    def start_at(self, epoch: int, position: int) -> None:
+        """Begin the pass over `epoch` at `position` of its order (samples of all ranks together)."""
+        self.set_epoch(epoch)
+        self._start = (epoch, position)
+
+    def start(self) -> int:
+        """Where the current epoch's pass begins in its order: 0 unless `start_at` named this epoch."""
+        return self._start[1] if self._start is not None and self._start[0] == self.epoch else 0
+
+    def samples_per_batch(self, batch_size: int) -> int:
+        """How far one batch on every rank moves the epoch's position."""
+        return batch_size * _rank_world()[1]
 
     def _order(self) -> torch.Tensor:
         if not self.shuffle:
@@ -148,31 +168,150 @@ class EpochShuffle(DistributedSampler):
 
     def __iter__(self):
         rank, world = _rank_world()
-        order = self._order()
+        order = self._order()[self.start():]
         return iter(order[: len(order) // world * world][rank::world].tolist())
 
     def __len__(self) -> int:
+        # The whole epoch even when it starts later: Lightning counts the batches a resumed run skips.
         return self.n // _rank_world()[1]
 
 
-# ---- sharded checkpoints ---------------------------------------------------------------------------
+# ---- checkpoints: read without running the file's code ------------------------------------------
+#
+# A `.ckpt` is a pickle, and unpickling can call any function the file names: `torch.load(...,
+# weights_only=False)` on a crafted file runs its code before anything is checked. Every read here
+# goes through an allow-list instead: torch's weights-only unpickler for `.ckpt` / `meta.pt`, and a
+# restricted `pickle.Unpickler` for a sharded folder's `.metadata` (torch's own reader would
+# `pickle.load` it).
+
+_WEIGHTS = "state_dict."  # the model weights' prefix in a sharded checkpoint's flattened keys
+
+
+def checkpoint_globals() -> list[type]:
+    """The classes, besides tensors and plain containers, that a twotower training checkpoint holds.
+
+    A module built in Python keeps its plug-in objects (noise schedule, time sampler, objective,
+    position weighting, denoiser builder) in `hyper_parameters`; the CLI stores them as class_path dicts instead and
+    needs none of these. Only twotower's own subclasses are listed: their constructors only check
+    and store numbers, so rebuilding one from a file runs nothing the file chooses.
+    """
+    from .objectives import PositionWeighting, TokenObjective
+    from .schedules import NoiseSchedule, TimeSampler
+    from .towers.adapters import DenoiserBuilder
+
+    found, todo = [], [NoiseSchedule, TimeSampler, TokenObjective, PositionWeighting, DenoiserBuilder]
+    while todo:
+        cls = todo.pop()
+        todo += cls.__subclasses__()
+        if cls.__module__.startswith("twotower.") and cls not in found:
+            found.append(cls)
+    return found
+
+
+def _refusal(path: Path, detail: str) -> ValueError:
+    return ValueError(f"{path}: refused to load: {detail}. A twotower checkpoint holds tensors, plain "
+                      "values and twotower's own plug-in objects only; anything else could run code while "
+                      "it is read. If you wrote this file yourself and trust it, allow the class with "
+                      "torch.serialization.add_safe_globals([...]) and call twotower.cli.export from Python")
+
+
+def load_trusted(path: Path) -> dict:
+    """`torch.load` of a checkpoint file with `weights_only=True`, allowing `checkpoint_globals()`
+    for this call only; a file naming any other global is refused with a ValueError naming it."""
+    with torch.serialization.safe_globals(checkpoint_globals()):
+        try:
+            return torch.load(path, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError as e:
+            found = re.search(r"Unsupported global: GLOBAL (\S+)", str(e))
+            raise _refusal(path, f"it needs {found[1]}" if found else str(e).splitlines()[0]) from None
+
+
+# What torch.distributed.checkpoint's `.metadata` pickle names (torch dtypes besides).
+_METADATA_GLOBALS = {
+    "torch.distributed.checkpoint.metadata": {"Metadata", "BytesStorageMetadata", "ChunkStorageMetadata",
+                                              "MetadataIndex", "StorageMeta", "TensorProperties",
+                                              "TensorStorageMetadata", "_MEM_FORMAT_ENCODING"},
+    "torch.distributed.checkpoint.filesystem": {"_StorageInfo"},
+    "torch.serialization": {"_get_layout"},  # a layout by name
+    "torch": {"Size"},
+    "pathlib": {"Path", "PosixPath", "WindowsPath"},
+    "collections": {"OrderedDict"},
+}
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    """Builds only what a sharded checkpoint's `.metadata` holds and refuses every other global (the
+    restricted unpickler of the `pickle` documentation, "Restricting Globals")."""
+
+    def find_class(self, module: str, name: str):
+        if name in _METADATA_GLOBALS.get(module, ()) or (
+                module == "torch" and isinstance(getattr(torch, name, None), torch.dtype)):
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"it needs {module}.{name}")
+
+
+def _sharded_reader(folder: Path):
+    """torch's `FileSystemReader` for `folder`, reading `.metadata` through `_MetadataUnpickler`."""
+    from torch.distributed.checkpoint import FileSystemReader
+    from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
+
+    class SafeMetadataReader(FileSystemReader):
+        """`FileSystemReader` whose `read_metadata` unpickles with an allow-list (the stock one does
+        not)."""
+
+        def read_metadata(self, *args, **kwargs) -> Metadata:
+            with open(folder / ".metadata", "rb") as f:
+                try:
+                    metadata = _MetadataUnpickler(f).load()
+                except pickle.UnpicklingError as e:
+                    raise _refusal(folder / ".metadata", str(e)) from None
+            if not isinstance(metadata, Metadata):
+                raise _refusal(folder / ".metadata", f"it holds a {type(metadata).__name__}, not checkpoint metadata")
+            outside = [i.relative_path for i in (metadata.storage_data or {}).values()
+                       if Path(i.relative_path).name != i.relative_path]
+            if outside:  # shard files are plain names in the folder; a path could read any file
+                raise _refusal(folder / ".metadata", f"it names shard files outside the folder: {outside[:3]}")
+            if metadata.storage_meta is None:  # as the stock reader does
+                metadata.storage_meta = StorageMeta()
+            metadata.storage_meta.load_id = self.load_id
+            return metadata
+
+    return SafeMetadataReader(folder)
+
+
+def _read_sharded_weights(folder: Path) -> dict[str, torch.Tensor]:
+    """The model weights (`state_dict`) of the folder `ModelParallelStrategy` writes, as full CPU tensors.
+
+    Only tensors are read: the optimizer state is not needed to export, and torch's loader would
+    unpickle its non-tensor entries without an allow-list.
+    """
+    from torch.distributed.checkpoint import load
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    reader = _sharded_reader(folder)
+    weights = {key.removeprefix(_WEIGHTS): torch.empty(entry.size, dtype=entry.properties.dtype)
+               for key, entry in reader.read_metadata().state_dict_metadata.items()
+               if key.startswith(_WEIGHTS) and isinstance(entry, TensorStorageMetadata)}
+    with warnings.catch_warnings():  # one process on purpose (no_dist); torch warns about it all the same
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        load({"state_dict": weights}, storage_reader=reader, no_dist=True)
+    return weights
+
 
 def read_checkpoint(path: str | os.PathLike) -> dict:
-    """A Lightning checkpoint as one dict: a `.ckpt` file, or the folder `ModelParallelStrategy`
-    writes (torch.distributed.checkpoint shards + `meta.pt`), merged into full tensors on CPU
-    without a process group (`dcp_to_torch_save`)."""
+    """A Lightning checkpoint as one dict, read without running code from the file: a `.ckpt` file,
+    or the folder `ModelParallelStrategy` writes (torch.distributed.checkpoint shards + `meta.pt`),
+    whose weights are merged into full tensors on CPU without a process group (its optimizer state is
+    left out). A file that needs anything but tensors, plain values and `checkpoint_globals()` is
+    refused with a ValueError naming what it needs."""
     path = Path(path)
     if path.is_file():
-        return torch.load(path, map_location="cpu", weights_only=False)
+        return load_trusted(path)
     if path.is_dir() and (path / ".metadata").is_file():
-        from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
-
-        with tempfile.TemporaryDirectory() as tmp:
-            dcp_to_torch_save(path, Path(tmp) / "full.pt")
-            state = torch.load(Path(tmp) / "full.pt", map_location="cpu", weights_only=False)
+        state = {"state_dict": _read_sharded_weights(path)}
         meta = path / "meta.pt"
         if meta.is_file():
-            state.update(torch.load(meta, map_location="cpu", weights_only=False))
+            state.update(load_trusted(meta))
         return state
     if path.is_dir():
         raise FileNotFoundError(f"{path} is a folder but not a distributed checkpoint (no .metadata file); "

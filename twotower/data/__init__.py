@@ -6,6 +6,7 @@ What lives where:
               (the embedded stdlib, folders, text / JSONL files, `datasets` directories);
               split_documents, held_out: the deterministic train / held-out split by name hash
     packing   pack_documents: `[bos] + doc + [eos]` streams cut into (N, seq_len) rows
+    sampling  ResumableLoader: a training loader whose place in the epoch survives a checkpoint
     cache     save_cache / load_cache / cache_file: the on-disk cache and its keys (fingerprints
               of the tokenizer, the corpus files and checkpoint files)
     text      TextDataModule: packed (B, seq_len) rows of a corpus, train and held-out
@@ -26,6 +27,7 @@ from .cache import cache_file, load_cache, save_cache
 from .distill import DistilledDataModule, distill_rows
 from .packing import pack_documents
 from .prompts import PromptDataModule, collate_prompts, read_prompts
+from .sampling import ResumableLoader
 from .sources import STDLIB, Document, held_out, iter_documents, read_corpus, split_documents, stdlib_source_files
 from .streaming import StreamingRows, StreamingTextDataModule
 from .text import TextDataModule
@@ -39,6 +41,7 @@ __all__ = [
     "split_documents",
     "held_out",
     "pack_documents",
+    "ResumableLoader",
     "save_cache",
     "load_cache",
     "cache_file",

@@ -49,6 +49,7 @@ from twotower.towers.base import ContextTowerBase
 
 from .cache import files_fingerprint, cache_file, load_cache, save_cache
 from .packing import check_seq_len
+from .sampling import ResumableLoader
 from .sources import STDLIB
 from .text import TextDataModule
 
@@ -334,7 +335,8 @@ class DistilledDataModule(L.LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         self.setup()
         sampler = EpochShuffle(len(self.train_set), seed=self.seed, shard_rows=self.shard_rows)
-        return DataLoader(self.train_set, batch_size=self.batch_size, sampler=sampler, num_workers=self.num_workers)
+        # Resumable: a fit restarted from a checkpoint continues the same data order (`sampling.py`).
+        return ResumableLoader(self.train_set, batch_size=self.batch_size, sampler=sampler, num_workers=self.num_workers)
 
     def val_dataloader(self) -> DataLoader:
         self.setup()

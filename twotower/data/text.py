@@ -22,6 +22,7 @@ from twotower.distributed import EpochShuffle
 
 from .cache import source_fingerprint, tokenizer_fingerprint, cache_file, load_cache, save_cache
 from .packing import PackedRows, check_corpus_settings, pack_documents
+from .sampling import ResumableLoader
 from .sources import STDLIB, Document, unit_hash, iter_documents, split_documents
 
 # Bump when the packed layout changes, so that stale caches are not reused.
@@ -46,7 +47,9 @@ class TextDataModule(L.LightningDataModule):
         max_documents: keep only the first N documents in source order (quick runs).
         max_train_sequences / max_val_sequences: cap the number of packed rows per split.
         num_workers: DataLoader workers.
-        seed: seeds the training shuffle (each epoch draws a new order from this generator).
+        seed: seeds the training shuffle (each epoch draws a new order from this generator). The
+            train loader is a `ResumableLoader`: a fit resumed from a checkpoint goes on where the
+            order was, not from the start of the epoch.
         text_field: JSONL / datasets column holding the text.
         pattern: glob for folder sources.
         indexed: batches are {"input_ids": (B, seq_len), "index": (B,)}: each sample's noise is then
@@ -195,9 +198,9 @@ class TextDataModule(L.LightningDataModule):
 
     # -- loaders
 
-    def train_dataloader(self) -> DataLoader:
+    def train_dataloader(self) -> ResumableLoader:
         self.setup()
-        return DataLoader(
+        return ResumableLoader(
             PackedRows(self.train_data, self.indexed),
             batch_size=self.batch_size,
             sampler=EpochShuffle(self.train_data.shape[0], seed=self.seed),
