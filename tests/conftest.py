@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
 from transformers import NemotronHConfig
@@ -316,6 +318,76 @@ def save_tiny_twotower(path, seed: int = 0, block_size: int = 8):
     model = make_model(seed, block_size, time_seed=seed + 1, **BYTE_CHECKPOINT)
     model.save_pretrained(path, tokenizer=ByteTokenizer(model.config.vocab_size))
     return path
+
+
+WORDS = ["<pad>", "<s>", "</s>", "[MASK]"] + [f"w{i}" for i in range(40)]
+# A small Jinja chat template over WORDS-style vocabularies: each turn is "<s> role content </s>".
+WORD_CHAT_TEMPLATE = ("{% for m in messages %}<s> {{ m['role'] }} {{ m['content'] }} </s> {% endfor %}"
+                 "{% if add_generation_prompt %}<s> assistant {% endif %}")
+
+
+def save_word_tokenizer(path, words=WORDS, *, bos: bool = False, chat_template: str | None = None):
+    """A tiny WordLevel Hugging Face tokenizer (no download), saved as transformers writes it.
+
+    bos: its post-processor puts <s> before text when asked for special tokens (Llama-style); without
+    it the tokenizer adds nothing (GPT-2 / SmolLM2-style). chat_template: set as its chat template.
+    """
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<pad>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    if bos:
+        tok.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B",
+                                                           special_tokens=[("<s>", words.index("<s>"))])
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>",
+                                   mask_token="[MASK]")
+    if chat_template is not None:
+        fast.chat_template = chat_template
+    fast.save_pretrained(str(path))
+    return path
+
+
+def save_word_twotower(path, tokenizer_dir, seed: int = 0, block_size: int = 8):
+    """A tiny two-tower checkpoint (vocab 64) with the HF tokenizer at `tokenizer_dir` saved beside it."""
+    from twotower.tokenizers import HFTokenizer
+
+    model = make_model(seed, block_size, time_seed=seed + 1, vocab_size=64, scale=0.1)
+    model.save_pretrained(path, tokenizer=HFTokenizer(str(tokenizer_dir)))
+    return path
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def running_server(app):
+    """Serve a FastAPI `app` on 127.0.0.1 (a free port) in a daemon thread; yields the base URL and
+    stops the server on exit."""
+    import threading
+    import time
+
+    import uvicorn
+
+    port = free_port()
+    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=srv.run, daemon=True)
+    thread.start()
+    deadline = time.time() + 60
+    while not srv.started:
+        assert time.time() < deadline and thread.is_alive(), "the server did not start"
+        time.sleep(0.05)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        srv.should_exit = True
+        thread.join(20)
 
 
 @pytest.fixture

@@ -149,6 +149,15 @@ def test_bad_model_args_fail_with_a_clear_message(kwargs, match):
         TwoTowerEvalLM(**args)
 
 
+def test_device_defaults_to_the_one_that_exists(caplog):
+    from twotower.evaluation.harness import default_device
+
+    with caplog.at_level("WARNING"):
+        lm = TwoTowerEvalLM(pretrained="embedded")  # a built-in name, like the README's command
+    assert lm.device.type == ("cuda" if torch.cuda.is_available() else "cpu") == default_device().split(":")[0]
+    assert not [r for r in caplog.records if "CUDA" in r.getMessage()]
+
+
 def test_build_decoder_maps_settings_onto_the_decoder():
     d = build_decoder("diffusion", threshold=0.7, block_size=8, steps_per_block=4, temperature=0.5, top_k=3)
     assert (d.block_size, d.steps_per_block, d.sampler.threshold, d.temperature) == (8, 4, 0.7, 0.5)
@@ -229,12 +238,17 @@ def test_lm_eval_cli_runs_every_output_type(tmp_path):
            str(tasks), "--batch_size", "2", "--output_path", str(out), "--log_samples"]
     proc = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=600, env=env)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    # the console summary ends with the generation speed; no device warning on a machine without CUDA
+    assert "tokens per forward" in proc.stdout.splitlines()[-1], proc.stdout[-2000:]
+    if not torch.cuda.is_available():
+        assert "CUDA is not available" not in proc.stdout + proc.stderr
     res = json.loads(next(out.rglob("results_*.json")).read_text())
     r = res["results"]
     assert 0 <= r["tt_mc"]["acc,none"] <= 1 and r["tt_gen"]["exact_match,none"] in (0.0, 0.5, 1.0)
     assert math.isfinite(r["tt_roll"]["word_perplexity,none"]) and r["tt_roll"]["bits_per_byte,none"] > 0
     assert res["config"]["twotower_decoder"].startswith("Speculative")
     assert res["config"]["twotower_tokens_per_forward"] >= 1
+    assert f"{res['config']['twotower_tokens_per_forward']:.2f} tokens per forward" in proc.stdout
     # The CLI's scores are this model's: recompute the multiple-choice accuracy in process.
     lm = TwoTowerEvalLM(pretrained=str(DEFAULT))
     docs = [json.loads(line)["doc"] for line in next(out.rglob("samples_tt_mc_*.jsonl")).read_text().splitlines()]
@@ -249,7 +263,7 @@ def test_lm_eval_cli_runs_every_output_type(tmp_path):
 def test_the_shipped_suite_runs_through_the_readme_command(tmp_path):
     out = tmp_path / "out"
     cmd = [sys.executable, "-m", "twotower.evaluation", "--model", "twotower", "--model_args",
-           "pretrained=twotower/assets/twotower,decoder=speculative", "--tasks", "twotower_nextline,twotower_complete",
+           "pretrained=embedded,decoder=speculative", "--tasks", "twotower_nextline,twotower_complete",
            "--include_path", "benchmarks/eval", "--batch_size", "2", "--limit", "2", "--output_path", str(out)]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600,
                           env=dict(os.environ, HF_DATASETS_OFFLINE="1"))

@@ -183,17 +183,16 @@ def test_from_backbone_of_a_transformers_checkpoint_and_round_trip(tmp_path, tie
 
 def test_llama_recipe_fits_a_tiny_generated_checkpoint_and_exports(tmp_path):
     """recipes/llama_denoiser.yaml on a random LlamaForCausalLM written by transformers (vocab 260,
-    the byte tokenizer's), then export: the released directory is a Llama two-tower model with the
-    recipe's time conditioning."""
+    no tokenizer files), fine-tuned on byte data, then export: the released directory is a Llama
+    two-tower model with the recipe's time conditioning and the tokenizer it was trained with, so
+    predict runs on it without a tokenizer argument."""
     import json
     import subprocess
     import sys
     from pathlib import Path
 
     root = Path(__file__).resolve().parents[1]
-    save_tiny_llama(tmp_path / "ar", seed=10, vocab_size=260)
-    cfg = json.loads((tmp_path / "ar" / "config.json").read_text())  # mark it byte-level, as our backbones are:
-    (tmp_path / "ar" / "config.json").write_text(json.dumps({**cfg, "tokenizer": "byte"}))  # predict then uses bytes
+    save_tiny_llama(tmp_path / "ar", seed=10, vocab_size=260)  # a bare transformers folder: no tokenizer of its own
     run = tmp_path / "run"
 
     def cli(*args):
@@ -208,9 +207,11 @@ def test_llama_recipe_fits_a_tiny_generated_checkpoint_and_exports(tmp_path):
     ckpt = torch.load(run / "ckpt" / "last.ckpt", map_location="cpu", weights_only=False)
     assert ckpt["global_step"] == 3
     assert ckpt["twotower"]["time_conditioning"]["class_path"] == "twotower.time_embedding.AdaLNSingle"
+    assert ckpt["twotower"]["tokenizer"]["class_path"] == "twotower.tokenizers.ByteTokenizer"  # the data's
     cli("export", str(run / "ckpt" / "last.ckpt"), str(tmp_path / "tt"))
     raw = json.loads((tmp_path / "tt" / "config.json").read_text())
     assert raw["model_type"] == "llama" and raw["time_conditioning"]["init_args"]["init"] == "identity"
+    assert raw["tokenizer"] == "byte"
     model = TwoTowerLM.from_pretrained(tmp_path / "tt")
     assert type(model.denoiser) is LlamaDenoiserTower
     den = {k.removeprefix("denoiser."): v for k, v in ckpt["state_dict"].items() if k.startswith("denoiser.")}

@@ -28,7 +28,8 @@ pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")
 openai = pytest.importorskip("openai")
 
-from conftest import left_pad, make_context, random_prompts, save_tiny_twotower  # noqa: E402
+from conftest import (free_port, left_pad, make_context, random_prompts, running_server,  # noqa: E402
+                      save_tiny_twotower)
 from twotower.caches import HybridCache  # noqa: E402
 from twotower.decoding import StopStrings  # noqa: E402
 from twotower.serving.requests import ServeSettings, parse_completion  # noqa: E402
@@ -38,16 +39,8 @@ ROOT = Path(__file__).resolve().parents[1]
 TOK = ByteTokenizer()
 
 
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    import uvicorn
-
     from twotower.model import TwoTowerLM
     from twotower.serving.app import create_app
 
@@ -55,19 +48,10 @@ def server(tmp_path_factory):
     model = TwoTowerLM.from_pretrained(path).eval()
     settings = ServeSettings(model=str(path), max_tokens=16, max_batch=8)
     app = create_app(settings, model=model)
-    port = free_port()
-    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=srv.run, daemon=True)
-    thread.start()
-    deadline = time.time() + 60
-    while not srv.started:
-        assert time.time() < deadline and thread.is_alive(), "the server did not start"
-        time.sleep(0.05)
-    url = f"http://127.0.0.1:{port}"
-    client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=120)
-    yield SimpleNamespace(url=url, port=port, model=model, settings=settings, client=client, app=app)
-    srv.should_exit = True
-    thread.join(20)
+    with running_server(app) as url:
+        client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=120)
+        yield SimpleNamespace(url=url, port=int(url.rsplit(":", 1)[1]), model=model, settings=settings,
+                              client=client, app=app)
 
 
 def alone(srv, body: dict) -> str:
@@ -132,7 +116,7 @@ def test_non_streaming_equals_generate_alone(server, decoder):
     r = create(server, "def add(a, b):", 12, decoder)
     assert r.object == "text_completion" and r.choices[0].finish_reason in ("stop", "length")
     assert r.choices[0].text == alone(server, {"prompt": "def add(a, b):", "max_tokens": 12, "decoder": decoder})
-    assert r.usage.prompt_tokens == len("def add(a, b):") and r.usage.completion_tokens >= 1
+    assert r.usage.prompt_tokens == 1 + len("def add(a, b):") and r.usage.completion_tokens >= 1  # BOS + bytes
 
 
 def test_streaming_chunks_add_up_to_the_completion(server):
@@ -200,7 +184,8 @@ def test_bad_request_through_the_client_and_bad_json(server):
     assert "max_tokens" in str(e.value)
     status, out = post(server.url, b"{not json")
     assert status == 400 and out["error"]["param"] == "body"
-    status, out = post(server.url, {"prompt": "x" * 508, "max_tokens": 10})  # fits alone, not with the tokens
+    # BOS + 507 bytes: fits alone, not with the tokens
+    status, out = post(server.url, {"prompt": "x" * 507, "max_tokens": 10})
     assert status == 400 and out["error"]["param"] == "max_tokens" and "at most 4" in out["error"]["message"]
 
 

@@ -4,33 +4,15 @@ save_pretrained / convert, and refused when it does not fit the model."""
 from __future__ import annotations
 
 import pytest
-from conftest import BYTE_CHECKPOINT, make_model
+from conftest import BYTE_CHECKPOINT, WORDS, make_model, save_word_tokenizer, save_word_twotower
 
 from twotower.tokenizers import ByteTokenizer, HFTokenizer, find_tokenizer, load_tokenizer
-
-WORDS = ["<pad>", "<s>", "</s>", "[MASK]"] + [f"w{i}" for i in range(40)]
-
-
-def save_word_tokenizer(path, words=WORDS):
-    """A tiny WordLevel tokenizer (no download), saved as transformers writes it."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<pad>"))
-    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>",
-                                   mask_token="[MASK]")
-    fast.save_pretrained(str(path))
-    return path
 
 
 @pytest.fixture
 def word_model_dir(tmp_path):
     """A tiny two-tower checkpoint (vocab 64) with a 44-word tokenizer saved beside it."""
-    path = tmp_path / "word"
-    model = make_model(0, 8, time_seed=1, vocab_size=64, scale=0.1)
-    model.save_pretrained(path, tokenizer=HFTokenizer(str(save_word_tokenizer(tmp_path / "tok"))))
-    return path
+    return save_word_twotower(tmp_path / "word", save_word_tokenizer(tmp_path / "tok"))
 
 
 def test_save_pretrained_writes_the_tokenizer_and_loaders_find_it(word_model_dir, tmp_path):
@@ -109,5 +91,6 @@ def test_predict_cli_links_the_models_tokenizer_into_the_data(word_model_dir, tm
     proc = subprocess.run(cmd, cwd=root, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = [json.loads(line) for line in out.read_text().splitlines()]
-    assert [r["prompt_tokens"] for r in rows] == [3, 2]  # bos + word tokens: encoded with the word tokenizer
+    # word tokens, encoded with the word tokenizer (which, like SmolLM2's, puts no BOS before text)
+    assert [r["prompt_tokens"] for r in rows] == [2, 1]
     assert all(w in WORDS for r in rows for w in r["completion"].split())

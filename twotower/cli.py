@@ -8,7 +8,9 @@
     python -m twotower.cli import-gguf FILE.gguf OUT_DIR # llama.cpp GGUF (Llama family) -> backbone folder
     python -m twotower.cli serve --config recipes/serve.yaml [--port 8000]   # OpenAI-compatible server
 
-Every model and data component is chosen in YAML by `class_path` / `init_args`.
+Every model and data component is chosen in YAML by `class_path` / `init_args`. `--config` takes a
+path or the name of a recipe shipped with the package (`--config generate`, from any directory), and
+model folders may be given by built-in name (`embedded`, `embedded-backbone`; see `twotower.hub`).
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ TOOLS = ("convert", "export", "import-gguf", "serve")
 def convert(ar_dir: str, out_dir: str, *, block_size: int = 16, mask_token_id: int = 3,
             time_init: str = "identity", max_shard_size: int | None = None, expert_layout: str = "fused",
             shifted: bool = False) -> Path:
-    """AR NemotronH checkpoint directory -> released two-tower directory, ready to fine-tune or run.
+    """AR checkpoint directory (or built-in name) -> released two-tower directory, ready to fine-tune or run.
 
     shifted: mark the model AR-aligned (see `TwoTowerLM`); fine-tune it with `shifted=True` too.
     """
@@ -43,8 +45,9 @@ def export(ckpt_path: str, out_dir: str, *, backbone: str | None = None, max_sha
            expert_layout: str = "fused") -> Path:
     """Fine-tuning checkpoint (.ckpt, denoiser side only) -> released two-tower directory.
 
-    The frozen context tower is read from the path the checkpoint references (or `backbone`);
-    the conversion is `towers.checkpoints.export_checkpoint`.
+    The frozen context tower is read from the path the checkpoint references (or `backbone`, a
+    folder or built-in name); the conversion is `towers.checkpoints.export_checkpoint`, which also
+    writes the tokenizer the model was fine-tuned with.
     """
     from .towers.checkpoints import export_checkpoint
 
@@ -195,9 +198,28 @@ def cli_main(args: list[str] | None = None, run: bool = True):
     )
 
 
+def resolve_configs(argv: list[str]) -> list[str]:
+    """`--config NAME` -> the shipped recipe of that name (`hub.find_recipe`: "generate", "generate.yaml"
+    or "recipes/generate.yaml" from any directory); existing paths, and values that match no shipped
+    recipe (jsonargparse also takes inline YAML), are left as they are."""
+    from .hub import find_recipe
+
+    out = list(argv)
+    for i, arg in enumerate(out):
+        if arg == "--config" and i + 1 < len(out):
+            found = find_recipe(out[i + 1])
+            out[i + 1] = out[i + 1] if found is None else str(found)
+        elif arg.startswith("--config="):
+            found = find_recipe(arg.removeprefix("--config="))
+            out[i] = arg if found is None else f"--config={found}"
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     from_command_line = argv is None
-    argv = sys.argv[1:] if argv is None else argv
+    argv = resolve_configs(sys.argv[1:] if argv is None else argv)
+    if from_command_line:
+        sys.argv[1:] = argv  # LightningCLI reads sys.argv itself
     if argv and argv[0] == "serve":  # jsonargparse settings (recipes/serve.yaml); needs the [serve] extra
         from .serving.app import main as serve_main
 

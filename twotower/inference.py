@@ -21,7 +21,8 @@ import lightning as L
 import torch
 
 from .decoding import Decoder, MaskDiffusion
-from .tokenizers import BYTE_TOKENIZER, Tokenizer, check_tokenizer_fits, load_tokenizer
+from .hub import resolve_model
+from .tokenizers import Tokenizer, tokenizer_for
 from .writers import JsonlPredictionWriter
 
 __all__ = ["GenerationModule", "JsonlPredictionWriter", "checkpoint_fingerprint"]
@@ -57,7 +58,8 @@ class GenerationModule(L.LightningModule):
     """Generate continuations for prompt batches from `PromptDataModule`.
 
     Args:
-        model: a two-tower checkpoint directory (released layout).
+        model: a two-tower checkpoint directory (released layout) or a built-in model name
+            (`twotower.hub`: "embedded" is the embedded default).
         decoder: the decoding strategy, e.g. `twotower.decoding.Speculative` (lossless, the AR
             model's own output), `MaskDiffusion` (a sampler commits tokens), `MockAR`,
             `Autoregressive`; default `MaskDiffusion()` (ConfidenceThreshold(0.8), the model's block).
@@ -66,9 +68,10 @@ class GenerationModule(L.LightningModule):
         context_device / denoiser_device: e.g. "cuda:0" / "cuda:1" to split the towers.
         dtype: "float32", "bfloat16" or "float16" (None keeps the checkpoint's).
         seed: seeds sampling decoders (temperature > 0): batch i uses seed + i.
-        tokenizer: decodes completions (and, linked by the CLI, encodes the prompts); default the
-            checkpoint's own (`tokenizers.load_tokenizer`). One that does not fit the model (more ids
-            than its embedding, or a byte tokenizer on a model that is not byte-level) is refused.
+        tokenizer: decodes completions (and, linked by the CLI, encodes the prompts by
+            `prompting.encode_prompt`); default the checkpoint's own (`tokenizers.tokenizer_for`).
+            One that does not fit the model (more ids than its embedding, or a byte tokenizer on a
+            model that is not byte-level) is refused.
         compile: `torch.compile` the towers' hot paths (`TwoTowerLM.compile_towers`) when prediction
             starts: slower first batches, faster after.
         quantize: "int8" loads both towers with weight-only int8 projections (about half the
@@ -95,8 +98,9 @@ class GenerationModule(L.LightningModule):
                 raise ValueError(f"dtype must be float32, bfloat16 or float16, got {dtype!r}")
             torch_dtype = getattr(torch, dtype)
         self.quantize = check_quantize(quantize)
-        if not (Path(model) / "config.json").exists():
-            raise FileNotFoundError(f"two-tower checkpoint not found: {Path(model) / 'config.json'} "
+        model = resolve_model(model, kind="two-tower checkpoint")
+        if not (model / "config.json").exists():
+            raise FileNotFoundError(f"two-tower checkpoint not found: {model / 'config.json'} "
                                     "(make one with `python -m twotower.cli convert` or `export`)")
         self.model = TwoTowerLM.from_pretrained(model, dtype=torch_dtype, quantize=quantize)
         self.model.eval().requires_grad_(False)
@@ -105,13 +109,9 @@ class GenerationModule(L.LightningModule):
         self.stop_at_eos = stop_at_eos
         self.devices = (context_device, denoiser_device)
         self.seed = seed
-        if tokenizer is None:
-            tokenizer = self.model.tokenizer or load_tokenizer(model)
-        byte_level = getattr(self.model.config, "tokenizer", None) == BYTE_TOKENIZER
-        self.tokenizer = check_tokenizer_fits(tokenizer, vocab_size=self.model.config.vocab_size,
-                                              byte_level=byte_level, where=model)
+        self.tokenizer = tokenizer_for(self.model, model, tokenizer)
         self.compile = compile
-        self.model_dir = str(Path(model).resolve())
+        self.model_dir = str(model.resolve())
         self.fingerprint = checkpoint_fingerprint(model)
         self.dtype_name = dtype
 

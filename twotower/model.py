@@ -30,6 +30,8 @@ import torch.nn as nn
 from torch import Tensor
 
 from .decoding import Decoder, GenerationOutput, MaskDiffusion, ReleasedGenerationMixin, StepCallback
+from .hub import model_reference, resolve_model
+from .prompting import Prompt, encode_prompt
 from .samplers import Sampler
 from .tokenizers import Tokenizer, find_tokenizer, save_tokenizer
 from .towers.adapters import DenoiserBuilder, builder_from_spec, is_adapter
@@ -46,15 +48,13 @@ DEFAULT_MASK_TOKEN_ID = 3
 ADAPTER_FILE = "adapter.safetensors"
 
 
-def resolve_model(name_or_path):
-    """A local folder for a model path (built-in names are resolved by the model registry)."""
-    return name_or_path
-
-
-def _source_name(name_or_path) -> str:
-    """What an adapter checkpoint records as its backbone: a built-in name as given, else an absolute path."""
-    text = str(name_or_path)
-    return text if resolve_model(text) != text else str(Path(text).resolve())
+def _has_config(name_or_path) -> bool:
+    """Whether a model path or built-in name leads to a folder with config.json (False, not an error,
+    when it leads nowhere: the caller names what is missing)."""
+    try:
+        return (resolve_model(name_or_path) / "config.json").is_file()
+    except FileNotFoundError:
+        return False
 
 
 def _check_block_size(block_size) -> int:
@@ -123,7 +123,8 @@ class TwoTowerLM(ReleasedGenerationMixin, nn.Module):
                       time_init: str = "identity", dtype: torch.dtype | None = None, shifted: bool = False,
                       time: dict | None = None, device=None, denoiser_device=None,
                       denoiser: DenoiserBuilder | dict | None = None) -> "TwoTowerLM":
-        """Two towers from an AR checkpoint directory of any registered family (or a context tower).
+        """Two towers from an AR checkpoint directory of any registered family, a built-in model name
+        (`twotower.hub.resolve_model`: "embedded-backbone", ...), or a context tower.
 
         The denoiser and its head are copies of the AR model (docs/design.md, section 3), or, with
         `denoiser=LoRA(...)` (`twotower.towers.adapters`), low-rank adapters over the context tower's
@@ -140,7 +141,7 @@ class TwoTowerLM(ReleasedGenerationMixin, nn.Module):
             if device is not None:
                 context.to(device)
         else:
-            context = ContextTowerBase.from_pretrained(resolve_model(path_or_tower), dtype=dtype, device=device)
+            context = ContextTowerBase.from_pretrained(path_or_tower, dtype=dtype, device=device)
         builder = builder_from_spec(denoiser)
         den = builder.build(context, time_init=time_init, time=time,
                             device=denoiser_device if denoiser_device is not None else device)
@@ -151,14 +152,15 @@ class TwoTowerLM(ReleasedGenerationMixin, nn.Module):
         model.denoiser_builder = builder
         if not isinstance(path_or_tower, ContextTowerBase):
             model.tokenizer = find_tokenizer(resolve_model(path_or_tower))
-            model.backbone_source = _source_name(path_or_tower)
+            model.backbone_source = model_reference(path_or_tower)  # what an adapter checkpoint records
         return model
 
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike, *, dtype: torch.dtype | str | None = None,
                         device=None, denoiser_device=None, quantize: str | None = None) -> "TwoTowerLM":
         """Load a released-layout two-tower directory (config.json + safetensors, sharded or not,
-        fused or per-expert MoE weights).
+        fused or per-expert MoE weights), or a built-in model by name (`twotower.hub.resolve_model`:
+        "embedded" is the embedded default), from any working directory.
 
         `block_size` and `mask_token_id` come from config.json when present (else 16 and 3).
         dtype=None keeps the stored dtypes; otherwise floating weights are cast (routers stay float32).
@@ -175,8 +177,8 @@ class TwoTowerLM(ReleasedGenerationMixin, nn.Module):
         from .towers.loading import two_tower_refs
 
         check_quantize(quantize)
-        path = resolve_model(path)
-        if (Path(path) / ADAPTER_FILE).is_file():
+        path = resolve_model(path, kind="two-tower checkpoint")
+        if (path / ADAPTER_FILE).is_file():
             if quantize is not None:
                 raise ValueError(f"{path} is an adapter over a shared backbone; int8 would replace the weights it "
                                  "borrows. Load it without quantize=")
@@ -214,7 +216,7 @@ class TwoTowerLM(ReleasedGenerationMixin, nn.Module):
         source = backbone if backbone is not None else raw.get("backbone")
         if source is None:
             raise ValueError(f"{path / 'config.json'} records no \"backbone\"; pass backbone=PATH_OR_NAME")
-        if not (Path(resolve_model(source)) / "config.json").is_file():
+        if not _has_config(source):
             where = "given" if backbone is not None else f"recorded in {path / 'config.json'}"
             raise FileNotFoundError(f"{path} is an adapter over the backbone {source} ({where}), which is missing "
                                     "(no config.json there); pass backbone=PATH_OR_NAME where it is now")
@@ -366,6 +368,18 @@ class TwoTowerLM(ReleasedGenerationMixin, nn.Module):
     @property
     def denoiser_device(self) -> torch.device:
         return self.devices[1]
+
+    # ---- prompts ------------------------------------------------------------------------------
+    def encode(self, prompt: Prompt) -> Tensor:
+        """A prompt (text, or chat messages [{"role", "content"}, ...]) -> ids (1, T) on the context
+        tower's device, ready for `generate`; encoded with the model's own tokenizer by the rule
+        `predict`, `serve` and the eval harness share (`prompting.encode_prompt`: BOS as the tokenizer
+        does it, chat messages through its template)."""
+        if self.tokenizer is None:
+            raise ValueError("this model has no tokenizer (its folder had neither tokenizer files nor \"tokenizer\": "
+                             "\"byte\" in config.json); set model.tokenizer, e.g. to twotower.HFTokenizer(DIR) or "
+                             "twotower.ByteTokenizer()")
+        return torch.tensor([encode_prompt(self.tokenizer, prompt)], dtype=torch.long, device=self.context_device)
 
     # ---- generation ---------------------------------------------------------------------------
     def generate(self, input_ids: Tensor, attention_mask: Tensor | None = None, decoder: Decoder | None = None, *,

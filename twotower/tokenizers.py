@@ -14,13 +14,16 @@ Both are plain classes with typed constructors, so a LightningCLI recipe can pic
 from __future__ import annotations
 
 import abc
+import functools
+import importlib
 from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 
 __all__ = ["Tokenizer", "ByteTokenizer", "HFTokenizer", "NEMOTRON_H_MASK_ID", "load_tokenizer", "find_tokenizer",
-           "check_tokenizer_fits", "save_tokenizer", "BYTE_TOKENIZER"]
+           "check_tokenizer_fits", "save_tokenizer", "tokenizer_for", "tokenizer_spec", "tokenizer_from_spec",
+           "BYTE_TOKENIZER"]
 
 # config.json's "tokenizer" entry for byte-level models (ByteTokenizer, ids = UTF-8 bytes + 4).
 BYTE_TOKENIZER = "byte"
@@ -75,6 +78,19 @@ class Tokenizer(abc.ABC):
     @abc.abstractmethod
     def encode(self, text: str, *, add_bos: bool = False, add_eos: bool = False) -> list[int]:
         """Text -> ids, optionally framed by bos / eos."""
+
+    @property
+    def adds_bos(self) -> bool:
+        """Whether a text prompt starts with BOS for this tokenizer (`prompting.encode_prompt` asks).
+        True here: the models this library trains see BOS before every document."""
+        return True
+
+    def apply_chat_template(self, messages: list[dict]) -> list[int]:
+        """Chat messages -> the ids of the rendered conversation, ending where the assistant's reply
+        starts. Only tokenizers with a chat template can; this one cannot."""
+        raise ValueError(f"{self!r} has no chat template, so chat messages cannot be encoded for this model; send a "
+                         "plain text prompt instead (/v1/completions, or a {\"prompt\": ...} row), or use a model whose "
+                         "Hugging Face tokenizer has a chat_template")
 
     @abc.abstractmethod
     def decode(self, ids: Sequence[int], *, skip_special_tokens: bool = True) -> str:
@@ -202,6 +218,7 @@ class HFTokenizer(Tokenizer):
         from transformers import AutoTokenizer
 
         self.path = str(directory)
+        self.mask_token = mask_token
         self.hf = AutoTokenizer.from_pretrained(self.path, local_files_only=True)
         self._vocab_size = len(self.hf)
         self._bos, self._eos = self._resolve_bos_eos()
@@ -260,6 +277,27 @@ class HFTokenizer(Tokenizer):
         ids = list(self.hf.encode(text, add_special_tokens=False))
         return ([self._bos] if add_bos else []) + ids + ([self._eos] if add_eos else [])
 
+    @functools.cached_property
+    def adds_bos(self) -> bool:
+        """What the tokenizer itself does when asked for its special tokens: Llama's put BOS first,
+        GPT-2-style ones (SmolLM2, Qwen) add nothing, and forcing a BOS on those would feed the model
+        a token it never saw before a prompt."""
+        bos = self.hf.bos_token_id
+        if bos is None:
+            return False
+        with_specials = self.hf.encode("a", add_special_tokens=True)
+        return bool(with_specials) and with_specials[0] == bos and self.hf.encode("a", add_special_tokens=False)[:1] != [bos]
+
+    def apply_chat_template(self, messages: list[dict]) -> list[int]:
+        """The tokenizer's chat template, with the generation prompt (the assistant turn's opening);
+        rendered to text and encoded without further special tokens, as transformers does."""
+        if not self.hf.chat_template:
+            raise ValueError(f"the tokenizer at {self.path!r} has no chat template, so chat messages cannot be encoded; "
+                             "send a plain text prompt instead, or set tokenizer.chat_template (a Jinja string) and "
+                             "save the tokenizer again")
+        text = self.hf.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        return list(self.hf.encode(text, add_special_tokens=False))
+
     def decode(self, ids: Sequence[int], *, skip_special_tokens: bool = True) -> str:
         ids = _as_int_list(ids)
         if skip_special_tokens:
@@ -311,7 +349,8 @@ def load_tokenizer(path: str | Path) -> Tokenizer:
         raise FileNotFoundError(
             f"no tokenizer in {path}: expected tokenizer.json / tokenizer_config.json (write them with "
             f"tokenizer.save_pretrained({str(path)!r})) or \"tokenizer\": \"byte\" in config.json for a byte-level "
-            "model; or pass a tokenizer explicitly")
+            "model (`export` records the tokenizer a model was fine-tuned with; add the entry by hand for a model "
+            "exported before it did); or pass a tokenizer explicitly")
     return tok
 
 
@@ -324,8 +363,42 @@ def check_tokenizer_fits(tokenizer: Tokenizer, *, vocab_size: int, byte_level: b
                          "checkpoint's own)")
     if isinstance(tokenizer, ByteTokenizer) and not byte_level:
         raise ValueError(f"a ByteTokenizer was given but the model at {where} is not byte-level (its config.json has "
-                         f"no \"tokenizer\": \"byte\"); leave tokenizer unset to use the checkpoint's own")
+                         f"no \"tokenizer\": \"byte\"); leave tokenizer unset to use the checkpoint's own, or, if the "
+                         "model was trained on byte data, add \"tokenizer\": \"byte\" to its config.json")
     return tokenizer
+
+
+def tokenizer_for(model, path: str | Path, tokenizer: Tokenizer | None = None) -> Tokenizer:
+    """The tokenizer to run a loaded `TwoTowerLM` with (predict, serve and the eval harness ask here):
+    `tokenizer` when given, else the checkpoint's own (`model.tokenizer`, else `load_tokenizer(path)`,
+    which names the fix when there is none); refused when it does not fit (`check_tokenizer_fits`)."""
+    if tokenizer is None:
+        tokenizer = model.tokenizer if model.tokenizer is not None else load_tokenizer(path)
+    byte_level = getattr(model.config, "tokenizer", None) == BYTE_TOKENIZER
+    return check_tokenizer_fits(tokenizer, vocab_size=model.config.vocab_size, byte_level=byte_level, where=str(path))
+
+
+def tokenizer_spec(tokenizer: Tokenizer | None) -> dict | None:
+    """A JSON-able {"class_path", "init_args"} that rebuilds `tokenizer` (`tokenizer_from_spec`): what a
+    fine-tuning checkpoint records so that `export` writes the tokenizer the model was trained with.
+    None for None and for tokenizer classes this module cannot describe."""
+    if isinstance(tokenizer, ByteTokenizer):
+        return {"class_path": "twotower.tokenizers.ByteTokenizer", "init_args": {"vocab_size": tokenizer.vocab_size}}
+    if isinstance(tokenizer, HFTokenizer):
+        return {"class_path": "twotower.tokenizers.HFTokenizer",
+                "init_args": {"path": str(Path(tokenizer.path).resolve()), "mask_token": tokenizer.mask_token}}
+    return None
+
+
+def tokenizer_from_spec(spec: dict | None) -> Tokenizer | None:
+    """The tokenizer a `tokenizer_spec` describes (None for None)."""
+    if spec is None:
+        return None
+    module, _, name = spec["class_path"].rpartition(".")
+    cls = getattr(importlib.import_module(module), name)
+    if not (isinstance(cls, type) and issubclass(cls, Tokenizer)):
+        raise ValueError(f"tokenizer class_path {spec['class_path']!r} is not a twotower.tokenizers.Tokenizer")
+    return cls(**spec.get("init_args", {}))
 
 
 def save_tokenizer(tokenizer: Tokenizer | None, path: str | Path) -> dict:

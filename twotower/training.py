@@ -34,6 +34,8 @@ from .optim import check_positive, adamw_with_schedule, warmup_cosine  # noqa: F
 from .pretraining import ARPretraining, init_weights, tiny_nemotron_config  # noqa: F401  (re-exported)
 from .towers.checkpoints import CKPT_META_KEY, restore_frozen, training_checkpoint
 from .distributed import sample_seed
+from .hub import resolve_model
+from .tokenizers import tokenizer_spec
 from .towers.adapters import DenoiserBuilder, FullCopy, builder_from_spec
 from .towers.base import ContextTowerBase, run_block
 
@@ -45,7 +47,8 @@ class DenoiserFineTuning(L.LightningModule):
 
     Args:
         backbone: a local AR checkpoint directory of any registered tower family (NemotronH, Llama;
-            the frozen context tower, and the denoiser's initial weights).
+            the frozen context tower, and the denoiser's initial weights), or a built-in model name
+            (`twotower.hub`, e.g. "embedded-backbone").
         block_size: S, tokens per block; training sequences must be multiples of it.
         mask_token_id: the [MASK] id (3 in NemotronH vocabularies and the byte tokenizer).
         schedule: how a block's time maps to a mask probability.
@@ -68,8 +71,9 @@ class DenoiserFineTuning(L.LightningModule):
             the context tower's own next-token prediction) and the denoiser output at position i
             is scored against the token at i + 1, the offset the copied AR layers already use.
             Exported models record it; generation reads it from there.
-        init_from: a released-layout two-tower directory whose denoiser (tower, head, time modules)
-            starts this run instead of a copy of the backbone; its context tower must equal `backbone`.
+        init_from: a released-layout two-tower directory (or built-in name, e.g. "embedded") whose
+            denoiser (tower, head, time modules) starts this run instead of a copy of the backbone; its
+            context tower must equal `backbone`.
         context_sharding: under `ModelParallelStrategy` (FSDP2), "replicate" the frozen context tower
             on every rank (default: no communication, 1x its weights per rank) or "shard" it block by
             block like the denoiser (1/N per rank, an all-gather per block per step); the denoiser is
@@ -129,7 +133,7 @@ class DenoiserFineTuning(L.LightningModule):
         # (S,) weights; a plain attribute, not a buffer: checkpoints of earlier runs stay loadable.
         self._position_w = position_weighting.weights(block_size, shifted=shifted)
         self._uniform_positions = bool((self._position_w[1 if shifted else 0:] == 1).all())
-        path = Path(backbone)
+        path = resolve_model(backbone, kind="backbone checkpoint")
         if not (path / "config.json").exists():
             raise FileNotFoundError(f"backbone checkpoint not found: {path / 'config.json'} "
                                     "(give a local AR checkpoint directory; see recipes/backbone.yaml)")
@@ -137,7 +141,7 @@ class DenoiserFineTuning(L.LightningModule):
         if vocab is not None and not 0 <= mask_token_id < vocab:
             raise ValueError(f"mask_token_id {mask_token_id} is outside the vocabulary [0, {vocab})")
         if init_from is not None:  # the cheap checks now; the context tower comparison when the towers are built
-            cfg = Path(init_from) / "config.json"
+            cfg = resolve_model(init_from, kind="init_from checkpoint") / "config.json"
             if not cfg.exists():
                 raise FileNotFoundError(f"init_from checkpoint not found: {cfg}")
             theirs = bool(json.loads(cfg.read_text()).get("shifted", False))
@@ -163,12 +167,12 @@ class DenoiserFineTuning(L.LightningModule):
 
         h = self.hparams
         if "context" not in self._modules:
-            context = ContextTowerBase.from_pretrained(Path(h.backbone))
+            context = ContextTowerBase.from_pretrained(h.backbone)
             context.requires_grad_(False).eval()
             self.context = context
             self.denoiser = self.builder.build(context, time_init=h.time_init, time=h.time_conditioning)
             if h.init_from is not None:
-                self._init_denoiser(Path(h.init_from))
+                self._init_denoiser(resolve_model(h.init_from, kind="init_from checkpoint"))
             if h.activation_checkpointing:
                 distributed.apply_activation_checkpointing(self.denoiser)
         mesh = self._device_mesh if self._trainer is not None else None
@@ -357,10 +361,12 @@ class DenoiserFineTuning(L.LightningModule):
     # ---- checkpoints: only the trainable side -------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         h = self.hparams
+        # The data module's tokenizer is the model's vocabulary: recorded so that `export` writes it.
+        data = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
         checkpoint["state_dict"], checkpoint[CKPT_META_KEY] = training_checkpoint(
             checkpoint["state_dict"], context_source=h.backbone, block_size=h.block_size,
             mask_token_id=h.mask_token_id, shifted=h.shifted, time_conditioning=self.denoiser.time.spec(),
-            denoiser=self.builder.spec())
+            denoiser=self.builder.spec(), tokenizer=tokenizer_spec(getattr(data, "tokenizer", None)))
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         # The frozen tower was left out on save; put back the weights this module loaded from its path.

@@ -42,6 +42,8 @@ from torch.utils.data import DataLoader, Dataset
 
 from twotower.distributed import EpochShuffle
 from twotower.decoding import Autoregressive, Towers
+from twotower.hub import resolve_model
+from twotower.prompting import encode_prompt
 from twotower.tokenizers import Tokenizer, find_tokenizer
 from twotower.towers.base import ContextTowerBase
 
@@ -182,7 +184,7 @@ class DistilledDataModule(L.LightningDataModule):
     """Rows of real prompt + the frozen AR backbone's continuation, for denoiser fine-tuning.
 
     Args:
-        backbone: the AR checkpoint directory (the same one `DenoiserFineTuning` freezes).
+        backbone: the AR checkpoint directory or built-in name (the same one `DenoiserFineTuning` freezes).
         source, tokenizer, seq_len, block_size, val_fraction, cache_dir: as `TextDataModule`
             (its packed rows supply the real prompts; train and held-out prompts stay apart);
             tokenizer None: the backbone's own (`tokenizers.find_tokenizer`), else the byte tokenizer.
@@ -227,7 +229,7 @@ class DistilledDataModule(L.LightningDataModule):
             raise ValueError(f"chat_fraction must be in [0, 1], got {chat_fraction!r}")
         if gen_dtype not in _DTYPES:
             raise ValueError(f"gen_dtype must be one of {sorted(_DTYPES)}, got {gen_dtype!r}")
-        self.backbone = Path(backbone)
+        self.backbone = resolve_model(backbone, kind="backbone checkpoint")
         if not (self.backbone / "config.json").exists():
             raise FileNotFoundError(f"backbone checkpoint not found: {self.backbone / 'config.json'}")
         if tokenizer is None:  # the backbone's own (HF files or "byte" in its config.json), as generation uses
@@ -291,8 +293,7 @@ class DistilledDataModule(L.LightningDataModule):
                              f"{self.tokenizer!r} has none (set chat_fraction: 0)")
         snippet = self.tokenizer.decode(row[:self.chat_snippet].tolist()).strip()
         messages = [{"role": "user", "content": CHAT_TEMPLATES[template].format(snippet=snippet)}]
-        ids = hf.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
-        ids = list(ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids)
+        ids = encode_prompt(self.tokenizer, messages)  # as predict and serve encode a chat request
         if len(ids) > self.seq_len - self.block_size:
             raise ValueError(f"a chat prompt of {len(ids)} tokens leaves less than one block of seq_len="
                              f"{self.seq_len}; lower chat_snippet ({self.chat_snippet}) or raise seq_len")

@@ -1,9 +1,12 @@
 """Prompts for generation: a prompt file or list -> LEFT-padded token batches.
 
-    read_prompts      a JSONL file (`prompt` or `text` field) or one prompt per line -> [str]
+    read_prompts      a JSONL file (`prompt`, `text` or chat `messages` field) or one prompt per line
+                      -> [str | messages]
     collate_prompts   token lists -> input_ids, attention_mask, both (B, T), left-padded
     PromptDataModule  `predict` batches {input_ids, attention_mask, prompts, index}
 
+Prompts become ids through `twotower.prompting.encode_prompt`, the rule `serve`, the eval harness
+and `TwoTowerLM.encode` share (BOS as the tokenizer does it; chat messages through its template).
 Left padding puts every row's last prompt token in the last column, so that generation
 appends to all rows at the same position.
 """
@@ -20,23 +23,28 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from twotower.hub import resolve_recipe
+from twotower.prompting import Prompt, check_messages, encode_prompt
 from twotower.tokenizers import ByteTokenizer, Tokenizer
 
 from .packing import as_long_tensor
 
 
-def read_prompts(path: str | os.PathLike) -> list[str]:
+def read_prompts(path: str | os.PathLike) -> list[Prompt]:
     """Prompts from a file, in file order.
 
-    * `.jsonl`: one JSON object per non-blank line with a string `prompt` (preferred) or
-      `text` field.
+    * `.jsonl`: one JSON object per non-blank line with a string `prompt` (preferred) or `text`
+      field, or chat `messages` (a list of {"role", "content"} objects, encoded with the model's
+      chat template); the kinds may be mixed.
     * anything else: one prompt per non-blank line, taken verbatim (a literal `\\n` stays two
       characters; use JSONL for multi-line prompts).
+
+    A path that does not exist is looked up among the files shipped with the package's recipes
+    (`twotower.hub.find_recipe`), so a shipped recipe's `recipes/prompts.jsonl` is found from any
+    directory.
     """
-    file = Path(path).expanduser()
-    if not file.is_file():
-        raise FileNotFoundError(f"prompt file {str(path)!r} does not exist")
-    prompts: list[str] = []
+    file = resolve_recipe(Path(path).expanduser(), kind="prompt file")
+    prompts: list[Prompt] = []
     with file.open(encoding="utf-8", errors="replace", newline="") as f:
         for line_no, line in enumerate(f, start=1):
             line = line.rstrip("\r\n")
@@ -48,7 +56,7 @@ def read_prompts(path: str | os.PathLike) -> list[str]:
     return prompts
 
 
-def _jsonl_prompt(file: Path, line_no: int, line: str) -> str:
+def _jsonl_prompt(file: Path, line_no: int, line: str) -> Prompt:
     try:
         record = json.loads(line)
     except json.JSONDecodeError as e:
@@ -57,7 +65,12 @@ def _jsonl_prompt(file: Path, line_no: int, line: str) -> str:
         for key in ("prompt", "text"):
             if isinstance(record.get(key), str):
                 return record[key]
-    raise ValueError(f"{file}:{line_no}: expected an object with a string 'prompt' or 'text' field")
+        if "messages" in record:
+            try:
+                return check_messages(record["messages"])
+            except ValueError as e:
+                raise ValueError(f"{file}:{line_no}: {e}") from None
+    raise ValueError(f"{file}:{line_no}: expected an object with a string 'prompt' or 'text' field, or chat 'messages'")
 
 
 def collate_prompts(
@@ -93,7 +106,7 @@ class _PromptCollator:
     def __init__(self, pad_id: int) -> None:
         self.pad_id = pad_id
 
-    def __call__(self, items: list[tuple[int, str, list[int]]]) -> dict[str, Any]:
+    def __call__(self, items: list[tuple[int, Prompt, list[int]]]) -> dict[str, Any]:
         input_ids, attention_mask = collate_prompts([ids for _, _, ids in items], self.pad_id)
         return {
             "input_ids": input_ids,
@@ -104,15 +117,15 @@ class _PromptCollator:
 
 
 class _PromptItems(Dataset):
-    """The prompts at `indices` (positions in the full prompt list), as (index, text, tokens)."""
+    """The prompts at `indices` (positions in the full prompt list), as (index, prompt, tokens)."""
 
-    def __init__(self, prompts: list[str], tokens: list[list[int]], indices: list[int]) -> None:
+    def __init__(self, prompts: list[Prompt], tokens: list[list[int]], indices: list[int]) -> None:
         self.prompts, self.tokens, self.indices = prompts, tokens, indices
 
     def __len__(self) -> int:
         return len(self.indices)
 
-    def __getitem__(self, k: int) -> tuple[int, str, list[int]]:
+    def __getitem__(self, k: int) -> tuple[int, Prompt, list[int]]:
         i = self.indices[k]
         return i, self.prompts[i], self.tokens[i]
 
@@ -123,15 +136,18 @@ class PromptDataModule(L.LightningDataModule):
     Each batch is a dict:
         input_ids: LongTensor (B, T), LEFT-padded with the tokenizer's pad id
         attention_mask: LongTensor (B, T), 1 for real tokens
-        prompts: list[str], the prompt texts
+        prompts: list, the prompts (texts, or chat messages)
         index: LongTensor (B,), positions in the prompt list
 
     Args:
         prompts: path to a prompt file (see `read_prompts`).
-        prompt_list: prompts given directly; exactly one of `prompts` / `prompt_list`.
-        tokenizer: defaults to `ByteTokenizer()`.
+        prompt_list: prompts given directly (strings, or chat messages lists); exactly one of
+            `prompts` / `prompt_list`.
+        tokenizer: defaults to `ByteTokenizer()`; `predict` hands it the model's own.
         batch_size: prompts per batch.
-        add_bos: prepend the bos token (an empty prompt then means unconditional generation).
+        add_bos: None puts BOS before a text prompt exactly when the tokenizer does
+            (`prompting.encode_prompt`, the rule serve and the eval harness use too); True / False
+            force it (with BOS an empty prompt means unconditional generation).
         num_workers: DataLoader workers.
 
     Resuming: `skip_prompts(indices)` leaves finished prompts out of `predict_dataloader`
@@ -146,10 +162,10 @@ class PromptDataModule(L.LightningDataModule):
     def __init__(
         self,
         prompts: str | None = None,
-        prompt_list: list[str] | None = None,
+        prompt_list: list[str | list[dict]] | None = None,
         tokenizer: Tokenizer | None = None,
         batch_size: int = 8,
-        add_bos: bool = True,
+        add_bos: bool | None = None,
         num_workers: int = 0,
     ) -> None:
         super().__init__()
@@ -165,7 +181,7 @@ class PromptDataModule(L.LightningDataModule):
         self.batch_size = batch_size
         self.add_bos = add_bos
         self.num_workers = num_workers
-        self.prompt_texts: list[str] | None = None
+        self.prompt_texts: list[Prompt] | None = None
         self.prompt_tokens: list[list[int]] | None = None
         self.skipped: set[int] = set()
 
@@ -190,7 +206,7 @@ class PromptDataModule(L.LightningDataModule):
         if self.prompt_texts is not None:
             return
         texts = self.prompt_list if self.prompt_list is not None else read_prompts(self.prompts)
-        tokens = [self.tokenizer.encode(t, add_bos=self.add_bos) for t in texts]
+        tokens = [encode_prompt(self.tokenizer, t, add_bos=self.add_bos) for t in texts]
         for i, ids in enumerate(tokens):
             if not ids:
                 raise ValueError(

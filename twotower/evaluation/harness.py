@@ -1,7 +1,7 @@
 """An lm-evaluation-harness model for two-tower models (`--model twotower`).
 
     twotower-eval --model twotower \
-        --model_args pretrained=twotower/assets/twotower,decoder=speculative \
+        --model_args pretrained=embedded,decoder=speculative \
         --tasks twotower_nextline --include_path benchmarks/eval
 
 Scores come from two places:
@@ -13,15 +13,17 @@ Scores come from two places:
   AR, or a class_path), batched, with `until` as stop strings checked where the decoder commits
   (a row whose text holds one leaves the batch) and the text cut at the earliest one.
 
-Tokens per forward and tokens per second of the generation requests are logged and added to the
-results' config (`get_model_info`).
+Tokens per forward and tokens per second of the generation requests are logged, printed under the
+results table by `twotower-eval`, and added to the results' config (`get_model_info`). Prompts are
+encoded by `prompting.encode_prompt`, as in predict and serve.
 
-`model_args`: pretrained=DIR (a two-tower checkpoint directory); decoder=speculative | diffusion |
+`model_args`: pretrained=DIR (a two-tower checkpoint directory, or a built-in model name such as
+`embedded`, see `twotower.hub`); decoder=speculative | diffusion |
 mock_ar | ar | a Decoder class_path; threshold, block_size, steps_per_block, draft_steps (the
 decoder's settings; threshold is diffusion's ConfidenceThreshold); dtype=float32 | bfloat16 |
-float16; device; batch_size; tokenizer=byte | a local Hugging Face tokenizer folder (default: the
-checkpoint folder's own tokenizer files if it has them, else byte); max_length (default the
-model's max_position_embeddings).
+float16; device (default cuda:0 when CUDA is available, else cpu); batch_size; tokenizer=byte | a local
+Hugging Face tokenizer folder (default: the checkpoint's own, `tokenizers.tokenizer_for`); max_length
+(default the model's max_position_embeddings).
 """
 
 from __future__ import annotations
@@ -39,17 +41,19 @@ from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 from tqdm import tqdm
 
 from ..decoding import Autoregressive, Decoder, MaskDiffusion, MockAR, Speculative, StopStrings
+from ..hub import resolve_model
+from ..prompting import encode_prompt
 from ..samplers import ConfidenceThreshold
-from ..tokenizers import ByteTokenizer, HFTokenizer, Tokenizer
+from ..tokenizers import ByteTokenizer, HFTokenizer, Tokenizer, tokenizer_for
 
-__all__ = ["TwoTowerEvalLM", "build_decoder", "register"]
+__all__ = ["TwoTowerEvalLM", "build_decoder", "register", "default_device", "last_speed_line"]
 
 log = logging.getLogger(__name__)
 
 DECODERS: dict[str, type[Decoder]] = {"speculative": Speculative, "diffusion": MaskDiffusion, "mock_ar": MockAR,
                                       "ar": Autoregressive}
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-_HF_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
+_last_speed: dict[str, str | None] = {"line": None}  # see last_speed_line
 
 
 def decoder_class(name: str) -> type[Decoder]:
@@ -89,16 +93,21 @@ def build_decoder(name: str, *, temperature: float = 0.0, top_k: int | None = No
     return cls(**kwargs)
 
 
-def _tokenizer_for(choice: str | None, pretrained: Path) -> Tokenizer:
+def _tokenizer_choice(choice: str | None) -> Tokenizer | None:
+    """model_args tokenizer= -> a tokenizer (None: the checkpoint's own, chosen by `tokenizer_for`)."""
     if choice is None:
-        has_own = any((pretrained / f).exists() for f in _HF_TOKENIZER_FILES)
-        return HFTokenizer(str(pretrained)) if has_own else ByteTokenizer()
+        return None
     if choice == "byte":
         return ByteTokenizer()
     path = Path(choice)
     if not path.is_dir():
         raise ValueError(f"tokenizer={choice!r}: use 'byte' or a local Hugging Face tokenizer folder (not found)")
     return HFTokenizer(str(path))
+
+
+def default_device() -> str:
+    """The device that exists: cuda:0 when CUDA is available, else cpu (lm_eval's own default is cuda:0)."""
+    return "cuda:0" if torch.cuda.is_available() else "cpu"
 
 
 def _positive_int(name: str, value) -> int:
@@ -128,7 +137,10 @@ class TwoTowerEvalLM(TemplateLM):
                              "tokenizer, max_length")
         if pretrained is None:
             raise ValueError("--model twotower needs model_args pretrained=DIR (a two-tower checkpoint directory)")
-        path = Path(str(pretrained))
+        try:
+            path = resolve_model(str(pretrained), kind="two-tower checkpoint")
+        except FileNotFoundError as e:
+            raise ValueError(f"pretrained={pretrained!r}: no two-tower checkpoint there ({e})") from None
         if not (path / "config.json").is_file():
             raise ValueError(f"pretrained={pretrained!r}: no two-tower checkpoint there ({path / 'config.json'} is "
                              "missing); make one with `python -m twotower.cli convert` or `export`")
@@ -139,17 +151,16 @@ class TwoTowerEvalLM(TemplateLM):
         self.decoder_name = str(decoder)
         self.decoder = build_decoder(self.decoder_name, **self.settings)  # fails early on bad settings
         self.batch_size = _positive_int("batch_size", 1 if batch_size in (None, "") else batch_size)
-        self.tok = _tokenizer_for(None if tokenizer is None else str(tokenizer), path)
+        given = _tokenizer_choice(None if tokenizer is None else str(tokenizer))
         self.model = TwoTowerLM.from_pretrained(path, dtype=None if dtype is None else DTYPES[dtype])
         self.model.eval().requires_grad_(False)
-        if self.tok.vocab_size > self.model.config.vocab_size:
-            raise ValueError(f"tokenizer vocabulary ({self.tok.vocab_size}) is larger than the model's "
-                             f"({self.model.config.vocab_size}); pass the model's own tokenizer")
-        if device and str(device).startswith("cuda") and not torch.cuda.is_available():
+        self.tok = tokenizer_for(self.model, path, given)
+        if device is None:
+            device = default_device()
+        elif str(device).startswith("cuda") and not torch.cuda.is_available():
             log.warning("device=%s but CUDA is not available: running on the CPU", device)
             device = "cpu"
-        if device:
-            self.model.to(device)
+        self.model.to(device)
         limit = getattr(self.model.config, "max_position_embeddings", None) or 2048
         self.max_length = _positive_int("max_length", max_length) if max_length is not None else int(limit)
         self.stats = {"generated_tokens": 0, "forwards": 0, "seconds": 0.0, "requests": 0}
@@ -168,8 +179,10 @@ class TwoTowerEvalLM(TemplateLM):
         return type(self.tok).__name__
 
     def tok_encode(self, string: str, add_special_tokens: bool | None = None, **kwargs) -> list[int]:
-        """Text -> ids, with BOS first unless add_special_tokens is False (the models are trained so)."""
-        return self.tok.encode(string, add_bos=add_special_tokens is not False)
+        """Text -> ids by `prompting.encode_prompt`, the rule predict and serve use (BOS as the tokenizer
+        does it: always for byte-level models); add_special_tokens=False leaves special tokens out, as
+        lm_eval asks for continuations and rolling windows (which start from `prefix_token_id`)."""
+        return encode_prompt(self.tok, string, add_bos=False if add_special_tokens is False else None)
 
     def tok_decode(self, ids) -> str:
         return self.tok.decode(list(ids))
@@ -251,9 +264,15 @@ class TwoTowerEvalLM(TemplateLM):
                 bar.update(len(chunk))
         bar.close()
         if self.stats["requests"]:
-            log.info("twotower %s: %.2f tokens per forward, %.1f tokens/s over %d requests", self.decoder_name,
-                     *self._speed(), self.stats["requests"])
+            _last_speed["line"] = self.speed_line()
+            log.info(_last_speed["line"])
         return out  # type: ignore[return-value]
+
+    def speed_line(self) -> str:
+        """The generation speed so far, in one line (`twotower-eval` prints it under lm_eval's table)."""
+        per_forward, per_second = self._speed()
+        return (f"twotower {self.decoder_name}: {per_forward:.2f} tokens per forward, {per_second:.1f} tokens/s "
+                f"({self.stats['generated_tokens']} tokens over {self.stats['requests']} generation requests)")
 
     def _generation_setup(self, kwargs: dict) -> tuple[Decoder, StopStrings, int]:
         until = kwargs.pop("until", None)
@@ -306,6 +325,12 @@ class TwoTowerEvalLM(TemplateLM):
             info.update(twotower_tokens_per_forward=round(per_forward, 4), twotower_tokens_per_second=round(per_second, 2),
                         twotower_generated_tokens=self.stats["generated_tokens"])
         return info
+
+
+def last_speed_line() -> str | None:
+    """The speed line of the last model that generated (None if none did): lm_eval's CLI returns neither
+    the model nor the results, so `twotower-eval` reads the summary from here."""
+    return _last_speed["line"]
 
 
 def register() -> None:

@@ -1,7 +1,8 @@
 """The HTTP layer: OpenAI-compatible endpoints on FastAPI + uvicorn, and `serve` (the CLI entry).
 
-    POST /v1/completions   {"prompt", "max_tokens", "temperature", "top_p", "stop", "seed", "stream",
-                            extensions: "decoder" (speculative | diffusion | ar), "threshold", "block_size"}
+    POST /v1/completions        {"prompt", "max_tokens", "temperature", "top_p", "stop", "seed", "stream",
+                                 extensions: "decoder" (speculative | diffusion | ar), "threshold", "block_size"}
+    POST /v1/chat/completions   the same with "messages" (through the model's chat template) instead of "prompt"
     GET  /v1/models        the one served model
     GET  /health           {"status": "ok", "running", "waiting", ...}
 
@@ -31,11 +32,11 @@ from fastapi import FastAPI, Request  # module level: FastAPI resolves the handl
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from ..decoding import Towers
-from ..tokenizers import ByteTokenizer
-from .requests import RequestError, ServeSettings, parse_completion
+from ..tokenizers import tokenizer_for
+from .requests import RequestError, ServeSettings, parse_chat, parse_completion
 from .scheduler import Job, Scheduler
 
-__all__ = ["create_app", "serve", "main", "load_model"]
+__all__ = ["create_app", "serve", "main", "load_model", "CompletionShape", "ChatShape"]
 
 
 def load_model(settings: ServeSettings):
@@ -54,13 +55,14 @@ def load_model(settings: ServeSettings):
 
 
 def create_app(settings: ServeSettings, model=None, tokenizer=None, on_limit=None):
-    """A FastAPI app serving `model` (default: loaded from settings.model).
+    """A FastAPI app serving `model` (default: loaded from settings.model) with `tokenizer` (default
+    settings.tokenizer, else the checkpoint's own).
 
     on_limit: called once `settings.max_requests` completions have been answered (`serve` stops
     uvicorn with it).
     """
     model = load_model(settings) if model is None else model
-    tokenizer = tokenizer or settings.tokenizer or ByteTokenizer()
+    tokenizer = tokenizer_for(model, settings.model, tokenizer or settings.tokenizer)
     towers = Towers.of(model)
     if settings.denoiser_device is not None:  # explicit: the denoiser reads a mirror of the context cache
         towers.denoiser_device = settings.denoiser_device
@@ -85,10 +87,6 @@ def create_app(settings: ServeSettings, model=None, tokenizer=None, on_limit=Non
         if settings.max_requests is not None and answered[0] >= settings.max_requests and on_limit is not None:
             on_limit()
 
-    def chunk(cid: str, created: int, text: str, reason) -> dict:
-        return {"id": cid, "object": "text_completion", "created": created, "model": settings.model_name,
-                "choices": [{"text": text, "index": 0, "logprobs": None, "finish_reason": reason}]}
-
     @app.get("/health")
     async def health():
         return {"status": "ok", "model": settings.model_name, **scheduler.stats()}
@@ -100,30 +98,41 @@ def create_app(settings: ServeSettings, model=None, tokenizer=None, on_limit=Non
 
     @app.post("/v1/completions")
     async def completions(request: Request):
+        return await answer(request, parse_completion, CompletionShape(settings.model_name))
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request):
+        return await answer(request, parse_chat, ChatShape(settings.model_name))
+
+    async def answer(request: Request, parse, shape: "CompletionShape"):
+        """Validate the body with `parse`, run the request as a `Job`, and answer in `shape`:
+        server-sent events for `stream: true`, else one JSON object."""
         try:
             body = json.loads(await request.body())
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             return JSONResponse(RequestError("body", f"the body is not valid JSON: {e}").body(), status_code=400)
         try:
-            req = parse_completion(body, settings, tokenizer, context_limit=limit, model_block_size=towers.block_size)
+            req = parse(body, settings, tokenizer, context_limit=limit, model_block_size=towers.block_size)
         except RequestError as e:
             return JSONResponse(e.body(), status_code=400)
         loop, events = asyncio.get_running_loop(), asyncio.Queue()
         job = Job(req, tokenizer, eos, sink=lambda ev: loop.call_soon_threadsafe(events.put_nowait, ev))
         scheduler.submit(job)
-        cid, created = f"cmpl-{uuid.uuid4().hex[:24]}", int(time.time())
         usage = lambda n: {"prompt_tokens": len(req.prompt_ids), "completion_tokens": n,  # noqa: E731
                            "total_tokens": len(req.prompt_ids) + n}
 
         if req.stream:
             async def stream():
                 try:
+                    opening = shape.opening()
+                    if opening is not None:
+                        yield f"data: {json.dumps(opening)}\n\n"
                     while True:
                         ev = await events.get()
                         if ev["type"] == "text":
-                            yield f"data: {json.dumps(chunk(cid, created, ev['text'], None))}\n\n"
+                            yield f"data: {json.dumps(shape.piece(ev['text']))}\n\n"
                         elif ev["type"] == "done":
-                            last = chunk(cid, created, "", ev["finish_reason"])
+                            last = shape.last(ev["finish_reason"])
                             last["usage"] = usage(ev["completion_tokens"])
                             yield f"data: {json.dumps(last)}\n\n"
                             break
@@ -149,7 +158,7 @@ def create_app(settings: ServeSettings, model=None, tokenizer=None, on_limit=Non
                         return JSONResponse({"error": {"message": "client disconnected"}}, status_code=499)
                     continue
                 if ev["type"] == "done":
-                    out = chunk(cid, created, ev["text"], ev["finish_reason"])
+                    out = shape.whole(ev["text"], ev["finish_reason"])
                     out["usage"] = usage(ev["completion_tokens"])
                     return JSONResponse(out)
                 if ev["type"] == "error":
@@ -160,6 +169,59 @@ def create_app(settings: ServeSettings, model=None, tokenizer=None, on_limit=Non
             finished_one()
 
     return app
+
+
+class CompletionShape:
+    """OpenAI's `/v1/completions` response objects: streamed pieces, the closing chunk, the whole answer."""
+
+    kind = "text_completion"
+
+    def __init__(self, model_name: str):
+        self.model_name, self.created = model_name, int(time.time())
+        self.id = f"{self.prefix()}-{uuid.uuid4().hex[:24]}"
+
+    def prefix(self) -> str:
+        return "cmpl"
+
+    def wrap(self, kind: str, choice: dict) -> dict:
+        return {"id": self.id, "object": kind, "created": self.created, "model": self.model_name,
+                "choices": [{"index": 0, "logprobs": None, **choice}]}
+
+    def opening(self) -> dict | None:
+        """The event sent before any text (None: nothing)."""
+        return None
+
+    def piece(self, text: str) -> dict:
+        return self.wrap(self.kind, {"text": text, "finish_reason": None})
+
+    def last(self, reason: str) -> dict:
+        return self.wrap(self.kind, {"text": "", "finish_reason": reason})
+
+    def whole(self, text: str, reason: str) -> dict:
+        return self.wrap(self.kind, {"text": text, "finish_reason": reason})
+
+
+class ChatShape(CompletionShape):
+    """OpenAI's `/v1/chat/completions` objects: `chat.completion.chunk` deltas (the first one opens the
+    assistant's turn), and one `chat.completion` with the assistant's message."""
+
+    kind = "chat.completion.chunk"
+
+    def prefix(self) -> str:
+        return "chatcmpl"
+
+    def opening(self) -> dict:
+        return self.wrap(self.kind, {"delta": {"role": "assistant", "content": ""}, "finish_reason": None})
+
+    def piece(self, text: str) -> dict:
+        return self.wrap(self.kind, {"delta": {"content": text}, "finish_reason": None})
+
+    def last(self, reason: str) -> dict:
+        return self.wrap(self.kind, {"delta": {}, "finish_reason": reason})
+
+    def whole(self, text: str, reason: str) -> dict:
+        message = {"role": "assistant", "content": text}
+        return self.wrap("chat.completion", {"message": message, "finish_reason": reason})
 
 
 def serve(settings: ServeSettings, model=None, tokenizer=None) -> None:

@@ -1,4 +1,4 @@
-"""Server settings (`recipes/serve.yaml`), the decoder table, and completion-request validation.
+"""Server settings (`recipes/serve.yaml`), the decoder table, and completion / chat request validation.
 
 A request body is checked field by field before anything reaches the scheduler; a bad field raises
 `RequestError(param, message)`, which the HTTP layer turns into HTTP 400 with OpenAI's error shape
@@ -15,9 +15,11 @@ import torch
 
 from ..decoding import Autoregressive, Decoder, MaskDiffusion, Speculative
 from ..samplers import ConfidenceThreshold
+from ..prompting import Prompt, check_messages, encode_prompt
 from ..tokenizers import Tokenizer
 
-__all__ = ["ServeSettings", "CompletionRequest", "RequestError", "DECODERS", "build_decoder", "parse_completion"]
+__all__ = ["ServeSettings", "CompletionRequest", "RequestError", "DECODERS", "build_decoder", "parse_completion",
+           "parse_chat"]
 
 
 @dataclass
@@ -25,9 +27,12 @@ class ServeSettings:
     """What `recipes/serve.yaml` sets: the model, the default decoder and its settings, the limits.
 
     Args:
-        model: a two-tower checkpoint directory (released layout).
+        model: a two-tower checkpoint directory (released layout) or a built-in model name
+            (`twotower.hub`; "embedded", the default, is the embedded default model).
         model_name: the id `/v1/models` lists and requests may name.
-        tokenizer: text <-> ids (default the byte tokenizer), chosen by class_path.
+        tokenizer: text <-> ids, chosen by class_path; None (the default) uses the checkpoint's own
+            (`tokenizers.tokenizer_for`). Prompts are encoded by `prompting.encode_prompt`, as in
+            `predict`; chat requests use the tokenizer's chat template.
         decoder: the default decoder name (a key of `DECODERS`: speculative, diffusion, ar).
         block_size: default block size (None = the model's).
         threshold: the ConfidenceThreshold of diffusion commits and of multi-step speculative drafts.
@@ -46,7 +51,7 @@ class ServeSettings:
         max_requests: stop after serving this many requests (bounded runs); None = serve until stopped.
     """
 
-    model: str = "twotower/assets/twotower"
+    model: str = "embedded"
     model_name: str = "twotower"
     tokenizer: Tokenizer | None = None
     decoder: str = "speculative"
@@ -100,9 +105,10 @@ class RequestError(ValueError):
 
 @dataclass
 class CompletionRequest:
-    """One validated `/v1/completions` request; `prompt_ids` is the tokenized prompt."""
+    """One validated `/v1/completions` or `/v1/chat/completions` request; `prompt` is the text or the
+    chat messages, `prompt_ids` their ids (`prompting.encode_prompt`)."""
 
-    prompt: str
+    prompt: Prompt
     prompt_ids: list[int]
     max_tokens: int
     decoder: Decoder
@@ -141,22 +147,49 @@ def _number(body, name, default, low, high, low_open=False):
     return float(v)
 
 
-def parse_completion(body, settings: ServeSettings, tokenizer: Tokenizer, *, context_limit: int | None,
-                     model_block_size: int) -> CompletionRequest:
-    """Validate a decoded JSON body against the server's settings; raise RequestError naming the field."""
+def _check_body(body, settings: ServeSettings) -> dict:
     if not isinstance(body, dict):
         raise RequestError("body", f"the request body must be a JSON object, got {type(body).__name__}")
     model = body.get("model")
     if model is not None and model != settings.model_name:
         raise RequestError("model", f"unknown model {model!r}; this server serves {settings.model_name!r}")
+    if body.get("n") not in (None, 1):
+        raise RequestError("n", f"only n = 1 is supported, got {body.get('n')!r}")
+    return body
+
+
+def parse_completion(body, settings: ServeSettings, tokenizer: Tokenizer, *, context_limit: int | None,
+                     model_block_size: int) -> CompletionRequest:
+    """Validate a decoded `/v1/completions` JSON body against the server's settings; raise RequestError
+    naming the field."""
+    body = _check_body(body, settings)
     prompt = body.get("prompt")
     if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
         prompt = prompt[0]
     if not isinstance(prompt, str) or not prompt:
         raise RequestError("prompt", f"prompt must be a non-empty string, got {type(prompt).__name__} {prompt!r:.40}")
-    if body.get("n") not in (None, 1):
-        raise RequestError("n", f"only n = 1 is supported, got {body.get('n')!r}")
     max_tokens = _int(body, "max_tokens", settings.max_tokens, 1)
+    return _request(body, prompt, "prompt", max_tokens, settings, tokenizer, context_limit, model_block_size)
+
+
+def parse_chat(body, settings: ServeSettings, tokenizer: Tokenizer, *, context_limit: int | None,
+               model_block_size: int) -> CompletionRequest:
+    """Validate a decoded `/v1/chat/completions` JSON body: `messages` go through the model's chat
+    template (`prompting.encode_prompt`); the other fields are those of a completion request
+    (`max_completion_tokens`, OpenAI's newer name, wins over `max_tokens`)."""
+    body = _check_body(body, settings)
+    try:
+        messages = check_messages(body.get("messages"))
+    except ValueError as e:
+        raise RequestError("messages", str(e)) from None
+    max_tokens = _int(body, "max_completion_tokens", _int(body, "max_tokens", settings.max_tokens, 1), 1)
+    return _request(body, messages, "messages", max_tokens, settings, tokenizer, context_limit, model_block_size)
+
+
+def _request(body: dict, prompt: Prompt, param: str, max_tokens: int, settings: ServeSettings, tokenizer: Tokenizer,
+             context_limit: int | None, model_block_size: int) -> CompletionRequest:
+    """The fields every request shares (decoder and its settings, stop, seed, stream), and the prompt
+    encoded by `prompting.encode_prompt` (errors name `param`, the prompt's field)."""
     name = body.get("decoder", settings.decoder)
     if not isinstance(name, str) or name not in DECODERS:
         raise RequestError("decoder", f"unknown decoder {name!r}; choose one of {sorted(DECODERS)}")
@@ -183,11 +216,14 @@ def parse_completion(body, settings: ServeSettings, tokenizer: Tokenizer, *, con
     stream = body.get("stream", False)
     if not isinstance(stream, bool):
         raise RequestError("stream", f"stream must be true or false, got {stream!r}")
-    ids = tokenizer.encode(prompt)
+    try:
+        ids = encode_prompt(tokenizer, prompt)
+    except ValueError as e:  # e.g. chat messages for a tokenizer without a chat template
+        raise RequestError(param, str(e)) from None
     if context_limit is not None:
         if len(ids) >= context_limit:
-            raise RequestError("prompt", f"the prompt is {len(ids)} tokens; the model's context limit "
-                                         f"(max_position_embeddings) is {context_limit}: shorten the prompt")
+            raise RequestError(param, f"the prompt is {len(ids)} tokens; the model's context limit "
+                                      f"(max_position_embeddings) is {context_limit}: shorten the prompt")
         if len(ids) + max_tokens > context_limit:
             raise RequestError("max_tokens", f"prompt ({len(ids)} tokens) + max_tokens ({max_tokens}) exceeds the "
                                              f"context limit {context_limit}: lower max_tokens to at most "

@@ -124,7 +124,8 @@ class ContextTowerBase(nn.Module, abc.ABC):
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike, *, dtype: torch.dtype | None = None,
                         device=None) -> "ContextTowerBase":
-        """Load a local AR checkpoint directory (config.json + safetensors) as a context tower.
+        """Load a local AR checkpoint directory (config.json + safetensors), or a built-in model name
+        (`twotower.hub.resolve_model`, e.g. "embedded-backbone"), as a context tower.
 
         On the base class the family comes from config.json's `model_type`; on a family's class the
         checkpoint must be of that family. The tower is built on the meta device and each weight is
@@ -132,9 +133,11 @@ class ContextTowerBase(nn.Module, abc.ABC):
         (`loading.materialize`): peak memory is the tower plus one tensor. dtype=None gives the
         modules' default dtype (float32); routers stay float32 in any dtype.
         """
+        from ..hub import resolve_model
         from .lazy import close_refs
         from .loading import backbone_refs
 
+        path = resolve_model(path, kind="backbone checkpoint")
         config, refs = backbone_refs(path)
         try:
             family = family_for(config)

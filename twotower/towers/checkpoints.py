@@ -354,18 +354,22 @@ def check_layer_counts(state: Mapping[str, Tensor], config, where: str, prefix: 
 
 
 def training_checkpoint(state_dict: Mapping[str, Tensor], *, context_source: str | os.PathLike, block_size: int,
-                        mask_token_id: int, shifted: bool,
-                        time_conditioning: dict | None = None,
-                        denoiser: dict | None = None) -> tuple[dict[str, Tensor], dict]:
+                        mask_token_id: int, shifted: bool, time_conditioning: dict | None = None,
+                        denoiser: dict | None = None, tokenizer: dict | None = None) -> tuple[dict[str, Tensor], dict]:
     """What a DenoiserFineTuning `.ckpt` stores: ``(state_dict, meta)``.
 
     The LightningModule's ``context.*`` weights are dropped (frozen, and as large as the denoiser);
-    ``meta`` goes under ``ckpt[CKPT_META_KEY]`` and names the directory they are reloaded from.
+    ``meta`` goes under ``ckpt[CKPT_META_KEY]`` and names the directory they are reloaded from (a
+    built-in name stays a name, `hub.model_reference`), and
+    the tokenizer the model was trained with (`tokenizers.tokenizer_spec`; None when unknown), which
+    `export_checkpoint` writes beside the weights.
     """
     trainable = {k: v for k, v in state_dict.items() if not k.startswith(_FROZEN)}
-    meta = {"context_source": str(Path(context_source).resolve()), "block_size": block_size,
+    from ..hub import model_reference
+
+    meta = {"context_source": model_reference(context_source), "block_size": block_size,
             "mask_token_id": mask_token_id, "shifted": shifted, "time_conditioning": time_conditioning,
-            "denoiser": denoiser}
+            "denoiser": denoiser, "tokenizer": tokenizer}
     return trainable, meta
 
 
@@ -382,23 +386,32 @@ def export_checkpoint(ckpt_path: str | os.PathLike, out_dir: str | os.PathLike, 
     writes; denoiser side only) -> released two-tower directory.
 
     The frozen context tower is rebuilt from the path recorded in the checkpoint (or from
-    ``backbone`` when it moved since training); the ``denoiser.*`` weights are loaded over its
-    copy and the pair is written with `TwoTowerLM.save_pretrained`. Returns ``Path(out_dir)``.
+    ``backbone``, a folder or built-in name, when it moved since training); the ``denoiser.*``
+    weights are loaded over its copy and the pair is written with `TwoTowerLM.save_pretrained`,
+    with the tokenizer the run was trained with (recorded in the checkpoint; else the backbone's
+    own). Returns ``Path(out_dir)``.
     """
-    from ..model import TwoTowerLM
-
     from ..distributed import read_checkpoint  # a .ckpt file or a sharded (DCP) checkpoint folder
+    from ..hub import resolve_model
+    from ..model import TwoTowerLM
+    from ..tokenizers import tokenizer_from_spec
 
     path = Path(ckpt_path)
     ckpt = read_checkpoint(path)
     meta = ckpt.get(CKPT_META_KEY)
     if meta is None:
         raise ValueError(f"{path} is not a DenoiserFineTuning checkpoint (no '{CKPT_META_KEY}' entry)")
-    source = backbone or meta["context_source"]
-    if not (Path(source) / "config.json").exists():
+    reference = backbone or meta["context_source"]
+    try:
+        source = resolve_model(reference, kind="backbone checkpoint")
+    except FileNotFoundError as e:
+        raise FileNotFoundError(f"the frozen context tower is missing ({e}); pass --backbone DIR (a folder or a "
+                                "built-in name)") from None
+    if not (source / "config.json").exists():
         raise FileNotFoundError(f"the frozen context tower this checkpoint references is missing: {source}; "
                                 "pass --backbone DIR")
-    model = TwoTowerLM.from_backbone(source, block_size=meta["block_size"], mask_token_id=meta["mask_token_id"],
+    # By reference, not by resolved path: an adapter export then records the built-in name.
+    model = TwoTowerLM.from_backbone(reference, block_size=meta["block_size"], mask_token_id=meta["mask_token_id"],
                                      shifted=bool(meta.get("shifted", False)), time=meta.get("time_conditioning"),
                                      denoiser=meta.get("denoiser"))
     den = {k.removeprefix(_TRAINABLE): v for k, v in ckpt["state_dict"].items() if k.startswith(_TRAINABLE)}
@@ -406,5 +419,7 @@ def export_checkpoint(ckpt_path: str | os.PathLike, out_dir: str | os.PathLike, 
     if missing or unexpected:
         raise ValueError(f"{path}: denoiser weights do not fit the backbone {source}: "
                          f"missing {missing[:5]}, unexpected {unexpected[:5]}")
-    model.save_pretrained(out_dir, max_shard_size=max_shard_size, expert_layout=expert_layout)
+    # Checkpoints written before the tokenizer was recorded have no entry: the backbone's own is kept.
+    model.save_pretrained(out_dir, max_shard_size=max_shard_size, expert_layout=expert_layout,
+                          tokenizer=tokenizer_from_spec(meta.get("tokenizer")))
     return Path(out_dir)
