@@ -204,12 +204,18 @@ class HFTokenizer(Tokenizer):
     does not).
 
     Args:
-        path: local tokenizer directory (as written by `save_pretrained`).
+        path: local tokenizer directory (as written by `save_pretrained`), or a built-in model's name
+            (`twotower.hub`), whose folder holds its tokenizer.
         mask_token: token string to use as the mask, e.g. "[MASK]".
     """
 
     def __init__(self, path: str, mask_token: str | None = None) -> None:
         directory = Path(path).expanduser()
+        if not directory.exists():  # a built-in model's name ("smollm2-135m-backbone") stands for its folder
+            from .hub import builtin_name, resolve_model
+
+            if builtin_name(path) is not None:
+                directory = resolve_model(path)
         if not directory.is_dir():
             raise FileNotFoundError(
                 f"tokenizer directory {str(path)!r} does not exist (HFTokenizer loads local "
