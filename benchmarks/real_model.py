@@ -83,6 +83,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     p.add_argument("--out", default="benchmarks/results/real_model.json")
     p.add_argument("--samples", type=int, default=2, help="completions per mode to print")
+    p.add_argument("--next-line-only", action="store_true", help="run only the next-line task (quality, no timing)")
     return p.parse_args(argv)
 
 
@@ -183,9 +184,14 @@ def next_line_task(models, modes, tok, texts, rng, args) -> dict:
         hits = 0
         for ids, truth in cases:
             toks, _, _ = run(models[dtype], dec, ids, 24, None)
-            hits += tok.decode(toks).split("\n")[0].strip() == truth.strip()
+            hits += first_line(tok.decode(toks)) == truth.strip()
         scores[name] = hits / len(cases)
     return scores
+
+
+def first_line(text: str) -> str:
+    """The first non-blank line of a generated text, stripped (a model may open with a blank line)."""
+    return next((line.strip() for line in text.split("\n") if line.strip()), "")
 
 
 # ---- summaries --------------------------------------------------------------------------------
@@ -272,6 +278,13 @@ def main(argv=None) -> int:
     docs = {"prose": held_out_documents("stdlib-docs"), "python": held_out_documents("stdlib")}
     modes = build_modes(args.diffusion)
     judge = models["fp32"].context
+    if args.next_line_only:
+        with torch.inference_mode():
+            scores = [next_line_task(models, modes, tok, docs["python"], random.Random(seed), args) for seed in args.seeds]
+        agg = {name: _stats([s[name] for s in scores]) for name in scores[0]}
+        print(json.dumps(agg, indent=1))
+        Path(args.out).write_text(json.dumps({"args": vars(args), "next_line": scores, "aggregate": agg}, indent=1))
+        return 0
     results, per_seed = [], []
     with torch.inference_mode():
         for seed in args.seeds:

