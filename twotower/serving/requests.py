@@ -5,6 +5,17 @@ A request body is checked field by field before anything reaches the scheduler; 
 (`{"error": {"message", "type": "invalid_request_error", "param"}}`), so a client sees which
 field to fix. The decoder a request names is built from the library's own decoder classes through
 one small table (`DECODERS`): name -> (Decoder subclass, the settings it takes).
+
+Every per-request setting has a range, and the message of a value outside it names the field, the
+value and the range: `max_tokens` in [1, max_tokens_limit] and prompt + max_tokens within the
+model's context, `block_size` up to `max_block_size` (the model's trained block size by default),
+`steps_per_block` / `draft_steps` up to `max_steps_per_block`, `temperature` in [0, 2], `top_p` in
+(0, 1], `top_k` in [0, vocabulary size] (0: off), `threshold` in (0, 1], `seed` a signed 64-bit
+integer, `stop` at most 16 strings of at most 256 characters. Fields an endpoint does not know are
+refused, and OpenAI's fields this server does not implement (`best_of`, `logprobs`, `echo`, `n`,
+`suffix`, penalties, `logit_bias`, ...) are accepted only with the value that asks for nothing
+(`NEUTRAL`: n = 1, echo false, penalties 0, ...), so a client never silently gets less than it
+asked for.
 """
 
 from __future__ import annotations
@@ -89,7 +100,7 @@ class ServeSettings:
     max_steps_per_block: int | None = None
     max_tokens_limit: int = 4096
     max_rows: int | None = None
-    api_key: str | None = None
+    api_key: str | None = field(default=None, repr=False)  # never printed with the settings
     cors_origins: list[str] | None = None
     max_body_bytes: int = 4 * 1024 * 1024
     docs: bool = False
