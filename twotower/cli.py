@@ -227,7 +227,13 @@ def main(argv: list[str] | None = None) -> int:
     if argv and argv[0] in TOOLS:
         return _tool_main(argv)
     # LightningCLI reads sys.argv itself; handing it the same list again only triggers a warning.
-    cli_main(None if from_command_line else argv)
+    from .data.prompts import PromptError
+
+    try:
+        cli_main(None if from_command_line else argv)
+    except PromptError as e:  # every bad prompt, found before the first forward: the list, not a traceback
+        sys.stderr.write(f"error: {e}\n")
+        return 1
     return 0
 
 

@@ -130,6 +130,16 @@ class GenerationModule(L.LightningModule):
             "tokenizer": repr(self.tokenizer),
         }
 
+    def prompt_budget(self) -> tuple[int, str] | None:
+        """(the most prompt tokens a prompt may have, why): the model's context
+        (max_position_embeddings) minus max_new_tokens; None when the model sets no limit.
+        `PromptDataModule.setup` checks every prompt against it before the first forward."""
+        limit = self.model.max_position_embeddings
+        if limit is None:
+            return None
+        return limit - self.max_new_tokens, (f"the model's context, max_position_embeddings {limit}, minus "
+                                             f"max_new_tokens {self.max_new_tokens}")
+
     def on_predict_start(self) -> None:
         if self.devices[0] is not None:
             self.model.place_towers_on_devices(*self.devices)

@@ -12,7 +12,8 @@ What lives where:
     text      TextDataModule: packed (B, seq_len) rows of a corpus, train and held-out
     streaming StreamingTextDataModule, StreamingRows: the same rows read as a stream (sharded
               over workers and ranks, a seeded shuffle buffer) for corpora too large for memory
-    prompts   read_prompts, collate_prompts, PromptDataModule: left-padded prompt batches
+    prompts   read_prompts, collate_prompts, PromptDataModule: left-padded prompt batches, every prompt
+              checked before the first forward (PromptError lists the bad ones)
     distill   DistilledDataModule, distill_rows: real prompts continued by the frozen AR
               backbone, with a loss mask on the continuation
 
@@ -26,7 +27,7 @@ from __future__ import annotations
 from .cache import cache_file, load_cache, save_cache
 from .distill import DistilledDataModule, distill_rows
 from .packing import pack_documents
-from .prompts import PromptDataModule, collate_prompts, read_prompts
+from .prompts import PromptDataModule, PromptError, collate_prompts, read_prompts
 from .sampling import ResumableLoader
 from .sources import STDLIB, Document, held_out, iter_documents, read_corpus, split_documents, stdlib_source_files
 from .streaming import StreamingRows, StreamingTextDataModule
@@ -49,6 +50,7 @@ __all__ = [
     "StreamingTextDataModule",
     "StreamingRows",
     "read_prompts",
+    "PromptError",
     "collate_prompts",
     "PromptDataModule",
     "DistilledDataModule",

@@ -9,6 +9,12 @@ Prompts become ids through `twotower.prompting.encode_prompt`, the rule `serve`,
 and `TwoTowerLM.encode` share (BOS as the tokenizer does it; chat messages through its template).
 Left padding puts every row's last prompt token in the last column, so that generation
 appends to all rows at the same position.
+
+Every prompt is checked before the first forward (`PromptDataModule.setup`, which Lightning runs
+before the prediction writer's setup): its line, its type, that the tokenizer encodes it, and its
+length against the model's context with max_new_tokens (the module's `prompt_budget()`). All bad
+prompts are reported at once (`PromptError`: file:line and reason each), and nothing is generated
+or written.
 """
 
 from __future__ import annotations
@@ -30,6 +36,17 @@ from twotower.tokenizers import ByteTokenizer, Tokenizer
 from .packing import as_long_tensor
 
 
+class PromptError(ValueError):
+    """Prompts that cannot be generated, all of them: `problems` holds one "where: why" line each."""
+
+    def __init__(self, problems: list[str], total: int, what: str = "prompts"):
+        self.problems, self.total = list(problems), total
+        shown = "\n  ".join(self.problems[:50])
+        more = f"\n  ... and {len(self.problems) - 50} more" if len(self.problems) > 50 else ""
+        super().__init__(f"{len(self.problems)} of {total} {what} cannot be generated (nothing was generated or "
+                         f"written; fix or remove them):\n  {shown}{more}")
+
+
 def read_prompts(path: str | os.PathLike) -> list[Prompt]:
     """Prompts from a file, in file order.
 
@@ -41,19 +58,38 @@ def read_prompts(path: str | os.PathLike) -> list[Prompt]:
 
     A path that does not exist is looked up among the files shipped with the package's recipes
     (`twotower.hub.find_recipe`), so a shipped recipe's `recipes/prompts.jsonl` is found from any
-    directory.
+    directory. Every bad line is reported at once (`PromptError`, a ValueError: file:line and why).
     """
+    return read_prompt_file(path)[0]
+
+
+def read_prompt_file(path: str | os.PathLike) -> tuple[list[Prompt], list[str]]:
+    """`read_prompts`, with each prompt's location ("file:line")."""
     file = resolve_recipe(Path(path).expanduser(), kind="prompt file")
     prompts: list[Prompt] = []
+    where: list[str] = []
+    problems: list[str] = []
+    lines = 0
     with file.open(encoding="utf-8", errors="replace", newline="") as f:
         for line_no, line in enumerate(f, start=1):
             line = line.rstrip("\r\n")
             if not line.strip():
                 continue
-            prompts.append(_jsonl_prompt(file, line_no, line) if file.suffix == ".jsonl" else line)
+            lines += 1
+            if file.suffix != ".jsonl":
+                prompts.append(line)
+                where.append(f"{file}:{line_no}")
+                continue
+            try:
+                prompts.append(_jsonl_prompt(file, line_no, line))
+                where.append(f"{file}:{line_no}")
+            except ValueError as e:
+                problems.append(str(e))
+    if problems:
+        raise PromptError(problems, lines, f"lines of {file}")
     if not prompts:
         raise ValueError(f"prompt file {str(path)!r} contains no prompts")
-    return prompts
+    return prompts, where
 
 
 def _jsonl_prompt(file: Path, line_no: int, line: str) -> Prompt:
@@ -61,6 +97,8 @@ def _jsonl_prompt(file: Path, line_no: int, line: str) -> Prompt:
         record = json.loads(line)
     except json.JSONDecodeError as e:
         raise ValueError(f"{file}:{line_no}: invalid JSON ({e.msg})") from None
+    except (ValueError, RecursionError) as e:  # an int of too many digits, nesting deeper than Python parses
+        raise ValueError(f"{file}:{line_no}: invalid JSON ({type(e).__name__}: {str(e)[:100]})") from None
     if isinstance(record, dict):
         for key in ("prompt", "text"):
             if isinstance(record.get(key), str):
@@ -183,6 +221,8 @@ class PromptDataModule(L.LightningDataModule):
         self.num_workers = num_workers
         self.prompt_texts: list[Prompt] | None = None
         self.prompt_tokens: list[list[int]] | None = None
+        self.prompt_where: list[str] | None = None  # each prompt's "file:line" (or "prompt i")
+        self._length_checked = False
         self.skipped: set[int] = set()
 
     @property
@@ -202,17 +242,47 @@ class PromptDataModule(L.LightningDataModule):
         return len(self.prompt_texts) - len(indices)
 
     def setup(self, stage: str | None = None) -> None:
-        """Read (if from a file) and tokenise the prompts; idempotent."""
-        if self.prompt_texts is not None:
-            return
-        texts = self.prompt_list if self.prompt_list is not None else read_prompts(self.prompts)
-        tokens = [encode_prompt(self.tokenizer, t, add_bos=self.add_bos) for t in texts]
-        for i, ids in enumerate(tokens):
-            if not ids:
-                raise ValueError(
-                    f"prompt {i} ({texts[i]!r}) encodes to no tokens; remove it or set add_bos=True"
-                )
-        self.prompt_texts, self.prompt_tokens = texts, tokens
+        """Read (if from a file), tokenise and check the prompts; idempotent. Raises `PromptError`
+        listing every prompt that cannot be generated: a bad line, a value that is not a prompt, one
+        the tokenizer cannot encode or that encodes to nothing, and, once the data module is attached
+        to a trainer whose module has `prompt_budget()` (GenerationModule), one longer than the
+        model's context leaves room for with max_new_tokens."""
+        if self.prompt_texts is None:
+            if self.prompt_list is not None:
+                texts, where = self.prompt_list, [f"prompt {i}" for i in range(len(self.prompt_list))]
+            else:
+                texts, where = read_prompt_file(self.prompts)
+            tokens, problems = [], []
+            for text, at in zip(texts, where):
+                try:
+                    ids = encode_prompt(self.tokenizer, text, add_bos=self.add_bos)
+                except Exception as e:  # noqa: BLE001 - every prompt's reason is reported, then raised
+                    problems.append(f"{at}: cannot be encoded: {type(e).__name__}: {str(e)[:200]}")
+                    tokens.append([])
+                    continue
+                if not ids:
+                    problems.append(f"{at}: {text!r:.60} encodes to no tokens; remove it or set add_bos=True")
+                tokens.append(ids)
+            problems += self._too_long(tokens, where)
+            if problems:
+                raise PromptError(problems, len(texts))
+            self.prompt_texts, self.prompt_tokens, self.prompt_where = texts, tokens, where
+        elif not self._length_checked:  # set up before a trainer (and its model's limit) was attached
+            problems = self._too_long(self.prompt_tokens, self.prompt_where)
+            if problems:
+                raise PromptError(problems, len(self.prompt_texts))
+
+    def _too_long(self, tokens: list[list[int]], where: list[str]) -> list[str]:
+        """One problem per prompt longer than the attached module's `prompt_budget()` allows."""
+        module = getattr(self.trainer, "lightning_module", None) if self.trainer is not None else None
+        budget = getattr(module, "prompt_budget", None)
+        limit = budget() if callable(budget) else None
+        if limit is None:
+            return []
+        self._length_checked = True
+        most, why = limit
+        return [f"{at}: the prompt is {len(ids)} tokens; at most {most} fit ({why})"
+                for ids, at in zip(tokens, where) if len(ids) > most]
 
     def predict_dataloader(self) -> DataLoader:
         self.setup()

@@ -13,18 +13,27 @@ its own batching window would sit between the HTTP layer and that loop. FastAPI 
 handlers, server-sent events through `StreamingResponse`, and disconnect detection, and runs in a
 thread inside tests and benchmarks; the scheduler thread (scheduler.py) owns the model.
 
-Handlers validate the body (400 + OpenAI's error object naming `param`), submit a `Job`, and read
-its events from an asyncio queue fed thread-safely by the scheduler. A stream that the client
-closes, or a non-streaming request whose client disconnects, cancels its job; the row leaves the
-batch at the next boundary and the server keeps serving.
+Before a request reaches a handler's JSON parsing: the API key (`api_key` / TWOTOWER_API_KEY,
+`Authorization: Bearer <key>`, 401), the content type (only application/json: 415, so that a
+browser's "simple" cross-origin POST never runs a generation) and the body size (`max_body_bytes`:
+413, from Content-Length and while reading). Handlers then validate the body off the event loop
+(400 + OpenAI's error object naming `param` and the allowed range), submit a `Job`, and read its
+events from an asyncio queue fed thread-safely by the scheduler. A task waits for the client's
+disconnect in both modes: a client that goes away (a closed stream, or a non-streaming request whose
+client disconnects) cancels its job, whose row leaves the batch at the next block boundary.
 """
 
 from __future__ import annotations
 
 import asyncio
+import hmac
+import ipaddress
 import json
+import logging
+import os
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 
 import torch
@@ -36,7 +45,106 @@ from ..tokenizers import tokenizer_for
 from .requests import RequestError, ServeSettings, parse_chat, parse_completion
 from .scheduler import Job, Scheduler
 
-__all__ = ["create_app", "serve", "main", "load_model", "CompletionShape", "ChatShape"]
+__all__ = ["create_app", "serve", "main", "load_model", "CompletionShape", "ChatShape", "api_key_of",
+           "exposure_warning", "ENV_API_KEY"]
+
+ENV_API_KEY = "TWOTOWER_API_KEY"
+# Paths served without the API key: liveness probes and (when `docs` is on) the API docs.
+OPEN_PATHS = frozenset({"/health", "/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json"})
+log = logging.getLogger("twotower.serving")
+
+
+def api_key_of(settings: ServeSettings) -> str | None:
+    """The key clients must present: `settings.api_key`, else the TWOTOWER_API_KEY environment
+    variable, else None (no authentication)."""
+    return settings.api_key or os.environ.get(ENV_API_KEY) or None
+
+
+def exposure_warning(settings: ServeSettings) -> str | None:
+    """A warning when the server would listen beyond this machine without an API key (None when it
+    listens on loopback only, or has a key)."""
+    if api_key_of(settings) is not None:
+        return None
+    host = settings.host.strip("[]")
+    try:
+        loopback = ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        loopback = host == "localhost"
+    if loopback:
+        return None
+    return (f"serving on {settings.host}, which other machines can reach, without an API key: anyone who can "
+            f"connect can run generations. Set --api_key (or {ENV_API_KEY}), or --host 127.0.0.1")
+
+
+def error_body(message: str, param: str | None = None, kind: str = "invalid_request_error",
+               code: str | None = None) -> dict:
+    """OpenAI's error object."""
+    return {"error": {"message": message, "type": kind, "param": param, "code": code}}
+
+
+class Guard:
+    """Pure ASGI middleware (streaming and disconnects pass straight through): the API key on every
+    path but OPEN_PATHS, checked in constant time (`hmac.compare_digest`); 401 otherwise."""
+
+    def __init__(self, app, api_key: str):
+        self.app, self.key = app, api_key.encode()
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http" and scope["path"] not in OPEN_PATHS and not self.allowed(scope):
+            response = JSONResponse(error_body("a valid API key is required: send the header 'Authorization: "
+                                               "Bearer <key>'", code="invalid_api_key"), status_code=401,
+                                    headers={"WWW-Authenticate": "Bearer"})
+            await response(scope, receive, send)
+            return
+        await self.app(scope, receive, send)
+
+    def allowed(self, scope) -> bool:
+        header = next((v for k, v in scope.get("headers", ()) if k == b"authorization"), b"")
+        scheme, _, token = header.strip().partition(b" ")
+        return scheme.lower() == b"bearer" and hmac.compare_digest(token.strip(), self.key)
+
+
+class BodyError(Exception):
+    """A request body refused before JSON parsing: HTTP `status` with OpenAI's error object."""
+
+    def __init__(self, status: int, message: str, param: str | None = "body"):
+        super().__init__(message)
+        self.status, self.param = status, param
+
+    def response(self) -> JSONResponse:
+        return JSONResponse(error_body(str(self), self.param), status_code=self.status)
+
+
+async def read_json_body(request: Request, limit: int) -> bytes:
+    """The raw body of a JSON request: 415 unless Content-Type is application/json, 413 when it is
+    larger than `limit` bytes (by Content-Length, or counted while reading a body sent without one)."""
+    media = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if media != "application/json":
+        raise BodyError(415, f"Content-Type must be application/json, got {media or 'none'!r:.60}", "content-type")
+    length = request.headers.get("content-length")
+    if length is not None:
+        if not length.strip().isdigit():
+            raise BodyError(400, f"bad Content-Length {length!r:.40}", "content-length")
+        if int(length) > limit:
+            raise BodyError(413, f"the body is {int(length)} bytes; this server takes at most {limit} "
+                                 "(max_body_bytes)")
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise BodyError(413, f"the body is more than {limit} bytes, the most this server takes (max_body_bytes)")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+async def wait_for_disconnect(request: Request, on_disconnect) -> None:
+    """Wait (as a task) until the client goes away, then call `on_disconnect()`. The body has been
+    read, so the next ASGI message is the disconnect (uvicorn also reads the socket again for it)."""
+    while True:
+        message = await request.receive()
+        if message["type"] == "http.disconnect":
+            on_disconnect()
+            return
 
 
 def load_model(settings: ServeSettings):
@@ -64,11 +172,16 @@ def create_app(settings: ServeSettings, model=None, tokenizer=None, on_limit=Non
     model = load_model(settings) if model is None else model
     tokenizer = tokenizer_for(model, settings.model, tokenizer or settings.tokenizer)
     towers = Towers.of(model)
+    settings.check(towers.block_size)
     if settings.denoiser_device is not None:  # explicit: the denoiser reads a mirror of the context cache
         towers.denoiser_device = settings.denoiser_device
     eos = [tokenizer.eos_token_id] if settings.stop_at_eos else []
     limit = getattr(towers.context.config, "max_position_embeddings", None)
-    scheduler = Scheduler(towers, max_batch=settings.max_batch, overlap=settings.overlap)
+    max_rows = settings.max_rows if settings.max_rows is not None else 2 * settings.max_batch
+    scheduler = Scheduler(towers, max_batch=settings.max_batch, overlap=settings.overlap, max_rows=max_rows)
+    # Requests are decoded and tokenized here, off the event loop; one thread, since tokenizers are not
+    # all safe to call from several threads at once (the body size bounds each call).
+    parser = ThreadPoolExecutor(max_workers=1, thread_name_prefix="twotower-parse")
     answered = [0]
 
     @asynccontextmanager
@@ -78,9 +191,21 @@ def create_app(settings: ServeSettings, model=None, tokenizer=None, on_limit=Non
             yield
         finally:
             scheduler.stop()
+            parser.shutdown(wait=False, cancel_futures=True)
 
-    app = FastAPI(title="twotower", lifespan=lifespan)
+    docs = settings.docs
+    app = FastAPI(title="twotower", lifespan=lifespan, docs_url="/docs" if docs else None,
+                  redoc_url="/redoc" if docs else None, openapi_url="/openapi.json" if docs else None)
+    key = api_key_of(settings)
+    if key is not None:
+        app.add_middleware(Guard, api_key=key)
+    if settings.cors_origins:  # added last: the outermost layer, so preflights and 401s get CORS headers
+        from fastapi.middleware.cors import CORSMiddleware
+
+        app.add_middleware(CORSMiddleware, allow_origins=list(settings.cors_origins), allow_methods=["GET", "POST"],
+                           allow_headers=["Authorization", "Content-Type"])
     app.state.scheduler, app.state.model, app.state.tokenizer = scheduler, model, tokenizer
+    app.state.settings = settings
 
     def finished_one() -> None:
         answered[0] += 1
@@ -104,19 +229,37 @@ def create_app(settings: ServeSettings, model=None, tokenizer=None, on_limit=Non
     async def chat_completions(request: Request):
         return await answer(request, parse_chat, ChatShape(settings.model_name))
 
+    def decode_and_parse(raw: bytes, parse):
+        try:
+            body = json.loads(raw)
+        except (ValueError, RecursionError) as e:  # bad JSON or UTF-8, too deep, an int of too many digits
+            raise RequestError("body", f"the body is not valid JSON: {type(e).__name__}: {str(e):.200}") from None
+        return parse(body, settings, tokenizer, context_limit=limit, model_block_size=towers.block_size)
+
     async def answer(request: Request, parse, shape: "CompletionShape"):
-        """Validate the body with `parse`, run the request as a `Job`, and answer in `shape`:
-        server-sent events for `stream: true`, else one JSON object."""
+        """Read and validate the body (415 / 413 / 400), run the request as a `Job`, and answer in
+        `shape`: server-sent events for `stream: true`, else one JSON object."""
         try:
-            body = json.loads(await request.body())
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            return JSONResponse(RequestError("body", f"the body is not valid JSON: {e}").body(), status_code=400)
+            raw = await read_json_body(request, settings.max_body_bytes)
+        except BodyError as e:
+            return e.response()
         try:
-            req = parse(body, settings, tokenizer, context_limit=limit, model_block_size=towers.block_size)
+            req = await asyncio.get_running_loop().run_in_executor(parser, decode_and_parse, raw, parse)
         except RequestError as e:
             return JSONResponse(e.body(), status_code=400)
         loop, events = asyncio.get_running_loop(), asyncio.Queue()
-        job = Job(req, tokenizer, eos, sink=lambda ev: loop.call_soon_threadsafe(events.put_nowait, ev))
+
+        def sink(ev: dict) -> None:  # scheduler thread; a non-streaming answer needs only the last event
+            if req.stream or ev["type"] != "text":
+                loop.call_soon_threadsafe(events.put_nowait, ev)
+
+        job = Job(req, tokenizer, eos, sink=sink)
+
+        def gone() -> None:  # the client disconnected: drop the job, wake the handler
+            job.cancel()
+            events.put_nowait({"type": "gone"})
+
+        watcher = asyncio.create_task(wait_for_disconnect(request, gone))
         scheduler.submit(job)
         usage = lambda n: {"prompt_tokens": len(req.prompt_ids), "completion_tokens": n,  # noqa: E731
                            "total_tokens": len(req.prompt_ids) + n}
@@ -136,12 +279,15 @@ def create_app(settings: ServeSettings, model=None, tokenizer=None, on_limit=Non
                             last["usage"] = usage(ev["completion_tokens"])
                             yield f"data: {json.dumps(last)}\n\n"
                             break
+                        elif ev["type"] == "gone":
+                            return
                         else:
-                            err = {"error": {"message": ev["message"], "type": "server_error", "param": None}}
+                            err = error_body(ev["message"], kind="server_error")
                             yield f"data: {json.dumps(err)}\n\n"
                             break
                     yield "data: [DONE]\n\n"
                 finally:  # normal end, or the client closed the stream (the generator is cancelled)
+                    watcher.cancel()
                     job.cancel()
                     finished_one()
 
@@ -150,21 +296,17 @@ def create_app(settings: ServeSettings, model=None, tokenizer=None, on_limit=Non
 
         try:
             while True:
-                try:
-                    ev = await asyncio.wait_for(events.get(), timeout=0.25)
-                except asyncio.TimeoutError:
-                    if await request.is_disconnected():
-                        job.cancel()
-                        return JSONResponse({"error": {"message": "client disconnected"}}, status_code=499)
-                    continue
+                ev = await events.get()
+                if ev["type"] == "gone":
+                    return JSONResponse(error_body("client disconnected"), status_code=499)
                 if ev["type"] == "done":
                     out = shape.whole(ev["text"], ev["finish_reason"])
                     out["usage"] = usage(ev["completion_tokens"])
                     return JSONResponse(out)
                 if ev["type"] == "error":
-                    return JSONResponse({"error": {"message": ev["message"], "type": "server_error", "param": None}},
-                                        status_code=500)
+                    return JSONResponse(error_body(ev["message"], kind="server_error"), status_code=500)
         finally:
+            watcher.cancel()
             job.cancel()
             finished_one()
 
@@ -235,6 +377,9 @@ def serve(settings: ServeSettings, model=None, tokenizer=None) -> None:
             server.should_exit = True
 
     app = create_app(settings, model, tokenizer, on_limit=stop)
+    warning = exposure_warning(settings)
+    if warning is not None:
+        log.warning(warning)
     server = uvicorn.Server(uvicorn.Config(app, host=settings.host, port=settings.port, log_level="warning"))
     print(f"twotower: serving {settings.model_name} ({settings.model}) on http://{settings.host}:{settings.port}",
           flush=True)

@@ -5,6 +5,17 @@ A request body is checked field by field before anything reaches the scheduler; 
 (`{"error": {"message", "type": "invalid_request_error", "param"}}`), so a client sees which
 field to fix. The decoder a request names is built from the library's own decoder classes through
 one small table (`DECODERS`): name -> (Decoder subclass, the settings it takes).
+
+Every per-request setting has a range, and the message of a value outside it names the field, the
+value and the range: `max_tokens` in [1, max_tokens_limit] and prompt + max_tokens within the
+model's context, `block_size` up to `max_block_size` (the model's trained block size by default),
+`steps_per_block` / `draft_steps` up to `max_steps_per_block`, `temperature` in [0, 2], `top_p` in
+(0, 1], `top_k` in [0, vocabulary size] (0: off), `threshold` in (0, 1], `seed` a signed 64-bit
+integer, `stop` at most 16 strings of at most 256 characters. Fields an endpoint does not know are
+refused, and OpenAI's fields this server does not implement (`best_of`, `logprobs`, `echo`, `n`,
+`suffix`, penalties, `logit_bias`, ...) are accepted only with the value that asks for nothing
+(`NEUTRAL`: n = 1, echo false, penalties 0, ...), so a client never silently gets less than it
+asked for.
 """
 
 from __future__ import annotations
@@ -18,8 +29,8 @@ from ..samplers import ConfidenceThreshold
 from ..prompting import Prompt, check_messages, encode_prompt
 from ..tokenizers import Tokenizer
 
-__all__ = ["ServeSettings", "CompletionRequest", "RequestError", "DECODERS", "build_decoder", "parse_completion",
-           "parse_chat"]
+__all__ = ["ServeSettings", "Limits", "CompletionRequest", "RequestError", "DECODERS", "build_decoder",
+           "parse_completion", "parse_chat", "COMPLETION_FIELDS", "CHAT_FIELDS"]
 
 
 @dataclass
@@ -47,8 +58,23 @@ class ServeSettings:
         overlap: run the two towers at once across request groups (the denoiser drafts one group
             while the context tower verifies another); None = on exactly when the towers are on two
             devices. See `Scheduler`.
-        host / port: where to listen (127.0.0.1 unless told otherwise).
+        host / port: where to listen (127.0.0.1 unless told otherwise). Binding another address
+            without an API key logs a warning.
         max_requests: stop after serving this many requests (bounded runs); None = serve until stopped.
+        max_block_size: the largest `block_size` a request may ask for; None = the model's trained
+            block size (`model.block_size`, 64 if the model has none).
+        max_steps_per_block: the most `steps_per_block` / `draft_steps` a request may ask for;
+            None = the larger of the block-size limit and this server's own settings.
+        max_tokens_limit: the most `max_tokens` a request may ask for (the prompt plus max_tokens
+            must also fit the model's context, max_position_embeddings).
+        max_rows: rows running at once over all working batches (requests with different decoder
+            settings run in different batches); None = 2 * max_batch. Further requests wait.
+        api_key: clients must send `Authorization: Bearer <api_key>` on /v1/* (401 otherwise);
+            None = the environment variable TWOTOWER_API_KEY, if set; else no authentication.
+        cors_origins: origins allowed to call the server from a browser (CORS); None = none
+            (no CORS headers at all).
+        max_body_bytes: the largest request body (413 above it).
+        docs: serve /docs, /redoc and /openapi.json.
     """
 
     model: str = "embedded"
@@ -70,17 +96,102 @@ class ServeSettings:
     host: str = "127.0.0.1"
     port: int = 8000
     max_requests: int | None = None
+    max_block_size: int | None = None
+    max_steps_per_block: int | None = None
+    max_tokens_limit: int = 4096
+    max_rows: int | None = None
+    api_key: str | None = field(default=None, repr=False)  # never printed with the settings
+    cors_origins: list[str] | None = None
+    max_body_bytes: int = 4 * 1024 * 1024
+    docs: bool = False
+
+    def limits(self, model_block_size: int | None) -> "Limits":
+        """The per-request ranges this server enforces, for a model trained with `model_block_size`."""
+        block = self.max_block_size if self.max_block_size is not None else (model_block_size or 64)
+        steps = self.max_steps_per_block
+        if steps is None:
+            steps = max(block, self.steps_per_block, self.draft_steps)
+        return Limits(block_size=block, steps=steps, max_tokens=self.max_tokens_limit)
+
+    def check(self, model_block_size: int | None) -> None:
+        """Refuse settings that are out of range or that their own limits would refuse (ValueError
+        naming the setting); `create_app` calls it before serving."""
+        def need_int(name, low=1):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < low:
+                raise ValueError(f"{name} must be an integer >= {low}, got {v!r}")
+
+        for name in ("max_batch", "max_tokens", "max_tokens_limit", "steps_per_block", "draft_steps",
+                     "max_body_bytes"):
+            need_int(name)
+        for name in ("max_block_size", "max_steps_per_block", "max_rows", "block_size"):
+            if getattr(self, name) is not None:
+                need_int(name)
+        if self.decoder not in DECODERS:
+            raise ValueError(f"decoder must be one of {sorted(DECODERS)}, got {self.decoder!r}")
+        lim = self.limits(model_block_size)
+        if self.block_size is not None and self.block_size > lim.block_size:
+            raise ValueError(f"block_size {self.block_size} is above max_block_size {lim.block_size}")
+        if self.max_tokens > lim.max_tokens:
+            raise ValueError(f"max_tokens {self.max_tokens} is above max_tokens_limit {lim.max_tokens}")
+        if not TEMPERATURE[0] <= self.temperature <= TEMPERATURE[1]:
+            raise ValueError(f"temperature must be in [{TEMPERATURE[0]}, {TEMPERATURE[1]}], got {self.temperature}")
+        if not 0 < self.threshold <= 1:
+            raise ValueError(f"threshold must be in (0, 1], got {self.threshold}")
+        if self.api_key is not None and (not isinstance(self.api_key, str) or not self.api_key):
+            raise ValueError("api_key must be a non-empty string (or null for none)")
+        if self.cors_origins is not None and (not isinstance(self.cors_origins, list)
+                                              or not all(isinstance(o, str) for o in self.cors_origins)):
+            raise ValueError(f"cors_origins must be a list of origins, got {self.cors_origins!r}")
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Per-request upper bounds (`ServeSettings.limits`): block_size, steps_per_block / draft_steps,
+    max_tokens."""
+
+    block_size: int
+    steps: int
+    max_tokens: int
+
+
+# The documented ranges of the per-request fields that do not depend on the server's settings.
+TEMPERATURE = (0.0, 2.0)
+SEED = (-(2 ** 63), 2 ** 63 - 1)  # a signed 64-bit integer, as OpenAI's API defines `seed`
+MAX_STOP = 16  # stop strings per request
+MAX_STOP_CHARS = 256  # characters per stop string
+
+# The fields each endpoint accepts. OpenAI's fields this server does not implement are accepted only
+# with the value that asks for nothing (NEUTRAL); anything else, and every other field, is a 400.
+COMMON_FIELDS = frozenset({"model", "stream", "stream_options", "user", "max_tokens", "stop", "seed", "temperature",
+                           "top_p", "n", "presence_penalty", "frequency_penalty", "logit_bias",
+                           # extensions
+                           "decoder", "threshold", "block_size", "top_k", "steps_per_block", "draft_steps"})
+COMPLETION_FIELDS = COMMON_FIELDS | {"prompt", "best_of", "echo", "logprobs", "suffix"}
+CHAT_FIELDS = COMMON_FIELDS | {"messages", "max_completion_tokens", "logprobs", "top_logprobs", "response_format"}
+NEUTRAL: dict[str, tuple[object, str]] = {  # field -> (test of the neutral value, what is accepted)
+    "n": (lambda v: v == 1 and not isinstance(v, bool), "only n = 1"),
+    "best_of": (lambda v: v == 1 and not isinstance(v, bool), "only best_of = 1 (one completion per request)"),
+    "echo": (lambda v: v is False, "echo is not supported (only false)"),
+    "logprobs": (lambda v: v is False, "logprobs are not supported (only null or false)"),
+    "top_logprobs": (lambda v: v == 0 and not isinstance(v, bool), "top_logprobs are not supported (only null or 0)"),
+    "suffix": (lambda v: v == "", "suffix (insertion) is not supported (only null or \"\")"),
+    "presence_penalty": (lambda v: v == 0 and not isinstance(v, bool), "only presence_penalty = 0 (no penalties)"),
+    "frequency_penalty": (lambda v: v == 0 and not isinstance(v, bool), "only frequency_penalty = 0 (no penalties)"),
+    "logit_bias": (lambda v: v == {}, "logit_bias is not supported (only null or {})"),
+    "response_format": (lambda v: v == {"type": "text"}, "only response_format {\"type\": \"text\"}"),
+}
 
 
 # name -> (decoder class, its constructor arguments from the request's resolved settings)
 DECODERS: dict[str, tuple[type[Decoder], object]] = {
     "speculative": (Speculative, lambda s: dict(block_size=s["block_size"], draft_steps=s["draft_steps"],
                                                 sampler=ConfidenceThreshold(s["threshold"]),
-                                                temperature=s["temperature"], top_p=s["top_p"])),
+                                                temperature=s["temperature"], top_k=s["top_k"], top_p=s["top_p"])),
     "diffusion": (MaskDiffusion, lambda s: dict(sampler=ConfidenceThreshold(s["threshold"]),
                                                 block_size=s["block_size"], steps_per_block=s["steps_per_block"],
-                                                temperature=s["temperature"], top_p=s["top_p"])),
-    "ar": (Autoregressive, lambda s: dict(temperature=s["temperature"], top_p=s["top_p"])),
+                                                temperature=s["temperature"], top_k=s["top_k"], top_p=s["top_p"])),
+    "ar": (Autoregressive, lambda s: dict(temperature=s["temperature"], top_k=s["top_k"], top_p=s["top_p"])),
 }
 
 
@@ -128,12 +239,14 @@ class CompletionRequest:
         return g.manual_seed(self.seed)
 
 
-def _int(body, name, default, minimum):
+def _int(body, name, default, low, high=None):
+    """body[name] as an int in [low, high] (high None: no upper bound), or `default` when absent / null."""
     v = body.get(name)
     if v is None:
         return default
-    if isinstance(v, bool) or not isinstance(v, int) or v < minimum:
-        raise RequestError(name, f"{name} must be an integer >= {minimum}, got {v!r}")
+    if isinstance(v, bool) or not isinstance(v, int) or v < low or (high is not None and v > high):
+        allowed = f"in [{low}, {high}]" if high is not None else f">= {low}"
+        raise RequestError(name, f"{name} must be an integer {allowed}, got {v!r:.60}")
     return v
 
 
@@ -143,18 +256,36 @@ def _number(body, name, default, low, high, low_open=False):
         return default
     if isinstance(v, bool) or not isinstance(v, (int, float)) or not (low < v if low_open else low <= v) or v > high:
         lo = "(" if low_open else "["
-        raise RequestError(name, f"{name} must be a number in {lo}{low}, {high}], got {v!r}")
+        raise RequestError(name, f"{name} must be a number in {lo}{low}, {high}], got {v!r:.60}")
     return float(v)
 
 
-def _check_body(body, settings: ServeSettings) -> dict:
+def _check_body(body, settings: ServeSettings, allowed: frozenset, other: frozenset, other_path: str) -> dict:
+    """The body's shape, its fields (every one known to this endpoint; OpenAI's unimplemented ones only
+    with their neutral value), the model name, `user` and `stream_options`."""
     if not isinstance(body, dict):
         raise RequestError("body", f"the request body must be a JSON object, got {type(body).__name__}")
+    unknown = sorted(k for k in body if k not in allowed)
+    if unknown:
+        name = unknown[0]
+        hint = f" (it belongs to {other_path})" if name in other else ""
+        more = f" (also unknown: {', '.join(repr(k[:40]) for k in unknown[1:6])})" if len(unknown) > 1 else ""
+        raise RequestError(name[:80], f"unknown field {name[:80]!r}{hint}{more}; this endpoint accepts "
+                                      f"{', '.join(sorted(allowed))}")
+    for name, (neutral, what) in NEUTRAL.items():
+        if name in allowed and body.get(name) is not None and not neutral(body[name]):
+            raise RequestError(name, f"{name}: {what}; got {body[name]!r:.60}")
     model = body.get("model")
     if model is not None and model != settings.model_name:
-        raise RequestError("model", f"unknown model {model!r}; this server serves {settings.model_name!r}")
-    if body.get("n") not in (None, 1):
-        raise RequestError("n", f"only n = 1 is supported, got {body.get('n')!r}")
+        raise RequestError("model", f"unknown model {model!r:.80}; this server serves {settings.model_name!r}")
+    if body.get("user") is not None and not isinstance(body["user"], str):
+        raise RequestError("user", f"user must be a string, got {body['user']!r:.60}")
+    options = body.get("stream_options")
+    if options is not None:
+        if not isinstance(options, dict) or not set(options) <= {"include_usage", "include_obfuscation"} \
+                or not all(isinstance(v, bool) for v in options.values()):
+            raise RequestError("stream_options", "stream_options must be an object with the booleans include_usage "
+                                                 f"and include_obfuscation, got {options!r:.80}")
     return body
 
 
@@ -162,14 +293,15 @@ def parse_completion(body, settings: ServeSettings, tokenizer: Tokenizer, *, con
                      model_block_size: int) -> CompletionRequest:
     """Validate a decoded `/v1/completions` JSON body against the server's settings; raise RequestError
     naming the field."""
-    body = _check_body(body, settings)
+    body = _check_body(body, settings, COMPLETION_FIELDS, CHAT_FIELDS, "/v1/chat/completions")
     prompt = body.get("prompt")
     if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
         prompt = prompt[0]
     if not isinstance(prompt, str) or not prompt:
         raise RequestError("prompt", f"prompt must be a non-empty string, got {type(prompt).__name__} {prompt!r:.40}")
-    max_tokens = _int(body, "max_tokens", settings.max_tokens, 1)
-    return _request(body, prompt, "prompt", max_tokens, settings, tokenizer, context_limit, model_block_size)
+    lim = settings.limits(model_block_size)
+    max_tokens = _int(body, "max_tokens", settings.max_tokens, 1, lim.max_tokens)
+    return _request(body, prompt, "prompt", "max_tokens", max_tokens, settings, lim, tokenizer, context_limit)
 
 
 def parse_chat(body, settings: ServeSettings, tokenizer: Tokenizer, *, context_limit: int | None,
@@ -177,29 +309,38 @@ def parse_chat(body, settings: ServeSettings, tokenizer: Tokenizer, *, context_l
     """Validate a decoded `/v1/chat/completions` JSON body: `messages` go through the model's chat
     template (`prompting.encode_prompt`); the other fields are those of a completion request
     (`max_completion_tokens`, OpenAI's newer name, wins over `max_tokens`)."""
-    body = _check_body(body, settings)
+    body = _check_body(body, settings, CHAT_FIELDS, COMPLETION_FIELDS, "/v1/completions")
     try:
         messages = check_messages(body.get("messages"))
     except ValueError as e:
         raise RequestError("messages", str(e)) from None
-    max_tokens = _int(body, "max_completion_tokens", _int(body, "max_tokens", settings.max_tokens, 1), 1)
-    return _request(body, messages, "messages", max_tokens, settings, tokenizer, context_limit, model_block_size)
+    lim = settings.limits(model_block_size)
+    max_tokens = _int(body, "max_tokens", settings.max_tokens, 1, lim.max_tokens)
+    param = "max_tokens"
+    if body.get("max_completion_tokens") is not None:
+        param, max_tokens = "max_completion_tokens", _int(body, "max_completion_tokens", None, 1, lim.max_tokens)
+    return _request(body, messages, "messages", param, max_tokens, settings, lim, tokenizer, context_limit)
 
 
-def _request(body: dict, prompt: Prompt, param: str, max_tokens: int, settings: ServeSettings, tokenizer: Tokenizer,
-             context_limit: int | None, model_block_size: int) -> CompletionRequest:
+def _request(body: dict, prompt: Prompt, param: str, tokens_param: str, max_tokens: int, settings: ServeSettings,
+             lim: Limits, tokenizer: Tokenizer, context_limit: int | None) -> CompletionRequest:
     """The fields every request shares (decoder and its settings, stop, seed, stream), and the prompt
-    encoded by `prompting.encode_prompt` (errors name `param`, the prompt's field)."""
+    encoded by `prompting.encode_prompt` (errors name `param`, the prompt's field; `tokens_param`
+    names the field max_tokens came from)."""
     name = body.get("decoder", settings.decoder)
     if not isinstance(name, str) or name not in DECODERS:
-        raise RequestError("decoder", f"unknown decoder {name!r}; choose one of {sorted(DECODERS)}")
+        raise RequestError("decoder", f"unknown decoder {name!r:.60}; choose one of {sorted(DECODERS)}")
     minimum_block = 2 if DECODERS[name][0] is Speculative else 1
-    block_size = _int(body, "block_size", settings.block_size or model_block_size, minimum_block)
+    default_block = min(settings.block_size or lim.block_size, lim.block_size)
+    top_k = _int(body, "top_k", 0, 0, max(1, getattr(tokenizer, "vocab_size", 1)))
     resolved = dict(
-        temperature=_number(body, "temperature", settings.temperature, 0.0, 2.0),
+        temperature=_number(body, "temperature", settings.temperature, *TEMPERATURE),
         top_p=_number(body, "top_p", None, 0.0, 1.0, low_open=True),
+        top_k=top_k or None,  # 0: no top-k filter
         threshold=_number(body, "threshold", settings.threshold, 0.0, 1.0, low_open=True),
-        block_size=block_size, draft_steps=settings.draft_steps, steps_per_block=settings.steps_per_block,
+        block_size=_int(body, "block_size", default_block, minimum_block, lim.block_size),
+        draft_steps=_int(body, "draft_steps", settings.draft_steps, 1, lim.steps),
+        steps_per_block=_int(body, "steps_per_block", settings.steps_per_block, 1, lim.steps),
     )
     if resolved["top_p"] == 1.0:
         resolved["top_p"] = None
@@ -209,25 +350,30 @@ def _request(body: dict, prompt: Prompt, param: str, max_tokens: int, settings: 
     elif isinstance(stop, str):
         stop = [stop]
     if not isinstance(stop, list) or not all(isinstance(s, str) for s in stop):
-        raise RequestError("stop", f"stop must be a string or a list of strings, got {stop!r}")
+        raise RequestError("stop", f"stop must be a string or a list of strings, got {stop!r:.80}")
+    if len(stop) > MAX_STOP or any(len(s) > MAX_STOP_CHARS for s in stop):
+        raise RequestError("stop", f"stop takes at most {MAX_STOP} strings of at most {MAX_STOP_CHARS} characters, "
+                                   f"got {len(stop)} strings, the longest {max(map(len, stop))} characters")
     seed = body.get("seed")
-    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
-        raise RequestError("seed", f"seed must be an integer, got {seed!r}")
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or not SEED[0] <= seed <= SEED[1]):
+        raise RequestError("seed", f"seed must be an integer in [{SEED[0]}, {SEED[1]}] (64-bit), got {seed!r:.60}")
     stream = body.get("stream", False)
     if not isinstance(stream, bool):
-        raise RequestError("stream", f"stream must be true or false, got {stream!r}")
+        raise RequestError("stream", f"stream must be true or false, got {stream!r:.60}")
     try:
         ids = encode_prompt(tokenizer, prompt)
-    except ValueError as e:  # e.g. chat messages for a tokenizer without a chat template
-        raise RequestError(param, str(e)) from None
+    except Exception as e:  # noqa: BLE001 - e.g. chat messages without a chat template, text UTF-8 cannot encode
+        raise RequestError(param, f"{param} cannot be encoded: {e}") from None
     if context_limit is not None:
         if len(ids) >= context_limit:
             raise RequestError(param, f"the prompt is {len(ids)} tokens; the model's context limit "
                                       f"(max_position_embeddings) is {context_limit}: shorten the prompt")
         if len(ids) + max_tokens > context_limit:
-            raise RequestError("max_tokens", f"prompt ({len(ids)} tokens) + max_tokens ({max_tokens}) exceeds the "
-                                             f"context limit {context_limit}: lower max_tokens to at most "
-                                             f"{context_limit - len(ids)}")
+            room = context_limit - len(ids)
+            raise RequestError(tokens_param, f"{tokens_param} must be an integer in [1, {min(room, lim.max_tokens)}] "
+                                             f"for this prompt: prompt ({len(ids)} tokens) + {tokens_param} "
+                                             f"({max_tokens}) exceeds the context limit {context_limit}; lower "
+                                             f"{tokens_param} to at most {room}")
     try:
         decoder = build_decoder(name, **resolved)
     except ValueError as e:  # a setting the decoder itself refuses

@@ -6,10 +6,11 @@
 
 The scheduler thread owns every cache and tensor (no locks around the models). Each turn of its
 loop it takes new requests, admits as many as the working batches have room for (`max_batch` rows
-each; a new row is prefilled alone and concatenated into the batch), and advances every working
-batch by one iteration. A request joins at the next block boundary and leaves as soon as it has
-finished, so a long request never holds back a short one; an abandoned request (client gone) is
-dropped at the next boundary. An error inside a step fails the requests of that batch only.
+each, `max_rows` over all batches; a new row is prefilled alone and concatenated into the batch),
+and advances every working batch by one iteration. A request joins at the next block boundary and
+leaves as soon as it has finished, so a long request never holds back a short one; an abandoned
+request (client gone: `Job.cancel`) is dropped at the next boundary, before the next forward, and
+counted in `stats()["dropped"]`. An error inside a step fails the requests of that batch only.
 
 `Job` is one request's row: its cap, EOS ids and stop strings decide when it ends (`commit`), and
 it turns tokens into text deltas for streaming: the text is sent only up to a point no later token
@@ -58,6 +59,8 @@ class Job:
         self.finish_reason: str | None = None
         self.cancelled = False
         self.error: str | None = None
+        self.iterations = 0  # working-batch iterations this row took part in
+        self.cancelled_at: int | None = None  # `iterations` when the job was cancelled
         self.text = ""
         self._sent = 0
         self.submitted = time.perf_counter()
@@ -73,7 +76,14 @@ class Job:
 
     def cancel(self) -> None:
         """The client went away (called from the HTTP side; the scheduler drops the row)."""
+        if not self.cancelled:
+            self.cancelled_at = self.iterations
         self.cancelled = True
+
+    @property
+    def abandoned(self) -> bool:
+        """Cancelled before it finished or failed: its work was dropped."""
+        return self.cancelled and self.finish_reason is None and self.error is None
 
     def fail(self, message: str) -> None:
         self.error = message
@@ -126,6 +136,8 @@ class Scheduler:
     Args:
         towers: the model's towers (with `denoiser_device` set, the denoiser reads a mirror).
         max_batch: rows per working batch.
+        max_rows: rows running at once over all working batches (requests of different decoder
+            settings run in different batches); None = no bound beyond max_batch per batch.
         idle_wait: seconds the idle loop blocks waiting for a request before checking for stop.
         overlap: run the towers at the same time across request groups: requests of one decoder
             setting are spread over two working batches, and while the context tower finishes
@@ -135,9 +147,14 @@ class Scheduler:
             halves really run in parallel; on one device they would only contend.
     """
 
-    def __init__(self, towers: Towers, *, max_batch: int = 8, idle_wait: float = 0.05, overlap: bool | None = None):
+    def __init__(self, towers: Towers, *, max_batch: int = 8, idle_wait: float = 0.05, overlap: bool | None = None,
+                 max_rows: int | None = None):
         if isinstance(max_batch, bool) or not isinstance(max_batch, int) or max_batch < 1:
             raise ValueError(f"max_batch must be an int >= 1, got {max_batch!r}")
+        if max_rows is not None and (isinstance(max_rows, bool) or not isinstance(max_rows, int) or max_rows < 1):
+            raise ValueError(f"max_rows must be an int >= 1 or None, got {max_rows!r}")
+        self.max_rows = max_rows
+        self.dropped = 0  # abandoned jobs removed (from a working batch or from the queue) before finishing
         if overlap is not None and not isinstance(overlap, bool):
             raise ValueError(f"overlap must be a bool or None (auto), got {overlap!r}")
         self.towers, self.max_batch, self.idle_wait = towers, max_batch, idle_wait
@@ -181,7 +198,7 @@ class Scheduler:
     def stats(self) -> dict:
         return {"running": sum(len(b) for b in list(self.batches.values())),
                 "waiting": len(self.waiting) + self.inbox.qsize(), "batches": len(self.batches),
-                "iterations": self.iterations, "peak": self.peak,
+                "iterations": self.iterations, "peak": self.peak, "dropped": self.dropped,
                 "overlap": self.overlap, "overlapped": self.overlapped}
 
     # ---- the loop (scheduler thread) ----------------------------------------------------------
@@ -190,7 +207,8 @@ class Scheduler:
             while not self._stop.is_set():
                 self._take(block=not self.batches and not self.waiting)
                 self._admit()
-                self.peak = max(self.peak, sum(len(b) for b in self.batches.values()))
+                rows = [j for b in self.batches.values() for j in b.jobs]
+                self.peak = max(self.peak, len(rows))
                 for batch in self.batches.values():
                     batch.leave()  # abandoned rows go before the forward
                 active = [b for b in self.batches.values() if len(b)]
@@ -202,6 +220,8 @@ class Scheduler:
                 for key, batch in list(self.batches.items()):
                     if not len(batch):
                         del self.batches[key]
+                still = {id(j) for b in self.batches.values() for j in b.jobs}
+                self.dropped += sum(1 for j in rows if id(j) not in still and j.abandoned)
                 if self.batches:
                     self.iterations += 1
         for batch in self.batches.values():
@@ -240,9 +260,14 @@ class Scheduler:
     def _admit(self) -> None:
         """Join waiting requests to their working batch while it has room (FIFO per batch)."""
         still: deque[Job] = deque()
+        running = sum(len(b) for b in self.batches.values())
         while self.waiting:
             job = self.waiting.popleft()
             if job.over:
+                self.dropped += job.abandoned
+                continue
+            if self.max_rows is not None and running >= self.max_rows:
+                still.append(job)
                 continue
             try:
                 cls = stepper_for(job.decoder)
@@ -260,6 +285,7 @@ class Scheduler:
                 continue
             try:
                 batch.admit([job])
+                running += 1
             except Exception as e:  # noqa: BLE001
                 log.exception("prefill failed")
                 if job in batch.jobs:  # joined before the failure: the batch state is suspect

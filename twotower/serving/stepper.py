@@ -134,6 +134,8 @@ class Stepper(abc.ABC):
 
         Splitting an iteration lets the scheduler overlap the towers across working batches when
         they live on two devices: batch B's draft runs while batch A's `finish` runs."""
+        for job in self.jobs:
+            job.iterations += 1
         self._step(drafted)
         self.iterations += 1
         self.leave()
