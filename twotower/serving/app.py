@@ -259,6 +259,10 @@ def create_app(settings: ServeSettings, model=None, tokenizer=None, on_limit=Non
             job.cancel()
             events.put_nowait({"type": "gone"})
 
+        if settings.max_waiting is not None and scheduler.stats()["waiting"] >= settings.max_waiting:
+            return JSONResponse(error_body(f"the server is busy: {settings.max_waiting} requests are already waiting "
+                                           "(max_waiting); retry later", kind="server_error", code="overloaded"),
+                                status_code=503, headers={"Retry-After": "1"})
         watcher = asyncio.create_task(wait_for_disconnect(request, gone))
         scheduler.submit(job)
         usage = lambda n: {"prompt_tokens": len(req.prompt_ids), "completion_tokens": n,  # noqa: E731
