@@ -220,7 +220,9 @@ def test_cli_serve_subcommand_stops_by_itself(tmp_path):
                 assert get(url, "/health")["status"] == "ok"
                 break
             except (urllib.error.URLError, ConnectionError):
-                assert proc.poll() is None and time.time() < deadline, proc.stdout.read().decode()
+                if proc.poll() is not None or time.time() > deadline:  # stop it first: read() waits for its end
+                    proc.kill()
+                    pytest.fail(f"the server did not come up: {proc.stdout.read().decode()[-3000:]}")
                 time.sleep(0.2)
         assert get(url, "/v1/models")["data"][0]["id"] == "twotower"
         status, out = post(url, {"prompt": "hi", "max_tokens": 3, "model": "twotower"})

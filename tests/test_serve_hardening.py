@@ -87,9 +87,9 @@ def post(url: str, body, path: str = "/v1/completions", headers=None, timeout: f
                                  headers={"Content-Type": "application/json", **(headers or {})})
     try:
         with urllib.request.urlopen(req, timeout=timeout) as r:
-            status, raw, hdrs = r.status, r.read(), dict(r.headers)
+            status, raw, hdrs = r.status, r.read(), {k.lower(): v for k, v in r.headers.items()}
     except urllib.error.HTTPError as e:
-        status, raw, hdrs = e.code, e.read(), dict(e.headers)
+        status, raw, hdrs = e.code, e.read(), {k.lower(): v for k, v in e.headers.items()}
     try:
         return status, json.loads(raw), hdrs
     except ValueError:
@@ -484,6 +484,38 @@ def test_max_rows_bounds_the_rows_over_all_batches(model):
         sched.stop()
     assert 2 <= sched.peak <= 3
     assert [j.text for j in jobs] == [alone(srv, b) for b in bodies]
+
+
+def test_a_full_queue_gets_503_at_once(make_server, monkeypatch):
+    """max_waiting bounds the requests queued for a row: one more is refused at once (503,
+    Retry-After), the queued ones are still served."""
+    from twotower.serving.stepper import Stepper
+
+    release, real_finish = threading.Event(), Stepper.finish
+
+    def finish(self, drafted):  # hold the scheduler thread at the first boundary until released
+        release.wait(60)
+        real_finish(self, drafted)
+
+    monkeypatch.setattr(Stepper, "finish", finish)
+    url, app = make_server(max_batch=1, max_rows=1, max_waiting=1)
+    sched, body = app.state.scheduler, {"prompt": "hi", "max_tokens": 4, "decoder": "ar"}
+    answers = {}
+    try:
+        a = threading.Thread(target=lambda: answers.update(a=post(url, body)))
+        a.start()
+        wait_until(lambda: sched.stats()["running"] == 1, 30, "the first request to run")
+        b = threading.Thread(target=lambda: answers.update(b=post(url, body)))
+        b.start()
+        wait_until(lambda: sched.stats()["waiting"] == 1, 30, "the second request to wait")
+        status, out, headers = post(url, body)
+        assert status == 503 and out["error"]["code"] == "overloaded" and headers.get("retry-after") == "1"
+        assert "max_waiting" in out["error"]["message"]
+    finally:
+        release.set()
+        a.join(60)
+        b.join(60)
+    assert answers["a"][0] == 200 and answers["b"][0] == 200
 
 
 # ---- the load script, small ---------------------------------------------------------------------------

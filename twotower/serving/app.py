@@ -1,10 +1,11 @@
 """The HTTP layer: OpenAI-compatible endpoints on FastAPI + uvicorn, and `serve` (the CLI entry).
 
     POST /v1/completions        {"prompt", "max_tokens", "temperature", "top_p", "stop", "seed", "stream",
-                                 extensions: "decoder" (speculative | diffusion | ar), "threshold", "block_size"}
+                                 extensions: "decoder" (speculative | diffusion | ar), "threshold", "block_size",
+                                 "top_k", "steps_per_block", "draft_steps"; each within a range (requests.py)}
     POST /v1/chat/completions   the same with "messages" (through the model's chat template) instead of "prompt"
     GET  /v1/models        the one served model
-    GET  /health           {"status": "ok", "running", "waiting", ...}
+    GET  /health           {"status": "ok", "running", "waiting", "dropped", ...} (no API key needed)
 
 Why FastAPI + uvicorn rather than LitServe: continuous batching at block boundaries needs our own
 scheduler loop either way (rows join and leave a working batch between denoiser blocks, which
@@ -259,6 +260,10 @@ def create_app(settings: ServeSettings, model=None, tokenizer=None, on_limit=Non
             job.cancel()
             events.put_nowait({"type": "gone"})
 
+        if settings.max_waiting is not None and scheduler.stats()["waiting"] >= settings.max_waiting:
+            return JSONResponse(error_body(f"the server is busy: {settings.max_waiting} requests are already waiting "
+                                           "(max_waiting); retry later", kind="server_error", code="overloaded"),
+                                status_code=503, headers={"Retry-After": "1"})
         watcher = asyncio.create_task(wait_for_disconnect(request, gone))
         scheduler.submit(job)
         usage = lambda n: {"prompt_tokens": len(req.prompt_ids), "completion_tokens": n,  # noqa: E731

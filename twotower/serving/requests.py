@@ -69,6 +69,8 @@ class ServeSettings:
             must also fit the model's context, max_position_embeddings).
         max_rows: rows running at once over all working batches (requests with different decoder
             settings run in different batches); None = 2 * max_batch. Further requests wait.
+        max_waiting: requests that may wait for a row; one more gets 503 (with Retry-After) at once;
+            None = no bound.
         api_key: clients must send `Authorization: Bearer <api_key>` on /v1/* (401 otherwise);
             None = the environment variable TWOTOWER_API_KEY, if set; else no authentication.
         cors_origins: origins allowed to call the server from a browser (CORS); None = none
@@ -100,6 +102,7 @@ class ServeSettings:
     max_steps_per_block: int | None = None
     max_tokens_limit: int = 4096
     max_rows: int | None = None
+    max_waiting: int | None = 256
     api_key: str | None = field(default=None, repr=False)  # never printed with the settings
     cors_origins: list[str] | None = None
     max_body_bytes: int = 4 * 1024 * 1024
@@ -127,6 +130,8 @@ class ServeSettings:
         for name in ("max_block_size", "max_steps_per_block", "max_rows", "block_size"):
             if getattr(self, name) is not None:
                 need_int(name)
+        if self.max_waiting is not None:
+            need_int("max_waiting", 0)
         if self.decoder not in DECODERS:
             raise ValueError(f"decoder must be one of {sorted(DECODERS)}, got {self.decoder!r}")
         lim = self.limits(model_block_size)
