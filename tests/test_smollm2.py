@@ -55,3 +55,10 @@ def test_speculative_equals_ar_in_float32_and_the_pair_is_one_backbone_plus_a_fe
         assert torch.equal(ar.new_tokens, spec.new_tokens)
         # The trained drafts keep more than the context tower's own token per iteration.
         assert int(spec.num_generated[0]) > spec.blocks
+
+
+def test_serve_recipe_has_every_setting_of_the_default_one():
+    import yaml
+
+    keys = {name: set(yaml.safe_load((hub.RECIPES_DIR / f"{name}.yaml").read_text())) for name in ("serve", "smollm2_serve")}
+    assert keys["smollm2_serve"] == keys["serve"]  # the SmolLM2 server documents the same limits and access settings
