@@ -484,3 +484,20 @@ def save_chat_llama(path, seed: int = 0, **overrides):
     vocab = save_chat_tokenizer(path)
     save_tiny_llama(path, seed=seed, **({"vocab_size": vocab} | overrides))
     return path
+
+
+def served_alone(srv, body: dict, tok=None) -> str:
+    """What `decoder.generate` gives for one server request on its own: the reference that a request
+    served beside others must equal. `srv` holds the server's `settings` and `model`; tok defaults to
+    the byte tokenizer the serving tests use."""
+    from twotower.decoding import StopStrings
+    from twotower.serving.requests import parse_completion
+    from twotower.tokenizers import ByteTokenizer
+
+    tok = tok if tok is not None else ByteTokenizer()
+    req = parse_completion(body, srv.settings, tok, context_limit=512, model_block_size=srv.model.block_size)
+    stop = StopStrings(tok.decode, req.stop) if req.stop else None
+    out = req.decoder.generate(srv.model, torch.tensor([req.prompt_ids]), max_new_tokens=req.max_tokens,
+                               eos_token_id=tok.eos_token_id, generator=req.generator(), stop=stop)
+    text = tok.decode(out.new_tokens[0, : int(out.num_generated[0])].tolist())
+    return stop.truncate(text) if stop else text

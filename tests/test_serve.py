@@ -28,10 +28,9 @@ pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")
 openai = pytest.importorskip("openai")
 
-from conftest import (free_port, left_pad, make_context, random_prompts, running_server,  # noqa: E402
+from conftest import (served_alone, free_port, left_pad, make_context, random_prompts, running_server,  # noqa: E402
                       save_tiny_twotower)
 from twotower.caches import HybridCache  # noqa: E402
-from twotower.decoding import StopStrings  # noqa: E402
 from twotower.serving.requests import ServeSettings, parse_completion  # noqa: E402
 from twotower.tokenizers import ByteTokenizer  # noqa: E402
 
@@ -56,12 +55,7 @@ def server(tmp_path_factory):
 
 def alone(srv, body: dict) -> str:
     """What `decoder.generate` gives for this request on its own (the reference)."""
-    req = parse_completion(body, srv.settings, TOK, context_limit=512, model_block_size=srv.model.block_size)
-    stop = StopStrings(TOK.decode, req.stop) if req.stop else None
-    out = req.decoder.generate(srv.model, torch.tensor([req.prompt_ids]), max_new_tokens=req.max_tokens,
-                               eos_token_id=TOK.eos_token_id, generator=req.generator(), stop=stop)
-    text = TOK.decode(out.new_tokens[0, : int(out.num_generated[0])].tolist())
-    return stop.truncate(text) if stop else text
+    return served_alone(srv, body, TOK)
 
 
 def run_jobs(sched, srv, bodies: list[dict], sinks=None) -> list:
