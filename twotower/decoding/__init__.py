@@ -20,6 +20,7 @@ per decoder, `released.py` (the released model's method names and callback).
 
 from .autoregressive import Autoregressive
 from .base import DecodeCall, Decoder, StepCallback, Towers
+from .state import DecodeState, Rows, TrackedRows
 from .diffusion import MaskDiffusion, denoise_block
 from .logits import LogitsProcessor, TokenChooser, TopK, TopP
 from .mock_ar import MockAR
@@ -30,7 +31,7 @@ from .tolerant import TolerantSpeculative
 from .tracker import GenerationOutput, RowTracker
 
 __all__ = [
-    "Decoder", "DecodeCall", "Towers", "StepCallback", "GenerationOutput", "RowTracker",
+    "Decoder", "DecodeCall", "DecodeState", "Rows", "TrackedRows", "Towers", "StepCallback", "GenerationOutput", "RowTracker",
     "MaskDiffusion", "Speculative", "TolerantSpeculative", "MockAR", "Autoregressive", "denoise_block",
     "draft_one_step",
     "LogitsProcessor", "TokenChooser", "TopK", "TopP",

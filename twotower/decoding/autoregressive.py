@@ -12,9 +12,9 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from .base import DecodeCall, Decoder
+from .base import Decoder, Towers
 from .logits import LogitsProcessor
-from .tracker import GenerationOutput
+from .state import DecodeState
 
 __all__ = ["Autoregressive"]
 
@@ -23,23 +23,30 @@ class Autoregressive(Decoder):
     """AR decoding with the context tower. Args: see `Decoder` (temperature, top_k, top_p, processors)."""
 
     uses_denoiser = False
+    counts_blocks = False
 
     def __init__(self, temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
                  logits_processors: Sequence[LogitsProcessor] | None = None):
         super().__init__(temperature=temperature, top_k=top_k, top_p=top_p, logits_processors=logits_processors)
 
-    def _decode(self, call: DecodeCall) -> GenerationOutput:
-        context = call.context
-        B, T = call.input_ids.shape
-        logits, cache = context.prefill(call.input_ids, call.valid, logits="last", capacity=T + call.max_new_tokens)
-        tracker = call.tracker(spare=1)
-        for i in range(call.max_new_tokens):
-            tracker.count_forward(None, ~tracker.finished if tracker.can_finish_early else None)
-            token = self.chooser(logits[:, -1], call.generator)[:, None]  # (B, 1)
-            if call.step_callback is not None:
-                call.step_callback(i, 0, None, logits, token)
-            done = tracker.commit(token)
-            if i == call.max_new_tokens - 1 or (done is not None and bool(done.all())):
-                break
-            logits = context.extend(cache, token, logits="last")
-        return tracker.output(call.input_ids, blocks=0)
+    def batch_key(self, towers: Towers) -> tuple:
+        return (type(self),)  # the chooser is applied per row (state.choose)
+
+    def prefill(self, state: DecodeState) -> None:
+        call = state.call
+        T = call.input_ids.shape[1]
+        logits, state.cache = call.context.prefill(call.input_ids, call.valid, logits="last",
+                                                   capacity=T + call.max_new_tokens)
+        state.carry["logits"] = logits[:, -1]  # (R, V): each row's next-token logits
+
+    def advance(self, state: DecodeState, drafted) -> None:
+        # The forward that made these logits (the prefill, or the previous step's extend) counts for
+        # the rows still running; finished rows stay in the batch (see the module docstring).
+        state.count_forward(None, ~state.finished if state.rows.can_finish_early else None)
+        logits = state.carry["logits"]
+        token = state.choose(logits)[:, None]  # (R, 1)
+        if state.step_callback is not None:
+            state.step_callback(state.iterations, 0, None, logits[:, None], token)
+        state.commit(token)
+        if not state.done:  # the last token needs no forward
+            state.carry["logits"] = state.call.context.extend(state.cache, token, logits="last")[:, -1]

@@ -31,9 +31,10 @@ from torch import Tensor
 
 from .logits import LogitsProcessor, TokenChooser
 from .stopping import StopCriterion
+from .state import DecodeState, Rows, TrackedRows
 from .tracker import GenerationOutput, RowTracker
 
-__all__ = ["Decoder", "DecodeCall", "Towers", "StepCallback", "GenerationOutput", "RowTracker", "check_int",
+__all__ = ["Decoder", "DecodeCall", "DecodeState", "Rows", "TrackedRows", "Towers", "StepCallback", "GenerationOutput", "RowTracker", "check_int",
            "device_of", "default_pad_id"]
 
 StepCallback = Callable[[int, int, "Tensor | None", Tensor, Tensor], None]
@@ -163,8 +164,15 @@ class DecodeCall:
                           eos=eos, device=device or self.ctx_device, start=self.start, stop=self.stop)
 
 
+_DRAFT = object()  # `Decoder.step`'s default: draft first
+
+
 class Decoder(abc.ABC):
-    """Base class of every decoding strategy. Subclasses implement `_decode`.
+    """Base class of every decoding strategy: a step-wise state machine over a batch of rows.
+
+    A subclass implements `prefill(state)` and `advance(state, drafted)`, and optionally
+    `draft(state)` (see the module docstring); a subclass that implements only the older
+    `_decode(call)` still runs in `generate`, and the server refuses it naming what to implement.
 
     Args (shared by the built-in decoders):
         temperature: 0 = greedy; > 0 samples (seeded by the call's generator).
@@ -174,10 +182,14 @@ class Decoder(abc.ABC):
     Class attributes a subclass sets:
         uses_denoiser: False for decoders that run the context tower alone.
         uses_mask_token: the [MASK] id is reserved (refused in prompts).
+        counts_blocks: `GenerationOutput.blocks` reports the steps taken (False: 0, one-token decoders).
+        min_block_size: the smallest block size the decoder runs with (requests asking less are refused).
     """
 
     uses_denoiser: bool = True
     uses_mask_token: bool = False
+    counts_blocks: bool = True
+    min_block_size: int = 1
 
     def __init__(self, *, temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
                  logits_processors: Sequence[LogitsProcessor] | None = None):
@@ -193,7 +205,7 @@ class Decoder(abc.ABC):
     def extra_repr(self) -> str:
         return f"temperature={self.temperature}"
 
-    # ---- the one public entry point -------------------------------------------------------------
+    # ---- the public entry points ----------------------------------------------------------------
     def generate(self, model, input_ids: Tensor, attention_mask: Tensor | None = None, *, max_new_tokens: int,
                  eos_token_id: int | Sequence[int] | None = None, generator: torch.Generator | None = None,
                  step_callback: StepCallback | None = None, stop: StopCriterion | None = None) -> GenerationOutput:
@@ -203,23 +215,109 @@ class Decoder(abc.ABC):
         input_ids / attention_mask: (B, T); 1 = real token, padding on the left. Moved to the
             context tower's device; outputs come back there.
         eos_token_id: an id (or ids) that ends a row; None = every row makes max_new_tokens.
-        generator: seeds sampling (temperature > 0).
+        generator: seeds sampling (temperature > 0) and any randomness of the decoder's sampler.
         step_callback: see the module docstring.
         stop: ends a row early once it fires (e.g. `decoding.StopStrings`); checked where the loop
             commits tokens, for the rows still running. The tokens are kept whole.
         """
-        call = self._prepare(Towers.of(model), input_ids, attention_mask, max_new_tokens, eos_token_id, generator,
-                             step_callback, stop)
+        call = self.prepare(model, input_ids, attention_mask, max_new_tokens=max_new_tokens,
+                            eos_token_id=eos_token_id, generator=generator, step_callback=step_callback, stop=stop)
+        legacy = not self.steps_implemented()
+        if legacy and step_callback is not None:
+            call.step_callback = _CountedCallback(step_callback)
         with torch.inference_mode():
             out = self._decode(call)
         self._check_output(out, call)
+        if legacy and step_callback is not None and call.step_callback.calls == 0 and int(out.nfe.sum()) > 0:
+            raise RuntimeError(f"{type(self).__name__} was given a step_callback and ran {int(out.nfe.max())} "
+                               "network forward(s) without calling it; call call.step_callback(block_index, step, "
+                               "before, logits, after) after every forward (or implement prefill / advance and call "
+                               "state.step_callback)")
         return out
 
     __call__ = generate
 
-    @abc.abstractmethod
+    def prepare(self, model, input_ids: Tensor, attention_mask: Tensor | None = None, *, max_new_tokens: int,
+                eos_token_id: int | Sequence[int] | None = None, generator: torch.Generator | None = None,
+                step_callback: StepCallback | None = None, stop: StopCriterion | None = None) -> DecodeCall:
+        """Check a call's arguments (as `generate` does) and return them as a `DecodeCall`."""
+        return self._prepare(Towers.of(model), input_ids, attention_mask, max_new_tokens, eos_token_id, generator,
+                             step_callback, stop)
+
+    def start(self, model, input_ids: Tensor, attention_mask: Tensor | None = None, **call) -> DecodeState:
+        """Check the arguments (those of `generate`) and prefill the rows: the state before the first step.
+
+        Drive it with `while not state.done: decoder.step(state)`, then `state.output()`."""
+        return self.begin(self.prepare(model, input_ids, attention_mask, **call))
+
+    def begin(self, call: DecodeCall, rows: Rows | None = None) -> DecodeState:
+        """The prefilled state of a checked call; `rows` (default: a `TrackedRows` for the call) keeps
+        the per-row bookkeeping (the server passes its own, one request per row)."""
+        self.require_steps()
+        if rows is None:
+            rows = TrackedRows(call.tracker(spare=call.block_size), self.chooser, call.generator)
+        state = DecodeState(self, call, rows)
+        with torch.inference_mode():
+            self.prefill(state)
+        return state
+
+    def step(self, state: DecodeState, drafted=_DRAFT) -> None:
+        """One iteration for every row of `state`. `drafted`: the result of `self.draft(state)`, when
+        the caller drafted already (the server overlaps one batch's draft with another's advance)."""
+        if state.done:
+            raise RuntimeError(f"{type(self).__name__}.step on a finished state (state.done); start a new one")
+        with torch.inference_mode():
+            if drafted is _DRAFT:
+                drafted = self.draft(state)
+            self.advance(state, drafted)
+        state.iterations += 1
+        self._check_callback(state)
+
+    # ---- what a decoder implements ----------------------------------------------------------------
+    def prefill(self, state: DecodeState) -> None:
+        """Run the prompts of `state.call` (input_ids, valid): set `state.cache` and the `state.carry`
+        tensors the first step starts from."""
+        raise NotImplementedError(f"{type(self).__name__} implements no prefill(state); see twotower.decoding.base")
+
+    def draft(self, state: DecodeState):
+        """The denoiser half of an iteration, returning what `advance` needs (default: nothing). It must
+        not write what the context tower's half of another batch reads (they may run at once)."""
+        return None
+
+    def advance(self, state: DecodeState, drafted) -> None:
+        """The rest of one iteration: commit every row's new tokens (`state.commit`), let finished rows
+        leave (`state.drop_finished`, or keep them until `state.done`), and extend the cache."""
+        raise NotImplementedError(f"{type(self).__name__} implements no advance(state, drafted); "
+                                  "see twotower.decoding.base")
+
     def _decode(self, call: DecodeCall) -> GenerationOutput:
-        """Run the loop for a checked call; return `call.tracker(...).output(call.input_ids, blocks)`."""
+        """The whole run of a checked call: the state machine, driven to completion. Older decoders
+        override this with a loop of their own (they then run in `generate` only)."""
+        state = self.begin(call)
+        while not state.done:
+            self.step(state)
+        return state.output()
+
+    @classmethod
+    def steps_implemented(cls) -> bool:
+        """Whether the decoder is a state machine (`prefill` and `advance`), i.e. servable step by step."""
+        return cls.prefill is not Decoder.prefill and cls.advance is not Decoder.advance
+
+    def require_steps(self) -> None:
+        """Refuse, naming what to implement, a decoder that is not a state machine."""
+        if self.steps_implemented():
+            return
+        old = type(self)._decode is not Decoder._decode
+        raise TypeError(f"{type(self).__name__} {'implements only _decode' if old else 'implements no decoding'}; "
+                        "to be driven step by step (the server, Decoder.start / step) it must implement "
+                        "prefill(state) and advance(state, drafted) (and optionally draft(state)): see the "
+                        "twotower.decoding.base docstring")
+
+    def batch_key(self, towers: Towers) -> tuple:
+        """Rows of decoders with equal keys may share one working batch (driven by the first one's
+        settings). Default: the class and every attribute; the built-in decoders leave out the token
+        chooser (temperature, top-k / top-p), which `state.choose` applies per row."""
+        return (type(self), repr(sorted(vars(self).items())))
 
     def block_size_for(self, towers: Towers) -> int:
         """The block size this decoder uses with these towers (decoders with a block size override)."""
@@ -227,6 +325,15 @@ class Decoder(abc.ABC):
 
     def check_call(self, call: DecodeCall) -> None:
         """Checks that depend on the towers (override to add; raise ValueError naming the value)."""
+
+    def _check_callback(self, state: DecodeState) -> None:
+        """A decoder given a step callback calls it in every step that ran a network forward."""
+        seen = getattr(state, "_callback_seen", (0, 0))
+        state._callback_seen = (state.forwards, state.callbacks)
+        if state.step_callback is not None and state.forwards > seen[0] and state.callbacks == seen[1]:
+            raise RuntimeError(f"{type(self).__name__} was given a step_callback but step {state.iterations - 1} "
+                               "ran a network forward without calling it; call state.step_callback(block_index, "
+                               "step, before, logits, after) after every forward it counts")
 
     # ---- checks ------------------------------------------------------------------------------
     def _prepare(self, towers: Towers, input_ids, attention_mask, max_new_tokens, eos_token_id, generator,
@@ -284,6 +391,26 @@ class Decoder(abc.ABC):
         if int(lo) < 0 or int(hi) > call.max_new_tokens:
             raise RuntimeError(f"{name} generated between {int(lo)} and {int(hi)} tokens per row; each row must "
                                f"have 0 .. max_new_tokens = {call.max_new_tokens}")
+        if int(hi) > N:
+            raise RuntimeError(f"{name} reports num_generated up to {int(hi)} but returned only {N} new token "
+                               f"columns; num_generated[r] must be <= new_tokens.shape[1]")
+        if int(lo) == 0:
+            # An EOS is itself counted and a stop criterion fires on committed tokens, so a row that
+            # ended either way has at least one token: a row with none was never given any.
+            empty = out.num_generated == 0
+            raise RuntimeError(f"{name} generated no token for row(s) {_rows(empty)} (max_new_tokens = "
+                               f"{call.max_new_tokens}); every row makes at least one token before it ends")
+
+
+class _CountedCallback:
+    """A step callback that counts its calls (to check an older `_decode` loop honoured it)."""
+
+    def __init__(self, fn):
+        self.fn, self.calls = fn, 0
+
+    def __call__(self, *args, **kwargs):
+        self.calls += 1
+        return self.fn(*args, **kwargs)
 
 
 # ---- helpers for _prepare -----------------------------------------------------------------------

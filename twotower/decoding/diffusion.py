@@ -28,9 +28,10 @@ import torch
 from torch import Tensor
 
 from ..samplers import ConfidenceThreshold, Sampler
-from .base import DecodeCall, Decoder, Towers, check_int
+from .base import Decoder, Towers, check_int
 from .logits import LogitsProcessor, TokenChooser, confidence_of
-from .tracker import GenerationOutput, RowTracker
+from .state import DecodeState
+from .tracker import RowTracker
 
 __all__ = ["MaskDiffusion", "denoise_block"]
 
@@ -40,14 +41,15 @@ def denoise_block(denoiser, cache, n: int, *, sampler, steps: int, mask_token_id
                   first: Tensor | None = None, shift: bool = False, fill_last: bool = False) -> Tensor:
     """Fill one block of n positions for every working row; returns x (R, n) with no [MASK] left.
 
-    rows (R,): the tracker rows of the working batch; a row counts an NFE for each forward in
-    which it still had a [MASK]. first (R,): the block opens with these tokens (the context
+    rows (R,): the tracker rows of the working batch (None: all of a `DecodeState`, passed as the
+    tracker); a row counts an NFE for each forward in which it still had a [MASK]. generator: passed
+    to `chooser` and, for a `Sampler`, to its `select` (random commit orders). first (R,): the block opens with these tokens (the context
     tower's next-token prediction), never masked. shift: the denoiser output at position i is the
     prediction for position i + 1 (a shifted model; needs `first`). fill_last: the last allowed
     step fills every masked position without consulting the sampler (a one-step draft is then
     the plain choice, no confidences computed).
     """
-    R, device = rows.shape[0], cache.device
+    R, device = cache.batch_size, cache.device
     masked = torch.ones(R, n, dtype=torch.bool, device=device)
     x = torch.full((R, n), mask_token_id, dtype=torch.long, device=device)
     if first is not None:
@@ -65,8 +67,9 @@ def denoise_block(denoiser, cache, n: int, *, sampler, steps: int, mask_token_id
         if fill_last and step == steps - 1:
             commit = masked
         else:
+            extra = {"generator": generator} if isinstance(sampler, Sampler) else {}  # plain callables: as before
             commit = sampler(confidence_of(logits, cand), cand, masked, step=step, steps_per_block=steps,
-                             logits=logits)
+                             logits=logits, **extra)
             commit = commit & masked  # a plain-callable sampler gets no contract enforcement otherwise
         tracker.count_forward(rows, masked.any(-1))
         before, x = x, torch.where(commit, cand, x)
@@ -118,42 +121,67 @@ class MaskDiffusion(Decoder):
     def block_size_for(self, towers: Towers) -> int:
         return towers.block_size if self.block_size is None else self.block_size
 
-    def _decode(self, call: DecodeCall) -> GenerationOutput:
-        context, denoiser, n_max = call.context, call.denoiser, call.block_size
-        ctx_device, den_device = call.ctx_device, call.den_device
-        B, T = call.input_ids.shape
-        want = "last" if call.shifted else "none"
+    def batch_key(self, towers: Towers) -> tuple:
+        # The chooser is applied per row (state.choose); the rest is shared by the batch.
+        return (type(self), self.block_size_for(towers), self.steps_per_block, repr(self.sampler))
+
+    def prefill(self, state: DecodeState) -> None:
+        call = state.call
+        T = call.input_ids.shape[1]
         # Capacity for everything this call will append: no cache growth (reallocation) mid-generation.
-        logits, cache = context.prefill(call.input_ids, call.valid, logits=want, capacity=T + call.max_new_tokens)
-        den_cache = cache.mirror_to(den_device) if call.use_mirror else cache
-        tracker = call.tracker(spare=n_max, device=den_device)
-        rows = torch.arange(B, device=den_device)  # the working batch: the rows still running
-        blocks = made = 0
-        while made < call.max_new_tokens:
-            n = min(n_max, call.max_new_tokens - made)
-            first = None
-            if call.shifted:  # [MASK] is never produced, as in the denoiser's steps
-                last = logits[:, -1].float()
-                last[:, call.mask_token_id] = float("-inf")
-                first = self.chooser(last, call.generator).to(den_device)
-            x = denoise_block(denoiser, den_cache, n, sampler=self.sampler, steps=self.steps_per_block,
-                              mask_token_id=call.mask_token_id, chooser=self.chooser, generator=call.generator,
-                              tracker=tracker, rows=rows, block_index=blocks, step_callback=call.step_callback,
-                              first=first, shift=call.shifted)
-            blocks += 1
-            made += n
-            done = tracker.commit(x, rows=rows if tracker.can_finish_early else None)
-            if done is None:  # no row can end early: the batch never shrinks, nothing to read back
-                if made >= call.max_new_tokens:
-                    break  # the context never needs the last block
-            else:
-                if bool(done.all()) or made >= call.max_new_tokens:
-                    break
-                if bool(done.any()):  # drop finished rows: later forwards only pay for the rows still running
-                    stay = (~done).nonzero().squeeze(1)
-                    cache, rows, x = cache.select(stay.to(ctx_device)), rows[stay.to(den_device)], x[stay.to(x.device)]
-                    den_cache = cache.mirror_to(den_device) if call.use_mirror else cache
-            logits = context.extend(cache, x.to(ctx_device), logits=want)
-            if call.use_mirror:
-                den_cache = cache.mirror_to(den_device, den_cache)
-        return tracker.output(call.input_ids, blocks)
+        logits, state.cache = call.context.prefill(call.input_ids, call.valid, logits=self._wanted(call),
+                                                   capacity=T + call.max_new_tokens)
+        if call.shifted:  # the context tower's next-token logits open each block
+            state.carry["last"] = logits[:, -1]
+
+    @staticmethod
+    def _wanted(call) -> str:
+        return "last" if call.shifted else "none"
+
+    def draft(self, state: DecodeState) -> list[tuple[list[int] | None, Tensor]]:
+        """Denoise every row's next block: [(rows, x (r, n))]. A row's last block is shorter when its
+        cap is not a multiple of the block size; rows of another width denoise in a group of their
+        own (a sub-batch of the cache). Rows of one `generate` call always form one group (None)."""
+        widths = [min(state.call.block_size, left) for left in state.rows.left()]
+        if len(set(widths)) == 1:
+            return [(None, self._denoise(state, None, widths[0]))]
+        return [(idx, self._denoise(state, idx, n)) for n in sorted(set(widths))
+                for idx in [[r for r, w in enumerate(widths) if w == n]]]
+
+    def _denoise(self, state: DecodeState, idx: list[int] | None, n: int) -> Tensor:
+        call = state.call
+        den = state.den_cache(idx)
+        first = None
+        if call.shifted:  # [MASK] is never produced, as in the denoiser's steps
+            last = state.carry["last"] if idx is None else state.carry["last"][idx]
+            last = last.float().clone()  # a copy: the carried logits stay as the context tower gave them
+            last[:, call.mask_token_id] = float("-inf")
+            first = state.choose(last, idx).to(den.device)
+        return denoise_block(call.denoiser, den, n, sampler=self.sampler, steps=self.steps_per_block,
+                             mask_token_id=call.mask_token_id, chooser=state.chooser(idx),
+                             generator=state.rows.generator, tracker=state, rows=idx, block_index=state.iterations,
+                             step_callback=state.step_callback, first=first, shift=call.shifted)
+
+    def advance(self, state: DecodeState, drafted: list[tuple[list[int] | None, Tensor]]) -> None:
+        call = state.call
+        if len(drafted) == 1 and drafted[0][0] is None:
+            x, count = drafted[0][1], None
+        else:  # groups of different widths: one (R, widest) block, each row keeping its own width
+            widest = max(b.shape[1] for _, b in drafted)
+            x = torch.full((len(state), widest), call.mask_token_id, dtype=torch.long, device=drafted[0][1].device)
+            count = torch.zeros(len(state), dtype=torch.long)
+            for idx, block in drafted:
+                where = torch.tensor(idx, dtype=torch.long)
+                x[where.to(x.device), : block.shape[1]] = block
+                count[where] = block.shape[1]
+        state.commit(x, count)
+        stay = state.drop_finished()
+        if state.done:
+            return  # the context never needs the last block
+        if stay is not None:
+            x = x[torch.tensor(stay, dtype=torch.long, device=x.device)]
+        # A row still running had a full block (a shorter one is a row's last), so the rows stack.
+        logits = call.context.extend(state.cache, x.to(call.ctx_device),
+                                     logits=self._wanted(call))
+        if call.shifted:
+            state.carry["last"] = logits[:, -1]

@@ -22,11 +22,9 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-import torch
-
-from .base import DecodeCall, Decoder
+from .base import Decoder, Towers
 from .logits import LogitsProcessor
-from .tracker import GenerationOutput
+from .state import DecodeState
 
 __all__ = ["MockAR"]
 
@@ -37,42 +35,36 @@ class MockAR(Decoder):
     Args: see `Decoder` (temperature, top_k, top_p, logits_processors).
     """
 
+    counts_blocks = False
+
     def __init__(self, temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
                  logits_processors: Sequence[LogitsProcessor] | None = None):
         super().__init__(temperature=temperature, top_k=top_k, top_p=top_p, logits_processors=logits_processors)
 
-    def _decode(self, call: DecodeCall) -> GenerationOutput:
-        context, denoiser = call.context, call.denoiser
-        ctx_device, den_device = call.ctx_device, call.den_device
+    def batch_key(self, towers: Towers) -> tuple:
+        return (type(self),)  # the chooser is applied per row (state.choose)
+
+    def prefill(self, state: DecodeState) -> None:
+        call = state.call
         B, T = call.input_ids.shape
         capacity = T + call.max_new_tokens
         if T > 1:  # everything before the last prompt token
             head_valid = None if call.valid is None else call.valid[:, :-1]
-            _, cache = context.prefill(call.input_ids[:, :-1], head_valid, logits="none", capacity=capacity)
+            _, state.cache = call.context.prefill(call.input_ids[:, :-1], head_valid, logits="none", capacity=capacity)
         else:
-            cache = context.empty_cache(B, capacity=capacity, device=ctx_device)
-        den_cache = cache.mirror_to(den_device) if call.use_mirror else cache
-        tracker = call.tracker(spare=1)
-        rows = torch.arange(B, device=ctx_device)  # the working batch: the rows still running
-        last = call.input_ids[:, -1:]  # (R, 1): the newest token, not yet in the cache
-        for i in range(call.max_new_tokens):
-            logits = denoiser.forward_block(last.to(den_device), den_cache, None)  # (R, 1, V)
-            tracker.count_forward(rows)
-            nxt = self.chooser(logits[:, -1], call.generator).to(ctx_device)[:, None]  # (R, 1)
-            if call.step_callback is not None:
-                call.step_callback(i, 0, None, logits, nxt)
-            done = tracker.commit(nxt, rows=rows if tracker.can_finish_early else None)
-            if i == call.max_new_tokens - 1 or (done is not None and bool(done.all())):
-                break
-            context.extend(cache, last, logits="none")
-            fresh = False
-            if done is not None and bool(done.any()):
-                stay = (~done).nonzero().squeeze(1).to(ctx_device)
-                cache, rows, nxt = cache.select(stay), rows[stay], nxt[stay]
-                fresh = True
-            if call.use_mirror:
-                den_cache = cache.mirror_to(den_device) if fresh else cache.mirror_to(den_device, den_cache)
-            else:
-                den_cache = cache
-            last = nxt
-        return tracker.output(call.input_ids, blocks=0)
+            state.cache = call.context.empty_cache(B, capacity=capacity, device=call.ctx_device)
+        state.carry["last"] = call.input_ids[:, -1:]  # (R, 1): the newest token, not yet in the cache
+
+    def advance(self, state: DecodeState, drafted) -> None:
+        call, last = state.call, state.carry["last"]
+        logits = call.denoiser.forward_block(last.to(call.den_device), state.den_cache(), None)  # (R, 1, V)
+        state.count_forward()
+        nxt = state.choose(logits[:, -1]).to(call.ctx_device)[:, None]  # (R, 1)
+        if state.step_callback is not None:
+            state.step_callback(state.iterations, 0, None, logits, nxt)
+        state.commit(nxt)
+        if state.done:
+            return  # the context never needs the last token
+        call.context.extend(state.cache, last, logits="none")
+        state.carry["last"] = nxt
+        state.drop_finished()

@@ -32,7 +32,8 @@ from ..samplers import ConfidenceThreshold, Sampler
 from .base import DecodeCall, Decoder, Towers, check_int
 from .diffusion import denoise_block
 from .logits import LogitsProcessor, TokenChooser
-from .tracker import GenerationOutput, RowTracker
+from .state import DecodeState
+from .tracker import RowTracker
 
 __all__ = ["Speculative", "draft_one_step"]
 
@@ -98,6 +99,7 @@ class Speculative(Decoder):
     """
 
     uses_mask_token = True
+    min_block_size = 2  # position 0 is the context tower's own token
 
     def __init__(self, block_size: int | None = None, draft_steps: int = 1, sampler: Sampler | None = None,
                  temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
@@ -131,13 +133,14 @@ class Speculative(Decoder):
             raise ValueError(f"speculative decoding needs block_size >= 2 (position 0 is the context tower's own "
                              f"token), got the model's block_size {call.block_size}; pass Speculative(block_size=16)")
 
-    def draft(self, denoiser, cache, n: int, *, first: Tensor, shift: bool, mask_token_id: int, tracker,
-              rows: Tensor, block_index: int, step_callback=None, cut: float = 0.0) -> tuple[Tensor, Tensor | None]:
+    def draft_block(self, denoiser, cache, n: int, *, first: Tensor, shift: bool, mask_token_id: int, tracker,
+                    rows: Tensor | None, block_index: int, step_callback=None, cut: float = 0.0
+                    ) -> tuple[Tensor, Tensor | None]:
         """The denoiser's draft x (R, n), x[:, 0] = first, and each row's draft length (None: all n).
 
         One greedy step (`draft_one_step`, which alone honours `cut`) or `draft_steps` steps of
-        `denoise_block` with this decoder's sampler. The decode loop and the server's stepper both
-        draft through here. tracker: a `RowTracker`, or anything with its `count_forward`.
+        `denoise_block` with this decoder's sampler. tracker: a `RowTracker` or a `DecodeState`
+        (anything with `count_forward(rows, took_part)`).
         """
         if self.draft_steps == 1:
             return draft_one_step(denoiser, cache, n, first=first, shift=shift, mask_token_id=mask_token_id,
@@ -162,50 +165,45 @@ class Speculative(Decoder):
         """
         return (ar[:, :-1] == x[:, 1:]).long().cumprod(-1).sum(-1) + 1
 
-    def _decode(self, call: DecodeCall) -> GenerationOutput:
-        context, denoiser, n = call.context, call.denoiser, call.block_size
-        ctx_device, den_device = call.ctx_device, call.den_device
-        B, T = call.input_ids.shape
-        logits, cache = context.prefill(call.input_ids, call.valid, logits="last",
-                                        capacity=T + call.max_new_tokens + n)
-        den_cache = cache.mirror_to(den_device) if call.use_mirror else cache
-        tracker = call.tracker(spare=n)
-        nxt = self.chooser(logits[:, -1], call.generator)  # (B,) the context tower's next token
-        rows = torch.arange(B, device=ctx_device)  # the working batch: the rows still running
-        iterations = 0
-        cut = self.draft_cut if (self.chooser.greedy and self.draft_steps == 1) else 0.0
-        n_full, n_batch = n, n if self.batch_block_size is None else min(n, self.batch_block_size)
-        while True:
-            n = n_batch if rows.numel() > 1 else n_full
-            x, width = self.draft(denoiser, den_cache, n, first=nxt.to(den_device), shift=call.shifted,
-                                  mask_token_id=call.mask_token_id, tracker=tracker, rows=rows,
-                                  block_index=iterations, step_callback=call.step_callback, cut=cut)
-            x = x.to(ctx_device)
-            if width is not None:  # row r drafted width[r] positions; verify the longest of them
-                width = width.to(ctx_device)
-                x = x[:, : int(width.max())]
-            logits = context.extend(cache, x, logits="all", provisional=True)  # (R, m, V)
-            ar = self.chooser(logits, call.generator)  # ar[:, i]: the context tower's token after x[:, :i + 1]
-            keep = self.kept(logits, ar, x)
-            if width is not None:
-                keep = torch.minimum(keep, width)  # a row keeps nothing past its own draft
-            context.accept(cache, keep)
-            nxt = ar.gather(1, (keep - 1)[:, None]).squeeze(1)
-            iterations += 1
-            done = tracker.commit(x, keep, rows)
-            if bool(done.all()):
-                break
-            fresh = False
-            if bool(done.any()):  # drop finished rows: later forwards only pay for the rows still running
-                stay = (~done).nonzero().squeeze(1).to(ctx_device)
-                cache, rows, nxt = cache.select(stay), rows[stay], nxt[stay]
-                fresh = True
-            if rows.numel() > 1:
-                # Rows keep different prefixes, so the others leave holes: squeeze them out once they
-                # add up to a block and an eighth of the cache (bounds memory and attention width).
-                fresh = cache.compact(min_gain=max(n_full, cache.length // 8)) > 0 or fresh
-            if call.use_mirror:
-                den_cache = cache.mirror_to(den_device) if fresh else cache.mirror_to(den_device, den_cache)
-            else:
-                den_cache = cache
-        return tracker.output(call.input_ids, iterations)
+    def batch_key(self, towers: Towers) -> tuple:
+        # The chooser is applied per row (state.choose); the draft and the keep rule are shared.
+        return (type(self), self.block_size_for(towers), self.draft_steps, repr(self.sampler), self.draft_cut,
+                self.batch_block_size, self.rule_key())
+
+    def prefill(self, state: DecodeState) -> None:
+        call = state.call
+        T = call.input_ids.shape[1]
+        logits, state.cache = call.context.prefill(call.input_ids, call.valid, logits="last",
+                                                   capacity=T + call.max_new_tokens + call.block_size)
+        state.carry["next"] = state.choose(logits[:, -1])  # (R,) the context tower's next token
+
+    def draft(self, state: DecodeState) -> tuple[Tensor, Tensor | None]:
+        call, n_full = state.call, state.call.block_size
+        n = n_full if len(state) == 1 or self.batch_block_size is None else min(n_full, self.batch_block_size)
+        cut = self.draft_cut if (state.rows.greedy and self.draft_steps == 1) else 0.0
+        den = state.den_cache()
+        return self.draft_block(call.denoiser, den, n, first=state.carry["next"].to(den.device), shift=call.shifted,
+                                mask_token_id=call.mask_token_id, tracker=state, rows=None,
+                                block_index=state.iterations, step_callback=state.step_callback, cut=cut)
+
+    def advance(self, state: DecodeState, drafted: tuple[Tensor, Tensor | None]) -> None:
+        call, context = state.call, state.call.context
+        x, width = drafted
+        x = x.to(call.ctx_device)
+        if width is not None:  # row r drafted width[r] positions; verify the longest of them
+            width = width.to(call.ctx_device)
+            x = x[:, : int(width.max())]
+        logits = context.extend(state.cache, x, logits="all", provisional=True)  # (R, m, V)
+        ar = state.choose(logits)  # ar[:, i]: the context tower's token after x[:, :i + 1]
+        keep = self.kept(logits, ar, x)
+        if width is not None:
+            keep = torch.minimum(keep, width)  # a row keeps nothing past its own draft
+        context.accept(state.cache, keep)
+        state.carry["next"] = ar.gather(1, (keep - 1)[:, None]).squeeze(1)
+        state.commit(x, keep)
+        state.drop_finished()  # later forwards only pay for the rows still running
+        if len(state) > 1:
+            # Rows keep different prefixes, so the others leave holes: squeeze them out once they
+            # add up to a block and an eighth of the cache (bounds memory and attention width).
+            if state.cache.compact(min_gain=max(call.block_size, state.cache.length // 8)) > 0:
+                state.reshaped()

@@ -58,7 +58,7 @@ class RowTracker:
 
     def __init__(self, batch: int, max_new_tokens: int, *, spare: int, pad_token_id: int, eos: Tensor | None,
                  device, start: float, stop=None):
-        self.max_new_tokens = max_new_tokens
+        self.max_new_tokens, self.pad_token_id = max_new_tokens, pad_token_id
         self.tokens = torch.full((batch, max_new_tokens + spare), pad_token_id, dtype=torch.long, device=device)
         self.num_generated = torch.zeros(batch, dtype=torch.long, device=device)
         self.nfe = torch.zeros(batch, dtype=torch.long, device=device)
@@ -72,6 +72,14 @@ class RowTracker:
         """Whether a row can finish before max_new_tokens (an EOS id or a stop criterion is set):
         loops then pass their working rows to `commit` and drop the rows that finish."""
         return self.eos is not None or self.stop is not None
+
+    def ensure_spare(self, width: int) -> None:
+        """Room for a commit `width` positions wide (a decoder may commit wider blocks than its spare)."""
+        spare = self.tokens.shape[1] - self.max_new_tokens
+        if width > spare:
+            more = torch.full((self.tokens.shape[0], width - spare), self.pad_token_id, dtype=torch.long,
+                              device=self.tokens.device)
+            self.tokens = torch.cat([self.tokens, more], dim=1)
 
     def count_forward(self, rows: Tensor | None, took_part: Tensor | None = None) -> None:
         """One network forward for the working rows `rows` (R,) (None = all); `took_part` (R,)

@@ -28,6 +28,8 @@ Together, 2 and 3 mean a block always finishes within ``steps_per_block`` steps.
 from __future__ import annotations
 
 import abc
+import functools
+import inspect
 
 import torch
 from torch import Tensor
@@ -121,6 +123,7 @@ class Sampler(abc.ABC):
         step: int,
         steps_per_block: int,
         logits: Tensor | None = None,
+        generator: torch.Generator | None = None,
     ) -> Tensor:
         """Return commit (B, S) bool: which positions to commit this step.
 
@@ -134,6 +137,9 @@ class Sampler(abc.ABC):
             logits: optional (B, S, V) float, the block's logits with the ``[MASK]``
                 logit excluded (e.g. set to -inf), for policies that need the whole
                 distribution.
+            generator: the decoding call's generator (``generate(generator=...)``), for
+                policies that draw at random; None = the global RNG. Draw from it, never
+                from the global RNG, so that a seeded call repeats.
 
         Must be a subset of ``masked``; :meth:`__call__` trims and completes it anyway.
         """
@@ -151,9 +157,12 @@ class Sampler(abc.ABC):
         step: int,
         steps_per_block: int,
         logits: Tensor | None = None,
+        generator: torch.Generator | None = None,
     ) -> Tensor:
         """Run :meth:`select` and enforce the commit contract. Returns (B, S) bool."""
         _check_inputs(confidence, candidates, masked, step, steps_per_block, logits)
+        # A sampler written before `select` took a generator still works: it is given none.
+        extra = {"generator": generator} if _takes_generator(type(self)) else {}
         commit = self.select(
             confidence,
             candidates,
@@ -161,6 +170,7 @@ class Sampler(abc.ABC):
             step=step,
             steps_per_block=steps_per_block,
             logits=logits,
+            **extra,
         )
         if not isinstance(commit, Tensor) or commit.dtype != torch.bool:
             got = commit.dtype if isinstance(commit, Tensor) else type(commit).__name__
@@ -180,6 +190,13 @@ class Sampler(abc.ABC):
         stalled = masked.any(-1) & ~commit.any(-1)
         fallback = commit_top_n(confidence, masked, stalled.long())
         return commit | fallback
+
+
+@functools.lru_cache(maxsize=None)
+def _takes_generator(cls: type) -> bool:
+    """Whether cls.select accepts `generator` (by name or through **kwargs)."""
+    params = inspect.signature(cls.select).parameters.values()
+    return any(p.name == "generator" or p.kind is inspect.Parameter.VAR_KEYWORD for p in params)
 
 
 def _check_inputs(

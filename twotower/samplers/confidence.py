@@ -13,6 +13,7 @@ commits more tokens per step (fewer NFEs, lower quality): a tunable operating po
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor
 
 from twotower.samplers.base import Sampler, check_float, commit_top_n, pace
@@ -41,6 +42,7 @@ class ConfidenceThreshold(Sampler):
         step: int,
         steps_per_block: int,
         logits: Tensor | None = None,
+        generator: torch.Generator | None = None,
     ) -> Tensor:
         """(B, S) bool: the ``n[b]`` most confident masked positions of each row."""
         above = ((confidence > self.threshold) & masked).sum(-1)

@@ -59,6 +59,7 @@ class EntropyBounded(Sampler):
         step: int,
         steps_per_block: int,
         logits: Tensor | None = None,
+        generator: torch.Generator | None = None,
     ) -> Tensor:
         """(B, S) bool: the longest low-entropy prefix within the budget, per row."""
         if logits is not None:

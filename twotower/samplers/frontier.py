@@ -58,6 +58,7 @@ class FrontierRun(Sampler):
         step: int,
         steps_per_block: int,
         logits: Tensor | None = None,
+        generator: torch.Generator | None = None,
     ) -> Tensor:
         """(B, S) bool: the ``n[b]`` leftmost masked positions of each row."""
         # log of each masked position's confidence; unmasked ones count as 1 (log 0). NaN never

@@ -56,6 +56,7 @@ class MarginThreshold(Sampler):
         step: int,
         steps_per_block: int,
         logits: Tensor | None = None,
+        generator: torch.Generator | None = None,
     ) -> Tensor:
         """(B, S) bool: masked positions over the margin, largest margins first."""
         if logits is not None:

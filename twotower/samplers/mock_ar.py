@@ -8,6 +8,7 @@ reference for the diffusion samplers (and to check the denoiser against the AR m
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor
 
 from twotower.samplers.base import Sampler
@@ -27,6 +28,7 @@ class MockAR(Sampler):
         step: int,
         steps_per_block: int,
         logits: Tensor | None = None,
+        generator: torch.Generator | None = None,
     ) -> Tensor:
         """(B, S) bool with one True per row that still has a mask: its first one."""
         # The running count of masks reaches 1 exactly at the first masked position.

@@ -7,6 +7,7 @@ everything left at the last step; pick ``k >= ceil(S / steps_per_block)`` to avo
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor
 
 from twotower.samplers.base import Sampler, commit_top_n
@@ -35,6 +36,7 @@ class TopKCommit(Sampler):
         step: int,
         steps_per_block: int,
         logits: Tensor | None = None,
+        generator: torch.Generator | None = None,
     ) -> Tensor:
         """(B, S) bool: the ``min(k, m)`` most confident masked positions per row."""
         return commit_top_n(confidence, masked, self.k)
