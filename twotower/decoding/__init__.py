@@ -24,6 +24,7 @@ from .state import DecodeState, Rows, TrackedRows
 from .diffusion import MaskDiffusion, denoise_block
 from .logits import LogitsProcessor, TokenChooser, TopK, TopP
 from .mock_ar import MockAR
+from .registry import build_decoder, decoder_class, register_decoder, registered_decoders
 from .released import ReleasedGenerationMixin, released_step_callback
 from .speculative import Speculative, draft_one_step
 from .stopping import StopCriterion, StopStrings
@@ -35,5 +36,6 @@ __all__ = [
     "MaskDiffusion", "Speculative", "TolerantSpeculative", "MockAR", "Autoregressive", "denoise_block",
     "draft_one_step",
     "LogitsProcessor", "TokenChooser", "TopK", "TopP",
+    "register_decoder", "decoder_class", "build_decoder", "registered_decoders",
     "ReleasedGenerationMixin", "released_step_callback", "StopStrings", "StopCriterion",
 ]

@@ -19,7 +19,7 @@ encoded by `prompting.encode_prompt`, as in predict and serve.
 
 `model_args`: pretrained=DIR (a two-tower checkpoint directory, or a built-in model name such as
 `embedded`, see `twotower.hub`); decoder=speculative | diffusion |
-mock_ar | ar | a Decoder class_path; threshold, block_size, steps_per_block, draft_steps (the
+mock_ar | ar | tolerant | any name registered with `decoding.register_decoder` | a Decoder class_path; threshold, block_size, steps_per_block, draft_steps (the
 decoder's settings; threshold is diffusion's ConfidenceThreshold); dtype=float32 | bfloat16 |
 float16; device (default cuda:0 when CUDA is available, else cpu); batch_size; tokenizer=byte | a local
 Hugging Face tokenizer folder (default: the checkpoint's own, `tokenizers.tokenizer_for`); max_length
@@ -28,8 +28,6 @@ Hugging Face tokenizer folder (default: the checkpoint's own, `tokenizers.tokeni
 
 from __future__ import annotations
 
-import importlib
-import inspect
 import json
 import logging
 import time
@@ -40,57 +38,26 @@ from lm_eval.api.model import TemplateLM
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 from tqdm import tqdm
 
-from ..decoding import Autoregressive, Decoder, MaskDiffusion, MockAR, Speculative, StopStrings
+from ..decoding import Decoder, StopStrings
+from ..decoding import build_decoder as registry_build_decoder
 from ..hub import resolve_model
 from ..prompting import encode_prompt
-from ..samplers import ConfidenceThreshold
 from ..tokenizers import ByteTokenizer, HFTokenizer, Tokenizer, tokenizer_for
 
 __all__ = ["TwoTowerEvalLM", "build_decoder", "register", "default_device", "last_speed_line"]
 
 log = logging.getLogger(__name__)
 
-DECODERS: dict[str, type[Decoder]] = {"speculative": Speculative, "diffusion": MaskDiffusion, "mock_ar": MockAR,
-                                      "ar": Autoregressive}
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _last_speed: dict[str, str | None] = {"line": None}  # see last_speed_line
 
 
-def decoder_class(name: str) -> type[Decoder]:
-    """A decoder short name (speculative, diffusion, mock_ar, ar) or a `module.Class` path -> the class."""
-    if name in DECODERS:
-        return DECODERS[name]
-    module, _, attr = str(name).rpartition(".")
-    cls = None
-    if module:
-        try:
-            cls = getattr(importlib.import_module(module), attr, None)
-        except ImportError:
-            cls = None
-    if not (isinstance(cls, type) and issubclass(cls, Decoder)):
-        raise ValueError(f"unknown decoder {name!r}: use one of {sorted(DECODERS)} or the class_path of a "
-                         "twotower.decoding.Decoder subclass (e.g. twotower.decoding.Speculative)")
-    return cls
-
-
 def build_decoder(name: str, *, temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
                   threshold: float | None = None, **settings) -> Decoder:
-    """Build a decoder from lm_eval-style settings; settings the decoder does not take are refused."""
-    cls = decoder_class(name)
-    params = inspect.signature(cls.__init__).parameters
-    kwargs = {k: v for k, v in settings.items() if v is not None}
-    if threshold is not None:
-        if "sampler" not in params:
-            raise ValueError(f"decoder {cls.__name__} takes no threshold (it has no sampler)")
-        kwargs["sampler"] = ConfidenceThreshold(float(threshold))
-    unknown = sorted(k for k in kwargs if k not in params)
-    if unknown:
-        raise ValueError(f"decoder {cls.__name__} takes no setting(s) {unknown}; it takes "
-                         f"{sorted(p for p in params if p != 'self')}")
-    for k, v in (("temperature", temperature), ("top_k", top_k), ("top_p", top_p)):
-        if v is not None and k in params:
-            kwargs[k] = v
-    return cls(**kwargs)
+    """Build a decoder from lm_eval-style settings (`decoding.build_decoder`, the one registry: a
+    registered name or a class_path); settings the decoder does not take are refused."""
+    return registry_build_decoder(name, threshold=threshold, temperature=temperature, top_k=top_k, top_p=top_p,
+                                  **settings)
 
 
 def _tokenizer_choice(choice: str | None) -> Tokenizer | None:

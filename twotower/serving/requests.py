@@ -3,8 +3,9 @@
 A request body is checked field by field before anything reaches the scheduler; a bad field raises
 `RequestError(param, message)`, which the HTTP layer turns into HTTP 400 with OpenAI's error shape
 (`{"error": {"message", "type": "invalid_request_error", "param"}}`), so a client sees which
-field to fix. The decoder a request names is built from the library's own decoder classes through
-one small table (`DECODERS`): name -> (Decoder subclass, the settings it takes).
+field to fix. The decoder a request names is looked up in the one decoder registry
+(`decoding.register_decoder`: speculative, diffusion, ar, mock_ar, tolerant, their aliases, and any
+name the user registered) and built with the settings its constructor takes.
 
 Every per-request setting has a range, and the message of a value outside it names the field, the
 value and the range: `max_tokens` in [1, max_tokens_limit] and prompt + max_tokens within the
@@ -24,12 +25,12 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..decoding import Autoregressive, Decoder, MaskDiffusion, Speculative
-from ..samplers import ConfidenceThreshold
+from ..decoding import Decoder, decoder_class, registered_decoders
+from ..decoding import build_decoder as registry_build_decoder
 from ..prompting import Prompt, check_messages, encode_prompt
 from ..tokenizers import Tokenizer
 
-__all__ = ["ServeSettings", "Limits", "CompletionRequest", "RequestError", "DECODERS", "build_decoder",
+__all__ = ["ServeSettings", "Limits", "CompletionRequest", "RequestError", "build_decoder",
            "parse_completion", "parse_chat", "COMPLETION_FIELDS", "CHAT_FIELDS"]
 
 
@@ -44,7 +45,8 @@ class ServeSettings:
         tokenizer: text <-> ids, chosen by class_path; None (the default) uses the checkpoint's own
             (`tokenizers.tokenizer_for`). Prompts are encoded by `prompting.encode_prompt`, as in
             `predict`; chat requests use the tokenizer's chat template.
-        decoder: the default decoder name (a key of `DECODERS`: speculative, diffusion, ar).
+        decoder: the default decoder: a registered name (speculative, diffusion, ar, mock_ar, tolerant,
+            or one registered with `decoding.register_decoder`) or a Decoder class_path.
         block_size: default block size (None = the model's).
         threshold: the ConfidenceThreshold of diffusion commits and of multi-step speculative drafts.
         draft_steps / steps_per_block: speculative draft forwards / diffusion forwards per block.
@@ -132,8 +134,7 @@ class ServeSettings:
                 need_int(name)
         if self.max_waiting is not None:
             need_int("max_waiting", 0)
-        if self.decoder not in DECODERS:
-            raise ValueError(f"decoder must be one of {sorted(DECODERS)}, got {self.decoder!r}")
+        decoder_class(self.decoder)  # a ValueError listing the registered names
         lim = self.limits(model_block_size)
         if self.block_size is not None and self.block_size > lim.block_size:
             raise ValueError(f"block_size {self.block_size} is above max_block_size {lim.block_size}")
@@ -188,24 +189,14 @@ NEUTRAL: dict[str, tuple[object, str]] = {  # field -> (test of the neutral valu
 }
 
 
-# name -> (decoder class, its constructor arguments from the request's resolved settings)
-DECODERS: dict[str, tuple[type[Decoder], object]] = {
-    "speculative": (Speculative, lambda s: dict(block_size=s["block_size"], draft_steps=s["draft_steps"],
-                                                sampler=ConfidenceThreshold(s["threshold"]),
-                                                temperature=s["temperature"], top_k=s["top_k"], top_p=s["top_p"])),
-    "diffusion": (MaskDiffusion, lambda s: dict(sampler=ConfidenceThreshold(s["threshold"]),
-                                                block_size=s["block_size"], steps_per_block=s["steps_per_block"],
-                                                temperature=s["temperature"], top_k=s["top_k"], top_p=s["top_p"])),
-    "ar": (Autoregressive, lambda s: dict(temperature=s["temperature"], top_k=s["top_k"], top_p=s["top_p"])),
-}
-
-
 def build_decoder(name: str, **settings) -> Decoder:
-    """The library decoder `name` (a key of DECODERS) built with `settings`."""
-    if name not in DECODERS:
-        raise RequestError("decoder", f"unknown decoder {name!r}; choose one of {sorted(DECODERS)}")
-    cls, kwargs = DECODERS[name]
-    return cls(**kwargs(settings))
+    """The decoder `name` (a name of the one registry, `decoding.register_decoder`, or a class_path)
+    built with the request's resolved settings; each decoder takes the settings its constructor names."""
+    try:
+        decoder_class(name)
+    except ValueError as e:
+        raise RequestError("decoder", str(e)) from None
+    return registry_build_decoder(name, strict=False, **settings)
 
 
 class RequestError(ValueError):
@@ -242,6 +233,15 @@ class CompletionRequest:
             g.seed()  # a fresh non-deterministic seed for this generator only (global RNG untouched)
             return g
         return g.manual_seed(self.seed)
+
+
+def _requested_decoder(name) -> type[Decoder]:
+    """The class a request's `decoder` field names: a registered name (not a class_path: a client
+    must not make the server import modules)."""
+    known = registered_decoders()
+    if not isinstance(name, str) or name not in known:
+        raise RequestError("decoder", f"unknown decoder {name!r:.60}; choose one of {sorted(known)}")
+    return known[name]
 
 
 def _int(body, name, default, low, high=None):
@@ -333,9 +333,9 @@ def _request(body: dict, prompt: Prompt, param: str, tokens_param: str, max_toke
     encoded by `prompting.encode_prompt` (errors name `param`, the prompt's field; `tokens_param`
     names the field max_tokens came from)."""
     name = body.get("decoder", settings.decoder)
-    if not isinstance(name, str) or name not in DECODERS:
-        raise RequestError("decoder", f"unknown decoder {name!r:.60}; choose one of {sorted(DECODERS)}")
-    minimum_block = 2 if DECODERS[name][0] is Speculative else 1
+    # The server's own default may be a class_path (trusted configuration); a request names a registered one.
+    cls = decoder_class(name) if name == settings.decoder else _requested_decoder(name)
+    minimum_block = cls.min_block_size
     default_block = min(settings.block_size or lim.block_size, lim.block_size)
     top_k = _int(body, "top_k", 0, 0, max(1, getattr(tokenizer, "vocab_size", 1)))
     resolved = dict(

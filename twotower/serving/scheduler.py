@@ -31,7 +31,7 @@ import torch
 
 from ..decoding import StopStrings, Towers
 from .requests import CompletionRequest
-from .stepper import Stepper, stepper_for
+from .stepper import Stepper
 
 __all__ = ["Job", "Scheduler"]
 
@@ -270,8 +270,7 @@ class Scheduler:
                 still.append(job)
                 continue
             try:
-                cls = stepper_for(job.decoder)
-                key = cls.key(job.decoder, self.towers)
+                key = Stepper.key(job.decoder, self.towers)  # refuses a decoder that cannot be stepped
             except Exception as e:  # noqa: BLE001 - a request the loop cannot run fails alone
                 job.fail(f"cannot schedule this request: {e}")
                 continue
@@ -279,7 +278,7 @@ class Scheduler:
                 key = min(((*key, g) for g in (0, 1)), key=lambda k: len(self.batches.get(k, ())))
             batch = self.batches.get(key)
             if batch is None:
-                batch = self.batches[key] = cls(self.towers, job.decoder)
+                batch = self.batches[key] = Stepper(self.towers, job.decoder)
             if len(batch) >= self.max_batch:
                 still.append(job)
                 continue
@@ -310,7 +309,7 @@ class Scheduler:
     def _fail_batch(self, key, batch: Stepper, message: str) -> None:
         for job in batch.jobs:
             job.fail(message)
-        batch.jobs, batch.cache, batch.state = [], None, None
+        batch.clear()
 
 
 def _two_devices(towers: Towers) -> bool:
