@@ -132,9 +132,18 @@ def test_generation_module_runs_its_decoder_like_the_model(twotower_dir, decoder
         assert row["nfe"] == int(ref.nfe[r]) and row["decoder"] == type(decoder).__name__
 
 
+def test_a_decoder_name_comes_from_the_one_registry(twotower_dir):
+    """predict resolves a decoder name as serve and eval do (`decoding.register_decoder`)."""
+    from twotower.decoding import Speculative
+
+    assert type(GenerationModule(str(twotower_dir), decoder="speculative").decoder) is Speculative
+
+
 def test_generation_module_bad_values(twotower_dir, tmp_path):
     with pytest.raises(ValueError, match="decoder must be a twotower.decoding.Decoder"):
-        GenerationModule(str(twotower_dir), decoder="speculative")
+        GenerationModule(str(twotower_dir), decoder=3)
+    with pytest.raises(ValueError, match="unknown decoder 'beam'.*register_decoder"):
+        GenerationModule(str(twotower_dir), decoder="beam")
     with pytest.raises(ValueError, match="max_new_tokens must be an int >= 1"):
         GenerationModule(str(twotower_dir), max_new_tokens=0)
     with pytest.raises(FileNotFoundError, match="two-tower checkpoint not found"):

@@ -20,7 +20,7 @@ from typing import Any
 import lightning as L
 import torch
 
-from .decoding import Decoder, MaskDiffusion
+from .decoding import Decoder, MaskDiffusion, build_decoder
 from .hub import resolve_model
 from .tokenizers import Tokenizer, tokenizer_for
 from .writers import JsonlPredictionWriter
@@ -63,6 +63,8 @@ class GenerationModule(L.LightningModule):
         decoder: the decoding strategy, e.g. `twotower.decoding.Speculative` (lossless, the AR
             model's own output), `MaskDiffusion` (a sampler commits tokens), `MockAR`,
             `Autoregressive`; default `MaskDiffusion()` (ConfidenceThreshold(0.8), the model's block).
+            A string is a name of the decoder registry (`decoding.register_decoder`: "speculative",
+            "diffusion", "ar", ...), built with its defaults.
         max_new_tokens: per prompt.
         stop_at_eos: stop a sequence at the tokenizer's EOS.
         context_device / denoiser_device: e.g. "cuda:0" / "cuda:1" to split the towers.
@@ -78,7 +80,7 @@ class GenerationModule(L.LightningModule):
             memory; see `twotower.quantization`); None keeps full precision.
     """
 
-    def __init__(self, model: str, decoder: Decoder | None = None, max_new_tokens: int = 128,
+    def __init__(self, model: str, decoder: Decoder | str | None = None, max_new_tokens: int = 128,
                  stop_at_eos: bool = True, context_device: str | None = None, denoiser_device: str | None = None,
                  dtype: str | None = None, seed: int | None = 0, tokenizer: Tokenizer | None = None,
                  compile: bool = False, quantize: str | None = None):
@@ -86,8 +88,11 @@ class GenerationModule(L.LightningModule):
         from .model import TwoTowerLM
         from .quantization import check_quantize
 
+        if isinstance(decoder, str):  # a name of the one decoder registry (or a class_path), default settings
+            decoder = build_decoder(decoder)
         if decoder is not None and not isinstance(decoder, Decoder):
-            raise ValueError(f"decoder must be a twotower.decoding.Decoder (chosen by class_path), got {decoder!r}")
+            raise ValueError(f"decoder must be a twotower.decoding.Decoder (chosen by class_path) or a registered "
+                             f"decoder name, got {decoder!r}")
         if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be an int >= 1, got {max_new_tokens!r}")
         if (context_device is None) != (denoiser_device is None):
