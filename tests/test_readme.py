@@ -31,6 +31,11 @@ def test_readme_python_examples_run(monkeypatch):
     namespace = _run(blocks, monkeypatch)
     out = namespace["out"]  # the last example's result: the custom decoder's two tokens per forward
     assert out.num_generated.tolist() == [8] and out.nfe.tolist() == [4]
+    # The custom draft-then-verify decoder equals Speculative (its asserts ran) and is registered by name.
+    from twotower.decoding import decoder_class
+
+    assert namespace["checked"].num_generated.tolist() == [32]
+    assert decoder_class("draft_then_verify") is namespace["DraftThenVerify"]
     spec, hot = namespace["spec"], namespace["hot"]
     assert spec.num_generated[0] >= 1 and hot.new_tokens.shape[0] == 1
 

@@ -38,21 +38,26 @@ _NAMES: dict[str, tuple[str, ...]] = {}  # the registered name -> its aliases
 def register_decoder(name: str, cls: type[Decoder], *, aliases=()) -> type[Decoder]:
     """Make `cls` available as `name` (and each of `aliases`) wherever a decoder is named by string.
 
-    Registering a name again for the same class is a no-op; for another class it is refused (unregister
-    nothing: pick another name). Returns `cls`, so it also works as `register_decoder("x", X)` inline."""
+    Registering a name again for the same class (or a redefinition of it: same module and name, e.g. a
+    notebook cell run twice) replaces it; for another class it is refused: pick another name.
+    Returns `cls`."""
     if not (isinstance(cls, type) and issubclass(cls, Decoder)):
         raise TypeError(f"register_decoder({name!r}, ...) needs a twotower.decoding.Decoder subclass, got {cls!r}")
     names = (name, *aliases)
     for n in names:
         if not isinstance(n, str) or not n or "." in n:
             raise ValueError(f"decoder name {n!r} must be a non-empty string without '.' (dots mean a class_path)")
-        if _BY_NAME.get(n, cls) is not cls:
+        if not _same_class(_BY_NAME.get(n, cls), cls):
             raise ValueError(f"decoder name {n!r} is already registered for {_BY_NAME[n].__qualname__}; "
                              f"choose another name for {cls.__qualname__}")
     for n in names:
         _BY_NAME[n] = cls
     _NAMES[name] = tuple(sorted(set(_NAMES.get(name, ())) | set(aliases)))
     return cls
+
+
+def _same_class(a: type, b: type) -> bool:
+    return a is b or (a.__module__, a.__qualname__) == (b.__module__, b.__qualname__)
 
 
 def registered_decoders() -> dict[str, type[Decoder]]:
