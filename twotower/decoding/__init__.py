@@ -11,10 +11,13 @@
 | `MockAR` | the released mock-AR mode: one clean token per denoiser forward, no time conditioning |
 | `Autoregressive` | the context tower alone, one token per forward (the baseline) |
 
-A recipe picks one by `class_path` (`decoder: {class_path: twotower.decoding.Speculative}`); a
-decoder of your own subclasses `Decoder` and implements `_decode` (see `base.py`). Nothing here
-imports Lightning. Layout: `base.py` (the interface and its checks), `tracker.py` (per-row
-bookkeeping, `GenerationOutput`), `logits.py` (temperature, top-k / top-p, processors), one file
+A recipe picks one by `class_path` (`decoder: {class_path: twotower.decoding.Speculative}`) or by
+a registered name (`register_decoder`: "speculative", "diffusion", "ar", "mock_ar", "tolerant", ...;
+predict, serve and eval share the one registry). A decoder of your own subclasses `Decoder` and
+implements the state machine `prefill` / `advance` (see `base.py`): `generate` and the server both
+drive it. Nothing here imports Lightning. Layout: `base.py` (the interface and its checks),
+`state.py` (`DecodeState`, the working batch rows join and leave), `registry.py` (names),
+`tracker.py` (per-row bookkeeping, `GenerationOutput`), `logits.py` (temperature, top-k / top-p, processors), one file
 per decoder, `released.py` (the released model's method names and callback).
 """
 

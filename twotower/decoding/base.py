@@ -9,14 +9,50 @@ so a recipe can pick one by `class_path`, and is called with the per-call things
 `model` is a `TwoTowerLM`, a `Towers` (the two towers and the token ids they need), or, for
 decoders that use the context tower alone, a bare context tower. `Decoder.generate` checks every
 argument once (prompt shape, left padding, lengths against the model's limit, EOS / pad ids,
-devices), runs the subclass's `_decode` loop under `torch.inference_mode`, and checks what the
-loop returned, so a decoder written in research code gets the same guarantees as the built-in
-ones. A subclass implements `_decode(call: DecodeCall) -> GenerationOutput`.
+devices), runs the decoder under `torch.inference_mode`, and checks what it returned, so a decoder
+written in research code gets the same guarantees as the built-in ones.
+
+The protocol: each decoder is written once, as a state machine over a batch of rows.
+
+    state = decoder.start(model, input_ids, attention_mask, max_new_tokens=64)  # check + prefill
+    while not state.done:                        # True once no row is left running
+        decoder.step(state)                      # one iteration for every row
+    out = state.output()                         # the GenerationOutput generate returns
+
+`generate` is exactly this loop; the server's scheduler runs the same steps one at a time over a
+working batch that requests join (`state.join`, between steps) and leave (`state.keep`). One
+iteration is a block (`MaskDiffusion`), a draft-and-verify round (`Speculative`) or a token
+(`Autoregressive`, `MockAR`). A subclass implements
+
+* `prefill(state)`: run the prompts of `state.call` (a checked `DecodeCall`: input_ids, valid,
+  the towers, devices, token ids, block size); set `state.cache` and the per-row tensors the
+  first step starts from in `state.carry` (a dict; joining and leaving rows carry them along);
+* `advance(state, drafted)`: one iteration. Choose tokens with `state.choose(logits)` (each row's
+  own temperature / top-k / top-p / generator), count each network forward with
+  `state.count_forward()`, call `state.step_callback` (when set) after each forward, hand the new
+  tokens to `state.commit(block, count)` (EOS, stop strings, caps, counts), and let finished
+  rows leave (`state.drop_finished()`) or keep them until `state.done`;
+* optionally `draft(state)`: the denoiser's half of an iteration (its result is `advance`'s
+  `drafted`; default None), so the server can overlap one batch's draft with another's advance
+  when the towers live on two devices;
+* optionally `batch_key(towers)`: which decoders' rows may share one batch (default: same class
+  and attributes).
+
+Such a decoder is servable with no extra code. A decoder that implements only the older
+`_decode(call) -> GenerationOutput` (a whole loop) still runs in `generate`; the server (and
+`start`) refuse it with a TypeError naming `prefill` / `advance`.
+
+The base class enforces the result: the shapes, 0 <= num_generated <= max_new_tokens,
+num_generated <= new_tokens.shape[1], and at least one token per row (an EOS is counted, and a
+stop criterion fires on committed tokens, so a row that ended either way has one).
 
 The step callback is called after every network forward as
 `step_callback(block_index, step_index, tokens_before, logits, tokens_after)`:
 (R, n) tokens of the working rows before and after the step (`tokens_before` is None for
 decoders that write one token per forward), and their (R, n, V) logits. Treat them as read-only.
+Calling it is the decoder's job (only it has the tensors); the base class checks that it did: a
+step that counted a forward without calling a given callback raises, as does an older `_decode`
+loop that ran forwards without ever calling it.
 """
 
 from __future__ import annotations

@@ -9,7 +9,8 @@ The released step callback is called as `step_callback(step, steps_per_block, xt
 block_idx=...)`: once per block before its first step (logits=None, xt the initial block), then
 after every step with the block as it was *before* that step's commits. `t` is one float, the
 mean fraction of the block still masked over the rows still running (equal to the per-row t at
-batch 1). `released_step_callback` adapts such a function to the decoders' richer callback.
+batch 1). At a block's start that is 1.0 for an unshifted model and (n - 1) / n for a shifted one,
+whose position 0 holds the context tower's own token (the t the denoiser is given). `released_step_callback` adapts such a function to the decoders' richer callback.
 """
 
 from __future__ import annotations
