@@ -31,7 +31,8 @@ iteration is a block (`MaskDiffusion`), a draft-and-verify round (`Speculative`)
   own temperature / top-k / top-p / generator), count each network forward with
   `state.count_forward()`, call `state.step_callback` (when set) after each forward, hand the new
   tokens to `state.commit(block, count)` (EOS, stop strings, caps, counts), and let finished
-  rows leave (`state.drop_finished()`) or keep them until `state.done`;
+  rows leave (`x, = state.drop_finished(x)` cuts the step's own per-row tensors too) or keep
+  them until `state.done`;
 * optionally `draft(state)`: the denoiser's half of an iteration (its result is `advance`'s
   `drafted`; default None), so the server can overlap one batch's draft with another's advance
   when the towers live on two devices;

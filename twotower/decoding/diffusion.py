@@ -175,11 +175,9 @@ class MaskDiffusion(Decoder):
                 x[where.to(x.device), : block.shape[1]] = block
                 count[where] = block.shape[1]
         state.commit(x, count)
-        stay = state.drop_finished()
+        x, = state.drop_finished(x)
         if state.done:
             return  # the context never needs the last block
-        if stay is not None:
-            x = x[torch.tensor(stay, dtype=torch.long, device=x.device)]
         # A row still running had a full block (a shorter one is a row's last), so the rows stack.
         logits = call.context.extend(state.cache, x.to(call.ctx_device),
                                      logits=self._wanted(call))

@@ -118,6 +118,8 @@ class TrackedRows(Rows):
         self.tracker.ensure_spare(block.shape[1])
         if count is not None:
             self.written = None
+        elif self.written is not None:  # the tracker's no-sync path trusts the width: cut it to the cap here
+            block = block[:, : max(self.tracker.max_new_tokens - self.written, 0)]
         done = self.tracker.commit(block.to(device), None if count is None else count.to(device), self.index)
         if self.written is not None:
             self.written += block.shape[1]
@@ -206,13 +208,17 @@ class DecodeState:
         self.finished = self.finished | self.rows.commit(block, count)
         return self.finished
 
-    def drop_finished(self) -> list[int] | None:
-        """Let the finished rows leave; returns the positions kept, or None when no row left."""
+    def drop_finished(self, *tensors: Tensor) -> tuple[Tensor, ...]:
+        """Let the finished rows leave (cache, carry, bookkeeping); returns `tensors`, per-row tensors
+        the step still holds (first dimension: the rows), cut to the rows that stay.
+
+            x, = state.drop_finished(x)      # x (R, n) -> (R', n)
+        """
         if not bool(self.finished.any()):
-            return None
-        stay = (~self.finished).nonzero().squeeze(1).tolist()
-        self.keep(stay)
-        return stay
+            return tensors
+        stay = (~self.finished).nonzero().squeeze(1)
+        self.keep(stay.tolist())
+        return tuple(t[stay.to(t.device)] for t in tensors)
 
     def den_cache(self, idx: list[int] | None = None):
         """The cache as the denoiser reads it, for rows `idx` (None = all): the context cache itself on
