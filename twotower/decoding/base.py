@@ -365,8 +365,7 @@ class Decoder(abc.ABC):
 
     def _check_callback(self, state: DecodeState) -> None:
         """A decoder given a step callback calls it in every step that ran a network forward."""
-        seen = getattr(state, "_callback_seen", (0, 0))
-        state._callback_seen = (state.forwards, state.callbacks)
+        seen, state.callback_seen = state.callback_seen, (state.forwards, state.callbacks)
         if state.step_callback is not None and state.forwards > seen[0] and state.callbacks == seen[1]:
             raise RuntimeError(f"{type(self).__name__} was given a step_callback but step {state.iterations - 1} "
                                "ran a network forward without calling it; call state.step_callback(block_index, "

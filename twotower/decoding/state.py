@@ -166,6 +166,7 @@ class DecodeState:
         self.iterations = 0
         self.forwards = 0  # count_forward calls, to check a step callback was honoured (Decoder.step)
         self.callbacks = 0
+        self.callback_seen = (0, 0)  # (forwards, callbacks) at the end of the previous step
         self._mirror = None  # the denoiser's copy of the cache (two devices)
         user = call.step_callback
         self.step_callback = None if user is None else self._counted(user)
