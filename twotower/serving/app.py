@@ -1,7 +1,7 @@
 """The HTTP layer: OpenAI-compatible endpoints on FastAPI + uvicorn, and `serve` (the CLI entry).
 
     POST /v1/completions        {"prompt", "max_tokens", "temperature", "top_p", "stop", "seed", "stream",
-                                 extensions: "decoder" (speculative | diffusion | ar), "threshold", "block_size",
+                                 extensions: "decoder" (a registered name), "threshold", "block_size",
                                  "top_k", "steps_per_block", "draft_steps"; each within a range (requests.py)}
     POST /v1/chat/completions   the same with "messages" (through the model's chat template) instead of "prompt"
     GET  /v1/models        the one served model
