@@ -377,3 +377,17 @@ def test_released_callback_t_at_block_start_is_the_masked_fraction(shifted):
                                   step_callback=cb)
     want = 3 / 4 if shifted else 1.0
     assert starts == [want, want] and given[0] == want
+
+
+def test_rows_of_one_generate_call_cannot_take_more_rows(model):
+    """`TrackedRows` is one call's fixed-size tracker: joining is refused (naming the bookkeeping that
+    supports it) and leaves the state as it was."""
+    a = Autoregressive().start(model, torch.tensor([[5, 6, 7]]), max_new_tokens=3)
+    b = Autoregressive().start(model, torch.tensor([[8, 9]]), max_new_tokens=3)
+    with pytest.raises(TypeError, match="TrackedRows cannot take more rows.*JobRows"):
+        a.join(b)
+    assert len(a) == 1 and a.cache.batch_size == 1
+    while not a.done:
+        a.decoder.step(a)
+    assert torch.equal(a.output().new_tokens, Autoregressive().generate(model, torch.tensor([[5, 6, 7]]),
+                                                                        max_new_tokens=3).new_tokens)

@@ -270,9 +270,11 @@ class DecodeState:
         if set(self.carry) != set(other.carry):
             raise ValueError(f"cannot join states carrying {sorted(other.carry)} to one carrying {sorted(self.carry)}; "
                              "join only states of decoders with the same batch_key")
+        # Everything that can fail first, so that a refused join leaves this state as it was.
+        cache = type(self.cache).concat([self.cache, other.cache])
+        carry = {k: torch.cat([v, other.carry[k].to(v.device)]) for k, v in self.carry.items()}
         self.rows.join(other.rows)
-        self.cache = type(self.cache).concat([self.cache, other.cache])
-        self.carry = {k: torch.cat([v, other.carry[k].to(v.device)]) for k, v in self.carry.items()}
+        self.cache, self.carry = cache, carry
         self.finished = torch.cat([self.finished, other.finished])
         self._mirror = None
 
