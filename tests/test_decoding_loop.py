@@ -215,7 +215,8 @@ def test_a_users_split_decoder_overlaps_on_a_mirror(served):
 
     towers = Towers.of(served.model)
     towers.denoiser_device = "cpu"
-    bodies = [{"prompt": p, "max_tokens": 6 + 2 * i, "decoder": "test_dv"} for i, p in enumerate(["ab", "cd", "ef", "gh"])]
+    bodies = [{"prompt": p, "max_tokens": 6 + 2 * i, "decoder": "test_dv"}
+              for i, p in enumerate(["ab", "cd", "ef", "gh"])]
     sched = Scheduler(towers, max_batch=2, overlap=True)
     jobs = run_scheduler(sched, served, [parse(served, b) for b in bodies])
     assert sched.overlapped > 0
@@ -347,7 +348,8 @@ def test_a_random_order_sampler_is_seeded_by_the_call(model):
     assert any(not torch.equal(a.new_tokens, run(s).new_tokens) for s in (1, 2, 3))
     assert not torch.any(a.new_tokens == MASK)
     old = MaskDiffusion(OldSampler(), block_size=4, steps_per_block=4)
-    assert old.generate(model, ids, mask, max_new_tokens=8, generator=torch.Generator()).num_generated.tolist() == [8, 8]
+    legacy = old.generate(model, ids, mask, max_new_tokens=8, generator=torch.Generator())
+    assert legacy.num_generated.tolist() == [8, 8]
 
 
 # ---- the released step callback's t at a block's start --------------------------------------------------

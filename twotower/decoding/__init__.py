@@ -35,7 +35,8 @@ from .tolerant import TolerantSpeculative
 from .tracker import GenerationOutput, RowTracker
 
 __all__ = [
-    "Decoder", "DecodeCall", "DecodeState", "Rows", "TrackedRows", "Towers", "StepCallback", "GenerationOutput", "RowTracker",
+    "Decoder", "DecodeCall", "DecodeState", "Rows", "TrackedRows", "Towers", "StepCallback", "GenerationOutput",
+    "RowTracker",
     "MaskDiffusion", "Speculative", "TolerantSpeculative", "MockAR", "Autoregressive", "denoise_block",
     "draft_one_step",
     "LogitsProcessor", "TokenChooser", "TopK", "TopP",

@@ -71,7 +71,8 @@ from .stopping import StopCriterion
 from .state import DecodeState, Rows, TrackedRows
 from .tracker import GenerationOutput, RowTracker
 
-__all__ = ["Decoder", "DecodeCall", "DecodeState", "Rows", "TrackedRows", "Towers", "StepCallback", "GenerationOutput", "RowTracker", "check_int",
+__all__ = ["Decoder", "DecodeCall", "DecodeState", "Rows", "TrackedRows", "Towers", "StepCallback", "GenerationOutput",
+           "RowTracker", "check_int",
            "device_of", "default_pad_id"]
 
 StepCallback = Callable[[int, int, "Tensor | None", Tensor, Tensor], None]

@@ -43,11 +43,11 @@ def denoise_block(denoiser, cache, n: int, *, sampler, steps: int, mask_token_id
 
     rows (R,): the tracker rows of the working batch (None: all of a `DecodeState`, passed as the
     tracker); a row counts an NFE for each forward in which it still had a [MASK]. generator: passed
-    to `chooser` and, for a `Sampler`, to its `select` (random commit orders). first (R,): the block opens with these tokens (the context
-    tower's next-token prediction), never masked. shift: the denoiser output at position i is the
-    prediction for position i + 1 (a shifted model; needs `first`). fill_last: the last allowed
-    step fills every masked position without consulting the sampler (a one-step draft is then
-    the plain choice, no confidences computed).
+    to `chooser` and, for a `Sampler`, to its `select` (random commit orders). first (R,): the block
+    opens with these tokens (the context tower's next-token prediction), never masked. shift: the
+    denoiser output at position i is the prediction for position i + 1 (a shifted model; needs
+    `first`). fill_last: the last allowed step fills every masked position without consulting the
+    sampler (a one-step draft is then the plain choice, no confidences computed).
     """
     R, device = cache.batch_size, cache.device
     masked = torch.ones(R, n, dtype=torch.bool, device=device)
@@ -179,7 +179,6 @@ class MaskDiffusion(Decoder):
         if state.done:
             return  # the context never needs the last block
         # A row still running had a full block (a shorter one is a row's last), so the rows stack.
-        logits = call.context.extend(state.cache, x.to(call.ctx_device),
-                                     logits=self._wanted(call))
+        logits = call.context.extend(state.cache, x.to(call.ctx_device), logits=self._wanted(call))
         if call.shifted:
             state.carry["last"] = logits[:, -1]

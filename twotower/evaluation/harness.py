@@ -18,10 +18,10 @@ results table by `twotower-eval`, and added to the results' config (`get_model_i
 encoded by `prompting.encode_prompt`, as in predict and serve.
 
 `model_args`: pretrained=DIR (a two-tower checkpoint directory, or a built-in model name such as
-`embedded`, see `twotower.hub`); decoder=speculative | diffusion |
-mock_ar | ar | tolerant | any name registered with `decoding.register_decoder` | a Decoder class_path; threshold, block_size, steps_per_block, draft_steps (the
-decoder's settings; threshold is diffusion's ConfidenceThreshold); dtype=float32 | bfloat16 |
-float16; device (default cuda:0 when CUDA is available, else cpu); batch_size; tokenizer=byte | a local
+`embedded`, see `twotower.hub`); decoder=speculative | diffusion | mock_ar | ar | tolerant | any
+name registered with `decoding.register_decoder` | a Decoder class_path; threshold, block_size,
+steps_per_block, draft_steps (the decoder's settings; threshold is diffusion's ConfidenceThreshold);
+dtype=float32 | bfloat16 | float16; device (default cuda:0 when CUDA is available, else cpu); batch_size; tokenizer=byte | a local
 Hugging Face tokenizer folder (default: the checkpoint's own, `tokenizers.tokenizer_for`); max_length
 (default the model's max_position_embeddings).
 """
