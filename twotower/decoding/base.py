@@ -260,17 +260,12 @@ class Decoder(abc.ABC):
         """
         call = self.prepare(model, input_ids, attention_mask, max_new_tokens=max_new_tokens,
                             eos_token_id=eos_token_id, generator=generator, step_callback=step_callback, stop=stop)
-        legacy = not self.steps_implemented()
-        if legacy and step_callback is not None:
-            call.step_callback = _CountedCallback(step_callback)
+        if step_callback is not None and not self.steps_implemented():
+            call.step_callback = _CountedCallback(step_callback)  # an older `_decode` loop: checked after it
         with torch.inference_mode():
             out = self._decode(call)
         self._check_output(out, call)
-        if legacy and step_callback is not None and call.step_callback.calls == 0 and int(out.nfe.sum()) > 0:
-            raise RuntimeError(f"{type(self).__name__} was given a step_callback and ran {int(out.nfe.max())} "
-                               "network forward(s) without calling it; call call.step_callback(block_index, step, "
-                               "before, logits, after) after every forward (or implement prefill / advance and call "
-                               "state.step_callback)")
+        self._check_loop_callback(out, call)
         return out
 
     __call__ = generate
@@ -363,6 +358,15 @@ class Decoder(abc.ABC):
 
     def check_call(self, call: DecodeCall) -> None:
         """Checks that depend on the towers (override to add; raise ValueError naming the value)."""
+
+    def _check_loop_callback(self, out: GenerationOutput, call: DecodeCall) -> None:
+        """An older `_decode` loop given a step callback called it at least once if it ran a forward."""
+        counted = call.step_callback
+        if isinstance(counted, _CountedCallback) and counted.calls == 0 and int(out.nfe.sum()) > 0:
+            raise RuntimeError(f"{type(self).__name__} was given a step_callback and ran {int(out.nfe.max())} "
+                               "network forward(s) without calling it; call call.step_callback(block_index, step, "
+                               "before, logits, after) after every forward (or implement prefill / advance and call "
+                               "state.step_callback)")
 
     def _check_callback(self, state: DecodeState) -> None:
         """A decoder given a step callback calls it in every step that ran a network forward."""
