@@ -227,6 +227,7 @@ def test_a_users_split_decoder_overlaps_on_a_mirror(served):
 def test_an_old_style_decoder_generates_but_the_server_names_what_to_implement(served, model):
     import dataclasses
 
+    from twotower.serving.requests import RequestError, ServeSettings
     from twotower.serving.scheduler import Scheduler
     from twotower.serving.stepper import Stepper
 
@@ -238,6 +239,12 @@ def test_an_old_style_decoder_generates_but_the_server_names_what_to_implement(s
         Stepper.key(OldStyle(), Towers.of(model))
     with pytest.raises(TypeError, match=message):
         OldStyle().start(model, torch.tensor([[5, 6]]), max_new_tokens=2)
+    register_decoder("test_old_style", OldStyle)
+    with pytest.raises(RequestError, match=r"decoder 'test_old_style' cannot be served: OldStyle .*prefill\(state\)"):
+        parse(served, {"prompt": "ab", "decoder": "test_old_style"})  # a 400 naming what to implement
+    with pytest.raises(ValueError, match="cannot be served"):
+        ServeSettings(decoder="test_old_style").check(8)
+    # A request whose decoder object is set directly (no name) fails at scheduling, naming it too.
     req = dataclasses.replace(parse(served, {"prompt": "ab", "max_tokens": 4}), decoder=OldStyle())
     job, = run_scheduler(Scheduler(Towers.of(served.model)), served, [req])
     assert job.error.startswith("cannot schedule this request") and "prefill(state)" in job.error

@@ -134,7 +134,8 @@ class ServeSettings:
                 need_int(name)
         if self.max_waiting is not None:
             need_int("max_waiting", 0)
-        decoder_class(self.decoder)  # a ValueError listing the registered names
+        if not decoder_class(self.decoder).steps_implemented():  # decoder_class: a ValueError listing the names
+            raise ValueError(f"decoder {self.decoder!r} cannot be served: {_not_servable(decoder_class(self.decoder))}")
         lim = self.limits(model_block_size)
         if self.block_size is not None and self.block_size > lim.block_size:
             raise ValueError(f"block_size {self.block_size} is above max_block_size {lim.block_size}")
@@ -244,6 +245,12 @@ def _requested_decoder(name) -> type[Decoder]:
     return known[name]
 
 
+def _not_servable(cls: type[Decoder]) -> str:
+    """Why a decoder class cannot be stepped by the scheduler, and what to implement."""
+    return (f"{cls.__name__} is not a step-wise decoder; it must implement prefill(state) and advance(state, "
+            "drafted) (see twotower.decoding.base), not only _decode")
+
+
 def _int(body, name, default, low, high=None):
     """body[name] as an int in [low, high] (high None: no upper bound), or `default` when absent / null."""
     v = body.get(name)
@@ -335,6 +342,8 @@ def _request(body: dict, prompt: Prompt, param: str, tokens_param: str, max_toke
     name = body.get("decoder", settings.decoder)
     # The server's own default may be a class_path (trusted configuration); a request names a registered one.
     cls = decoder_class(name) if name == settings.decoder else _requested_decoder(name)
+    if not cls.steps_implemented():
+        raise RequestError("decoder", f"decoder {name!r} cannot be served: {_not_servable(cls)}")
     minimum_block = cls.min_block_size
     default_block = min(settings.block_size or lim.block_size, lim.block_size)
     top_k = _int(body, "top_k", 0, 0, max(1, getattr(tokenizer, "vocab_size", 1)))
