@@ -400,3 +400,15 @@ def test_rows_of_one_generate_call_cannot_take_more_rows(model):
         a.decoder.step(a)
     assert torch.equal(a.output().new_tokens, Autoregressive().generate(model, torch.tensor([[5, 6, 7]]),
                                                                         max_new_tokens=3).new_tokens)
+
+
+def test_every_built_in_sampler_takes_the_generator():
+    import inspect
+
+    import twotower.samplers as samplers
+
+    built_in = [c for c in vars(samplers).values()
+                if inspect.isclass(c) and issubclass(c, Sampler) and not inspect.isabstract(c)]
+    assert len(built_in) >= 5
+    for cls in built_in:
+        assert "generator" in inspect.signature(cls.select).parameters, cls.__name__
