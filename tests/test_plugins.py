@@ -329,6 +329,26 @@ def test_strip_plugins_option_anywhere_in_order():
     assert plugins.strip_plugins_option(["fit", "--config", "f.yaml"]) == ([], ["fit", "--config", "f.yaml"])
 
 
+def readme_plugin_package() -> str:
+    """The package listing of the README's plug-ins section (a ```py block: test_readme runs only the
+    ```python ones, in-process, and this one registers a family)."""
+    readme = (ROOT / "README.md").read_text()
+    section = readme[readme.index("## Plug-ins"):]
+    return re.search(r"```py\n(.*?)```", section, re.S)[1]
+
+
+def test_the_readme_plugin_example_runs(tmp_path):
+    demo = tmp_path / "plugins_demo"
+    (demo / "mypkg").mkdir(parents=True)
+    (demo / "mypkg" / "__init__.py").write_text(readme_plugin_package())
+    env = env_with(demo)
+    cli(env, "convert", "--plugins", "mypkg", write_backbone(tmp_path / "ar"), tmp_path / "my_tt")
+    prompts, out = _prompts(tmp_path), tmp_path / "pred.jsonl"
+    cli(env, *_predict_args(tmp_path / "my_tt", prompts, out, "--plugins", "mypkg",
+                            "--model.init_args.decoder", "mypkg.RepeatLast"))
+    assert [json.loads(line)["completion"] for line in out.read_text().splitlines()] == [":" * 6, "c" * 6]
+
+
 # ---- entry points ----------------------------------------------------------------------------------
 
 
