@@ -199,9 +199,12 @@ def _cli_class():
 
 def cli_main(args: list[str] | None = None, run: bool = True):
     """LightningCLI over any LightningModule / LightningDataModule named in the YAML; `predict`
-    hands the model's tokenizer to the data module (`TwoTowerCLI`)."""
+    hands the model's tokenizer to the data module (`TwoTowerCLI`). `--plugins` in `args` is
+    honoured as by `main` (`load_cli_plugins`)."""
     import lightning as L
 
+    if isinstance(args, (list, tuple)):  # main() has already taken --plugins out of sys.argv
+        args = load_cli_plugins(list(args))
     cls = _cli_class()
     return cls(
         L.LightningModule, L.LightningDataModule, subclass_mode_model=True, subclass_mode_data=True,
