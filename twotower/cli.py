@@ -8,6 +8,10 @@
     python -m twotower.cli import-gguf FILE.gguf OUT_DIR # llama.cpp GGUF (Llama family) -> backbone folder
     python -m twotower.cli serve --config recipes/serve.yaml [--port 8000]   # OpenAI-compatible server
 
+`--plugins mypkg[,other]` (before or after the subcommand, for every subcommand) imports your own
+modules first: tower families, decoders, samplers, time conditionings (`twotower.plugins`, which also
+loads the installed entry points of the groups twotower.families / twotower.decoders / twotower.plugins).
+
 Every model and data component is chosen in YAML by `class_path` / `init_args`. `--config` takes a
 path or the name of a recipe shipped with the package (`--config generate`, from any directory), and
 model folders may be given by built-in name (`embedded`, `embedded-backbone`; see `twotower.hub`).
@@ -24,6 +28,12 @@ import sys
 from pathlib import Path
 
 TOOLS = ("convert", "export", "import-gguf", "serve")
+# The key under which `parser_kwargs` hands each subcommand parser its name (taken out before the
+# parser is built, so jsonargparse never sees it).
+SUBCOMMAND_KEY = "twotower_subcommand"
+PLUGINS_HELP = ("--plugins MODULE[,MODULE]: import these modules first (your tower families, decoders, samplers, "
+                "time conditionings); entry points in the groups twotower.families, twotower.decoders and "
+                "twotower.plugins are loaded too (see twotower.plugins)")
 
 
 def convert(ar_dir: str, out_dir: str, *, block_size: int = 16, mask_token_id: int = 3,
@@ -56,7 +66,7 @@ def export(ckpt_path: str, out_dir: str, *, backbone: str | None = None, max_sha
 
 
 def _tool_main(argv: list[str]) -> int:
-    p = argparse.ArgumentParser(prog="python -m twotower.cli")
+    p = argparse.ArgumentParser(prog="python -m twotower.cli", epilog=PLUGINS_HELP)
     sub = p.add_subparsers(dest="tool", required=True)
     c = sub.add_parser("convert", help="AR NemotronH checkpoint -> two-tower checkpoint (identity-init denoiser)")
     c.add_argument("ar_dir")
@@ -150,15 +160,15 @@ def _cli_class():
         whose bad options are reported in a line or two, the closest valid key suggested, instead of
         after the whole usage text."""
 
-        def _prepare_subcommand_parser(self, klass, subcommand, **kwargs):
-            self._building = subcommand
-            return super()._prepare_subcommand_parser(klass, subcommand, **kwargs)
-
         def init_parser(self, **kwargs):
             # Parsers raise instead of printing their usage (about 40 lines) above the error;
             # parse_arguments reports it, then restores the default for later errors.
+            # Each subcommand parser is built with parser_kwargs[subcommand] (`cli_main`), which
+            # carries its name: add_arguments_to_parser then knows which parser it extends.
+            subcommand = kwargs.pop(SUBCOMMAND_KEY, None)
             parser = super().init_parser(**{**kwargs, "exit_on_error": False})
             self.__dict__.setdefault("_parsers", []).append(parser)
+            self.__dict__.setdefault("_subcommand_of", {})[id(parser)] = subcommand
             return parser
 
         def parse_arguments(self, parser, args) -> None:
@@ -180,7 +190,7 @@ def _cli_class():
             return 2
 
         def add_arguments_to_parser(self, parser) -> None:
-            if getattr(self, "_building", None) == "predict":
+            if self._subcommand_of.get(id(parser)) == "predict":
                 parser.link_arguments("model", "data.init_args.tokenizer", compute_fn=model_tokenizer,
                                       apply_on="instantiate")
 
@@ -189,13 +199,25 @@ def _cli_class():
 
 def cli_main(args: list[str] | None = None, run: bool = True):
     """LightningCLI over any LightningModule / LightningDataModule named in the YAML; `predict`
-    hands the model's tokenizer to the data module (`TwoTowerCLI`)."""
+    hands the model's tokenizer to the data module (`TwoTowerCLI`). `--plugins` in `args` is
+    honoured as by `main` (`load_cli_plugins`)."""
     import lightning as L
 
-    return _cli_class()(
+    if isinstance(args, (list, tuple)):  # main() has already taken --plugins out of sys.argv
+        args = load_cli_plugins(list(args))
+    cls = _cli_class()
+    return cls(
         L.LightningModule, L.LightningDataModule, subclass_mode_model=True, subclass_mode_data=True,
         save_config_kwargs={"overwrite": True}, args=args, run=run, auto_configure_optimizers=False,
+        parser_kwargs=parser_kwargs(cls.subcommands()),
     )
+
+
+def parser_kwargs(subcommands) -> dict:
+    """LightningCLI's `parser_kwargs`: the main parser and each subcommand's (a key per subcommand
+    is LightningCLI's public way to configure that parser alone) get the --plugins note in their
+    help, and each subcommand parser its own name under SUBCOMMAND_KEY (read by `init_parser`)."""
+    return {"epilog": PLUGINS_HELP, **{name: {SUBCOMMAND_KEY: name, "epilog": PLUGINS_HELP} for name in subcommands}}
 
 
 def resolve_configs(argv: list[str]) -> list[str]:
@@ -215,9 +237,27 @@ def resolve_configs(argv: list[str]) -> list[str]:
     return out
 
 
+def load_cli_plugins(argv: list[str]) -> list[str]:
+    """Load the installed entry points and the ``--plugins`` modules (`twotower.plugins`), before any
+    parser reads the arguments; returns `argv` without the --plugins option."""
+    from .plugins import load_entry_points, load_plugins, strip_plugins_option
+
+    names, argv = strip_plugins_option(argv)
+    load_entry_points()
+    load_plugins(names)
+    return argv
+
+
 def main(argv: list[str] | None = None) -> int:
+    from .plugins import PluginError
+
     from_command_line = argv is None
-    argv = resolve_configs(sys.argv[1:] if argv is None else argv)
+    try:
+        argv = load_cli_plugins(sys.argv[1:] if argv is None else list(argv))
+    except PluginError as e:
+        sys.stderr.write(f"error: {e}\n")
+        return 2
+    argv = resolve_configs(argv)
     if from_command_line:
         sys.argv[1:] = argv  # LightningCLI reads sys.argv itself
     if argv and argv[0] == "serve":  # jsonargparse settings (recipes/serve.yaml); needs the [serve] extra

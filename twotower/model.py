@@ -10,7 +10,8 @@ Module names vs released checkpoint names (docs/design.md, section 1; mapped in 
     context.lm_head.weight    <->  context_lm_head.weight
     denoiser.backbone.X       <->  denoiser_tower.X
     denoiser.lm_head.weight   <->  lm_head.weight
-    denoiser.time.Y           <->  Y      (t_embedder.*, t_block.*, scale_shift_tables.*)
+    denoiser.time.Y           <->  Y      (AdaLNSingle: t_embedder.*, t_block.*, scale_shift_tables.*)
+    denoiser.time.Y           <->  time.Y (any other TimeConditioning: `released_prefix`)
 
 The context tower is frozen (requires_grad False): it is the AR model the denoiser reads from.
 The decoding loops live in `twotower.decoding` (one `Decoder` per strategy); `generate` runs one, and
@@ -22,7 +23,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 
 import torch
@@ -44,6 +45,8 @@ __all__ = ["TwoTowerLM"]
 
 DEFAULT_BLOCK_SIZE = 16
 DEFAULT_MASK_TOKEN_ID = 3
+# The time conditioning's place in the model's state dict (its released names: `_released_name`).
+TIME_MODULE = "denoiser.time."
 # An adapter checkpoint's weights: the denoiser's own parameters only (adapters + time conditioning).
 ADAPTER_FILE = "adapter.safetensors"
 
@@ -264,7 +267,31 @@ class TwoTowerLM(ReleasedGenerationMixin, nn.Module):
     # ---- released layout ----------------------------------------------------------------------
     def released_state_dict(self) -> dict[str, Tensor]:
         """The weights under released checkpoint names (MoE experts fused), sharing storage with the model."""
-        return {released_name(k): v for k, v in self.state_dict().items()}
+        return {self._released_name(k): v for k, v in self.state_dict().items()}
+
+    def _released_name(self, name: str) -> str:
+        """One state-dict name -> its released name: the time conditioning's under the namespace its
+        class declares (`TimeConditioning.released_prefix`), the rest by `towers.checkpoints.released_name`."""
+        if name.startswith(TIME_MODULE):
+            return self.denoiser.time.released_prefix + name[len(TIME_MODULE):]
+        return released_name(name)
+
+    def _module_names(self, released: Iterable[str]) -> dict[str, str]:
+        """Released names (already checked against this model's) -> state-dict names, inverting
+        `_released_name` over the model's own names: whatever names a time conditioning gives its
+        parameters, each maps back (a fixed prefix table would not know them)."""
+        inverse = {self._released_name(k): k for k in self.state_dict()}
+        return {k: inverse.get(k) or module_name(k) for k in released}
+
+    def _upgrade_time_names(self, state: Mapping[str, Tensor], own: Iterable[str]) -> Mapping[str, Tensor]:
+        """`state` with a time conditioning's bare parameter names (how checkpoints written before
+        `TimeConditioning.released_prefix` saved a module other than AdaLNSingle, which then failed to
+        load) moved under the module's prefix; `state` itself when there are none."""
+        prefix, own = self.denoiser.time.released_prefix, set(own)
+        old = {k for k in state if prefix and k not in own and prefix + k in own}
+        if not old:
+            return state
+        return {(prefix + k if k in old else k): v for k, v in state.items()}
 
     def load_released_state_dict(self, state: Mapping[str, Tensor], *, where: str = "state dict",
                                  dtype: torch.dtype | str | None = None, device=None, denoiser_device=None,
@@ -283,15 +310,17 @@ class TwoTowerLM(ReleasedGenerationMixin, nn.Module):
 
         check_quantize(quantize)
         own = self.released_state_dict()
+        state = self._upgrade_time_names(state, own.keys())
         check_keys(state, own.keys(), where=where)
         check_shapes(state, own, where=where)
         del own
+        names = self._module_names(state.keys())  # before int8 renames any module's weights
         den_device = device if denoiser_device is None else denoiser_device
         convert = None
         if quantize is not None and all(t.is_meta for t in self.state_dict().values()):
             quantize_model(self, quantize)  # on meta: swaps in the int8 modules, allocates nothing
             convert = int8_converter(self)
-        materialize(self, {module_name(k): v for k, v in state.items()}, dtype=dtype,
+        materialize(self, {names[k]: v for k, v in state.items()}, dtype=dtype,
                     device=lambda k: den_device if k.startswith("denoiser.") else device, convert=convert)
         if quantize is not None and convert is None:
             quantize_model(self, quantize)

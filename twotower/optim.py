@@ -19,12 +19,22 @@ def warmup_cosine(step: int, *, warmup: int, total: int, min_ratio: float) -> fl
     return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
+def attached_trainer(module: L.LightningModule):
+    """`module.trainer`, or None for a module no Trainer runs (tests, scripts): Lightning's public
+    property raises RuntimeError there instead of returning None."""
+    try:
+        return module.trainer
+    except RuntimeError:
+        return None
+
+
 def adamw_with_schedule(module: L.LightningModule, params, lr, weight_decay, betas, warmup_steps, min_lr_ratio):
     decay = [p for p in params if p.dim() >= 2]
     no_decay = [p for p in params if p.dim() < 2]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay},
                              {"params": no_decay, "weight_decay": 0.0}], lr=lr, betas=tuple(betas))
-    total = module.trainer.estimated_stepping_batches if module._trainer is not None else 10**9
+    trainer = attached_trainer(module)
+    total = trainer.estimated_stepping_batches if trainer is not None else 10**9
     total = int(total) if math.isfinite(total) else 10**9
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: warmup_cosine(s, warmup=warmup_steps, total=total, min_ratio=min_lr_ratio))

@@ -4,6 +4,12 @@
 sub-block, or None where the sub-block runs plain. Which class a model uses is recorded in
 config.json as {"class_path": ..., "init_args": {...}} (`time_spec` / `build_time_conditioning`).
 
+Checkpoint names: in a released-layout checkpoint the module's state dict sits under its
+`released_prefix` ("time." for every TimeConditioning: "time.<its own parameter name>", whatever
+those names are), so a new conditioning needs no change to the loaders. AdaLNSingle keeps the
+released model's bare names (t_embedder.*, t_block.*, scale_shift_tables.*), which the shipped
+checkpoints and the original release use.
+
 adaLN-single (PixArt-alpha style), the released design:
 
 t in [0, 1] is, per sequence (or per training block), the fraction of the block still masked.
@@ -64,7 +70,13 @@ class TimeConditioning(nn.Module, abc.ABC):
     A sub-block with modulation (shift, scale1, gate) computes x + gate * f(h) with
     h = norm(x * scale1 + shift) or h = norm(x) * scale1 + shift (the family decides where);
     with None it is the plain AR sub-block x + f(norm(x)).
+
+    Saved and loaded as "<released_prefix><state-dict name>" in a released-layout checkpoint (and as
+    "time.<state-dict name>" in the denoiser's own state dict): a subclass names its parameters as it likes.
     """
+
+    # The namespace the module owns in a released-layout checkpoint (model.py's name mapping).
+    released_prefix: str = "time."
 
     def __init__(self, hidden_size: int, num_layers: int):
         super().__init__()
@@ -122,8 +134,11 @@ def build_time_conditioning(spec: dict | None, hidden_size: int, num_layers: int
 class AdaLNSingle(TimeConditioning):
     """t -> per-layer (shift, scale, gate), each broadcastable against (b, T, H).
 
-    Attribute names match the released checkpoint: t_embedder, t_block, scale_shift_tables.
+    Attribute names match the released checkpoint: t_embedder, t_block, scale_shift_tables, saved
+    there without a prefix (the released model's layout, which the shipped checkpoints use).
     """
+
+    released_prefix = ""
 
     def __init__(self, hidden_size: int, num_layers: int, *, init: str = "identity", frequency_size: int = 256):
         super().__init__(hidden_size, num_layers)

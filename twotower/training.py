@@ -30,7 +30,7 @@ from torchmetrics import SumMetric
 
 from .objectives import HardLabelCE, PositionWeighting, TokenObjective, UniformPositions
 from .schedules import LinearSchedule, NoiseSchedule, TimeSampler, UniformTime, mask_blocks
-from .optim import check_positive, adamw_with_schedule, warmup_cosine  # noqa: F401  (warmup_cosine: re-exported)
+from .optim import adamw_with_schedule, attached_trainer, check_positive, warmup_cosine  # noqa: F401  (warmup_cosine: re-exported)
 from .pretraining import ARPretraining, init_weights, tiny_nemotron_config  # noqa: F401  (re-exported)
 from .towers.checkpoints import CKPT_META_KEY, restore_frozen, training_checkpoint
 from .distributed import sample_seed
@@ -175,7 +175,7 @@ class DenoiserFineTuning(L.LightningModule):
                 self._init_denoiser(resolve_model(h.init_from, kind="init_from checkpoint"))
             if h.activation_checkpointing:
                 distributed.apply_activation_checkpointing(self.denoiser)
-        mesh = self._device_mesh if self._trainer is not None else None
+        mesh = self.device_mesh  # set by ModelParallelStrategy; None otherwise (and outside a Trainer)
         if mesh is not None and not self._sharded:
             names = mesh.mesh_dim_names or ()
             if "tensor_parallel" in names and mesh["tensor_parallel"].size() > 1:
@@ -304,7 +304,7 @@ class DenoiserFineTuning(L.LightningModule):
 
     def _across_ranks(self, count: Tensor) -> Tensor:
         """count summed over the data-parallel ranks / their number (count itself in one process)."""
-        trainer = self._trainer
+        trainer = attached_trainer(self)
         if trainer is None or trainer.world_size == 1:
             return count
         with torch.no_grad():
@@ -362,7 +362,7 @@ class DenoiserFineTuning(L.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         h = self.hparams
         # The data module's tokenizer is the model's vocabulary: recorded so that `export` writes it.
-        data = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
+        data = getattr(attached_trainer(self), "datamodule", None)
         checkpoint["state_dict"], checkpoint[CKPT_META_KEY] = training_checkpoint(
             checkpoint["state_dict"], context_source=h.backbone, block_size=h.block_size,
             mask_token_id=h.mask_token_id, shifted=h.shifted, time_conditioning=self.denoiser.time.spec(),
