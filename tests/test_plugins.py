@@ -46,7 +46,7 @@ import torch
 import torch.nn as nn
 from transformers import LlamaConfig
 
-from twotower.decoding import Decoder
+from twotower.decoding import Decoder, register_decoder
 from twotower.time_embedding import TimeConditioning, sinusoidal_features
 from twotower.towers.base import TowerFamily, register_family
 from twotower.towers.llama import LlamaContextTower, LlamaDenoiserTower
@@ -78,21 +78,18 @@ class RepeatLast(Decoder):
         super().__init__()
         self.times = times
 
-    def _decode(self, call):
-        tracker = call.tracker(spare=self.times)
-        last = call.input_ids[:, -1:]
-        for _ in range(-(-call.max_new_tokens // self.times)):
-            tracker.count_forward(None)
-            tracker.commit(last.repeat(1, self.times), torch.full((last.shape[0],), self.times))
-        return tracker.output(call.input_ids, blocks=0)
+    # A step-wise decoder (prefill / advance over a DecodeState), so `serve` can batch it too.
+    def prefill(self, state):
+        state.carry["last"] = state.call.input_ids[:, -1:]
+
+    def advance(self, state, drafted):
+        block = state.carry["last"].repeat(1, self.times)
+        state.count_forward()
+        state.commit(block)
+        state.drop_finished()
 
 
-try:  # the decoder registry (servable custom decoders), where this version has one
-    from twotower.decoding.registry import register_decoder
-except ImportError:
-    pass
-else:
-    register_decoder("repeat", RepeatLast)
+register_decoder("repeat", RepeatLast)
 
 
 class GateOnly(TimeConditioning):
@@ -297,8 +294,6 @@ def test_serve_a_plugin_family(user):
     assert out["choices"][0]["finish_reason"] in ("stop", "length")
 
 
-@pytest.mark.xfail(strict=True, reason="serving a Decoder registered by name in a plug-in needs the decoder "
-                                       "registry (twotower/decoding/registry.py) and servable custom decoders")
 def test_serve_a_plugin_decoder(user):
     out = _serve_one(user["env"], user["tt"], {"prompt": "hi", "max_tokens": 4}, "--decoder", "repeat")
     assert out["choices"][0]["text"] == "iiii"
