@@ -35,7 +35,7 @@ from benchmarks.workload import REPO_ROOT, heldout_token_docs, select_windows  #
 from twotower import ByteTokenizer, TwoTowerLM  # noqa: E402
 from twotower.decoding import Autoregressive, RowTracker, Speculative, denoise_block  # noqa: E402
 from twotower.decoding import speculative as spec_module  # noqa: E402
-from twotower.towers import layers  # noqa: E402
+from twotower.towers.nemotron_h import layers  # noqa: E402
 
 
 def clocks() -> tuple[float, float]:

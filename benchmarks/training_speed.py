@@ -52,7 +52,7 @@ def training_speed(model, backbone: Path, rows: Tensor, *, steps: int, warmup: i
     (the context tower's checkpoint). Returns the per-step seconds, tokens / second of each path
     and ratio = AR step seconds / denoiser step seconds (= denoiser / AR tokens per second).
     """
-    from twotower.towers.context import ContextTower
+    from twotower.towers.nemotron_h.context import ContextTower
     from twotower.training import DenoiserFineTuning
 
     x = rows[:, :-1].to(device)

@@ -37,8 +37,6 @@ from .tokenizers import Tokenizer, find_tokenizer, save_tokenizer
 from .towers.adapters import DenoiserBuilder, builder_from_spec, is_adapter
 from .towers.base import ContextTowerBase, DenoiserTowerBase, family_for
 from .towers.checkpoints import module_name, released_name
-from .towers.context import ContextTower  # noqa: F401  (kept importable from here)
-from .towers.denoiser import DenoiserTower  # noqa: F401
 
 __all__ = ["TwoTowerLM"]
 
@@ -146,7 +144,7 @@ class TwoTowerLM(ReleasedGenerationMixin, nn.Module):
         den = builder.build(context, time_init=time_init, time=time,
                             device=denoiser_device if denoiser_device is not None else device)
         if not is_adapter(den):  # an adapter borrows the context's routers as they are
-            _match_router_precision(den, context)
+            den.match_precision(context)
         model = cls(context.config, block_size=block_size, mask_token_id=mask_token_id,
                     context=context, denoiser=den, shifted=shifted)
         model.denoiser_builder = builder
@@ -331,14 +329,14 @@ class TwoTowerLM(ReleasedGenerationMixin, nn.Module):
             return self
         compile_kwargs.setdefault("dynamic", True)
         # Instance attributes shadow the methods; the eager ones stay reachable through the class.
-        self.context._run = torch.compile(self.context._run, **compile_kwargs)
+        self.context.compile_forward(**compile_kwargs)
         self.denoiser.forward_block = torch.compile(self.denoiser.forward_block, **compile_kwargs)
         return self
 
     @property
     def compiled(self) -> bool:
         """Whether `compile_towers` has been called."""
-        return "_run" in vars(self.context)
+        return self.context.forward_compiled
 
     # ---- devices ------------------------------------------------------------------------------
     def place_towers_on_devices(self, ctx_device, den_device) -> "TwoTowerLM":
@@ -408,13 +406,3 @@ class TwoTowerLM(ReleasedGenerationMixin, nn.Module):
                                 eos_token_id=eos_token_id, generator=generator, step_callback=step_callback,
                                 stop=stop)
 
-
-def _match_router_precision(denoiser: DenoiserTowerBase, context: ContextTowerBase) -> None:
-    """`from_context` casts the whole denoiser to the context's first dtype; MoE routers must stay in
-    the context's (float32) precision, so re-copy them at full precision."""
-    with torch.no_grad():
-        for d_blk, c_blk in zip(denoiser.backbone.layers, context.backbone.layers):
-            if getattr(d_blk, "block_type", None) == "moe":
-                ref = next(c_blk.mixer.gate.parameters())
-                d_blk.mixer.gate.to(ref.dtype)
-                d_blk.mixer.gate.load_state_dict(c_blk.mixer.gate.state_dict())

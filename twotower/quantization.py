@@ -33,7 +33,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from .towers.layers import Experts
+from .towers.nemotron_h.layers import Experts
 
 QUANTIZE_MODES = ("int8",)
 
