@@ -5,7 +5,10 @@ registered later, which needs only a tiny config builder in conftest.FAMILY_CONF
 * the all-blocks training forward == per-block inference; its logits (all, or at a mask) == the full forward;
 * every decoder in twotower.decoding runs, rows do not depend on their batch, and Speculative ==
   Autoregressive; the two-device mirror gives the same tokens;
-* save_pretrained / from_pretrained round trip, with either time conditioning (by class_path).
+* save_pretrained / from_pretrained round trip, with either time conditioning (by class_path);
+* exact against transformers: a random `<Family>ForCausalLM` written by its own save_pretrained and
+  read by `ContextTowerBase.from_pretrained` gives its logits (full, prefill + extends), greedy AR
+  equals its `generate`, and speculative decoding through `TwoTowerLM` equals AR.
 """
 
 from __future__ import annotations
@@ -14,14 +17,16 @@ import json
 
 import pytest
 import torch
-from conftest import FAMILY_CONFIGS, MASK, left_pad, make_family_towers, random_prompts, run_decoder
+import transformers
+from conftest import (FAMILY_CONFIGS, MASK, PAD, left_pad, make_family_towers, random_prompts, randomize_,
+                      randomize_time_, run_decoder)
 from test_decoders import all_decoders
 
 from twotower.caches import Cache
 from twotower.decoding import Autoregressive, Speculative
 from twotower.model import TwoTowerLM
 from twotower.time_embedding import NoTimeConditioning, TimeConditioning
-from twotower.towers.base import ContextTowerBase, DenoiserTowerBase, registered_families
+from twotower.towers.base import ContextTowerBase, DenoiserTowerBase, family_for, registered_families
 
 TOL = dict(rtol=1e-5, atol=1e-5)
 
@@ -161,3 +166,48 @@ def test_save_and_load_round_trip(family, time, tmp_path):
         with torch.inference_mode():
             torch.testing.assert_close(back.denoiser.forward_block(x, cache, torch.tensor([0.2])),
                                        back.denoiser.forward_block(x, cache, torch.tensor([0.9])))
+
+
+# ---- exact against transformers: every family, read from its own transformers checkpoint ---------
+
+
+@pytest.fixture
+def hf_pair(family, tmp_path):
+    """(transformers model, its checkpoint folder, our context tower read from it): a random
+    `<Family>ForCausalLM` of the family's tiny config, written by its own save_pretrained."""
+    hf_class = getattr(transformers, family_for(family).hf_architecture)
+    hf = randomize_(hf_class(FAMILY_CONFIGS[family]()), seed=11).eval()
+    hf.save_pretrained(tmp_path / "ar")
+    return hf, tmp_path / "ar", ContextTowerBase.from_pretrained(tmp_path / "ar").eval()
+
+
+def test_context_logits_equal_transformers(hf_pair):
+    hf, _, ctx = hf_pair
+    ids = torch.randint(4, 64, (2, 30))
+    with torch.inference_mode():
+        want = hf(ids).logits.float()
+        assert_close(ctx(ids), want)
+        got, cache = ctx.prefill(ids[:, :9], capacity=10)  # the cache has to grow on the way
+        parts = [got] + [ctx.extend(cache, ids[:, lo:hi]) for lo, hi in ((9, 16), (16, 17), (17, 30))]
+        assert_close(torch.cat(parts, 1), want)
+
+
+def test_greedy_autoregressive_equals_transformers_generate(hf_pair):
+    hf, _, ctx = hf_pair
+    hf.generation_config.eos_token_id = None
+    prompt = torch.randint(4, 64, (1, 7))
+    with torch.inference_mode():
+        want = hf.generate(prompt, max_new_tokens=12, do_sample=False, pad_token_id=PAD)
+        got = run_decoder(Autoregressive(), ctx, None, prompt, max_new_tokens=12)
+    assert torch.equal(got.sequences, want)
+
+
+def test_speculative_equals_autoregressive_through_the_model(hf_pair):
+    _, path, _ = hf_pair
+    model = TwoTowerLM.from_backbone(path, block_size=4, mask_token_id=MASK).eval()
+    randomize_time_(model.denoiser, 12)
+    ids, mask = left_pad(random_prompts([3, 8, 5], seed=4))
+    with torch.inference_mode():
+        ar = model.generate(ids, mask, decoder=Autoregressive(), max_new_tokens=14)
+        spec = model.generate(ids, mask, decoder=Speculative(block_size=4), max_new_tokens=14)
+    assert torch.equal(spec.sequences, ar.sequences)
