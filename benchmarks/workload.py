@@ -100,14 +100,16 @@ def smoke_model(tmp: Path):
 
 
 def load_models(args, tmp: Path, device: torch.device, *, need_hf: bool = True):
-    """(TwoTowerLM, transformers NemotronHForCausalLM or None, backbone dir), in eval mode on `device`.
+    """(TwoTowerLM, the transformers `<Family>ForCausalLM` of its family or None, backbone dir), in eval
+    mode on `device`.
 
     The transformers baseline loads the same backbone weights in the same dtype, with EOS disabled
     so that it, like every mode of ours, generates exactly max_new_tokens.
     """
-    from transformers import NemotronHForCausalLM
+    import transformers
 
     from twotower.model import TwoTowerLM
+    from twotower.towers.base import family_for
 
     if args.smoke:
         model, backbone = smoke_model(tmp)
@@ -117,9 +119,10 @@ def load_models(args, tmp: Path, device: torch.device, *, need_hf: bool = True):
     model.to(device)
     if not need_hf:
         return model, None, Path(backbone)
-    dtype = model.context.backbone.embeddings.weight.dtype
+    dtype = next(model.context.parameters()).dtype
+    hf_class = getattr(transformers, family_for(model.config).hf_architecture)  # any registered family
     with quiet_transformers():
-        hf = NemotronHForCausalLM.from_pretrained(backbone, dtype=dtype).to(device).eval()
+        hf = hf_class.from_pretrained(backbone, dtype=dtype).to(device).eval()
     hf.generation_config.eos_token_id = None
     hf.generation_config.pad_token_id = model.config.pad_token_id if model.config.pad_token_id is not None else 0
     return model, hf, Path(backbone)

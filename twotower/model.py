@@ -33,7 +33,7 @@ from .decoding import Decoder, GenerationOutput, MaskDiffusion, ReleasedGenerati
 from .hub import model_reference, resolve_model
 from .prompting import Prompt, encode_prompt
 from .samplers import Sampler
-from .tokenizers import Tokenizer, find_tokenizer, save_tokenizer
+from .tokenizers import DEFAULT_MASK_TOKEN_ID, Tokenizer, find_tokenizer, save_tokenizer
 from .towers.adapters import DenoiserBuilder, builder_from_spec, is_adapter
 from .towers.base import ContextTowerBase, DenoiserTowerBase, family_for
 from .towers.checkpoints import module_name, released_name
@@ -41,7 +41,6 @@ from .towers.checkpoints import module_name, released_name
 __all__ = ["TwoTowerLM"]
 
 DEFAULT_BLOCK_SIZE = 16
-DEFAULT_MASK_TOKEN_ID = 3
 # An adapter checkpoint's weights: the denoiser's own parameters only (adapters + time conditioning).
 ADAPTER_FILE = "adapter.safetensors"
 
@@ -160,7 +159,7 @@ class TwoTowerLM(ReleasedGenerationMixin, nn.Module):
         fused or per-expert MoE weights), or a built-in model by name (`twotower.hub.resolve_model`:
         "embedded" is the embedded default), from any working directory.
 
-        `block_size` and `mask_token_id` come from config.json when present (else 16 and 3).
+        `block_size` and `mask_token_id` come from config.json when present (else DEFAULT_BLOCK_SIZE and DEFAULT_MASK_TOKEN_ID).
         dtype=None keeps the stored dtypes; otherwise floating weights are cast (routers stay float32).
         The model is built on the meta device and each weight is read once from the memory-mapped
         files straight into its dtype on its tower's device: the context tower on `device`, the
@@ -296,7 +295,7 @@ class TwoTowerLM(ReleasedGenerationMixin, nn.Module):
 
     def save_pretrained(self, path: str | os.PathLike, *, max_shard_size: int | None = None,
                         expert_layout: str = "fused", tokenizer: Tokenizer | None = None) -> None:
-        """Write the released layout: config.json (NemotronH config + block_size, mask_token_id,
+        """Write the released layout: config.json (the family's config + block_size, mask_token_id,
         architectures) and safetensors weights (sharded above `max_shard_size` bytes), and the
         tokenizer (`tokenizer`, default the model's own) beside them (`tokenizers.save_tokenizer`:
         HF files, or ``"tokenizer": "byte"`` in config.json). An adapter model (`denoiser=LoRA(...)`)
