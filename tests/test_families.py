@@ -78,6 +78,28 @@ def test_prefill_and_extends_equal_the_full_forward(pair):
             torch.testing.assert_close(logits[r, -len(p):], ctx(p[None])[0], **TOL)
 
 
+def test_cache_contract_concat_select_mirror(pair):
+    """Every family's cache: caches of other batches join (`concat`, shorter ones left-padded) and
+    split (`select`) without changing any row; a mirror and a clone read the same; `nbytes` counts."""
+    ctx, den = pair
+    a, b = torch.randint(4, 64, (1, 5)), torch.randint(4, 64, (2, 8))
+    nxt, block, t = torch.randint(4, 64, (3, 3)), torch.full((3, 4), MASK), torch.tensor([0.2, 0.5, 0.9])
+    with torch.inference_mode():
+        _, ca = ctx.prefill(a)
+        _, cb = ctx.prefill(b)
+        joined = type(ca).concat([ca, cb])
+        assert isinstance(joined, type(ca)) and joined.batch_size == 3 and joined.nbytes() > 0
+        den_joined = den.forward_block(block, joined, t)
+        assert_close(den.forward_block(block, joined.mirror_to("cpu"), t), den_joined)
+        assert_close(den_joined[1:], den.forward_block(block[1:], cb, t[1:]))
+        assert_close(den_joined[:1], den.forward_block(block[:1], ca, t[:1]))
+        got = ctx.extend(joined.clone(), nxt)
+        assert_close(got[:1], ctx.extend(ca.clone(), nxt[:1]))
+        assert_close(got[1:], ctx.extend(cb.clone(), nxt[1:]))
+        picked = joined.select(torch.tensor([2, 0]))
+        assert_close(ctx.extend(picked, nxt[[2, 0]]), got[[2, 0]])
+
+
 def test_training_forward_equals_per_block_inference(pair):
     ctx, den = pair
     S, nB = 4, 3

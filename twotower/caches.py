@@ -317,6 +317,9 @@ class KVBuffers(Cache):
             c.check_settled("concatenate it")
         first = caches[0]
         for c in caches[1:]:
+            if type(c) is not type(first):
+                raise ValueError(f"concat: caches of different kinds ({type(first).__name__}, {type(c).__name__}); "
+                                 "join caches of one tower family only")
             if c.device != first.device or len(c.keys) != len(first.keys):
                 raise ValueError(f"concat: caches differ in device or layers ({c.device}, {len(c.keys)} layers vs "
                                  f"{first.device}, {len(first.keys)}); build them with the same tower and device")
@@ -349,7 +352,8 @@ class KVBuffers(Cache):
         # compact can shrink by at most L minus the fullest row's real count, and each cache's fullest
         # row holds at least c.length - c.hole_bound real positions.
         bound = min(L - c.length + c.hole_bound for c in caches) if padded else 0
-        return cls._build(keys, values, states, mask, L, padded, hole_bound=bound)
+        # The first cache's class, whichever class this was called on: a family's cache joins as itself.
+        return type(first)._build(keys, values, states, mask, L, padded, hole_bound=bound)
 
     cat = concat
 

@@ -3,7 +3,9 @@
 A *family* is one backbone architecture (NemotronH, Llama, ...) turned into two towers. The
 decoders (`twotower/decoding/`), the training module (`DenoiserFineTuning`) and `TwoTowerLM` talk
 to towers only through the methods below, so a new family is three classes (context tower,
-denoiser tower, cache) plus one `register_family` call; nothing else changes.
+denoiser tower, cache) plus one `register_family` call; nothing else changes. A context tower writes
+one forward, `_forward_cached`; `forward`, `prefill`, `extend` and `logits` are this module's.
+Each family is a subpackage of `twotower/towers/` (`nemotron_h/`, `llama/`, `qwen2/`, `mistral/`).
 
 Shapes: B batch, T cached (context) length, n appended tokens, S block size, L = nB * S training
 length, V vocabulary, H hidden size.
@@ -63,7 +65,8 @@ class ContextTowerBase(nn.Module, abc.ABC):
     """The frozen AR model, run causally over clean tokens, leaving a per-layer cache behind.
 
     Subclasses hold `config` (the transformers config), `backbone` (a module whose state-dict names
-    are transformers' names below `model.`) and `lm_head` (the AR head, `lm_head.weight`).
+    are transformers' names below `model.`) and `lm_head` (the AR head, `lm_head.weight`), and
+    implement `_forward_cached`, `accept`, `empty_cache` and `forward_train`.
     `logits` arguments take "all" (B, n, V), "last" (B, 1, V) or "none" (None); logits are float32.
     """
 
