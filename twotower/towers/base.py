@@ -317,7 +317,9 @@ class TowerFamily:
     embed_key: the backbone name of the input embeddings (what a tied head copies);
     hf_architecture: the transformers class name written into an AR config.json;
     raw_config_check: called with a config.json dict before it is parsed, to raise a ValueError
-    naming what a file of this family lacks (None: transformers' own validation only).
+    naming what a file of this family lacks (None: transformers' own validation only);
+    float32_suffixes: weight names (by suffix) loaded and saved in float32 whatever the dtype asked
+    for, as transformers keeps them.
     """
 
     model_type: str
@@ -327,6 +329,7 @@ class TowerFamily:
     embed_key: str
     hf_architecture: str
     raw_config_check: Callable[[dict], None] | None = None
+    float32_suffixes: tuple[str, ...] = ()
 
     def check_raw_config(self, raw: dict) -> None:
         """Raise ValueError if a config.json dict cannot be this family's (see `raw_config_check`)."""

@@ -54,9 +54,6 @@ CONFIG_NAME = "config.json"
 SINGLE_WEIGHTS_NAME = "model.safetensors"
 INDEX_NAME = "model.safetensors.index.json"
 
-# transformers keeps these in float32 whatever the model dtype (router logits and the
-# choose-only correction bias decide expert selection; bf16 would change which experts win).
-_FP32_SUFFIXES = ("e_score_correction_bias", "mixer.gate.weight")
 
 # transformers writes +-inf / nan in config.json as {"__float__": "Infinity"}; it decodes them
 # only in from_pretrained, not in from_dict, so we do the same translation ourselves.
@@ -233,10 +230,19 @@ def _as_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
 
 def target_dtype(key: str, t: Tensor, dtype: torch.dtype | None) -> torch.dtype:
     """The dtype tensor `key` is loaded in when `dtype` is asked for: floating tensors take it, except
-    the MoE routers (float32 always); None and non-floating tensors keep their own."""
+    those a family keeps in float32 (`TowerFamily.float32_suffixes`: NemotronH's MoE routers); None
+    and non-floating tensors keep their own."""
     if dtype is None or not t.is_floating_point():
         return t.dtype
-    return torch.float32 if key.endswith(_FP32_SUFFIXES) else dtype
+    return torch.float32 if key.endswith(_float32_suffixes()) else dtype
+
+
+def _float32_suffixes() -> tuple[str, ...]:
+    # Every registered family's: the keys are not tied to a config here, and the names are distinct
+    # enough ("mixer.gate.weight" is a NemotronH router, never a Llama-like "mlp.gate_proj.weight").
+    from .base import registered_families
+
+    return tuple(s for family in registered_families().values() for s in family.float32_suffixes)
 
 
 # --------------------------------------------------------------------------------------------

@@ -25,4 +25,8 @@ def check_raw_config(raw: dict) -> None:
 
 register_family(TowerFamily(model_type="nemotron_h", config_class=NemotronHConfig, context=ContextTower,
                             denoiser=DenoiserTower, embed_key="embeddings.weight",
-                            hf_architecture="NemotronHForCausalLM", raw_config_check=check_raw_config))
+                            hf_architecture="NemotronHForCausalLM", raw_config_check=check_raw_config,
+                            # transformers keeps the routers in float32 whatever the model dtype (router
+                            # logits and the choose-only correction bias decide expert selection; bf16
+                            # would change which experts win).
+                            float32_suffixes=("e_score_correction_bias", "mixer.gate.weight")))
