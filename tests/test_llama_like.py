@@ -41,7 +41,7 @@ def test_qwen2_has_qkv_biases_and_no_o_proj_bias():
 ], ids=["mistral", "qwen2"])
 def test_sliding_window_is_exact_up_to_the_window_and_refused_past_it(hf_class, tower_class, config):
     hf, ctx = pair(hf_class, tower_class, config, seed=2)
-    assert ctx.backbone.window == WINDOW
+    assert ctx.backbone.window == WINDOW and ctx.max_length == WINDOW
     ids = torch.randint(4, 64, (2, WINDOW + 8))
     with torch.inference_mode():
         want = hf(ids[:, :WINDOW]).logits.float()
@@ -71,6 +71,7 @@ def test_the_denoiser_refuses_a_block_past_the_window():
 def test_without_a_window_any_length_runs():
     hf, ctx = pair(Qwen2ForCausalLM, Qwen2ContextTower, tiny_qwen2_config(sliding_window=WINDOW), seed=4)
     assert ctx.backbone.window is None  # use_sliding_window is off: transformers ignores sliding_window
+    assert ctx.max_length == ctx.config.max_position_embeddings
     ids = torch.randint(4, 64, (1, 3 * WINDOW))
     with torch.inference_mode():
         torch.testing.assert_close(ctx(ids), hf(ids).logits.float(), **TOL)

@@ -133,6 +133,12 @@ class ContextTowerBase(nn.Module, abc.ABC):
         `accept` needs. cache None: a plain causal forward.
         """
 
+    @property
+    def max_length(self) -> int | None:
+        """The most cache positions this tower runs (None: no limit): the config's
+        max_position_embeddings, or less where the family refuses longer runs (a sliding window)."""
+        return getattr(self.config, "max_position_embeddings", None)
+
     # ---- compile ------------------------------------------------------------------------------
     def compile_forward(self, **compile_kwargs) -> None:
         """`torch.compile` the family's cached forward (the hot path of prefill and every extend),

@@ -50,6 +50,12 @@ class LlamaContextTower(ContextTowerBase):
         self.backbone = self.backbone_class(config)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
 
+    @property
+    def max_length(self) -> int | None:
+        """max_position_embeddings, or the sliding window when it is shorter (`check_window`)."""
+        limits = [v for v in (super().max_length, self.backbone.window) if v is not None]
+        return min(limits) if limits else None
+
     # ---- the cached forward (prefill / extend / logits: ContextTowerBase) -----------------------
     def empty_cache(self, batch: int, *, capacity: int = 64, device=None) -> KVCache:
         """An empty KVCache for `batch` rows with room for `capacity` positions (grows when needed)."""
