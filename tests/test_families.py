@@ -8,7 +8,9 @@ registered later, which needs only a tiny config builder in conftest.FAMILY_CONF
 * save_pretrained / from_pretrained round trip, with either time conditioning (by class_path);
 * exact against transformers: a random `<Family>ForCausalLM` written by its own save_pretrained and
   read by `ContextTowerBase.from_pretrained` gives its logits (full, prefill + extends), greedy AR
-  equals its `generate`, and speculative decoding through `TwoTowerLM` equals AR.
+  equals its `generate`, and speculative decoding through `TwoTowerLM` equals AR;
+* the layout: nothing under twotower/towers imports the model, and families import no sibling
+  (the Llama-like ones build on Llama).
 """
 
 from __future__ import annotations
@@ -233,3 +235,52 @@ def test_speculative_equals_autoregressive_through_the_model(hf_pair):
         ar = model.generate(ids, mask, decoder=Autoregressive(), max_new_tokens=14)
         spec = model.generate(ids, mask, decoder=Speculative(block_size=4), max_new_tokens=14)
     assert torch.equal(spec.sequences, ar.sequences)
+
+
+# ---- layout: families are siblings, and nothing under towers/ reaches the model -------------------
+
+# The one deferred import allowed: checkpoints.py forwards `export_checkpoint` to twotower.export
+# until twotower/cli.py imports it from there (owned elsewhere); delete both lines together.
+FORWARDED = {("checkpoints.py", "twotower.export")}
+# A Llama-like family builds on Llama's towers; no other family imports a sibling.
+MAY_IMPORT = {"qwen2": {"llama"}, "mistral": {"llama"}}
+
+
+def imported_modules(file, package: str) -> set[str]:
+    """Absolute names of every module `file` imports (module level or inside functions, relative
+    imports resolved against `package`), plus string arguments of importlib.import_module calls."""
+    import ast
+
+    found = set()
+    for node in ast.walk(ast.parse(file.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.Import):
+            found |= {a.name for a in node.names}
+        elif isinstance(node, ast.ImportFrom):
+            base = package.split(".")[: len(package.split(".")) - node.level + 1] if node.level else []
+            module = ".".join(base + ([node.module] if node.module else []))
+            found |= {module} | {f"{module}.{a.name}" for a in node.names}
+        elif isinstance(node, ast.Call) and getattr(node.func, "attr", None) == "import_module" and node.args \
+                and isinstance(node.args[0], ast.Constant) and isinstance(node.args[0].value, str):
+            found.add(node.args[0].value)
+    return found
+
+
+def test_nothing_under_towers_imports_the_model_and_families_are_siblings():
+    from pathlib import Path
+
+    import twotower.towers as towers_pkg
+
+    root = Path(towers_pkg.__file__).parent
+    for file in root.rglob("*.py"):
+        rel = file.relative_to(root)
+        package = ".".join(["twotower", "towers", *rel.parts[:-1]])
+        mods = imported_modules(file, package)
+        for bad in ("twotower.model", "twotower.export"):
+            hits = {m for m in mods if m == bad or m.startswith(bad + ".")}
+            if (str(rel), bad) not in FORWARDED:
+                assert not hits, f"towers/{rel} imports {sorted(hits)}: nothing under towers/ may import the model"
+        if len(rel.parts) > 1:  # a family's module
+            family = rel.parts[0]
+            siblings = {m.split(".")[2] for m in mods if m.startswith("twotower.towers.") and len(m.split(".")) > 3
+                        and m.split(".")[2] in FAMILIES} - {family}
+            assert siblings <= MAY_IMPORT.get(family, set()), f"towers/{rel} imports the families {sorted(siblings)}"
