@@ -68,7 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--model", default=DEFAULT_MODEL, help="two-tower checkpoint directory")
     p.add_argument("--backbone", default=DEFAULT_BACKBONE,
-                   help="AR NemotronH checkpoint (transformers baseline, training)")
+                   help="AR checkpoint of the model's family (transformers baseline, training)")
     p.add_argument("--prompts", type=int, default=32, help="held-out prompts per seed")
     p.add_argument("--prompt-len", type=int, default=128, help="prompt tokens (after [bos])")
     p.add_argument("--max-new-tokens", type=int, default=64)
@@ -250,7 +250,7 @@ def _run(args, modes: list[mode_lib.Mode], seeds: list[int], batch_sizes: list[i
                   "seeds": seeds, "prompt_source": source, "modes": [m.name for m in modes],
                   "batch_sizes": batch_sizes, "temperature": 0.0,
                   "eos": "ignored (eos_token_id=None): every mode generates max_new_tokens",
-                  "agreement_tokens": AGREEMENT_TOKENS, "dtype": str(model.context.backbone.embeddings.weight.dtype),
+                  "agreement_tokens": AGREEMENT_TOKENS, "dtype": str(next(model.context.parameters()).dtype),
                   "block_size_model": model.block_size},
               "machine": workload.machine_info(device, threads),
               "per_seed": per_seed, "runs": runs, "summary": summary, "targets": check_targets(summary)}

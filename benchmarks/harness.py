@@ -1,7 +1,7 @@
 """Running and timing the modes: one warm-up call each, then interleaved timed passes.
 
 Every mode of ours generates through its decoder's public `generate`; the transformers baseline
-through `NemotronHForCausalLM.generate`. EOS is ignored everywhere, so each call yields exactly
+through its family's `<Family>ForCausalLM.generate` (`TowerFamily.hf_architecture`). EOS is ignored everywhere, so each call yields exactly
 max_new_tokens per row and tokens / second compare like for like. Memory is read from tensor
 shapes on CPU (parameters + the run's cache) and from the allocator on CUDA.
 """

@@ -18,7 +18,7 @@ On CUDA every timed call synchronises the device, which adds a little time of it
 A step is one AR decode step (`extend`), one speculative iteration (`accept`, once per draft and
 verify) or one denoising step (`forward_block`); `per_iteration` divides a speculative profile by
 its iterations and expresses an iteration in AR decode steps of an AR profile from the same run.
-The tokens each iteration accepted are read from the `keep` argument of `ContextTower.accept`
+The tokens each iteration accepted are read from the `keep` argument of `ContextTowerBase.accept`
 (the public method the profile already wraps), outside the timed span.
 """
 
@@ -87,7 +87,7 @@ class PhaseTimer:
 
 
 def _record_keep(kept: list, fn):
-    """`ContextTower.accept` wrapped so that every call's `keep` (R,) lands in `kept` as a list of ints."""
+    """`ContextTowerBase.accept` wrapped so that every call's `keep` (R,) lands in `kept` as a list of ints."""
     def accept(cache, keep, *a, **k):
         out = fn(cache, keep, *a, **k)
         kept.append([int(v) for v in keep.reshape(-1).tolist()] if isinstance(keep, Tensor) else [int(keep)])

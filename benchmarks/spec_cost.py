@@ -4,8 +4,8 @@ Two parts, on the embedded default and held-out prompt windows (as `bench.py` dr
 no EOS (every row makes --max-new-tokens):
 
 1. The cost split of one `Speculative` iteration at each batch size: the denoiser's draft forward
-   (`DenoiserTower.forward_block`), the verifying extend (`ContextTower.extend`, provisional), the
-   rollback (`ContextTower.accept`), the per-row bookkeeping (`RowTracker.commit`) and the rest of
+   (`DenoiserTowerBase.forward_block`), the verifying extend (`ContextTowerBase.extend`, provisional), the
+   rollback (`ContextTowerBase.accept`), the per-row bookkeeping (`RowTracker.commit`) and the rest of
    the loop (draft choice, agreement, row dropping, compaction, host syncs), per iteration, next to
    one AR step (`Autoregressive`'s whole call divided by its steps). The prefill, paid once per
    call by both decoders, is left out of both.
@@ -35,7 +35,7 @@ from benchmarks.workload import REPO_ROOT, heldout_token_docs, select_windows  #
 from twotower import ByteTokenizer, TwoTowerLM  # noqa: E402
 from twotower.decoding import Autoregressive, RowTracker, Speculative, denoise_block  # noqa: E402
 from twotower.decoding import speculative as spec_module  # noqa: E402
-from twotower.towers import layers  # noqa: E402
+from twotower.towers.nemotron_h import layers  # noqa: E402
 
 
 def clocks() -> tuple[float, float]:

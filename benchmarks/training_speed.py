@@ -2,7 +2,7 @@
 
 The denoiser step is what fine-tuning costs (`DenoiserFineTuning.forward_loss`: a frozen context
 pass plus the denoiser over every block, backward, AdamW); the AR step is what training the
-backbone itself costs (a trainable `ContextTower`, next-token cross-entropy, backward, AdamW).
+backbone itself costs (a trainable context tower of its family, next-token cross-entropy, backward, AdamW).
 The ratio of their tokens / second says how much dearer fine-tuning is than AR training.
 """
 
@@ -52,7 +52,7 @@ def training_speed(model, backbone: Path, rows: Tensor, *, steps: int, warmup: i
     (the context tower's checkpoint). Returns the per-step seconds, tokens / second of each path
     and ratio = AR step seconds / denoiser step seconds (= denoiser / AR tokens per second).
     """
-    from twotower.towers.context import ContextTower
+    from twotower.towers.base import ContextTowerBase
     from twotower.training import DenoiserFineTuning
 
     x = rows[:, :-1].to(device)
@@ -73,7 +73,7 @@ def training_speed(model, backbone: Path, rows: Tensor, *, steps: int, warmup: i
     den_times = _step_seconds(denoiser_step, steps, warmup, device)
     del ft, opt, params  # free the fine-tuning copy before the AR model loads
 
-    ar = ContextTower.from_pretrained(backbone).to(device).train().requires_grad_(True)
+    ar = ContextTowerBase.from_pretrained(backbone)  # any registered family.to(device).train().requires_grad_(True)
     ar_opt = torch.optim.AdamW(ar.parameters(), lr=1e-5)
     target = rows[:, 1:].to(device)
 

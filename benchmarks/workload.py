@@ -82,8 +82,8 @@ def heldout_token_docs(smoke: bool, tokenizer) -> tuple[list[list[int]], str]:
 def smoke_model(tmp: Path):
     """(a tiny random TwoTowerLM over the byte vocabulary (260), the directory its backbone is saved in)."""
     from twotower.model import TwoTowerLM
-    from twotower.towers.context import ContextTower
-    from twotower.towers.loading import save_backbone_hf
+    from twotower.towers.nemotron_h.context import ContextTower
+    from twotower.towers.saving import save_backbone_hf
     from twotower.training import init_weights, tiny_nemotron_config
 
     cfg = tiny_nemotron_config(pattern="M*-EM*E", vocab_size=260, hidden_size=32, num_attention_heads=4,
@@ -100,14 +100,16 @@ def smoke_model(tmp: Path):
 
 
 def load_models(args, tmp: Path, device: torch.device, *, need_hf: bool = True):
-    """(TwoTowerLM, transformers NemotronHForCausalLM or None, backbone dir), in eval mode on `device`.
+    """(TwoTowerLM, the transformers `<Family>ForCausalLM` of its family or None, backbone dir), in eval
+    mode on `device`.
 
     The transformers baseline loads the same backbone weights in the same dtype, with EOS disabled
     so that it, like every mode of ours, generates exactly max_new_tokens.
     """
-    from transformers import NemotronHForCausalLM
+    import transformers
 
     from twotower.model import TwoTowerLM
+    from twotower.towers.base import family_for
 
     if args.smoke:
         model, backbone = smoke_model(tmp)
@@ -117,9 +119,10 @@ def load_models(args, tmp: Path, device: torch.device, *, need_hf: bool = True):
     model.to(device)
     if not need_hf:
         return model, None, Path(backbone)
-    dtype = model.context.backbone.embeddings.weight.dtype
+    dtype = next(model.context.parameters()).dtype
+    hf_class = getattr(transformers, family_for(model.config).hf_architecture)  # any registered family
     with quiet_transformers():
-        hf = NemotronHForCausalLM.from_pretrained(backbone, dtype=dtype).to(device).eval()
+        hf = hf_class.from_pretrained(backbone, dtype=dtype).to(device).eval()
     hf.generation_config.eos_token_id = None
     hf.generation_config.pad_token_id = model.config.pad_token_id if model.config.pad_token_id is not None else 0
     return model, hf, Path(backbone)

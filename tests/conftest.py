@@ -148,7 +148,7 @@ BYTE_CHECKPOINT = dict(vocab_size=260, scale=0.1)  # the on-disk tiny checkpoint
 def make_context(pattern: str = "M*-EM*E", seed: int = 0, scale: float = 0.2, *, low_dt: bool = False, **overrides):
     """A random tiny ContextTower (eval mode) on tiny_config(pattern, **overrides); low_dt: with
     trained_time_steps_(seed) applied (time steps below time_step_min)."""
-    from twotower.towers.context import ContextTower
+    from twotower.towers.nemotron_h.context import ContextTower
 
     tower = randomize_(ContextTower(tiny_config(pattern, **overrides)), seed=seed, scale=scale)
     return (trained_time_steps_(tower, seed) if low_dt else tower).eval()
@@ -181,7 +181,7 @@ def make_towers(pattern: str = "M*-EM*E", seed: int = 0, *, scale: float = 0.2, 
     copy (DenoiserTower.from_context(ctx, time_init=...)), perturbed by perturb_denoiser_ (default:
     random time modules; identity / time_seed / denoiser_seed as there). Both in eval mode; with
     low_dt a randomized denoiser gets trained time steps too."""
-    from twotower.towers.denoiser import DenoiserTower
+    from twotower.towers.nemotron_h.denoiser import DenoiserTower
 
     ctx = make_context(pattern, seed, scale, low_dt=low_dt, **overrides)
     den = DenoiserTower.from_context(ctx, time_init=time_init).eval()
@@ -226,7 +226,7 @@ def hf_backbone_state(ref) -> dict[str, torch.Tensor]:
 def make_hf_pair(pattern: str = "M*-EM*E", seed: int = 0, *, low_dt: bool = False, **overrides):
     """(reference, tower): make_hf_model(pattern, seed, low_dt=..., **overrides) and our ContextTower
     (eval mode) holding the same weights."""
-    from twotower.towers.context import ContextTower
+    from twotower.towers.nemotron_h.context import ContextTower
 
     ref = make_hf_model(pattern, seed, low_dt=low_dt, **overrides)
     tower = ContextTower(ref.config).eval()
@@ -294,7 +294,7 @@ def autoregressive(ctx, ids, mask=None, *, temperature: float = 0.0, max_new_tok
 
 def save_backbone(ctx, path, **kwargs):
     """Write a ContextTower to `path` as an AR NemotronH checkpoint (what from_backbone reads)."""
-    from twotower.towers.loading import save_backbone_hf
+    from twotower.towers.saving import save_backbone_hf
 
     state = {k.removeprefix("backbone."): v for k, v in ctx.state_dict().items()}
     save_backbone_hf(state, path, config=ctx.config, **kwargs)
@@ -426,9 +426,33 @@ def tiny_llama_config(**overrides):
     return LlamaConfig(**kwargs)
 
 
+def tiny_qwen2_config(**overrides):
+    """A transformers Qwen2Config of the same tiny shape (q/k/v biases, no o_proj bias, by design)."""
+    from transformers import Qwen2Config
+
+    kwargs = dict(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=3, num_attention_heads=4,
+                  num_key_value_heads=2, max_position_embeddings=512, pad_token_id=0, bos_token_id=1,
+                  eos_token_id=2, tie_word_embeddings=False)
+    kwargs.update(overrides)
+    return Qwen2Config(**kwargs)
+
+
+def tiny_mistral_config(**overrides):
+    """A transformers MistralConfig of the same tiny shape; its sliding window (default 64) is longer
+    than every sequence the contract tests run, so it never drops a key (longer runs are refused)."""
+    from transformers import MistralConfig
+
+    kwargs = dict(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=3, num_attention_heads=4,
+                  num_key_value_heads=2, head_dim=8, max_position_embeddings=512, sliding_window=64,
+                  pad_token_id=0, bos_token_id=1, eos_token_id=2, tie_word_embeddings=False)
+    kwargs.update(overrides)
+    return MistralConfig(**kwargs)
+
+
 # model_type -> a tiny config builder (**overrides). The family contract test (test_families.py)
 # runs over every registered family and needs one here: a new family adds its builder.
-FAMILY_CONFIGS = {"nemotron_h": tiny_config, "llama": tiny_llama_config}
+FAMILY_CONFIGS = {"nemotron_h": tiny_config, "llama": tiny_llama_config, "qwen2": tiny_qwen2_config,
+                  "mistral": tiny_mistral_config}
 
 
 def make_family_towers(model_type: str, seed: int = 0, **overrides):

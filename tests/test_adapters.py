@@ -22,9 +22,12 @@ from twotower.towers.adapters import (LLAMA_PROJECTIONS, Borrowed, DenoiserBuild
 from twotower.towers.base import ContextTowerBase, family_for
 from twotower.towers.llama import LlamaContextTower
 
-# Every projection of both families: NemotronH's Mamba in_proj / out_proj, attention and MLPs.
+# Every projection of every family: NemotronH's Mamba in_proj / out_proj, attention and MLPs; the
+# Llama-like families (Llama, Qwen2, Mistral) share Llama's projection names.
 ALL_PROJECTIONS = ("in_proj", "out_proj") + LLAMA_PROJECTIONS
-TARGETS = {"llama": LLAMA_PROJECTIONS, "nemotron_h": ALL_PROJECTIONS}
+TARGETS = {"llama": LLAMA_PROJECTIONS, "qwen2": LLAMA_PROJECTIONS, "mistral": LLAMA_PROJECTIONS,
+           "nemotron_h": ALL_PROJECTIONS}
+FAMILIES = sorted(FAMILY_CONFIGS)
 
 
 def family_context(model_type: str, seed: int = 0, **overrides) -> ContextTowerBase:
@@ -66,7 +69,7 @@ def both_forwards(ctx, den, seed: int = 0, S: int = 4, nB: int = 3):
 # ---- the contract: a fresh adapter is the full copy -------------------------------------------------
 
 
-@pytest.mark.parametrize("model_type", ["llama", "nemotron_h"])
+@pytest.mark.parametrize("model_type", FAMILIES)
 def test_fresh_lora_denoiser_gives_exactly_the_full_copys_logits(model_type):
     ctx = family_context(model_type, seed=1)
     full = FullCopy().build(ctx).eval()
@@ -85,7 +88,7 @@ def test_fresh_lora_denoiser_gives_exactly_the_full_copys_logits(model_type):
     assert not torch.allclose(moved[0], want[0]) and not torch.allclose(moved[1], want[1])
 
 
-@pytest.mark.parametrize("model_type", ["llama", "nemotron_h"])
+@pytest.mark.parametrize("model_type", FAMILIES)
 def test_lora_update_equals_a_full_copy_with_merged_weights(model_type):
     """W x + (alpha / r) B A x: a full copy whose projections hold W + (alpha / r) B A gives the same logits."""
     ctx = family_context(model_type, seed=3)
@@ -144,7 +147,7 @@ def _in_place_changes(ctx, model_type: str) -> dict:
     """name -> a function changing one context tensor in place: a borrowed module's (the final norm),
     an adapted projection's base weight and, on NemotronH, a split Mamba mixer's own A_log."""
     b = ctx.backbone
-    if model_type == "llama":
+    if model_type != "nemotron_h":  # the Llama-like families
         return {"borrowed norm": lambda: b.norm.weight.add_(0.1),
                 "adapted base": lambda: b.layers[0].mlp.down_proj.weight.mul_(2)}
     return {"borrowed norm": lambda: b.norm_f.weight.add_(0.1),
@@ -152,7 +155,7 @@ def _in_place_changes(ctx, model_type: str) -> dict:
             "split mixer": lambda: b.layers[0].mixer.A_log.add_(0.5)}
 
 
-@pytest.mark.parametrize("model_type", ["llama", "nemotron_h"])
+@pytest.mark.parametrize("model_type", FAMILIES)
 def test_a_context_weight_changed_in_place_changes_the_denoiser(model_type):
     ctx = family_context(model_type, seed=7)
     den = LoRA(rank=4, targets=TARGETS[model_type]).build(ctx).eval()
@@ -218,12 +221,12 @@ def test_bad_lora_arguments_are_refused(kwargs, match):
         LoRA(**kwargs)
 
 
-@pytest.mark.parametrize("model_type", ["llama", "nemotron_h"])
+@pytest.mark.parametrize("model_type", FAMILIES)
 def test_targets_matching_no_projection_name_the_real_ones(model_type):
     ctx = family_context(model_type)
     with pytest.raises(ValueError, match=r"match no linear layer.*q_proj"):
         LoRA(rank=2, targets=["query", "value"]).build(ctx)
-    if model_type == "llama":  # Mamba's names on a Llama
+    if model_type != "nemotron_h":  # Mamba's names on a Llama-like family
         with pytest.raises(ValueError, match=r"\['in_proj', 'out_proj'\] match no linear layer"):
             LoRA(rank=2, targets=["in_proj", "out_proj"]).build(ctx)
 

@@ -8,7 +8,7 @@ from conftest import dt_regimes, make_towers, randomize_
 
 from twotower.caches import HybridCache
 from twotower.time_embedding import AdaLNSingle, sinusoidal_features
-from twotower.towers.denoiser import block_attention_mask
+from twotower.towers.common import block_attention_mask
 
 # PixArt time init, and every denoiser weight random so that neither it nor its time modules equal
 # the context tower.

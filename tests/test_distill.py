@@ -10,7 +10,7 @@ from conftest import randomize_, save_tiny_backbone
 import twotower.data.distill as distill
 from twotower.data import DistilledDataModule, distill_rows
 from twotower.model import TwoTowerLM
-from twotower.towers.context import ContextTower
+from twotower.towers.nemotron_h.context import ContextTower
 from twotower.training import DenoiserFineTuning
 
 

@@ -1,11 +1,16 @@
-"""The tower-family contract, run over every registered family (NemotronH, Llama, and any family
+"""The tower-family contract, run over every registered family (NemotronH, Llama, Qwen2, Mistral, and any family
 registered later, which needs only a tiny config builder in conftest.FAMILY_CONFIGS):
 
 * prefill + extends (1 token and blocks) == the full forward; left-padded rows == rows alone;
 * the all-blocks training forward == per-block inference; its logits (all, or at a mask) == the full forward;
 * every decoder in twotower.decoding runs, rows do not depend on their batch, and Speculative ==
   Autoregressive; the two-device mirror gives the same tokens;
-* save_pretrained / from_pretrained round trip, with either time conditioning (by class_path).
+* save_pretrained / from_pretrained round trip, with either time conditioning (by class_path);
+* exact against transformers: a random `<Family>ForCausalLM` written by its own save_pretrained and
+  read by `ContextTowerBase.from_pretrained` gives its logits (full, prefill + extends), greedy AR
+  equals its `generate`, and speculative decoding through `TwoTowerLM` equals AR;
+* the layout: nothing under twotower/towers imports the model, and families import no sibling
+  (the Llama-like ones build on Llama).
 """
 
 from __future__ import annotations
@@ -14,14 +19,16 @@ import json
 
 import pytest
 import torch
-from conftest import FAMILY_CONFIGS, MASK, left_pad, make_family_towers, random_prompts, run_decoder
+import transformers
+from conftest import (FAMILY_CONFIGS, MASK, PAD, left_pad, make_family_towers, random_prompts, randomize_,
+                      randomize_time_, run_decoder)
 from test_decoders import all_decoders
 
 from twotower.caches import Cache
 from twotower.decoding import Autoregressive, Speculative
 from twotower.model import TwoTowerLM
 from twotower.time_embedding import NoTimeConditioning, TimeConditioning
-from twotower.towers.base import ContextTowerBase, DenoiserTowerBase, registered_families
+from twotower.towers.base import ContextTowerBase, DenoiserTowerBase, family_for, registered_families
 
 TOL = dict(rtol=1e-5, atol=1e-5)
 
@@ -37,7 +44,7 @@ FAMILIES = sorted(registered_families())
 def test_every_registered_family_has_a_test_config():
     missing = set(FAMILIES) - set(FAMILY_CONFIGS)
     assert not missing, f"add a tiny config builder for {sorted(missing)} to tests/conftest.py FAMILY_CONFIGS"
-    assert {"nemotron_h", "llama"} <= set(FAMILIES)
+    assert {"nemotron_h", "llama", "qwen2", "mistral"} <= set(FAMILIES)
 
 
 @pytest.fixture(params=FAMILIES)
@@ -73,6 +80,28 @@ def test_prefill_and_extends_equal_the_full_forward(pair):
             torch.testing.assert_close(logits[r, -len(p):], ctx(p[None])[0], **TOL)
 
 
+def test_cache_contract_concat_select_mirror(pair):
+    """Every family's cache: caches of other batches join (`concat`, shorter ones left-padded) and
+    split (`select`) without changing any row; a mirror and a clone read the same; `nbytes` counts."""
+    ctx, den = pair
+    a, b = torch.randint(4, 64, (1, 5)), torch.randint(4, 64, (2, 8))
+    nxt, block, t = torch.randint(4, 64, (3, 3)), torch.full((3, 4), MASK), torch.tensor([0.2, 0.5, 0.9])
+    with torch.inference_mode():
+        _, ca = ctx.prefill(a)
+        _, cb = ctx.prefill(b)
+        joined = type(ca).concat([ca, cb])
+        assert isinstance(joined, type(ca)) and joined.batch_size == 3 and joined.nbytes() > 0
+        den_joined = den.forward_block(block, joined, t)
+        assert_close(den.forward_block(block, joined.mirror_to("cpu"), t), den_joined)
+        assert_close(den_joined[1:], den.forward_block(block[1:], cb, t[1:]))
+        assert_close(den_joined[:1], den.forward_block(block[:1], ca, t[:1]))
+        got = ctx.extend(joined.clone(), nxt)
+        assert_close(got[:1], ctx.extend(ca.clone(), nxt[:1]))
+        assert_close(got[1:], ctx.extend(cb.clone(), nxt[1:]))
+        picked = joined.select(torch.tensor([2, 0]))
+        assert_close(ctx.extend(picked, nxt[[2, 0]]), got[[2, 0]])
+
+
 def test_training_forward_equals_per_block_inference(pair):
     ctx, den = pair
     S, nB = 4, 3
@@ -104,9 +133,19 @@ def test_training_forward_logits_at_a_mask_are_the_full_forwards_there(pair):
         ctx.forward_train(x, S, return_logits=where[:, :-1])
 
 
+def never_predict_mask_(*towers) -> None:
+    """Zero the [MASK] row of every head: its logit is then 0, below the best of 63 random logits.
+    A random AR model may rank [MASK] first (and the AR-exact decoders then rightly emit it); a
+    trained one never does, and the no-[MASK] check below is about the decoders, not the model."""
+    with torch.no_grad():
+        for tower in towers:
+            tower.lm_head.weight[MASK] = 0
+
+
 @pytest.mark.parametrize("cls", all_decoders(), ids=lambda c: c.__name__)
 def test_every_decoder_runs_and_rows_are_independent(family, cls):
     ctx, den = make_family_towers(family, seed=6)
+    never_predict_mask_(ctx, den)
     prompts = random_prompts([4, 1, 6], seed=2)
     ids, mask = left_pad(prompts)
     with torch.inference_mode():
@@ -151,3 +190,97 @@ def test_save_and_load_round_trip(family, time, tmp_path):
         with torch.inference_mode():
             torch.testing.assert_close(back.denoiser.forward_block(x, cache, torch.tensor([0.2])),
                                        back.denoiser.forward_block(x, cache, torch.tensor([0.9])))
+
+
+# ---- exact against transformers: every family, read from its own transformers checkpoint ---------
+
+
+@pytest.fixture
+def hf_pair(family, tmp_path):
+    """(transformers model, its checkpoint folder, our context tower read from it): a random
+    `<Family>ForCausalLM` of the family's tiny config, written by its own save_pretrained."""
+    hf_class = getattr(transformers, family_for(family).hf_architecture)
+    hf = randomize_(hf_class(FAMILY_CONFIGS[family]()), seed=11).eval()
+    hf.save_pretrained(tmp_path / "ar")
+    return hf, tmp_path / "ar", ContextTowerBase.from_pretrained(tmp_path / "ar").eval()
+
+
+def test_context_logits_equal_transformers(hf_pair):
+    hf, _, ctx = hf_pair
+    ids = torch.randint(4, 64, (2, 30))
+    with torch.inference_mode():
+        want = hf(ids).logits.float()
+        assert_close(ctx(ids), want)
+        got, cache = ctx.prefill(ids[:, :9], capacity=10)  # the cache has to grow on the way
+        parts = [got] + [ctx.extend(cache, ids[:, lo:hi]) for lo, hi in ((9, 16), (16, 17), (17, 30))]
+        assert_close(torch.cat(parts, 1), want)
+
+
+def test_greedy_autoregressive_equals_transformers_generate(hf_pair):
+    hf, _, ctx = hf_pair
+    hf.generation_config.eos_token_id = None
+    prompt = torch.randint(4, 64, (1, 7))
+    with torch.inference_mode():
+        want = hf.generate(prompt, max_new_tokens=12, do_sample=False, pad_token_id=PAD)
+        got = run_decoder(Autoregressive(), ctx, None, prompt, max_new_tokens=12)
+    assert torch.equal(got.sequences, want)
+
+
+def test_speculative_equals_autoregressive_through_the_model(hf_pair):
+    _, path, _ = hf_pair
+    model = TwoTowerLM.from_backbone(path, block_size=4, mask_token_id=MASK).eval()
+    randomize_time_(model.denoiser, 12)
+    ids, mask = left_pad(random_prompts([3, 8, 5], seed=4))
+    with torch.inference_mode():
+        ar = model.generate(ids, mask, decoder=Autoregressive(), max_new_tokens=14)
+        spec = model.generate(ids, mask, decoder=Speculative(block_size=4), max_new_tokens=14)
+    assert torch.equal(spec.sequences, ar.sequences)
+
+
+# ---- layout: families are siblings, and nothing under towers/ reaches the model -------------------
+
+# The one deferred import allowed: checkpoints.py forwards `export_checkpoint` to twotower.export
+# until twotower/cli.py imports it from there (owned elsewhere); delete both lines together.
+FORWARDED = {("checkpoints.py", "twotower.export")}
+# A Llama-like family builds on Llama's towers; no other family imports a sibling.
+MAY_IMPORT = {"qwen2": {"llama"}, "mistral": {"llama"}}
+
+
+def imported_modules(file, package: str) -> set[str]:
+    """Absolute names of every module `file` imports (module level or inside functions, relative
+    imports resolved against `package`), plus string arguments of importlib.import_module calls."""
+    import ast
+
+    found = set()
+    for node in ast.walk(ast.parse(file.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.Import):
+            found |= {a.name for a in node.names}
+        elif isinstance(node, ast.ImportFrom):
+            base = package.split(".")[: len(package.split(".")) - node.level + 1] if node.level else []
+            module = ".".join(base + ([node.module] if node.module else []))
+            found |= {module} | {f"{module}.{a.name}" for a in node.names}
+        elif isinstance(node, ast.Call) and getattr(node.func, "attr", None) == "import_module" and node.args \
+                and isinstance(node.args[0], ast.Constant) and isinstance(node.args[0].value, str):
+            found.add(node.args[0].value)
+    return found
+
+
+def test_nothing_under_towers_imports_the_model_and_families_are_siblings():
+    from pathlib import Path
+
+    import twotower.towers as towers_pkg
+
+    root = Path(towers_pkg.__file__).parent
+    for file in root.rglob("*.py"):
+        rel = file.relative_to(root)
+        package = ".".join(["twotower", "towers", *rel.parts[:-1]])
+        mods = imported_modules(file, package)
+        for bad in ("twotower.model", "twotower.export"):
+            hits = {m for m in mods if m == bad or m.startswith(bad + ".")}
+            if (str(rel), bad) not in FORWARDED:
+                assert not hits, f"towers/{rel} imports {sorted(hits)}: nothing under towers/ may import the model"
+        if len(rel.parts) > 1:  # a family's module
+            family = rel.parts[0]
+            siblings = {m.split(".")[2] for m in mods if m.startswith("twotower.towers.") and len(m.split(".")) > 3
+                        and m.split(".")[2] in FAMILIES} - {family}
+            assert siblings <= MAY_IMPORT.get(family, set()), f"towers/{rel} imports the families {sorted(siblings)}"

@@ -178,7 +178,7 @@ def test_imported_folder_is_a_plain_llama_checkpoint(tiny):
     config = json.loads((out / "config.json").read_text())
     assert config["model_type"] == "llama" and "quantization_config" not in config
     assert not [p.name for p in out.parent.iterdir() if ".importing-" in p.name]  # the staging folder is gone
-    assert supported_architectures() == ["llama"]
+    assert supported_architectures() == ["llama", "mistral", "qwen2"]  # every family transformers reads from GGUF
 
 
 def test_context_logits_equal_transformers_gguf_model(tiny):
@@ -283,17 +283,19 @@ def test_another_architecture_is_refused_before_loading(tmp_path, arch, monkeypa
 
     monkeypatch.setattr(g, "write_backbone", lambda *a: pytest.fail("loaded a model of another architecture"))
     with pytest.raises(ValueError, match=rf"holds a '{arch}' model \(general.architecture\); "
-                                         r"import_gguf supports \['llama'\]"):
+                                         r"import_gguf supports \['llama', 'mistral', 'qwen2'\]"):
         main(["import-gguf", str(path), str(tmp_path / "out")])
     assert not (tmp_path / "out").exists()
 
 
 def test_a_model_type_without_a_family_is_refused_after_transformers_reads_it():
-    """A "llama" GGUF whose general.name says Mistral becomes model_type "mistral" in transformers."""
+    """A GGUF transformers reads as a type no family takes is refused; a "llama" GGUF whose general.name
+    says Mistral becomes model_type "mistral" in transformers, which the Mistral family takes."""
     from twotower.gguf import check_model_type
 
-    with pytest.raises(ValueError, match=r"reads this GGUF as model_type 'mistral', which no tower family takes"):
-        check_model_type("mistral", Path("mistral-7b.gguf"))
+    with pytest.raises(ValueError, match=r"reads this GGUF as model_type 'gemma', which no tower family takes"):
+        check_model_type("gemma", Path("gemma-2b.gguf"))
+    check_model_type("mistral", Path("mistral-7b.gguf"))
 
 
 def test_missing_gguf_package_names_the_extra(tmp_path, monkeypatch):

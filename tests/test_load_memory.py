@@ -55,8 +55,8 @@ def checkpoints(tmp_path_factory):
     """A ~40 MB bf16 AR checkpoint in 8 MB shards, per-expert layout (as transformers writes it),
     and its two-tower conversion (sharded too)."""
     from twotower.model import TwoTowerLM
-    from twotower.towers.context import ContextTower
-    from twotower.towers.loading import save_backbone_hf
+    from twotower.towers.nemotron_h.context import ContextTower
+    from twotower.towers.saving import save_backbone_hf
 
     root = tmp_path_factory.mktemp("memory")
     cfg = tiny_config("MEM*E", vocab_size=8192, hidden_size=512, num_attention_heads=8, num_key_value_heads=2,

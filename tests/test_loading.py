@@ -19,9 +19,8 @@ from twotower.towers.loading import (
     load_two_tower_state_dict,
     read_config,
     read_safetensors,
-    save_backbone_hf,
-    save_state_dict,
 )
+from twotower.towers.saving import save_backbone_hf, save_state_dict
 
 SMALL_SHARD = 20_000  # bytes; the tiny model is ~100 kB in float32, so this gives several shards
 
@@ -211,7 +210,12 @@ def test_bad_config_json(tmp_path):
     (tmp_path / "config.json").write_text("{not json")
     with pytest.raises(ValueError, match="config.json is not valid JSON"):
         read_config(tmp_path)
-    (tmp_path / "config.json").write_text('{"hidden_size": 8}')
+    # The family is never guessed: a file without model_type names the fix.
+    for raw in ('{"hidden_size": 8}', '{"hybrid_override_pattern": "M*"}'):
+        (tmp_path / "config.json").write_text(raw)
+        with pytest.raises(ValueError, match="names no 'model_type'.*add the backbone's transformers model_type"):
+            read_config(tmp_path)
+    (tmp_path / "config.json").write_text('{"model_type": "nemotron_h", "hidden_size": 8}')
     with pytest.raises(ValueError, match="hybrid_override_pattern"):
         read_config(tmp_path)
 

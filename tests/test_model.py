@@ -10,7 +10,8 @@ import torch
 from conftest import left_pad, make_context, make_model, random_prompts, save_backbone, tiny_config
 
 from twotower.model import TwoTowerLM
-from twotower.towers.loading import read_safetensors, save_state_dict
+from twotower.towers.loading import read_safetensors
+from twotower.towers.saving import save_state_dict
 
 
 @pytest.fixture(scope="module")

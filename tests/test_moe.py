@@ -7,8 +7,8 @@ import torch
 import torch.nn.functional as F
 from conftest import tiny_config
 
-from twotower.towers import layers
-from twotower.towers.layers import Experts, MoELayer
+from twotower.towers.nemotron_h import layers
+from twotower.towers.nemotron_h.layers import Experts, MoELayer
 
 grouped = pytest.mark.skipif(not hasattr(torch, "_grouped_mm"), reason="torch has no _grouped_mm")
 

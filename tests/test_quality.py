@@ -10,7 +10,7 @@ import torch
 from conftest import randomize_, tiny_config
 
 from twotower.evaluation import agreement, continuation_nll, distinct_n, score_continuations, token_match
-from twotower.towers.context import ContextTower
+from twotower.towers.nemotron_h.context import ContextTower
 
 
 @pytest.fixture(scope="module")

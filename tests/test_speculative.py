@@ -13,7 +13,7 @@ from conftest import (MASK, PAD, autoregressive, dt_regimes, left_pad, make_towe
 from twotower.decoding import RowTracker, Speculative, TokenChooser, denoise_block, draft_one_step
 from twotower.samplers import ConfidenceThreshold
 from twotower.schedules import FullMaskMix, LinearSchedule, StratifiedTime, mask_blocks
-from twotower.towers.ssd import conv_state_at, ssd_state_at
+from twotower.towers.nemotron_h.ssd import conv_state_at, ssd_state_at
 
 
 # ---- closed-form states vs the plain recurrence ------------------------------------------------

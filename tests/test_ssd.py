@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from twotower.towers.ssd import (
+from twotower.towers.nemotron_h.ssd import (
     causal_conv1d,
     conv_boundary_states,
     kernel_backend,
@@ -147,7 +147,7 @@ def test_short_seeded_scans_take_the_reference_until_the_kernel_is_verified(monk
     import sys
     import types
 
-    from twotower.towers import ssd
+    from twotower.towers.nemotron_h import ssd
 
     fake = types.ModuleType("mamba_ssm.ops.triton.ssd_combined")
     for name in ("mamba_ssm", "mamba_ssm.ops", "mamba_ssm.ops.triton"):
@@ -173,7 +173,7 @@ def test_short_seeded_scans_take_the_reference_until_the_kernel_is_verified(monk
 
 
 def test_no_kernel_version_is_verified_by_default():
-    from twotower.towers import ssd
+    from twotower.towers.nemotron_h import ssd
 
     assert ssd.VERIFIED_KERNEL_VERSIONS == frozenset()
 

@@ -3,7 +3,7 @@
 Trained heads take time steps dt = softplus(dt_raw + dt_bias) below `time_step_min`, where the clamp
 rule decides the numbers: dt is clamped to the config's `time_step_limit` (default (0, inf), no
 clamp), as transformers' NemotronH and mamba-ssm's chunked-scan kernels do
-(`twotower.towers.layers.dt_limit`, docs/design.md section 1.1). The test models here come from
+(`twotower.towers.nemotron_h.layers.dt_limit`, docs/design.md section 1.1). The test models here come from
 `trained_time_steps_` (conftest): some heads' dt far below 1e-3, larger B and C, chunk_size 4 so
 that every sequence spans many scan chunks. Each rule is checked with the default limit, with a
 recorded floor and with a floor and a ceiling, on the full forward and on a prefill followed by
@@ -26,8 +26,8 @@ import pytest
 import torch
 from conftest import INF, hf_backbone_state, make_hf_pair, save_backbone, tiny_config
 
-from twotower.towers.context import ContextTower
-from twotower.towers.layers import NO_DT_LIMIT, dt_limit
+from twotower.towers.nemotron_h.context import ContextTower
+from twotower.towers.nemotron_h.layers import NO_DT_LIMIT, dt_limit
 
 ROOT = Path(__file__).resolve().parents[1]
 ASSETS = ROOT / "twotower" / "assets"
@@ -240,7 +240,7 @@ def test_shipped_backbone_matches_transformers_over_250_tokens():
 def test_cuda_scan_follows_the_limit_with_padding(limit):
     """On CUDA (mamba-ssm's kernel when installed, short seeded scans included) the same dt reaches
     the scan: a left-padded long prefill and 1-token and multi-token extends equal the CPU run."""
-    from twotower.towers.ssd import trust_short_seeded
+    from twotower.towers.nemotron_h.ssd import trust_short_seeded
 
     _, cpu = low_dt_pair(limit, chunk_size=32)  # the Triton kernels want chunks of 16 or more
     gpu = low_dt_pair(limit, chunk_size=32)[1].cuda()

@@ -7,7 +7,7 @@ import torch
 from conftest import dt_regimes, hf_backbone_state, left_pad, make_hf_pair, randomize_, tiny_config
 
 from twotower.caches import HybridCache
-from twotower.towers.context import ContextTower
+from twotower.towers.nemotron_h.context import ContextTower
 
 PATTERNS = ["M*-EM*E", "ME*-M", "*EMM-"]
 
@@ -189,7 +189,8 @@ def test_bad_inputs_raise_clear_errors():
 
 
 def test_from_pretrained_transformers_save_and_sharded_backbone_prefix(tmp_path):
-    from twotower.towers.loading import read_safetensors, save_state_dict
+    from twotower.towers.loading import read_safetensors
+    from twotower.towers.saving import save_state_dict
 
     ref, _ = make_hf_pair("M*-EM*E", seed=8)
     ref.save_pretrained(tmp_path / "hf")
@@ -235,7 +236,7 @@ def test_moe_expert_paths_agree_and_dispatch_by_expert_count(monkeypatch):
     """The dense, per-expert-loop and grouped paths compute the same mixture; dense serves only
     tiny expert counts (E <= 2 top-k, where every token uses half of the experts anyway), larger
     ones go grouped (no gradient) or through the loop."""
-    from twotower.towers.layers import Experts
+    from twotower.towers.nemotron_h.layers import Experts
 
     cfg = tiny_config(n_routed_experts=16, num_experts_per_tok=2)
     experts = randomize_(Experts(cfg), seed=4)

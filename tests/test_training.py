@@ -10,7 +10,7 @@ import lightning as L
 import pytest
 import torch
 
-from twotower.towers.context import ContextTower
+from twotower.towers.nemotron_h.context import ContextTower
 from twotower.objectives import HardLabelCE
 from twotower.training import ARPretraining, DenoiserFineTuning
 

@@ -1,6 +1,6 @@
 """twotower: two-tower block-diffusion language models (frozen AR context tower + denoiser tower).
 
-Tower families: NemotronH and Llama (`twotower.towers.base` says how to add one).
+Tower families: NemotronH, Llama, Qwen2 and Mistral (`twotower.towers.base` says how to add one).
 
 Public API: the composed model, its towers and cache, samplers, noise schedules and the
 Lightning modules. Heavy submodules load on first attribute access, so `import twotower` is quick.
@@ -19,13 +19,17 @@ _EXPORTS = {
     "MaskDiffusion": "twotower.decoding",
     "Speculative": "twotower.decoding",
     "Autoregressive": "twotower.decoding",
-    "ContextTower": "twotower.towers.context",
-    "DenoiserTower": "twotower.towers.denoiser",
+    "ContextTower": "twotower.towers.nemotron_h",
+    "DenoiserTower": "twotower.towers.nemotron_h",
     "HybridCache": "twotower.caches",
     "KVCache": "twotower.caches",
     "Cache": "twotower.caches",
     "LlamaContextTower": "twotower.towers.llama",
     "LlamaDenoiserTower": "twotower.towers.llama",
+    "Qwen2ContextTower": "twotower.towers.qwen2",
+    "Qwen2DenoiserTower": "twotower.towers.qwen2",
+    "MistralContextTower": "twotower.towers.mistral",
+    "MistralDenoiserTower": "twotower.towers.mistral",
     "ContextTowerBase": "twotower.towers.base",
     "DenoiserTowerBase": "twotower.towers.base",
     "AdaLNSingle": "twotower.time_embedding",

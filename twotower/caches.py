@@ -1,21 +1,20 @@
-"""HybridCache: the context tower's per-layer cache (attention K,V + Mamba-2 conv / SSM states).
+"""The cache contract every tower family's context cache honours, and the K,V buffers they share.
 
-Attention K,V live in preallocated buffers (b, kv_heads, capacity, d) that grow geometrically, so
-appending a token or a block writes in place instead of re-concatenating the whole history. A
-`key_mask` (b, capacity) marks which cached positions are real tokens (left padding is False).
-Mamba layers keep the conv state (b, conv_dim, k-1) in the model dtype and the SSM state
-(b, heads, head_dim, state) always in float32.
+`Cache` is what the decoders and the two-device mirror rely on. `KVBuffers` is the family-neutral
+half of a concrete cache: per-layer attention K,V in preallocated buffers (b, kv_heads, capacity, d)
+that grow geometrically, so appending a token or a block writes in place instead of re-concatenating
+the whole history, and a `key_mask` (b, capacity) marking which cached positions are real tokens
+(left padding and speculative holes are False). A family adds its per-row recurrent states by
+naming them in `STATES` (NemotronH: Mamba conv / SSM states).
 
-The cache is written only by the context tower (`prefill` / `extend`); the denoiser reads it.
-For two devices, `mirror_to` keeps a copy on another device up to date by sending only what was
-appended since the last call plus the (small) Mamba states.
+The concrete caches live with their families: `HybridCache` (NemotronH: Mamba states + K,V,
+`twotower.towers.nemotron_h.cache`) and `KVCache` (Llama-like families: K,V only,
+`twotower.towers.llama.cache`). Both are re-exported here as public API.
 
-A *provisional* extend (`ContextTower.extend(..., provisional=True)`, speculative decoding) appends
-a block's K,V but leaves the Mamba states where they were and records in `pending` what is needed to
-move them to any accepted prefix; `ContextTower.accept` settles it. Until then the cache refuses to
-be read, copied or extended. Positions a row rejected stay behind as holes (False in `key_mask`):
-NemotronH attention has no positional encoding, so a hole is exactly a masked-out key, and
-`compact` can squeeze holes out by moving each row's real positions to the front.
+A *provisional* extend (speculative decoding) appends a block's K,V on trial and records a
+`PendingBlock`; the context tower's `accept` settles it. Until then the cache refuses to be read,
+copied or extended. Positions a row rejected stay behind as holes (False in `key_mask`), which
+`compact` can squeeze out (exact for every family that honours the `compact` contract).
 """
 
 from __future__ import annotations
@@ -25,6 +24,8 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor
+
+__all__ = ["Cache", "KVBuffers", "PendingBlock", "HybridCache", "KVCache"]
 
 
 class Cache(abc.ABC):
@@ -80,57 +81,53 @@ class Cache(abc.ABC):
 @dataclass
 class PendingBlock:
     """A provisionally appended block: it starts at cache position `start` and holds `n` positions.
-
-    Per Mamba layer index: `xbc` the raw conv inputs (b, n, conv_dim), `scan` the scan inputs
-    (x, dt, B) (see `MambaOut.scan_inputs`).
-    """
+    A family with recurrent states subclasses it to record what its `accept` needs."""
 
     start: int
     n: int
-    xbc: dict[int, Tensor]
-    scan: dict[int, tuple[Tensor, Tensor, Tensor]]
 
 
-@dataclass
-class HybridCache(Cache):
-    """Per-layer cache; lists are indexed by layer, None where a layer has no such state."""
+class KVBuffers(Cache):
+    """The family-neutral part of a cache: growable per-layer K,V buffers, the key mask and the
+    provisional-block bookkeeping (see the module docstring).
 
-    keys: list[Tensor | None]
-    values: list[Tensor | None]
-    conv: list[Tensor | None]
-    ssm: list[Tensor | None]
-    key_mask: Tensor  # (b, capacity) bool
-    length: int = 0
+    Subclasses are dataclasses with the fields `keys`, `values` (lists indexed by layer, None where
+    a layer does not attend), `key_mask` (b, capacity) bool, `length`, `padded`, `pending`,
+    `hole_bound`, plus one list per name in `STATES` (per-row recurrent states, fixed-size: copied
+    whole by `mirror_to`, stacked by `concat`).
+    """
+
+    STATES: tuple[str, ...] = ()
+    keys: list
+    values: list
+    key_mask: Tensor
     # Whether any cached position is padding (False in key_mask). A summary kept so that hot paths
     # can skip building masks without reading key_mask back from the device on every step.
-    padded: bool = False
-    pending: PendingBlock | None = None
+    padded: bool
+    pending: PendingBlock | None
     # A host-side upper bound on how far `compact` could shrink the length (holes in the row with the
     # most real positions), so that `compact` can decline without reading the mask from the device.
-    hole_bound: int = 0
+    hole_bound: int
+
+    def _states(self) -> dict[str, list]:
+        """name -> per-layer list, for each recurrent state the family keeps."""
+        return {name: getattr(self, name) for name in self.STATES}
+
+    @classmethod
+    def _build(cls, keys, values, states: dict, key_mask, length: int, padded: bool = False, hole_bound: int = 0):
+        return cls(keys=keys, values=values, key_mask=key_mask, length=length, padded=padded,
+                   hole_bound=hole_bound, **states)
+
+    def _cast_state(self, name: str, t: Tensor, device, dtype) -> Tensor:
+        """How `to` moves a recurrent state (default: like K,V)."""
+        return t.to(device=device, dtype=dtype or t.dtype)
 
     def check_settled(self, action: str) -> None:
-        """Raise if a provisional block waits for `ContextTower.accept` (its Mamba states are stale)."""
+        """Raise if a provisional block waits for the context tower's `accept` (recurrent states,
+        if any, are stale until then)."""
         if self.pending is not None:
             raise RuntimeError(f"cannot {action}: the cache holds a provisional block of {self.pending.n} positions; "
                                "call ContextTower.accept(cache, keep) first")
-
-    # ---- construction -------------------------------------------------------------------------
-    @classmethod
-    def empty(cls, backbone, batch: int, *, capacity: int = 64, device=None, dtype=None) -> "HybridCache":
-        """An empty cache shaped for `backbone` (a HybridBackbone)."""
-        n = len(backbone.layers)
-        keys, values, conv, ssm = [None] * n, [None] * n, [None] * n, [None] * n
-        for i, blk in enumerate(backbone.layers):
-            m = blk.mixer
-            if blk.block_type == "full_attention":
-                shape = (batch, m.num_kv_heads, capacity, m.head_dim)
-                keys[i] = torch.zeros(shape, device=device, dtype=dtype)
-                values[i] = torch.zeros(shape, device=device, dtype=dtype)
-            elif blk.block_type == "linear_attention":
-                conv[i], ssm[i] = m.empty_states(batch, device=device, dtype=dtype)
-        mask = torch.zeros(batch, capacity, dtype=torch.bool, device=device)
-        return cls(keys, values, conv, ssm, mask, 0)
 
     # ---- shape facts --------------------------------------------------------------------------
     @property
@@ -241,12 +238,12 @@ class HybridCache(Cache):
         front, and the length becomes the longest row's count of real positions. Returns how many
         positions the length shrank by (0, and nothing moves, if that would be fewer than `min_gain`).
 
-        Exact for NemotronH, whose attention has no positional encoding: a row's attention output
-        depends on which keys it sees, not on where they sit, and the Mamba states are untouched.
-        Exact too for a RoPE family that caches keys already rotated and takes the next positions
-        from `real_counts` (Llama): moving a key does not change its rotation, and the count of
-        real keys does not change. (A family that derives positions from slots must not call this.) Holes come from left padding and
-        from speculative decoding, where rows keep different prefixes of a shared block. Anything
+        Exact for a family whose attention has no positional encoding (NemotronH): a row's attention
+        output depends on which keys it sees, not on where they sit, and recurrent states are
+        untouched. Exact too for a RoPE family that caches keys already rotated and takes the next
+        positions from `real_counts` (Llama-like): moving a key does not change its rotation, and the
+        count of real keys does not change. (A family that derives positions from slots must not
+        call this.) Holes come from left padding and from speculative decoding, where rows keep different prefixes of a shared block. Anything
         that mirrors this cache elsewhere must copy it afresh afterwards. One host read, skipped
         while `hole_bound` already rules out `min_gain`.
         """
@@ -276,28 +273,25 @@ class HybridCache(Cache):
         return L - new_len
 
     # ---- copies -------------------------------------------------------------------------------
-    def _map(self, fn) -> "HybridCache":
+    def _map(self, fn) -> "KVBuffers":
         self.check_settled("copy it")
-        keys = [None if t is None else fn(t) for t in self.keys]
-        values = [None if t is None else fn(t) for t in self.values]
-        conv = [None if t is None else fn(t) for t in self.conv]
-        ssm = [None if t is None else fn(t) for t in self.ssm]
-        return type(self)(keys, values, conv, ssm, fn(self.key_mask), self.length, self.padded,
-                          hole_bound=self.hole_bound)
+        each = lambda store: [None if t is None else fn(t) for t in store]  # noqa: E731
+        return self._build(each(self.keys), each(self.values), {k: each(v) for k, v in self._states().items()},
+                           fn(self.key_mask), self.length, self.padded, hole_bound=self.hole_bound)
 
-    def clone(self) -> "HybridCache":
+    def clone(self) -> "KVBuffers":
         return self._map(lambda t: t.clone())
 
-    def to(self, device=None, dtype=None) -> "HybridCache":
-        """Move (and optionally cast K,V and conv states; SSM states stay float32, the mask bool)."""
+    def to(self, device=None, dtype=None) -> "KVBuffers":
+        """Move (and optionally cast K,V and the states the family allows; the mask stays bool)."""
         self.check_settled("move it")
         cast = lambda t: None if t is None else t.to(device=device, dtype=dtype or t.dtype)  # noqa: E731
-        return type(self)([cast(t) for t in self.keys], [cast(t) for t in self.values],
-                           [cast(t) for t in self.conv],
-                           [None if t is None else t.to(device=device, dtype=torch.float32) for t in self.ssm],
+        states = {name: [None if t is None else self._cast_state(name, t, device, dtype) for t in store]
+                  for name, store in self._states().items()}
+        return self._build([cast(t) for t in self.keys], [cast(t) for t in self.values], states,
                            self.key_mask.to(device=device), self.length, self.padded, hole_bound=self.hole_bound)
 
-    def select(self, rows: Tensor) -> "HybridCache":
+    def select(self, rows: Tensor) -> "KVBuffers":
         """Keep batch rows `rows` (LongTensor or bool mask), e.g. to drop finished sequences."""
         rows = rows.to(self.device)
         out = self._map(lambda t: t.index_select(0, rows) if rows.dtype != torch.bool else t[rows])
@@ -306,14 +300,14 @@ class HybridCache(Cache):
         return out
 
     @classmethod
-    def concat(cls, caches: "list[HybridCache]") -> "HybridCache":
+    def concat(cls, caches: "list[KVBuffers]") -> "KVBuffers":
         """Stack caches of other batches into one batch (b = sum of their batch sizes), in order.
 
         Lengths may differ: each cache's positions are right-aligned to the longest length L and the
-        positions in front are left padding (False in `key_mask`). NemotronH attention has no
-        positional encoding, so a masked-out position is exactly an absent key: each row computes
+        positions in front are left padding (False in `key_mask`). For every family honouring the
+        `compact` contract a masked-out position is exactly an absent key: each row computes
         what it computed in its own cache (continuous batching joins freshly prefilled requests
-        to a running batch this way). Mamba states are per row and simply stacked. The capacity
+        to a running batch this way). Recurrent states are per row and simply stacked. The capacity
         keeps every cache's spare room. Every cache must be settled and share devices and dtypes.
         """
         caches = list(caches)
@@ -323,6 +317,9 @@ class HybridCache(Cache):
             c.check_settled("concatenate it")
         first = caches[0]
         for c in caches[1:]:
+            if type(c) is not type(first):
+                raise ValueError(f"concat: caches of different kinds ({type(first).__name__}, {type(c).__name__}); "
+                                 "join caches of one tower family only")
             if c.device != first.device or len(c.keys) != len(first.keys):
                 raise ValueError(f"concat: caches differ in device or layers ({c.device}, {len(c.keys)} layers vs "
                                  f"{first.device}, {len(first.keys)}); build them with the same tower and device")
@@ -344,8 +341,8 @@ class HybridCache(Cache):
 
         keys = [stack_kv("keys", i) for i in range(len(first.keys))]
         values = [stack_kv("values", i) for i in range(len(first.values))]
-        conv = [None if t is None else torch.cat([c.conv[i] for c in caches]) for i, t in enumerate(first.conv)]
-        ssm = [None if t is None else torch.cat([c.ssm[i] for c in caches]) for i, t in enumerate(first.ssm)]
+        states = {name: [None if t is None else torch.cat([getattr(c, name)[i] for c in caches]) for i, t in enumerate(store)]
+                  for name, store in first._states().items()}
         mask = torch.zeros(b, capacity, dtype=torch.bool, device=first.device)
         r = 0
         for c in caches:
@@ -355,15 +352,16 @@ class HybridCache(Cache):
         # compact can shrink by at most L minus the fullest row's real count, and each cache's fullest
         # row holds at least c.length - c.hole_bound real positions.
         bound = min(L - c.length + c.hole_bound for c in caches) if padded else 0
-        return cls(keys, values, conv, ssm, mask, L, padded, hole_bound=bound)
+        # The first cache's class, whichever class this was called on: a family's cache joins as itself.
+        return type(first)._build(keys, values, states, mask, L, padded, hole_bound=bound)
 
     cat = concat
 
-    def mirror_to(self, device, mirror: "HybridCache | None" = None) -> "HybridCache":
+    def mirror_to(self, device, mirror: "KVBuffers | None" = None) -> "KVBuffers":
         """Bring a copy of this cache on `device` up to date, sending only what changed.
 
         The first call copies everything. Later calls (same `mirror`) append the K,V positions
-        written since the previous call (one block's worth) and replace the Mamba states, which are
+        written since the previous call (one block's worth) and replace the recurrent states, which are
         small and fixed-size. Nothing already sent is sent again.
         """
         self.check_settled("mirror it")
@@ -380,42 +378,38 @@ class HybridCache(Cache):
                 mirror.keys[i][:, :, sent : self.length].copy_(k[:, :, sent : self.length], non_blocking=True)
                 mirror.values[i][:, :, sent : self.length].copy_(self.values[i][:, :, sent : self.length], non_blocking=True)
         mirror.key_mask[:, sent : self.length].copy_(self.key_mask[:, sent : self.length])
-        for i, c in enumerate(self.conv):
-            if c is not None:
-                mirror.conv[i].copy_(c, non_blocking=True)
-                mirror.ssm[i].copy_(self.ssm[i], non_blocking=True)
+        for name, store in self._states().items():
+            for i, s in enumerate(store):
+                if s is not None:
+                    getattr(mirror, name)[i].copy_(s, non_blocking=True)
         mirror.length = self.length
         mirror.padded = self.padded
         mirror.hole_bound = self.hole_bound
         return mirror
 
     @classmethod
-    def empty_like(cls, cache: "HybridCache", device) -> "HybridCache":
+    def empty_like(cls, cache: "KVBuffers", device) -> "KVBuffers":
         """Zero cache of the same shapes (capacity = cache.capacity) on `device`."""
         z = lambda t: None if t is None else torch.zeros_like(t, device=device)  # noqa: E731
-        return cls([z(t) for t in cache.keys], [z(t) for t in cache.values],
-                           [z(t) for t in cache.conv], [z(t) for t in cache.ssm],
-                           torch.zeros_like(cache.key_mask, device=device), 0)
+        return cls._build([z(t) for t in cache.keys], [z(t) for t in cache.values],
+                          {name: [z(t) for t in store] for name, store in cache._states().items()},
+                          torch.zeros_like(cache.key_mask, device=device), 0)
 
     def nbytes(self) -> int:
-        tensors = [t for store in (self.keys, self.values, self.conv, self.ssm) for t in store if t is not None]
+        stores = (self.keys, self.values, *self._states().values())
+        tensors = [t for store in stores for t in store if t is not None]
         return sum(t.numel() * t.element_size() for t in tensors) + self.key_mask.numel()
 
 
-class KVCache(HybridCache):
-    """A cache of attention K,V only (every layer attends; no recurrent state), e.g. Llama's.
+def __getattr__(name: str):
+    # The concrete caches live with their families (which import this module for `Cache`), so they
+    # are re-exported lazily: `from twotower.caches import HybridCache` is public API.
+    if name == "HybridCache":
+        from .towers.nemotron_h.cache import HybridCache
 
-    Keys are stored after RoPE rotation at their logical positions; the next logical position of a
-    row is `real_counts()`, so holes (left padding, rejected drafts) are plain masked-out keys and
-    `compact` stays exact.
-    """
+        return HybridCache
+    if name == "KVCache":
+        from .towers.llama.cache import KVCache
 
-    @classmethod
-    def allocate(cls, num_layers: int, kv_heads: int, head_dim: int, batch: int, *, capacity: int = 64,
-                 device=None, dtype=None) -> "KVCache":
-        """An empty cache: per layer K and V buffers (batch, kv_heads, capacity, head_dim)."""
-        shape = (batch, kv_heads, capacity, head_dim)
-        keys = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(num_layers)]
-        values = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(num_layers)]
-        mask = torch.zeros(batch, capacity, dtype=torch.bool, device=device)
-        return cls(keys, values, [None] * num_layers, [None] * num_layers, mask, 0)
+        return KVCache
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -84,7 +84,7 @@ def require_extra() -> None:
 
 def supported_architectures() -> list[str]:
     """GGUF architectures `import_gguf` takes: the ones transformers reads from a GGUF whose
-    model_type has a registered tower family (today ["llama"])."""
+    model_type has a registered tower family (today ["llama", "mistral", "qwen2"])."""
     from transformers.modeling_gguf_pytorch_utils import GGUF_SUPPORTED_ARCHITECTURES
 
     from .towers.base import registered_families

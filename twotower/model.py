@@ -34,17 +34,14 @@ from .decoding import Decoder, GenerationOutput, MaskDiffusion, ReleasedGenerati
 from .hub import model_reference, resolve_model
 from .prompting import Prompt, encode_prompt
 from .samplers import Sampler
-from .tokenizers import Tokenizer, find_tokenizer, save_tokenizer
+from .tokenizers import DEFAULT_MASK_TOKEN_ID, Tokenizer, find_tokenizer, save_tokenizer
 from .towers.adapters import DenoiserBuilder, builder_from_spec, is_adapter
 from .towers.base import ContextTowerBase, DenoiserTowerBase, family_for
 from .towers.checkpoints import module_name, released_name
-from .towers.context import ContextTower  # noqa: F401  (kept importable from here)
-from .towers.denoiser import DenoiserTower  # noqa: F401
 
 __all__ = ["TwoTowerLM"]
 
 DEFAULT_BLOCK_SIZE = 16
-DEFAULT_MASK_TOKEN_ID = 3
 # The time conditioning's place in the model's state dict (its released names: `_released_name`).
 TIME_MODULE = "denoiser.time."
 # An adapter checkpoint's weights: the denoiser's own parameters only (adapters + time conditioning).
@@ -149,7 +146,7 @@ class TwoTowerLM(ReleasedGenerationMixin, nn.Module):
         den = builder.build(context, time_init=time_init, time=time,
                             device=denoiser_device if denoiser_device is not None else device)
         if not is_adapter(den):  # an adapter borrows the context's routers as they are
-            _match_router_precision(den, context)
+            den.match_precision(context)
         model = cls(context.config, block_size=block_size, mask_token_id=mask_token_id,
                     context=context, denoiser=den, shifted=shifted)
         model.denoiser_builder = builder
@@ -165,7 +162,7 @@ class TwoTowerLM(ReleasedGenerationMixin, nn.Module):
         fused or per-expert MoE weights), or a built-in model by name (`twotower.hub.resolve_model`:
         "embedded" is the embedded default), from any working directory.
 
-        `block_size` and `mask_token_id` come from config.json when present (else 16 and 3).
+        `block_size` and `mask_token_id` come from config.json when present (else DEFAULT_BLOCK_SIZE and DEFAULT_MASK_TOKEN_ID).
         dtype=None keeps the stored dtypes; otherwise floating weights are cast (routers stay float32).
         The model is built on the meta device and each weight is read once from the memory-mapped
         files straight into its dtype on its tower's device: the context tower on `device`, the
@@ -327,7 +324,7 @@ class TwoTowerLM(ReleasedGenerationMixin, nn.Module):
 
     def save_pretrained(self, path: str | os.PathLike, *, max_shard_size: int | None = None,
                         expert_layout: str = "fused", tokenizer: Tokenizer | None = None) -> None:
-        """Write the released layout: config.json (NemotronH config + block_size, mask_token_id,
+        """Write the released layout: config.json (the family's config + block_size, mask_token_id,
         architectures) and safetensors weights (sharded above `max_shard_size` bytes), and the
         tokenizer (`tokenizer`, default the model's own) beside them (`tokenizers.save_tokenizer`:
         HF files, or ``"tokenizer": "byte"`` in config.json). An adapter model (`denoiser=LoRA(...)`)
@@ -360,14 +357,14 @@ class TwoTowerLM(ReleasedGenerationMixin, nn.Module):
             return self
         compile_kwargs.setdefault("dynamic", True)
         # Instance attributes shadow the methods; the eager ones stay reachable through the class.
-        self.context._run = torch.compile(self.context._run, **compile_kwargs)
+        self.context.compile_forward(**compile_kwargs)
         self.denoiser.forward_block = torch.compile(self.denoiser.forward_block, **compile_kwargs)
         return self
 
     @property
     def compiled(self) -> bool:
         """Whether `compile_towers` has been called."""
-        return "_run" in vars(self.context)
+        return self.context.forward_compiled
 
     # ---- devices ------------------------------------------------------------------------------
     def place_towers_on_devices(self, ctx_device, den_device) -> "TwoTowerLM":
@@ -437,13 +434,3 @@ class TwoTowerLM(ReleasedGenerationMixin, nn.Module):
                                 eos_token_id=eos_token_id, generator=generator, step_callback=step_callback,
                                 stop=stop)
 
-
-def _match_router_precision(denoiser: DenoiserTowerBase, context: ContextTowerBase) -> None:
-    """`from_context` casts the whole denoiser to the context's first dtype; MoE routers must stay in
-    the context's (float32) precision, so re-copy them at full precision."""
-    with torch.no_grad():
-        for d_blk, c_blk in zip(denoiser.backbone.layers, context.backbone.layers):
-            if getattr(d_blk, "block_type", None) == "moe":
-                ref = next(c_blk.mixer.gate.parameters())
-                d_blk.mixer.gate.to(ref.dtype)
-                d_blk.mixer.gate.load_state_dict(c_blk.mixer.gate.state_dict())

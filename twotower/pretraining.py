@@ -18,7 +18,7 @@ from torchmetrics import MeanMetric
 
 from .optim import check_positive, adamw_with_schedule
 from .towers.checkpoints import from_tower_names
-from .towers.context import ContextTower
+from .towers.nemotron_h.context import ContextTower
 
 
 def tiny_nemotron_config(*, pattern: str, vocab_size: int, hidden_size: int, num_attention_heads: int,
@@ -30,7 +30,7 @@ def tiny_nemotron_config(*, pattern: str, vocab_size: int, hidden_size: int, num
                          time_step_limit: tuple[float, float] = (0.0, math.inf)):
     """A NemotronHConfig from the handful of sizes a small recipe sets.
 
-    `time_step_limit` clamps every Mamba-2 time step (`towers.layers.dt_limit`); the default, (0, inf),
+    `time_step_limit` clamps every Mamba-2 time step (`towers.nemotron_h.layers.dt_limit`); the default, (0, inf),
     is transformers' and mamba-ssm's: no clamp."""
     from transformers import NemotronHConfig
 
@@ -143,7 +143,7 @@ class ARPretraining(L.LightningModule):
 
     def save_backbone(self, path: str | Path) -> None:
         """Write the tower in transformers' NemotronH format (loadable by NemotronHForCausalLM)."""
-        from .towers.loading import save_backbone_hf
+        from .towers.saving import save_backbone_hf
 
         state = {k: v.detach().cpu() for k, v in from_tower_names(self.tower.state_dict()).items()}
         save_backbone_hf(state, path, config=self.tower.config)

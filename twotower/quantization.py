@@ -33,7 +33,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from .towers.layers import Experts
+from .towers.nemotron_h.layers import Experts
 
 QUANTIZE_MODES = ("int8",)
 
@@ -211,7 +211,7 @@ def bytes_by_part(model) -> dict[str, int]:
             elif in_stack and ((isinstance(mod, nn.Linear) and tname == "weight")
                                or (isinstance(mod, Int8Linear) and tname == "weight_int8")):
                 part = "projections"
-            elif mname.endswith(("backbone.embeddings", "lm_head")):
+            elif isinstance(mod, nn.Embedding) or mname.endswith("lm_head"):  # any family's embedding name
                 part = "embeddings + LM heads"
             elif mname.startswith("denoiser.time"):
                 part = "time conditioning"

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["Tokenizer", "ByteTokenizer", "HFTokenizer", "NEMOTRON_H_MASK_ID", "load_tokenizer", "find_tokenizer",
+__all__ = ["Tokenizer", "ByteTokenizer", "HFTokenizer", "DEFAULT_MASK_TOKEN_ID", "load_tokenizer", "find_tokenizer",
            "check_tokenizer_fits", "save_tokenizer", "tokenizer_for", "tokenizer_spec", "tokenizer_from_spec",
            "BYTE_TOKENIZER"]
 
@@ -29,8 +29,10 @@ __all__ = ["Tokenizer", "ByteTokenizer", "HFTokenizer", "NEMOTRON_H_MASK_ID", "l
 BYTE_TOKENIZER = "byte"
 _HF_FILES = ("tokenizer.json", "tokenizer_config.json")
 
-# NemotronH checkpoints reserve id 3 for [MASK]; used when a tokenizer declares no mask token.
-NEMOTRON_H_MASK_ID = 3
+# The one default [MASK] id, for a tokenizer that declares no mask token and a model or run that
+# names none: NemotronH checkpoints reserve id 3 for [MASK], and the byte tokenizer follows them.
+# Everything else takes the id from the model (`TwoTowerLM.mask_token_id`, config.json).
+DEFAULT_MASK_TOKEN_ID = 3
 
 
 def _as_int_list(ids: Sequence[int] | torch.Tensor) -> list[int]:
@@ -251,12 +253,12 @@ class HFTokenizer(Tokenizer):
             return int(mask_id)
         if self.hf.mask_token_id is not None:
             return int(self.hf.mask_token_id)
-        if NEMOTRON_H_MASK_ID >= self._vocab_size:
+        if DEFAULT_MASK_TOKEN_ID >= self._vocab_size:
             raise ValueError(
                 f"tokenizer at {self.path!r} has no mask token and only {self._vocab_size} ids; "
                 "pass mask_token=... naming a token in its vocabulary"
             )
-        return NEMOTRON_H_MASK_ID
+        return DEFAULT_MASK_TOKEN_ID
 
     @property
     def vocab_size(self) -> int:

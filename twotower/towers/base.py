@@ -3,7 +3,9 @@
 A *family* is one backbone architecture (NemotronH, Llama, ...) turned into two towers. The
 decoders (`twotower/decoding/`), the training module (`DenoiserFineTuning`) and `TwoTowerLM` talk
 to towers only through the methods below, so a new family is three classes (context tower,
-denoiser tower, cache) plus one `register_family` call; nothing else changes.
+denoiser tower, cache) plus one `register_family` call; nothing else changes. A context tower writes
+one forward, `_forward_cached`; `forward`, `prefill`, `extend` and `logits` are this module's.
+Each family is a subpackage of `twotower/towers/` (`nemotron_h/`, `llama/`, `qwen2/`, `mistral/`).
 
 Shapes: B batch, T cached (context) length, n appended tokens, S block size, L = nB * S training
 length, V vocabulary, H hidden size.
@@ -20,13 +22,14 @@ import abc
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import torch.nn as nn
 from torch import Tensor
 
 from ..caches import Cache
+from .common import check_ids, validity
 
 __all__ = ["ContextTowerBase", "DenoiserTowerBase", "TowerFamily", "register_family", "family_for",
            "registered_families", "load_context_tower"]
@@ -62,7 +65,8 @@ class ContextTowerBase(nn.Module, abc.ABC):
     """The frozen AR model, run causally over clean tokens, leaving a per-layer cache behind.
 
     Subclasses hold `config` (the transformers config), `backbone` (a module whose state-dict names
-    are transformers' names below `model.`) and `lm_head` (the AR head, `lm_head.weight`).
+    are transformers' names below `model.`) and `lm_head` (the AR head, `lm_head.weight`), and
+    implement `_forward_cached`, `accept`, `empty_cache` and `forward_train`.
     `logits` arguments take "all" (B, n, V), "last" (B, 1, V) or "none" (None); logits are float32.
     """
 
@@ -70,11 +74,11 @@ class ContextTowerBase(nn.Module, abc.ABC):
     backbone: nn.Module
     lm_head: nn.Linear
 
-    @abc.abstractmethod
+    # ---- the cached forward: template methods over the family's `_forward_cached` -------------
     def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None) -> Tensor:
-        """(B, T) ids, optional (B, T) 0/1 mask (left padding) -> logits (B, T, V), no cache."""
+        """(B, T) ids, optional (B, T) 0/1 mask (left padding) -> logits (B, T, V) float32, no cache."""
+        return self.prefill(input_ids, attention_mask, logits="all", use_cache=False)[0]
 
-    @abc.abstractmethod
     def prefill(self, input_ids: Tensor, attention_mask: Tensor | None = None, *, logits: str = "all",
                 use_cache: bool = True, capacity: int | None = None) -> tuple[Tensor | None, Cache | None]:
         """Causal pass over a left-padded prompt batch (B, T) -> (logits, cache of length T).
@@ -82,8 +86,13 @@ class ContextTowerBase(nn.Module, abc.ABC):
         Padded positions (mask 0) are invisible to every real token; `capacity` preallocates room
         for that many positions (the cache grows when it runs out).
         """
+        check_ids(input_ids, self.config.vocab_size)
+        b, T = input_ids.shape
+        valid, padded = validity(input_ids, attention_mask)
+        cache = self.empty_cache(b, capacity=capacity or max(64, 2 * T), device=input_ids.device) if use_cache else None
+        hidden = self._forward_cached(input_ids, valid, padded, cache, 0)
+        return self.logits(hidden, logits), cache
 
-    @abc.abstractmethod
     def extend(self, cache: Cache, tokens: Tensor, *, logits: str = "all", attention_mask: Tensor | None = None,
                provisional: bool = False) -> Tensor | None:
         """Append tokens (B, n) to `cache` in place and return their logits.
@@ -92,6 +101,54 @@ class ContextTowerBase(nn.Module, abc.ABC):
         (speculative decoding) the block is appended on trial and `accept` must settle it before
         the cache is used again.
         """
+        # No value-range check here: it would read the ids back from the device on every AR step.
+        check_ids(tokens, self.config.vocab_size, check_range=False)
+        cache.check_settled("extend it")
+        if tokens.shape[0] != cache.batch_size:
+            raise ValueError(f"tokens have batch {tokens.shape[0]} but the cache has {cache.batch_size}")
+        valid, padded = validity(tokens, attention_mask)
+        hidden = self._forward_cached(tokens, valid, padded, cache, cache.length, provisional)
+        return self.logits(hidden, logits)
+
+    def logits(self, hidden: Tensor, which: str) -> Tensor | None:
+        """The AR head over final (normed) hidden states (B, n, H): "all" (B, n, V), "last" (B, 1, V)
+        or "none" (None); float32."""
+        if which == "none":
+            return None
+        if which == "last":
+            hidden = hidden[:, -1:]
+        elif which != "all":
+            raise ValueError(f"logits must be 'all', 'last' or 'none', got {which!r}")
+        return self.lm_head(hidden).float()
+
+    @abc.abstractmethod
+    def _forward_cached(self, ids: Tensor, valid: Tensor, padded: bool, cache: Cache | None, offset: int,
+                        provisional: bool = False) -> Tensor:
+        """The family's forward: run the stack over `ids` (B, n) appended after `offset` cached
+        positions and return the final normed hidden (B, n, H).
+
+        valid (B, n) marks real tokens; `padded` says whether any is False (known on the host, so
+        no device read). With a cache, write the n positions into it and advance its length;
+        `provisional` (never without a cache): append on trial, recording in `cache.pending` what
+        `accept` needs. cache None: a plain causal forward.
+        """
+
+    @property
+    def max_length(self) -> int | None:
+        """The most cache positions this tower runs (None: no limit): the config's
+        max_position_embeddings, or less where the family refuses longer runs (a sliding window)."""
+        return getattr(self.config, "max_position_embeddings", None)
+
+    # ---- compile ------------------------------------------------------------------------------
+    def compile_forward(self, **compile_kwargs) -> None:
+        """`torch.compile` the family's cached forward (the hot path of prefill and every extend),
+        as an instance attribute: the state dict and the class stay as they are."""
+        self._forward_cached = torch.compile(self._forward_cached, **compile_kwargs)
+
+    @property
+    def forward_compiled(self) -> bool:
+        """Whether `compile_forward` has been called on this tower."""
+        return "_forward_cached" in vars(self)
 
     @abc.abstractmethod
     def accept(self, cache: Cache, keep: Tensor) -> None:
@@ -191,6 +248,12 @@ class DenoiserTowerBase(nn.Module, abc.ABC):
         block k over the cache of the clean x[:, :kS]."""
 
     @staticmethod
+    @abc.abstractmethod
+    def modulated_layers(config) -> int:
+        """How many sub-blocks the time conditioning modulates for `config` (the number of
+        scale-shift tables a checkpoint holds; the tower's `num_modulated`)."""
+
+    @staticmethod
     def training_blocks(x: Tensor, block_size: int, t: Tensor | None) -> tuple[int, int, int]:
         """(b, L, nB) of a training batch x (b, L), checked: L a multiple of the block size and t,
         if given, one value per block (b, nB). Every family's `forward_train` starts here."""
@@ -201,6 +264,11 @@ class DenoiserTowerBase(nn.Module, abc.ABC):
         if t is not None and t.shape != (b, nB):
             raise ValueError(f"t must have shape (batch, blocks) = {(b, nB)}, got {tuple(t.shape)}")
         return b, L, nB
+
+    def match_precision(self, context: ContextTowerBase) -> None:
+        """After `from_context` cast this copy to the context's first dtype: put back, with the
+        context's values and precision, the parts the family keeps in float32 (NemotronH: MoE
+        routers). Nothing by default."""
 
     @abc.abstractmethod
     def head(self, hidden: Tensor) -> Tensor:
@@ -253,7 +321,11 @@ class TowerFamily:
 
     model_type: transformers' `config.model_type`; config_class: its config class;
     embed_key: the backbone name of the input embeddings (what a tied head copies);
-    hf_architecture: the transformers class name written into an AR config.json.
+    hf_architecture: the transformers class name written into an AR config.json;
+    raw_config_check: called with a config.json dict before it is parsed, to raise a ValueError
+    naming what a file of this family lacks (None: transformers' own validation only);
+    float32_suffixes: weight names (by suffix) loaded and saved in float32 whatever the dtype asked
+    for, as transformers keeps them.
     """
 
     model_type: str
@@ -262,6 +334,13 @@ class TowerFamily:
     denoiser: type
     embed_key: str
     hf_architecture: str
+    raw_config_check: Callable[[dict], None] | None = None
+    float32_suffixes: tuple[str, ...] = ()
+
+    def check_raw_config(self, raw: dict) -> None:
+        """Raise ValueError if a config.json dict cannot be this family's (see `raw_config_check`)."""
+        if self.raw_config_check is not None:
+            self.raw_config_check(raw)
 
 
 _FAMILIES: dict[str, TowerFamily] = {}

@@ -2,8 +2,8 @@
 
 File IO (safetensors, shards, index json, config.json) lives in `loading.py`; this module only
 renames, filters and checks the keys of ``dict[str, Tensor]`` (against a model: `check_keys`,
-`check_shapes`; against a config: `check_layer_counts`), plus the `.ckpt` -> released export,
-a renaming with a model in the middle. The layouts (docs/design.md, section 1):
+`check_shapes`; against a config: `check_layer_counts`). The `.ckpt` -> released export
+(a renaming with a model in the middle) lives in `twotower/export.py`. The layouts (docs/design.md, section 1):
 
 * Backbone names (canonical AR, in memory): ``embeddings.weight``, ``layers.{i}.norm.weight``,
   ``layers.{i}.mixer.*`` (transformers-5 NemotronH names), ``norm_f.weight``, ``lm_head.weight``.
@@ -59,7 +59,6 @@ __all__ = [
     "CKPT_META_KEY",
     "training_checkpoint",
     "restore_frozen",
-    "export_checkpoint",
 ]
 
 AR_PREFIXES = ("backbone.", "model.")
@@ -81,7 +80,7 @@ _LAYER_RE = re.compile(r"^layers\.(\d+)\.")
 # The `.ckpt` entry DenoiserFineTuning writes and export_checkpoint reads.
 CKPT_META_KEY = "twotower"
 _FROZEN = "context."
-_TRAINABLE = "denoiser."
+TRAINABLE_PREFIX = "denoiser."  # what a `.ckpt` keeps (the denoiser side)
 
 
 class CheckpointKeyError(KeyError, ValueError):
@@ -248,7 +247,7 @@ def ar_to_backbone_names(state: Mapping[str, Tensor], *, tie_word_embeddings: bo
 
 
 def backbone_to_hf_names(state: Mapping[str, Tensor], *, tie_word_embeddings: bool) -> dict[str, Tensor]:
-    """Backbone names (+ ``lm_head.weight``) -> transformers' ``NemotronHForCausalLM`` names
+    """Backbone names (+ ``lm_head.weight``) -> transformers' ``<Family>ForCausalLM`` names
     (``model.`` prefix, head unwrapped). Refuses keys that already carry a prefix."""
     wrapped = [k for k in state if k.startswith(AR_PREFIXES + TOWER_PREFIXES)]
     if wrapped:
@@ -334,8 +333,8 @@ def check_shapes(state: Mapping[str, Tensor], reference: Mapping[str, Tensor], *
 
 def check_layer_counts(state: Mapping[str, Tensor], config, where: str, prefix: str = "") -> None:
     """Cheap structural check on the names under ``prefix``: as many ``layers.{i}`` as
-    ``config.num_hidden_layers`` and as many fused experts as ``config.n_routed_experts``
-    (a NemotronHConfig). A mismatch means the config and the weights come from different models."""
+    ``config.num_hidden_layers`` and, where the weights hold fused experts, as many as
+    ``config.n_routed_experts`` (MoE families). A mismatch means the config and the weights come from different models."""
     layers = {int(m[1]) for k in state if k.startswith(prefix) and (m := _LAYER_RE.match(k[len(prefix):]))}
     if layers and max(layers) + 1 != config.num_hidden_layers:
         raise ValueError(
@@ -380,46 +379,11 @@ def restore_frozen(state_dict: dict[str, Tensor], context_state: Mapping[str, Te
         state_dict.setdefault(_FROZEN + k, v)
 
 
-def export_checkpoint(ckpt_path: str | os.PathLike, out_dir: str | os.PathLike, *, backbone: str | None = None,
-                      max_shard_size: int | None = None, expert_layout: str = "fused") -> Path:
-    """Fine-tuning checkpoint (.ckpt file, or the distributed checkpoint folder ModelParallelStrategy
-    writes; denoiser side only) -> released two-tower directory.
+def __getattr__(name: str):
+    # `export_checkpoint` moved to `twotower.export` (it builds a TwoTowerLM, and nothing under
+    # towers/ may import the model). Forwarded only until twotower/cli.py imports it from there.
+    if name == "export_checkpoint":
+        import importlib
 
-    The frozen context tower is rebuilt from the path recorded in the checkpoint (or from
-    ``backbone``, a folder or built-in name, when it moved since training); the ``denoiser.*``
-    weights are loaded over its copy and the pair is written with `TwoTowerLM.save_pretrained`,
-    with the tokenizer the run was trained with (recorded in the checkpoint; else the backbone's
-    own). Returns ``Path(out_dir)``.
-    """
-    from ..distributed import read_checkpoint  # a .ckpt file or a sharded (DCP) checkpoint folder
-    from ..hub import resolve_model
-    from ..model import TwoTowerLM
-    from ..tokenizers import tokenizer_from_spec
-
-    path = Path(ckpt_path)
-    ckpt = read_checkpoint(path)
-    meta = ckpt.get(CKPT_META_KEY)
-    if meta is None:
-        raise ValueError(f"{path} is not a DenoiserFineTuning checkpoint (no '{CKPT_META_KEY}' entry)")
-    reference = backbone or meta["context_source"]
-    try:
-        source = resolve_model(reference, kind="backbone checkpoint")
-    except FileNotFoundError as e:
-        raise FileNotFoundError(f"the frozen context tower is missing ({e}); pass --backbone DIR (a folder or a "
-                                "built-in name)") from None
-    if not (source / "config.json").exists():
-        raise FileNotFoundError(f"the frozen context tower this checkpoint references is missing: {source}; "
-                                "pass --backbone DIR")
-    # By reference, not by resolved path: an adapter export then records the built-in name.
-    model = TwoTowerLM.from_backbone(reference, block_size=meta["block_size"], mask_token_id=meta["mask_token_id"],
-                                     shifted=bool(meta.get("shifted", False)), time=meta.get("time_conditioning"),
-                                     denoiser=meta.get("denoiser"))
-    den = {k.removeprefix(_TRAINABLE): v for k, v in ckpt["state_dict"].items() if k.startswith(_TRAINABLE)}
-    missing, unexpected = model.denoiser.load_state_dict(den, strict=False)
-    if missing or unexpected:
-        raise ValueError(f"{path}: denoiser weights do not fit the backbone {source}: "
-                         f"missing {missing[:5]}, unexpected {unexpected[:5]}")
-    # Checkpoints written before the tokenizer was recorded have no entry: the backbone's own is kept.
-    model.save_pretrained(out_dir, max_shard_size=max_shard_size, expert_layout=expert_layout,
-                          tokenizer=tokenizer_from_spec(meta.get("tokenizer")))
-    return Path(out_dir)
+        return importlib.import_module("twotower.export").export_checkpoint
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -3,12 +3,11 @@
 Nothing here builds a model: every function works on ``dict[str, Tensor]`` so that the tower
 classes, conversion tools and tests share one reader and one writer. What the keys are called
 (backbone / released / per-expert names, AR prefixes) is `checkpoints.py`'s business; this
-module reads and writes the files.
+module reads the files (`saving.py` writes them).
 
 Accepted on disk
 ----------------
-* ``config.json`` of a registered tower family (``model_type``; NemotronH files may instead
-  just carry ``hybrid_override_pattern`` or ``layers_block_type``); extra keys such as
+* ``config.json`` of a registered tower family (its ``model_type`` is required); extra keys such as
   ``block_size`` are kept and the raw dict is returned as well;
 * ``model.safetensors``, or shards listed by ``model.safetensors.index.json``, or a single
   ``*.safetensors`` file of any name;
@@ -55,9 +54,6 @@ CONFIG_NAME = "config.json"
 SINGLE_WEIGHTS_NAME = "model.safetensors"
 INDEX_NAME = "model.safetensors.index.json"
 
-# transformers keeps these in float32 whatever the model dtype (router logits and the
-# choose-only correction bias decide expert selection; bf16 would change which experts win).
-_FP32_SUFFIXES = ("e_score_correction_bias", "mixer.gate.weight")
 
 # transformers writes +-inf / nan in config.json as {"__float__": "Infinity"}; it decodes them
 # only in from_pretrained, not in from_dict, so we do the same translation ourselves.
@@ -101,10 +97,10 @@ def read_config(path: str | os.PathLike) -> tuple[PretrainedConfig, dict]:
 
     Returns ``(config, raw)``: the config of the registered tower family named by ``model_type``
     (extra keys such as ``block_size`` become attributes) and the raw JSON dict, with
-    transformers' encoded infinities decoded. A file without ``model_type`` but with NemotronH's
-    ``hybrid_override_pattern`` / ``layers_block_type`` is read as NemotronH (older files).
+    transformers' encoded infinities decoded. A file without ``model_type`` is refused: the
+    family is never guessed.
     """
-    from .base import family_for
+    from .base import family_for, registered_families
 
     path = _checkpoint_dir(path)
     file = path if path.is_file() else path / CONFIG_NAME
@@ -118,19 +114,17 @@ def read_config(path: str | os.PathLike) -> tuple[PretrainedConfig, dict]:
         raise ValueError(f"{file} must hold a JSON object, got {type(raw).__name__}")
     model_type = raw.get("model_type")
     if model_type is None:
-        if "hybrid_override_pattern" not in raw and "layers_block_type" not in raw:
-            raise ValueError(
-                f"{file} names no 'model_type' and is not a NemotronH config: it has neither "
-                "'hybrid_override_pattern' nor 'layers_block_type'"
-            )
-        model_type = "nemotron_h"
+        raise ValueError(f"{file} names no 'model_type', so its tower family is unknown; add the backbone's "
+                         f'transformers model_type to it (e.g. "model_type": "nemotron_h"); registered: '
+                         f"{sorted(registered_families())}")
     try:
         family = family_for(model_type)
     except ValueError as e:
         raise ValueError(f"{file}: {e}") from e
-    if family.model_type == "nemotron_h" and "hybrid_override_pattern" not in raw and "layers_block_type" not in raw:
-        raise ValueError(f"{file} is not a NemotronH config: it has neither 'hybrid_override_pattern' nor "
-                         "'layers_block_type'")
+    try:
+        family.check_raw_config(raw)
+    except ValueError as e:
+        raise ValueError(f"{file}: {e}") from e
     try:
         config = family.config_class.from_dict(dict(raw))
     except Exception as e:  # transformers' strict dataclass validation raises several types
@@ -236,10 +230,19 @@ def _as_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
 
 def target_dtype(key: str, t: Tensor, dtype: torch.dtype | None) -> torch.dtype:
     """The dtype tensor `key` is loaded in when `dtype` is asked for: floating tensors take it, except
-    the MoE routers (float32 always); None and non-floating tensors keep their own."""
+    those a family keeps in float32 (`TowerFamily.float32_suffixes`: NemotronH's MoE routers); None
+    and non-floating tensors keep their own."""
     if dtype is None or not t.is_floating_point():
         return t.dtype
-    return torch.float32 if key.endswith(_FP32_SUFFIXES) else dtype
+    return torch.float32 if key.endswith(_float32_suffixes()) else dtype
+
+
+def _float32_suffixes() -> tuple[str, ...]:
+    # Every registered family's: the keys are not tied to a config here, and the names are distinct
+    # enough ("mixer.gate.weight" is a NemotronH router, never a Llama-like "mlp.gate_proj.weight").
+    from .base import registered_families
+
+    return tuple(s for family in registered_families().values() for s in family.float32_suffixes)
 
 
 # --------------------------------------------------------------------------------------------
@@ -346,15 +349,4 @@ def _modulated_layers(config) -> int:
     """How many scale-shift tables the family's denoiser has (its `num_modulated`)."""
     from .base import family_for
 
-    return getattr(family_for(config).denoiser, "modulated_layers", lambda c: c.num_hidden_layers)(config)
-
-
-
-
-def __getattr__(name: str):
-    # The writers moved to saving.py (which imports this module); re-exported lazily for old imports.
-    if name in ("save_state_dict", "save_backbone_hf"):
-        from . import saving
-
-        return getattr(saving, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return family_for(config).denoiser.modulated_layers(config)

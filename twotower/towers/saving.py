@@ -1,7 +1,7 @@
 """Checkpoint writing: flat state dicts -> config.json + safetensors (sharded or not), and the
 transformers AR layout (`save_backbone_hf`).
 
-Split from `loading.py` (which re-exports both writers); the names on disk are `checkpoints.py`'s.
+The readers live in `loading.py`; the names on disk are `checkpoints.py`'s.
 Writers materialise one shard at a time, so saving holds at most one shard beyond the model.
 """
 
@@ -157,13 +157,16 @@ def save_backbone_hf(
     """Write backbone names (+ ``lm_head.weight``) as a transformers ``<Family>ForCausalLM``
     checkpoint (``model.`` prefix), loadable with ``from_pretrained(path)``.
 
-    The family comes from the config's ``model_type`` (NemotronH when absent). Keyword arguments
-    go to :func:`save_state_dict`.
+    The family comes from the config's ``model_type`` (a config without one is refused). Keyword
+    arguments go to :func:`save_state_dict`.
     """
     from .base import family_for
 
     cfg = _config_dict(config, None)
-    family = family_for(cfg.get("model_type") or "nemotron_h")
+    if not cfg.get("model_type"):
+        raise ValueError("save_backbone_hf: the config names no model_type, so the transformers architecture to "
+                         "write is unknown; pass a transformers config object or add 'model_type' (e.g. 'llama')")
+    family = family_for(cfg["model_type"])
     out = backbone_to_hf_names(state, tie_word_embeddings=cfg.get("tie_word_embeddings", False))
     extra = {"architectures": [family.hf_architecture], "model_type": family.model_type}
     extra.update(kw.pop("extra_config", None) or {})

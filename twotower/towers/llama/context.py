@@ -1,6 +1,6 @@
 """LlamaContextTower: a frozen transformers-Llama AR model as the context tower, with a `KVCache`.
 
-The same three ways to run as NemotronH's tower (`twotower/towers/context.py`): a causal
+The same three ways to run as every family's tower (`twotower/towers/base.py`): a causal
 `prefill` / `forward` over a left-padded batch, `extend` by any number of tokens (provisional for
 speculative decoding, settled by `accept`), and `forward_train`, which returns every layer's K,V
 for the denoiser's all-blocks training pass.
@@ -21,9 +21,10 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
-from ...caches import KVCache, PendingBlock
+from ...caches import PendingBlock
 from ..base import ContextTowerBase, at_positions, run_block
-from ..context import ContextStates, check_ids, validity, causal_mask
+from ..common import ContextStates, causal_mask, check_ids
+from .cache import KVCache
 from .layers import LlamaBackbone
 
 
@@ -38,51 +39,30 @@ def new_positions(valid: Tensor, before: Tensor | None) -> Tensor:
 
 
 class LlamaContextTower(ContextTowerBase):
-    """The AR model as the context tower. `config` is a transformers `LlamaConfig` (or Qwen2-like)."""
+    """The AR model as the context tower. `config` is a transformers `LlamaConfig`; the Llama-like
+    families (Qwen2, Mistral) subclass it with their own `backbone_class`."""
+
+    backbone_class = LlamaBackbone  # what a Llama-like family changes (biases, window rules)
 
     def __init__(self, config):
         super().__init__()
         self.config = config
-        self.backbone = LlamaBackbone(config)
+        self.backbone = self.backbone_class(config)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
 
-    # ---- plain causal forward -----------------------------------------------------------------
-    def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None) -> Tensor:
-        """(b, T) token ids -> logits (b, T, V) float32."""
-        return self.prefill(input_ids, attention_mask, logits="all", use_cache=False)[0]
+    @property
+    def max_length(self) -> int | None:
+        """max_position_embeddings, or the sliding window when it is shorter (`check_window`)."""
+        limits = [v for v in (super().max_length, self.backbone.window) if v is not None]
+        return min(limits) if limits else None
 
-    def prefill(self, input_ids: Tensor, attention_mask: Tensor | None = None, *, logits: str = "all",
-                use_cache: bool = True, capacity: int | None = None):
-        """Causal forward over a left-padded prompt batch -> (logits, KVCache or None)."""
-        check_ids(input_ids, self.config.vocab_size)
-        b, T = input_ids.shape
-        valid, padded = validity(input_ids, attention_mask)
-        cache = self.empty_cache(b, capacity=capacity or max(64, 2 * T), device=input_ids.device) if use_cache else None
-        hidden = self._run(input_ids, valid, padded, cache, offset=0)
-        return self._logits(hidden, logits), cache
-
+    # ---- the cached forward (prefill / extend / logits: ContextTowerBase) -----------------------
     def empty_cache(self, batch: int, *, capacity: int = 64, device=None) -> KVCache:
         """An empty KVCache for `batch` rows with room for `capacity` positions (grows when needed)."""
         w = self.backbone.embed_tokens.weight
         kv_heads, head_dim = self.backbone.kv_shape
         return KVCache.allocate(len(self.backbone.layers), kv_heads, head_dim, batch, capacity=capacity,
                                 device=w.device if device is None else device, dtype=w.dtype)
-
-    def extend(self, cache: KVCache, tokens: Tensor, *, logits: str = "all", attention_mask: Tensor | None = None,
-               provisional: bool = False) -> Tensor | None:
-        """Append tokens (b, n) to `cache` (in place) and return their logits (b, n, V).
-
-        provisional: append on trial; `accept(cache, keep)` then settles how many each row keeps.
-        """
-        check_ids(tokens, self.config.vocab_size, check_range=False)
-        cache.check_settled("extend it")
-        if tokens.shape[0] != cache.batch_size:
-            raise ValueError(f"tokens have batch {tokens.shape[0]} but the cache has {cache.batch_size}")
-        valid, padded = validity(tokens, attention_mask)
-        hidden = self._run(tokens, valid, padded, cache, offset=cache.length)
-        if provisional:
-            cache.pending = PendingBlock(cache.length - tokens.shape[1], tokens.shape[1], {}, {})
-        return self._logits(hidden, logits)
 
     def accept(self, cache: KVCache, keep: Tensor) -> None:
         """Settle a provisional block: row b keeps its first keep[b] tokens, the rest become holes.
@@ -92,18 +72,16 @@ class LlamaContextTower(ContextTowerBase):
         """
         cache.settle(keep)
 
-    def _logits(self, hidden: Tensor, which: str) -> Tensor | None:
-        if which == "none":
-            return None
-        if which == "last":
-            hidden = hidden[:, -1:]
-        elif which != "all":
-            raise ValueError(f"logits must be 'all', 'last' or 'none', got {which!r}")
-        return self.lm_head(hidden).float()
+    def _forward_cached(self, ids: Tensor, valid: Tensor, padded: bool, cache: KVCache | None, offset: int,
+                        provisional: bool = False) -> Tensor:
+        """Run the stack over `ids` (b, n) appended after `offset` cached positions -> final hidden (normed).
 
-    def _run(self, ids: Tensor, valid: Tensor, padded: bool, cache: KVCache | None, offset: int) -> Tensor:
-        """Run the stack over `ids` (b, n) appended after `offset` cached positions -> final hidden (normed)."""
+        provisional: the block is appended like any other (K,V only, no recurrent state); `accept`
+        then only turns each row's rejected positions into holes.
+        """
         n = ids.shape[1]
+        # Slots bound logical positions from above: a host-side check, no device read.
+        self.backbone.check_window(offset + n)
         x = self.backbone.embed_tokens(ids)
         before = cache.real_counts(offset) if cache is not None and offset else None
         cos, sin = self.backbone.rotary(new_positions(valid, before))
@@ -123,6 +101,8 @@ class LlamaContextTower(ContextTowerBase):
             x = blk.mlp_out(x)
         if cache is not None:
             cache.advance(n)
+            if provisional:
+                cache.pending = PendingBlock(offset, n)
         return self.backbone.norm(x)
 
     # ---- training-time export -----------------------------------------------------------------
@@ -136,6 +116,7 @@ class LlamaContextTower(ContextTowerBase):
         b, L = input_ids.shape
         if L % block_size:
             raise ValueError(f"sequence length {L} is not a multiple of block_size {block_size}")
+        self.backbone.check_window(L)
         x = self.backbone.embed_tokens(input_ids)
         positions = torch.arange(L, device=input_ids.device).expand(b, L)
         cos, sin = self.backbone.rotary(positions)

@@ -23,11 +23,10 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
-from ...caches import KVCache
 from ...time_embedding import build_time_conditioning
 from ..base import DenoiserTowerBase, run_block
-from ..context import ContextStates
-from ..denoiser import block_attention_mask
+from ..common import ContextStates, block_attention_mask
+from .cache import KVCache
 from .context import LlamaContextTower
 from .layers import LlamaBackbone
 
@@ -39,10 +38,12 @@ class LlamaDenoiserTower(DenoiserTowerBase):
     over 2 * num_hidden_layers modulated sub-blocks.
     """
 
+    backbone_class = LlamaBackbone  # as the family's context tower
+
     def __init__(self, config, *, time_init: str = "identity", time: dict | None = None):
         super().__init__()
         self.config = config
-        self.backbone = LlamaBackbone(config)
+        self.backbone = self.backbone_class(config)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.num_modulated = self.modulated_layers(config)
         self.time = build_time_conditioning(time, config.hidden_size, self.num_modulated, time_init=time_init)
@@ -87,6 +88,7 @@ class LlamaDenoiserTower(DenoiserTowerBase):
         cache.check_settled("denoise from it")
         if cache.batch_size != b:
             raise ValueError(f"block has batch {b} but the cache has {cache.batch_size}")
+        self.backbone.check_window(cache.length + S)
         h = self.backbone.embed_tokens(x)
         positions = cache.real_counts()[:, None] + torch.arange(S, device=x.device)[None]
         cos, sin = self.backbone.rotary(positions.to(x.device))
@@ -113,6 +115,7 @@ class LlamaDenoiserTower(DenoiserTowerBase):
         """
         S = states.block_size
         b, L, nB = self.training_blocks(x, S, t)
+        self.backbone.check_window(L)
         h = self.backbone.embed_tokens(x)
         H = h.shape[-1]
         cos, sin = self.backbone.rotary(torch.arange(L, device=x.device).expand(b, L))

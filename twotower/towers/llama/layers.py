@@ -14,7 +14,16 @@ scaled variants (linear, llama3, yarn) and are computed here for the default; th
 frequencies depend on the running length (dynamic, longrope) are refused.
 
 Parameter names equal transformers' `LlamaForCausalLM` names below `model.` (`embed_tokens`,
-`layers.{i}.self_attn.q_proj`, ..., `norm`); Qwen2-style biases follow `config.attention_bias`.
+`layers.{i}.self_attn.q_proj`, ..., `norm`). Llama's `config.attention_bias` puts a bias on all four
+attention projections (q, k, v and o), as transformers' Llama does. The Llama-like families change
+only what `LlamaBackbone`'s class methods say: which projections have biases
+(`attention_biases`: Qwen2 has q/k/v biases and none on o_proj) and the sliding attention window
+(`attention_window`: Mistral, Qwen2), see `twotower/towers/qwen2`, `twotower/towers/mistral`.
+
+Sliding window attention: a query at position p sees keys at positions > p - W. While every
+position is below W that is exactly causal attention, so the towers run any length <= W as
+transformers does and refuse longer ones (`LlamaBackbone.check_window`), rather than keep a
+per-row window over logical positions.
 """
 
 from __future__ import annotations
@@ -24,7 +33,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..layers import RMSNorm
+from ..common import RMSNorm
 
 Modulation = tuple[Tensor, Tensor, Tensor]
 
@@ -90,16 +99,16 @@ def rotate(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
 class LlamaAttention(nn.Module):
     """Grouped-query attention with RoPE applied to queries and keys."""
 
-    def __init__(self, config):
+    def __init__(self, config, *, qkv_bias: bool, o_bias: bool):
         super().__init__()
         self.num_heads = config.num_attention_heads
         self.num_kv_heads = config.num_key_value_heads
         self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // self.num_heads
-        H, bias = config.hidden_size, bool(getattr(config, "attention_bias", False))
-        self.q_proj = nn.Linear(H, self.num_heads * self.head_dim, bias=bias)
-        self.k_proj = nn.Linear(H, self.num_kv_heads * self.head_dim, bias=bias)
-        self.v_proj = nn.Linear(H, self.num_kv_heads * self.head_dim, bias=bias)
-        self.o_proj = nn.Linear(self.num_heads * self.head_dim, H, bias=bias)
+        H = config.hidden_size
+        self.q_proj = nn.Linear(H, self.num_heads * self.head_dim, bias=qkv_bias)
+        self.k_proj = nn.Linear(H, self.num_kv_heads * self.head_dim, bias=qkv_bias)
+        self.v_proj = nn.Linear(H, self.num_kv_heads * self.head_dim, bias=qkv_bias)
+        self.o_proj = nn.Linear(self.num_heads * self.head_dim, H, bias=o_bias)
 
     def qkv(self, h: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """h (b, n, H) -> q (b, heads, n, d), k and v (b, kv_heads, n, d); q and k rotated."""
@@ -137,11 +146,11 @@ class LlamaMLP(nn.Module):
 class LlamaBlock(nn.Module):
     """One decoder layer: attention and MLP sub-blocks, each optionally modulated (denoiser)."""
 
-    def __init__(self, config, layer_idx: int):
+    def __init__(self, config, layer_idx: int, *, qkv_bias: bool = False, o_bias: bool = False):
         super().__init__()
         self.layer_idx = layer_idx
         self.input_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
-        self.self_attn = LlamaAttention(config)
+        self.self_attn = LlamaAttention(config, qkv_bias=qkv_bias, o_bias=o_bias)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.mlp = LlamaMLP(config)
 
@@ -163,13 +172,19 @@ class LlamaBlock(nn.Module):
 
 
 class LlamaBackbone(nn.Module):
-    """Embeddings, the decoder layers, the final norm and the rotary tables (`LlamaModel` names)."""
+    """Embeddings, the decoder layers, the final norm and the rotary tables (`LlamaModel` names).
+
+    A Llama-like family subclasses it and overrides `attention_biases` / `attention_window`.
+    """
 
     def __init__(self, config):
         super().__init__()
         self.config = config
+        qkv_bias, o_bias = self.attention_biases(config)
+        self.window = self.attention_window(config)
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
-        self.layers = nn.ModuleList(LlamaBlock(config, i) for i in range(config.num_hidden_layers))
+        self.layers = nn.ModuleList(LlamaBlock(config, i, qkv_bias=qkv_bias, o_bias=o_bias)
+                                    for i in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.rotary = Rotary(config, self.layers[0].self_attn.head_dim if len(self.layers) else
                              (getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads))
@@ -179,3 +194,24 @@ class LlamaBackbone(nn.Module):
         """(kv_heads, head_dim) of every layer's cache."""
         attn = self.layers[0].self_attn
         return attn.num_kv_heads, attn.head_dim
+
+    @staticmethod
+    def attention_biases(config) -> tuple[bool, bool]:
+        """(q/k/v projections have biases, o_proj has one): Llama's `attention_bias` sets both."""
+        bias = bool(getattr(config, "attention_bias", False))
+        return bias, bias
+
+    @staticmethod
+    def attention_window(config) -> int | None:
+        """The sliding attention window W (keys at positions > p - W), or None: Llama has none."""
+        return None
+
+    def check_window(self, length: int) -> None:
+        """Refuse to run `length` positions (one row's slots, an upper bound on its positions) past
+        the sliding window, where transformers' attention would start dropping the oldest keys."""
+        if self.window is not None and length > self.window:
+            raise ValueError(f"{length} cache positions (left padding and holes included) exceed the config's "
+                             f"sliding_window = {self.window}: past it "
+                             "transformers' sliding-window attention drops the oldest keys, which these towers do "
+                             f"not implement; keep prompt + generated tokens within {self.window}, or use a "
+                             "config with sliding_window = null")

@@ -26,18 +26,12 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
-from ..caches import HybridCache
-from ..time_embedding import build_time_conditioning
-from .base import DenoiserTowerBase, run_block
-from .context import ContextStates, ContextTower
-from .layers import ATTENTION, MAMBA, HybridBackbone
-
-
-def block_attention_mask(length: int, block_size: int, device=None) -> Tensor:
-    """(L, 2L) bool for the training forward: query i sees context key j if block(j) < block(i)
-    and denoiser key j if block(j) == block(i)."""
-    blk = torch.arange(length, device=device) // block_size
-    return torch.cat([blk[None, :] < blk[:, None], blk[None, :] == blk[:, None]], dim=1)
+from ...time_embedding import build_time_conditioning
+from ..base import DenoiserTowerBase, run_block
+from ..common import ContextStates, block_attention_mask
+from .cache import HybridCache
+from .context import ContextTower
+from .layers import ATTENTION, MAMBA, MOE, HybridBackbone
 
 
 class DenoiserTower(DenoiserTowerBase):
@@ -52,8 +46,13 @@ class DenoiserTower(DenoiserTowerBase):
         self.config = config
         self.backbone = HybridBackbone(config)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
-        self.num_modulated = len(config.layers_block_type)
+        self.num_modulated = self.modulated_layers(config)
         self.time = build_time_conditioning(time, config.hidden_size, self.num_modulated, time_init=time_init)
+
+    @staticmethod
+    def modulated_layers(config) -> int:
+        """One modulation per block (Mamba, attention, MLP or MoE)."""
+        return len(config.layers_block_type)
 
     @classmethod
     def from_context(cls, context: ContextTower, *, time_init: str = "identity",
@@ -61,6 +60,16 @@ class DenoiserTower(DenoiserTowerBase):
         """A denoiser initialised as a copy of the context tower and its LM head (docs/design.md,
         section 3), on `device` (None: the context's); each weight is copied once (`copy_of_context`)."""
         return cls.copy_of_context(context, time_init=time_init, time=time, device=device)
+
+    def match_precision(self, context: ContextTower) -> None:
+        """MoE routers stay in the context's (float32) precision: re-copy them at full precision
+        after `from_context` cast the whole copy to the context's first dtype."""
+        with torch.no_grad():
+            for d_blk, c_blk in zip(self.backbone.layers, context.backbone.layers):
+                if d_blk.block_type == MOE:
+                    ref = next(c_blk.mixer.gate.parameters())
+                    d_blk.mixer.gate.to(ref.dtype)
+                    d_blk.mixer.gate.load_state_dict(c_blk.mixer.gate.state_dict())
 
     def head(self, hidden: Tensor) -> Tensor:
         """Final norm + LM head in float32: (..., H) -> (..., V)."""
@@ -133,15 +142,3 @@ class DenoiserTower(DenoiserTowerBase):
         hid = hid.reshape(b, L, H)
         return hid if return_hidden else self.head(hid)
 
-
-def _register() -> None:
-    from transformers import NemotronHConfig
-
-    from .base import TowerFamily, register_family
-
-    register_family(TowerFamily(model_type="nemotron_h", config_class=NemotronHConfig, context=ContextTower,
-                                denoiser=DenoiserTower, embed_key="embeddings.weight",
-                                hf_architecture="NemotronHForCausalLM"))
-
-
-_register()

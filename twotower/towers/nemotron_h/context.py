@@ -16,43 +16,17 @@ State dict names: `backbone.` + transformers' NemotronH backbone names, and `lm_
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from functools import partial
 
 import torch
 import torch.nn as nn
 from torch import Tensor
 
-from ..caches import HybridCache, PendingBlock
-from .base import ContextTowerBase, at_positions, run_block
-from .layers import ATTENTION, MAMBA, HybridBackbone
+from ..base import ContextTowerBase, at_positions, run_block
+from ..common import ContextStates, causal_mask, check_ids
+from .cache import HybridCache, PendingScan
+from .layers import ATTENTION, MAMBA, MOE, HybridBackbone
 from .ssd import conv_boundary_states, conv_state_at, ssd_state_at
-
-
-@dataclass
-class ContextStates:
-    """Training-time context exports for sequences of L = nB * S clean tokens.
-
-    keys / values[i]: (b, kv, L, d) for attention layers; conv[i]: (b, nB, conv_dim, k-1) and
-    ssm[i]: (b, nB, h, p, n) float32 for Mamba layers: the states entering block k.
-    """
-
-    keys: list[Tensor | None]
-    values: list[Tensor | None]
-    conv: list[Tensor | None]
-    ssm: list[Tensor | None]
-    block_size: int
-
-
-def causal_mask(valid: Tensor, q_len: int, offset: int) -> Tensor:
-    """(b, 1, q_len, offset + q_len) bool: query i (absolute position offset + i) may see key j if
-    j <= offset + i and key j is real. A query always sees itself, so padded rows stay finite."""
-    k_len = valid.shape[1]
-    q_pos = torch.arange(q_len, device=valid.device)[:, None] + offset
-    k_pos = torch.arange(k_len, device=valid.device)[None, :]
-    allowed = (k_pos <= q_pos)[None] & valid[:, None, :]
-    allowed |= (k_pos == q_pos)[None]
-    return allowed[:, None]
 
 
 class ContextTower(ContextTowerBase):
@@ -68,56 +42,19 @@ class ContextTower(ContextTowerBase):
     def keep_router_fp32(self) -> None:
         """MoE router weights and correction biases stay float32 whatever the model dtype."""
         for blk in self.backbone.layers:
-            if blk.block_type == "moe":
+            if blk.block_type == MOE:
                 blk.mixer.gate.float()
 
     def restore_precision(self) -> None:
         self.keep_router_fp32()
 
-    # ---- plain causal forward -----------------------------------------------------------------
-    def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None) -> Tensor:
-        """(b, T) token ids -> logits (b, T, V) float32."""
-        return self.prefill(input_ids, attention_mask, logits="all", use_cache=False)[0]
-
-    def prefill(self, input_ids: Tensor, attention_mask: Tensor | None = None, *, logits: str = "all",
-                use_cache: bool = True, capacity: int | None = None):
-        """Causal forward over a prompt batch, returning (logits, cache).
-
-        attention_mask: (b, T), 1 for real tokens, 0 for (left) padding. Padded positions are kept
-        out of attention and out of the Mamba states. logits: "all" (b, T, V), "last" (b, 1, V) or
-        "none" (None).
-        """
-        check_ids(input_ids, self.config.vocab_size)
-        b, T = input_ids.shape
-        valid, padded = validity(input_ids, attention_mask)
-        cache = self.empty_cache(b, capacity=capacity or max(64, 2 * T), device=input_ids.device) if use_cache else None
-        hidden = self._run(input_ids, valid, padded, cache, offset=0)
-        return self._logits(hidden, logits), cache
-
+    # ---- the cached forward (prefill / extend / logits: ContextTowerBase) -----------------------
     def empty_cache(self, batch: int, *, capacity: int = 64, device=None) -> HybridCache:
         """An empty cache for `batch` rows with room for `capacity` positions (grows when needed)."""
         dtype = self.backbone.embeddings.weight.dtype
         return HybridCache.empty(self.backbone, batch, capacity=capacity,
                                  device=self.backbone.embeddings.weight.device if device is None else device,
                                  dtype=dtype)
-
-    def extend(self, cache: HybridCache, tokens: Tensor, *, logits: str = "all",
-               attention_mask: Tensor | None = None, provisional: bool = False) -> Tensor | None:
-        """Append tokens (b, n) to `cache` (in place) and return their logits (b, n, V).
-
-        n = 1 is an AR step (recurrent Mamba update); larger n runs one chunked scan.
-        provisional: append on trial (speculative decoding). The logits are those of a normal
-        extend; the cache then waits for `accept(cache, keep)`, which settles how many of the n
-        tokens each row keeps.
-        """
-        # No value-range check here: it would read the ids back from the device on every AR step.
-        check_ids(tokens, self.config.vocab_size, check_range=False)
-        cache.check_settled("extend it")
-        if tokens.shape[0] != cache.batch_size:
-            raise ValueError(f"tokens have batch {tokens.shape[0]} but the cache has {cache.batch_size}")
-        valid, padded = validity(tokens, attention_mask)
-        hidden = self._run(tokens, valid, padded, cache, offset=cache.length, provisional=provisional)
-        return self._logits(hidden, logits)
 
     def accept(self, cache: HybridCache, keep: Tensor) -> None:
         """Settle a provisional block: row b keeps its first keep[b] tokens (0 <= keep[b] <= n).
@@ -139,21 +76,12 @@ class ContextTower(ContextTowerBase):
                 cache.conv[i] = conv_state_at(cache.conv[i], pending.xbc[i], keep)
         cache.settle(keep, bounds=(lo, hi))  # holes, length
 
-    def _logits(self, hidden: Tensor, which: str) -> Tensor | None:
-        if which == "none":
-            return None
-        if which == "last":
-            hidden = hidden[:, -1:]
-        elif which != "all":
-            raise ValueError(f"logits must be 'all', 'last' or 'none', got {which!r}")
-        return self.lm_head(hidden).float()
-
-    def _run(self, ids: Tensor, valid: Tensor, padded: bool, cache: HybridCache | None, offset: int,
-             provisional: bool = False) -> Tensor:
+    def _forward_cached(self, ids: Tensor, valid: Tensor, padded: bool, cache: HybridCache | None, offset: int,
+                        provisional: bool = False) -> Tensor:
         """Run the stack over `ids` (b, n) appended after `offset` cached positions; returns the final hidden.
 
-        valid (b, n) marks real tokens; `padded` says whether any is False. `provisional`: leave the
-        Mamba states as they are and record in `cache.pending` what `accept` needs.
+        n = 1 is a recurrent Mamba update; larger n runs one chunked scan. `provisional`: leave the
+        Mamba states as they are and record in `cache.pending` (a `PendingScan`) what `accept` needs.
         """
         n = ids.shape[1]
         x = self.backbone.embeddings(ids)
@@ -171,7 +99,7 @@ class ContextTower(ContextTowerBase):
         if provisional:
             if cache is None:
                 raise ValueError("a provisional run needs a cache")
-            pending = PendingBlock(offset, n, {}, {})
+            pending = PendingScan(offset, n)
         for i, blk in enumerate(self.backbone.layers):
             h = blk.pre(x)
             if blk.block_type == ATTENTION:
@@ -235,19 +163,3 @@ class ContextTower(ContextTowerBase):
         logits = None if return_logits is False else self.lm_head(self.backbone.norm_f(at_positions(x, return_logits))).float()
         return logits, ContextStates(keys, values, conv, ssm, block_size)
 
-
-def validity(ids: Tensor, attention_mask: Tensor | None) -> tuple[Tensor, bool]:
-    """(valid (b, n) bool, whether any position is padding) from an optional 0/1 attention mask."""
-    if attention_mask is None:
-        return torch.ones(ids.shape, dtype=torch.bool, device=ids.device), False
-    valid = attention_mask.to(ids.device).bool()
-    return valid, not bool(valid.all())
-
-
-def check_ids(ids: Tensor, vocab_size: int, *, check_range: bool = True) -> None:
-    if ids.dim() != 2:
-        raise ValueError(f"input_ids must be (batch, length), got shape {tuple(ids.shape)}")
-    if ids.dtype not in (torch.int64, torch.int32):
-        raise ValueError(f"input_ids must be an integer tensor, got {ids.dtype}")
-    if check_range and ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= vocab_size):
-        raise ValueError(f"token ids must lie in [0, {vocab_size}); got min {int(ids.min())}, max {int(ids.max())}")

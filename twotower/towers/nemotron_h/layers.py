@@ -21,6 +21,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
+from ..common import RMSNorm
 from .ssd import causal_conv1d, ssd_scan, ssd_step
 
 MAMBA, ATTENTION, MLP, MOE = "linear_attention", "full_attention", "mlp", "moe"
@@ -33,20 +34,6 @@ def _activation(name: str):
     from transformers.activations import ACT2FN
 
     return ACT2FN[name]
-
-
-class RMSNorm(nn.Module):
-    """RMSNorm computed in float32, result cast back to the input dtype."""
-
-    def __init__(self, hidden_size: int, eps: float = 1e-5):
-        super().__init__()
-        self.weight = nn.Parameter(torch.ones(hidden_size))
-        self.eps = eps
-
-    def forward(self, x: Tensor) -> Tensor:
-        xf = x.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return (self.weight.float() * xf).to(x.dtype)
 
 
 class GatedRMSNorm(nn.Module):
