@@ -210,3 +210,23 @@ def test_a_decoder_that_emits_mask_fails():
 
     with pytest.raises(AssertionError, match=r"Masks emitted \[MASK\] \(id 3\)"):
         check_decoder(Masks())
+
+
+class NoCache(Decoder):
+    """The prompt's last token twice per step, with no cache: fine in `generate`, but the server joins
+    rows by their caches."""
+
+    uses_denoiser = False
+
+    def prefill(self, state):
+        state.carry["last"] = state.call.input_ids[:, -1:]
+
+    def advance(self, state, drafted):
+        state.commit(state.carry["last"].repeat(1, 2))
+        state.drop_finished()
+
+
+def test_a_decoder_without_a_cache_fails_naming_the_fix(model):
+    with pytest.raises(AssertionError, match=r"NoCache.prefill left state.cache None: the server joins rows by "
+                                             r"their caches; set state.cache in prefill"):
+        check_decoder(NoCache(), model)

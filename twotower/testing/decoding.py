@@ -171,6 +171,9 @@ def check_steps_equal_generate(decoder, model, ids, mask, out, n: int, eos: int,
     name = type(decoder).__name__
     state = _run(f"{name}.start", decoder.start, model, ids, mask, max_new_tokens=n, eos_token_id=eos,
                  generator=_generator(decoder, seed))
+    # The server joins rows started apart by concatenating their caches (`DecodeState.join`).
+    expect(state.cache is not None, f"{name}.prefill left state.cache None: the server joins rows by their caches; "
+                                    "set state.cache in prefill (e.g. the context tower's prefill of the prompts)")
     steps = 0
     while not state.done:
         _run(f"{name}.step {steps}", decoder.step, state)
