@@ -17,6 +17,7 @@ from transformers import LlamaConfig
 
 import twotower.samplers as samplers
 from twotower.decoding import Decoder, registered_decoders
+from twotower.time_embedding import TimeConditioning
 from twotower.testing import (MASK, check_decoder, check_family, check_sampler, check_time_conditioning,
                               tiny_config, tiny_model)
 from twotower.towers.base import TowerFamily, registered_families
@@ -230,3 +231,45 @@ def test_a_decoder_without_a_cache_fails_naming_the_fix(model):
     with pytest.raises(AssertionError, match=r"NoCache.prefill left state.cache None: the server joins rows by "
                                              r"their caches; set state.cache in prefill"):
         check_decoder(NoCache(), model)
+
+
+# ---- a broken sampler and time conditioning fail, naming what broke --------------------------------
+
+
+class GlobalRandom(samplers.Sampler):
+    """Commits two random masked positions a step, drawn from the global RNG instead of `generator`."""
+
+    def select(self, confidence, candidates, masked, *, step, steps_per_block, logits=None, generator=None):
+        return samplers.commit_top_n(torch.rand(masked.shape), masked, 2)
+
+
+class Everything(samplers.Sampler):
+    """Commits every position, masked or not."""
+
+    def select(self, confidence, candidates, masked, *, step, steps_per_block, logits=None, generator=None):
+        return torch.ones_like(masked)
+
+
+def test_a_sampler_drawing_from_the_global_rng_fails():
+    with pytest.raises(AssertionError, match=r"GlobalRandom: commits of a block of 3 steps, seed 0, again: row"):
+        check_sampler(GlobalRandom())
+
+
+def test_a_sampler_committing_unmasked_positions_fails():
+    with pytest.raises(AssertionError, match=r"Everything.select at step 0 committed positions that are not masked: "
+                                             r"\[\[2, 5\]"):
+        check_sampler(Everything())
+
+
+class TooFew(TimeConditioning):
+    """One modulation short of the denoiser's sub-blocks."""
+
+    def forward(self, t):
+        t = t[None] if t.dim() == 0 else t
+        one = torch.ones(*t.shape, 1, self.hidden_size)
+        return [(one * 0, one, one)] * (self.num_layers - 1)
+
+
+def test_a_time_conditioning_with_too_few_modulations_fails():
+    with pytest.raises(AssertionError, match=r"test_testing.TooFew: 5 modulations for the denoiser's 6 modulated"):
+        check_time_conditioning(TooFew)
