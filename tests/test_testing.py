@@ -3,8 +3,9 @@
 * `check_family` over every registered family, `check_decoder` over every registered decoder (greedy,
   and sampling where the decoder samples), `check_sampler` over every built-in sampler,
   `check_time_conditioning` over the built-in time conditionings;
-* deliberately broken families and decoders, defined here, fail with an AssertionError that names
-  what broke (the plug-in package of test_plugins.py runs the same checks).
+* deliberately broken families, decoders, samplers and a time conditioning, defined here, fail with
+  an AssertionError that names what broke (the plug-in package of test_plugins.py runs the same
+  checks and passes).
 """
 
 from __future__ import annotations

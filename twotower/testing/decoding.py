@@ -39,9 +39,10 @@ def check_decoder(decoder, model=None, *, max_new_tokens: int = 9, seed: int = 0
         a generated [MASK] is an error too (the tiny model never predicts one).
 
     Checks: `generate`'s output contract (with an EOS), rows independent of their batch (greedy),
-    `start` / `step` == `generate`, the server's working batch (`serving.Stepper`, requests joining
-    and leaving between steps) == each request's `generate` alone, seeded sampling repeats, and the
-    step callback. A decoder that implements only the older `_decode` loop gets the `generate` checks.
+    seeded sampling repeats, the step callback, `start` / `step` == `generate` (with `prefill`
+    setting `state.cache`), and the server's working batch (`serving.Stepper`, requests joining and
+    leaving between steps) == each request's `generate` alone. A decoder that implements only the
+    older `_decode` loop gets the `generate` checks (the server refuses it anyway).
     """
     own_model = model is None
     model = tiny_model("llama", block_size=4) if own_model else model
