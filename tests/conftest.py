@@ -8,65 +8,16 @@ import pytest
 import torch
 from transformers import NemotronHConfig
 
+# Shared with the checks a plug-in runs: the same tiny configs and random weights.
+from twotower.testing import TINY_CONFIGS, randomize_, randomize_time_  # noqa: F401  (re-exported to tests)
+
 
 def tiny_config(pattern: str = "M*-EM*E", **overrides) -> NemotronHConfig:
-    """A NemotronH config small enough for exact float32 tests on CPU.
+    """A NemotronH config small enough for exact float32 tests on CPU (`twotower.testing.TINY_CONFIGS`).
 
     `pattern` uses the hybrid_override_pattern letters: M Mamba-2, * attention, - MLP, E MoE.
     """
-    kwargs = dict(
-        vocab_size=64,
-        hidden_size=32,
-        hybrid_override_pattern=pattern,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=8,
-        intermediate_size=48,
-        mamba_num_heads=4,
-        mamba_head_dim=8,
-        ssm_state_size=8,
-        n_groups=2,
-        conv_kernel=4,
-        chunk_size=16,
-        n_routed_experts=4,
-        num_experts_per_tok=2,
-        moe_intermediate_size=24,
-        moe_shared_expert_intermediate_size=16,
-        routed_scaling_factor=1.5,
-        max_position_embeddings=512,
-        pad_token_id=0,
-        bos_token_id=1,
-        eos_token_id=2,
-        use_conv_bias=True,
-        mamba_proj_bias=False,
-        use_bias=False,
-    )
-    kwargs.update(overrides)
-    return NemotronHConfig(**kwargs)
-
-
-def randomize_(module: torch.nn.Module, seed: int = 0, scale: float = 0.2) -> torch.nn.Module:
-    """Give every parameter and buffer random values so parity tests exercise all weights.
-
-    Mamba's A_log / dt_bias get values in a realistic range; the MoE correction bias is made
-    non-zero so that its choose-only role is tested.
-    """
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in list(module.named_parameters()) + list(module.named_buffers()):
-            if not p.is_floating_point() or "inv_freq" in name:  # transformers' RoPE tables are not weights
-                continue
-            if name.endswith("A_log"):
-                p.copy_(torch.rand(p.shape, generator=g) * 1.5)
-            elif name.endswith("dt_bias"):
-                p.copy_(torch.rand(p.shape, generator=g) * 2 - 3)
-            elif name.endswith("norm.weight") or name.endswith("norm_f.weight"):
-                p.copy_(1 + 0.1 * torch.randn(p.shape, generator=g))
-            elif name.endswith("e_score_correction_bias"):
-                p.copy_(0.1 * torch.randn(p.shape, generator=g))
-            else:
-                p.copy_(scale * torch.randn(p.shape, generator=g))
-    return module
+    return NemotronHConfig(**{**TINY_CONFIGS["nemotron_h"], "hybrid_override_pattern": pattern, **overrides})
 
 
 def trained_time_steps_(module: torch.nn.Module, seed: int = 0, bc_scale: float = 3.0) -> torch.nn.Module:
@@ -125,16 +76,6 @@ def _deterministic_single_thread():
 # ---- shared builders: towers, prompts, and decoder calls on bare towers -------------------------
 
 MASK, PAD = 3, 0  # the tiny configs' [MASK] and pad ids (ids 0-3 are pad / bos / eos / mask)
-
-
-def randomize_time_(denoiser, seed: int) -> None:
-    """Random adaLN modules (gates around 1) and a sharper head, so that t matters and the
-    confidence threshold sees a spread of confidences."""
-    randomize_(denoiser.time, seed=seed, scale=0.05)
-    with torch.no_grad():
-        for table in denoiser.time.scale_shift_tables:
-            table[2] += 1.0
-        denoiser.lm_head.weight.mul_(3.0)
 
 
 # ---- tiny models: the one family of builders every test file uses -------------------------------
@@ -419,22 +360,14 @@ def tiny_llama_config(**overrides):
     """A transformers LlamaConfig small enough for exact float32 tests (ids 0-3 special, as above)."""
     from transformers import LlamaConfig
 
-    kwargs = dict(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=3, num_attention_heads=4,
-                  num_key_value_heads=2, head_dim=8, max_position_embeddings=512, pad_token_id=0, bos_token_id=1,
-                  eos_token_id=2, tie_word_embeddings=False)
-    kwargs.update(overrides)
-    return LlamaConfig(**kwargs)
+    return LlamaConfig(**{**TINY_CONFIGS["llama"], **overrides})
 
 
 def tiny_qwen2_config(**overrides):
     """A transformers Qwen2Config of the same tiny shape (q/k/v biases, no o_proj bias, by design)."""
     from transformers import Qwen2Config
 
-    kwargs = dict(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=3, num_attention_heads=4,
-                  num_key_value_heads=2, max_position_embeddings=512, pad_token_id=0, bos_token_id=1,
-                  eos_token_id=2, tie_word_embeddings=False)
-    kwargs.update(overrides)
-    return Qwen2Config(**kwargs)
+    return Qwen2Config(**{**TINY_CONFIGS["qwen2"], **overrides})
 
 
 def tiny_mistral_config(**overrides):
@@ -442,11 +375,7 @@ def tiny_mistral_config(**overrides):
     than every sequence the contract tests run, so it never drops a key (longer runs are refused)."""
     from transformers import MistralConfig
 
-    kwargs = dict(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=3, num_attention_heads=4,
-                  num_key_value_heads=2, head_dim=8, max_position_embeddings=512, sliding_window=64,
-                  pad_token_id=0, bos_token_id=1, eos_token_id=2, tie_word_embeddings=False)
-    kwargs.update(overrides)
-    return MistralConfig(**kwargs)
+    return MistralConfig(**{**TINY_CONFIGS["mistral"], **overrides})
 
 
 # model_type -> a tiny config builder (**overrides). The family contract test (test_families.py)

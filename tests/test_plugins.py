@@ -7,6 +7,8 @@
   named in the error.
 * A time conditioning whose parameters have their own names round-trips through save / export and
   load (its names under ``time.``; AdaLNSingle keeps the released names).
+* The user's package passes the contract checks of `twotower.testing` (`check_family("myllama")`,
+  `check_decoder(RepeatLast())`, `check_time_conditioning`), as its author would run them.
 * Only public Lightning APIs: no ``._trainer``, ``_device_mesh`` or ``_prepare_subcommand_parser``.
 
 The user's package is written into a temporary folder and put on PYTHONPATH for subprocesses; the
@@ -71,21 +73,23 @@ register_family(FAMILY)
 
 
 class RepeatLast(Decoder):
-    """Writes the prompt's last token `times` times per forward-free step."""
+    """Writes the prompt's last token `times` times per step, with no forward after the prompt's."""
     uses_denoiser = False
 
     def __init__(self, times: int = 2):
         super().__init__()
         self.times = times
 
-    # A step-wise decoder (prefill / advance over a DecodeState), so `serve` can batch it too.
+    # A step-wise decoder (prefill / advance over a DecodeState), so `serve` can batch it too: the
+    # server joins rows by their caches, so the prompts are prefilled even if nothing reads it.
     def prefill(self, state):
-        state.carry["last"] = state.call.input_ids[:, -1:]
+        call = state.call
+        _, state.cache = call.context.prefill(call.input_ids, call.valid, logits="none")
+        state.carry["last"] = call.input_ids[:, -1:]
 
     def advance(self, state, drafted):
-        block = state.carry["last"].repeat(1, self.times)
-        state.count_forward()
-        state.commit(block)
+        # No network forward, so none is counted (a counted forward owes a step callback a call).
+        state.commit(state.carry["last"].repeat(1, self.times))
         state.drop_finished()
 
 
@@ -162,6 +166,18 @@ def imported_user_package(user, monkeypatch):
     monkeypatch.syspath_prepend(str(user["pkg"]))
     yield __import__("mypkg")
     sys.modules.pop("mypkg", None)
+
+
+def test_the_users_package_passes_the_contract_checks(imported_user_package):
+    """What the plug-in's author runs in their own tests (`twotower.testing`): the family against
+    transformers' Llama, the decoder through `generate` and the server's working batch, and the time
+    conditioning through save / load."""
+    from twotower.testing import check_decoder, check_family, check_time_conditioning
+
+    check_family("myllama")
+    check_decoder(imported_user_package.RepeatLast())
+    check_decoder(imported_user_package.RepeatLast(times=3))
+    check_time_conditioning({"class_path": "mypkg.GateOnly", "init_args": {"width": 6}})
 
 
 def _prompts(tmp_path: Path) -> Path:
