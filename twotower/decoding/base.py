@@ -70,10 +70,10 @@ from .logits import LogitsProcessor, TokenChooser
 from .stopping import StopCriterion
 from .state import DecodeState, Rows, TrackedRows
 from .tracker import GenerationOutput, RowTracker
+from ..validation import check_int, check_token, device_of
 
 __all__ = ["Decoder", "DecodeCall", "DecodeState", "Rows", "TrackedRows", "Towers", "StepCallback", "GenerationOutput",
-           "RowTracker", "check_int",
-           "device_of", "default_pad_id"]
+           "RowTracker", "default_pad_id"]
 
 StepCallback = Callable[[int, int, "Tensor | None", Tensor, Tensor], None]
 
@@ -81,26 +81,9 @@ StepCallback = Callable[[int, int, "Tensor | None", Tensor, Tensor], None]
 # ---- argument checks ----------------------------------------------------------------------------
 
 
-def check_int(name: str, value, minimum: int = 1) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
-    return value
-
-
-def check_token(name: str, value, vocab_size: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < vocab_size:
-        raise ValueError(f"{name} must be a token id in [0, {vocab_size}), got {value!r}")
-    return value
-
-
 def _rows(mask: Tensor, limit: int = 8) -> str:
     rows = mask.nonzero().flatten().tolist()
     return str(rows[:limit]) + (" ..." if len(rows) > limit else "")
-
-
-def device_of(module: torch.nn.Module) -> torch.device:
-    p = next(module.parameters(), None)
-    return p.device if p is not None else torch.device("cpu")
 
 
 def same_device(a: torch.device, b: torch.device) -> bool:

@@ -29,7 +29,8 @@ import torch
 from torch import Tensor
 
 from ..samplers import ConfidenceThreshold, Sampler
-from .base import DecodeCall, Decoder, Towers, check_int
+from ..validation import check_int
+from .base import DecodeCall, Decoder, Towers
 from .diffusion import denoise_block
 from .logits import LogitsProcessor, TokenChooser
 from .state import DecodeState

@@ -28,7 +28,7 @@ from collections.abc import Sequence
 from torch import Tensor
 
 from ..samplers import Sampler
-from ..samplers.base import check_float
+from ..validation import check_float
 from .logits import LogitsProcessor
 from .speculative import Speculative
 

@@ -316,6 +316,7 @@ def _two_devices(towers: Towers) -> bool:
     """Whether the context and the denoiser tower sit on different devices."""
     if towers.denoiser is None:
         return False
-    from ..decoding.base import device_of, same_device
+    from ..decoding.base import same_device
+    from ..validation import device_of
 
     return not same_device(device_of(towers.context), device_of(towers.denoiser))
