@@ -24,6 +24,7 @@ from .decoding import Decoder, MaskDiffusion, build_decoder
 from .hub import resolve_model
 from .tokenizers import Tokenizer, tokenizer_for
 from .writers import JsonlPredictionWriter
+from .validation import check_int, parse_dtype
 
 __all__ = ["GenerationModule", "JsonlPredictionWriter", "checkpoint_fingerprint"]
 
@@ -93,15 +94,10 @@ class GenerationModule(L.LightningModule):
         if decoder is not None and not isinstance(decoder, Decoder):
             raise ValueError(f"decoder must be a twotower.decoding.Decoder (chosen by class_path) or a registered "
                              f"decoder name, got {decoder!r}")
-        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be an int >= 1, got {max_new_tokens!r}")
+        check_int("max_new_tokens", max_new_tokens)
         if (context_device is None) != (denoiser_device is None):
             raise ValueError("give both context_device and denoiser_device, or neither")
-        torch_dtype = None
-        if dtype is not None:
-            if dtype not in ("float32", "bfloat16", "float16"):
-                raise ValueError(f"dtype must be float32, bfloat16 or float16, got {dtype!r}")
-            torch_dtype = getattr(torch, dtype)
+        torch_dtype = None if dtype is None else parse_dtype("dtype", dtype)
         self.quantize = check_quantize(quantize)
         model = resolve_model(model, kind="two-tower checkpoint")
         if not (model / "config.json").exists():

@@ -38,6 +38,7 @@ from .tokenizers import DEFAULT_MASK_TOKEN_ID, Tokenizer, find_tokenizer, save_t
 from .towers.adapters import DenoiserBuilder, builder_from_spec, is_adapter
 from .towers.base import ContextTowerBase, DenoiserTowerBase, family_for
 from .towers.checkpoints import module_name, released_name
+from .validation import check_int, device_of, parse_dtype
 
 __all__ = ["TwoTowerLM"]
 
@@ -58,9 +59,7 @@ def _has_config(name_or_path) -> bool:
 
 
 def _check_block_size(block_size) -> int:
-    if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1:
-        raise ValueError(f"block_size must be an int >= 1, got {block_size!r}")
-    return block_size
+    return check_int("block_size", block_size)
 
 
 class TwoTowerLM(ReleasedGenerationMixin, nn.Module):
@@ -221,7 +220,7 @@ class TwoTowerLM(ReleasedGenerationMixin, nn.Module):
             raise FileNotFoundError(f"{path} is an adapter over the backbone {source} ({where}), which is missing "
                                     "(no config.json there); pass backbone=PATH_OR_NAME where it is now")
         if isinstance(dtype, str):
-            dtype = getattr(torch, dtype)
+            dtype = parse_dtype("dtype", dtype, allowed=None)
         model = cls.from_backbone(source, block_size=raw.get("block_size", DEFAULT_BLOCK_SIZE),
                                   mask_token_id=raw.get("mask_token_id", DEFAULT_MASK_TOKEN_ID),
                                   shifted=bool(raw.get("shifted", False)), time=raw.get("time_conditioning"),
@@ -380,11 +379,7 @@ class TwoTowerLM(ReleasedGenerationMixin, nn.Module):
     @property
     def devices(self) -> tuple[torch.device, torch.device]:
         """(context device, denoiser device), read from the weights."""
-        def dev(m):
-            p = next(m.parameters(), None)
-            return p.device if p is not None else torch.device("cpu")
-
-        return dev(self.context), dev(self.denoiser)
+        return device_of(self.context), device_of(self.denoiser)
 
     @property
     def context_device(self) -> torch.device:

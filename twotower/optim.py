@@ -41,9 +41,3 @@ def adamw_with_schedule(module: L.LightningModule, params, lr, weight_decay, bet
     return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
 
-def check_positive(**values):
-    for name, v in values.items():
-        if v is None or v <= 0:
-            raise ValueError(f"{name} must be > 0, got {v!r}")
-
-

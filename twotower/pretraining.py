@@ -16,7 +16,8 @@ import torch.nn.functional as F
 from torch import Tensor
 from torchmetrics import MeanMetric
 
-from .optim import check_positive, adamw_with_schedule
+from .optim import adamw_with_schedule
+from .validation import check_positive
 from .towers.checkpoints import from_tower_names
 from .towers.nemotron_h.context import ContextTower
 
@@ -98,7 +99,8 @@ class ARPretraining(L.LightningModule):
                  warmup_steps: int = 100, min_lr_ratio: float = 0.1, init_seed: int = 0,
                  time_step_limit: tuple[float, float] = (0.0, math.inf), save_dir: str | None = None):
         super().__init__()
-        check_positive(lr=lr, hidden_size=hidden_size, vocab_size=vocab_size)
+        for name, value in [("lr", lr), ("hidden_size", hidden_size), ("vocab_size", vocab_size)]:
+            check_positive(name, value)
         self.save_hyperparameters()
         config = tiny_nemotron_config(
             pattern=pattern, vocab_size=vocab_size, hidden_size=hidden_size,

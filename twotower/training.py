@@ -30,7 +30,8 @@ from torchmetrics import SumMetric
 
 from .objectives import HardLabelCE, PositionWeighting, TokenObjective, UniformPositions
 from .schedules import LinearSchedule, NoiseSchedule, TimeSampler, UniformTime, mask_blocks
-from .optim import adamw_with_schedule, attached_trainer, check_positive, warmup_cosine  # noqa: F401  (warmup_cosine: re-exported)
+from .optim import adamw_with_schedule, attached_trainer, warmup_cosine  # noqa: F401  (warmup_cosine: re-exported)
+from .validation import check_positive
 from .pretraining import ARPretraining, init_weights, tiny_nemotron_config  # noqa: F401  (re-exported)
 from .towers.checkpoints import CKPT_META_KEY, restore_frozen, training_checkpoint
 from .distributed import sample_seed
@@ -112,7 +113,7 @@ class DenoiserFineTuning(L.LightningModule):
             raise ValueError(f"block_size must be an integer >= 1, got {block_size!r}")
         if shifted and block_size < 2:
             raise ValueError("shifted training needs block_size >= 2 (position 0 of a block is never masked)")
-        check_positive(lr=lr)
+        check_positive("lr", lr)
         self.save_hyperparameters()
         if context_sharding not in ("replicate", "shard"):
             raise ValueError(f"context_sharding must be 'replicate' or 'shard', got {context_sharding!r}")

@@ -20,6 +20,8 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
+from ..validation import check_int
+
 __all__ = ["LogitsProcessor", "TopK", "TopP", "TokenChooser", "confidence_of", "check_temperature"]
 
 
@@ -49,9 +51,7 @@ class TopK(LogitsProcessor):
     """Keep the k largest logits of each row (ties at the k-th value are all kept)."""
 
     def __init__(self, k: int):
-        if isinstance(k, bool) or not isinstance(k, int) or k < 1:
-            raise ValueError(f"top_k must be an int >= 1, got {k!r}")
-        self.k = k
+        self.k = check_int("top_k", k)
 
     def __call__(self, logits: Tensor) -> Tensor:
         if self.k >= logits.shape[-1]:

@@ -43,12 +43,12 @@ from ..decoding import build_decoder as registry_build_decoder
 from ..hub import resolve_model
 from ..prompting import encode_prompt
 from ..tokenizers import ByteTokenizer, HFTokenizer, Tokenizer, tokenizer_for
+from ..validation import parse_dtype
 
 __all__ = ["TwoTowerEvalLM", "build_decoder", "register", "default_device", "last_speed_line"]
 
 log = logging.getLogger(__name__)
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _last_speed: dict[str, str | None] = {"line": None}  # see last_speed_line
 
 
@@ -87,6 +87,14 @@ def _positive_int(name: str, value) -> int:
     return out
 
 
+def _dtype(dtype: str | None) -> torch.dtype | None:
+    """model_args dtype= -> the torch dtype, refused in the model_args style ("dtype='int4': ...")."""
+    try:
+        return None if dtype is None else parse_dtype("dtype", dtype)
+    except ValueError as e:
+        raise ValueError(f"dtype={dtype!r}: {e}") from None
+
+
 class TwoTowerEvalLM(TemplateLM):
     """lm_eval model backed by a `TwoTowerLM` (see the module docstring for `model_args`)."""
 
@@ -111,15 +119,14 @@ class TwoTowerEvalLM(TemplateLM):
         if not (path / "config.json").is_file():
             raise ValueError(f"pretrained={pretrained!r}: no two-tower checkpoint there ({path / 'config.json'} is "
                              "missing); make one with `python -m twotower.cli convert` or `export`")
-        if dtype is not None and dtype not in DTYPES:
-            raise ValueError(f"dtype={dtype!r}: use one of {sorted(DTYPES)}")
+        torch_dtype = _dtype(dtype)
         self.settings = dict(threshold=threshold, block_size=block_size, steps_per_block=steps_per_block,
                              draft_steps=draft_steps)
         self.decoder_name = str(decoder)
         self.decoder = build_decoder(self.decoder_name, **self.settings)  # fails early on bad settings
         self.batch_size = _positive_int("batch_size", 1 if batch_size in (None, "") else batch_size)
         given = _tokenizer_choice(None if tokenizer is None else str(tokenizer))
-        self.model = TwoTowerLM.from_pretrained(path, dtype=None if dtype is None else DTYPES[dtype])
+        self.model = TwoTowerLM.from_pretrained(path, dtype=torch_dtype)
         self.model.eval().requires_grad_(False)
         self.tok = tokenizer_for(self.model, path, given)
         if device is None:

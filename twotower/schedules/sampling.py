@@ -22,6 +22,7 @@ import torch
 from torch import Tensor
 
 from twotower.schedules.base import NoiseSchedule
+from twotower.validation import check_float, check_int
 
 __all__ = ["TimeSampler", "UniformTime", "StratifiedTime", "AntitheticTime", "FullMaskMix", "mask_blocks"]
 
@@ -35,9 +36,7 @@ class TimeSampler(abc.ABC):
     """
 
     def __init__(self, eps: float = 1e-3) -> None:
-        if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not (0.0 <= eps < 1.0):
-            raise ValueError(f"eps must be a float in [0, 1), got {eps!r}")
-        self.eps = float(eps)
+        self.eps = check_float("eps", eps, low=0.0, high=1.0, high_open=True)
 
     def sample(
         self,
@@ -133,9 +132,7 @@ class FullMaskMix(TimeSampler):
 
     def __init__(self, p_full: float = 0.5, base: TimeSampler | None = None, eps: float = 1e-3) -> None:
         super().__init__(eps)
-        if isinstance(p_full, bool) or not isinstance(p_full, (int, float)) or not 0.0 <= p_full <= 1.0:
-            raise ValueError(f"p_full must be a float in [0, 1], got {p_full!r}")
-        self.p_full = float(p_full)
+        self.p_full = check_float("p_full", p_full, low=0.0, high=1.0)
         self.base = base if base is not None else StratifiedTime(eps)
 
     def sample(self, shape, *, generator=None, device=None) -> Tensor:
@@ -188,8 +185,7 @@ def mask_blocks(
     """
     if x.dim() != 2:
         raise ValueError(f"x must be (B, L), got shape {tuple(x.shape)}")
-    if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1:
-        raise ValueError(f"block_size must be an int >= 1, got {block_size!r}")
+    check_int("block_size", block_size)
     B, L = x.shape
     if L % block_size != 0:
         raise ValueError(

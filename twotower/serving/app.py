@@ -43,6 +43,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 
 from ..decoding import Towers
 from ..tokenizers import tokenizer_for
+from ..validation import parse_dtype
 from .requests import RequestError, ServeSettings, parse_chat, parse_completion
 from .scheduler import Job, Scheduler
 
@@ -152,11 +153,7 @@ def load_model(settings: ServeSettings):
     """The two-tower model of `settings.model`, in eval mode on `settings.device`."""
     from ..model import TwoTowerLM
 
-    dtype = None
-    if settings.dtype is not None:
-        if settings.dtype not in ("float32", "bfloat16", "float16"):
-            raise ValueError(f"dtype must be float32, bfloat16 or float16, got {settings.dtype!r}")
-        dtype = getattr(torch, settings.dtype)
+    dtype = None if settings.dtype is None else parse_dtype("dtype", settings.dtype)
     model = TwoTowerLM.from_pretrained(settings.model, dtype=dtype).to(settings.device).eval().requires_grad_(False)
     if settings.denoiser_device is not None:
         model.place_towers_on_devices(settings.device, settings.denoiser_device)

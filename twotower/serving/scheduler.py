@@ -32,6 +32,7 @@ import torch
 from ..decoding import StopStrings, Towers
 from .requests import CompletionRequest
 from .stepper import Stepper
+from ..validation import check_int
 
 __all__ = ["Job", "Scheduler"]
 
@@ -149,10 +150,8 @@ class Scheduler:
 
     def __init__(self, towers: Towers, *, max_batch: int = 8, idle_wait: float = 0.05, overlap: bool | None = None,
                  max_rows: int | None = None):
-        if isinstance(max_batch, bool) or not isinstance(max_batch, int) or max_batch < 1:
-            raise ValueError(f"max_batch must be an int >= 1, got {max_batch!r}")
-        if max_rows is not None and (isinstance(max_rows, bool) or not isinstance(max_rows, int) or max_rows < 1):
-            raise ValueError(f"max_rows must be an int >= 1 or None, got {max_rows!r}")
+        check_int("max_batch", max_batch)
+        check_int("max_rows", max_rows, optional=True)
         self.max_rows = max_rows
         self.dropped = 0  # abandoned jobs removed (from a working batch or from the queue) before finishing
         if overlap is not None and not isinstance(overlap, bool):

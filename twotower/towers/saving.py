@@ -20,6 +20,7 @@ from torch import Tensor
 from transformers import PretrainedConfig
 
 from .checkpoints import backbone_to_hf_names, fuse_experts, unfuse_experts
+from ..validation import check_positive
 from .loading import (
     CONFIG_NAME,
     INDEX_NAME,
@@ -102,8 +103,8 @@ def save_state_dict(
     """
     if expert_layout not in ("fused", "per_expert"):
         raise ValueError(f"expert_layout must be 'fused' or 'per_expert', got {expert_layout!r}")
-    if max_shard_size is not None and max_shard_size <= 0:
-        raise ValueError(f"max_shard_size must be a positive number of bytes, got {max_shard_size}")
+    if max_shard_size is not None:
+        check_positive("max_shard_size", max_shard_size, unit="bytes")
     dtype = _as_dtype(dtype)
     for k, v in state.items():
         if not isinstance(v, Tensor):
