@@ -38,7 +38,7 @@ from .tokenizers import DEFAULT_MASK_TOKEN_ID, Tokenizer, find_tokenizer, save_t
 from .towers.adapters import DenoiserBuilder, builder_from_spec, is_adapter
 from .towers.base import ContextTowerBase, DenoiserTowerBase, family_for
 from .towers.checkpoints import module_name, released_name
-from .validation import check_int, device_of, parse_dtype
+from .validation import check_int, check_token, device_of, parse_dtype
 
 __all__ = ["TwoTowerLM"]
 
@@ -87,10 +87,7 @@ class TwoTowerLM(ReleasedGenerationMixin, nn.Module):
         self.shifted = shifted
         self.config = config
         self.block_size = _check_block_size(block_size)
-        if isinstance(mask_token_id, bool) or not isinstance(mask_token_id, int) \
-                or not 0 <= mask_token_id < config.vocab_size:
-            raise ValueError(f"mask_token_id must be a token id in [0, {config.vocab_size}), got {mask_token_id!r}")
-        self.mask_token_id = mask_token_id
+        self.mask_token_id = check_token("mask_token_id", mask_token_id, config.vocab_size)
         if (context is None) != (denoiser is None):
             raise ValueError("pass both towers (context and denoiser) or neither")
         family = family_for(config)

@@ -26,6 +26,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .validation import check_float, check_positive
+
 __all__ = ["TokenObjective", "HardLabelCE", "ARDistillation", "PositionWeighting", "UniformPositions",
            "GeometricPositions"]
 
@@ -70,11 +72,8 @@ class ARDistillation(TokenObjective):
     needs_teacher = True
 
     def __init__(self, temperature: float = 1.0, hard_weight: float = 0.0) -> None:
-        if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not temperature > 0:
-            raise ValueError(f"temperature must be a number > 0, got {temperature!r}")
-        if isinstance(hard_weight, bool) or not isinstance(hard_weight, (int, float)) or not 0 <= hard_weight <= 1:
-            raise ValueError(f"hard_weight must be a number in [0, 1], got {hard_weight!r}")
-        self.temperature, self.hard_weight = float(temperature), float(hard_weight)
+        self.temperature = check_positive("temperature", temperature)
+        self.hard_weight = check_float("hard_weight", hard_weight, low=0.0, high=1.0)
 
     def loss(self, logits: Tensor, target: Tensor, teacher: Tensor | None = None) -> Tensor:
         if teacher is None or teacher.shape != logits.shape:
@@ -129,9 +128,7 @@ class GeometricPositions(PositionWeighting):
     """
 
     def __init__(self, gamma: float = 0.9) -> None:
-        if isinstance(gamma, bool) or not isinstance(gamma, (int, float)) or not 0 < gamma <= 1:
-            raise ValueError(f"gamma must be a number in (0, 1], got {gamma!r}")
-        self.gamma = float(gamma)
+        self.gamma = check_float("gamma", gamma, low=0.0, high=1.0, low_open=True)
 
     def raw(self, n: int) -> Tensor:
         return torch.tensor(self.gamma, dtype=torch.float64) ** torch.arange(n, dtype=torch.float64)
