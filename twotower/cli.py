@@ -27,6 +27,8 @@ import re
 import sys
 from pathlib import Path
 
+from .tokenizers import DEFAULT_MASK_TOKEN_ID
+
 TOOLS = ("convert", "export", "import-gguf", "serve")
 # The key under which `parser_kwargs` hands each subcommand parser its name (taken out before the
 # parser is built, so jsonargparse never sees it).
@@ -36,7 +38,7 @@ PLUGINS_HELP = ("--plugins MODULE[,MODULE]: import these modules first (your tow
                 "twotower.plugins are loaded too (see twotower.plugins)")
 
 
-def convert(ar_dir: str, out_dir: str, *, block_size: int = 16, mask_token_id: int = 3,
+def convert(ar_dir: str, out_dir: str, *, block_size: int = 16, mask_token_id: int = DEFAULT_MASK_TOKEN_ID,
             time_init: str = "identity", max_shard_size: int | None = None, expert_layout: str = "fused",
             shifted: bool = False) -> Path:
     """AR checkpoint directory (or built-in name) -> released two-tower directory, ready to fine-tune or run.

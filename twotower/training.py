@@ -31,6 +31,7 @@ from torchmetrics import SumMetric
 from .objectives import HardLabelCE, PositionWeighting, TokenObjective, UniformPositions
 from .schedules import LinearSchedule, NoiseSchedule, TimeSampler, UniformTime, mask_blocks
 from .optim import adamw_with_schedule, attached_trainer, warmup_cosine  # noqa: F401  (warmup_cosine: re-exported)
+from .tokenizers import DEFAULT_MASK_TOKEN_ID
 from .validation import check_positive
 from .pretraining import ARPretraining, init_weights, tiny_nemotron_config  # noqa: F401  (re-exported)
 from .towers.checkpoints import CKPT_META_KEY, restore_frozen, training_checkpoint
@@ -51,7 +52,8 @@ class DenoiserFineTuning(L.LightningModule):
             the frozen context tower, and the denoiser's initial weights), or a built-in model name
             (`twotower.hub`, e.g. "embedded-backbone").
         block_size: S, tokens per block; training sequences must be multiples of it.
-        mask_token_id: the [MASK] id (3 in NemotronH vocabularies and the byte tokenizer).
+        mask_token_id: the [MASK] id (`tokenizers.DEFAULT_MASK_TOKEN_ID`, the id NemotronH vocabularies and
+            the byte tokenizer reserve).
         schedule: how a block's time maps to a mask probability.
         time_sampler: how block times are drawn (uniform, stratified, antithetic).
         exact_mask_count: mask exactly max(1, round(p S)) positions per block instead of i.i.d.
@@ -97,7 +99,7 @@ class DenoiserFineTuning(L.LightningModule):
     where only positions with loss_mask True are training targets (see `twotower.data.distill`).
     """
 
-    def __init__(self, backbone: str, block_size: int = 16, mask_token_id: int = 3,
+    def __init__(self, backbone: str, block_size: int = 16, mask_token_id: int = DEFAULT_MASK_TOKEN_ID,
                  schedule: NoiseSchedule | None = None, time_sampler: TimeSampler | None = None,
                  exact_mask_count: bool = False, loss_weighting: str = "nelbo", time_init: str = "identity",
                  lr: float = 1e-3, weight_decay: float = 0.0, betas: tuple[float, float] = (0.9, 0.95),

@@ -70,6 +70,7 @@ from .logits import LogitsProcessor, TokenChooser
 from .stopping import StopCriterion
 from .state import DecodeState, Rows, TrackedRows
 from .tracker import GenerationOutput, RowTracker
+from ..tokenizers import DEFAULT_MASK_TOKEN_ID
 from ..validation import check_int, check_token, device_of
 
 __all__ = ["Decoder", "DecodeCall", "DecodeState", "Rows", "TrackedRows", "Towers", "StepCallback", "GenerationOutput",
@@ -131,7 +132,7 @@ class Towers:
 
     context: torch.nn.Module
     denoiser: torch.nn.Module | None = None
-    mask_token_id: int = 3
+    mask_token_id: int = DEFAULT_MASK_TOKEN_ID
     pad_token_id: int | None = None
     shifted: bool = False
     block_size: int = 16

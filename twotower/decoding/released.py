@@ -21,6 +21,7 @@ import torch
 from torch import Tensor
 
 from ..samplers import ConfidenceThreshold
+from ..tokenizers import DEFAULT_MASK_TOKEN_ID
 from .autoregressive import Autoregressive
 from .base import StepCallback
 from .diffusion import MaskDiffusion
@@ -49,7 +50,7 @@ class ReleasedGenerationMixin:
     and a `mask_token_id`."""
 
     def generate_mask_diffusion(self, input_ids: Tensor, max_new_tokens: int = 128, block_size: int = 16,
-                                steps_per_block: int = 16, mask_token_id: int = 3, temperature: float = 0.0,
+                                steps_per_block: int = 16, mask_token_id: int = DEFAULT_MASK_TOKEN_ID, temperature: float = 0.0,
                                 top_k: int | None = None, confidence_threshold: float = 0.9,
                                 eos_token_id: int | Sequence[int] | None = None, step_callback: Callable | None = None,
                                 *, attention_mask: Tensor | None = None, generator: torch.Generator | None = None,
