@@ -31,13 +31,12 @@ from torchmetrics import SumMetric
 from .objectives import HardLabelCE, PositionWeighting, TokenObjective, UniformPositions
 from .schedules import LinearSchedule, NoiseSchedule, TimeSampler, UniformTime, mask_blocks
 from .optim import adamw_with_schedule, attached_trainer, warmup_cosine  # noqa: F401  (warmup_cosine: re-exported)
-from .tokenizers import DEFAULT_MASK_TOKEN_ID
 from .validation import check_positive
 from .pretraining import ARPretraining, init_weights, tiny_nemotron_config  # noqa: F401  (re-exported)
 from .towers.checkpoints import CKPT_META_KEY, restore_frozen, training_checkpoint
 from .distributed import sample_seed
 from .hub import resolve_model
-from .tokenizers import tokenizer_spec
+from .tokenizers import DEFAULT_MASK_TOKEN_ID, tokenizer_spec
 from .towers.adapters import DenoiserBuilder, FullCopy, builder_from_spec
 from .towers.base import ContextTowerBase, run_block
 
