@@ -2,7 +2,7 @@
 
     python -m twotower.cli fit --config recipes/denoiser.yaml
     python -m twotower.cli predict --config recipes/generate.yaml
-    python -m twotower.cli convert AR_DIR OUT_DIR        # AR NemotronH -> two-tower layout (identity init)
+    python -m twotower.cli convert AR_DIR OUT_DIR        # AR checkpoint (any registered family) -> two-tower
     python -m twotower.cli export RUN.ckpt OUT_DIR       # fine-tuning checkpoint -> two-tower layout
                                                         # (a .ckpt file or a sharded FSDP2 checkpoint folder)
     python -m twotower.cli import-gguf FILE.gguf OUT_DIR # llama.cpp GGUF (Llama family) -> backbone folder
@@ -70,7 +70,8 @@ def export(ckpt_path: str, out_dir: str, *, backbone: str | None = None, max_sha
 def _tool_main(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog="python -m twotower.cli", epilog=PLUGINS_HELP)
     sub = p.add_subparsers(dest="tool", required=True)
-    c = sub.add_parser("convert", help="AR NemotronH checkpoint -> two-tower checkpoint (identity-init denoiser)")
+    c = sub.add_parser("convert", help="AR checkpoint of any registered tower family (NemotronH, Llama, Qwen2, "
+                                       "Mistral, plug-ins) -> two-tower checkpoint (identity-init denoiser)")
     c.add_argument("ar_dir")
     c.add_argument("out_dir")
     c.add_argument("--block-size", type=int, default=16)

@@ -15,7 +15,7 @@ equals `Autoregressive` token for token (up to float rounding between a chunked 
 forward) and sampled output is distributed as AR sampling with the same temperature and filters.
 The denoiser only decides how many tokens an iteration yields (1 to n). Rows advance
 independently: a row that keeps fewer than another leaves masked-out holes in the shared cache
-(squeezed out by `HybridCache.compact` once they add up), and a finished row leaves the working
+(squeezed out by the cache's `Cache.compact` once they add up), and a finished row leaves the working
 batch. Host syncs: two per iteration (the new cache length in `accept`, the finished rows), plus
 the verify width with `draft_cut`. A one-step draft (the default) runs `draft_one_step`: the
 reference `denoise_block`'s tokens without its per-step bookkeeping and host syncs.

@@ -224,7 +224,7 @@ class DecodeState:
     def den_cache(self, idx: list[int] | None = None):
         """The cache as the denoiser reads it, for rows `idx` (None = all): the context cache itself on
         one device; on two, a mirror on the denoiser's device, brought up to date incrementally
-        (`HybridCache.mirror_to`) and copied afresh after the batch changed shape or for a sub-batch."""
+        (`Cache.mirror_to`) and copied afresh after the batch changed shape or for a sub-batch."""
         call = self.call
         cache = self.cache if idx is None else self.cache.select(torch.tensor(idx, dtype=torch.long))
         if not call.use_mirror:
@@ -261,7 +261,7 @@ class DecodeState:
     def join(self, other: "DecodeState") -> None:
         """Append `other`'s rows (started by a decoder of the same `batch_key`, on the same towers).
 
-        Caches of different lengths are joined by `HybridCache.concat` (left padding = absent keys:
+        Caches of different lengths are joined by the family cache's `concat` (left padding = absent keys:
         exact), so each row computes what it would alone."""
         if not len(self):
             self.rows, self.cache, self.carry, self.finished = other.rows, other.cache, other.carry, other.finished
