@@ -21,6 +21,7 @@ import lightning as L
 import torch
 
 from .decoding import Decoder, MaskDiffusion, build_decoder
+from .decoding.base import length_limit
 from .hub import resolve_model
 from .tokenizers import Tokenizer, tokenizer_for
 from .writers import JsonlPredictionWriter
@@ -132,13 +133,13 @@ class GenerationModule(L.LightningModule):
         }
 
     def prompt_budget(self) -> tuple[int, str] | None:
-        """(the most prompt tokens a prompt may have, why): the model's context
-        (max_position_embeddings) minus max_new_tokens; None when the model sets no limit.
+        """(the most prompt tokens a prompt may have, why): the model's context (max_position_embeddings,
+        or a shorter sliding window) minus max_new_tokens; None when the model sets no limit.
         `PromptDataModule.setup` checks every prompt against it before the first forward."""
-        limit = self.model.max_position_embeddings
+        limit, name = length_limit(self.model.context)
         if limit is None:
             return None
-        return limit - self.max_new_tokens, (f"the model's context, max_position_embeddings {limit}, minus "
+        return limit - self.max_new_tokens, (f"the model's context, {name} {limit}, minus "
                                              f"max_new_tokens {self.max_new_tokens}")
 
     def on_predict_start(self) -> None:

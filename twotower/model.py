@@ -31,6 +31,7 @@ import torch.nn as nn
 from torch import Tensor
 
 from .decoding import Decoder, GenerationOutput, MaskDiffusion, ReleasedGenerationMixin, StepCallback
+from .decoding.base import length_limit
 from .hub import model_reference, resolve_model
 from .prompting import Prompt, encode_prompt
 from .samplers import Sampler
@@ -108,6 +109,12 @@ class TwoTowerLM(ReleasedGenerationMixin, nn.Module):
     @property
     def max_position_embeddings(self) -> int | None:
         return getattr(self.config, "max_position_embeddings", None)
+
+    @property
+    def max_length(self) -> int | None:
+        """The most positions a prompt and its continuation may take: the context tower's `max_length`
+        (max_position_embeddings, or a shorter sliding window); None: no limit."""
+        return length_limit(self.context)[0]
 
     def extra_repr(self) -> str:
         return f"block_size={self.block_size}, mask_token_id={self.mask_token_id}, shifted={self.shifted}"

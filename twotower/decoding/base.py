@@ -74,7 +74,7 @@ from ..tokenizers import DEFAULT_MASK_TOKEN_ID
 from ..validation import check_int, check_token, device_of
 
 __all__ = ["Decoder", "DecodeCall", "DecodeState", "Rows", "TrackedRows", "Towers", "StepCallback", "GenerationOutput",
-           "RowTracker", "default_pad_id"]
+           "RowTracker", "default_pad_id", "length_limit"]
 
 StepCallback = Callable[[int, int, "Tensor | None", Tensor, Tensor], None]
 
@@ -384,8 +384,8 @@ class Decoder(abc.ABC):
             pad = default_pad_id(cfg, first_eos)
         check_token("pad_token_id", pad, cfg.vocab_size)
         ctx_device = device_of(context)
-        input_ids, valid = _check_prompt(cfg, input_ids, attention_mask, max_new_tokens, ctx_device,
-                                         towers.mask_token_id if self.uses_mask_token else None)
+        input_ids, valid = _check_prompt(length_limit(context), input_ids, attention_mask, max_new_tokens,
+                                         ctx_device, towers.mask_token_id if self.uses_mask_token else None)
         den_device, use_mirror = None, False
         if self.uses_denoiser:
             den_device, use_mirror = denoiser_placement(denoiser, ctx_device, towers.denoiser_device)
@@ -453,9 +453,21 @@ def _eos_ids(eos_token_id: int | Sequence[int] | None, vocab_size: int, device) 
     return torch.tensor(ids, dtype=torch.long, device=device)
 
 
-def _check_prompt(config, input_ids: Tensor, attention_mask: Tensor | None, max_new_tokens: int,
-                  device, mask_token_id: int | None = None) -> tuple[Tensor, Tensor | None]:
-    """Validate a (left-padded) prompt batch; returns (input_ids long, bool mask or None) on `device`."""
+def length_limit(context: torch.nn.Module) -> tuple[int | None, str]:
+    """(the most positions the context tower runs, the limit's name for messages): its `max_length`,
+    which is max_position_embeddings or a shorter sliding window; (None, "") when there is none."""
+    positions = getattr(context.config, "max_position_embeddings", None)
+    limit = getattr(context, "max_length", positions)  # a plug-in tower need not define max_length
+    if limit is None:
+        return None, ""
+    return limit, "max_position_embeddings" if limit == positions else "sliding_window"
+
+
+def _check_prompt(limit: tuple[int | None, str], input_ids: Tensor, attention_mask: Tensor | None,
+                  max_new_tokens: int, device, mask_token_id: int | None = None) -> tuple[Tensor, Tensor | None]:
+    """Validate a (left-padded) prompt batch; returns (input_ids long, bool mask or None) on `device`.
+    limit: (positions, name) from `length_limit`: prompt + max_new_tokens must fit, or it is refused
+    here rather than by the tower mid-generation."""
     if not isinstance(input_ids, Tensor) or input_ids.dim() != 2:
         shape = tuple(input_ids.shape) if isinstance(input_ids, Tensor) else type(input_ids).__name__
         raise ValueError(f"input_ids must be a (batch, length) tensor, got {shape}")
@@ -464,11 +476,11 @@ def _check_prompt(config, input_ids: Tensor, attention_mask: Tensor | None, max_
     B, T = input_ids.shape
     if B == 0 or T == 0:
         raise ValueError(f"empty prompt: input_ids has shape {(B, T)}; every row needs at least one token")
-    limit = getattr(config, "max_position_embeddings", None)
+    limit, name = limit
     if limit is not None and T + max_new_tokens > limit:
         raise ValueError(
             f"prompt length {T} + max_new_tokens {max_new_tokens} = {T + max_new_tokens} exceeds the model's "
-            f"max_position_embeddings = {limit}; shorten the prompt or lower max_new_tokens"
+            f"{name} = {limit}; shorten the prompt or lower max_new_tokens"
         )
     input_ids = input_ids.to(device=device, dtype=torch.long)
     valid = None

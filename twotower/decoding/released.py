@@ -50,8 +50,8 @@ class ReleasedGenerationMixin:
     and a `mask_token_id`."""
 
     def generate_mask_diffusion(self, input_ids: Tensor, max_new_tokens: int = 128, block_size: int = 16,
-                                steps_per_block: int = 16, mask_token_id: int = DEFAULT_MASK_TOKEN_ID, temperature: float = 0.0,
-                                top_k: int | None = None, confidence_threshold: float = 0.9,
+                                steps_per_block: int = 16, mask_token_id: int = DEFAULT_MASK_TOKEN_ID,
+                                temperature: float = 0.0, top_k: int | None = None, confidence_threshold: float = 0.9,
                                 eos_token_id: int | Sequence[int] | None = None, step_callback: Callable | None = None,
                                 *, attention_mask: Tensor | None = None, generator: torch.Generator | None = None,
                                 top_p: float | None = None, return_dict: bool = False) -> Tensor | GenerationOutput:

@@ -23,7 +23,7 @@ name registered with `decoding.register_decoder` | a Decoder class_path; thresho
 steps_per_block, draft_steps (the decoder's settings; threshold is diffusion's ConfidenceThreshold);
 dtype=float32 | bfloat16 | float16; device (default cuda:0 when CUDA is available, else cpu); batch_size; tokenizer=byte | a local
 Hugging Face tokenizer folder (default: the checkpoint's own, `tokenizers.tokenizer_for`); max_length
-(default the model's max_position_embeddings).
+(default the model's context: max_position_embeddings, or a shorter sliding window).
 """
 
 from __future__ import annotations
@@ -135,7 +135,7 @@ class TwoTowerEvalLM(TemplateLM):
             log.warning("device=%s but CUDA is not available: running on the CPU", device)
             device = "cpu"
         self.model.to(device)
-        limit = getattr(self.model.config, "max_position_embeddings", None) or 2048
+        limit = self.model.max_length or 2048  # the sliding window where it is shorter than the positions
         self.max_length = _positive_int("max_length", max_length) if max_length is not None else int(limit)
         self.stats = {"generated_tokens": 0, "forwards": 0, "seconds": 0.0, "requests": 0}
 

@@ -42,6 +42,7 @@ from fastapi import FastAPI, Request  # module level: FastAPI resolves the handl
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from ..decoding import Towers
+from ..decoding.base import length_limit
 from ..tokenizers import tokenizer_for
 from ..validation import parse_dtype
 from .requests import RequestError, ServeSettings, parse_chat, parse_completion
@@ -174,7 +175,9 @@ def create_app(settings: ServeSettings, model=None, tokenizer=None, on_limit=Non
     if settings.denoiser_device is not None:  # explicit: the denoiser reads a mirror of the context cache
         towers.denoiser_device = settings.denoiser_device
     eos = [tokenizer.eos_token_id] if settings.stop_at_eos else []
-    limit = getattr(towers.context.config, "max_position_embeddings", None)
+    # The context tower's own limit (a sliding window may be shorter than max_position_embeddings), so a
+    # request past it is refused with a 400 before it takes a row, not failed mid-generation.
+    limit, limit_name = length_limit(towers.context)
     max_rows = settings.max_rows if settings.max_rows is not None else 2 * settings.max_batch
     scheduler = Scheduler(towers, max_batch=settings.max_batch, overlap=settings.overlap, max_rows=max_rows)
     # Requests are decoded and tokenized here, off the event loop; one thread, since tokenizers are not
@@ -232,7 +235,8 @@ def create_app(settings: ServeSettings, model=None, tokenizer=None, on_limit=Non
             body = json.loads(raw)
         except (ValueError, RecursionError) as e:  # bad JSON or UTF-8, too deep, an int of too many digits
             raise RequestError("body", f"the body is not valid JSON: {type(e).__name__}: {str(e):.200}") from None
-        return parse(body, settings, tokenizer, context_limit=limit, model_block_size=towers.block_size)
+        return parse(body, settings, tokenizer, context_limit=limit, model_block_size=towers.block_size,
+                     limit_name=limit_name)
 
     async def answer(request: Request, parse, shape: "CompletionShape"):
         """Read and validate the body (415 / 413 / 400), run the request as a `Job`, and answer in
