@@ -36,7 +36,7 @@ def test_generate_refuses_a_prompt_and_continuation_past_the_window(model):
     with torch.inference_mode():
         out = model.generate(ids, decoder=decoder, max_new_tokens=WINDOW - 10)  # exactly the window: fine
         assert out.new_tokens.shape[1] <= WINDOW - 10
-        with pytest.raises(ValueError, match=f"10 \\+ max_new_tokens 8 = 18 exceeds the model's sliding_window = 16"):
+        with pytest.raises(ValueError, match="10 \\+ max_new_tokens 8 = 18 exceeds the model's sliding_window = 16"):
             model.generate(ids, decoder=decoder, max_new_tokens=8)
 
 
