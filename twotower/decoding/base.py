@@ -248,6 +248,7 @@ class Decoder(abc.ABC):
             call.step_callback = _CountedCallback(step_callback)  # an older `_decode` loop: checked after it
         with torch.inference_mode():
             out = self._decode(call)
+        # The output checks read the device: once, after the loop, not in every iteration.
         self._check_output(out, call)
         self._check_loop_callback(out, call)
         return out
@@ -272,6 +273,8 @@ class Decoder(abc.ABC):
         the per-row bookkeeping (the server passes its own, one request per row)."""
         self.require_steps()
         if rows is None:
+            # spare: a block of columns past max_new_tokens takes the tokens a row cannot keep, so a
+            # commit is one scatter with no per-row trimming.
             rows = TrackedRows(call.tracker(spare=call.block_size), self.chooser, call.generator)
         state = DecodeState(self, call, rows)
         with torch.inference_mode():
@@ -381,6 +384,8 @@ class Decoder(abc.ABC):
         if pad is None:
             first_eos = eos_token_id if isinstance(eos_token_id, int) or eos_token_id is None else \
                 (list(eos_token_id) or [None])[0]
+            # No pad id in the config: pad with the EOS, so a finished row still reads as ended to
+            # anyone who ignores num_generated.
             pad = default_pad_id(cfg, first_eos)
         check_token("pad_token_id", pad, cfg.vocab_size)
         ctx_device = device_of(context)
@@ -412,6 +417,7 @@ class Decoder(abc.ABC):
         if tuple(out.sequences.shape) != (B, T + N) or tuple(out.num_generated.shape) != (B,):
             raise RuntimeError(f"{name} returned sequences {tuple(out.sequences.shape)} / num_generated "
                                f"{tuple(out.num_generated.shape)}; expected {(B, T + N)} / {(B,)}")
+        # One reduction on the device, then host reads of two scalars.
         lo, hi = torch.aminmax(out.num_generated)
         if int(lo) < 0 or int(hi) > call.max_new_tokens:
             raise RuntimeError(f"{name} generated between {int(lo)} and {int(hi)} tokens per row; each row must "
@@ -482,6 +488,7 @@ def _check_prompt(limit: tuple[int | None, str], input_ids: Tensor, attention_ma
             f"prompt length {T} + max_new_tokens {max_new_tokens} = {T + max_new_tokens} exceeds the model's "
             f"{name} = {limit}; shorten the prompt or lower max_new_tokens"
         )
+    # long: the embedding lookup and the [MASK] comparison below need one integer dtype.
     input_ids = input_ids.to(device=device, dtype=torch.long)
     valid = None
     if attention_mask is not None:
@@ -497,11 +504,13 @@ def _check_prompt(limit: tuple[int | None, str], input_ids: Tensor, attention_ma
         if bool(right_pad.any()):
             raise ValueError(f"attention_mask must use left padding (zeros before the prompt); row(s) "
                              f"{_rows(right_pad)} have a 0 after a 1")
+        # One host sync per call (not per step): an unpadded batch skips the key masks in every forward.
         if bool(valid.all()):
             valid = None  # lets the towers take their unpadded fast path
     if mask_token_id is not None:
         has_mask = input_ids == mask_token_id
         if valid is not None:
+            # Padding may use any id, the [MASK] id included: only real prompt tokens are refused.
             has_mask &= valid
         bad = has_mask.any(-1)
         if bool(bad.any()):
