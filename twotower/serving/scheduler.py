@@ -53,6 +53,8 @@ class Job:
         self.generator = request.generator()
         self.tokenizer, self.eos = tokenizer, frozenset(eos_ids)
         self.stop = StopStrings(tokenizer.decode, request.stop) if request.stop else None
+        # Streamed text holds back len(longest stop) - 1 characters: they may be the start of a stop
+        # string that the next token completes, and text already sent cannot be taken back.
         self.hold = max((len(s) for s in request.stop), default=1) - 1
         self.sink = sink
         self.tokens: list[int] = []
@@ -114,6 +116,7 @@ class Job:
 
     def _emit(self, text: str) -> None:
         done = self.finish_reason is not None
+        # U+FFFD at the end is a character whose bytes have not all arrived (byte-level tokens): wait for them.
         upto = len(text) if done else len(text.rstrip("\ufffd")) - self.hold
         if upto > self._sent:
             self._send({"type": "text", "text": text[self._sent: upto]})
@@ -204,6 +207,7 @@ class Scheduler:
     def _loop(self) -> None:
         with torch.inference_mode():
             while not self._stop.is_set():
+                # Block only when idle: with rows running, the loop must not wait for new requests.
                 self._take(block=not self.batches and not self.waiting)
                 self._admit()
                 rows = [j for b in self.batches.values() for j in b.jobs]
@@ -240,6 +244,8 @@ class Scheduler:
 
         pending = self._guarded(active[0], active[0].draft, failed)
         for i, batch in enumerate(active):
+            # Submitted before this batch's finish, so the next draft (denoiser device) runs beside it
+            # (context device); each batch's own draft still precedes its finish.
             future = self._pool.submit(draft, active[i + 1]) if i + 1 < len(active) else None
             if pending is not failed:
                 self._guarded(batch, lambda b=batch, d=pending: b.finish(d))
@@ -274,6 +280,7 @@ class Scheduler:
                 job.fail(f"cannot schedule this request: {e}")
                 continue
             if self.overlap:  # two groups per setting, so the towers have two batches to overlap
+                # The emptier group: the two batches stay balanced, so neither tower waits on a lopsided one.
                 key = min(((*key, g) for g in (0, 1)), key=lambda k: len(self.batches.get(k, ())))
             batch = self.batches.get(key)
             if batch is None:
