@@ -47,10 +47,12 @@ def checkpoint_fingerprint(path: str | os.PathLike) -> str:
             h.update(name.encode() + b"\0" + (root / name).read_bytes())
     for file in sorted(root.glob("*.safetensors")):
         size = file.stat().st_size
+        # NUL separators: a name and a size cannot run into one another and collide with another pair.
         h.update(f"{file.name}\0{size}\0".encode())
         with file.open("rb") as f:
             h.update(f.read(_SAMPLE))
             if size > _SAMPLE:
+                # max: a file under 2 MiB has its tail read from where the head ended, no byte hashed twice.
                 f.seek(max(_SAMPLE, size - _SAMPLE))
                 h.update(f.read(_SAMPLE))
     return h.hexdigest()[:16]
@@ -105,6 +107,7 @@ class GenerationModule(L.LightningModule):
             raise FileNotFoundError(f"two-tower checkpoint not found: {model / 'config.json'} "
                                     "(make one with `python -m twotower.cli convert` or `export`)")
         self.model = TwoTowerLM.from_pretrained(model, dtype=torch_dtype, quantize=quantize)
+        # Frozen for good: LightningCLI's predict never trains, and no autograd graph is kept.
         self.model.eval().requires_grad_(False)
         self.decoder = MaskDiffusion() if decoder is None else decoder
         self.max_new_tokens = max_new_tokens
@@ -152,12 +155,14 @@ class GenerationModule(L.LightningModule):
         ids, mask = batch["input_ids"], batch["attention_mask"]
         gen = None
         if self.decoder.temperature > 0 and self.seed is not None:
+            # Seeded per batch, not once: a resumed run (or another DDP rank) draws a batch as a full run would.
             gen = torch.Generator(device=self.model.context_device).manual_seed(self.seed + batch_idx)
         eos = self.tokenizer.eos_token_id if self.stop_at_eos else None
         out = self.model.generate(ids, mask, self.decoder, max_new_tokens=self.max_new_tokens, eos_token_id=eos,
                                   generator=gen)
         rows = []
         for r in range(ids.shape[0]):
+            # Rows end at different lengths: new_tokens past num_generated is padding, not output.
             n = int(out.num_generated[r])
             new = out.new_tokens[r, :n].tolist()
             rows.append({
