@@ -132,7 +132,7 @@ class StreamingRows(IterableDataset):
 
     def __iter__(self) -> Iterator[dict]:
         slot, k, rank, world = self._shard()
-        # Distinct primes: (seed, epoch, slot) triples map to distinct streams, so ranks and workers
+        # Distinct prime multipliers give each (seed, epoch, slot) its own seed, so ranks and workers
         # shuffle differently and every epoch reshuffles.
         rng = random.Random(self.seed * 1_000_003 + self.epoch * 7_919 + slot * 104_729)
         buf: list[tuple[int, torch.Tensor]] = []
