@@ -100,8 +100,8 @@ def build_decoder(name: str, *, strict: bool = True, threshold: float | None = N
             kwargs["sampler"] = ConfidenceThreshold(float(threshold))
         elif strict:
             raise ValueError(f"decoder {cls.__name__} takes no threshold (it has no sampler)")
-    # The sampling settings are accepted even by a decoder whose __init__ does not list them (the base
-    # class takes them), so a shared flag such as temperature never fails.
+    # Sampling settings a decoder does not take are dropped below, not refused: one shared flag
+    # (e.g. temperature) then works with every decoder, a plug-in without sampling included.
     unknown = sorted(k for k in kwargs if k not in params and k not in _SAMPLING)
     if unknown and strict:
         raise ValueError(f"decoder {cls.__name__} takes no setting(s) {unknown}; it takes "
