@@ -208,8 +208,8 @@ class TextDataModule(L.LightningDataModule):
         return ResumableLoader(
             PackedRows(self.train_data, self.indexed),
             batch_size=self.batch_size,
-            # EpochShuffle (not shuffle=True): the order is seeded per epoch and the same on every rank, and
-            # ResumableLoader can restart it mid-epoch.
+            # EpochShuffle (not shuffle=True): one seeded order per epoch, interleaved across ranks so W
+            # ranks train on what one process would, and ResumableLoader can restart it mid-epoch.
             sampler=EpochShuffle(self.train_data.shape[0], seed=self.seed),
             num_workers=self.num_workers,
         )
