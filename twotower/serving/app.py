@@ -90,6 +90,7 @@ class Guard:
     path but OPEN_PATHS, checked in constant time (`hmac.compare_digest`); 401 otherwise."""
 
     def __init__(self, app, api_key: str):
+        # Bytes: ASGI headers arrive as bytes and are compared as they are, with no decoding step to fail.
         self.app, self.key = app, api_key.encode()
 
     async def __call__(self, scope, receive, send):
@@ -134,6 +135,8 @@ async def read_json_body(request: Request, limit: int) -> bytes:
     chunks, size = [], 0
     async for chunk in request.stream():
         size += len(chunk)
+        # Counted while reading: a client may lie in Content-Length or send none (chunked), and the
+        # limit must hold before the whole body sits in memory.
         if size > limit:
             raise BodyError(413, f"the body is more than {limit} bytes, the most this server takes (max_body_bytes)")
         chunks.append(chunk)
@@ -178,6 +181,7 @@ def create_app(settings: ServeSettings, model=None, tokenizer=None, on_limit=Non
     # The context tower's own limit (a sliding window may be shorter than max_position_embeddings), so a
     # request past it is refused with a 400 before it takes a row, not failed mid-generation.
     limit, limit_name = length_limit(towers.context)
+    # Twice a batch by default: with overlap on, two working batches of one setting can both be full.
     max_rows = settings.max_rows if settings.max_rows is not None else 2 * settings.max_batch
     scheduler = Scheduler(towers, max_batch=settings.max_batch, overlap=settings.overlap, max_rows=max_rows)
     # Requests are decoded and tokenized here, off the event loop; one thread, since tokenizers are not
@@ -261,10 +265,13 @@ def create_app(settings: ServeSettings, model=None, tokenizer=None, on_limit=Non
             job.cancel()
             events.put_nowait({"type": "gone"})
 
+        # Refused before submitting: a job in the queue would hold its client for nothing, and 503 with
+        # Retry-After lets a client back off.
         if settings.max_waiting is not None and scheduler.stats()["waiting"] >= settings.max_waiting:
             return JSONResponse(error_body(f"the server is busy: {settings.max_waiting} requests are already waiting "
                                            "(max_waiting); retry later", kind="server_error", code="overloaded"),
                                 status_code=503, headers={"Retry-After": "1"})
+        # Started before submit: a client that leaves at once still frees its row.
         watcher = asyncio.create_task(wait_for_disconnect(request, gone))
         scheduler.submit(job)
         usage = lambda n: {"prompt_tokens": len(req.prompt_ids), "completion_tokens": n,  # noqa: E731
