@@ -265,8 +265,8 @@ def create_app(settings: ServeSettings, model=None, tokenizer=None, on_limit=Non
             job.cancel()
             events.put_nowait({"type": "gone"})
 
-        # Refused before submitting: a job in the queue would hold its client for nothing, and 503 with
-        # Retry-After lets a client back off.
+        # Refused before submitting: the queue stays bounded, and 503 with Retry-After tells a client to
+        # back off rather than wait an unbounded time.
         if settings.max_waiting is not None and scheduler.stats()["waiting"] >= settings.max_waiting:
             return JSONResponse(error_body(f"the server is busy: {settings.max_waiting} requests are already waiting "
                                            "(max_waiting); retry later", kind="server_error", code="overloaded"),
