@@ -266,6 +266,7 @@ def _number(body, name, default, low, high, low_open=False):
     v = body.get(name)
     if v is None:
         return default
+    # `not (low <= v)` rather than `v < low`: Python's json accepts NaN, and NaN fails every comparison.
     if isinstance(v, bool) or not isinstance(v, (int, float)) or not (low < v if low_open else low <= v) or v > high:
         lo = "(" if low_open else "["
         raise RequestError(name, f"{name} must be a number in {lo}{low}, {high}], got {v!r:.60}")
@@ -350,6 +351,7 @@ def _request(body: dict, prompt: Prompt, param: str, tokens_param: str, max_toke
         raise RequestError("decoder", f"decoder {name!r} cannot be served: {_not_servable(cls)}")
     minimum_block = cls.min_block_size
     default_block = min(settings.block_size or lim.block_size, lim.block_size)
+    # Bounded by the vocabulary: a larger k filters nothing, and an unbounded int would reach topk.
     top_k = _int(body, "top_k", 0, 0, max(1, getattr(tokenizer, "vocab_size", 1)))
     resolved = dict(
         temperature=_number(body, "temperature", settings.temperature, *TEMPERATURE),
@@ -360,6 +362,7 @@ def _request(body: dict, prompt: Prompt, param: str, tokens_param: str, max_toke
         draft_steps=_int(body, "draft_steps", settings.draft_steps, 1, lim.steps),
         steps_per_block=_int(body, "steps_per_block", settings.steps_per_block, 1, lim.steps),
     )
+    # top_p = 1 filters nothing: the same request as one without top_p.
     if resolved["top_p"] == 1.0:
         resolved["top_p"] = None
     stop = body.get("stop")
@@ -383,6 +386,7 @@ def _request(body: dict, prompt: Prompt, param: str, tokens_param: str, max_toke
     except Exception as e:  # noqa: BLE001 - e.g. chat messages without a chat template, text UTF-8 cannot encode
         raise RequestError(param, f"{param} cannot be encoded: {e}") from None
     if context_limit is not None:
+        # >=: a prompt that fills the context leaves no position to generate into.
         if len(ids) >= context_limit:
             raise RequestError(param, f"the prompt is {len(ids)} tokens; the model's context limit "
                                       f"({limit_name}) is {context_limit}: shorten the prompt")
@@ -391,8 +395,7 @@ def _request(body: dict, prompt: Prompt, param: str, tokens_param: str, max_toke
             raise RequestError(tokens_param, f"{tokens_param} must be an integer in [1, {min(room, lim.max_tokens)}] "
                                              f"for this prompt: prompt ({len(ids)} tokens) + {tokens_param} "
                                              f"({max_tokens}) exceeds the context limit ({limit_name}) "
-                                             f"{context_limit}; lower "
-                                             f"{tokens_param} to at most {room}")
+                                             f"{context_limit}; lower {tokens_param} to at most {room}")
     try:
         decoder = build_decoder(name, **resolved)
     except ValueError as e:  # a setting the decoder itself refuses
