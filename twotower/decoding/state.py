@@ -119,6 +119,7 @@ class TrackedRows(Rows):
         if count is not None:
             self.written = None
         elif self.written is not None:  # the tracker's no-sync path trusts the width: cut it to the cap here
+            # `written` is a host count, so the cut costs no device read.
             block = block[:, : max(self.tracker.max_new_tokens - self.written, 0)]
         done = self.tracker.commit(block.to(device), None if count is None else count.to(device), self.index)
         if self.written is not None:
@@ -131,6 +132,7 @@ class TrackedRows(Rows):
         if self.written is not None:
             return [max(self.tracker.max_new_tokens - self.written, 0)] * self.size
         rows = self.index if self.index is not None else slice(None)
+        # A host read: callers size their next block from it (one sync, for the whole batch).
         return (self.tracker.max_new_tokens - self.tracker.num_generated[rows]).clamp(min=0).tolist()
 
     def keep(self, idx: list[int]) -> None:
@@ -215,7 +217,7 @@ class DecodeState:
 
             x, = state.drop_finished(x)      # x (R, n) -> (R', n)
         """
-        if not bool(self.finished.any()):
+        if not bool(self.finished.any()):  # `finished` is on the host: no device read
             return tensors
         stay = (~self.finished).nonzero().squeeze(1)
         self.keep(stay.tolist())
@@ -232,6 +234,8 @@ class DecodeState:
         if idx is not None:
             return cache.mirror_to(call.den_device)
         m = self._mirror
+        # A mirror is updated by appending new positions: a batch that changed, or a cache that shrank
+        # (provisional positions rejected), needs a fresh copy.
         if m is None or m.batch_size != cache.batch_size or m.length > cache.length:
             self._mirror = cache.mirror_to(call.den_device)
         else:
@@ -249,7 +253,7 @@ class DecodeState:
             return
         self.rows.keep(list(idx))
         self.finished = self.finished[torch.tensor(idx, dtype=torch.long)]
-        self._mirror = None
+        self._mirror = None  # its rows no longer line up with the cache's: the next den_cache copies afresh
         if not idx:
             self.cache, self.carry = None, {}
             return
