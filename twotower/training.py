@@ -246,6 +246,8 @@ class DenoiserFineTuning(L.LightningModule):
         else:
             if len(sample_seeds) != x.shape[0]:
                 raise ValueError(f"{len(sample_seeds)} sample seeds for a batch of {x.shape[0]} rows")
+            # Row by row: a row's noise then depends on its own seed only, not on its place in the batch
+            # (so data-parallel splits and resumed runs draw the same masks).
             rows = [self._noise(x[i:i + 1], torch.Generator(device=x.device).manual_seed(int(seed)))
                     for i, seed in enumerate(sample_seeds)]
             t, noisy, masked, t_act = (torch.cat(part) for part in zip(*rows))
@@ -270,12 +272,14 @@ class DenoiserFineTuning(L.LightningModule):
         if not self._uniform_positions:  # uniform weights leave the loss untouched, bit for bit
             pos_w = self._position_w.to(x.device).repeat(x.shape[1] // S)
             per_token = per_token * pos_w.expand_as(masked)[masked]
+        # 1 / t uses the realised fraction t_act (> 0 wherever a position is masked), not the drawn t.
         nelbo_w = (1.0 / t_act).repeat_interleave(S, dim=1)[masked]  # reported whatever the objective
         # A tensor, not an int: reading the mask's count back would sync the device on every step.
         n_tokens = torch.tensor(x.numel(), device=x.device) if loss_mask is None else loss_mask.sum()
         weighting = self.hparams.loss_weighting
         norm = self._across_ranks if across_ranks else (lambda n: n)
         if weighting == "none":
+            # clamp: a batch with nothing masked has loss 0, not 0 / 0.
             loss = per_token.sum() / norm(masked.sum()).clamp(min=1)
         else:
             w = nelbo_w if weighting == "nelbo" else self.schedule.loss_weight(t).repeat_interleave(S, dim=1)[masked]
@@ -310,6 +314,7 @@ class DenoiserFineTuning(L.LightningModule):
         if trainer is None or trainer.world_size == 1:
             return count
         with torch.no_grad():
+            # clone: the reduction runs in place, and `count` is still read by the caller.
             total = trainer.strategy.reduce(count.detach().float().clone(), reduce_op="sum")
         return total / trainer.world_size
 
