@@ -66,7 +66,7 @@ def init_weights(tower: ContextTower, *, std: float = 0.02, seed: int | None = N
         elif name.endswith(".bias"):
             p.zero_()
         elif name.endswith("A_log"):
-            # A = -exp(A_log) = -1 .. -heads: each head decays at its own rate (Mamba-2's S4D-real init).
+            # A = -exp(A_log) = -1 .. -heads: each head decays at its own rate (the S4D-real init).
             p.copy_(torch.log(torch.arange(1, p.numel() + 1, dtype=p.dtype)))
         elif name.endswith(".D"):
             p.fill_(1.0)
