@@ -102,7 +102,7 @@ class _DistilledRows(Dataset):
         if k not in self._shards:
             path = None if self.folder is None else self.folder / f"{self.split}-{k:05d}.pt"
             if path is not None and path.is_file():
-                self._shards[k] = load_cache(path)["rows"]
+                self._shards[k] = load_cache(path)["rows"]  # made by an earlier run or another rank
             else:
                 lo, hi = k * self.shard_rows, min((k + 1) * self.shard_rows, self.real.shape[0])
                 rows = self.distil(self.real[lo:hi], self.prompt_len[lo:hi],
@@ -122,6 +122,7 @@ class _DistilledRows(Dataset):
         return self.real.shape[0]
 
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        # A shard is distilled when its first row is asked for: training starts before all are made.
         row = self.shard(i // self.shard_rows)[i % self.shard_rows]
         mask = self._pos >= self.prompt_len[i]
         if self.stop_at is not None and bool(self.stop_at[i]):
@@ -150,6 +151,8 @@ def distill_rows(context: ContextTowerBase, real: torch.Tensor, prompt_len: torc
         raise ValueError(f"prompt lengths must lie in [1, {Lr - 1}]")
     device = device_of(context)
     out = real.clone()
+    # Sorted by prompt length: a batch's prompts are close in length, so little padding and few
+    # wasted steps (each batch runs until its shortest prompt's row is full).
     order = sorted(range(N), key=lambda i: int(prompt_len[i]))
     batches = [torch.tensor(order[i:i + batch_size], dtype=torch.long) for i in range(0, N, batch_size)]
     bar = _progress(int((Lr - prompt_len).sum()), desc) if progress else None
@@ -163,6 +166,7 @@ def distill_rows(context: ContextTowerBase, real: torch.Tensor, prompt_len: torc
             for r, (i, p) in enumerate(zip(idx.tolist(), lens.tolist())):
                 ids[r, hi - p:] = real[i, :p]
                 mask[r, hi - p:] = 1
+            # No mask when every prompt has one length: the towers' unpadded fast path.
             res = decoder.generate(towers, ids.to(device), None if lo == hi else mask.to(device),
                                    max_new_tokens=Lr - lo, generator=generator)
             new = res.new_tokens.to(out.device, out.dtype)
