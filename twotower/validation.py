@@ -22,6 +22,7 @@ def check_int(name: str, value, minimum: int = 1, *, optional: bool = False) -> 
     """`value` as an int >= `minimum` (None passes when `optional`); bools are refused, though ints."""
     if optional and value is None:
         return None
+    # bool is a subclass of int: True would otherwise pass as 1 (a YAML typo such as `steps: yes`).
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
         raise ValueError(f"{name} must be an int >= {minimum}{' or None' if optional else ''}, got {value!r}")
     return value
@@ -56,6 +57,7 @@ def check_positive(name: str, value, *, unit: str = "") -> float:
     try:
         return check_float(name, value, low=0.0, low_open=True)
     except ValueError:
+        # from None: check_float's message (with its own wording) would only repeat this one.
         raise ValueError(f"{name} must be a number{' of ' + unit if unit else ''} > 0, got {value!r}") from None
 
 
@@ -73,7 +75,7 @@ def parse_dtype(name: str, value, allowed: dict[str, torch.dtype] | None = FLOAT
     allowed: the accepted names (default `FLOAT_DTYPES`); None accepts any floating torch dtype.
     purpose: words after "is not supported" in the message, e.g. " for a GGUF import".
     """
-    key = str(value).removeprefix("torch.")
+    key = str(value).removeprefix("torch.")  # str(torch.bfloat16) is "torch.bfloat16"; YAML may write either
     if allowed is None:
         resolved = getattr(torch, key, None) if isinstance(value, (str, torch.dtype)) else None
         if isinstance(resolved, torch.dtype) and resolved.is_floating_point:
