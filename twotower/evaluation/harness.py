@@ -78,6 +78,8 @@ def default_device() -> str:
 
 
 def _positive_int(name: str, value) -> int:
+    """A model_args value as a positive int. Not `validation.check_int`: lm_eval hands model_args over
+    as strings ("batch_size=4"), so "4" and 4.0 are accepted here and converted."""
     try:
         out = int(value)
     except (TypeError, ValueError):
