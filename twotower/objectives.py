@@ -80,10 +80,12 @@ class ARDistillation(TokenObjective):
             raise ValueError(f"ARDistillation needs the AR model's logits of the same shape as the denoiser's "
                              f"{tuple(logits.shape)}, got {None if teacher is None else tuple(teacher.shape)}")
         T = self.temperature
+        # The teacher may come in the backbone's dtype (bf16): its log-probabilities are taken in float32,
+        # as the student's are, so the KL of two near-equal distributions does not drown in rounding.
         log_p = F.log_softmax(teacher.float() / T, dim=-1)
         log_q = F.log_softmax(logits / T, dim=-1)
         kl = (log_p.exp() * (log_p - log_q)).sum(-1) * (T * T)
-        if self.hard_weight == 0:
+        if self.hard_weight == 0:  # skips a second (N, V) softmax when there is nothing to mix in
             return kl
         return (1 - self.hard_weight) * kl + self.hard_weight * F.cross_entropy(logits, target, reduction="none")
 
@@ -105,7 +107,7 @@ class PositionWeighting(abc.ABC):
         w = self.raw(n).to(torch.float32)
         if w.shape != (n,) or not bool((w > 0).all()) or not bool(torch.isfinite(w).all()):
             raise ValueError(f"{self!r} gave weights {w.tolist()} for {n} positions; they must be {n} finite values > 0")
-        w = w * (n / w.sum())
+        w = w * (n / w.sum())  # mean 1: the loss scale, and so the learning rate, does not depend on it
         return torch.cat([w.new_zeros(1), w]) if shifted else w
 
     def __repr__(self) -> str:
