@@ -95,6 +95,7 @@ class StratifiedTime(TimeSampler):
 
     def _unit(self, n, *, generator, device):
         jitter = torch.rand(n, generator=generator, device=device, dtype=torch.float64)
+        # float64: with many strata, (i + U) / n in float32 could round into a neighbouring stratum.
         strata = (torch.arange(n, device=device, dtype=torch.float64) + jitter) / n
         perm = torch.randperm(n, generator=generator, device=device)
         return strata[perm]
@@ -205,6 +206,8 @@ def mask_blocks(
     # are a uniformly random subset of the block.
     keys = torch.rand((B, nB, S), generator=generator, device=x.device)
     rank = keys.argsort(dim=-1).argsort(dim=-1)  # (B, nB, S): 0 = smallest key
+    # At least one masked position per block, both ways: a block with none adds no loss, and its
+    # realised t of 0 would make the NELBO weight 1 / t infinite.
     if exact:
         count = torch.round(p * S).long().clamp(1, S)
         masked = rank < count[..., None]
