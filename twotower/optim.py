@@ -37,7 +37,7 @@ def adamw_with_schedule(module: L.LightningModule, params, lr, weight_decay, bet
                              {"params": no_decay, "weight_decay": 0.0}], lr=lr, betas=tuple(betas))
     trainer = attached_trainer(module)
     total = trainer.estimated_stepping_batches if trainer is not None else 10**9
-    # An unbounded run (no max_steps / max_epochs) reports inf: the cosine then never leaves its top.
+    # An unbounded run (no max_steps / max_epochs) reports inf: 10**9 steps keeps the LR at its peak for any real run.
     total = int(total) if math.isfinite(total) else 10**9
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: warmup_cosine(s, warmup=warmup_steps, total=total, min_ratio=min_lr_ratio))
