@@ -129,6 +129,7 @@ def save_state_dict(
     for f in root.iterdir():
         if f.name in (SINGLE_WEIGHTS_NAME, INDEX_NAME) or _SHARD_RE.match(f.name):
             f.unlink()
+    # _encode_floats: JSON has no inf / NaN (e.g. NemotronH's time_step_limit); they are written as tagged objects.
     _write_atomic_json(root / CONFIG_NAME, _encode_floats(cfg))
 
     sizes = [(k, v.numel() * target_dtype(k, v, dtype).itemsize) for k, v in state.items()]
@@ -143,7 +144,7 @@ def save_state_dict(
         tmp = root / (name + ".tmp")
         # format=pt: older transformers versions refuse safetensors files without it.
         save_file(tensors, str(tmp), metadata={"format": "pt"})
-        os.replace(tmp, root / name)
+        os.replace(tmp, root / name)  # atomic: a crash leaves the old file or the new one, never half
     if len(shards) > 1:
         index = {
             "metadata": {"total_size": sum(s for _, s in sizes)},
