@@ -144,7 +144,7 @@ def save_state_dict(
         tmp = root / (name + ".tmp")
         # format=pt: older transformers versions refuse safetensors files without it.
         save_file(tensors, str(tmp), metadata={"format": "pt"})
-        os.replace(tmp, root / name)  # atomic: a crash leaves the old file or the new one, never half
+        os.replace(tmp, root / name)  # atomic: a crash never leaves a half-written file under the real name
     if len(shards) > 1:
         index = {
             "metadata": {"total_size": sum(s for _, s in sizes)},
