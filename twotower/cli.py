@@ -2,7 +2,7 @@
 
     python -m twotower.cli fit --config recipes/denoiser.yaml
     python -m twotower.cli predict --config recipes/generate.yaml
-    python -m twotower.cli convert AR_DIR OUT_DIR        # AR NemotronH -> two-tower layout (identity init)
+    python -m twotower.cli convert AR_DIR OUT_DIR        # AR checkpoint (any registered family) -> two-tower
     python -m twotower.cli export RUN.ckpt OUT_DIR       # fine-tuning checkpoint -> two-tower layout
                                                         # (a .ckpt file or a sharded FSDP2 checkpoint folder)
     python -m twotower.cli import-gguf FILE.gguf OUT_DIR # llama.cpp GGUF (Llama family) -> backbone folder
@@ -27,6 +27,8 @@ import re
 import sys
 from pathlib import Path
 
+from .tokenizers import DEFAULT_MASK_TOKEN_ID
+
 TOOLS = ("convert", "export", "import-gguf", "serve")
 # The key under which `parser_kwargs` hands each subcommand parser its name (taken out before the
 # parser is built, so jsonargparse never sees it).
@@ -36,7 +38,7 @@ PLUGINS_HELP = ("--plugins MODULE[,MODULE]: import these modules first (your tow
                 "twotower.plugins are loaded too (see twotower.plugins)")
 
 
-def convert(ar_dir: str, out_dir: str, *, block_size: int = 16, mask_token_id: int = 3,
+def convert(ar_dir: str, out_dir: str, *, block_size: int = 16, mask_token_id: int = DEFAULT_MASK_TOKEN_ID,
             time_init: str = "identity", max_shard_size: int | None = None, expert_layout: str = "fused",
             shifted: bool = False) -> Path:
     """AR checkpoint directory (or built-in name) -> released two-tower directory, ready to fine-tune or run.
@@ -68,7 +70,8 @@ def export(ckpt_path: str, out_dir: str, *, backbone: str | None = None, max_sha
 def _tool_main(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog="python -m twotower.cli", epilog=PLUGINS_HELP)
     sub = p.add_subparsers(dest="tool", required=True)
-    c = sub.add_parser("convert", help="AR NemotronH checkpoint -> two-tower checkpoint (identity-init denoiser)")
+    c = sub.add_parser("convert", help="AR checkpoint of any registered tower family (NemotronH, Llama, Qwen2, "
+                                       "Mistral, plug-ins) -> two-tower checkpoint (identity-init denoiser)")
     c.add_argument("ar_dir")
     c.add_argument("out_dir")
     c.add_argument("--block-size", type=int, default=16)

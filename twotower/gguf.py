@@ -20,10 +20,12 @@ from pathlib import Path
 
 import torch
 
+from .validation import parse_dtype
+
 __all__ = ["import_gguf", "supported_architectures"]
 
 GGUF_MAGIC = b"GGUF"
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}  # what an import may write
 EXTRA_PACKAGES = ("gguf", "accelerate")
 
 
@@ -35,7 +37,7 @@ def import_gguf(gguf_path: str | os.PathLike, out_dir: str | os.PathLike, *, dty
     all: everything is written to a hidden sibling folder that is renamed at the end.
     """
     path = check_gguf_file(gguf_path)
-    torch_dtype = parse_dtype(dtype)
+    torch_dtype = parse_dtype("dtype", dtype, DTYPES, purpose=" for a GGUF import")
     require_extra()
     check_architecture(path)
     out = check_out_dir(out_dir)
@@ -64,14 +66,6 @@ def check_gguf_file(gguf_path: str | os.PathLike) -> Path:
         raise ValueError(f"{str(gguf_path)!r} is not a GGUF file (it starts with {magic!r}, not {GGUF_MAGIC!r}); "
                          "pass a .gguf file as llama.cpp writes it (a safetensors folder is already a backbone)")
     return path
-
-
-def parse_dtype(dtype: str | torch.dtype) -> torch.dtype:
-    """"float32" / "bfloat16" (or the torch dtypes themselves) -> the torch dtype."""
-    name = str(dtype).removeprefix("torch.")
-    if name not in DTYPES:
-        raise ValueError(f"dtype {dtype!r} is not supported for a GGUF import; use one of {sorted(DTYPES)}")
-    return DTYPES[name]
 
 
 def require_extra() -> None:

@@ -21,9 +21,11 @@ import lightning as L
 import torch
 
 from .decoding import Decoder, MaskDiffusion, build_decoder
+from .decoding.base import length_limit
 from .hub import resolve_model
 from .tokenizers import Tokenizer, tokenizer_for
 from .writers import JsonlPredictionWriter
+from .validation import check_int, parse_dtype
 
 __all__ = ["GenerationModule", "JsonlPredictionWriter", "checkpoint_fingerprint"]
 
@@ -45,10 +47,12 @@ def checkpoint_fingerprint(path: str | os.PathLike) -> str:
             h.update(name.encode() + b"\0" + (root / name).read_bytes())
     for file in sorted(root.glob("*.safetensors")):
         size = file.stat().st_size
+        # NUL separators: a name and a size cannot run into one another and collide with another pair.
         h.update(f"{file.name}\0{size}\0".encode())
         with file.open("rb") as f:
             h.update(f.read(_SAMPLE))
             if size > _SAMPLE:
+                # max: a file under 2 MiB has its tail read from where the head ended, no byte hashed twice.
                 f.seek(max(_SAMPLE, size - _SAMPLE))
                 h.update(f.read(_SAMPLE))
     return h.hexdigest()[:16]
@@ -93,21 +97,17 @@ class GenerationModule(L.LightningModule):
         if decoder is not None and not isinstance(decoder, Decoder):
             raise ValueError(f"decoder must be a twotower.decoding.Decoder (chosen by class_path) or a registered "
                              f"decoder name, got {decoder!r}")
-        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be an int >= 1, got {max_new_tokens!r}")
+        check_int("max_new_tokens", max_new_tokens)
         if (context_device is None) != (denoiser_device is None):
             raise ValueError("give both context_device and denoiser_device, or neither")
-        torch_dtype = None
-        if dtype is not None:
-            if dtype not in ("float32", "bfloat16", "float16"):
-                raise ValueError(f"dtype must be float32, bfloat16 or float16, got {dtype!r}")
-            torch_dtype = getattr(torch, dtype)
+        torch_dtype = None if dtype is None else parse_dtype("dtype", dtype)
         self.quantize = check_quantize(quantize)
         model = resolve_model(model, kind="two-tower checkpoint")
         if not (model / "config.json").exists():
             raise FileNotFoundError(f"two-tower checkpoint not found: {model / 'config.json'} "
                                     "(make one with `python -m twotower.cli convert` or `export`)")
         self.model = TwoTowerLM.from_pretrained(model, dtype=torch_dtype, quantize=quantize)
+        # Frozen for good: LightningCLI's predict never trains, and no autograd graph is kept.
         self.model.eval().requires_grad_(False)
         self.decoder = MaskDiffusion() if decoder is None else decoder
         self.max_new_tokens = max_new_tokens
@@ -136,13 +136,13 @@ class GenerationModule(L.LightningModule):
         }
 
     def prompt_budget(self) -> tuple[int, str] | None:
-        """(the most prompt tokens a prompt may have, why): the model's context
-        (max_position_embeddings) minus max_new_tokens; None when the model sets no limit.
+        """(the most prompt tokens a prompt may have, why): the model's context (max_position_embeddings,
+        or a shorter sliding window) minus max_new_tokens; None when the model sets no limit.
         `PromptDataModule.setup` checks every prompt against it before the first forward."""
-        limit = self.model.max_position_embeddings
+        limit, name = length_limit(self.model.context)
         if limit is None:
             return None
-        return limit - self.max_new_tokens, (f"the model's context, max_position_embeddings {limit}, minus "
+        return limit - self.max_new_tokens, (f"the model's context, {name} {limit}, minus "
                                              f"max_new_tokens {self.max_new_tokens}")
 
     def on_predict_start(self) -> None:
@@ -155,12 +155,14 @@ class GenerationModule(L.LightningModule):
         ids, mask = batch["input_ids"], batch["attention_mask"]
         gen = None
         if self.decoder.temperature > 0 and self.seed is not None:
+            # Seeded per batch, not once: a resumed run (or another DDP rank) draws a batch as a full run would.
             gen = torch.Generator(device=self.model.context_device).manual_seed(self.seed + batch_idx)
         eos = self.tokenizer.eos_token_id if self.stop_at_eos else None
         out = self.model.generate(ids, mask, self.decoder, max_new_tokens=self.max_new_tokens, eos_token_id=eos,
                                   generator=gen)
         rows = []
         for r in range(ids.shape[0]):
+            # Rows end at different lengths: new_tokens past num_generated is padding, not output.
             n = int(out.num_generated[r])
             new = out.new_tokens[r, :n].tolist()
             rows.append({

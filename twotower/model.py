@@ -31,6 +31,7 @@ import torch.nn as nn
 from torch import Tensor
 
 from .decoding import Decoder, GenerationOutput, MaskDiffusion, ReleasedGenerationMixin, StepCallback
+from .decoding.base import length_limit
 from .hub import model_reference, resolve_model
 from .prompting import Prompt, encode_prompt
 from .samplers import Sampler
@@ -38,6 +39,7 @@ from .tokenizers import DEFAULT_MASK_TOKEN_ID, Tokenizer, find_tokenizer, save_t
 from .towers.adapters import DenoiserBuilder, builder_from_spec, is_adapter
 from .towers.base import ContextTowerBase, DenoiserTowerBase, family_for
 from .towers.checkpoints import module_name, released_name
+from .validation import check_int, check_token, device_of, parse_dtype
 
 __all__ = ["TwoTowerLM"]
 
@@ -58,9 +60,7 @@ def _has_config(name_or_path) -> bool:
 
 
 def _check_block_size(block_size) -> int:
-    if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1:
-        raise ValueError(f"block_size must be an int >= 1, got {block_size!r}")
-    return block_size
+    return check_int("block_size", block_size)
 
 
 class TwoTowerLM(ReleasedGenerationMixin, nn.Module):
@@ -88,10 +88,7 @@ class TwoTowerLM(ReleasedGenerationMixin, nn.Module):
         self.shifted = shifted
         self.config = config
         self.block_size = _check_block_size(block_size)
-        if isinstance(mask_token_id, bool) or not isinstance(mask_token_id, int) \
-                or not 0 <= mask_token_id < config.vocab_size:
-            raise ValueError(f"mask_token_id must be a token id in [0, {config.vocab_size}), got {mask_token_id!r}")
-        self.mask_token_id = mask_token_id
+        self.mask_token_id = check_token("mask_token_id", mask_token_id, config.vocab_size)
         if (context is None) != (denoiser is None):
             raise ValueError("pass both towers (context and denoiser) or neither")
         family = family_for(config)
@@ -112,6 +109,12 @@ class TwoTowerLM(ReleasedGenerationMixin, nn.Module):
     @property
     def max_position_embeddings(self) -> int | None:
         return getattr(self.config, "max_position_embeddings", None)
+
+    @property
+    def max_length(self) -> int | None:
+        """The most positions a prompt and its continuation may take: the context tower's `max_length`
+        (max_position_embeddings, or a shorter sliding window); None: no limit."""
+        return length_limit(self.context)[0]
 
     def extra_repr(self) -> str:
         return f"block_size={self.block_size}, mask_token_id={self.mask_token_id}, shifted={self.shifted}"
@@ -221,7 +224,7 @@ class TwoTowerLM(ReleasedGenerationMixin, nn.Module):
             raise FileNotFoundError(f"{path} is an adapter over the backbone {source} ({where}), which is missing "
                                     "(no config.json there); pass backbone=PATH_OR_NAME where it is now")
         if isinstance(dtype, str):
-            dtype = getattr(torch, dtype)
+            dtype = parse_dtype("dtype", dtype, allowed=None)
         model = cls.from_backbone(source, block_size=raw.get("block_size", DEFAULT_BLOCK_SIZE),
                                   mask_token_id=raw.get("mask_token_id", DEFAULT_MASK_TOKEN_ID),
                                   shifted=bool(raw.get("shifted", False)), time=raw.get("time_conditioning"),
@@ -380,11 +383,7 @@ class TwoTowerLM(ReleasedGenerationMixin, nn.Module):
     @property
     def devices(self) -> tuple[torch.device, torch.device]:
         """(context device, denoiser device), read from the weights."""
-        def dev(m):
-            p = next(m.parameters(), None)
-            return p.device if p is not None else torch.device("cpu")
-
-        return dev(self.context), dev(self.denoiser)
+        return device_of(self.context), device_of(self.denoiser)
 
     @property
     def context_device(self) -> torch.device:

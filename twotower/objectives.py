@@ -26,6 +26,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .validation import check_float, check_positive
+
 __all__ = ["TokenObjective", "HardLabelCE", "ARDistillation", "PositionWeighting", "UniformPositions",
            "GeometricPositions"]
 
@@ -70,21 +72,20 @@ class ARDistillation(TokenObjective):
     needs_teacher = True
 
     def __init__(self, temperature: float = 1.0, hard_weight: float = 0.0) -> None:
-        if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not temperature > 0:
-            raise ValueError(f"temperature must be a number > 0, got {temperature!r}")
-        if isinstance(hard_weight, bool) or not isinstance(hard_weight, (int, float)) or not 0 <= hard_weight <= 1:
-            raise ValueError(f"hard_weight must be a number in [0, 1], got {hard_weight!r}")
-        self.temperature, self.hard_weight = float(temperature), float(hard_weight)
+        self.temperature = check_positive("temperature", temperature)
+        self.hard_weight = check_float("hard_weight", hard_weight, low=0.0, high=1.0)
 
     def loss(self, logits: Tensor, target: Tensor, teacher: Tensor | None = None) -> Tensor:
         if teacher is None or teacher.shape != logits.shape:
             raise ValueError(f"ARDistillation needs the AR model's logits of the same shape as the denoiser's "
                              f"{tuple(logits.shape)}, got {None if teacher is None else tuple(teacher.shape)}")
         T = self.temperature
+        # The teacher may come in the backbone's dtype (bf16): its log-probabilities are taken in float32,
+        # as the student's are, so the KL of two near-equal distributions does not drown in rounding.
         log_p = F.log_softmax(teacher.float() / T, dim=-1)
         log_q = F.log_softmax(logits / T, dim=-1)
         kl = (log_p.exp() * (log_p - log_q)).sum(-1) * (T * T)
-        if self.hard_weight == 0:
+        if self.hard_weight == 0:  # skips a second (N, V) softmax when there is nothing to mix in
             return kl
         return (1 - self.hard_weight) * kl + self.hard_weight * F.cross_entropy(logits, target, reduction="none")
 
@@ -106,7 +107,7 @@ class PositionWeighting(abc.ABC):
         w = self.raw(n).to(torch.float32)
         if w.shape != (n,) or not bool((w > 0).all()) or not bool(torch.isfinite(w).all()):
             raise ValueError(f"{self!r} gave weights {w.tolist()} for {n} positions; they must be {n} finite values > 0")
-        w = w * (n / w.sum())
+        w = w * (n / w.sum())  # mean 1: the loss scale, and so the learning rate, does not depend on it
         return torch.cat([w.new_zeros(1), w]) if shifted else w
 
     def __repr__(self) -> str:
@@ -129,9 +130,7 @@ class GeometricPositions(PositionWeighting):
     """
 
     def __init__(self, gamma: float = 0.9) -> None:
-        if isinstance(gamma, bool) or not isinstance(gamma, (int, float)) or not 0 < gamma <= 1:
-            raise ValueError(f"gamma must be a number in (0, 1], got {gamma!r}")
-        self.gamma = float(gamma)
+        self.gamma = check_float("gamma", gamma, low=0.0, high=1.0, low_open=True)
 
     def raw(self, n: int) -> Tensor:
         return torch.tensor(self.gamma, dtype=torch.float64) ** torch.arange(n, dtype=torch.float64)

@@ -16,7 +16,8 @@ import torch.nn.functional as F
 from torch import Tensor
 from torchmetrics import MeanMetric
 
-from .optim import check_positive, adamw_with_schedule
+from .optim import adamw_with_schedule
+from .validation import check_positive
 from .towers.checkpoints import from_tower_names
 from .towers.nemotron_h.context import ContextTower
 
@@ -55,6 +56,7 @@ def tiny_nemotron_config(*, pattern: str, vocab_size: int, hidden_size: int, num
 def init_weights(tower: ContextTower, *, std: float = 0.02, seed: int | None = None) -> None:
     """Fresh-model init: N(0, std) linears and embeddings, residual outputs scaled by 1/sqrt(2 layers),
     Mamba A = 1..heads, dt log-uniform in [time_step_min, time_step_max] (through inverse softplus), D = 1."""
+    # A CPU generator: the same seed gives the same weights on any device.
     gen = torch.Generator().manual_seed(seed) if seed is not None else None
     cfg = tower.config
     n_layers = len(cfg.layers_block_type)
@@ -64,17 +66,21 @@ def init_weights(tower: ContextTower, *, std: float = 0.02, seed: int | None = N
         elif name.endswith(".bias"):
             p.zero_()
         elif name.endswith("A_log"):
+            # A = -exp(A_log) = -1 .. -heads: each head decays at its own rate (the S4D-real init).
             p.copy_(torch.log(torch.arange(1, p.numel() + 1, dtype=p.dtype)))
         elif name.endswith(".D"):
             p.fill_(1.0)
         elif name.endswith("dt_bias"):
             lo, hi = math.log(cfg.time_step_min), math.log(cfg.time_step_max)
             dt = torch.exp(torch.rand(p.shape, generator=gen) * (hi - lo) + lo).clamp(min=cfg.time_step_floor)
+            # Inverse softplus (dt + log(1 - e^-dt)), so softplus(dt_bias) = dt; expm1 keeps small dt exact.
             p.copy_(dt + torch.log(-torch.expm1(-dt)))
         elif name.endswith("conv1d.weight"):
             bound = 1 / math.sqrt(p.shape[-1])
             p.copy_((torch.rand(p.shape, generator=gen) * 2 - 1) * bound)
         else:
+            # Projections that write into the residual stream are scaled down (GPT-2): its variance then
+            # stays bounded with depth, one such write per mixer and per MLP.
             scale = std / math.sqrt(2 * n_layers) if name.endswith(("out_proj.weight", "o_proj.weight", "down_proj.weight", "down_proj")) else std
             p.copy_(torch.randn(p.shape, generator=gen) * scale)
 
@@ -98,7 +104,8 @@ class ARPretraining(L.LightningModule):
                  warmup_steps: int = 100, min_lr_ratio: float = 0.1, init_seed: int = 0,
                  time_step_limit: tuple[float, float] = (0.0, math.inf), save_dir: str | None = None):
         super().__init__()
-        check_positive(lr=lr, hidden_size=hidden_size, vocab_size=vocab_size)
+        for name, value in [("lr", lr), ("hidden_size", hidden_size), ("vocab_size", vocab_size)]:
+            check_positive(name, value)
         self.save_hyperparameters()
         config = tiny_nemotron_config(
             pattern=pattern, vocab_size=vocab_size, hidden_size=hidden_size,
@@ -128,6 +135,7 @@ class ARPretraining(L.LightningModule):
 
     def validation_step(self, batch: Tensor, batch_idx: int):
         loss, acc = self._loss(batch)
+        # Weighted by tokens: the epoch mean is per token even when the last batch is smaller.
         self.val_loss.update(loss, weight=batch.numel())
         self.val_acc.update(acc, weight=batch.numel())
         self.log("val/loss", self.val_loss, prog_bar=True)

@@ -30,12 +30,13 @@ from torchmetrics import SumMetric
 
 from .objectives import HardLabelCE, PositionWeighting, TokenObjective, UniformPositions
 from .schedules import LinearSchedule, NoiseSchedule, TimeSampler, UniformTime, mask_blocks
-from .optim import adamw_with_schedule, attached_trainer, check_positive, warmup_cosine  # noqa: F401  (warmup_cosine: re-exported)
+from .optim import adamw_with_schedule, attached_trainer, warmup_cosine  # noqa: F401  (warmup_cosine: re-exported)
+from .validation import check_positive
 from .pretraining import ARPretraining, init_weights, tiny_nemotron_config  # noqa: F401  (re-exported)
 from .towers.checkpoints import CKPT_META_KEY, restore_frozen, training_checkpoint
 from .distributed import sample_seed
 from .hub import resolve_model
-from .tokenizers import tokenizer_spec
+from .tokenizers import DEFAULT_MASK_TOKEN_ID, tokenizer_spec
 from .towers.adapters import DenoiserBuilder, FullCopy, builder_from_spec
 from .towers.base import ContextTowerBase, run_block
 
@@ -50,7 +51,8 @@ class DenoiserFineTuning(L.LightningModule):
             the frozen context tower, and the denoiser's initial weights), or a built-in model name
             (`twotower.hub`, e.g. "embedded-backbone").
         block_size: S, tokens per block; training sequences must be multiples of it.
-        mask_token_id: the [MASK] id (3 in NemotronH vocabularies and the byte tokenizer).
+        mask_token_id: the [MASK] id (`tokenizers.DEFAULT_MASK_TOKEN_ID`, the id NemotronH vocabularies and
+            the byte tokenizer reserve).
         schedule: how a block's time maps to a mask probability.
         time_sampler: how block times are drawn (uniform, stratified, antithetic).
         exact_mask_count: mask exactly max(1, round(p S)) positions per block instead of i.i.d.
@@ -96,7 +98,7 @@ class DenoiserFineTuning(L.LightningModule):
     where only positions with loss_mask True are training targets (see `twotower.data.distill`).
     """
 
-    def __init__(self, backbone: str, block_size: int = 16, mask_token_id: int = 3,
+    def __init__(self, backbone: str, block_size: int = 16, mask_token_id: int = DEFAULT_MASK_TOKEN_ID,
                  schedule: NoiseSchedule | None = None, time_sampler: TimeSampler | None = None,
                  exact_mask_count: bool = False, loss_weighting: str = "nelbo", time_init: str = "identity",
                  lr: float = 1e-3, weight_decay: float = 0.0, betas: tuple[float, float] = (0.9, 0.95),
@@ -112,7 +114,7 @@ class DenoiserFineTuning(L.LightningModule):
             raise ValueError(f"block_size must be an integer >= 1, got {block_size!r}")
         if shifted and block_size < 2:
             raise ValueError("shifted training needs block_size >= 2 (position 0 of a block is never masked)")
-        check_positive(lr=lr)
+        check_positive("lr", lr)
         self.save_hyperparameters()
         if context_sharding not in ("replicate", "shard"):
             raise ValueError(f"context_sharding must be 'replicate' or 'shard', got {context_sharding!r}")
@@ -244,6 +246,8 @@ class DenoiserFineTuning(L.LightningModule):
         else:
             if len(sample_seeds) != x.shape[0]:
                 raise ValueError(f"{len(sample_seeds)} sample seeds for a batch of {x.shape[0]} rows")
+            # Row by row: a row's noise then depends on its own seed only, not on its place in the batch
+            # (so data-parallel splits and resumed runs draw the same masks).
             rows = [self._noise(x[i:i + 1], torch.Generator(device=x.device).manual_seed(int(seed)))
                     for i, seed in enumerate(sample_seeds)]
             t, noisy, masked, t_act = (torch.cat(part) for part in zip(*rows))
@@ -268,12 +272,14 @@ class DenoiserFineTuning(L.LightningModule):
         if not self._uniform_positions:  # uniform weights leave the loss untouched, bit for bit
             pos_w = self._position_w.to(x.device).repeat(x.shape[1] // S)
             per_token = per_token * pos_w.expand_as(masked)[masked]
+        # 1 / t uses the realised fraction t_act (> 0 wherever a position is masked), not the drawn t.
         nelbo_w = (1.0 / t_act).repeat_interleave(S, dim=1)[masked]  # reported whatever the objective
         # A tensor, not an int: reading the mask's count back would sync the device on every step.
         n_tokens = torch.tensor(x.numel(), device=x.device) if loss_mask is None else loss_mask.sum()
         weighting = self.hparams.loss_weighting
         norm = self._across_ranks if across_ranks else (lambda n: n)
         if weighting == "none":
+            # clamp: a batch with nothing masked has loss 0, not 0 / 0.
             loss = per_token.sum() / norm(masked.sum()).clamp(min=1)
         else:
             w = nelbo_w if weighting == "nelbo" else self.schedule.loss_weight(t).repeat_interleave(S, dim=1)[masked]
@@ -308,6 +314,7 @@ class DenoiserFineTuning(L.LightningModule):
         if trainer is None or trainer.world_size == 1:
             return count
         with torch.no_grad():
+            # clone: the reduction runs in place, and `count` is still read by the caller.
             total = trainer.strategy.reduce(count.detach().float().clone(), reduce_op="sum")
         return total / trainer.world_size
 

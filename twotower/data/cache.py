@@ -38,8 +38,10 @@ def cache_file(cache_dir: str | os.PathLike, kind: str, settings: dict[str, Any]
 def save_cache(path: Path, obj) -> None:
     """torch.save to `path` by write-then-rename: concurrent ranks never read a half-written file."""
     path.parent.mkdir(parents=True, exist_ok=True)
+    # One temporary name per process: two ranks writing the same cache never share a partial file.
     tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
     torch.save(obj, tmp)
+    # Atomic on one filesystem: a reader sees the old file or the whole new one.
     os.replace(tmp, path)
 
 
@@ -71,6 +73,8 @@ def source_fingerprint(source: str) -> str:
     for p in files:
         st = p.stat()
         rel = p.relative_to(root).as_posix() if p != root else p.name
+        # Sizes and mtimes, not contents: a corpus is too large to hash at every start, and an edit
+        # changes the mtime.
         h.update(f"\n{rel}\t{st.st_size}\t{st.st_mtime_ns}".encode())
     return h.hexdigest()
 
@@ -82,6 +86,7 @@ def files_fingerprint(path: Path) -> str:
         if f.suffix in (".json", ".safetensors", ".bin") and f.is_file():
             h.update(f.name.encode())
             with open(f, "rb") as fh:
+                # In 1 MiB chunks: weight files may not fit in memory at once.
                 for chunk in iter(lambda: fh.read(1 << 20), b""):
                     h.update(chunk)
     return h.hexdigest()[:20]

@@ -52,10 +52,11 @@ from .packing import check_seq_len
 from .sampling import ResumableLoader
 from .sources import STDLIB
 from .text import TextDataModule
+from ..validation import FLOAT_DTYPES, check_float, check_int, device_of, parse_dtype
 
 # Bump when the cached distilled layout changes, so that stale caches are not reused.
 _FORMAT = 1
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+_DTYPES = {name: FLOAT_DTYPES[name] for name in ("float32", "bfloat16")}  # generation dtypes
 
 # Instructions wrapped around a real snippet to make a chat prompt (`DistilledDataModule(chat_fraction=...)`):
 # the backbone answers them itself, so the denoiser learns its assistant turns, not just plain text.
@@ -101,7 +102,7 @@ class _DistilledRows(Dataset):
         if k not in self._shards:
             path = None if self.folder is None else self.folder / f"{self.split}-{k:05d}.pt"
             if path is not None and path.is_file():
-                self._shards[k] = load_cache(path)["rows"]
+                self._shards[k] = load_cache(path)["rows"]  # made by an earlier run or another rank
             else:
                 lo, hi = k * self.shard_rows, min((k + 1) * self.shard_rows, self.real.shape[0])
                 rows = self.distil(self.real[lo:hi], self.prompt_len[lo:hi],
@@ -121,6 +122,7 @@ class _DistilledRows(Dataset):
         return self.real.shape[0]
 
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        # A shard is distilled when its first row is asked for: training starts before all are made.
         row = self.shard(i // self.shard_rows)[i % self.shard_rows]
         mask = self._pos >= self.prompt_len[i]
         if self.stop_at is not None and bool(self.stop_at[i]):
@@ -147,8 +149,10 @@ def distill_rows(context: ContextTowerBase, real: torch.Tensor, prompt_len: torc
     N, Lr = real.shape
     if N and (int(prompt_len.min()) < 1 or int(prompt_len.max()) >= Lr):
         raise ValueError(f"prompt lengths must lie in [1, {Lr - 1}]")
-    device = next(context.parameters()).device
+    device = device_of(context)
     out = real.clone()
+    # Sorted by prompt length: a batch's prompts are close in length, so little padding and few
+    # wasted steps (each batch runs until its shortest prompt's row is full).
     order = sorted(range(N), key=lambda i: int(prompt_len[i]))
     batches = [torch.tensor(order[i:i + batch_size], dtype=torch.long) for i in range(0, N, batch_size)]
     bar = _progress(int((Lr - prompt_len).sum()), desc) if progress else None
@@ -162,6 +166,7 @@ def distill_rows(context: ContextTowerBase, real: torch.Tensor, prompt_len: torc
             for r, (i, p) in enumerate(zip(idx.tolist(), lens.tolist())):
                 ids[r, hi - p:] = real[i, :p]
                 mask[r, hi - p:] = 1
+            # No mask when every prompt has one length: the towers' unpadded fast path.
             res = decoder.generate(towers, ids.to(device), None if lo == hi else mask.to(device),
                                    max_new_tokens=Lr - lo, generator=generator)
             new = res.new_tokens.to(out.device, out.dtype)
@@ -216,19 +221,15 @@ class DistilledDataModule(L.LightningDataModule):
         check_seq_len(seq_len, block_size)
         for name, value in [("num_train", num_train), ("num_val", num_val), ("batch_size", batch_size),
                             ("gen_batch_size", gen_batch_size), ("shard_rows", shard_rows)]:
-            if not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+            check_int(name, value)
         for name, value in [("min_prompt", min_prompt), ("max_prompt", max_prompt)]:
             if not isinstance(value, int) or value < block_size or value % block_size:
                 raise ValueError(f"{name} must be a positive multiple of block_size={block_size}, got {value!r}")
         if not min_prompt <= max_prompt < seq_len:
             raise ValueError(f"need min_prompt <= max_prompt < seq_len, got {min_prompt}, {max_prompt}, {seq_len}")
-        if temperature < 0:
-            raise ValueError(f"temperature must be >= 0, got {temperature}")
-        if not 0.0 <= chat_fraction <= 1.0:
-            raise ValueError(f"chat_fraction must be in [0, 1], got {chat_fraction!r}")
-        if gen_dtype not in _DTYPES:
-            raise ValueError(f"gen_dtype must be one of {sorted(_DTYPES)}, got {gen_dtype!r}")
+        check_float("temperature", temperature, low=0.0)
+        check_float("chat_fraction", chat_fraction, low=0.0, high=1.0)
+        parse_dtype("gen_dtype", gen_dtype, _DTYPES)
         self.backbone = resolve_model(backbone, kind="backbone checkpoint")
         if not (self.backbone / "config.json").exists():
             raise FileNotFoundError(f"backbone checkpoint not found: {self.backbone / 'config.json'}")
@@ -327,7 +328,7 @@ class DistilledDataModule(L.LightningDataModule):
             self._context = ContextTowerBase.from_pretrained(self.backbone, device=device,
                                                              dtype=_DTYPES[self.gen_dtype]).eval()
         # Seeded per shard: a shard's rows do not depend on which shards were made before it.
-        gen = torch.Generator(device=next(self._context.parameters()).device).manual_seed(self.seed + int(p.sum()))
+        gen = torch.Generator(device=device_of(self._context)).manual_seed(self.seed + int(p.sum()))
         return distill_rows(self._context, real, p, pad_token_id=self.tokenizer.pad_token_id,
                             batch_size=self.gen_batch_size, temperature=self.temperature, desc=desc,
                             generator=gen if self.temperature > 0 else None)

@@ -40,12 +40,14 @@ def pack_documents(
     """
     if seq_len <= 0:
         raise ValueError(f"seq_len={seq_len} must be positive")
+    # An absent marker is an empty tensor, so the loop below needs no branch: cat skips it.
     bos = torch.tensor([bos_id] if bos_id is not None else [], dtype=torch.long)
     eos = torch.tensor([eos_id] if eos_id is not None else [], dtype=torch.long)
     pieces: list[torch.Tensor] = []
     total = 0
     limit = None if max_sequences is None else max_sequences * seq_len
     for doc in docs:
+        # Checked before the next document is read: a lazy iterable is tokenised no further than needed.
         if limit is not None and total >= limit:
             break
         ids = as_long_tensor(doc)
@@ -55,6 +57,7 @@ def pack_documents(
     n = stream.numel() // seq_len
     if max_sequences is not None:
         n = min(n, max_sequences)
+    # clone: a view would keep the whole stream, dropped tail included, alive with the rows.
     return stream[: n * seq_len].reshape(n, seq_len).clone()
 
 
@@ -80,6 +83,7 @@ def check_seq_len(seq_len: int, block_size: int) -> None:
     if block_size <= 0:
         raise ValueError(f"block_size={block_size} must be positive")
     if seq_len <= 0 or seq_len % block_size:
+        # max: a seq_len under half a block rounds to 0, which is no valid length either.
         nearest = max(block_size, round(seq_len / block_size) * block_size)
         raise ValueError(
             f"seq_len={seq_len} must be a positive multiple of block_size={block_size}; "

@@ -70,12 +70,14 @@ def read_prompt_file(path: str | os.PathLike) -> tuple[list[Prompt], list[str]]:
     where: list[str] = []
     problems: list[str] = []
     lines = 0
+    # errors="replace": an undecodable byte becomes U+FFFD in its prompt instead of failing the whole file.
     with file.open(encoding="utf-8", errors="replace", newline="") as f:
         for line_no, line in enumerate(f, start=1):
             line = line.rstrip("\r\n")
             if not line.strip():
                 continue
             lines += 1
+            # A plain text file: each non-blank line is a prompt as written (no JSON unescaping).
             if file.suffix != ".jsonl":
                 prompts.append(line)
                 where.append(f"{file}:{line_no}")
@@ -263,6 +265,7 @@ class PromptDataModule(L.LightningDataModule):
                 if not ids:
                     problems.append(f"{at}: {text!r:.60} encodes to no tokens; remove it or set add_bos=True")
                 tokens.append(ids)
+            # Every problem is collected before raising: a user fixes a prompt file in one pass.
             problems += self._too_long(tokens, where)
             if problems:
                 raise PromptError(problems, len(texts))
@@ -279,6 +282,7 @@ class PromptDataModule(L.LightningDataModule):
         limit = budget() if callable(budget) else None
         if limit is None:
             return []
+        # Set only once a limit was known: a setup before the trainer was attached checks again later.
         self._length_checked = True
         most, why = limit
         return [f"{at}: the prompt is {len(ids)} tokens; at most {most} fit ({why})"
@@ -293,6 +297,7 @@ class PromptDataModule(L.LightningDataModule):
         return DataLoader(
             _PromptItems(self.prompt_texts, self.prompt_tokens, keep),
             batch_size=self.batch_size,
+            # Original order: resuming and the writer's index-based output rely on it.
             shuffle=False,
             collate_fn=_PromptCollator(self.tokenizer.pad_token_id),
             num_workers=self.num_workers,

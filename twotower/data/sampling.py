@@ -43,6 +43,7 @@ class ResumableLoader(DataLoader):
         self._epoch, self._position = self.sampler.epoch, self.sampler.start()
         step = self.sampler.samples_per_batch(self.batch_size)
         for batch in batches:
+            # Counted as each batch reaches the caller: DataLoader workers' read-ahead is not counted.
             self._position += step
             yield batch
 

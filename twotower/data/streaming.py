@@ -103,6 +103,7 @@ class StreamingRows(IterableDataset):
                     return
                 yield i, stream[k * L_:(k + 1) * L_].clone()  # a copy: the document can be freed
                 i += 1
+            # clone: a slice would keep the whole document's tensor alive until the next one.
             carry = stream[n * L_:].clone()
         if i == 0:
             self._raise_no_rows()
@@ -124,12 +125,15 @@ class StreamingRows(IterableDataset):
     def _shard(self) -> tuple[int, int, int, int]:
         """(slot, k, rank, world): this reader takes rows i with i % k == slot."""
         info = get_worker_info()
+        # Workers split each rank's share further: k = world * workers readers, each taking one slot.
         worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
         rank, world = (self.rank, self.world_size) if self.world_size is not None else _rank_world()
         return worker * world + rank, world * workers, rank, world
 
     def __iter__(self) -> Iterator[dict]:
         slot, k, rank, world = self._shard()
+        # Distinct prime multipliers give each (seed, epoch, slot) its own seed, so ranks and workers
+        # shuffle differently and every epoch reshuffles.
         rng = random.Random(self.seed * 1_000_003 + self.epoch * 7_919 + slot * 104_729)
         buf: list[tuple[int, torch.Tensor]] = []
         held = None  # this reader's row, waiting until its group of `world` rows is complete
@@ -149,10 +153,13 @@ class StreamingRows(IterableDataset):
                 buf.append(item)
                 self._note(len(buf))
                 continue
+            # Reservoir-style swap: the new row takes a random slot and that slot's row goes out, so memory
+            # stays at shuffle_buffer rows however long the corpus is.
             j = rng.randrange(len(buf))
             out, buf[j] = buf[j], item
             self._note(len(buf) + 1)
             yield self._item(out)
+        # The tail: what is left in the buffer goes out in random order too.
         rng.shuffle(buf)
         while buf:
             yield self._item(buf.pop())
@@ -174,6 +181,7 @@ class _EpochLoader(DataLoader):
         self._epoch_fn = epoch_fn
 
     def __iter__(self):
+        # Before super().__iter__: worker processes copy the dataset when they start, epoch included.
         self.dataset.set_epoch(self._epoch_fn())
         return super().__iter__()
 
@@ -242,6 +250,7 @@ class StreamingTextDataModule(L.LightningDataModule):
             seen += 1
             split = held_out(doc.name, self.val_fraction)
             if need[split] > 0:
+                # Tokenised only while a split still needs tokens: setup reads as little of the corpus as it can.
                 need[split] -= tok.encode_tensor(doc.text).numel() + markers
             if max(need.values()) <= 0:
                 return

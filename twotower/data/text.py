@@ -110,6 +110,8 @@ class TextDataModule(L.LightningDataModule):
                 docs.append(doc)
             if not docs:
                 raise ValueError(f"corpus {self.source!r} contains no non-empty documents")
+            # Split by a hash of each document's name, not by position: adding documents or listing them in
+            # another order leaves every existing document in its split.
             train_idx, val_idx = split_documents([d.name for d in docs], self.val_fraction)
             if self.val_fraction > 0:
                 train_idx, val_idx = self._top_up_heldout(docs, train_idx, val_idx)
@@ -125,10 +127,12 @@ class TextDataModule(L.LightningDataModule):
         split hash, so the result still ignores listing order; one train document always stays.
         """
         def length(i: int) -> int:
+            # An estimate (a tokenizer without bos or eos adds fewer); it only decides when to stop moving.
             return self.tokenizer.encode_tensor(docs[i].text).numel() + 2  # + bos, eos
 
         have = sum(length(i) for i in val_idx)
         moved = set()
+        # [:-1]: the training split keeps at least one document whatever happens.
         for i in sorted(train_idx, key=lambda i: (unit_hash(docs[i].name), docs[i].name))[:-1]:
             if have >= self.seq_len:
                 break
@@ -159,6 +163,7 @@ class TextDataModule(L.LightningDataModule):
             "format": _CACHE_FORMAT,
             "source": self.source,
             "files": source_fingerprint(self.source),
+            # No seed or batch_size: they shape the loaders, not the packed rows, and may change over a cache.
             "tokenizer": tokenizer_fingerprint(self.tokenizer),
             "seq_len": self.seq_len,
             "val_fraction": self.val_fraction,
@@ -203,6 +208,8 @@ class TextDataModule(L.LightningDataModule):
         return ResumableLoader(
             PackedRows(self.train_data, self.indexed),
             batch_size=self.batch_size,
+            # EpochShuffle (not shuffle=True): one seeded order per epoch, interleaved across ranks so W
+            # ranks train on what one process would, and ResumableLoader can restart it mid-epoch.
             sampler=EpochShuffle(self.train_data.shape[0], seed=self.seed),
             num_workers=self.num_workers,
         )
@@ -210,5 +217,6 @@ class TextDataModule(L.LightningDataModule):
     def val_dataloader(self) -> DataLoader:
         self.setup()
         return DataLoader(
+            # Unshuffled: validation losses are comparable between runs and checkpoints.
             PackedRows(self.val_data, self.indexed), batch_size=self.batch_size, shuffle=False, num_workers=self.num_workers
         )

@@ -70,10 +70,11 @@ from .logits import LogitsProcessor, TokenChooser
 from .stopping import StopCriterion
 from .state import DecodeState, Rows, TrackedRows
 from .tracker import GenerationOutput, RowTracker
+from ..tokenizers import DEFAULT_MASK_TOKEN_ID
+from ..validation import check_int, check_token, device_of
 
 __all__ = ["Decoder", "DecodeCall", "DecodeState", "Rows", "TrackedRows", "Towers", "StepCallback", "GenerationOutput",
-           "RowTracker", "check_int",
-           "device_of", "default_pad_id"]
+           "RowTracker", "default_pad_id", "length_limit"]
 
 StepCallback = Callable[[int, int, "Tensor | None", Tensor, Tensor], None]
 
@@ -81,26 +82,9 @@ StepCallback = Callable[[int, int, "Tensor | None", Tensor, Tensor], None]
 # ---- argument checks ----------------------------------------------------------------------------
 
 
-def check_int(name: str, value, minimum: int = 1) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
-    return value
-
-
-def check_token(name: str, value, vocab_size: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < vocab_size:
-        raise ValueError(f"{name} must be a token id in [0, {vocab_size}), got {value!r}")
-    return value
-
-
 def _rows(mask: Tensor, limit: int = 8) -> str:
     rows = mask.nonzero().flatten().tolist()
     return str(rows[:limit]) + (" ..." if len(rows) > limit else "")
-
-
-def device_of(module: torch.nn.Module) -> torch.device:
-    p = next(module.parameters(), None)
-    return p.device if p is not None else torch.device("cpu")
 
 
 def same_device(a: torch.device, b: torch.device) -> bool:
@@ -148,7 +132,7 @@ class Towers:
 
     context: torch.nn.Module
     denoiser: torch.nn.Module | None = None
-    mask_token_id: int = 3
+    mask_token_id: int = DEFAULT_MASK_TOKEN_ID
     pad_token_id: int | None = None
     shifted: bool = False
     block_size: int = 16
@@ -264,6 +248,7 @@ class Decoder(abc.ABC):
             call.step_callback = _CountedCallback(step_callback)  # an older `_decode` loop: checked after it
         with torch.inference_mode():
             out = self._decode(call)
+        # The output checks read the device: once, after the loop, not in every iteration.
         self._check_output(out, call)
         self._check_loop_callback(out, call)
         return out
@@ -288,6 +273,8 @@ class Decoder(abc.ABC):
         the per-row bookkeeping (the server passes its own, one request per row)."""
         self.require_steps()
         if rows is None:
+            # spare: a block of columns past max_new_tokens takes the tokens a row cannot keep, so a
+            # commit is one scatter with no per-row trimming.
             rows = TrackedRows(call.tracker(spare=call.block_size), self.chooser, call.generator)
         state = DecodeState(self, call, rows)
         with torch.inference_mode():
@@ -397,11 +384,13 @@ class Decoder(abc.ABC):
         if pad is None:
             first_eos = eos_token_id if isinstance(eos_token_id, int) or eos_token_id is None else \
                 (list(eos_token_id) or [None])[0]
+            # No pad id in the config: pad with the EOS, so a finished row still reads as ended to
+            # anyone who ignores num_generated.
             pad = default_pad_id(cfg, first_eos)
         check_token("pad_token_id", pad, cfg.vocab_size)
         ctx_device = device_of(context)
-        input_ids, valid = _check_prompt(cfg, input_ids, attention_mask, max_new_tokens, ctx_device,
-                                         towers.mask_token_id if self.uses_mask_token else None)
+        input_ids, valid = _check_prompt(length_limit(context), input_ids, attention_mask, max_new_tokens,
+                                         ctx_device, towers.mask_token_id if self.uses_mask_token else None)
         den_device, use_mirror = None, False
         if self.uses_denoiser:
             den_device, use_mirror = denoiser_placement(denoiser, ctx_device, towers.denoiser_device)
@@ -428,6 +417,7 @@ class Decoder(abc.ABC):
         if tuple(out.sequences.shape) != (B, T + N) or tuple(out.num_generated.shape) != (B,):
             raise RuntimeError(f"{name} returned sequences {tuple(out.sequences.shape)} / num_generated "
                                f"{tuple(out.num_generated.shape)}; expected {(B, T + N)} / {(B,)}")
+        # One reduction on the device, then host reads of two scalars.
         lo, hi = torch.aminmax(out.num_generated)
         if int(lo) < 0 or int(hi) > call.max_new_tokens:
             raise RuntimeError(f"{name} generated between {int(lo)} and {int(hi)} tokens per row; each row must "
@@ -469,9 +459,21 @@ def _eos_ids(eos_token_id: int | Sequence[int] | None, vocab_size: int, device) 
     return torch.tensor(ids, dtype=torch.long, device=device)
 
 
-def _check_prompt(config, input_ids: Tensor, attention_mask: Tensor | None, max_new_tokens: int,
-                  device, mask_token_id: int | None = None) -> tuple[Tensor, Tensor | None]:
-    """Validate a (left-padded) prompt batch; returns (input_ids long, bool mask or None) on `device`."""
+def length_limit(context: torch.nn.Module) -> tuple[int | None, str]:
+    """(the most positions the context tower runs, the limit's name for messages): its `max_length`,
+    which is max_position_embeddings or a shorter sliding window; (None, "") when there is none."""
+    positions = getattr(context.config, "max_position_embeddings", None)
+    limit = getattr(context, "max_length", positions)  # a plug-in tower need not define max_length
+    if limit is None:
+        return None, ""
+    return limit, "max_position_embeddings" if limit == positions else "sliding_window"
+
+
+def _check_prompt(limit: tuple[int | None, str], input_ids: Tensor, attention_mask: Tensor | None,
+                  max_new_tokens: int, device, mask_token_id: int | None = None) -> tuple[Tensor, Tensor | None]:
+    """Validate a (left-padded) prompt batch; returns (input_ids long, bool mask or None) on `device`.
+    limit: (positions, name) from `length_limit`: prompt + max_new_tokens must fit, or it is refused
+    here rather than by the tower mid-generation."""
     if not isinstance(input_ids, Tensor) or input_ids.dim() != 2:
         shape = tuple(input_ids.shape) if isinstance(input_ids, Tensor) else type(input_ids).__name__
         raise ValueError(f"input_ids must be a (batch, length) tensor, got {shape}")
@@ -480,12 +482,13 @@ def _check_prompt(config, input_ids: Tensor, attention_mask: Tensor | None, max_
     B, T = input_ids.shape
     if B == 0 or T == 0:
         raise ValueError(f"empty prompt: input_ids has shape {(B, T)}; every row needs at least one token")
-    limit = getattr(config, "max_position_embeddings", None)
+    limit, name = limit
     if limit is not None and T + max_new_tokens > limit:
         raise ValueError(
             f"prompt length {T} + max_new_tokens {max_new_tokens} = {T + max_new_tokens} exceeds the model's "
-            f"max_position_embeddings = {limit}; shorten the prompt or lower max_new_tokens"
+            f"{name} = {limit}; shorten the prompt or lower max_new_tokens"
         )
+    # long: the embedding lookup and the [MASK] comparison below need one integer dtype.
     input_ids = input_ids.to(device=device, dtype=torch.long)
     valid = None
     if attention_mask is not None:
@@ -501,11 +504,13 @@ def _check_prompt(config, input_ids: Tensor, attention_mask: Tensor | None, max_
         if bool(right_pad.any()):
             raise ValueError(f"attention_mask must use left padding (zeros before the prompt); row(s) "
                              f"{_rows(right_pad)} have a 0 after a 1")
+        # One host sync per call (not per step): an unpadded batch skips the key masks in every forward.
         if bool(valid.all()):
             valid = None  # lets the towers take their unpadded fast path
     if mask_token_id is not None:
         has_mask = input_ids == mask_token_id
         if valid is not None:
+            # Padding may use any id, the [MASK] id included: only real prompt tokens are refused.
             has_mask &= valid
         bad = has_mask.any(-1)
         if bool(bad.any()):

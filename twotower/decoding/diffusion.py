@@ -28,7 +28,8 @@ import torch
 from torch import Tensor
 
 from ..samplers import ConfidenceThreshold, Sampler
-from .base import Decoder, Towers, check_int
+from ..validation import check_int
+from .base import Decoder, Towers
 from .logits import LogitsProcessor, TokenChooser, confidence_of
 from .state import DecodeState
 from .tracker import RowTracker

@@ -20,6 +20,8 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
+from ..validation import check_int
+
 __all__ = ["LogitsProcessor", "TopK", "TopP", "TokenChooser", "confidence_of", "check_temperature"]
 
 
@@ -49,13 +51,13 @@ class TopK(LogitsProcessor):
     """Keep the k largest logits of each row (ties at the k-th value are all kept)."""
 
     def __init__(self, k: int):
-        if isinstance(k, bool) or not isinstance(k, int) or k < 1:
-            raise ValueError(f"top_k must be an int >= 1, got {k!r}")
-        self.k = k
+        self.k = check_int("top_k", k)
 
     def __call__(self, logits: Tensor) -> Tensor:
+        # Nothing to drop; also keeps topk from failing when k exceeds the vocabulary.
         if self.k >= logits.shape[-1]:
             return logits
+        # `<`, not a top-k index mask: every logit tied with the k-th survives, independent of topk's tie order.
         kth = logits.topk(self.k, dim=-1).values[..., -1:]
         return logits.masked_fill(logits < kth, float("-inf"))
 
@@ -82,6 +84,7 @@ class TopP(LogitsProcessor):
         probs = sorted_logits.softmax(-1)
         mass_before = probs.cumsum(-1) - probs  # mass of the tokens ranked above each one
         drop_sorted = mass_before >= self.p
+        # Back from sorted order to vocabulary order: drop[order[j]] = drop_sorted[j].
         drop = torch.zeros_like(drop_sorted).scatter_(-1, order, drop_sorted)
         return logits.masked_fill(drop, float("-inf"))
 
@@ -126,9 +129,11 @@ class TokenChooser:
         if self.greedy:
             return logits.argmax(-1)
         gen_device = generator.device if generator is not None else logits.device
+        # float32 noise in any model dtype: a seed draws the same noise, and bf16 noise is coarse enough to tie.
         noise = torch.empty(logits.shape, device=gen_device, dtype=torch.float32).exponential_(generator=generator)
         noise = noise.to(logits.device).log_().neg_()
         if not self.processors:
+            # Fused scale-and-add, in place on the noise: no (..., V) temporary for the scaled logits.
             return noise.add_(logits.float(), alpha=1.0 / self.temperature).argmax(-1)
         scaled = logits.float() * (1.0 / self.temperature)
         for p in self.processors:

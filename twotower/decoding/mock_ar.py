@@ -3,10 +3,10 @@
 Not a masked block committed left to right (that is the `samplers.MockAR` commit policy, used
 with `MaskDiffusion`). Each step feeds the denoiser ONE clean token, the last committed one, at
 its position p, over a cache that holds everything before p: the context tower's attention K,V
-of positions < p and its Mamba conv / SSM states after position p - 1. The denoiser runs with no
-time conditioning (t = None: plain norm -> mixer -> residual, no modulation, no gate), and its
-logits at that one position choose the next token. The context tower then appends the fed token,
-so the cache always trails the newest token by one:
+of positions < p (and, in a hybrid family such as NemotronH, its Mamba conv / SSM states after
+position p - 1). The denoiser runs with no time conditioning (t = None: plain norm -> mixer ->
+residual, no modulation, no gate), and its logits at that one position choose the next token. The
+context tower then appends the fed token, so the cache always trails the newest token by one:
 
     cache = context.prefill(prompt[:, :-1]);  last = prompt[:, -1]
     repeat:  logits = denoiser.forward_block(last, cache, t=None)     # (R, 1, V)

@@ -57,6 +57,7 @@ def register_decoder(name: str, cls: type[Decoder], *, aliases=()) -> type[Decod
 
 
 def _same_class(a: type, b: type) -> bool:
+    # By name too: re-running a cell or reloading a module makes a new class object for the same decoder.
     return a is b or (a.__module__, a.__qualname__) == (b.__module__, b.__qualname__)
 
 
@@ -92,12 +93,15 @@ def build_decoder(name: str, *, strict: bool = True, threshold: float | None = N
 
     cls = decoder_class(name)
     params = inspect.signature(cls.__init__).parameters
+    # None means "not set" in flat settings (CLI flags, lm_eval model_args): the class default applies.
     kwargs = {k: v for k, v in settings.items() if v is not None}
     if threshold is not None:
         if "sampler" in params:
             kwargs["sampler"] = ConfidenceThreshold(float(threshold))
         elif strict:
             raise ValueError(f"decoder {cls.__name__} takes no threshold (it has no sampler)")
+    # Sampling settings a decoder does not take are dropped below, not refused: one shared flag
+    # (e.g. temperature) then works with every decoder, a plug-in without sampling included.
     unknown = sorted(k for k in kwargs if k not in params and k not in _SAMPLING)
     if unknown and strict:
         raise ValueError(f"decoder {cls.__name__} takes no setting(s) {unknown}; it takes "

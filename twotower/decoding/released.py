@@ -21,6 +21,7 @@ import torch
 from torch import Tensor
 
 from ..samplers import ConfidenceThreshold
+from ..tokenizers import DEFAULT_MASK_TOKEN_ID
 from .autoregressive import Autoregressive
 from .base import StepCallback
 from .diffusion import MaskDiffusion
@@ -35,7 +36,9 @@ def released_step_callback(fn: Callable, mask_token_id: int, steps_per_block: in
     """Wrap a released-signature callback as a decoder step callback."""
 
     def callback(block_index: int, step: int, before: Tensor | None, logits: Tensor, after: Tensor) -> None:
+        # The released callback gets t as a Python float: a host sync per step, paid only with a callback.
         t = float((before == mask_token_id).float().mean())
+        # The released loop reported the untouched block once (logits=None) before its first step.
         if step == 0:
             fn(0, steps_per_block, before, t=t, logits=None, block_idx=block_index)
         fn(step, steps_per_block, before, t=t, logits=logits, block_idx=block_index)
@@ -49,8 +52,8 @@ class ReleasedGenerationMixin:
     and a `mask_token_id`."""
 
     def generate_mask_diffusion(self, input_ids: Tensor, max_new_tokens: int = 128, block_size: int = 16,
-                                steps_per_block: int = 16, mask_token_id: int = 3, temperature: float = 0.0,
-                                top_k: int | None = None, confidence_threshold: float = 0.9,
+                                steps_per_block: int = 16, mask_token_id: int = DEFAULT_MASK_TOKEN_ID,
+                                temperature: float = 0.0, top_k: int | None = None, confidence_threshold: float = 0.9,
                                 eos_token_id: int | Sequence[int] | None = None, step_callback: Callable | None = None,
                                 *, attention_mask: Tensor | None = None, generator: torch.Generator | None = None,
                                 top_p: float | None = None, return_dict: bool = False) -> Tensor | GenerationOutput:
@@ -59,11 +62,13 @@ class ReleasedGenerationMixin:
         mask_token_id must be the model's own (3 in the released model): a denoiser only knows the
         [MASK] id it was trained with, so another id is refused rather than silently misread.
         """
+        # The released signature takes the id as an argument; it can only agree with the model's.
         if mask_token_id != self.mask_token_id:
             raise ValueError(f"mask_token_id={mask_token_id!r} but this model's [MASK] id is {self.mask_token_id}; "
                              f"pass mask_token_id={self.mask_token_id}")
         decoder = MaskDiffusion(ConfidenceThreshold(confidence_threshold), block_size=block_size,
                                 steps_per_block=steps_per_block, temperature=temperature, top_k=top_k, top_p=top_p)
+        # The released callback signature differs from `StepCallback`; adapt it rather than change either.
         callback = None if step_callback is None else \
             released_step_callback(step_callback, self.mask_token_id, steps_per_block)
         out = self.generate(input_ids, attention_mask, decoder, max_new_tokens=max_new_tokens,

@@ -15,7 +15,7 @@ equals `Autoregressive` token for token (up to float rounding between a chunked 
 forward) and sampled output is distributed as AR sampling with the same temperature and filters.
 The denoiser only decides how many tokens an iteration yields (1 to n). Rows advance
 independently: a row that keeps fewer than another leaves masked-out holes in the shared cache
-(squeezed out by `HybridCache.compact` once they add up), and a finished row leaves the working
+(squeezed out by the cache's `Cache.compact` once they add up), and a finished row leaves the working
 batch. Host syncs: two per iteration (the new cache length in `accept`, the finished rows), plus
 the verify width with `draft_cut`. A one-step draft (the default) runs `draft_one_step`: the
 reference `denoise_block`'s tokens without its per-step bookkeeping and host syncs.
@@ -29,7 +29,8 @@ import torch
 from torch import Tensor
 
 from ..samplers import ConfidenceThreshold, Sampler
-from .base import DecodeCall, Decoder, Towers, check_int
+from ..validation import check_int
+from .base import DecodeCall, Decoder, Towers, length_limit
 from .diffusion import denoise_block
 from .logits import LogitsProcessor, TokenChooser
 from .state import DecodeState
@@ -38,6 +39,13 @@ from .tracker import RowTracker
 __all__ = ["Speculative", "draft_one_step"]
 
 _GREEDY = TokenChooser()
+
+
+def _room(state: DecodeState) -> int:
+    """Cache positions the context tower may still take before its sliding window (a large number
+    when its limit is max_position_embeddings, which no tower enforces: behaviour there is unchanged)."""
+    limit, name = length_limit(state.call.context)
+    return limit - state.cache.length if name == "sliding_window" else 1 << 62
 
 
 def draft_one_step(denoiser, cache, n: int, *, first: Tensor, shift: bool, mask_token_id: int, tracker: RowTracker,
@@ -177,9 +185,16 @@ class Speculative(Decoder):
                                                    capacity=T + call.max_new_tokens + call.block_size)
         state.carry["next"] = state.choose(logits[:, -1])  # (R,) the context tower's next token
 
+    def _width(self, state: DecodeState) -> int:
+        """Positions the next iteration drafts and verifies (before `_room` narrows it)."""
+        n_full = state.call.block_size
+        return n_full if len(state) == 1 or self.batch_block_size is None else min(n_full, self.batch_block_size)
+
     def draft(self, state: DecodeState) -> tuple[Tensor, Tensor | None]:
-        call, n_full = state.call, state.call.block_size
-        n = n_full if len(state) == 1 or self.batch_block_size is None else min(n_full, self.batch_block_size)
+        call = state.call
+        # Narrowed only where a whole block would run past a sliding window (where the towers refuse):
+        # a request that ends at the window then fits; everywhere else the width is unchanged.
+        n = min(self._width(state), _room(state))
         cut = self.draft_cut if (state.rows.greedy and self.draft_steps == 1) else 0.0
         den = state.den_cache()
         return self.draft_block(call.denoiser, den, n, first=state.carry["next"].to(den.device), shift=call.shifted,
@@ -202,8 +217,17 @@ class Speculative(Decoder):
         state.carry["next"] = ar.gather(1, (keep - 1)[:, None]).squeeze(1)
         state.commit(x, keep)
         state.drop_finished()  # later forwards only pay for the rows still running
-        if len(state) > 1:
+        if not len(state):
+            return
+        if _room(state) < self._width(state):
+            # Next to a sliding window, holes (from rows that left or kept less) would narrow the
+            # next block, or leave no room at all: squeeze out every one of them now.
+            gain = 1
+        elif len(state) > 1:
             # Rows keep different prefixes, so the others leave holes: squeeze them out once they
             # add up to a block and an eighth of the cache (bounds memory and attention width).
-            if state.cache.compact(min_gain=max(call.block_size, state.cache.length // 8)) > 0:
-                state.reshaped()
+            gain = max(call.block_size, state.cache.length // 8)
+        else:
+            return
+        if state.cache.compact(min_gain=gain) > 0:
+            state.reshaped()

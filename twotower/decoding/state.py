@@ -119,6 +119,7 @@ class TrackedRows(Rows):
         if count is not None:
             self.written = None
         elif self.written is not None:  # the tracker's no-sync path trusts the width: cut it to the cap here
+            # `written` is a host count, so the cut costs no device read.
             block = block[:, : max(self.tracker.max_new_tokens - self.written, 0)]
         done = self.tracker.commit(block.to(device), None if count is None else count.to(device), self.index)
         if self.written is not None:
@@ -131,6 +132,7 @@ class TrackedRows(Rows):
         if self.written is not None:
             return [max(self.tracker.max_new_tokens - self.written, 0)] * self.size
         rows = self.index if self.index is not None else slice(None)
+        # A host read: callers size their next block from it (one sync, for the whole batch).
         return (self.tracker.max_new_tokens - self.tracker.num_generated[rows]).clamp(min=0).tolist()
 
     def keep(self, idx: list[int]) -> None:
@@ -215,7 +217,7 @@ class DecodeState:
 
             x, = state.drop_finished(x)      # x (R, n) -> (R', n)
         """
-        if not bool(self.finished.any()):
+        if not bool(self.finished.any()):  # `finished` is on the host: no device read
             return tensors
         stay = (~self.finished).nonzero().squeeze(1)
         self.keep(stay.tolist())
@@ -224,7 +226,7 @@ class DecodeState:
     def den_cache(self, idx: list[int] | None = None):
         """The cache as the denoiser reads it, for rows `idx` (None = all): the context cache itself on
         one device; on two, a mirror on the denoiser's device, brought up to date incrementally
-        (`HybridCache.mirror_to`) and copied afresh after the batch changed shape or for a sub-batch."""
+        (`Cache.mirror_to`) and copied afresh after the batch changed shape or for a sub-batch."""
         call = self.call
         cache = self.cache if idx is None else self.cache.select(torch.tensor(idx, dtype=torch.long))
         if not call.use_mirror:
@@ -232,6 +234,8 @@ class DecodeState:
         if idx is not None:
             return cache.mirror_to(call.den_device)
         m = self._mirror
+        # A mirror is updated by appending new positions: a batch that changed, or a cache that shrank
+        # (provisional positions rejected), needs a fresh copy.
         if m is None or m.batch_size != cache.batch_size or m.length > cache.length:
             self._mirror = cache.mirror_to(call.den_device)
         else:
@@ -249,7 +253,7 @@ class DecodeState:
             return
         self.rows.keep(list(idx))
         self.finished = self.finished[torch.tensor(idx, dtype=torch.long)]
-        self._mirror = None
+        self._mirror = None  # its rows no longer line up with the cache's: the next den_cache copies afresh
         if not idx:
             self.cache, self.carry = None, {}
             return
@@ -261,7 +265,7 @@ class DecodeState:
     def join(self, other: "DecodeState") -> None:
         """Append `other`'s rows (started by a decoder of the same `batch_key`, on the same towers).
 
-        Caches of different lengths are joined by `HybridCache.concat` (left padding = absent keys:
+        Caches of different lengths are joined by the family cache's `concat` (left padding = absent keys:
         exact), so each row computes what it would alone."""
         if not len(self):
             self.rows, self.cache, self.carry, self.finished = other.rows, other.cache, other.carry, other.finished

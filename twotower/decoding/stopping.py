@@ -30,6 +30,7 @@ class StopStrings:
     """
 
     def __init__(self, decode: Callable[[list[int]], str], strings: Sequence[str]):
+        # One bare string is one stop string, not a sequence of one-character stops.
         if isinstance(strings, str):
             strings = [strings]
         bad = [s for s in strings if not isinstance(s, str)]
@@ -42,10 +43,13 @@ class StopStrings:
         return bool(self.strings)
 
     def __call__(self, tokens: Tensor, counts: Tensor) -> Tensor:
+        # The whole row is decoded each time, not the new tokens alone: a stop string may span a token
+        # boundary, and a token's text can depend on its neighbours (merged bytes, leading spaces).
         hit = [any(s in self.decode(row[:n].tolist()) for s in self.strings) for row, n in zip(tokens, counts.tolist())]
         return torch.tensor(hit, dtype=torch.bool)
 
     def truncate(self, text: str) -> str:
         """`text` up to (not including) the earliest stop string."""
+        # The earliest of all matches, not the first string's: stop strings may overlap in the text.
         cut = min((i for i in (text.find(s) for s in self.strings) if i >= 0), default=len(text))
         return text[:cut]

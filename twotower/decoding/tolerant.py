@@ -28,7 +28,7 @@ from collections.abc import Sequence
 from torch import Tensor
 
 from ..samplers import Sampler
-from ..samplers.base import check_float
+from ..validation import check_float
 from .logits import LogitsProcessor
 from .speculative import Speculative
 
@@ -61,7 +61,11 @@ class TolerantSpeculative(Speculative):
         return super().rule_key() + (self.tolerance,)
 
     def kept(self, logits: Tensor, ar: Tensor, x: Tensor) -> Tensor:
+        # float: a bf16 softmax could round a drafted token's share across the tolerance line.
         probs = logits[:, :-1].float().softmax(-1)  # (R, n - 1, V): the distributions of x[:, 1:]
         drafted = probs.gather(-1, x[:, 1:, None]).squeeze(-1)
+        # The exact match stays an alternative: every token `Speculative` keeps is kept, the tolerance
+        # only adds to that rule (with sampling the chosen token need not be the most likely one).
         passes = (x[:, 1:] == ar[:, :-1]) | (drafted >= self.tolerance * probs.amax(-1))
+        # cumprod: only the leading run of passes counts; + 1 for x[:, 0], the context tower's own token.
         return passes.long().cumprod(-1).sum(-1) + 1

@@ -63,6 +63,7 @@ class RowTracker:
         self.num_generated = torch.zeros(batch, dtype=torch.long, device=device)
         self.nfe = torch.zeros(batch, dtype=torch.long, device=device)
         self.finished = torch.zeros(batch, dtype=torch.bool, device=device)
+        # NaN = still running: the first commit that finishes a row writes its time, later ones keep it.
         self.seconds = torch.full((batch,), float("nan"), dtype=torch.float64)  # host
         self.eos, self.start, self.stop = eos, start, stop
         self._uniform = 0  # while every row has advanced alike with no EOS id: positions written
@@ -111,16 +112,19 @@ class RowTracker:
             self._uniform += n
             self.num_generated += n
             return None
+        # Once any row advances on its own, positions differ per row: the slice fast path is off for good.
         self._uniform = None
         j = torch.arange(n, device=block.device)
         finished = self.finished if rows is None else self.finished[rows]
         have = self.num_generated if rows is None else self.num_generated[rows]
         if count is None:
             count = torch.full_like(have, n)
+        # A finished row keeps nothing more; the others keep at most what their cap leaves.
         count = torch.where(finished, 0, count.minimum(self.max_new_tokens - have))
         if self.eos is not None:
             is_eos = torch.isin(block, self.eos) & (j < count[:, None])
             hit = is_eos.any(-1)
+            # argmax of a bool row is its first True: the first EOS, which is kept (+ 1) and ends the row.
             count = torch.where(hit, is_eos.long().argmax(-1) + 1, count)
             finished = finished | hit
         pos = torch.where(j < count[:, None], have[:, None] + j, self.max_new_tokens + j)  # dropped: spare columns
@@ -130,9 +134,11 @@ class RowTracker:
             self.tokens.scatter_(1, pos, block)
             self.num_generated, self.finished = have, finished
         else:
+            # Advanced indexing reads a copy: scatter into it, then write the rows back.
             self.tokens[rows] = self.tokens[rows].scatter_(1, pos, block)
             self.num_generated[rows] = have
             self.finished[rows] = finished
+        # The one host sync of a commit: loops drop finished rows, so they must know which on the host.
         done = finished.cpu()
         all_rows = torch.arange(done.shape[0]) if rows is None else rows.cpu()
         if self.stop is not None and not bool(done.all()):
@@ -151,6 +157,7 @@ class RowTracker:
 
     def output(self, input_ids: Tensor, blocks: int) -> GenerationOutput:
         """The result, on `input_ids`' device (reading the counts also waits for queued device work)."""
+        # new_tokens is as wide as the longest row; shorter rows are padded with pad_token_id.
         n = int(self.num_generated.max())
         total = time.perf_counter() - self.start
         self.seconds[self.seconds.isnan()] = total

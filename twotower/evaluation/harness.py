@@ -23,7 +23,7 @@ name registered with `decoding.register_decoder` | a Decoder class_path; thresho
 steps_per_block, draft_steps (the decoder's settings; threshold is diffusion's ConfidenceThreshold);
 dtype=float32 | bfloat16 | float16; device (default cuda:0 when CUDA is available, else cpu); batch_size; tokenizer=byte | a local
 Hugging Face tokenizer folder (default: the checkpoint's own, `tokenizers.tokenizer_for`); max_length
-(default the model's max_position_embeddings).
+(default the model's context: max_position_embeddings, or a shorter sliding window).
 """
 
 from __future__ import annotations
@@ -43,12 +43,12 @@ from ..decoding import build_decoder as registry_build_decoder
 from ..hub import resolve_model
 from ..prompting import encode_prompt
 from ..tokenizers import ByteTokenizer, HFTokenizer, Tokenizer, tokenizer_for
+from ..validation import parse_dtype
 
 __all__ = ["TwoTowerEvalLM", "build_decoder", "register", "default_device", "last_speed_line"]
 
 log = logging.getLogger(__name__)
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _last_speed: dict[str, str | None] = {"line": None}  # see last_speed_line
 
 
@@ -78,6 +78,8 @@ def default_device() -> str:
 
 
 def _positive_int(name: str, value) -> int:
+    """A model_args value as a positive int. Not `validation.check_int`: lm_eval hands model_args over
+    as strings ("batch_size=4"), so "4" and 4.0 are accepted here and converted."""
     try:
         out = int(value)
     except (TypeError, ValueError):
@@ -85,6 +87,14 @@ def _positive_int(name: str, value) -> int:
     if out < 1 or isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
         raise ValueError(f"{name} must be a positive integer, got {value!r}")
     return out
+
+
+def _dtype(dtype: str | None) -> torch.dtype | None:
+    """model_args dtype= -> the torch dtype, refused in the model_args style ("dtype='int4': ...")."""
+    try:
+        return None if dtype is None else parse_dtype("dtype", dtype)
+    except ValueError as e:
+        raise ValueError(f"dtype={dtype!r}: {e}") from None
 
 
 class TwoTowerEvalLM(TemplateLM):
@@ -111,15 +121,14 @@ class TwoTowerEvalLM(TemplateLM):
         if not (path / "config.json").is_file():
             raise ValueError(f"pretrained={pretrained!r}: no two-tower checkpoint there ({path / 'config.json'} is "
                              "missing); make one with `python -m twotower.cli convert` or `export`")
-        if dtype is not None and dtype not in DTYPES:
-            raise ValueError(f"dtype={dtype!r}: use one of {sorted(DTYPES)}")
+        torch_dtype = _dtype(dtype)
         self.settings = dict(threshold=threshold, block_size=block_size, steps_per_block=steps_per_block,
                              draft_steps=draft_steps)
         self.decoder_name = str(decoder)
         self.decoder = build_decoder(self.decoder_name, **self.settings)  # fails early on bad settings
         self.batch_size = _positive_int("batch_size", 1 if batch_size in (None, "") else batch_size)
         given = _tokenizer_choice(None if tokenizer is None else str(tokenizer))
-        self.model = TwoTowerLM.from_pretrained(path, dtype=None if dtype is None else DTYPES[dtype])
+        self.model = TwoTowerLM.from_pretrained(path, dtype=torch_dtype)
         self.model.eval().requires_grad_(False)
         self.tok = tokenizer_for(self.model, path, given)
         if device is None:
@@ -128,7 +137,7 @@ class TwoTowerEvalLM(TemplateLM):
             log.warning("device=%s but CUDA is not available: running on the CPU", device)
             device = "cpu"
         self.model.to(device)
-        limit = getattr(self.model.config, "max_position_embeddings", None) or 2048
+        limit = self.model.max_length or 2048  # the sliding window where it is shorter than the positions
         self.max_length = _positive_int("max_length", max_length) if max_length is not None else int(limit)
         self.stats = {"generated_tokens": 0, "forwards": 0, "seconds": 0.0, "requests": 0}
 

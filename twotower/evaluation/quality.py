@@ -15,6 +15,8 @@ import statistics
 import torch
 from torch import Tensor
 
+from ..validation import check_int
+
 __all__ = ["AGREEMENT_TOKENS", "agreement", "distinct_n", "continuation_nll", "token_match", "score_continuations"]
 
 AGREEMENT_TOKENS = 64  # agreement is scored over the first 64 generated tokens by default
@@ -50,8 +52,7 @@ def agreement(generated: Tensor, truth: Tensor, first: int = AGREEMENT_TOKENS) -
 def distinct_n(tokens: list[int] | Tensor, n: int) -> float:
     """Distinct n-grams / all n-grams of ONE sequence (1.0 = no n-gram repeats; nan when the
     sequence is shorter than n, where the ratio is undefined rather than perfect)."""
-    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-        raise ValueError(f"n must be an int >= 1, got {n!r}")
+    check_int("n", n)
     if isinstance(tokens, Tensor):
         if tokens.dim() != 1:
             raise ValueError(f"distinct_n scores one sequence, got a tensor of shape {tuple(tokens.shape)}; "
@@ -83,8 +84,7 @@ def continuation_nll(lm, prompts: Tensor, continuation: Tensor, *, attention_mas
                          "same number of rows, at least one prompt token and at least one continuation token")
     if attention_mask is not None and tuple(attention_mask.shape) != (B, T):
         raise ValueError(f"attention_mask has shape {tuple(attention_mask.shape)}, expected {(B, T)} like prompts")
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    check_int("batch_size", batch_size)
     out = []
     for i in range(0, B, batch_size):
         p, c = prompts[i: i + batch_size], continuation[i: i + batch_size].to(prompts.device)

@@ -34,7 +34,7 @@ import inspect
 import torch
 from torch import Tensor
 
-__all__ = ["Sampler", "commit_top_n", "check_float", "pace"]
+__all__ = ["Sampler", "commit_top_n", "pace"]
 
 
 def pace(masked: Tensor, step: int, steps_per_block: int) -> Tensor:
@@ -86,22 +86,6 @@ def commit_top_n(confidence: Tensor, masked: Tensor, n: Tensor | int) -> Tensor:
     count = torch.minimum(n.clamp(min=0), masked.sum(-1))
     return (rank < count[:, None]) & masked
 
-
-
-def check_float(name: str, value, *, low: float, high: float, low_open: bool = False, high_open: bool = False) -> float:
-    """Validate a sampler hyperparameter in an interval; returns it as a float.
-
-    Bools and non-numbers are rejected, and NaN fails every comparison, so it is rejected too.
-    The message names the parameter and the interval, e.g. "threshold must be in (0, 1], got 1.5".
-    """
-    interval = f"{'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise ValueError(f"{name} must be a float in {interval}, got {value!r}")
-    above = value > low if low_open else value >= low
-    below = value < high if high_open else value <= high
-    if not (above and below):
-        raise ValueError(f"{name} must be in {interval}, got {value}")
-    return float(value)
 
 class Sampler(abc.ABC):
     """A commit policy: which masked positions of a block to commit at one step.

@@ -16,7 +16,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from twotower.samplers.base import Sampler, check_float, commit_top_n, pace
+from twotower.samplers.base import Sampler, commit_top_n, pace
+from twotower.validation import check_float
 
 __all__ = ["ConfidenceThreshold"]
 

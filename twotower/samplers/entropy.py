@@ -23,7 +23,8 @@ import math
 import torch
 from torch import Tensor
 
-from twotower.samplers.base import Sampler, check_float, commit_top_n
+from twotower.samplers.base import Sampler, commit_top_n
+from twotower.validation import check_float
 
 __all__ = ["EntropyBounded", "token_entropy"]
 

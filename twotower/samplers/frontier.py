@@ -31,7 +31,8 @@ import math
 import torch
 from torch import Tensor
 
-from twotower.samplers.base import Sampler, check_float, pace
+from twotower.samplers.base import Sampler, pace
+from twotower.validation import check_float
 
 __all__ = ["FrontierRun"]
 

@@ -11,6 +11,7 @@ import torch
 from torch import Tensor
 
 from twotower.samplers.base import Sampler, commit_top_n
+from twotower.validation import check_int
 
 __all__ = ["TopKCommit"]
 
@@ -23,9 +24,7 @@ class TopKCommit(Sampler):
     """
 
     def __init__(self, k: int = 2) -> None:
-        if isinstance(k, bool) or not isinstance(k, int) or k < 1:
-            raise ValueError(f"k must be an int >= 1, got {k!r}")
-        self.k = k
+        self.k = check_int("k", k)
 
     def select(
         self,

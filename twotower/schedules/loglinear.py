@@ -12,6 +12,7 @@ import torch
 from torch import Tensor
 
 from twotower.schedules.base import NoiseSchedule, as_time
+from twotower.validation import check_float
 
 __all__ = ["LogLinearSchedule"]
 
@@ -24,9 +25,7 @@ class LogLinearSchedule(NoiseSchedule):
     """
 
     def __init__(self, eps: float = 1e-3) -> None:
-        if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not (0.0 <= eps < 1.0):
-            raise ValueError(f"eps must be a float in [0, 1), got {eps!r}")
-        self.eps = float(eps)
+        self.eps = check_float("eps", eps, low=0.0, high=1.0, high_open=True)
 
     def alpha(self, t: Tensor | float) -> Tensor:
         return 1.0 - (1.0 - self.eps) * as_time(t)

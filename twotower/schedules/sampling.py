@@ -22,6 +22,7 @@ import torch
 from torch import Tensor
 
 from twotower.schedules.base import NoiseSchedule
+from twotower.validation import check_float, check_int
 
 __all__ = ["TimeSampler", "UniformTime", "StratifiedTime", "AntitheticTime", "FullMaskMix", "mask_blocks"]
 
@@ -35,9 +36,7 @@ class TimeSampler(abc.ABC):
     """
 
     def __init__(self, eps: float = 1e-3) -> None:
-        if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not (0.0 <= eps < 1.0):
-            raise ValueError(f"eps must be a float in [0, 1), got {eps!r}")
-        self.eps = float(eps)
+        self.eps = check_float("eps", eps, low=0.0, high=1.0, high_open=True)
 
     def sample(
         self,
@@ -96,6 +95,7 @@ class StratifiedTime(TimeSampler):
 
     def _unit(self, n, *, generator, device):
         jitter = torch.rand(n, generator=generator, device=device, dtype=torch.float64)
+        # float64: with many strata, (i + U) / n in float32 could round into a neighbouring stratum.
         strata = (torch.arange(n, device=device, dtype=torch.float64) + jitter) / n
         perm = torch.randperm(n, generator=generator, device=device)
         return strata[perm]
@@ -133,9 +133,7 @@ class FullMaskMix(TimeSampler):
 
     def __init__(self, p_full: float = 0.5, base: TimeSampler | None = None, eps: float = 1e-3) -> None:
         super().__init__(eps)
-        if isinstance(p_full, bool) or not isinstance(p_full, (int, float)) or not 0.0 <= p_full <= 1.0:
-            raise ValueError(f"p_full must be a float in [0, 1], got {p_full!r}")
-        self.p_full = float(p_full)
+        self.p_full = check_float("p_full", p_full, low=0.0, high=1.0)
         self.base = base if base is not None else StratifiedTime(eps)
 
     def sample(self, shape, *, generator=None, device=None) -> Tensor:
@@ -188,8 +186,7 @@ def mask_blocks(
     """
     if x.dim() != 2:
         raise ValueError(f"x must be (B, L), got shape {tuple(x.shape)}")
-    if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1:
-        raise ValueError(f"block_size must be an int >= 1, got {block_size!r}")
+    check_int("block_size", block_size)
     B, L = x.shape
     if L % block_size != 0:
         raise ValueError(
@@ -209,6 +206,8 @@ def mask_blocks(
     # are a uniformly random subset of the block.
     keys = torch.rand((B, nB, S), generator=generator, device=x.device)
     rank = keys.argsort(dim=-1).argsort(dim=-1)  # (B, nB, S): 0 = smallest key
+    # At least one masked position per block, both ways: a block with none adds no loss, and its
+    # realised t of 0 would make the NELBO weight 1 / t infinite.
     if exact:
         count = torch.round(p * S).long().clamp(1, S)
         masked = rank < count[..., None]

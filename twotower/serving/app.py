@@ -42,7 +42,9 @@ from fastapi import FastAPI, Request  # module level: FastAPI resolves the handl
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from ..decoding import Towers
+from ..decoding.base import length_limit
 from ..tokenizers import tokenizer_for
+from ..validation import parse_dtype
 from .requests import RequestError, ServeSettings, parse_chat, parse_completion
 from .scheduler import Job, Scheduler
 
@@ -88,6 +90,7 @@ class Guard:
     path but OPEN_PATHS, checked in constant time (`hmac.compare_digest`); 401 otherwise."""
 
     def __init__(self, app, api_key: str):
+        # Bytes: ASGI headers arrive as bytes and are compared as they are, with no decoding step to fail.
         self.app, self.key = app, api_key.encode()
 
     async def __call__(self, scope, receive, send):
@@ -132,6 +135,8 @@ async def read_json_body(request: Request, limit: int) -> bytes:
     chunks, size = [], 0
     async for chunk in request.stream():
         size += len(chunk)
+        # Counted while reading: a client may lie in Content-Length or send none (chunked), and the
+        # limit must hold before the whole body sits in memory.
         if size > limit:
             raise BodyError(413, f"the body is more than {limit} bytes, the most this server takes (max_body_bytes)")
         chunks.append(chunk)
@@ -152,11 +157,7 @@ def load_model(settings: ServeSettings):
     """The two-tower model of `settings.model`, in eval mode on `settings.device`."""
     from ..model import TwoTowerLM
 
-    dtype = None
-    if settings.dtype is not None:
-        if settings.dtype not in ("float32", "bfloat16", "float16"):
-            raise ValueError(f"dtype must be float32, bfloat16 or float16, got {settings.dtype!r}")
-        dtype = getattr(torch, settings.dtype)
+    dtype = None if settings.dtype is None else parse_dtype("dtype", settings.dtype)
     model = TwoTowerLM.from_pretrained(settings.model, dtype=dtype).to(settings.device).eval().requires_grad_(False)
     if settings.denoiser_device is not None:
         model.place_towers_on_devices(settings.device, settings.denoiser_device)
@@ -177,7 +178,10 @@ def create_app(settings: ServeSettings, model=None, tokenizer=None, on_limit=Non
     if settings.denoiser_device is not None:  # explicit: the denoiser reads a mirror of the context cache
         towers.denoiser_device = settings.denoiser_device
     eos = [tokenizer.eos_token_id] if settings.stop_at_eos else []
-    limit = getattr(towers.context.config, "max_position_embeddings", None)
+    # The context tower's own limit (a sliding window may be shorter than max_position_embeddings), so a
+    # request past it is refused with a 400 before it takes a row, not failed mid-generation.
+    limit, limit_name = length_limit(towers.context)
+    # Twice a batch by default: with overlap on, two working batches of one setting can both be full.
     max_rows = settings.max_rows if settings.max_rows is not None else 2 * settings.max_batch
     scheduler = Scheduler(towers, max_batch=settings.max_batch, overlap=settings.overlap, max_rows=max_rows)
     # Requests are decoded and tokenized here, off the event loop; one thread, since tokenizers are not
@@ -235,7 +239,8 @@ def create_app(settings: ServeSettings, model=None, tokenizer=None, on_limit=Non
             body = json.loads(raw)
         except (ValueError, RecursionError) as e:  # bad JSON or UTF-8, too deep, an int of too many digits
             raise RequestError("body", f"the body is not valid JSON: {type(e).__name__}: {str(e):.200}") from None
-        return parse(body, settings, tokenizer, context_limit=limit, model_block_size=towers.block_size)
+        return parse(body, settings, tokenizer, context_limit=limit, model_block_size=towers.block_size,
+                     limit_name=limit_name)
 
     async def answer(request: Request, parse, shape: "CompletionShape"):
         """Read and validate the body (415 / 413 / 400), run the request as a `Job`, and answer in
@@ -260,10 +265,13 @@ def create_app(settings: ServeSettings, model=None, tokenizer=None, on_limit=Non
             job.cancel()
             events.put_nowait({"type": "gone"})
 
+        # Refused before submitting: the queue stays bounded, and 503 with Retry-After tells a client to
+        # back off rather than wait an unbounded time.
         if settings.max_waiting is not None and scheduler.stats()["waiting"] >= settings.max_waiting:
             return JSONResponse(error_body(f"the server is busy: {settings.max_waiting} requests are already waiting "
                                            "(max_waiting); retry later", kind="server_error", code="overloaded"),
                                 status_code=503, headers={"Retry-After": "1"})
+        # Started before submit: a client that leaves at once still frees its row.
         watcher = asyncio.create_task(wait_for_disconnect(request, gone))
         scheduler.submit(job)
         usage = lambda n: {"prompt_tokens": len(req.prompt_ids), "completion_tokens": n,  # noqa: E731

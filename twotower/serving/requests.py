@@ -68,7 +68,7 @@ class ServeSettings:
         max_steps_per_block: the most `steps_per_block` / `draft_steps` a request may ask for;
             None = the larger of the block-size limit and this server's own settings.
         max_tokens_limit: the most `max_tokens` a request may ask for (the prompt plus max_tokens
-            must also fit the model's context, max_position_embeddings).
+            must also fit the model's context: max_position_embeddings, or a shorter sliding window).
         max_rows: rows running at once over all working batches (requests with different decoder
             settings run in different batches); None = 2 * max_batch. Further requests wait.
         max_waiting: requests that may wait for a row; one more gets 503 (with Retry-After) at once;
@@ -266,6 +266,7 @@ def _number(body, name, default, low, high, low_open=False):
     v = body.get(name)
     if v is None:
         return default
+    # `not (low <= v)` rather than `v < low`: Python's json accepts NaN, and NaN fails every comparison.
     if isinstance(v, bool) or not isinstance(v, (int, float)) or not (low < v if low_open else low <= v) or v > high:
         lo = "(" if low_open else "["
         raise RequestError(name, f"{name} must be a number in {lo}{low}, {high}], got {v!r:.60}")
@@ -302,9 +303,10 @@ def _check_body(body, settings: ServeSettings, allowed: frozenset, other: frozen
 
 
 def parse_completion(body, settings: ServeSettings, tokenizer: Tokenizer, *, context_limit: int | None,
-                     model_block_size: int) -> CompletionRequest:
+                     model_block_size: int, limit_name: str = "max_position_embeddings") -> CompletionRequest:
     """Validate a decoded `/v1/completions` JSON body against the server's settings; raise RequestError
-    naming the field."""
+    naming the field. context_limit: the most positions a request may use (prompt + max_tokens), named
+    `limit_name` in messages (`decoding.length_limit`: max_position_embeddings or a sliding window)."""
     body = _check_body(body, settings, COMPLETION_FIELDS, CHAT_FIELDS, "/v1/chat/completions")
     prompt = body.get("prompt")
     if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
@@ -313,11 +315,12 @@ def parse_completion(body, settings: ServeSettings, tokenizer: Tokenizer, *, con
         raise RequestError("prompt", f"prompt must be a non-empty string, got {type(prompt).__name__} {prompt!r:.40}")
     lim = settings.limits(model_block_size)
     max_tokens = _int(body, "max_tokens", settings.max_tokens, 1, lim.max_tokens)
-    return _request(body, prompt, "prompt", "max_tokens", max_tokens, settings, lim, tokenizer, context_limit)
+    return _request(body, prompt, "prompt", "max_tokens", max_tokens, settings, lim, tokenizer, context_limit,
+                    limit_name)
 
 
 def parse_chat(body, settings: ServeSettings, tokenizer: Tokenizer, *, context_limit: int | None,
-               model_block_size: int) -> CompletionRequest:
+               model_block_size: int, limit_name: str = "max_position_embeddings") -> CompletionRequest:
     """Validate a decoded `/v1/chat/completions` JSON body: `messages` go through the model's chat
     template (`prompting.encode_prompt`); the other fields are those of a completion request
     (`max_completion_tokens`, OpenAI's newer name, wins over `max_tokens`)."""
@@ -331,11 +334,13 @@ def parse_chat(body, settings: ServeSettings, tokenizer: Tokenizer, *, context_l
     param = "max_tokens"
     if body.get("max_completion_tokens") is not None:
         param, max_tokens = "max_completion_tokens", _int(body, "max_completion_tokens", None, 1, lim.max_tokens)
-    return _request(body, messages, "messages", param, max_tokens, settings, lim, tokenizer, context_limit)
+    return _request(body, messages, "messages", param, max_tokens, settings, lim, tokenizer, context_limit,
+                    limit_name)
 
 
 def _request(body: dict, prompt: Prompt, param: str, tokens_param: str, max_tokens: int, settings: ServeSettings,
-             lim: Limits, tokenizer: Tokenizer, context_limit: int | None) -> CompletionRequest:
+             lim: Limits, tokenizer: Tokenizer, context_limit: int | None,
+             limit_name: str = "max_position_embeddings") -> CompletionRequest:
     """The fields every request shares (decoder and its settings, stop, seed, stream), and the prompt
     encoded by `prompting.encode_prompt` (errors name `param`, the prompt's field; `tokens_param`
     names the field max_tokens came from)."""
@@ -346,6 +351,7 @@ def _request(body: dict, prompt: Prompt, param: str, tokens_param: str, max_toke
         raise RequestError("decoder", f"decoder {name!r} cannot be served: {_not_servable(cls)}")
     minimum_block = cls.min_block_size
     default_block = min(settings.block_size or lim.block_size, lim.block_size)
+    # Bounded by the vocabulary: a larger k filters nothing, and an unbounded int would reach topk.
     top_k = _int(body, "top_k", 0, 0, max(1, getattr(tokenizer, "vocab_size", 1)))
     resolved = dict(
         temperature=_number(body, "temperature", settings.temperature, *TEMPERATURE),
@@ -356,6 +362,7 @@ def _request(body: dict, prompt: Prompt, param: str, tokens_param: str, max_toke
         draft_steps=_int(body, "draft_steps", settings.draft_steps, 1, lim.steps),
         steps_per_block=_int(body, "steps_per_block", settings.steps_per_block, 1, lim.steps),
     )
+    # top_p = 1 filters nothing: the same request as one without top_p.
     if resolved["top_p"] == 1.0:
         resolved["top_p"] = None
     stop = body.get("stop")
@@ -379,15 +386,16 @@ def _request(body: dict, prompt: Prompt, param: str, tokens_param: str, max_toke
     except Exception as e:  # noqa: BLE001 - e.g. chat messages without a chat template, text UTF-8 cannot encode
         raise RequestError(param, f"{param} cannot be encoded: {e}") from None
     if context_limit is not None:
+        # >=: a prompt that fills the context leaves no position to generate into.
         if len(ids) >= context_limit:
             raise RequestError(param, f"the prompt is {len(ids)} tokens; the model's context limit "
-                                      f"(max_position_embeddings) is {context_limit}: shorten the prompt")
+                                      f"({limit_name}) is {context_limit}: shorten the prompt")
         if len(ids) + max_tokens > context_limit:
             room = context_limit - len(ids)
             raise RequestError(tokens_param, f"{tokens_param} must be an integer in [1, {min(room, lim.max_tokens)}] "
                                              f"for this prompt: prompt ({len(ids)} tokens) + {tokens_param} "
-                                             f"({max_tokens}) exceeds the context limit {context_limit}; lower "
-                                             f"{tokens_param} to at most {room}")
+                                             f"({max_tokens}) exceeds the context limit ({limit_name}) "
+                                             f"{context_limit}; lower {tokens_param} to at most {room}")
     try:
         decoder = build_decoder(name, **resolved)
     except ValueError as e:  # a setting the decoder itself refuses

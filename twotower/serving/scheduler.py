@@ -32,6 +32,7 @@ import torch
 from ..decoding import StopStrings, Towers
 from .requests import CompletionRequest
 from .stepper import Stepper
+from ..validation import check_int
 
 __all__ = ["Job", "Scheduler"]
 
@@ -52,6 +53,8 @@ class Job:
         self.generator = request.generator()
         self.tokenizer, self.eos = tokenizer, frozenset(eos_ids)
         self.stop = StopStrings(tokenizer.decode, request.stop) if request.stop else None
+        # Streamed text holds back len(longest stop) - 1 characters: they may be the start of a stop
+        # string that the next token completes, and text already sent cannot be taken back.
         self.hold = max((len(s) for s in request.stop), default=1) - 1
         self.sink = sink
         self.tokens: list[int] = []
@@ -113,6 +116,7 @@ class Job:
 
     def _emit(self, text: str) -> None:
         done = self.finish_reason is not None
+        # U+FFFD at the end is a character whose bytes have not all arrived (byte-level tokens): wait for them.
         upto = len(text) if done else len(text.rstrip("\ufffd")) - self.hold
         if upto > self._sent:
             self._send({"type": "text", "text": text[self._sent: upto]})
@@ -149,10 +153,8 @@ class Scheduler:
 
     def __init__(self, towers: Towers, *, max_batch: int = 8, idle_wait: float = 0.05, overlap: bool | None = None,
                  max_rows: int | None = None):
-        if isinstance(max_batch, bool) or not isinstance(max_batch, int) or max_batch < 1:
-            raise ValueError(f"max_batch must be an int >= 1, got {max_batch!r}")
-        if max_rows is not None and (isinstance(max_rows, bool) or not isinstance(max_rows, int) or max_rows < 1):
-            raise ValueError(f"max_rows must be an int >= 1 or None, got {max_rows!r}")
+        check_int("max_batch", max_batch)
+        check_int("max_rows", max_rows, optional=True)
         self.max_rows = max_rows
         self.dropped = 0  # abandoned jobs removed (from a working batch or from the queue) before finishing
         if overlap is not None and not isinstance(overlap, bool):
@@ -205,6 +207,7 @@ class Scheduler:
     def _loop(self) -> None:
         with torch.inference_mode():
             while not self._stop.is_set():
+                # Block only when idle: with rows running, the loop must not wait for new requests.
                 self._take(block=not self.batches and not self.waiting)
                 self._admit()
                 rows = [j for b in self.batches.values() for j in b.jobs]
@@ -241,6 +244,8 @@ class Scheduler:
 
         pending = self._guarded(active[0], active[0].draft, failed)
         for i, batch in enumerate(active):
+            # Submitted before this batch's finish, so the next draft (denoiser device) runs beside it
+            # (context device); each batch's own draft still precedes its finish.
             future = self._pool.submit(draft, active[i + 1]) if i + 1 < len(active) else None
             if pending is not failed:
                 self._guarded(batch, lambda b=batch, d=pending: b.finish(d))
@@ -275,6 +280,7 @@ class Scheduler:
                 job.fail(f"cannot schedule this request: {e}")
                 continue
             if self.overlap:  # two groups per setting, so the towers have two batches to overlap
+                # The emptier group: the two batches stay balanced, so neither tower waits on a lopsided one.
                 key = min(((*key, g) for g in (0, 1)), key=lambda k: len(self.batches.get(k, ())))
             batch = self.batches.get(key)
             if batch is None:
@@ -316,6 +322,7 @@ def _two_devices(towers: Towers) -> bool:
     """Whether the context and the denoiser tower sit on different devices."""
     if towers.denoiser is None:
         return False
-    from ..decoding.base import device_of, same_device
+    from ..decoding.base import same_device
+    from ..validation import device_of
 
     return not same_device(device_of(towers.context), device_of(towers.denoiser))

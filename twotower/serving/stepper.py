@@ -38,6 +38,8 @@ class RowChoice:
         self.jobs = jobs
 
     def __call__(self, logits: Tensor, generator=None) -> Tensor:
+        # Greedy rows need no generator, so the batch takes one argmax; otherwise per-row calls keep each
+        # seeded request's draws what they would be alone.
         if all(j.decoder.chooser.greedy for j in self.jobs):
             return logits.argmax(-1)
         return torch.cat([j.decoder.chooser(logits[r: r + 1], j.generator) for r, j in enumerate(self.jobs)])
@@ -71,11 +73,13 @@ class JobRows(Rows):
 
     def count_forward(self, took_part: Tensor | None = None, idx: list[int] | None = None) -> None:
         jobs = self._of(idx)
+        # One host read for the whole batch; the counts are per job, on the host.
         part = [True] * len(jobs) if took_part is None else took_part.tolist()
         for j, p in zip(jobs, part):
             j.nfe += int(p)
 
     def commit(self, block: Tensor, count: Tensor | None = None) -> Tensor:
+        # The jobs' bookkeeping (stop strings, streaming) is host-side: one device read per commit.
         rows = block.tolist()
         counts = [len(r) for r in rows] if count is None else count.tolist()
         return torch.tensor([j.commit(r[:k]) for j, r, k in zip(self.jobs, rows, counts)], dtype=torch.bool)
@@ -122,6 +126,8 @@ class Stepper:
     def admit(self, jobs: list) -> None:
         """Start each job alone (its prompt prefilled as `generate` would) and join its row to the batch."""
         for job in jobs:
+            # Prefilled alone, unpadded: the row's cache is exactly what `generate` would build; `join`
+            # left-pads it to the batch, and padding is absent keys, so nothing changes numerically.
             ids = torch.tensor([job.prompt_ids], dtype=torch.long)
             call = job.decoder.prepare(self.towers, ids, max_new_tokens=job.max_tokens)
             started = self.decoder.begin(call, JobRows([job]))

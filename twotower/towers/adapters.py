@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .base import ContextTowerBase, DenoiserTowerBase, family_for
+from ..validation import check_int, check_positive
 
 __all__ = ["DenoiserBuilder", "FullCopy", "LoRA", "LoRALinear", "Borrowed", "builder_from_spec", "is_adapter"]
 
@@ -144,10 +145,8 @@ class LoRA(DenoiserBuilder):
     """
 
     def __init__(self, rank: int = 32, alpha: float = 32.0, targets: list[str] | tuple[str, ...] = LLAMA_PROJECTIONS):
-        if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
-            raise ValueError(f"LoRA rank must be an int >= 1, got {rank!r}")
-        if not isinstance(alpha, (int, float)) or isinstance(alpha, bool) or alpha <= 0:
-            raise ValueError(f"LoRA alpha must be a number > 0, got {alpha!r}")
+        check_int("LoRA rank", rank)
+        check_positive("LoRA alpha", alpha)
         if isinstance(targets, str) or not targets or not all(isinstance(t, str) for t in targets):
             raise ValueError(f"LoRA targets must be a non-empty list of projection names, got {targets!r}")
         self.rank, self.alpha, self.targets = rank, float(alpha), tuple(targets)

@@ -42,6 +42,7 @@ __all__ = ["SafetensorsFile", "TensorRef", "StackedRef", "read_header", "close_r
 _DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
            "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
            "BOOL": torch.bool}
+# The float8 dtypes only where this torch build has them: older builds can still read every other file.
 for _name, _attr in (("F8_E4M3", "float8_e4m3fn"), ("F8_E5M2", "float8_e5m2")):
     if hasattr(torch, _attr):
         _DTYPES[_name] = getattr(torch, _attr)
@@ -78,6 +79,8 @@ def read_header(file: Path) -> tuple[int, dict]:
             dtype, shape, (a, b) = _DTYPES[v["dtype"]], [int(s) for s in v["shape"]], v["data_offsets"]
         except (KeyError, TypeError, ValueError) as e:
             raise _truncated(file, f"bad header entry {k!r}: {v!r} ({e!r})") from e
+        # Every entry checked here, at open: a bad offset would otherwise surface as garbage weights (or
+        # a crash) only when that one tensor is read, possibly deep into a long load.
         if b - a != math.prod(shape) * dtype.itemsize or a < 0:
             raise _truncated(file, f"{k!r}: {b - a} bytes for shape {shape} of {v['dtype']}")
         end = max(end, b)
@@ -119,8 +122,10 @@ class SafetensorsFile:
             offset = ref.offset + a * ref.dtype.itemsize
             src = torch.frombuffer(mm, dtype=ref.dtype, count=b - a, offset=offset)
             flat[a:b].copy_(src)
-            del src
+            del src  # the view must go before its pages are dropped (and before the map may close)
             if _CAN_DROP:
+                # madvise takes page-aligned ranges: round the start down to the page holding it. Dropping
+                # the copied pages keeps resident memory at about one piece, however large the file.
                 start = offset // _PAGE * _PAGE
                 mm.madvise(mmap.MADV_DONTNEED, start, offset + (b - a) * ref.dtype.itemsize - start)
 

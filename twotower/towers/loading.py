@@ -35,6 +35,7 @@ from .checkpoints import (
     check_released_names,
 )
 from .lazy import SafetensorsFile, TensorRef, close_refs, load_ref
+from ..validation import parse_dtype
 
 __all__ = [
     "read_config",
@@ -221,11 +222,7 @@ def read_safetensors(path: str | os.PathLike) -> dict[str, Tensor]:
 def _as_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
     if dtype is None or isinstance(dtype, torch.dtype):
         return dtype
-    name = str(dtype).removeprefix("torch.")
-    resolved = getattr(torch, name, None)
-    if not isinstance(resolved, torch.dtype) or not resolved.is_floating_point:
-        raise ValueError(f"dtype must be a floating torch dtype such as 'bfloat16' or 'float32', got {dtype!r}")
-    return resolved
+    return parse_dtype("dtype", dtype, allowed=None)
 
 
 def target_dtype(key: str, t: Tensor, dtype: torch.dtype | None) -> torch.dtype:

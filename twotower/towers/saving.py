@@ -20,6 +20,7 @@ from torch import Tensor
 from transformers import PretrainedConfig
 
 from .checkpoints import backbone_to_hf_names, fuse_experts, unfuse_experts
+from ..validation import check_positive
 from .loading import (
     CONFIG_NAME,
     INDEX_NAME,
@@ -102,8 +103,8 @@ def save_state_dict(
     """
     if expert_layout not in ("fused", "per_expert"):
         raise ValueError(f"expert_layout must be 'fused' or 'per_expert', got {expert_layout!r}")
-    if max_shard_size is not None and max_shard_size <= 0:
-        raise ValueError(f"max_shard_size must be a positive number of bytes, got {max_shard_size}")
+    if max_shard_size is not None:
+        check_positive("max_shard_size", max_shard_size, unit="bytes")
     dtype = _as_dtype(dtype)
     for k, v in state.items():
         if not isinstance(v, Tensor):
@@ -128,6 +129,7 @@ def save_state_dict(
     for f in root.iterdir():
         if f.name in (SINGLE_WEIGHTS_NAME, INDEX_NAME) or _SHARD_RE.match(f.name):
             f.unlink()
+    # _encode_floats: JSON has no inf / NaN (e.g. NemotronH's time_step_limit); they are written as tagged objects.
     _write_atomic_json(root / CONFIG_NAME, _encode_floats(cfg))
 
     sizes = [(k, v.numel() * target_dtype(k, v, dtype).itemsize) for k, v in state.items()]
@@ -142,7 +144,7 @@ def save_state_dict(
         tmp = root / (name + ".tmp")
         # format=pt: older transformers versions refuse safetensors files without it.
         save_file(tensors, str(tmp), metadata={"format": "pt"})
-        os.replace(tmp, root / name)
+        os.replace(tmp, root / name)  # atomic: a crash never leaves a half-written file under the real name
     if len(shards) > 1:
         index = {
             "metadata": {"total_size": sum(s for _, s in sizes)},
