@@ -30,8 +30,8 @@ from torchmetrics import SumMetric
 
 from .objectives import HardLabelCE, PositionWeighting, TokenObjective, UniformPositions
 from .schedules import LinearSchedule, NoiseSchedule, TimeSampler, UniformTime, mask_blocks
-from .optim import adamw_with_schedule, attached_trainer, check_positive, warmup_cosine  # noqa: F401  (warmup_cosine: re-exported)
-from .pretraining import ARPretraining, init_weights, tiny_nemotron_config  # noqa: F401  (re-exported)
+from .optim import adamw_with_schedule, attached_trainer, check_positive
+from .pretraining import ARPretraining  # noqa: F401  (recipes name it twotower.training.ARPretraining)
 from .towers.checkpoints import CKPT_META_KEY, restore_frozen, training_checkpoint
 from .distributed import sample_seed
 from .hub import resolve_model

@@ -452,6 +452,3 @@ class HybridBackbone(nn.Module):
     @property
     def block_types(self) -> list[str]:
         return [blk.block_type for blk in self.layers]
-
-    def layer_indices(self, block_type: str) -> list[int]:
-        return [i for i, blk in enumerate(self.layers) if blk.block_type == block_type]
