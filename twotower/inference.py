@@ -22,6 +22,8 @@ import torch
 
 from .decoding import Decoder, MaskDiffusion, build_decoder
 from .hub import resolve_model
+from .model import TwoTowerLM
+from .quantization import check_quantize
 from .tokenizers import Tokenizer, tokenizer_for
 
 __all__ = ["GenerationModule", "checkpoint_fingerprint"]
@@ -84,9 +86,6 @@ class GenerationModule(L.LightningModule):
                  dtype: str | None = None, seed: int | None = 0, tokenizer: Tokenizer | None = None,
                  compile: bool = False, quantize: str | None = None):
         super().__init__()
-        from .model import TwoTowerLM
-        from .quantization import check_quantize
-
         if isinstance(decoder, str):  # a name of the one decoder registry (or a class_path), default settings
             decoder = build_decoder(decoder)
         if decoder is not None and not isinstance(decoder, Decoder):

@@ -26,6 +26,9 @@ import importlib.metadata
 from collections.abc import Iterable
 from types import ModuleType
 
+from .decoding import Decoder
+from .towers.base import TowerFamily, register_family
+
 __all__ = ["GROUPS", "PluginError", "load_plugins", "load_entry_points", "parse_plugin_names", "strip_plugins_option"]
 
 GROUPS = ("twotower.families", "twotower.decoders", "twotower.plugins")
@@ -138,15 +141,11 @@ def _register(group: str, name: str, obj) -> None:
 
 
 def _register_family(obj) -> None:
-    from .towers.base import TowerFamily, register_family
-
     if isinstance(obj, TowerFamily):
         register_family(obj)
 
 
 def _register_decoder(name: str, obj) -> None:
-    from .decoding import Decoder
-
     register = _decoder_registrar()
     if register is not None and isinstance(obj, type) and issubclass(obj, Decoder):
         register(name, obj)

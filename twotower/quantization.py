@@ -140,8 +140,6 @@ def quantize_model(model, mode: str = "int8"):
     the model plus one projection's int8 copy (and a small rounding buffer)."""
     if check_quantize(mode) is None:
         return model
-    from .towers.adapters import is_adapter
-
     if is_adapter(model.denoiser):
         # The context's projections would become int8 while the adapter denoiser kept calling the
         # full-precision originals it borrows: two different weights and no memory saved.

@@ -33,8 +33,9 @@ from .schedules import LinearSchedule, NoiseSchedule, TimeSampler, UniformTime, 
 from .optim import adamw_with_schedule, attached_trainer, check_positive
 from .pretraining import ARPretraining  # noqa: F401  (recipes name it twotower.training.ARPretraining)
 from .towers.checkpoints import CKPT_META_KEY, restore_frozen, training_checkpoint
-from .distributed import sample_seed
+from .distributed import apply_activation_checkpointing, sample_seed, shard_towers
 from .hub import resolve_model
+from .model import TwoTowerLM
 from .tokenizers import tokenizer_spec
 from .towers.adapters import DenoiserBuilder, FullCopy, builder_from_spec
 from .towers.base import ContextTowerBase, run_block
@@ -163,8 +164,6 @@ class DenoiserFineTuning(L.LightningModule):
     def configure_model(self) -> None:
         """Build the towers (once), then apply activation checkpointing and, under
         ModelParallelStrategy, FSDP2 (`twotower.distributed.shard_towers`)."""
-        from . import distributed
-
         h = self.hparams
         if "context" not in self._modules:
             context = ContextTowerBase.from_pretrained(h.backbone)
@@ -174,7 +173,7 @@ class DenoiserFineTuning(L.LightningModule):
             if h.init_from is not None:
                 self._init_denoiser(resolve_model(h.init_from, kind="init_from checkpoint"))
             if h.activation_checkpointing:
-                distributed.apply_activation_checkpointing(self.denoiser)
+                apply_activation_checkpointing(self.denoiser)
         mesh = self.device_mesh  # set by ModelParallelStrategy; None otherwise (and outside a Trainer)
         if mesh is not None and not self._sharded:
             names = mesh.mesh_dim_names or ()
@@ -183,7 +182,7 @@ class DenoiserFineTuning(L.LightningModule):
                                  "DenoiserFineTuning shards with FSDP2 only; set ModelParallelStrategy("
                                  "data_parallel_size=<devices x nodes>, tensor_parallel_size=1)")
             dp = mesh["data_parallel"] if "data_parallel" in names else mesh
-            distributed.shard_towers(self.context, self.denoiser, dp, context_sharding=h.context_sharding)
+            shard_towers(self.context, self.denoiser, dp, context_sharding=h.context_sharding)
             self._sharded = True
 
     def __getattr__(self, name: str):
@@ -201,8 +200,6 @@ class DenoiserFineTuning(L.LightningModule):
         return self
 
     def _init_denoiser(self, path: Path) -> None:
-        from .model import TwoTowerLM
-
         if not (path / "config.json").exists():
             raise FileNotFoundError(f"init_from checkpoint not found: {path / 'config.json'}")
         start = TwoTowerLM.from_pretrained(path)
