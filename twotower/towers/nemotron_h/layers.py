@@ -31,6 +31,8 @@ BLOCK_TYPES = (MAMBA, ATTENTION, MLP, MOE)
 def _activation(name: str):
     if name == "relu2":
         return lambda x: torch.square(F.relu(x))
+    # Deferred: transformers' modeling utilities take about a second to import, and only
+    # building a layer needs them.
     from transformers.activations import ACT2FN
 
     return ACT2FN[name]
