@@ -31,7 +31,8 @@ import torch.nn as nn
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
-from .decoding import Decoder, GenerationOutput, MaskDiffusion, ReleasedGenerationMixin, StepCallback
+from .decoding import (Decoder, GenerationOutput, MaskDiffusion, ReleasedGenerationMixin, StepCallback, TowerPair,
+                       Towers)
 from .hub import model_reference, resolve_model
 from .prompting import Prompt, encode_prompt
 from .quantization import check_quantize, int8_converter, quantize_model
@@ -68,7 +69,7 @@ def _check_block_size(block_size) -> int:
     return block_size
 
 
-class TwoTowerLM(ReleasedGenerationMixin, nn.Module):
+class TwoTowerLM(ReleasedGenerationMixin, TowerPair, nn.Module):
     """Two-tower block-diffusion LM. `config` is the transformers config shared by both towers; its
     `model_type` picks the tower family (`towers.base.family_for`: NemotronH, Llama, ...).
 
@@ -113,6 +114,11 @@ class TwoTowerLM(ReleasedGenerationMixin, nn.Module):
         # How the denoiser was made from the context tower (`towers.adapters`); FullCopy unless a
         # loader or `from_backbone(denoiser=...)` says otherwise.
         self.denoiser_builder: DenoiserBuilder = builder_from_spec(None)
+
+    def towers(self) -> Towers:
+        """The towers and decoding facts (mask id, `shifted`, block size) the decoders run on."""
+        return Towers(self.context, self.denoiser, mask_token_id=self.mask_token_id, shifted=self.shifted,
+                      block_size=self.block_size)
 
     @property
     def max_position_embeddings(self) -> int | None:

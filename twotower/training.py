@@ -166,10 +166,8 @@ class DenoiserFineTuning(L.LightningModule):
         ModelParallelStrategy, FSDP2 (`twotower.distributed.shard_towers`)."""
         h = self.hparams
         if "context" not in self._modules:
-            context = ContextTowerBase.from_pretrained(h.backbone)
-            context.requires_grad_(False).eval()
-            self.context = context
-            self.denoiser = self.builder.build(context, time_init=h.time_init, time=h.time_conditioning)
+            pair = self._build_pair(ContextTowerBase.from_pretrained(h.backbone))
+            self.context, self.denoiser = pair.context.eval(), pair.denoiser
             if h.init_from is not None:
                 self._init_denoiser(resolve_model(h.init_from, kind="init_from checkpoint"))
             if h.activation_checkpointing:
@@ -184,6 +182,15 @@ class DenoiserFineTuning(L.LightningModule):
             dp = mesh["data_parallel"] if "data_parallel" in names else mesh
             shard_towers(self.context, self.denoiser, dp, context_sharding=h.context_sharding)
             self._sharded = True
+
+    def _build_pair(self, context: ContextTowerBase) -> TwoTowerLM:
+        """The towers this run trains, made as every `TwoTowerLM` is (`from_backbone`: the builder's
+        denoiser, then the family's precision matching, e.g. NemotronH's float32 routers), so a
+        trained pair is the pair `export` and generation rebuild. The context comes frozen."""
+        h = self.hparams
+        return TwoTowerLM.from_backbone(context, block_size=h.block_size, mask_token_id=h.mask_token_id,
+                                        shifted=h.shifted, time_init=h.time_init, time=h.time_conditioning,
+                                        denoiser=self.builder)
 
     def __getattr__(self, name: str):
         # Outside a Trainer (tests, scripts) the towers appear on first use.
