@@ -361,7 +361,7 @@ def fresh_entry_points(monkeypatch):
     """No group loaded yet in this process, and a recorder in place of the decoder registry."""
     monkeypatch.setattr(plugins, "_LOADED_GROUPS", set())
     registered = []
-    monkeypatch.setattr(plugins, "_decoder_registrar", lambda: lambda name, cls: registered.append((name, cls)))
+    monkeypatch.setattr(plugins, "register_decoder", lambda name, cls: registered.append((name, cls)))
     return registered
 
 
