@@ -2,7 +2,7 @@
 
     PYTHONPATH=. python benchmarks/quantization_shapes.py [--config nano30b|h8b] [--json OUT]
 
-Builds both towers of each config on the meta device (`twotower.quantization.shape_only_model`:
+Builds both towers of each config on the meta device (`twotower.model.shape_only_model`:
 the model `from_pretrained(dtype=bfloat16, quantize="int8")` would build, quantized by the same
 `quantize_model` and plan), and prints the stored bytes per part in bf16 and int8 and the ratio,
 then what one GPU must hold for the two towers (weights; the load and forward transients are
@@ -25,13 +25,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from transformers import NemotronHConfig  # noqa: E402
 
+from twotower.model import shape_only_model  # noqa: E402
 from twotower.quantization import (  # noqa: E402
     PARTS,
     QUANT_CHUNK,
     Int8Experts,
     Int8Linear,
     bytes_by_part,
-    shape_only_model,
 )
 
 _COMMON = dict(vocab_size=131072, head_dim=128, mamba_head_dim=64, ssm_state_size=128, n_groups=8, conv_kernel=4,

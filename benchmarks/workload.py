@@ -82,9 +82,9 @@ def heldout_token_docs(smoke: bool, tokenizer) -> tuple[list[list[int]], str]:
 def smoke_model(tmp: Path):
     """(a tiny random TwoTowerLM over the byte vocabulary (260), the directory its backbone is saved in)."""
     from twotower.model import TwoTowerLM
+    from twotower.pretraining import init_weights, tiny_nemotron_config
     from twotower.towers.nemotron_h.context import ContextTower
     from twotower.towers.saving import save_backbone_hf
-    from twotower.training import init_weights, tiny_nemotron_config
 
     cfg = tiny_nemotron_config(pattern="M*-EM*E", vocab_size=260, hidden_size=32, num_attention_heads=4,
                                num_key_value_heads=2, head_dim=8, intermediate_size=48, mamba_num_heads=4,

@@ -239,9 +239,6 @@ def test_speculative_equals_autoregressive_through_the_model(hf_pair):
 
 # ---- layout: families are siblings, and nothing under towers/ reaches the model -------------------
 
-# The one deferred import allowed: checkpoints.py forwards `export_checkpoint` to twotower.export
-# until twotower/cli.py imports it from there (owned elsewhere); delete both lines together.
-FORWARDED = {("checkpoints.py", "twotower.export")}
 # A Llama-like family builds on Llama's towers; no other family imports a sibling.
 MAY_IMPORT = {"qwen2": {"llama"}, "mistral": {"llama"}}
 
@@ -277,8 +274,7 @@ def test_nothing_under_towers_imports_the_model_and_families_are_siblings():
         mods = imported_modules(file, package)
         for bad in ("twotower.model", "twotower.export"):
             hits = {m for m in mods if m == bad or m.startswith(bad + ".")}
-            if (str(rel), bad) not in FORWARDED:
-                assert not hits, f"towers/{rel} imports {sorted(hits)}: nothing under towers/ may import the model"
+            assert not hits, f"towers/{rel} imports {sorted(hits)}: nothing under towers/ may import the model"
         if len(rel.parts) > 1:  # a family's module
             family = rel.parts[0]
             siblings = {m.split(".")[2] for m in mods if m.startswith("twotower.towers.") and len(m.split(".")) > 3

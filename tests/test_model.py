@@ -185,3 +185,22 @@ def test_two_devices_equal_one_device():
     assert model.devices[1].type == "cuda"
     out = model.generate(ids, mask, max_new_tokens=12, eos_token_id=2)
     assert torch.equal(out.sequences, ref.sequences)
+
+
+def test_the_model_hands_decoders_its_towers_and_nothing_else_passes_as_a_pair():
+    """`TwoTowerLM.towers()` is the one place the pair and its decoding facts are assembled;
+    `Towers.of` takes a TowerPair, a Towers or a context tower, and names them when refused."""
+    from types import SimpleNamespace
+
+    from twotower.decoding import Towers
+
+    model = make_model(block_size=4)
+    model.shifted = True
+    towers = Towers.of(model)
+    assert (towers.context, towers.denoiser) == (model.context, model.denoiser)
+    assert (towers.mask_token_id, towers.shifted, towers.block_size) == (model.mask_token_id, True, 4)
+    assert Towers.of(towers) is towers
+    assert Towers.of(model.context).denoiser is None
+    look_alike = SimpleNamespace(context=model.context, denoiser=model.denoiser, mask_token_id=3, block_size=4)
+    with pytest.raises(ValueError, match=r"TowerPair.*Towers.*ContextTowerBase, got SimpleNamespace"):
+        Towers.of(look_alike)

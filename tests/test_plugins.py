@@ -36,7 +36,7 @@ from conftest import free_port, left_pad, make_context, random_prompts, save_tin
 from twotower import plugins
 from twotower.model import TwoTowerLM
 from twotower.time_embedding import TimeConditioning, sinusoidal_features
-from twotower.towers import base
+from twotower.towers import base, registry
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -162,7 +162,7 @@ def user(tmp_path_factory):
 @pytest.fixture
 def imported_user_package(user, monkeypatch):
     """`mypkg` imported in this process; the family registry and sys.modules are restored afterwards."""
-    monkeypatch.setattr(base, "_FAMILIES", dict(base._FAMILIES))
+    monkeypatch.setattr(registry, "_FAMILIES", dict(registry._FAMILIES))
     monkeypatch.syspath_prepend(str(user["pkg"]))
     yield __import__("mypkg")
     sys.modules.pop("mypkg", None)
@@ -377,12 +377,12 @@ def fresh_entry_points(monkeypatch):
     """No group loaded yet in this process, and a recorder in place of the decoder registry."""
     monkeypatch.setattr(plugins, "_LOADED_GROUPS", set())
     registered = []
-    monkeypatch.setattr(plugins, "_decoder_registrar", lambda: lambda name, cls: registered.append((name, cls)))
+    monkeypatch.setattr(plugins, "register_decoder", lambda name, cls: registered.append((name, cls)))
     return registered
 
 
 def test_entry_points_are_discovered_and_loaded_once(user, tmp_path, monkeypatch, fresh_entry_points):
-    monkeypatch.setattr(base, "_FAMILIES", dict(base._FAMILIES))
+    monkeypatch.setattr(registry, "_FAMILIES", dict(registry._FAMILIES))
     (tmp_path / "ep_hello.py").write_text("LOADS = []\nLOADS.append(1)\n")
     write_distribution(tmp_path, "mypkg_plugins", """
         [twotower.families]

@@ -1,4 +1,4 @@
-"""The shape-only int8 byte count (`quantization.shape_only_model`, benchmarks/quantization_shapes.py)
+"""The shape-only int8 byte count (`model.shape_only_model`, benchmarks/quantization_shapes.py)
 equals the bytes of real quantized models, and the realistic configs' figures."""
 
 from __future__ import annotations
@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from twotower.model import TwoTowerLM
-from twotower.quantization import PARTS, bytes_by_part, shape_only_model, stored_bytes
+from twotower.model import shape_only_model
+from twotower.quantization import PARTS, bytes_by_part, stored_bytes
 
 REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:  # benchmarks/ is a folder of the repository, not an installed package

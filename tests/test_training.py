@@ -39,6 +39,27 @@ def test_context_tower_frozen_and_bit_identical_after_fit(backbone_dir, code_cor
     assert any(k.startswith("time.") for k in changed) and any(k.startswith("backbone.") for k in changed)
 
 
+def test_training_builds_its_towers_as_twotowerlm_does(backbone_dir, monkeypatch):
+    """The trained pair comes from `TwoTowerLM.from_backbone`, so the family's precision matching
+    runs on it (NemotronH: the MoE routers re-copied at the context's precision), as for inference."""
+    from twotower.towers.nemotron_h.denoiser import DenoiserTower
+    from twotower.towers.nemotron_h.layers import MOE
+
+    seen = []
+    match = DenoiserTower.match_precision
+    monkeypatch.setattr(DenoiserTower, "match_precision", lambda self, context: (seen.append(context), match(self, context)))
+    module = DenoiserFineTuning(str(backbone_dir), block_size=8)
+    den, ctx = module.denoiser, module.context
+    assert len(seen) == 1 and seen[0] is ctx
+    routers = [(d.mixer.gate, c.mixer.gate) for d, c in zip(den.backbone.layers, ctx.backbone.layers) if d.block_type == MOE]
+    assert routers  # the tiny config has MoE blocks
+    for mine, theirs in routers:
+        for (k, a), b in zip(mine.state_dict().items(), theirs.state_dict().values()):
+            assert a.dtype == b.dtype == torch.float32 and torch.equal(a, b), k
+    assert not ctx.training and not any(p.requires_grad for p in ctx.parameters())
+    assert all(p.requires_grad for p in den.parameters())
+
+
 def test_loss_is_nelbo_weighted_and_metrics_consistent(backbone_dir):
     module = DenoiserFineTuning(str(backbone_dir), block_size=8)
     x = torch.randint(4, 260, (2, 32))

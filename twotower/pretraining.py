@@ -15,11 +15,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 from torchmetrics import MeanMetric
+from transformers import NemotronHConfig
 
 from .optim import adamw_with_schedule
 from .validation import check_positive
 from .towers.checkpoints import from_tower_names
 from .towers.nemotron_h.context import ContextTower
+from .towers.saving import save_backbone_hf
 
 
 def tiny_nemotron_config(*, pattern: str, vocab_size: int, hidden_size: int, num_attention_heads: int,
@@ -33,8 +35,6 @@ def tiny_nemotron_config(*, pattern: str, vocab_size: int, hidden_size: int, num
 
     `time_step_limit` clamps every Mamba-2 time step (`towers.nemotron_h.layers.dt_limit`); the default, (0, inf),
     is transformers' and mamba-ssm's: no clamp."""
-    from transformers import NemotronHConfig
-
     bad = set(pattern) - set("M*-E")
     if bad or not pattern:
         raise ValueError(f"pattern {pattern!r}: use the letters M (Mamba-2), * (attention), - (MLP), E (MoE)")
@@ -151,8 +151,6 @@ class ARPretraining(L.LightningModule):
 
     def save_backbone(self, path: str | Path) -> None:
         """Write the tower in transformers' NemotronH format (loadable by NemotronHForCausalLM)."""
-        from .towers.saving import save_backbone_hf
-
         state = {k: v.detach().cpu() for k, v in from_tower_names(self.tower.state_dict()).items()}
         save_backbone_hf(state, path, config=self.tower.config)
 

@@ -20,7 +20,7 @@ both kinds with one scheme and needs no extra dependency.
 The plan (`quantization_targets`) reads module types only, so it applies to a model on the meta
 device: `from_pretrained(quantize="int8")` swaps the int8 modules in before any weight is read and
 rounds each projection as it is read (`int8_converter`), so a device never holds the full-precision
-model; `shape_only_model` stops before reading and gives the exact stored bytes of any config
+model; `model.shape_only_model` stops before reading and gives the exact stored bytes of any config
 (benchmarks/quantization_shapes.py).
 
 A quantized model is for inference: `save_pretrained` refuses it (quantize when loading instead).
@@ -33,6 +33,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
+from .towers.adapters import is_adapter
 from .towers.nemotron_h.layers import Experts
 
 QUANTIZE_MODES = ("int8",)
@@ -122,7 +123,7 @@ def quantization_targets(model) -> list[tuple[str, nn.Module, str]]:
     """The plan: (qualified name, parent, attribute) of every projection to quantize, i.e. the Linears
     and fused experts inside the two towers' layer stacks (routers are not Linears; heads,
     embeddings and time modules lie outside the stacks). Reads only module types, so it is the
-    same on a model built on the meta device (`shape_only_model`) as on a loaded one."""
+    same on a model built on the meta device (`model.shape_only_model`) as on a loaded one."""
     found = []
     for tower_name, tower in (("context", model.context), ("denoiser", model.denoiser)):
         for parent_name, parent in tower.backbone.layers.named_modules(prefix=f"{tower_name}.backbone.layers"):
@@ -139,8 +140,6 @@ def quantize_model(model, mode: str = "int8"):
     the model plus one projection's int8 copy (and a small rounding buffer)."""
     if check_quantize(mode) is None:
         return model
-    from .towers.adapters import is_adapter
-
     if is_adapter(model.denoiser):
         # The context's projections would become int8 while the adapter denoiser kept calling the
         # full-precision originals it borrows: two different weights and no memory saved.
@@ -219,22 +218,3 @@ def bytes_by_part(model) -> dict[str, int]:
                 part = "other"
             parts[part] += t.numel() * t.element_size()
     return parts
-
-
-def shape_only_model(config, *, dtype: torch.dtype = torch.bfloat16, quantize: str | None = None, **model_kwargs):
-    """A TwoTowerLM of `config` on the meta device (no weight memory), every tensor in the dtype
-    `from_pretrained(dtype=dtype)` would load it in (`towers.loading.target_dtype`: routers stay
-    float32), then quantized by `quantize_model`: the same plan and modules as
-    `from_pretrained(..., dtype=dtype, quantize=quantize)`, so `stored_bytes` / `bytes_by_part`
-    of it are that model's, for any size (a 2 x 30 B model takes a second on a CPU)."""
-    from .model import TwoTowerLM
-    from .towers.loading import target_dtype
-
-    check_quantize(quantize)
-    with torch.device("meta"):
-        model = TwoTowerLM(config, **model_kwargs)
-        model.load_state_dict({k: t.to(target_dtype(k, t, dtype)) for k, t in model.state_dict().items()},
-                              strict=True, assign=True)
-    if quantize is not None:
-        quantize_model(model, quantize)
-    return model

@@ -16,10 +16,13 @@ from __future__ import annotations
 import abc
 import functools
 import importlib
+import json
 from collections.abc import Sequence
 from pathlib import Path
 
 import torch
+
+from .hub import builtin_name, resolve_model
 
 __all__ = ["Tokenizer", "ByteTokenizer", "HFTokenizer", "DEFAULT_MASK_TOKEN_ID", "load_tokenizer", "find_tokenizer",
            "check_tokenizer_fits", "save_tokenizer", "tokenizer_for", "tokenizer_spec", "tokenizer_from_spec",
@@ -214,8 +217,6 @@ class HFTokenizer(Tokenizer):
     def __init__(self, path: str, mask_token: str | None = None) -> None:
         directory = Path(path).expanduser()
         if not directory.exists():  # a built-in model's name ("smollm2-135m-backbone") stands for its folder
-            from .hub import builtin_name, resolve_model
-
             if builtin_name(path) is not None:
                 directory = resolve_model(path)
         if not directory.is_dir():
@@ -223,6 +224,7 @@ class HFTokenizer(Tokenizer):
                 f"tokenizer directory {str(path)!r} does not exist (HFTokenizer loads local "
                 "directories only; download the tokenizer first and pass its folder)"
             )
+        # Deferred: transformers is a heavy import that only an HF tokenizer needs (the byte tokenizer does not).
         from transformers import AutoTokenizer
 
         self.path = str(directory)
@@ -322,8 +324,6 @@ class HFTokenizer(Tokenizer):
 
 
 def _config_entry(path: Path) -> tuple[str | None, int | None]:
-    import json
-
     file = path / "config.json"
     if not file.is_file():
         return None, None

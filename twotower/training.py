@@ -30,12 +30,13 @@ from torchmetrics import SumMetric
 
 from .objectives import HardLabelCE, PositionWeighting, TokenObjective, UniformPositions
 from .schedules import LinearSchedule, NoiseSchedule, TimeSampler, UniformTime, mask_blocks
-from .optim import adamw_with_schedule, attached_trainer, warmup_cosine  # noqa: F401  (warmup_cosine: re-exported)
+from .optim import adamw_with_schedule, attached_trainer
+from .pretraining import ARPretraining  # noqa: F401  (recipes name it twotower.training.ARPretraining)
 from .validation import check_positive
-from .pretraining import ARPretraining, init_weights, tiny_nemotron_config  # noqa: F401  (re-exported)
 from .towers.checkpoints import CKPT_META_KEY, restore_frozen, training_checkpoint
-from .distributed import sample_seed
+from .distributed import apply_activation_checkpointing, sample_seed, shard_towers
 from .hub import resolve_model
+from .model import TwoTowerLM
 from .tokenizers import DEFAULT_MASK_TOKEN_ID, tokenizer_spec
 from .towers.adapters import DenoiserBuilder, FullCopy, builder_from_spec
 from .towers.base import ContextTowerBase, run_block
@@ -165,18 +166,14 @@ class DenoiserFineTuning(L.LightningModule):
     def configure_model(self) -> None:
         """Build the towers (once), then apply activation checkpointing and, under
         ModelParallelStrategy, FSDP2 (`twotower.distributed.shard_towers`)."""
-        from . import distributed
-
         h = self.hparams
         if "context" not in self._modules:
-            context = ContextTowerBase.from_pretrained(h.backbone)
-            context.requires_grad_(False).eval()
-            self.context = context
-            self.denoiser = self.builder.build(context, time_init=h.time_init, time=h.time_conditioning)
+            pair = self._build_pair(ContextTowerBase.from_pretrained(h.backbone))
+            self.context, self.denoiser = pair.context.eval(), pair.denoiser
             if h.init_from is not None:
                 self._init_denoiser(resolve_model(h.init_from, kind="init_from checkpoint"))
             if h.activation_checkpointing:
-                distributed.apply_activation_checkpointing(self.denoiser)
+                apply_activation_checkpointing(self.denoiser)
         mesh = self.device_mesh  # set by ModelParallelStrategy; None otherwise (and outside a Trainer)
         if mesh is not None and not self._sharded:
             names = mesh.mesh_dim_names or ()
@@ -185,8 +182,17 @@ class DenoiserFineTuning(L.LightningModule):
                                  "DenoiserFineTuning shards with FSDP2 only; set ModelParallelStrategy("
                                  "data_parallel_size=<devices x nodes>, tensor_parallel_size=1)")
             dp = mesh["data_parallel"] if "data_parallel" in names else mesh
-            distributed.shard_towers(self.context, self.denoiser, dp, context_sharding=h.context_sharding)
+            shard_towers(self.context, self.denoiser, dp, context_sharding=h.context_sharding)
             self._sharded = True
+
+    def _build_pair(self, context: ContextTowerBase) -> TwoTowerLM:
+        """The towers this run trains, made as every `TwoTowerLM` is (`from_backbone`: the builder's
+        denoiser, then the family's precision matching, e.g. NemotronH's float32 routers), so a
+        trained pair is the pair `export` and generation rebuild. The context comes frozen."""
+        h = self.hparams
+        return TwoTowerLM.from_backbone(context, block_size=h.block_size, mask_token_id=h.mask_token_id,
+                                        shifted=h.shifted, time_init=h.time_init, time=h.time_conditioning,
+                                        denoiser=self.builder)
 
     def __getattr__(self, name: str):
         # Outside a Trainer (tests, scripts) the towers appear on first use.
@@ -203,8 +209,6 @@ class DenoiserFineTuning(L.LightningModule):
         return self
 
     def _init_denoiser(self, path: Path) -> None:
-        from .model import TwoTowerLM
-
         if not (path / "config.json").exists():
             raise FileNotFoundError(f"init_from checkpoint not found: {path / 'config.json'}")
         start = TwoTowerLM.from_pretrained(path)

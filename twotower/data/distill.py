@@ -39,6 +39,7 @@ from pathlib import Path
 import lightning as L
 import torch
 from torch.utils.data import DataLoader, Dataset
+from tqdm.auto import tqdm
 
 from twotower.distributed import EpochShuffle
 from twotower.decoding import Autoregressive, Towers
@@ -180,8 +181,6 @@ def distill_rows(context: ContextTowerBase, real: torch.Tensor, prompt_len: torc
 
 
 def _progress(total: int, desc: str):
-    from tqdm.auto import tqdm
-
     return tqdm(total=total, desc=desc, unit="tok", unit_scale=True, file=sys.stderr, disable=None)
 
 

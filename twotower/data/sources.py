@@ -17,6 +17,7 @@ when files are listed in another order or a seed changes, and no document lands 
 
 from __future__ import annotations
 
+import ast
 import hashlib
 import json
 import os
@@ -71,8 +72,6 @@ def stdlib_source_files() -> list[Path]:
 
 def _docstrings(text: str) -> str:
     """Every docstring of a module (module, classes, functions), blank-line separated, in source order."""
-    import ast
-
     try:
         tree = ast.parse(text)
     except (SyntaxError, ValueError):  # a stdlib file of another Python version's grammar
@@ -150,7 +149,7 @@ def _text_file_documents(path: Path) -> Iterator[Document]:
 
 def _datasets_documents(path: Path, text_field: str) -> Iterator[Document]:
     try:
-        import datasets
+        import datasets  # optional, and heavy: only a `datasets` directory needs it
     except ImportError:
         raise ImportError(
             f"{str(path)!r} is a `datasets` directory, which needs the datasets library: pip install datasets"

@@ -70,10 +70,6 @@ class StreamingRows(IterableDataset):
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
-    @property
-    def split_name(self) -> str:
-        return "held-out" if self.heldout else "training"
-
     # -- the unsharded row stream
 
     def token_documents(self) -> Iterator[torch.Tensor]:

@@ -22,7 +22,7 @@ per decoder, `released.py` (the released model's method names and callback).
 """
 
 from .autoregressive import Autoregressive
-from .base import DecodeCall, Decoder, StepCallback, Towers
+from .base import DecodeCall, Decoder, StepCallback, TowerPair, Towers
 from .state import DecodeState, Rows, TrackedRows
 from .diffusion import MaskDiffusion, denoise_block
 from .logits import LogitsProcessor, TokenChooser, TopK, TopP
@@ -35,7 +35,8 @@ from .tolerant import TolerantSpeculative
 from .tracker import GenerationOutput, RowTracker
 
 __all__ = [
-    "Decoder", "DecodeCall", "DecodeState", "Rows", "TrackedRows", "Towers", "StepCallback", "GenerationOutput",
+    "Decoder", "DecodeCall", "DecodeState", "Rows", "TrackedRows", "Towers", "TowerPair", "StepCallback",
+    "GenerationOutput",
     "RowTracker",
     "MaskDiffusion", "Speculative", "TolerantSpeculative", "MockAR", "Autoregressive", "denoise_block",
     "draft_one_step",

@@ -6,8 +6,9 @@ so a recipe can pick one by `class_path`, and is called with the per-call things
     out = decoder.generate(model, input_ids, attention_mask, max_new_tokens=64,
                            eos_token_id=2, generator=g, step_callback=cb)   # -> GenerationOutput
 
-`model` is a `TwoTowerLM`, a `Towers` (the two towers and the token ids they need), or, for
-decoders that use the context tower alone, a bare context tower. `Decoder.generate` checks every
+`model` is a `TwoTowerLM` (any `TowerPair`, which hands out its `Towers`), a `Towers` (the two
+towers and the token ids they need), or, for decoders that use the context tower alone, a bare
+context tower (`Towers.of`). `Decoder.generate` checks every
 argument once (prompt shape, left padding, lengths against the model's limit, EOS / pad ids,
 devices), runs the decoder under `torch.inference_mode`, and checks what it returned, so a decoder
 written in research code gets the same guarantees as the built-in ones.
@@ -66,6 +67,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
+from ..towers.base import ContextTowerBase
 from .logits import LogitsProcessor, TokenChooser
 from .stopping import StopCriterion
 from .state import DecodeState, Rows, TrackedRows
@@ -139,17 +141,30 @@ class Towers:
     denoiser_device: object = None
 
     @classmethod
-    def of(cls, model) -> "Towers":
-        """A `Towers` from a TwoTowerLM (anything with .context and .denoiser), a Towers, or a context tower."""
+    def of(cls, model: "Towers | TowerPair | ContextTowerBase") -> "Towers":
+        """The towers a decoder runs on: a `Towers` as it is, a `TowerPair` (a `TwoTowerLM`) through its
+        `towers()`, or a context tower alone (for the decoders that need no denoiser)."""
         if isinstance(model, Towers):
             return model
-        if hasattr(model, "context") and hasattr(model, "denoiser"):
-            return cls(model.context, model.denoiser, mask_token_id=model.mask_token_id,
-                       shifted=bool(getattr(model, "shifted", False)), block_size=model.block_size)
-        if hasattr(model, "prefill") and hasattr(model, "extend"):
+        if isinstance(model, TowerPair):
+            return model.towers()
+        if isinstance(model, ContextTowerBase):
             return cls(model)
-        raise ValueError(f"a decoder runs on a TwoTowerLM, a twotower.decoding.Towers or a context tower, "
-                         f"got {type(model).__name__}")
+        raise ValueError(f"a decoder runs on a TwoTowerLM (any twotower.decoding.TowerPair), a "
+                         f"twotower.decoding.Towers or a twotower.towers.base.ContextTowerBase, got "
+                         f"{type(model).__name__}; wrap your towers as Towers(context, denoiser, ...)")
+
+
+class TowerPair(abc.ABC):
+    """A model holding both towers, which a decoder runs on through `towers()` (`TwoTowerLM` is one).
+
+    The pair's decoding facts (mask id, `shifted`, default block size) live in one place, the
+    model; `towers()` hands them over with the towers themselves, so no caller assembles them.
+    """
+
+    @abc.abstractmethod
+    def towers(self) -> Towers:
+        """This model's towers and decoding facts, as the decoders take them."""
 
 
 @dataclass

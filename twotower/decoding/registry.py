@@ -22,6 +22,7 @@ from __future__ import annotations
 import importlib
 import inspect
 
+from ..samplers import ConfidenceThreshold
 from .autoregressive import Autoregressive
 from .base import Decoder
 from .diffusion import MaskDiffusion
@@ -89,8 +90,6 @@ _SAMPLING = frozenset({"temperature", "top_k", "top_p"})
 
 def build_decoder(name: str, *, strict: bool = True, threshold: float | None = None, **settings) -> Decoder:
     """The decoder `name` built from flat settings (None values are left out)."""
-    from ..samplers import ConfidenceThreshold
-
     cls = decoder_class(name)
     params = inspect.signature(cls.__init__).parameters
     # None means "not set" in flat settings (CLI flags, lm_eval model_args): the class default applies.

@@ -14,14 +14,15 @@ from __future__ import annotations
 
 import sys
 
+from ..cli import load_cli_plugins
+
 
 def main() -> None:
     try:
         from lm_eval.__main__ import cli_evaluate
     except ImportError as e:  # the optional extra is missing
         sys.exit(f"twotower-eval needs lm-evaluation-harness: pip install -e \".[eval]\" ({e})")
-    from ..cli import load_cli_plugins
-    from .harness import default_device, last_speed_line, register
+    from .harness import default_device, last_speed_line, register  # imports lm_eval, checked just above
 
     # Plug-ins first, so a family or decoder of the user's package is known when lm_eval builds the model.
     sys.argv[1:] = load_cli_plugins(sys.argv[1:])

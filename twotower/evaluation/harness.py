@@ -35,12 +35,14 @@ from pathlib import Path
 
 import torch
 from lm_eval.api.model import TemplateLM
+from lm_eval.api.registry import model_registry
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 from tqdm import tqdm
 
 from ..decoding import Decoder, StopStrings
 from ..decoding import build_decoder as registry_build_decoder
 from ..hub import resolve_model
+from ..model import TwoTowerLM
 from ..prompting import encode_prompt
 from ..tokenizers import ByteTokenizer, HFTokenizer, Tokenizer, tokenizer_for
 from ..validation import parse_dtype
@@ -106,8 +108,6 @@ class TwoTowerEvalLM(TemplateLM):
                  tokenizer: str | None = None, max_length: int | None = None, max_batch_size: int | None = None,
                  **unknown):
         super().__init__()
-        from ..model import TwoTowerLM
-
         if unknown:
             raise ValueError(f"unknown model_args {sorted(unknown)} for --model twotower; it takes pretrained, decoder, "
                              "threshold, block_size, steps_per_block, draft_steps, dtype, device, batch_size, "
@@ -311,7 +311,5 @@ def last_speed_line() -> str | None:
 
 def register() -> None:
     """Register `twotower` with the installed lm_eval (harnesses that read no entry points)."""
-    from lm_eval.api.registry import model_registry
-
     if "twotower" not in model_registry:
         model_registry.register("twotower")(TwoTowerEvalLM)

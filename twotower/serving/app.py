@@ -37,12 +37,13 @@ import uuid
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 
-import torch
 from fastapi import FastAPI, Request  # module level: FastAPI resolves the handlers' annotations here
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from ..decoding import Towers
 from ..decoding.base import length_limit
+from ..model import TwoTowerLM
 from ..tokenizers import tokenizer_for
 from ..validation import parse_dtype
 from .requests import RequestError, ServeSettings, parse_chat, parse_completion
@@ -155,8 +156,6 @@ async def wait_for_disconnect(request: Request, on_disconnect) -> None:
 
 def load_model(settings: ServeSettings):
     """The two-tower model of `settings.model`, in eval mode on `settings.device`."""
-    from ..model import TwoTowerLM
-
     dtype = None if settings.dtype is None else parse_dtype("dtype", settings.dtype)
     model = TwoTowerLM.from_pretrained(settings.model, dtype=dtype).to(settings.device).eval().requires_grad_(False)
     if settings.denoiser_device is not None:
@@ -205,8 +204,6 @@ def create_app(settings: ServeSettings, model=None, tokenizer=None, on_limit=Non
     if key is not None:
         app.add_middleware(Guard, api_key=key)
     if settings.cors_origins:  # added last: the outermost layer, so preflights and 401s get CORS headers
-        from fastapi.middleware.cors import CORSMiddleware
-
         app.add_middleware(CORSMiddleware, allow_origins=list(settings.cors_origins), allow_methods=["GET", "POST"],
                            allow_headers=["Authorization", "Content-Type"])
     app.state.scheduler, app.state.model, app.state.tokenizer = scheduler, model, tokenizer
@@ -381,7 +378,7 @@ class ChatShape(CompletionShape):
 
 def serve(settings: ServeSettings, model=None, tokenizer=None) -> None:
     """Run the server in this thread until stopped (Ctrl-C) or `settings.max_requests` are answered."""
-    import uvicorn
+    import uvicorn  # only running the server needs it: create_app alone serves tests and embedding apps
 
     server: uvicorn.Server | None = None
 
@@ -401,7 +398,7 @@ def serve(settings: ServeSettings, model=None, tokenizer=None) -> None:
 
 def settings_parser():
     """jsonargparse parser: --config recipes/serve.yaml plus every ServeSettings field as a flag."""
-    from jsonargparse import ActionConfigFile, ArgumentParser
+    from jsonargparse import ActionConfigFile, ArgumentParser  # the serve command's parser only
 
     p = ArgumentParser(prog="python -m twotower.cli serve", description="OpenAI-compatible twotower server")
     p.add_argument("--config", action=ActionConfigFile, help="a YAML file of ServeSettings (recipes/serve.yaml)")

@@ -24,6 +24,7 @@ computes exactly the AR layers, as a fresh full copy does.
 from __future__ import annotations
 
 import abc
+import importlib
 import math
 
 import torch
@@ -31,6 +32,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
+from ..time_embedding import build_time_conditioning
 from .base import ContextTowerBase, DenoiserTowerBase, family_for
 from ..validation import check_int, check_positive
 
@@ -155,8 +157,6 @@ class LoRA(DenoiserBuilder):
         return {"rank": self.rank, "alpha": self.alpha, "targets": list(self.targets)}
 
     def build(self, context, *, time_init="identity", time=None, device=None):
-        from ..time_embedding import build_time_conditioning
-
         p = next(context.parameters())
         if device is not None and torch.device(device) != p.device:
             raise ValueError(f"a LoRA denoiser borrows the context tower's weights, which are on {p.device}; "
@@ -226,8 +226,6 @@ def builder_from_spec(spec: dict | DenoiserBuilder | None) -> DenoiserBuilder:
         return FullCopy()
     if isinstance(spec, DenoiserBuilder):
         return spec
-    import importlib
-
     path = spec.get("class_path", "") if isinstance(spec, dict) else ""
     module, _, name = path.rpartition(".")
     try:

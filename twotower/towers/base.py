@@ -10,29 +10,34 @@ Each family is a subpackage of `twotower/towers/` (`nemotron_h/`, `llama/`, `qwe
 Shapes: B batch, T cached (context) length, n appended tokens, S block size, L = nB * S training
 length, V vocabulary, H hidden size.
 
-The registry maps transformers' `config.model_type` to the family's classes. It is filled by each
-family's module on import (`twotower.towers` imports every built-in family), and it is the only
-place that turns a model type into classes: loading, conversion and training ask
-`family_for(config)` instead of testing strings.
+The registry (`registry.py`) maps transformers' `config.model_type` to the family's classes; each
+family's module fills it on import through `register_family` (`twotower.towers` imports every
+built-in family). `TowerFamily`, `family_for` and `registered_families` are this module's public
+names too, as every family's `__init__` and plug-in uses them.
 """
 
 from __future__ import annotations
 
 import abc
 import os
-from dataclasses import dataclass
-from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 import torch.nn as nn
 from torch import Tensor
 
-from ..caches import Cache
+from ..cache_base import Cache
+from ..hub import resolve_model
+from ..time_embedding import build_time_conditioning
+from . import registry
+from .checkpoints import check_keys, check_shapes, to_tower_names
 from .common import check_ids, validity
+from .lazy import close_refs
+from .loading import backbone_refs, materialize
+from .registry import TowerFamily, family_for, registered_families
 
 __all__ = ["ContextTowerBase", "DenoiserTowerBase", "TowerFamily", "register_family", "family_for",
-           "registered_families", "load_context_tower"]
+           "registered_families"]
 
 
 # The attribute a training engine sets on a block (or a tower) to wrap its training forward.
@@ -190,10 +195,6 @@ class ContextTowerBase(nn.Module, abc.ABC):
         (`loading.materialize`): peak memory is the tower plus one tensor. dtype=None gives the
         modules' default dtype (float32); routers stay float32 in any dtype.
         """
-        from ..hub import resolve_model
-        from .lazy import close_refs
-        from .loading import backbone_refs
-
         path = resolve_model(path, kind="backbone checkpoint")
         config, refs = backbone_refs(path)
         try:
@@ -213,9 +214,6 @@ class ContextTowerBase(nn.Module, abc.ABC):
         """Load a flat backbone state dict (backbone names + `lm_head.weight`; tensors or lazy
         references), checking keys and shapes. A tower on the meta device adopts the weights,
         read into `dtype` (None: the modules' own) on `device`."""
-        from .checkpoints import check_keys, check_shapes, to_tower_names
-        from .loading import materialize
-
         mapped = to_tower_names(state)
         own = self.state_dict()
         check_keys(mapped, own.keys(), where=where)
@@ -297,8 +295,6 @@ class DenoiserTowerBase(nn.Module, abc.ABC):
         weights, are built for real (on CPU, with the seeded init, then moved), in the dtype of the
         context's first parameter.
         """
-        from ..time_embedding import build_time_conditioning
-
         p = next(context.parameters())
         device = p.device if device is None else torch.device(device)
         with torch.device("meta"):
@@ -308,42 +304,9 @@ class DenoiserTowerBase(nn.Module, abc.ABC):
                  for k, v in real_time.state_dict().items()}
         with torch.no_grad():
             state.update({k: v.detach().to(device, copy=True) for k, v in context.state_dict().items()})
-        from .checkpoints import check_keys
-
         check_keys(state, den.state_dict().keys(), where=f"{cls.__name__}.copy_of_context")
         den.load_state_dict(state, strict=True, assign=True)
         return den
-
-
-@dataclass(frozen=True)
-class TowerFamily:
-    """One backbone architecture's classes and checkpoint facts.
-
-    model_type: transformers' `config.model_type`; config_class: its config class;
-    embed_key: the backbone name of the input embeddings (what a tied head copies);
-    hf_architecture: the transformers class name written into an AR config.json;
-    raw_config_check: called with a config.json dict before it is parsed, to raise a ValueError
-    naming what a file of this family lacks (None: transformers' own validation only);
-    float32_suffixes: weight names (by suffix) loaded and saved in float32 whatever the dtype asked
-    for, as transformers keeps them.
-    """
-
-    model_type: str
-    config_class: type
-    context: type
-    denoiser: type
-    embed_key: str
-    hf_architecture: str
-    raw_config_check: Callable[[dict], None] | None = None
-    float32_suffixes: tuple[str, ...] = ()
-
-    def check_raw_config(self, raw: dict) -> None:
-        """Raise ValueError if a config.json dict cannot be this family's (see `raw_config_check`)."""
-        if self.raw_config_check is not None:
-            self.raw_config_check(raw)
-
-
-_FAMILIES: dict[str, TowerFamily] = {}
 
 
 def register_family(family: TowerFamily) -> TowerFamily:
@@ -351,27 +314,5 @@ def register_family(family: TowerFamily) -> TowerFamily:
     for cls, base in ((family.context, ContextTowerBase), (family.denoiser, DenoiserTowerBase)):
         if not (isinstance(cls, type) and issubclass(cls, base)):
             raise TypeError(f"family {family.model_type!r}: {cls!r} must subclass {base.__name__}")
-    _FAMILIES[family.model_type] = family
+    registry.add(family)
     return family
-
-
-def registered_families() -> dict[str, TowerFamily]:
-    """model_type -> family, every family registered so far (all built-in ones once `twotower.towers` is imported)."""
-    import twotower.towers  # noqa: F401  (registers the built-in families)
-
-    return dict(_FAMILIES)
-
-
-def family_for(config_or_type) -> TowerFamily:
-    """The family of a config (or a model_type string); an unknown type names the registered ones."""
-    families = registered_families()
-    model_type = config_or_type if isinstance(config_or_type, str) else getattr(config_or_type, "model_type", None)
-    if model_type not in families:
-        raise ValueError(f"no tower family is registered for model_type {model_type!r}; registered: "
-                         f"{sorted(families)} (a new family calls twotower.towers.base.register_family)")
-    return families[model_type]
-
-
-def load_context_tower(path: str | os.PathLike | Path, **kwargs) -> ContextTowerBase:
-    """The context tower of whatever family the AR checkpoint at `path` is."""
-    return ContextTowerBase.from_pretrained(path, **kwargs)

@@ -37,6 +37,8 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from ..hub import model_reference
+
 __all__ = [
     "CheckpointKeyError",
     "AR_PREFIXES",
@@ -364,8 +366,6 @@ def training_checkpoint(state_dict: Mapping[str, Tensor], *, context_source: str
     `export_checkpoint` writes beside the weights.
     """
     trainable = {k: v for k, v in state_dict.items() if not k.startswith(_FROZEN)}
-    from ..hub import model_reference
-
     meta = {"context_source": model_reference(context_source), "block_size": block_size,
             "mask_token_id": mask_token_id, "shifted": shifted, "time_conditioning": time_conditioning,
             "denoiser": denoiser, "tokenizer": tokenizer}
@@ -378,12 +378,3 @@ def restore_frozen(state_dict: dict[str, Tensor], context_state: Mapping[str, Te
     for k, v in context_state.items():
         state_dict.setdefault(_FROZEN + k, v)
 
-
-def __getattr__(name: str):
-    # `export_checkpoint` moved to `twotower.export` (it builds a TwoTowerLM, and nothing under
-    # towers/ may import the model). Forwarded only until twotower/cli.py imports it from there.
-    if name == "export_checkpoint":
-        import importlib
-
-        return importlib.import_module("twotower.export").export_checkpoint
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -36,6 +36,7 @@ from .checkpoints import (
 )
 from .lazy import SafetensorsFile, TensorRef, close_refs, load_ref
 from ..validation import parse_dtype
+from .registry import family_for, registered_families
 
 __all__ = [
     "read_config",
@@ -47,8 +48,6 @@ __all__ = [
     "target_dtype",
     "load_backbone_state_dict",
     "load_two_tower_state_dict",
-    "save_state_dict",
-    "save_backbone_hf",
 ]
 
 CONFIG_NAME = "config.json"
@@ -101,8 +100,6 @@ def read_config(path: str | os.PathLike) -> tuple[PretrainedConfig, dict]:
     transformers' encoded infinities decoded. A file without ``model_type`` is refused: the
     family is never guessed.
     """
-    from .base import family_for, registered_families
-
     path = _checkpoint_dir(path)
     file = path if path.is_file() else path / CONFIG_NAME
     if not file.is_file():
@@ -134,8 +131,6 @@ def read_config(path: str | os.PathLike) -> tuple[PretrainedConfig, dict]:
 
 
 def _embed_key(config) -> str:
-    from .base import family_for
-
     return family_for(config).embed_key
 
 
@@ -237,8 +232,6 @@ def target_dtype(key: str, t: Tensor, dtype: torch.dtype | None) -> torch.dtype:
 def _float32_suffixes() -> tuple[str, ...]:
     # Every registered family's: the keys are not tied to a config here, and the names are distinct
     # enough ("mixer.gate.weight" is a NemotronH router, never a Llama-like "mlp.gate_proj.weight").
-    from .base import registered_families
-
     return tuple(s for family in registered_families().values() for s in family.float32_suffixes)
 
 
@@ -344,6 +337,4 @@ def materialize(module: torch.nn.Module, state: Mapping, *, dtype: torch.dtype |
 
 def _modulated_layers(config) -> int:
     """How many scale-shift tables the family's denoiser has (its `num_modulated`)."""
-    from .base import family_for
-
     return family_for(config).denoiser.modulated_layers(config)

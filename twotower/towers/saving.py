@@ -29,6 +29,7 @@ from .loading import (
     _encode_floats,
     target_dtype,
 )
+from .registry import family_for
 
 __all__ = ["save_state_dict", "save_backbone_hf"]
 
@@ -162,8 +163,6 @@ def save_backbone_hf(
     The family comes from the config's ``model_type`` (a config without one is refused). Keyword
     arguments go to :func:`save_state_dict`.
     """
-    from .base import family_for
-
     cfg = _config_dict(config, None)
     if not cfg.get("model_type"):
         raise ValueError("save_backbone_hf: the config names no model_type, so the transformers architecture to "

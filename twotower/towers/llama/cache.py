@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from ...caches import KVBuffers, PendingBlock
+from ...cache_base import KVBuffers, PendingBlock
 
 __all__ = ["KVCache"]
 

@@ -21,7 +21,7 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
-from ...caches import PendingBlock
+from ...cache_base import PendingBlock
 from ..base import ContextTowerBase, at_positions, run_block
 from ..common import ContextStates, causal_mask, check_ids
 from .cache import KVCache

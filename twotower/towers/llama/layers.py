@@ -84,6 +84,8 @@ class Rotary(nn.Module):
 
 
 def _rope_functions() -> dict:
+    # Deferred: transformers' modeling utilities take about a second to import, and only
+    # building a layer needs them.
     from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
     return ROPE_INIT_FUNCTIONS
@@ -131,6 +133,8 @@ class LlamaMLP(nn.Module):
 
     def __init__(self, config):
         super().__init__()
+        # Deferred: transformers' modeling utilities take about a second to import, and only
+        # building a layer needs them.
         from transformers.activations import ACT2FN
 
         H, inter, bias = config.hidden_size, config.intermediate_size, bool(getattr(config, "mlp_bias", False))

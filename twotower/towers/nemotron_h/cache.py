@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from ...caches import KVBuffers, PendingBlock
+from ...cache_base import KVBuffers, PendingBlock
 from .layers import ATTENTION, MAMBA
 
 __all__ = ["HybridCache", "PendingScan"]

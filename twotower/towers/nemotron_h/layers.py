@@ -31,6 +31,8 @@ BLOCK_TYPES = (MAMBA, ATTENTION, MLP, MOE)
 def _activation(name: str):
     if name == "relu2":
         return lambda x: torch.square(F.relu(x))
+    # Deferred: transformers' modeling utilities take about a second to import, and only
+    # building a layer needs them.
     from transformers.activations import ACT2FN
 
     return ACT2FN[name]
@@ -452,6 +454,3 @@ class HybridBackbone(nn.Module):
     @property
     def block_types(self) -> list[str]:
         return [blk.block_type for blk in self.layers]
-
-    def layer_indices(self, block_type: str) -> list[int]:
-        return [i for i, blk in enumerate(self.layers) if blk.block_type == block_type]

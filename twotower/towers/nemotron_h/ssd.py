@@ -29,6 +29,7 @@ numbers and the kernel is called with no bias, no softplus and no limit of its o
 from __future__ import annotations
 
 import os
+from importlib.metadata import version
 
 import torch
 import torch.nn.functional as F
@@ -303,8 +304,6 @@ class trust_short_seeded:
 
 def _kernel_version() -> str | None:
     try:
-        from importlib.metadata import version
-
         return version("mamba-ssm")
     except Exception:  # not installed as a distribution (e.g. a source checkout)
         try:
