@@ -80,6 +80,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--next-lines", type=int, default=16, help="next-line task prompts per seed (0: skip)")
     p.add_argument("--diffusion", nargs="*", default=["confidence:0.9", "frontier:0.7"],
                    help="samplers: confidence:THRESHOLD or frontier:MIN_JOINT")
+    p.add_argument("--spec-cuts", type=float, nargs="*", default=[],
+                   help="also run Speculative(draft_cut=c) in bf16 for each c (adaptive draft length)")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     p.add_argument("--out", default="benchmarks/results/real_model.json")
     p.add_argument("--samples", type=int, default=2, help="completions per mode to print")
@@ -141,9 +143,11 @@ def prefix_agreement(a: list[int], b: list[int]) -> int:
     return n
 
 
-def build_modes(samplers: list[str]) -> dict:
+def build_modes(samplers: list[str], cuts: list[float] = ()) -> dict:
     modes = {"ar": ("bf16", Autoregressive()), "spec": ("bf16", Speculative()),
              "ar_fp32": ("fp32", Autoregressive()), "spec_fp32": ("fp32", Speculative())}
+    for c in cuts:  # a draft ends where the running product of its confidences falls below c
+        modes[f"spec_cut{c}"] = ("bf16", Speculative(draft_cut=c))
     for s in samplers:
         kind, _, value = s.partition(":")
         sampler = {"confidence": ConfidenceThreshold, "frontier": FrontierRun}[kind](float(value))
@@ -208,7 +212,7 @@ def summarize_seed(res: dict, judge) -> dict:
         secs = sum(r["seconds"] for r in rs)
         s = {"tok_per_s": tokens / secs, "tokens": tokens}
         if name.startswith("spec"):
-            ref = ar if name == "spec" else ar32
+            ref = ar32 if name.endswith("fp32") else ar  # each speculative mode against AR in its dtype
             s["tokens_per_iteration"] = tokens / sum(r["blocks"] for r in rs)
             s["equal_to_ar"] = all(r["tokens"] == a["tokens"] for r, a in zip(rs, ref))
         if name.startswith("diff"):
@@ -276,7 +280,7 @@ def main(argv=None) -> int:
               "fp32": TwoTowerLM.from_pretrained(args.model, dtype=torch.float32).eval()}
     tok = models["fp32"].tokenizer
     docs = {"prose": held_out_documents("stdlib-docs"), "python": held_out_documents("stdlib")}
-    modes = build_modes(args.diffusion)
+    modes = build_modes(args.diffusion, args.spec_cuts)
     judge = models["fp32"].context
     if args.next_line_only:
         with torch.inference_mode():
