@@ -9,7 +9,8 @@ import torch
 from transformers import NemotronHConfig
 
 # Shared with the checks a plug-in runs: the same tiny configs and random weights.
-from twotower.testing import TINY_CONFIGS, randomize_, randomize_time_  # noqa: F401  (re-exported to tests)
+from twotower.testing import (MASK, PAD, TINY_CONFIGS, left_pad, random_prompts, randomize_,  # noqa: F401  (re-exported to tests)
+                              randomize_time_)
 
 
 def tiny_config(pattern: str = "M*-EM*E", **overrides) -> NemotronHConfig:
@@ -75,7 +76,6 @@ def _deterministic_single_thread():
 
 # ---- shared builders: towers, prompts, and decoder calls on bare towers -------------------------
 
-MASK, PAD = 3, 0  # the tiny configs' [MASK] and pad ids (ids 0-3 are pad / bos / eos / mask)
 
 
 # ---- tiny models: the one family of builders every test file uses -------------------------------
@@ -173,22 +173,6 @@ def make_hf_pair(pattern: str = "M*-EM*E", seed: int = 0, *, low_dt: bool = Fals
     tower = ContextTower(ref.config).eval()
     tower.load_backbone_state(hf_backbone_state(ref))
     return ref, tower
-
-
-def left_pad(prompts: list[torch.Tensor], pad: int = PAD) -> tuple[torch.Tensor, torch.Tensor]:
-    """A list of 1-D prompts -> (ids, attention_mask) (B, T), padded on the left."""
-    T = max(len(p) for p in prompts)
-    ids = torch.full((len(prompts), T), pad, dtype=torch.long)
-    mask = torch.zeros(len(prompts), T, dtype=torch.long)
-    for r, p in enumerate(prompts):
-        ids[r, T - len(p):] = p
-        mask[r, T - len(p):] = 1
-    return ids, mask
-
-
-def random_prompts(lengths, seed: int = 0) -> list[torch.Tensor]:
-    g = torch.Generator().manual_seed(seed)
-    return [torch.randint(4, 64, (n,), generator=g) for n in lengths]  # ids 0-3 are special
 
 
 def run_decoder(decoder, ctx, den, ids, mask=None, *, max_new_tokens: int, eos_token_id=None, generator=None,
