@@ -210,8 +210,7 @@ class Scheduler:
                 # Block only when idle: with rows running, the loop must not wait for new requests.
                 self._take(block=not self.batches and not self.waiting)
                 self._admit()
-                rows = [j for b in self.batches.values() for j in b.jobs]
-                self.peak = max(self.peak, len(rows))
+                self.peak = max(self.peak, sum(len(b) for b in self.batches.values()))
                 for batch in self.batches.values():
                     batch.leave()  # abandoned rows go before the forward
                 active = [b for b in self.batches.values() if len(b)]
@@ -223,8 +222,6 @@ class Scheduler:
                 for key, batch in list(self.batches.items()):
                     if not len(batch):
                         del self.batches[key]
-                still = {id(j) for b in self.batches.values() for j in b.jobs}
-                self.dropped += sum(1 for j in rows if id(j) not in still and j.abandoned)
                 if self.batches:
                     self.iterations += 1
         for batch in self.batches.values():
@@ -252,6 +249,9 @@ class Scheduler:
             if future is not None:
                 pending = self._guarded(active[i + 1], future.result, failed)
                 self.overlapped += 1
+
+    def _count_drop(self, job: Job) -> None:
+        self.dropped += 1
 
     def _take(self, block: bool) -> None:
         try:
@@ -284,7 +284,7 @@ class Scheduler:
                 key = min(((*key, g) for g in (0, 1)), key=lambda k: len(self.batches.get(k, ())))
             batch = self.batches.get(key)
             if batch is None:
-                batch = self.batches[key] = Stepper(self.towers, job.decoder)
+                batch = self.batches[key] = Stepper(self.towers, job.decoder, on_drop=self._count_drop)
             if len(batch) >= self.max_batch:
                 still.append(job)
                 continue

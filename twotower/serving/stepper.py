@@ -18,6 +18,8 @@ implements the state machine (`prefill` / `advance`) is served this way, the use
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import Tensor
 
@@ -50,8 +52,9 @@ class JobRows(Rows):
 
     can_finish_early = True  # a request ends at its EOS, a stop string, or when its client leaves
 
-    def __init__(self, jobs: list):
+    def __init__(self, jobs: list, on_drop: Callable[[object], None] | None = None):
         self.jobs = list(jobs)
+        self.on_drop = on_drop  # told of each abandoned job as its row leaves (the scheduler's `dropped`)
 
     def __len__(self) -> int:
         return len(self.jobs)
@@ -88,6 +91,14 @@ class JobRows(Rows):
         return [max(j.max_tokens - j.made, 0) for j in self.jobs]
 
     def keep(self, idx: list[int]) -> None:
+        # Every way a row leaves (the decoder dropping finished rows, the scheduler dropping abandoned
+        # ones) passes here. Counted before the rows go, so whoever sees the batch without them also
+        # sees the count.
+        if self.on_drop is not None:
+            kept = set(idx)
+            for r, job in enumerate(self.jobs):
+                if r not in kept and job.abandoned:
+                    self.on_drop(job)
         self.jobs = [self.jobs[r] for r in idx]
 
     def join(self, other: Rows) -> None:
@@ -102,11 +113,12 @@ class Stepper:
     The first request's decoder drives the batch (`Decoder.batch_key` says which others may join).
     """
 
-    def __init__(self, towers: Towers, decoder: Decoder):
+    def __init__(self, towers: Towers, decoder: Decoder, on_drop: Callable[[object], None] | None = None):
         self.towers = towers
         self.decoder = decoder
         self.state: DecodeState | None = None
         self.iterations = 0
+        self.on_drop = on_drop  # told of each abandoned job as it leaves (the scheduler's `dropped` count)
 
     @staticmethod
     def key(decoder: Decoder, towers: Towers) -> tuple:
@@ -130,7 +142,7 @@ class Stepper:
             # left-pads it to the batch, and padding is absent keys, so nothing changes numerically.
             ids = torch.tensor([job.prompt_ids], dtype=torch.long)
             call = job.decoder.prepare(self.towers, ids, max_new_tokens=job.max_tokens)
-            started = self.decoder.begin(call, JobRows([job]))
+            started = self.decoder.begin(call, JobRows([job], on_drop=self.on_drop))
             if self.state is None:
                 self.state = started
             else:
