@@ -292,16 +292,22 @@ def free_port() -> int:
 
 
 @contextlib.contextmanager
-def running_server(app):
+def running_server(app, settings=None):
     """Serve a FastAPI `app` on 127.0.0.1 (a free port) in a daemon thread; yields the base URL and
-    stops the server on exit."""
+    stops the server on exit. With `settings` (a ServeSettings), uvicorn runs as `serve` configures it."""
     import threading
     import time
 
     import uvicorn
 
+    from twotower.serving.app import uvicorn_config
+
     port = free_port()
-    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    if settings is None:
+        config = uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning")
+    else:
+        config = uvicorn_config(app, settings, port=port)
+    srv = uvicorn.Server(config)
     thread = threading.Thread(target=srv.run, daemon=True)
     thread.start()
     deadline = time.time() + 60

@@ -298,8 +298,9 @@ def make_server(model_path, model):
 
     with ExitStack() as stack:
         def make(**kw):
-            app = create_app(ServeSettings(model=str(model_path), max_tokens=8, **kw), model=model)
-            return stack.enter_context(running_server(app)), app
+            settings = ServeSettings(model=str(model_path), max_tokens=8, **kw)
+            app = create_app(settings, model=model)
+            return stack.enter_context(running_server(app, settings)), app
 
         yield make
 
@@ -421,6 +422,58 @@ def test_docs_are_off_by_default(server, make_server):
     url, _ = make_server(docs=True)
     with urllib.request.urlopen(url + "/openapi.json", timeout=30) as r:
         assert r.status == 200 and "/v1/completions" in json.loads(r.read())["paths"]
+
+
+def raw_request(url: str, head: bytes, body_part: bytes = b"", timeout: float = 30) -> bytes:
+    """Send `head` (request line and headers) and `body_part` on a raw socket, then read until the
+    server answers or closes; returns what it sent."""
+    host, port = url.rsplit("/", 1)[-1].split(":")
+    with socket.create_connection((host, int(port)), timeout=timeout) as s:
+        s.sendall(head + body_part)
+        got = b""
+        while b"\r\n\r\n" not in got:
+            chunk = s.recv(4096)
+            if not chunk:
+                break
+            got += chunk
+        return got
+
+
+def test_a_body_that_trickles_in_gets_408_and_the_server_goes_on(make_server):
+    """Slow-loris on the body: the headers promise 64 bytes, 10 arrive, then nothing. The server
+    answers 408 once body_timeout_s has passed (bounded: the socket's own timeout is 30 s), and
+    serves the next request."""
+    url, _ = make_server(body_timeout_s=0.5)
+    head = (b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            b"Content-Length: 64\r\n\r\n")
+    got = raw_request(url, head, b'{"prompt":')
+    assert got.startswith(b"HTTP/1.1 408"), got[:200]
+    assert post(url, {"prompt": "hi", "max_tokens": 2})[0] == 200
+
+
+def test_connections_beyond_max_connections_get_503(make_server):
+    """Clients that open connections and never finish their headers hold at most max_connections:
+    a request on one more is refused at once (503), and once they go, requests are served again."""
+    url, _ = make_server(max_connections=3)
+    host, port = url.rsplit("/", 1)[-1].split(":")
+    idle = [socket.create_connection((host, int(port)), timeout=30) for _ in range(2)]
+    try:
+        for s in idle:
+            s.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\n")  # headers never finished
+        wait_until(lambda: raw_request(url, b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n").startswith(b"HTTP/1.1 503"),
+                   what="the connection bound to refuse a request")
+    finally:
+        for s in idle:
+            s.close()
+    wait_until(lambda: raw_request(url, b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n").startswith(b"HTTP/1.1 200"),
+               what="requests to be served again")
+
+
+def test_serve_settings_refuse_bad_connection_bounds():
+    with pytest.raises(ValueError, match="max_connections must be an integer >= 2, got 1"):
+        ServeSettings(max_connections=1).check(16)
+    with pytest.raises(ValueError, match="body_timeout_s must be a number of seconds > 0, got 0"):
+        ServeSettings(body_timeout_s=0).check(16)
 
 
 def test_a_warning_when_listening_beyond_loopback_without_a_key(model, model_path, monkeypatch, caplog):

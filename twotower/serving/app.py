@@ -16,8 +16,9 @@ thread inside tests and benchmarks; the scheduler thread (scheduler.py) owns the
 
 Before a request reaches a handler's JSON parsing: the API key (`api_key` / TWOTOWER_API_KEY,
 `Authorization: Bearer <key>`, 401), the content type (only application/json: 415, so that a
-browser's "simple" cross-origin POST never runs a generation) and the body size (`max_body_bytes`:
-413, from Content-Length and while reading). Handlers then validate the body off the event loop
+browser's "simple" cross-origin POST never runs a generation), the body size (`max_body_bytes`:
+413, from Content-Length and while reading) and the body's arrival time (`body_timeout_s`: 408).
+uvicorn refuses connections beyond `max_connections` with 503. Handlers then validate the body off the event loop
 (400 + OpenAI's error object naming `param` and the allowed range), submit a `Job`, and read its
 events from an asyncio queue fed thread-safely by the scheduler. A task waits for the client's
 disconnect in both modes: a client that goes away (a closed stream, or a non-streaming request whose
@@ -49,7 +50,7 @@ from ..validation import parse_dtype
 from .requests import RequestError, ServeSettings, parse_chat, parse_completion
 from .scheduler import Job, Scheduler
 
-__all__ = ["create_app", "serve", "main", "load_model", "CompletionShape", "ChatShape", "api_key_of",
+__all__ = ["create_app", "serve", "uvicorn_config", "main", "load_model", "CompletionShape", "ChatShape", "api_key_of",
            "exposure_warning", "ENV_API_KEY"]
 
 ENV_API_KEY = "TWOTOWER_API_KEY"
@@ -120,9 +121,10 @@ class BodyError(Exception):
         return JSONResponse(error_body(str(self), self.param), status_code=self.status)
 
 
-async def read_json_body(request: Request, limit: int) -> bytes:
+async def read_json_body(request: Request, limit: int, timeout: float | None = None) -> bytes:
     """The raw body of a JSON request: 415 unless Content-Type is application/json, 413 when it is
-    larger than `limit` bytes (by Content-Length, or counted while reading a body sent without one)."""
+    larger than `limit` bytes (by Content-Length, or counted while reading a body sent without one),
+    408 when it has not all arrived `timeout` seconds after the headers."""
     media = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if media != "application/json":
         raise BodyError(415, f"Content-Type must be application/json, got {media or 'none'!r:.60}", "content-type")
@@ -133,6 +135,15 @@ async def read_json_body(request: Request, limit: int) -> bytes:
         if int(length) > limit:
             raise BodyError(413, f"the body is {int(length)} bytes; this server takes at most {limit} "
                                  "(max_body_bytes)")
+    try:
+        # One deadline for the whole body, not per chunk: a byte every few seconds would pass any
+        # per-read timeout and hold the connection for as long as the client likes.
+        return await asyncio.wait_for(_read_limited(request, limit), timeout)
+    except asyncio.TimeoutError:
+        raise BodyError(408, f"the body did not arrive within {timeout} s (body_timeout_s)") from None
+
+
+async def _read_limited(request: Request, limit: int) -> bytes:
     chunks, size = [], 0
     async for chunk in request.stream():
         size += len(chunk)
@@ -243,7 +254,7 @@ def create_app(settings: ServeSettings, model=None, tokenizer=None, on_limit=Non
         """Read and validate the body (415 / 413 / 400), run the request as a `Job`, and answer in
         `shape`: server-sent events for `stream: true`, else one JSON object."""
         try:
-            raw = await read_json_body(request, settings.max_body_bytes)
+            raw = await read_json_body(request, settings.max_body_bytes, settings.body_timeout_s)
         except BodyError as e:
             return e.response()
         try:
@@ -376,6 +387,15 @@ class ChatShape(CompletionShape):
         return self.wrap("chat.completion", {"message": message, "finish_reason": reason})
 
 
+def uvicorn_config(app, settings: ServeSettings, port: int | None = None):
+    """uvicorn's settings for `app`: the address and the connection bound of `settings` (`port`
+    overrides settings.port, e.g. a free port in tests)."""
+    import uvicorn
+
+    return uvicorn.Config(app, host=settings.host, port=settings.port if port is None else port,
+                          log_level="warning", limit_concurrency=settings.max_connections)
+
+
 def serve(settings: ServeSettings, model=None, tokenizer=None) -> None:
     """Run the server in this thread until stopped (Ctrl-C) or `settings.max_requests` are answered."""
     import uvicorn  # only running the server needs it: create_app alone serves tests and embedding apps
@@ -390,7 +410,7 @@ def serve(settings: ServeSettings, model=None, tokenizer=None) -> None:
     warning = exposure_warning(settings)
     if warning is not None:
         log.warning(warning)
-    server = uvicorn.Server(uvicorn.Config(app, host=settings.host, port=settings.port, log_level="warning"))
+    server = uvicorn.Server(uvicorn_config(app, settings))
     print(f"twotower: serving {settings.model_name} ({settings.model}) on http://{settings.host}:{settings.port}",
           flush=True)
     server.run()

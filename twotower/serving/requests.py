@@ -78,6 +78,12 @@ class ServeSettings:
         cors_origins: origins allowed to call the server from a browser (CORS); None = none
             (no CORS headers at all).
         max_body_bytes: the largest request body (413 above it).
+        body_timeout_s: seconds a client has to send the whole body once its headers are in (408
+            after it): a client that trickles its body (slow-loris) holds a connection no longer.
+        max_connections: open connections at once (uvicorn's `limit_concurrency`); a request on
+            one more gets 503 at once. It bounds what clients that send their headers slowly, or
+            never, can hold: uvicorn has no header timeout, so a public server wants a reverse
+            proxy in front for that. None = no bound.
         docs: serve /docs, /redoc and /openapi.json.
     """
 
@@ -108,6 +114,8 @@ class ServeSettings:
     api_key: str | None = field(default=None, repr=False)  # never printed with the settings
     cors_origins: list[str] | None = None
     max_body_bytes: int = 4 * 1024 * 1024
+    body_timeout_s: float = 30.0
+    max_connections: int | None = 1024
     docs: bool = False
 
     def limits(self, model_block_size: int | None) -> "Limits":
@@ -134,6 +142,11 @@ class ServeSettings:
                 need_int(name)
         if self.max_waiting is not None:
             need_int("max_waiting", 0)
+        if self.max_connections is not None:
+            need_int("max_connections", 2)  # uvicorn counts the connection asking, so 1 would refuse all
+        if isinstance(self.body_timeout_s, bool) or not isinstance(self.body_timeout_s, (int, float)) \
+                or not self.body_timeout_s > 0:
+            raise ValueError(f"body_timeout_s must be a number of seconds > 0, got {self.body_timeout_s!r}")
         if not decoder_class(self.decoder).steps_implemented():  # decoder_class: a ValueError listing the names
             raise ValueError(f"decoder {self.decoder!r} cannot be served: {_not_servable(decoder_class(self.decoder))}")
         lim = self.limits(model_block_size)
