@@ -39,7 +39,8 @@ from .prompting import Prompt, encode_prompt
 from .quantization import check_quantize, int8_converter, quantize_model
 from .samplers import Sampler
 from .tokenizers import DEFAULT_MASK_TOKEN_ID, Tokenizer, find_tokenizer, save_tokenizer
-from .towers.adapters import DenoiserBuilder, builder_from_spec, is_adapter
+from .towers.adapters import (DenoiserBuilder, builder_from_spec, fuse_projections, is_adapter, merge_adapters,
+                              unmerge_adapters)
 from .towers.base import ContextTowerBase, DenoiserTowerBase, family_for
 from .towers.checkpoints import check_keys, check_shapes, module_name, released_name
 from .towers.lazy import close_refs
@@ -358,6 +359,40 @@ class TwoTowerLM(ReleasedGenerationMixin, TowerPair, nn.Module):
         self.context.compile_forward(**compile_kwargs)
         self.denoiser.forward_block = torch.compile(self.denoiser.forward_block, **compile_kwargs)
         return self
+
+    # ---- inference copies: merged adapters, fused projections ---------------------------------
+    def merge_adapters(self, *, fuse: bool = True, fuse_context: bool = False) -> int:
+        """Make a speculative iteration cheaper at inference; returns the bytes of the copies made.
+
+        The denoiser: every LoRA adapter applies one merged weight W + s B A instead of its base and
+        two low-rank matmuls, and with `fuse` (Llama-like families) q/k/v and gate/up are one matmul
+        each (`towers.adapters.merge_adapters`). For a LoRA denoiser this costs about one more
+        backbone without its embeddings (212 MB for SmolLM2-135M in bf16, where the pair held
+        348 MB). The draft's numerics change by rounding only, so tokens per iteration may move
+        slightly; speculative output stays AR's, since the context tower is untouched.
+
+        fuse_context: fuse the context tower's q/k/v and gate/up too (`towers.adapters.fuse_projections`;
+        140 MB more for SmolLM2-135M in bf16). Every mode's steps get cheaper, AR's included; the
+        context's outputs are the same dot products: bit-identical in bf16 on this CPU, equal to
+        float32 rounding (tests/test_fused.py; the summation order is the BLAS library's choice).
+        Speculative output equals AR's either way, since both run the same context tower.
+
+        Inference only: parameters, state dict, checkpoints and training are unchanged; `.train()`,
+        moving or casting the model, and `unmerge_adapters` drop the copies (call this again after
+        `.to(...)`).
+        """
+        if self.quantization is not None:
+            raise ValueError(f"this model's projections are quantized ({self.quantization}); merged or fused copies "
+                             "would be full precision. Load it without quantize= to merge adapters")
+        made = merge_adapters(self.denoiser, fuse=fuse)
+        if fuse_context:
+            made += fuse_projections(self.context)
+        return made
+
+    def unmerge_adapters(self) -> None:
+        """Drop every inference copy `merge_adapters` made (both towers)."""
+        unmerge_adapters(self.denoiser)
+        fuse_projections(self.context, fuse=False)
 
     @property
     def compiled(self) -> bool:

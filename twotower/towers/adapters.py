@@ -36,7 +36,8 @@ from ..time_embedding import build_time_conditioning
 from .base import ContextTowerBase, DenoiserTowerBase, family_for
 from ..validation import check_int, check_positive
 
-__all__ = ["DenoiserBuilder", "FullCopy", "LoRA", "LoRALinear", "Borrowed", "builder_from_spec", "is_adapter"]
+__all__ = ["DenoiserBuilder", "FullCopy", "LoRA", "LoRALinear", "Borrowed", "builder_from_spec", "is_adapter",
+           "merge_adapters", "unmerge_adapters", "fuse_projections"]
 
 # Every projection of the Llama family's layers; NemotronH's Mamba / attention / MLP projections
 # share these names where they exist (in_proj, out_proj, ...: add them to `targets`).
@@ -68,6 +69,9 @@ class Borrowed(nn.Module):
         return f"borrows {type(self.__dict__['target']).__name__}"
 
 
+_MERGED = "_twotower_merged"  # LoRALinear's inference copy of W + s B A (a plain attribute, not state)
+
+
 class LoRALinear(nn.Module):
     """y = base(x) + (alpha / rank) * x A^T B^T, with `base` borrowed (frozen, not owned).
 
@@ -97,9 +101,48 @@ class LoRALinear(nn.Module):
     def bias(self) -> Tensor | None:
         return self.__dict__["base"].bias
 
+    def merged_weight(self) -> Tensor:
+        """W + (alpha / rank) B A in the base weight's dtype (summed in float32, rounded once), no grad."""
+        base = self.__dict__["base"].weight
+        with torch.no_grad():
+            update = self.lora_B.float() @ self.lora_A.float()
+            return torch.add(base.float(), update, alpha=self.scaling).to(base.dtype)
+
+    def merge(self) -> None:
+        """Inference: keep `merged_weight()` and apply it with one matmul instead of base + two low-rank
+        ones. Costs one more weight of this projection's size; the parameters, the state dict and
+        training are unchanged (the merged copy is a plain attribute, used only while no gradient is
+        recorded, and dropped by `.train()`, `.to()` and `unmerge`)."""
+        self.__dict__[_MERGED] = self.merged_weight()
+
+    def unmerge(self) -> None:
+        """Drop the merged copy: base + update again."""
+        self.__dict__.pop(_MERGED, None)
+
+    @property
+    def merged(self) -> bool:
+        """Whether `merge` holds a merged copy."""
+        return _MERGED in self.__dict__
+
     def forward(self, x: Tensor) -> Tensor:
+        merged = self.__dict__.get(_MERGED)
+        if merged is not None and not torch.is_grad_enabled():
+            if merged.device != x.device or merged.dtype != x.dtype:
+                raise RuntimeError(f"the merged LoRA weight is {merged.dtype} on {merged.device} but the input is "
+                                   f"{x.dtype} on {x.device}; call TwoTowerLM.merge_adapters() again after moving "
+                                   "or casting the model")
+            return F.linear(x, merged, self.bias)
         update = F.linear(F.linear(x, self.lora_A.to(x.dtype)), self.lora_B.to(x.dtype))
         return torch.add(self.__dict__["base"](x), update, alpha=self.scaling)
+
+    def train(self, mode: bool = True):
+        if mode:  # a merged copy would not follow the adapter's training steps
+            self.unmerge()
+        return super().train(mode)
+
+    def _apply(self, fn, recurse=True):
+        self.unmerge()  # moved or cast: the merged copy would be stale
+        return super()._apply(fn, recurse)
 
     def extra_repr(self) -> str:
         base = self.__dict__["base"]
@@ -241,3 +284,56 @@ def builder_from_spec(spec: dict | DenoiserBuilder | None) -> DenoiserBuilder:
 def is_adapter(denoiser: nn.Module) -> bool:
     """Whether `denoiser` borrows weights from its context tower (a LoRA denoiser)."""
     return any(isinstance(m, (Borrowed, LoRALinear)) for m in denoiser.modules())
+
+
+def merge_adapters(denoiser: nn.Module, *, fuse: bool = True) -> int:
+    """Inference speed for a denoiser: every LoRA adapter applies one merged weight (W + s B A, see
+    `LoRALinear.merge`) instead of its base and two low-rank matmuls; with `fuse`, projections that
+    read one input become one matmul (`fuse_projections`: Llama's q/k/v and gate/up), over their
+    merged weights, and those adapters keep no merged copy of their own. Returns the bytes of the
+    copies made: for a LoRA denoiser every projection once, about one more backbone without its
+    embeddings; for a full copy only the fused ones. Parameters, state dict, checkpoints and
+    training are unchanged (every copy is dropped by `.train()` and by moving or casting); the
+    draft's numerics change by rounding only (the update is added to W once, in float32, then
+    rounded to W's dtype).
+    """
+    unmerge_adapters(denoiser)
+    covered: set[int] = set()
+    made = 0
+    if fuse:
+        for m in _fusable(denoiser):
+            m.fuse()
+            covered.update(id(getattr(m, n)) for n in m.FUSED_PROJECTIONS)
+            made += m.fused_nbytes
+    for m in denoiser.modules():
+        if isinstance(m, LoRALinear) and id(m) not in covered:
+            m.merge()
+            made += m.__dict__[_MERGED].nbytes
+    return made
+
+
+def unmerge_adapters(denoiser: nn.Module) -> None:
+    """Undo `merge_adapters`: drop every merged and fused copy below `denoiser`."""
+    for m in denoiser.modules():
+        if isinstance(m, LoRALinear):
+            m.unmerge()
+    fuse_projections(denoiser, fuse=False)
+
+
+def fuse_projections(tower: nn.Module, *, fuse: bool = True) -> int:
+    """Fuse (or, fuse=False, unfuse) the projections that read one input in every module of `tower`
+    that can (a `towers.llama.layers.Fusable`: Llama-like attention's q/k/v, MLP's gate/up; other
+    families have none and nothing changes). Returns the bytes of the fused copies: for a context
+    tower one more set of those weights (about 65% of a Llama backbone without its embeddings). The
+    outputs are the same dot products, summed in whatever order the BLAS library picks for the
+    wider matrix: bit-identical in bf16 on this CPU, equal to float32 rounding (tests/test_fused.py)."""
+    made = 0
+    for m in _fusable(tower):
+        m.fuse() if fuse else m.unfuse()
+        made += m.fused_nbytes
+    return made
+
+
+def _fusable(module: nn.Module) -> list[nn.Module]:
+    """Modules below `module` with projections to fuse (`FUSED_PROJECTIONS`, `fuse`, `unfuse`, `fused_nbytes`)."""
+    return [m for m in module.modules() if getattr(type(m), "FUSED_PROJECTIONS", None) and callable(getattr(m, "fuse", None))]

@@ -1,0 +1,199 @@
+"""Inference copies that make a speculative iteration cheaper (`TwoTowerLM.merge_adapters`,
+`twotower.towers.adapters.merge_adapters` / `fuse_projections`): against independent references.
+
+* a merged LoRA denoiser's logits equal the unmerged adapter's (float32 within rounding; bf16 within
+  bf16 rounding, and its argmax drafts mostly agree);
+* a fused context tower's logits equal transformers' LlamaForCausalLM in float32 and the unfused
+  tower's bit for bit (float32 and bf16), prefill and extends alike, every Llama-like family;
+* speculative decoding with the merged, fused pair still equals AR token for token;
+* the copies are inference-only: the state dict is unchanged, `.train()`, moving / casting and
+  `unmerge_adapters` drop them, gradients never go through them, and a stale copy is refused.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import FAMILY_CONFIGS, MASK, autoregressive, left_pad, random_prompts, randomize_, randomize_time_, speculative
+from transformers import LlamaForCausalLM
+
+from twotower.model import TwoTowerLM
+from twotower.towers.adapters import LoRA, LoRALinear, fuse_projections, merge_adapters, unmerge_adapters
+from twotower.towers.base import family_for
+from twotower.towers.llama import LlamaContextTower
+from twotower.towers.llama.layers import Fusable
+
+LLAMA_LIKE = ["llama", "mistral", "qwen2"]
+
+
+def lora_pair(model_type: str = "llama", seed: int = 0, dtype=torch.float32, **overrides):
+    """(context, LoRA denoiser) with a random context, random adapters (B != 0) and random time modules."""
+    ctx = randomize_(family_for(model_type).context(FAMILY_CONFIGS[model_type](**overrides)), seed=seed).eval()
+    den = LoRA(rank=4, alpha=8.0).build(ctx).eval()
+    randomize_time_(den, seed + 1)
+    g = torch.Generator().manual_seed(seed + 2)
+    with torch.no_grad():
+        for m in den.modules():
+            if isinstance(m, LoRALinear):
+                m.lora_B.copy_(0.3 * torch.randn(m.lora_B.shape, generator=g))
+    return ctx.to(dtype), den.to(dtype)
+
+
+def draft_logits(ctx, den, seed: int = 0, S: int = 6):
+    """forward_block logits (2, S, V) of a half-masked block after a left-padded prompt batch."""
+    ids, mask = left_pad(random_prompts([9, 5], seed=seed))
+    g = torch.Generator().manual_seed(seed)
+    block = torch.randint(4, 64, (2, S), generator=g)
+    block[:, 1::2] = MASK
+    with torch.inference_mode():
+        _, cache = ctx.prefill(ids, mask)
+        return den.forward_block(block, cache, torch.tensor([0.5, 0.9]))
+
+
+def context_logits(ctx, seed: int = 0):
+    """A prefill of a left-padded batch, then extends of 7, 1, 1 and 16 tokens: all logits (2, T, V)."""
+    ids, mask = left_pad(random_prompts([12, 7], seed=seed))
+    g = torch.Generator().manual_seed(seed)
+    with torch.inference_mode():
+        out, cache = ctx.prefill(ids, mask, capacity=13)  # the cache grows on the way
+        parts = [out] + [ctx.extend(cache, torch.randint(4, 64, (2, n), generator=g)) for n in (7, 1, 1, 16)]
+    return torch.cat(parts, 1)
+
+
+# ---- merged adapters: the same draft ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize("fuse", [False, True])
+@pytest.mark.parametrize("model_type", LLAMA_LIKE)
+def test_merged_lora_denoiser_equals_the_adapter_in_float32(model_type, fuse):
+    ctx, den = lora_pair(model_type, seed=1)
+    want = draft_logits(ctx, den)
+    made = merge_adapters(den, fuse=fuse)
+    adapters = [m for m in den.modules() if isinstance(m, LoRALinear)]
+    # every projection's weight once (a fused copy holds its projections' biases too; a merged one
+    # applies the base's own bias)
+    fused = {id(getattr(f, n)) for f in den.modules() if isinstance(f, Fusable) for n in f.FUSED_PROJECTIONS} if fuse else set()
+    assert made == sum(m.weight.nbytes + (m.bias.nbytes if m.bias is not None and id(m) in fused else 0)
+                       for m in adapters)
+    assert sum(m.merged for m in adapters) == (len(adapters) if not fuse else 2 * FAMILY_CONFIGS[model_type]().num_hidden_layers)
+    got = draft_logits(ctx, den)
+    assert not torch.equal(got, want)  # really another path (the merged weight is rounded once)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    unmerge_adapters(den)
+    assert not any(m.merged for m in adapters) and not any(m.fused_nbytes for m in den.modules() if isinstance(m, Fusable))
+    assert torch.equal(draft_logits(ctx, den), want)
+
+
+def test_merged_lora_denoiser_in_bf16_is_the_adapter_up_to_rounding():
+    ctx, den = lora_pair(seed=2, dtype=torch.bfloat16)
+    want = draft_logits(ctx, den)
+    merge_adapters(den)
+    got = draft_logits(ctx, den)
+    scale = want.abs().amax()
+    assert (got - want).abs().amax() <= 0.05 * scale  # bf16 keeps ~3 significant digits per step
+    assert (got.argmax(-1) == want.argmax(-1)).float().mean() >= 0.75
+
+
+def test_merge_adapters_on_a_full_copy_fuses_only():
+    ctx, den = lora_pair(seed=3)
+    full = family_for(ctx.config).denoiser.from_context(ctx).eval()
+    randomize_time_(full, 4)
+    want = draft_logits(ctx, full)
+    made = merge_adapters(full)
+    layer = full.backbone.layers[0]
+    assert made == len(full.backbone.layers) * sum(getattr(layer.self_attn, n).weight.nbytes for n in ("q_proj", "k_proj", "v_proj")) \
+        + len(full.backbone.layers) * sum(getattr(layer.mlp, n).weight.nbytes for n in ("gate_proj", "up_proj"))
+    # fused matmuls: the same dot products (float32 BLAS may sum them in another order for another width)
+    torch.testing.assert_close(draft_logits(ctx, full), want, rtol=1e-5, atol=1e-5)
+
+
+# ---- fused context: the same numbers --------------------------------------------------------------
+
+
+def test_fused_context_equals_transformers_in_float32():
+    hf = randomize_(LlamaForCausalLM(FAMILY_CONFIGS["llama"](attention_bias=True)), seed=5).eval()
+    ctx = LlamaContextTower(hf.config).eval()
+    ctx.load_state_dict({("backbone." + k.removeprefix("model.")) if k.startswith("model.") else k: v
+                         for k, v in hf.state_dict().items()})
+    assert fuse_projections(ctx) > 0
+    ids = torch.randint(4, 64, (2, 30))
+    with torch.inference_mode():
+        torch.testing.assert_close(ctx(ids), hf(ids).logits.float(), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("model_type", LLAMA_LIKE)
+def test_fused_context_equals_unfused(model_type, dtype):
+    """bf16: every logit bit for bit (oneDNN's bf16 kernels reduce each output column alike whatever the
+    width; on this CPU). float32: MKL may order a column's sums differently for a wider matrix, so
+    the same dot products agree to float32 rounding (bit-identical at SmolLM2's widths here, not a
+    guarantee; speculative == AR holds either way, since AR and the verifier run the same tower)."""
+    ctx, _ = lora_pair(model_type, seed=6, dtype=dtype)
+    want = context_logits(ctx)
+    fuse_projections(ctx)
+    got = context_logits(ctx)
+    if dtype == torch.bfloat16:
+        assert torch.equal(got, want)
+    else:
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+# ---- decoding: still lossless ----------------------------------------------------------------------
+
+
+def test_speculative_with_merged_and_fused_towers_equals_ar():
+    ctx, den = lora_pair(seed=7)
+    model = TwoTowerLM.from_backbone(ctx, block_size=6, denoiser=LoRA(rank=4, alpha=8.0))
+    model.denoiser.load_state_dict(den.state_dict())
+    ids, mask = left_pad(random_prompts([6, 11, 3], seed=7))
+    want = autoregressive(model.context, ids, mask, max_new_tokens=20)
+    before = speculative(model.context, model.denoiser, ids, mask, max_new_tokens=20)
+    assert model.merge_adapters(fuse_context=True) > 0
+    after = speculative(model.context, model.denoiser, ids, mask, max_new_tokens=20)
+    for got in (before, after):
+        assert torch.equal(got.new_tokens, want.new_tokens)
+    assert after.blocks >= 1
+
+
+# ---- inference only ----------------------------------------------------------------------------------
+
+
+def test_copies_leave_the_state_dict_and_training_alone():
+    ctx, den = lora_pair(seed=8)
+    keys = set(den.state_dict()) | set(ctx.state_dict())
+    merge_adapters(den)
+    fuse_projections(ctx)
+    assert set(den.state_dict()) | set(ctx.state_dict()) == keys
+    # A gradient recorded through a merged / fused module reaches the adapters (the copies are skipped).
+    ids = torch.randint(4, 64, (1, 8))
+    with torch.no_grad():
+        _, cache = ctx.prefill(ids)
+    x = torch.full((1, 4), MASK)
+    den.forward_block(x, cache, torch.tensor([1.0])).sum().backward()
+    assert all(m.lora_B.grad is not None and m.lora_B.grad.abs().sum() > 0
+               for m in den.modules() if isinstance(m, LoRALinear))
+    den.train()
+    ctx.train()
+    assert not any(m.merged for m in den.modules() if isinstance(m, LoRALinear))
+    assert not any(m.fused_nbytes for tower in (den, ctx) for m in tower.modules() if isinstance(m, Fusable))
+
+
+def test_moving_drops_the_copies_and_a_stale_one_is_refused():
+    ctx, den = lora_pair(seed=9)
+    merge_adapters(den)
+    den.to(torch.float64)  # the adapters and time modules move; the borrowed base does not
+    assert not any(m.merged for m in den.modules() if isinstance(m, LoRALinear))
+    ctx, den = lora_pair(seed=9)
+    merge_adapters(den)
+    ctx.to(torch.bfloat16)  # the borrowed weights were cast under the denoiser's merged copies
+    den.time.to(torch.bfloat16)
+    with pytest.raises(RuntimeError, match="merge_adapters"):
+        draft_logits(ctx, den)
+
+
+def test_merge_adapters_refuses_a_quantized_model():
+    ctx, den = lora_pair(seed=10)
+    model = TwoTowerLM.from_backbone(ctx, block_size=6, denoiser=LoRA(rank=4, alpha=8.0))
+    model.quantization = "int8"
+    with pytest.raises(ValueError, match="quantized"):
+        model.merge_adapters()
