@@ -6,6 +6,7 @@
 * a fused context tower's logits equal transformers' LlamaForCausalLM in float32 and the unfused
   tower's bit for bit (float32 and bf16), prefill and extends alike, every Llama-like family;
 * speculative decoding with the merged, fused pair still equals AR token for token;
+* a packed draft (bf16 on a CPU) is the unpacked merged draft up to bf16 rounding;
 * the copies are inference-only: the state dict is unchanged, `.train()`, moving / casting and
   `unmerge_adapters` drop them, gradients never go through them, and a stale copy is refused.
 """
@@ -20,6 +21,7 @@ from transformers import LlamaForCausalLM
 from twotower.model import TwoTowerLM
 from twotower.towers.adapters import LoRA, LoRALinear, fuse_projections, merge_adapters, unmerge_adapters
 from twotower.towers.base import family_for
+from twotower.towers.inference_linear import HEAD_COPY, InferenceLinear, can_pack
 from twotower.towers.llama import LlamaContextTower
 from twotower.towers.llama.layers import Fusable
 
@@ -197,3 +199,33 @@ def test_merge_adapters_refuses_a_quantized_model():
     model.quantization = "int8"
     with pytest.raises(ValueError, match="quantized"):
         model.merge_adapters()
+
+
+# ---- packed (oneDNN, bf16 on a CPU): the draft only ------------------------------------------------
+
+
+@pytest.mark.skipif(not can_pack(torch.zeros(1, dtype=torch.bfloat16)), reason="this torch cannot pre-pack bf16 weights")
+def test_packed_draft_equals_the_unpacked_merged_draft_up_to_bf16_rounding():
+    ctx, den = lora_pair(seed=11, dtype=torch.bfloat16)
+    adapter = draft_logits(ctx, den)
+    merge_adapters(den, pack=False)
+    want = draft_logits(ctx, den)
+    made_plain = merge_adapters(den, pack=False)
+    made = merge_adapters(den, pack=True)
+    assert den.__dict__.get(HEAD_COPY) is not None and made == made_plain + den.lm_head.weight.nbytes
+    assert all(m.__dict__["_twotower_fused"].packed for m in den.modules() if isinstance(m, Fusable))
+    got = draft_logits(ctx, den)
+    assert (got - want).abs().amax() <= 0.02 * want.abs().amax()
+    assert (got.argmax(-1) == want.argmax(-1)).float().mean() >= 0.9
+    den.train()
+    assert den.__dict__.get(HEAD_COPY) is None
+    den.eval()
+    assert torch.equal(draft_logits(ctx, den), adapter)  # every copy gone: the adapter itself again
+
+
+def test_inference_linear_unpacked_is_f_linear_and_packing_falls_back_in_float32():
+    w, b, x = torch.randn(24, 16), torch.randn(24), torch.randn(2, 5, 16)
+    plain = InferenceLinear(w, b, pack=True)  # float32: nothing to pack
+    assert not plain.packed and torch.equal(plain(x), torch.nn.functional.linear(x, w, b))
+    with pytest.raises(RuntimeError, match="merge_adapters"):
+        plain.check(x.double(), "test copy")

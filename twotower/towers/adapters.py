@@ -34,6 +34,7 @@ from torch import Tensor
 
 from ..time_embedding import build_time_conditioning
 from .base import ContextTowerBase, DenoiserTowerBase, family_for
+from .inference_linear import HEAD_COPY, InferenceLinear, can_pack
 from ..validation import check_int, check_positive
 
 __all__ = ["DenoiserBuilder", "FullCopy", "LoRA", "LoRALinear", "Borrowed", "builder_from_spec", "is_adapter",
@@ -108,12 +109,13 @@ class LoRALinear(nn.Module):
             update = self.lora_B.float() @ self.lora_A.float()
             return torch.add(base.float(), update, alpha=self.scaling).to(base.dtype)
 
-    def merge(self) -> None:
+    def merge(self, *, pack: bool = False) -> None:
         """Inference: keep `merged_weight()` and apply it with one matmul instead of base + two low-rank
-        ones. Costs one more weight of this projection's size; the parameters, the state dict and
+        ones (pack: pre-packed for oneDNN where it applies, `towers.inference_linear.InferenceLinear`).
+        Costs one more weight of this projection's size; the parameters, the state dict and
         training are unchanged (the merged copy is a plain attribute, used only while no gradient is
         recorded, and dropped by `.train()`, `.to()` and `unmerge`)."""
-        self.__dict__[_MERGED] = self.merged_weight()
+        self.__dict__[_MERGED] = InferenceLinear(self.merged_weight(), self.bias, pack=pack)
 
     def unmerge(self) -> None:
         """Drop the merged copy: base + update again."""
@@ -127,11 +129,8 @@ class LoRALinear(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         merged = self.__dict__.get(_MERGED)
         if merged is not None and not torch.is_grad_enabled():
-            if merged.device != x.device or merged.dtype != x.dtype:
-                raise RuntimeError(f"the merged LoRA weight is {merged.dtype} on {merged.device} but the input is "
-                                   f"{x.dtype} on {x.device}; call TwoTowerLM.merge_adapters() again after moving "
-                                   "or casting the model")
-            return F.linear(x, merged, self.bias)
+            merged.check(x, "merged LoRA weight")
+            return merged(x)
         update = F.linear(F.linear(x, self.lora_A.to(x.dtype)), self.lora_B.to(x.dtype))
         return torch.add(self.__dict__["base"](x), update, alpha=self.scaling)
 
@@ -286,37 +285,47 @@ def is_adapter(denoiser: nn.Module) -> bool:
     return any(isinstance(m, (Borrowed, LoRALinear)) for m in denoiser.modules())
 
 
-def merge_adapters(denoiser: nn.Module, *, fuse: bool = True) -> int:
+def merge_adapters(denoiser: nn.Module, *, fuse: bool = True, pack: bool = True) -> int:
     """Inference speed for a denoiser: every LoRA adapter applies one merged weight (W + s B A, see
     `LoRALinear.merge`) instead of its base and two low-rank matmuls; with `fuse`, projections that
     read one input become one matmul (`fuse_projections`: Llama's q/k/v and gate/up), over their
-    merged weights, and those adapters keep no merged copy of their own. Returns the bytes of the
-    copies made: for a LoRA denoiser every projection once, about one more backbone without its
-    embeddings; for a full copy only the fused ones. Parameters, state dict, checkpoints and
-    training are unchanged (every copy is dropped by `.train()` and by moving or casting); the
-    draft's numerics change by rounding only (the update is added to W once, in float32, then
-    rounded to W's dtype).
+    merged weights, and those adapters keep no merged copy of their own. With `pack`, every copy is
+    pre-packed for oneDNN where that applies (bfloat16 on a CPU: `towers.inference_linear`), and so
+    is a copy of the output head (`lm_head`), which the family's `head` then uses.
+
+    Returns the bytes of the copies made: for a LoRA denoiser every projection once, about one more
+    backbone without its embeddings, plus the head when packed; for a full copy only the fused ones
+    (and the head). Parameters, state dict, checkpoints and training are unchanged (every copy is
+    dropped by `.train()` and by moving or casting); the draft's numerics change by rounding only
+    (the update is added to W once, in float32, then rounded to W's dtype; a packed product may sum
+    in another order).
     """
     unmerge_adapters(denoiser)
     covered: set[int] = set()
     made = 0
     if fuse:
         for m in _fusable(denoiser):
-            m.fuse()
+            m.fuse(pack=pack)
             covered.update(id(getattr(m, n)) for n in m.FUSED_PROJECTIONS)
             made += m.fused_nbytes
     for m in denoiser.modules():
         if isinstance(m, LoRALinear) and id(m) not in covered:
-            m.merge()
-            made += m.__dict__[_MERGED].nbytes
+            m.merge(pack=pack)
+            made += m.__dict__[_MERGED].weight.nbytes  # its bias is the base's own, not copied
+    head = getattr(denoiser, "lm_head", None)
+    if pack and head is not None and can_pack(head.weight):
+        # A packed head only pays where it is packed; it is the largest single product of a draft.
+        denoiser.__dict__[HEAD_COPY] = InferenceLinear(head.weight, head.bias, pack=True)
+        made += denoiser.__dict__[HEAD_COPY].nbytes
     return made
 
 
 def unmerge_adapters(denoiser: nn.Module) -> None:
-    """Undo `merge_adapters`: drop every merged and fused copy below `denoiser`."""
+    """Undo `merge_adapters`: drop every merged, fused and packed copy below `denoiser`."""
     for m in denoiser.modules():
         if isinstance(m, LoRALinear):
             m.unmerge()
+    denoiser.__dict__.pop(HEAD_COPY, None)
     fuse_projections(denoiser, fuse=False)
 
 
@@ -329,7 +338,7 @@ def fuse_projections(tower: nn.Module, *, fuse: bool = True) -> int:
     wider matrix: bit-identical in bf16 on this CPU, equal to float32 rounding (tests/test_fused.py)."""
     made = 0
     for m in _fusable(tower):
-        m.fuse() if fuse else m.unfuse()
+        m.fuse() if fuse else m.unfuse()  # never packed: a packed product may not equal F.linear
         made += m.fused_nbytes
     return made
 

@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..common import RMSNorm
+from ..inference_linear import InferenceLinear
 
 Modulation = tuple[Tensor, Tensor, Tensor]
 
@@ -119,39 +120,37 @@ def applied_weights(proj: nn.Module) -> tuple[Tensor, Tensor | None]:
     return weight.detach(), None if proj.bias is None else proj.bias.detach()
 
 
-def concat_projections(projections) -> tuple[Tensor, Tensor | None]:
-    """(weight, bias) of one projection that computes all of `projections` side by side."""
+def concat_projections(projections, *, pack: bool = False) -> InferenceLinear:
+    """One projection that computes all of `projections` side by side (pack: see `InferenceLinear`)."""
     parts = [applied_weights(p) for p in projections]
     has_bias = [b is not None for _, b in parts]
     if any(has_bias) and not all(has_bias):
         raise ValueError(f"cannot fuse projections of which only some have a bias ({has_bias}); leave them unfused")
-    return torch.cat([w for w, _ in parts]), (torch.cat([b for _, b in parts]) if all(has_bias) else None)
+    bias = torch.cat([b for _, b in parts]) if all(has_bias) else None
+    return InferenceLinear(torch.cat([w for w, _ in parts]), bias, pack=pack)
 
 
-def fused_weights(module: nn.Module, x: Tensor) -> tuple[Tensor, Tensor | None] | None:
-    """The fused (weight, bias) of `module` (a `Fusable`) to apply to x, or None: not fused, or a
-    gradient is being recorded (training and autograd must see the separate projections)."""
+def fused_projection(module: nn.Module, x: Tensor) -> InferenceLinear | None:
+    """The fused projection of `module` (a `Fusable`) to apply to x, or None: not fused, or a gradient
+    is being recorded (training and autograd must see the separate projections)."""
     fused = module.__dict__.get(_FUSED)
     if fused is None or torch.is_grad_enabled():
         return None
-    weight, bias = fused
-    if weight.device != x.device or weight.dtype != x.dtype:
-        raise RuntimeError(f"the fused {module.FUSED_NAME} weight of {type(module).__name__} is {weight.dtype} on "
-                           f"{weight.device} but its input is {x.dtype} on {x.device}; call TwoTowerLM.merge_adapters "
-                           "(or fuse_context) again after moving or casting the model")
-    return weight, bias
+    fused.check(x, f"fused {module.FUSED_NAME} projection of {type(module).__name__}")
+    return fused
 
 
 class Fusable:
     """Mixin of a module whose projections `FUSED_PROJECTIONS` read one input: `fuse()` keeps their
     concatenated applied weights (an inference copy, see the section comment) for the module's
-    forward to use through `fused_weights`; `unfuse()` drops it, as do `.train()` and moving or casting."""
+    forward to use through `fused_projection`; `unfuse()` drops it, as do `.train()` and moving or casting."""
 
     FUSED_NAME: str = ""
     FUSED_PROJECTIONS: tuple[str, ...] = ()
 
-    def fuse(self) -> None:
-        self.__dict__[_FUSED] = concat_projections([getattr(self, n) for n in self.FUSED_PROJECTIONS])
+    def fuse(self, *, pack: bool = False) -> None:
+        """Keep the fused copy (pack: pre-packed for oneDNN where it applies, `InferenceLinear`)."""
+        self.__dict__[_FUSED] = concat_projections([getattr(self, n) for n in self.FUSED_PROJECTIONS], pack=pack)
 
     def unfuse(self) -> None:
         self.__dict__.pop(_FUSED, None)
@@ -160,7 +159,7 @@ class Fusable:
     def fused_nbytes(self) -> int:
         """Bytes of the fused copy (0 when not fused)."""
         fused = self.__dict__.get(_FUSED)
-        return 0 if fused is None else sum(t.nbytes for t in fused if t is not None)
+        return 0 if fused is None else fused.nbytes
 
     def train(self, mode: bool = True):
         if mode:  # fused weights are inference copies: training must reach the projections themselves
@@ -191,11 +190,11 @@ class LlamaAttention(Fusable, nn.Module):
     def qkv(self, h: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """h (b, n, H) -> q (b, heads, n, d), k and v (b, kv_heads, n, d); q and k rotated."""
         b, n, _ = h.shape
-        fused = fused_weights(self, h)
+        fused = fused_projection(self, h)
         if fused is None:
             q, k, v = self.q_proj(h), self.k_proj(h), self.v_proj(h)
         else:  # one matmul; the split outputs are column slices of it (views, no copy)
-            q, k, v = F.linear(h, *fused).split(self.qkv_sizes, dim=-1)
+            q, k, v = fused(h).split(self.qkv_sizes, dim=-1)
         q = q.view(b, n, self.num_heads, self.head_dim).transpose(1, 2)
         k = k.view(b, n, self.num_kv_heads, self.head_dim).transpose(1, 2)
         v = v.view(b, n, self.num_kv_heads, self.head_dim).transpose(1, 2)
@@ -234,10 +233,10 @@ class LlamaMLP(Fusable, nn.Module):
         self.act = ACT2FN[config.hidden_act]
 
     def forward(self, x: Tensor) -> Tensor:
-        fused = fused_weights(self, x)
+        fused = fused_projection(self, x)
         if fused is None:
             return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
-        gate, up = F.linear(x, *fused).chunk(2, dim=-1)  # one matmul for both
+        gate, up = fused(x).chunk(2, dim=-1)  # one matmul for both
         return self.down_proj(self.act(gate) * up)
 
 
