@@ -13,7 +13,8 @@ Modes run prompt by prompt, interleaved, so the machine's load hits them alike:
   ar / spec in bfloat16 (the speed comparison in one dtype), ar / spec in float32 (the exactness
   check: speculative output must equal AR token for token) and mask-diffusion samplers in bfloat16.
   --merged adds the inference copies of `TwoTowerLM.merge_adapters` side by side with the plain
-  modes: spec_merged (the LoRA merged into the denoiser's weights, its q/k/v and gate/up fused),
+  modes: spec_merged (the LoRA merged into the denoiser's weights, its q/k/v and gate/up fused, the
+  copies and its head pre-packed for oneDNN),
   ar_fused / spec_fused (the context tower's projections fused too) and spec_fp32_fused (must equal
   the plain float32 AR). --only picks modes, e.g. the speed question alone:
 
@@ -91,8 +92,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="also run Speculative(draft_cut=c) in bf16 for each c (adaptive draft length)")
     p.add_argument("--merged", action="store_true",
                    help="also run the inference copies (TwoTowerLM.merge_adapters): spec_merged (LoRA merged, "
-                        "q/k/v and gate/up fused in the denoiser), ar_fused / spec_fused (the context tower fused "
-                        "too) in bf16, and spec_fp32_fused (checked against the plain float32 AR)")
+                        "q/k/v and gate/up fused, pre-packed for oneDNN in the denoiser), ar_fused / spec_fused "
+                        "(the context tower fused too) in bf16, and spec_fp32_fused (checked against the plain "
+                        "float32 AR)")
     p.add_argument("--only", nargs="+", default=None, metavar="MODE",
                    help="run only these modes (ar is always kept: every ratio is against it; a speculative "
                         "mode keeps the AR it is checked against), e.g. --only ar spec spec_merged")
@@ -159,9 +161,9 @@ def prefix_agreement(a: list[int], b: list[int]) -> int:
 
 # The models a mode may run on: dtype, and which inference copies (`TwoTowerLM.merge_adapters`).
 MODELS = {"bf16": (torch.bfloat16, None), "fp32": (torch.float32, None),
-          "bf16_merged": (torch.bfloat16, {"fuse": True}),
-          "bf16_fused": (torch.bfloat16, {"fuse": True, "fuse_context": True}),
-          "fp32_fused": (torch.float32, {"fuse": True, "fuse_context": True})}
+          "bf16_merged": (torch.bfloat16, {}),  # merge_adapters()'s defaults: merged, fused, packed
+          "bf16_fused": (torch.bfloat16, {"fuse_context": True}),
+          "fp32_fused": (torch.float32, {"fuse_context": True})}
 
 
 def build_modes(samplers: list[str], cuts: list[float] = (), merged: bool = False, only=None) -> dict:
@@ -316,7 +318,7 @@ def load_model(name: str, key: str) -> TwoTowerLM:
     model = TwoTowerLM.from_pretrained(name, dtype=dtype).eval()
     if merge is not None:
         made = model.merge_adapters(**merge)
-        print(f"{key}: merge_adapters({merge}) made {made / 1e6:.1f} MB of inference copies", file=sys.stderr)
+        print(f"{key}: merge_adapters(**{merge}) made {made / 1e6:.1f} MB of inference copies", file=sys.stderr)
     return model
 
 
