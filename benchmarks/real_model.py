@@ -15,8 +15,9 @@ Modes run prompt by prompt, interleaved, so the machine's load hits them alike:
   --merged adds the inference copies of `TwoTowerLM.merge_adapters` side by side with the plain
   modes: spec_merged (the LoRA merged into the denoiser's weights, its q/k/v and gate/up fused, the
   copies and its head pre-packed for oneDNN),
-  ar_fused / spec_fused (the context tower's projections fused too) and spec_fp32_fused (must equal
-  the plain float32 AR). --only picks modes, e.g. the speed question alone:
+  ar_fused / spec_fused (the context tower's projections fused too), ar_packed / spec_packed (the
+  context's products pre-packed too; AR's output must stay the plain AR's) and spec_fp32_fused (must
+  equal the plain float32 AR). --only picks modes, e.g. the speed question alone:
 
     python benchmarks/real_model.py --merged --diffusion --next-lines 0 --per-kind 3 --threads 1 \
         --only ar spec spec_merged ar_fused spec_fused spec_fp32_fused
@@ -93,8 +94,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--merged", action="store_true",
                    help="also run the inference copies (TwoTowerLM.merge_adapters): spec_merged (LoRA merged, "
                         "q/k/v and gate/up fused, pre-packed for oneDNN in the denoiser), ar_fused / spec_fused "
-                        "(the context tower fused too) in bf16, and spec_fp32_fused (checked against the plain "
-                        "float32 AR)")
+                        "(the context tower fused too), ar_packed / spec_packed (the context packed too) in bf16, "
+                        "and spec_fp32_fused (checked against the plain float32 AR)")
     p.add_argument("--only", nargs="+", default=None, metavar="MODE",
                    help="run only these modes (ar is always kept: every ratio is against it; a speculative "
                         "mode keeps the AR it is checked against), e.g. --only ar spec spec_merged")
@@ -163,7 +164,8 @@ def prefix_agreement(a: list[int], b: list[int]) -> int:
 MODELS = {"bf16": (torch.bfloat16, None), "fp32": (torch.float32, None),
           "bf16_merged": (torch.bfloat16, {}),  # merge_adapters()'s defaults: merged, fused, packed
           "bf16_fused": (torch.bfloat16, {"fuse_context": True}),
-          "fp32_fused": (torch.float32, {"fuse_context": True})}
+          "fp32_fused": (torch.float32, {"fuse_context": True}),
+          "bf16_packed": (torch.bfloat16, {"pack_context": True})}
 
 
 def build_modes(samplers: list[str], cuts: list[float] = (), merged: bool = False, only=None) -> dict:
@@ -172,7 +174,8 @@ def build_modes(samplers: list[str], cuts: list[float] = (), merged: bool = Fals
              "ar_fp32": ("fp32", Autoregressive()), "spec_fp32": ("fp32", Speculative())}
     if merged:
         modes |= {"spec_merged": ("bf16_merged", Speculative()), "ar_fused": ("bf16_fused", Autoregressive()),
-                  "spec_fused": ("bf16_fused", Speculative()), "spec_fp32_fused": ("fp32_fused", Speculative())}
+                  "spec_fused": ("bf16_fused", Speculative()), "spec_fp32_fused": ("fp32_fused", Speculative()),
+                  "ar_packed": ("bf16_packed", Autoregressive()), "spec_packed": ("bf16_packed", Speculative())}
     for c in cuts:  # a draft ends where the running product of its confidences falls below c
         modes[f"spec_cut{c}"] = ("bf16", Speculative(draft_cut=c))
     for s in samplers:
@@ -249,7 +252,7 @@ def summarize_seed(res: dict, judge, modes: dict) -> dict:
         tokens = sum(len(r["tokens"]) for r in rs)
         secs = sum(r["seconds"] for r in rs)
         s = {"tok_per_s": tokens / secs, "tokens": tokens}
-        if name.startswith("ar_fused"):  # fused projections must not change the context tower's output
+        if name in ("ar_fused", "ar_packed"):  # inference copies must not change the context tower's output
             s["equal_to_ar"] = all(r["tokens"] == a["tokens"] for r, a in zip(rs, rows[reference_ar(modes, name)]))
         if name.startswith("spec"):
             ref = rows[reference_ar(modes, name)]  # each speculative mode against AR in its dtype

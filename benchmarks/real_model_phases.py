@@ -12,7 +12,8 @@ Phases, timed around the towers' public methods on one held prompt (the cache gr
 Variants, interleaved round by round on the same loaded model (so the machine's load hits them
 alike): `plain` (as shipped), `merged` (LoRA merged), `merged+fused` (+ q/k/v and gate/up fused),
 `merged+fused+packed` (`merge_adapters()`: + pre-packed for oneDNN, head included) and
-`+ context fused` (`merge_adapters(fuse_context=True)`). Times are thread CPU ms (`time.thread_time`),
+`+ context fused` (`merge_adapters(fuse_context=True)`) and `+ context packed`
+(`merge_adapters(pack_context=True)`: the context's products packed too, AR's steps included). Times are thread CPU ms (`time.thread_time`),
 the median over rounds; read ratios, not absolutes (the machine is shared). `iteration` is
 draft + verify + accept, and `AR steps` that over the same variant's AR step.
 """
@@ -32,7 +33,8 @@ PROMPT = ("import os\n\n\ndef walk(top):\n    \"\"\"Yield every file below top.\
           "os.walk(top):\n        for name in files:\n            yield os.path.join(root, name)\n")
 VARIANTS = {"plain": None, "merged": {"fuse": False, "pack": False}, "merged+fused": {"fuse": True, "pack": False},
             "merged+fused+packed": {"fuse": True, "pack": True},
-            "+ context fused": {"fuse": True, "pack": True, "fuse_context": True}}
+            "+ context fused": {"fuse": True, "pack": True, "fuse_context": True},
+            "+ context packed": {"fuse": True, "pack": True, "pack_context": True}}
 PHASES = ("draft", "verify", "accept", "AR step")
 
 

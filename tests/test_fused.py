@@ -229,3 +229,41 @@ def test_inference_linear_unpacked_is_f_linear_and_packing_falls_back_in_float32
     assert not plain.packed and torch.equal(plain(x), torch.nn.functional.linear(x, w, b))
     with pytest.raises(RuntimeError, match="merge_adapters"):
         plain.check(x.double(), "test copy")
+
+
+@pytest.mark.skipif(not can_pack(torch.zeros(1, dtype=torch.bfloat16)), reason="this torch cannot pre-pack bf16 weights")
+@pytest.mark.parametrize("model_type", LLAMA_LIKE)
+def test_packed_context_steps_are_the_unpacked_ones_and_prefills_stay_unpacked(model_type):
+    """pack_context packs only inputs of <= 16 rows (AR steps, verifies of one row); on this CPU those
+    gave the unpacked tower's bits; a longer prefill runs the modules themselves."""
+    ctx, _ = lora_pair(model_type, seed=12, dtype=torch.bfloat16)
+    want = context_logits(ctx)  # a 2-row prefill of 12 (24 rows: unpacked), extends of 14, 2, 2 and 32 rows
+    ids = torch.randint(4, 64, (1, 40), generator=torch.Generator().manual_seed(12))
+
+    def one_row():
+        with torch.inference_mode():
+            out, cache = ctx.prefill(ids[:, :20])
+            return torch.cat([out] + [ctx.extend(cache, ids[:, a:b]) for a, b in ((20, 21), (21, 37), (37, 38))], 1)
+
+    alone = one_row()
+    assert fuse_projections(ctx, pack=True, max_rows=16) > 0 and ctx.__dict__.get(HEAD_COPY) is not None
+    torch.testing.assert_close(context_logits(ctx), want, rtol=0.02, atol=0.02)
+    got = one_row()
+    assert torch.equal(got[:, :20], alone[:, :20])  # 20 rows: the unpacked modules ran
+    torch.testing.assert_close(got, alone, rtol=0.02, atol=0.02)
+    fuse_projections(ctx, fuse=False)
+    assert ctx.__dict__.get(HEAD_COPY) is None and torch.equal(one_row(), alone)
+
+
+@pytest.mark.skipif(not can_pack(torch.zeros(1, dtype=torch.bfloat16)), reason="this torch cannot pre-pack bf16 weights")
+def test_speculative_with_packed_towers_equals_ar_with_the_same_towers():
+    ctx, den = lora_pair(seed=13, dtype=torch.bfloat16)
+    model = TwoTowerLM.from_backbone(ctx, block_size=6, denoiser=LoRA(rank=4, alpha=8.0))
+    model.denoiser.load_state_dict(den.state_dict())
+    model.merge_adapters(pack_context=True)
+    ids, mask = left_pad(random_prompts([6, 11, 3], seed=13))
+    for r in range(3):  # batch 1: every step and verify is packed
+        row = ids[r: r + 1, mask[r].bool()]
+        want = autoregressive(model.context, row, max_new_tokens=20)
+        got = speculative(model.context, model.denoiser, row, max_new_tokens=20)
+        assert torch.equal(got.new_tokens, want.new_tokens)

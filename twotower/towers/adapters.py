@@ -329,17 +329,35 @@ def unmerge_adapters(denoiser: nn.Module) -> None:
     fuse_projections(denoiser, fuse=False)
 
 
-def fuse_projections(tower: nn.Module, *, fuse: bool = True) -> int:
-    """Fuse (or, fuse=False, unfuse) the projections that read one input in every module of `tower`
-    that can (a `towers.llama.layers.Fusable`: Llama-like attention's q/k/v, MLP's gate/up; other
-    families have none and nothing changes). Returns the bytes of the fused copies: for a context
-    tower one more set of those weights (about 65% of a Llama backbone without its embeddings). The
-    outputs are the same dot products, summed in whatever order the BLAS library picks for the
-    wider matrix: bit-identical in bf16 on this CPU, equal to float32 rounding (tests/test_fused.py)."""
+def fuse_projections(tower: nn.Module, *, fuse: bool = True, pack: bool = False, max_rows: int | None = None) -> int:
+    """Fuse (or, fuse=False, drop every inference copy of) the projections that read one input in every
+    module of `tower` that can (a `towers.llama.layers.Fusable`: Llama-like attention's q/k/v, MLP's
+    gate/up; other families have none and nothing changes). Returns the bytes of the copies: for a
+    context tower one more set of those weights (about 65% of a Llama backbone without its embeddings).
+
+    The outputs are the same dot products, summed in whatever order the BLAS library picks for the
+    wider matrix: bit-identical in bf16 on this CPU, equal to float32 rounding (tests/test_fused.py).
+    pack: pre-pack those copies, the output projections (o_proj, down_proj) and the head as well
+    (bf16 on a CPU, `towers.inference_linear`); max_rows: use them only for inputs of at most that
+    many rows (the rest run the modules themselves). A packed product is another oneDNN call than
+    `F.linear`: on this CPU it gave the same bits at the row counts tested (1 to 16 at SmolLM2's
+    shapes), not at every row count, which is why a context tower packs only with `max_rows`.
+    """
     made = 0
     for m in _fusable(tower):
-        m.fuse() if fuse else m.unfuse()  # never packed: a packed product may not equal F.linear
+        if not fuse:
+            m.unfuse()
+            continue
+        m.fuse(pack=pack, max_rows=max_rows)
+        if pack:
+            m.pack_output(max_rows=max_rows)
         made += m.fused_nbytes
+    if not fuse:
+        tower.__dict__.pop(HEAD_COPY, None)
+    head = getattr(tower, "lm_head", None)
+    if fuse and pack and head is not None and can_pack(head.weight):
+        tower.__dict__[HEAD_COPY] = InferenceLinear(head.weight, head.bias, pack=True, max_rows=max_rows)
+        made += tower.__dict__[HEAD_COPY].nbytes
     return made
 
 

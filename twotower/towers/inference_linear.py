@@ -38,11 +38,14 @@ class InferenceLinear:
     """y = x W^T + b with W (out, in) and b (out,) or None, held outside any module's parameters.
 
     pack: pre-pack W for oneDNN where `can_pack` allows (see the module docstring); else plain
-    `F.linear`. `nbytes` is what the copy holds.
+    `F.linear`. max_rows: the copy `applies` only to inputs of at most that many rows (None: any);
+    the caller runs its own module otherwise. `nbytes` is what the copy holds.
     """
 
-    def __init__(self, weight: Tensor, bias: Tensor | None = None, *, pack: bool = False):
+    def __init__(self, weight: Tensor, bias: Tensor | None = None, *, pack: bool = False,
+                 max_rows: int | None = None):
         self.dtype, self.device = weight.dtype, weight.device
+        self.max_rows = max_rows
         self.bias = None if bias is None else bias.detach()
         self.packed = pack and can_pack(weight)
         weight = weight.detach()
@@ -51,6 +54,10 @@ class InferenceLinear:
     @property
     def nbytes(self) -> int:
         return self.weight.nbytes + (0 if self.bias is None else self.bias.nbytes)
+
+    def applies(self, x: Tensor) -> bool:
+        """Whether this copy serves x (its rows within `max_rows`)."""
+        return self.max_rows is None or x.numel() <= self.max_rows * x.shape[-1]
 
     def check(self, x: Tensor, what: str) -> None:
         """Refuse an input this copy was not made for (the model was moved or cast after merging)."""

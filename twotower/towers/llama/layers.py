@@ -110,6 +110,7 @@ def rotate(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
 # the BLAS library's choice: on this CPU bf16 (oneDNN) gave bit-identical outputs at every width
 # tried, float32 (MKL) at SmolLM2's widths but not at every tiny one (tests/test_fused.py).
 _FUSED = "_twotower_fused"
+_PACKED_OUT = "_twotower_packed_out"
 
 
 def applied_weights(proj: nn.Module) -> tuple[Tensor, Tensor | None]:
@@ -120,24 +121,32 @@ def applied_weights(proj: nn.Module) -> tuple[Tensor, Tensor | None]:
     return weight.detach(), None if proj.bias is None else proj.bias.detach()
 
 
-def concat_projections(projections, *, pack: bool = False) -> InferenceLinear:
-    """One projection that computes all of `projections` side by side (pack: see `InferenceLinear`)."""
+def concat_projections(projections, *, pack: bool = False, max_rows: int | None = None) -> InferenceLinear:
+    """One projection that computes all of `projections` side by side (pack, max_rows: `InferenceLinear`)."""
     parts = [applied_weights(p) for p in projections]
     has_bias = [b is not None for _, b in parts]
     if any(has_bias) and not all(has_bias):
         raise ValueError(f"cannot fuse projections of which only some have a bias ({has_bias}); leave them unfused")
     bias = torch.cat([b for _, b in parts]) if all(has_bias) else None
-    return InferenceLinear(torch.cat([w for w, _ in parts]), bias, pack=pack)
+    weight = torch.cat([w for w, _ in parts]) if len(parts) > 1 else parts[0][0]
+    return InferenceLinear(weight, bias, pack=pack, max_rows=max_rows)
 
 
-def fused_projection(module: nn.Module, x: Tensor) -> InferenceLinear | None:
-    """The fused projection of `module` (a `Fusable`) to apply to x, or None: not fused, or a gradient
-    is being recorded (training and autograd must see the separate projections)."""
-    fused = module.__dict__.get(_FUSED)
-    if fused is None or torch.is_grad_enabled():
+def fused_projection(module: nn.Module, x: Tensor, key: str = _FUSED) -> InferenceLinear | None:
+    """The inference copy `key` of `module` (a `Fusable`: its fused projection, or its packed output
+    projection) to apply to x, or None: none made, not for x's row count, or a gradient is being
+    recorded (training and autograd must see the separate projections)."""
+    copy = module.__dict__.get(key)
+    if copy is None or torch.is_grad_enabled() or not copy.applies(x):
         return None
-    fused.check(x, f"fused {module.FUSED_NAME} projection of {type(module).__name__}")
-    return fused
+    copy.check(x, f"{key.removeprefix('_twotower_')} copy of {type(module).__name__}")
+    return copy
+
+
+def output_projection(module: nn.Module, x: Tensor) -> Tensor:
+    """The module's `OUTPUT_PROJECTION` applied to x: through its packed copy where one serves x."""
+    copy = fused_projection(module, x, _PACKED_OUT)
+    return getattr(module, module.OUTPUT_PROJECTION)(x) if copy is None else copy(x)
 
 
 class Fusable:
@@ -147,19 +156,26 @@ class Fusable:
 
     FUSED_NAME: str = ""
     FUSED_PROJECTIONS: tuple[str, ...] = ()
+    OUTPUT_PROJECTION: str = ""  # the projection after them (o_proj, down_proj), packed by `pack_output`
 
-    def fuse(self, *, pack: bool = False) -> None:
-        """Keep the fused copy (pack: pre-packed for oneDNN where it applies, `InferenceLinear`)."""
-        self.__dict__[_FUSED] = concat_projections([getattr(self, n) for n in self.FUSED_PROJECTIONS], pack=pack)
+    def fuse(self, *, pack: bool = False, max_rows: int | None = None) -> None:
+        """Keep the fused copy (pack, max_rows: `InferenceLinear`)."""
+        self.__dict__[_FUSED] = concat_projections([getattr(self, n) for n in self.FUSED_PROJECTIONS], pack=pack,
+                                                   max_rows=max_rows)
+
+    def pack_output(self, *, max_rows: int | None = None) -> None:
+        """Keep a packed copy of the output projection too (for a tower whose every product is packed)."""
+        self.__dict__[_PACKED_OUT] = concat_projections([getattr(self, self.OUTPUT_PROJECTION)], pack=True,
+                                                        max_rows=max_rows)
 
     def unfuse(self) -> None:
         self.__dict__.pop(_FUSED, None)
+        self.__dict__.pop(_PACKED_OUT, None)
 
     @property
     def fused_nbytes(self) -> int:
-        """Bytes of the fused copy (0 when not fused)."""
-        fused = self.__dict__.get(_FUSED)
-        return 0 if fused is None else fused.nbytes
+        """Bytes of the inference copies (0 when none)."""
+        return sum(self.__dict__[k].nbytes for k in (_FUSED, _PACKED_OUT) if k in self.__dict__)
 
     def train(self, mode: bool = True):
         if mode:  # fused weights are inference copies: training must reach the projections themselves
@@ -174,7 +190,7 @@ class Fusable:
 class LlamaAttention(Fusable, nn.Module):
     """Grouped-query attention with RoPE applied to queries and keys (`fuse`: one q/k/v matmul)."""
 
-    FUSED_NAME, FUSED_PROJECTIONS = "qkv", ("q_proj", "k_proj", "v_proj")
+    FUSED_NAME, FUSED_PROJECTIONS, OUTPUT_PROJECTION = "qkv", ("q_proj", "k_proj", "v_proj"), "o_proj"
 
     def __init__(self, config, *, qkv_bias: bool, o_bias: bool):
         super().__init__()
@@ -211,14 +227,14 @@ class LlamaAttention(Fusable, nn.Module):
         o = F.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype), attn_mask=mask,
                                            enable_gqa=self.num_kv_heads != self.num_heads)
         b, _, n, _ = o.shape
-        return self.o_proj(o.transpose(1, 2).reshape(b, n, self.num_heads * self.head_dim))
+        return output_projection(self, o.transpose(1, 2).reshape(b, n, self.num_heads * self.head_dim))
 
 
 class LlamaMLP(Fusable, nn.Module):
     """SwiGLU: down_proj(act(gate_proj(x)) * up_proj(x)), act = config.hidden_act (silu) (`fuse`: one
     gate/up matmul)."""
 
-    FUSED_NAME, FUSED_PROJECTIONS = "gate_up", ("gate_proj", "up_proj")
+    FUSED_NAME, FUSED_PROJECTIONS, OUTPUT_PROJECTION = "gate_up", ("gate_proj", "up_proj"), "down_proj"
 
     def __init__(self, config):
         super().__init__()
@@ -235,9 +251,9 @@ class LlamaMLP(Fusable, nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         fused = fused_projection(self, x)
         if fused is None:
-            return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
+            return output_projection(self, self.act(self.gate_proj(x)) * self.up_proj(x))
         gate, up = fused(x).chunk(2, dim=-1)  # one matmul for both
-        return self.down_proj(self.act(gate) * up)
+        return output_projection(self, self.act(gate) * up)
 
 
 
