@@ -3,6 +3,7 @@ inference copies of `TwoTowerLM.merge_adapters`:
 
     python benchmarks/real_model_phases.py                    # smollm2-135m, bf16, batch 1, 1 thread
     python benchmarks/real_model_phases.py --ops              # + torch.profiler's top operators per phase
+    (the figures of README's real-model section: --rounds 5 --iterations 6 --ops > benchmarks/results/real_model_phases.txt)
 
 Phases, timed around the towers' public methods on one held prompt (the cache grows as in decoding):
     draft   DenoiserTower.forward_block over a block of 16 (position 0 known, the rest [MASK])
@@ -95,7 +96,8 @@ def top_ops(model: TwoTowerLM, ids: torch.Tensor, rows: int = 8) -> None:
                     calls["accept"]()
         events = prof.key_averages()
         mm = sum(e.count for e in events if e.key in ("aten::mm", "aten::addmm", "aten::bmm"))
-        print(f"\n--- {name}: {mm / 3:.0f} matmuls per call", flush=True)
+        packed = sum(e.count for e in events if e.key == "mkldnn::_linear_pointwise")
+        print(f"\n--- {name}: {mm / 3:.0f} matmuls + {packed / 3:.0f} packed products per call", flush=True)
         print(events.table(sort_by="self_cpu_time_total", row_limit=rows))
 
 
