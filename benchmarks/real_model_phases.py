@@ -3,7 +3,8 @@ inference copies of `TwoTowerLM.merge_adapters`:
 
     python benchmarks/real_model_phases.py                    # smollm2-135m, bf16, batch 1, 1 thread
     python benchmarks/real_model_phases.py --ops              # + torch.profiler's top operators per phase
-    (the figures of README's real-model section: --rounds 5 --iterations 6 --ops > benchmarks/results/real_model_phases.txt)
+    # README's real-model figures:
+    python benchmarks/real_model_phases.py --rounds 5 --iterations 6 --ops > benchmarks/results/real_model_phases.txt
 
 Phases, timed around the towers' public methods on one held prompt (the cache grows as in decoding):
     draft   DenoiserTower.forward_block over a block of 16 (position 0 known, the rest [MASK])
@@ -14,7 +15,8 @@ Variants, interleaved round by round on the same loaded model (so the machine's 
 alike): `plain` (as shipped), `merged` (LoRA merged), `merged+fused` (+ q/k/v and gate/up fused),
 `merged+fused+packed` (`merge_adapters()`: + pre-packed for oneDNN, head included) and
 `+ context fused` (`merge_adapters(fuse_context=True)`) and `+ context packed`
-(`merge_adapters(pack_context=True)`: the context's products packed too, AR's steps included). Times are thread CPU ms (`time.thread_time`),
+(`merge_adapters(pack_context=True)`: the context's products packed too, AR's steps included).
+Times are thread CPU ms (`time.thread_time`),
 the median over rounds; read ratios, not absolutes (the machine is shared). `iteration` is
 draft + verify + accept, and `AR steps` that over the same variant's AR step.
 """

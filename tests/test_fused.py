@@ -15,7 +15,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import FAMILY_CONFIGS, MASK, autoregressive, left_pad, random_prompts, randomize_, randomize_time_, speculative
+from conftest import (FAMILY_CONFIGS, MASK, autoregressive, left_pad, random_prompts, randomize_, randomize_time_,
+                      speculative)
 from transformers import LlamaForCausalLM
 
 from twotower.model import TwoTowerLM
@@ -74,15 +75,17 @@ def test_merged_lora_denoiser_equals_the_adapter_in_float32(model_type, fuse):
     adapters = [m for m in den.modules() if isinstance(m, LoRALinear)]
     # every projection's weight once (a fused copy holds its projections' biases too; a merged one
     # applies the base's own bias)
-    fused = {id(getattr(f, n)) for f in den.modules() if isinstance(f, Fusable) for n in f.FUSED_PROJECTIONS} if fuse else set()
+    fusable = [f for f in den.modules() if isinstance(f, Fusable)]
+    fused = {id(getattr(f, n)) for f in fusable for n in f.FUSED_PROJECTIONS} if fuse else set()
     assert made == sum(m.weight.nbytes + (m.bias.nbytes if m.bias is not None and id(m) in fused else 0)
                        for m in adapters)
-    assert sum(m.merged for m in adapters) == (len(adapters) if not fuse else 2 * FAMILY_CONFIGS[model_type]().num_hidden_layers)
+    unfused = 2 * FAMILY_CONFIGS[model_type]().num_hidden_layers  # o_proj and down_proj of every layer
+    assert sum(m.merged for m in adapters) == (unfused if fuse else len(adapters))
     got = draft_logits(ctx, den)
     assert not torch.equal(got, want)  # really another path (the merged weight is rounded once)
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
     unmerge_adapters(den)
-    assert not any(m.merged for m in adapters) and not any(m.fused_nbytes for m in den.modules() if isinstance(m, Fusable))
+    assert not any(m.merged for m in adapters) and not any(f.fused_nbytes for f in fusable)
     assert torch.equal(draft_logits(ctx, den), want)
 
 
@@ -102,9 +105,10 @@ def test_merge_adapters_on_a_full_copy_fuses_only():
     randomize_time_(full, 4)
     want = draft_logits(ctx, full)
     made = merge_adapters(full)
-    layer = full.backbone.layers[0]
-    assert made == len(full.backbone.layers) * sum(getattr(layer.self_attn, n).weight.nbytes for n in ("q_proj", "k_proj", "v_proj")) \
-        + len(full.backbone.layers) * sum(getattr(layer.mlp, n).weight.nbytes for n in ("gate_proj", "up_proj"))
+    layer, n_layers = full.backbone.layers[0], len(full.backbone.layers)
+    fused = [layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj, layer.mlp.gate_proj, layer.mlp.up_proj]
+    head = full.lm_head.weight.nbytes if can_pack(full.lm_head.weight) else 0  # float32: no packed head
+    assert made == n_layers * sum(p.weight.nbytes for p in fused) + head
     # fused matmuls: the same dot products (float32 BLAS may sum them in another order for another width)
     torch.testing.assert_close(draft_logits(ctx, full), want, rtol=1e-5, atol=1e-5)
 

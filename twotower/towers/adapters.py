@@ -363,4 +363,5 @@ def fuse_projections(tower: nn.Module, *, fuse: bool = True, pack: bool = False,
 
 def _fusable(module: nn.Module) -> list[nn.Module]:
     """Modules below `module` with projections to fuse (`FUSED_PROJECTIONS`, `fuse`, `unfuse`, `fused_nbytes`)."""
-    return [m for m in module.modules() if getattr(type(m), "FUSED_PROJECTIONS", None) and callable(getattr(m, "fuse", None))]
+    return [m for m in module.modules()
+            if getattr(type(m), "FUSED_PROJECTIONS", None) and callable(getattr(m, "fuse", None))]
