@@ -271,3 +271,15 @@ def test_speculative_with_packed_towers_equals_ar_with_the_same_towers():
         want = autoregressive(model.context, row, max_new_tokens=20)
         got = speculative(model.context, model.denoiser, row, max_new_tokens=20)
         assert torch.equal(got.new_tokens, want.new_tokens)
+
+
+@pytest.mark.skipif(not can_pack(torch.zeros(1, dtype=torch.bfloat16)), reason="this torch cannot pre-pack bf16 weights")
+def test_a_packed_copy_refuses_to_be_copied_and_an_unmerged_model_copies():
+    import copy
+
+    ctx, den = lora_pair(seed=14, dtype=torch.bfloat16)
+    merge_adapters(den)
+    with pytest.raises(TypeError, match="unmerge_adapters"):
+        copy.deepcopy(den)
+    unmerge_adapters(den)
+    assert torch.equal(draft_logits(ctx, copy.deepcopy(den)), draft_logits(ctx, den))

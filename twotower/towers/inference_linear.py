@@ -65,6 +65,12 @@ class InferenceLinear:
             raise RuntimeError(f"the {what} is {self.dtype} on {self.device} but its input is {x.dtype} on "
                                f"{x.device}; call TwoTowerLM.merge_adapters() again after moving or casting the model")
 
+    def __getstate__(self):
+        if self.packed:  # oneDNN's packed layout is opaque: torch can neither copy nor pickle it
+            raise TypeError("a model with packed inference copies cannot be pickled or deep-copied; call "
+                            "TwoTowerLM.unmerge_adapters() first and merge_adapters() again on the copy")
+        return self.__dict__
+
     def __call__(self, x: Tensor) -> Tensor:
         if self.packed:
             return torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, "none", [], "")
