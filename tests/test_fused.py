@@ -283,3 +283,15 @@ def test_a_packed_copy_refuses_to_be_copied_and_an_unmerged_model_copies():
         copy.deepcopy(den)
     unmerge_adapters(den)
     assert torch.equal(draft_logits(ctx, copy.deepcopy(den)), draft_logits(ctx, den))
+
+
+@pytest.mark.skipif(not can_pack(torch.zeros(1, dtype=torch.bfloat16)), reason="this torch cannot pre-pack bf16 weights")
+def test_a_packed_full_copy_packs_every_product_and_drafts_alike():
+    ctx, _ = lora_pair(seed=15, dtype=torch.bfloat16)
+    full = family_for(ctx.config).denoiser.from_context(ctx).eval()
+    want = draft_logits(ctx, full)
+    made = merge_adapters(full)
+    projections = [m for m in full.backbone.modules() if isinstance(m, torch.nn.Linear)] + [full.lm_head]
+    assert made == sum(p.weight.nbytes for p in projections)  # every projection and the head, once
+    got = draft_logits(ctx, full)
+    assert (got - want).abs().amax() <= 0.02 * want.abs().amax()

@@ -307,6 +307,9 @@ def merge_adapters(denoiser: nn.Module, *, fuse: bool = True, pack: bool = True)
         for m in _fusable(denoiser):
             m.fuse(pack=pack)
             covered.update(id(getattr(m, n)) for n in m.FUSED_PROJECTIONS)
+            out = getattr(m, m.OUTPUT_PROJECTION)
+            if pack and not isinstance(out, LoRALinear) and can_pack(out.weight):
+                m.pack_output()  # a full copy's o_proj / down_proj (an adapter packs its merged weight)
             made += m.fused_nbytes
     for m in denoiser.modules():
         if isinstance(m, LoRALinear) and id(m) not in covered:
@@ -349,7 +352,7 @@ def fuse_projections(tower: nn.Module, *, fuse: bool = True, pack: bool = False,
             m.unfuse()
             continue
         m.fuse(pack=pack, max_rows=max_rows)
-        if pack:
+        if pack and can_pack(getattr(m, m.OUTPUT_PROJECTION).weight):  # else a copy would buy nothing
             m.pack_output(max_rows=max_rows)
         made += m.fused_nbytes
     if not fuse:

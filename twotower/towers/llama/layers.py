@@ -221,7 +221,6 @@ class LlamaAttention(Fusable, nn.Module):
         """Output widths of q_proj, k_proj and v_proj (how a fused projection splits)."""
         return self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim, self.num_kv_heads * self.head_dim
 
-
     def attend(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> Tensor:
         """Softmax attention; mask bool (True = may attend), broadcastable to (b, 1, n, keys)."""
         o = F.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype), attn_mask=mask,
