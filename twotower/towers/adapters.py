@@ -34,9 +34,11 @@ from torch import Tensor
 
 from ..time_embedding import build_time_conditioning
 from .base import ContextTowerBase, DenoiserTowerBase, family_for
+from .inference_linear import HEAD_COPY, InferenceLinear, can_pack
 from ..validation import check_int, check_positive
 
-__all__ = ["DenoiserBuilder", "FullCopy", "LoRA", "LoRALinear", "Borrowed", "builder_from_spec", "is_adapter"]
+__all__ = ["DenoiserBuilder", "FullCopy", "LoRA", "LoRALinear", "Borrowed", "builder_from_spec", "is_adapter",
+           "merge_adapters", "unmerge_adapters", "fuse_projections"]
 
 # Every projection of the Llama family's layers; NemotronH's Mamba / attention / MLP projections
 # share these names where they exist (in_proj, out_proj, ...: add them to `targets`).
@@ -68,6 +70,9 @@ class Borrowed(nn.Module):
         return f"borrows {type(self.__dict__['target']).__name__}"
 
 
+_MERGED = "_twotower_merged"  # LoRALinear's inference copy of W + s B A (a plain attribute, not state)
+
+
 class LoRALinear(nn.Module):
     """y = base(x) + (alpha / rank) * x A^T B^T, with `base` borrowed (frozen, not owned).
 
@@ -97,9 +102,46 @@ class LoRALinear(nn.Module):
     def bias(self) -> Tensor | None:
         return self.__dict__["base"].bias
 
+    def merged_weight(self) -> Tensor:
+        """W + (alpha / rank) B A in the base weight's dtype (summed in float32, rounded once), no grad."""
+        base = self.__dict__["base"].weight
+        with torch.no_grad():
+            update = self.lora_B.float() @ self.lora_A.float()
+            return torch.add(base.float(), update, alpha=self.scaling).to(base.dtype)
+
+    def merge(self, *, pack: bool = False) -> None:
+        """Inference: keep `merged_weight()` and apply it with one matmul instead of base + two low-rank
+        ones (pack: pre-packed for oneDNN where it applies, `towers.inference_linear.InferenceLinear`).
+        Costs one more weight of this projection's size; the parameters, the state dict and
+        training are unchanged (the merged copy is a plain attribute, used only while no gradient is
+        recorded, and dropped by `.train()`, `.to()` and `unmerge`)."""
+        self.__dict__[_MERGED] = InferenceLinear(self.merged_weight(), self.bias, pack=pack)
+
+    def unmerge(self) -> None:
+        """Drop the merged copy: base + update again."""
+        self.__dict__.pop(_MERGED, None)
+
+    @property
+    def merged(self) -> bool:
+        """Whether `merge` holds a merged copy."""
+        return _MERGED in self.__dict__
+
     def forward(self, x: Tensor) -> Tensor:
+        merged = self.__dict__.get(_MERGED)
+        if merged is not None and not torch.is_grad_enabled():
+            merged.check(x, "merged LoRA weight")
+            return merged(x)
         update = F.linear(F.linear(x, self.lora_A.to(x.dtype)), self.lora_B.to(x.dtype))
         return torch.add(self.__dict__["base"](x), update, alpha=self.scaling)
+
+    def train(self, mode: bool = True):
+        if mode:  # a merged copy would not follow the adapter's training steps
+            self.unmerge()
+        return super().train(mode)
+
+    def _apply(self, fn, recurse=True):
+        self.unmerge()  # moved or cast: the merged copy would be stale
+        return super()._apply(fn, recurse)
 
     def extra_repr(self) -> str:
         base = self.__dict__["base"]
@@ -241,3 +283,88 @@ def builder_from_spec(spec: dict | DenoiserBuilder | None) -> DenoiserBuilder:
 def is_adapter(denoiser: nn.Module) -> bool:
     """Whether `denoiser` borrows weights from its context tower (a LoRA denoiser)."""
     return any(isinstance(m, (Borrowed, LoRALinear)) for m in denoiser.modules())
+
+
+def merge_adapters(denoiser: nn.Module, *, fuse: bool = True, pack: bool = True) -> int:
+    """Inference speed for a denoiser: every LoRA adapter applies one merged weight (W + s B A, see
+    `LoRALinear.merge`) instead of its base and two low-rank matmuls; with `fuse`, projections that
+    read one input become one matmul (`fuse_projections`: Llama's q/k/v and gate/up), over their
+    merged weights, and those adapters keep no merged copy of their own. With `pack`, every copy is
+    pre-packed for oneDNN where that applies (bfloat16 on a CPU: `towers.inference_linear`), and so
+    is a copy of the output head (`lm_head`), which the family's `head` then uses.
+
+    Returns the bytes of the copies made: for a LoRA denoiser every projection once, about one more
+    backbone without its embeddings, plus the head when packed; for a full copy only the fused ones
+    (and the head). Parameters, state dict, checkpoints and training are unchanged (every copy is
+    dropped by `.train()` and by moving or casting); the draft's numerics change by rounding only
+    (the update is added to W once, in float32, then rounded to W's dtype; a packed product may sum
+    in another order).
+    """
+    unmerge_adapters(denoiser)
+    covered: set[int] = set()
+    made = 0
+    if fuse:
+        for m in _fusable(denoiser):
+            m.fuse(pack=pack)
+            covered.update(id(getattr(m, n)) for n in m.FUSED_PROJECTIONS)
+            out = getattr(m, m.OUTPUT_PROJECTION)
+            if pack and not isinstance(out, LoRALinear) and can_pack(out.weight):
+                m.pack_output()  # a full copy's o_proj / down_proj (an adapter packs its merged weight)
+            made += m.fused_nbytes
+    for m in denoiser.modules():
+        if isinstance(m, LoRALinear) and id(m) not in covered:
+            m.merge(pack=pack)
+            made += m.__dict__[_MERGED].weight.nbytes  # its bias is the base's own, not copied
+    head = getattr(denoiser, "lm_head", None)
+    if pack and head is not None and can_pack(head.weight):
+        # A packed head only pays where it is packed; it is the largest single product of a draft.
+        denoiser.__dict__[HEAD_COPY] = InferenceLinear(head.weight, head.bias, pack=True)
+        made += denoiser.__dict__[HEAD_COPY].nbytes
+    return made
+
+
+def unmerge_adapters(denoiser: nn.Module) -> None:
+    """Undo `merge_adapters`: drop every merged, fused and packed copy below `denoiser`."""
+    for m in denoiser.modules():
+        if isinstance(m, LoRALinear):
+            m.unmerge()
+    denoiser.__dict__.pop(HEAD_COPY, None)
+    fuse_projections(denoiser, fuse=False)
+
+
+def fuse_projections(tower: nn.Module, *, fuse: bool = True, pack: bool = False, max_rows: int | None = None) -> int:
+    """Fuse (or, fuse=False, drop every inference copy of) the projections that read one input in every
+    module of `tower` that can (a `towers.llama.layers.Fusable`: Llama-like attention's q/k/v, MLP's
+    gate/up; other families have none and nothing changes). Returns the bytes of the copies: for a
+    context tower one more set of those weights (about 65% of a Llama backbone without its embeddings).
+
+    The outputs are the same dot products, summed in whatever order the BLAS library picks for the
+    wider matrix: bit-identical in bf16 on this CPU, equal to float32 rounding (tests/test_fused.py).
+    pack: pre-pack those copies, the output projections (o_proj, down_proj) and the head as well
+    (bf16 on a CPU, `towers.inference_linear`); max_rows: use them only for inputs of at most that
+    many rows (the rest run the modules themselves). A packed product is another oneDNN call than
+    `F.linear`: on this CPU it gave the same bits at the row counts tested (1 to 16 at SmolLM2's
+    shapes), not at every row count, which is why a context tower packs only with `max_rows`.
+    """
+    made = 0
+    for m in _fusable(tower):
+        if not fuse:
+            m.unfuse()
+            continue
+        m.fuse(pack=pack, max_rows=max_rows)
+        if pack and can_pack(getattr(m, m.OUTPUT_PROJECTION).weight):  # else a copy would buy nothing
+            m.pack_output(max_rows=max_rows)
+        made += m.fused_nbytes
+    if not fuse:
+        tower.__dict__.pop(HEAD_COPY, None)
+    head = getattr(tower, "lm_head", None)
+    if fuse and pack and head is not None and can_pack(head.weight):
+        tower.__dict__[HEAD_COPY] = InferenceLinear(head.weight, head.bias, pack=True, max_rows=max_rows)
+        made += tower.__dict__[HEAD_COPY].nbytes
+    return made
+
+
+def _fusable(module: nn.Module) -> list[nn.Module]:
+    """Modules below `module` with projections to fuse (`FUSED_PROJECTIONS`, `fuse`, `unfuse`, `fused_nbytes`)."""
+    return [m for m in module.modules()
+            if getattr(type(m), "FUSED_PROJECTIONS", None) and callable(getattr(m, "fuse", None))]

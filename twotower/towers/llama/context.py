@@ -24,6 +24,7 @@ from torch import Tensor
 from ...cache_base import PendingBlock
 from ..base import ContextTowerBase, at_positions, run_block
 from ..common import ContextStates, causal_mask, check_ids
+from ..inference_linear import HEAD_COPY
 from .cache import KVCache
 from .layers import LlamaBackbone
 
@@ -55,6 +56,27 @@ class LlamaContextTower(ContextTowerBase):
         """max_position_embeddings, or the sliding window when it is shorter (`check_window`)."""
         limits = [v for v in (super().max_length, self.backbone.window) if v is not None]
         return min(limits) if limits else None
+
+    def logits(self, hidden: Tensor, which: str) -> Tensor | None:
+        """`ContextTowerBase.logits`, through the packed head copy where `merge_adapters(pack_context=True)`
+        made one and it serves these rows (`towers.inference_linear`)."""
+        copy = self.__dict__.get(HEAD_COPY)
+        if copy is None or which not in ("all", "last") or torch.is_grad_enabled():
+            return super().logits(hidden, which)
+        h = hidden[:, -1:] if which == "last" else hidden
+        if not copy.applies(h):
+            return super().logits(hidden, which)
+        copy.check(h, "packed head copy")
+        return copy(h).float()
+
+    def train(self, mode: bool = True):
+        if mode:  # the packed head is an inference copy (`merge_adapters`)
+            self.__dict__.pop(HEAD_COPY, None)
+        return super().train(mode)
+
+    def _apply(self, fn, recurse=True):
+        self.__dict__.pop(HEAD_COPY, None)  # moved or cast: the copy would be stale
+        return super()._apply(fn, recurse)
 
     # ---- the cached forward (prefill / extend / logits: ContextTowerBase) -----------------------
     def empty_cache(self, batch: int, *, capacity: int = 64, device=None) -> KVCache:

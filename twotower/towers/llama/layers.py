@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..common import RMSNorm
+from ..inference_linear import InferenceLinear
 
 Modulation = tuple[Tensor, Tensor, Tensor]
 
@@ -98,8 +99,98 @@ def rotate(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     return x * cos.to(x.dtype) + rot * sin.to(x.dtype)
 
 
-class LlamaAttention(nn.Module):
-    """Grouped-query attention with RoPE applied to queries and keys."""
+# ---- fused projections (inference) -------------------------------------------------------------
+# A layer's q/k/v (and gate/up) projections read the same input, so one matmul over their
+# concatenated weights does the work of three (two) with one weight read and fewer per-op costs,
+# which is what dominates a batch-1 forward on a CPU. The fused weight is an inference copy held as
+# a plain attribute: the parameters, the state dict, the checkpoint format and training are those
+# of the separate projections. It is used only where no gradient is recorded (the decoders run under
+# `torch.inference_mode`), dropped by `.train()` and by anything that moves or casts the module.
+# Each output column is the same dot product either way. Whether it is summed in the same order is
+# the BLAS library's choice: on this CPU bf16 (oneDNN) gave bit-identical outputs at every width
+# tried, float32 (MKL) at SmolLM2's widths but not at every tiny one (tests/test_fused.py).
+_FUSED = "_twotower_fused"
+_PACKED_OUT = "_twotower_packed_out"
+
+
+def applied_weights(proj: nn.Module) -> tuple[Tensor, Tensor | None]:
+    """(weight, bias) that a projection applies: an nn.Linear's own, or, for a LoRA adapter
+    (`towers.adapters.LoRALinear`, anything with `merged_weight()`), its base weight plus its update."""
+    merged = getattr(proj, "merged_weight", None)
+    weight = merged() if callable(merged) else proj.weight
+    return weight.detach(), None if proj.bias is None else proj.bias.detach()
+
+
+def concat_projections(projections, *, pack: bool = False, max_rows: int | None = None) -> InferenceLinear:
+    """One projection that computes all of `projections` side by side (pack, max_rows: `InferenceLinear`)."""
+    parts = [applied_weights(p) for p in projections]
+    has_bias = [b is not None for _, b in parts]
+    if any(has_bias) and not all(has_bias):
+        raise ValueError(f"cannot fuse projections of which only some have a bias ({has_bias}); leave them unfused")
+    bias = torch.cat([b for _, b in parts]) if all(has_bias) else None
+    weight = torch.cat([w for w, _ in parts]) if len(parts) > 1 else parts[0][0]
+    return InferenceLinear(weight, bias, pack=pack, max_rows=max_rows)
+
+
+def fused_projection(module: nn.Module, x: Tensor, key: str = _FUSED) -> InferenceLinear | None:
+    """The inference copy `key` of `module` (a `Fusable`: its fused projection, or its packed output
+    projection) to apply to x, or None: none made, not for x's row count, or a gradient is being
+    recorded (training and autograd must see the separate projections)."""
+    copy = module.__dict__.get(key)
+    if copy is None or torch.is_grad_enabled() or not copy.applies(x):
+        return None
+    copy.check(x, f"{key.removeprefix('_twotower_')} copy of {type(module).__name__}")
+    return copy
+
+
+def output_projection(module: nn.Module, x: Tensor) -> Tensor:
+    """The module's `OUTPUT_PROJECTION` applied to x: through its packed copy where one serves x."""
+    copy = fused_projection(module, x, _PACKED_OUT)
+    return getattr(module, module.OUTPUT_PROJECTION)(x) if copy is None else copy(x)
+
+
+class Fusable:
+    """Mixin of a module whose projections `FUSED_PROJECTIONS` read one input: `fuse()` keeps their
+    concatenated applied weights (an inference copy, see the section comment) for the module's
+    forward to use through `fused_projection`; `unfuse()` drops it, as do `.train()` and moving or casting."""
+
+    FUSED_NAME: str = ""
+    FUSED_PROJECTIONS: tuple[str, ...] = ()
+    OUTPUT_PROJECTION: str = ""  # the projection after them (o_proj, down_proj), packed by `pack_output`
+
+    def fuse(self, *, pack: bool = False, max_rows: int | None = None) -> None:
+        """Keep the fused copy (pack, max_rows: `InferenceLinear`)."""
+        self.__dict__[_FUSED] = concat_projections([getattr(self, n) for n in self.FUSED_PROJECTIONS], pack=pack,
+                                                   max_rows=max_rows)
+
+    def pack_output(self, *, max_rows: int | None = None) -> None:
+        """Keep a packed copy of the output projection too (for a tower whose every product is packed)."""
+        self.__dict__[_PACKED_OUT] = concat_projections([getattr(self, self.OUTPUT_PROJECTION)], pack=True,
+                                                        max_rows=max_rows)
+
+    def unfuse(self) -> None:
+        self.__dict__.pop(_FUSED, None)
+        self.__dict__.pop(_PACKED_OUT, None)
+
+    @property
+    def fused_nbytes(self) -> int:
+        """Bytes of the inference copies (0 when none)."""
+        return sum(self.__dict__[k].nbytes for k in (_FUSED, _PACKED_OUT) if k in self.__dict__)
+
+    def train(self, mode: bool = True):
+        if mode:  # fused weights are inference copies: training must reach the projections themselves
+            self.unfuse()
+        return super().train(mode)
+
+    def _apply(self, fn, recurse=True):
+        self.unfuse()  # moved or cast (`.to`, `.half`, ...): the fused copy would be stale
+        return super()._apply(fn, recurse)
+
+
+class LlamaAttention(Fusable, nn.Module):
+    """Grouped-query attention with RoPE applied to queries and keys (`fuse`: one q/k/v matmul)."""
+
+    FUSED_NAME, FUSED_PROJECTIONS, OUTPUT_PROJECTION = "qkv", ("q_proj", "k_proj", "v_proj"), "o_proj"
 
     def __init__(self, config, *, qkv_bias: bool, o_bias: bool):
         super().__init__()
@@ -115,21 +206,34 @@ class LlamaAttention(nn.Module):
     def qkv(self, h: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """h (b, n, H) -> q (b, heads, n, d), k and v (b, kv_heads, n, d); q and k rotated."""
         b, n, _ = h.shape
-        q = self.q_proj(h).view(b, n, self.num_heads, self.head_dim).transpose(1, 2)
-        k = self.k_proj(h).view(b, n, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        v = self.v_proj(h).view(b, n, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        fused = fused_projection(self, h)
+        if fused is None:
+            q, k, v = self.q_proj(h), self.k_proj(h), self.v_proj(h)
+        else:  # one matmul; the split outputs are column slices of it (views, no copy)
+            q, k, v = fused(h).split(self.qkv_sizes, dim=-1)
+        q = q.view(b, n, self.num_heads, self.head_dim).transpose(1, 2)
+        k = k.view(b, n, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        v = v.view(b, n, self.num_kv_heads, self.head_dim).transpose(1, 2)
         return rotate(q, cos, sin), rotate(k, cos, sin), v
+
+    @property
+    def qkv_sizes(self) -> tuple[int, int, int]:
+        """Output widths of q_proj, k_proj and v_proj (how a fused projection splits)."""
+        return self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim, self.num_kv_heads * self.head_dim
 
     def attend(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> Tensor:
         """Softmax attention; mask bool (True = may attend), broadcastable to (b, 1, n, keys)."""
         o = F.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype), attn_mask=mask,
                                            enable_gqa=self.num_kv_heads != self.num_heads)
         b, _, n, _ = o.shape
-        return self.o_proj(o.transpose(1, 2).reshape(b, n, self.num_heads * self.head_dim))
+        return output_projection(self, o.transpose(1, 2).reshape(b, n, self.num_heads * self.head_dim))
 
 
-class LlamaMLP(nn.Module):
-    """SwiGLU: down_proj(act(gate_proj(x)) * up_proj(x)), act = config.hidden_act (silu)."""
+class LlamaMLP(Fusable, nn.Module):
+    """SwiGLU: down_proj(act(gate_proj(x)) * up_proj(x)), act = config.hidden_act (silu) (`fuse`: one
+    gate/up matmul)."""
+
+    FUSED_NAME, FUSED_PROJECTIONS, OUTPUT_PROJECTION = "gate_up", ("gate_proj", "up_proj"), "down_proj"
 
     def __init__(self, config):
         super().__init__()
@@ -144,7 +248,12 @@ class LlamaMLP(nn.Module):
         self.act = ACT2FN[config.hidden_act]
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
+        fused = fused_projection(self, x)
+        if fused is None:
+            return output_projection(self, self.act(self.gate_proj(x)) * self.up_proj(x))
+        gate, up = fused(x).chunk(2, dim=-1)  # one matmul for both
+        return output_projection(self, self.act(gate) * up)
+
 
 
 class LlamaBlock(nn.Module):

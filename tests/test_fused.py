@@ -1,0 +1,297 @@
+"""Inference copies that make a speculative iteration cheaper (`TwoTowerLM.merge_adapters`,
+`twotower.towers.adapters.merge_adapters` / `fuse_projections`): against independent references.
+
+* a merged LoRA denoiser's logits equal the unmerged adapter's (float32 within rounding; bf16 within
+  bf16 rounding, and its argmax drafts mostly agree);
+* a fused context tower's logits equal transformers' LlamaForCausalLM in float32 and the unfused
+  tower's bit for bit (float32 and bf16), prefill and extends alike, every Llama-like family;
+* speculative decoding with the merged, fused pair still equals AR token for token;
+* a packed draft (bf16 on a CPU) is the unpacked merged draft up to bf16 rounding;
+* the copies are inference-only: the state dict is unchanged, `.train()`, moving / casting and
+  `unmerge_adapters` drop them, gradients never go through them, and a stale copy is refused.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import (FAMILY_CONFIGS, MASK, autoregressive, left_pad, random_prompts, randomize_, randomize_time_,
+                      speculative)
+from transformers import LlamaForCausalLM
+
+from twotower.model import TwoTowerLM
+from twotower.towers.adapters import LoRA, LoRALinear, fuse_projections, merge_adapters, unmerge_adapters
+from twotower.towers.base import family_for
+from twotower.towers.inference_linear import HEAD_COPY, InferenceLinear, can_pack
+from twotower.towers.llama import LlamaContextTower
+from twotower.towers.llama.layers import Fusable
+
+LLAMA_LIKE = ["llama", "mistral", "qwen2"]
+
+
+def lora_pair(model_type: str = "llama", seed: int = 0, dtype=torch.float32, **overrides):
+    """(context, LoRA denoiser) with a random context, random adapters (B != 0) and random time modules."""
+    ctx = randomize_(family_for(model_type).context(FAMILY_CONFIGS[model_type](**overrides)), seed=seed).eval()
+    den = LoRA(rank=4, alpha=8.0).build(ctx).eval()
+    randomize_time_(den, seed + 1)
+    g = torch.Generator().manual_seed(seed + 2)
+    with torch.no_grad():
+        for m in den.modules():
+            if isinstance(m, LoRALinear):
+                m.lora_B.copy_(0.3 * torch.randn(m.lora_B.shape, generator=g))
+    return ctx.to(dtype), den.to(dtype)
+
+
+def draft_logits(ctx, den, seed: int = 0, S: int = 6):
+    """forward_block logits (2, S, V) of a half-masked block after a left-padded prompt batch."""
+    ids, mask = left_pad(random_prompts([9, 5], seed=seed))
+    g = torch.Generator().manual_seed(seed)
+    block = torch.randint(4, 64, (2, S), generator=g)
+    block[:, 1::2] = MASK
+    with torch.inference_mode():
+        _, cache = ctx.prefill(ids, mask)
+        return den.forward_block(block, cache, torch.tensor([0.5, 0.9]))
+
+
+def context_logits(ctx, seed: int = 0):
+    """A prefill of a left-padded batch, then extends of 7, 1, 1 and 16 tokens: all logits (2, T, V)."""
+    ids, mask = left_pad(random_prompts([12, 7], seed=seed))
+    g = torch.Generator().manual_seed(seed)
+    with torch.inference_mode():
+        out, cache = ctx.prefill(ids, mask, capacity=13)  # the cache grows on the way
+        parts = [out] + [ctx.extend(cache, torch.randint(4, 64, (2, n), generator=g)) for n in (7, 1, 1, 16)]
+    return torch.cat(parts, 1)
+
+
+# ---- merged adapters: the same draft ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize("fuse", [False, True])
+@pytest.mark.parametrize("model_type", LLAMA_LIKE)
+def test_merged_lora_denoiser_equals_the_adapter_in_float32(model_type, fuse):
+    ctx, den = lora_pair(model_type, seed=1)
+    want = draft_logits(ctx, den)
+    made = merge_adapters(den, fuse=fuse)
+    adapters = [m for m in den.modules() if isinstance(m, LoRALinear)]
+    # every projection's weight once (a fused copy holds its projections' biases too; a merged one
+    # applies the base's own bias)
+    fusable = [f for f in den.modules() if isinstance(f, Fusable)]
+    fused = {id(getattr(f, n)) for f in fusable for n in f.FUSED_PROJECTIONS} if fuse else set()
+    assert made == sum(m.weight.nbytes + (m.bias.nbytes if m.bias is not None and id(m) in fused else 0)
+                       for m in adapters)
+    unfused = 2 * FAMILY_CONFIGS[model_type]().num_hidden_layers  # o_proj and down_proj of every layer
+    assert sum(m.merged for m in adapters) == (unfused if fuse else len(adapters))
+    got = draft_logits(ctx, den)
+    assert not torch.equal(got, want)  # really another path (the merged weight is rounded once)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    unmerge_adapters(den)
+    assert not any(m.merged for m in adapters) and not any(f.fused_nbytes for f in fusable)
+    assert torch.equal(draft_logits(ctx, den), want)
+
+
+def test_merged_lora_denoiser_in_bf16_is_the_adapter_up_to_rounding():
+    ctx, den = lora_pair(seed=2, dtype=torch.bfloat16)
+    want = draft_logits(ctx, den)
+    merge_adapters(den)
+    got = draft_logits(ctx, den)
+    scale = want.abs().amax()
+    assert (got - want).abs().amax() <= 0.05 * scale  # bf16 keeps ~3 significant digits per step
+    assert (got.argmax(-1) == want.argmax(-1)).float().mean() >= 0.75
+
+
+def test_merge_adapters_on_a_full_copy_fuses_only():
+    ctx, den = lora_pair(seed=3)
+    full = family_for(ctx.config).denoiser.from_context(ctx).eval()
+    randomize_time_(full, 4)
+    want = draft_logits(ctx, full)
+    made = merge_adapters(full)
+    layer, n_layers = full.backbone.layers[0], len(full.backbone.layers)
+    fused = [layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj, layer.mlp.gate_proj, layer.mlp.up_proj]
+    head = full.lm_head.weight.nbytes if can_pack(full.lm_head.weight) else 0  # float32: no packed head
+    assert made == n_layers * sum(p.weight.nbytes for p in fused) + head
+    # fused matmuls: the same dot products (float32 BLAS may sum them in another order for another width)
+    torch.testing.assert_close(draft_logits(ctx, full), want, rtol=1e-5, atol=1e-5)
+
+
+# ---- fused context: the same numbers --------------------------------------------------------------
+
+
+def test_fused_context_equals_transformers_in_float32():
+    hf = randomize_(LlamaForCausalLM(FAMILY_CONFIGS["llama"](attention_bias=True)), seed=5).eval()
+    ctx = LlamaContextTower(hf.config).eval()
+    ctx.load_state_dict({("backbone." + k.removeprefix("model.")) if k.startswith("model.") else k: v
+                         for k, v in hf.state_dict().items()})
+    assert fuse_projections(ctx) > 0
+    ids = torch.randint(4, 64, (2, 30))
+    with torch.inference_mode():
+        torch.testing.assert_close(ctx(ids), hf(ids).logits.float(), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("model_type", LLAMA_LIKE)
+def test_fused_context_equals_unfused(model_type, dtype):
+    """bf16: every logit bit for bit (oneDNN's bf16 kernels reduce each output column alike whatever the
+    width; on this CPU). float32: MKL may order a column's sums differently for a wider matrix, so
+    the same dot products agree to float32 rounding (bit-identical at SmolLM2's widths here, not a
+    guarantee; speculative == AR holds either way, since AR and the verifier run the same tower)."""
+    ctx, _ = lora_pair(model_type, seed=6, dtype=dtype)
+    want = context_logits(ctx)
+    fuse_projections(ctx)
+    got = context_logits(ctx)
+    if dtype == torch.bfloat16:
+        assert torch.equal(got, want)
+    else:
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+# ---- decoding: still lossless ----------------------------------------------------------------------
+
+
+def test_speculative_with_merged_and_fused_towers_equals_ar():
+    ctx, den = lora_pair(seed=7)
+    model = TwoTowerLM.from_backbone(ctx, block_size=6, denoiser=LoRA(rank=4, alpha=8.0))
+    model.denoiser.load_state_dict(den.state_dict())
+    ids, mask = left_pad(random_prompts([6, 11, 3], seed=7))
+    want = autoregressive(model.context, ids, mask, max_new_tokens=20)
+    before = speculative(model.context, model.denoiser, ids, mask, max_new_tokens=20)
+    assert model.merge_adapters(fuse_context=True) > 0
+    after = speculative(model.context, model.denoiser, ids, mask, max_new_tokens=20)
+    for got in (before, after):
+        assert torch.equal(got.new_tokens, want.new_tokens)
+    assert after.blocks >= 1
+
+
+# ---- inference only ----------------------------------------------------------------------------------
+
+
+def test_copies_leave_the_state_dict_and_training_alone():
+    ctx, den = lora_pair(seed=8)
+    keys = set(den.state_dict()) | set(ctx.state_dict())
+    merge_adapters(den)
+    fuse_projections(ctx)
+    assert set(den.state_dict()) | set(ctx.state_dict()) == keys
+    # A gradient recorded through a merged / fused module reaches the adapters (the copies are skipped).
+    ids = torch.randint(4, 64, (1, 8))
+    with torch.no_grad():
+        _, cache = ctx.prefill(ids)
+    x = torch.full((1, 4), MASK)
+    den.forward_block(x, cache, torch.tensor([1.0])).sum().backward()
+    assert all(m.lora_B.grad is not None and m.lora_B.grad.abs().sum() > 0
+               for m in den.modules() if isinstance(m, LoRALinear))
+    den.train()
+    ctx.train()
+    assert not any(m.merged for m in den.modules() if isinstance(m, LoRALinear))
+    assert not any(m.fused_nbytes for tower in (den, ctx) for m in tower.modules() if isinstance(m, Fusable))
+
+
+def test_moving_drops_the_copies_and_a_stale_one_is_refused():
+    ctx, den = lora_pair(seed=9)
+    merge_adapters(den)
+    den.to(torch.float64)  # the adapters and time modules move; the borrowed base does not
+    assert not any(m.merged for m in den.modules() if isinstance(m, LoRALinear))
+    ctx, den = lora_pair(seed=9)
+    merge_adapters(den)
+    ctx.to(torch.bfloat16)  # the borrowed weights were cast under the denoiser's merged copies
+    den.time.to(torch.bfloat16)
+    with pytest.raises(RuntimeError, match="merge_adapters"):
+        draft_logits(ctx, den)
+
+
+def test_merge_adapters_refuses_a_quantized_model():
+    ctx, den = lora_pair(seed=10)
+    model = TwoTowerLM.from_backbone(ctx, block_size=6, denoiser=LoRA(rank=4, alpha=8.0))
+    model.quantization = "int8"
+    with pytest.raises(ValueError, match="quantized"):
+        model.merge_adapters()
+
+
+# ---- packed (oneDNN, bf16 on a CPU): the draft only ------------------------------------------------
+
+
+@pytest.mark.skipif(not can_pack(torch.zeros(1, dtype=torch.bfloat16)), reason="this torch cannot pre-pack bf16 weights")
+def test_packed_draft_equals_the_unpacked_merged_draft_up_to_bf16_rounding():
+    ctx, den = lora_pair(seed=11, dtype=torch.bfloat16)
+    adapter = draft_logits(ctx, den)
+    merge_adapters(den, pack=False)
+    want = draft_logits(ctx, den)
+    made_plain = merge_adapters(den, pack=False)
+    made = merge_adapters(den, pack=True)
+    assert den.__dict__.get(HEAD_COPY) is not None and made == made_plain + den.lm_head.weight.nbytes
+    assert all(m.__dict__["_twotower_fused"].packed for m in den.modules() if isinstance(m, Fusable))
+    got = draft_logits(ctx, den)
+    assert (got - want).abs().amax() <= 0.02 * want.abs().amax()
+    assert (got.argmax(-1) == want.argmax(-1)).float().mean() >= 0.9
+    den.train()
+    assert den.__dict__.get(HEAD_COPY) is None
+    den.eval()
+    assert torch.equal(draft_logits(ctx, den), adapter)  # every copy gone: the adapter itself again
+
+
+def test_inference_linear_unpacked_is_f_linear_and_packing_falls_back_in_float32():
+    w, b, x = torch.randn(24, 16), torch.randn(24), torch.randn(2, 5, 16)
+    plain = InferenceLinear(w, b, pack=True)  # float32: nothing to pack
+    assert not plain.packed and torch.equal(plain(x), torch.nn.functional.linear(x, w, b))
+    with pytest.raises(RuntimeError, match="merge_adapters"):
+        plain.check(x.double(), "test copy")
+
+
+@pytest.mark.skipif(not can_pack(torch.zeros(1, dtype=torch.bfloat16)), reason="this torch cannot pre-pack bf16 weights")
+@pytest.mark.parametrize("model_type", LLAMA_LIKE)
+def test_packed_context_steps_are_the_unpacked_ones_and_prefills_stay_unpacked(model_type):
+    """pack_context packs only inputs of <= 16 rows (AR steps, verifies of one row); on this CPU those
+    gave the unpacked tower's bits; a longer prefill runs the modules themselves."""
+    ctx, _ = lora_pair(model_type, seed=12, dtype=torch.bfloat16)
+    want = context_logits(ctx)  # a 2-row prefill of 12 (24 rows: unpacked), extends of 14, 2, 2 and 32 rows
+    ids = torch.randint(4, 64, (1, 40), generator=torch.Generator().manual_seed(12))
+
+    def one_row():
+        with torch.inference_mode():
+            out, cache = ctx.prefill(ids[:, :20])
+            return torch.cat([out] + [ctx.extend(cache, ids[:, a:b]) for a, b in ((20, 21), (21, 37), (37, 38))], 1)
+
+    alone = one_row()
+    assert fuse_projections(ctx, pack=True, max_rows=16) > 0 and ctx.__dict__.get(HEAD_COPY) is not None
+    torch.testing.assert_close(context_logits(ctx), want, rtol=0.02, atol=0.02)
+    got = one_row()
+    assert torch.equal(got[:, :20], alone[:, :20])  # 20 rows: the unpacked modules ran
+    torch.testing.assert_close(got, alone, rtol=0.02, atol=0.02)
+    fuse_projections(ctx, fuse=False)
+    assert ctx.__dict__.get(HEAD_COPY) is None and torch.equal(one_row(), alone)
+
+
+@pytest.mark.skipif(not can_pack(torch.zeros(1, dtype=torch.bfloat16)), reason="this torch cannot pre-pack bf16 weights")
+def test_speculative_with_packed_towers_equals_ar_with_the_same_towers():
+    ctx, den = lora_pair(seed=13, dtype=torch.bfloat16)
+    model = TwoTowerLM.from_backbone(ctx, block_size=6, denoiser=LoRA(rank=4, alpha=8.0))
+    model.denoiser.load_state_dict(den.state_dict())
+    model.merge_adapters(pack_context=True)
+    ids, mask = left_pad(random_prompts([6, 11, 3], seed=13))
+    for r in range(3):  # batch 1: every step and verify is packed
+        row = ids[r: r + 1, mask[r].bool()]
+        want = autoregressive(model.context, row, max_new_tokens=20)
+        got = speculative(model.context, model.denoiser, row, max_new_tokens=20)
+        assert torch.equal(got.new_tokens, want.new_tokens)
+
+
+@pytest.mark.skipif(not can_pack(torch.zeros(1, dtype=torch.bfloat16)), reason="this torch cannot pre-pack bf16 weights")
+def test_a_packed_copy_refuses_to_be_copied_and_an_unmerged_model_copies():
+    import copy
+
+    ctx, den = lora_pair(seed=14, dtype=torch.bfloat16)
+    merge_adapters(den)
+    with pytest.raises(TypeError, match="unmerge_adapters"):
+        copy.deepcopy(den)
+    unmerge_adapters(den)
+    assert torch.equal(draft_logits(ctx, copy.deepcopy(den)), draft_logits(ctx, den))
+
+
+@pytest.mark.skipif(not can_pack(torch.zeros(1, dtype=torch.bfloat16)), reason="this torch cannot pre-pack bf16 weights")
+def test_a_packed_full_copy_packs_every_product_and_drafts_alike():
+    ctx, _ = lora_pair(seed=15, dtype=torch.bfloat16)
+    full = family_for(ctx.config).denoiser.from_context(ctx).eval()
+    want = draft_logits(ctx, full)
+    made = merge_adapters(full)
+    projections = [m for m in full.backbone.modules() if isinstance(m, torch.nn.Linear)] + [full.lm_head]
+    assert made == sum(p.weight.nbytes for p in projections)  # every projection and the head, once
+    got = draft_logits(ctx, full)
+    assert (got - want).abs().amax() <= 0.02 * want.abs().amax()
