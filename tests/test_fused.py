@@ -295,3 +295,54 @@ def test_a_packed_full_copy_packs_every_product_and_drafts_alike():
     assert made == sum(p.weight.nbytes for p in projections)  # every projection and the head, once
     got = draft_logits(ctx, full)
     assert (got - want).abs().amax() <= 0.02 * want.abs().amax()
+
+
+# ---- the option in predict and serve -----------------------------------------------------------------
+
+
+def saved_lora_model(tmp_path, seed: int = 11):
+    """A LoRA two-tower model over a tiny saved Llama backbone, its adapters random (B != 0), saved
+    to tmp_path/lora; (path, the model)."""
+    from conftest import save_chat_llama
+
+    model = TwoTowerLM.from_backbone(save_chat_llama(tmp_path / "backbone", seed=seed), block_size=6,
+                                     denoiser=LoRA(rank=4, alpha=8.0)).eval()
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in model.denoiser.modules():
+            if isinstance(m, LoRALinear):
+                m.lora_B.copy_(0.3 * torch.randn(m.lora_B.shape, generator=g))
+    model.save_pretrained(tmp_path / "lora")
+    return tmp_path / "lora", model
+
+
+def merged(model) -> bool:
+    return any(m.merged for m in model.denoiser.modules() if isinstance(m, LoRALinear))
+
+
+def test_serve_settings_merge_adapters_makes_the_copies_at_load(tmp_path):
+    from twotower.serving.app import load_model
+    from twotower.serving.requests import ServeSettings
+
+    path, _ = saved_lora_model(tmp_path)
+    assert not merged(load_model(ServeSettings(model=str(path))))
+    model = load_model(ServeSettings(model=str(path), merge_adapters=True))
+    assert merged(model)
+    ids, mask = left_pad(random_prompts([5, 8], seed=3))
+    want = autoregressive(model.context, ids, mask, max_new_tokens=12)
+    assert torch.equal(speculative(model.context, model.denoiser, ids, mask, max_new_tokens=12).new_tokens,
+                       want.new_tokens)
+
+
+def test_predict_merge_adapters_makes_the_copies_when_prediction_starts(tmp_path):
+    from twotower.inference import GenerationModule
+
+    path, _ = saved_lora_model(tmp_path)
+    plain = GenerationModule(str(path), decoder="speculative")
+    module = GenerationModule(str(path), decoder="speculative", merge_adapters=True)
+    assert not merged(module.model)  # not at construction: Lightning moves the module before predicting
+    module.on_predict_start()
+    assert merged(module.model)
+    # Recorded with the predictions (a resumed file must use the same setting), absent when off.
+    assert module.prediction_settings()["merge_adapters"] is True
+    assert "merge_adapters" not in plain.prediction_settings()

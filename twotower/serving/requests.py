@@ -85,6 +85,9 @@ class ServeSettings:
             never, can hold: uvicorn has no header timeout, so a public server wants a reverse
             proxy in front for that. None = no bound.
         docs: serve /docs, /redoc and /openapi.json.
+        merge_adapters: make the denoiser's inference copies at load (`TwoTowerLM.merge_adapters()`:
+            LoRA merged, projections fused, bf16 weights pre-packed on a CPU): cheaper speculative
+            drafts for about one more backbone of memory; the context tower is untouched.
     """
 
     model: str = "embedded"
@@ -117,6 +120,7 @@ class ServeSettings:
     body_timeout_s: float = 30.0
     max_connections: int | None = 1024
     docs: bool = False
+    merge_adapters: bool = False
 
     def limits(self, model_block_size: int | None) -> "Limits":
         """The per-request ranges this server enforces, for a model trained with `model_block_size`."""
