@@ -112,7 +112,7 @@ class Draft:
 
 def draft(model, cache, first: int, n: int) -> Draft:
     """`draft_one_step`'s draft (the default `Speculative`'s), keeping the top two per position."""
-    mask_id = model.config.mask_token_id
+    mask_id = model.mask_token_id
     x = torch.full((1, n), mask_id, dtype=torch.long)
     x[0, 0] = first
     t = torch.full((1,), (n - 1) / n)
@@ -227,6 +227,33 @@ def real_prompts(model, args) -> tuple[list[torch.Tensor], int | None]:
     return [torch.tensor(p) for p in out], tok.eos_token_id
 
 
+def references(model, prompts: list[torch.Tensor], eos: int | None, N: int, n: int, reuse: str | None):
+    """Per prompt (AR's output (N + n,), -1 after EOS, and the count the loop runs to), and the
+    speculative loop's generated tokens and denoiser forwards. `reuse`: a file that keeps them, so a
+    rerun over the same prompts skips the slow part (it is checked against the prompts)."""
+    if reuse and Path(reuse).exists():
+        saved = torch.load(reuse)
+        if len(saved["prompts"]) == len(prompts) and all(torch.equal(a, b) for a, b in zip(saved["prompts"], prompts)):
+            return saved["truths"], saved["spec_tokens"], saved["spec_nfe"]
+        print(f"--reuse {reuse}: other prompts; computing afresh", file=sys.stderr)
+    truths, spec_tokens, spec_nfe = [], 0, 0
+    for pr in prompts:
+        # AR's output, n past max_new_tokens so the last drafts are scored in full; -1 after EOS.
+        out = Autoregressive().generate(model, pr[None], max_new_tokens=N + n, eos_token_id=eos)
+        t = torch.full((N + n,), -1, dtype=torch.long)
+        g = int(out.num_generated[0])
+        t[:g] = out.new_tokens[0, :g]
+        truths.append((t, min(N, g)))
+        s = Speculative().generate(model, pr[None], max_new_tokens=N, eos_token_id=eos)
+        if not torch.equal(s.new_tokens[0, :int(s.num_generated[0])], t[:min(N, g)]):
+            print("warning: Speculative's output differs from AR's on a prompt", file=sys.stderr)
+        spec_tokens += int(s.num_generated[0])
+        spec_nfe += int(s.nfe[0])
+    if reuse:
+        torch.save({"prompts": prompts, "truths": truths, "spec_tokens": spec_tokens, "spec_nfe": spec_nfe}, reuse)
+    return truths, spec_tokens, spec_nfe
+
+
 # ---- report -----------------------------------------------------------------------------------
 def summarize(base: list[Trace], exact: dict[str, list[Trace]], spec_tpi: float) -> dict:
     base_keeps = [k for t in base for k in t.keeps]
@@ -285,6 +312,7 @@ def main(argv=None) -> int:
     p.add_argument("--exact", nargs="*", default=None,
                    help="policies to re-run as an exact loop (default: all)")
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--reuse", help="keep AR's and Speculative's results in this file and read them on a rerun")
     p.add_argument("--out")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -298,19 +326,7 @@ def main(argv=None) -> int:
     source = args.source if args.source != "auto" else ("bytes" if model.config.vocab_size <= 512 else "real")
     with torch.inference_mode():
         prompts, eos = (byte_prompts if source == "bytes" else real_prompts)(model, args)
-        truths, spec_tokens, spec_nfe = [], 0, 0
-        for pr in prompts:
-            # AR's output, n past max_new_tokens so the last drafts are scored in full; -1 after EOS.
-            out = Autoregressive().generate(model, pr[None], max_new_tokens=N + n, eos_token_id=eos)
-            t = torch.full((N + n,), -1, dtype=torch.long)
-            g = int(out.num_generated[0])
-            t[:g] = out.new_tokens[0, :g]
-            truths.append((t, min(N, g)))
-            s = Speculative().generate(model, pr[None], max_new_tokens=N, eos_token_id=eos)
-            if not torch.equal(s.new_tokens[0, :int(s.num_generated[0])], t[:min(N, g)]):
-                print("warning: Speculative's output differs from AR's on a prompt", file=sys.stderr)
-            spec_tokens += int(s.num_generated[0])
-            spec_nfe += int(s.nfe[0])
+        truths, spec_tokens, spec_nfe = references(model, prompts, eos, N, n, args.reuse)
         print(f"{len(prompts)} prompts, AR + speculative in {time.perf_counter() - t0:.0f}s", file=sys.stderr)
         base = [replay(model, pr, t, g, n, None) for pr, (t, g) in zip(prompts, truths)]
         exact = {}
