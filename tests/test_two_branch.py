@@ -314,3 +314,23 @@ def test_bad_arguments_and_registry():
     ctx, den = make_towers(seed=1)
     with pytest.raises(ValueError, match="block_size >= 3"):
         two_branch(ctx, den, torch.randint(4, 64, (1, 4)), block_size=2)
+
+
+@pytest.mark.parametrize("prompt_len", [5, 9, 13, 15])
+def test_two_branch_fits_a_request_that_ends_at_a_sliding_window(prompt_len):
+    """The tree takes up to 2n - 1 slots: next to Mistral's window the block shrinks, then the last
+    iterations verify plain drafts; greedy output stays AR's up to the window's last position."""
+    from conftest import tiny_mistral_config
+
+    from twotower.decoding import Autoregressive
+    from twotower.model import TwoTowerLM
+    from twotower.tokenizers import BYTE_TOKENIZER, ByteTokenizer
+
+    torch.manual_seed(0)
+    config = tiny_mistral_config(vocab_size=ByteTokenizer().vocab_size, sliding_window=16, tokenizer=BYTE_TOKENIZER)
+    model = TwoTowerLM(config, block_size=4).eval()
+    ids = torch.randint(4, 200, (1, prompt_len), generator=torch.Generator().manual_seed(prompt_len))
+    with torch.inference_mode():
+        got = model.generate(ids, decoder=TwoBranchSpeculative(block_size=4), max_new_tokens=16 - prompt_len)
+        want = model.generate(ids, decoder=Autoregressive(), max_new_tokens=16 - prompt_len)
+    assert torch.equal(got.new_tokens, want.new_tokens)
