@@ -25,7 +25,8 @@ Policies: `lowest` (the least confident drafted position), `first<c` (the first 
 whose confidence is below c; no branch when there is none), `likeliest` (argmax_j of P(first
 rejection at j) = prod_{k<j} c_k (1 - c_j), c the draft's confidences), `expected` (argmax_j of
 prod_{k<j} c_k q_j (1 + sum_{m>j} prod_{j<k<=m} c_k), q the runner-up's probability: the expected
-extra tokens, with confidences read as probabilities), and two ceilings: `oracle-j` (j = the true
+extra tokens, with confidences read as probabilities), `likeliest/L` (that j, branch 2 cut to L
+positions: less verify work), and two ceilings: `oracle-j` (j = the true
 rejection point, the runner-up token) and `oracle-token` (j = the rejection point and AR's token
 there: the most any one-position second branch can add).
 
@@ -93,9 +94,11 @@ def oracle_j(c, q, reject):
     return reject
 
 
+# "<rule>/<L>": the same j, with branch 2 cut to its first L positions (j .. j+L-1): less verify work.
 POLICIES: dict[str, Policy] = {"lowest": lowest, "first<0.5": first_below(0.5), "first<0.7": first_below(0.7),
-                               "first<0.9": first_below(0.9), "likeliest": likeliest, "expected": expected,
-                               "oracle-j": oracle_j, "oracle-token": oracle_j}
+                               "first<0.9": first_below(0.9), "likeliest": likeliest, "likeliest/4": likeliest,
+                               "likeliest/8": likeliest, "expected": expected, "oracle-j": oracle_j,
+                               "oracle-token": oracle_j}
 
 
 # ---- one iteration ----------------------------------------------------------------------------
@@ -151,10 +154,12 @@ def with_branch(d: Draft, truth: torch.Tensor, name: str) -> Outcome:
     j = POLICIES[name](d.c, d.q, reject)
     if j is None:
         return Outcome(keep1, None, 0, False, False)
+    rule, _, cap = name.partition("/")
+    length = min(n - j, int(cap)) if cap else n - j  # branch 2's verified positions j .. j+length-1
     y = d.x.clone()
-    y[j] = truth[j] if name == "oracle-token" else d.r[j]
-    keep2 = accepted(y, truth)
-    return Outcome(max(keep1, keep2), j, n - j, j == reject, j == reject and bool(y[j] == truth[j]))
+    y[j] = truth[j] if rule == "oracle-token" else d.r[j]
+    keep2 = min(accepted(y, truth), j + length)
+    return Outcome(max(keep1, keep2), j, length, j == reject, j == reject and bool(y[j] == truth[j]))
 
 
 # ---- the loop ---------------------------------------------------------------------------------

@@ -30,12 +30,13 @@ def towers_for(kind: str, regime: dict | None = None):
 KINDS = ["nemotron:MMM", "nemotron:*-*", "nemotron:M*-EM*E", "llama", "qwen2", "mistral"]
 
 
-def draw(seed: int = 0):
-    """Left-padded prompts, a main block and a second branch (tokens for block positions j.., padded)."""
+def draw(seed: int = 0, length: int | None = None):
+    """Left-padded prompts, a main block and a second branch (tokens for block positions j.., padded;
+    at most `length` of them)."""
     ids, mask = left_pad(random_prompts([5, 9, 7, 6], seed=seed))
     g = torch.Generator().manual_seed(seed + 1)
     main = torch.randint(4, 64, (4, N), generator=g)
-    layout = tree_layout(J, N)
+    layout = tree_layout(J, N, length)
     branch = torch.randint(4, 64, (4, layout.m), generator=g)
     branch[~layout.branch_valid] = 0  # padding slots: any id
     return ids, mask, main, branch, layout
@@ -49,7 +50,7 @@ def reference_cache(ctx, ids, mask, r):
 def branch_tokens(main, branch, layout, r):
     """Row r's second branch as a plain block: main[:j] then the branch's tokens."""
     j = int(layout.j[r])
-    return torch.cat([main[r, :j], branch[r, :N - j]])[None]
+    return torch.cat([main[r, :j], branch[r, :int(layout.branch_valid[r].sum())]])[None]
 
 
 def test_tree_mask_separates_the_branches():
@@ -65,12 +66,15 @@ def test_tree_layout_refuses_bad_positions():
         tree_layout(torch.tensor([0, 2]), 6)
     with pytest.raises(ValueError, match="long"):
         tree_layout(torch.tensor([1.0]), 6)
+    layout = tree_layout(torch.tensor([1, 4]), 6, 3)
+    assert layout.m == 3 and layout.branch_valid.tolist() == [[True] * 3, [True, True, False]]
 
 
+@pytest.mark.parametrize("length", [None, 2])
 @pytest.mark.parametrize("kind", KINDS)
-def test_tree_verify_equals_plain_forwards_of_each_branch(kind):
+def test_tree_verify_equals_plain_forwards_of_each_branch(kind, length):
     ctx, _ = towers_for(kind)
-    ids, mask, main, branch, layout = draw()
+    ids, mask, main, branch, layout = draw(length=length)
     with torch.inference_mode():
         _, cache = ctx.prefill(ids, mask, logits="none")
         logits = tree_extend(ctx, cache, main, branch, layout)
@@ -79,7 +83,8 @@ def test_tree_verify_equals_plain_forwards_of_each_branch(kind):
             ref_main = ctx.extend(reference_cache(ctx, ids, mask, r), main[r:r + 1])[0]
             ref_branch = ctx.extend(reference_cache(ctx, ids, mask, r), branch_tokens(main, branch, layout, r))[0]
             torch.testing.assert_close(logits[r, :N], ref_main, rtol=1e-4, atol=1e-4)
-            torch.testing.assert_close(logits[r, N:N + N - j], ref_branch[j:], rtol=1e-4, atol=1e-4)
+            size = int(layout.branch_valid[r].sum())
+            torch.testing.assert_close(logits[r, N:N + size], ref_branch[j:], rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize("regime", list(DT_REGIMES), ids=list(DT_REGIMES))
@@ -96,14 +101,16 @@ def test_mamba_branch_state_in_every_dt_regime(regime):
             torch.testing.assert_close(logits[r, N:N + N - j], ref[j:], rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("length,keep", [(None, [4, 2, 6, 2]), (2, [3, 5, 6, 4])])
 @pytest.mark.parametrize("kind", KINDS)
-def test_accepting_either_branch_equals_appending_only_the_kept_tokens(kind):
-    """Rows take the main block or the second branch and keep different lengths (0 .. N); then the
-    context tower's next extend and the denoiser's next block equal a cache of the kept tokens."""
+def test_accepting_either_branch_equals_appending_only_the_kept_tokens(kind, length, keep):
+    """Rows take the main block or the second branch and keep different lengths (up to j + the
+    branch's length); then the context tower's next extend and the denoiser's next block equal a
+    cache of the kept tokens."""
     ctx, den = towers_for(kind)
-    ids, mask, main, branch, layout = draw(seed=5)
-    take = torch.tensor([True, False, True, True])
-    keep = torch.tensor([4, 2, 6, 2])  # a taken branch keeps past its j (1, 5, 2); row 1 keeps the main block
+    ids, mask, main, branch, layout = draw(seed=5, length=length)
+    take = torch.tensor([True, False, True, True])  # rows 0, 2, 3 take the branch at j = 1, 5, 2
+    keep = torch.tensor(keep)
     after = torch.randint(4, 64, (4, 3))
     nxt = torch.randint(4, 64, (4, N))
     t = torch.full((4,), 0.5)
@@ -145,8 +152,9 @@ from twotower.decoding.two_branch import branch_position, draft_with_runner_up  
 
 
 def two_branch(ctx, den, ids, mask=None, *, block_size: int = 6, max_new_tokens: int = 21, branch_at="likeliest",
-               temperature: float = 0.0, **call):
-    decoder = TwoBranchSpeculative(branch_at, block_size=block_size, temperature=temperature)
+               branch_len: int | None = None, temperature: float = 0.0, **call):
+    """TwoBranchSpeculative (block 6) on bare towers."""
+    decoder = TwoBranchSpeculative(branch_at, branch_len, block_size=block_size, temperature=temperature)
     return run_decoder(decoder, ctx, den, ids, mask, max_new_tokens=max_new_tokens, **call)
 
 
@@ -187,9 +195,9 @@ def test_two_branch_output_is_the_ar_output_in_every_family(family):
     ctx, den = make_family_towers(family, seed=6)
     ids, mask = left_pad(random_prompts([4, 9, 6], seed=6))
     ar = autoregressive(ctx, ids, mask, max_new_tokens=21, pad_token_id=PAD)
-    for rule in ("likeliest", "expected", 0.6):
-        out = two_branch(ctx, den, ids, mask, branch_at=rule)
-        assert torch.equal(out.new_tokens, ar.new_tokens), rule
+    for rule, length in (("likeliest", None), ("expected", 3), (0.6, None)):
+        out = two_branch(ctx, den, ids, mask, branch_at=rule, branch_len=length)
+        assert torch.equal(out.new_tokens, ar.new_tokens), (rule, length)
         assert out.blocks >= math.ceil(21 / 6)
 
 
@@ -217,6 +225,9 @@ def test_a_right_second_branch_is_kept_whole(kind, shifted, seed):
     out = two_branch(ctx, drafter, ids, mask, shifted=shifted, max_new_tokens=24, branch_at="lowest")
     assert torch.equal(out.new_tokens, ar.new_tokens)
     assert out.blocks == 4  # 6 tokens per iteration
+    short = run_decoder(TwoBranchSpeculative("lowest", branch_len=2, block_size=6), ctx, drafter, ids, mask,
+                        max_new_tokens=24, shifted=shifted)
+    assert torch.equal(short.new_tokens, ar.new_tokens) and short.blocks == 6  # positions 0 .. 3: 4 per iteration
     spec = run_decoder(Speculative(block_size=6), ctx, drafter, ids, mask, max_new_tokens=24, shifted=shifted)
     assert torch.equal(spec.new_tokens, ar.new_tokens) and spec.blocks == 12
 
@@ -310,6 +321,8 @@ def test_bad_arguments_and_registry():
         TwoBranchSpeculative("middle")
     with pytest.raises(ValueError, match="got 1.5"):
         TwoBranchSpeculative(1.5)
+    with pytest.raises(ValueError, match="branch_len must be an int >= 1 .*got 0"):
+        TwoBranchSpeculative(branch_len=0)
     assert isinstance(build_decoder("two_branch"), TwoBranchSpeculative)
     ctx, den = make_towers(seed=1)
     with pytest.raises(ValueError, match="block_size >= 3"):

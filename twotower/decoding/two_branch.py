@@ -97,15 +97,19 @@ class TwoBranchSpeculative(Speculative):
         branch_at: where the second branch forks: "likeliest" (default; where the draft's first
             rejection is likeliest), "lowest" (the least confident position), "expected" (the most
             expected extra tokens) or a float in (0, 1): the first position less confident than it.
+        branch_len: verify only the second branch's first `branch_len` positions (j .. j+branch_len-1;
+            None: to the block's end). The branch rarely runs long, so a short one keeps most of the
+            gain for a fraction of the extra verify positions (benchmarks/two_branch_potential.py).
         block_size / temperature / top_k / top_p / logits_processors / batch_block_size: as `Speculative`.
 
     One-step greedy drafts only (no `draft_steps` > 1, no `draft_cut`). The context tower's family
     needs a tree verify (NemotronH, Llama, Qwen2, Mistral). Output: `Autoregressive`'s.
     """
 
-    def __init__(self, branch_at: str | float = "likeliest", block_size: int | None = None, temperature: float = 0.0,
-                 top_k: int | None = None, top_p: float | None = None,
-                 logits_processors: Sequence[LogitsProcessor] | None = None, batch_block_size: int | None = None):
+    def __init__(self, branch_at: str | float = "likeliest", branch_len: int | None = None,
+                 block_size: int | None = None, temperature: float = 0.0, top_k: int | None = None,
+                 top_p: float | None = None, logits_processors: Sequence[LogitsProcessor] | None = None,
+                 batch_block_size: int | None = None):
         super().__init__(block_size=block_size, temperature=temperature, top_k=top_k, top_p=top_p,
                          logits_processors=logits_processors, batch_block_size=batch_block_size)
         threshold = isinstance(branch_at, float) and 0 < branch_at < 1
@@ -113,12 +117,17 @@ class TwoBranchSpeculative(Speculative):
             raise ValueError(f"branch_at must be one of {', '.join(map(repr, BRANCH_RULES))} or a float in (0, 1) "
                              f"(a confidence threshold), got {branch_at!r}")
         self.branch_at = branch_at
+        if branch_len is not None and (isinstance(branch_len, bool) or not isinstance(branch_len, int)
+                                       or branch_len < 1):
+            raise ValueError(f"branch_len must be an int >= 1 (positions of the second branch to verify) or None "
+                             f"(to the block's end), got {branch_len!r}")
+        self.branch_len = branch_len
 
     def extra_repr(self) -> str:
-        return f"branch_at={self.branch_at!r}, " + super().extra_repr()
+        return f"branch_at={self.branch_at!r}, branch_len={self.branch_len}, " + super().extra_repr()
 
     def rule_key(self) -> tuple:
-        return (type(self).__qualname__, self.branch_at)
+        return (type(self).__qualname__, self.branch_at, self.branch_len)
 
     def check_call(self, call) -> None:
         super().check_call(call)
@@ -148,7 +157,7 @@ class TwoBranchSpeculative(Speculative):
         x, alt, c, q = (t.to(call.ctx_device) for t in drafted)
         n = x.shape[1]
         j = branch_position(self.branch_at, c, q)
-        layout = tree_layout(j, n)  # one host read: the branch width
+        layout = tree_layout(j, n, self.branch_len)  # one host read: the branch width
         e = x.gather(1, layout.block_pos[:, n:])  # the branch's tokens: d's after j ...
         e[:, 0] = alt.gather(1, (j - 1)[:, None]).squeeze(1)  # ... and the runner-up at j
         logits = tree_extend(context, state.cache, x, e, layout)  # (R, n + m, V)

@@ -5,8 +5,9 @@ position j (per row, 1 <= j <= n-1): e_j .. e_{n-1}, sharing d_0 .. d_{j-1}. One
 the cache takes n + m provisional slots (m = n - min(j), the longest branch),
 
     slots offset .. offset+n-1        the main block, causal as in a plain extend;
-    slots offset+n .. offset+n+m-1    branch position j+k in slot offset+n+k (k < n - j; the rest of a
-                                      row's m slots is padding, masked out),
+    slots offset+n .. offset+n+m-1    branch position j+k in slot offset+n+k (k < n - j, or fewer
+                                      when branches are cut short; the rest of a row's m slots is
+                                      padding, masked out),
 
 and a tree mask: a branch query sees the cache, the main block before j and the branch up to itself;
 a main query never sees a branch slot. Recurrent layers cannot read a mask; each family runs them
@@ -42,18 +43,21 @@ class TreeLayout:
     block_pos: Tensor
 
 
-def tree_layout(j: Tensor, n: int) -> TreeLayout:
-    """The layout for branch positions j (R,) (long, each in [1, n - 1]) of an n-position block.
-    One host read: the branch width m = n - min(j)."""
+def tree_layout(j: Tensor, n: int, length: int | None = None) -> TreeLayout:
+    """The layout for branch positions j (R,) (long, each in [1, n - 1]) of an n-position block, each
+    branch covering positions j .. n-1, or only its first `length` of them (>= 1; None: all).
+    One host read: the branch width m = min(n - min(j), length)."""
     if j.dtype != torch.long or j.dim() != 1:
         raise ValueError(f"j must be a (R,) long tensor of branch positions, got {j.dtype} {tuple(j.shape)}")
     lo, hi = (int(v) for v in torch.aminmax(j))
     if lo < 1 or hi > n - 1:
         raise ValueError(f"branch positions must lie in [1, {n - 1}] (position 0 is the context tower's own "
                          f"token, and a branch needs a position), got [{lo}, {hi}]")
-    m = n - lo
+    if length is not None and not (isinstance(length, int) and length >= 1):
+        raise ValueError(f"a branch length must be an int >= 1 (None: to the block's end), got {length!r}")
+    m = n - lo if length is None else min(n - lo, length)
     k = torch.arange(m, device=j.device)
-    branch_valid = k[None, :] < (n - j)[:, None]
+    branch_valid = k[None, :] < (n - j if length is None else (n - j).clamp(max=length))[:, None]
     block_pos = torch.cat([torch.arange(n, device=j.device).expand(j.shape[0], n),
                            (j[:, None] + k[None, :]).clamp(max=n - 1)], dim=1)
     return TreeLayout(n, m, j, branch_valid, block_pos)
@@ -86,11 +90,12 @@ def tree_mask(layout: TreeLayout, prefix_valid: Tensor) -> Tensor:
 
 def source_slots(layout: TreeLayout, take: Tensor) -> Tensor:
     """(R, n) long: for each block position p, the slot (0 .. n+m-1, relative to the block) that holds
-    the row's winner there: the branch's slot n + p - j where take[r] and p >= j, else p."""
+    the row's winner there: the branch's slot n + p - j where take[r] and p >= j, else p. Past a
+    short branch's end (never kept) the last slot stands in."""
     p = torch.arange(layout.n, device=take.device)[None, :]
     j = layout.j[:, None]
     from_branch = take[:, None] & (p >= j)
-    return torch.where(from_branch, layout.n + p - j, p)
+    return torch.where(from_branch, (layout.n + p - j).clamp(max=layout.n + layout.m - 1), p)
 
 
 def take_branch(cache: KVBuffers, layout: TreeLayout, take: Tensor, start: int) -> Tensor:
