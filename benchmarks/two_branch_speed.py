@@ -29,9 +29,12 @@ from twotower.model import TwoTowerLM  # noqa: E402
 
 
 def modes(rules: list[str]) -> dict:
+    """AR, Speculative and one TwoBranchSpeculative per rule: "<branch_at>[/<branch_len>]"."""
     out = {"ar": Autoregressive(), "spec": Speculative()}
     for r in rules:
-        out[f"two_branch_{r}"] = TwoBranchSpeculative(float(r) if r[0].isdigit() else r)
+        at, _, length = r.partition("/")
+        out[f"two_branch_{r}"] = TwoBranchSpeculative(float(at) if at[0].isdigit() else at,
+                                                      int(length) if length else None)
     return out
 
 
@@ -45,7 +48,7 @@ def main(argv=None) -> int:
     p.add_argument("--per-kind", type=int, default=4)
     p.add_argument("--prompt-tokens", type=int, default=48)
     p.add_argument("--max-new-tokens", type=int, default=64)
-    p.add_argument("--rules", nargs="+", default=["likeliest"], help="branch_at values (a float: a threshold)")
+    p.add_argument("--rules", nargs="+", default=["likeliest", "likeliest/4"], help="branch_at[/branch_len] values (a float: a threshold)")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out")
     args = p.parse_args(argv)
