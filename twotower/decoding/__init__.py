@@ -7,12 +7,13 @@
 |---|---|
 | `MaskDiffusion` | block mask diffusion: the denoiser fills each block over a few steps, a `Sampler` commits |
 | `Speculative` | lossless: the denoiser drafts a block, the context tower keeps what it agrees with |
+| `TwoBranchSpeculative` | lossless `Speculative` that also verifies the draft's runner-up at its likeliest rejection point, in the same forward (tree mask) |
 | `TolerantSpeculative` | `Speculative` that also keeps drafted tokens the context tower finds nearly as likely as its own (not lossless) |
 | `MockAR` | the released mock-AR mode: one clean token per denoiser forward, no time conditioning |
 | `Autoregressive` | the context tower alone, one token per forward (the baseline) |
 
 A recipe picks one by `class_path` (`decoder: {class_path: twotower.decoding.Speculative}`) or by
-a registered name (`register_decoder`: "speculative", "diffusion", "ar", "mock_ar", "tolerant", ...;
+a registered name (`register_decoder`: "speculative", "diffusion", "ar", "mock_ar", "tolerant", "two_branch", ...;
 predict, serve and eval share the one registry). A decoder of your own subclasses `Decoder` and
 implements the state machine `prefill` / `advance` (see `base.py`): `generate` and the server both
 drive it. Nothing here imports Lightning. Layout: `base.py` (the interface and its checks),
@@ -33,12 +34,13 @@ from .speculative import Speculative, draft_one_step
 from .stopping import StopCriterion, StopStrings
 from .tolerant import TolerantSpeculative
 from .tracker import GenerationOutput, RowTracker
+from .two_branch import TwoBranchSpeculative
 
 __all__ = [
     "Decoder", "DecodeCall", "DecodeState", "Rows", "TrackedRows", "Towers", "TowerPair", "StepCallback",
     "GenerationOutput",
     "RowTracker",
-    "MaskDiffusion", "Speculative", "TolerantSpeculative", "MockAR", "Autoregressive", "denoise_block",
+    "MaskDiffusion", "Speculative", "TolerantSpeculative", "TwoBranchSpeculative", "MockAR", "Autoregressive", "denoise_block",
     "draft_one_step",
     "LogitsProcessor", "TokenChooser", "TopK", "TopP",
     "register_decoder", "decoder_class", "build_decoder", "registered_decoders",

@@ -29,6 +29,7 @@ from .diffusion import MaskDiffusion
 from .mock_ar import MockAR
 from .speculative import Speculative
 from .tolerant import TolerantSpeculative
+from .two_branch import TwoBranchSpeculative
 
 __all__ = ["register_decoder", "decoder_class", "build_decoder", "registered_decoders"]
 
@@ -113,3 +114,4 @@ register_decoder("diffusion", MaskDiffusion, aliases=("mask_diffusion",))
 register_decoder("ar", Autoregressive, aliases=("autoregressive",))
 register_decoder("mock_ar", MockAR)
 register_decoder("tolerant", TolerantSpeculative, aliases=("tolerant_speculative",))
+register_decoder("two_branch", TwoBranchSpeculative, aliases=("two_branch_speculative",))

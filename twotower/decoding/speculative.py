@@ -216,6 +216,12 @@ class Speculative(Decoder):
         context.accept(state.cache, keep)
         state.carry["next"] = ar.gather(1, (keep - 1)[:, None]).squeeze(1)
         state.commit(x, keep)
+        self.finish_iteration(state)
+
+    def finish_iteration(self, state: DecodeState) -> None:
+        """After an iteration's tokens are committed: finished rows leave, holes are squeezed out
+        once they add up (shared with decoders that verify differently, e.g. `TwoBranchSpeculative`)."""
+        call = state.call
         state.drop_finished()  # later forwards only pay for the rows still running
         if not len(state):
             return

@@ -1,0 +1,99 @@
+"""TwoBranchSpeculative against Speculative (and AR), interleaved prompt by prompt, batch 1, greedy.
+
+Per mode: tokens per iteration (generated tokens / denoiser forwards), tokens per second, and whether
+the output is AR's token for token (it must be for both). Modes run on each prompt in a rotating
+order so the machine's load hits them alike.
+
+    python benchmarks/two_branch_speed.py twotower/assets/twotower --prompts 32
+    python benchmarks/two_branch_speed.py smollm2-135m --seeds 0
+
+Prints a table and writes JSON (default benchmarks/results/two_branch_speed_<model>.json).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.two_branch_potential import byte_prompts, real_prompts  # noqa: E402
+from twotower.decoding import Autoregressive, Speculative, TwoBranchSpeculative  # noqa: E402
+from twotower.model import TwoTowerLM  # noqa: E402
+
+
+def modes(rules: list[str]) -> dict:
+    """AR, Speculative and one TwoBranchSpeculative per rule: "<branch_at>[/<branch_len>]"."""
+    out = {"ar": Autoregressive(), "spec": Speculative()}
+    for r in rules:
+        at, _, length = r.partition("/")
+        out[f"two_branch_{r}"] = TwoBranchSpeculative(float(at) if at[0].isdigit() else at,
+                                                      int(length) if length else None)
+    return out
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("model")
+    p.add_argument("--source", choices=["auto", "bytes", "real"], default="auto")
+    p.add_argument("--seeds", type=int, nargs="+", default=[1])
+    p.add_argument("--prompts", type=int, default=32, help="byte windows per seed")
+    p.add_argument("--prompt-len", type=int, default=128)
+    p.add_argument("--per-kind", type=int, default=4)
+    p.add_argument("--prompt-tokens", type=int, default=48)
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--rules", nargs="+", default=["likeliest", "likeliest/4"], help="branch_at[/branch_len] values (a float: a threshold)")
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--out")
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    model = TwoTowerLM.from_pretrained(args.model, dtype=torch.float32).eval()
+    source = args.source if args.source != "auto" else ("bytes" if model.config.vocab_size <= 512 else "real")
+    ms = modes(args.rules)
+    names = list(ms)
+    rows = {n: {"tokens": 0, "nfe": 0, "seconds": 0.0, "equal_ar": True} for n in names}
+    with torch.inference_mode():
+        prompts, eos = (byte_prompts if source == "bytes" else real_prompts)(model, args)
+        for k, pr in enumerate(prompts):
+            outs = {}
+            for name in names[k % len(names):] + names[:k % len(names)]:
+                t0 = time.perf_counter()
+                o = ms[name].generate(model, pr[None], max_new_tokens=args.max_new_tokens, eos_token_id=eos)
+                dt = time.perf_counter() - t0
+                g = int(o.num_generated[0])
+                outs[name] = o.new_tokens[0, :g]
+                r = rows[name]
+                r["tokens"] += g
+                r["nfe"] += int(o.nfe[0]) if name != "ar" else g
+                r["seconds"] += dt
+            for name in names:
+                rows[name]["equal_ar"] &= bool(torch.equal(outs[name], outs["ar"]))
+    res = {"settings": {**vars(args), "source": source, "prompts_total": len(prompts)}, "modes": {}}
+    lines = [f"### {args.model}: {len(prompts)} prompts, batch 1, greedy, {args.max_new_tokens} new tokens, "
+             f"{args.threads} thread(s)", "",
+             "| mode | tokens/iteration | tokens/s | speed vs spec | output == AR |", "|---|---|---|---|---|"]
+    base = rows["spec"]["tokens"] / rows["spec"]["seconds"]
+    for name in names:
+        r = rows[name]
+        m = {"tokens_per_iter": r["tokens"] / r["nfe"], "tokens_per_s": r["tokens"] / r["seconds"],
+             "equal_ar": r["equal_ar"], "tokens": r["tokens"], "seconds": r["seconds"]}
+        res["modes"][name] = m
+        lines.append(f"| {name} | {m['tokens_per_iter']:.3f} | {m['tokens_per_s']:.1f} | "
+                     f"{m['tokens_per_s'] / base:.2f}x | {m['equal_ar']} |")
+    print("\n".join(lines))
+    slug = Path(args.model).name if Path(args.model).exists() else args.model
+    out = Path(args.out or Path(__file__).parent / "results" / f"two_branch_speed_{slug}.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(res, indent=1))
+    print(f"wrote {out}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,349 @@
+"""Two-branch (tree) verification: one context forward over a drafted block and a second branch at a
+per-row position j gives, at every slot, what a plain forward over prefix + that branch gives, and
+accepting either branch leaves the cache as if only the kept tokens had been appended.
+
+NemotronH's Mamba-2 layers cannot read a tree mask: the branch scans from the main block's state
+after position j - 1, rebuilt in closed form (`towers/nemotron_h/branch.py`); these tests hold that
+against the naive reference on Mamba-only, attention-only and hybrid stacks, in every dt regime.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import DT_REGIMES, left_pad, make_family_towers, make_towers, random_prompts
+
+from twotower.decoding.tree_verify import accept_tree, tree_extend, tree_layout
+from twotower.towers.branching import tree_mask
+
+N = 6  # block positions
+J = torch.tensor([1, 3, 5, 2])  # one branch position per row, 1 .. N-1, unequal on purpose
+
+
+def towers_for(kind: str, regime: dict | None = None):
+    """(context, denoiser) of a NemotronH pattern ('nemotron:<pattern>') or a family name."""
+    if kind.startswith("nemotron:"):
+        return make_towers(kind.split(":", 1)[1], seed=7, **(regime or {}))
+    return make_family_towers(kind, seed=7)
+
+
+KINDS = ["nemotron:MMM", "nemotron:*-*", "nemotron:M*-EM*E", "llama", "qwen2", "mistral"]
+
+
+def draw(seed: int = 0, length: int | None = None):
+    """Left-padded prompts, a main block and a second branch (tokens for block positions j.., padded;
+    at most `length` of them)."""
+    ids, mask = left_pad(random_prompts([5, 9, 7, 6], seed=seed))
+    g = torch.Generator().manual_seed(seed + 1)
+    main = torch.randint(4, 64, (4, N), generator=g)
+    layout = tree_layout(J, N, length)
+    branch = torch.randint(4, 64, (4, layout.m), generator=g)
+    branch[~layout.branch_valid] = 0  # padding slots: any id
+    return ids, mask, main, branch, layout
+
+
+def reference_cache(ctx, ids, mask, r):
+    """A cache of row r's real prompt alone."""
+    return ctx.prefill(ids[r:r + 1, mask[r].bool()], logits="none")[1]
+
+
+def branch_tokens(main, branch, layout, r):
+    """Row r's second branch as a plain block: main[:j] then the branch's tokens."""
+    j = int(layout.j[r])
+    return torch.cat([main[r, :j], branch[r, :int(layout.branch_valid[r].sum())]])[None]
+
+
+def test_tree_mask_separates_the_branches():
+    layout = tree_layout(torch.tensor([2]), 4)  # main 0..3, branch slots for positions 2, 3
+    m = tree_mask(layout, torch.ones(1, 1, dtype=torch.bool))[0, 0, :, 1:]  # drop the one prefix key
+    want = torch.tensor([[1, 0, 0, 0, 0, 0], [1, 1, 0, 0, 0, 0], [1, 1, 1, 0, 0, 0], [1, 1, 1, 1, 0, 0],
+                         [1, 1, 0, 0, 1, 0], [1, 1, 0, 0, 1, 1]], dtype=torch.bool)
+    assert torch.equal(m, want)
+
+
+def test_tree_layout_refuses_bad_positions():
+    with pytest.raises(ValueError, match=r"\[1, 5\]"):
+        tree_layout(torch.tensor([0, 2]), 6)
+    with pytest.raises(ValueError, match="long"):
+        tree_layout(torch.tensor([1.0]), 6)
+    layout = tree_layout(torch.tensor([1, 4]), 6, 3)
+    assert layout.m == 3 and layout.branch_valid.tolist() == [[True] * 3, [True, True, False]]
+
+
+@pytest.mark.parametrize("length", [None, 2])
+@pytest.mark.parametrize("kind", KINDS)
+def test_tree_verify_equals_plain_forwards_of_each_branch(kind, length):
+    ctx, _ = towers_for(kind)
+    ids, mask, main, branch, layout = draw(length=length)
+    with torch.inference_mode():
+        _, cache = ctx.prefill(ids, mask, logits="none")
+        logits = tree_extend(ctx, cache, main, branch, layout)
+        for r in range(4):
+            j = int(layout.j[r])
+            ref_main = ctx.extend(reference_cache(ctx, ids, mask, r), main[r:r + 1])[0]
+            ref_branch = ctx.extend(reference_cache(ctx, ids, mask, r), branch_tokens(main, branch, layout, r))[0]
+            torch.testing.assert_close(logits[r, :N], ref_main, rtol=1e-4, atol=1e-4)
+            size = int(layout.branch_valid[r].sum())
+            torch.testing.assert_close(logits[r, N:N + size], ref_branch[j:], rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("regime", list(DT_REGIMES), ids=list(DT_REGIMES))
+def test_mamba_branch_state_in_every_dt_regime(regime):
+    """The branch's seed state is the main block's after j - 1 under the clamped time steps too."""
+    ctx, _ = towers_for("nemotron:M*-EM*E", DT_REGIMES[regime])
+    ids, mask, main, branch, layout = draw(seed=3)
+    with torch.inference_mode():
+        _, cache = ctx.prefill(ids, mask, logits="none")
+        logits = tree_extend(ctx, cache, main, branch, layout)
+        for r in range(4):
+            j = int(layout.j[r])
+            ref = ctx.extend(reference_cache(ctx, ids, mask, r), branch_tokens(main, branch, layout, r))[0]
+            torch.testing.assert_close(logits[r, N:N + N - j], ref[j:], rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("length,keep", [(None, [4, 2, 6, 2]), (2, [3, 5, 6, 4])])
+@pytest.mark.parametrize("kind", KINDS)
+def test_accepting_either_branch_equals_appending_only_the_kept_tokens(kind, length, keep):
+    """Rows take the main block or the second branch and keep different lengths (up to j + the
+    branch's length); then the context tower's next extend and the denoiser's next block equal a
+    cache of the kept tokens."""
+    ctx, den = towers_for(kind)
+    ids, mask, main, branch, layout = draw(seed=5, length=length)
+    take = torch.tensor([True, False, True, True])  # rows 0, 2, 3 take the branch at j = 1, 5, 2
+    keep = torch.tensor(keep)
+    after = torch.randint(4, 64, (4, 3))
+    nxt = torch.randint(4, 64, (4, N))
+    t = torch.full((4,), 0.5)
+    with torch.inference_mode():
+        _, cache = ctx.prefill(ids, mask, logits="none")
+        tree_extend(ctx, cache, main, branch, layout)
+        accept_tree(ctx, cache, layout, keep, take)
+        assert cache.pending is None and cache.length == ids.shape[1] + int(keep.max())
+        den_out = den.forward_block(nxt, cache, t)
+        out = ctx.extend(cache, after)
+        for r in range(4):
+            kept = (branch_tokens(main, branch, layout, r) if take[r] else main[r:r + 1])[:, :keep[r]]
+            ref_cache = reference_cache(ctx, ids, mask, r)
+            ctx.extend(ref_cache, kept)
+            ref_den = den.forward_block(nxt[r:r + 1], ref_cache, t[r:r + 1])
+            ref = ctx.extend(ref_cache, after[r:r + 1])
+            torch.testing.assert_close(out[r], ref[0], rtol=1e-4, atol=1e-4)
+            torch.testing.assert_close(den_out[r], ref_den[0], rtol=1e-4, atol=1e-4)
+
+
+def test_accept_tree_needs_a_tree_block():
+    ctx, _ = towers_for("nemotron:M*-EM*E")
+    ids, mask, main, branch, layout = draw()
+    with torch.inference_mode():
+        _, cache = ctx.prefill(ids, mask, logits="none")
+        ctx.extend(cache, main, provisional=True)
+        with pytest.raises(RuntimeError, match="tree_forward first"):
+            accept_tree(ctx, cache, layout, torch.full((4,), 2), torch.zeros(4, dtype=torch.bool))
+
+
+# ---- the decoder --------------------------------------------------------------------------------
+
+import math  # noqa: E402
+
+from conftest import MASK, PAD, autoregressive, dt_regimes, run_decoder  # noqa: E402
+
+from twotower.decoding import Speculative, TwoBranchSpeculative, build_decoder, draft_one_step  # noqa: E402
+from twotower.decoding.two_branch import branch_position, draft_with_runner_up  # noqa: E402
+
+
+def two_branch(ctx, den, ids, mask=None, *, block_size: int = 6, max_new_tokens: int = 21, branch_at="likeliest",
+               branch_len: int | None = None, temperature: float = 0.0, **call):
+    """TwoBranchSpeculative (block 6) on bare towers."""
+    decoder = TwoBranchSpeculative(branch_at, branch_len, block_size=block_size, temperature=temperature)
+    return run_decoder(decoder, ctx, den, ids, mask, max_new_tokens=max_new_tokens, **call)
+
+
+class SwappedDrafter(torch.nn.Module):
+    """A denoiser stand-in that drafts the context tower's own greedy continuation except at block
+    position `at`, where a wrong token wins narrowly and AR's token is the runner-up: every draft is
+    rejected at `at` and every second branch there is right, so a two-branch iteration keeps it all."""
+
+    def __init__(self, ctx, shifted: bool, vocab: int, at: int):
+        super().__init__()
+        self.ctx, self.shifted, self.vocab, self.at = ctx, shifted, vocab, at
+        self.anchor = torch.nn.Parameter(torch.zeros(1))  # gives the stand-in a device
+
+    def forward_block(self, x, cache, t=None):
+        work = cache.clone()
+        tok, seq = x[:, :1], [x[:, 0]]
+        for _ in range(x.shape[1] - 1):
+            tok = self.ctx.extend(work, tok, logits="last")[:, -1].argmax(-1, keepdim=True)
+            seq.append(tok[:, 0])
+        seq = torch.stack(seq, 1)  # (b, n): the AR continuation starting with x[:, 0]
+        logits = torch.nn.functional.one_hot(seq, self.vocab).float() * 10
+        right = seq[:, self.at]
+        wrong = (right + 1) % self.vocab
+        wrong = torch.where(wrong == MASK, (wrong + 1) % self.vocab, wrong)
+        rows = torch.arange(seq.shape[0])
+        logits[rows, self.at] = 0.0
+        logits[rows, self.at, right] = 5.0
+        logits[rows, self.at, wrong] = 6.0
+        # output i predicts position i + 1 when shifted
+        return torch.cat([logits[:, 1:], logits[:, -1:]], 1) if self.shifted else logits
+
+
+FAMILIES = ["nemotron_h", "llama", "qwen2", "mistral"]
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_two_branch_output_is_the_ar_output_in_every_family(family):
+    ctx, den = make_family_towers(family, seed=6)
+    ids, mask = left_pad(random_prompts([4, 9, 6], seed=6))
+    ar = autoregressive(ctx, ids, mask, max_new_tokens=21, pad_token_id=PAD)
+    for rule, length in (("likeliest", None), ("expected", 3), (0.6, None)):
+        out = two_branch(ctx, den, ids, mask, branch_at=rule, branch_len=length)
+        assert torch.equal(out.new_tokens, ar.new_tokens), (rule, length)
+        assert out.blocks >= math.ceil(21 / 6)
+
+
+@dt_regimes
+@pytest.mark.parametrize("shifted", [True, False])
+def test_two_branch_output_is_the_ar_output_on_hybrids(shifted, regime):
+    ctx, den = make_towers(seed=6, **regime)
+    ids, mask = left_pad(random_prompts([4, 9, 6], seed=6))
+    ar = autoregressive(ctx, ids, mask, max_new_tokens=21, pad_token_id=PAD)
+    out = two_branch(ctx, den, ids, mask, shifted=shifted)
+    assert torch.equal(out.new_tokens, ar.new_tokens)
+
+
+@pytest.mark.parametrize("kind,shifted,seed", [("nemotron:M*-EM*E", True, 9), ("nemotron:MMM", False, 12),
+                                               ("llama", False, 9)])
+def test_a_right_second_branch_is_kept_whole(kind, shifted, seed):
+    """Every draft fails at position 2 and its runner-up is right there: Speculative keeps 2 tokens
+    per iteration, the two-branch decoder all 6, and both give AR's output."""
+    ctx, _ = towers_for(kind)
+    ids, mask = left_pad(random_prompts([5, 8], seed=seed))
+    ar = autoregressive(ctx, ids, mask, max_new_tokens=24, pad_token_id=PAD)
+    # A draft never holds [MASK]; these seeds' AR outputs have none (a random model can emit it).
+    assert not (ar.new_tokens == MASK).any()
+    drafter = SwappedDrafter(ctx, shifted, ctx.config.vocab_size, at=2)
+    out = two_branch(ctx, drafter, ids, mask, shifted=shifted, max_new_tokens=24, branch_at="lowest")
+    assert torch.equal(out.new_tokens, ar.new_tokens)
+    assert out.blocks == 4  # 6 tokens per iteration
+    short = run_decoder(TwoBranchSpeculative("lowest", branch_len=2, block_size=6), ctx, drafter, ids, mask,
+                        max_new_tokens=24, shifted=shifted)
+    assert torch.equal(short.new_tokens, ar.new_tokens) and short.blocks == 6  # positions 0 .. 3: 4 per iteration
+    spec = run_decoder(Speculative(block_size=6), ctx, drafter, ids, mask, max_new_tokens=24, shifted=shifted)
+    assert torch.equal(spec.new_tokens, ar.new_tokens) and spec.blocks == 12
+
+
+def test_rows_stay_independent_and_the_mirror_changes_nothing():
+    ctx, den = make_towers(seed=9)
+    prompts = random_prompts([3, 10, 6, 8], seed=9)
+    ids, mask = left_pad(prompts)
+    batch = two_branch(ctx, den, ids, mask, max_new_tokens=30, shifted=True)
+    for r, p in enumerate(prompts):
+        alone = two_branch(ctx, den, p[None], max_new_tokens=30, shifted=True)
+        assert torch.equal(batch.new_tokens[r], alone.new_tokens[0])
+        assert int(batch.nfe[r]) == int(alone.nfe[0])
+    mirrored = two_branch(ctx, den, ids, mask, max_new_tokens=30, shifted=True, denoiser_device="cpu")
+    assert torch.equal(batch.new_tokens, mirrored.new_tokens)
+
+
+def test_eos_ends_rows_like_ar():
+    ctx, den = make_towers(seed=10)
+    ids, mask = left_pad(random_prompts([4, 7], seed=10))
+    free = autoregressive(ctx, ids, mask, max_new_tokens=19, pad_token_id=PAD)
+    eos = int(free.new_tokens[0, 5])
+    ar = autoregressive(ctx, ids, mask, max_new_tokens=19, pad_token_id=PAD, eos_token_id=eos)
+    out = two_branch(ctx, den, ids, mask, max_new_tokens=19, eos_token_id=eos, shifted=True)
+    assert torch.equal(out.num_generated, ar.num_generated) and torch.equal(out.sequences, ar.sequences)
+
+
+def test_two_branch_sampling_follows_the_ar_distribution():
+    """Temperature 1, block 3: the branch forks at position 1 or 2, and the first two tokens are AR's
+    samples: the first's frequencies match softmax(prefill logits), the second's AR's conditional."""
+    ctx, den = make_towers(seed=13, vocab_size=8)
+    ids = torch.randint(4, 8, (1, 5)).expand(2000, 5).contiguous()
+    with torch.inference_mode():
+        probs = ctx(ids[:1])[0, -1].softmax(-1)
+    out = two_branch(ctx, den, ids, block_size=3, max_new_tokens=3, temperature=1.0, shifted=True,
+                     generator=torch.Generator().manual_seed(0))
+    first, second = out.new_tokens[:, 0], out.new_tokens[:, 1]
+    freq = torch.bincount(first, minlength=8).float() / len(first)
+    assert torch.all((freq - probs).abs() < 4 * (probs * (1 - probs) / len(first)).sqrt() + 1e-3)
+    pick = int(first.mode().values)
+    with torch.inference_mode():
+        cond = ctx(torch.cat([ids[:1], torch.tensor([[pick]])], 1))[0, -1].softmax(-1)
+    rows = first == pick
+    freq2 = torch.bincount(second[rows], minlength=8).float() / int(rows.sum())
+    assert torch.all((freq2 - cond).abs() < 4 * (cond * (1 - cond) / int(rows.sum())).sqrt() + 1e-3)
+
+
+class Counter:
+    """A tracker stand-in that counts forwards."""
+
+    def __init__(self):
+        self.calls = 0
+
+    def count_forward(self, *args):
+        self.calls += 1
+
+
+@pytest.mark.parametrize("shifted", [True, False])
+def test_the_draft_is_speculatives_with_its_runner_ups(shifted):
+    """draft_with_runner_up gives draft_one_step's tokens, forward count and step-callback arguments."""
+    ctx, den = make_towers(seed=4)
+    ids = torch.randint(4, 64, (3, 7))
+    first = torch.randint(4, 64, (3,))
+    seen, counters = {}, (Counter(), Counter())
+    with torch.inference_mode():
+        _, cache = ctx.prefill(ids, logits="none")
+        ref, _ = draft_one_step(den, cache, 6, first=first, shift=shifted, mask_token_id=MASK, tracker=counters[0],
+                                rows=None, block_index=2, step_callback=lambda *a: seen.setdefault("ref", a))
+        x, alt, c, q = draft_with_runner_up(den, cache, 6, first=first, shift=shifted, mask_token_id=MASK,
+                                            tracker=counters[1], block_index=2,
+                                            step_callback=lambda *a: seen.setdefault("got", a))
+    assert torch.equal(x, ref) and counters[0].calls == counters[1].calls == 1
+    for a, b in zip(seen["ref"], seen["got"], strict=True):
+        assert torch.equal(a, b) if isinstance(a, torch.Tensor) else a == b
+    assert alt.shape == c.shape == q.shape == (3, 5)
+    assert torch.all(alt != x[:, 1:]) and torch.all(q <= c) and torch.all(c + q <= 1 + 1e-6)
+
+
+def test_branch_rules():
+    c = torch.tensor([[0.99, 0.95, 0.4, 0.3, 0.9], [0.5, 0.99, 0.99, 0.99, 0.2]])
+    q = torch.tensor([[0.005, 0.04, 0.5, 0.1, 0.05], [0.45, 0.0, 0.0, 0.0, 0.7]])
+    assert branch_position("lowest", c, q).tolist() == [4, 5]
+    assert branch_position("likeliest", c, q).tolist() == [3, 1]
+    assert branch_position(0.45, c, q).tolist() == [3, 5]
+    assert branch_position(0.1, c, q).tolist() == [4, 5]  # none below: the least confident
+    assert branch_position("expected", c, q).tolist() == [3, 1]
+
+
+def test_bad_arguments_and_registry():
+    with pytest.raises(ValueError, match=r"branch_at must be one of .*got 'middle'"):
+        TwoBranchSpeculative("middle")
+    with pytest.raises(ValueError, match="got 1.5"):
+        TwoBranchSpeculative(1.5)
+    with pytest.raises(ValueError, match="branch_len must be an int >= 1 .*got 0"):
+        TwoBranchSpeculative(branch_len=0)
+    assert isinstance(build_decoder("two_branch"), TwoBranchSpeculative)
+    ctx, den = make_towers(seed=1)
+    with pytest.raises(ValueError, match="block_size >= 3"):
+        two_branch(ctx, den, torch.randint(4, 64, (1, 4)), block_size=2)
+
+
+@pytest.mark.parametrize("prompt_len", [5, 9, 13, 15])
+def test_two_branch_fits_a_request_that_ends_at_a_sliding_window(prompt_len):
+    """The tree takes up to 2n - 1 slots: next to Mistral's window the block shrinks, then the last
+    iterations verify plain drafts; greedy output stays AR's up to the window's last position."""
+    from conftest import tiny_mistral_config
+
+    from twotower.decoding import Autoregressive
+    from twotower.model import TwoTowerLM
+    from twotower.tokenizers import BYTE_TOKENIZER, ByteTokenizer
+
+    torch.manual_seed(0)
+    config = tiny_mistral_config(vocab_size=ByteTokenizer().vocab_size, sliding_window=16, tokenizer=BYTE_TOKENIZER)
+    model = TwoTowerLM(config, block_size=4).eval()
+    ids = torch.randint(4, 200, (1, prompt_len), generator=torch.Generator().manual_seed(prompt_len))
+    with torch.inference_mode():
+        got = model.generate(ids, decoder=TwoBranchSpeculative(block_size=4), max_new_tokens=16 - prompt_len)
+        want = model.generate(ids, decoder=Autoregressive(), max_new_tokens=16 - prompt_len)
+    assert torch.equal(got.new_tokens, want.new_tokens)

@@ -1,0 +1,175 @@
+"""`TwoBranchSpeculative`: lossless speculative decoding that verifies two candidates per iteration.
+
+The D²SD idea (arXiv 2606.04446) on a one-forward mask draft. Per iteration, for every running row:
+
+    d            = the draft, as `Speculative`'s: d_0 the context tower's token, d_1..d_{n-1} the
+                   denoiser's argmax (one forward)
+    j            = where the draft is likeliest to be rejected (`branch_at`, from the denoiser's
+                   confidences c_i and runner-up probabilities q_i), 1 <= j <= n-1
+    e            = d_0..d_{j-1}, r_j, d_{j+1}..d_{n-1}: the runner-up r_j at j. Positions after j of a
+                   one-forward draft do not condition on the token at j, so the continuation is d's.
+    logits       = one context forward over d and e_j..e_{n-1} with a tree mask (`tree_verify`);
+                   NemotronH's Mamba-2 layers scan the branch from d's state after j - 1
+    keep_1       = `Speculative`'s rule on d
+    take         = keep_1 == j (d fails exactly at j) and r_j is the context tower's token there
+    keep         = take ? j + 1 + the leading branch positions > j that agree : keep_1
+
+Every kept token is the context tower's own choice given the tokens before it (the token at j is
+checked against the same choice that rejected d_j), so greedy output equals `Autoregressive` token
+for token and sampled output follows AR sampling. The second branch adds n - j verify positions;
+it pays where a forward's cost hardly grows with its positions (accelerators at small batch).
+`benchmarks/two_branch_potential.py` measures what it can gain.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+from ..towers.branching import source_slots
+from .logits import LogitsProcessor
+from .speculative import Speculative, _room
+from .state import DecodeState
+from .tree_verify import accept_tree, supports_tree, tree_extend, tree_layout
+
+__all__ = ["TwoBranchSpeculative", "draft_with_runner_up", "branch_position", "BRANCH_RULES"]
+
+BRANCH_RULES = ("likeliest", "lowest", "expected")
+
+
+def _reach(c: Tensor) -> Tensor:
+    """(R, n-1): prod_{k<i} c_k for positions i = 1 .. n-1, the chance d is still accepted before i."""
+    return torch.cat([c.new_ones(c.shape[0], 1), c[:, :-1].cumprod(-1)], dim=1)
+
+
+def branch_position(rule: str | float, c: Tensor, q: Tensor) -> Tensor:
+    """(R,) long branch positions in [1, n-1] from confidences c (R, n-1) and runner-up probabilities
+    q (R, n-1) of positions 1 .. n-1 (softmax probabilities, read as the chance a token is right).
+
+    "likeliest": argmax_j P(first rejection at j) = prod_{k<j} c_k (1 - c_j);
+    "lowest": the least confident position;
+    "expected": argmax_j prod_{k<j} c_k q_j (1 + sum_{m>j} prod_{j<k<=m} c_k), the expected extra tokens;
+    a float t: the first position whose confidence is below t (else the least confident one).
+    """
+    if rule == "lowest":
+        return c.argmin(-1) + 1
+    if rule == "likeliest":
+        return (_reach(c) * (1 - c)).argmax(-1) + 1
+    if rule == "expected":
+        logc = c.clamp_min(1e-30).log().cumsum(-1)  # (R, n-1)
+        i = torch.arange(c.shape[1], device=c.device)
+        # runs[r, j, m] = prod_{j<k<=m} c_k for m > j, else 0
+        runs = (logc[:, None, :] - logc[:, :, None]).exp() * (i[None, :] > i[:, None])
+        return (_reach(c) * q * (1 + runs.sum(-1))).argmax(-1) + 1
+    low = c < rule
+    first = low.long().argmax(-1)  # 0 where none is low: then fall back to the least confident
+    return torch.where(low.any(-1), first, c.argmin(-1)) + 1
+
+
+def draft_with_runner_up(denoiser, cache, n: int, *, first: Tensor, shift: bool, mask_token_id: int, tracker,
+                         block_index: int, step_callback=None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """`draft_one_step`'s draft x (R, n) and, for positions 1 .. n-1, the runner-up tokens (R, n-1),
+    the drafted tokens' probabilities c and the runner-ups' q (R, n-1) (float32, [MASK] excluded)."""
+    R, device = first.shape[0], first.device
+    x = torch.full((R, n), mask_token_id, dtype=torch.long, device=device)
+    x[:, 0] = first
+    t = torch.full((R,), n - 1, dtype=torch.float32, device=device) / n  # as draft_one_step
+    logits = denoiser.forward_block(x, cache, t)  # (R, n, V) float32, freshly allocated
+    logits[..., mask_token_id] = float("-inf")
+    pred = logits[:, :-1] if shift else logits[:, 1:]  # the predictions for positions 1 .. n - 1
+    top = pred.topk(2, dim=-1)
+    before = x.clone() if step_callback is not None else None
+    x[:, 1:] = top.indices[..., 0]
+    tracker.count_forward(None)
+    if step_callback is not None:
+        shown = torch.cat([logits[:, :1], logits[:, :-1]], dim=1) if shift else logits
+        step_callback(block_index, 0, before, shown, x)
+    prob = (top.values - pred.logsumexp(-1, keepdim=True)).exp_()  # (R, n - 1, 2)
+    return x, top.indices[..., 1], prob[..., 0], prob[..., 1]
+
+
+class TwoBranchSpeculative(Speculative):
+    """`Speculative` that also verifies the draft's runner-up at one position, in the same forward.
+
+    Args:
+        branch_at: where the second branch forks: "likeliest" (default; where the draft's first
+            rejection is likeliest), "lowest" (the least confident position), "expected" (the most
+            expected extra tokens) or a float in (0, 1): the first position less confident than it.
+        branch_len: verify only the second branch's first `branch_len` positions (j .. j+branch_len-1;
+            None: to the block's end). The branch rarely runs long, so a short one keeps most of the
+            gain for a fraction of the extra verify positions (benchmarks/two_branch_potential.py).
+        block_size / temperature / top_k / top_p / logits_processors / batch_block_size: as `Speculative`.
+
+    One-step greedy drafts only (no `draft_steps` > 1, no `draft_cut`). The context tower's family
+    needs a tree verify (NemotronH, Llama, Qwen2, Mistral). Output: `Autoregressive`'s.
+    """
+
+    def __init__(self, branch_at: str | float = "likeliest", branch_len: int | None = None,
+                 block_size: int | None = None, temperature: float = 0.0, top_k: int | None = None,
+                 top_p: float | None = None, logits_processors: Sequence[LogitsProcessor] | None = None,
+                 batch_block_size: int | None = None):
+        super().__init__(block_size=block_size, temperature=temperature, top_k=top_k, top_p=top_p,
+                         logits_processors=logits_processors, batch_block_size=batch_block_size)
+        threshold = isinstance(branch_at, float) and 0 < branch_at < 1
+        if not threshold and branch_at not in BRANCH_RULES:
+            raise ValueError(f"branch_at must be one of {', '.join(map(repr, BRANCH_RULES))} or a float in (0, 1) "
+                             f"(a confidence threshold), got {branch_at!r}")
+        self.branch_at = branch_at
+        if branch_len is not None and (isinstance(branch_len, bool) or not isinstance(branch_len, int)
+                                       or branch_len < 1):
+            raise ValueError(f"branch_len must be an int >= 1 (positions of the second branch to verify) or None "
+                             f"(to the block's end), got {branch_len!r}")
+        self.branch_len = branch_len
+
+    def extra_repr(self) -> str:
+        return f"branch_at={self.branch_at!r}, branch_len={self.branch_len}, " + super().extra_repr()
+
+    def rule_key(self) -> tuple:
+        return (type(self).__qualname__, self.branch_at, self.branch_len)
+
+    def check_call(self, call) -> None:
+        super().check_call(call)
+        if call.block_size < 3:
+            raise ValueError(f"two-branch decoding needs block_size >= 3 (position 0 is the context tower's token, "
+                             f"and the branch forks at a later drafted one), got {call.block_size}; pass "
+                             f"TwoBranchSpeculative(block_size=16)")
+        if not supports_tree(call.context):
+            raise ValueError(f"{type(call.context).__qualname__} has no tree verify; use Speculative")
+
+    def draft(self, state: DecodeState):
+        call = state.call
+        width, room = self._width(state), _room(state)
+        # The tree takes up to 2n - 1 cache slots: next to a sliding window, a shorter block.
+        n = min(width, (room + 1) // 2)
+        if n < 3:  # no room for a tree: this iteration verifies one plain draft
+            return super().draft(state)
+        den = state.den_cache()
+        return draft_with_runner_up(call.denoiser, den, n, first=state.carry["next"].to(den.device),
+                                    shift=call.shifted, mask_token_id=call.mask_token_id, tracker=state,
+                                    block_index=state.iterations, step_callback=state.step_callback)
+
+    def advance(self, state: DecodeState, drafted) -> None:
+        if len(drafted) == 2:  # a plain draft (`draft` ran out of room for a tree)
+            return super().advance(state, drafted)
+        call, context = state.call, state.call.context
+        x, alt, c, q = (t.to(call.ctx_device) for t in drafted)
+        n = x.shape[1]
+        j = branch_position(self.branch_at, c, q)
+        layout = tree_layout(j, n, self.branch_len)  # one host read: the branch width
+        e = x.gather(1, layout.block_pos[:, n:])  # the branch's tokens: d's after j ...
+        e[:, 0] = alt.gather(1, (j - 1)[:, None]).squeeze(1)  # ... and the runner-up at j
+        logits = tree_extend(context, state.cache, x, e, layout)  # (R, n + m, V)
+        ar = state.choose(logits)  # ar[:, s]: the context tower's token after slot s (in its branch)
+        keep1 = self.kept(logits[:, :n], ar[:, :n], x)
+        # The branch is taken only where d fails exactly at j and the runner-up is the token there.
+        take = (keep1 == j) & (e[:, 0] == ar.gather(1, (j - 1)[:, None]).squeeze(1))
+        agree = (e[:, 1:] == ar[:, n:-1]) & layout.branch_valid[:, 1:]
+        keep = torch.where(take, j + 1 + agree.long().cumprod(-1).sum(-1), keep1)
+        accept_tree(context, state.cache, layout, keep, take)
+        src = source_slots(layout, take)  # (R, n): the slot of each kept position
+        last = src.gather(1, (keep - 1)[:, None])
+        state.carry["next"] = ar.gather(1, last).squeeze(1)
+        state.commit(torch.cat([x, e], dim=1).gather(1, src), keep)
+        self.finish_iteration(state)
