@@ -37,6 +37,7 @@ from tqdm.auto import tqdm
 from twotower.decoding import Speculative
 from twotower.distributed import EpochShuffle
 from twotower.hub import resolve_model
+from twotower.model import TwoTowerLM
 
 from .cache import cache_file, files_fingerprint, load_cache, save_cache
 from .distill import DistilledDataModule
@@ -217,8 +218,6 @@ class FailurePointDataModule(DistilledDataModule):
                                                        "mine_rows": self.mine_rows, "shard_rows": self.shard_rows})
 
     def _mine(self) -> dict[str, Tensor]:
-        from twotower.model import TwoTowerLM  # the data package sits below the model in the import layers
-
         model = TwoTowerLM.from_pretrained(self.drafter).eval()
         n = self.mine_rows
         shards = (n + self.shard_rows - 1) // self.shard_rows
