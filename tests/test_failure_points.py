@@ -3,6 +3,7 @@ loop's iterations start, and the examples put a training block exactly there."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from conftest import MASK, PAD, make_context
@@ -99,3 +100,34 @@ def test_targets_the_ar_model_would_not_choose_on_the_shortened_row_lose_their_l
         assert all(int(pred[j, q - 1]) == int(ex["input_ids"][j, q]) for q in kept)
         assert kept == before[j].nonzero().squeeze(1).tolist()[:len(kept)]
     assert not bool(ex["loss_mask"][0, 19:24].any()) and int(dropped) >= 5
+
+
+def test_failure_point_data_module_trains_and_caches_its_examples(backbone_dir, twotower_dir, code_corpus, tmp_path):
+    import lightning as L
+
+    from twotower.data import FailurePointDataModule
+    from twotower.objectives import ExpectedAcceptedLength, FirstErrorFocal, ObjectiveSum
+    from twotower.training import DenoiserFineTuning
+
+    kw = dict(source=str(code_corpus), seq_len=32, block_size=8, batch_size=4, num_train=8, num_val=4, min_prompt=8,
+              max_prompt=16, val_fraction=0.2, cache_dir=str(tmp_path / "cache"), shard_rows=4, drafter=str(twotower_dir),
+              mine_rows=6, mine_batch_size=4)
+    dm = FailurePointDataModule(str(backbone_dir), **kw)
+    dm.setup()
+    stats = dm.mining_stats
+    assert stats["rows"] == 6 and stats["examples"] >= 6 and stats["iterations"] >= 6
+    batch = next(iter(dm.train_dataloader()))
+    assert batch["input_ids"].shape == batch["loss_mask"].shape == (4, 32)
+    assert len(dm.mined) == stats["examples"] + 6  # the mined rows themselves come after the examples
+    again = FailurePointDataModule(str(backbone_dir), **kw)
+    again.setup()  # from the cache: the same examples, no mining
+    assert torch.equal(again.mined.ids, dm.mined.ids) and torch.equal(again.mined.mask, dm.mined.mask)
+    module = DenoiserFineTuning(str(backbone_dir), block_size=8, loss_weighting="none",
+                                objective=ObjectiveSum([FirstErrorFocal(2.0), ExpectedAcceptedLength(0.0)]))
+    trainer = L.Trainer(accelerator="cpu", devices=1, max_steps=2, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path,
+                        num_sanity_val_steps=0, limit_val_batches=0)
+    trainer.fit(module, dm)
+    assert trainer.global_step == 2
+    with pytest.raises(ValueError, match="mine_rows=9 is more than num_train=8"):
+        FailurePointDataModule(str(backbone_dir), **{**kw, "mine_rows": 9})
