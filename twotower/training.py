@@ -272,7 +272,12 @@ class DenoiserFineTuning(L.LightningModule):
         logits = run_block(self.denoiser, denoise, noisy, t_act.to(self.denoiser.lm_head.weight.dtype), masked)
         target = x[masked]
         ce = F.cross_entropy(logits, target, reduction="none")  # reported whatever the objective
-        per_token = ce if type(self.objective) is HardLabelCE else self.objective.loss(logits, target, teacher)
+        if type(self.objective) is HardLabelCE:
+            per_token = ce
+        elif self.objective.needs_blocks:  # objectives that score each block as a draft (issue 23)
+            per_token = self.objective.loss(logits, target, teacher, blocks=self._block_ids(masked))
+        else:
+            per_token = self.objective.loss(logits, target, teacher)
         if not self._uniform_positions:  # uniform weights leave the loss untouched, bit for bit
             pos_w = self._position_w.to(x.device).repeat(x.shape[1] // S)
             per_token = per_token * pos_w.expand_as(masked)[masked]
@@ -290,6 +295,14 @@ class DenoiserFineTuning(L.LightningModule):
             loss = (w * per_token).sum() / norm(n_tokens).clamp(min=1)
         return {"loss": loss, "nelbo_sum": (nelbo_w * ce).sum().detach(), "ce_sum": ce.sum().detach(),
                 "correct": (logits.argmax(-1) == target).sum(), "masked": masked.sum(), "tokens": n_tokens}
+
+    def _block_ids(self, masked: Tensor) -> Tensor:
+        """(N,) the block of each masked position of masked (B, L), in the order of x[masked] (row-major,
+        so a block's positions come together and in order): row * blocks per row + position // S."""
+        B, L = masked.shape
+        S = self.hparams.block_size
+        ids = torch.arange(B, device=masked.device)[:, None] * (L // S) + torch.arange(L, device=masked.device)[None] // S
+        return ids[masked]
 
     def _noise(self, x: Tensor, generator: torch.Generator | None):
         """(t, noisy, masked, realised t) for clean x (B, L), every draw from `generator`."""

@@ -16,16 +16,19 @@ What lives where:
               checked before the first forward (PromptError lists the bad ones)
     distill   DistilledDataModule, distill_rows: real prompts continued by the frozen AR
               backbone, with a loss mask on the continuation
+    failure_points  FailurePointDataModule, mine_draft_starts: training blocks that start where a
+              drafter's speculative iterations start (after its own failed drafts)
 
 Every name below is importable from `twotower.data` directly; recipes name the data modules as
 `twotower.data.TextDataModule`, `twotower.data.StreamingTextDataModule`,
-`twotower.data.PromptDataModule`, `twotower.data.DistilledDataModule`.
+`twotower.data.PromptDataModule`, `twotower.data.DistilledDataModule`, `twotower.data.FailurePointDataModule`.
 """
 
 from __future__ import annotations
 
 from .cache import cache_file, load_cache, save_cache
 from .distill import DistilledDataModule, distill_rows
+from .failure_points import FailurePointDataModule, mine_draft_starts
 from .packing import pack_documents
 from .prompts import PromptDataModule, PromptError, collate_prompts, read_prompts
 from .sampling import ResumableLoader
@@ -55,4 +58,6 @@ __all__ = [
     "PromptDataModule",
     "DistilledDataModule",
     "distill_rows",
+    "FailurePointDataModule",
+    "mine_draft_starts",
 ]
