@@ -150,6 +150,20 @@ class TwoBranchSpeculative(Speculative):
                                     shift=call.shifted, mask_token_id=call.mask_token_id, tracker=state,
                                     block_index=state.iterations, step_callback=state.step_callback)
 
+    def _choose(self, state: DecodeState, logits: Tensor, n: int) -> Tensor:
+        """The context tower's tokens for every tree slot, (R, n + m).
+
+        The branch width m is the batch's (its earliest fork), so when sampling, the slots are padded
+        to the widest branch an n-position block can have before choosing: each row's generator then
+        makes the same draws whatever rows share its batch (a served request samples what it would
+        alone). The padding slots' tokens are never read."""
+        widest = n - 1 if self.branch_len is None else min(n - 1, self.branch_len)
+        pad = n + widest - logits.shape[1]
+        if state.rows.greedy or pad <= 0:
+            return state.choose(logits)
+        padded = torch.cat([logits, logits.new_zeros(logits.shape[0], pad, logits.shape[2])], dim=1)
+        return state.choose(padded)[:, : logits.shape[1]]
+
     def advance(self, state: DecodeState, drafted) -> None:
         if len(drafted) == 2:  # a plain draft (`draft` ran out of room for a tree)
             return super().advance(state, drafted)
@@ -161,7 +175,7 @@ class TwoBranchSpeculative(Speculative):
         e = x.gather(1, layout.block_pos[:, n:])  # the branch's tokens: d's after j ...
         e[:, 0] = alt.gather(1, (j - 1)[:, None]).squeeze(1)  # ... and the runner-up at j
         logits = tree_extend(context, state.cache, x, e, layout)  # (R, n + m, V)
-        ar = state.choose(logits)  # ar[:, s]: the context tower's token after slot s (in its branch)
+        ar = self._choose(state, logits, n)  # ar[:, s]: the context tower's token after slot s (in its branch)
         keep1 = self.kept(logits[:, :n], ar[:, :n], x)
         # The branch is taken only where d fails exactly at j and the runner-up is the token there.
         take = (keep1 == j) & (e[:, 0] == ar.gather(1, (j - 1)[:, None]).squeeze(1))

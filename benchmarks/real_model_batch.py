@@ -1,0 +1,133 @@
+"""The real model at batch 8: speculative decoding against AR on the same 8 prompts at once.
+
+    python benchmarks/real_model_batch.py                      # smollm2-135m, bf16, seeds 0 1 2
+    python benchmarks/real_model_batch.py --seeds 0 --rounds 1  # a quick look
+
+Each seed draws 8 held-out windows (4 prose, 4 Python; `real_model.py`'s split and window
+sampler, `--prompt-tokens` long, so no row is padded) and generates `--new-tokens` for all 8 rows in
+one `generate` call per mode. EOS is ignored, so every mode writes the same number of tokens and
+speeds compare like for like (the embedded benchmark's rule). Modes run interleaved, the order
+rotating each round, after one short warm-up call per mode; a mode's time is the median over rounds. Ratios are within a seed: the
+machine's absolute speed drifts.
+
+Modes (bf16, one thread unless --threads): `ar`; `spec` (the shipped settings); `spec_merged`
+(`merge_adapters()`: the draft's inference copies); `spec_merged_bb8` (the same with
+`batch_block_size=8`: 8-token drafts while rows share the batch). tokens / iteration is per row:
+the rows' generated tokens over their denoiser forwards. `= AR` counts rows whose tokens equal AR's
+(in bf16 a 16-row verify may round differently from a 1-row step, so this need not be 8/8; the
+float32 exactness check is `real_model.py`'s).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.real_model import held_out_documents, windows  # noqa: E402
+from twotower.decoding import Autoregressive, Speculative  # noqa: E402
+from twotower.model import TwoTowerLM  # noqa: E402
+
+MODES = {  # name: (merged model?, decoder)
+    "ar": (False, Autoregressive()),
+    "spec": (False, Speculative()),
+    "spec_merged": (True, Speculative()),
+    "spec_merged_bb8": (True, Speculative(batch_block_size=8)),
+}
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="smollm2-135m")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--rounds", type=int, default=2)
+    p.add_argument("--prompt-tokens", type=int, default=64)
+    p.add_argument("--new-tokens", type=int, default=48)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--out", default="benchmarks/results/real_model_batch8.json")
+    return p.parse_args(argv)
+
+
+def prompts_for(tok, docs: dict, seed: int, length: int) -> torch.Tensor:
+    rng = random.Random(seed)
+    rows = windows(tok, docs["prose"], 4, length, rng) + windows(tok, docs["python"], 4, length, rng)
+    return torch.tensor(rows)
+
+
+def timed(model, decoder, ids: torch.Tensor, new_tokens: int) -> tuple[float, torch.Tensor, torch.Tensor]:
+    """(seconds, the new tokens (8, N), denoiser forwards per row)."""
+    t0 = time.perf_counter()
+    out = decoder.generate(model, ids, max_new_tokens=new_tokens, eos_token_id=None)
+    return time.perf_counter() - t0, out.new_tokens, out.nfe
+
+
+def measure_seed(models: dict, ids: torch.Tensor, args) -> dict:
+    secs = {name: [] for name in MODES}
+    outs = {}
+    names = list(MODES)
+    for name in names:  # warm-up: first calls pay for allocations and oneDNN's kernel choices
+        merged, dec = MODES[name]
+        timed(models[merged], dec, ids, 4)
+    for r in range(args.rounds):
+        for name in names[r % len(names):] + names[:r % len(names)]:
+            merged, dec = MODES[name]
+            dt, toks, nfe = timed(models[merged], dec, ids, args.new_tokens)
+            secs[name].append(dt)
+            outs[name] = (toks, nfe)
+    ar_tokens = outs["ar"][0]
+    res = {}
+    for name in MODES:
+        toks, nfe = outs[name]
+        t = statistics.median(secs[name])
+        res[name] = {"seconds": t, "tok_s": toks.numel() / t,
+                     "tokens_per_iteration": (toks.numel() / float(nfe.sum())) if name != "ar" else 1.0,
+                     "rows_equal_ar": int((toks == ar_tokens).all(dim=1).sum())}
+    for name in MODES:
+        res[name]["x_ar"] = res[name]["tok_s"] / res["ar"]["tok_s"]
+    return res
+
+
+def render(per_seed: dict) -> str:
+    lines = ["| mode | x AR, seeds " + " / ".join(str(s) for s in per_seed) + " | mean | tokens / iteration | = AR rows |",
+             "|---|---|---:|---:|---:|"]
+    for name in MODES:
+        xs = [per_seed[s][name]["x_ar"] for s in per_seed]
+        tpi = statistics.mean(per_seed[s][name]["tokens_per_iteration"] for s in per_seed)
+        eq = sum(per_seed[s][name]["rows_equal_ar"] for s in per_seed)
+        lines.append(f"| {name} | {' / '.join(f'{x:.2f}' for x in xs)} | {statistics.mean(xs):.2f} | "
+                     f"{tpi:.2f} | {eq}/{8 * len(per_seed)} |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    plain = TwoTowerLM.from_pretrained(args.model, dtype=torch.bfloat16).eval()
+    merged = TwoTowerLM.from_pretrained(args.model, dtype=torch.bfloat16).eval()
+    merged.merge_adapters()
+    models = {False: plain, True: merged}
+    tok = plain.tokenizer
+    docs = {"prose": held_out_documents("stdlib-docs"), "python": held_out_documents("stdlib")}
+    per_seed = {}
+    with torch.inference_mode():
+        for seed in args.seeds:
+            per_seed[seed] = measure_seed(models, prompts_for(tok, docs, seed, args.prompt_tokens), args)
+            print(f"seed {seed}: " + ", ".join(f"{n} {v['x_ar']:.2f}x" for n, v in per_seed[seed].items()),
+                  file=sys.stderr, flush=True)
+    table = render(per_seed)
+    print(table)
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps({"args": vars(args), "per_seed": per_seed, "table": table}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
