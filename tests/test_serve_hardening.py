@@ -90,8 +90,9 @@ def post(url: str, body, path: str = "/v1/completions", headers=None, timeout: f
         return status, {"raw": raw.decode(errors="replace")}, hdrs
 
 
-def raw_http(port: int, head: bytes, body_parts=(), timeout: float = 20) -> tuple[int, bytes]:
-    """Send a hand-made request (head, then each body part) on a raw socket; (status, response bytes)."""
+def raw_http(port: int, head: bytes, body_parts=(), timeout: float = 20, whole: bool = True) -> tuple[int, bytes]:
+    """Send a hand-made request (head, then each body part) on a raw socket; (status, response bytes):
+    the whole response until the server closes (or `timeout`), or with whole=False its head only."""
     with socket.create_connection(("127.0.0.1", port), timeout=timeout) as s:
         s.sendall(head)
         for part in body_parts:
@@ -103,7 +104,7 @@ def raw_http(port: int, head: bytes, body_parts=(), timeout: float = 20) -> tupl
                 break
             got += chunk
         try:
-            while True:
+            while whole:
                 chunk = s.recv(65536)
                 if not chunk:
                     break
@@ -424,19 +425,13 @@ def test_docs_are_off_by_default(server, make_server):
         assert r.status == 200 and "/v1/completions" in json.loads(r.read())["paths"]
 
 
-def raw_request(url: str, head: bytes, body_part: bytes = b"", timeout: float = 30) -> bytes:
-    """Send `head` (request line and headers) and `body_part` on a raw socket, then read until the
-    server answers or closes; returns what it sent."""
-    host, port = url.rsplit("/", 1)[-1].split(":")
-    with socket.create_connection((host, int(port)), timeout=timeout) as s:
-        s.sendall(head + body_part)
-        got = b""
-        while b"\r\n\r\n" not in got:
-            chunk = s.recv(4096)
-            if not chunk:
-                break
-            got += chunk
-        return got
+def port_of(url: str) -> int:
+    return int(url.rsplit(":", 1)[1])
+
+
+def health(port: int) -> int:
+    """The status of GET /health on a fresh connection (the head only: the server keeps it open)."""
+    return raw_http(port, b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n", whole=False)[0]
 
 
 def test_a_body_that_trickles_in_gets_408_and_the_server_goes_on(make_server):
@@ -446,8 +441,8 @@ def test_a_body_that_trickles_in_gets_408_and_the_server_goes_on(make_server):
     url, _ = make_server(body_timeout_s=0.5)
     head = (b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
             b"Content-Length: 64\r\n\r\n")
-    got = raw_request(url, head, b'{"prompt":')
-    assert got.startswith(b"HTTP/1.1 408"), got[:200]
+    status, got = raw_http(port_of(url), head, [b'{"prompt":'], timeout=30, whole=False)
+    assert status == 408, got[:200]
     assert post(url, {"prompt": "hi", "max_tokens": 2})[0] == 200
 
 
@@ -455,18 +450,16 @@ def test_connections_beyond_max_connections_get_503(make_server):
     """Clients that open connections and never finish their headers hold at most max_connections:
     a request on one more is refused at once (503), and once they go, requests are served again."""
     url, _ = make_server(max_connections=3)
-    host, port = url.rsplit("/", 1)[-1].split(":")
-    idle = [socket.create_connection((host, int(port)), timeout=30) for _ in range(2)]
+    port = port_of(url)
+    idle = [socket.create_connection(("127.0.0.1", port), timeout=30) for _ in range(2)]
     try:
         for s in idle:
             s.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\n")  # headers never finished
-        wait_until(lambda: raw_request(url, b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n").startswith(b"HTTP/1.1 503"),
-                   what="the connection bound to refuse a request")
+        wait_until(lambda: health(port) == 503, what="the connection bound to refuse a request")
     finally:
         for s in idle:
             s.close()
-    wait_until(lambda: raw_request(url, b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n").startswith(b"HTTP/1.1 200"),
-               what="requests to be served again")
+    wait_until(lambda: health(port) == 200, what="requests to be served again")
 
 
 def test_serve_settings_refuse_bad_connection_bounds():
