@@ -341,12 +341,17 @@ def main(argv=None) -> int:
     res = summarize(base, exact, spec_tokens / spec_nfe)
     res["settings"] = {**vars(args), "source": source, "prompts_total": len(prompts), "block_size": n}
     print(render(args.model, res, n))
+    write_result(res, args, "two_branch_potential")
+    return 0
+
+
+def write_result(res: dict, args, kind: str) -> None:
+    """`res` as JSON to --out, default results/<kind>_<model name>.json."""
     slug = Path(args.model).name if Path(args.model).exists() else args.model
-    out = Path(args.out or Path(__file__).parent / "results" / f"two_branch_potential_{slug}.json")
+    out = Path(args.out or Path(__file__).parent / "results" / f"{kind}_{slug}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(res, indent=1))
     print(f"wrote {out}", file=sys.stderr)
-    return 0
 
 
 if __name__ == "__main__":

@@ -13,8 +13,6 @@ Prints a table and writes JSON (default benchmarks/results/two_branch_speed_<mod
 from __future__ import annotations
 
 import argparse
-import json
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -23,7 +21,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.two_branch_potential import byte_prompts, real_prompts  # noqa: E402
+from benchmarks.two_branch_potential import byte_prompts, real_prompts, write_result  # noqa: E402
 from twotower.decoding import Autoregressive, Speculative, TwoBranchSpeculative  # noqa: E402
 from twotower.model import TwoTowerLM  # noqa: E402
 
@@ -87,11 +85,7 @@ def main(argv=None) -> int:
         lines.append(f"| {name} | {m['tokens_per_iter']:.3f} | {m['tokens_per_s']:.1f} | "
                      f"{m['tokens_per_s'] / base:.2f}x | {m['equal_ar']} |")
     print("\n".join(lines))
-    slug = Path(args.model).name if Path(args.model).exists() else args.model
-    out = Path(args.out or Path(__file__).parent / "results" / f"two_branch_speed_{slug}.json")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(res, indent=1))
-    print(f"wrote {out}", file=sys.stderr)
+    write_result(res, args, "two_branch_speed")
     return 0
 
 

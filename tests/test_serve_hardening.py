@@ -456,10 +456,12 @@ def test_connections_beyond_max_connections_get_503(make_server):
         for s in idle:
             s.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\n")  # headers never finished
         wait_until(lambda: health(port) == 503, what="the connection bound to refuse a request")
+        assert health(port) == 503  # refused while the idle connections hold their places
     finally:
         for s in idle:
             s.close()
     wait_until(lambda: health(port) == 200, what="requests to be served again")
+    assert post(url, {"prompt": "hi", "max_tokens": 2})[0] == 200
 
 
 def test_serve_settings_refuse_bad_connection_bounds():

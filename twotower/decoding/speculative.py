@@ -41,7 +41,7 @@ __all__ = ["Speculative", "draft_one_step"]
 _GREEDY = TokenChooser()
 
 
-def _room(state: DecodeState) -> int:
+def room_left(state: DecodeState) -> int:
     """Cache positions the context tower may still take before its sliding window (a large number
     when its limit is max_position_embeddings, which no tower enforces: behaviour there is unchanged)."""
     limit, name = length_limit(state.call.context)
@@ -186,7 +186,7 @@ class Speculative(Decoder):
         state.carry["next"] = state.choose(logits[:, -1])  # (R,) the context tower's next token
 
     def _width(self, state: DecodeState) -> int:
-        """Positions the next iteration drafts and verifies (before `_room` narrows it)."""
+        """Positions the next iteration drafts and verifies (before `room_left` narrows it)."""
         n_full = state.call.block_size
         return n_full if len(state) == 1 or self.batch_block_size is None else min(n_full, self.batch_block_size)
 
@@ -194,7 +194,7 @@ class Speculative(Decoder):
         call = state.call
         # Narrowed only where a whole block would run past a sliding window (where the towers refuse):
         # a request that ends at the window then fits; everywhere else the width is unchanged.
-        n = min(self._width(state), _room(state))
+        n = min(self._width(state), room_left(state))
         cut = self.draft_cut if (state.rows.greedy and self.draft_steps == 1) else 0.0
         den = state.den_cache()
         return self.draft_block(call.denoiser, den, n, first=state.carry["next"].to(den.device), shift=call.shifted,
@@ -225,7 +225,7 @@ class Speculative(Decoder):
         state.drop_finished()  # later forwards only pay for the rows still running
         if not len(state):
             return
-        if _room(state) < self._width(state):
+        if room_left(state) < self._width(state):
             # Next to a sliding window, holes (from rows that left or kept less) would narrow the
             # next block, or leave no room at all: squeeze out every one of them now.
             gain = 1

@@ -30,7 +30,7 @@ from torch import Tensor
 
 from ..towers.branching import source_slots
 from .logits import LogitsProcessor
-from .speculative import Speculative, _room
+from .speculative import Speculative, room_left
 from .state import DecodeState
 from .tree_verify import accept_tree, supports_tree, tree_extend, tree_layout
 
@@ -140,7 +140,7 @@ class TwoBranchSpeculative(Speculative):
 
     def draft(self, state: DecodeState):
         call = state.call
-        width, room = self._width(state), _room(state)
+        width, room = self._width(state), room_left(state)
         # The tree takes up to 2n - 1 cache slots: next to a sliding window, a shorter block.
         n = min(width, (room + 1) // 2)
         if n < 3:  # no room for a tree: this iteration verifies one plain draft
