@@ -9,11 +9,17 @@ against the naive reference on Mamba-only, attention-only and hybrid stacks, in 
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
-from conftest import DT_REGIMES, left_pad, make_family_towers, make_towers, random_prompts
+from conftest import (DT_REGIMES, MASK, PAD, autoregressive, dt_regimes, left_pad, make_family_towers, make_towers,
+                      random_prompts, run_decoder)
 
+from twotower.decoding import Speculative, Towers, TwoBranchSpeculative, build_decoder, draft_one_step
 from twotower.decoding.tree_verify import accept_tree, tree_extend, tree_layout
+from twotower.decoding.two_branch import branch_position, draft_with_runner_up
+from twotower.testing import check_rows_independent
 from twotower.towers.branching import tree_mask
 
 N = 6  # block positions
@@ -143,12 +149,6 @@ def test_accept_tree_needs_a_tree_block():
 
 # ---- the decoder --------------------------------------------------------------------------------
 
-import math  # noqa: E402
-
-from conftest import MASK, PAD, autoregressive, dt_regimes, run_decoder  # noqa: E402
-
-from twotower.decoding import Speculative, TwoBranchSpeculative, build_decoder, draft_one_step  # noqa: E402
-from twotower.decoding.two_branch import branch_position, draft_with_runner_up  # noqa: E402
 
 
 def two_branch(ctx, den, ids, mask=None, *, block_size: int = 6, max_new_tokens: int = 21, branch_at="likeliest",
@@ -234,13 +234,10 @@ def test_a_right_second_branch_is_kept_whole(kind, shifted, seed):
 
 def test_rows_stay_independent_and_the_mirror_changes_nothing():
     ctx, den = make_towers(seed=9)
-    prompts = random_prompts([3, 10, 6, 8], seed=9)
-    ids, mask = left_pad(prompts)
+    ids, mask = left_pad(random_prompts([3, 10, 6, 8], seed=9))
     batch = two_branch(ctx, den, ids, mask, max_new_tokens=30, shifted=True)
-    for r, p in enumerate(prompts):
-        alone = two_branch(ctx, den, p[None], max_new_tokens=30, shifted=True)
-        assert torch.equal(batch.new_tokens[r], alone.new_tokens[0])
-        assert int(batch.nfe[r]) == int(alone.nfe[0])
+    towers = Towers(ctx, den, mask_token_id=MASK, pad_token_id=PAD, shifted=True)
+    check_rows_independent(TwoBranchSpeculative(block_size=6), towers, ids, mask, batch, 30, None)
     mirrored = two_branch(ctx, den, ids, mask, max_new_tokens=30, shifted=True, denoiser_device="cpu")
     assert torch.equal(batch.new_tokens, mirrored.new_tokens)
 

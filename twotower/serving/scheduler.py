@@ -30,9 +30,10 @@ from collections.abc import Callable
 import torch
 
 from ..decoding import StopStrings, Towers
+from ..decoding.checks import same_device
 from .requests import CompletionRequest
 from .stepper import Stepper
-from ..validation import check_int
+from ..validation import check_int, device_of
 
 __all__ = ["Job", "Scheduler"]
 
@@ -322,7 +323,4 @@ def _two_devices(towers: Towers) -> bool:
     """Whether the context and the denoiser tower sit on different devices."""
     if towers.denoiser is None:
         return False
-    from ..decoding.base import same_device
-    from ..validation import device_of
-
     return not same_device(device_of(towers.context), device_of(towers.denoiser))

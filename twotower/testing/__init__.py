@@ -25,14 +25,14 @@ leaving a working batch between steps) == each request's `generate` alone, seede
 (temperature > 0), and a step callback that is called with well-formed tensors and changes nothing.
 
 Layout: `builders.py` (tiny configs and models, prompts, comparisons), `family.py` (`check_family`),
-`decoding.py` (`check_decoder`, `check_sampler`, `check_time_conditioning`).
+`decoding.py` (`check_decoder` and its parts such as `check_rows_independent`, `check_sampler`, `check_time_conditioning`).
 """
 
 from .builders import (MASK, PAD, TINY_CONFIGS, assert_close, assert_equal, left_pad, never_predict_mask_,
                        random_prompts, randomize_, randomize_time_, tiny_config, tiny_model, tiny_towers)
-from .decoding import check_decoder, check_sampler, check_time_conditioning
+from .decoding import check_decoder, check_rows_independent, check_sampler, check_time_conditioning
 from .family import check_family
 
-__all__ = ["check_family", "check_decoder", "check_sampler", "check_time_conditioning", "tiny_config",
+__all__ = ["check_family", "check_decoder", "check_rows_independent", "check_sampler", "check_time_conditioning", "tiny_config",
            "tiny_towers", "tiny_model", "randomize_", "randomize_time_", "never_predict_mask_", "left_pad",
            "random_prompts", "assert_close", "assert_equal", "MASK", "PAD", "TINY_CONFIGS"]

@@ -12,7 +12,16 @@ import tempfile
 
 import torch
 
-from .builders import MASK, assert_close, assert_equal, expect, left_pad, random_prompts, tiny_model
+from ..decoding import MaskDiffusion, Towers
+from ..decoding.checks import default_pad_id
+from ..model import TwoTowerLM
+from ..samplers import Sampler
+from ..serving.requests import CompletionRequest
+from ..serving.scheduler import Job
+from ..serving.stepper import Stepper
+from ..time_embedding import TimeConditioning, build_time_conditioning, time_spec
+from .builders import (MASK, assert_close, assert_equal, expect, family_of, left_pad, random_prompts, randomize_,
+                       tiny_config, tiny_model)
 
 PROMPT_LENGTHS = [5, 2, 7]
 
@@ -62,15 +71,10 @@ def check_decoder(decoder, model=None, *, max_new_tokens: int = 9, seed: int = 0
 
 
 def _vocab(model) -> int:
-    from ..decoding import Towers
-
     return Towers.of(model).context.config.vocab_size
 
 
 def _pad_id(model, eos: int) -> int:
-    from ..decoding import Towers
-    from ..decoding.base import default_pad_id
-
     towers = Towers.of(model)
     return towers.pad_token_id if towers.pad_token_id is not None else default_pad_id(towers.context.config, eos)
 
@@ -114,7 +118,7 @@ def _check_row(tokens: list[int], k: int, n: int, eos: int, pad: int, what: str)
 
 
 def check_rows_independent(decoder, model, ids, mask, out, n: int, eos: int) -> None:
-    """Greedy: each row of the batch == the same prompt decoded alone."""
+    """Greedy: each row of the batch == the same prompt decoded alone, tokens and forward count."""
     name = type(decoder).__name__
     for r in range(ids.shape[0]):
         prompt = ids[r][mask[r].bool()][None]
@@ -123,6 +127,10 @@ def check_rows_independent(decoder, model, ids, mask, out, n: int, eos: int) -> 
         expect(int(alone.num_generated[0]) == k, f"{name}: row {r} made {k} tokens in the batch, "
                                                  f"{int(alone.num_generated[0])} alone")
         assert_equal(out.new_tokens[r, :k][None], alone.new_tokens[:, :k], f"{name}: row {r} in the batch vs alone")
+        # The forward count too: a row whose drafts were cut or lengthened by its neighbours would
+        # still give AR's tokens, only slower, and the tokens alone would not show it.
+        expect(int(out.nfe[r]) == int(alone.nfe[0]), f"{name}: row {r} took {int(out.nfe[r])} forwards in the "
+                                                     f"batch, {int(alone.nfe[0])} alone")
 
 
 def check_seeded_repeats(decoder, model, ids, mask, out, n: int, eos: int, seed: int) -> None:
@@ -210,9 +218,6 @@ def check_served_equals_alone(decoder, model, eos: int, seed: int) -> None:
     """The server's working batch (`serving.Stepper`, driven by hand): two requests start, two join
     after the first step, rows leave as they finish; each request's tokens == `generate` on it alone
     (with its own seed when sampling)."""
-    from ..decoding import Towers
-    from ..serving.stepper import Stepper
-
     name = type(decoder).__name__
     prompts = random_prompts([n for n, _ in REQUESTS], seed=21 + seed, vocab_size=_vocab(model))
     jobs = [_job(decoder, p, cap, eos, seed + i) for i, (p, (_, cap)) in enumerate(zip(prompts, REQUESTS))]
@@ -230,9 +235,6 @@ def check_served_equals_alone(decoder, model, eos: int, seed: int) -> None:
 
 def _job(decoder, prompt, cap: int, eos: int, seed: int):
     """A server Job for `prompt` (no HTTP): its own cap, EOS and seed."""
-    from ..serving.requests import CompletionRequest
-    from ..serving.scheduler import Job
-
     request = CompletionRequest(prompt="", prompt_ids=prompt.tolist(), max_tokens=cap, decoder=decoder,
                                 decoder_name=type(decoder).__name__, seed=seed)
     return Job(request, _IdText(), [eos])
@@ -261,9 +263,6 @@ def check_sampler(sampler, *, seed: int = 0) -> None:
     from `generator`). Then MaskDiffusion with the sampler on a tiny model: a seeded repeat and the
     decoder contract (`check_decoder`).
     """
-    from ..decoding import MaskDiffusion
-    from ..samplers import Sampler
-
     name = type(sampler).__name__
     expect(isinstance(sampler, Sampler), f"{name} is not a twotower.samplers.Sampler")
     for steps in (1, 3, 8):
@@ -336,9 +335,6 @@ def check_time_conditioning(spec_or_class, family="llama") -> None:
     `released_prefix`; and `save_pretrained` / `from_pretrained` gives the same class, settings,
     weights and denoiser outputs.
     """
-    from ..model import TwoTowerLM
-    from .builders import family_of, randomize_, tiny_config
-
     spec = _time_spec(spec_or_class)
     family = family_of(family)
     ctx = randomize_(family.context(tiny_config(family))).eval()
@@ -354,8 +350,6 @@ def check_time_conditioning(spec_or_class, family="llama") -> None:
 
 def _time_spec(spec_or_class) -> dict:
     """A {"class_path", "init_args"} spec from a spec, a TimeConditioning class or an instance."""
-    from ..time_embedding import TimeConditioning, time_spec
-
     if isinstance(spec_or_class, dict):
         return spec_or_class
     if isinstance(spec_or_class, TimeConditioning):
@@ -383,8 +377,6 @@ def _check_modulations(den, name: str) -> None:
 
 def _check_spec_rebuilds(den, spec: dict, name: str) -> None:
     """`spec()` of the built module rebuilds a module of the same class, names and shapes."""
-    from ..time_embedding import build_time_conditioning
-
     again = build_time_conditioning(den.time.spec(), den.config.hidden_size, den.num_modulated)
     expect(type(again) is type(den.time), f"{name}: spec() {den.time.spec()} rebuilt a {type(again).__name__}")
     want = {k: tuple(v.shape) for k, v in den.time.state_dict().items()}
@@ -403,8 +395,6 @@ def _check_released_names(model, name: str) -> None:
 
 def _check_save_load(model, name: str) -> None:
     """save_pretrained / from_pretrained: same class, init_args, weights and denoiser outputs."""
-    from ..model import TwoTowerLM
-
     with tempfile.TemporaryDirectory() as folder:
         _run(f"{name}: save_pretrained", model.save_pretrained, folder)
         back = _run(f"{name}: from_pretrained", TwoTowerLM.from_pretrained, folder).eval()
