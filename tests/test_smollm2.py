@@ -62,3 +62,30 @@ def test_serve_recipe_has_every_setting_of_the_default_one():
 
     keys = {name: set(yaml.safe_load((hub.RECIPES_DIR / f"{name}.yaml").read_text())) for name in ("serve", "smollm2_serve")}
     assert keys["smollm2_serve"] == keys["serve"]  # the SmolLM2 server documents the same limits and access settings
+
+
+@pytest.mark.slow
+@needs_smollm2
+def test_real_model_drafts_benchmark_counts_what_each_prompt_gets_alone(tmp_path):
+    """benchmarks/real_model_drafts.py decodes a seed's prompts in one padded batch: its figures must be
+    what each prompt gives at batch 1 (tokens over iterations, summed), and its AR check must hold."""
+    import sys
+
+    sys.path.insert(0, str(hub.ASSETS_DIR.parents[1]))
+    from benchmarks import real_model_drafts as rmd
+    from twotower.model import TwoTowerLM
+
+    out = tmp_path / "drafts.json"
+    assert rmd.main(["smollm2-135m", "--seeds", "3", "--per-kind", "1", "--new-tokens", "12", "--out", str(out)]) == 0
+    fig = json.loads(out.read_text())["per_seed"]["smollm2-135m"][0]
+    assert fig["equal_to_ar"] is True
+    model = TwoTowerLM.from_pretrained("smollm2-135m", dtype=torch.float32).eval()
+    tok = model.tokenizer
+    docs = {"prose": rmd.held_out_documents("stdlib-docs"), "python": rmd.held_out_documents("stdlib")}
+    tokens = iterations = 0
+    for kind, ids in rmd.seed_prompts(tok, docs, 3, 1, 48):
+        alone = Speculative(block_size=16).generate(model, torch.tensor([ids]), max_new_tokens=12,
+                                                    eos_token_id=tok.eos_token_id)
+        tokens, iterations = tokens + int(alone.num_generated[0]), iterations + alone.blocks
+        assert fig[f"tokens_per_iteration_{kind}"] == int(alone.num_generated[0]) / alone.blocks
+    assert fig["tokens_per_iteration"] == tokens / iterations

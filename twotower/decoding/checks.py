@@ -14,7 +14,8 @@ from torch import Tensor
 
 from ..validation import check_token, device_of
 
-__all__ = ["describe_rows", "same_device", "default_pad_id", "length_limit", "check_prompt", "eos_ids", "denoiser_placement"]
+__all__ = ["describe_rows", "same_device", "default_pad_id", "length_limit", "check_prompt", "eos_ids",
+           "denoiser_placement"]
 
 
 def describe_rows(mask: Tensor, limit: int = 8) -> str:
