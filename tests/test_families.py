@@ -1,14 +1,15 @@
-"""The tower-family contract, run over every registered family (NemotronH, Llama, Qwen2, Mistral, and any family
-registered later, which needs only a tiny config builder in conftest.FAMILY_CONFIGS):
+"""Every registered family (NemotronH, Llama, Qwen2, Mistral, and any family registered later, which
+needs only a tiny config builder in conftest.FAMILY_CONFIGS), beyond the tower-family contract itself.
 
-* prefill + extends (1 token and blocks) == the full forward; left-padded rows == rows alone;
-* the all-blocks training forward == per-block inference; its logits (all, or at a mask) == the full forward;
-* every decoder in twotower.decoding runs, rows do not depend on their batch, and Speculative ==
-  Autoregressive; the two-device mirror gives the same tokens;
+The contract (prefill + extends == the full forward, left padding, the cache's concat / select /
+mirror, the training forward == per-block inference and its logits, speculative == AR on the shared
+and the mirrored cache, and exactness against transformers: logits, greedy `generate`, speculative
+through `TwoTowerLM`) is `twotower.testing.check_family`, run over every family in
+tests/test_testing.py, as a plug-in family's author runs it. Here:
+
+* every decoder in twotower.decoding runs on every family, rows independent of their batch;
 * save_pretrained / from_pretrained round trip, with either time conditioning (by class_path);
-* exact against transformers: a random `<Family>ForCausalLM` written by its own save_pretrained and
-  read by `ContextTowerBase.from_pretrained` gives its logits (full, prefill + extends), greedy AR
-  equals its `generate`, and speculative decoding through `TwoTowerLM` equals AR;
+* a bad `return_logits` mask is refused;
 * the layout: nothing under twotower/towers imports the model, and families import no sibling
   (the Llama-like ones build on Llama).
 """
@@ -19,25 +20,15 @@ import json
 
 import pytest
 import torch
-import transformers
-from conftest import (FAMILY_CONFIGS, MASK, PAD, left_pad, make_family_towers, random_prompts, randomize_,
-                      randomize_time_, run_decoder)
+from conftest import FAMILY_CONFIGS, MASK, PAD, left_pad, make_family_towers, random_prompts, run_decoder
 from test_decoders import all_decoders
 
-from twotower.caches import Cache
-from twotower.decoding import Autoregressive, Speculative
+from twotower.decoding import Towers
 from twotower.model import TwoTowerLM
-from twotower.time_embedding import NoTimeConditioning, TimeConditioning
-from twotower.towers.base import ContextTowerBase, DenoiserTowerBase, family_for, registered_families
+from twotower.testing import check_rows_independent, never_predict_mask_
+from twotower.time_embedding import NoTimeConditioning
+from twotower.towers.base import registered_families
 
-TOL = dict(rtol=1e-5, atol=1e-5)
-
-
-def assert_close(a, b, tol=1e-5):
-    """Max abs error within tol relative to the logits' scale (float32 sums in another order)."""
-    scale = max(1.0, float(b.abs().max()))
-    err = float((a - b).abs().max())
-    assert err <= tol * scale, f"max abs error {err:.3g} at scale {scale:.3g}"
 FAMILIES = sorted(registered_families())
 
 
@@ -52,119 +43,23 @@ def family(request):
     return request.param
 
 
-@pytest.fixture
-def pair(family):
-    return make_family_towers(family, seed=5)
-
-
-def test_towers_implement_the_interfaces(pair):
-    ctx, den = pair
-    assert isinstance(ctx, ContextTowerBase) and isinstance(den, DenoiserTowerBase)
-    assert isinstance(den.time, TimeConditioning)
-    assert isinstance(ctx.empty_cache(2), Cache)
-
-
-def test_prefill_and_extends_equal_the_full_forward(pair):
-    ctx, _ = pair
-    ids = torch.randint(4, 64, (2, 19))
-    with torch.inference_mode():
-        full = ctx(ids)
-        got, cache = ctx.prefill(ids[:, :6], capacity=8)
-        parts = [got] + [ctx.extend(cache, ids[:, lo:hi]) for lo, hi in ((6, 7), (7, 13), (13, 14), (14, 19))]
-        torch.testing.assert_close(torch.cat(parts, 1), full, **TOL)
-        # left padding: each row as if alone
-        prompts = random_prompts([3, 8, 5], seed=1)
-        pids, mask = left_pad(prompts)
-        logits, _ = ctx.prefill(pids, mask)
-        for r, p in enumerate(prompts):
-            torch.testing.assert_close(logits[r, -len(p):], ctx(p[None])[0], **TOL)
-
-
-def test_cache_contract_concat_select_mirror(pair):
-    """Every family's cache: caches of other batches join (`concat`, shorter ones left-padded) and
-    split (`select`) without changing any row; a mirror and a clone read the same; `nbytes` counts."""
-    ctx, den = pair
-    a, b = torch.randint(4, 64, (1, 5)), torch.randint(4, 64, (2, 8))
-    nxt, block, t = torch.randint(4, 64, (3, 3)), torch.full((3, 4), MASK), torch.tensor([0.2, 0.5, 0.9])
-    with torch.inference_mode():
-        _, ca = ctx.prefill(a)
-        _, cb = ctx.prefill(b)
-        joined = type(ca).concat([ca, cb])
-        assert isinstance(joined, type(ca)) and joined.batch_size == 3 and joined.nbytes() > 0
-        den_joined = den.forward_block(block, joined, t)
-        assert_close(den.forward_block(block, joined.mirror_to("cpu"), t), den_joined)
-        assert_close(den_joined[1:], den.forward_block(block[1:], cb, t[1:]))
-        assert_close(den_joined[:1], den.forward_block(block[:1], ca, t[:1]))
-        got = ctx.extend(joined.clone(), nxt)
-        assert_close(got[:1], ctx.extend(ca.clone(), nxt[:1]))
-        assert_close(got[1:], ctx.extend(cb.clone(), nxt[1:]))
-        picked = joined.select(torch.tensor([2, 0]))
-        assert_close(ctx.extend(picked, nxt[[2, 0]]), got[[2, 0]])
-
-
-def test_training_forward_equals_per_block_inference(pair):
-    ctx, den = pair
-    S, nB = 4, 3
-    x = torch.randint(4, 64, (2, S * nB))
-    noisy = torch.where(torch.rand(x.shape) < 0.5, torch.full_like(x, MASK), x)
-    t = torch.rand(2, nB)
-    with torch.inference_mode():
-        _, states = ctx.forward_train(x, S)
-        logits = den.forward_train(noisy, states, t)
-        for k in range(nB):
-            cache = ctx.empty_cache(2) if k == 0 else ctx.prefill(x[:, : k * S])[1]
-            assert_close(logits[:, k * S: (k + 1) * S], den.forward_block(noisy[:, k * S: (k + 1) * S], cache, t[:, k]))
-
-
-def test_training_forward_logits_at_a_mask_are_the_full_forwards_there(pair):
-    ctx, _ = pair
-    S = 4
-    x = torch.randint(4, 64, (2, 3 * S))
-    where = torch.rand(x.shape, generator=torch.Generator().manual_seed(0)) < 0.4
-    with torch.inference_mode():
-        full = ctx(x)
-        every, _ = ctx.forward_train(x, S, return_logits=True)
-        picked, _ = ctx.forward_train(x, S, return_logits=where)
-        assert ctx.forward_train(x, S)[0] is None
-    assert picked.shape == (int(where.sum()), full.shape[-1])
-    assert_close(every, full)
-    assert_close(picked, full[where])
+def test_a_return_logits_mask_of_the_wrong_shape_is_refused():
+    ctx, _ = make_family_towers("llama", seed=5)
+    x = torch.randint(4, 64, (2, 12))
     with pytest.raises(ValueError, match="bool mask"):
-        ctx.forward_train(x, S, return_logits=where[:, :-1])
-
-
-def never_predict_mask_(*towers) -> None:
-    """Zero the [MASK] row of every head: its logit is then 0, below the best of 63 random logits.
-    A random AR model may rank [MASK] first (and the AR-exact decoders then rightly emit it); a
-    trained one never does, and the no-[MASK] check below is about the decoders, not the model."""
-    with torch.no_grad():
-        for tower in towers:
-            tower.lm_head.weight[MASK] = 0
+        ctx.forward_train(x, 4, return_logits=torch.ones(2, 11, dtype=torch.bool))
 
 
 @pytest.mark.parametrize("cls", all_decoders(), ids=lambda c: c.__name__)
 def test_every_decoder_runs_and_rows_are_independent(family, cls):
     ctx, den = make_family_towers(family, seed=6)
     never_predict_mask_(ctx, den)
-    prompts = random_prompts([4, 1, 6], seed=2)
-    ids, mask = left_pad(prompts)
+    ids, mask = left_pad(random_prompts([4, 1, 6], seed=2))
+    towers = Towers(ctx, den, mask_token_id=MASK, pad_token_id=PAD)
     with torch.inference_mode():
         out = run_decoder(cls(), ctx, den, ids, mask, max_new_tokens=9)
         assert out.new_tokens.shape == (3, 9) and not torch.any(out.new_tokens == MASK)
-        for r, p in enumerate(prompts):
-            alone = run_decoder(cls(), ctx, den, p[None], max_new_tokens=9)
-            assert torch.equal(alone.new_tokens[0], out.new_tokens[r]), f"{cls.__name__} row {r}"
-
-
-@pytest.mark.parametrize("mirror", [False, True])
-def test_speculative_equals_autoregressive(family, mirror):
-    ctx, den = make_family_towers(family, seed=7)
-    ids, mask = left_pad(random_prompts([2, 9, 5, 4], seed=3))
-    with torch.inference_mode():
-        ar = run_decoder(Autoregressive(), ctx, None, ids, mask, max_new_tokens=17)
-        spec = run_decoder(Speculative(block_size=5), ctx, den, ids, mask, max_new_tokens=17,
-                           denoiser_device="cpu" if mirror else None)
-    assert torch.equal(spec.sequences, ar.sequences)
+        check_rows_independent(cls(), towers, ids, mask, out, 9, None)
 
 
 @pytest.mark.parametrize("time", [None, {"class_path": "twotower.time_embedding.NoTimeConditioning"}])
@@ -190,51 +85,6 @@ def test_save_and_load_round_trip(family, time, tmp_path):
         with torch.inference_mode():
             torch.testing.assert_close(back.denoiser.forward_block(x, cache, torch.tensor([0.2])),
                                        back.denoiser.forward_block(x, cache, torch.tensor([0.9])))
-
-
-# ---- exact against transformers: every family, read from its own transformers checkpoint ---------
-
-
-@pytest.fixture
-def hf_pair(family, tmp_path):
-    """(transformers model, its checkpoint folder, our context tower read from it): a random
-    `<Family>ForCausalLM` of the family's tiny config, written by its own save_pretrained."""
-    hf_class = getattr(transformers, family_for(family).hf_architecture)
-    hf = randomize_(hf_class(FAMILY_CONFIGS[family]()), seed=11).eval()
-    hf.save_pretrained(tmp_path / "ar")
-    return hf, tmp_path / "ar", ContextTowerBase.from_pretrained(tmp_path / "ar").eval()
-
-
-def test_context_logits_equal_transformers(hf_pair):
-    hf, _, ctx = hf_pair
-    ids = torch.randint(4, 64, (2, 30))
-    with torch.inference_mode():
-        want = hf(ids).logits.float()
-        assert_close(ctx(ids), want)
-        got, cache = ctx.prefill(ids[:, :9], capacity=10)  # the cache has to grow on the way
-        parts = [got] + [ctx.extend(cache, ids[:, lo:hi]) for lo, hi in ((9, 16), (16, 17), (17, 30))]
-        assert_close(torch.cat(parts, 1), want)
-
-
-def test_greedy_autoregressive_equals_transformers_generate(hf_pair):
-    hf, _, ctx = hf_pair
-    hf.generation_config.eos_token_id = None
-    prompt = torch.randint(4, 64, (1, 7))
-    with torch.inference_mode():
-        want = hf.generate(prompt, max_new_tokens=12, do_sample=False, pad_token_id=PAD)
-        got = run_decoder(Autoregressive(), ctx, None, prompt, max_new_tokens=12)
-    assert torch.equal(got.sequences, want)
-
-
-def test_speculative_equals_autoregressive_through_the_model(hf_pair):
-    _, path, _ = hf_pair
-    model = TwoTowerLM.from_backbone(path, block_size=4, mask_token_id=MASK).eval()
-    randomize_time_(model.denoiser, 12)
-    ids, mask = left_pad(random_prompts([3, 8, 5], seed=4))
-    with torch.inference_mode():
-        ar = model.generate(ids, mask, decoder=Autoregressive(), max_new_tokens=14)
-        spec = model.generate(ids, mask, decoder=Speculative(block_size=4), max_new_tokens=14)
-    assert torch.equal(spec.sequences, ar.sequences)
 
 
 # ---- layout: families are siblings, and nothing under towers/ reaches the model -------------------

@@ -146,14 +146,21 @@ def check_forward_block(ctx, den, name: str) -> None:
 
 
 def check_training_forward(ctx, den, name: str) -> None:
-    """The all-blocks training forward == per-block inference, and its AR logits == the full forward."""
+    """The all-blocks training forward == per-block inference, and its AR logits (all, or where a mask
+    says) == the full forward."""
     S, nB = 4, 3
     x = _ids((2, S * nB), ctx, 13)
     g = torch.Generator().manual_seed(14)
     noisy = torch.where(torch.rand(x.shape, generator=g) < 0.5, torch.full_like(x, MASK), x)
     t = torch.rand((2, nB), generator=g)
     logits, states = ctx.forward_train(x, S, return_logits=True)
-    assert_close(logits, ctx(x), f"{name}: context forward_train logits vs the full forward")
+    full = ctx(x)
+    assert_close(logits, full, f"{name}: context forward_train logits vs the full forward")
+    # Objectives that ask for the AR model's logits take them only where a position is masked.
+    where = torch.rand(x.shape, generator=g) < 0.4
+    picked, _ = ctx.forward_train(x, S, return_logits=where)
+    assert_close(picked, full[where], f"{name}: context forward_train logits at a bool mask vs the full forward there")
+    expect(ctx.forward_train(x, S)[0] is None, f"{name}: forward_train without return_logits must give no logits")
     train = den.forward_train(noisy, states, t)
     for k in range(nB):
         cache = ctx.empty_cache(2) if k == 0 else ctx.prefill(x[:, : k * S])[1]
@@ -162,7 +169,8 @@ def check_training_forward(ctx, den, name: str) -> None:
 
 
 def check_speculative_equals_ar(ctx, den, name: str) -> None:
-    """Speculative decoding through the library's decoders gives the context tower's greedy output."""
+    """Speculative decoding through the library's decoders gives the context tower's greedy output,
+    with the denoiser on the shared cache and on a mirror of it."""
     from ..decoding import Autoregressive, Speculative, Towers
 
     ids, mask = left_pad(random_prompts([2, 9, 5], seed=3, vocab_size=ctx.config.vocab_size))
@@ -170,6 +178,10 @@ def check_speculative_equals_ar(ctx, den, name: str) -> None:
     ar = Autoregressive().generate(towers, ids, mask, max_new_tokens=13)
     spec = Speculative(block_size=5).generate(towers, ids, mask, max_new_tokens=13)
     assert_equal(spec.sequences, ar.sequences, f"{name}: Speculative(block_size=5) vs Autoregressive, greedy")
+    # The two-device path on one device: the denoiser reads a mirror of the context cache.
+    mirror = Towers(ctx, den, mask_token_id=MASK, pad_token_id=PAD, denoiser_device="cpu")
+    spec = Speculative(block_size=5).generate(mirror, ids, mask, max_new_tokens=13)
+    assert_equal(spec.sequences, ar.sequences, f"{name}: Speculative on a mirrored cache vs Autoregressive")
 
 
 # ---- against transformers --------------------------------------------------------------------------
