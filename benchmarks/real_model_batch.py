@@ -12,7 +12,8 @@ machine's absolute speed drifts.
 
 Modes (bf16, one thread unless --threads): `ar`; `spec` (the shipped settings); `spec_merged`
 (`merge_adapters()`: the draft's inference copies); `spec_merged_bb8` (the same with
-`batch_block_size=8`: 8-token drafts while rows share the batch). tokens / iteration is per row:
+`batch_block_size=8`: 8-token drafts while rows share the batch; `--batch-blocks 8 4` adds
+`spec_merged_bb4` too). tokens / iteration is per row:
 the rows' generated tokens over their denoiser forwards. `= AR` counts rows whose tokens equal AR's
 (in bf16 a 16-row verify may round differently from a 1-row step, so this need not be 8/8; the
 float32 exactness check is `real_model.py`'s).
@@ -36,12 +37,11 @@ from benchmarks.real_model import held_out_documents, windows  # noqa: E402
 from twotower.decoding import Autoregressive, Speculative  # noqa: E402
 from twotower.model import TwoTowerLM  # noqa: E402
 
-MODES = {  # name: (merged model?, decoder)
-    "ar": (False, Autoregressive()),
-    "spec": (False, Speculative()),
-    "spec_merged": (True, Speculative()),
-    "spec_merged_bb8": (True, Speculative(batch_block_size=8)),
-}
+def build_modes(batch_blocks: list[int]) -> dict:
+    """name -> (merged model?, decoder): AR, the shipped speculative, merged, and merged with each
+    `batch_block_size` in batch_blocks (shorter drafts while rows share the batch)."""
+    modes = {"ar": (False, Autoregressive()), "spec": (False, Speculative()), "spec_merged": (True, Speculative())}
+    return modes | {f"spec_merged_bb{k}": (True, Speculative(batch_block_size=k)) for k in batch_blocks}
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -52,6 +52,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--prompt-tokens", type=int, default=64)
     p.add_argument("--new-tokens", type=int, default=48)
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--batch-blocks", type=int, nargs="*", default=[8],
+                   help="a merged mode with Speculative(batch_block_size=k) for each k")
     p.add_argument("--out", default="benchmarks/results/real_model_batch8.json")
     return p.parse_args(argv)
 
@@ -70,35 +72,37 @@ def timed(model, decoder, ids: torch.Tensor, new_tokens: int) -> tuple[float, to
 
 
 def measure_seed(models: dict, ids: torch.Tensor, args) -> dict:
-    secs = {name: [] for name in MODES}
+    modes = build_modes(args.batch_blocks)
+    secs = {name: [] for name in modes}
     outs = {}
-    names = list(MODES)
+    names = list(modes)
     for name in names:  # warm-up: first calls pay for allocations and oneDNN's kernel choices
-        merged, dec = MODES[name]
+        merged, dec = modes[name]
         timed(models[merged], dec, ids, 4)
     for r in range(args.rounds):
         for name in names[r % len(names):] + names[:r % len(names)]:
-            merged, dec = MODES[name]
+            merged, dec = modes[name]
             dt, toks, nfe = timed(models[merged], dec, ids, args.new_tokens)
             secs[name].append(dt)
             outs[name] = (toks, nfe)
     ar_tokens = outs["ar"][0]
     res = {}
-    for name in MODES:
+    for name in modes:
         toks, nfe = outs[name]
         t = statistics.median(secs[name])
         res[name] = {"seconds": t, "tok_s": toks.numel() / t,
                      "tokens_per_iteration": (toks.numel() / float(nfe.sum())) if name != "ar" else 1.0,
                      "rows_equal_ar": int((toks == ar_tokens).all(dim=1).sum())}
-    for name in MODES:
+    for name in modes:
         res[name]["x_ar"] = res[name]["tok_s"] / res["ar"]["tok_s"]
     return res
 
 
 def render(per_seed: dict) -> str:
+    names = list(next(iter(per_seed.values())))
     lines = ["| mode | x AR, seeds " + " / ".join(str(s) for s in per_seed) + " | mean | tokens / iteration | = AR rows |",
              "|---|---|---:|---:|---:|"]
-    for name in MODES:
+    for name in names:
         xs = [per_seed[s][name]["x_ar"] for s in per_seed]
         tpi = statistics.mean(per_seed[s][name]["tokens_per_iteration"] for s in per_seed)
         eq = sum(per_seed[s][name]["rows_equal_ar"] for s in per_seed)

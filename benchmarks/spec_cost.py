@@ -150,6 +150,10 @@ LEVERS = {
                            Speculative(batch_block_size=8), {}),
     "batch_block_size=12": ("12-position drafts while more than one row runs, 16 after",
                             Speculative(batch_block_size=12), {}),
+    "batch_block_size=6": ("6-position drafts while more than one row runs, 16 after",
+                           Speculative(batch_block_size=6), {}),
+    "batch_block_size=4": ("4-position drafts while more than one row runs, 16 after",
+                           Speculative(batch_block_size=4), {}),
 }
 
 
