@@ -6,6 +6,7 @@ order so the machine's load hits them alike.
 
     python benchmarks/two_branch_speed.py twotower/assets/twotower --prompts 32
     python benchmarks/two_branch_speed.py smollm2-135m --seeds 0
+    python benchmarks/two_branch_speed.py smollm2-135m --dtype bfloat16 --merged --out OUT.json
 
 Prints a table and writes JSON (default benchmarks/results/two_branch_speed_<model>.json).
 """
@@ -48,10 +49,16 @@ def main(argv=None) -> int:
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--rules", nargs="+", default=["likeliest", "likeliest/4"], help="branch_at[/branch_len] values (a float: a threshold)")
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
+                   help="bfloat16: the speed question (output may differ from AR by rounding)")
+    p.add_argument("--merged", action="store_true",
+                   help="TwoTowerLM.merge_adapters() first: both speculative modes draft with the inference copies")
     p.add_argument("--out")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
-    model = TwoTowerLM.from_pretrained(args.model, dtype=torch.float32).eval()
+    model = TwoTowerLM.from_pretrained(args.model, dtype=getattr(torch, args.dtype)).eval()
+    if args.merged:
+        model.merge_adapters()  # the denoiser's copies only: AR's context tower is untouched
     source = args.source if args.source != "auto" else ("bytes" if model.config.vocab_size <= 512 else "real")
     ms = modes(args.rules)
     names = list(ms)
@@ -74,7 +81,7 @@ def main(argv=None) -> int:
                 rows[name]["equal_ar"] &= bool(torch.equal(outs[name], outs["ar"]))
     res = {"settings": {**vars(args), "source": source, "prompts_total": len(prompts)}, "modes": {}}
     lines = [f"### {args.model}: {len(prompts)} prompts, batch 1, greedy, {args.max_new_tokens} new tokens, "
-             f"{args.threads} thread(s)", "",
+             f"{args.threads} thread(s), {args.dtype}{', merged' if args.merged else ''}", "",
              "| mode | tokens/iteration | tokens/s | speed vs spec | output == AR |", "|---|---|---|---|---|"]
     base = rows["spec"]["tokens"] / rows["spec"]["seconds"]
     for name in names:
