@@ -16,9 +16,10 @@ from __future__ import annotations
 import pytest
 import torch
 from conftest import (FAMILY_CONFIGS, MASK, autoregressive, left_pad, random_prompts, randomize_, randomize_time_,
-                      speculative)
+                      run_decoder, speculative)
 from transformers import LlamaForCausalLM
 
+from twotower.decoding import Speculative, TwoBranchSpeculative
 from twotower.model import TwoTowerLM
 from twotower.towers.adapters import LoRA, LoRALinear, fuse_projections, merge_adapters, unmerge_adapters
 from twotower.towers.base import family_for
@@ -147,15 +148,18 @@ def test_fused_context_equals_unfused(model_type, dtype):
 # ---- decoding: still lossless ----------------------------------------------------------------------
 
 
-def test_speculative_with_merged_and_fused_towers_equals_ar():
+@pytest.mark.parametrize("decoder", [Speculative(block_size=6), TwoBranchSpeculative(block_size=6)],
+                         ids=["speculative", "two_branch"])
+def test_speculative_with_merged_and_fused_towers_equals_ar(decoder):
+    """Both lossless decoders: the two-branch tree verify runs through the fused context projections too."""
     ctx, den = lora_pair(seed=7)
     model = TwoTowerLM.from_backbone(ctx, block_size=6, denoiser=LoRA(rank=4, alpha=8.0))
     model.denoiser.load_state_dict(den.state_dict())
     ids, mask = left_pad(random_prompts([6, 11, 3], seed=7))
     want = autoregressive(model.context, ids, mask, max_new_tokens=20)
-    before = speculative(model.context, model.denoiser, ids, mask, max_new_tokens=20)
+    before = run_decoder(decoder, model.context, model.denoiser, ids, mask, max_new_tokens=20)
     assert model.merge_adapters(fuse_context=True) > 0
-    after = speculative(model.context, model.denoiser, ids, mask, max_new_tokens=20)
+    after = run_decoder(decoder, model.context, model.denoiser, ids, mask, max_new_tokens=20)
     for got in (before, after):
         assert torch.equal(got.new_tokens, want.new_tokens)
     assert after.blocks >= 1
