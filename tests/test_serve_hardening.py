@@ -28,7 +28,7 @@ pytest.importorskip("uvicorn")
 openai = pytest.importorskip("openai")
 
 from conftest import running_server, save_tiny_twotower, served_alone  # noqa: E402
-from twotower.serving.requests import ServeSettings, parse_completion  # noqa: E402
+from twotower.serving.requests import RequestError, ServeSettings, parse_completion  # noqa: E402
 from twotower.tokenizers import ByteTokenizer  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -469,6 +469,25 @@ def test_serve_settings_refuse_bad_connection_bounds():
         ServeSettings(max_connections=1).check(16)
     with pytest.raises(ValueError, match="body_timeout_s must be a number of seconds > 0, got 0"):
         ServeSettings(body_timeout_s=0).check(16)
+
+
+def test_batch_block_size_is_a_server_setting_that_reaches_speculative_decoders():
+    with pytest.raises(ValueError, match="batch_block_size must be an integer >= 2, got 1"):
+        ServeSettings(batch_block_size=1).check(16)
+    settings = ServeSettings(batch_block_size=4)
+    settings.check(16)
+    for name in ("speculative", "two_branch"):
+        req = parse_completion({"prompt": "x = ", "max_tokens": 4, "decoder": name}, settings, TOK, context_limit=512,
+                               model_block_size=16)
+        assert req.decoder.batch_block_size == 4 and req.decoder.block_size == 16
+    # Decoders without the setting are built as before (diffusion drafts no speculative block).
+    req = parse_completion({"prompt": "x = ", "max_tokens": 4, "decoder": "diffusion"}, settings, TOK, context_limit=512,
+                           model_block_size=16)
+    assert not hasattr(req.decoder, "batch_block_size")
+    with pytest.raises(RequestError, match="batch_block_size") as err:  # the operator's trade-off, not a request's
+        parse_completion({"prompt": "x", "max_tokens": 4, "batch_block_size": 2}, settings, TOK, context_limit=512,
+                         model_block_size=16)
+    assert err.value.param == "batch_block_size"
 
 
 def test_a_warning_when_listening_beyond_loopback_without_a_key(model, model_path, monkeypatch, caplog):
