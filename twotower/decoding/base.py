@@ -373,7 +373,7 @@ class Decoder(abc.ABC):
         check_token("pad_token_id", pad, cfg.vocab_size)
         ctx_device = device_of(context)
         input_ids, valid = check_prompt(length_limit(context), input_ids, attention_mask, max_new_tokens,
-                                         ctx_device, towers.mask_token_id if self.uses_mask_token else None)
+                                        ctx_device, towers.mask_token_id if self.uses_mask_token else None)
         den_device, use_mirror = None, False
         if self.uses_denoiser:
             den_device, use_mirror = denoiser_placement(denoiser, ctx_device, towers.denoiser_device)
