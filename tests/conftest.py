@@ -444,3 +444,20 @@ def served_alone(srv, body: dict, tok=None) -> str:
                                eos_token_id=tok.eos_token_id, generator=req.generator(), stop=stop)
     text = tok.decode(out.new_tokens[0, : int(out.num_generated[0])].tolist())
     return stop.truncate(text) if stop else text
+
+
+def assert_first_two_tokens_follow_ar(ctx, ids, out, vocab_size: int = 8) -> None:
+    """Sampled decoding of many copies of one prompt: the first token's frequencies match softmax of
+    the prefill's last logits, and the second's (among rows whose first is the commonest) AR's
+    conditional after it, each within 4 standard errors."""
+    with torch.inference_mode():
+        probs = ctx(ids[:1])[0, -1].softmax(-1)
+    first, second = out.new_tokens[:, 0], out.new_tokens[:, 1]
+    freq = torch.bincount(first, minlength=vocab_size).float() / len(first)
+    assert torch.all((freq - probs).abs() < 4 * (probs * (1 - probs) / len(first)).sqrt() + 1e-3)
+    pick = int(first.mode().values)
+    with torch.inference_mode():
+        cond = ctx(torch.cat([ids[:1], torch.tensor([[pick]])], 1))[0, -1].softmax(-1)
+    rows = first == pick
+    freq2 = torch.bincount(second[rows], minlength=vocab_size).float() / int(rows.sum())
+    assert torch.all((freq2 - cond).abs() < 4 * (cond * (1 - cond) / int(rows.sum())).sqrt() + 1e-3)

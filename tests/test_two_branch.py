@@ -13,8 +13,8 @@ import math
 
 import pytest
 import torch
-from conftest import (DT_REGIMES, MASK, PAD, autoregressive, dt_regimes, left_pad, make_family_towers, make_towers,
-                      random_prompts, run_decoder)
+from conftest import (DT_REGIMES, MASK, PAD, assert_first_two_tokens_follow_ar, autoregressive, dt_regimes, left_pad,
+                      make_family_towers, make_towers, random_prompts, run_decoder)
 
 from twotower.decoding import Speculative, Towers, TwoBranchSpeculative, build_decoder, draft_one_step
 from twotower.decoding.tree_verify import accept_tree, tree_extend, tree_layout
@@ -257,19 +257,9 @@ def test_two_branch_sampling_follows_the_ar_distribution():
     samples: the first's frequencies match softmax(prefill logits), the second's AR's conditional."""
     ctx, den = make_towers(seed=13, vocab_size=8)
     ids = torch.randint(4, 8, (1, 5)).expand(2000, 5).contiguous()
-    with torch.inference_mode():
-        probs = ctx(ids[:1])[0, -1].softmax(-1)
     out = two_branch(ctx, den, ids, block_size=3, max_new_tokens=3, temperature=1.0, shifted=True,
                      generator=torch.Generator().manual_seed(0))
-    first, second = out.new_tokens[:, 0], out.new_tokens[:, 1]
-    freq = torch.bincount(first, minlength=8).float() / len(first)
-    assert torch.all((freq - probs).abs() < 4 * (probs * (1 - probs) / len(first)).sqrt() + 1e-3)
-    pick = int(first.mode().values)
-    with torch.inference_mode():
-        cond = ctx(torch.cat([ids[:1], torch.tensor([[pick]])], 1))[0, -1].softmax(-1)
-    rows = first == pick
-    freq2 = torch.bincount(second[rows], minlength=8).float() / int(rows.sum())
-    assert torch.all((freq2 - cond).abs() < 4 * (cond * (1 - cond) / int(rows.sum())).sqrt() + 1e-3)
+    assert_first_two_tokens_follow_ar(ctx, ids, out)
 
 
 class Counter:
