@@ -282,13 +282,14 @@ def aggregate(per_seed: list[dict]) -> dict:
     agg = {}
     for name in per_seed[0]:
         if isinstance(per_seed[0][name], dict):
-            agg[name] = {k: _stats([s[name].get(k) for s in per_seed]) for k in per_seed[0][name]}
+            agg[name] = {k: seed_stats([s[name].get(k) for s in per_seed]) for k in per_seed[0][name]}
         else:
-            agg[name] = _stats([s[name] for s in per_seed])
+            agg[name] = seed_stats([s[name] for s in per_seed])
     return agg
 
 
-def _stats(values):
+def seed_stats(values):
+    """Over seeds: all() of booleans, else {mean, min, max} of the numbers given (None where none)."""
     if all(isinstance(v, bool) for v in values):
         return all(values)
     vals = [float(v) for v in values if v is not None]
@@ -337,7 +338,7 @@ def main(argv=None) -> int:
     if args.next_line_only:
         with torch.inference_mode():
             scores = [next_line_task(models, modes, tok, docs["python"], random.Random(seed), args) for seed in args.seeds]
-        agg = {name: _stats([s[name] for s in scores]) for name in scores[0]}
+        agg = {name: seed_stats([s[name] for s in scores]) for name in scores[0]}
         print(json.dumps(agg, indent=1))
         Path(args.out).write_text(json.dumps({"args": vars(args), "next_line": scores, "aggregate": agg}, indent=1))
         return 0

@@ -27,7 +27,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.real_model import INSTRUCTIONS, _stats, chat_ids, held_out_documents, windows  # noqa: E402
+from benchmarks.real_model import INSTRUCTIONS, chat_ids, held_out_documents, seed_stats, windows  # noqa: E402
 from twotower.decoding import Autoregressive, Speculative  # noqa: E402
 from twotower.model import TwoTowerLM  # noqa: E402
 from twotower.testing import left_pad  # noqa: E402
@@ -94,7 +94,7 @@ def main(argv=None) -> int:
                 per_seed[name].append(fig)
                 print(f"seed {seed} {name}: {fig['tokens_per_iteration']:.3f} tokens/iteration "
                       f"(equal to AR: {fig['equal_to_ar']})", file=sys.stderr, flush=True)
-    agg = {name: {key: _stats([s[key] for s in seeds]) for key in seeds[0]} for name, seeds in per_seed.items()}
+    agg = {name: {key: seed_stats([s[key] for s in seeds]) for key in seeds[0]} for name, seeds in per_seed.items()}
     print(render(agg))
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

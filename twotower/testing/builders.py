@@ -8,6 +8,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from ..model import TwoTowerLM
+from ..towers.base import TowerFamily, family_for
+
 MASK, PAD = 3, 0  # the tiny configs' [MASK] and pad ids (ids 0-3 are pad / bos / eos / mask)
 TOL = 1e-5  # float32 sums in another order, relative to the logits' scale
 
@@ -35,8 +38,6 @@ TINY_CONFIGS = {
 
 def family_of(family_or_model_type):
     """A TowerFamily from itself or its registered model_type."""
-    from ..towers.base import TowerFamily, family_for
-
     return family_or_model_type if isinstance(family_or_model_type, TowerFamily) else family_for(family_or_model_type)
 
 
@@ -116,8 +117,6 @@ def tiny_towers(family_or_model_type="llama", config=None, *, seed: int = 0):
 def tiny_model(family_or_model_type="llama", config=None, *, seed: int = 0, block_size: int = 4):
     """A random `TwoTowerLM` (eval mode) of a family on `config` (default `tiny_config`): random
     context, random time modules, [MASK] (id 3) never predicted."""
-    from ..model import TwoTowerLM
-
     family = family_of(family_or_model_type)
     config = tiny_config(family) if config is None else config
     ctx = randomize_(family.context(config), seed=seed).eval()

@@ -11,6 +11,11 @@ import tempfile
 
 import torch
 
+from ..caches import Cache
+from ..decoding import Autoregressive, Speculative, Towers
+from ..model import TwoTowerLM
+from ..time_embedding import TimeConditioning
+from ..towers.base import ContextTowerBase, DenoiserTowerBase
 from .builders import (MASK, PAD, assert_close, assert_equal, expect, family_of, left_pad, random_prompts,
                        randomize_, randomize_time_, tiny_config, tiny_towers)
 
@@ -47,10 +52,6 @@ def _ids(shape, ctx, seed: int = 0):
 
 def check_interfaces(ctx, den, name: str) -> None:
     """The towers subclass the bases, the denoiser's `time` is a TimeConditioning, caches are Caches."""
-    from ..caches import Cache
-    from ..time_embedding import TimeConditioning
-    from ..towers.base import ContextTowerBase, DenoiserTowerBase
-
     expect(isinstance(ctx, ContextTowerBase), f"{name}: context tower {type(ctx).__name__} is no ContextTowerBase")
     expect(isinstance(den, DenoiserTowerBase), f"{name}: denoiser {type(den).__name__} is no DenoiserTowerBase")
     expect(isinstance(den.time, TimeConditioning),
@@ -171,8 +172,6 @@ def check_training_forward(ctx, den, name: str) -> None:
 def check_speculative_equals_ar(ctx, den, name: str) -> None:
     """Speculative decoding through the library's decoders gives the context tower's greedy output,
     with the denoiser on the shared cache and on a mirror of it."""
-    from ..decoding import Autoregressive, Speculative, Towers
-
     ids, mask = left_pad(random_prompts([2, 9, 5], seed=3, vocab_size=ctx.config.vocab_size))
     towers = Towers(ctx, den, mask_token_id=MASK, pad_token_id=PAD)
     ar = Autoregressive().generate(towers, ids, mask, max_new_tokens=13)
@@ -203,8 +202,6 @@ def check_against_transformers(family, config, hf_class, *, seed: int = 0) -> No
     """A random `hf_class` model written by its own save_pretrained and read by the family's loader
     gives the same logits (full, prefill + extends), greedy AR == its `generate`, and speculative
     decoding through a `TwoTowerLM` built from the folder == AR."""
-    from ..towers.base import ContextTowerBase
-
     name = f"{family.model_type} vs transformers {hf_class.__name__}"
     hf = randomize_(hf_class(config), seed=seed + 11).eval()
     with tempfile.TemporaryDirectory() as folder:
@@ -230,8 +227,6 @@ def check_logits_parity(hf, ctx, name: str) -> None:
 
 def check_greedy_equals_generate(hf, ctx, name: str) -> None:
     """Greedy Autoregressive on our context tower == transformers' greedy `generate` (no EOS)."""
-    from ..decoding import Autoregressive
-
     hf.generation_config.eos_token_id = None
     prompt = _ids((1, 7), ctx, 16)
     want = hf.generate(prompt, max_new_tokens=12, do_sample=False, pad_token_id=PAD)
@@ -241,9 +236,6 @@ def check_greedy_equals_generate(hf, ctx, name: str) -> None:
 
 def check_speculative_through_the_model(folder, name: str, seed: int) -> None:
     """`TwoTowerLM.from_backbone(folder)` with random time modules: Speculative == Autoregressive."""
-    from ..decoding import Autoregressive, Speculative
-    from ..model import TwoTowerLM
-
     model = TwoTowerLM.from_backbone(folder, block_size=4, mask_token_id=MASK).eval()
     randomize_time_(model.denoiser, seed + 12)
     ids, mask = left_pad(random_prompts([3, 8, 5], seed=4, vocab_size=model.config.vocab_size))
