@@ -131,3 +131,8 @@ def test_failure_point_data_module_trains_and_caches_its_examples(backbone_dir, 
     assert trainer.global_step == 2
     with pytest.raises(ValueError, match="mine_rows=9 is more than num_train=8"):
         FailurePointDataModule(str(backbone_dir), **{**kw, "mine_rows": 9})
+    with pytest.raises(ValueError, match="mine_dtype.*float16"):
+        FailurePointDataModule(str(backbone_dir), **{**kw, "mine_dtype": "float16"})
+    bf16 = FailurePointDataModule(str(backbone_dir), **{**kw, "mine_dtype": "bfloat16"})
+    assert bf16.mine_dtype == "bfloat16" and dm.mine_dtype == "float32"  # None: the rows' gen_dtype
+    assert bf16._mined_path() != dm._mined_path()  # mined in another dtype: its own cache entry

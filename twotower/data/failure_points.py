@@ -42,10 +42,11 @@ from twotower.model import TwoTowerLM
 from .cache import cache_file, files_fingerprint, load_cache, save_cache
 from .distill import DistilledDataModule
 from .sampling import ResumableLoader
-from ..validation import check_int, device_of
+from ..validation import FLOAT_DTYPES, check_int, device_of, parse_dtype
 
 # Bump when the cached example layout or the mining rule changes.
 _FORMAT = 1
+_DTYPES = {name: FLOAT_DTYPES[name] for name in ("float32", "bfloat16")}  # mining dtypes
 
 
 class _StartRecorder(Speculative):
@@ -144,14 +145,19 @@ def keep_ar_consistent(context, examples: dict[str, Tensor], *, block_size: int,
     the tokens before it (in the example) on lose their loss. Returns how many targets were dropped."""
     ids, mask = examples["input_ids"], examples["loss_mask"]
     S = block_size
+    device = device_of(context)
     dropped = 0
     with torch.inference_mode():
         for lo in range(0, ids.shape[0], batch_size):
-            x = ids[lo:lo + batch_size]
-            pred = context(x).argmax(-1)  # (b, L, V) logits at p predict p + 1
-            ok = torch.ones_like(x, dtype=torch.bool)
-            ok[:, 1:] = pred[:, :-1] == x[:, 1:]
-            m = mask[lo:lo + batch_size]
+            x, m = ids[lo:lo + batch_size], mask[lo:lo + batch_size]
+            # The head only where a target follows: on a 49k vocabulary the full (b, L, V) logits cost
+            # more than the body does.
+            need = torch.zeros_like(m)
+            need[:, :-1] = m[:, 1:]  # logits at p predict p + 1
+            ok = torch.ones_like(m)
+            if bool(need.any()):
+                logits, _ = context.forward_train(x.to(device), S, return_logits=need.to(device))
+                ok[:, 1:][m[:, 1:]] = logits.argmax(-1).cpu() == x[:, 1:][m[:, 1:]]
             # a wrong target breaks the rest of its block: running AND within each block of S
             bad = (~ok & m).view(x.shape[0], -1, S).long().cumsum(-1).view_as(x) > 0
             dropped += int((m & bad).sum())
@@ -192,13 +198,17 @@ class FailurePointDataModule(DistilledDataModule):
         mine_rows: how many training rows to mine (the first ones; at most num_train).
         mine_batch_size: rows per speculative generate call while mining.
         with_rows: also train on the mined rows themselves (their ordinary blocks after the prompt).
+        mine_dtype: the drafter's dtype while mining and checking targets ("float32" or "bfloat16"; None:
+            gen_dtype, the dtype the rows were written in, whose greedy choices the check then repeats).
     """
 
     def __init__(self, *args, drafter: str = "embedded", mine_rows: int = 512, mine_batch_size: int = 64,
-                 with_rows: bool = True, **kwargs) -> None:
+                 with_rows: bool = True, mine_dtype: str | None = None, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         check_int("mine_rows", mine_rows)
         check_int("mine_batch_size", mine_batch_size)
+        self.mine_dtype = self.gen_dtype if mine_dtype is None else mine_dtype
+        parse_dtype("mine_dtype", self.mine_dtype, _DTYPES)
         if mine_rows > self.num_train:
             raise ValueError(f"mine_rows={mine_rows} is more than num_train={self.num_train}; lower mine_rows "
                              f"or raise num_train")
@@ -215,10 +225,13 @@ class FailurePointDataModule(DistilledDataModule):
             return None
         return cache_file(self.cache_dir, "failure", {"format": _FORMAT, "distilled": base.stem,
                                                        "drafter": files_fingerprint(self.drafter),
-                                                       "mine_rows": self.mine_rows, "shard_rows": self.shard_rows})
+                                                       "mine_rows": self.mine_rows, "shard_rows": self.shard_rows,
+                                                       # absent for float32: earlier caches keep their keys
+                                                       **({} if self.mine_dtype == "float32" else
+                                                          {"mine_dtype": self.mine_dtype})})
 
     def _mine(self) -> dict[str, Tensor]:
-        model = TwoTowerLM.from_pretrained(self.drafter).eval()
+        model = TwoTowerLM.from_pretrained(self.drafter, dtype=_DTYPES[self.mine_dtype]).eval()
         n = self.mine_rows
         shards = (n + self.shard_rows - 1) // self.shard_rows
         rows = torch.cat([self.train_set.shard(k) for k in range(shards)])[:n].long()
