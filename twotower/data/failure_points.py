@@ -139,7 +139,8 @@ def aligned_examples(rows: Tensor, loss_mask: Tensor, starts: Tensor, *, block_s
             "shift": torch.tensor(shifts)}
 
 
-def keep_ar_consistent(context, examples: dict[str, Tensor], *, block_size: int, batch_size: int = 32) -> Tensor:
+def keep_ar_consistent(context, examples: dict[str, Tensor], *, block_size: int, batch_size: int = 32,
+                       progress: bool = True) -> Tensor:
     """Narrow each example's loss mask to the targets the AR model itself would choose on the shortened
     row: in every block, positions from the first target that is not the context tower's argmax over
     the tokens before it (in the example) on lose their loss. Returns how many targets were dropped."""
@@ -147,11 +148,13 @@ def keep_ar_consistent(context, examples: dict[str, Tensor], *, block_size: int,
     S = block_size
     device = device_of(context)
     dropped = 0
+    bar = tqdm(total=ids.shape[0], desc="checking mined targets", unit="example", file=sys.stderr,
+               disable=not progress)
     with torch.inference_mode():
         for lo in range(0, ids.shape[0], batch_size):
             x, m = ids[lo:lo + batch_size], mask[lo:lo + batch_size]
-            # The head only where a target follows: on a 49k vocabulary the full (b, L, V) logits cost
-            # more than the body does.
+            # The head only where a target follows: most positions carry none, and on a 49k vocabulary
+            # the full float32 (32, 160, V) logits would be 1 GB a batch.
             need = torch.zeros_like(m)
             need[:, :-1] = m[:, 1:]  # logits at p predict p + 1
             ok = torch.ones_like(m)
@@ -162,6 +165,8 @@ def keep_ar_consistent(context, examples: dict[str, Tensor], *, block_size: int,
             bad = (~ok & m).view(x.shape[0], -1, S).long().cumsum(-1).view_as(x) > 0
             dropped += int((m & bad).sum())
             mask[lo:lo + batch_size] = m & ~bad
+            bar.update(x.shape[0])
+    bar.close()
     return torch.tensor(dropped)
 
 
