@@ -57,7 +57,7 @@ from ..validation import FLOAT_DTYPES, check_float, check_int, device_of, parse_
 
 # Bump when the cached distilled layout changes, so that stale caches are not reused.
 _FORMAT = 1
-_DTYPES = {name: FLOAT_DTYPES[name] for name in ("float32", "bfloat16")}  # generation dtypes
+GEN_DTYPES = {name: FLOAT_DTYPES[name] for name in ("float32", "bfloat16")}  # generation (and mining) dtypes
 
 # Instructions wrapped around a real snippet to make a chat prompt (`DistilledDataModule(chat_fraction=...)`):
 # the backbone answers them itself, so the denoiser learns its assistant turns, not just plain text.
@@ -228,7 +228,7 @@ class DistilledDataModule(L.LightningDataModule):
             raise ValueError(f"need min_prompt <= max_prompt < seq_len, got {min_prompt}, {max_prompt}, {seq_len}")
         check_float("temperature", temperature, low=0.0)
         check_float("chat_fraction", chat_fraction, low=0.0, high=1.0)
-        parse_dtype("gen_dtype", gen_dtype, _DTYPES)
+        parse_dtype("gen_dtype", gen_dtype, GEN_DTYPES)
         self.backbone = resolve_model(backbone, kind="backbone checkpoint")
         if not (self.backbone / "config.json").exists():
             raise FileNotFoundError(f"backbone checkpoint not found: {self.backbone / 'config.json'}")
@@ -325,7 +325,7 @@ class DistilledDataModule(L.LightningDataModule):
                 device = f"cuda:{torch.cuda.current_device()}" if torch.cuda.is_available() else "cpu"
             # Any registered family: the backbone's config.json names it.
             self._context = ContextTowerBase.from_pretrained(self.backbone, device=device,
-                                                             dtype=_DTYPES[self.gen_dtype]).eval()
+                                                             dtype=GEN_DTYPES[self.gen_dtype]).eval()
         # Seeded per shard: a shard's rows do not depend on which shards were made before it.
         gen = torch.Generator(device=device_of(self._context)).manual_seed(self.seed + int(p.sum()))
         return distill_rows(self._context, real, p, pad_token_id=self.tokenizer.pad_token_id,

@@ -40,13 +40,12 @@ from twotower.hub import resolve_model
 from twotower.model import TwoTowerLM
 
 from .cache import cache_file, files_fingerprint, load_cache, save_cache
-from .distill import DistilledDataModule
+from .distill import GEN_DTYPES, DistilledDataModule
 from .sampling import ResumableLoader
-from ..validation import FLOAT_DTYPES, check_int, device_of, parse_dtype
+from ..validation import check_int, device_of, parse_dtype
 
 # Bump when the cached example layout or the mining rule changes.
 _FORMAT = 1
-_DTYPES = {name: FLOAT_DTYPES[name] for name in ("float32", "bfloat16")}  # mining dtypes
 
 
 class _StartRecorder(Speculative):
@@ -213,7 +212,7 @@ class FailurePointDataModule(DistilledDataModule):
         check_int("mine_rows", mine_rows)
         check_int("mine_batch_size", mine_batch_size)
         self.mine_dtype = self.gen_dtype if mine_dtype is None else mine_dtype
-        parse_dtype("mine_dtype", self.mine_dtype, _DTYPES)
+        parse_dtype("mine_dtype", self.mine_dtype, GEN_DTYPES)
         if mine_rows > self.num_train:
             raise ValueError(f"mine_rows={mine_rows} is more than num_train={self.num_train}; lower mine_rows "
                              f"or raise num_train")
@@ -236,7 +235,7 @@ class FailurePointDataModule(DistilledDataModule):
                                                           {"mine_dtype": self.mine_dtype})})
 
     def _mine(self) -> dict[str, Tensor]:
-        model = TwoTowerLM.from_pretrained(self.drafter, dtype=_DTYPES[self.mine_dtype]).eval()
+        model = TwoTowerLM.from_pretrained(self.drafter, dtype=GEN_DTYPES[self.mine_dtype]).eval()
         n = self.mine_rows
         shards = (n + self.shard_rows - 1) // self.shard_rows
         rows = torch.cat([self.train_set.shard(k) for k in range(shards)])[:n].long()
