@@ -449,7 +449,7 @@ def test_a_body_that_trickles_in_gets_408_and_the_server_goes_on(make_server):
 def test_connections_beyond_max_connections_get_503(make_server):
     """Clients that open connections and never finish their headers hold at most max_connections:
     a request on one more is refused at once (503), and once they go, requests are served again."""
-    url, _ = make_server(max_connections=3)
+    url, _ = make_server(max_connections=3, header_timeout_s=300)  # the header deadline out of the way
     port = port_of(url)
     idle = [socket.create_connection(("127.0.0.1", port), timeout=30) for _ in range(2)]
     try:
@@ -462,6 +462,76 @@ def test_connections_beyond_max_connections_get_503(make_server):
             s.close()
     wait_until(lambda: health(port) == 200, what="requests to be served again")
     assert post(url, {"prompt": "hi", "max_tokens": 2})[0] == 200
+
+
+def recv_all(s: socket.socket) -> bytes:
+    """What the server sends on `s` until it closes it (bounded by the socket's own timeout)."""
+    got = b""
+    while chunk := s.recv(65536):
+        got += chunk
+    return got
+
+
+@pytest.mark.parametrize("sent", [b"", b"POST /v1/completions HTTP/1.1\r\nHost: x\r\n"],
+                         ids=["nothing", "half-headers"])
+def test_headers_not_complete_in_time_get_408_and_a_closed_connection(make_server, sent):
+    """Slow-loris on the headers: a client that connects and sends nothing, or stops halfway through
+    its headers, gets 408 and is disconnected once header_timeout_s has passed (the socket's own
+    timeout, 30 s, bounds the wait)."""
+    url, _ = make_server(header_timeout_s=0.5)
+    with socket.create_connection(("127.0.0.1", port_of(url)), timeout=30) as s:
+        s.sendall(sent)
+        start = time.monotonic()
+        got = recv_all(s)  # returns when the server closes the connection
+    assert got.startswith(b"HTTP/1.1 408 "), got[:200]
+    assert b"header_timeout_s" in got
+    assert 0.3 < time.monotonic() - start < 25
+    assert post(url, {"prompt": "hi", "max_tokens": 2})[0] == 200
+
+
+def test_slow_header_clients_cannot_hold_max_connections(make_server):
+    """The attack the 503 test above shows, with the deadline on: the clients never finish their headers
+    and never close, and the server serves again once header_timeout_s has dropped them."""
+    url, _ = make_server(max_connections=3, header_timeout_s=1.0)
+    port = port_of(url)
+    idle = [socket.create_connection(("127.0.0.1", port), timeout=30) for _ in range(2)]
+    try:
+        for s in idle:
+            s.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\n")
+        assert [recv_all(s)[:13] for s in idle] == [b"HTTP/1.1 408 "] * 2  # still open on our side
+        wait_until(lambda: health(port) == 200, what="requests to be served while the clients hold on")
+    finally:
+        for s in idle:
+            s.close()
+
+
+def test_a_kept_alive_connection_is_not_timed_between_requests(make_server):
+    """The deadline runs from a request's first byte, not from the previous response: a client that
+    waits longer than header_timeout_s between two requests on one connection is served twice
+    (idle connections are uvicorn's keep-alive timer's, 5 s)."""
+    url, _ = make_server(header_timeout_s=0.5)
+    head = b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n"
+    with socket.create_connection(("127.0.0.1", port_of(url)), timeout=30) as s:
+        statuses = []
+        for _ in range(2):
+            s.sendall(head)
+            got = b""
+            while b"\r\n\r\n" not in got or not got.rstrip().endswith(b"}"):
+                chunk = s.recv(65536)
+                assert chunk, f"the server closed the connection after {statuses}"
+                got += chunk
+            statuses.append(int(got.split(b" ", 2)[1]))
+            time.sleep(1.5)  # three header deadlines, under the keep-alive timeout
+    assert statuses == [200, 200]
+
+
+def test_the_header_deadline_refuses_bad_times():
+    from twotower.serving.connections import header_deadline_protocol
+
+    with pytest.raises(ValueError, match="header_timeout_s must be a number of seconds > 0, got 0"):
+        header_deadline_protocol(0)
+    with pytest.raises(ValueError, match="header_timeout_s must be a number of seconds > 0, got True"):
+        ServeSettings(header_timeout_s=True).check(16)
 
 
 def test_serve_settings_refuse_bad_connection_bounds():

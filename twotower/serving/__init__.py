@@ -5,7 +5,8 @@
 Layout: `requests.py` (settings, completion and chat request validation; decoders come from the one
 registry, `decoding.register_decoder`), `stepper.py` (working batches: requests joining and leaving a
 decoder's own state machine between its steps; no decoding loop), `scheduler.py` (the
-batching thread and per-request `Job`), `app.py` (the FastAPI endpoints and `serve`). Needs the
+batching thread and per-request `Job`), `app.py` (the FastAPI endpoints and `serve`),
+`connections.py` (the header deadline uvicorn lacks). Needs the
 `serve` extra (fastapi, uvicorn); importing this package does not import them.
 """
 

@@ -18,7 +18,8 @@ Before a request reaches a handler's JSON parsing: the API key (`api_key` / TWOT
 `Authorization: Bearer <key>`, 401), the content type (only application/json: 415, so that a
 browser's "simple" cross-origin POST never runs a generation), the body size (`max_body_bytes`:
 413, from Content-Length and while reading) and the body's arrival time (`body_timeout_s`: 408).
-uvicorn refuses connections beyond `max_connections` with 503. Handlers then validate the body off the event loop
+Headers not complete `header_timeout_s` after they started get 408 and a closed connection
+(connections.py), and uvicorn refuses connections beyond `max_connections` with 503. Handlers then validate the body off the event loop
 (400 + OpenAI's error object naming `param` and the allowed range), submit a `Job`, and read its
 events from an asyncio queue fed thread-safely by the scheduler. A task waits for the client's
 disconnect in both modes: a client that goes away (a closed stream, or a non-streaming request whose
@@ -47,6 +48,7 @@ from ..decoding.base import length_limit
 from ..model import TwoTowerLM
 from ..tokenizers import tokenizer_for
 from ..validation import parse_dtype
+from .connections import header_deadline_protocol
 from .requests import RequestError, ServeSettings, parse_chat, parse_completion
 from .scheduler import Job, Scheduler
 
@@ -390,12 +392,13 @@ class ChatShape(CompletionShape):
 
 
 def uvicorn_config(app, settings: ServeSettings, port: int | None = None):
-    """uvicorn's settings for `app`: the address and the connection bound of `settings` (`port`
-    overrides settings.port, e.g. a free port in tests)."""
+    """uvicorn's settings for `app`: the address, the connection bound and the header deadline of
+    `settings` (`port` overrides settings.port, e.g. a free port in tests)."""
     import uvicorn
 
     return uvicorn.Config(app, host=settings.host, port=settings.port if port is None else port,
-                          log_level="warning", limit_concurrency=settings.max_connections)
+                          log_level="warning", limit_concurrency=settings.max_connections,
+                          http=header_deadline_protocol(settings.header_timeout_s))
 
 
 def serve(settings: ServeSettings, model=None, tokenizer=None) -> None:

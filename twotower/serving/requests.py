@@ -85,10 +85,12 @@ class ServeSettings:
         max_body_bytes: the largest request body (413 above it).
         body_timeout_s: seconds a client has to send the whole body once its headers are in (408
             after it): a client that trickles its body (slow-loris) holds a connection no longer.
+        header_timeout_s: seconds a client has to send a request's headers, from connecting (or from
+            the first byte of a later request on a kept-alive connection); 408 and the connection is
+            closed after it (`serving.connections`), so clients that send headers slowly, or
+            never, cannot hold their connections.
         max_connections: open connections at once (uvicorn's `limit_concurrency`); a request on
-            one more gets 503 at once. It bounds what clients that send their headers slowly, or
-            never, can hold: uvicorn has no header timeout, so a public server wants a reverse
-            proxy in front for that. None = no bound.
+            one more gets 503 at once. None = no bound.
         docs: serve /docs, /redoc and /openapi.json.
         merge_adapters: make the denoiser's inference copies at load (`TwoTowerLM.merge_adapters()`:
             LoRA merged, projections fused, bf16 weights pre-packed on a CPU): cheaper speculative
@@ -124,6 +126,7 @@ class ServeSettings:
     cors_origins: list[str] | None = None
     max_body_bytes: int = 4 * 1024 * 1024
     body_timeout_s: float = 30.0
+    header_timeout_s: float = 10.0
     max_connections: int | None = 1024
     docs: bool = False
     merge_adapters: bool = False
@@ -156,9 +159,10 @@ class ServeSettings:
             need_int("max_waiting", 0)
         if self.max_connections is not None:
             need_int("max_connections", 2)  # uvicorn counts the connection asking, so 1 would refuse all
-        if isinstance(self.body_timeout_s, bool) or not isinstance(self.body_timeout_s, (int, float)) \
-                or not self.body_timeout_s > 0:
-            raise ValueError(f"body_timeout_s must be a number of seconds > 0, got {self.body_timeout_s!r}")
+        for name in ("body_timeout_s", "header_timeout_s"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not v > 0:
+                raise ValueError(f"{name} must be a number of seconds > 0, got {v!r}")
         if not decoder_class(self.decoder).steps_implemented():  # decoder_class: a ValueError listing the names
             raise ValueError(f"decoder {self.decoder!r} cannot be served: {_not_servable(decoder_class(self.decoder))}")
         lim = self.limits(model_block_size)
