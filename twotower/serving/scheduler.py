@@ -26,6 +26,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
@@ -175,8 +176,6 @@ class Scheduler:
     # ---- control (any thread) -----------------------------------------------------------------
     def start(self) -> "Scheduler":
         if self.overlap and self._pool is None:
-            from concurrent.futures import ThreadPoolExecutor
-
             self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="twotower-denoiser")
         if self._thread is None:
             self._thread = threading.Thread(target=self._loop, name="twotower-scheduler", daemon=True)
