@@ -263,6 +263,21 @@ class DenoiserTowerBase(nn.Module, abc.ABC):
             raise ValueError(f"t must have shape (batch, blocks) = {(b, nB)}, got {tuple(t.shape)}")
         return b, L, nB
 
+    @staticmethod
+    def block_key_mask(x: Tensor, cache: Cache) -> Tensor | None:
+        """The attention mask of a block x (b, S) over a settled cache of the same batch, checked:
+        (b, 1, 1, T + S) bool, True where a key may be read (the cache's real positions and the whole
+        block), or None when no row of the cache is padded (every key may be read, and SDPA runs
+        its faster unmasked path). Every family's `forward_block` starts here."""
+        b, S = x.shape
+        cache.check_settled("denoise from it")
+        if cache.batch_size != b:
+            raise ValueError(f"block has batch {b} but the cache has {cache.batch_size}")
+        if not cache.padded:
+            return None
+        valid = cache.valid_mask()
+        return torch.cat([valid, valid.new_ones(b, S)], dim=1)[:, None, None, :]
+
     def match_precision(self, context: ContextTowerBase) -> None:
         """After `from_context` cast this copy to the context's first dtype: put back, with the
         context's values and precision, the parts the family keeps in float32 (NemotronH: MoE

@@ -99,19 +99,14 @@ class LlamaDenoiserTower(DenoiserTowerBase):
 
         The cache is read, never written.
         """
-        b, S = x.shape
-        cache.check_settled("denoise from it")
-        if cache.batch_size != b:
-            raise ValueError(f"block has batch {b} but the cache has {cache.batch_size}")
+        S = x.shape[1]
+        mask = self.block_key_mask(x, cache)
         self.backbone.check_window(cache.length + S)
         h = self.backbone.embed_tokens(x)
+        # Each row's block continues its own real positions: a left-padded row's holes take none.
         positions = cache.real_counts()[:, None] + torch.arange(S, device=x.device)[None]
         cos, sin = self.backbone.rotary(positions.to(x.device))
         mods = None if t is None else self.time(t.to(h.device))  # each (b, 1, H)
-        mask = None
-        if cache.padded:
-            valid = cache.valid_mask()
-            mask = torch.cat([valid, valid.new_ones(b, S)], dim=1)[:, None, None, :]
 
         def attend(i, blk, hin):
             q, k, v = blk.self_attn.qkv(hin, cos, sin)

@@ -82,16 +82,9 @@ class DenoiserTower(DenoiserTowerBase):
 
         The cache is read, never written.
         """
-        b, S = x.shape
-        cache.check_settled("denoise from it")
-        if cache.batch_size != b:
-            raise ValueError(f"block has batch {b} but the cache has {cache.batch_size}")
+        mask = self.block_key_mask(x, cache)
         h_all = self.backbone.embeddings(x)
         mods = None if t is None else self.time(t.to(h_all.device))  # each (b, 1, H)
-        mask = None
-        if cache.padded:
-            valid = cache.valid_mask()
-            mask = torch.cat([valid, valid.new_ones(b, S)], dim=1)[:, None, None, :]
         for i, blk in enumerate(self.backbone.layers):
             mod = None if mods is None else mods[i]
             h = blk.pre(h_all, mod)
