@@ -140,10 +140,25 @@ def check_forward_block(ctx, den, name: str) -> None:
                f"{name}: forward_block(x (2, 4), t={t}) gave {tuple(out.shape)} {out.dtype}, "
                f"expected (2, 4, {V}) float32")
     expect(cache.length == before, f"{name}: forward_block changed the cache length {before} -> {cache.length}")
+    expect(_refuses(lambda: den.forward_block(x[:1], cache, None)),
+           f"{name}: forward_block of a batch-1 block over a batch-2 cache was not refused with a ValueError "
+           "(start forward_block with DenoiserTowerBase.block_key_mask)")
     nxt = _ids((2, 2), ctx, 12)
     _, fresh = ctx.prefill(_ids((2, 6), ctx, 10))
     assert_close(ctx.extend(cache, nxt), ctx.extend(fresh, nxt), f"{name}: extend after forward_block read the "
                                                                   "cache vs a fresh cache")
+
+
+def _refuses(fn) -> bool:
+    """True when fn() raises ValueError (a clear refusal); False when it returns or fails otherwise
+    (a shape error deep inside a forward names nothing the caller can fix)."""
+    try:
+        fn()
+    except ValueError:
+        return True
+    except Exception:
+        return False
+    return False
 
 
 def check_training_forward(ctx, den, name: str) -> None:
