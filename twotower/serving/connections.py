@@ -15,6 +15,8 @@ protocol class; uvicorn (and its h11 dependency) is imported only when a server 
 
 from __future__ import annotations
 
+from ..validation import check_positive
+
 __all__ = ["header_deadline_protocol", "REQUEST_TIMEOUT"]
 
 _LATE = b"the request's headers did not arrive in time (header_timeout_s)"
@@ -26,15 +28,14 @@ REQUEST_TIMEOUT = (b"HTTP/1.1 408 Request Timeout\r\ncontent-type: text/plain; c
 def header_deadline_protocol(seconds: float) -> type:
     """A subclass of uvicorn's `H11Protocol` that closes connections whose request headers are not
     complete `seconds` after they started (408 first). Raises ValueError for a non-positive time."""
-    if isinstance(seconds, bool) or not isinstance(seconds, (int, float)) or not seconds > 0:
-        raise ValueError(f"header_timeout_s must be a number of seconds > 0, got {seconds!r}")
+    seconds = check_positive("header_timeout_s", seconds, unit="seconds")
     import h11
     from uvicorn.protocols.http.h11_impl import H11Protocol
 
     class HeaderDeadlineH11(H11Protocol):
         """uvicorn's h11 protocol with a deadline on each request's headers (see the module)."""
 
-        header_timeout_s = float(seconds)
+        header_timeout_s = seconds
 
         def connection_made(self, transport) -> None:
             super().connection_made(transport)
@@ -57,17 +58,19 @@ def header_deadline_protocol(seconds: float) -> type:
         def _arm(self) -> None:
             self._disarm()
             self._deadline_cycle = self.cycle
-            self._deadline = self.loop.call_later(self.header_timeout_s, self._headers_late, self.cycle)
+            self._deadline = self.loop.call_later(self.header_timeout_s, self._headers_late)
 
         def _disarm(self) -> None:
             if self._deadline is not None:
                 self._deadline.cancel()
                 self._deadline = None
 
-        def _headers_late(self, cycle) -> None:
+        def _headers_late(self) -> None:
             self._deadline = None
             # h11 leaves IDLE once a request's headers have been parsed; a new cycle means they were.
-            if self.transport.is_closing() or self.cycle is not cycle or self.conn.their_state is not h11.IDLE:
+            # (`_arm` cancels the previous timer, so `_deadline_cycle` is the one this timer was armed for.)
+            if (self.transport.is_closing() or self.cycle is not self._deadline_cycle
+                    or self.conn.their_state is not h11.IDLE):
                 return
             self.transport.write(REQUEST_TIMEOUT)
             self.transport.close()

@@ -29,6 +29,7 @@ from ..decoding import Decoder, decoder_class, registered_decoders
 from ..decoding import build_decoder as registry_build_decoder
 from ..prompting import Prompt, check_messages, encode_prompt
 from ..tokenizers import Tokenizer
+from ..validation import check_positive
 
 __all__ = ["ServeSettings", "Limits", "CompletionRequest", "RequestError", "build_decoder",
            "parse_completion", "parse_chat", "COMPLETION_FIELDS", "CHAT_FIELDS"]
@@ -160,9 +161,7 @@ class ServeSettings:
         if self.max_connections is not None:
             need_int("max_connections", 2)  # uvicorn counts the connection asking, so 1 would refuse all
         for name in ("body_timeout_s", "header_timeout_s"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or not v > 0:
-                raise ValueError(f"{name} must be a number of seconds > 0, got {v!r}")
+            check_positive(name, getattr(self, name), unit="seconds")
         if not decoder_class(self.decoder).steps_implemented():  # decoder_class: a ValueError listing the names
             raise ValueError(f"decoder {self.decoder!r} cannot be served: {_not_servable(decoder_class(self.decoder))}")
         lim = self.limits(model_block_size)

@@ -157,7 +157,7 @@ def _refuses(fn) -> bool:
     except ValueError:
         return True
     except Exception:
-        return False
+        pass
     return False
 
 
