@@ -16,6 +16,8 @@ What lives where:
               checked before the first forward (PromptError lists the bad ones)
     distill   DistilledDataModule, distill_rows: real prompts continued by the frozen AR
               backbone, with a loss mask on the continuation
+    instructions  user_turn_prefix, write_instructions: user messages the backbone writes itself
+              (Magpie), for `DistilledDataModule(self_instruct=...)`'s chat rows
     failure_points  FailurePointDataModule, mine_draft_starts: training blocks that start where a
               drafter's speculative iterations start (after its own failed drafts)
 
@@ -29,6 +31,7 @@ from __future__ import annotations
 from .cache import cache_file, load_cache, save_cache
 from .distill import DistilledDataModule, distill_rows
 from .failure_points import FailurePointDataModule, mine_draft_starts
+from .instructions import user_turn_prefix, write_instructions
 from .packing import pack_documents
 from .prompts import PromptDataModule, PromptError, collate_prompts, read_prompts
 from .sampling import ResumableLoader
@@ -58,6 +61,8 @@ __all__ = [
     "PromptDataModule",
     "DistilledDataModule",
     "distill_rows",
+    "user_turn_prefix",
+    "write_instructions",
     "FailurePointDataModule",
     "mine_draft_starts",
 ]

@@ -49,6 +49,7 @@ from twotower.tokenizers import Tokenizer, find_tokenizer
 from twotower.towers.base import ContextTowerBase
 
 from .cache import files_fingerprint, cache_file, load_cache, save_cache
+from .instructions import write_instructions
 from .packing import check_seq_len
 from .sampling import ResumableLoader
 from .sources import STDLIB
@@ -75,15 +76,19 @@ class _DistilledRows(Dataset):
     """Distilled rows, made a shard at a time on first use; items are
     {"input_ids": (L,) long, "loss_mask": (L,) bool, "index": i}.
 
-    real (N, L): the real rows the prompts come from; prompt_len (N,); distil(real, p) -> rows;
-    folder: where shard files live (None: not cached); done: all N rows already distilled.
+    real (N, L): the real rows the prompts come from; prompt_len (N,); folder: where shard files
+    live (None: not cached); done: all N rows already distilled.
+    distil(real, p, desc, own, start) -> {"rows": (n, L), "prompt_len": (n,)} makes the rows of one
+    shard (start: its first row's index; own: its rows whose prompts the backbone writes, or None).
+    A shard's prompt lengths are stored with it, so prompts only known once written keep their length.
     `distilled_rows` counts the rows this object generated (the rest came from the cache).
     """
 
     def __init__(self, real: torch.Tensor, prompt_len: torch.Tensor, *, shard_rows: int, split: str,
                  distil=None, folder: Path | None = None, done: torch.Tensor | None = None,
-                 stop_at: torch.Tensor | None = None, eos_id: int | None = None) -> None:
-        self.real, self.prompt_len, self.shard_rows, self.split = real, prompt_len, shard_rows, split
+                 stop_at: torch.Tensor | None = None, eos_id: int | None = None, own: torch.Tensor | None = None) -> None:
+        self.real, self.prompt_len, self.shard_rows, self.split = real, prompt_len.clone(), shard_rows, split
+        self.own = own
         # stop_at (N,) bool: rows whose targets end at the first EOS of the continuation (chat answers:
         # what follows an answer's end is never generated at inference).
         self.stop_at, self.eos_id = stop_at, eos_id
@@ -102,16 +107,19 @@ class _DistilledRows(Dataset):
         """Rows of shard k: from memory, the cache folder, or distilled now (then cached)."""
         if k not in self._shards:
             path = None if self.folder is None else self.folder / f"{self.split}-{k:05d}.pt"
+            lo, hi = k * self.shard_rows, min((k + 1) * self.shard_rows, self.real.shape[0])
             if path is not None and path.is_file():
-                self._shards[k] = load_cache(path)["rows"]  # made by an earlier run or another rank
+                made = load_cache(path)  # made by an earlier run or another rank
             else:
-                lo, hi = k * self.shard_rows, min((k + 1) * self.shard_rows, self.real.shape[0])
-                rows = self.distil(self.real[lo:hi], self.prompt_len[lo:hi],
-                                   f"distilling {self.split} shard {k + 1}/{self.num_shards}")
+                own = None if self.own is None else self.own[lo:hi]
+                made = self.distil(self.real[lo:hi], self.prompt_len[lo:hi],
+                                   f"distilling {self.split} shard {k + 1}/{self.num_shards}", own, lo)
                 self.distilled_rows += hi - lo
                 if path is not None:
-                    save_cache(path, {"rows": rows})
-                self._shards[k] = rows
+                    save_cache(path, made)
+            if "prompt_len" in made:  # shards cached before prompt lengths were stored keep the drawn ones
+                self.prompt_len[lo:hi] = made["prompt_len"]
+            self._shards[k] = made["rows"]
         return self._shards[k]
 
     @property
@@ -125,7 +133,7 @@ class _DistilledRows(Dataset):
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
         # A shard is distilled when its first row is asked for: training starts before all are made.
         row = self.shard(i // self.shard_rows)[i % self.shard_rows]
-        mask = self._pos >= self.prompt_len[i]
+        mask = self._pos >= self.prompt_len[i]  # read after shard(): a written prompt's length comes with it
         if self.stop_at is not None and bool(self.stop_at[i]):
             # The EOS itself stays a target (the model must learn to end), everything after it does not.
             ends = ((row == self.eos_id) & mask).nonzero()
@@ -202,6 +210,9 @@ class DistilledDataModule(L.LightningDataModule):
         chat_fraction: this fraction of rows are chat prompts instead of text windows: one of
             `CHAT_TEMPLATES` around the row's first `chat_snippet` tokens, through the tokenizer's chat
             template, answered by the backbone (loss on the answer only). Needs a chat template.
+        self_instruct: this fraction of the chat rows ask what the backbone itself writes as a user
+            (`instructions.write_instructions`, sampled when their shard is made; a row whose message
+            never ended, or whose prompt would leave no block to answer in, keeps its snippet prompt).
         shard_rows: rows distilled (and cached) together when a batch first needs one of them; a
             multiple of batch_size keeps batches within a shard. Smaller: an earlier first step;
             larger: fewer, better-filled generation batches.
@@ -215,7 +226,7 @@ class DistilledDataModule(L.LightningDataModule):
                  min_prompt: int = 16, max_prompt: int = 128, temperature: float = 0.0, gen_batch_size: int = 128,
                  val_fraction: float = 0.02, device: str = "auto", num_workers: int = 0, seed: int = 0,
                  cache_dir: str | None = None, shard_rows: int = 32, chat_fraction: float = 0.0,
-                 chat_snippet: int = 48, gen_dtype: str = "float32") -> None:
+                 chat_snippet: int = 48, gen_dtype: str = "float32", self_instruct: float = 0.0) -> None:
         super().__init__()
         check_seq_len(seq_len, block_size)
         for name, value in [("num_train", num_train), ("num_val", num_val), ("batch_size", batch_size),
@@ -228,6 +239,10 @@ class DistilledDataModule(L.LightningDataModule):
             raise ValueError(f"need min_prompt <= max_prompt < seq_len, got {min_prompt}, {max_prompt}, {seq_len}")
         check_float("temperature", temperature, low=0.0)
         check_float("chat_fraction", chat_fraction, low=0.0, high=1.0)
+        check_float("self_instruct", self_instruct, low=0.0, high=1.0)
+        if self_instruct and not chat_fraction:
+            raise ValueError(f"self_instruct={self_instruct} is a fraction of the chat rows, and chat_fraction is 0: "
+                             "set chat_fraction > 0 too")
         parse_dtype("gen_dtype", gen_dtype, GEN_DTYPES)
         self.backbone = resolve_model(backbone, kind="backbone checkpoint")
         if not (self.backbone / "config.json").exists():
@@ -242,6 +257,7 @@ class DistilledDataModule(L.LightningDataModule):
         self.temperature, self.gen_batch_size, self.device = temperature, gen_batch_size, device
         self.num_workers, self.seed, self.cache_dir, self.shard_rows = num_workers, seed, cache_dir, shard_rows
         self.chat_fraction, self.chat_snippet, self.gen_dtype = chat_fraction, chat_snippet, gen_dtype
+        self.self_instruct = self_instruct
         self._context: ContextTowerBase | None = None
         self.train_set: _DistilledRows | None = None
         self.val_set: _DistilledRows | None = None
@@ -259,9 +275,14 @@ class DistilledDataModule(L.LightningDataModule):
                     "seed": self.seed}
         if self.chat_fraction or self.gen_dtype != "float32":  # absent otherwise: earlier caches keep their keys
             settings.update(chat_fraction=self.chat_fraction, chat_snippet=self.chat_snippet, gen_dtype=self.gen_dtype)
+        if self.self_instruct:  # absent otherwise, as above
+            settings.update(self_instruct=self.self_instruct)
         return cache_file(self.cache_dir, "distilled", settings)
 
-    def _draw(self, data: torch.Tensor, n: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    def _draw(self, data: torch.Tensor, n: int, gen: torch.Generator
+              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """(real rows, prompt lengths, chat rows, own rows): own (or None) marks the chat rows whose
+        prompt the backbone writes when their shard is made; they hold a snippet prompt until then."""
         if data.shape[0] == 0:
             raise ValueError("no packed rows to take prompts from")
         take = torch.randperm(data.shape[0], generator=gen)[:n]
@@ -281,7 +302,9 @@ class DistilledDataModule(L.LightningDataModule):
             prompt = self._chat_prompt(real[i], int(torch.randint(len(CHAT_TEMPLATES), (), generator=gen)))
             real[i, :len(prompt)] = torch.tensor(prompt, dtype=real.dtype)
             p[i] = len(prompt)
-        return real, p, chat
+        # Drawn after the rest (and only when asked for), so that the draws above stay as they were.
+        own = chat & (torch.rand(n, generator=gen) < self.self_instruct) if self.self_instruct else None
+        return real, p, chat, own
 
     def _chat_prompt(self, row: torch.Tensor, template: int) -> list[int]:
         """A chat prompt (the tokenizer's chat template, generation prompt added) asking about the
@@ -310,15 +333,16 @@ class DistilledDataModule(L.LightningDataModule):
         gen = torch.Generator().manual_seed(self.seed)
         sets = {}
         for split, data, n in [("train", self.text.train_data, self.num_train), ("val", self.text.val_data, self.num_val)]:
-            real, p, chat = self._draw(data, n, gen)
+            real, p, chat, own = self._draw(data, n, gen)
             if split in whole:
                 p = whole[f"{split}_prompt"]
             sets[split] = _DistilledRows(real, p, shard_rows=self.shard_rows, split=split, distil=self._distil,
                                          folder=folder, done=whole.get(split), stop_at=chat,
-                                         eos_id=self.tokenizer.eos_token_id)
+                                         eos_id=self.tokenizer.eos_token_id, own=own)
         self.train_set, self.val_set = sets["train"], sets["val"]
 
-    def _distil(self, real: torch.Tensor, p: torch.Tensor, desc: str) -> torch.Tensor:
+    def _distil(self, real: torch.Tensor, p: torch.Tensor, desc: str, own: torch.Tensor | None = None,
+                start: int = 0) -> dict[str, torch.Tensor]:
         if self._context is None:
             device = self.device
             if device == "auto":
@@ -328,9 +352,28 @@ class DistilledDataModule(L.LightningDataModule):
                                                              dtype=GEN_DTYPES[self.gen_dtype]).eval()
         # Seeded per shard: a shard's rows do not depend on which shards were made before it.
         gen = torch.Generator(device=device_of(self._context)).manual_seed(self.seed + int(p.sum()))
-        return distill_rows(self._context, real, p, pad_token_id=self.tokenizer.pad_token_id,
+        if own is not None and own.any():
+            real, p = self._own_prompts(real, p, own, start)
+        rows = distill_rows(self._context, real, p, pad_token_id=self.tokenizer.pad_token_id,
                             batch_size=self.gen_batch_size, temperature=self.temperature, desc=desc,
                             generator=gen if self.temperature > 0 else None)
+        return {"rows": rows, "prompt_len": p}
+
+    def _own_prompts(self, real: torch.Tensor, p: torch.Tensor, own: torch.Tensor, start: int
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+        """real and p with the `own` rows' prompts replaced by a message the backbone writes."""
+        # Seeded by the shard's first row: a shard's messages do not depend on which shards came before.
+        gen = torch.Generator(device=device_of(self._context)).manual_seed(self.seed * 1_000_003 + start)
+        rows = own.nonzero().flatten().tolist()
+        texts = write_instructions(self._context, self.tokenizer, len(rows), batch_size=self.gen_batch_size,
+                                   generator=gen)
+        real, p = real.clone(), p.clone()
+        for i, text in zip(rows, texts):
+            ids = None if text is None else encode_prompt(self.tokenizer, [{"role": "user", "content": text}])
+            if ids is not None and len(ids) <= self.seq_len - self.block_size:  # else the snippet prompt stays
+                real[i, :len(ids)] = torch.tensor(ids, dtype=real.dtype)
+                p[i] = len(ids)
+        return real, p
 
     def train_dataloader(self) -> DataLoader:
         self.setup()
