@@ -151,3 +151,23 @@ def test_self_instruct_is_checked_and_keyed(code_corpus, tmp_path):
     plain = DistilledDataModule(str(backbone), chat_fraction=0.5, **kw)._cache_path("t")
     assert plain == DistilledDataModule(str(backbone), chat_fraction=0.5, self_instruct=0.0, **kw)._cache_path("t")
     assert plain != DistilledDataModule(str(backbone), chat_fraction=0.5, self_instruct=0.5, **kw)._cache_path("t")
+
+
+def test_shards_cached_before_prompt_lengths_were_stored_keep_the_drawn_ones(tmp_path):
+    """A shard file of the earlier layout holds rows only: its rows load, the drawn prompt lengths
+    stay, and nothing is distilled; a file with prompt lengths brings them."""
+    from twotower.data import save_cache
+
+    rows = torch.arange(32).reshape(4, 8)
+    save_cache(tmp_path / "train-00000.pt", {"rows": rows[:2]})
+    save_cache(tmp_path / "train-00001.pt", {"rows": rows[2:], "prompt_len": torch.tensor([5, 6])})
+
+    def refuse(*a):
+        raise AssertionError("a cached shard was distilled again")
+
+    drawn = torch.tensor([2, 3, 2, 3])
+    sets = distill._DistilledRows(rows.clone().zero_(), drawn, shard_rows=2, split="train", distil=refuse,
+                                  folder=tmp_path)
+    assert torch.equal(sets.rows, rows)
+    assert sets.prompt_len.tolist() == [2, 3, 5, 6] and drawn.tolist() == [2, 3, 2, 3]  # the caller's tensor is not written
+    assert [int(sets[i]["loss_mask"].sum()) for i in range(4)] == [6, 5, 3, 2]
