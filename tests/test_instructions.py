@@ -102,10 +102,11 @@ def test_self_instructed_chat_rows_ask_the_written_messages(tmp_path, code_corpu
     """The plumbing, with a stub writer: written messages become the prompts (through the chat template,
     answered greedily), missing and overlong ones keep their snippet prompt, and the written prompts'
     lengths are cached with their rows."""
-    calls = []
+    calls, seeds = [], []
 
     def stub(context, tokenizer, n, **kw):
         calls.append(n)
+        seeds.append(kw["generator"].initial_seed())
         return [WRITTEN[i % len(WRITTEN)] for i in range(n)]
 
     monkeypatch.setattr(distill, "write_instructions", stub)
@@ -123,17 +124,19 @@ def test_self_instructed_chat_rows_ask_the_written_messages(tmp_path, code_corpu
         with torch.no_grad():  # answered greedily by the backbone, as every chat row is
             assert torch.equal(row, _naive_greedy(context, row[:p], 128 - p))
         assert not mask[:p].any() and mask[p]
-    assert calls == [4, 4]  # one call per shard, for its own rows
+    assert calls == [4, 4]  # one call per train shard, for its own rows
     written = [encode_prompt(tok, [{"role": "user", "content": t}]) for t in (WRITTEN[0], WRITTEN[3])]
     assert asked[0::4] == [written[0]] * 2 and asked[3::4] == [written[1]] * 2
     for i in [1, 2, 5, 6]:  # missing, overlong: a snippet template's prompt
         prompt = tok.decode(asked[i], skip_special_tokens=False)
         assert any(prompt.startswith("<|im_start|>user\n" + t.split("{snippet}")[0]) for t in CHAT_TEMPLATES)
     assert dm.train_set.stop_at.all()
+    dm.val_set.rows  # its shard draws its own messages: seeded after every train row
+    assert calls == [4, 4, 2] and len(set(seeds)) == 3
     # Cached with their prompt lengths: a second module distils (and writes) nothing and masks alike.
     again = _chat_module(backbone, code_corpus, self_instruct=1.0, num_train=8, cache_dir=cache, shard_rows=4)
     masks = [again.train_set[i]["loss_mask"] for i in range(8)]
-    assert again.train_set.distilled_rows == 0 and calls == [4, 4]
+    assert again.train_set.distilled_rows == 0 and calls == [4, 4, 2]
     assert torch.equal(again.train_set.rows, dm.train_set.rows)
     assert torch.equal(again.train_set.prompt_len, dm.train_set.prompt_len)
     assert all(torch.equal(m, dm.train_set[i]["loss_mask"]) for i, m in enumerate(masks))

@@ -79,16 +79,19 @@ class _DistilledRows(Dataset):
     real (N, L): the real rows the prompts come from; prompt_len (N,); folder: where shard files
     live (None: not cached); done: all N rows already distilled.
     distil(real, p, desc, own, start) -> {"rows": (n, L), "prompt_len": (n,)} makes the rows of one
-    shard (start: its first row's index; own: its rows whose prompts the backbone writes, or None).
+    shard (start: offset + its first row's index, which seeds what it samples; own: its rows whose
+    prompts the backbone writes, or None). offset: this split's place among all splits' rows, so
+    that two splits' shards never draw the same samples.
     A shard's prompt lengths are stored with it, so prompts only known once written keep their length.
     `distilled_rows` counts the rows this object generated (the rest came from the cache).
     """
 
     def __init__(self, real: torch.Tensor, prompt_len: torch.Tensor, *, shard_rows: int, split: str,
                  distil=None, folder: Path | None = None, done: torch.Tensor | None = None,
-                 stop_at: torch.Tensor | None = None, eos_id: int | None = None, own: torch.Tensor | None = None) -> None:
+                 stop_at: torch.Tensor | None = None, eos_id: int | None = None, own: torch.Tensor | None = None,
+                 offset: int = 0) -> None:
         self.real, self.prompt_len, self.shard_rows, self.split = real, prompt_len.clone(), shard_rows, split
-        self.own = own
+        self.own, self.offset = own, offset
         # stop_at (N,) bool: rows whose targets end at the first EOS of the continuation (chat answers:
         # what follows an answer's end is never generated at inference).
         self.stop_at, self.eos_id = stop_at, eos_id
@@ -113,7 +116,7 @@ class _DistilledRows(Dataset):
             else:
                 own = None if self.own is None else self.own[lo:hi]
                 made = self.distil(self.real[lo:hi], self.prompt_len[lo:hi],
-                                   f"distilling {self.split} shard {k + 1}/{self.num_shards}", own, lo)
+                                   f"distilling {self.split} shard {k + 1}/{self.num_shards}", own, self.offset + lo)
                 self.distilled_rows += hi - lo
                 if path is not None:
                     save_cache(path, made)
@@ -332,13 +335,14 @@ class DistilledDataModule(L.LightningDataModule):
         folder = None if cache is None else cache.with_name(f"{cache.stem}-s{self.shard_rows}")
         gen = torch.Generator().manual_seed(self.seed)
         sets = {}
-        for split, data, n in [("train", self.text.train_data, self.num_train), ("val", self.text.val_data, self.num_val)]:
+        splits = [("train", self.text.train_data, self.num_train, 0), ("val", self.text.val_data, self.num_val, self.num_train)]
+        for split, data, n, offset in splits:
             real, p, chat, own = self._draw(data, n, gen)
             if split in whole:
                 p = whole[f"{split}_prompt"]
             sets[split] = _DistilledRows(real, p, shard_rows=self.shard_rows, split=split, distil=self._distil,
                                          folder=folder, done=whole.get(split), stop_at=chat,
-                                         eos_id=self.tokenizer.eos_token_id, own=own)
+                                         eos_id=self.tokenizer.eos_token_id, own=own, offset=offset)
         self.train_set, self.val_set = sets["train"], sets["val"]
 
     def _distil(self, real: torch.Tensor, p: torch.Tensor, desc: str, own: torch.Tensor | None = None,
@@ -362,7 +366,8 @@ class DistilledDataModule(L.LightningDataModule):
     def _own_prompts(self, real: torch.Tensor, p: torch.Tensor, own: torch.Tensor, start: int
                      ) -> tuple[torch.Tensor, torch.Tensor]:
         """real and p with the `own` rows' prompts replaced by a message the backbone writes."""
-        # Seeded by the shard's first row: a shard's messages do not depend on which shards came before.
+        # Seeded by the shard's first row (val's counted after train's): a shard's messages do not depend on
+        # which shards came before, and val never repeats a train shard's messages.
         gen = torch.Generator(device=device_of(self._context)).manual_seed(self.seed * 1_000_003 + start)
         rows = own.nonzero().flatten().tolist()
         texts = write_instructions(self._context, self.tokenizer, len(rows), batch_size=self.gen_batch_size,
