@@ -23,6 +23,7 @@ from twotower.decoding import Speculative, TwoBranchSpeculative
 from twotower.model import TwoTowerLM
 from twotower.towers.adapters import LoRA, LoRALinear, fuse_projections, merge_adapters, unmerge_adapters
 from twotower.towers.base import family_for
+from twotower.towers import inference_linear
 from twotower.towers.inference_linear import HEAD_COPY, InferenceLinear, can_pack
 from twotower.towers.llama import LlamaContextTower
 from twotower.towers.llama.layers import Fusable
@@ -212,7 +213,7 @@ def test_merge_adapters_refuses_a_quantized_model():
 # ---- packed (oneDNN, bf16 on a CPU): the draft only ------------------------------------------------
 
 
-@pytest.mark.skipif(not can_pack(torch.zeros(1, dtype=torch.bfloat16)), reason="this torch cannot pre-pack bf16 weights")
+@pytest.mark.skipif(not can_pack(torch.zeros(1, dtype=torch.bfloat16)), reason="this torch or this CPU cannot pre-pack bf16 weights")
 def test_packed_draft_equals_the_unpacked_merged_draft_up_to_bf16_rounding():
     ctx, den = lora_pair(seed=11, dtype=torch.bfloat16)
     adapter = draft_logits(ctx, den)
@@ -231,6 +232,28 @@ def test_packed_draft_equals_the_unpacked_merged_draft_up_to_bf16_rounding():
     assert torch.equal(draft_logits(ctx, den), adapter)  # every copy gone: the adapter itself again
 
 
+def test_where_the_cpu_cannot_pack_bf16_pack_falls_back_to_the_unpacked_draft_bit_for_bit(monkeypatch):
+    """An AVX2-only CPU: oneDNN has no bf16 reorder there, so pack=True must give pack=False's copies."""
+    ctx, den = lora_pair(seed=16, dtype=torch.bfloat16)
+    merge_adapters(den, pack=False)
+    want = draft_logits(ctx, den)
+    monkeypatch.setattr(inference_linear, "cpu_packs_bf16", lambda: False)
+    assert not can_pack(den.lm_head.weight)
+    merge_adapters(den, pack=True)
+    assert not any(m.__dict__["_twotower_fused"].packed for m in den.modules() if isinstance(m, Fusable))
+    assert den.__dict__.get(HEAD_COPY) is None  # the head has nothing to gain unpacked: no copy
+    assert torch.equal(draft_logits(ctx, den), want)
+
+
+def test_cpu_packs_bf16_is_what_the_reorder_op_does_on_this_cpu():
+    try:
+        torch.ops.mkldnn._reorder_linear_weight(torch.ones(16, 16, dtype=torch.bfloat16), 16)
+        works = True
+    except (RuntimeError, AttributeError):
+        works = False
+    assert inference_linear.cpu_packs_bf16() == (works and torch.backends.mkldnn.is_available())
+
+
 def test_inference_linear_unpacked_is_f_linear_and_packing_falls_back_in_float32():
     w, b, x = torch.randn(24, 16), torch.randn(24), torch.randn(2, 5, 16)
     plain = InferenceLinear(w, b, pack=True)  # float32: nothing to pack
@@ -239,7 +262,7 @@ def test_inference_linear_unpacked_is_f_linear_and_packing_falls_back_in_float32
         plain.check(x.double(), "test copy")
 
 
-@pytest.mark.skipif(not can_pack(torch.zeros(1, dtype=torch.bfloat16)), reason="this torch cannot pre-pack bf16 weights")
+@pytest.mark.skipif(not can_pack(torch.zeros(1, dtype=torch.bfloat16)), reason="this torch or this CPU cannot pre-pack bf16 weights")
 @pytest.mark.parametrize("model_type", LLAMA_LIKE)
 def test_packed_context_steps_are_the_unpacked_ones_and_prefills_stay_unpacked(model_type):
     """pack_context packs only inputs of <= 16 rows (AR steps, verifies of one row); on this CPU those
@@ -263,7 +286,7 @@ def test_packed_context_steps_are_the_unpacked_ones_and_prefills_stay_unpacked(m
     assert ctx.__dict__.get(HEAD_COPY) is None and torch.equal(one_row(), alone)
 
 
-@pytest.mark.skipif(not can_pack(torch.zeros(1, dtype=torch.bfloat16)), reason="this torch cannot pre-pack bf16 weights")
+@pytest.mark.skipif(not can_pack(torch.zeros(1, dtype=torch.bfloat16)), reason="this torch or this CPU cannot pre-pack bf16 weights")
 def test_speculative_with_packed_towers_equals_ar_with_the_same_towers():
     ctx, den = lora_pair(seed=13, dtype=torch.bfloat16)
     model = TwoTowerLM.from_backbone(ctx, block_size=6, denoiser=LoRA(rank=4, alpha=8.0))
@@ -277,7 +300,7 @@ def test_speculative_with_packed_towers_equals_ar_with_the_same_towers():
         assert torch.equal(got.new_tokens, want.new_tokens)
 
 
-@pytest.mark.skipif(not can_pack(torch.zeros(1, dtype=torch.bfloat16)), reason="this torch cannot pre-pack bf16 weights")
+@pytest.mark.skipif(not can_pack(torch.zeros(1, dtype=torch.bfloat16)), reason="this torch or this CPU cannot pre-pack bf16 weights")
 def test_a_packed_copy_refuses_to_be_copied_and_an_unmerged_model_copies():
     import copy
 
@@ -289,7 +312,7 @@ def test_a_packed_copy_refuses_to_be_copied_and_an_unmerged_model_copies():
     assert torch.equal(draft_logits(ctx, copy.deepcopy(den)), draft_logits(ctx, den))
 
 
-@pytest.mark.skipif(not can_pack(torch.zeros(1, dtype=torch.bfloat16)), reason="this torch cannot pre-pack bf16 weights")
+@pytest.mark.skipif(not can_pack(torch.zeros(1, dtype=torch.bfloat16)), reason="this torch or this CPU cannot pre-pack bf16 weights")
 def test_a_packed_full_copy_packs_every_product_and_drafts_alike():
     ctx, _ = lora_pair(seed=15, dtype=torch.bfloat16)
     full = family_for(ctx.config).denoiser.from_context(ctx).eval()
