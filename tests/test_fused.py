@@ -237,21 +237,12 @@ def test_where_the_cpu_cannot_pack_bf16_pack_falls_back_to_the_unpacked_draft_bi
     ctx, den = lora_pair(seed=16, dtype=torch.bfloat16)
     merge_adapters(den, pack=False)
     want = draft_logits(ctx, den)
-    monkeypatch.setattr(inference_linear, "cpu_packs_bf16", lambda: False)
+    monkeypatch.setattr(inference_linear, "cpu_has_bf16_path", lambda: False)
     assert not can_pack(den.lm_head.weight)
     merge_adapters(den, pack=True)
     assert not any(m.__dict__["_twotower_fused"].packed for m in den.modules() if isinstance(m, Fusable))
     assert den.__dict__.get(HEAD_COPY) is None  # the head has nothing to gain unpacked: no copy
     assert torch.equal(draft_logits(ctx, den), want)
-
-
-def test_cpu_packs_bf16_is_what_the_reorder_op_does_on_this_cpu():
-    try:
-        torch.ops.mkldnn._reorder_linear_weight(torch.ones(16, 16, dtype=torch.bfloat16), 16)
-        works = True
-    except (RuntimeError, AttributeError):
-        works = False
-    assert inference_linear.cpu_packs_bf16() == (works and torch.backends.mkldnn.is_available())
 
 
 def test_inference_linear_unpacked_is_f_linear_and_packing_falls_back_in_float32():

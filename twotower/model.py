@@ -34,6 +34,7 @@ from torch import Tensor
 from .decoding import (Decoder, GenerationOutput, MaskDiffusion, ReleasedGenerationMixin, StepCallback, TowerPair,
                        Towers)
 from .decoding.base import length_limit
+from .hardware import warn_if_slow_bf16
 from .hub import model_reference, resolve_model
 from .prompting import Prompt, encode_prompt
 from .quantization import check_quantize, int8_converter, quantize_model
@@ -208,6 +209,8 @@ class TwoTowerLM(ReleasedGenerationMixin, TowerPair, nn.Module):
             close_refs(refs.values())
         model.context.requires_grad_(False)
         model.tokenizer = find_tokenizer(path)
+        warn_if_slow_bf16(parse_dtype("dtype", dtype, allowed=None) if isinstance(dtype, str) else dtype, device,
+                          f"loading {path.name} in bfloat16")
         return model
 
     @classmethod

@@ -35,6 +35,7 @@ from .pretraining import ARPretraining  # noqa: F401  (recipes name it twotower.
 from .validation import check_positive
 from .towers.checkpoints import CKPT_META_KEY, restore_frozen, training_checkpoint
 from .distributed import apply_activation_checkpointing, sample_seed, shard_towers
+from .hardware import warn_if_slow_bf16
 from .hub import resolve_model
 from .model import TwoTowerLM
 from .tokenizers import DEFAULT_MASK_TOKEN_ID, tokenizer_spec
@@ -364,6 +365,12 @@ class DenoiserFineTuning(L.LightningModule):
         self.log("train/masked_acc", out["correct"].float() / out["masked"].clamp(min=1), prog_bar=True)
         self._update("train_", out)
         return out["loss"]
+
+    def on_fit_start(self) -> None:
+        # bf16-mixed autocasts every matmul to bf16: on a CPU without a bf16 path the whole run crawls.
+        precision = str(self.trainer.precision)
+        if precision.startswith("bf16"):
+            warn_if_slow_bf16(torch.bfloat16, self.device, f"training with precision {precision!r}")
 
     def on_train_epoch_end(self):
         self._log_epoch("train_")

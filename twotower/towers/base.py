@@ -27,6 +27,7 @@ import torch.nn as nn
 from torch import Tensor
 
 from ..cache_base import Cache
+from ..hardware import warn_if_slow_bf16
 from ..hub import resolve_model
 from ..time_embedding import build_time_conditioning
 from . import registry
@@ -207,6 +208,7 @@ class ContextTowerBase(nn.Module, abc.ABC):
             tower.load_backbone_state(refs, where=str(path), dtype=dtype, device=device)
         finally:
             close_refs(refs.values())
+        warn_if_slow_bf16(dtype, device, f"loading {path.name} in bfloat16")
         return tower
 
     def load_backbone_state(self, state: dict[str, Tensor], *, where: str = "state dict",

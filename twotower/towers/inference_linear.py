@@ -11,18 +11,18 @@ draft uses it (the context tower's numerics must not move); elsewhere (float32, 
 torch without the op, a CPU whose oneDNN has no bf16 path: one without AVX512-BW/VL/DQ or
 AVX-NE-CONVERT, such as an AVX2-only one) `pack` falls back to `F.linear`.
 
-A leaf module: it imports nothing of the package.
+It imports only `twotower.hardware`, itself a leaf.
 """
 
 from __future__ import annotations
-
-import functools
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["InferenceLinear", "can_pack", "cpu_packs_bf16", "HEAD_COPY"]
+from ..hardware import cpu_has_bf16_path
+
+__all__ = ["InferenceLinear", "can_pack", "HEAD_COPY"]
 
 # Where `towers.adapters.merge_adapters` keeps a denoiser's packed head copy (a plain attribute).
 HEAD_COPY = "_twotower_head"
@@ -33,25 +33,8 @@ PACK_ROWS = 16
 
 def can_pack(weight: Tensor) -> bool:
     """Whether `weight` can be pre-packed: a bfloat16 CPU tensor, a torch built with oneDNN's ops, and a
-    CPU on which oneDNN has a bf16 path (`cpu_packs_bf16`)."""
-    return weight.device.type == "cpu" and weight.dtype == torch.bfloat16 and cpu_packs_bf16()
-
-
-@functools.cache
-def cpu_packs_bf16() -> bool:
-    """Whether this torch and this CPU can pre-pack a bfloat16 weight for oneDNN.
-
-    Asked of the op itself on a tiny weight, once per process: oneDNN refuses the bf16 reorder with a
-    RuntimeError on CPUs without the instructions it needs, and which instructions those are is
-    oneDNN's to decide, not ours to copy.
-    """
-    if not (torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")):
-        return False
-    try:
-        torch.ops.mkldnn._reorder_linear_weight(torch.zeros(PACK_ROWS, PACK_ROWS, dtype=torch.bfloat16), PACK_ROWS)
-    except RuntimeError:
-        return False
-    return True
+    CPU on which oneDNN has a bf16 path (`twotower.hardware.cpu_has_bf16_path`)."""
+    return weight.device.type == "cpu" and weight.dtype == torch.bfloat16 and cpu_has_bf16_path()
 
 
 class InferenceLinear:

@@ -1,0 +1,80 @@
+"""bfloat16 on a CPU without a oneDNN bf16 path (an AVX2-only CPU): loading and training warn, naming
+the float32 fix; on a CPU with one (or in float32) they stay quiet. Both kinds are simulated on any CPU
+by answering `cpu_has_bf16_path` for it; the probe itself is checked against the op it asks."""
+
+from __future__ import annotations
+
+import warnings
+
+import lightning as L
+import pytest
+import torch
+
+from twotower import hardware
+from twotower.model import TwoTowerLM
+from twotower.towers.base import ContextTowerBase
+from twotower.training import DenoiserFineTuning
+
+
+def _warnings(fn) -> list[warnings.WarningMessage]:
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        fn()
+    return [w for w in seen if issubclass(w.category, hardware.SlowBFloat16Warning)]
+
+
+@pytest.fixture
+def no_bf16_path(monkeypatch):
+    monkeypatch.setattr(hardware, "cpu_has_bf16_path", lambda: False)
+
+
+@pytest.fixture
+def bf16_path(monkeypatch):
+    monkeypatch.setattr(hardware, "cpu_has_bf16_path", lambda: True)
+
+
+def test_the_probe_answers_what_onednns_bf16_reorder_does_on_this_cpu():
+    hardware.cpu_has_bf16_path.cache_clear()
+    try:
+        torch.ops.mkldnn._reorder_linear_weight(torch.ones(32, 32, dtype=torch.bfloat16), 16)
+        works = torch.backends.mkldnn.is_available()
+    except (RuntimeError, AttributeError):
+        works = False
+    assert hardware.cpu_has_bf16_path() is works
+
+
+def test_loading_in_bf16_without_a_bf16_path_warns_with_the_float32_fix(no_bf16_path):
+    seen = _warnings(lambda: ContextTowerBase.from_pretrained("embedded-backbone", dtype=torch.bfloat16))
+    assert len(seen) == 1
+    text = str(seen[0].message)
+    assert "loading backbone in bfloat16" in text and "--dtype float32" in text and "32-true" in text
+    seen = _warnings(lambda: TwoTowerLM.from_pretrained("embedded", dtype="bfloat16"))
+    assert len(seen) == 1 and "dtype=torch.float32" in str(seen[0].message)
+    assert seen[0].filename == __file__  # points at the caller's line, not at twotower's
+    assert not _warnings(lambda: TwoTowerLM.from_pretrained("embedded", dtype=torch.float32))
+    assert not _warnings(lambda: TwoTowerLM.from_pretrained("embedded"))  # the stored float32
+
+
+def test_loading_in_bf16_with_a_bf16_path_is_quiet(bf16_path):
+    assert not _warnings(lambda: TwoTowerLM.from_pretrained("embedded", dtype=torch.bfloat16))
+
+
+def _fit(tmp_path, precision: str):
+    from twotower.data import TextDataModule
+
+    module = DenoiserFineTuning("embedded-backbone", block_size=8, lr=1e-3, warmup_steps=0)
+    data = TextDataModule("stdlib", seq_len=32, block_size=8, batch_size=2, num_workers=0)
+    trainer = L.Trainer(accelerator="cpu", devices=1, max_steps=1, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path,
+                        limit_val_batches=0, precision=precision)
+    return lambda: trainer.fit(module, data)
+
+
+def test_bf16_mixed_training_without_a_bf16_path_warns_and_32_true_does_not(no_bf16_path, tmp_path):
+    seen = _warnings(_fit(tmp_path, "bf16-mixed"))
+    assert len(seen) == 1 and "training with precision 'bf16-mixed'" in str(seen[0].message)
+    assert not _warnings(_fit(tmp_path, "32-true"))
+
+
+def test_bf16_mixed_training_with_a_bf16_path_is_quiet(bf16_path, tmp_path):
+    assert not _warnings(_fit(tmp_path, "bf16-mixed"))

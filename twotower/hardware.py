@@ -1,0 +1,62 @@
+"""What this machine's CPU does with bfloat16, asked of torch itself.
+
+On a CPU, torch runs bfloat16 matmuls through oneDNN only where oneDNN has a bf16 path (AVX512-BW/VL/DQ,
+AVX-NE-CONVERT, AMX). Elsewhere (an AVX2-only CPU, e.g. many AMD EPYC and laptop parts) it falls back
+to a reference kernel: measured here on an AVX2-only AMD EPYC, a (64, 576) x (576, 1536) bf16 matmul
+took 60x float32's time. The recipes and benchmarks that choose bf16 were measured on a CPU with AMX,
+where bf16 is the fast dtype; on the other kind the same choice makes every job tens of times slower,
+so loading and training say so, with the fix.
+
+A leaf module: it imports nothing of the package.
+"""
+
+from __future__ import annotations
+
+import functools
+import warnings
+
+import torch
+
+__all__ = ["cpu_has_bf16_path", "slow_bf16", "warn_if_slow_bf16", "SlowBFloat16Warning", "FLOAT32_FIX"]
+
+# Every way to ask for float32 instead, by entry point: one message serves all of them.
+FLOAT32_FIX = ("use float32 on this machine: dtype=torch.float32 (Python), --dtype float32 (predict, serve, "
+               "benchmarks), gen_dtype: float32 (distillation), --trainer.precision 32-true (fit)")
+
+
+class SlowBFloat16Warning(UserWarning):
+    """bfloat16 was asked for on a CPU where torch computes it through a slow fallback."""
+
+
+@functools.cache
+def cpu_has_bf16_path() -> bool:
+    """Whether oneDNN has a bfloat16 path on this CPU (so bf16 matmuls are not the slow fallback).
+
+    Asked of oneDNN's weight reorder on a tiny bf16 weight, once per process: it refuses with a
+    RuntimeError on CPUs without the instructions its bf16 kernels need, and which instructions those
+    are is oneDNN's to decide, not ours to copy.
+    """
+    if not (torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")):
+        return False
+    try:
+        torch.ops.mkldnn._reorder_linear_weight(torch.zeros(16, 16, dtype=torch.bfloat16), 16)
+    except RuntimeError:
+        return False
+    return True
+
+
+def slow_bf16(dtype, device) -> bool:
+    """Whether tensors of `dtype` on `device` take torch's slow bf16 fallback (bf16 on such a CPU)."""
+    device = torch.device("cpu" if device is None else device)
+    return dtype == torch.bfloat16 and device.type == "cpu" and not cpu_has_bf16_path()
+
+
+def warn_if_slow_bf16(dtype, device, what: str) -> bool:
+    """Warn (SlowBFloat16Warning) that `what` (e.g. "loading smollm2-135m in bfloat16") will be slow
+    here, naming the float32 fix; returns whether it warned."""
+    if not slow_bf16(dtype, device):
+        return False
+    warnings.warn(f"{what} on this CPU: it has no oneDNN bf16 path (no AVX512-BW/VL/DQ, AVX-NE-CONVERT or "
+                  f"AMX), so torch computes bfloat16 through a fallback that is tens of times slower than "
+                  f"float32 here; {FLOAT32_FIX}", SlowBFloat16Warning, stacklevel=3)
+    return True
