@@ -97,8 +97,12 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "(the context tower fused too), ar_packed / spec_packed (the context packed too) in bf16, "
                         "and spec_fp32_fused (checked against the plain float32 AR)")
     p.add_argument("--only", nargs="+", default=None, metavar="MODE",
-                   help="run only these modes (ar is always kept: every ratio is against it; a speculative "
-                        "mode keeps the AR it is checked against), e.g. --only ar spec spec_merged")
+                   help="run only these modes (the --baseline AR is always kept: every ratio is against it; a "
+                        "speculative mode keeps the AR it is checked against), e.g. --only ar spec spec_merged")
+    p.add_argument("--baseline", choices=["ar", "ar_fp32"], default="ar",
+                   help="the AR mode every x AR ratio and quality retention is against: ar (bfloat16, the "
+                        "default) or ar_fp32, for a CPU without a oneDNN bf16 path, where bf16 runs a slow "
+                        "fallback (twotower.hardware); with --only ar_fp32 ... no bf16 model is loaded")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     p.add_argument("--out", default="benchmarks/results/real_model.json")
     p.add_argument("--samples", type=int, default=2, help="completions per mode to print")
@@ -165,16 +169,19 @@ MODELS = {"bf16": (torch.bfloat16, None), "fp32": (torch.float32, None),
           "bf16_merged": (torch.bfloat16, {}),  # merge_adapters()'s defaults: merged, fused, packed
           "bf16_fused": (torch.bfloat16, {"fuse_context": True}),
           "fp32_fused": (torch.float32, {"fuse_context": True}),
+          "fp32_merged": (torch.float32, {}),  # merged and fused (float32 has nothing to pack)
           "bf16_packed": (torch.bfloat16, {"pack_context": True})}
 
 
-def build_modes(samplers: list[str], cuts: list[float] = (), merged: bool = False, only=None) -> dict:
+def build_modes(samplers: list[str], cuts: list[float] = (), merged: bool = False, only=None,
+                baseline: str = "ar") -> dict:
     """name -> (model key in MODELS, decoder). `only` keeps those modes plus the AR each is measured against."""
     modes = {"ar": ("bf16", Autoregressive()), "spec": ("bf16", Speculative()),
              "ar_fp32": ("fp32", Autoregressive()), "spec_fp32": ("fp32", Speculative())}
     if merged:
         modes |= {"spec_merged": ("bf16_merged", Speculative()), "ar_fused": ("bf16_fused", Autoregressive()),
                   "spec_fused": ("bf16_fused", Speculative()), "spec_fp32_fused": ("fp32_fused", Speculative()),
+                  "spec_fp32_merged": ("fp32_merged", Speculative()), "ar_fp32_fused": ("fp32_fused", Autoregressive()),
                   "ar_packed": ("bf16_packed", Autoregressive()), "spec_packed": ("bf16_packed", Speculative())}
     for c in cuts:  # a draft ends where the running product of its confidences falls below c
         modes[f"spec_cut{c}"] = ("bf16", Speculative(draft_cut=c))
@@ -186,7 +193,7 @@ def build_modes(samplers: list[str], cuts: list[float] = (), merged: bool = Fals
         unknown = sorted(set(only) - set(modes))
         if unknown:
             raise SystemExit(f"--only: unknown modes {unknown}; the modes of these flags are {sorted(modes)}")
-        keep = set(only) | {"ar"} | {reference_ar(modes, n) for n in only if n.startswith("spec")}
+        keep = set(only) | {baseline} | {reference_ar(modes, n) for n in only if n.startswith("spec")}
         modes = {n: m for n, m in modes.items() if n in keep}
     return modes
 
@@ -240,9 +247,9 @@ def first_line(text: str) -> str:
 
 
 # ---- summaries --------------------------------------------------------------------------------
-def summarize_seed(res: dict, judge, modes: dict) -> dict:
+def summarize_seed(res: dict, judge, modes: dict, baseline: str = "ar") -> dict:
     rows = res["rows"]
-    ar = rows["ar"]
+    ar = rows[baseline]
     ar_time = sum(r["seconds"] for r in ar)
     ar_tokens = sum(len(r["tokens"]) for r in ar)
     ar_nll = _nll(judge, ar)
@@ -252,7 +259,7 @@ def summarize_seed(res: dict, judge, modes: dict) -> dict:
         tokens = sum(len(r["tokens"]) for r in rs)
         secs = sum(r["seconds"] for r in rs)
         s = {"tok_per_s": tokens / secs, "tokens": tokens}
-        if name in ("ar_fused", "ar_packed"):  # inference copies must not change the context tower's output
+        if name in ("ar_fused", "ar_packed", "ar_fp32_fused"):  # inference copies must not change the context tower's output
             s["equal_to_ar"] = all(r["tokens"] == a["tokens"] for r, a in zip(rs, rows[reference_ar(modes, name)]))
         if name.startswith("spec"):
             ref = rows[reference_ar(modes, name)]  # each speculative mode against AR in its dtype
@@ -296,9 +303,9 @@ def seed_stats(values):
     return {"mean": statistics.fmean(vals), "min": min(vals), "max": max(vals)} if vals else None
 
 
-def render(agg: dict, samples: dict) -> str:
+def render(agg: dict, samples: dict, baseline: str = "ar") -> str:
     f = lambda d, p=".2f": f"{d['mean']:{p}} ({d['min']:{p}}-{d['max']:{p}})" if isinstance(d, dict) else str(d)
-    L = ["| mode | tok/s | x AR (bf16) | tokens / iteration or / forward | equal to AR | NLL retention | "
+    L = [f"| mode | tok/s | x {baseline} | tokens / iteration or / forward | equal to AR | NLL retention | "
          "distinct-4 retention | prefix agreement | next-line exact |", "|---|---|---|---|---|---|---|---|---|"]
     for name, s in agg.items():
         if not isinstance(s, dict) or "tok_per_s" not in s:
@@ -330,7 +337,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    modes = build_modes(args.diffusion, args.spec_cuts, args.merged, args.only)
+    modes = build_modes(args.diffusion, args.spec_cuts, args.merged, args.only, args.baseline)
     models = {key: load_model(args.model, key) for key in sorted({m for m, _ in modes.values()} | {"fp32"})}
     tok = models["fp32"].tokenizer
     docs = {"prose": held_out_documents("stdlib-docs"), "python": held_out_documents("stdlib")}
@@ -347,17 +354,17 @@ def main(argv=None) -> int:
         for seed in args.seeds:
             res = measure_seed(models, modes, tok, seed, args, docs)
             results.append(res)
-            per_seed.append(summarize_seed(res, judge, modes))
+            per_seed.append(summarize_seed(res, judge, modes, args.baseline))
     agg = aggregate(per_seed)
     samples = {name: [tok.decode(r["prompt"][-24:]) + " ||| " + tok.decode(r["tokens"])
                       for r in results[0]["rows"][name] if r["kind"] == kind][:1]
                for name in modes for kind in ("instruction",)}
     for kind in ("prose", "python"):
         samples[f"ar ({kind})"] = [tok.decode(r["prompt"][-24:]) + " ||| " + tok.decode(r["tokens"])
-                                   for r in results[0]["rows"]["ar"] if r["kind"] == kind][:args.samples]
+                                   for r in results[0]["rows"][args.baseline] if r["kind"] == kind][:args.samples]
         samples[f"spec ({kind})"] = [tok.decode(r["tokens"]) for r in results[0]["rows"].get("spec", [])
                                      if r["kind"] == kind][:args.samples]
-    print(render(agg, samples))
+    print(render(agg, samples, args.baseline))
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"args": vars(args), "per_seed": per_seed, "aggregate": agg,
