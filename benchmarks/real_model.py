@@ -91,6 +91,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="samplers: confidence:THRESHOLD or frontier:MIN_JOINT")
     p.add_argument("--spec-cuts", type=float, nargs="*", default=[],
                    help="also run Speculative(draft_cut=c) in bf16 for each c (adaptive draft length)")
+    p.add_argument("--short-drafts", type=int, nargs="*", default=[],
+                   help="with --merged: also run Speculative(block_size=n) on the merged copies for each n, as "
+                        "spec_merged_b<n> (bf16) and spec_fp32_merged_b<n> (float32): drafts (and verifies) of n "
+                        "positions, for CPUs where a forward's cost grows with its positions")
     p.add_argument("--merged", action="store_true",
                    help="also run the inference copies (TwoTowerLM.merge_adapters): spec_merged (LoRA merged, "
                         "q/k/v and gate/up fused, pre-packed for oneDNN in the denoiser), ar_fused / spec_fused "
@@ -174,7 +178,7 @@ MODELS = {"bf16": (torch.bfloat16, None), "fp32": (torch.float32, None),
 
 
 def build_modes(samplers: list[str], cuts: list[float] = (), merged: bool = False, only=None,
-                baseline: str = "ar") -> dict:
+                baseline: str = "ar", short: list[int] = ()) -> dict:
     """name -> (model key in MODELS, decoder). `only` keeps those modes plus the AR each is measured against."""
     modes = {"ar": ("bf16", Autoregressive()), "spec": ("bf16", Speculative()),
              "ar_fp32": ("fp32", Autoregressive()), "spec_fp32": ("fp32", Speculative())}
@@ -185,6 +189,11 @@ def build_modes(samplers: list[str], cuts: list[float] = (), merged: bool = Fals
                   "ar_packed": ("bf16_packed", Autoregressive()), "spec_packed": ("bf16_packed", Speculative())}
     for c in cuts:  # a draft ends where the running product of its confidences falls below c
         modes[f"spec_cut{c}"] = ("bf16", Speculative(draft_cut=c))
+        if merged:
+            modes[f"spec_fp32_merged_cut{c}"] = ("fp32_merged", Speculative(draft_cut=c))
+    for n in short if merged else ():
+        modes[f"spec_merged_b{n}"] = ("bf16_merged", Speculative(block_size=n))
+        modes[f"spec_fp32_merged_b{n}"] = ("fp32_merged", Speculative(block_size=n))
     for s in samplers:
         kind, _, value = s.partition(":")
         sampler = {"confidence": ConfidenceThreshold, "frontier": FrontierRun}[kind](float(value))
@@ -337,7 +346,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    modes = build_modes(args.diffusion, args.spec_cuts, args.merged, args.only, args.baseline)
+    modes = build_modes(args.diffusion, args.spec_cuts, args.merged, args.only, args.baseline, args.short_drafts)
     models = {key: load_model(args.model, key) for key in sorted({m for m, _ in modes.values()} | {"fp32"})}
     tok = models["fp32"].tokenizer
     docs = {"prose": held_out_documents("stdlib-docs"), "python": held_out_documents("stdlib")}
