@@ -70,3 +70,20 @@ def test_draft_diagnostics_counts_the_loop(capsys):
     assert int(loop.group(1)) >= 3 and 1.0 <= float(loop.group(2)) <= 16.0
     prefix = float(re.search(r"teacher-forced accepted prefix ([\d.]+)", line).group(1))
     assert 0.0 <= prefix <= 15.0
+
+
+def test_real_model_float32_baseline_keeps_no_bf16_mode_and_short_drafts_draft_fewer_positions():
+    """benchmarks/real_model.py on a CPU without a bf16 path: --baseline ar_fp32 --only <float32 modes>
+    must load no bf16 model (every mode float32, ratios against float32 AR), and --short-drafts n runs
+    Speculative(block_size=n) on the merged copies."""
+    from benchmarks import real_model as rm
+
+    only = ["spec_fp32_merged", "spec_fp32_merged_b6", "spec_fp32_merged_cut0.3"]
+    modes = rm.build_modes([], [0.3], merged=True, only=only, baseline="ar_fp32", short=[6])
+    assert set(modes) == {"ar_fp32", *only}
+    assert all(key.startswith("fp32") for key, _ in modes.values())
+    assert all(rm.reference_ar(modes, n) == "ar_fp32" for n in only)
+    assert modes["spec_fp32_merged_b6"][1].block_size == 6 and modes["spec_fp32_merged_cut0.3"][1].draft_cut == 0.3
+    assert "ar" in rm.build_modes([], merged=True, only=["spec_fp32_merged"])  # the default baseline: bf16 AR
+    assert "spec_fp32_merged_b6" not in rm.build_modes([], short=[6])  # short drafts need --merged
+    assert rm.parse_args(["--baseline", "ar_fp32", "--short-drafts", "4", "8"]).short_drafts == [4, 8]
