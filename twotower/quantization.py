@@ -56,20 +56,22 @@ def quantize_int8(weight: Tensor) -> tuple[Tensor, Tensor]:
     time, so the float32 temporaries stay small whatever the tensor (a 128-expert stack is 0.6 G
     elements); on the meta device nothing is computed and the results have the right shapes.
     """
+    # An expert stack (E, out, in) flattens to E * out rows: one scale per expert and output channel, as for a Linear.
     rows = weight.detach().reshape(-1, weight.shape[-1])
     q = torch.empty(rows.shape, dtype=torch.int8, device=weight.device)
     scale = torch.empty(rows.shape[0], 1, dtype=torch.float32, device=weight.device)
-    step = max(1, QUANT_CHUNK // max(1, rows.shape[1]))
+    step = max(1, QUANT_CHUNK // max(1, rows.shape[1]))  # whole rows, so each row's max sees all of the row
     for start in range(0, rows.shape[0], step) if not weight.is_meta else ():
-        w = rows[start:start + step].float()
+        w = rows[start:start + step].float()  # float32 whatever the load dtype: no bf16 rounding in the scale or w / s
         s = w.abs().amax(dim=-1, keepdim=True) / 127.0
-        s = torch.where(s > 0, s, torch.ones_like(s))
+        s = torch.where(s > 0, s, torch.ones_like(s))  # a zero row would give 0 / 0 = NaN; any scale maps it to 0
         q[start:start + step] = torch.round(w / s).clamp_(-127, 127)
         scale[start:start + step] = s
     return q.view(weight.shape), scale.view(*weight.shape[:-1], 1)
 
 
 def dequantize(q: Tensor, scale: Tensor, dtype: torch.dtype) -> Tensor:
+    # The product in float32, then one rounding to the activations' dtype.
     return (q.to(torch.float32) * scale).to(dtype)
 
 
@@ -82,12 +84,14 @@ class Int8Linear(nn.Module):
         super().__init__()
         self.in_features, self.out_features = linear.in_features, linear.out_features
         q, scale = quantize_int8(linear.weight)
+        # Buffers, not Parameters: int8 cannot require grad; still in the state dict, where the loader fills them.
         self.register_buffer("weight_int8", q)
         self.register_buffer("weight_scale", scale)
         self.bias = linear.bias
 
     def forward(self, x: Tensor) -> Tensor:
         bias = None if self.bias is None else self.bias.to(x.dtype)
+        # Dequantized per call: only the int8 copy stays resident (this saves memory, not FLOPs).
         return F.linear(x, dequantize(self.weight_int8, self.weight_scale, x.dtype), bias)
 
     def extra_repr(self) -> str:
@@ -101,9 +105,9 @@ class Int8Experts(Experts):
     QUANTIZED = ("up_proj", "down_proj")
 
     def __init__(self, experts: Experts):
-        nn.Module.__init__(self)
+        nn.Module.__init__(self)  # not Experts.__init__: it would allocate full-precision (E, I, d) stacks
         self.act = experts.act
-        self.dtype = experts.up_proj.dtype
+        self.dtype = experts.up_proj.dtype  # no Parameter is left to ask: `expert_weights`' dtype when none is given
         for name in self.QUANTIZED:
             q, scale = quantize_int8(getattr(experts, name))
             self.register_buffer(f"{name}_int8", q)
@@ -128,6 +132,7 @@ def quantization_targets(model) -> list[tuple[str, nn.Module, str]]:
     for tower_name, tower in (("context", model.context), ("denoiser", model.denoiser)):
         for parent_name, parent in tower.backbone.layers.named_modules(prefix=f"{tower_name}.backbone.layers"):
             for name, child in parent.named_children():
+                # An Int8Experts is an Experts (an Int8Linear is no nn.Linear): a quantized one is not planned again.
                 if isinstance(child, nn.Linear) or (isinstance(child, Experts) and not isinstance(child, Int8Experts)):
                     found.append((f"{parent_name}.{name}", parent, name))
     return found
@@ -148,7 +153,7 @@ def quantize_model(model, mode: str = "int8"):
     for _, parent, name in quantization_targets(model):
         child = getattr(parent, name)
         setattr(parent, name, Int8Linear(child) if isinstance(child, nn.Linear) else Int8Experts(child))
-        del child
+        del child  # the last reference: the original weight is freed before the next projection is rounded
     model.quantization = mode
     return model
 
@@ -165,7 +170,7 @@ def int8_converter(model):
         m = owners.get(owner)
         if m is None or attr not in m.QUANTIZED:
             return {key: t}
-        if isinstance(m, Int8Experts):
+        if isinstance(m, Int8Experts):  # planned on meta with the skeleton's dtype; `t` was read in the load dtype
             m.dtype = t.dtype
         q, scale = quantize_int8(t)
         return {f"{key}_int8": q, f"{key}_scale": scale}
@@ -203,6 +208,7 @@ def bytes_by_part(model) -> dict[str, int]:
                 continue
             seen.add(key)
             in_stack = ".backbone.layers." in f"{mname}."
+            # Scales first: an Int8Experts is also an Experts, whose test below would count them as experts.
             if tname.endswith("_scale") and isinstance(mod, (Int8Linear, Int8Experts)):
                 part = "int8 scales"
             elif in_stack and isinstance(mod, Experts):

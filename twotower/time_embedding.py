@@ -40,9 +40,11 @@ def sinusoidal_features(t: Tensor, dim: int = 256, max_period: float = 10000.0, 
     """t (...,) -> (..., dim) float32: [cos(s t f_j) | sin(s t f_j)], f_j = max_period^(-j / half)."""
     half = dim // 2
     freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
+    # float32 whatever the model's dtype: 1000 t reaches 1000, where bf16's spacing (4) would garble cos and sin.
+    # The 1000 puts t on the 0..1000 timestep range of DiT / PixArt-alpha embedders, which the checkpoints expect.
     args = (t.float() * scale)[..., None] * freqs
-    feats = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
-    if dim % 2:
+    feats = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)  # [cos | sin]: the layout mlp.0's weights expect
+    if dim % 2:  # one zero feature, so the width is dim whatever its parity (as DiT's embedder pads)
         feats = torch.cat([feats, torch.zeros_like(feats[..., :1])], dim=-1)
     return feats
 
@@ -57,7 +59,7 @@ class TimestepEmbedder(nn.Module):
 
     def forward(self, t: Tensor) -> Tensor:
         feats = sinusoidal_features(t, self.frequency_size)
-        return self.mlp(feats.to(self.mlp[0].weight.dtype))
+        return self.mlp(feats.to(self.mlp[0].weight.dtype))  # float32 math above; cast to the MLP's dtype only here
 
 
 Modulation = tuple[Tensor, Tensor, Tensor]  # (shift, 1 + scale, gate), each (..., 1, H)
@@ -152,11 +154,13 @@ class AdaLNSingle(TimeConditioning):
 
     @torch.no_grad()
     def reset_parameters(self, init: str = "identity") -> None:
+        # t_block's last Linear is zero in both inits: t changes nothing until training moves it. t_embedder keeps
+        # its random init: were it zero too, SiLU(0) = 0 would feed t_block's weight no gradient.
         nn.init.zeros_(self.t_block[1].weight)
         nn.init.zeros_(self.t_block[1].bias)
         for table in self.scale_shift_tables:
             if init == "identity":
-                table.zero_()
+                table.zero_()  # shift 0 and scale 0 (the forward adds the 1): x passes the modulation unchanged
                 table[2].fill_(1.0)  # gate = 1: the layer output passes unchanged
             else:
                 table.copy_(torch.randn_like(table) / math.sqrt(self.hidden_size))
@@ -167,7 +171,7 @@ class AdaLNSingle(TimeConditioning):
     def forward(self, t: Tensor) -> list[Modulation]:
         """t (...,) -> every layer's (shift, 1 + scale, gate), each (..., 1, H)."""
         shared = self.shared(t)
-        return self.modulations(shared.unsqueeze(-3))
+        return self.modulations(shared.unsqueeze(-3))  # a token axis: each part (..., 1, H) broadcasts over the block
 
     def shared(self, t: Tensor) -> Tensor:
         """t (...,) -> the shared conditioning (..., 3, H)."""
@@ -189,5 +193,6 @@ class AdaLNSingle(TimeConditioning):
 
     def layer(self, shared: Tensor, i: int) -> tuple[Tensor, Tensor, Tensor]:
         """(shift, scale, gate) for layer i, each (..., H), from `shared` (..., 3, H)."""
+        # The raw scale (no 1 added, unlike `modulations`): the per-layer form tests check the stacked add against.
         m = self.scale_shift_tables[i].to(shared.dtype) + shared
         return m[..., 0, :], m[..., 1, :], m[..., 2, :]

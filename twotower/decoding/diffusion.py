@@ -50,7 +50,7 @@ def denoise_block(denoiser, cache, n: int, *, sampler, steps: int, mask_token_id
     `first`). fill_last: the last allowed step fills every masked position without consulting the
     sampler (a one-step draft is then the plain choice, no confidences computed).
     """
-    R, device = cache.batch_size, cache.device
+    R, device = cache.batch_size, cache.device  # x goes where the denoiser's cache is (a mirror, on two devices)
     masked = torch.ones(R, n, dtype=torch.bool, device=device)
     x = torch.full((R, n), mask_token_id, dtype=torch.long, device=device)
     if first is not None:
@@ -59,21 +59,22 @@ def denoise_block(denoiser, cache, n: int, *, sampler, steps: int, mask_token_id
     for step in range(steps):
         if not bool(masked.any()):  # the one host sync per step
             break
+        # Per row, over all n positions (a shifted block's open position 0 included): t as training measures it.
         t = masked.sum(-1, dtype=torch.float32) / n
         logits = denoiser.forward_block(x, cache, t)  # (R, n, V) float32, freshly allocated
         if shift:  # output i predicts position i + 1; position 0 is never masked
             logits = torch.cat([logits[:, :1], logits[:, :-1]], dim=1)
-        logits[..., mask_token_id] = float("-inf")
+        logits[..., mask_token_id] = float("-inf")  # [MASK] is neither a candidate nor in the confidences' softmax
         cand = torch.where(masked, chooser(logits, generator), x)
-        if fill_last and step == steps - 1:
+        if fill_last and step == steps - 1:  # all commit, as the sampler's last-step rule would: no confidences needed
             commit = masked
         else:
             extra = {"generator": generator} if isinstance(sampler, Sampler) else {}  # plain callables: as before
             commit = sampler(confidence_of(logits, cand), cand, masked, step=step, steps_per_block=steps,
                              logits=logits, **extra)
             commit = commit & masked  # a plain-callable sampler gets no contract enforcement otherwise
-        tracker.count_forward(rows, masked.any(-1))
-        before, x = x, torch.where(commit, cand, x)
+        tracker.count_forward(rows, masked.any(-1))  # before `masked` updates: rows that entered with a [MASK]
+        before, x = x, torch.where(commit, cand, x)  # a new x: `before` stays this step's input for the callback
         masked &= ~commit
         if step_callback is not None:
             step_callback(block_index, step, before, logits, x)
@@ -137,6 +138,7 @@ class MaskDiffusion(Decoder):
 
     @staticmethod
     def _wanted(call) -> str:
+        # An unshifted model never reads the context's logits: skip its head, the vocabulary-wide product.
         return "last" if call.shifted else "none"
 
     def draft(self, state: DecodeState) -> list[tuple[list[int] | None, Tensor]]:
@@ -157,7 +159,7 @@ class MaskDiffusion(Decoder):
             last = state.carry["last"] if idx is None else state.carry["last"][idx]
             last = last.float().clone()  # a copy: the carried logits stay as the context tower gave them
             last[:, call.mask_token_id] = float("-inf")
-            first = state.choose(last, idx).to(den.device)
+            first = state.choose(last, idx).to(den.device)  # chosen on the context's device, used on the denoiser's
         return denoise_block(call.denoiser, den, n, sampler=self.sampler, steps=self.steps_per_block,
                              mask_token_id=call.mask_token_id, chooser=state.chooser(idx),
                              generator=state.rows.generator, tracker=state, rows=idx, block_index=state.iterations,
@@ -170,12 +172,12 @@ class MaskDiffusion(Decoder):
         else:  # groups of different widths: one (R, widest) block, each row keeping its own width
             widest = max(b.shape[1] for _, b in drafted)
             x = torch.full((len(state), widest), call.mask_token_id, dtype=torch.long, device=drafted[0][1].device)
-            count = torch.zeros(len(state), dtype=torch.long)
+            count = torch.zeros(len(state), dtype=torch.long)  # each row commits its own width, never the filler
             for idx, block in drafted:
                 where = torch.tensor(idx, dtype=torch.long)
                 x[where.to(x.device), : block.shape[1]] = block
                 count[where] = block.shape[1]
-        state.commit(x, count)
+        state.commit(x, count)  # first: it finds the rows that finished (EOS, cap), which then skip the extend
         x, = state.drop_finished(x)
         if state.done:
             return  # the context never needs the last block

@@ -41,6 +41,7 @@ BRANCH_RULES = ("likeliest", "lowest", "expected")
 
 def _reach(c: Tensor) -> Tensor:
     """(R, n-1): prod_{k<i} c_k for positions i = 1 .. n-1, the chance d is still accepted before i."""
+    # Position 1 is always reached: d_0 is the context tower's own token, so it is always kept.
     return torch.cat([c.new_ones(c.shape[0], 1), c[:, :-1].cumprod(-1)], dim=1)
 
 
@@ -54,10 +55,12 @@ def branch_position(rule: str | float, c: Tensor, q: Tensor) -> Tensor:
     a float t: the first position whose confidence is below t (else the least confident one).
     """
     if rule == "lowest":
-        return c.argmin(-1) + 1
+        return c.argmin(-1) + 1  # + 1: column i of c is block position i + 1
     if rule == "likeliest":
         return (_reach(c) * (1 - c)).argmax(-1) + 1
     if rule == "expected":
+        # Log space: a ratio of float32 running products would be 0 / 0 once they underflow; the clamp keeps a
+        # zero confidence from giving -inf - -inf = nan below.
         logc = c.clamp_min(1e-30).log().cumsum(-1)  # (R, n-1)
         i = torch.arange(c.shape[1], device=c.device)
         # runs[r, j, m] = prod_{j<k<=m} c_k for m > j, else 0
@@ -77,9 +80,10 @@ def draft_with_runner_up(denoiser, cache, n: int, *, first: Tensor, shift: bool,
     x[:, 0] = first
     t = torch.full((R,), n - 1, dtype=torch.float32, device=device) / n  # as draft_one_step
     logits = denoiser.forward_block(x, cache, t)  # (R, n, V) float32, freshly allocated
-    logits[..., mask_token_id] = float("-inf")
+    logits[..., mask_token_id] = float("-inf")  # before topk: neither the draft nor its runner-up may be [MASK]
     pred = logits[:, :-1] if shift else logits[:, 1:]  # the predictions for positions 1 .. n - 1
     top = pred.topk(2, dim=-1)
+    # Cloned because x is filled in place next: the callback's tokens_before is the all-[MASK] block.
     before = x.clone() if step_callback is not None else None
     x[:, 1:] = top.indices[..., 0]
     tracker.count_forward(None)
@@ -160,7 +164,7 @@ class TwoBranchSpeculative(Speculative):
         widest = n - 1 if self.branch_len is None else min(n - 1, self.branch_len)
         pad = n + widest - logits.shape[1]
         if state.rows.greedy or pad <= 0:
-            return state.choose(logits)
+            return state.choose(logits)  # argmax draws no noise; pad <= 0: already the widest branch
         padded = torch.cat([logits, logits.new_zeros(logits.shape[0], pad, logits.shape[2])], dim=1)
         return state.choose(padded)[:, : logits.shape[1]]
 
@@ -168,21 +172,28 @@ class TwoBranchSpeculative(Speculative):
         if len(drafted) == 2:  # a plain draft (`draft` ran out of room for a tree)
             return super().advance(state, drafted)
         call, context = state.call, state.call.context
+        # The draft comes from the denoiser's device, which may differ (docs/design.md, section 2.7).
         x, alt, c, q = (t.to(call.ctx_device) for t in drafted)
         n = x.shape[1]
         j = branch_position(self.branch_at, c, q)
         layout = tree_layout(j, n, self.branch_len)  # one host read: the branch width
         e = x.gather(1, layout.block_pos[:, n:])  # the branch's tokens: d's after j ...
-        e[:, 0] = alt.gather(1, (j - 1)[:, None]).squeeze(1)  # ... and the runner-up at j
+        e[:, 0] = alt.gather(1, (j - 1)[:, None]).squeeze(1)  # ... and the runner-up at j (alt starts at position 1)
         logits = tree_extend(context, state.cache, x, e, layout)  # (R, n + m, V)
         ar = self._choose(state, logits, n)  # ar[:, s]: the context tower's token after slot s (in its branch)
+        # Main slots never see a branch slot, so their logits are a plain extend's and Speculative's rule holds.
         keep1 = self.kept(logits[:, :n], ar[:, :n], x)
         # The branch is taken only where d fails exactly at j and the runner-up is the token there.
+        # keep1 < j: the shared prefix failed; keep1 > j: d_j was right, so r_j (!= d_j) is not. ar[:, j - 1] comes
+        # from a main slot before the fork, one choice for both branches: taking the branch never changes j's token.
         take = (keep1 == j) & (e[:, 0] == ar.gather(1, (j - 1)[:, None]).squeeze(1))
+        # ar at branch slot n + k is AR's token after branch position j + k, so it checks e[:, k + 1];
+        # padding never agrees, so the run stops at the branch's end.
         agree = (e[:, 1:] == ar[:, n:-1]) & layout.branch_valid[:, 1:]
         keep = torch.where(take, j + 1 + agree.long().cumprod(-1).sum(-1), keep1)
         accept_tree(context, state.cache, layout, keep, take)
         src = source_slots(layout, take)  # (R, n): the slot of each kept position
+        # The slot of the last kept token (a branch slot where taken): AR's token after it opens the next block.
         last = src.gather(1, (keep - 1)[:, None])
         state.carry["next"] = ar.gather(1, last).squeeze(1)
         state.commit(torch.cat([x, e], dim=1).gather(1, src), keep)

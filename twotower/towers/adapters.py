@@ -106,6 +106,7 @@ class LoRALinear(nn.Module):
         """W + (alpha / rank) B A in the base weight's dtype (summed in float32, rounded once), no grad."""
         base = self.__dict__["base"].weight
         with torch.no_grad():
+            # float32 product and sum, then one cast: in bf16, B A would be rounded before the add and again after it.
             update = self.lora_B.float() @ self.lora_A.float()
             return torch.add(base.float(), update, alpha=self.scaling).to(base.dtype)
 
@@ -128,7 +129,9 @@ class LoRALinear(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         merged = self.__dict__.get(_MERGED)
+        # The merged copy is detached: while a gradient is recorded the adapter path runs, so lora_A / lora_B get one.
         if merged is not None and not torch.is_grad_enabled():
+            # The base is the context's: moving or casting the context alone skips our `_apply`; refuse a stale copy.
             merged.check(x, "merged LoRA weight")
             return merged(x)
         update = F.linear(F.linear(x, self.lora_A.to(x.dtype)), self.lora_B.to(x.dtype))
@@ -206,13 +209,15 @@ class LoRA(DenoiserBuilder):
         cls = family_for(context.config).denoiser
         with torch.device("meta"):  # the skeleton: every weight is replaced below, none is allocated
             den = cls(context.config, time_init=time_init, time=time)
+        # The time modules are the denoiser's own trained weights: real (not meta), on the context's device and dtype.
         den.time = build_time_conditioning(time, context.config.hidden_size, den.num_modulated,
                                            time_init=time_init).to(device=p.device, dtype=p.dtype)
         adapted = self._adapt(den.backbone, context.backbone)
         if not adapted:
             raise ValueError(f"LoRA targets {list(self.targets)} match no linear layer of {type(context).__name__}; "
                              f"its projections are named e.g. {sorted(_linear_names(context.backbone))[:8]}")
-        den.lm_head = Borrowed(context.lm_head)
+        den.lm_head = Borrowed(context.lm_head)  # outside the backbone `_adapt` walks: borrowed whole, never adapted
+        # A module this walk missed would keep meta weights and surface only at the first forward: refuse it here.
         left = [n for n, t in den.named_parameters() if t.is_meta]
         if left:
             raise RuntimeError(f"LoRA skeleton of {cls.__name__} kept meta weights {left[:5]}: a module of this "
@@ -226,7 +231,7 @@ class LoRA(DenoiserBuilder):
         attached unregistered by `_borrow_tensors`). Returns how many adapters were made."""
         count = 0
         for name, child in list(skeleton.named_children()):
-            theirs = getattr(owner, name)
+            theirs = getattr(owner, name)  # one config built both, so the children pair up by name
             if isinstance(theirs, nn.Linear) and name in self.targets:
                 setattr(skeleton, name, LoRALinear(theirs, self.rank, self.alpha))
                 count += 1
@@ -254,6 +259,7 @@ def _borrow_tensors(skeleton: nn.Module, owner: nn.Module) -> None:
         raise ValueError(f"a LoRA target lies inside {type(owner).__name__}, which holds buffers of its own; "
                          "it cannot be shared partly: leave its projections out of `targets`")
     for name, param in list(owner.named_parameters(recurse=False)):
+        # Moved into __dict__, not setattr: nn.Module.__setattr__ would register the Parameter again (state dict).
         del skeleton._parameters[name]
         skeleton.__dict__[name] = param
 
@@ -300,12 +306,13 @@ def merge_adapters(denoiser: nn.Module, *, fuse: bool = True, pack: bool = True)
     (the update is added to W once, in float32, then rounded to W's dtype; a packed product may sum
     in another order).
     """
-    unmerge_adapters(denoiser)
+    unmerge_adapters(denoiser)  # copies of an earlier call (another fuse / pack choice) must not outlive this one
     covered: set[int] = set()
     made = 0
     if fuse:
         for m in _fusable(denoiser):
             m.fuse(pack=pack)
+            # The fused copy is built from these adapters' merged weights (`applied_weights`): no copy of their own.
             covered.update(id(getattr(m, n)) for n in m.FUSED_PROJECTIONS)
             out = getattr(m, m.OUTPUT_PROJECTION)
             if pack and not isinstance(out, LoRALinear) and can_pack(out.weight):

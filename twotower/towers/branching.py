@@ -49,6 +49,7 @@ def tree_layout(j: Tensor, n: int, length: int | None = None) -> TreeLayout:
     One host read: the branch width m = min(n - min(j), length)."""
     if j.dtype != torch.long or j.dim() != 1:
         raise ValueError(f"j must be a (R,) long tensor of branch positions, got {j.dtype} {tuple(j.shape)}")
+    # One host read serves both the range check and the width: the earliest fork has the longest branch.
     lo, hi = (int(v) for v in torch.aminmax(j))
     if lo < 1 or hi > n - 1:
         raise ValueError(f"branch positions must lie in [1, {n - 1}] (position 0 is the context tower's own "
@@ -57,7 +58,10 @@ def tree_layout(j: Tensor, n: int, length: int | None = None) -> TreeLayout:
         raise ValueError(f"a branch length must be an int >= 1 (None: to the block's end), got {length!r}")
     m = n - lo if length is None else min(n - lo, length)
     k = torch.arange(m, device=j.device)
+    # Rows share one width m; a row whose branch is shorter (later fork, or cut by `length`) pads its tail.
     branch_valid = k[None, :] < (n - j if length is None else (n - j).clamp(max=length))[:, None]
+    # Padding slots clamp to n - 1 so that indexing by block_pos (e.g. gathering the branch's tokens from
+    # the draft) stays in range; the mask hides those slots and their outputs are never read.
     block_pos = torch.cat([torch.arange(n, device=j.device).expand(j.shape[0], n),
                            (j[:, None] + k[None, :]).clamp(max=n - 1)], dim=1)
     return TreeLayout(n, m, j, branch_valid, block_pos)
@@ -79,7 +83,9 @@ def tree_mask(layout: TreeLayout, prefix_valid: Tensor) -> Tensor:
     causal = a[None, :] <= a[:, None]  # (L, L), slot order: main then branch
     same_side = is_branch[:, None] == is_branch[None, :]
     # (R, L, L): within one side, causal; a branch query also sees the main block before j.
-    allowed = (causal & same_side)[None].expand(R, L, L).clone()
+    allowed = (causal & same_side)[None].expand(R, L, L).clone()  # clone: expand is a stride-0 view, written per row
+    # Main slots j.. hold d_j.., which the branch replaces; the main -> branch block stays False, so a main
+    # query attends exactly as in a plain extend of d.
     allowed[:, n:, :n] = a[None, None, :n] < j[:, None, None]
     key_valid = torch.cat([torch.ones(R, n, dtype=torch.bool, device=dev), layout.branch_valid], dim=1)
     allowed &= key_valid[:, None, :]
@@ -94,7 +100,9 @@ def source_slots(layout: TreeLayout, take: Tensor) -> Tensor:
     short branch's end (never kept) the last slot stands in."""
     p = torch.arange(layout.n, device=take.device)[None, :]
     j = layout.j[:, None]
+    # Positions before j are shared by both branches, so they stay in their main slots even when the branch wins.
     from_branch = take[:, None] & (p >= j)
+    # The clamp only keeps the index in range: keep <= j + the branch's valid length, so no clamped position is kept.
     return torch.where(from_branch, (layout.n + p - j).clamp(max=layout.n + layout.m - 1), p)
 
 
@@ -110,9 +118,12 @@ def take_branch(cache: KVBuffers, layout: TreeLayout, take: Tensor, start: int) 
     L = layout.n + layout.m
     for store in (cache.keys, cache.values):
         for i, t in enumerate(store):
-            if t is None:
+            if t is None:  # a layer that does not attend (Mamba, MLP, MoE) keeps no K,V
                 continue
             block = t[:, :, start:start + L]  # (R, kv, L, d)
             idx = src[:, None, :, None].expand(t.shape[0], t.shape[1], layout.n, t.shape[3])
+            # gather copies first, so overwriting main slots cannot clobber a source slot still to be read.
+            # Only the n main slots: `accept` cuts the length to start + max(keep) <= start + n, dropping the
+            # branch slots.
             t[:, :, start:start + layout.n] = block.gather(2, idx)
     return src
