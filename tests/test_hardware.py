@@ -78,3 +78,24 @@ def test_bf16_mixed_training_without_a_bf16_path_warns_and_32_true_does_not(no_b
 
 def test_bf16_mixed_training_with_a_bf16_path_is_quiet(bf16_path, tmp_path):
     assert not _warnings(_fit(tmp_path, "bf16-mixed"))
+
+
+@pytest.mark.parametrize("has_path, want", [(False, "float32"), (True, "bfloat16")])
+def test_gen_dtype_auto_picks_bf16_only_where_it_has_a_fast_path(monkeypatch, has_path, want):
+    from twotower.data import DistilledDataModule, FailurePointDataModule
+
+    monkeypatch.setattr(hardware, "cpu_has_bf16_path", lambda: has_path)
+    data = DistilledDataModule("embedded-backbone", gen_dtype="auto", device="cpu", cache_dir="unused")
+    explicit = DistilledDataModule("embedded-backbone", gen_dtype=want, device="cpu", cache_dir="unused")
+    assert data.gen_dtype == want
+    assert data._cache_path("text") == explicit._cache_path("text")  # the cache of the dtype it picked
+    mined = FailurePointDataModule("embedded-backbone", gen_dtype="float32", mine_dtype="auto", device="cpu",
+                                   mine_rows=4, num_train=8)
+    assert mined.gen_dtype == "float32" and mined.mine_dtype == want
+
+
+def test_a_bad_gen_dtype_names_every_accepted_value():
+    from twotower.data import DistilledDataModule
+
+    with pytest.raises(ValueError, match=r"'float16'.*\['bfloat16', 'float32'\], or 'auto'"):
+        DistilledDataModule("embedded-backbone", gen_dtype="float16")

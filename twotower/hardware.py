@@ -17,11 +17,12 @@ import warnings
 
 import torch
 
-__all__ = ["cpu_has_bf16_path", "slow_bf16", "warn_if_slow_bf16", "SlowBFloat16Warning", "FLOAT32_FIX"]
+__all__ = ["cpu_has_bf16_path", "fast_dtype_name", "slow_bf16", "warn_if_slow_bf16", "SlowBFloat16Warning",
+           "FLOAT32_FIX"]
 
 # Every way to ask for float32 instead, by entry point: one message serves all of them.
 FLOAT32_FIX = ("use float32 on this machine: dtype=torch.float32 (Python), --dtype float32 (predict, serve, "
-               "benchmarks), gen_dtype: float32 (distillation), --trainer.precision 32-true (fit)")
+               "benchmarks), gen_dtype: float32 or auto (distillation), --trainer.precision 32-true (fit)")
 
 
 class SlowBFloat16Warning(UserWarning):
@@ -60,3 +61,12 @@ def warn_if_slow_bf16(dtype, device, what: str) -> bool:
                   f"AMX), so torch computes bfloat16 through a fallback that is tens of times slower than "
                   f"float32 here; {FLOAT32_FIX}", SlowBFloat16Warning, stacklevel=3)
     return True
+
+
+def fast_dtype_name(device) -> str:
+    """The dtype an "auto" setting picks on `device`: "bfloat16" where bf16 has a fast path (a CUDA device
+    that supports it, a CPU with a oneDNN bf16 path), else "float32"."""
+    device = torch.device("cpu" if device is None else device)
+    if device.type == "cuda":
+        return "bfloat16" if torch.cuda.is_bf16_supported() else "float32"
+    return "bfloat16" if device.type == "cpu" and cpu_has_bf16_path() else "float32"

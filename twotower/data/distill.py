@@ -54,6 +54,7 @@ from .packing import check_seq_len
 from .sampling import ResumableLoader
 from .sources import STDLIB
 from .text import TextDataModule
+from ..hardware import fast_dtype_name
 from ..validation import FLOAT_DTYPES, check_float, check_int, device_of, parse_dtype
 
 # Bump when the cached distilled layout changes, so that stale caches are not reused.
@@ -195,6 +196,21 @@ def _progress(total: int, desc: str):
     return tqdm(total=total, desc=desc, unit="tok", unit_scale=True, file=sys.stderr, disable=None)
 
 
+def check_gen_dtype(name: str, value) -> None:
+    """A generation dtype: one of GEN_DTYPES (its name or torch dtype); "auto" is resolved before this."""
+    try:
+        parse_dtype(name, value, GEN_DTYPES)
+    except ValueError as e:
+        raise ValueError(f"{e}, or 'auto' (bfloat16 where it has a fast path, else float32)") from None
+
+
+def generation_device(device: str) -> str:
+    """`device` with "auto" resolved: this rank's CUDA device if there is one, else the CPU."""
+    if device != "auto":
+        return device
+    return f"cuda:{torch.cuda.current_device()}" if torch.cuda.is_available() else "cpu"
+
+
 class DistilledDataModule(L.LightningDataModule):
     """Rows of real prompt + the frozen AR backbone's continuation, for denoiser fine-tuning.
 
@@ -207,9 +223,11 @@ class DistilledDataModule(L.LightningDataModule):
         min_prompt / max_prompt: prompt length range, in tokens; multiples of block_size.
         temperature: 0 distils the greedy continuation (what generation reproduces at temperature 0).
         gen_batch_size: rows per generation batch. device: where to generate ("auto": this rank's CUDA
-            device if there is one). gen_dtype: the backbone's dtype while generating ("float32", or
+            device if there is one). gen_dtype: the backbone's dtype while generating ("float32";
             "bfloat16": several times faster on CPUs with bf16 matrix units, but its greedy choices can
-            differ from float32's where two tokens nearly tie).
+            differ from float32's where two tokens nearly tie, and tens of times slower on a CPU without
+            a oneDNN bf16 path; "auto": bfloat16 where it has a fast path, else float32, resolved here,
+            so the cache key and the rows are those of the dtype it picked).
         chat_fraction: this fraction of rows are chat prompts instead of text windows: one of
             `CHAT_TEMPLATES` around the row's first `chat_snippet` tokens, through the tokenizer's chat
             template, answered by the backbone (loss on the answer only). Needs a chat template.
@@ -246,7 +264,9 @@ class DistilledDataModule(L.LightningDataModule):
         if self_instruct and not chat_fraction:
             raise ValueError(f"self_instruct={self_instruct} is a fraction of the chat rows, and chat_fraction is 0: "
                              "set chat_fraction > 0 too")
-        parse_dtype("gen_dtype", gen_dtype, GEN_DTYPES)
+        if gen_dtype == "auto":
+            gen_dtype = fast_dtype_name(generation_device(device))
+        check_gen_dtype("gen_dtype", gen_dtype)
         self.backbone = resolve_model(backbone, kind="backbone checkpoint")
         if not (self.backbone / "config.json").exists():
             raise FileNotFoundError(f"backbone checkpoint not found: {self.backbone / 'config.json'}")
@@ -348,9 +368,7 @@ class DistilledDataModule(L.LightningDataModule):
     def _distil(self, real: torch.Tensor, p: torch.Tensor, desc: str, own: torch.Tensor | None = None,
                 start: int = 0) -> dict[str, torch.Tensor]:
         if self._context is None:
-            device = self.device
-            if device == "auto":
-                device = f"cuda:{torch.cuda.current_device()}" if torch.cuda.is_available() else "cpu"
+            device = generation_device(self.device)
             # Any registered family: the backbone's config.json names it.
             self._context = ContextTowerBase.from_pretrained(self.backbone, device=device,
                                                              dtype=GEN_DTYPES[self.gen_dtype]).eval()

@@ -40,9 +40,10 @@ from twotower.hub import resolve_model
 from twotower.model import TwoTowerLM
 
 from .cache import cache_file, files_fingerprint, load_cache, save_cache
-from .distill import GEN_DTYPES, DistilledDataModule
+from .distill import GEN_DTYPES, DistilledDataModule, check_gen_dtype, generation_device
 from .sampling import ResumableLoader
-from ..validation import check_int, device_of, parse_dtype
+from ..hardware import fast_dtype_name
+from ..validation import check_int, device_of
 
 # Bump when the cached example layout or the mining rule changes.
 _FORMAT = 1
@@ -202,7 +203,7 @@ class FailurePointDataModule(DistilledDataModule):
         mine_rows: how many training rows to mine (the first ones; at most num_train).
         mine_batch_size: rows per speculative generate call while mining.
         with_rows: also train on the mined rows themselves (their ordinary blocks after the prompt).
-        mine_dtype: the drafter's dtype while mining and checking targets ("float32" or "bfloat16"; None:
+        mine_dtype: the drafter's dtype while mining and checking targets ("float32", "bfloat16" or "auto"; None:
             gen_dtype, the dtype the rows were written in, whose greedy choices the check then repeats).
     """
 
@@ -212,7 +213,9 @@ class FailurePointDataModule(DistilledDataModule):
         check_int("mine_rows", mine_rows)
         check_int("mine_batch_size", mine_batch_size)
         self.mine_dtype = self.gen_dtype if mine_dtype is None else mine_dtype
-        parse_dtype("mine_dtype", self.mine_dtype, GEN_DTYPES)
+        if self.mine_dtype == "auto":  # as gen_dtype's "auto": bfloat16 where it has a fast path
+            self.mine_dtype = fast_dtype_name(generation_device(self.device))
+        check_gen_dtype("mine_dtype", self.mine_dtype)
         if mine_rows > self.num_train:
             raise ValueError(f"mine_rows={mine_rows} is more than num_train={self.num_train}; lower mine_rows "
                              f"or raise num_train")
