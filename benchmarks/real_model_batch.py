@@ -10,7 +10,7 @@ speeds compare like for like (the embedded benchmark's rule). Modes run interlea
 rotating each round, after one short warm-up call per mode; a mode's time is the median over rounds. Ratios are within a seed: the
 machine's absolute speed drifts.
 
-Modes (bf16, one thread unless --threads): `ar`; `spec` (the shipped settings); `spec_merged`
+Modes (bf16 unless --dtype float32, one thread unless --threads): `ar`; `spec` (the shipped settings); `spec_merged`
 (`merge_adapters()`: the draft's inference copies); `spec_merged_bb8` (the same with
 `batch_block_size=8`: 8-token drafts while rows share the batch; `--batch-blocks 8 4` adds
 `spec_merged_bb4` too). tokens / iteration is per row:
@@ -54,6 +54,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--batch-blocks", type=int, nargs="*", default=[8],
                    help="a merged mode with Speculative(batch_block_size=k) for each k")
+    p.add_argument("--dtype", choices=["bfloat16", "float32"], default="bfloat16",
+                   help="every mode's dtype: float32 on a CPU without a oneDNN bf16 path (twotower.hardware)")
     p.add_argument("--out", default="benchmarks/results/real_model_batch8.json")
     return p.parse_args(argv)
 
@@ -114,8 +116,9 @@ def render(per_seed: dict) -> str:
 def main(argv=None) -> int:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
-    plain = TwoTowerLM.from_pretrained(args.model, dtype=torch.bfloat16).eval()
-    merged = TwoTowerLM.from_pretrained(args.model, dtype=torch.bfloat16).eval()
+    dtype = getattr(torch, args.dtype)
+    plain = TwoTowerLM.from_pretrained(args.model, dtype=dtype).eval()
+    merged = TwoTowerLM.from_pretrained(args.model, dtype=dtype).eval()
     merged.merge_adapters()
     models = {False: plain, True: merged}
     tok = plain.tokenizer
