@@ -190,6 +190,8 @@ class TwoTowerLM(ReleasedGenerationMixin, TowerPair, nn.Module):
         the peak is the int8 model plus one tensor in `dtype`.
         """
         check_quantize(quantize)
+        if isinstance(dtype, str):
+            dtype = parse_dtype("dtype", dtype, allowed=None)
         path = resolve_model(path, kind="two-tower checkpoint")
         if (path / ADAPTER_FILE).is_file():
             if quantize is not None:
@@ -209,8 +211,7 @@ class TwoTowerLM(ReleasedGenerationMixin, TowerPair, nn.Module):
             close_refs(refs.values())
         model.context.requires_grad_(False)
         model.tokenizer = find_tokenizer(path)
-        warn_if_slow_bf16(parse_dtype("dtype", dtype, allowed=None) if isinstance(dtype, str) else dtype, device,
-                          f"loading {path.name} in bfloat16")
+        warn_if_slow_bf16(dtype, device, f"loading {path.name} in bfloat16")
         return model
 
     @classmethod

@@ -196,12 +196,16 @@ def _progress(total: int, desc: str):
     return tqdm(total=total, desc=desc, unit="tok", unit_scale=True, file=sys.stderr, disable=None)
 
 
-def check_gen_dtype(name: str, value) -> None:
-    """A generation dtype: one of GEN_DTYPES (its name or torch dtype); "auto" is resolved before this."""
+def resolve_gen_dtype(name: str, value, device: str) -> str:
+    """A generation dtype's name, checked: one of GEN_DTYPES, or "auto" resolved for `device` (bfloat16
+    where it has a fast path, else float32), so that caches and rows are keyed by the dtype used."""
+    if value == "auto":
+        return fast_dtype_name(generation_device(device))
     try:
         parse_dtype(name, value, GEN_DTYPES)
     except ValueError as e:
         raise ValueError(f"{e}, or 'auto' (bfloat16 where it has a fast path, else float32)") from None
+    return value
 
 
 def generation_device(device: str) -> str:
@@ -264,9 +268,7 @@ class DistilledDataModule(L.LightningDataModule):
         if self_instruct and not chat_fraction:
             raise ValueError(f"self_instruct={self_instruct} is a fraction of the chat rows, and chat_fraction is 0: "
                              "set chat_fraction > 0 too")
-        if gen_dtype == "auto":
-            gen_dtype = fast_dtype_name(generation_device(device))
-        check_gen_dtype("gen_dtype", gen_dtype)
+        gen_dtype = resolve_gen_dtype("gen_dtype", gen_dtype, device)
         self.backbone = resolve_model(backbone, kind="backbone checkpoint")
         if not (self.backbone / "config.json").exists():
             raise FileNotFoundError(f"backbone checkpoint not found: {self.backbone / 'config.json'}")

@@ -40,9 +40,8 @@ from twotower.hub import resolve_model
 from twotower.model import TwoTowerLM
 
 from .cache import cache_file, files_fingerprint, load_cache, save_cache
-from .distill import GEN_DTYPES, DistilledDataModule, check_gen_dtype, generation_device
+from .distill import GEN_DTYPES, DistilledDataModule, resolve_gen_dtype
 from .sampling import ResumableLoader
-from ..hardware import fast_dtype_name
 from ..validation import check_int, device_of
 
 # Bump when the cached example layout or the mining rule changes.
@@ -212,10 +211,8 @@ class FailurePointDataModule(DistilledDataModule):
         super().__init__(*args, **kwargs)
         check_int("mine_rows", mine_rows)
         check_int("mine_batch_size", mine_batch_size)
-        self.mine_dtype = self.gen_dtype if mine_dtype is None else mine_dtype
-        if self.mine_dtype == "auto":  # as gen_dtype's "auto": bfloat16 where it has a fast path
-            self.mine_dtype = fast_dtype_name(generation_device(self.device))
-        check_gen_dtype("mine_dtype", self.mine_dtype)
+        self.mine_dtype = resolve_gen_dtype("mine_dtype", self.gen_dtype if mine_dtype is None else mine_dtype,
+                                            self.device)
         if mine_rows > self.num_train:
             raise ValueError(f"mine_rows={mine_rows} is more than num_train={self.num_train}; lower mine_rows "
                              f"or raise num_train")
