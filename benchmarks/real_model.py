@@ -99,7 +99,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="also run the inference copies (TwoTowerLM.merge_adapters): spec_merged (LoRA merged, "
                         "q/k/v and gate/up fused, pre-packed for oneDNN in the denoiser), ar_fused / spec_fused "
                         "(the context tower fused too), ar_packed / spec_packed (the context packed too) in bf16, "
-                        "and spec_fp32_fused (checked against the plain float32 AR)")
+                        "and spec_fp32_fused (checked against the plain float32 AR); spec_int8 / spec_fp32_int8: "
+                        "merge_adapters(int8_draft=True), the draft's copies and head in dynamic int8")
     p.add_argument("--only", nargs="+", default=None, metavar="MODE",
                    help="run only these modes (the --baseline AR is always kept: every ratio is against it; a "
                         "speculative mode keeps the AR it is checked against), e.g. --only ar spec spec_merged")
@@ -174,6 +175,8 @@ MODELS = {"bf16": (torch.bfloat16, None), "fp32": (torch.float32, None),
           "bf16_fused": (torch.bfloat16, {"fuse_context": True}),
           "fp32_fused": (torch.float32, {"fuse_context": True}),
           "fp32_merged": (torch.float32, {}),  # merged and fused (float32 has nothing to pack)
+          "fp32_int8": (torch.float32, {"int8_draft": True}),  # merged and fused, the draft's copies int8
+          "bf16_int8": (torch.bfloat16, {"int8_draft": True}),
           "bf16_packed": (torch.bfloat16, {"pack_context": True})}
 
 
@@ -191,9 +194,13 @@ def build_modes(samplers: list[str], cuts: list[float] = (), merged: bool = Fals
         modes[f"spec_cut{c}"] = ("bf16", Speculative(draft_cut=c))
         if merged:
             modes[f"spec_fp32_merged_cut{c}"] = ("fp32_merged", Speculative(draft_cut=c))
+    if merged:  # the draft's copies in int8 (`merge_adapters(int8_draft=True)`), verified in the model's dtype
+        modes |= {"spec_int8": ("bf16_int8", Speculative()), "spec_fp32_int8": ("fp32_int8", Speculative())}
     for n in short if merged else ():
         modes[f"spec_merged_b{n}"] = ("bf16_merged", Speculative(block_size=n))
         modes[f"spec_fp32_merged_b{n}"] = ("fp32_merged", Speculative(block_size=n))
+        modes[f"spec_int8_b{n}"] = ("bf16_int8", Speculative(block_size=n))
+        modes[f"spec_fp32_int8_b{n}"] = ("fp32_int8", Speculative(block_size=n))
     for s in samplers:
         kind, _, value = s.partition(":")
         sampler = {"confidence": ConfidenceThreshold, "frontier": FrontierRun}[kind](float(value))

@@ -3,6 +3,8 @@ inference copies of `TwoTowerLM.merge_adapters`:
 
     python benchmarks/real_model_phases.py                    # smollm2-135m, bf16, batch 1, 1 thread
     python benchmarks/real_model_phases.py --ops              # + torch.profiler's top operators per phase
+    python benchmarks/real_model_phases.py --dtype float32 --threads 2 --kernels --variants plain \
+        merged+fused "merged+fused, int8 draft"                # + one product per shape: float32 / int8 / bf16
     # README's real-model figures:
     python benchmarks/real_model_phases.py --rounds 5 --iterations 6 --ops > benchmarks/results/real_model_phases.txt
 
@@ -15,7 +17,9 @@ Variants, interleaved round by round on the same loaded model (so the machine's 
 alike): `plain` (as shipped), `merged` (LoRA merged), `merged+fused` (+ q/k/v and gate/up fused),
 `merged+fused+packed` (`merge_adapters()`: + pre-packed for oneDNN, head included) and
 `+ context fused` (`merge_adapters(fuse_context=True)`) and `+ context packed`
-(`merge_adapters(pack_context=True)`: the context's products packed too, AR's steps included).
+(`merge_adapters(pack_context=True)`: the context's products packed too, AR's steps included), and
+`merged+fused, int8 draft` (`merge_adapters(int8_draft=True)`: the draft's products and head in
+dynamic int8; the context's untouched).
 Times are thread CPU ms (`time.thread_time`),
 the median over rounds; read ratios, not absolutes (the machine is shared). `iteration` is
 draft + verify + accept, and `AR steps` that over the same variant's AR step.
@@ -37,7 +41,8 @@ PROMPT = ("import os\n\n\ndef walk(top):\n    \"\"\"Yield every file below top.\
 VARIANTS = {"plain": None, "merged": {"fuse": False, "pack": False}, "merged+fused": {"fuse": True, "pack": False},
             "merged+fused+packed": {"fuse": True, "pack": True},
             "+ context fused": {"fuse": True, "pack": True, "fuse_context": True},
-            "+ context packed": {"fuse": True, "pack": True, "pack_context": True}}
+            "+ context packed": {"fuse": True, "pack": True, "pack_context": True},
+            "merged+fused, int8 draft": {"fuse": True, "int8_draft": True}}
 PHASES = ("draft", "verify", "accept", "AR step")
 
 
@@ -49,6 +54,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--iterations", type=int, default=8, help="iterations per round and variant")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--ops", action="store_true", help="print torch.profiler's top operators per phase and variant")
+    p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS), metavar="VARIANT",
+                   help=f"the variants to time (default: all of {list(VARIANTS)})")
+    p.add_argument("--kernels", action="store_true",
+                   help="also time one product per projection shape of the model at 1 and 16 rows: float32 "
+                        "F.linear, dynamic int8 (InferenceLinear(pack='int8')) and bf16 where this CPU has a path")
     return p.parse_args(argv)
 
 
@@ -98,9 +108,47 @@ def top_ops(model: TwoTowerLM, ids: torch.Tensor, rows: int = 8) -> None:
                     calls["accept"]()
         events = prof.key_averages()
         mm = sum(e.count for e in events if e.key in ("aten::mm", "aten::addmm", "aten::bmm"))
-        packed = sum(e.count for e in events if e.key == "mkldnn::_linear_pointwise")
-        print(f"\n--- {name}: {mm / 3:.0f} matmuls + {packed / 3:.0f} packed products per call", flush=True)
+        packed = sum(e.count for e in events if e.key in ("mkldnn::_linear_pointwise", "quantized::linear_dynamic"))
+        print(f"\n--- {name}: {mm / 3:.0f} matmuls + {packed / 3:.0f} packed or int8 products per call", flush=True)
         print(events.table(sort_by="self_cpu_time_total", row_limit=rows))
+
+
+def time_call(fn, repeats: int = 30) -> float:
+    """Median thread CPU ms of fn() over `repeats` calls, after 3 warm-up calls."""
+    for _ in range(3):
+        fn()
+    times = []
+    for _ in range(repeats):
+        t0 = time.thread_time()
+        fn()
+        times.append(time.thread_time() - t0)
+    return 1e3 * statistics.median(times)
+
+
+def kernel_table(model: TwoTowerLM) -> None:
+    """One product per projection shape of the context tower (q/k/v and gate/up side by side, as fused)."""
+    from twotower.hardware import cpu_has_bf16_path
+    from twotower.towers.inference_linear import InferenceLinear
+
+    layer = model.context.backbone.layers[0]
+    att, mlp = layer.self_attn, layer.mlp
+    shapes = {"q/k/v": torch.cat([att.q_proj.weight, att.k_proj.weight, att.v_proj.weight]), "o": att.o_proj.weight,
+              "gate/up": torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight]), "down": mlp.down_proj.weight,
+              "head": model.context.lm_head.weight}
+    bf16 = cpu_has_bf16_path()
+    print("\n| product (out x in) | rows | float32 ms | int8 ms | float32 / int8 |"
+          + (" bf16 ms |" if bf16 else "") + "\n|---|---|---|---|---|" + ("---|" if bf16 else ""))
+    for name, w in shapes.items():
+        w = w.detach().float()
+        int8 = InferenceLinear(w, pack="int8")
+        for rows in (1, 16):
+            x = torch.randn(rows, w.shape[1])
+            f32, q = time_call(lambda: torch.nn.functional.linear(x, w)), time_call(lambda: int8(x))
+            line = f"| {name} ({w.shape[0]} x {w.shape[1]}) | {rows} | {f32:.3f} | {q:.3f} | {f32 / q:.2f} |"
+            if bf16:
+                wb, xb = w.bfloat16(), x.bfloat16()
+                line += f" {time_call(lambda: torch.nn.functional.linear(xb, wb)):.3f} |"
+            print(line, flush=True)
 
 
 def main(argv=None) -> int:
@@ -108,10 +156,10 @@ def main(argv=None) -> int:
     torch.set_num_threads(args.threads)
     model = TwoTowerLM.from_pretrained(args.model, dtype=getattr(torch, args.dtype)).eval()
     ids = torch.tensor([model.tokenizer.encode(PROMPT)])
-    results = {name: {k: [] for k in PHASES} for name in VARIANTS}
+    results = {name: {k: [] for k in PHASES} for name in args.variants}
     with torch.inference_mode():
         for r in range(args.rounds + 1):
-            for name in VARIANTS:
+            for name in args.variants:
                 set_variant(model, name)
                 got = time_round(model, ids, args.iterations)
                 if r:  # round 0 warms up
@@ -127,8 +175,10 @@ def main(argv=None) -> int:
             it = m["draft"] + m["verify"] + m["accept"]
             print(f"| {name} | {m['draft']:.1f} | {m['verify']:.1f} | {m['accept']:.2f} | {it:.1f} | "
                   f"{m['AR step']:.1f} | {it / m['AR step']:.2f} |")
+        if args.kernels:
+            kernel_table(model)
         if args.ops:
-            for name in VARIANTS:
+            for name in args.variants:
                 set_variant(model, name)
                 print(f"\n===== {name}")
                 top_ops(model, ids)

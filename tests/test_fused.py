@@ -7,6 +7,8 @@
   tower's bit for bit (float32 and bf16), prefill and extends alike, every Llama-like family;
 * speculative decoding with the merged, fused pair still equals AR token for token;
 * a packed draft (bf16 on a CPU) is the unpacked merged draft up to bf16 rounding;
+* an int8 draft (`merge_adapters(int8_draft=True)`) is the float draft up to int8 rounding, and
+  speculative decoding through it still equals AR token for token;
 * the copies are inference-only: the state dict is unchanged, `.train()`, moving / casting and
   `unmerge_adapters` drop them, gradients never go through them, and a stale copy is refused.
 """
@@ -24,7 +26,7 @@ from twotower.model import TwoTowerLM
 from twotower.towers.adapters import LoRA, LoRALinear, fuse_projections, merge_adapters, unmerge_adapters
 from twotower.towers.base import family_for
 from twotower.towers import inference_linear
-from twotower.towers.inference_linear import HEAD_COPY, InferenceLinear, can_pack
+from twotower.towers.inference_linear import HEAD_COPY, InferenceLinear, can_pack, can_quantize
 from twotower.towers.llama import LlamaContextTower
 from twotower.towers.llama.layers import Fusable
 
@@ -315,6 +317,105 @@ def test_a_packed_full_copy_packs_every_product_and_drafts_alike():
     assert (got - want).abs().amax() <= 0.02 * want.abs().amax()
 
 
+# ---- int8 (fbgemm's dynamic int8 kernels): the draft only -------------------------------------------
+
+needs_int8 = pytest.mark.skipif(not can_quantize(torch.zeros(1)), reason="this torch has no quantized int8 linear")
+
+
+def int8_copies(den) -> list[InferenceLinear]:
+    fused = [m.__dict__[k] for m in den.modules() if isinstance(m, Fusable)
+             for k in ("_twotower_fused", "_twotower_packed_out") if k in m.__dict__]
+    merged = [m.__dict__["_twotower_merged"] for m in den.modules()
+              if isinstance(m, LoRALinear) and "_twotower_merged" in m.__dict__]
+    return fused + merged + [c for c in [den.__dict__.get(HEAD_COPY)] if c is not None]
+
+
+@needs_int8
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_int8_inference_linear_is_f_linear_up_to_int8_rounding(dtype):
+    g = torch.Generator().manual_seed(0)
+    w, b = torch.randn(48, 32, generator=g).to(dtype), torch.randn(48, generator=g).to(dtype)
+    x = torch.randn(2, 5, 32, generator=g).to(dtype)
+    copy = InferenceLinear(w, b, pack="int8")
+    got, want = copy(x), torch.nn.functional.linear(x.float(), w.float(), b.float())
+    assert copy.int8 and got.dtype == dtype and got.shape == (2, 5, 48)
+    # 7-bit inputs, 8-bit weights: a few percent of the output's scale, far from the float result's bits
+    err = (got.float() - want).abs().amax() / want.abs().amax()
+    assert 0 < err <= 0.05
+    assert copy.nbytes == 48 * 32 + 2 * 4 * 48  # int8 weight, float32 scales and bias
+    zero = InferenceLinear(torch.zeros(4, 32), pack="int8")  # an all-zero row must not divide by zero
+    assert torch.equal(zero(x.float()), torch.zeros(2, 5, 4))
+
+
+def test_a_bad_pack_value_is_refused_by_name():
+    ctx, den = lora_pair(seed=17)
+    with pytest.raises(ValueError, match="pack='int4'.*'int8'"):
+        InferenceLinear(torch.zeros(4, 4), pack="int4")
+    with pytest.raises(ValueError, match="pack='fast'"):
+        merge_adapters(den, pack="fast")
+
+
+@needs_int8
+@pytest.mark.parametrize("full_copy", [False, True], ids=["lora", "full_copy"])
+def test_int8_draft_is_the_float_draft_up_to_int8_rounding(full_copy):
+    ctx, den = lora_pair(seed=18)
+    if full_copy:
+        den = family_for(ctx.config).denoiser.from_context(ctx).eval()
+        randomize_time_(den, 19)
+    made_float = merge_adapters(den, pack=False)  # float32 has nothing to pack: no head copy
+    want = draft_logits(ctx, den)
+    made = merge_adapters(den, pack="int8")
+    copies = int8_copies(den)
+    assert copies and all(c.int8 for c in copies) and den.__dict__.get(HEAD_COPY) is not None
+    assert made == sum(c.weight_nbytes for c in copies)
+    if not full_copy:  # a full copy's float merge fuses only; its int8 one holds every projection
+        assert made < 0.3 * (made_float + den.lm_head.weight.nbytes)  # a quarter of float32, plus scales
+    got = draft_logits(ctx, den)
+    assert not torch.equal(got, want)
+    # Rounding compounds over the layers of this random tower (about 5% here, relative): bounded, not exact.
+    assert (got - want).norm() <= 0.1 * want.norm()
+    assert (got.argmax(-1) == want.argmax(-1)).float().mean() >= 0.75
+    den.train()
+    assert not int8_copies(den)  # inference copies: dropped by .train() as the float ones are
+
+
+@needs_int8
+@pytest.mark.parametrize("decoder", [Speculative(block_size=6), TwoBranchSpeculative(block_size=6)],
+                         ids=["speculative", "two_branch"])
+def test_speculative_with_an_int8_draft_equals_ar(decoder):
+    ctx, den = lora_pair(seed=20)
+    model = TwoTowerLM.from_backbone(ctx, block_size=6, denoiser=LoRA(rank=4, alpha=8.0))
+    model.denoiser.load_state_dict(den.state_dict())
+    ids, mask = left_pad(random_prompts([6, 11, 3], seed=20))
+    want = autoregressive(model.context, ids, mask, max_new_tokens=20)
+    assert model.merge_adapters(int8_draft=True) > 0
+    assert all(c.int8 for c in int8_copies(model.denoiser))
+    got = run_decoder(decoder, model.context, model.denoiser, ids, mask, max_new_tokens=20)
+    assert torch.equal(got.new_tokens, want.new_tokens) and got.blocks >= 1
+
+
+def test_where_torch_has_no_int8_kernels_int8_falls_back_to_the_float_draft_bit_for_bit(monkeypatch):
+    ctx, den = lora_pair(seed=21)
+    merge_adapters(den, pack=False)
+    want = draft_logits(ctx, den)
+    monkeypatch.setattr(inference_linear, "has_int8_linear", lambda: False)
+    assert not can_quantize(den.lm_head.weight)
+    merge_adapters(den, pack="int8")
+    assert not any(c.int8 for c in int8_copies(den))
+    assert den.__dict__.get(HEAD_COPY) is None  # an unquantized head copy would only cost memory
+    assert torch.equal(draft_logits(ctx, den), want)
+
+
+@needs_int8
+def test_an_int8_copy_refuses_to_be_copied():
+    import copy
+
+    ctx, den = lora_pair(seed=22)
+    merge_adapters(den, pack="int8")
+    with pytest.raises(TypeError, match="unmerge_adapters"):
+        copy.deepcopy(den)
+
+
 # ---- the option in predict and serve -----------------------------------------------------------------
 
 
@@ -364,3 +465,19 @@ def test_predict_merge_adapters_makes_the_copies_when_prediction_starts(tmp_path
     # Recorded with the predictions (a resumed file must use the same setting), absent when off.
     assert module.prediction_settings()["merge_adapters"] is True
     assert "merge_adapters" not in plain.prediction_settings()
+
+
+def test_int8_draft_in_serve_and_predict_makes_int8_copies_and_is_recorded(tmp_path):
+    from twotower.inference import GenerationModule
+    from twotower.serving.app import load_model
+    from twotower.serving.requests import ServeSettings
+
+    path, _ = saved_lora_model(tmp_path)
+    served = load_model(ServeSettings(model=str(path), int8_draft=True))  # implies merge_adapters
+    assert merged(served) or int8_copies(served.denoiser)
+    assert all(c.int8 for c in int8_copies(served.denoiser)) == can_quantize(torch.zeros(1))
+    module = GenerationModule(str(path), decoder="speculative", int8_draft=True)
+    module.on_predict_start()
+    assert int8_copies(module.model.denoiser)
+    settings = module.prediction_settings()
+    assert settings["int8_draft"] is True and settings["merge_adapters"] is True

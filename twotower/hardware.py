@@ -17,7 +17,7 @@ import warnings
 
 import torch
 
-__all__ = ["cpu_has_bf16_path", "fast_dtype_name", "slow_bf16", "warn_if_slow_bf16", "SlowBFloat16Warning",
+__all__ = ["cpu_has_bf16_path", "has_int8_linear", "fast_dtype_name", "slow_bf16", "warn_if_slow_bf16", "SlowBFloat16Warning",
            "FLOAT32_FIX"]
 
 # Every way to ask for float32 instead, by entry point: one message serves all of them.
@@ -42,6 +42,26 @@ def cpu_has_bf16_path() -> bool:
     try:
         torch.ops.mkldnn._reorder_linear_weight(torch.zeros(16, 16, dtype=torch.bfloat16), 16)
     except RuntimeError:
+        return False
+    return True
+
+
+@functools.cache
+def has_int8_linear() -> bool:
+    """Whether this torch can run a dynamically quantized int8 linear on the CPU (fbgemm / x86 engine).
+
+    Asked of the ops themselves on a tiny weight, once per process. torch marks its quantized tensor
+    types deprecated (a UserWarning) but still ships the kernels, which are the fast int8 path on a CPU;
+    where a torch drops them, this answers no and int8 copies fall back to their float weights.
+    """
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            q = torch.quantize_per_channel(torch.ones(4, 4), torch.ones(4, dtype=torch.float64),
+                                           torch.zeros(4, dtype=torch.long), 0, torch.qint8)
+            packed = torch.ops.quantized.linear_prepack(q, None)
+            torch.ops.quantized.linear_dynamic(torch.ones(1, 4), packed, True)
+    except (RuntimeError, AttributeError, NotImplementedError):
         return False
     return True
 

@@ -43,7 +43,7 @@ from .tokenizers import DEFAULT_MASK_TOKEN_ID, Tokenizer, find_tokenizer, save_t
 from .towers.adapters import (DenoiserBuilder, builder_from_spec, fuse_projections, is_adapter, merge_adapters,
                               unmerge_adapters)
 from .towers.base import ContextTowerBase, DenoiserTowerBase, family_for
-from .towers.inference_linear import PACK_ROWS
+from .towers.inference_linear import INT8, PACK_ROWS
 from .towers.checkpoints import check_keys, check_shapes, module_name, released_name
 from .towers.lazy import close_refs
 from .towers.loading import materialize, target_dtype, two_tower_refs
@@ -367,7 +367,7 @@ class TwoTowerLM(ReleasedGenerationMixin, TowerPair, nn.Module):
 
     # ---- inference copies: merged adapters, fused projections ---------------------------------
     def merge_adapters(self, *, fuse: bool = True, pack: bool = True, fuse_context: bool = False,
-                       pack_context: bool = False) -> int:
+                       pack_context: bool = False, int8_draft: bool = False) -> int:
         """Make a speculative iteration cheaper at inference; returns the bytes of the copies made.
 
         The denoiser: every LoRA adapter applies one merged weight W + s B A instead of its base and
@@ -392,6 +392,13 @@ class TwoTowerLM(ReleasedGenerationMixin, TowerPair, nn.Module):
         about 1.5x cheaper per matmul. Bit-identical to the unpacked tower at those row counts on
         this CPU (tests/test_fused.py and SmolLM2 itself), not at every row count: oneDNN's choice.
 
+        int8_draft: the denoiser's copies, its output projections and its head held as int8, each input
+        quantized on the fly (`towers.inference_linear`, fbgemm's dynamic int8 kernels, in place of
+        `pack`): a draft forward about 3x cheaper in float32 on a CPU. The draft is rounded to int8,
+        so its tokens, and tokens per iteration, may move; speculative output stays AR's, since the
+        context tower verifies in its own dtype. Where torch lacks the kernels (or off the CPU) the
+        copies stay in the model's dtype.
+
         Inference only: parameters, state dict, checkpoints and training are unchanged; `.train()`,
         moving or casting the model, and `unmerge_adapters` drop the copies (call this again after
         `.to(...)`).
@@ -399,7 +406,7 @@ class TwoTowerLM(ReleasedGenerationMixin, TowerPair, nn.Module):
         if self.quantization is not None:
             raise ValueError(f"this model's projections are quantized ({self.quantization}); merged or fused copies "
                              "would be full precision. Load it without quantize= to merge adapters")
-        made = merge_adapters(self.denoiser, fuse=fuse, pack=pack)
+        made = merge_adapters(self.denoiser, fuse=fuse, pack=INT8 if int8_draft else pack)
         if fuse_context or pack_context:
             made += fuse_projections(self.context, pack=pack_context, max_rows=PACK_ROWS if pack_context else None)
         return made

@@ -34,7 +34,7 @@ from torch import Tensor
 
 from ..time_embedding import build_time_conditioning
 from .base import ContextTowerBase, DenoiserTowerBase, family_for
-from .inference_linear import HEAD_COPY, InferenceLinear, can_pack
+from .inference_linear import HEAD_COPY, InferenceLinear, makes_copy
 from ..validation import check_int, check_positive
 
 __all__ = ["DenoiserBuilder", "FullCopy", "LoRA", "LoRALinear", "Borrowed", "builder_from_spec", "is_adapter",
@@ -110,7 +110,7 @@ class LoRALinear(nn.Module):
             update = self.lora_B.float() @ self.lora_A.float()
             return torch.add(base.float(), update, alpha=self.scaling).to(base.dtype)
 
-    def merge(self, *, pack: bool = False) -> None:
+    def merge(self, *, pack: bool | str = False) -> None:
         """Inference: keep `merged_weight()` and apply it with one matmul instead of base + two low-rank
         ones (pack: pre-packed for oneDNN where it applies, `towers.inference_linear.InferenceLinear`).
         Costs one more weight of this projection's size; the parameters, the state dict and
@@ -291,13 +291,14 @@ def is_adapter(denoiser: nn.Module) -> bool:
     return any(isinstance(m, (Borrowed, LoRALinear)) for m in denoiser.modules())
 
 
-def merge_adapters(denoiser: nn.Module, *, fuse: bool = True, pack: bool = True) -> int:
+def merge_adapters(denoiser: nn.Module, *, fuse: bool = True, pack: bool | str = True) -> int:
     """Inference speed for a denoiser: every LoRA adapter applies one merged weight (W + s B A, see
     `LoRALinear.merge`) instead of its base and two low-rank matmuls; with `fuse`, projections that
     read one input become one matmul (`fuse_projections`: Llama's q/k/v and gate/up), over their
     merged weights, and those adapters keep no merged copy of their own. With `pack`, every copy is
     pre-packed for oneDNN where that applies (bfloat16 on a CPU: `towers.inference_linear`), and so
-    is a copy of the output head (`lm_head`), which the family's `head` then uses.
+    is a copy of the output head (`lm_head`), which the family's `head` then uses. pack="int8": every
+    copy, the output projections and the head held as dynamic int8 instead (a cheaper, rounded draft).
 
     Returns the bytes of the copies made: for a LoRA denoiser every projection once, about one more
     backbone without its embeddings, plus the head when packed; for a full copy only the fused ones
@@ -315,17 +316,17 @@ def merge_adapters(denoiser: nn.Module, *, fuse: bool = True, pack: bool = True)
             # The fused copy is built from these adapters' merged weights (`applied_weights`): no copy of their own.
             covered.update(id(getattr(m, n)) for n in m.FUSED_PROJECTIONS)
             out = getattr(m, m.OUTPUT_PROJECTION)
-            if pack and not isinstance(out, LoRALinear) and can_pack(out.weight):
-                m.pack_output()  # a full copy's o_proj / down_proj (an adapter packs its merged weight)
+            if not isinstance(out, LoRALinear) and makes_copy(out.weight, pack):
+                m.pack_output(pack=pack)  # a full copy's o_proj / down_proj (an adapter packs its merged weight)
             made += m.fused_nbytes
     for m in denoiser.modules():
         if isinstance(m, LoRALinear) and id(m) not in covered:
             m.merge(pack=pack)
-            made += m.__dict__[_MERGED].weight.nbytes  # its bias is the base's own, not copied
+            made += m.__dict__[_MERGED].weight_nbytes  # its bias is the base's own, not copied
     head = getattr(denoiser, "lm_head", None)
-    if pack and head is not None and can_pack(head.weight):
-        # A packed head only pays where it is packed; it is the largest single product of a draft.
-        denoiser.__dict__[HEAD_COPY] = InferenceLinear(head.weight, head.bias, pack=True)
+    if head is not None and makes_copy(head.weight, pack):
+        # A head copy only pays where it is packed; it is the largest single product of a draft.
+        denoiser.__dict__[HEAD_COPY] = InferenceLinear(head.weight, head.bias, pack=pack)
         made += denoiser.__dict__[HEAD_COPY].nbytes
     return made
 
@@ -339,7 +340,8 @@ def unmerge_adapters(denoiser: nn.Module) -> None:
     fuse_projections(denoiser, fuse=False)
 
 
-def fuse_projections(tower: nn.Module, *, fuse: bool = True, pack: bool = False, max_rows: int | None = None) -> int:
+def fuse_projections(tower: nn.Module, *, fuse: bool = True, pack: bool | str = False,
+                     max_rows: int | None = None) -> int:
     """Fuse (or, fuse=False, drop every inference copy of) the projections that read one input in every
     module of `tower` that can (a `towers.llama.layers.Fusable`: Llama-like attention's q/k/v, MLP's
     gate/up; other families have none and nothing changes). Returns the bytes of the copies: for a
@@ -359,14 +361,14 @@ def fuse_projections(tower: nn.Module, *, fuse: bool = True, pack: bool = False,
             m.unfuse()
             continue
         m.fuse(pack=pack, max_rows=max_rows)
-        if pack and can_pack(getattr(m, m.OUTPUT_PROJECTION).weight):  # else a copy would buy nothing
-            m.pack_output(max_rows=max_rows)
+        if makes_copy(getattr(m, m.OUTPUT_PROJECTION).weight, pack):  # else a copy would buy nothing
+            m.pack_output(pack=pack, max_rows=max_rows)
         made += m.fused_nbytes
     if not fuse:
         tower.__dict__.pop(HEAD_COPY, None)
     head = getattr(tower, "lm_head", None)
-    if fuse and pack and head is not None and can_pack(head.weight):
-        tower.__dict__[HEAD_COPY] = InferenceLinear(head.weight, head.bias, pack=True, max_rows=max_rows)
+    if fuse and head is not None and makes_copy(head.weight, pack):
+        tower.__dict__[HEAD_COPY] = InferenceLinear(head.weight, head.bias, pack=pack, max_rows=max_rows)
         made += tower.__dict__[HEAD_COPY].nbytes
     return made
 

@@ -11,24 +11,36 @@ draft uses it (the context tower's numerics must not move); elsewhere (float32, 
 torch without the op, a CPU whose oneDNN has no bf16 path: one without AVX512-BW/VL/DQ or
 AVX-NE-CONVERT, such as an AVX2-only one) `pack` falls back to `F.linear`.
 
+`pack="int8"` instead quantizes W to int8 (one scale per output channel) and each input on the fly
+(`torch.ops.quantized.linear_dynamic`, fbgemm's kernels): on an AVX2-only CPU at SmolLM2's shapes and
+16 rows, 2.7-3.1x faster than float32 per projection and 6.5x on its 49152-wide head (measured with
+`benchmarks/real_model_phases.py --kernels`). Its results are not `F.linear`'s (int8 rounding), so it is for
+a speculative draft, whose tokens the context tower verifies in its own dtype: the output stays AR's.
+
 It imports only `twotower.hardware`, itself a leaf.
 """
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..hardware import cpu_has_bf16_path
+from ..hardware import cpu_has_bf16_path, has_int8_linear
 
-__all__ = ["InferenceLinear", "can_pack", "HEAD_COPY"]
+__all__ = ["InferenceLinear", "can_pack", "can_quantize", "makes_copy", "HEAD_COPY", "INT8", "PACKINGS"]
 
 # Where `towers.adapters.merge_adapters` keeps a denoiser's packed head copy (a plain attribute).
 HEAD_COPY = "_twotower_head"
 
 # The draft's rows at batch 1 (one block): the layout oneDNN is asked to choose for.
 PACK_ROWS = 16
+
+# `pack` values: False (F.linear), True (oneDNN pre-packed where `can_pack`), INT8 (dynamic int8, `can_quantize`).
+INT8 = "int8"
+PACKINGS = (False, True, INT8)
 
 
 def can_pack(weight: Tensor) -> bool:
@@ -37,26 +49,66 @@ def can_pack(weight: Tensor) -> bool:
     return weight.device.type == "cpu" and weight.dtype == torch.bfloat16 and cpu_has_bf16_path()
 
 
+def can_quantize(weight: Tensor) -> bool:
+    """Whether `weight` can be held as dynamic int8 (`pack=INT8`): a floating-point CPU tensor and a torch
+    with the quantized linear kernels (`twotower.hardware.has_int8_linear`)."""
+    return weight.device.type == "cpu" and weight.is_floating_point() and has_int8_linear()
+
+
+def makes_copy(weight: Tensor, pack) -> bool:
+    """Whether `pack` would change how `weight` is applied here (else a copy of a module's own weight
+    would only cost memory): True where `can_pack`, INT8 where `can_quantize`."""
+    check_pack(pack)
+    return can_quantize(weight) if pack == INT8 else bool(pack) and can_pack(weight)
+
+
+def check_pack(pack) -> None:
+    if not any(pack is p or (isinstance(p, str) and pack == p) for p in PACKINGS):
+        raise ValueError(f"pack={pack!r}: expected False (plain F.linear), True (pre-packed for oneDNN where "
+                         f"bfloat16 allows) or {INT8!r} (dynamic int8, for a speculative draft)")
+
+
+def _int8_packed(weight: Tensor, bias: Tensor | None):
+    """fbgemm's packed int8 weight: symmetric, one float scale per output channel."""
+    w = weight.detach().float()
+    scale = (w.abs().amax(1) / 127).clamp_min(1e-12)  # an all-zero row would divide by zero
+    zeros = torch.zeros(w.shape[0], dtype=torch.long)
+    with warnings.catch_warnings():  # torch marks quantized tensor creation deprecated; the kernels remain
+        warnings.simplefilter("ignore")
+        q = torch.quantize_per_channel(w, scale.double(), zeros, 0, torch.qint8)
+        return torch.ops.quantized.linear_prepack(q, None if bias is None else bias.detach().float())
+
+
 class InferenceLinear:
     """y = x W^T + b with W (out, in) and b (out,) or None, held outside any module's parameters.
 
-    pack: pre-pack W for oneDNN where `can_pack` allows (see the module docstring); else plain
-    `F.linear`. max_rows: the copy `applies` only to inputs of at most that many rows (None: any);
-    the caller runs its own module otherwise. `nbytes` is what the copy holds.
+    pack: True pre-packs W for oneDNN where `can_pack` allows; INT8 holds W as int8 and quantizes each
+    input on the fly where `can_quantize` allows (see the module docstring); else, or with False,
+    plain `F.linear`. max_rows: the copy `applies` only to inputs of at most that many rows (None:
+    any); the caller runs its own module otherwise. `nbytes` is what the copy holds, `weight_nbytes`
+    its weight's share (an int8 copy's bias and scales included: they are packed with it).
     """
 
-    def __init__(self, weight: Tensor, bias: Tensor | None = None, *, pack: bool = False,
+    def __init__(self, weight: Tensor, bias: Tensor | None = None, *, pack: bool | str = False,
                  max_rows: int | None = None):
+        check_pack(pack)
         self.dtype, self.device = weight.dtype, weight.device
         self.max_rows = max_rows
-        self.bias = None if bias is None else bias.detach()
-        self.packed = pack and can_pack(weight)
+        self.int8 = pack == INT8 and can_quantize(weight)
+        self.packed = pack is True and can_pack(weight)
         weight = weight.detach()
+        bias = None if bias is None else bias.detach()
+        if self.int8:  # the bias lives inside the packed weight
+            self.weight, self.bias = _int8_packed(weight, bias), None
+            self.weight_nbytes = weight.numel() + 4 * weight.shape[0] * (1 if bias is None else 2)
+            return
+        self.bias = bias
         self.weight = torch.ops.mkldnn._reorder_linear_weight(weight, PACK_ROWS) if self.packed else weight
+        self.weight_nbytes = self.weight.nbytes
 
     @property
     def nbytes(self) -> int:
-        return self.weight.nbytes + (0 if self.bias is None else self.bias.nbytes)
+        return self.weight_nbytes + (0 if self.bias is None else self.bias.nbytes)
 
     def applies(self, x: Tensor) -> bool:
         """Whether this copy serves x (its rows within `max_rows`)."""
@@ -69,12 +121,17 @@ class InferenceLinear:
                                f"{x.device}; call TwoTowerLM.merge_adapters() again after moving or casting the model")
 
     def __getstate__(self):
-        if self.packed:  # oneDNN's packed layout is opaque: torch can neither copy nor pickle it
+        if self.packed or self.int8:  # a packed layout is opaque: torch can neither copy nor pickle it
             raise TypeError("a model with packed inference copies cannot be pickled or deep-copied; call "
                             "TwoTowerLM.unmerge_adapters() first and merge_adapters() again on the copy")
         return self.__dict__
 
     def __call__(self, x: Tensor) -> Tensor:
+        if self.int8:
+            # reduce_range: 7-bit inputs. Without VNNI (AVX2), fbgemm sums pairs of u8 x s8 products in
+            # 16 bits with saturation; full 8-bit inputs overflowed there (7x the error at SmolLM2's shapes).
+            y = torch.ops.quantized.linear_dynamic(x.reshape(-1, x.shape[-1]).float(), self.weight, True)
+            return y.reshape(*x.shape[:-1], y.shape[-1]).to(x.dtype)
         if self.packed:
             return torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, "none", [], "")
         return F.linear(x, self.weight, self.bias)

@@ -121,7 +121,7 @@ def applied_weights(proj: nn.Module) -> tuple[Tensor, Tensor | None]:
     return weight.detach(), None if proj.bias is None else proj.bias.detach()
 
 
-def concat_projections(projections, *, pack: bool = False, max_rows: int | None = None) -> InferenceLinear:
+def concat_projections(projections, *, pack: bool | str = False, max_rows: int | None = None) -> InferenceLinear:
     """One projection that computes all of `projections` side by side (pack, max_rows: `InferenceLinear`)."""
     parts = [applied_weights(p) for p in projections]
     has_bias = [b is not None for _, b in parts]
@@ -158,14 +158,14 @@ class Fusable:
     FUSED_PROJECTIONS: tuple[str, ...] = ()
     OUTPUT_PROJECTION: str = ""  # the projection after them (o_proj, down_proj), packed by `pack_output`
 
-    def fuse(self, *, pack: bool = False, max_rows: int | None = None) -> None:
+    def fuse(self, *, pack: bool | str = False, max_rows: int | None = None) -> None:
         """Keep the fused copy (pack, max_rows: `InferenceLinear`)."""
         self.__dict__[_FUSED] = concat_projections([getattr(self, n) for n in self.FUSED_PROJECTIONS], pack=pack,
                                                    max_rows=max_rows)
 
-    def pack_output(self, *, max_rows: int | None = None) -> None:
-        """Keep a packed copy of the output projection too (for a tower whose every product is packed)."""
-        self.__dict__[_PACKED_OUT] = concat_projections([getattr(self, self.OUTPUT_PROJECTION)], pack=True,
+    def pack_output(self, *, pack: bool | str = True, max_rows: int | None = None) -> None:
+        """Keep a packed (or int8) copy of the output projection too, for a tower whose every product is."""
+        self.__dict__[_PACKED_OUT] = concat_projections([getattr(self, self.OUTPUT_PROJECTION)], pack=pack,
                                                         max_rows=max_rows)
 
     def unfuse(self) -> None:
