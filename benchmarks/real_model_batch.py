@@ -13,7 +13,8 @@ machine's absolute speed drifts.
 Modes (bf16 unless --dtype float32, one thread unless --threads): `ar`; `spec` (the shipped settings); `spec_merged`
 (`merge_adapters()`: the draft's inference copies); `spec_merged_bb8` (the same with
 `batch_block_size=8`: 8-token drafts while rows share the batch; `--batch-blocks 8 4` adds
-`spec_merged_bb4` too). tokens / iteration is per row:
+`spec_merged_bb4` too); with --int8-draft, `spec_int8` and `spec_int8_bb<k>` as well
+(`merge_adapters(int8_draft=True)`: the draft's copies and head in dynamic int8). tokens / iteration is per row:
 the rows' generated tokens over their denoiser forwards. `= AR` counts rows whose tokens equal AR's
 (in bf16 a 16-row verify may round differently from a 1-row step, so this need not be 8/8; the
 float32 exactness check is `real_model.py`'s).
@@ -37,11 +38,17 @@ from benchmarks.real_model import held_out_documents, windows  # noqa: E402
 from twotower.decoding import Autoregressive, Speculative  # noqa: E402
 from twotower.model import TwoTowerLM  # noqa: E402
 
-def build_modes(batch_blocks: list[int]) -> dict:
-    """name -> (merged model?, decoder): AR, the shipped speculative, merged, and merged with each
-    `batch_block_size` in batch_blocks (shorter drafts while rows share the batch)."""
-    modes = {"ar": (False, Autoregressive()), "spec": (False, Speculative()), "spec_merged": (True, Speculative())}
-    return modes | {f"spec_merged_bb{k}": (True, Speculative(batch_block_size=k)) for k in batch_blocks}
+def build_modes(batch_blocks: list[int], int8_draft: bool = False) -> dict:
+    """name -> (model key: plain / merged / int8, decoder): AR, the shipped speculative, merged, and
+    merged with each `batch_block_size` in batch_blocks (shorter drafts while rows share the batch);
+    with int8_draft the same on the int8 draft's copies."""
+    modes = {"ar": ("plain", Autoregressive()), "spec": ("plain", Speculative()),
+             "spec_merged": ("merged", Speculative())}
+    modes |= {f"spec_merged_bb{k}": ("merged", Speculative(batch_block_size=k)) for k in batch_blocks}
+    if int8_draft:
+        modes["spec_int8"] = ("int8", Speculative())
+        modes |= {f"spec_int8_bb{k}": ("int8", Speculative(batch_block_size=k)) for k in batch_blocks}
+    return modes
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -56,6 +63,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="a merged mode with Speculative(batch_block_size=k) for each k")
     p.add_argument("--dtype", choices=["bfloat16", "float32"], default="bfloat16",
                    help="every mode's dtype: float32 on a CPU without a oneDNN bf16 path (twotower.hardware)")
+    p.add_argument("--int8-draft", action="store_true",
+                   help="also the int8 draft (merge_adapters(int8_draft=True)): spec_int8, spec_int8_bb<k>")
     p.add_argument("--out", default="benchmarks/results/real_model_batch8.json")
     return p.parse_args(argv)
 
@@ -74,17 +83,17 @@ def timed(model, decoder, ids: torch.Tensor, new_tokens: int) -> tuple[float, to
 
 
 def measure_seed(models: dict, ids: torch.Tensor, args) -> dict:
-    modes = build_modes(args.batch_blocks)
+    modes = build_modes(args.batch_blocks, args.int8_draft)
     secs = {name: [] for name in modes}
     outs = {}
     names = list(modes)
     for name in names:  # warm-up: first calls pay for allocations and oneDNN's kernel choices
-        merged, dec = modes[name]
-        timed(models[merged], dec, ids, 4)
+        key, dec = modes[name]
+        timed(models[key], dec, ids, 4)
     for r in range(args.rounds):
         for name in names[r % len(names):] + names[:r % len(names)]:
-            merged, dec = modes[name]
-            dt, toks, nfe = timed(models[merged], dec, ids, args.new_tokens)
+            key, dec = modes[name]
+            dt, toks, nfe = timed(models[key], dec, ids, args.new_tokens)
             secs[name].append(dt)
             outs[name] = (toks, nfe)
     ar_tokens = outs["ar"][0]
@@ -118,9 +127,10 @@ def main(argv=None) -> int:
     torch.set_num_threads(args.threads)
     dtype = getattr(torch, args.dtype)
     plain = TwoTowerLM.from_pretrained(args.model, dtype=dtype).eval()
-    merged = TwoTowerLM.from_pretrained(args.model, dtype=dtype).eval()
-    merged.merge_adapters()
-    models = {False: plain, True: merged}
+    models = {"plain": plain}
+    for key in ("merged", "int8") if args.int8_draft else ("merged",):
+        models[key] = TwoTowerLM.from_pretrained(args.model, dtype=dtype).eval()
+        models[key].merge_adapters(int8_draft=key == "int8")
     tok = plain.tokenizer
     docs = {"prose": held_out_documents("stdlib-docs"), "python": held_out_documents("stdlib")}
     per_seed = {}

@@ -87,3 +87,33 @@ def test_real_model_float32_baseline_keeps_no_bf16_mode_and_short_drafts_draft_f
     assert "ar" in rm.build_modes([], merged=True, only=["spec_fp32_merged"])  # the default baseline: bf16 AR
     assert "spec_fp32_merged_b6" not in rm.build_modes([], short=[6])  # short drafts need --merged
     assert rm.parse_args(["--baseline", "ar_fp32", "--short-drafts", "4", "8"]).short_drafts == [4, 8]
+
+
+def test_int8_draft_modes_run_on_the_int8_copies_and_the_kernel_table_prints_every_shape(tmp_path, capsys):
+    """real_model.py / real_model_batch.py: the int8 modes use a model merged with int8_draft=True;
+    real_model_phases.py --kernels times every projection shape of the tower at 1 and 16 rows."""
+    from conftest import save_chat_llama
+
+    from benchmarks import real_model as rm
+    from benchmarks import real_model_batch as rb
+    from benchmarks import real_model_phases as rp
+    from twotower.towers.adapters import LoRA
+
+    modes = rm.build_modes([], merged=True, only=["spec_fp32_int8", "spec_fp32_int8_b8"], baseline="ar_fp32",
+                           short=[8])
+    assert set(modes) == {"ar_fp32", "spec_fp32_int8", "spec_fp32_int8_b8"}
+    assert modes["spec_fp32_int8_b8"][0] == "fp32_int8" and modes["spec_fp32_int8_b8"][1].block_size == 8
+    assert rm.MODELS["fp32_int8"] == (torch.float32, {"int8_draft": True})
+    batch = rb.build_modes([4], int8_draft=True)
+    assert batch["spec_int8_bb4"][0] == "int8" and batch["spec_int8_bb4"][1].batch_block_size == 4
+    assert "spec_int8" not in rb.build_modes([4])
+    assert rp.VARIANTS["merged+fused, int8 draft"] == {"fuse": True, "int8_draft": True}
+    model = TwoTowerLM.from_backbone(save_chat_llama(tmp_path / "backbone", seed=3), block_size=6,
+                                     denoiser=LoRA(rank=4, alpha=8.0)).eval()
+    rp.kernel_table(model)
+    rows = re.findall(r"^\| (q/k/v|o|gate/up|down|head) \((\d+) x (\d+)\) \| (1|16) \| ([\d.]+) \| ([\d.]+) \|",
+                      capsys.readouterr().out, flags=re.M)
+    assert sorted({(r[0], r[3]) for r in rows}) == sorted((n, k) for n in ("q/k/v", "o", "gate/up", "down", "head")
+                                                          for k in ("1", "16"))
+    head = [r for r in rows if r[0] == "head"][0]
+    assert (int(head[1]), int(head[2])) == tuple(model.context.lm_head.weight.shape)
