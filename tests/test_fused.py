@@ -394,6 +394,26 @@ def test_speculative_with_an_int8_draft_equals_ar(decoder):
     assert torch.equal(got.new_tokens, want.new_tokens) and got.blocks >= 1
 
 
+@needs_int8
+def test_a_nemotron_h_draft_applies_its_int8_head_copy_and_speculative_still_equals_ar():
+    """NemotronH has no fusable projections: int8_draft makes only the head's copy, which its head must use."""
+    ctx = randomize_(family_for("nemotron_h").context(FAMILY_CONFIGS["nemotron_h"]()), seed=23).eval()
+    model = TwoTowerLM.from_backbone(ctx, block_size=6)
+    randomize_time_(model.denoiser, 24)
+    want_draft = draft_logits(model.context, model.denoiser)
+    made = model.merge_adapters(int8_draft=True)
+    head = model.denoiser.__dict__[HEAD_COPY]
+    assert head.int8 and made == head.weight_nbytes
+    got_draft = draft_logits(model.context, model.denoiser)
+    assert not torch.equal(got_draft, want_draft) and (got_draft - want_draft).norm() <= 0.1 * want_draft.norm()
+    ids, mask = left_pad(random_prompts([6, 11], seed=23))
+    want = autoregressive(model.context, ids, mask, max_new_tokens=16)
+    assert torch.equal(run_decoder(Speculative(block_size=6), model.context, model.denoiser, ids, mask,
+                                   max_new_tokens=16).new_tokens, want.new_tokens)
+    model.denoiser.float()  # moved or cast: the copy is dropped
+    assert HEAD_COPY not in model.denoiser.__dict__
+
+
 def test_where_torch_has_no_int8_kernels_int8_falls_back_to_the_float_draft_bit_for_bit(monkeypatch):
     ctx, den = lora_pair(seed=21)
     merge_adapters(den, pack=False)

@@ -33,6 +33,7 @@ from ..time_embedding import build_time_conditioning
 from . import registry
 from .checkpoints import check_keys, check_shapes, to_tower_names
 from .common import check_ids, validity
+from .inference_linear import HEAD_COPY
 from .lazy import close_refs
 from .loading import backbone_refs, materialize
 from .registry import TowerFamily, family_for, registered_families
@@ -288,6 +289,25 @@ class DenoiserTowerBase(nn.Module, abc.ABC):
     @abc.abstractmethod
     def head(self, hidden: Tensor) -> Tensor:
         """Final norm + LM head in float32: (..., H) -> (..., V)."""
+
+    def head_projection(self, h: Tensor) -> Tensor:
+        """`lm_head(h)` (h normed), through the head's inference copy where `merge_adapters` made one
+        (pre-packed or int8, `towers.inference_linear`) and no gradient is recorded. Every family's
+        `head` applies its LM head here, so that a copy is never made for a head that ignores it."""
+        copy = self.__dict__.get(HEAD_COPY)
+        if copy is None or torch.is_grad_enabled():
+            return self.lm_head(h)
+        copy.check(h, "head copy")
+        return copy(h)
+
+    def train(self, mode: bool = True):
+        if mode:  # the head copy is an inference copy, as the fused projections are
+            self.__dict__.pop(HEAD_COPY, None)
+        return super().train(mode)
+
+    def _apply(self, fn, recurse=True):
+        self.__dict__.pop(HEAD_COPY, None)  # moved or cast: the copy would be stale
+        return super()._apply(fn, recurse)
 
     @classmethod
     @abc.abstractmethod

@@ -25,7 +25,6 @@ from torch import Tensor
 
 from ...time_embedding import build_time_conditioning
 from ..base import DenoiserTowerBase, run_block
-from ..inference_linear import HEAD_COPY
 from ..common import ContextStates, block_attention_mask
 from .cache import KVCache
 from .context import LlamaContextTower
@@ -63,21 +62,7 @@ class LlamaDenoiserTower(DenoiserTowerBase):
 
     def head(self, hidden: Tensor) -> Tensor:
         """Final norm + LM head in float32: (..., H) -> (..., V)."""
-        h = self.backbone.norm(hidden)
-        copy = self.__dict__.get(HEAD_COPY)  # `merge_adapters(pack=True)`: the head pre-packed
-        if copy is None or torch.is_grad_enabled():
-            return self.lm_head(h).float()
-        copy.check(h, "packed head copy")
-        return copy(h).float()
-
-    def train(self, mode: bool = True):
-        if mode:  # the packed head is an inference copy, as the fused projections are
-            self.__dict__.pop(HEAD_COPY, None)
-        return super().train(mode)
-
-    def _apply(self, fn, recurse=True):
-        self.__dict__.pop(HEAD_COPY, None)  # moved or cast: the copy would be stale
-        return super()._apply(fn, recurse)
+        return self.head_projection(self.backbone.norm(hidden)).float()
 
     def _layers(self, h: Tensor, mods, attend) -> Tensor:
         """Run every layer on h (..., S, H); `attend(i, q, k, v)` gives layer i's attention output."""

@@ -73,7 +73,7 @@ class DenoiserTower(DenoiserTowerBase):
 
     def head(self, hidden: Tensor) -> Tensor:
         """Final norm + LM head in float32: (..., H) -> (..., V)."""
-        return self.lm_head(self.backbone.norm_f(hidden)).float()
+        return self.head_projection(self.backbone.norm_f(hidden)).float()
 
     # ---- inference: one block -----------------------------------------------------------------
     def forward_block(self, x: Tensor, cache: HybridCache, t: Tensor | None = None, *,
