@@ -194,6 +194,7 @@ def build_modes(samplers: list[str], cuts: list[float] = (), merged: bool = Fals
         modes[f"spec_cut{c}"] = ("bf16", Speculative(draft_cut=c))
         if merged:
             modes[f"spec_fp32_merged_cut{c}"] = ("fp32_merged", Speculative(draft_cut=c))
+            modes[f"spec_fp32_int8_cut{c}"] = ("fp32_int8", Speculative(draft_cut=c))
     if merged:  # the draft's copies in int8 (`merge_adapters(int8_draft=True)`), verified in the model's dtype
         modes |= {"spec_int8": ("bf16_int8", Speculative()), "spec_fp32_int8": ("fp32_int8", Speculative())}
     for n in short if merged else ():
