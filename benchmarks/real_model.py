@@ -176,6 +176,9 @@ MODELS = {"bf16": (torch.bfloat16, None), "fp32": (torch.float32, None),
           "fp32_fused": (torch.float32, {"fuse_context": True}),
           "fp32_merged": (torch.float32, {}),  # merged and fused (float32 has nothing to pack)
           "fp32_int8": (torch.float32, {"int8_draft": True}),  # merged and fused, the draft's copies int8
+          # the context's products pre-packed for oneDNN too (float32 packs wherever oneDNN does)
+          "fp32_packed": (torch.float32, {"pack_context": True}),
+          "fp32_int8_packed": (torch.float32, {"int8_draft": True, "pack_context": True}),
           "bf16_int8": (torch.bfloat16, {"int8_draft": True}),
           "bf16_packed": (torch.bfloat16, {"pack_context": True})}
 
@@ -196,12 +199,15 @@ def build_modes(samplers: list[str], cuts: list[float] = (), merged: bool = Fals
             modes[f"spec_fp32_merged_cut{c}"] = ("fp32_merged", Speculative(draft_cut=c))
             modes[f"spec_fp32_int8_cut{c}"] = ("fp32_int8", Speculative(draft_cut=c))
     if merged:  # the draft's copies in int8 (`merge_adapters(int8_draft=True)`), verified in the model's dtype
-        modes |= {"spec_int8": ("bf16_int8", Speculative()), "spec_fp32_int8": ("fp32_int8", Speculative())}
+        modes |= {"spec_int8": ("bf16_int8", Speculative()), "spec_fp32_int8": ("fp32_int8", Speculative()),
+                  "ar_fp32_packed": ("fp32_packed", Autoregressive()), "spec_fp32_packed": ("fp32_packed", Speculative()),
+                  "spec_fp32_int8_packed": ("fp32_int8_packed", Speculative())}
     for n in short if merged else ():
         modes[f"spec_merged_b{n}"] = ("bf16_merged", Speculative(block_size=n))
         modes[f"spec_fp32_merged_b{n}"] = ("fp32_merged", Speculative(block_size=n))
         modes[f"spec_int8_b{n}"] = ("bf16_int8", Speculative(block_size=n))
         modes[f"spec_fp32_int8_b{n}"] = ("fp32_int8", Speculative(block_size=n))
+        modes[f"spec_fp32_int8_packed_b{n}"] = ("fp32_int8_packed", Speculative(block_size=n))
     for s in samplers:
         kind, _, value = s.partition(":")
         sampler = {"confidence": ConfidenceThreshold, "frontier": FrontierRun}[kind](float(value))
@@ -218,6 +224,19 @@ def build_modes(samplers: list[str], cuts: list[float] = (), merged: bool = Fals
 def reference_ar(modes: dict, name: str) -> str:
     """The AR mode a speculative mode must equal: AR in its dtype, on unfused towers."""
     return "ar_fp32" if modes[name][0].startswith("fp32") else "ar"
+
+
+def context_of(key: str) -> tuple:
+    """What the context tower of MODELS[key] computes with: its dtype and its inference copies."""
+    dtype, merge = MODELS[key]
+    merge = merge or {}
+    return dtype, "packed" if merge.get("pack_context") else "fused" if merge.get("fuse_context") else "plain"
+
+
+def same_towers_ar(modes: dict, name: str) -> str | None:
+    """The AR mode whose context tower is `name`'s (the same dtype and copies), if one runs."""
+    ctx = context_of(modes[name][0])
+    return next((n for n, (k, dec) in modes.items() if isinstance(dec, Autoregressive) and context_of(k) == ctx), None)
 
 
 def measure_seed(models, modes, tok, seed: int, args, docs) -> dict:
@@ -276,12 +295,15 @@ def summarize_seed(res: dict, judge, modes: dict, baseline: str = "ar") -> dict:
         tokens = sum(len(r["tokens"]) for r in rs)
         secs = sum(r["seconds"] for r in rs)
         s = {"tok_per_s": tokens / secs, "tokens": tokens}
-        if name in ("ar_fused", "ar_packed", "ar_fp32_fused"):  # inference copies must not change the context tower's output
+        if name in ("ar_fused", "ar_packed", "ar_fp32_fused", "ar_fp32_packed"):  # copies must not change AR's output
             s["equal_to_ar"] = all(r["tokens"] == a["tokens"] for r, a in zip(rs, rows[reference_ar(modes, name)]))
         if name.startswith("spec"):
             ref = rows[reference_ar(modes, name)]  # each speculative mode against AR in its dtype
             s["tokens_per_iteration"] = tokens / sum(r["blocks"] for r in rs)
             s["equal_to_ar"] = all(r["tokens"] == a["tokens"] for r, a in zip(rs, ref))
+            same = same_towers_ar(modes, name)
+            if same not in (None, reference_ar(modes, name)):  # and against AR on its own towers
+                s["equal_to_ar_same_towers"] = all(r["tokens"] == a["tokens"] for r, a in zip(rs, rows[same]))
         if name.startswith("diff"):
             s["tokens_per_forward"] = tokens / sum(r["nfe"] for r in rs)
             s["nll_retention"] = ar_nll / _nll(judge, rs)

@@ -34,7 +34,7 @@ def bf16_path(monkeypatch):
 
 
 def test_the_probe_answers_what_onednns_bf16_reorder_does_on_this_cpu():
-    hardware.cpu_has_bf16_path.cache_clear()
+    hardware.onednn_can_pack.cache_clear()
     try:
         torch.ops.mkldnn._reorder_linear_weight(torch.ones(32, 32, dtype=torch.bfloat16), 16)
         works = torch.backends.mkldnn.is_available()

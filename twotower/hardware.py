@@ -17,7 +17,7 @@ import warnings
 
 import torch
 
-__all__ = ["cpu_has_bf16_path", "has_int8_linear", "fast_dtype_name", "slow_bf16", "warn_if_slow_bf16", "SlowBFloat16Warning",
+__all__ = ["cpu_has_bf16_path", "onednn_can_pack", "has_int8_linear", "fast_dtype_name", "slow_bf16", "warn_if_slow_bf16", "SlowBFloat16Warning",
            "FLOAT32_FIX"]
 
 # Every way to ask for float32 instead, by entry point: one message serves all of them.
@@ -30,20 +30,25 @@ class SlowBFloat16Warning(UserWarning):
 
 
 @functools.cache
-def cpu_has_bf16_path() -> bool:
-    """Whether oneDNN has a bfloat16 path on this CPU (so bf16 matmuls are not the slow fallback).
+def onednn_can_pack(dtype: torch.dtype) -> bool:
+    """Whether oneDNN can pre-pack a linear weight of `dtype` on this CPU (`torch.ops.mkldnn`'s reorder).
 
-    Asked of oneDNN's weight reorder on a tiny bf16 weight, once per process: it refuses with a
-    RuntimeError on CPUs without the instructions its bf16 kernels need, and which instructions those
-    are is oneDNN's to decide, not ours to copy.
+    Asked of the reorder on a tiny weight, once per dtype and process: it refuses with a RuntimeError
+    on CPUs without the instructions its kernels for that dtype need (bf16 on an AVX2-only CPU), and
+    which instructions those are is oneDNN's to decide, not ours to copy.
     """
     if not (torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")):
         return False
     try:
-        torch.ops.mkldnn._reorder_linear_weight(torch.zeros(16, 16, dtype=torch.bfloat16), 16)
+        torch.ops.mkldnn._reorder_linear_weight(torch.zeros(16, 16, dtype=dtype), 16)
     except RuntimeError:
         return False
     return True
+
+
+def cpu_has_bf16_path() -> bool:
+    """Whether oneDNN has a bfloat16 path on this CPU (so bf16 matmuls are not the slow fallback)."""
+    return onednn_can_pack(torch.bfloat16)
 
 
 @functools.cache

@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..hardware import cpu_has_bf16_path, has_int8_linear
+from ..hardware import cpu_has_bf16_path, has_int8_linear, onednn_can_pack
 
 __all__ = ["InferenceLinear", "can_pack", "can_quantize", "makes_copy", "HEAD_COPY", "INT8", "PACKINGS"]
 
@@ -44,9 +44,14 @@ PACKINGS = (False, True, INT8)
 
 
 def can_pack(weight: Tensor) -> bool:
-    """Whether `weight` can be pre-packed: a bfloat16 CPU tensor, a torch built with oneDNN's ops, and a
-    CPU on which oneDNN has a bf16 path (`twotower.hardware.cpu_has_bf16_path`)."""
-    return weight.device.type == "cpu" and weight.dtype == torch.bfloat16 and cpu_has_bf16_path()
+    """Whether `weight` can be pre-packed: a CPU tensor, a torch built with oneDNN's ops, and either
+    bfloat16 on a CPU where oneDNN has a bf16 path (`twotower.hardware.cpu_has_bf16_path`) or float32
+    where oneDNN packs it (`twotower.hardware.onednn_can_pack`)."""
+    if weight.device.type != "cpu":
+        return False
+    if weight.dtype == torch.bfloat16:
+        return cpu_has_bf16_path()
+    return weight.dtype == torch.float32 and onednn_can_pack(torch.float32)
 
 
 def can_quantize(weight: Tensor) -> bool:
