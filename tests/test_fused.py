@@ -507,8 +507,29 @@ def test_int8_draft_in_serve_and_predict_makes_int8_copies_and_is_recorded(tmp_p
     served = load_model(ServeSettings(model=str(path), int8_draft=True))  # implies merge_adapters
     assert merged(served) or int8_copies(served.denoiser)
     assert all(c.int8 for c in int8_copies(served.denoiser)) == can_quantize(torch.zeros(1))
+    assert not any(m.fused_nbytes for m in served.context.modules() if isinstance(m, Fusable))
     module = GenerationModule(str(path), decoder="speculative", int8_draft=True)
     module.on_predict_start()
     assert int8_copies(module.model.denoiser)
     settings = module.prediction_settings()
-    assert settings["int8_draft"] is True and settings["merge_adapters"] is True
+    assert settings["int8_draft"] is True and settings["merge_adapters"] is True and "pack_context" not in settings
+
+
+def test_pack_context_in_serve_and_predict_fuses_the_context_and_is_recorded(tmp_path):
+    from twotower.inference import GenerationModule
+    from twotower.serving.app import load_model
+    from twotower.serving.requests import ServeSettings
+
+    path, _ = saved_lora_model(tmp_path)
+    served = load_model(ServeSettings(model=str(path), pack_context=True))  # implies merge_adapters
+    assert merged(served) or int8_copies(served.denoiser)
+    assert all(m.fused_nbytes for m in served.context.modules() if isinstance(m, Fusable))
+    ids, mask = left_pad(random_prompts([5, 8], seed=4))
+    want = autoregressive(served.context, ids, mask, max_new_tokens=12)
+    assert torch.equal(speculative(served.context, served.denoiser, ids, mask, max_new_tokens=12).new_tokens,
+                       want.new_tokens)
+    module = GenerationModule(str(path), decoder="speculative", pack_context=True)
+    module.on_predict_start()
+    assert all(m.fused_nbytes for m in module.model.context.modules() if isinstance(m, Fusable))
+    settings = module.prediction_settings()
+    assert settings["pack_context"] is True and settings["merge_adapters"] is True

@@ -173,8 +173,8 @@ def load_model(settings: ServeSettings):
     model = TwoTowerLM.from_pretrained(settings.model, dtype=dtype).to(settings.device).eval().requires_grad_(False)
     if settings.denoiser_device is not None:
         model.place_towers_on_devices(settings.device, settings.denoiser_device)
-    if settings.merge_adapters or settings.int8_draft:  # after every move: moving the model drops the copies
-        model.merge_adapters(int8_draft=settings.int8_draft)
+    if settings.merge_adapters or settings.int8_draft or settings.pack_context:  # after every move: moving drops them
+        model.merge_adapters(int8_draft=settings.int8_draft, pack_context=settings.pack_context)
     return model
 
 

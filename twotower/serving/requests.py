@@ -99,6 +99,9 @@ class ServeSettings:
         int8_draft: make those copies, and a copy of the denoiser's head, in dynamic int8
             (`TwoTowerLM.merge_adapters(int8_draft=True)`; implies merge_adapters): a draft about 3x
             cheaper in float32 on a CPU, for a quarter of the memory; the output stays AR's.
+        pack_context: pre-pack the context tower's products for oneDNN too
+            (`TwoTowerLM.merge_adapters(pack_context=True)`; implies merge_adapters; one more context
+            tower of memory): cheaper AR steps and verifies of at most 16 rows, on a CPU.
     """
 
     model: str = "embedded"
@@ -135,6 +138,7 @@ class ServeSettings:
     docs: bool = False
     merge_adapters: bool = False
     int8_draft: bool = False
+    pack_context: bool = False
 
     def limits(self, model_block_size: int | None) -> "Limits":
         """The per-request ranges this server enforces, for a model trained with `model_block_size`."""
