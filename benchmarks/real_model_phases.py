@@ -19,7 +19,8 @@ alike): `plain` (as shipped), `merged` (LoRA merged), `merged+fused` (+ q/k/v an
 `+ context fused` (`merge_adapters(fuse_context=True)`) and `+ context packed`
 (`merge_adapters(pack_context=True)`: the context's products packed too, AR's steps included), and
 `merged+fused, int8 draft` (`merge_adapters(int8_draft=True)`: the draft's products and head in
-dynamic int8; the context's untouched).
+dynamic int8; the context's untouched) and `int8 draft + context packed` (`merge_adapters(int8_draft=True,
+pack_context=True)`).
 Times are thread CPU ms (`time.thread_time`),
 the median over rounds; read ratios, not absolutes (the machine is shared). `iteration` is
 draft + verify + accept, and `AR steps` that over the same variant's AR step.
@@ -42,7 +43,8 @@ VARIANTS = {"plain": None, "merged": {"fuse": False, "pack": False}, "merged+fus
             "merged+fused+packed": {"fuse": True, "pack": True},
             "+ context fused": {"fuse": True, "pack": True, "fuse_context": True},
             "+ context packed": {"fuse": True, "pack": True, "pack_context": True},
-            "merged+fused, int8 draft": {"fuse": True, "int8_draft": True}}
+            "merged+fused, int8 draft": {"fuse": True, "int8_draft": True},
+            "int8 draft + context packed": {"fuse": True, "int8_draft": True, "pack_context": True}}
 PHASES = ("draft", "verify", "accept", "AR step")
 
 
@@ -53,6 +55,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--rounds", type=int, default=5, help="timed rounds (after one warm-up round)")
     p.add_argument("--iterations", type=int, default=8, help="iterations per round and variant")
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--block", type=int, default=None, help="positions per draft and verify (default: the model's block)")
     p.add_argument("--ops", action="store_true", help="print torch.profiler's top operators per phase and variant")
     p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS), metavar="VARIANT",
                    help=f"the variants to time (default: all of {list(VARIANTS)})")
@@ -68,9 +71,10 @@ def set_variant(model: TwoTowerLM, name: str) -> None:
         model.merge_adapters(**VARIANTS[name])
 
 
-def phase_calls(model: TwoTowerLM, ids: torch.Tensor, iterations: int):
-    """(a fresh cache after the prompt, {phase: a callable running it once on that cache})."""
-    ctx, den, S = model.context, model.denoiser, model.block_size
+def phase_calls(model: TwoTowerLM, ids: torch.Tensor, iterations: int, block: int | None = None):
+    """(a fresh cache after the prompt, {phase: a callable running it once on that cache}); drafts and
+    verifies of `block` positions (default: the model's block size)."""
+    ctx, den, S = model.context, model.denoiser, block or model.block_size
     _, cache = ctx.prefill(ids, logits="last", capacity=ids.shape[1] + (S + 1) * (iterations + 2))
     x = torch.full((1, S), model.mask_token_id, dtype=torch.long)
     x[:, 0] = ids[0, -1]
@@ -83,9 +87,9 @@ def phase_calls(model: TwoTowerLM, ids: torch.Tensor, iterations: int):
                    "AR step": lambda: ctx.extend(cache, drafted[:, :1], logits="last")}
 
 
-def time_round(model: TwoTowerLM, ids: torch.Tensor, iterations: int) -> dict[str, float]:
+def time_round(model: TwoTowerLM, ids: torch.Tensor, iterations: int, block: int | None = None) -> dict[str, float]:
     """Thread CPU ms per call of each phase over `iterations` iterations (draft, verify, accept, AR step)."""
-    _, calls = phase_calls(model, ids, iterations)
+    _, calls = phase_calls(model, ids, iterations, block)
     spent = dict.fromkeys(PHASES, 0.0)
     for _ in range(iterations):
         for name in PHASES:  # verify then accept: the cache stays settled between iterations
@@ -161,13 +165,13 @@ def main(argv=None) -> int:
         for r in range(args.rounds + 1):
             for name in args.variants:
                 set_variant(model, name)
-                got = time_round(model, ids, args.iterations)
+                got = time_round(model, ids, args.iterations, args.block)
                 if r:  # round 0 warms up
                     for k, v in got.items():
                         results[name][k].append(v)
             print(f"round {r}/{args.rounds}", file=sys.stderr, flush=True)
         med = {name: {k: statistics.median(v) for k, v in res.items()} for name, res in results.items()}
-        print(f"{args.model}, {args.dtype}, batch 1, {args.threads} thread(s), block {model.block_size}: "
+        print(f"{args.model}, {args.dtype}, batch 1, {args.threads} thread(s), block {args.block or model.block_size}: "
               f"thread CPU ms per call, median of {args.rounds} rounds x {args.iterations} iterations\n")
         print("| variant | draft | verify | accept | iteration | AR step | iteration in AR steps |")
         print("|---|---|---|---|---|---|---|")
