@@ -174,7 +174,7 @@ MODELS = {"bf16": (torch.bfloat16, None), "fp32": (torch.float32, None),
           "bf16_merged": (torch.bfloat16, {}),  # merge_adapters()'s defaults: merged, fused, packed
           "bf16_fused": (torch.bfloat16, {"fuse_context": True}),
           "fp32_fused": (torch.float32, {"fuse_context": True}),
-          "fp32_merged": (torch.float32, {}),  # merged and fused (float32 has nothing to pack)
+          "fp32_merged": (torch.float32, {}),  # merged, fused and (where oneDNN packs float32) packed
           "fp32_int8": (torch.float32, {"int8_draft": True}),  # merged and fused, the draft's copies int8
           # the context's products pre-packed for oneDNN too (float32 packs wherever oneDNN does)
           "fp32_packed": (torch.float32, {"pack_context": True}),

@@ -84,8 +84,8 @@ class GenerationModule(L.LightningModule):
         quantize: "int8" loads both towers with weight-only int8 projections (about half the
             memory; see `twotower.quantization`); None keeps full precision.
         merge_adapters: when prediction starts, make the denoiser's inference copies
-            (`TwoTowerLM.merge_adapters()`: LoRA merged, projections fused, bf16 weights pre-packed on a
-            CPU): cheaper speculative drafts for about one more backbone of memory.
+            (`TwoTowerLM.merge_adapters()`: LoRA merged, projections fused, weights pre-packed for oneDNN
+            on a CPU): cheaper speculative drafts for about one more backbone of memory.
         int8_draft: make those copies, and the denoiser's head, in dynamic int8 instead
             (`TwoTowerLM.merge_adapters(int8_draft=True)`; implies merge_adapters): a draft about 3x
             cheaper in float32 on a CPU; the output stays AR's.

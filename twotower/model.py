@@ -374,8 +374,8 @@ class TwoTowerLM(ReleasedGenerationMixin, TowerPair, nn.Module):
         two low-rank matmuls, and with `fuse` (Llama-like families) q/k/v and gate/up are one matmul
         each (`towers.adapters.merge_adapters`). For a LoRA denoiser this costs about one more
         backbone without its embeddings (212 MB for SmolLM2-135M in bf16, where the pair held
-        348 MB). With `pack` (bfloat16 on a CPU only), the denoiser's copies and a copy of its head
-        (+57 MB for SmolLM2) are pre-packed for oneDNN, which then skips reordering every weight on
+        348 MB). With `pack` (on a CPU: bfloat16 where oneDNN has a bf16 path, float32 wherever it packs),
+        the denoiser's copies and a copy of its head (+57 MB for SmolLM2 in bf16) are pre-packed for oneDNN, which then skips reordering every weight on
         every call (`towers.inference_linear`). The draft's numerics change by rounding only, so
         tokens per iteration may move slightly; speculative output stays AR's, since the context
         tower's numerics are untouched.
@@ -387,10 +387,12 @@ class TwoTowerLM(ReleasedGenerationMixin, TowerPair, nn.Module):
         Speculative output equals AR's either way, since both run the same context tower.
 
         pack_context: fuse the context tower and pre-pack all its products, head included, for
-        inputs of at most 16 rows (an AR step or a verify at batch 1; prefills run unpacked), bf16
-        on a CPU only (+ one more context tower, 270 MB for SmolLM2). Every step, AR's too, gets
-        about 1.5x cheaper per matmul. Bit-identical to the unpacked tower at those row counts on
-        this CPU (tests/test_fused.py and SmolLM2 itself), not at every row count: oneDNN's choice.
+        inputs of at most 16 rows (an AR step or a verify at batch 1; prefills run unpacked), on a CPU
+        as `pack` (+ one more context tower, 270 MB for SmolLM2 in bf16, 540 MB in float32). Every
+        step, AR's too, gets cheaper: about 1.5x per matmul in bf16 on an AMX CPU, where it was
+        bit-identical to the unpacked tower at those row counts (tests/test_fused.py and SmolLM2
+        itself), not at every row count; on an AVX2-only CPU in float32, AR 1.27x, within float32
+        rounding of the unpacked tower (the same tokens on SmolLM2's 27 benchmark prompts).
 
         int8_draft: the denoiser's copies, its output projections and its head held as int8, each input
         quantized on the fly (`towers.inference_linear`, fbgemm's dynamic int8 kernels, in place of

@@ -94,7 +94,7 @@ class ServeSettings:
             one more gets 503 at once. None = no bound.
         docs: serve /docs, /redoc and /openapi.json.
         merge_adapters: make the denoiser's inference copies at load (`TwoTowerLM.merge_adapters()`:
-            LoRA merged, projections fused, bf16 weights pre-packed on a CPU): cheaper speculative
+            LoRA merged, projections fused, weights pre-packed for oneDNN on a CPU): cheaper speculative
             drafts for about one more backbone of memory; the context tower is untouched.
         int8_draft: make those copies, and a copy of the denoiser's head, in dynamic int8
             (`TwoTowerLM.merge_adapters(int8_draft=True)`; implies merge_adapters): a draft about 3x

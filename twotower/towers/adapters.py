@@ -296,7 +296,7 @@ def merge_adapters(denoiser: nn.Module, *, fuse: bool = True, pack: bool | str =
     `LoRALinear.merge`) instead of its base and two low-rank matmuls; with `fuse`, projections that
     read one input become one matmul (`fuse_projections`: Llama's q/k/v and gate/up), over their
     merged weights, and those adapters keep no merged copy of their own. With `pack`, every copy is
-    pre-packed for oneDNN where that applies (bfloat16 on a CPU: `towers.inference_linear`), and so
+    pre-packed for oneDNN where that applies (on a CPU, bf16 or float32: `towers.inference_linear`), and so
     is a copy of the output head (`lm_head`), which the family's `head` then uses. pack="int8": every
     copy, the output projections and the head held as dynamic int8 instead (a cheaper, rounded draft).
 
@@ -350,7 +350,7 @@ def fuse_projections(tower: nn.Module, *, fuse: bool = True, pack: bool | str = 
     The outputs are the same dot products, summed in whatever order the BLAS library picks for the
     wider matrix: bit-identical in bf16 on this CPU, equal to float32 rounding (tests/test_fused.py).
     pack: pre-pack those copies, the output projections (o_proj, down_proj) and the head as well
-    (bf16 on a CPU, `towers.inference_linear`); max_rows: use them only for inputs of at most that
+    (on a CPU, `towers.inference_linear`); max_rows: use them only for inputs of at most that
     many rows (the rest run the modules themselves). A packed product is another oneDNN call than
     `F.linear`: on this CPU it gave the same bits at the row counts tested (1 to 16 at SmolLM2's
     shapes), not at every row count, which is why a context tower packs only with `max_rows`.

@@ -7,9 +7,12 @@ batch 1 that reorder costs about as much as the product itself. `pack=True` reor
 (`torch.ops.mkldnn._reorder_linear_weight`) and calls the packed product
 (`torch.ops.mkldnn._linear_pointwise`): 1.5-1.8x faster per matmul at SmolLM2's shapes on this
 CPU. Its results equal `F.linear` at a few rows but not at every row count, so only the denoiser's
-draft uses it (the context tower's numerics must not move); elsewhere (float32, other devices, a
-torch without the op, a CPU whose oneDNN has no bf16 path: one without AVX512-BW/VL/DQ or
-AVX-NE-CONVERT, such as an AVX2-only one) `pack` falls back to `F.linear`.
+draft uses it (the context tower's numerics must not move) unless asked (`pack_context`). In float32
+`F.linear` runs MKL, and oneDNN packs float32 too: on an AVX2-only CPU its packed products were
+1.5-3.6x faster than MKL's at 1 to 16 rows, within float32 rounding of them (not their bits), and the
+same bits at every row count. Elsewhere (other dtypes and devices, a torch without the op, bf16 on a
+CPU whose oneDNN has no bf16 path: one without AVX512-BW/VL/DQ or AVX-NE-CONVERT, such as an
+AVX2-only one) `pack` falls back to `F.linear`.
 
 `pack="int8"` instead quantizes W to int8 (one scale per output channel) and each input on the fly
 (`torch.ops.quantized.linear_dynamic`, fbgemm's kernels): on an AVX2-only CPU at SmolLM2's shapes and
