@@ -1,11 +1,13 @@
-"""What this machine's CPU does with bfloat16, asked of torch itself.
+"""What this machine's CPU does with bfloat16 (and which fast CPU kernels this torch has), asked of torch itself.
 
 On a CPU, torch runs bfloat16 matmuls through oneDNN only where oneDNN has a bf16 path (AVX512-BW/VL/DQ,
 AVX-NE-CONVERT, AMX). Elsewhere (an AVX2-only CPU, e.g. many AMD EPYC and laptop parts) it falls back
 to a reference kernel: measured here on an AVX2-only AMD EPYC, a (64, 576) x (576, 1536) bf16 matmul
 took 60x float32's time. The recipes and benchmarks that choose bf16 were measured on a CPU with AMX,
 where bf16 is the fast dtype; on the other kind the same choice makes every job tens of times slower,
-so loading and training say so, with the fix.
+so loading and training say so, with the fix. The inference copies of `TwoTowerLM.merge_adapters` ask
+here too: whether oneDNN pre-packs a weight of a given dtype (`onednn_can_pack`) and whether torch has
+the dynamic int8 linear kernels (`has_int8_linear`).
 
 A leaf module: it imports nothing of the package.
 """
