@@ -99,3 +99,28 @@ def test_a_bad_gen_dtype_names_every_accepted_value():
 
     with pytest.raises(ValueError, match=r"'float16'.*\['bfloat16', 'float32'\], or 'auto'"):
         DistilledDataModule("embedded-backbone", gen_dtype="float16")
+
+
+def test_the_float32_pack_and_int8_probes_answer_what_the_ops_do():
+    """onednn_can_pack(float32) and has_int8_linear against the ops they ask, on this CPU."""
+    import warnings
+
+    hardware.onednn_can_pack.cache_clear()
+    hardware.has_int8_linear.cache_clear()
+    try:
+        torch.ops.mkldnn._reorder_linear_weight(torch.ones(32, 32), 16)
+        packs = torch.backends.mkldnn.is_available()
+    except (RuntimeError, AttributeError):
+        packs = False
+    assert hardware.onednn_can_pack(torch.float32) is packs
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            w = torch.quantize_per_channel(torch.randn(8, 8), torch.full((8,), 0.1, dtype=torch.float64),
+                                           torch.zeros(8, dtype=torch.long), 0, torch.qint8)
+            y = torch.ops.quantized.linear_dynamic(torch.randn(3, 8), torch.ops.quantized.linear_prepack(w, None), True)
+        int8 = y.shape == (3, 8)
+    except (RuntimeError, AttributeError, NotImplementedError):
+        int8 = False
+    assert hardware.has_int8_linear() is int8
+    assert hardware.onednn_can_pack(torch.float64) is False  # oneDNN packs no float64 linear
