@@ -16,7 +16,7 @@ AVX2-only one) `pack` falls back to `F.linear`.
 
 `pack="int8"` instead quantizes W to int8 (one scale per output channel) and each input on the fly
 (`torch.ops.quantized.linear_dynamic`, fbgemm's kernels): on an AVX2-only CPU at SmolLM2's shapes and
-16 rows, 2.7-3.1x faster than float32 per projection and 6.5x on its 49152-wide head (measured with
+16 rows, 1.8-2.4x faster than float32 per projection and 5.8x on its 49152-wide head (measured with
 `benchmarks/real_model_phases.py --kernels`). Its results are not `F.linear`'s (int8 rounding), so it is for
 a speculative draft, whose tokens the context tower verifies in its own dtype: the output stays AR's.
 
@@ -72,8 +72,8 @@ def makes_copy(weight: Tensor, pack) -> bool:
 
 def check_pack(pack) -> None:
     if not any(pack is p or (isinstance(p, str) and pack == p) for p in PACKINGS):
-        raise ValueError(f"pack={pack!r}: expected False (plain F.linear), True (pre-packed for oneDNN where "
-                         f"bfloat16 allows) or {INT8!r} (dynamic int8, for a speculative draft)")
+        raise ValueError(f"pack={pack!r}: expected False (plain F.linear), True (pre-packed for oneDNN where it packs "
+                         f"the dtype) or {INT8!r} (dynamic int8, for a speculative draft)")
 
 
 def _int8_packed(weight: Tensor, bias: Tensor | None):
