@@ -21,6 +21,13 @@ Modes run prompt by prompt, interleaved, so the machine's load hits them alike:
 
     python benchmarks/real_model.py --merged --diffusion --next-lines 0 --per-kind 3 --threads 1 \
         --only ar spec spec_merged ar_fused spec_fused spec_fp32_fused
+On a CPU without a oneDNN bf16 path, float32 only: the int8 draft (`spec_fp32_int8`, `..._b<n>` with
+--short-drafts) and the packed float32 context (`ar_fp32_packed`, `spec_fp32_int8_packed[_b<n>]`),
+each packed mode also checked against AR on its own packed context:
+
+    python benchmarks/real_model.py --merged --diffusion --next-lines 0 --per-kind 3 --threads 2 \
+        --baseline ar_fp32 --short-drafts 6 8 --only ar_fp32 ar_fp32_packed spec_fp32_int8_b6 \
+        spec_fp32_int8_packed spec_fp32_int8_packed_b6 spec_fp32_int8_packed_b8
 Quality of a diffusion mode (judged against AR's own output on the same prompts):
   * NLL retention: AR's NLL / the mode's NLL of its generated text under the float32 AR model;
   * distinct-4 retention: the mode's distinct-4 / AR's;
