@@ -437,6 +437,15 @@ def test_where_torch_has_no_int8_kernels_int8_falls_back_to_the_float_draft_bit_
     assert torch.equal(draft_logits(ctx, den), want)
 
 
+def test_int8_draft_without_the_kernels_warns_that_the_draft_stays_float(monkeypatch):
+    ctx, den = lora_pair(seed=25)
+    model = TwoTowerLM.from_backbone(ctx, block_size=6, denoiser=LoRA(rank=4, alpha=8.0))
+    monkeypatch.setattr(inference_linear, "has_int8_linear", lambda: False)
+    with pytest.warns(UserWarning, match="int8_draft=True: the draft's copies stay torch.float32"):
+        assert model.merge_adapters(int8_draft=True) > 0  # merged and fused all the same
+    assert not any(c.int8 for c in int8_copies(model.denoiser))
+
+
 @needs_int8
 def test_an_int8_copy_refuses_to_be_copied():
     import copy
