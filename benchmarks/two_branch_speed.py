@@ -7,6 +7,8 @@ order so the machine's load hits them alike.
     python benchmarks/two_branch_speed.py twotower/assets/twotower --prompts 32
     python benchmarks/two_branch_speed.py smollm2-135m --seeds 0
     python benchmarks/two_branch_speed.py smollm2-135m --dtype bfloat16 --merged --out OUT.json
+    # float32 on a CPU without AMX: the int8 draft, a packed context and 6-position drafts for every mode
+    python benchmarks/two_branch_speed.py smollm2-135m --int8-draft --pack-context --block-size 6 --threads 2
 
 Prints a table and writes JSON (default benchmarks/results/two_branch_speed_<model>.json).
 """
@@ -27,13 +29,14 @@ from twotower.decoding import Autoregressive, Speculative, TwoBranchSpeculative 
 from twotower.model import TwoTowerLM  # noqa: E402
 
 
-def modes(rules: list[str]) -> dict:
-    """AR, Speculative and one TwoBranchSpeculative per rule: "<branch_at>[/<branch_len>]"."""
-    out = {"ar": Autoregressive(), "spec": Speculative()}
+def modes(rules: list[str], block_size: int | None = None) -> dict:
+    """AR, Speculative and one TwoBranchSpeculative per rule: "<branch_at>[/<branch_len>]"; the
+    speculative modes draft `block_size` positions (None: the model's block)."""
+    out = {"ar": Autoregressive(), "spec": Speculative(block_size=block_size)}
     for r in rules:
         at, _, length = r.partition("/")
         out[f"two_branch_{r}"] = TwoBranchSpeculative(float(at) if at[0].isdigit() else at,
-                                                      int(length) if length else None)
+                                                      int(length) if length else None, block_size=block_size)
     return out
 
 
@@ -53,14 +56,19 @@ def main(argv=None) -> int:
                    help="bfloat16: the speed question (output may differ from AR by rounding)")
     p.add_argument("--merged", action="store_true",
                    help="TwoTowerLM.merge_adapters() first: both speculative modes draft with the inference copies")
+    p.add_argument("--int8-draft", action="store_true",
+                   help="merge_adapters(int8_draft=True): the draft's copies and head in dynamic int8 (a CPU)")
+    p.add_argument("--pack-context", action="store_true",
+                   help="merge_adapters(pack_context=True): the context's products pre-packed, AR's steps included")
+    p.add_argument("--block-size", type=int, default=None, help="positions per draft (default: the model's block)")
     p.add_argument("--out")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     model = TwoTowerLM.from_pretrained(args.model, dtype=getattr(torch, args.dtype)).eval()
-    if args.merged:
-        model.merge_adapters()  # the denoiser's copies only: AR's context tower is untouched
+    if args.merged or args.int8_draft or args.pack_context:  # AR's context is touched only by pack_context
+        model.merge_adapters(int8_draft=args.int8_draft, pack_context=args.pack_context)
     source = args.source if args.source != "auto" else ("bytes" if model.config.vocab_size <= 512 else "real")
-    ms = modes(args.rules)
+    ms = modes(args.rules, args.block_size)
     names = list(ms)
     rows = {n: {"tokens": 0, "nfe": 0, "seconds": 0.0, "equal_ar": True} for n in names}
     with torch.inference_mode():
@@ -81,7 +89,9 @@ def main(argv=None) -> int:
                 rows[name]["equal_ar"] &= bool(torch.equal(outs[name], outs["ar"]))
     res = {"settings": {**vars(args), "source": source, "prompts_total": len(prompts)}, "modes": {}}
     lines = [f"### {args.model}: {len(prompts)} prompts, batch 1, greedy, {args.max_new_tokens} new tokens, "
-             f"{args.threads} thread(s), {args.dtype}{', merged' if args.merged else ''}", "",
+             f"{args.threads} thread(s), {args.dtype}{', merged' if args.merged else ''}"
+             f"{', int8 draft' if args.int8_draft else ''}{', packed context' if args.pack_context else ''}"
+             f"{f', {args.block_size}-position drafts' if args.block_size else ''}", "",
              "| mode | tokens/iteration | tokens/s | speed vs spec | output == AR |", "|---|---|---|---|---|"]
     base = rows["spec"]["tokens"] / rows["spec"]["seconds"]
     for name in names:
