@@ -117,3 +117,20 @@ def test_int8_draft_modes_run_on_the_int8_copies_and_the_kernel_table_prints_eve
                                                           for k in ("1", "16"))
     head = [r for r in rows if r[0] == "head"][0]
     assert (int(head[1]), int(head[2])) == tuple(model.context.lm_head.weight.shape)
+
+
+def test_two_branch_speed_runs_on_the_int8_draft_with_short_drafts(tmp_path):
+    """benchmarks/two_branch_speed.py --int8-draft --block-size: every mode still AR's output, and the
+    speculative modes draft the asked number of positions (at most that many tokens an iteration)."""
+    from benchmarks import two_branch_speed
+
+    out = tmp_path / "tb.json"
+    assert two_branch_speed.main([MODEL, "--prompts", "2", "--prompt-len", "32", "--max-new-tokens", "12",
+                                  "--int8-draft", "--block-size", "4", "--out", str(out)]) == 0
+    res = json.loads(out.read_text())
+    assert res["settings"]["int8_draft"] is True and res["settings"]["block_size"] == 4
+    assert set(res["modes"]) == {"ar", "spec", "two_branch_likeliest", "two_branch_likeliest/4"}
+    assert all(m["equal_ar"] for m in res["modes"].values())
+    assert 1.0 <= res["modes"]["spec"]["tokens_per_iter"] <= 4.0
+    modes = two_branch_speed.modes(["likeliest/3"], block_size=6)
+    assert modes["spec"].block_size == 6 and modes["two_branch_likeliest/3"].block_size == 6
