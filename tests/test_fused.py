@@ -57,6 +57,14 @@ def lora_pair(model_type: str = "llama", seed: int = 0, dtype=torch.float32, **o
     return ctx.to(dtype), den.to(dtype)
 
 
+def lora_model(seed: int, dtype=torch.float32) -> TwoTowerLM:
+    """A block-6 TwoTowerLM whose LoRA denoiser is `lora_pair(seed=seed)`'s (random adapters, B != 0)."""
+    ctx, den = lora_pair(seed=seed, dtype=dtype)
+    model = TwoTowerLM.from_backbone(ctx, block_size=6, denoiser=LoRA(rank=4, alpha=8.0))
+    model.denoiser.load_state_dict(den.state_dict())
+    return model
+
+
 def draft_logits(ctx, den, seed: int = 0, S: int = 6):
     """forward_block logits (2, S, V) of a half-masked block after a left-padded prompt batch."""
     ids, mask = left_pad(random_prompts([9, 5], seed=seed))
@@ -165,9 +173,7 @@ def test_fused_context_equals_unfused(model_type, dtype):
                          ids=["speculative", "two_branch"])
 def test_speculative_with_merged_and_fused_towers_equals_ar(decoder):
     """Both lossless decoders: the two-branch tree verify runs through the fused context projections too."""
-    ctx, den = lora_pair(seed=7)
-    model = TwoTowerLM.from_backbone(ctx, block_size=6, denoiser=LoRA(rank=4, alpha=8.0))
-    model.denoiser.load_state_dict(den.state_dict())
+    model = lora_model(7)
     ids, mask = left_pad(random_prompts([6, 11, 3], seed=7))
     want = autoregressive(model.context, ids, mask, max_new_tokens=20)
     before = run_decoder(decoder, model.context, model.denoiser, ids, mask, max_new_tokens=20)
@@ -292,9 +298,7 @@ def test_packed_context_steps_are_the_unpacked_ones_and_prefills_stay_unpacked(m
 
 @pytest.mark.parametrize("dtype", PACK_DTYPES)
 def test_speculative_with_packed_towers_equals_ar_with_the_same_towers(dtype):
-    ctx, den = lora_pair(seed=13, dtype=dtype)
-    model = TwoTowerLM.from_backbone(ctx, block_size=6, denoiser=LoRA(rank=4, alpha=8.0))
-    model.denoiser.load_state_dict(den.state_dict())
+    model = lora_model(13, dtype=dtype)
     model.merge_adapters(pack_context=True)
     ids, mask = left_pad(random_prompts([6, 11, 3], seed=13))
     for r in range(3):  # batch 1: every step and verify is packed
@@ -394,9 +398,7 @@ def test_int8_draft_is_the_float_draft_up_to_int8_rounding(full_copy):
 @pytest.mark.parametrize("decoder", [Speculative(block_size=6), TwoBranchSpeculative(block_size=6)],
                          ids=["speculative", "two_branch"])
 def test_speculative_with_an_int8_draft_equals_ar(decoder):
-    ctx, den = lora_pair(seed=20)
-    model = TwoTowerLM.from_backbone(ctx, block_size=6, denoiser=LoRA(rank=4, alpha=8.0))
-    model.denoiser.load_state_dict(den.state_dict())
+    model = lora_model(20)
     ids, mask = left_pad(random_prompts([6, 11, 3], seed=20))
     want = autoregressive(model.context, ids, mask, max_new_tokens=20)
     assert model.merge_adapters(int8_draft=True) > 0

@@ -19,8 +19,8 @@ import warnings
 
 import torch
 
-__all__ = ["cpu_has_bf16_path", "onednn_can_pack", "has_int8_linear", "fast_dtype_name", "slow_bf16", "warn_if_slow_bf16", "SlowBFloat16Warning",
-           "FLOAT32_FIX"]
+__all__ = ["cpu_has_bf16_path", "onednn_can_pack", "has_int8_linear", "fast_dtype_name", "slow_bf16",
+           "warn_if_slow_bf16", "SlowBFloat16Warning", "FLOAT32_FIX"]
 
 # Every way to ask for float32 instead, by entry point: one message serves all of them.
 FLOAT32_FIX = ("use float32 on this machine: dtype=torch.float32 (Python), --dtype float32 (predict, serve, "

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import json
 import os
-import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 
@@ -44,7 +43,7 @@ from .tokenizers import DEFAULT_MASK_TOKEN_ID, Tokenizer, find_tokenizer, save_t
 from .towers.adapters import (DenoiserBuilder, builder_from_spec, fuse_projections, is_adapter, merge_adapters,
                               unmerge_adapters)
 from .towers.base import ContextTowerBase, DenoiserTowerBase, family_for
-from .towers.inference_linear import INT8, PACK_ROWS, can_quantize
+from .towers.inference_linear import INT8, PACK_ROWS
 from .towers.checkpoints import check_keys, check_shapes, module_name, released_name
 from .towers.lazy import close_refs
 from .towers.loading import materialize, target_dtype, two_tower_refs
@@ -409,11 +408,6 @@ class TwoTowerLM(ReleasedGenerationMixin, TowerPair, nn.Module):
         if self.quantization is not None:
             raise ValueError(f"this model's projections are quantized ({self.quantization}); merged or fused copies "
                              "would be full precision. Load it without quantize= to merge adapters")
-        head = self.denoiser.lm_head.weight
-        if int8_draft and not can_quantize(head):  # asked for, and nothing would be int8: say so
-            warnings.warn(f"int8_draft=True: the draft's copies stay {head.dtype}, since dynamic int8 runs on a CPU "
-                          f"with torch's quantized kernels only (this denoiser is on {head.device}; "
-                          f"twotower.hardware.has_int8_linear() says whether this torch has them)", stacklevel=2)
         made = merge_adapters(self.denoiser, fuse=fuse, pack=INT8 if int8_draft else pack)
         if fuse_context or pack_context:
             made += fuse_projections(self.context, pack=pack_context, max_rows=PACK_ROWS if pack_context else None)

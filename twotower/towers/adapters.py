@@ -26,6 +26,7 @@ from __future__ import annotations
 import abc
 import importlib
 import math
+import warnings
 
 import torch
 import torch.nn as nn
@@ -34,7 +35,7 @@ from torch import Tensor
 
 from ..time_embedding import build_time_conditioning
 from .base import ContextTowerBase, DenoiserTowerBase, family_for
-from .inference_linear import HEAD_COPY, InferenceLinear, makes_copy
+from .inference_linear import HEAD_COPY, INT8, InferenceLinear, can_quantize, makes_copy
 from ..validation import check_int, check_positive
 
 __all__ = ["DenoiserBuilder", "FullCopy", "LoRA", "LoRALinear", "Borrowed", "builder_from_spec", "is_adapter",
@@ -308,6 +309,11 @@ def merge_adapters(denoiser: nn.Module, *, fuse: bool = True, pack: bool | str =
     in another order).
     """
     unmerge_adapters(denoiser)  # copies of an earlier call (another fuse / pack choice) must not outlive this one
+    head = getattr(denoiser, "lm_head", None)
+    if pack == INT8 and head is not None and not can_quantize(head.weight):  # asked for, and nothing would be int8
+        warnings.warn(f"int8_draft=True: the draft's copies stay {head.weight.dtype}, since dynamic int8 runs on a "
+                      f"CPU with torch's quantized kernels only (this denoiser is on {head.weight.device}; "
+                      f"twotower.hardware.has_int8_linear() says whether this torch has them)", stacklevel=3)
     covered: set[int] = set()
     made = 0
     if fuse:
@@ -323,7 +329,6 @@ def merge_adapters(denoiser: nn.Module, *, fuse: bool = True, pack: bool | str =
         if isinstance(m, LoRALinear) and id(m) not in covered:
             m.merge(pack=pack)
             made += m.__dict__[_MERGED].weight_nbytes  # its bias is the base's own, not copied
-    head = getattr(denoiser, "lm_head", None)
     if head is not None and makes_copy(head.weight, pack):
         # A head copy only pays where it is packed; it is the largest single product of a draft.
         denoiser.__dict__[HEAD_COPY] = InferenceLinear(head.weight, head.bias, pack=pack)
