@@ -102,6 +102,11 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="with --merged: also run Speculative(block_size=n) on the merged copies for each n, as "
                         "spec_merged_b<n> (bf16) and spec_fp32_merged_b<n> (float32): drafts (and verifies) of n "
                         "positions, for CPUs where a forward's cost grows with its positions")
+    p.add_argument("--draft-steps", type=int, nargs="*", default=[],
+                   help="with --merged and --short-drafts: also run Speculative(block_size=n, draft_steps=k) for "
+                        "each k, as spec_merged_b<n>_s<k> (bf16) and spec_fp32_int8_packed_b<n>_s<k> (float32): "
+                        "drafts of k denoiser forwards (the first commits its confident positions, "
+                        "ConfidenceThreshold(0.8); the last fills the rest)")
     p.add_argument("--merged", action="store_true",
                    help="also run the inference copies (TwoTowerLM.merge_adapters): spec_merged (LoRA merged, "
                         "q/k/v and gate/up fused, pre-packed for oneDNN in the denoiser), ar_fused / spec_fused "
@@ -191,7 +196,7 @@ MODELS = {"bf16": (torch.bfloat16, None), "fp32": (torch.float32, None),
 
 
 def build_modes(samplers: list[str], cuts: list[float] = (), merged: bool = False, only=None,
-                baseline: str = "ar", short: list[int] = ()) -> dict:
+                baseline: str = "ar", short: list[int] = (), draft_steps: list[int] = ()) -> dict:
     """name -> (model key in MODELS, decoder). `only` keeps those modes plus the AR each is measured against."""
     modes = {"ar": ("bf16", Autoregressive()), "spec": ("bf16", Speculative()),
              "ar_fp32": ("fp32", Autoregressive()), "spec_fp32": ("fp32", Speculative())}
@@ -215,6 +220,9 @@ def build_modes(samplers: list[str], cuts: list[float] = (), merged: bool = Fals
         modes[f"spec_int8_b{n}"] = ("bf16_int8", Speculative(block_size=n))
         modes[f"spec_fp32_int8_b{n}"] = ("fp32_int8", Speculative(block_size=n))
         modes[f"spec_fp32_int8_packed_b{n}"] = ("fp32_int8_packed", Speculative(block_size=n))
+        for k in draft_steps:  # multi-step drafts: more accepted tokens for one more draft forward each
+            modes[f"spec_merged_b{n}_s{k}"] = ("bf16_merged", Speculative(block_size=n, draft_steps=k))
+            modes[f"spec_fp32_int8_packed_b{n}_s{k}"] = ("fp32_int8_packed", Speculative(block_size=n, draft_steps=k))
     for s in samplers:
         kind, _, value = s.partition(":")
         sampler = {"confidence": ConfidenceThreshold, "frontier": FrontierRun}[kind](float(value))
@@ -383,7 +391,8 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    modes = build_modes(args.diffusion, args.spec_cuts, args.merged, args.only, args.baseline, args.short_drafts)
+    modes = build_modes(args.diffusion, args.spec_cuts, args.merged, args.only, args.baseline, args.short_drafts,
+                        args.draft_steps)
     models = {key: load_model(args.model, key) for key in sorted({m for m, _ in modes.values()} | {"fp32"})}
     tok = models["fp32"].tokenizer
     docs = {"prose": held_out_documents("stdlib-docs"), "python": held_out_documents("stdlib")}

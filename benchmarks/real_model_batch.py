@@ -14,7 +14,9 @@ Modes (bf16 unless --dtype float32, one thread unless --threads): `ar`; `spec` (
 (`merge_adapters()`: the draft's inference copies); `spec_merged_bb8` (the same with
 `batch_block_size=8`: 8-token drafts while rows share the batch; `--batch-blocks 8 4` adds
 `spec_merged_bb4` too); with --int8-draft, `spec_int8` and `spec_int8_bb<k>` as well
-(`merge_adapters(int8_draft=True)`: the draft's copies and head in dynamic int8). tokens / iteration is per row:
+(`merge_adapters(int8_draft=True)`: the draft's copies and head in dynamic int8); with --pack-rows r, `ar_packed<r>`
+and `spec_int8_packed<r>_bb<k>` (the int8 draft on a context packed for inputs of up to r rows, each row also
+checked against AR on that packed context). tokens / iteration is per row:
 the rows' generated tokens over their denoiser forwards. `= AR` counts rows whose tokens equal AR's
 (in bf16 a 16-row verify may round differently from a 1-row step, so this need not be 8/8; the
 float32 exactness check is `real_model.py`'s).
@@ -38,16 +40,26 @@ from benchmarks.real_model import held_out_documents, windows  # noqa: E402
 from twotower.decoding import Autoregressive, Speculative  # noqa: E402
 from twotower.model import TwoTowerLM  # noqa: E402
 
-def build_modes(batch_blocks: list[int], int8_draft: bool = False) -> dict:
-    """name -> (model key: plain / merged / int8, decoder): AR, the shipped speculative, merged, and
+def build_modes(batch_blocks: list[int], int8_draft: bool = False, pack_rows: list[int] = (), only=None) -> dict:
+    """name -> (model key: plain / merged / int8 / packed<r>, decoder): AR, the shipped speculative, merged, and
     merged with each `batch_block_size` in batch_blocks (shorter drafts while rows share the batch);
-    with int8_draft the same on the int8 draft's copies."""
+    with int8_draft the same on the int8 draft's copies; for each r in pack_rows, AR and the int8 draft on a
+    context packed for inputs of up to r rows (`merge_adapters(int8_draft=True, pack_context=True,
+    pack_rows=r)`). `only` keeps those modes and `ar`."""
     modes = {"ar": ("plain", Autoregressive()), "spec": ("plain", Speculative()),
              "spec_merged": ("merged", Speculative())}
     modes |= {f"spec_merged_bb{k}": ("merged", Speculative(batch_block_size=k)) for k in batch_blocks}
     if int8_draft:
         modes["spec_int8"] = ("int8", Speculative())
         modes |= {f"spec_int8_bb{k}": ("int8", Speculative(batch_block_size=k)) for k in batch_blocks}
+    for r in pack_rows:
+        modes[f"ar_packed{r}"] = (f"packed{r}", Autoregressive())
+        modes |= {f"spec_int8_packed{r}_bb{k}": (f"packed{r}", Speculative(batch_block_size=k)) for k in batch_blocks}
+    if only is not None:
+        unknown = sorted(set(only) - set(modes))
+        if unknown:
+            raise SystemExit(f"--only: unknown modes {unknown}; the modes of these flags are {sorted(modes)}")
+        modes = {n: m for n, m in modes.items() if n in set(only) | {"ar"}}
     return modes
 
 
@@ -65,6 +77,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="every mode's dtype: float32 on a CPU without a oneDNN bf16 path (twotower.hardware)")
     p.add_argument("--int8-draft", action="store_true",
                    help="also the int8 draft (merge_adapters(int8_draft=True)): spec_int8, spec_int8_bb<k>")
+    p.add_argument("--pack-rows", type=int, nargs="*", default=[],
+                   help="for each r, AR and the int8 draft on a packed context serving up to r rows: ar_packed<r>, "
+                        "spec_int8_packed<r>_bb<k> (merge_adapters(int8_draft=True, pack_context=True, pack_rows=r))")
+    p.add_argument("--only", nargs="+", default=None, metavar="MODE", help="run only these modes (and ar)")
     p.add_argument("--out", default="benchmarks/results/real_model_batch8.json")
     return p.parse_args(argv)
 
@@ -83,7 +99,7 @@ def timed(model, decoder, ids: torch.Tensor, new_tokens: int) -> tuple[float, to
 
 
 def measure_seed(models: dict, ids: torch.Tensor, args) -> dict:
-    modes = build_modes(args.batch_blocks, args.int8_draft)
+    modes = build_modes(args.batch_blocks, args.int8_draft, args.pack_rows, args.only)
     secs = {name: [] for name in modes}
     outs = {}
     names = list(modes)
@@ -101,9 +117,13 @@ def measure_seed(models: dict, ids: torch.Tensor, args) -> dict:
     for name in modes:
         toks, nfe = outs[name]
         t = statistics.median(secs[name])
+        ar = isinstance(modes[name][1], Autoregressive)
         res[name] = {"seconds": t, "tok_s": toks.numel() / t,
-                     "tokens_per_iteration": (toks.numel() / float(nfe.sum())) if name != "ar" else 1.0,
+                     "tokens_per_iteration": 1.0 if ar else toks.numel() / float(nfe.sum()),
                      "rows_equal_ar": int((toks == ar_tokens).all(dim=1).sum())}
+        same = f"ar_{modes[name][0]}"  # a packed mode is also checked against AR on its own packed context
+        if not ar and same in outs:
+            res[name]["rows_equal_same_context_ar"] = int((toks == outs[same][0]).all(dim=1).sum())
     for name in modes:
         res[name]["x_ar"] = res[name]["tok_s"] / res["ar"]["tok_s"]
     return res
@@ -111,14 +131,16 @@ def measure_seed(models: dict, ids: torch.Tensor, args) -> dict:
 
 def render(per_seed: dict) -> str:
     names = list(next(iter(per_seed.values())))
-    lines = ["| mode | x AR, seeds " + " / ".join(str(s) for s in per_seed) + " | mean | tokens / iteration | = AR rows |",
-             "|---|---|---:|---:|---:|"]
+    lines = ["| mode | x AR, seeds " + " / ".join(str(s) for s in per_seed) + " | mean | tokens / iteration | = AR rows "
+             "| = AR rows on its context |", "|---|---|---:|---:|---:|---:|"]
     for name in names:
         xs = [per_seed[s][name]["x_ar"] for s in per_seed]
         tpi = statistics.mean(per_seed[s][name]["tokens_per_iteration"] for s in per_seed)
         eq = sum(per_seed[s][name]["rows_equal_ar"] for s in per_seed)
+        same = [per_seed[s][name].get("rows_equal_same_context_ar") for s in per_seed]
+        same = "-" if None in same else f"{sum(same)}/{8 * len(per_seed)}"
         lines.append(f"| {name} | {' / '.join(f'{x:.2f}' for x in xs)} | {statistics.mean(xs):.2f} | "
-                     f"{tpi:.2f} | {eq}/{8 * len(per_seed)} |")
+                     f"{tpi:.2f} | {eq}/{8 * len(per_seed)} | {same} |")
     return "\n".join(lines)
 
 
@@ -128,9 +150,12 @@ def main(argv=None) -> int:
     dtype = getattr(torch, args.dtype)
     plain = TwoTowerLM.from_pretrained(args.model, dtype=dtype).eval()
     models = {"plain": plain}
-    for key in ("merged", "int8") if args.int8_draft else ("merged",):
+    copies = {"merged": {}, "int8": {"int8_draft": True}}
+    copies |= {f"packed{r}": {"int8_draft": True, "pack_context": True, "pack_rows": r} for r in args.pack_rows}
+    for key in sorted({key for key, _ in build_modes(args.batch_blocks, args.int8_draft, args.pack_rows,
+                                                     args.only).values()} - {"plain"}):
         models[key] = TwoTowerLM.from_pretrained(args.model, dtype=dtype).eval()
-        models[key].merge_adapters(int8_draft=key == "int8")
+        models[key].merge_adapters(**copies[key])
     tok = plain.tokenizer
     docs = {"prose": held_out_documents("stdlib-docs"), "python": held_out_documents("stdlib")}
     per_seed = {}

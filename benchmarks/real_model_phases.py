@@ -21,7 +21,7 @@ alike): `plain` (as shipped), `merged` (LoRA merged), `merged+fused` (+ q/k/v an
 `merged+fused, int8 draft` (`merge_adapters(int8_draft=True)`: the draft's products and head in
 dynamic int8; the context's untouched) and `int8 draft + context packed` (`merge_adapters(int8_draft=True,
 pack_context=True)`).
-Times are thread CPU ms (`time.thread_time`),
+Phase times are thread CPU ms (`time.thread_time`; --kernels: wall ms),
 the median over rounds; read ratios, not absolutes (the machine is shared). `iteration` is
 draft + verify + accept, and `AR steps` that over the same variant's AR step.
 """
@@ -60,8 +60,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS), metavar="VARIANT",
                    help=f"the variants to time (default: all of {list(VARIANTS)})")
     p.add_argument("--kernels", action="store_true",
-                   help="also time one product per projection shape of the model at 1 and 16 rows: float32 "
-                        "F.linear, dynamic int8 (InferenceLinear(pack='int8')) and bf16 where this CPU has a path")
+                   help="also time one product per projection shape of the model at each --kernel-rows: float32 "
+                        "F.linear, dynamic int8 (InferenceLinear(pack='int8')), float32 pre-packed for oneDNN and "
+                        "bf16 where this CPU has a path")
+    p.add_argument("--kernel-rows", type=int, nargs="+", default=[1, 16], metavar="ROWS",
+                   help="the row counts of --kernels (default: 1 16)")
     return p.parse_args(argv)
 
 
@@ -118,20 +121,25 @@ def top_ops(model: TwoTowerLM, ids: torch.Tensor, rows: int = 8) -> None:
 
 
 def time_call(fn, repeats: int = 30) -> float:
-    """Median thread CPU ms of fn() over `repeats` calls, after 3 warm-up calls."""
+    """Median wall ms of fn() over `repeats` calls, after 3 warm-up calls. Wall, not thread CPU time: one
+    product's kernels may run on several threads, and how much of it the calling thread does (or spins)
+    differs between libraries (MKL, oneDNN, fbgemm), which would bias a thread-time comparison."""
     for _ in range(3):
         fn()
     times = []
     for _ in range(repeats):
-        t0 = time.thread_time()
+        t0 = time.perf_counter()
         fn()
-        times.append(time.thread_time() - t0)
+        times.append(time.perf_counter() - t0)
     return 1e3 * statistics.median(times)
 
 
-def kernel_table(model: TwoTowerLM) -> None:
-    """One product per projection shape of the context tower (q/k/v and gate/up side by side, as fused)."""
-    from twotower.hardware import cpu_has_bf16_path
+def kernel_table(model: TwoTowerLM, row_counts=(1, 16)) -> None:
+    """One product per projection shape of the context tower (q/k/v and gate/up side by side, as fused) at
+    each row count: float32 F.linear (MKL), dynamic int8, float32 pre-packed for oneDNN where it packs
+    float32 (with whether each row of the packed product has the bits of that row's product alone) and
+    bf16 where this CPU has a path."""
+    from twotower.hardware import cpu_has_bf16_path, onednn_can_pack
     from twotower.towers.inference_linear import InferenceLinear
 
     layer = model.context.backbone.layers[0]
@@ -139,16 +147,22 @@ def kernel_table(model: TwoTowerLM) -> None:
     shapes = {"q/k/v": torch.cat([att.q_proj.weight, att.k_proj.weight, att.v_proj.weight]), "o": att.o_proj.weight,
               "gate/up": torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight]), "down": mlp.down_proj.weight,
               "head": model.context.lm_head.weight}
-    bf16 = cpu_has_bf16_path()
-    print("\n| product (out x in) | rows | float32 ms | int8 ms | float32 / int8 |"
-          + (" bf16 ms |" if bf16 else "") + "\n|---|---|---|---|---|" + ("---|" if bf16 else ""))
+    bf16, packs = cpu_has_bf16_path(), onednn_can_pack(torch.float32)
+    extra = [("packed float32 ms", "float32 / packed", "packed rows = alone")] if packs else []
+    cols = ["product (out x in)", "rows", "float32 ms", "int8 ms", "float32 / int8",
+            *[c for e in extra for c in e], *(["bf16 ms"] if bf16 else [])]
+    print("\n| " + " | ".join(cols) + " |\n|" + "---|" * len(cols))
     for name, w in shapes.items():
         w = w.detach().float()
-        int8 = InferenceLinear(w, pack="int8")
-        for rows in (1, 16):
+        int8, packed = InferenceLinear(w, pack="int8"), InferenceLinear(w, pack=True) if packs else None
+        for rows in row_counts:
             x = torch.randn(rows, w.shape[1])
             f32, q = time_call(lambda: torch.nn.functional.linear(x, w)), time_call(lambda: int8(x))
             line = f"| {name} ({w.shape[0]} x {w.shape[1]}) | {rows} | {f32:.3f} | {q:.3f} | {f32 / q:.2f} |"
+            if packs:
+                p = time_call(lambda: packed(x))
+                alone = torch.cat([packed(x[r:r + 1]) for r in range(rows)])
+                line += f" {p:.3f} | {f32 / p:.2f} | {'yes' if torch.equal(alone, packed(x)) else 'no'} |"
             if bf16:
                 wb, xb = w.bfloat16(), x.bfloat16()
                 line += f" {time_call(lambda: torch.nn.functional.linear(xb, wb)):.3f} |"
@@ -180,7 +194,7 @@ def main(argv=None) -> int:
             print(f"| {name} | {m['draft']:.1f} | {m['verify']:.1f} | {m['accept']:.2f} | {it:.1f} | "
                   f"{m['AR step']:.1f} | {it / m['AR step']:.2f} |")
         if args.kernels:
-            kernel_table(model)
+            kernel_table(model, args.kernel_rows)
         if args.ops:
             for name in args.variants:
                 set_variant(model, name)

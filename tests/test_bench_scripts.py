@@ -9,6 +9,7 @@ import re
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
@@ -87,6 +88,11 @@ def test_real_model_float32_baseline_keeps_no_bf16_mode_and_short_drafts_draft_f
     assert "ar" in rm.build_modes([], merged=True, only=["spec_fp32_merged"])  # the default baseline: bf16 AR
     assert "spec_fp32_merged_b6" not in rm.build_modes([], short=[6])  # short drafts need --merged
     assert rm.parse_args(["--baseline", "ar_fp32", "--short-drafts", "4", "8"]).short_drafts == [4, 8]
+    steps = rm.build_modes([], merged=True, only=["spec_fp32_int8_packed_b6_s2"], baseline="ar_fp32", short=[6],
+                           draft_steps=[2])
+    key, decoder = steps["spec_fp32_int8_packed_b6_s2"]
+    assert key == "fp32_int8_packed" and (decoder.block_size, decoder.draft_steps) == (6, 2)
+    assert rm.parse_args(["--draft-steps", "2", "3"]).draft_steps == [2, 3]
 
 
 def test_int8_draft_modes_run_on_the_int8_copies_and_the_kernel_table_prints_every_shape(tmp_path, capsys):
@@ -107,6 +113,11 @@ def test_int8_draft_modes_run_on_the_int8_copies_and_the_kernel_table_prints_eve
     batch = rb.build_modes([4], int8_draft=True)
     assert batch["spec_int8_bb4"][0] == "int8" and batch["spec_int8_bb4"][1].batch_block_size == 4
     assert "spec_int8" not in rb.build_modes([4])
+    packed = rb.build_modes([4], int8_draft=True, pack_rows=[16, 128], only=["ar_packed128", "spec_int8_packed128_bb4"])
+    assert set(packed) == {"ar", "ar_packed128", "spec_int8_packed128_bb4"}
+    assert packed["spec_int8_packed128_bb4"][0] == packed["ar_packed128"][0] == "packed128"
+    with pytest.raises(SystemExit, match="unknown modes"):
+        rb.build_modes([4], only=["spec_int8_packed7_bb4"])
     assert rp.VARIANTS["merged+fused, int8 draft"] == {"fuse": True, "int8_draft": True}
     model = TwoTowerLM.from_backbone(save_chat_llama(tmp_path / "backbone", seed=3), block_size=6,
                                      denoiser=LoRA(rank=4, alpha=8.0)).eval()
@@ -134,3 +145,26 @@ def test_two_branch_speed_runs_on_the_int8_draft_with_short_drafts(tmp_path):
     assert 1.0 <= res["modes"]["spec"]["tokens_per_iter"] <= 4.0
     modes = two_branch_speed.modes(["likeliest/3"], block_size=6)
     assert modes["spec"].block_size == 6 and modes["two_branch_likeliest/3"].block_size == 6
+
+
+def test_draft_gate_records_each_iteration_without_changing_the_decode(tmp_path, capsys):
+    """benchmarks/draft_gate.py on the embedded default: the recording decoder gives Speculative's tokens,
+    one record per iteration after the first (tokens kept within 1..block), and the policy table's tau = 0
+    row is 'always draft' (the recorded tokens over their iterations' cost)."""
+    from benchmarks import draft_gate
+
+    model = TwoTowerLM.from_pretrained(str(REPO / "twotower" / "assets" / "twotower")).eval()
+    ids = torch.tensor([draft_gate.prompts_of(model, [0], 1)[0]])
+    rec = draft_gate.RecordingSpeculative()
+    with torch.inference_mode():
+        got = rec.generate(model, ids, torch.ones_like(ids), max_new_tokens=40)
+        want = Speculative().generate(model, ids, torch.ones_like(ids), max_new_tokens=40)
+    assert torch.equal(got.new_tokens, want.new_tokens)
+    assert len(rec.records) == got.blocks - 1 and all(0.0 < p <= 1.0 and 1 <= k <= 16 for p, k in rec.records)
+    always = draft_gate.policy_table(rec.records, 3.0)[0]
+    assert always["tau"] == 0.0 and always["gated"] == 0.0
+    assert always["x_ar"] == pytest.approx(sum(k for _, k in rec.records) / (3.0 * len(rec.records)))
+    out = tmp_path / "gate.json"
+    assert draft_gate.main([str(REPO / "twotower" / "assets" / "twotower"), "--cost", "3", "--seeds", "0",
+                            "--per-kind", "1", "--new-tokens", "24", "--out", str(out)]) == 0
+    assert "| AR step below tau |" in capsys.readouterr().out and json.loads(out.read_text())["records"]

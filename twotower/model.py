@@ -43,7 +43,7 @@ from .tokenizers import DEFAULT_MASK_TOKEN_ID, Tokenizer, find_tokenizer, save_t
 from .towers.adapters import (DenoiserBuilder, builder_from_spec, fuse_projections, is_adapter, merge_adapters,
                               unmerge_adapters)
 from .towers.base import ContextTowerBase, DenoiserTowerBase, family_for
-from .towers.inference_linear import INT8, PACK_ROWS
+from .towers.inference_linear import INT8, context_pack_rows
 from .towers.checkpoints import check_keys, check_shapes, module_name, released_name
 from .towers.lazy import close_refs
 from .towers.loading import materialize, target_dtype, two_tower_refs
@@ -367,7 +367,7 @@ class TwoTowerLM(ReleasedGenerationMixin, TowerPair, nn.Module):
 
     # ---- inference copies: merged adapters, fused projections ---------------------------------
     def merge_adapters(self, *, fuse: bool = True, pack: bool = True, fuse_context: bool = False,
-                       pack_context: bool = False, int8_draft: bool = False) -> int:
+                       pack_context: bool = False, int8_draft: bool = False, pack_rows: int | None = None) -> int:
         """Make a speculative iteration cheaper at inference; returns the bytes of the copies made.
 
         The denoiser: every LoRA adapter applies one merged weight W + s B A instead of its base and
@@ -387,12 +387,16 @@ class TwoTowerLM(ReleasedGenerationMixin, TowerPair, nn.Module):
         Speculative output equals AR's either way, since both run the same context tower.
 
         pack_context: fuse the context tower and pre-pack all its products, head included, for
-        inputs of at most 16 rows (an AR step or a verify at batch 1; prefills run unpacked), on a CPU
-        as `pack` (+ one more context tower, 270 MB for SmolLM2 in bf16, 540 MB in float32). Every
-        step, AR's too, gets cheaper: about 1.5x per matmul in bf16 on an AMX CPU, where it was
-        bit-identical to the unpacked tower at those row counts (tests/test_fused.py and SmolLM2
-        itself), not at every row count; on an AVX2-only CPU in float32, AR 1.27x, within float32
-        rounding of the unpacked tower (the same tokens on SmolLM2's 27 benchmark prompts).
+        inputs of at most `pack_rows` rows, on a CPU as `pack` (+ one more context tower, 270 MB for
+        SmolLM2 in bf16, 540 MB in float32). Every step, AR's too, gets cheaper: about 1.5x per matmul
+        in bf16 on an AMX CPU, where it was bit-identical to the unpacked tower at up to 16 rows
+        (tests/test_fused.py and SmolLM2 itself), not at every row count; on an AVX2-only CPU in
+        float32, AR 1.27x, within float32 rounding of the unpacked tower (the same tokens on SmolLM2's
+        27 benchmark prompts).
+
+        pack_rows: the most rows a packed context product serves; larger inputs (long prefills) run the
+        modules themselves. None: 16 in bf16 (an AR step or a verify at batch 1), 128 in float32
+        (batch-8 verifies and short prefills too; `towers.inference_linear.CONTEXT_PACK_ROWS` says why).
 
         int8_draft: the denoiser's copies, its output projections and its head held as int8, each input
         quantized on the fly (`towers.inference_linear`, fbgemm's dynamic int8 kernels, in place of
@@ -408,9 +412,15 @@ class TwoTowerLM(ReleasedGenerationMixin, TowerPair, nn.Module):
         if self.quantization is not None:
             raise ValueError(f"this model's projections are quantized ({self.quantization}); merged or fused copies "
                              "would be full precision. Load it without quantize= to merge adapters")
+        if pack_rows is not None and (isinstance(pack_rows, bool) or not isinstance(pack_rows, int) or pack_rows < 1):
+            raise ValueError(f"pack_rows must be a positive int (the most rows a packed context product serves) "
+                             f"or None for the dtype's default, got {pack_rows!r}")
         made = merge_adapters(self.denoiser, fuse=fuse, pack=INT8 if int8_draft else pack)
         if fuse_context or pack_context:
-            made += fuse_projections(self.context, pack=pack_context, max_rows=PACK_ROWS if pack_context else None)
+            rows = None
+            if pack_context:
+                rows = context_pack_rows(self.context.lm_head.weight.dtype) if pack_rows is None else pack_rows
+            made += fuse_projections(self.context, pack=pack_context, max_rows=rows)
         return made
 
     def unmerge_adapters(self) -> None:

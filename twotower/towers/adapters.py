@@ -357,8 +357,9 @@ def fuse_projections(tower: nn.Module, *, fuse: bool = True, pack: bool | str = 
     pack: pre-pack those copies, the output projections (o_proj, down_proj) and the head as well
     (on a CPU, `towers.inference_linear`); max_rows: use them only for inputs of at most that
     many rows (the rest run the modules themselves). A packed product is another oneDNN call than
-    `F.linear`: on this CPU it gave the same bits at the row counts tested (1 to 16 at SmolLM2's
-    shapes), not at every row count, which is why a context tower packs only with `max_rows`.
+    `F.linear`: in bf16 on an AMX CPU it gave the same bits at the row counts tested (1 to 16 at
+    SmolLM2's shapes), not at every row count, which is why a context tower packs only with `max_rows`
+    (`TwoTowerLM.merge_adapters` picks it per dtype: `inference_linear.context_pack_rows`).
     """
     made = 0
     for m in _fusable(tower):

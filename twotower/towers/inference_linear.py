@@ -33,13 +33,23 @@ from torch import Tensor
 
 from ..hardware import cpu_has_bf16_path, has_int8_linear, onednn_can_pack
 
-__all__ = ["InferenceLinear", "can_pack", "can_quantize", "makes_copy", "HEAD_COPY", "INT8", "PACKINGS"]
+__all__ = ["InferenceLinear", "can_pack", "can_quantize", "context_pack_rows", "makes_copy", "HEAD_COPY", "INT8",
+           "PACKINGS"]
 
 # Where `towers.adapters.merge_adapters` keeps a denoiser's packed head copy (a plain attribute).
 HEAD_COPY = "_twotower_head"
 
 # The draft's rows at batch 1 (one block): the layout oneDNN is asked to choose for.
 PACK_ROWS = 16
+
+# The most rows a packed context tower's products serve by default (`context_pack_rows`; larger inputs run the
+# modules themselves). bf16: 16, the row counts where packed products had the unpacked tower's bits on an AMX CPU.
+# float32: 128. There packed products are never the unpacked (MKL) bits, so the cap is only about speed. On an
+# AVX2-only CPU at SmolLM2's shapes (`benchmarks/real_model_phases.py --kernels`) they were faster than MKL's up
+# to 128 rows, mostly from the head, slower beyond for the projections, and each row's bits were the bits of
+# that row alone at every count tested (1 to 512): a packed verify of a batch-8 block computes what packed AR
+# steps compute.
+CONTEXT_PACK_ROWS = {torch.bfloat16: PACK_ROWS, torch.float32: 128}
 
 # `pack` values: False (F.linear), True (oneDNN pre-packed where `can_pack`), INT8 (dynamic int8, `can_quantize`).
 INT8 = "int8"
@@ -55,6 +65,12 @@ def can_pack(weight: Tensor) -> bool:
     if weight.dtype == torch.bfloat16:
         return cpu_has_bf16_path()
     return weight.dtype == torch.float32 and onednn_can_pack(torch.float32)
+
+
+def context_pack_rows(dtype: torch.dtype) -> int:
+    """The most rows a packed context tower of `dtype` serves by default (`CONTEXT_PACK_ROWS`; other dtypes do
+    not pack, `PACK_ROWS` for them)."""
+    return CONTEXT_PACK_ROWS.get(dtype, PACK_ROWS)
 
 
 def can_quantize(weight: Tensor) -> bool:
