@@ -191,6 +191,9 @@ MODELS = {"bf16": (torch.bfloat16, None), "fp32": (torch.float32, None),
           # the context's products pre-packed for oneDNN too (float32 packs wherever oneDNN does)
           "fp32_packed": (torch.float32, {"pack_context": True}),
           "fp32_int8_packed": (torch.float32, {"int8_draft": True, "pack_context": True}),
+          # packed for at most 16 rows, as bf16 is (float32's default is 128: prefills of <= 128 tokens pack too)
+          "fp32_packed16": (torch.float32, {"pack_context": True, "pack_rows": 16}),
+          "fp32_int8_packed16": (torch.float32, {"int8_draft": True, "pack_context": True, "pack_rows": 16}),
           "bf16_int8": (torch.bfloat16, {"int8_draft": True}),
           "bf16_packed": (torch.bfloat16, {"pack_context": True})}
 
@@ -213,13 +216,15 @@ def build_modes(samplers: list[str], cuts: list[float] = (), merged: bool = Fals
     if merged:  # the draft's copies in int8 (`merge_adapters(int8_draft=True)`), verified in the model's dtype
         modes |= {"spec_int8": ("bf16_int8", Speculative()), "spec_fp32_int8": ("fp32_int8", Speculative()),
                   "ar_fp32_packed": ("fp32_packed", Autoregressive()), "spec_fp32_packed": ("fp32_packed", Speculative()),
-                  "spec_fp32_int8_packed": ("fp32_int8_packed", Speculative())}
+                  "spec_fp32_int8_packed": ("fp32_int8_packed", Speculative()),
+                  "ar_fp32_packed16": ("fp32_packed16", Autoregressive())}
     for n in short if merged else ():
         modes[f"spec_merged_b{n}"] = ("bf16_merged", Speculative(block_size=n))
         modes[f"spec_fp32_merged_b{n}"] = ("fp32_merged", Speculative(block_size=n))
         modes[f"spec_int8_b{n}"] = ("bf16_int8", Speculative(block_size=n))
         modes[f"spec_fp32_int8_b{n}"] = ("fp32_int8", Speculative(block_size=n))
         modes[f"spec_fp32_int8_packed_b{n}"] = ("fp32_int8_packed", Speculative(block_size=n))
+        modes[f"spec_fp32_int8_packed16_b{n}"] = ("fp32_int8_packed16", Speculative(block_size=n))
         for k in draft_steps:  # multi-step drafts: more accepted tokens for one more draft forward each
             modes[f"spec_merged_b{n}_s{k}"] = ("bf16_merged", Speculative(block_size=n, draft_steps=k))
             modes[f"spec_fp32_int8_packed_b{n}_s{k}"] = ("fp32_int8_packed", Speculative(block_size=n, draft_steps=k))
@@ -245,7 +250,9 @@ def context_of(key: str) -> tuple:
     """What the context tower of MODELS[key] computes with: its dtype and its inference copies."""
     dtype, merge = MODELS[key]
     merge = merge or {}
-    return dtype, "packed" if merge.get("pack_context") else "fused" if merge.get("fuse_context") else "plain"
+    if merge.get("pack_context"):
+        return dtype, "packed", merge.get("pack_rows")
+    return dtype, "fused" if merge.get("fuse_context") else "plain"
 
 
 def same_towers_ar(modes: dict, name: str) -> str | None:
@@ -310,7 +317,7 @@ def summarize_seed(res: dict, judge, modes: dict, baseline: str = "ar") -> dict:
         tokens = sum(len(r["tokens"]) for r in rs)
         secs = sum(r["seconds"] for r in rs)
         s = {"tok_per_s": tokens / secs, "tokens": tokens}
-        if name in ("ar_fused", "ar_packed", "ar_fp32_fused", "ar_fp32_packed"):  # copies must not change AR's output
+        if name != reference_ar(modes, name) and isinstance(modes[name][1], Autoregressive):  # copies must not change AR's output
             s["equal_to_ar"] = all(r["tokens"] == a["tokens"] for r, a in zip(rs, rows[reference_ar(modes, name)]))
         if name.startswith("spec"):
             ref = rows[reference_ar(modes, name)]  # each speculative mode against AR in its dtype

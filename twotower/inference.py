@@ -91,7 +91,7 @@ class GenerationModule(L.LightningModule):
             cheaper in float32 on a CPU; the output stays AR's.
         pack_context: pre-pack the context tower's products for oneDNN too
             (`TwoTowerLM.merge_adapters(pack_context=True)`; implies merge_adapters): cheaper AR steps
-            and verifies of at most 16 rows, on a CPU.
+            and verifies (up to 16 rows in bf16, 128 in float32), on a CPU.
     """
 
     def __init__(self, model: str, decoder: Decoder | str | None = None, max_new_tokens: int = 128,

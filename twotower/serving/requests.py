@@ -101,7 +101,7 @@ class ServeSettings:
             cheaper in float32 on a CPU, for a quarter of the memory; the output stays AR's.
         pack_context: pre-pack the context tower's products for oneDNN too
             (`TwoTowerLM.merge_adapters(pack_context=True)`; implies merge_adapters; one more context
-            tower of memory): cheaper AR steps and verifies of at most 16 rows, on a CPU.
+            tower of memory): cheaper AR steps and verifies (up to 16 rows in bf16, 128 in float32), on a CPU.
     """
 
     model: str = "embedded"
