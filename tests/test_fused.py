@@ -309,22 +309,30 @@ def test_speculative_with_packed_towers_equals_ar_with_the_same_towers(dtype):
 
 
 @pytest.mark.parametrize("dtype", PACK_DTYPES)
-def test_a_packed_context_serves_its_dtypes_rows_and_batched_speculative_equals_ar_on_it(dtype):
-    """merge_adapters(pack_context=True) packs up to 16 rows in bf16 and 128 in float32 (batch verifies too),
-    or pack_rows; at batch 3, where a 6-position verify is 18 rows, speculative still equals AR on the same
-    packed towers, row for row."""
+def test_a_packed_context_serves_its_dtypes_rows_unless_pack_rows_says_otherwise(dtype):
+    """merge_adapters(pack_context=True) packs inputs of up to 16 rows in bf16 (where larger ones were not the
+    unpacked tower's bits) and 128 in float32 (batch-8 verifies too); pack_rows overrides it."""
     model = lora_model(16, dtype=dtype)
     H = model.context.lm_head.weight.shape[1]
     model.merge_adapters(pack_context=True)
     head = model.context.__dict__[HEAD_COPY]
     assert head.max_rows == inference_linear.context_pack_rows(dtype) == (16 if dtype == torch.bfloat16 else 128)
     assert head.applies(torch.zeros(3, 6, H, dtype=dtype)) == (dtype == torch.float32)
-    ids, mask = left_pad(random_prompts([6, 11, 3], seed=16))
+    assert not head.applies(torch.zeros(8, 17, H, dtype=dtype))
+    model.merge_adapters(pack_context=True, pack_rows=4)
+    assert model.context.__dict__[HEAD_COPY].max_rows == 4
+
+
+@pytest.mark.parametrize("dtype", [PACK_DTYPES[1]])  # float32: bf16's batched verifies are not packed (16 rows)
+def test_batched_speculative_on_a_packed_float32_context_equals_ar_on_it_row_for_row(dtype):
+    """At batch 3 a 6-position verify is 18 rows, packed in float32 like the 3-row AR steps: speculative
+    still writes AR's tokens on the same packed towers, every row."""
+    model = lora_model(18, dtype=dtype)
+    model.merge_adapters(pack_context=True)
+    ids, mask = left_pad(random_prompts([6, 11, 3], seed=18))
     want = autoregressive(model.context, ids, mask, max_new_tokens=20)
     got = speculative(model.context, model.denoiser, ids, mask, max_new_tokens=20)
     assert torch.equal(got.new_tokens, want.new_tokens)
-    model.merge_adapters(pack_context=True, pack_rows=4)
-    assert model.context.__dict__[HEAD_COPY].max_rows == 4
 
 
 @pytest.mark.parametrize("bad", [0, -3, 2.5, True, "16"])
