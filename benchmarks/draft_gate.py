@@ -94,13 +94,15 @@ def main(argv=None) -> int:
         torch.set_num_threads(args.threads)
     model = TwoTowerLM.from_pretrained(args.model, dtype=torch.float32).eval()
     records = []
+    prompts = prompts_of(model, args.seeds, args.per_kind)
     with torch.inference_mode():
-        for ids in prompts_of(model, args.seeds, args.per_kind):
+        for k, ids in enumerate(prompts):
             dec = RecordingSpeculative(block_size=args.block)
             t = torch.tensor([ids])
             dec.generate(model, t, torch.ones_like(t), max_new_tokens=args.new_tokens,
                          eos_token_id=model.tokenizer.eos_token_id)
             records += dec.records
+            print(f"  prompt {k + 1}/{len(prompts)}: {len(records)} iterations recorded", file=sys.stderr, flush=True)
     print(f"{len(records)} iterations, {sum(k for _, k in records) / len(records):.2f} tokens each\n")
     print("| confidence in the first token | iterations | tokens kept |\n|---|---|---|")
     bins = []
