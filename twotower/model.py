@@ -372,31 +372,22 @@ class TwoTowerLM(ReleasedGenerationMixin, TowerPair, nn.Module):
 
         The denoiser: every LoRA adapter applies one merged weight W + s B A instead of its base and
         two low-rank matmuls, and with `fuse` (Llama-like families) q/k/v and gate/up are one matmul
-        each (`towers.adapters.merge_adapters`). For a LoRA denoiser this costs about one more
-        backbone without its embeddings (212 MB for SmolLM2-135M in bf16, where the pair held
-        348 MB). With `pack` (on a CPU: bfloat16 where oneDNN has a bf16 path, float32 wherever it packs),
-        the denoiser's copies and a copy of its head (+57 MB for SmolLM2 in bf16) are pre-packed for oneDNN, which then skips reordering every weight on
-        every call (`towers.inference_linear`). The draft's numerics change by rounding only, so
-        tokens per iteration may move slightly; speculative output stays AR's, since the context
-        tower's numerics are untouched.
+        each (`towers.adapters.merge_adapters`): about one more backbone without its embeddings (212 MB
+        for SmolLM2-135M in bf16). With `pack` (on a CPU, bf16 where oneDNN has a bf16 path, float32
+        wherever it packs) the copies and a copy of the head (+57 MB in bf16) are pre-packed for oneDNN,
+        which then skips reordering every weight on every call (`towers.inference_linear`). The draft
+        moves by rounding only; speculative output stays AR's, the context tower being untouched.
 
-        fuse_context: fuse the context tower's q/k/v and gate/up too (`towers.adapters.fuse_projections`;
-        140 MB more for SmolLM2-135M in bf16). Every mode's steps get cheaper, AR's included; the
-        context's outputs are the same dot products: bit-identical in bf16 on this CPU, equal to
-        float32 rounding (tests/test_fused.py; the summation order is the BLAS library's choice).
-        Speculative output equals AR's either way, since both run the same context tower.
+        fuse_context: fuse the context tower's q/k/v and gate/up too (+140 MB for SmolLM2 in bf16):
+        every mode's steps get cheaper, AR's included, with the same dot products (bit-identical in
+        bf16 on the AMX CPU, equal to float32 rounding: the summation order is the BLAS library's).
 
-        pack_context: fuse the context tower and pre-pack all its products, head included, for
-        inputs of at most `pack_rows` rows, on a CPU as `pack` (+ one more context tower, 270 MB for
-        SmolLM2 in bf16, 540 MB in float32). Every step, AR's too, gets cheaper: about 1.5x per matmul
-        in bf16 on an AMX CPU, where it was bit-identical to the unpacked tower at up to 16 rows
-        (tests/test_fused.py and SmolLM2 itself), not at every row count; on an AVX2-only CPU in
-        float32, AR 1.27x, within float32 rounding of the unpacked tower (the same tokens on SmolLM2's
-        27 benchmark prompts).
-
-        pack_rows: the most rows a packed context product serves; larger inputs (long prefills) run the
-        modules themselves. None: 16 in bf16 (an AR step or a verify at batch 1), 128 in float32
-        (batch-8 verifies and short prefills too; `towers.inference_linear.CONTEXT_PACK_ROWS` says why).
+        pack_context: fuse the context tower and pre-pack all its products, head included, on a CPU as
+        `pack` (+ one more context tower, 270 MB for SmolLM2 in bf16, 540 MB in float32), for inputs of
+        at most `pack_rows` rows (None: the dtype's default, `towers.inference_linear.context_pack_rows`:
+        16 in bf16, 128 in float32); larger ones run the modules. Every step, AR's too, gets cheaper
+        (bf16 on an AMX CPU: about 1.5x per matmul, bit-identical to the unpacked tower at up to 16 rows;
+        float32 on an AVX2-only CPU: AR 1.27x, within float32 rounding of it).
 
         int8_draft: the denoiser's copies, its output projections and its head held as int8, each input
         quantized on the fly (`towers.inference_linear`, fbgemm's dynamic int8 kernels, in place of
@@ -412,14 +403,9 @@ class TwoTowerLM(ReleasedGenerationMixin, TowerPair, nn.Module):
         if self.quantization is not None:
             raise ValueError(f"this model's projections are quantized ({self.quantization}); merged or fused copies "
                              "would be full precision. Load it without quantize= to merge adapters")
-        if pack_rows is not None and (isinstance(pack_rows, bool) or not isinstance(pack_rows, int) or pack_rows < 1):
-            raise ValueError(f"pack_rows must be a positive int (the most rows a packed context product serves) "
-                             f"or None for the dtype's default, got {pack_rows!r}")
+        rows = context_pack_rows(self.context.lm_head.weight.dtype, pack_rows) if pack_context else None  # checked first
         made = merge_adapters(self.denoiser, fuse=fuse, pack=INT8 if int8_draft else pack)
         if fuse_context or pack_context:
-            rows = None
-            if pack_context:
-                rows = context_pack_rows(self.context.lm_head.weight.dtype) if pack_rows is None else pack_rows
             made += fuse_projections(self.context, pack=pack_context, max_rows=rows)
         return made
 

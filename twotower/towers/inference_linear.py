@@ -67,10 +67,15 @@ def can_pack(weight: Tensor) -> bool:
     return weight.dtype == torch.float32 and onednn_can_pack(torch.float32)
 
 
-def context_pack_rows(dtype: torch.dtype) -> int:
-    """The most rows a packed context tower of `dtype` serves by default (`CONTEXT_PACK_ROWS`; other dtypes do
-    not pack, `PACK_ROWS` for them)."""
-    return CONTEXT_PACK_ROWS.get(dtype, PACK_ROWS)
+def context_pack_rows(dtype: torch.dtype, pack_rows: int | None = None) -> int:
+    """The most rows a packed context tower of `dtype` serves: `pack_rows` when given (a positive int), else the
+    dtype's default (`CONTEXT_PACK_ROWS`; other dtypes do not pack, `PACK_ROWS` for them)."""
+    if pack_rows is None:
+        return CONTEXT_PACK_ROWS.get(dtype, PACK_ROWS)
+    if isinstance(pack_rows, bool) or not isinstance(pack_rows, int) or pack_rows < 1:
+        raise ValueError(f"pack_rows must be a positive int (the most rows a packed context product serves) "
+                         f"or None for the dtype's default, got {pack_rows!r}")
+    return pack_rows
 
 
 def can_quantize(weight: Tensor) -> bool:
