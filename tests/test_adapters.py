@@ -18,7 +18,7 @@ from conftest import (FAMILY_CONFIGS, MASK, left_pad, random_prompts, randomize_
 from twotower.decoding import Autoregressive, Speculative
 from twotower.model import ADAPTER_FILE, TwoTowerLM
 from twotower.towers.adapters import (LLAMA_PROJECTIONS, Borrowed, DenoiserBuilder, FullCopy, LoRA, LoRALinear,
-                                      builder_from_spec, is_adapter)
+                                      builder_from_spec, dense_state_dict, is_adapter)
 from twotower.towers.base import ContextTowerBase, family_for
 from twotower.towers.llama import LlamaContextTower
 
@@ -108,6 +108,54 @@ def test_lora_update_equals_a_full_copy_with_merged_weights(model_type):
     assert merged == len([m for m in lora.modules() if isinstance(m, LoRALinear)]) > 0
     for g, w in zip(both_forwards(ctx, lora, seed=6), both_forwards(ctx, full, seed=6)):
         torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("model_type", FAMILIES)
+def test_dense_state_dict_is_the_hand_merged_full_copy(model_type):
+    """`dense_state_dict` of a trained adapter denoiser loads strictly into a full copy, holds W + (alpha / r) B A
+    where the test above merges by hand, and gives the adapters' logits; a full denoiser's is its state dict."""
+    ctx = family_context(model_type, seed=7)
+    lora = LoRA(rank=3, alpha=6.0, targets=TARGETS[model_type]).build(ctx).eval()
+    randomize_lora_(lora, seed=8)
+    randomize_time_(lora, seed=9)
+    dense = dense_state_dict(lora)
+    full = FullCopy().build(ctx).eval()
+    assert dense.keys() == full.state_dict().keys()
+    full.load_state_dict(dense)  # strict: no key missing or left over
+    for name, m in lora.named_modules():
+        if isinstance(m, LoRALinear):
+            want = m.weight + m.scaling * m.lora_B @ m.lora_A
+            torch.testing.assert_close(full.get_submodule(name).weight, want, rtol=0, atol=1e-6)
+    assert torch.equal(full.lm_head.weight, lora.lm_head.weight)
+    for k, v in lora.time.state_dict().items():
+        assert torch.equal(full.time.state_dict()[k], v), k
+    for g, w in zip(both_forwards(ctx, lora, seed=10), both_forwards(ctx, full, seed=10)):
+        torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-4)
+    # Copies, not views: training the full copy must not move the context tower's weights.
+    full.lm_head.weight.data.add_(1.0)
+    assert not torch.equal(full.lm_head.weight, ctx.lm_head.weight)
+    own = dense_state_dict(full)
+    assert own.keys() == full.state_dict().keys() and all(torch.equal(own[k], v) for k, v in full.state_dict().items())
+
+
+def test_a_full_fine_tune_starts_from_an_adapter_export_and_adapters_refuse_a_full_start(chat_llama, tmp_path):
+    from twotower.training import DenoiserFineTuning
+
+    model = trained_adapter_model(chat_llama)
+    model.save_pretrained(tmp_path / "lora")
+    module = DenoiserFineTuning(str(chat_llama), block_size=8, init_from=str(tmp_path / "lora"))
+    module.configure_model()
+    assert not is_adapter(module.denoiser)
+    start = TwoTowerLM.from_pretrained(tmp_path / "lora").eval()
+    for g, w in zip(both_forwards(start.context, start.denoiser, seed=11),
+                    both_forwards(module.context, module.denoiser.eval(), seed=11)):
+        torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-4)
+    full = TwoTowerLM.from_backbone(chat_llama, block_size=8)
+    full.save_pretrained(tmp_path / "full")
+    adapters = DenoiserFineTuning(str(chat_llama), block_size=8, init_from=str(tmp_path / "full"),
+                                  denoiser=LoRA(rank=4, alpha=8))
+    with pytest.raises(ValueError, match="holds a full denoiser, but this run trains adapters"):
+        adapters.configure_model()
 
 
 # ---- sharing: owned, borrowed, counted --------------------------------------------------------------

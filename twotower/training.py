@@ -39,7 +39,7 @@ from .hardware import warn_if_slow_bf16
 from .hub import resolve_model
 from .model import TwoTowerLM
 from .tokenizers import DEFAULT_MASK_TOKEN_ID, tokenizer_spec
-from .towers.adapters import DenoiserBuilder, FullCopy, builder_from_spec
+from .towers.adapters import DenoiserBuilder, FullCopy, builder_from_spec, dense_state_dict, is_adapter
 from .towers.base import ContextTowerBase, run_block
 
 
@@ -77,7 +77,9 @@ class DenoiserFineTuning(L.LightningModule):
             Exported models record it; generation reads it from there.
         init_from: a released-layout two-tower directory (or built-in name, e.g. "embedded") whose
             denoiser (tower, head, time modules) starts this run instead of a copy of the backbone; its
-            context tower must equal `backbone`.
+            context tower must equal `backbone`. An adapter (LoRA) denoiser can start a full copy (the
+            default builder): the copy starts from its merged weights (`towers.adapters.dense_state_dict`),
+            and every weight then trains; a full denoiser cannot start adapters (refused by name).
         context_sharding: under `ModelParallelStrategy` (FSDP2), "replicate" the frozen context tower
             on every rank (default: no communication, 1x its weights per rank) or "shard" it block by
             block like the denoiser (1/N per rank, an all-gather per block per step); the denoiser is
@@ -221,6 +223,15 @@ class DenoiserFineTuning(L.LightningModule):
         if start.shifted != self.hparams.shifted:
             raise ValueError(f"init_from {path} was trained with shifted={start.shifted}, this run has "
                              f"shifted={self.hparams.shifted}; the two read the denoiser's outputs at different offsets")
+        theirs, ours = is_adapter(start.denoiser), is_adapter(self.denoiser)
+        if ours and not theirs:
+            raise ValueError(f"init_from {path} holds a full denoiser, but this run trains adapters "
+                             f"({self.builder!r}); a full copy cannot be turned into low-rank updates. "
+                             "Train it as a full copy (denoiser: null), or start the adapters from the backbone")
+        if theirs and not ours:
+            # A full fine-tune of an adapter model: the copy starts as the adapters' function (merged weights).
+            self.denoiser.load_state_dict(dense_state_dict(start.denoiser))
+            return
         self.denoiser.load_state_dict(start.denoiser.state_dict())
 
     @staticmethod

@@ -39,7 +39,7 @@ from .inference_linear import HEAD_COPY, INT8, InferenceLinear, can_quantize, ma
 from ..validation import check_int, check_positive
 
 __all__ = ["DenoiserBuilder", "FullCopy", "LoRA", "LoRALinear", "Borrowed", "builder_from_spec", "is_adapter",
-           "merge_adapters", "unmerge_adapters", "fuse_projections"]
+           "merge_adapters", "unmerge_adapters", "fuse_projections", "dense_state_dict"]
 
 # Every projection of the Llama family's layers; NemotronH's Mamba / attention / MLP projections
 # share these names where they exist (in_proj, out_proj, ...: add them to `targets`).
@@ -290,6 +290,39 @@ def builder_from_spec(spec: dict | DenoiserBuilder | None) -> DenoiserBuilder:
 def is_adapter(denoiser: nn.Module) -> bool:
     """Whether `denoiser` borrows weights from its context tower (a LoRA denoiser)."""
     return any(isinstance(m, (Borrowed, LoRALinear)) for m in denoiser.modules())
+
+
+def dense_state_dict(denoiser: nn.Module) -> dict[str, Tensor]:
+    """The state dict a `FullCopy` denoiser would hold to compute what `denoiser` computes: every LoRA
+    projection as its merged weight (`LoRALinear.merged_weight`), every borrowed module's and borrowed
+    tensor's values under the borrowing path, the denoiser's own parameters and buffers as they are.
+
+    For a full denoiser this is its own state dict. It lets a full fine-tune start from an adapter
+    checkpoint (`DenoiserFineTuning(init_from=...)` with the default `FullCopy` builder): the copy
+    starts as the adapter model's function, then every weight trains. Values are detached copies.
+    """
+    out: dict[str, Tensor] = {}
+
+    def walk(module: nn.Module, prefix: str) -> None:
+        if isinstance(module, LoRALinear):
+            out[prefix + "weight"] = module.merged_weight()
+            if module.bias is not None:
+                out[prefix + "bias"] = module.bias
+            return
+        if isinstance(module, Borrowed):
+            out.update({prefix + k: v for k, v in module.__dict__["target"].state_dict().items()})
+            return
+        # Own tensors, and those `_borrow_tensors` attached unregistered (a split Mamba mixer's A_log, D, ...).
+        own = {**module._parameters, **{k: v for k, v in module._buffers.items()
+                                        if k not in module._non_persistent_buffers_set}}
+        own.update({k: v for k, v in module.__dict__.items() if isinstance(v, nn.Parameter)})
+        out.update({prefix + k: v for k, v in own.items() if v is not None})
+        for name, child in module._modules.items():
+            if child is not None:
+                walk(child, prefix + name + ".")
+
+    walk(denoiser, "")
+    return {k: v.detach().clone() for k, v in out.items()}
 
 
 def merge_adapters(denoiser: nn.Module, *, fuse: bool = True, pack: bool | str = True) -> int:
