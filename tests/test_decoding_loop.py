@@ -208,6 +208,88 @@ def test_a_users_decoder_is_served_as_it_generates_alone(served, monkeypatch):
         assert j.error is None and j.text == served_alone(served, b, TOK), b
 
 
+def submitted_together(sched, jobs) -> list:
+    """Start the loop but hold it before it takes requests until every job is submitted, so all of them
+    wait at its first boundary. Waits (bounded) until they are over, stops; the jobs."""
+    import threading
+
+    ready, real_take = threading.Event(), sched._take
+
+    def take(block):
+        assert ready.wait(30)
+        return real_take(block)
+
+    sched._take = take
+    sched.start()
+    try:
+        for job in jobs:
+            sched.submit(job)
+        ready.set()
+        deadline = time.time() + 120
+        while not all(j.over for j in jobs):
+            assert time.time() < deadline, "the jobs did not finish"
+            time.sleep(0.02)
+    finally:
+        ready.set()
+        sched.stop()
+    return jobs
+
+
+def counting_prefills(monkeypatch, context) -> list:
+    """Record the batch size of every prefill of `context`."""
+    sizes, real = [], context.prefill
+
+    def prefill(ids, *a, **k):
+        sizes.append(ids.shape[0])
+        return real(ids, *a, **k)
+
+    monkeypatch.setattr(context, "prefill", prefill)
+    return sizes
+
+
+def test_requests_waiting_together_are_prefilled_in_one_forward(served, monkeypatch):
+    """The requests a batch takes at one boundary share one left-padded prefill (not one each); prompts of
+    other lengths, greedy and seeded rows, AR and speculative: each output is still what it is alone."""
+    from twotower.serving.scheduler import Job, Scheduler
+
+    sizes = counting_prefills(monkeypatch, served.model.context)
+    bodies = [{"prompt": p, "max_tokens": 6 + i, "decoder": d, **extra}
+              for i, (p, d, extra) in enumerate([
+                  ("ab", "speculative", {}), ("def f(x):\n", "speculative", {}), ("x", "ar", {}),
+                  ("hello world", "speculative", {"temperature": 0.9, "seed": 3}), ("0123456", "ar", {}),
+                  ("q = [", "speculative", {}), ("import os", "ar", {"temperature": 0.7, "seed": 5}),
+                  ("zz", "speculative", {})])]
+    jobs = [Job(parse(served, b), TOK, [TOK.eos_token_id]) for b in bodies]
+    submitted_together(Scheduler(Towers.of(served.model), max_batch=4), jobs)
+    # First boundary: the 4 speculative rows that fit in one prefill, the 3 AR rows in another; the fifth
+    # speculative row joins alone once a row is free. Not one prefill per request.
+    assert sorted(sizes) == [1, 3, 4], sizes
+    for b, j in zip(bodies, jobs):
+        assert j.error is None and j.text == served_alone(served, b, TOK), b
+
+
+def test_a_group_that_would_not_fit_padded_is_admitted_one_by_one(served, monkeypatch):
+    """A short prompt asking for many tokens beside a long prompt: padded to the long one, the pair would pass
+    the context limit that neither passes alone, so each is prefilled alone, and both are served."""
+    import dataclasses
+
+    from twotower.decoding.checks import length_limit
+    from twotower.serving.scheduler import Job, Scheduler
+
+    limit, _ = length_limit(served.model.context)
+    sizes = counting_prefills(monkeypatch, served.model.context)
+    long_ids, short_ids = [5 + i % 200 for i in range(limit - 8)], [7, 8, 9]
+    reqs = [dataclasses.replace(parse(served, {"prompt": "a", "decoder": "ar"}), prompt_ids=ids, max_tokens=n)
+            for ids, n in ((long_ids, 4), (short_ids, 24))]
+    assert len(long_ids) + 24 > limit and len(short_ids) + 24 <= limit and len(long_ids) + 4 <= limit
+    jobs = submitted_together(Scheduler(Towers.of(served.model), max_batch=4),
+                                  [Job(r, TOK, []) for r in reqs])
+    assert sizes == [1, 1]  # recorded before the references below prefill too
+    for req, job in zip(reqs, jobs):
+        want = Autoregressive().generate(served.model, torch.tensor([req.prompt_ids]), max_new_tokens=req.max_tokens)
+        assert job.error is None and job.tokens == want.new_tokens[0].tolist()
+
+
 def test_a_users_split_decoder_overlaps_on_a_mirror(served):
     """With a denoiser mirror and `overlap`, DraftVerify's `draft` runs on the denoiser's thread beside
     another batch's `advance`; outputs are unchanged."""

@@ -6,7 +6,8 @@
 
 The scheduler thread owns every cache and tensor (no locks around the models). Each turn of its
 loop it takes new requests, admits as many as the working batches have room for (`max_batch` rows
-each, `max_rows` over all batches; a new row is prefilled alone and concatenated into the batch),
+each, `max_rows` over all batches; the rows a batch takes at one boundary are prefilled together, as one
+left-padded batch, and concatenated into it),
 and advances every working batch by one iteration. A request joins at the next block boundary and
 leaves as soon as it has finished, so a long request never holds back a short one; an abandoned
 request (client gone: `Job.cancel`) is dropped at the next boundary, before the next forward, and
@@ -263,8 +264,14 @@ class Scheduler:
             pass
 
     def _admit(self) -> None:
-        """Join waiting requests to their working batch while it has room (FIFO per batch)."""
+        """Join waiting requests to their working batch while it has room (FIFO per batch). The requests
+        a batch takes at one boundary are prefilled together (`Stepper.admit`): one forward, not one each."""
         still: deque[Job] = deque()
+        groups: dict[tuple, list[Job]] = {}  # per batch key, the jobs it takes now (in arrival order)
+
+        def size(k) -> int:  # the rows batch k holds once this boundary's group has joined
+            return len(self.batches.get(k, ())) + len(groups.get(k, ()))
+
         running = sum(len(b) for b in self.batches.values())
         while self.waiting:
             job = self.waiting.popleft()
@@ -281,25 +288,31 @@ class Scheduler:
                 continue
             if self.overlap:  # two groups per setting, so the towers have two batches to overlap
                 # The emptier group: the two batches stay balanced, so neither tower waits on a lopsided one.
-                key = min(((*key, g) for g in (0, 1)), key=lambda k: len(self.batches.get(k, ())))
-            batch = self.batches.get(key)
-            if batch is None:
-                batch = self.batches[key] = Stepper(self.towers, job.decoder, on_drop=self._count_drop)
-            if len(batch) >= self.max_batch:
+                key = min(((*key, g) for g in (0, 1)), key=size)
+            if size(key) >= self.max_batch:
                 still.append(job)
                 continue
-            try:
-                batch.admit([job])
-                running += 1
-            except Exception as e:  # noqa: BLE001
-                log.exception("prefill failed")
-                if job in batch.jobs:  # joined before the failure: the batch state is suspect
-                    self._fail_batch(key, batch, f"prefill failed: {e}")
-                else:
-                    job.fail(f"prefill failed: {e}")
-                if not len(batch):
-                    self.batches.pop(key, None)
+            if key not in self.batches:
+                self.batches[key] = Stepper(self.towers, job.decoder, on_drop=self._count_drop)
+            groups.setdefault(key, []).append(job)
+            running += 1
         self.waiting = still
+        for key, group in groups.items():
+            self._admit_group(key, self.batches[key], group)
+
+    def _admit_group(self, key, batch: Stepper, group: list[Job]) -> None:
+        """batch.admit(group); a failed prefill fails its requests (and the batch, if any of them had joined)."""
+        try:
+            batch.admit(group)
+        except Exception as e:  # noqa: BLE001
+            log.exception("prefill failed")
+            if any(job in batch.jobs for job in group):  # joined before the failure: the batch state is suspect
+                self._fail_batch(key, batch, f"prefill failed: {e}")
+            for job in group:
+                if not job.over:  # not joined (the failing prefill was its own or its group's)
+                    job.fail(f"prefill failed: {e}")
+            if not len(batch):
+                self.batches.pop(key, None)
 
     def _guarded(self, batch: Stepper, fn, failed=None):
         """fn()'s result; on an exception the batch's requests fail (the others keep being served)

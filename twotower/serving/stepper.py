@@ -5,9 +5,10 @@ its requests share (`Decoder.batch_key`), and the requests (`Job`s) whose rows i
 decoder does every iteration itself (`Decoder.draft` / `Decoder.step`, as in `Decoder.generate`);
 the stepper only
 
-* admits requests: each prompt is started alone (`Decoder.begin`, as `generate` would prefill it)
-  and joined to the batch (`DecodeState.join`: the caches are concatenated, left padding = absent
-  keys, exact), and
+* admits requests: the prompts admitted at one boundary are prefilled together (`Decoder.begin` on one
+  left-padded call, as `generate` batches them; one by one where the padded call would not fit) and
+  joined to the batch (`DecodeState.join`: the caches are concatenated, left padding = absent keys,
+  exact), and
 * lets finished or abandoned rows leave (`DecodeState.keep`).
 
 Per-row bookkeeping is `JobRows`: each row is a request with its own cap, EOS ids, stop strings,
@@ -136,17 +137,36 @@ class Stepper:
 
     # ---- membership ---------------------------------------------------------------------------
     def admit(self, jobs: list) -> None:
-        """Start each job alone (its prompt prefilled as `generate` would) and join its row to the batch."""
-        for job in jobs:
-            # Prefilled alone, unpadded: the row's cache is exactly what `generate` would build; `join`
-            # left-pads it to the batch, and padding is absent keys, so nothing changes numerically.
-            ids = torch.tensor([job.prompt_ids], dtype=torch.long)
-            call = job.decoder.prepare(self.towers, ids, max_new_tokens=job.max_tokens)
-            started = self.decoder.begin(call, JobRows([job], on_drop=self.on_drop))
-            if self.state is None:
-                self.state = started
-            else:
-                self.state.join(started)
+        """Start the jobs and join their rows to the batch: one left-padded prefill for all of them (as
+        `generate` batches its prompts), or each alone where the padded call would not fit the context
+        (a short prompt asking for many tokens beside a long one)."""
+        if not jobs:
+            return
+        try:
+            call = self._call(jobs)
+        except ValueError:  # the padded group exceeds a limit no single job does: start them one by one
+            for job in jobs:
+                self._start([job], self._call([job]))
+            return
+        self._start(jobs, call)
+
+    def _call(self, jobs: list):
+        """The checked call that prefills `jobs` together: prompts left-padded to the longest (padding is absent
+        keys, so each row computes what it would alone), room for the largest max_tokens."""
+        width = max(len(j.prompt_ids) for j in jobs)
+        ids = torch.zeros(len(jobs), width, dtype=torch.long)
+        valid = torch.zeros(len(jobs), width, dtype=torch.bool)
+        for r, job in enumerate(jobs):
+            ids[r, width - len(job.prompt_ids):] = torch.tensor(job.prompt_ids, dtype=torch.long)
+            valid[r, width - len(job.prompt_ids):] = True
+        return jobs[0].decoder.prepare(self.towers, ids, valid, max_new_tokens=max(j.max_tokens for j in jobs))
+
+    def _start(self, jobs: list, call) -> None:
+        started = self.decoder.begin(call, JobRows(jobs, on_drop=self.on_drop))
+        if self.state is None:
+            self.state = started
+        else:
+            self.state.join(started)
 
     def leave(self) -> None:
         """Drop the rows whose job finished or was abandoned (client gone)."""
