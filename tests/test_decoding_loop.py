@@ -247,11 +247,20 @@ def counting_prefills(monkeypatch, context) -> list:
     return sizes
 
 
-def test_requests_waiting_together_are_prefilled_in_one_forward(served, monkeypatch):
+@pytest.mark.parametrize("family", ["nemotron_h", "llama"])
+def test_requests_waiting_together_are_prefilled_in_one_forward(served, monkeypatch, family):
     """The requests a batch takes at one boundary share one left-padded prefill (not one each); prompts of
-    other lengths, greedy and seeded rows, AR and speculative: each output is still what it is alone."""
+    other lengths, greedy and seeded rows, AR and speculative: each output is still what it is alone (on a
+    RoPE family too, whose padded rows must keep their logical positions)."""
+    from conftest import make_family_towers
+
+    from twotower.model import TwoTowerLM
     from twotower.serving.scheduler import Job, Scheduler
 
+    if family == "llama":
+        ctx, den = make_family_towers("llama", seed=4, vocab_size=260)
+        model = TwoTowerLM(ctx.config, block_size=8, context=ctx, denoiser=den).eval()
+        served = SimpleNamespace(model=model, settings=served.settings)
     sizes = counting_prefills(monkeypatch, served.model.context)
     bodies = [{"prompt": p, "max_tokens": 6 + i, "decoder": d, **extra}
               for i, (p, d, extra) in enumerate([

@@ -301,7 +301,12 @@ class Scheduler:
             self._admit_group(key, self.batches[key], group)
 
     def _admit_group(self, key, batch: Stepper, group: list[Job]) -> None:
-        """batch.admit(group); a failed prefill fails its requests (and the batch, if any of them had joined)."""
+        """batch.admit(group): one prefill, or one per request where the padded group would not fit
+        (`Stepper.fits_together`). A failed prefill fails its requests (and the batch, if any of them had joined)."""
+        if len(group) > 1 and not batch.fits_together(group):
+            for job in group:
+                self._admit_group(key, batch, [job])
+            return
         try:
             batch.admit(group)
         except Exception as e:  # noqa: BLE001

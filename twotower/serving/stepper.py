@@ -6,7 +6,8 @@ decoder does every iteration itself (`Decoder.draft` / `Decoder.step`, as in `De
 the stepper only
 
 * admits requests: the prompts admitted at one boundary are prefilled together (`Decoder.begin` on one
-  left-padded call, as `generate` batches them; one by one where the padded call would not fit) and
+  left-padded call, as `generate` batches them; the scheduler admits them one by one where the padded call
+  would not fit, `fits_together`) and
   joined to the batch (`DecodeState.join`: the caches are concatenated, left padding = absent keys,
   exact), and
 * lets finished or abandoned rows leave (`DecodeState.keep`).
@@ -137,18 +138,24 @@ class Stepper:
 
     # ---- membership ---------------------------------------------------------------------------
     def admit(self, jobs: list) -> None:
-        """Start the jobs and join their rows to the batch: one left-padded prefill for all of them (as
-        `generate` batches its prompts), or each alone where the padded call would not fit the context
-        (a short prompt asking for many tokens beside a long one)."""
-        if not jobs:
-            return
+        """Start the jobs and join their rows to the batch, with one left-padded prefill for all of them (as
+        `generate` batches its prompts). Raises before anything changed when the call is refused
+        (`fits_together` says whether it would be)."""
+        if jobs:
+            started = self.decoder.begin(self._call(jobs), JobRows(jobs, on_drop=self.on_drop))
+            if self.state is None:
+                self.state = started
+            else:
+                self.state.join(started)
+
+    def fits_together(self, jobs: list) -> bool:
+        """Whether `jobs` can be prefilled as one padded call: False where padding a short prompt that asks for
+        many tokens to the longest prompt passes the context limit (or any other check of the call fails)."""
         try:
-            call = self._call(jobs)
-        except ValueError:  # the padded group exceeds a limit no single job does: start them one by one
-            for job in jobs:
-                self._start([job], self._call([job]))
-            return
-        self._start(jobs, call)
+            self._call(jobs)
+        except ValueError:
+            return False
+        return True
 
     def _call(self, jobs: list):
         """The checked call that prefills `jobs` together: prompts left-padded to the longest (padding is absent
@@ -160,13 +167,6 @@ class Stepper:
             ids[r, width - len(job.prompt_ids):] = torch.tensor(job.prompt_ids, dtype=torch.long)
             valid[r, width - len(job.prompt_ids):] = True
         return jobs[0].decoder.prepare(self.towers, ids, valid, max_new_tokens=max(j.max_tokens for j in jobs))
-
-    def _start(self, jobs: list, call) -> None:
-        started = self.decoder.begin(call, JobRows(jobs, on_drop=self.on_drop))
-        if self.state is None:
-            self.state = started
-        else:
-            self.state.join(started)
 
     def leave(self) -> None:
         """Drop the rows whose job finished or was abandoned (client gone)."""
