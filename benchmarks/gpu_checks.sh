@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The GPU checks as one prepared script, for a machine with CUDA (and, for the kernel parity
-# tests, mamba-ssm installed): every CUDA test (pytest -m gpu), then a short benchmark on the GPU.
+# tests, mamba-ssm installed): every CUDA test (pytest -m gpu), then short benchmarks on the GPU (the
+# embedded default, then the real model in bf16 and float32).
 #   bash benchmarks/gpu_checks.sh [OUT_DIR]
 # Kernel allow-list: if test_mamba_ssm_kernel_matches_reference passes (it includes seeded scans
 # shorter than chunk_size, e.g. L=16 with chunk 128), the printed mamba-ssm version may be added to
@@ -20,5 +21,10 @@ python -m pytest -q -rs "tests/test_ssd.py::test_mamba_ssm_kernel_matches_refere
 [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
 python benchmarks/bench.py --device cuda --prompts 8 --repeats 2 --modes ar,hf_generate,mock_ar,diff_t0.8_b16,diff_t0.5_b16,spec_b16 \
     --no-training --out "$out/bench" 2>&1 | tee "$out/bench.log"
+[ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+# The real model on the GPU (issue 23: what a GPU changes): AR against speculative in bf16 and float32, and
+# the merged draft copies; float32 speculative must equal float32 AR on every prompt. About 3 minutes on an H100.
+python benchmarks/real_model.py --device cuda --merged --only ar spec spec_merged ar_fp32 spec_fp32 \
+    --per-kind 3 --next-lines 0 --out "$out/real_model_gpu.json" 2>&1 | tee "$out/real_model_gpu.log"
 [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
 exit $status

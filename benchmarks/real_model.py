@@ -121,6 +121,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "default) or ar_fp32, for a CPU without a oneDNN bf16 path, where bf16 runs a slow "
                         "fallback (twotower.hardware); with --only ar_fp32 ... no bf16 model is loaded")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    p.add_argument("--device", default="cpu",
+                   help="where both towers run, e.g. cuda (benchmarks/gpu_checks.sh): the CPU-only copies (int8, "
+                        "oneDNN packing) fall back to plain products there; each timed call ends in a device sync")
     p.add_argument("--out", default="benchmarks/results/real_model.json")
     p.add_argument("--samples", type=int, default=2, help="completions per mode to print")
     p.add_argument("--next-line-only", action="store_true", help="run only the next-line task (quality, no timing)")
@@ -163,10 +166,19 @@ def next_line_cases(tok, texts: list[str], n: int, rng: random.Random) -> list[t
 
 
 # ---- running ----------------------------------------------------------------------------------
+def sync(device: torch.device) -> None:
+    """Wait for the device's queued work (a GPU runs asynchronously; a CPU needs nothing)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def run(model, decoder, ids: list[int], new_tokens: int, eos) -> tuple[list[int], float, dict]:
-    x = torch.tensor([ids])
+    device = model.context.lm_head.weight.device
+    x = torch.tensor([ids], device=device)
+    sync(device)
     t0 = time.perf_counter()
     out = decoder.generate(model, x, max_new_tokens=new_tokens, eos_token_id=eos)
+    sync(device)
     dt = time.perf_counter() - t0
     n = int(out.num_generated[0])
     return out.new_tokens[0, :n].tolist(), dt, {"nfe": int(out.nfe[0]), "blocks": out.blocks}
@@ -340,7 +352,9 @@ def summarize_seed(res: dict, judge, modes: dict, baseline: str = "ar") -> dict:
 
 
 def _nll(judge, rs) -> float:
-    vals = [float(continuation_nll(judge, torch.tensor([r["prompt"]]), torch.tensor([r["tokens"]]))[0])
+    device = judge.lm_head.weight.device
+    vals = [float(continuation_nll(judge, torch.tensor([r["prompt"]], device=device),
+                                   torch.tensor([r["tokens"]], device=device))[0])
             for r in rs if r["tokens"]]
     return statistics.fmean(vals)
 
@@ -384,10 +398,11 @@ def render(agg: dict, samples: dict, baseline: str = "ar") -> str:
     return "\n".join(L)
 
 
-def load_model(name: str, key: str) -> TwoTowerLM:
-    """The model of MODELS[key]: `name` in its dtype, with its inference copies made."""
+def load_model(name: str, key: str, device="cpu") -> TwoTowerLM:
+    """The model of MODELS[key]: `name` in its dtype on `device`, with its inference copies made (after the move:
+    moving drops them)."""
     dtype, merge = MODELS[key]
-    model = TwoTowerLM.from_pretrained(name, dtype=dtype).eval()
+    model = TwoTowerLM.from_pretrained(name, dtype=dtype).eval().to(device)
     if merge is not None:
         made = model.merge_adapters(**merge)
         print(f"{key}: merge_adapters(**{merge}) made {made / 1e6:.1f} MB of inference copies", file=sys.stderr)
@@ -400,7 +415,8 @@ def main(argv=None) -> int:
         torch.set_num_threads(args.threads)
     modes = build_modes(args.diffusion, args.spec_cuts, args.merged, args.only, args.baseline, args.short_drafts,
                         args.draft_steps)
-    models = {key: load_model(args.model, key) for key in sorted({m for m, _ in modes.values()} | {"fp32"})}
+    models = {key: load_model(args.model, key, args.device)
+              for key in sorted({m for m, _ in modes.values()} | {"fp32"})}
     tok = models["fp32"].tokenizer
     docs = {"prose": held_out_documents("stdlib-docs"), "python": held_out_documents("stdlib")}
     judge = models["fp32"].context

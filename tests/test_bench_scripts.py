@@ -168,3 +168,34 @@ def test_draft_gate_records_each_iteration_without_changing_the_decode(tmp_path,
     assert draft_gate.main([str(REPO / "twotower" / "assets" / "twotower"), "--cost", "3", "--seeds", "0",
                             "--per-kind", "1", "--new-tokens", "24", "--out", str(out)]) == 0
     assert "| AR step below tau |" in capsys.readouterr().out and json.loads(out.read_text())["records"]
+
+
+def _real_model_run_on(device: str, tmp_path) -> None:
+    """real_model.py's timed call and NLL judge on `device`: the tokens are `generate`'s on that device."""
+    from conftest import save_tiny_twotower
+
+    from benchmarks import real_model as rm
+    from twotower.decoding import Autoregressive
+
+    model = rm.load_model(str(save_tiny_twotower(tmp_path / "tt")), "fp32", device)
+    assert model.context.lm_head.weight.device.type == device
+    ids = [1, 40, 41, 42, 43]
+    with torch.inference_mode():
+        toks, seconds, info = rm.run(model, Speculative(block_size=4), ids, 6, None)
+        want = Autoregressive().generate(model, torch.tensor([ids], device=device), max_new_tokens=6)
+        nll = rm._nll(model.context, [{"prompt": ids, "tokens": toks}])
+    assert toks == want.new_tokens[0].tolist() and seconds > 0 and info["nfe"] >= 1
+    assert nll == nll and nll > 0  # a finite, positive mean NLL
+
+
+def test_real_model_runs_on_the_device_it_is_given(tmp_path):
+    from benchmarks import real_model as rm
+
+    assert rm.parse_args([]).device == "cpu" and rm.parse_args(["--device", "cuda"]).device == "cuda"
+    _real_model_run_on("cpu", tmp_path)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_real_model_runs_on_a_gpu(tmp_path):
+    _real_model_run_on("cuda", tmp_path)
