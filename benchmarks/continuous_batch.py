@@ -11,7 +11,8 @@ its scheduler (`twotower.serving.Scheduler`, continuous batching at block bounda
 row's place to the next request. Both decoders run here both ways on the same prompts:
 
 * static: `Decoder.generate` over the prompts in consecutive batches of --max-batch rows (the
-  embedded benchmark's batch-8 protocol);
+  embedded benchmark's batch-8 protocol), with the mean rows a speculative iteration held (untimed: how much
+  of each batch's work ran short of rows);
 * continuous: every prompt submitted at once to one in-process `Scheduler(max_batch=--max-batch)`
   (no HTTP), which admits them as rows free up; timed until the last job is over. Each new row is
   prefilled alone there, for both decoders.
@@ -70,13 +71,17 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
-def static_run(model, decoder, prompts: list[list[int]], new_tokens: int, max_batch: int) -> list[list[int]]:
-    """Each prompt's tokens, from `generate` over consecutive batches of `max_batch` prompts (equal lengths)."""
+def static_run(model, decoder, prompts: list[list[int]], new_tokens: int, max_batch: int,
+               rows: list | None = None) -> list[list[int]]:
+    """Each prompt's tokens, from `generate` over consecutive batches of `max_batch` prompts (equal lengths).
+    rows: if given, gets (iterations, row-iterations) per batch: how full the batch stayed."""
     out = []
     for i in range(0, len(prompts), max_batch):
         ids = torch.tensor(prompts[i: i + max_batch])
         res = decoder.generate(model, ids, torch.ones_like(ids), max_new_tokens=new_tokens, eos_token_id=None)
         out.extend(res.new_tokens.tolist())
+        if rows is not None:
+            rows.append((max(int(res.blocks), 1), int(res.nfe.sum())))
     return out
 
 
@@ -138,7 +143,11 @@ def measure_seed(model, prompts, args, tok) -> dict:
     med = {m: statistics.median(v) for m, v in times.items()}
     same = {m: all(out == reference for out in outs[m]) for m in MODES}  # every round, every row
     rows_equal = {m: sum(a == b for a, b in zip(outs[m][-1], reference)) for m in MODES}
+    filled: list = []  # untimed: how many rows a static speculative iteration holds on average
+    with torch.inference_mode():
+        static_run(model, decoders(args)["spec"], prompts, args.max_new_tokens, args.max_batch, filled)
     return {"seconds": med, "equal_to_ar": same, "rows_equal_to_ar": rows_equal,
+            "spec_static_rows_per_iteration": sum(r for _, r in filled) / sum(i for i, _ in filled),
             "spec_over_ar_static": med["ar_static"] / med["spec_static"],
             "spec_over_ar_continuous": med["ar_continuous"] / med["spec_continuous"],
             "continuous_spec_over_static_ar": med["ar_static"] / med["spec_continuous"],
@@ -157,17 +166,18 @@ def load(args) -> tuple[TwoTowerLM, object]:
 
 def render(per_seed: dict) -> str:
     lines = ["| seed | AR static s | spec static s | AR continuous s | spec continuous s | spec / AR, static "
-             "| spec / AR, continuous | spec continuous / AR static | output = static AR |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "| spec / AR, continuous | spec continuous / AR static | rows per static spec iteration | output = static AR |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for seed, r in per_seed.items():
         s = r["seconds"]
         lines.append(f"| {seed} | {s['ar_static']:.2f} | {s['spec_static']:.2f} | {s['ar_continuous']:.2f} | "
                      f"{s['spec_continuous']:.2f} | {r['spec_over_ar_static']:.3f} | {r['spec_over_ar_continuous']:.3f} | "
-                     f"{r['continuous_spec_over_static_ar']:.3f} | {'yes' if all(r['equal_to_ar'].values()) else 'NO'} |")
+                     f"{r['continuous_spec_over_static_ar']:.3f} | {r['spec_static_rows_per_iteration']:.2f} | "
+                     f"{'yes' if all(r['equal_to_ar'].values()) else 'NO'} |")
     means = {k: statistics.mean(r[k] for r in per_seed.values()) for k in
              ("spec_over_ar_static", "spec_over_ar_continuous", "continuous_spec_over_static_ar")}
     lines.append(f"| mean | | | | | {means['spec_over_ar_static']:.3f} | {means['spec_over_ar_continuous']:.3f} | "
-                 f"{means['continuous_spec_over_static_ar']:.3f} | |")
+                 f"{means['continuous_spec_over_static_ar']:.3f} | | |")
     return "\n".join(lines)
 
 
