@@ -127,13 +127,18 @@ def run_scheduler(sched, srv, requests) -> list:
     sched.start()
     try:
         jobs = [sched.submit(Job(r, TOK, [TOK.eos_token_id])) for r in requests]
-        deadline = time.time() + 120
-        while not all(j.over for j in jobs):
-            assert time.time() < deadline, "the jobs did not finish"
-            time.sleep(0.02)
+        wait_over(jobs)
     finally:
         sched.stop()
     return jobs
+
+
+def wait_over(jobs, seconds: float = 120) -> None:
+    """Wait until every job is over (done, failed or dropped), failing the test after `seconds`."""
+    deadline = time.time() + seconds
+    while not all(j.over for j in jobs):
+        assert time.time() < deadline, "the jobs did not finish"
+        time.sleep(0.02)
 
 
 def parse(srv, body):
@@ -225,10 +230,7 @@ def submitted_together(sched, jobs) -> list:
         for job in jobs:
             sched.submit(job)
         ready.set()
-        deadline = time.time() + 120
-        while not all(j.over for j in jobs):
-            assert time.time() < deadline, "the jobs did not finish"
-            time.sleep(0.02)
+        wait_over(jobs)
     finally:
         ready.set()
         sched.stop()
