@@ -215,17 +215,20 @@ REQUESTS = [(5, 4), (2, 9), (7, 6), (3, 7)]
 
 
 def check_served_equals_alone(decoder, model, eos: int, seed: int) -> None:
-    """The server's working batch (`serving.Stepper`, driven by hand): two requests start, two join
-    after the first step, rows leave as they finish; each request's tokens == `generate` on it alone
-    (with its own seed when sampling)."""
+    """The server's working batch (`serving.Stepper`, driven by hand): two requests start together (one
+    prefill), two join one by one after the first step, rows leave as they finish; each request's tokens
+    == `generate` on it alone (with its own seed when sampling)."""
     name = type(decoder).__name__
     prompts = random_prompts([n for n, _ in REQUESTS], seed=21 + seed, vocab_size=_vocab(model))
     jobs = [_job(decoder, p, cap, eos, seed + i) for i, (p, (_, cap)) in enumerate(zip(prompts, REQUESTS))]
     stepper = Stepper(Towers.of(model), decoder)
     _run(f"{name} in the server (Stepper.key)", Stepper.key, decoder, stepper.towers)
-    _run(f"{name} in the server: admitting 2 requests", stepper.admit, jobs[:2])
+    # The server admits both ways: requests waiting at one boundary share one prefill, and requests that
+    # arrive at different boundaries are each prefilled alone.
+    _run(f"{name} in the server: admitting 2 requests together", stepper.admit, jobs[:2])
     _run(f"{name} in the server: step 0", stepper.step)
-    _run(f"{name} in the server: 2 requests joining after step 0", stepper.admit, jobs[2:])
+    for i in (2, 3):
+        _run(f"{name} in the server: request {i} joining alone after step 0", stepper.admit, [jobs[i]])
     _drive(stepper, name)
     for i, (job, p) in enumerate(zip(jobs, prompts)):
         alone = _generate(decoder, model, p[None], None, job.max_tokens, eos, seed + i)
