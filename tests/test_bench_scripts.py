@@ -170,49 +170,39 @@ def test_draft_gate_records_each_iteration_without_changing_the_decode(tmp_path,
     assert "| AR step below tau |" in capsys.readouterr().out and json.loads(out.read_text())["records"]
 
 
-def _real_model_run_on(device: str, tmp_path) -> None:
-    """real_model.py's timed call and NLL judge on `device`: the tokens are `generate`'s on that device."""
+def _real_model_run_on(device: str, tmp_path) -> dict:
+    """real_model.py's timed call and NLL judge on `device`, beside `generate` on that device."""
     from conftest import save_tiny_twotower
 
     from benchmarks import real_model as rm
     from twotower.decoding import Autoregressive
 
     model = rm.load_model(str(save_tiny_twotower(tmp_path / "tt")), "fp32", device)
-    assert model.context.lm_head.weight.device.type == device
     ids = [1, 40, 41, 42, 43]
     with torch.inference_mode():
         toks, seconds, info = rm.run(model, Speculative(block_size=4), ids, 6, None)
         want = Autoregressive().generate(model, torch.tensor([ids], device=device), max_new_tokens=6)
         nll = rm._nll(model.context, [{"prompt": ids, "tokens": toks}])
-    assert toks == want.new_tokens[0].tolist() and seconds > 0 and info["nfe"] >= 1
-    assert nll == nll and nll > 0  # a finite, positive mean NLL
+    return {"device": model.context.lm_head.weight.device.type, "tokens": toks,
+            "ar": want.new_tokens[0].tolist(), "seconds": seconds, "nfe": info["nfe"], "nll": nll}
+
+
+def assert_real_model_ran_on(device: str, got: dict) -> None:
+    """The tokens are AR's on that device, the call was timed and the mean NLL is finite and positive."""
+    assert got["device"] == device and got["tokens"] == got["ar"], got
+    assert got["seconds"] > 0 and got["nfe"] >= 1 and 0 < got["nll"] < float("inf"), got
 
 
 def test_real_model_runs_on_the_device_it_is_given(tmp_path):
     from benchmarks import real_model as rm
 
     assert rm.parse_args([]).device == "cpu" and rm.parse_args(["--device", "cuda"]).device == "cuda"
-    _real_model_run_on("cpu", tmp_path)
+    assert_real_model_ran_on("cpu", _real_model_run_on("cpu", tmp_path))
 
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_real_model_runs_on_a_gpu(tmp_path):
-    _real_model_run_on("cuda", tmp_path)
-
-
-def test_continuous_batch_compares_static_and_scheduled_batches_on_the_same_prompts(tmp_path, capsys):
-    """benchmarks/continuous_batch.py: AR and speculative, static and through the scheduler, every output equal
-    to static AR's, the ratios and how full the static speculative batches stayed."""
-    from benchmarks import continuous_batch as cb
-
-    out = tmp_path / "cb.json"
-    assert cb.main(["--seeds", "0", "--prompts", "5", "--max-batch", "2", "--max-new-tokens", "6", "--rounds", "1",
-                    "--prompt-len", "24", "--block-size", "4", "--out", str(out)]) == 0
-    res = json.loads(out.read_text())["per_seed"]["0"]
-    assert all(res["equal_to_ar"].values()) and res["rows_equal_to_ar"] == {m: 5 for m in cb.MODES}
-    assert set(res["seconds"]) == set(cb.MODES) and all(v > 0 for v in res["seconds"].values())
-    assert 1.0 <= res["spec_static_rows_per_iteration"] <= 2.0  # batches of 2, then the odd prompt alone
-    assert "| mean |" in capsys.readouterr().out
-    with pytest.raises(SystemExit):
-        cb.parse_args(["--max-batch", "0"])
+    got = _real_model_run_on("cuda", tmp_path)
+    assert got["device"] == "cuda"
+    assert_real_model_ran_on("cuda", got)

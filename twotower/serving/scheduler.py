@@ -302,13 +302,14 @@ class Scheduler:
 
     def _admit_group(self, key, batch: Stepper, group: list[Job]) -> None:
         """batch.admit(group): one prefill, or one per request where the padded group would not fit
-        (`Stepper.fits_together`). A failed prefill fails its requests (and the batch, if any of them had joined)."""
-        if len(group) > 1 and not batch.fits_together(group):
+        (`Stepper.group_call`). A failed prefill fails its requests (and the batch, if any of them had joined)."""
+        call = batch.group_call(group) if len(group) > 1 else None  # a lone request's own errors fail it below
+        if len(group) > 1 and call is None:
             for job in group:
                 self._admit_group(key, batch, [job])
             return
         try:
-            batch.admit(group)
+            batch.admit(group, call)
         except Exception as e:  # noqa: BLE001
             log.exception("prefill failed")
             if any(job in batch.jobs for job in group):  # joined before the failure: the batch state is suspect

@@ -7,7 +7,7 @@ the stepper only
 
 * admits requests: the prompts admitted at one boundary are prefilled together (`Decoder.begin` on one
   left-padded call, as `generate` batches them; the scheduler admits them one by one where the padded call
-  would not fit, `fits_together`) and
+  would not fit, `group_call`) and
   joined to the batch (`DecodeState.join`: the caches are concatenated, left padding = absent keys,
   exact), and
 * lets finished or abandoned rows leave (`DecodeState.keep`).
@@ -137,25 +137,26 @@ class Stepper:
         return len(self.jobs)
 
     # ---- membership ---------------------------------------------------------------------------
-    def admit(self, jobs: list) -> None:
+    def admit(self, jobs: list, call=None) -> None:
         """Start the jobs and join their rows to the batch, with one left-padded prefill for all of them (as
-        `generate` batches its prompts). Raises before anything changed when the call is refused
-        (`fits_together` says whether it would be)."""
+        `generate` batches its prompts). call: their `group_call`, when the caller made it already. Raises
+        before anything changed when the call is refused."""
         if jobs:
-            started = self.decoder.begin(self._call(jobs), JobRows(jobs, on_drop=self.on_drop))
+            call = self._call(jobs) if call is None else call
+            started = self.decoder.begin(call, JobRows(jobs, on_drop=self.on_drop))
             if self.state is None:
                 self.state = started
             else:
                 self.state.join(started)
 
-    def fits_together(self, jobs: list) -> bool:
-        """Whether `jobs` can be prefilled as one padded call: False where padding a short prompt that asks for
-        many tokens to the longest prompt passes the context limit (or any other check of the call fails)."""
+    def group_call(self, jobs: list):
+        """The checked call that prefills `jobs` together, or None where it is refused: padding a short prompt
+        that asks for many tokens to the longest prompt can pass the context limit that none of them passes
+        alone (the scheduler then admits them one by one)."""
         try:
-            self._call(jobs)
+            return self._call(jobs)
         except ValueError:
-            return False
-        return True
+            return None
 
     def _call(self, jobs: list):
         """The checked call that prefills `jobs` together: prompts left-padded to the longest (padding is absent

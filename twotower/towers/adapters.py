@@ -313,13 +313,13 @@ def dense_state_dict(denoiser: nn.Module) -> dict[str, Tensor]:
             out.update({prefix + k: v for k, v in module.__dict__["target"].state_dict().items()})
             return
         # Own tensors, and those `_borrow_tensors` attached unregistered (a split Mamba mixer's A_log, D, ...).
-        own = {**module._parameters, **{k: v for k, v in module._buffers.items()
-                                        if k not in module._non_persistent_buffers_set}}
-        own.update({k: v for k, v in module.__dict__.items() if isinstance(v, nn.Parameter)})
-        out.update({prefix + k: v for k, v in own.items() if v is not None})
-        for name, child in module._modules.items():
-            if child is not None:
-                walk(child, prefix + name + ".")
+        own = dict(module.named_parameters(recurse=False))
+        own.update((k, v) for k, v in module.named_buffers(recurse=False)
+                   if k not in module._non_persistent_buffers_set)  # as state_dict: persistent buffers only
+        own.update((k, v) for k, v in module.__dict__.items() if isinstance(v, nn.Parameter))
+        out.update({prefix + k: v for k, v in own.items()})
+        for name, child in module.named_children():
+            walk(child, prefix + name + ".")
 
     walk(denoiser, "")
     return {k: v.detach().clone() for k, v in out.items()}
