@@ -206,3 +206,20 @@ def test_real_model_runs_on_a_gpu(tmp_path):
     got = _real_model_run_on("cuda", tmp_path)
     assert got["device"] == "cuda"
     assert_real_model_ran_on("cuda", got)
+
+
+def test_continuous_batch_compares_static_and_scheduled_batches_on_the_same_prompts(tmp_path, capsys):
+    """benchmarks/continuous_batch.py: AR and speculative, static and through the scheduler, every output equal
+    to static AR's, the ratios and how full the static speculative batches stayed."""
+    from benchmarks import continuous_batch as cb
+
+    out = tmp_path / "cb.json"
+    assert cb.main(["--seeds", "0", "--prompts", "5", "--max-batch", "2", "--max-new-tokens", "6", "--rounds", "1",
+                    "--prompt-len", "24", "--block-size", "4", "--out", str(out)]) == 0
+    res = json.loads(out.read_text())["per_seed"]["0"]
+    assert all(res["equal_to_ar"].values()) and res["rows_equal_to_ar"] == {m: 5 for m in cb.MODES}
+    assert set(res["seconds"]) == set(cb.MODES) and all(v > 0 for v in res["seconds"].values())
+    assert 1.0 <= res["spec_static_rows_per_iteration"] <= 2.0  # batches of 2, then the odd prompt alone
+    assert "| mean |" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        cb.parse_args(["--max-batch", "0"])
