@@ -202,10 +202,14 @@ def run_modes(runner: Runner, modes: list[Mode], batches: list[tuple[Tensor, Ten
             "nfe_total": nfe,
             "nfe_source": "by construction (1 forward per token)" if mode.kind == "hf" else "counted",
             "tokens_per_nfe": total / nfe,
-            # Speculative: one draft forward per row and iteration by construction (rows run different
-            # numbers of iterations), so tok/NFE already is tokens per iteration; no per-block figure.
+            # Speculative: one draft forward per row and iteration (rows run different numbers of
+            # iterations), so tok/NFE is tokens per iteration, except with lookup drafts
+            # (`Speculative(lookup=...)`), whose iterations may run no forward: hence tokens per
+            # iteration at batch 1, where a call's iterations are its row's. No per-block figure.
             # One-token modes (AR, mock-AR) have no blocks at all.
             "nfe_per_block": nfe / block_rows if block_rows and mode.kind != "speculative" else None,
+            "tokens_per_iteration": total / block_rows if block_rows and mode.kind == "speculative"
+            and all(c.new_tokens.shape[0] == 1 for c in calls) else None,
             "deterministic_across_repeats": deterministic[i],
             "cache_bytes": warm[i].cache_bytes,
             "cuda_peak_bytes": None if peaks[i] is None else peaks[i][0],
@@ -233,7 +237,8 @@ def generation_runs(runner: Runner, modes: list[Mode], prompts: Tensor, truth: T
              "threshold": mode.threshold, "block_size": mode.block, "batch_size": b, **r,
              "param_bytes": module_bytes(*params), "quality": q, "samples": [tok.decode(t) for t in tokens[:2]]}
         runs.append(r)
-        print(f"  {mode.name:>15} batch {b}: {r['tokens_per_s']:9.1f} tok/s  {r['tokens_per_nfe']:5.2f} tok/NFE"
+        per_it = "" if r["tokens_per_iteration"] is None else f"  {r['tokens_per_iteration']:5.2f} tok/iter"
+        print(f"  {mode.name:>15} batch {b}: {r['tokens_per_s']:9.1f} tok/s  {r['tokens_per_nfe']:5.2f} tok/NFE{per_it}"
               f"  agree {q['agreement']:.3f}  nll {q['nll']:.3f}  dist-4 {q['distinct_4']:.3f}", flush=True)
     return runs
 

@@ -20,6 +20,7 @@ __all__ = ["RUN_FIGURES", "spread", "summarize_runs", "summarize_iterations", "s
 RUN_FIGURES = {
     "tokens_per_s": ("tokens_per_s",), "speedup_vs_ar": ("speedup_vs_ar",), "speedup_vs_hf": ("speedup_vs_hf",),
     "tokens_per_nfe": ("tokens_per_nfe",), "nfe_per_block": ("nfe_per_block",),
+    "tokens_per_iteration": ("tokens_per_iteration",),
     "agreement": ("quality", "agreement"), "retention_agreement": ("retention_agreement",),
     "nll": ("quality", "nll"), "retention_nll": ("retention_nll",), "distinct_2": ("quality", "distinct_2"),
     "distinct_4": ("quality", "distinct_4"), "match_ar": ("quality", "match_ar"),

@@ -9,6 +9,7 @@
 | `Speculative` | lossless: the denoiser drafts a block, the context tower keeps what it agrees with |
 | `TwoBranchSpeculative` | lossless `Speculative` that also verifies the draft's runner-up at its likeliest rejection point, in the same forward (tree mask) |
 | `TolerantSpeculative` | `Speculative` that also keeps drafted tokens the context tower finds nearly as likely as its own (not lossless) |
+| `NgramLookup` | not a decoder: `Speculative(lookup=...)`'s free drafts, the continuation of an earlier occurrence of the row's last n tokens |
 | `MockAR` | the released mock-AR mode: one clean token per denoiser forward, no time conditioning |
 | `Autoregressive` | the context tower alone, one token per forward (the baseline) |
 
@@ -27,6 +28,7 @@ from .base import DecodeCall, Decoder, StepCallback, TowerPair, Towers
 from .state import DecodeState, Rows, TrackedRows
 from .diffusion import MaskDiffusion, denoise_block
 from .logits import LogitsProcessor, TokenChooser, TopK, TopP
+from .lookup import NgramLookup, RowIndex
 from .mock_ar import MockAR
 from .registry import build_decoder, decoder_class, register_decoder, registered_decoders
 from .released import ReleasedGenerationMixin, released_step_callback
@@ -41,7 +43,7 @@ __all__ = [
     "GenerationOutput",
     "RowTracker",
     "MaskDiffusion", "Speculative", "TolerantSpeculative", "TwoBranchSpeculative", "MockAR", "Autoregressive", "denoise_block",
-    "draft_one_step",
+    "draft_one_step", "NgramLookup", "RowIndex",
     "LogitsProcessor", "TokenChooser", "TopK", "TopP",
     "register_decoder", "decoder_class", "build_decoder", "registered_decoders",
     "ReleasedGenerationMixin", "released_step_callback", "StopStrings", "StopCriterion",

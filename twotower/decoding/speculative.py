@@ -33,6 +33,7 @@ from ..validation import check_int
 from .base import DecodeCall, Decoder, Towers, length_limit
 from .diffusion import denoise_block
 from .logits import LogitsProcessor, TokenChooser
+from .lookup import NgramLookup
 from .state import DecodeState
 from .tracker import RowTracker
 
@@ -80,6 +81,17 @@ def draft_one_step(denoiser, cache, n: int, *, first: Tensor, shift: bool, mask_
     return x, (conf.cumprod_(-1) >= cut).sum(-1) + 1
 
 
+class _Uses:
+    """A `DecodeState` seen by a draft: its denoiser forwards count only for the rows in `uses` (R,) bool."""
+
+    def __init__(self, state: DecodeState, uses: Tensor):
+        self.state, self.uses = state, uses
+
+    def count_forward(self, idx=None, took_part: Tensor | None = None) -> None:
+        took = self.uses if took_part is None else took_part.cpu() & self.uses
+        self.state.count_forward(idx, took)
+
+
 class Speculative(Decoder):
     """Draft a block with the denoiser, keep the prefix the context tower agrees with.
 
@@ -101,6 +113,10 @@ class Speculative(Decoder):
             trades a few accepted tokens for a shorter verify, which pays where a forward's cost grows
             with its positions (batches on CPU; benchmarks/spec_cost.py). 0 (default): every position.
             Output is unchanged either way.
+        lookup: an `NgramLookup` (or its n-gram size(s): an int or a list of ints): a row whose last n tokens occurred
+            earlier in it drafts what followed them there instead of the denoiser's draft, and an
+            iteration in which every row found one runs no denoiser forward (prompt-lookup drafts,
+            `lookup.py`). None (default): denoiser drafts only. Output is unchanged either way.
 
     `nfe` counts denoiser forwards (one per iteration by default), so tokens per NFE is tokens per
     iteration; `blocks` counts iterations. The step callback sees the draft steps.
@@ -112,8 +128,13 @@ class Speculative(Decoder):
     def __init__(self, block_size: int | None = None, draft_steps: int = 1, sampler: Sampler | None = None,
                  temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
                  logits_processors: Sequence[LogitsProcessor] | None = None, draft_cut: float = 0.0,
-                 batch_block_size: int | None = None):
+                 batch_block_size: int | None = None,
+                 lookup: NgramLookup | int | list[int] | None = None):
         super().__init__(temperature=temperature, top_k=top_k, top_p=top_p, logits_processors=logits_processors)
+        self.lookup = NgramLookup(lookup) if isinstance(lookup, (int, list, tuple)) else lookup
+        if not (self.lookup is None or isinstance(self.lookup, NgramLookup)):
+            raise ValueError(f"lookup must be an NgramLookup, its n-gram size(s) (an int or a list of ints) or None, "
+                             f"got {lookup!r}")
         if isinstance(draft_cut, bool) or not isinstance(draft_cut, (int, float)) or not 0 <= draft_cut < 1:
             raise ValueError(f"draft_cut must be a number in [0, 1) (0 = verify every drafted position), "
                              f"got {draft_cut!r}")
@@ -131,7 +152,7 @@ class Speculative(Decoder):
 
     def extra_repr(self) -> str:
         return (f"block_size={self.block_size}, draft_steps={self.draft_steps}, temperature={self.temperature}, "
-                f"draft_cut={self.draft_cut}, batch_block_size={self.batch_block_size}")
+                f"draft_cut={self.draft_cut}, batch_block_size={self.batch_block_size}, lookup={self.lookup}")
 
     def block_size_for(self, towers: Towers) -> int:
         return towers.block_size if self.block_size is None else self.block_size
@@ -176,7 +197,7 @@ class Speculative(Decoder):
     def batch_key(self, towers: Towers) -> tuple:
         # The chooser is applied per row (state.choose); the draft and the keep rule are shared.
         return (type(self), self.block_size_for(towers), self.draft_steps, repr(self.sampler), self.draft_cut,
-                self.batch_block_size, self.rule_key())
+                self.batch_block_size, repr(self.lookup), self.rule_key())
 
     def prefill(self, state: DecodeState) -> None:
         call = state.call
@@ -184,6 +205,10 @@ class Speculative(Decoder):
         logits, state.cache = call.context.prefill(call.input_ids, call.valid, logits="last",
                                                    capacity=T + call.max_new_tokens + call.block_size)
         state.carry["next"] = state.choose(logits[:, -1])  # (R,) the context tower's next token
+        if self.lookup is not None:
+            ids = call.input_ids.tolist()
+            valid = [[True] * T] * len(ids) if call.valid is None else call.valid.tolist()
+            state.carry["lookup"] = [self.lookup.index([t for t, v in zip(row, ok) if v]) for row, ok in zip(ids, valid)]
 
     def _width(self, state: DecodeState) -> int:
         """Positions the next iteration drafts and verifies (before `room_left` narrows it)."""
@@ -196,18 +221,51 @@ class Speculative(Decoder):
         # a request that ends at the window then fits; everywhere else the width is unchanged.
         n = min(self._width(state), room_left(state))
         cut = self.draft_cut if (state.rows.greedy and self.draft_steps == 1) else 0.0
+        found = None if self.lookup is None else self.looked_up(state, n)
+        if found is not None and all(found):  # every row has a free draft: no denoiser forward this iteration
+            return self.lookup_draft(state, found, n, None, None)
         den = state.den_cache()
-        return self.draft_block(call.denoiser, den, n, first=state.carry["next"].to(den.device), shift=call.shifted,
-                                mask_token_id=call.mask_token_id, tracker=state, rows=None,
-                                block_index=state.iterations, step_callback=state.step_callback, cut=cut)
+        # Rows drafted by lookup ride along in the denoiser's forward (no cache copy for a sub-batch) but
+        # do not count it: each row's `nfe` is what it would be alone.
+        tracker = state if found is None else _Uses(state, torch.tensor([not f for f in found]))
+        x, width = self.draft_block(call.denoiser, den, n, first=state.carry["next"].to(den.device),
+                                    shift=call.shifted, mask_token_id=call.mask_token_id, tracker=tracker, rows=None,
+                                    block_index=state.iterations, step_callback=state.step_callback, cut=cut)
+        return (x, width) if found is None or not any(found) else self.lookup_draft(state, found, n, x, width)
+
+    def looked_up(self, state: DecodeState, n: int) -> list[list[int]]:
+        """Each row's prompt-lookup draft after its next token (at most n - 1 tokens; [] where none)."""
+        return [index.propose(first, n - 1) for index, first in zip(state.carry["lookup"], state.carry["next"].tolist())]
+
+    def lookup_draft(self, state: DecodeState, found: list[list[int]], n: int, x: Tensor | None,
+                     width: Tensor | None) -> tuple[Tensor, Tensor]:
+        """The draft with the rows that found a lookup draft replaced by it: x (R, n) and each row's
+        draft length (1 + the lookup's length; the denoiser's, or n, elsewhere). x None: no denoiser
+        draft was made (every row found one), and the block is only as wide as the longest lookup."""
+        call, first = state.call, state.carry["next"]
+        if x is None:
+            # Sampling verifies every position: a row draws as many tokens per iteration as it would in
+            # any batch (or alone), so its seeded output does not depend on the other rows' lookups.
+            n = 1 + max(len(f) for f in found) if state.rows.greedy else n
+            x = torch.full((len(found), n), call.mask_token_id, dtype=torch.long)
+        else:
+            x = x.to("cpu", copy=True)
+        width = torch.full((len(found),), n, dtype=torch.long) if width is None else width.to("cpu", copy=True)
+        x[:, 0] = first.cpu()
+        for r, tokens in enumerate(found):
+            if tokens:  # positions past a short lookup keep whatever they hold: `width` stops the row there
+                x[r, 1:1 + len(tokens)] = torch.tensor(tokens)
+                width[r] = 1 + len(tokens)
+        return x.to(first.device), width.to(first.device)
 
     def advance(self, state: DecodeState, drafted: tuple[Tensor, Tensor | None]) -> None:
         call, context = state.call, state.call.context
         x, width = drafted
         x = x.to(call.ctx_device)
-        if width is not None:  # row r drafted width[r] positions; verify the longest of them
-            width = width.to(call.ctx_device)
-            x = x[:, : int(width.max())]
+        if width is not None:  # row r drafted width[r] positions; verify the longest of them (greedy only, see
+            width = width.to(call.ctx_device)  # `lookup_draft`: sampled rows draw at every position)
+            if state.rows.greedy:
+                x = x[:, : int(width.max())]
         logits = context.extend(state.cache, x, logits="all", provisional=True)  # (R, m, V)
         ar = state.choose(logits)  # ar[:, i]: the context tower's token after x[:, :i + 1]
         keep = self.kept(logits, ar, x)
@@ -215,6 +273,9 @@ class Speculative(Decoder):
             keep = torch.minimum(keep, width)  # a row keeps nothing past its own draft
         context.accept(state.cache, keep)
         state.carry["next"] = ar.gather(1, (keep - 1)[:, None]).squeeze(1)
+        if self.lookup is not None:  # before commit: finished rows leave with their index
+            for index, row, k in zip(state.carry["lookup"], x.tolist(), keep.tolist()):
+                index.extend(row[:k])
         state.commit(x, keep)
         self.finish_iteration(state)
 

@@ -7,7 +7,8 @@ prefilled on their own) and leave (`state.keep`); the server does both at every 
 
 A state holds what the loop carries from one iteration to the next: the context tower's cache,
 the denoiser's mirror of it (two devices), and `carry`, a dict of per-row tensors (first dimension:
-the rows), which `join` concatenates and `keep` selects along with the cache. Everything a row
+the rows) or lists (host objects, one per row, e.g. a prompt-lookup index), which `join` concatenates
+and `keep` selects along with the cache. Everything a row
 produces goes through a `Rows` object, which owns the bookkeeping and the token choice:
 
 * `TrackedRows` (here): one `RowTracker` for a `generate` call, one chooser and generator for all
@@ -154,7 +155,8 @@ class DecodeState:
         call: the checked call the batch was started with (towers, devices, token ids, block size).
         rows: the per-row bookkeeping (`Rows`).
         cache: the context tower's cache (None before the prefill and once every row has left).
-        carry: per-row tensors the next iteration starts from (first dimension: the rows).
+        carry: per-row tensors (first dimension: the rows) or lists (one host object per row) the
+            next iteration starts from.
         finished: (R,) bool host tensor, rows that have finished (a decoder may keep them until
             every row has, e.g. `Autoregressive`, or drop them with `drop_finished`).
         iterations: steps taken.
@@ -163,7 +165,7 @@ class DecodeState:
     def __init__(self, decoder, call, rows: Rows):
         self.decoder, self.call, self.rows = decoder, call, rows
         self.cache = None
-        self.carry: dict[str, Tensor] = {}
+        self.carry: dict[str, Tensor | list] = {}
         self.finished = torch.zeros(len(rows), dtype=torch.bool)
         self.iterations = 0
         self.forwards = 0  # count_forward calls, to check a step callback was honoured (Decoder.step)
@@ -260,7 +262,8 @@ class DecodeState:
         index = torch.tensor(idx, dtype=torch.long)
         if self.cache is not None:
             self.cache = self.cache.select(index)
-        self.carry = {k: v[index.to(v.device)] for k, v in self.carry.items()}
+        self.carry = {k: [v[i] for i in idx] if isinstance(v, list) else v[index.to(v.device)]
+                      for k, v in self.carry.items()}
 
     def join(self, other: "DecodeState") -> None:
         """Append `other`'s rows (started by a decoder of the same `batch_key`, on the same towers).
@@ -276,7 +279,8 @@ class DecodeState:
                              "join only states of decoders with the same batch_key")
         # Everything that can fail first, so that a refused join leaves this state as it was.
         cache = type(self.cache).concat([self.cache, other.cache])
-        carry = {k: torch.cat([v, other.carry[k].to(v.device)]) for k, v in self.carry.items()}
+        carry = {k: v + list(other.carry[k]) if isinstance(v, list) else torch.cat([v, other.carry[k].to(v.device)])
+                 for k, v in self.carry.items()}
         self.rows.join(other.rows)
         self.cache, self.carry = cache, carry
         self.finished = torch.cat([self.finished, other.finished])
