@@ -107,6 +107,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "each k, as spec_merged_b<n>_s<k> (bf16) and spec_fp32_int8_packed_b<n>_s<k> (float32): "
                         "drafts of k denoiser forwards (the first commits its confident positions, "
                         "ConfidenceThreshold(0.8); the last fills the rest)")
+    p.add_argument("--lookup", type=int, nargs="*", default=[],
+                   help="also run prompt-lookup drafts (Speculative(lookup=g)) for each n-gram size g: spec_fp32_lk<g> "
+                        "(float32, block 16) and, with --merged and --short-drafts, spec_fp32_int8_packed_b<n>_lk<g> "
+                        "and spec_fp32_int8_packed_b16_lk<g>")
     p.add_argument("--merged", action="store_true",
                    help="also run the inference copies (TwoTowerLM.merge_adapters): spec_merged (LoRA merged, "
                         "q/k/v and gate/up fused, pre-packed for oneDNN in the denoiser), ar_fused / spec_fused "
@@ -211,7 +215,8 @@ MODELS = {"bf16": (torch.bfloat16, None), "fp32": (torch.float32, None),
 
 
 def build_modes(samplers: list[str], cuts: list[float] = (), merged: bool = False, only=None,
-                baseline: str = "ar", short: list[int] = (), draft_steps: list[int] = ()) -> dict:
+                baseline: str = "ar", short: list[int] = (), draft_steps: list[int] = (), lookup: list[int] = ()
+                ) -> dict:
     """name -> (model key in MODELS, decoder). `only` keeps those modes plus the AR each is measured against."""
     modes = {"ar": ("bf16", Autoregressive()), "spec": ("bf16", Speculative()),
              "ar_fp32": ("fp32", Autoregressive()), "spec_fp32": ("fp32", Speculative())}
@@ -240,6 +245,10 @@ def build_modes(samplers: list[str], cuts: list[float] = (), merged: bool = Fals
         for k in draft_steps:  # multi-step drafts: more accepted tokens for one more draft forward each
             modes[f"spec_merged_b{n}_s{k}"] = ("bf16_merged", Speculative(block_size=n, draft_steps=k))
             modes[f"spec_fp32_int8_packed_b{n}_s{k}"] = ("fp32_int8_packed", Speculative(block_size=n, draft_steps=k))
+    for g in lookup:  # prompt-lookup drafts: the row's own earlier n-grams, no denoiser forward where one is found
+        modes[f"spec_fp32_lk{g}"] = ("fp32", Speculative(lookup=g))
+        for n in (*short, 16) if merged and short else ():
+            modes[f"spec_fp32_int8_packed_b{n}_lk{g}"] = ("fp32_int8_packed", Speculative(block_size=n, lookup=g))
     for s in samplers:
         kind, _, value = s.partition(":")
         sampler = {"confidence": ConfidenceThreshold, "frontier": FrontierRun}[kind](float(value))
@@ -414,7 +423,7 @@ def main(argv=None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     modes = build_modes(args.diffusion, args.spec_cuts, args.merged, args.only, args.baseline, args.short_drafts,
-                        args.draft_steps)
+                        args.draft_steps, args.lookup)
     models = {key: load_model(args.model, key, args.device)
               for key in sorted({m for m, _ in modes.values()} | {"fp32"})}
     tok = models["fp32"].tokenizer
