@@ -560,6 +560,24 @@ def test_batch_block_size_is_a_server_setting_that_reaches_speculative_decoders(
     assert err.value.param == "batch_block_size"
 
 
+def test_lookup_is_a_server_setting_that_reaches_speculative_decoders():
+    with pytest.raises(ValueError, match="lookup must be an integer >= 1, got 0"):
+        ServeSettings(lookup=0).check(16)
+    settings = ServeSettings(lookup=4)
+    settings.check(16)
+    req = parse_completion({"prompt": "x = ", "max_tokens": 4, "decoder": "speculative"}, settings, TOK,
+                           context_limit=512, model_block_size=16)
+    assert req.decoder.lookup.ngrams == (4,)
+    # Decoders without the setting (two_branch verifies its own second branch) are built as before.
+    req = parse_completion({"prompt": "x = ", "max_tokens": 4, "decoder": "two_branch"}, settings, TOK,
+                           context_limit=512, model_block_size=16)
+    assert not hasattr(req.decoder, "lookup") or req.decoder.lookup is None
+    with pytest.raises(RequestError, match="lookup") as err:
+        parse_completion({"prompt": "x", "max_tokens": 4, "lookup": 2}, settings, TOK, context_limit=512,
+                         model_block_size=16)
+    assert err.value.param == "lookup"
+
+
 def test_a_warning_when_listening_beyond_loopback_without_a_key(model, model_path, monkeypatch, caplog):
     import uvicorn
 

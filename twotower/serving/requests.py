@@ -56,6 +56,10 @@ class ServeSettings:
             full length. A server setting, not a request field: it trades tokens per iteration for
             cheaper batched forwards, which pays on a CPU (SmolLM2 at batch 8: 4 gave 1.00x AR where
             16 gave 0.64x, README "Draft quality and iteration cost"); the output is unchanged.
+        lookup: speculative decoding also drafts from each row's own earlier n-grams of this size
+            (`Speculative(lookup=n)`, prompt-lookup drafts; a row that finds one skips the denoiser's
+            draft); None = denoiser drafts only. A server setting, like batch_block_size; the output
+            is unchanged.
         temperature / max_tokens: request defaults.
         max_batch: rows per working batch; further requests wait for a row to leave.
         stop_at_eos: a row ends at the tokenizer's EOS.
@@ -112,6 +116,7 @@ class ServeSettings:
     threshold: float = 0.8
     draft_steps: int = 1
     batch_block_size: int | None = None
+    lookup: int | None = None
     steps_per_block: int = 16
     temperature: float = 0.0
     max_tokens: int = 16
@@ -164,6 +169,8 @@ class ServeSettings:
                 need_int(name)
         if self.batch_block_size is not None:
             need_int("batch_block_size", 2)  # position 0 of a draft is the context tower's own token
+        if self.lookup is not None:
+            need_int("lookup")
         if self.max_waiting is not None:
             need_int("max_waiting", 0)
         if self.max_connections is not None:
@@ -397,6 +404,7 @@ def _request(body: dict, prompt: Prompt, param: str, tokens_param: str, max_toke
         block_size=_int(body, "block_size", default_block, minimum_block, lim.block_size),
         draft_steps=_int(body, "draft_steps", settings.draft_steps, 1, lim.steps),
         batch_block_size=settings.batch_block_size,  # decoders without it ignore it (build_decoder)
+        lookup=settings.lookup,
         steps_per_block=_int(body, "steps_per_block", settings.steps_per_block, 1, lim.steps),
     )
     # top_p = 1 filters nothing: the same request as one without top_p.
