@@ -110,4 +110,33 @@ def test_bad_lookup_settings_are_refused(bad):
 def test_lookup_changes_the_batch_key_and_shows_in_repr():
     towers_like = type("T", (), {"block_size": 8})()
     assert Speculative(lookup=3).batch_key(towers_like) != Speculative().batch_key(towers_like)
-    assert "NgramLookup(ngram=[3])" in repr(Speculative(lookup=3))
+    assert "NgramLookup(ngram=[3], max_tokens=None)" in repr(Speculative(lookup=3))
+
+
+@pytest.mark.parametrize("bad", [0, True, 2.0])
+def test_bad_max_tokens_are_refused(bad):
+    with pytest.raises(ValueError, match="max_tokens must be an int >= 1"):
+        NgramLookup(3, max_tokens=bad)
+
+
+@pytest.mark.parametrize("temperature", [0.0, 0.8])
+def test_lookups_longer_than_the_block_keep_the_output(temperature):
+    """max_tokens past the denoiser's block: greedy iterations verify up to 1 + max_tokens positions,
+    sampled ones one block; the output is AR's (greedy) or the same seeded sample as with block-long
+    lookups. A vocabulary of 4 real tokens and a long prompt: a unigram lookup always finds a draft."""
+    ctx, den = make_towers(seed=8, vocab_size=8)
+    ids = torch.randint(4, 8, (2, 40), generator=torch.Generator().manual_seed(8))
+    widths = []
+    extend = ctx.extend
+    ctx.extend = lambda cache, tokens, **k: widths.append(tokens.shape[1]) or extend(cache, tokens, **k)
+    gen = lambda: torch.Generator().manual_seed(5)  # noqa: E731
+    long = run_decoder(Speculative(block_size=4, lookup=NgramLookup(1, max_tokens=12), temperature=temperature),
+                       ctx, den, ids, max_new_tokens=30, generator=gen())
+    assert max(widths) == (13 if temperature == 0 else 4)
+    short = run_decoder(Speculative(block_size=4, lookup=1, temperature=temperature), ctx, den, ids,
+                        max_new_tokens=30, generator=gen())
+    assert torch.equal(long.new_tokens, short.new_tokens)
+    if temperature == 0:
+        ar = autoregressive(ctx, ids, max_new_tokens=30, pad_token_id=PAD)
+        assert torch.equal(long.new_tokens, ar.new_tokens)
+    check_decoder(Speculative(lookup=NgramLookup([2, 1], max_tokens=7), temperature=temperature))

@@ -69,17 +69,24 @@ class NgramLookup:
         ngram: the n-gram size, or several (tried longest first). Byte-level models want longer
             ones (a byte trigram matches almost anywhere in code) than BPE models, where 3 tokens
             already name a phrase. Measured in benchmarks/README.md ("Prompt-lookup drafts").
+        max_tokens: the longest lookup draft, in tokens after the context tower's own (None: the
+            decoder's block size - 1). Longer than the denoiser's block pays where lookups run long
+            and verifying a position is cheap; greedy decoding only (sampled rows verify one block).
     """
 
-    def __init__(self, ngram: int | Sequence[int] = 3):
+    def __init__(self, ngram: int | Sequence[int] = 3, max_tokens: int | None = None):
         sizes = [ngram] if isinstance(ngram, int) else list(ngram) if isinstance(ngram, (list, tuple)) else None
         if not sizes or any(isinstance(n, bool) or not isinstance(n, int) or n < 1 for n in sizes):
             raise ValueError(f"ngram must be an int >= 1 or a non-empty list of them (the n-gram sizes to look up, "
                              f"e.g. 3 or [4, 3, 2]), got {ngram!r}")
         self.ngrams = tuple(sorted(set(sizes), reverse=True))
+        if max_tokens is not None and (isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1):
+            raise ValueError(f"max_tokens must be an int >= 1 (the longest lookup draft) or None (the decoder's block "
+                             f"size - 1), got {max_tokens!r}")
+        self.max_tokens = max_tokens
 
     def __repr__(self) -> str:
-        return f"NgramLookup(ngram={list(self.ngrams)})"
+        return f"NgramLookup(ngram={list(self.ngrams)}, max_tokens={self.max_tokens})"
 
     def index(self, tokens: Sequence[int]) -> RowIndex:
         """A fresh index over one row's tokens (its prompt, without padding)."""

@@ -234,23 +234,30 @@ class Speculative(Decoder):
         return (x, width) if found is None or not any(found) else self.lookup_draft(state, found, n, x, width)
 
     def looked_up(self, state: DecodeState, n: int) -> list[list[int]]:
-        """Each row's prompt-lookup draft after its next token (at most n - 1 tokens; [] where none)."""
-        return [index.propose(first, n - 1) for index, first in zip(state.carry["lookup"], state.carry["next"].tolist())]
+        """Each row's prompt-lookup draft after its next token ([] where none): at most n - 1 tokens, or
+        the lookup's `max_tokens` (greedy only: sampled rows verify n positions, see `lookup_draft`)."""
+        most = self.lookup.max_tokens
+        most = n - 1 if most is None or not state.rows.greedy else min(most, room_left(state) - 1)
+        return [index.propose(first, most) for index, first in zip(state.carry["lookup"], state.carry["next"].tolist())]
 
     def lookup_draft(self, state: DecodeState, found: list[list[int]], n: int, x: Tensor | None,
                      width: Tensor | None) -> tuple[Tensor, Tensor]:
-        """The draft with the rows that found a lookup draft replaced by it: x (R, n) and each row's
-        draft length (1 + the lookup's length; the denoiser's, or n, elsewhere). x None: no denoiser
-        draft was made (every row found one), and the block is only as wide as the longest lookup."""
+        """The draft with the rows that found a lookup draft replaced by it: x (R, m) and each row's
+        draft length (1 + the lookup's length; the denoiser's, or n, elsewhere), m = n or 1 + the longest
+        lookup if longer. x None: no denoiser draft was made (every row found one), and, greedy, the
+        block is only as wide as the longest lookup."""
         call, first = state.call, state.carry["next"]
+        longest = 1 + max(len(f) for f in found)
         if x is None:
             # Sampling verifies every position: a row draws as many tokens per iteration as it would in
             # any batch (or alone), so its seeded output does not depend on the other rows' lookups.
-            n = 1 + max(len(f) for f in found) if state.rows.greedy else n
+            n = longest if state.rows.greedy else n
             x = torch.full((len(found), n), call.mask_token_id, dtype=torch.long)
         else:
             x = x.to("cpu", copy=True)
         width = torch.full((len(found),), n, dtype=torch.long) if width is None else width.to("cpu", copy=True)
+        if longest > x.shape[1]:  # a lookup longer than the denoiser's block (`NgramLookup.max_tokens`)
+            x = torch.cat([x, x.new_full((x.shape[0], longest - x.shape[1]), call.mask_token_id)], 1)
         x[:, 0] = first.cpu()
         for r, tokens in enumerate(found):
             if tokens:  # positions past a short lookup keep whatever they hold: `width` stops the row there
