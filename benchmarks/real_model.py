@@ -50,7 +50,7 @@ from pathlib import Path
 import torch
 
 from twotower.data.sources import held_out, iter_documents
-from twotower.decoding import Autoregressive, MaskDiffusion, Speculative
+from twotower.decoding import Autoregressive, MaskDiffusion, NgramLookup, Speculative
 from twotower.evaluation import continuation_nll, distinct_n
 from twotower.model import TwoTowerLM
 from twotower.samplers import ConfidenceThreshold, FrontierRun
@@ -111,6 +111,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="also run prompt-lookup drafts (Speculative(lookup=g)) for each n-gram size g: spec_fp32_lk<g> "
                         "(float32, block 16) and, with --merged and --short-drafts, spec_fp32_int8_packed_b<n>_lk<g> "
                         "and spec_fp32_int8_packed_b16_lk<g>")
+    p.add_argument("--lookup-max-tokens", type=int, default=None,
+                   help="with --lookup, --merged and --short-drafts: also run spec_fp32_int8_packed_b<n>_lk<g>_m<M>, "
+                        "lookup drafts of up to M tokens (NgramLookup(g, max_tokens=M)) beside the n-position "
+                        "denoiser drafts")
     p.add_argument("--merged", action="store_true",
                    help="also run the inference copies (TwoTowerLM.merge_adapters): spec_merged (LoRA merged, "
                         "q/k/v and gate/up fused, pre-packed for oneDNN in the denoiser), ar_fused / spec_fused "
@@ -215,8 +219,8 @@ MODELS = {"bf16": (torch.bfloat16, None), "fp32": (torch.float32, None),
 
 
 def build_modes(samplers: list[str], cuts: list[float] = (), merged: bool = False, only=None,
-                baseline: str = "ar", short: list[int] = (), draft_steps: list[int] = (), lookup: list[int] = ()
-                ) -> dict:
+                baseline: str = "ar", short: list[int] = (), draft_steps: list[int] = (), lookup: list[int] = (),
+                lookup_max: int | None = None) -> dict:
     """name -> (model key in MODELS, decoder). `only` keeps those modes plus the AR each is measured against."""
     modes = {"ar": ("bf16", Autoregressive()), "spec": ("bf16", Speculative()),
              "ar_fp32": ("fp32", Autoregressive()), "spec_fp32": ("fp32", Speculative())}
@@ -249,6 +253,9 @@ def build_modes(samplers: list[str], cuts: list[float] = (), merged: bool = Fals
         modes[f"spec_fp32_lk{g}"] = ("fp32", Speculative(lookup=g))
         for n in (*short, 16) if merged and short else ():
             modes[f"spec_fp32_int8_packed_b{n}_lk{g}"] = ("fp32_int8_packed", Speculative(block_size=n, lookup=g))
+            if lookup_max is not None and n in short:
+                modes[f"spec_fp32_int8_packed_b{n}_lk{g}_m{lookup_max}"] = (
+                    "fp32_int8_packed", Speculative(block_size=n, lookup=NgramLookup(g, max_tokens=lookup_max)))
     for s in samplers:
         kind, _, value = s.partition(":")
         sampler = {"confidence": ConfidenceThreshold, "frontier": FrontierRun}[kind](float(value))
@@ -423,7 +430,7 @@ def main(argv=None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     modes = build_modes(args.diffusion, args.spec_cuts, args.merged, args.only, args.baseline, args.short_drafts,
-                        args.draft_steps, args.lookup)
+                        args.draft_steps, args.lookup, args.lookup_max_tokens)
     models = {key: load_model(args.model, key, args.device)
               for key in sorted({m for m, _ in modes.values()} | {"fp32"})}
     tok = models["fp32"].tokenizer

@@ -567,7 +567,14 @@ def test_lookup_is_a_server_setting_that_reaches_speculative_decoders():
     settings.check(16)
     req = parse_completion({"prompt": "x = ", "max_tokens": 4, "decoder": "speculative"}, settings, TOK,
                            context_limit=512, model_block_size=16)
-    assert req.decoder.lookup.ngrams == (4,)
+    assert req.decoder.lookup.ngrams == (4,) and req.decoder.lookup.max_tokens is None
+    with pytest.raises(ValueError, match="lookup_max_tokens=15 needs lookup"):
+        ServeSettings(lookup_max_tokens=15).check(16)
+    longer = ServeSettings(lookup=3, lookup_max_tokens=15)
+    longer.check(16)
+    req = parse_completion({"prompt": "x = ", "max_tokens": 4, "block_size": 6}, longer, TOK, context_limit=512,
+                           model_block_size=16)
+    assert req.decoder.lookup.max_tokens == 15 and req.decoder.block_size == 6
     # Decoders without the setting (two_branch verifies its own second branch) are built as before.
     req = parse_completion({"prompt": "x = ", "max_tokens": 4, "decoder": "two_branch"}, settings, TOK,
                            context_limit=512, model_block_size=16)

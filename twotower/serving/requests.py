@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..decoding import Decoder, decoder_class, registered_decoders
+from ..decoding import Decoder, NgramLookup, decoder_class, registered_decoders
 from ..decoding import build_decoder as registry_build_decoder
 from ..prompting import Prompt, check_messages, encode_prompt
 from ..tokenizers import Tokenizer
@@ -60,6 +60,8 @@ class ServeSettings:
             (`Speculative(lookup=n)`, prompt-lookup drafts; a row that finds one skips the denoiser's
             draft); None = denoiser drafts only. A server setting, like batch_block_size; the output
             is unchanged.
+        lookup_max_tokens: with lookup, greedy lookup drafts of up to this many tokens, past the
+            request's block_size (`NgramLookup.max_tokens`); None = block_size - 1.
         temperature / max_tokens: request defaults.
         max_batch: rows per working batch; further requests wait for a row to leave.
         stop_at_eos: a row ends at the tokenizer's EOS.
@@ -117,6 +119,7 @@ class ServeSettings:
     draft_steps: int = 1
     batch_block_size: int | None = None
     lookup: int | None = None
+    lookup_max_tokens: int | None = None
     steps_per_block: int = 16
     temperature: float = 0.0
     max_tokens: int = 16
@@ -169,8 +172,12 @@ class ServeSettings:
                 need_int(name)
         if self.batch_block_size is not None:
             need_int("batch_block_size", 2)  # position 0 of a draft is the context tower's own token
-        if self.lookup is not None:
-            need_int("lookup")
+        for name in ("lookup", "lookup_max_tokens"):
+            if getattr(self, name) is not None:
+                need_int(name)
+        if self.lookup_max_tokens is not None and self.lookup is None:
+            raise ValueError(f"lookup_max_tokens={self.lookup_max_tokens} needs lookup (the n-gram size of "
+                             "prompt-lookup drafts), e.g. lookup: 3")
         if self.max_waiting is not None:
             need_int("max_waiting", 0)
         if self.max_connections is not None:
@@ -404,7 +411,7 @@ def _request(body: dict, prompt: Prompt, param: str, tokens_param: str, max_toke
         block_size=_int(body, "block_size", default_block, minimum_block, lim.block_size),
         draft_steps=_int(body, "draft_steps", settings.draft_steps, 1, lim.steps),
         batch_block_size=settings.batch_block_size,  # decoders without it ignore it (build_decoder)
-        lookup=settings.lookup,
+        lookup=None if settings.lookup is None else NgramLookup(settings.lookup, settings.lookup_max_tokens),
         steps_per_block=_int(body, "steps_per_block", settings.steps_per_block, 1, lim.steps),
     )
     # top_p = 1 filters nothing: the same request as one without top_p.
