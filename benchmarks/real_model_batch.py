@@ -37,10 +37,11 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.real_model import held_out_documents, windows  # noqa: E402
-from twotower.decoding import Autoregressive, Speculative  # noqa: E402
+from twotower.decoding import Autoregressive, NgramLookup, Speculative  # noqa: E402
 from twotower.model import TwoTowerLM  # noqa: E402
 
-def build_modes(batch_blocks: list[int], int8_draft: bool = False, pack_rows: list[int] = (), only=None) -> dict:
+def build_modes(batch_blocks: list[int], int8_draft: bool = False, pack_rows: list[int] = (), only=None,
+                lookup: list[int] = (), lookup_max: int | None = None) -> dict:
     """name -> (model key: plain / merged / int8 / packed<r>, decoder): AR, the shipped speculative, merged, and
     merged with each `batch_block_size` in batch_blocks (shorter drafts while rows share the batch);
     with int8_draft the same on the int8 draft's copies; for each r in pack_rows, AR and the int8 draft on a
@@ -55,6 +56,9 @@ def build_modes(batch_blocks: list[int], int8_draft: bool = False, pack_rows: li
     for r in pack_rows:
         modes[f"ar_packed{r}"] = (f"packed{r}", Autoregressive())
         modes |= {f"spec_int8_packed{r}_bb{k}": (f"packed{r}", Speculative(batch_block_size=k)) for k in batch_blocks}
+        for g in lookup:  # prompt-lookup drafts (NgramLookup(g, max_tokens=lookup_max)) on the same copies
+            modes |= {f"spec_int8_packed{r}_bb{k}_lk{g}": (f"packed{r}", Speculative(
+                batch_block_size=k, lookup=NgramLookup(g, max_tokens=lookup_max))) for k in batch_blocks}
     if only is not None:
         unknown = sorted(set(only) - set(modes))
         if unknown:
@@ -80,6 +84,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--pack-rows", type=int, nargs="*", default=[],
                    help="for each r, AR and the int8 draft on a packed context serving up to r rows: ar_packed<r>, "
                         "spec_int8_packed<r>_bb<k> (merge_adapters(int8_draft=True, pack_context=True, pack_rows=r))")
+    p.add_argument("--lookup", type=int, nargs="*", default=[],
+                   help="with --pack-rows: also spec_int8_packed<r>_bb<k>_lk<g>, prompt-lookup drafts of n-gram size g")
+    p.add_argument("--lookup-max-tokens", type=int, default=None,
+                   help="with --lookup: lookup drafts up to this long while a row runs alone (NgramLookup.max_tokens)")
     p.add_argument("--only", nargs="+", default=None, metavar="MODE", help="run only these modes (and ar)")
     p.add_argument("--out", default="benchmarks/results/real_model_batch8.json")
     return p.parse_args(argv)
@@ -99,7 +107,8 @@ def timed(model, decoder, ids: torch.Tensor, new_tokens: int) -> tuple[float, to
 
 
 def measure_seed(models: dict, ids: torch.Tensor, args) -> dict:
-    modes = build_modes(args.batch_blocks, args.int8_draft, args.pack_rows, args.only)
+    modes = build_modes(args.batch_blocks, args.int8_draft, args.pack_rows, args.only, args.lookup,
+                        args.lookup_max_tokens)
     secs = {name: [] for name in modes}
     outs = {}
     names = list(modes)
@@ -152,8 +161,8 @@ def main(argv=None) -> int:
     models = {"plain": plain}
     copies = {"merged": {}, "int8": {"int8_draft": True}}
     copies |= {f"packed{r}": {"int8_draft": True, "pack_context": True, "pack_rows": r} for r in args.pack_rows}
-    for key in sorted({key for key, _ in build_modes(args.batch_blocks, args.int8_draft, args.pack_rows,
-                                                     args.only).values()} - {"plain"}):
+    for key in sorted({key for key, _ in build_modes(args.batch_blocks, args.int8_draft, args.pack_rows, args.only,
+                                                     args.lookup, args.lookup_max_tokens).values()} - {"plain"}):
         models[key] = TwoTowerLM.from_pretrained(args.model, dtype=dtype).eval()
         models[key].merge_adapters(**copies[key])
     tok = plain.tokenizer

@@ -140,3 +140,17 @@ def test_lookups_longer_than_the_block_keep_the_output(temperature):
         ar = autoregressive(ctx, ids, max_new_tokens=30, pad_token_id=PAD)
         assert torch.equal(long.new_tokens, ar.new_tokens)
     check_decoder(Speculative(lookup=NgramLookup([2, 1], max_tokens=7), temperature=temperature))
+
+
+def test_lookups_stay_within_batch_block_size_while_rows_share_the_batch():
+    ctx, den = make_towers(seed=8, vocab_size=8)
+    ids = torch.randint(4, 8, (2, 40), generator=torch.Generator().manual_seed(8))
+    widths = []
+    extend = ctx.extend
+    ctx.extend = lambda cache, tokens, **k: widths.append((cache.batch_size, tokens.shape[1])) or extend(cache, tokens, **k)
+    dec = Speculative(block_size=6, batch_block_size=3, lookup=NgramLookup(1, max_tokens=12))
+    out = run_decoder(dec, ctx, den, ids, max_new_tokens=30)
+    ar = autoregressive(ctx, ids, max_new_tokens=30, pad_token_id=PAD)
+    assert torch.equal(out.new_tokens, ar.new_tokens)
+    shared = [w for rows, w in widths if rows == 2 and w > 1]  # the verifies while both rows run
+    assert shared and max(shared) <= 3

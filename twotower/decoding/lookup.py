@@ -71,7 +71,8 @@ class NgramLookup:
             already name a phrase. Measured in benchmarks/README.md ("Prompt-lookup drafts").
         max_tokens: the longest lookup draft, in tokens after the context tower's own (None: the
             decoder's block size - 1). Longer than the denoiser's block pays where lookups run long
-            and verifying a position is cheap; greedy decoding only (sampled rows verify one block).
+            and verifying a position is cheap; greedy decoding only (sampled rows verify one block),
+            and with `Speculative(batch_block_size=...)` only while a row runs alone.
     """
 
     def __init__(self, ngram: int | Sequence[int] = 3, max_tokens: int | None = None):

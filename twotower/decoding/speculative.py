@@ -237,7 +237,10 @@ class Speculative(Decoder):
         """Each row's prompt-lookup draft after its next token ([] where none): at most n - 1 tokens, or
         the lookup's `max_tokens` (greedy only: sampled rows verify n positions, see `lookup_draft`)."""
         most = self.lookup.max_tokens
-        most = n - 1 if most is None or not state.rows.greedy else min(most, room_left(state) - 1)
+        # Longer lookups only where the block is full-length anyway: with batch_block_size set, rows that
+        # share the batch keep their verify short (the reason it was set) and draft n - 1 at most.
+        longer = most is not None and state.rows.greedy and (len(state) == 1 or self.batch_block_size is None)
+        most = min(most, room_left(state) - 1) if longer else n - 1
         return [index.propose(first, most) for index, first in zip(state.carry["lookup"], state.carry["next"].tolist())]
 
     def lookup_draft(self, state: DecodeState, found: list[list[int]], n: int, x: Tensor | None,
