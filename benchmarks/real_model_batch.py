@@ -17,7 +17,8 @@ Modes (bf16 unless --dtype float32, one thread unless --threads): `ar`; `spec` (
 (`merge_adapters(int8_draft=True)`: the draft's copies and head in dynamic int8); with --pack-rows r, `ar_packed<r>`
 and `spec_int8_packed<r>_bb<k>` (the int8 draft on a context packed for inputs of up to r rows, each row also
 checked against AR on that packed context). tokens / iteration is per row:
-the rows' generated tokens over their denoiser forwards. `= AR` counts rows whose tokens equal AR's
+the rows' generated tokens over their denoiser forwards (with --lookup, `_lk<g>` modes, that is tokens per denoiser
+forward: a row's lookup iterations run none, so it exceeds tokens per iteration). `= AR` counts rows whose tokens equal AR's
 (in bf16 a 16-row verify may round differently from a 1-row step, so this need not be 8/8; the
 float32 exactness check is `real_model.py`'s).
 """
