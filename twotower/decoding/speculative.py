@@ -17,7 +17,8 @@ The denoiser only decides how many tokens an iteration yields (1 to n). Rows adv
 independently: a row that keeps fewer than another leaves masked-out holes in the shared cache
 (squeezed out by the cache's `Cache.compact` once they add up), and a finished row leaves the working
 batch. Host syncs: two per iteration (the new cache length in `accept`, the finished rows), plus
-the verify width with `draft_cut`. A one-step draft (the default) runs `draft_one_step`: the
+the verify width with `draft_cut`; with `lookup`, the next tokens and the kept tokens too (the n-gram
+indexes live on the host). A one-step draft (the default) runs `draft_one_step`: the
 reference `denoise_block`'s tokens without its per-step bookkeeping and host syncs.
 """
 
