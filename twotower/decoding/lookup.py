@@ -21,6 +21,8 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+from ..validation import check_int
+
 __all__ = ["NgramLookup", "RowIndex"]
 
 
@@ -52,13 +54,16 @@ class RowIndex:
         """The draft after `first` (the context tower's next token): at most `width` tokens that
         followed the most recent earlier occurrence of the row's last n tokens, `first` included,
         trying the longest n first; [] when none occurs."""
-        seq = self.tokens + [int(first)]
+        tokens, first = self.tokens, int(first)
         for n in self.ngrams:  # longest first: a longer match predicts further
-            if len(seq) <= n:
+            if len(tokens) < n:  # the row plus `first` is no longer than n: nothing earlier to match
                 continue
-            end = self.last[n].get(tuple(seq[-n:]))
+            # The key is the row's last n - 1 tokens and `first`, built without copying the row (a hot path).
+            end = self.last[n].get((*tokens[len(tokens) - n + 1:], first))
             if end is not None:
-                return seq[end:end + width]
+                draft = tokens[end:end + width]
+                # A continuation that reaches the row's end runs on into `first`.
+                return draft + [first] if end + width > len(tokens) else draft
         return []
 
 
@@ -81,10 +86,7 @@ class NgramLookup:
             raise ValueError(f"ngram must be an int >= 1 or a non-empty list of them (the n-gram sizes to look up, "
                              f"e.g. 3 or [4, 3, 2]), got {ngram!r}")
         self.ngrams = tuple(sorted(set(sizes), reverse=True))
-        if max_tokens is not None and (isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1):
-            raise ValueError(f"max_tokens must be an int >= 1 (the longest lookup draft) or None (the decoder's block "
-                             f"size - 1), got {max_tokens!r}")
-        self.max_tokens = max_tokens
+        self.max_tokens = check_int("max_tokens", max_tokens, optional=True)
 
     def __repr__(self) -> str:
         return f"NgramLookup(ngram={list(self.ngrams)}, max_tokens={self.max_tokens})"
