@@ -370,12 +370,15 @@ DENSE_MAX_TOKENS = 24
 def _grouped_mm_ok(x: Tensor, w: Tensor) -> bool:
     """Whether `torch._grouped_mm` can run these experts: present in this torch, no gradient needed
     (its CPU backward fails), and a dtype the device's kernel takes (CPU: float32 / bf16, checked
-    against the loop in tests; CUDA: bf16 only)."""
+    against the loop in tests; CUDA, and anything compiled: bf16 only)."""
     if USE_GROUPED_MM is False or not hasattr(torch, "_grouped_mm"):
         return False
     if torch.is_grad_enabled() and (x.requires_grad or w.requires_grad):
         return False
-    ok = (torch.float32, torch.bfloat16) if x.device.type == "cpu" else (torch.bfloat16,)
+    # Under torch.compile the operator's shape function (its meta kernel) takes bf16 only, even where
+    # the CPU kernel runs float32: a compiled float32 tower would fail to trace, so it takes another path.
+    cpu_eager = x.device.type == "cpu" and not torch.compiler.is_compiling()
+    ok = (torch.float32, torch.bfloat16) if cpu_eager else (torch.bfloat16,)
     return x.dtype == w.dtype and x.dtype in ok
 
 
