@@ -116,7 +116,7 @@ class ContextTower(ContextTowerBase):
                 if provisional:
                     pending.xbc[i], pending.scan[i] = out.xbc, out.scan_inputs
                 elif cache is not None:
-                    cache.conv[i], cache.ssm[i] = out.conv_state, out.ssm_state
+                    cache.conv[i], cache.ssm[i] = _stored(out.conv_state), _stored(out.ssm_state)
                 y = out.y
             else:
                 y = blk.mixer(h)
@@ -163,3 +163,10 @@ class ContextTower(ContextTowerBase):
         logits = None if return_logits is False else self.lm_head(self.backbone.norm_f(at_positions(x, return_logits))).float()
         return logits, ContextStates(keys, values, conv, ssm, block_size)
 
+
+def _stored(state: Tensor) -> Tensor:
+    """A Mamba state as the cache keeps it. Eager: as computed (often a view: the window's last
+    columns, a transposed scan state). Compiled: contiguous, because the compiled stack guards on
+    the strides of the cache's tensors, and a state stored with other strides than the last call's
+    (the prefill's, a step's, `accept`'s) would recompile it; inside the graph the copy is fused."""
+    return state.contiguous() if torch.compiler.is_compiling() else state

@@ -88,6 +88,11 @@ _MASKS: dict = {}
 
 def _tril_masks(T: int, device) -> tuple[Tensor, Tensor]:
     """Cached complements of the strict and non-strict lower triangles (T, T)."""
+    if torch.compiler.is_compiling():
+        # Traced, the masks are built inside the graph: a module-level cache would be guarded on (its
+        # length), and the compiled tower would recompile each time the cache gained a size.
+        ones = torch.ones(T, T, dtype=torch.bool, device=device)
+        return ~torch.tril(ones, diagonal=-1), ~torch.tril(ones)
     key = (T, str(device))
     if key not in _MASKS:
         # Built outside inference mode: a cached mask first made during generation must still be
