@@ -43,6 +43,18 @@ __all__ = ["Speculative", "draft_one_step"]
 _GREEDY = TokenChooser()
 
 
+def _as_lookup(lookup) -> NgramLookup | None:
+    """`Speculative`'s `lookup` argument as an `NgramLookup` (or None), refusing anything else by name."""
+    if lookup is None or isinstance(lookup, NgramLookup):
+        return lookup
+    if isinstance(lookup, (int, list, tuple)) and not isinstance(lookup, bool):
+        return NgramLookup(lookup)
+    if isinstance(lookup, dict) and set(lookup) <= {"ngram", "max_tokens"}:
+        return NgramLookup(**lookup)
+    raise ValueError(f"lookup must be an NgramLookup, its n-gram size(s) (an int or a list of ints), a dict of its "
+                     f"arguments (keys 'ngram', 'max_tokens') or None, got {lookup!r}")
+
+
 def room_left(state: DecodeState) -> int:
     """Cache positions the context tower may still take before its sliding window (a large number
     when its limit is max_position_embeddings, which no tower enforces: behaviour there is unchanged)."""
@@ -114,7 +126,8 @@ class Speculative(Decoder):
             trades a few accepted tokens for a shorter verify, which pays where a forward's cost grows
             with its positions (batches on CPU; benchmarks/spec_cost.py). 0 (default): every position.
             Output is unchanged either way.
-        lookup: an `NgramLookup` (or its n-gram size(s): an int or a list of ints): a row whose last n tokens occurred
+        lookup: an `NgramLookup`, its n-gram size(s) (an int or a list of ints) or its arguments as a dict
+            (`{"ngram": 4, "max_tokens": 32}`, as JSON or YAML give them): a row whose last n tokens occurred
             earlier in it drafts what followed them there instead of the denoiser's draft, and an
             iteration in which every row found one runs no denoiser forward (prompt-lookup drafts,
             `lookup.py`). None (default): denoiser drafts only. Output is unchanged either way.
@@ -132,10 +145,7 @@ class Speculative(Decoder):
                  batch_block_size: int | None = None,
                  lookup: NgramLookup | int | list[int] | None = None):
         super().__init__(temperature=temperature, top_k=top_k, top_p=top_p, logits_processors=logits_processors)
-        self.lookup = NgramLookup(lookup) if isinstance(lookup, (int, list, tuple)) else lookup
-        if not (self.lookup is None or isinstance(self.lookup, NgramLookup)):
-            raise ValueError(f"lookup must be an NgramLookup, its n-gram size(s) (an int or a list of ints) or None, "
-                             f"got {lookup!r}")
+        self.lookup = _as_lookup(lookup)
         if isinstance(draft_cut, bool) or not isinstance(draft_cut, (int, float)) or not 0 <= draft_cut < 1:
             raise ValueError(f"draft_cut must be a number in [0, 1) (0 = verify every drafted position), "
                              f"got {draft_cut!r}")

@@ -30,6 +30,7 @@ from torch import Tensor
 
 from ..towers.branching import source_slots
 from .logits import LogitsProcessor
+from .lookup import NgramLookup
 from .speculative import Speculative, room_left
 from .state import DecodeState
 from .tree_verify import accept_tree, supports_tree, tree_extend, tree_layout
@@ -105,6 +106,12 @@ class TwoBranchSpeculative(Speculative):
             None: to the block's end). The branch rarely runs long, so a short one keeps most of the
             gain for a fraction of the extra verify positions (benchmarks/two_branch_potential.py).
         block_size / temperature / top_k / top_p / logits_processors / batch_block_size: as `Speculative`.
+        lookup: as `Speculative`'s (an `NgramLookup` or its n-gram size(s)), but the lookup becomes the
+            second candidate instead of replacing the draft: a row that found one verifies the lookup and
+            the denoiser's draft side by side, the longer as the main block and the other from their
+            first difference, and keeps whichever the context tower accepts further. Rows without one
+            branch at the runner-up as usual. Greedy decoding only; sampled batches branch at the
+            runner-up (their draws would otherwise depend on the other rows' lookups).
 
     One-step greedy drafts only (no `draft_steps` > 1, no `draft_cut`). The context tower's family
     needs a tree verify (NemotronH, Llama, Qwen2, Mistral). Output: `Autoregressive`'s.
@@ -113,9 +120,9 @@ class TwoBranchSpeculative(Speculative):
     def __init__(self, branch_at: str | float = "likeliest", branch_len: int | None = None,
                  block_size: int | None = None, temperature: float = 0.0, top_k: int | None = None,
                  top_p: float | None = None, logits_processors: Sequence[LogitsProcessor] | None = None,
-                 batch_block_size: int | None = None):
+                 batch_block_size: int | None = None, lookup: NgramLookup | int | list[int] | None = None):
         super().__init__(block_size=block_size, temperature=temperature, top_k=top_k, top_p=top_p,
-                         logits_processors=logits_processors, batch_block_size=batch_block_size)
+                         logits_processors=logits_processors, batch_block_size=batch_block_size, lookup=lookup)
         threshold = isinstance(branch_at, float) and 0 < branch_at < 1
         if not threshold and branch_at not in BRANCH_RULES:
             raise ValueError(f"branch_at must be one of {', '.join(map(repr, BRANCH_RULES))} or a float in (0, 1) "
@@ -150,9 +157,14 @@ class TwoBranchSpeculative(Speculative):
         if n < 3:  # no room for a tree: this iteration verifies one plain draft
             return super().draft(state)
         den = state.den_cache()
-        return draft_with_runner_up(call.denoiser, den, n, first=state.carry["next"].to(den.device),
-                                    shift=call.shifted, mask_token_id=call.mask_token_id, tracker=state,
-                                    block_index=state.iterations, step_callback=state.step_callback)
+        drafted = draft_with_runner_up(call.denoiser, den, n, first=state.carry["next"].to(den.device),
+                                       shift=call.shifted, mask_token_id=call.mask_token_id, tracker=state,
+                                       block_index=state.iterations, step_callback=state.step_callback)
+        if self.lookup is None or not state.rows.greedy:
+            return drafted
+        # A main block of N positions and a branch take up to 2N - 1 cache slots: cap the lookups to fit.
+        cap = (room + 1) // 2 - 1
+        return (*drafted, [found[:cap] for found in self.looked_up(state, n)])
 
     def _choose(self, state: DecodeState, logits: Tensor, n: int) -> Tensor:
         """The context tower's tokens for every tree slot, (R, n + m).
@@ -168,21 +180,64 @@ class TwoBranchSpeculative(Speculative):
         padded = torch.cat([logits, logits.new_zeros(logits.shape[0], pad, logits.shape[2])], dim=1)
         return state.choose(padded)[:, : logits.shape[1]]
 
+    def _lookup_tree(self, x: Tensor, alt: Tensor, j: Tensor, found: list[list[int]], mask_token_id: int):
+        """Each row's main block and second branch where some rows found a lookup draft.
+
+        A row with a lookup l (after its first token) compares it with the denoiser's draft d: where they
+        first differ (position k), the longer of the two is the main block and the other the branch from
+        k; where one is a prefix of the other, the longer is the main block and the runner-up branch stays
+        (it forks inside d, whose prefix the main block then shares). Other rows keep d and the runner-up.
+        Returns main (R, N), branch (R, m), j (R,), each row's main length (R,) and the layout."""
+        d_rows, alt_rows, j_rows = x.tolist(), alt.tolist(), j.tolist()
+        mains, forks, branches = [], [], []
+        for d, runner_up, fork, look in zip(d_rows, alt_rows, j_rows, found):
+            branch = [runner_up[fork - 1]] + d[fork + 1:]  # alt starts at position 1
+            branch = branch if self.branch_len is None else branch[: self.branch_len]
+            main = d
+            if look:
+                lk = d[:1] + look
+                k = next((i for i in range(1, min(len(lk), len(d))) if lk[i] != d[i]), None)
+                longer, shorter = (lk, d) if len(lk) > len(d) else (d, lk)
+                if k is None:
+                    main = longer
+                else:
+                    main, fork, branch = longer, k, shorter[k:]
+            mains.append(main)
+            forks.append(fork)
+            branches.append(branch)
+        N, m = max(map(len, mains)), max(map(len, branches))
+        dev = x.device
+
+        def padded(rows: list[list[int]], size: int) -> Tensor:
+            return torch.tensor([r + [mask_token_id] * (size - len(r)) for r in rows], dtype=torch.long, device=dev)
+
+        j = torch.tensor(forks, dtype=torch.long, device=dev)
+        lengths = torch.tensor([len(b) for b in branches], dtype=torch.long, device=dev)
+        width = torch.tensor([len(r) for r in mains], dtype=torch.long, device=dev)
+        return padded(mains, N), padded(branches, m), j, width, tree_layout(j, N, lengths)
+
     def advance(self, state: DecodeState, drafted) -> None:
         if len(drafted) == 2:  # a plain draft (`draft` ran out of room for a tree)
             return super().advance(state, drafted)
         call, context = state.call, state.call.context
         # The draft comes from the denoiser's device, which may differ (docs/design.md, section 2.7).
-        x, alt, c, q = (t.to(call.ctx_device) for t in drafted)
+        x, alt, c, q = (t.to(call.ctx_device) for t in drafted[:4])
         n = x.shape[1]
         j = branch_position(self.branch_at, c, q)
-        layout = tree_layout(j, n, self.branch_len)  # one host read: the branch width
-        e = x.gather(1, layout.block_pos[:, n:])  # the branch's tokens: d's after j ...
-        e[:, 0] = alt.gather(1, (j - 1)[:, None]).squeeze(1)  # ... and the runner-up at j (alt starts at position 1)
+        width = None
+        if len(drafted) == 5 and any(drafted[4]):  # some rows found a lookup: a per-row tree
+            x, e, j, width, layout = self._lookup_tree(x, alt, j, drafted[4], call.mask_token_id)
+            n = x.shape[1]
+        else:
+            layout = tree_layout(j, n, self.branch_len)  # one host read: the branch width
+            e = x.gather(1, layout.block_pos[:, n:])  # the branch's tokens: d's after j ...
+            e[:, 0] = alt.gather(1, (j - 1)[:, None]).squeeze(1)  # ... and the runner-up at j (alt starts at position 1)
         logits = tree_extend(context, state.cache, x, e, layout)  # (R, n + m, V)
         ar = self._choose(state, logits, n)  # ar[:, s]: the context tower's token after slot s (in its branch)
         # Main slots never see a branch slot, so their logits are a plain extend's and Speculative's rule holds.
         keep1 = self.kept(logits[:, :n], ar[:, :n], x)
+        if width is not None:
+            keep1 = torch.minimum(keep1, width)  # a row keeps nothing past its own main block
         # The branch is taken only where d fails exactly at j and the runner-up is the token there.
         # keep1 < j: the shared prefix failed; keep1 > j: d_j was right, so r_j (!= d_j) is not. ar[:, j - 1] comes
         # from a main slot before the fork, one choice for both branches: taking the branch never changes j's token.
@@ -196,5 +251,9 @@ class TwoBranchSpeculative(Speculative):
         # The slot of the last kept token (a branch slot where taken): AR's token after it opens the next block.
         last = src.gather(1, (keep - 1)[:, None])
         state.carry["next"] = ar.gather(1, last).squeeze(1)
-        state.commit(torch.cat([x, e], dim=1).gather(1, src), keep)
+        kept = torch.cat([x, e], dim=1).gather(1, src)
+        if self.lookup is not None:  # before commit: finished rows leave with their index
+            for index, row, k in zip(state.carry["lookup"], kept.tolist(), keep.tolist()):
+                index.extend(row[:k])
+        state.commit(kept, keep)
         self.finish_iteration(state)

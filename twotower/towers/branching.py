@@ -43,10 +43,11 @@ class TreeLayout:
     block_pos: Tensor
 
 
-def tree_layout(j: Tensor, n: int, length: int | None = None) -> TreeLayout:
+def tree_layout(j: Tensor, n: int, length: int | Tensor | None = None) -> TreeLayout:
     """The layout for branch positions j (R,) (long, each in [1, n - 1]) of an n-position block, each
-    branch covering positions j .. n-1, or only its first `length` of them (>= 1; None: all).
-    One host read: the branch width m = min(n - min(j), length)."""
+    branch covering positions j .. n-1, or only its first `length` of them (an int >= 1 for every row,
+    a (R,) long tensor of per-row lengths, each in [1, n - j], or None: all). One host read (two with
+    per-row lengths): the branch width m, the longest row's branch."""
     if j.dtype != torch.long or j.dim() != 1:
         raise ValueError(f"j must be a (R,) long tensor of branch positions, got {j.dtype} {tuple(j.shape)}")
     # One host read serves both the range check and the width: the earliest fork has the longest branch.
@@ -54,12 +55,21 @@ def tree_layout(j: Tensor, n: int, length: int | None = None) -> TreeLayout:
     if lo < 1 or hi > n - 1:
         raise ValueError(f"branch positions must lie in [1, {n - 1}] (position 0 is the context tower's own "
                          f"token, and a branch needs a position), got [{lo}, {hi}]")
-    if length is not None and not (isinstance(length, int) and length >= 1):
+    if isinstance(length, Tensor):
+        bad = (length.dtype != torch.long or length.shape != j.shape
+               or bool(((length < 1) | (length > n - j)).any()))
+        if bad:
+            raise ValueError(f"per-row branch lengths must be a (R,) long tensor with 1 <= length <= n - j, "
+                             f"got {length.dtype} {tuple(length.shape)}")
+        limit = length
+    elif length is not None and not (isinstance(length, int) and length >= 1):
         raise ValueError(f"a branch length must be an int >= 1 (None: to the block's end), got {length!r}")
-    m = n - lo if length is None else min(n - lo, length)
+    else:
+        limit = n - j if length is None else (n - j).clamp(max=length)
+    m = n - lo if length is None else min(n - lo, length) if isinstance(length, int) else int(limit.max())
     k = torch.arange(m, device=j.device)
     # Rows share one width m; a row whose branch is shorter (later fork, or cut by `length`) pads its tail.
-    branch_valid = k[None, :] < (n - j if length is None else (n - j).clamp(max=length))[:, None]
+    branch_valid = k[None, :] < limit[:, None]
     # Padding slots clamp to n - 1 so that indexing by block_pos (e.g. gathering the branch's tokens from
     # the draft) stays in range; the mask hides those slots and their outputs are never read.
     block_pos = torch.cat([torch.arange(n, device=j.device).expand(j.shape[0], n),
