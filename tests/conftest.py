@@ -207,6 +207,17 @@ def speculative(ctx, den, ids, mask=None, *, sampler=None, block_size: int = 6, 
     return run_decoder(decoder, ctx, den, ids, mask, max_new_tokens=max_new_tokens, **call)
 
 
+def ar_continuation(ctx, x, cache):
+    """(b, n): the context tower's greedy continuation of a cache, starting with x[:, 0], n = x's width
+    (what a perfect drafter would draft; denoiser stand-ins in the decoder tests build on it)."""
+    work = cache.clone()
+    tok, seq = x[:, :1], [x[:, 0]]
+    for _ in range(x.shape[1] - 1):
+        tok = ctx.extend(work, tok, logits="last")[:, -1].argmax(-1, keepdim=True)
+        seq.append(tok[:, 0])
+    return torch.stack(seq, 1)
+
+
 def autoregressive(ctx, ids, mask=None, *, temperature: float = 0.0, max_new_tokens: int, **call):
     """The context tower alone (Autoregressive) on a bare context tower."""
     from twotower.decoding import Autoregressive

@@ -13,7 +13,8 @@ import math
 
 import pytest
 import torch
-from conftest import (DT_REGIMES, MASK, PAD, assert_first_two_tokens_follow_ar, autoregressive, dt_regimes, left_pad,
+from conftest import (DT_REGIMES, MASK, PAD, ar_continuation, assert_first_two_tokens_follow_ar, autoregressive,
+                      dt_regimes, left_pad,
                       make_family_towers, make_towers, random_prompts, run_decoder)
 
 from twotower.decoding import Speculative, Towers, TwoBranchSpeculative, build_decoder, draft_one_step
@@ -169,12 +170,7 @@ class SwappedDrafter(torch.nn.Module):
         self.anchor = torch.nn.Parameter(torch.zeros(1))  # gives the stand-in a device
 
     def forward_block(self, x, cache, t=None):
-        work = cache.clone()
-        tok, seq = x[:, :1], [x[:, 0]]
-        for _ in range(x.shape[1] - 1):
-            tok = self.ctx.extend(work, tok, logits="last")[:, -1].argmax(-1, keepdim=True)
-            seq.append(tok[:, 0])
-        seq = torch.stack(seq, 1)  # (b, n): the AR continuation starting with x[:, 0]
+        seq = ar_continuation(self.ctx, x, cache)
         logits = torch.nn.functional.one_hot(seq, self.vocab).float() * 10
         right = seq[:, self.at]
         wrong = (right + 1) % self.vocab

@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import MASK, PAD, autoregressive, left_pad, make_family_towers, make_towers, random_prompts, run_decoder
+from conftest import (MASK, PAD, ar_continuation, autoregressive, left_pad, make_family_towers, make_towers,
+                      random_prompts, run_decoder)
 
 from twotower.decoding import NgramLookup, Speculative, TwoBranchSpeculative
 from twotower.decoding.tree_verify import tree_layout
@@ -71,12 +72,7 @@ class WrongDrafter(torch.nn.Module):
         self.anchor = torch.nn.Parameter(torch.zeros(1))  # gives the stand-in a device
 
     def forward_block(self, x, cache, t=None):
-        work = cache.clone()
-        tok, seq = x[:, :1], [x[:, 0]]
-        for _ in range(x.shape[1] - 1):
-            tok = self.ctx.extend(work, tok, logits="last")[:, -1].argmax(-1, keepdim=True)
-            seq.append(tok[:, 0])
-        seq = torch.stack(seq, 1)  # (b, n): AR's continuation starting with x[:, 0]
+        seq = ar_continuation(self.ctx, x, cache)
         logits = torch.zeros(*seq.shape, self.vocab)
         for shift, value in ((1, 6.0), (2, 5.0)):
             wrong = (seq + shift) % self.vocab

@@ -231,7 +231,8 @@ class TwoBranchSpeculative(Speculative):
         else:
             layout = tree_layout(j, n, self.branch_len)  # one host read: the branch width
             e = x.gather(1, layout.block_pos[:, n:])  # the branch's tokens: d's after j ...
-            e[:, 0] = alt.gather(1, (j - 1)[:, None]).squeeze(1)  # ... and the runner-up at j (alt starts at position 1)
+            # ... and the runner-up at j (alt starts at position 1)
+            e[:, 0] = alt.gather(1, (j - 1)[:, None]).squeeze(1)
         logits = tree_extend(context, state.cache, x, e, layout)  # (R, n + m, V)
         ar = self._choose(state, logits, n)  # ar[:, s]: the context tower's token after slot s (in its branch)
         # Main slots never see a branch slot, so their logits are a plain extend's and Speculative's rule holds.
