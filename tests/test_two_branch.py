@@ -14,8 +14,7 @@ import math
 import pytest
 import torch
 from conftest import (DT_REGIMES, MASK, PAD, ar_continuation, assert_first_two_tokens_follow_ar, autoregressive,
-                      dt_regimes, left_pad,
-                      make_family_towers, make_towers, random_prompts, run_decoder)
+                      dt_regimes, left_pad, make_family_towers, make_towers, random_prompts, run_decoder)
 
 from twotower.decoding import Speculative, Towers, TwoBranchSpeculative, build_decoder, draft_one_step
 from twotower.decoding.tree_verify import accept_tree, tree_extend, tree_layout
