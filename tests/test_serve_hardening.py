@@ -575,10 +575,13 @@ def test_lookup_is_a_server_setting_that_reaches_speculative_decoders():
     req = parse_completion({"prompt": "x = ", "max_tokens": 4, "block_size": 6}, longer, TOK, context_limit=512,
                            model_block_size=16)
     assert req.decoder.lookup.max_tokens == 15 and req.decoder.block_size == 6
-    # Decoders without the setting (two_branch verifies its own second branch) are built as before.
+    # two_branch takes the lookup as its second candidate; decoders without the setting are built as before.
     req = parse_completion({"prompt": "x = ", "max_tokens": 4, "decoder": "two_branch"}, settings, TOK,
                            context_limit=512, model_block_size=16)
-    assert not hasattr(req.decoder, "lookup") or req.decoder.lookup is None
+    assert req.decoder.lookup.ngrams == (4,)
+    req = parse_completion({"prompt": "x = ", "max_tokens": 4, "decoder": "mask_diffusion"}, settings, TOK,
+                           context_limit=512, model_block_size=16)
+    assert not hasattr(req.decoder, "lookup")
     with pytest.raises(RequestError, match="lookup") as err:
         parse_completion({"prompt": "x", "max_tokens": 4, "lookup": 2}, settings, TOK, context_limit=512,
                          model_block_size=16)

@@ -58,7 +58,8 @@ class ServeSettings:
             16 gave 0.64x, README "Draft quality and iteration cost"); the output is unchanged.
         lookup: speculative decoding also drafts from each row's own earlier n-grams of this size
             (`Speculative(lookup=n)`, prompt-lookup drafts; a row that finds one skips the denoiser's
-            draft); None = denoiser drafts only. A server setting, like batch_block_size; the output
+            draft; with `decoder: two_branch` the lookup is verified beside the denoiser's draft, greedy
+            only); None = denoiser drafts only. A server setting, like batch_block_size; the output
             is unchanged.
         lookup_max_tokens: with lookup, greedy lookup drafts of up to this many tokens, past the
             request's block_size (`NgramLookup.max_tokens`); None = block_size - 1.
