@@ -5,7 +5,7 @@
 * greedy output is `Autoregressive`'s, batched with left padding and alone, on a hybrid and a Llama;
 * where the denoiser's draft is always wrong, every multi-token iteration comes from the lookup branch;
 * sampled decoding ignores lookups (its draws must not depend on other rows), and the decoder contract holds;
-* per-row branch lengths in `tree_layout`, and `lookup` given as a dict.
+* per-row branch lengths in `tree_layout`, `lookup` given as a dict, and lookup trees cut to fit a sliding window.
 """
 
 from __future__ import annotations
@@ -145,3 +145,26 @@ def test_lookup_as_a_dict_and_bad_dicts():
     assert TwoBranchSpeculative(lookup={"ngram": [3, 2]}).lookup.ngrams == (3, 2)
     with pytest.raises(ValueError, match="keys 'ngram', 'max_tokens'"):
         Speculative(lookup={"n": 3})
+
+
+@pytest.mark.parametrize("prompt_len", [5, 9, 13])
+def test_lookup_trees_fit_a_request_that_ends_at_a_sliding_window(prompt_len):
+    """Lookups longer than the block would widen the tree past Mistral's window: they are cut so that
+    the main block and its branch fit, and greedy output stays AR's up to the window's last position."""
+    from conftest import tiny_mistral_config
+
+    from twotower.decoding import Autoregressive
+    from twotower.model import TwoTowerLM
+    from twotower.tokenizers import BYTE_TOKENIZER, ByteTokenizer
+
+    torch.manual_seed(0)
+    config = tiny_mistral_config(vocab_size=ByteTokenizer().vocab_size, sliding_window=24, tokenizer=BYTE_TOKENIZER)
+    model = TwoTowerLM(config, block_size=4).eval()
+    ids = torch.tensor([[7, 8, 9] * (prompt_len // 3) + [7] * (prompt_len % 3)])  # repeats: lookups hit
+    with torch.inference_mode():
+        want = model.generate(ids, decoder=Autoregressive(), max_new_tokens=24 - prompt_len)
+        truth = OracleLookup(want.new_tokens[0].tolist(), max_tokens=12)  # always right, 12 tokens where room
+        for lookup in (NgramLookup(1, max_tokens=12), truth):
+            got = model.generate(ids, decoder=TwoBranchSpeculative(block_size=4, lookup=lookup),
+                                 max_new_tokens=24 - prompt_len)
+            assert torch.equal(got.new_tokens, want.new_tokens), lookup
