@@ -53,15 +53,7 @@ class ShareSkipSpeculative(Speculative):
         if hits < self.share * len(found) or hits == 0:
             return super().draft(state)
         self.counts.update(skipped=1)
-        first = state.carry["next"]
-        x = torch.full((len(found), 1 + max(len(f) for f in found)), state.call.mask_token_id, dtype=torch.long)
-        width = torch.ones(len(found), dtype=torch.long)  # a row without a lookup keeps its next token only
-        x[:, 0] = first.cpu()
-        for r, tokens in enumerate(found):
-            if tokens:
-                x[r, 1:1 + len(tokens)] = torch.tensor(tokens)
-                width[r] = 1 + len(tokens)
-        return x.to(first.device), width.to(first.device)
+        return self.lookup_draft(state, found, n, None, None)  # rows without a lookup verify their next token
 
 
 def batches_of(tok: ByteTokenizer, seed: int, batch: int, count: int) -> list[torch.Tensor]:

@@ -50,12 +50,9 @@ class BestOfBoth(Speculative):
     def draft(self, state):
         n = min(self._width(state), room_left(state))
         found = self.looked_up(state, n)[0]
-        call, den = state.call, state.den_cache()
-        x, width = self.draft_block(call.denoiser, den, n, first=state.carry["next"].to(den.device),
-                                    shift=call.shifted, mask_token_id=call.mask_token_id, tracker=state, rows=None,
-                                    block_index=state.iterations, step_callback=state.step_callback, cut=0.0)
+        x, width = self.denoiser_draft(state, n, state)
         # This iteration's first token is reference[done]; a draft is right while it follows the reference.
-        done = len(state.carry["lookup"][0].tokens) - call.input_ids.shape[1]
+        done = len(state.carry["lookup"][0].tokens) - state.call.input_ids.shape[1]
         if found and _run(found, self.reference[done + 1:]) > _run(x[0, 1:].tolist(), self.reference[done + 1:]):
             self.lookup_won += 1
             return self.lookup_draft(state, [found], n, None, None)

@@ -218,6 +218,18 @@ def ar_continuation(ctx, x, cache):
     return torch.stack(seq, 1)
 
 
+def assert_lookup_decoder_keeps_ar_output(decoder, ctx, den, max_new_tokens: int) -> None:
+    """A lookup decoder's greedy output is `Autoregressive`'s, batched and alone, on repetitive prompts
+    (a vocabulary of 5, so that lookups hit) of unequal lengths (left padding in the batch)."""
+    gen = torch.Generator().manual_seed(3)
+    ids, mask = left_pad([torch.randint(4, 9, (n,), generator=gen) for n in (5, 11, 8)])
+    ar = autoregressive(ctx, ids, mask, max_new_tokens=max_new_tokens, pad_token_id=PAD)
+    out = run_decoder(decoder, ctx, den, ids, mask, max_new_tokens=max_new_tokens)
+    assert torch.equal(out.new_tokens, ar.new_tokens)
+    alone = run_decoder(decoder, ctx, den, ids[1:2, mask[1].bool()], None, max_new_tokens=max_new_tokens)
+    assert torch.equal(alone.new_tokens, ar.new_tokens[1:2])
+
+
 def autoregressive(ctx, ids, mask=None, *, temperature: float = 0.0, max_new_tokens: int, **call):
     """The context tower alone (Autoregressive) on a bare context tower."""
     from twotower.decoding import Autoregressive

@@ -14,7 +14,8 @@ import random
 
 import pytest
 import torch
-from conftest import PAD, assert_first_two_tokens_follow_ar, autoregressive, left_pad, make_towers, run_decoder
+from conftest import (PAD, assert_first_two_tokens_follow_ar, assert_lookup_decoder_keeps_ar_output, autoregressive,
+                      make_towers, run_decoder)
 
 from twotower.decoding import NgramLookup, Speculative
 from twotower.testing import check_decoder
@@ -59,16 +60,7 @@ def test_propose_finds_the_latest_occurrence_and_nothing_in_a_fresh_row():
 @pytest.mark.parametrize("lookup", [1, [3, 2]])
 def test_lookup_drafts_keep_the_ar_output(lookup):
     ctx, den = make_towers(seed=6)
-    # Repetitive prompts (a short vocabulary) so that lookups hit; left padding in the batch.
-    gen = torch.Generator().manual_seed(3)
-    prompts = [torch.randint(4, 9, (n,), generator=gen) for n in (5, 11, 8)]
-    ids, mask = left_pad(prompts)
-    ar = autoregressive(ctx, ids, mask, max_new_tokens=21, pad_token_id=PAD)
-    dec = Speculative(block_size=6, lookup=lookup)
-    out = run_decoder(dec, ctx, den, ids, mask, max_new_tokens=21)
-    assert torch.equal(out.new_tokens, ar.new_tokens)
-    alone = run_decoder(dec, ctx, den, ids[1:2, mask[1].bool()], None, max_new_tokens=21)
-    assert torch.equal(alone.new_tokens, ar.new_tokens[1:2])
+    assert_lookup_decoder_keeps_ar_output(Speculative(block_size=6, lookup=lookup), ctx, den, 21)
 
 
 def test_an_iteration_where_every_row_found_a_draft_runs_no_denoiser_forward():

@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import (MASK, PAD, ar_continuation, autoregressive, left_pad, make_family_towers, make_towers,
-                      random_prompts, run_decoder)
+from conftest import (MASK, PAD, ar_continuation, assert_lookup_decoder_keeps_ar_output, autoregressive, left_pad,
+                      make_family_towers, make_towers, random_prompts, run_decoder)
 
 from twotower.decoding import NgramLookup, Speculative, TwoBranchSpeculative
 from twotower.decoding.tree_verify import tree_layout
@@ -52,14 +52,7 @@ def test_tree_layout_takes_per_row_branch_lengths():
 def test_lookup_branches_keep_the_ar_output(family, lookup):
     ctx, den = make_towers(seed=6) if family == "nemotron_h" else make_family_towers(family, seed=6)
     # Repetitive prompts (a short vocabulary) so that lookups hit; left padding in the batch.
-    gen = torch.Generator().manual_seed(3)
-    ids, mask = left_pad([torch.randint(4, 9, (n,), generator=gen) for n in (5, 11, 8)])
-    ar = autoregressive(ctx, ids, mask, max_new_tokens=25, pad_token_id=PAD)
-    dec = TwoBranchSpeculative(block_size=6, lookup=lookup)
-    out = run_decoder(dec, ctx, den, ids, mask, max_new_tokens=25)
-    assert torch.equal(out.new_tokens, ar.new_tokens)
-    alone = run_decoder(dec, ctx, den, ids[1:2, mask[1].bool()], None, max_new_tokens=25)
-    assert torch.equal(alone.new_tokens, ar.new_tokens[1:2])
+    assert_lookup_decoder_keeps_ar_output(TwoBranchSpeculative(block_size=6, lookup=lookup), ctx, den, 25)
 
 
 class WrongDrafter(torch.nn.Module):

@@ -227,7 +227,6 @@ class Speculative(Decoder):
         return n_full if len(state) == 1 or self.batch_block_size is None else min(n_full, self.batch_block_size)
 
     def draft(self, state: DecodeState) -> tuple[Tensor, Tensor | None]:
-        call = state.call
         # Narrowed only where a whole block would run past a sliding window (where the towers refuse):
         # a request that ends at the window then fits; everywhere else the width is unchanged.
         n = min(self._width(state), room_left(state))
@@ -235,14 +234,19 @@ class Speculative(Decoder):
         found = None if self.lookup is None else self.looked_up(state, n)
         if found is not None and all(found):  # every row has a free draft: no denoiser forward this iteration
             return self.lookup_draft(state, found, n, None, None)
-        den = state.den_cache()
         # Rows drafted by lookup ride along in the denoiser's forward (no cache copy for a sub-batch) but
         # do not count it: each row's `nfe` is what it would be alone.
         tracker = state if found is None else _Uses(state, torch.tensor([not f for f in found]))
-        x, width = self.draft_block(call.denoiser, den, n, first=state.carry["next"].to(den.device),
-                                    shift=call.shifted, mask_token_id=call.mask_token_id, tracker=tracker, rows=None,
-                                    block_index=state.iterations, step_callback=state.step_callback, cut=cut)
+        x, width = self.denoiser_draft(state, n, tracker, cut)
         return (x, width) if found is None or not any(found) else self.lookup_draft(state, found, n, x, width)
+
+    def denoiser_draft(self, state: DecodeState, n: int, tracker, cut: float = 0.0) -> tuple[Tensor, Tensor | None]:
+        """The denoiser's n-position draft of every row after its next token (`draft_block`), its
+        forwards counted on `tracker` (the state, or only some of its rows)."""
+        call, den = state.call, state.den_cache()
+        return self.draft_block(call.denoiser, den, n, first=state.carry["next"].to(den.device), shift=call.shifted,
+                                mask_token_id=call.mask_token_id, tracker=tracker, rows=None,
+                                block_index=state.iterations, step_callback=state.step_callback, cut=cut)
 
     def looked_up(self, state: DecodeState, n: int) -> list[list[int]]:
         """Each row's prompt-lookup draft after its next token ([] where none): at most n - 1 tokens, or
@@ -258,10 +262,14 @@ class Speculative(Decoder):
                      width: Tensor | None) -> tuple[Tensor, Tensor]:
         """The draft with the rows that found a lookup draft replaced by it: x (R, m) and each row's
         draft length (1 + the lookup's length; the denoiser's, or n, elsewhere), m = n or 1 + the longest
-        lookup if longer. x None: no denoiser draft was made (every row found one), and, greedy, the
-        block is only as wide as the longest lookup."""
+        lookup if longer. x None: no denoiser draft was made (here every row found one; a row without one
+        would verify its next token alone), and, greedy, the block is only as wide as the longest lookup."""
         call, first = state.call, state.carry["next"]
         longest = 1 + max(len(f) for f in found)
+        if width is None:  # with no denoiser draft, a row without a lookup has its next token alone
+            width = torch.full((len(found),), n if x is not None else 1, dtype=torch.long)
+        else:
+            width = width.to("cpu", copy=True)
         if x is None:
             # Sampling verifies every position: a row draws as many tokens per iteration as it would in
             # any batch (or alone), so its seeded output does not depend on the other rows' lookups.
@@ -269,7 +277,6 @@ class Speculative(Decoder):
             x = torch.full((len(found), n), call.mask_token_id, dtype=torch.long)
         else:
             x = x.to("cpu", copy=True)
-        width = torch.full((len(found),), n, dtype=torch.long) if width is None else width.to("cpu", copy=True)
         if longest > x.shape[1]:  # a lookup longer than the denoiser's block (`NgramLookup.max_tokens`)
             x = torch.cat([x, x.new_full((x.shape[0], longest - x.shape[1]), call.mask_token_id)], 1)
         x[:, 0] = first.cpu()
