@@ -12,7 +12,11 @@ verifying both). Tokens per iteration (generated tokens / iterations, batch 1, g
 
 - `denoiser`: `Speculative` alone;
 - `lookup`: `Speculative(lookup=NgramLookup(ngram, max_tokens))`, the shipped rule;
-- `best_of_both`: the oracle above (the denoiser runs every iteration).
+- `best_of_both`: the oracle above (the denoiser runs every iteration);
+- `two_branch`: `TwoBranchSpeculative(lookup=...)` itself (where a row found a lookup, the better of
+  it and the draft; elsewhere the draft with its runner-up branch);
+- `three_way`: the ceiling of a three-candidate tree: the best of the lookup, the draft and the
+  draft with its runner-up at `TwoBranchSpeculative`'s fork (an oracle choice, as above).
 
 Every output is checked against AR's. Prompts as `draft_gate.py` takes them: the embedded default's
 held-out byte windows, or the real model's three held-out kinds (3 x --per-kind per seed).
@@ -30,12 +34,14 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.draft_gate import prompts_of  # noqa: E402
-from twotower.decoding import Autoregressive, NgramLookup, Speculative  # noqa: E402
+from twotower.decoding import Autoregressive, NgramLookup, Speculative, TwoBranchSpeculative  # noqa: E402
+from twotower.decoding.two_branch import branch_position, draft_with_runner_up  # noqa: E402
 from twotower.decoding.speculative import room_left  # noqa: E402
 from twotower.model import TwoTowerLM  # noqa: E402
 
 
-MODES = ("denoiser", "lookup", "best_of_both")
+MODES = ("denoiser", "lookup", "best_of_both", "two_branch", "three_way", "forks2", "forks3", "oracle_fork", "forks2_replace",
+         "forks3_replace")
 
 
 class BestOfBoth(Speculative):
@@ -59,6 +65,39 @@ class BestOfBoth(Speculative):
         return x, width
 
 
+class ThreeWay(BestOfBoth):
+    """`BestOfBoth` with a third candidate: the draft with its runner-up token at the position
+    `TwoBranchSpeculative` forks at (its continuation the draft's), the ceiling of verifying all three.
+    forks > 1: a runner-up branch at each of the `forks` likeliest first-rejection positions; forks 0:
+    one at the draft's true first rejection (an oracle fork)."""
+
+    def __init__(self, reference: list[int], forks: int = 1, replace: bool = False, **kwargs):
+        super().__init__(reference, **kwargs)
+        self.forks, self.replace = forks, replace
+
+    def draft(self, state):
+        n = min(self._width(state), room_left(state))
+        found = self.looked_up(state, n)[0]
+        call, den = state.call, state.den_cache()
+        x, alt, c, q = draft_with_runner_up(call.denoiser, den, n, first=state.carry["next"], shift=call.shifted,
+                                            mask_token_id=call.mask_token_id, tracker=state,
+                                            block_index=state.iterations)
+        d = x[0].tolist()
+        done = len(state.carry["lookup"][0].tokens) - state.call.input_ids.shape[1]
+        truth = self.reference[done + 1:]
+        if self.forks == 0:
+            forks = [min(1 + _run(d[1:], truth), n - 1)]
+        else:
+            reach = torch.cat([c.new_ones(1, 1), c[:, :-1].cumprod(-1)], dim=1)
+            forks = ((reach * (1 - c))[0].topk(min(self.forks, n - 1)).indices + 1).tolist()
+        if found and self.replace:  # the lookup takes the least likely fork's place
+            forks = forks[:-1]
+        candidates = [d[1:]] + [d[1:j] + [int(alt[0, j - 1])] + d[j + 1:] for j in forks] + ([found] if found else [])
+        best = max(candidates, key=lambda cand: _run(cand, truth))
+        self.lookup_won += bool(found) and best is candidates[-1] and _run(found, truth) > _run(d[1:], truth)
+        return self.lookup_draft(state, [best], n, None, None)
+
+
 def _run(draft: list[int], truth: list[int]) -> int:
     """How many leading tokens of `draft` equal `truth`'s."""
     k = 0
@@ -75,7 +114,14 @@ def tokens_per_iteration(model: TwoTowerLM, ids: list[int], new: int, block: int
     ar = Autoregressive().generate(model, t, mask, max_new_tokens=new).sequences
     reference = ar[0, t.shape[1]:].tolist()
     decoders = {"denoiser": Speculative(block_size=block), "lookup": Speculative(block_size=block, lookup=lookup),
-                "best_of_both": BestOfBoth(reference, block_size=block, lookup=lookup)}
+                "best_of_both": BestOfBoth(reference, block_size=block, lookup=lookup),
+                "two_branch": TwoBranchSpeculative(block_size=block, lookup=lookup),
+                "three_way": ThreeWay(reference, block_size=block, lookup=lookup),
+                "forks2": ThreeWay(reference, forks=2, block_size=block, lookup=lookup),
+                "forks3": ThreeWay(reference, forks=3, block_size=block, lookup=lookup),
+                "oracle_fork": ThreeWay(reference, forks=0, block_size=block, lookup=lookup),
+                "forks2_replace": ThreeWay(reference, forks=2, replace=True, block_size=block, lookup=lookup),
+                "forks3_replace": ThreeWay(reference, forks=3, replace=True, block_size=block, lookup=lookup)}
     out = {}
     for name, decoder in decoders.items():
         got = decoder.generate(model, t, mask, max_new_tokens=new)

@@ -147,6 +147,88 @@ def test_accept_tree_needs_a_tree_block():
             accept_tree(ctx, cache, layout, torch.full((4,), 2), torch.zeros(4, dtype=torch.bool))
 
 
+# ---- several branches in one tree -------------------------------------------------------------------
+
+FORKS = torch.tensor([[1, 3, 2], [3, 1, 4], [5, 2, 1], [2, 2, 3]])  # (R, K): three branches per row
+LENGTHS = [None, torch.tensor([2, 0, 3, 1]), 2]  # the second branch: row 1 has none
+
+
+def draw_forks(seed: int = 0):
+    """Left-padded prompts, a main block and three branches per row (`FORKS`, `LENGTHS`)."""
+    ids, mask = left_pad(random_prompts([5, 9, 7, 6], seed=seed))
+    g = torch.Generator().manual_seed(seed + 1)
+    main = torch.randint(4, 64, (4, N), generator=g)
+    layout = tree_layout(FORKS, N, LENGTHS)
+    branch = torch.randint(4, 64, (4, layout.m), generator=g)
+    branch[~layout.branch_valid] = 0
+    return ids, mask, main, branch, layout
+
+
+def fork_tokens(main, branch, layout, r, b):
+    """Row r's branch b as a plain block (main[:j] then its tokens), its first slot in the block and size."""
+    start = layout.starts()[b]
+    size = int(layout.branch_valid[r, start - N:start - N + layout.widths[b]].sum())
+    j = int(layout.forks[r, b])
+    return torch.cat([main[r, :j], branch[r, start - N:start - N + size]])[None], start, size
+
+
+def test_tree_mask_of_two_branches():
+    layout = tree_layout(torch.tensor([[2, 1]]), 4)  # branch 0: positions 2, 3; branch 1: positions 1 .. 3
+    assert layout.widths == (2, 3) and layout.starts() == [4, 6]
+    m = tree_mask(layout, torch.ones(1, 1, dtype=torch.bool))[0, 0, :, 1:]
+    want = torch.tensor([[1, 0, 0, 0, 0, 0, 0, 0, 0], [1, 1, 0, 0, 0, 0, 0, 0, 0], [1, 1, 1, 0, 0, 0, 0, 0, 0],
+                         [1, 1, 1, 1, 0, 0, 0, 0, 0],
+                         [1, 1, 0, 0, 1, 0, 0, 0, 0], [1, 1, 0, 0, 1, 1, 0, 0, 0],
+                         [1, 0, 0, 0, 0, 0, 1, 0, 0], [1, 0, 0, 0, 0, 0, 1, 1, 0], [1, 0, 0, 0, 0, 0, 1, 1, 1]],
+                        dtype=torch.bool)
+    assert torch.equal(m, want)
+    with pytest.raises(ValueError, match="3 branches need 3 lengths"):
+        tree_layout(FORKS, N, [None, 2])
+    with pytest.raises(ValueError, match="no single fork"):
+        layout.j
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_a_tree_of_three_branches_equals_plain_forwards_of_each(kind):
+    ctx, _ = towers_for(kind)
+    ids, mask, main, branch, layout = draw_forks()
+    with torch.inference_mode():
+        _, cache = ctx.prefill(ids, mask, logits="none")
+        logits = tree_extend(ctx, cache, main, branch, layout)
+        for r in range(4):
+            ref_main = ctx.extend(reference_cache(ctx, ids, mask, r), main[r:r + 1])[0]
+            torch.testing.assert_close(logits[r, :N], ref_main, rtol=1e-4, atol=1e-4)
+            for b in range(3):
+                tokens, start, size = fork_tokens(main, branch, layout, r, b)
+                if size:
+                    ref = ctx.extend(reference_cache(ctx, ids, mask, r), tokens)[0]
+                    torch.testing.assert_close(logits[r, start:start + size], ref[-size:], rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_accepting_any_of_three_branches_equals_appending_only_the_kept_tokens(kind):
+    ctx, den = towers_for(kind)
+    ids, mask, main, branch, layout = draw_forks(seed=5)
+    take = torch.tensor([1, 0, 3, 2])  # row 0 branch 0 (fork 1), row 1 main, row 2 branch 2 (fork 1, 2 long), row 3 branch 1
+    keep = torch.tensor([5, 4, 3, 3])
+    after = torch.randint(4, 64, (4, 3))
+    nxt = torch.randint(4, 64, (4, N))
+    t = torch.full((4,), 0.5)
+    with torch.inference_mode():
+        _, cache = ctx.prefill(ids, mask, logits="none")
+        tree_extend(ctx, cache, main, branch, layout)
+        accept_tree(ctx, cache, layout, keep, take)
+        den_out = den.forward_block(nxt, cache, t)
+        out = ctx.extend(cache, after)
+        for r in range(4):
+            kept = (fork_tokens(main, branch, layout, r, int(take[r]) - 1)[0] if take[r] else main[r:r + 1])
+            ref_cache = reference_cache(ctx, ids, mask, r)
+            ctx.extend(ref_cache, kept[:, :keep[r]])
+            ref_den = den.forward_block(nxt[r:r + 1], ref_cache, t[r:r + 1])
+            torch.testing.assert_close(out[r], ctx.extend(ref_cache, after[r:r + 1])[0], rtol=1e-4, atol=1e-4)
+            torch.testing.assert_close(den_out[r], ref_den[0], rtol=1e-4, atol=1e-4)
+
+
 # ---- the decoder --------------------------------------------------------------------------------
 
 
@@ -227,6 +309,62 @@ def test_a_right_second_branch_is_kept_whole(kind, shifted, seed):
     assert torch.equal(spec.new_tokens, ar.new_tokens) and spec.blocks == 12
 
 
+class AlternatingDrafter(SwappedDrafter):
+    """`SwappedDrafter` whose wrong token sits at `at` on odd forwards and at `other` on even ones; the
+    other position is just as unsure but right. One fork at the first unsure position catches only
+    half the rejections; a fork at each catches all."""
+
+    def __init__(self, ctx, shifted: bool, vocab: int, at: int, other: int):
+        super().__init__(ctx, shifted, vocab, at)
+        self.positions, self.calls = (at, other), 0
+
+    def forward_block(self, x, cache, t=None):
+        self.calls += 1
+        wrong_at, right_at = self.positions if self.calls % 2 else self.positions[::-1]
+        self.at = wrong_at
+        logits = super().forward_block(x, cache, t)
+        # At right_at, AR's token wins as narrowly as the wrong one does at wrong_at: the same confidence.
+        i = right_at - 1 if self.shifted else right_at
+        top = logits[:, i].argmax(-1)
+        wrong = (top + 1) % self.vocab
+        wrong = torch.where(wrong == MASK, (wrong + 1) % self.vocab, wrong)
+        rows = torch.arange(x.shape[0])
+        logits[rows, i] = 0.0
+        logits[rows, i, top] = 6.0
+        logits[rows, i, wrong] = 5.0
+        return logits
+
+
+@pytest.mark.parametrize("kind,shifted", [("nemotron:M*-EM*E", True), ("llama", False)])
+def test_two_forks_catch_what_one_misses(kind, shifted):
+    """Drafts fail at position 2 or 4 in turn, both equally unsure: two forks keep every iteration
+    whole (6 tokens), one fork (at 2, the first of the two) only the iterations that fail there."""
+    ctx, _ = towers_for(kind)
+    ids, mask = left_pad(random_prompts([5, 8], seed=9))
+    ar = autoregressive(ctx, ids, mask, max_new_tokens=24, pad_token_id=PAD)
+    assert not (ar.new_tokens == MASK).any()
+    blocks = {}
+    for forks in (1, 2):
+        drafter = AlternatingDrafter(ctx, shifted, ctx.config.vocab_size, at=2, other=4)
+        out = run_decoder(TwoBranchSpeculative("lowest", block_size=6, forks=forks), ctx, drafter, ids, mask,
+                          max_new_tokens=24, shifted=shifted)
+        assert torch.equal(out.new_tokens, ar.new_tokens), forks
+        blocks[forks] = out.blocks
+    # One fork sits at 2 (a tie with 4: the first wins): 6, 4, 6, 4, then 4 tokens left in a fifth iteration.
+    assert blocks[2] == 4 and blocks[1] == 5
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("forks,length", [(2, None), (3, 2)])
+def test_forked_trees_keep_the_ar_output(family, forks, length):
+    ctx, den = make_family_towers(family, seed=6)
+    ids, mask = left_pad(random_prompts([4, 9, 6], seed=6))
+    ar = autoregressive(ctx, ids, mask, max_new_tokens=21, pad_token_id=PAD)
+    decoder = TwoBranchSpeculative(branch_len=length, block_size=6, forks=forks)
+    out = run_decoder(decoder, ctx, den, ids, mask, max_new_tokens=21)
+    assert torch.equal(out.new_tokens, ar.new_tokens)
+
+
 def test_rows_stay_independent_and_the_mirror_changes_nothing():
     ctx, den = make_towers(seed=9)
     ids, mask = left_pad(random_prompts([3, 10, 6, 8], seed=9))
@@ -305,6 +443,10 @@ def test_bad_arguments_and_registry():
         TwoBranchSpeculative(1.5)
     with pytest.raises(ValueError, match="branch_len must be an int >= 1 .*got 0"):
         TwoBranchSpeculative(branch_len=0)
+    with pytest.raises(ValueError, match="forks must be an int >= 1, got 0"):
+        TwoBranchSpeculative(forks=0)
+    with pytest.raises(ValueError, match="forks > 1 needs a named branch_at rule"):
+        TwoBranchSpeculative(0.5, forks=2)
     assert isinstance(build_decoder("two_branch"), TwoBranchSpeculative)
     ctx, den = make_towers(seed=1)
     with pytest.raises(ValueError, match="block_size >= 3"):

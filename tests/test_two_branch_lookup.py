@@ -29,19 +29,36 @@ def test_the_per_row_tree_puts_the_longer_candidate_first():
              [1, 2, 3, 4, 5, 6],  # d's continuation, longer: the main block, runner-up branch kept (at 2)
              [1, 7],  # differs at 2, shorter: d stays main, the lookup branches at 2
              [1, 7, 7, 7, 7, 7]]  # differs at 2, longer: the lookup is main, d branches at 2
-    main, branch, fork, width, layout = TwoBranchSpeculative()._lookup_tree(x, alt, j, found, MASK)
+    main, branch, width, layout = TwoBranchSpeculative()._lookup_tree(x, alt, j[:, None], found, MASK)
     assert main.tolist() == [d + [MASK] * 2, [9, 1, 2, 3, 4, 5, 6], d + [MASK] * 2, [9, 1, 7, 7, 7, 7, 7]]
-    assert width.tolist() == [5, 7, 5, 7] and fork.tolist() == [3, 2, 2, 2]
+    assert width.tolist() == [5, 7, 5, 7] and layout.j.tolist() == [3, 2, 2, 2]
     assert branch.tolist() == [[13, 4, MASK], [12, 3, 4], [7, MASK, MASK], [2, 3, 4]]
     assert layout.n == 7 and layout.m == 3
     assert layout.branch_valid.tolist() == [[True, True, False], [True] * 3, [True, False, False], [True] * 3]
+
+
+def test_the_per_row_tree_with_two_forks():
+    """The lookup takes the last fork's place where it differs from d; d's forks past that difference
+    go where the lookup is the main block; a prefix lookup keeps both forks."""
+    d = [9, 1, 2, 3, 4]
+    x = torch.tensor([d] * 4)
+    alt = torch.tensor([[11, 12, 13, 14]] * 4)
+    forks = torch.tensor([[3, 1], [2, 4], [1, 3], [3, 4]])
+    found = [[], [1, 2, 3, 4, 5, 6], [1, 7], [1, 7, 7, 7, 7, 7]]
+    main, branch, width, layout = TwoBranchSpeculative(forks=2)._lookup_tree(x, alt, forks, found, MASK)
+    assert width.tolist() == [5, 7, 5, 7] and layout.widths == (4, 4)
+    # Row 3: the lookup is main and differs at 2, so d's fork at 3 goes (an empty branch at 1).
+    assert layout.forks.tolist() == [[3, 1], [2, 4], [1, 2], [1, 2]]
+    assert layout.branch_valid.sum(-1).tolist() == [2 + 4, 3 + 1, 4 + 1, 0 + 3]  # row 1: d (a prefix) ends at 4
+    assert branch[:, :4].tolist() == [[13, 4, MASK, MASK], [12, 3, 4, MASK], [11, 2, 3, 4], [MASK] * 4]
+    assert branch[:, 4:].tolist() == [[11, 2, 3, 4], [14, MASK, MASK, MASK], [7, MASK, MASK, MASK], [2, 3, 4, MASK]]
 
 
 def test_tree_layout_takes_per_row_branch_lengths():
     layout = tree_layout(torch.tensor([1, 4, 2]), 6, torch.tensor([2, 1, 4]))
     assert layout.m == 4
     assert layout.branch_valid.sum(-1).tolist() == [2, 1, 4]
-    with pytest.raises(ValueError, match="1 <= length <= n - j"):
+    with pytest.raises(ValueError, match="0 <= length <= n - j"):
         tree_layout(torch.tensor([1, 4]), 6, torch.tensor([2, 3]))  # row 1 has only positions 4, 5
     with pytest.raises(ValueError, match="per-row branch lengths"):
         tree_layout(torch.tensor([1, 4]), 6, torch.tensor([2.0, 1.0]))
@@ -49,10 +66,12 @@ def test_tree_layout_takes_per_row_branch_lengths():
 
 @pytest.mark.parametrize("family", ["nemotron_h", "llama"])
 @pytest.mark.parametrize("lookup", [1, NgramLookup([3, 2], max_tokens=12)])
-def test_lookup_branches_keep_the_ar_output(family, lookup):
+@pytest.mark.parametrize("forks", [1, 3])
+def test_lookup_branches_keep_the_ar_output(family, lookup, forks):
     ctx, den = make_towers(seed=6) if family == "nemotron_h" else make_family_towers(family, seed=6)
     # Repetitive prompts (a short vocabulary) so that lookups hit; left padding in the batch.
-    assert_lookup_decoder_keeps_ar_output(TwoBranchSpeculative(block_size=6, lookup=lookup), ctx, den, 25)
+    decoder = TwoBranchSpeculative(block_size=6, lookup=lookup, forks=forks)
+    assert_lookup_decoder_keeps_ar_output(decoder, ctx, den, 25)
 
 
 class WrongDrafter(torch.nn.Module):
@@ -129,8 +148,9 @@ def test_sampled_rows_ignore_lookups():
 
 
 @pytest.mark.parametrize("temperature", [0.0, 0.8])
-def test_two_branch_lookup_passes_the_decoder_contract(temperature):
-    check_decoder(TwoBranchSpeculative(lookup=[2, 1], temperature=temperature))
+@pytest.mark.parametrize("forks", [1, 2])
+def test_two_branch_lookup_passes_the_decoder_contract(temperature, forks):
+    check_decoder(TwoBranchSpeculative(lookup=[2, 1], temperature=temperature, forks=forks))
 
 
 def test_lookup_as_a_dict_and_bad_dicts():
@@ -158,6 +178,7 @@ def test_lookup_trees_fit_a_request_that_ends_at_a_sliding_window(prompt_len):
         want = model.generate(ids, decoder=Autoregressive(), max_new_tokens=24 - prompt_len)
         truth = OracleLookup(want.new_tokens[0].tolist(), max_tokens=12)  # always right, 12 tokens where room
         for lookup in (NgramLookup(1, max_tokens=12), truth):
-            got = model.generate(ids, decoder=TwoBranchSpeculative(block_size=4, lookup=lookup),
-                                 max_new_tokens=24 - prompt_len)
-            assert torch.equal(got.new_tokens, want.new_tokens), lookup
+            for forks in (1, 2):
+                got = model.generate(ids, decoder=TwoBranchSpeculative(block_size=4, lookup=lookup, forks=forks),
+                                     max_new_tokens=24 - prompt_len)
+                assert torch.equal(got.new_tokens, want.new_tokens), (lookup, forks)

@@ -41,18 +41,21 @@ def supports_tree(context) -> bool:
 
 def tree_extend(context, cache, main: Tensor, branch: Tensor, layout: TreeLayout) -> Tensor:
     """Verify main (R, n) and branch (R, m) in one provisional forward; logits (R, n + m, V) float32,
-    slot order main then branch (`towers/branching.py`). `accept_tree` settles the cache."""
+    slot order main then branch (every branch's slots in turn, `towers/branching.py`). `accept_tree`
+    settles the cache."""
     # The family forwards trust layout.n and layout.m (cache slots, the mask, Mamba segments): refuse a mismatch
     # here, before any of them touches the cache.
-    if main.shape != (layout.j.shape[0], layout.n) or branch.shape != (layout.j.shape[0], layout.m):
+    rows = layout.forks.shape[0]
+    if main.shape != (rows, layout.n) or branch.shape != (rows, layout.m):
         raise ValueError(f"main {tuple(main.shape)} / branch {tuple(branch.shape)} do not fit the layout "
-                         f"(rows {layout.j.shape[0]}, n {layout.n}, m {layout.m})")
+                         f"(rows {rows}, n {layout.n}, m {layout.m})")
     hidden = _family(context).tree_forward(context, cache, main, branch, layout)
     # Every slot: the main ones feed Speculative's keep rule, the branch ones the branch's agreement check.
     return context.logits(hidden, "all")
 
 
 def accept_tree(context, cache, layout: TreeLayout, keep: Tensor, take: Tensor) -> None:
-    """Row r keeps its first keep[r] positions of the second branch (take[r]) or of the main block."""
+    """Row r keeps its first keep[r] positions of the branch it takes (take (R,): bool, the one branch
+    of a one-branch tree, or long, 0 the main block and b + 1 branch b) or of the main block."""
     # Must directly follow `tree_extend`: the cache holds n + m provisional slots and refuses other use until then.
     _family(context).accept_tree(context, cache, layout, keep, take)

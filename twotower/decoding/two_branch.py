@@ -33,9 +33,10 @@ from .logits import LogitsProcessor
 from .lookup import NgramLookup
 from .speculative import Speculative, room_left
 from .state import DecodeState
-from .tree_verify import accept_tree, supports_tree, tree_extend, tree_layout
+from ..validation import check_int
+from .tree_verify import TreeLayout, accept_tree, supports_tree, tree_extend, tree_layout
 
-__all__ = ["TwoBranchSpeculative", "draft_with_runner_up", "branch_position", "BRANCH_RULES"]
+__all__ = ["TwoBranchSpeculative", "draft_with_runner_up", "branch_position", "branch_scores", "BRANCH_RULES"]
 
 BRANCH_RULES = ("likeliest", "lowest", "expected")
 
@@ -46,19 +47,19 @@ def _reach(c: Tensor) -> Tensor:
     return torch.cat([c.new_ones(c.shape[0], 1), c[:, :-1].cumprod(-1)], dim=1)
 
 
-def branch_position(rule: str | float, c: Tensor, q: Tensor) -> Tensor:
-    """(R,) long branch positions in [1, n-1] from confidences c (R, n-1) and runner-up probabilities
-    q (R, n-1) of positions 1 .. n-1 (softmax probabilities, read as the chance a token is right).
+def branch_scores(rule: str, c: Tensor, q: Tensor) -> Tensor:
+    """(R, n-1) scores of positions 1 .. n-1 under a named rule (higher: fork there first), from
+    confidences c (R, n-1) and runner-up probabilities q (R, n-1) (softmax probabilities, read as the
+    chance a token is right).
 
-    "likeliest": argmax_j P(first rejection at j) = prod_{k<j} c_k (1 - c_j);
-    "lowest": the least confident position;
-    "expected": argmax_j prod_{k<j} c_k q_j (1 + sum_{m>j} prod_{j<k<=m} c_k), the expected extra tokens;
-    a float t: the first position whose confidence is below t (else the least confident one).
+    "likeliest": P(first rejection at j) = prod_{k<j} c_k (1 - c_j);
+    "lowest": -c_j, the least confident position first;
+    "expected": prod_{k<j} c_k q_j (1 + sum_{m>j} prod_{j<k<=m} c_k), the expected extra tokens.
     """
     if rule == "lowest":
-        return c.argmin(-1) + 1  # + 1: column i of c is block position i + 1
+        return -c
     if rule == "likeliest":
-        return (_reach(c) * (1 - c)).argmax(-1) + 1
+        return _reach(c) * (1 - c)
     if rule == "expected":
         # Log space: a ratio of float32 running products would be 0 / 0 once they underflow; the clamp keeps a
         # zero confidence from giving -inf - -inf = nan below.
@@ -66,7 +67,16 @@ def branch_position(rule: str | float, c: Tensor, q: Tensor) -> Tensor:
         i = torch.arange(c.shape[1], device=c.device)
         # runs[r, j, m] = prod_{j<k<=m} c_k for m > j, else 0
         runs = (logc[:, None, :] - logc[:, :, None]).exp() * (i[None, :] > i[:, None])
-        return (_reach(c) * q * (1 + runs.sum(-1))).argmax(-1) + 1
+        return _reach(c) * q * (1 + runs.sum(-1))
+    raise ValueError(f"no scores for branch rule {rule!r}; the named rules are {', '.join(map(repr, BRANCH_RULES))}")
+
+
+def branch_position(rule: str | float, c: Tensor, q: Tensor) -> Tensor:
+    """(R,) long branch positions in [1, n-1] from confidences c (R, n-1) and runner-up probabilities
+    q (R, n-1) of positions 1 .. n-1: the best position under a named rule (`branch_scores`), or, for a
+    float t, the first position whose confidence is below t (else the least confident one)."""
+    if isinstance(rule, str):
+        return branch_scores(rule, c, q).argmax(-1) + 1  # + 1: column i of c is block position i + 1
     low = c < rule
     first = low.long().argmax(-1)  # 0 where none is low: then fall back to the least confident
     return torch.where(low.any(-1), first, c.argmin(-1)) + 1
@@ -106,12 +116,17 @@ class TwoBranchSpeculative(Speculative):
             None: to the block's end). The branch rarely runs long, so a short one keeps most of the
             gain for a fraction of the extra verify positions (benchmarks/two_branch_potential.py).
         block_size / temperature / top_k / top_p / logits_processors / batch_block_size: as `Speculative`.
-        lookup: as `Speculative`'s (an `NgramLookup` or its n-gram size(s)), but the lookup becomes the
-            second candidate instead of replacing the draft: a row that found one verifies the lookup and
-            the denoiser's draft side by side, the longer as the main block and the other from their
-            first difference, and keeps whichever the context tower accepts further. Rows without one
-            branch at the runner-up as usual. Greedy decoding only; sampled batches branch at the
-            runner-up (their draws would otherwise depend on the other rows' lookups).
+        forks: how many runner-up branches to verify, at the `forks` best positions under `branch_at`
+            (a named rule): a tree of forks + 1 candidates. More forks catch more first rejections
+            for more verify positions (benchmarks/lookup_potential.py measures the ceiling). Greedy
+            decoding only past 1; sampled batches fork once (a row's draws would otherwise depend on
+            the other rows' branch widths).
+        lookup: as `Speculative`'s (an `NgramLookup` or its n-gram size(s)), but the lookup becomes a
+            candidate instead of replacing the draft: a row that found one verifies the lookup and the
+            denoiser's draft side by side, the longer as the main block and the other from their first
+            difference (in the place of the last fork), and keeps whichever the context tower accepts
+            further. Rows without one fork at their runner-ups as usual. Greedy decoding only; sampled
+            batches branch at the runner-up (their draws would otherwise depend on the other rows' lookups).
 
     One-step greedy drafts only (no `draft_steps` > 1, no `draft_cut`). The context tower's family
     needs a tree verify (NemotronH, Llama, Qwen2, Mistral). Output: `Autoregressive`'s.
@@ -120,7 +135,8 @@ class TwoBranchSpeculative(Speculative):
     def __init__(self, branch_at: str | float = "likeliest", branch_len: int | None = None,
                  block_size: int | None = None, temperature: float = 0.0, top_k: int | None = None,
                  top_p: float | None = None, logits_processors: Sequence[LogitsProcessor] | None = None,
-                 batch_block_size: int | None = None, lookup: NgramLookup | int | list[int] | None = None):
+                 batch_block_size: int | None = None, lookup: NgramLookup | int | list[int] | None = None,
+                 forks: int = 1):
         super().__init__(block_size=block_size, temperature=temperature, top_k=top_k, top_p=top_p,
                          logits_processors=logits_processors, batch_block_size=batch_block_size, lookup=lookup)
         threshold = isinstance(branch_at, float) and 0 < branch_at < 1
@@ -133,12 +149,18 @@ class TwoBranchSpeculative(Speculative):
             raise ValueError(f"branch_len must be an int >= 1 (positions of the second branch to verify) or None "
                              f"(to the block's end), got {branch_len!r}")
         self.branch_len = branch_len
+        check_int("forks", forks, 1)
+        if forks > 1 and threshold:
+            raise ValueError(f"forks > 1 needs a named branch_at rule ({', '.join(map(repr, BRANCH_RULES))}) to rank "
+                             f"the positions, got branch_at={branch_at!r}")
+        self.forks = forks
 
     def extra_repr(self) -> str:
-        return f"branch_at={self.branch_at!r}, branch_len={self.branch_len}, " + super().extra_repr()
+        return (f"branch_at={self.branch_at!r}, branch_len={self.branch_len}, forks={self.forks}, "
+                + super().extra_repr())
 
     def rule_key(self) -> tuple:
-        return (type(self).__qualname__, self.branch_at, self.branch_len)
+        return (type(self).__qualname__, self.branch_at, self.branch_len, self.forks)
 
     def check_call(self, call) -> None:
         super().check_call(call)
@@ -152,8 +174,9 @@ class TwoBranchSpeculative(Speculative):
     def draft(self, state: DecodeState):
         call = state.call
         width, room = self._width(state), room_left(state)
-        # The tree takes up to 2n - 1 cache slots: next to a sliding window, a shorter block.
-        n = min(width, (room + 1) // 2)
+        # The tree takes up to n + K (n - 1) cache slots (K branches): next to a sliding window, a shorter block.
+        K = self._branches(state)
+        n = min(width, (room + K) // (K + 1))
         if n < 3:  # no room for a tree: this iteration verifies one plain draft
             return super().draft(state)
         den = state.den_cache()
@@ -162,8 +185,8 @@ class TwoBranchSpeculative(Speculative):
                                        block_index=state.iterations, step_callback=state.step_callback)
         if self.lookup is None or not state.rows.greedy:
             return drafted
-        # A main block of N positions and a branch take up to 2N - 1 cache slots: cap the lookups to fit.
-        cap = (room + 1) // 2 - 1
+        # A main block of N positions and K branches take up to N + K (N - 1) cache slots: cap the lookups to fit.
+        cap = (room + K) // (K + 1) - 1
         return (*drafted, [found[:cap] for found in self.looked_up(state, n)])
 
     def _choose(self, state: DecodeState, logits: Tensor, n: int) -> Tensor:
@@ -180,41 +203,67 @@ class TwoBranchSpeculative(Speculative):
         padded = torch.cat([logits, logits.new_zeros(logits.shape[0], pad, logits.shape[2])], dim=1)
         return state.choose(padded)[:, : logits.shape[1]]
 
-    def _lookup_tree(self, x: Tensor, alt: Tensor, j: Tensor, found: list[list[int]], mask_token_id: int):
-        """Each row's main block and second branch where some rows found a lookup draft.
+    def _branches(self, state: DecodeState) -> int:
+        """Branches per tree this iteration: `forks` when greedy, one when sampling (see `forks`)."""
+        return self.forks if state.rows.greedy else 1
+
+    def _fork_positions(self, c: Tensor, q: Tensor, K: int) -> Tensor:
+        """(R, K) long: the K fork positions (distinct, best first), K <= n - 1."""
+        if K == 1:
+            return branch_position(self.branch_at, c, q)[:, None]
+        return branch_scores(self.branch_at, c, q).topk(K, dim=-1).indices + 1
+
+    def _runner_up_tree(self, x: Tensor, alt: Tensor, forks: Tensor) -> tuple[Tensor, TreeLayout]:
+        """The branch tokens (R, m) and layout of a runner-up fork at every column of forks (R, K): each
+        branch is d's tokens from its fork on with the runner-up at the fork."""
+        n = x.shape[1]
+        layout = tree_layout(forks if forks.shape[1] > 1 else forks[:, 0], n, self.branch_len)  # a host read each
+        e = x.gather(1, layout.block_pos[:, n:])  # d's tokens at every branch slot ...
+        for b, start in enumerate(layout.starts()):  # ... and the runner-up at each fork (alt starts at position 1)
+            e[:, start - n] = alt.gather(1, (forks[:, b] - 1)[:, None]).squeeze(1)
+        return e, layout
+
+    def _lookup_tree(self, x: Tensor, alt: Tensor, forks: Tensor, found: list[list[int]], mask_token_id: int):
+        """Each row's main block and branches where some rows found a lookup draft.
 
         A row with a lookup l (after its first token) compares it with the denoiser's draft d: where they
-        first differ (position k), the longer of the two is the main block and the other the branch from
-        k; where one is a prefix of the other, the longer is the main block and the runner-up branch stays
-        (it forks inside d, whose prefix the main block then shares). Other rows keep d and the runner-up.
-        Returns main (R, N), branch (R, m), j (R,), each row's main length (R,) and the layout."""
-        d_rows, alt_rows, j_rows = x.tolist(), alt.tolist(), j.tolist()
-        mains, forks, branches = [], [], []
-        for d, runner_up, fork, look in zip(d_rows, alt_rows, j_rows, found):
-            branch = [runner_up[fork - 1]] + d[fork + 1:]  # alt starts at position 1
-            branch = branch if self.branch_len is None else branch[: self.branch_len]
+        first differ (position k), the longer of the two is the main block and the other a branch from k,
+        in the place of the last runner-up fork; where one is a prefix of the other, the longer is the
+        main block and the runner-up forks stay (they fork inside d, whose prefix the main block then
+        shares). Forks of d past k cannot hang from a longer lookup's main block: those rows go without
+        them. Other rows keep d and its forks. Returns main (R, N), branch (R, m), each row's main length
+        (R,) and the layout."""
+        fork_rows = forks.tolist()
+        mains, trees = [], []
+        for d, runner_up, row_forks, look in zip(x.tolist(), alt.tolist(), fork_rows, found):
+            branches = []
+            for fork in row_forks:
+                branch = [runner_up[fork - 1]] + d[fork + 1:]  # alt starts at position 1
+                branches.append((fork, branch if self.branch_len is None else branch[: self.branch_len]))
             main = d
             if look:
                 lk = d[:1] + look
                 k = next((i for i in range(1, min(len(lk), len(d))) if lk[i] != d[i]), None)
                 longer, shorter = (lk, d) if len(lk) > len(d) else (d, lk)
-                if k is None:
-                    main = longer
-                else:
-                    main, fork, branch = longer, k, shorter[k:]
+                main = longer
+                if k is not None:
+                    branches[-1] = (k, shorter[k:])
+                    if longer is lk:  # d's forks past k would branch off d, not off the main block
+                        branches[:-1] = [(f, b) if f <= k else (1, []) for f, b in branches[:-1]]
             mains.append(main)
-            forks.append(fork)
-            branches.append(branch)
-        N, m = max(map(len, mains)), max(map(len, branches))
-        dev = x.device
+            trees.append(branches)
+        N, K, dev = max(map(len, mains)), len(fork_rows[0]), x.device
+        per_branch = [[tree[b] for tree in trees] for b in range(K)]
+        fork = torch.tensor([[f for f, _ in col] for col in per_branch], dtype=torch.long, device=dev).T
+        lengths = [torch.tensor([len(t) for _, t in col], dtype=torch.long, device=dev) for col in per_branch]
+        layout = tree_layout(fork if K > 1 else fork[:, 0], N, lengths if K > 1 else lengths[0])
 
         def padded(rows: list[list[int]], size: int) -> Tensor:
             return torch.tensor([r + [mask_token_id] * (size - len(r)) for r in rows], dtype=torch.long, device=dev)
 
-        j = torch.tensor(forks, dtype=torch.long, device=dev)
-        lengths = torch.tensor([len(b) for b in branches], dtype=torch.long, device=dev)
+        e = torch.cat([padded([t for _, t in col], w) for col, w in zip(per_branch, layout.widths)], dim=1)
         width = torch.tensor([len(r) for r in mains], dtype=torch.long, device=dev)
-        return padded(mains, N), padded(branches, m), j, width, tree_layout(j, N, lengths)
+        return padded(mains, N), e, width, layout
 
     def advance(self, state: DecodeState, drafted) -> None:
         if len(drafted) == 2:  # a plain draft (`draft` ran out of room for a tree)
@@ -223,30 +272,20 @@ class TwoBranchSpeculative(Speculative):
         # The draft comes from the denoiser's device, which may differ (docs/design.md, section 2.7).
         x, alt, c, q = (t.to(call.ctx_device) for t in drafted[:4])
         n = x.shape[1]
-        j = branch_position(self.branch_at, c, q)
+        forks = self._fork_positions(c, q, min(self._branches(state), n - 1))
         width = None
         if len(drafted) == 5 and any(drafted[4]):  # some rows found a lookup: a per-row tree
-            x, e, j, width, layout = self._lookup_tree(x, alt, j, drafted[4], call.mask_token_id)
+            x, e, width, layout = self._lookup_tree(x, alt, forks, drafted[4], call.mask_token_id)
             n = x.shape[1]
         else:
-            layout = tree_layout(j, n, self.branch_len)  # one host read: the branch width
-            e = x.gather(1, layout.block_pos[:, n:])  # the branch's tokens: d's after j ...
-            # ... and the runner-up at j (alt starts at position 1)
-            e[:, 0] = alt.gather(1, (j - 1)[:, None]).squeeze(1)
+            e, layout = self._runner_up_tree(x, alt, forks)
         logits = tree_extend(context, state.cache, x, e, layout)  # (R, n + m, V)
         ar = self._choose(state, logits, n)  # ar[:, s]: the context tower's token after slot s (in its branch)
         # Main slots never see a branch slot, so their logits are a plain extend's and Speculative's rule holds.
-        keep1 = self.kept(logits[:, :n], ar[:, :n], x)
+        keep = self.kept(logits[:, :n], ar[:, :n], x)
         if width is not None:
-            keep1 = torch.minimum(keep1, width)  # a row keeps nothing past its own main block
-        # The branch is taken only where d fails exactly at j and the runner-up is the token there.
-        # keep1 < j: the shared prefix failed; keep1 > j: d_j was right, so r_j (!= d_j) is not. ar[:, j - 1] comes
-        # from a main slot before the fork, one choice for both branches: taking the branch never changes j's token.
-        take = (keep1 == j) & (e[:, 0] == ar.gather(1, (j - 1)[:, None]).squeeze(1))
-        # ar at branch slot n + k is AR's token after branch position j + k, so it checks e[:, k + 1];
-        # padding never agrees, so the run stops at the branch's end.
-        agree = (e[:, 1:] == ar[:, n:-1]) & layout.branch_valid[:, 1:]
-        keep = torch.where(take, j + 1 + agree.long().cumprod(-1).sum(-1), keep1)
+            keep = torch.minimum(keep, width)  # a row keeps nothing past its own main block
+        keep, take = self._best_branch(layout, e, ar, keep)
         accept_tree(context, state.cache, layout, keep, take)
         src = source_slots(layout, take)  # (R, n): the slot of each kept position
         # The slot of the last kept token (a branch slot where taken): AR's token after it opens the next block.
@@ -258,3 +297,27 @@ class TwoBranchSpeculative(Speculative):
                 index.extend(row[:k])
         state.commit(kept, keep)
         self.finish_iteration(state)
+
+    @staticmethod
+    def _best_branch(layout: TreeLayout, e: Tensor, ar: Tensor, keep1: Tensor) -> tuple[Tensor, Tensor]:
+        """Each row's kept length and winner (take (R,) long: 0 the main block, b + 1 branch b), given
+        the main block's kept length keep1.
+
+        A branch is taken only where the main block fails exactly at its fork j and its first token is
+        the context tower's token there. keep1 < j: the shared prefix failed; keep1 > j: d_j was right,
+        so the branch's token (!= d_j) is not. ar[:, j - 1] comes from a main slot before the fork, one
+        choice for every candidate: taking a branch never changes j's token. Branches that fork at the
+        same position with the same first token (a lookup and a runner-up) both count: the longer wins."""
+        n, keep, take = layout.n, keep1, torch.zeros_like(keep1)
+        for b, start in enumerate(layout.starts()):
+            w, j = layout.widths[b], layout.forks[:, b]
+            tokens, valid = e[:, start - n:start - n + w], layout.branch_valid[:, start - n:start - n + w]
+            first = valid[:, 0] & (keep1 == j) & (tokens[:, 0] == ar.gather(1, (j - 1)[:, None]).squeeze(1))
+            # ar at branch slot start + k is AR's token after the branch's position j + k, so it checks
+            # tokens[:, k + 1]; padding never agrees, so the run stops at the branch's end.
+            agree = (tokens[:, 1:] == ar[:, start:start + w - 1]) & valid[:, 1:]
+            reach = j + 1 + agree.long().cumprod(-1).sum(-1)
+            longer = first & (reach > keep)
+            keep = torch.where(longer, reach, keep)
+            take = torch.where(longer, b + 1, take)
+        return keep, take

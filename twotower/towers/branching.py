@@ -10,7 +10,9 @@ the cache takes n + m provisional slots (m = n - min(j), the longest branch),
                                       padding, masked out),
 
 and a tree mask: a branch query sees the cache, the main block before j and the branch up to itself;
-a main query never sees a branch slot. Recurrent layers cannot read a mask; each family runs them
+a main query never sees a branch slot. More candidates (K branches, each forking at its own per-row
+position) follow one another in the branch slots, each with its own width, and a branch query sees
+only its own branch. Recurrent layers cannot read a mask; each family runs them
 per segment (`towers/nemotron_h/branch.py`). Afterwards `take_branch` moves the winning branch's
 slots of a row over the main block's positions j.., and the family's ordinary `accept` settles the
 n-slot block: rows are then exactly as if only their kept tokens had been appended.
@@ -32,71 +34,112 @@ __all__ = ["TreeLayout", "tree_layout", "tree_mask", "take_branch"]
 
 @dataclass
 class TreeLayout:
-    """Where the two branches of a tree verify sit. n: the main block's length; m: branch slots;
-    j (R,) long: each row's branch position; branch_valid (R, m) bool: slot k holds position j + k;
-    block_pos (R, n + m) long: the block position (0 .. n-1) of every slot (padding: clamped)."""
+    """Where the branches of a tree verify sit. n: the main block's length; widths: each branch's
+    slots (branch b holds slots n + sum(widths[:b]) .. of the block, every row the same);
+    forks (R, K) long: each row's fork position of every branch; branch_valid (R, m) bool: branch
+    b's k-th slot holds position forks[:, b] + k; block_pos (R, n + m) long: the block position
+    (0 .. n-1) of every slot (padding: clamped)."""
 
     n: int
-    m: int
-    j: Tensor
+    widths: tuple[int, ...]
+    forks: Tensor
     branch_valid: Tensor
     block_pos: Tensor
 
+    @property
+    def m(self) -> int:
+        """Branch slots of all branches together."""
+        return sum(self.widths)
 
-def tree_layout(j: Tensor, n: int, length: int | Tensor | None = None) -> TreeLayout:
-    """The layout for branch positions j (R,) (long, each in [1, n - 1]) of an n-position block, each
-    branch covering positions j .. n-1, or only its first `length` of them (an int >= 1 for every row,
-    a (R,) long tensor of per-row lengths, each in [1, n - j], or None: all). One host read (two with
-    per-row lengths): the branch width m, the longest row's branch."""
-    if j.dtype != torch.long or j.dim() != 1:
-        raise ValueError(f"j must be a (R,) long tensor of branch positions, got {j.dtype} {tuple(j.shape)}")
+    @property
+    def j(self) -> Tensor:
+        """(R,) long: the fork positions of a one-branch tree."""
+        if len(self.widths) != 1:
+            raise ValueError(f"a tree of {len(self.widths)} branches has no single fork position; read forks")
+        return self.forks[:, 0]
+
+    def starts(self) -> list[int]:
+        """Each branch's first slot, relative to the block (n for the first)."""
+        out = [self.n]
+        for w in self.widths[:-1]:
+            out.append(out[-1] + w)
+        return out
+
+    def slot_forks(self) -> Tensor:
+        """(R, m) long: the fork position of the branch each branch slot belongs to."""
+        return torch.cat([self.forks[:, b:b + 1].expand(-1, w) for b, w in enumerate(self.widths)], dim=1)
+
+
+def _limits(j: Tensor, n: int, length: int | Tensor | None) -> Tensor:
+    """(R,) long: how many positions from fork j each row's branch covers (checked, see `tree_layout`)."""
+    if isinstance(length, Tensor):
+        bad = (length.dtype != torch.long or length.shape != j.shape
+               or bool(((length < 0) | (length > n - j)).any()))
+        if bad:
+            raise ValueError(f"per-row branch lengths must be a (R,) long tensor with 0 <= length <= n - j "
+                             f"(0: the row has no such branch), got {length.dtype} {tuple(length.shape)}")
+        return length
+    if length is not None and not (isinstance(length, int) and length >= 1):
+        raise ValueError(f"a branch length must be an int >= 1 (None: to the block's end), got {length!r}")
+    return n - j if length is None else (n - j).clamp(max=length)
+
+
+def tree_layout(j: Tensor, n: int, length: int | Tensor | list | None = None) -> TreeLayout:
+    """The layout for fork positions j of an n-position block: (R,) long for one branch per row, or
+    (R, K) for K branches (each in [1, n - 1]). Each branch covers positions j .. n-1, or only its first
+    `length` of them: an int >= 1 for every row, a (R,) long tensor of per-row lengths, each in
+    [0, n - j] (0: the row has no such branch), None (all), or, for K branches, a list of K of those.
+    One host read per branch (two with per-row lengths): its width, the longest row's branch."""
+    if j.dtype != torch.long or j.dim() not in (1, 2):
+        raise ValueError(f"j must be a (R,) or (R, K) long tensor of branch positions, got {j.dtype} "
+                         f"{tuple(j.shape)}")
+    forks = j[:, None] if j.dim() == 1 else j
     # One host read serves both the range check and the width: the earliest fork has the longest branch.
-    lo, hi = (int(v) for v in torch.aminmax(j))
+    lo, hi = (int(v) for v in torch.aminmax(forks))
     if lo < 1 or hi > n - 1:
         raise ValueError(f"branch positions must lie in [1, {n - 1}] (position 0 is the context tower's own "
                          f"token, and a branch needs a position), got [{lo}, {hi}]")
-    if isinstance(length, Tensor):
-        bad = (length.dtype != torch.long or length.shape != j.shape
-               or bool(((length < 1) | (length > n - j)).any()))
-        if bad:
-            raise ValueError(f"per-row branch lengths must be a (R,) long tensor with 1 <= length <= n - j, "
-                             f"got {length.dtype} {tuple(length.shape)}")
-        limit = length
-    elif length is not None and not (isinstance(length, int) and length >= 1):
-        raise ValueError(f"a branch length must be an int >= 1 (None: to the block's end), got {length!r}")
-    else:
-        limit = n - j if length is None else (n - j).clamp(max=length)
-    m = n - lo if length is None else min(n - lo, length) if isinstance(length, int) else int(limit.max())
-    k = torch.arange(m, device=j.device)
-    # Rows share one width m; a row whose branch is shorter (later fork, or cut by `length`) pads its tail.
-    branch_valid = k[None, :] < limit[:, None]
-    # Padding slots clamp to n - 1 so that indexing by block_pos (e.g. gathering the branch's tokens from
-    # the draft) stays in range; the mask hides those slots and their outputs are never read.
-    block_pos = torch.cat([torch.arange(n, device=j.device).expand(j.shape[0], n),
-                           (j[:, None] + k[None, :]).clamp(max=n - 1)], dim=1)
-    return TreeLayout(n, m, j, branch_valid, block_pos)
+    K = forks.shape[1]
+    lengths = length if isinstance(length, list) else [length] * K
+    if len(lengths) != K:
+        raise ValueError(f"{K} branches need {K} lengths, got {len(lengths)}")
+    widths, valid, pos = [], [], [torch.arange(n, device=j.device).expand(forks.shape[0], n)]
+    for b in range(K):
+        fb, lb = forks[:, b], lengths[b]
+        limit = _limits(fb, n, lb)
+        w = int(limit.max()) if isinstance(lb, Tensor) else int((n - fb).max()) if lb is None else \
+            min(int((n - fb).max()), lb)
+        w = max(w, 1)  # a branch no row has still takes one (padding) slot: every tensor keeps its shape
+        k = torch.arange(w, device=j.device)
+        widths.append(w)
+        # Rows share one width per branch; a row whose branch is shorter (later fork, or cut) pads its tail.
+        valid.append(k[None, :] < limit[:, None])
+        # Padding slots clamp to n - 1 so that indexing by block_pos (e.g. gathering the branch's tokens from
+        # the draft) stays in range; the mask hides those slots and their outputs are never read.
+        pos.append((fb[:, None] + k[None, :]).clamp(max=n - 1))
+    return TreeLayout(n, tuple(widths), forks, torch.cat(valid, dim=1), torch.cat(pos, dim=1))
 
 
 def tree_mask(layout: TreeLayout, prefix_valid: Tensor) -> Tensor:
     """(R, 1, n + m, offset + n + m) bool attention mask of a tree verify (True = may attend).
 
     prefix_valid (R, offset): the cache's real positions before the block (holes and padding False).
-    Every query sees the real prefix; main slot a sees main slots <= a; branch slot n+k sees main
-    slots before j and branch slots n .. n+k that hold a position. A slot always sees itself, so a
-    padding slot's attention stays finite (its output is never read).
+    Every query sees the real prefix; main slot a sees main slots <= a; a slot of branch b (forking at
+    j) sees main slots before j and branch b's slots up to itself that hold a position. A slot always
+    sees itself, so a padding slot's attention stays finite (its output is never read).
     """
-    n, m, j = layout.n, layout.m, layout.j
-    R, dev = j.shape[0], j.device
+    n, m = layout.n, layout.m
+    R, dev = layout.forks.shape[0], layout.forks.device
     L = n + m
     a = torch.arange(L, device=dev)
-    is_branch = a >= n
-    causal = a[None, :] <= a[:, None]  # (L, L), slot order: main then branch
-    same_side = is_branch[:, None] == is_branch[None, :]
-    # (R, L, L): within one side, causal; a branch query also sees the main block before j.
-    allowed = (causal & same_side)[None].expand(R, L, L).clone()  # clone: expand is a stride-0 view, written per row
+    # Slot a's side: 0 for the main block, b + 1 for branch b.
+    side = torch.cat([a.new_zeros(n)] + [a.new_full((w,), b + 1) for b, w in enumerate(layout.widths)])
+    causal = a[None, :] <= a[:, None]  # (L, L), slot order: main then the branches
+    # (R, L, L): within one side, causal; a branch query also sees the main block before its fork.
+    allowed = (causal & (side[:, None] == side[None, :]))[None].expand(R, L, L).clone()  # clone: written per row
     # Main slots j.. hold d_j.., which the branch replaces; the main -> branch block stays False, so a main
     # query attends exactly as in a plain extend of d.
-    allowed[:, n:, :n] = a[None, None, :n] < j[:, None, None]
+    allowed[:, n:, :n] = a[None, None, :n] < layout.slot_forks()[:, :, None]
     key_valid = torch.cat([torch.ones(R, n, dtype=torch.bool, device=dev), layout.branch_valid], dim=1)
     allowed &= key_valid[:, None, :]
     allowed |= torch.eye(L, dtype=torch.bool, device=dev)[None]
@@ -106,18 +149,25 @@ def tree_mask(layout: TreeLayout, prefix_valid: Tensor) -> Tensor:
 
 def source_slots(layout: TreeLayout, take: Tensor) -> Tensor:
     """(R, n) long: for each block position p, the slot (0 .. n+m-1, relative to the block) that holds
-    the row's winner there: the branch's slot n + p - j where take[r] and p >= j, else p. Past a
-    short branch's end (never kept) the last slot stands in."""
+    the row's winner there. take (R,): bool (a one-branch tree: the branch wins) or long (0: the main
+    block, b + 1: branch b). Where branch b wins, positions p >= its fork j come from its slot
+    start_b + p - j, the rest from main slot p. Past a short branch's end (never kept) its last slot
+    stands in."""
+    take = take.long()
     p = torch.arange(layout.n, device=take.device)[None, :]
-    j = layout.j[:, None]
-    # Positions before j are shared by both branches, so they stay in their main slots even when the branch wins.
-    from_branch = take[:, None] & (p >= j)
-    # The clamp only keeps the index in range: keep <= j + the branch's valid length, so no clamped position is kept.
-    return torch.where(from_branch, (layout.n + p - j).clamp(max=layout.n + layout.m - 1), p)
+    b = (take - 1).clamp(min=0)[:, None]  # the winning branch (0 where main wins: masked by from_branch)
+    j = layout.forks.gather(1, b)
+    starts = torch.tensor(layout.starts(), device=take.device)
+    ends = starts + torch.tensor(layout.widths, device=take.device) - 1
+    # Positions before j are shared with the main block, so they stay in their main slots when a branch wins.
+    from_branch = (take[:, None] > 0) & (p >= j)
+    # The clamp only keeps the index inside the branch: keep <= j + its valid length, so no clamped position is kept.
+    slot = torch.minimum(starts[b] + p - j, ends[b])
+    return torch.where(from_branch, slot, p)
 
 
 def take_branch(cache: KVBuffers, layout: TreeLayout, take: Tensor, start: int) -> Tensor:
-    """Copy each row's winning branch (take (R,) bool) over the main block's K,V at positions j..n-1,
+    """Copy each row's winning branch (take (R,), as `source_slots`) over the main block's K,V from its fork,
     in every attending layer, for the n + m slots written from cache position `start`. Returns the
     `source_slots` used, for a family that also moves recurrent inputs.
 

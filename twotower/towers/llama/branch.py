@@ -28,7 +28,7 @@ def tree_forward(tower, cache: KVCache, main: Tensor, branch: Tensor, layout: Tr
     bb = tower.backbone
     bb.check_window(offset + n + m)  # slots bound positions from above, as in a plain extend
     x = bb.embed_tokens(torch.cat([main, branch], dim=1))
-    before = cache.real_counts(offset) if offset else torch.zeros_like(layout.j)
+    before = cache.real_counts(offset) if offset else torch.zeros_like(layout.forks[:, 0])
     cos, sin = bb.rotary(before[:, None] + layout.block_pos)
     cache.reserve(n + m)
     cache.key_mask[:, offset:offset + n] = True

@@ -57,12 +57,11 @@ def tree_forward(tower, cache: HybridCache, main: Tensor, branch: Tensor, layout
             conv0, ssm0 = cache.conv[i], cache.ssm[i]
             a = blk.mixer(h[:, :n], conv_state=conv0, ssm_state=ssm0, return_xbc=True, return_scan_inputs=True,
                           need_final_state=False)
-            bconv, bssm = branch_seed(blk.mixer, conv0, ssm0, a.xbc, a.scan_inputs, layout.j)
-            b = blk.mixer(h[:, n:], conv_state=bconv, ssm_state=bssm, pad_mask=layout.branch_valid, return_xbc=True,
-                          return_scan_inputs=True, need_final_state=False)
-            pending.xbc[i] = torch.cat([a.xbc, b.xbc], dim=1)
-            pending.scan[i] = tuple(torch.cat([u, w], dim=1) for u, w in zip(a.scan_inputs, b.scan_inputs))
-            y = torch.cat([a.y, b.y], dim=1)
+            # One segment per branch: each scans from the main block's state at its own fork.
+            segments = [a] + [_branch_scan(blk.mixer, h, conv0, ssm0, a, layout, b) for b in range(len(layout.widths))]
+            pending.xbc[i] = torch.cat([s.xbc for s in segments], dim=1)
+            pending.scan[i] = tuple(torch.cat(parts, dim=1) for parts in zip(*(s.scan_inputs for s in segments)))
+            y = torch.cat([s.y for s in segments], dim=1)
         else:
             y = blk.mixer(h)
         x = blk.post(x, y)
@@ -71,9 +70,20 @@ def tree_forward(tower, cache: HybridCache, main: Tensor, branch: Tensor, layout
     return tower.backbone.norm_f(x)
 
 
+def _branch_scan(mixer, h: Tensor, conv0: Tensor, ssm0: Tensor, main, layout: TreeLayout, b: int):
+    """A Mamba layer's scan of branch b's slots of h (R, n + m, H), seeded at its forks from the main
+    segment's output `main` (its recorded inputs); padding slots are no-ops."""
+    start, width = layout.starts()[b], layout.widths[b]
+    conv, ssm = branch_seed(mixer, conv0, ssm0, main.xbc, main.scan_inputs, layout.forks[:, b])
+    valid = layout.branch_valid[:, start - layout.n:start - layout.n + width]
+    return mixer(h[:, start:start + width], conv_state=conv, ssm_state=ssm, pad_mask=valid, return_xbc=True,
+                 return_scan_inputs=True, need_final_state=False)
+
+
 def accept_tree(tower, cache: HybridCache, layout: TreeLayout, keep: Tensor, take: Tensor) -> None:
     """Settle a tree block: row r keeps its first keep[r] block positions (1 .. n) of the branch it
-    takes (take[r]: the second branch, whose tokens then stand at positions j[r] ..; else the main one).
+    takes (take[r], as `source_slots`: a branch's tokens then stand at positions from its fork; else the
+    main block's).
     The row is then exactly as if only those tokens had been appended: K,V and recorded Mamba inputs
     of the winning branch move over the main block's positions, and `accept` rolls back as usual."""
     pending = cache.pending
