@@ -16,7 +16,11 @@ verifying both). Tokens per iteration (generated tokens / iterations, batch 1, g
 - `two_branch`: `TwoBranchSpeculative(lookup=...)` itself (where a row found a lookup, the better of
   it and the draft; elsewhere the draft with its runner-up branch);
 - `three_way`: the ceiling of a three-candidate tree: the best of the lookup, the draft and the
-  draft with its runner-up at `TwoBranchSpeculative`'s fork (an oracle choice, as above).
+  draft with its runner-up at `TwoBranchSpeculative`'s fork (an oracle choice, as above);
+- `forks2`, `forks3`: `TwoBranchSpeculative(lookup=..., forks=K)` itself: runner-up branches at the K
+  likeliest first rejections, the lookup in the last one's place where a row found one;
+- `oracle_fork`: the ceiling of one runner-up branch placed at the draft's true first rejection,
+  beside the lookup (an oracle: no rule can place it better).
 
 Every output is checked against AR's. Prompts as `draft_gate.py` takes them: the embedded default's
 held-out byte windows, or the real model's three held-out kinds (3 x --per-kind per seed).
@@ -35,13 +39,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.draft_gate import prompts_of  # noqa: E402
 from twotower.decoding import Autoregressive, NgramLookup, Speculative, TwoBranchSpeculative  # noqa: E402
-from twotower.decoding.two_branch import branch_position, draft_with_runner_up  # noqa: E402
+from twotower.decoding.two_branch import branch_scores, draft_with_runner_up  # noqa: E402
 from twotower.decoding.speculative import room_left  # noqa: E402
 from twotower.model import TwoTowerLM  # noqa: E402
 
 
-MODES = ("denoiser", "lookup", "best_of_both", "two_branch", "three_way", "forks2", "forks3", "oracle_fork", "forks2_replace",
-         "forks3_replace")
+MODES = ("denoiser", "lookup", "best_of_both", "two_branch", "three_way", "forks2", "forks3", "oracle_fork",
+         "forks3_expected", "pairs3", "pairs3_expected", "forks4", "pairs4")
 
 
 class BestOfBoth(Speculative):
@@ -68,12 +72,12 @@ class BestOfBoth(Speculative):
 class ThreeWay(BestOfBoth):
     """`BestOfBoth` with a third candidate: the draft with its runner-up token at the position
     `TwoBranchSpeculative` forks at (its continuation the draft's), the ceiling of verifying all three.
-    forks > 1: a runner-up branch at each of the `forks` likeliest first-rejection positions; forks 0:
-    one at the draft's true first rejection (an oracle fork)."""
+    forks 0: the runner-up at the draft's true first rejection instead (an oracle fork)."""
 
-    def __init__(self, reference: list[int], forks: int = 1, replace: bool = False, **kwargs):
+    def __init__(self, reference: list[int], forks: int = 1, alternatives: int = 1, rule: str = "likeliest",
+                 **kwargs):
         super().__init__(reference, **kwargs)
-        self.forks, self.replace = forks, replace
+        self.forks, self.alternatives, self.rule = forks, alternatives, rule
 
     def draft(self, state):
         n = min(self._width(state), room_left(state))
@@ -81,17 +85,27 @@ class ThreeWay(BestOfBoth):
         call, den = state.call, state.den_cache()
         x, alt, c, q = draft_with_runner_up(call.denoiser, den, n, first=state.carry["next"], shift=call.shifted,
                                             mask_token_id=call.mask_token_id, tracker=state,
-                                            block_index=state.iterations)
+                                            block_index=state.iterations, alternatives=self.alternatives)
+        if self.alternatives > 1:  # (position, token) pairs ranked by the rule's score with each token's q
+            scores = torch.stack([branch_scores(self.rule, c, q[..., a]) for a in range(self.alternatives)], -1)
+            if self.rule == "likeliest":  # P(taken) = reach * q, not P(first rejection) alike for every token
+                scores = torch.stack([branch_scores("likeliest", c, q[..., a]) / (1 - c).clamp_min(1e-12) * q[..., a]
+                                      for a in range(self.alternatives)], -1)
+            flat = scores[0].flatten().topk(self.forks).indices.tolist()
+            pairs = [(i // self.alternatives + 1, i % self.alternatives) for i in flat]
+            d = x[0].tolist()
+            done = len(state.carry["lookup"][0].tokens) - state.call.input_ids.shape[1]
+            truth = self.reference[done + 1:]
+            candidates = [d[1:]] + [d[1:j] + [int(alt[0, j - 1, a])] + d[j + 1:] for j, a in pairs]
+            candidates += [found] if found else []
+            return self.lookup_draft(state, [max(candidates, key=lambda cand: _run(cand, truth))], n, None, None)
         d = x[0].tolist()
         done = len(state.carry["lookup"][0].tokens) - state.call.input_ids.shape[1]
         truth = self.reference[done + 1:]
         if self.forks == 0:
             forks = [min(1 + _run(d[1:], truth), n - 1)]
         else:
-            reach = torch.cat([c.new_ones(1, 1), c[:, :-1].cumprod(-1)], dim=1)
-            forks = ((reach * (1 - c))[0].topk(min(self.forks, n - 1)).indices + 1).tolist()
-        if found and self.replace:  # the lookup takes the least likely fork's place
-            forks = forks[:-1]
+            forks = (branch_scores("likeliest", c, q)[0].topk(min(self.forks, n - 1)).indices + 1).tolist()
         candidates = [d[1:]] + [d[1:j] + [int(alt[0, j - 1])] + d[j + 1:] for j in forks] + ([found] if found else [])
         best = max(candidates, key=lambda cand: _run(cand, truth))
         self.lookup_won += bool(found) and best is candidates[-1] and _run(found, truth) > _run(d[1:], truth)
@@ -106,9 +120,10 @@ def _run(draft: list[int], truth: list[int]) -> int:
     return k
 
 
-def tokens_per_iteration(model: TwoTowerLM, ids: list[int], new: int, block: int | None, lookup: NgramLookup) -> dict:
-    """Each mode's iterations for `new` tokens of one prompt (output checked against AR's), and how
-    many of best_of_both's iterations took the lookup's draft."""
+def tokens_per_iteration(model: TwoTowerLM, ids: list[int], new: int, block: int | None, lookup: NgramLookup,
+                         modes=MODES) -> dict:
+    """Each of `modes`' iterations for `new` tokens of one prompt (output checked against AR's), and how
+    many of best_of_both's iterations took the lookup's draft (where it ran)."""
     t = torch.tensor([ids])
     mask = torch.ones_like(t)
     ar = Autoregressive().generate(model, t, mask, max_new_tokens=new).sequences
@@ -117,18 +132,24 @@ def tokens_per_iteration(model: TwoTowerLM, ids: list[int], new: int, block: int
                 "best_of_both": BestOfBoth(reference, block_size=block, lookup=lookup),
                 "two_branch": TwoBranchSpeculative(block_size=block, lookup=lookup),
                 "three_way": ThreeWay(reference, block_size=block, lookup=lookup),
-                "forks2": ThreeWay(reference, forks=2, block_size=block, lookup=lookup),
-                "forks3": ThreeWay(reference, forks=3, block_size=block, lookup=lookup),
+                "forks2": TwoBranchSpeculative(block_size=block, lookup=lookup, forks=2),
+                "forks3": TwoBranchSpeculative(block_size=block, lookup=lookup, forks=3),
                 "oracle_fork": ThreeWay(reference, forks=0, block_size=block, lookup=lookup),
-                "forks2_replace": ThreeWay(reference, forks=2, replace=True, block_size=block, lookup=lookup),
-                "forks3_replace": ThreeWay(reference, forks=3, replace=True, block_size=block, lookup=lookup)}
-    out = {}
-    for name, decoder in decoders.items():
+                "forks3_expected": TwoBranchSpeculative("expected", block_size=block, lookup=lookup, forks=3),
+                "pairs3": ThreeWay(reference, forks=3, alternatives=3, block_size=block, lookup=lookup),
+                "pairs3_expected": ThreeWay(reference, forks=3, alternatives=3, rule="expected", block_size=block,
+                                            lookup=lookup),
+                "forks4": TwoBranchSpeculative(block_size=block, lookup=lookup, forks=4),
+                "pairs4": ThreeWay(reference, forks=4, alternatives=3, block_size=block, lookup=lookup)}
+    out = {"lookup_won": 0}
+    for name in modes:
+        decoder = decoders[name]
         got = decoder.generate(model, t, mask, max_new_tokens=new)
         if not torch.equal(got.sequences, ar):
             raise SystemExit(f"{name}: output differs from AR's")
         out[name] = got.blocks  # iterations
-    out["lookup_won"] = decoders["best_of_both"].lookup_won
+        if name == "best_of_both":
+            out["lookup_won"] = decoder.lookup_won
     return out
 
 
@@ -142,8 +163,10 @@ def main(argv=None) -> int:
     p.add_argument("--per-kind", type=int, default=3, help="prompts per kind and seed (3 kinds)")
     p.add_argument("--new-tokens", type=int, default=64)
     p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES, help="which modes to run (default: all)")
     p.add_argument("--out", default=None, help="JSON of the per-seed figures")
     args = p.parse_args(argv)
+    modes = args.modes
     if args.threads:
         torch.set_num_threads(args.threads)
     model = TwoTowerLM.from_pretrained(args.model, dtype=torch.float32).eval()
@@ -152,18 +175,19 @@ def main(argv=None) -> int:
     with torch.inference_mode():
         for seed in args.seeds:
             prompts = prompts_of(model, [seed], args.per_kind)
-            counts = [tokens_per_iteration(model, ids, args.new_tokens, args.block, lookup) for ids in prompts]
+            counts = [tokens_per_iteration(model, ids, args.new_tokens, args.block, lookup, modes) for ids in prompts]
             total = {k: sum(c[k] for c in counts) for k in counts[0]}
             tokens = args.new_tokens * len(prompts)
-            per_seed[seed] = {name: tokens / total[name] for name in MODES}
-            per_seed[seed].update(lookup_won=total["lookup_won"], iterations=total["best_of_both"])
-            print(f"seed {seed}: " + ", ".join(f"{k} {per_seed[seed][k]:.2f}" for k in MODES), flush=True)
+            per_seed[seed] = {name: tokens / total[name] for name in modes}
+            per_seed[seed].update(lookup_won=total["lookup_won"], iterations=total.get("best_of_both"))
+            print(f"seed {seed}: " + ", ".join(f"{k} {per_seed[seed][k]:.2f}" for k in modes), flush=True)
     print(f"\n{args.model}, {lookup}, block {args.block or 'default'}: tokens per iteration, outputs AR's")
-    for name in MODES:
+    for name in modes:
         vals = [per_seed[s][name] for s in args.seeds]
-        print(f"  {name:13s} {sum(vals) / len(vals):.2f} ({' / '.join(f'{v:.2f}' for v in vals)})")
-    won = sum(per_seed[s]["lookup_won"] for s in args.seeds) / sum(per_seed[s]["iterations"] for s in args.seeds)
-    print(f"  the lookup was the longer draft in {won:.0%} of best_of_both's iterations")
+        print(f"  {name:15s} {sum(vals) / len(vals):.2f} ({' / '.join(f'{v:.2f}' for v in vals)})")
+    if "best_of_both" in modes:
+        won = sum(per_seed[s]["lookup_won"] for s in args.seeds) / sum(per_seed[s]["iterations"] for s in args.seeds)
+        print(f"  the lookup was the longer draft in {won:.0%} of best_of_both's iterations")
     if args.out:
         Path(args.out).write_text(json.dumps({"args": vars(args), "per_seed": per_seed}, indent=1))
     return 0

@@ -18,7 +18,7 @@ from conftest import (DT_REGIMES, MASK, PAD, ar_continuation, assert_first_two_t
 
 from twotower.decoding import Speculative, Towers, TwoBranchSpeculative, build_decoder, draft_one_step
 from twotower.decoding.tree_verify import accept_tree, tree_extend, tree_layout
-from twotower.decoding.two_branch import branch_position, draft_with_runner_up
+from twotower.decoding.two_branch import branch_position, draft_with_runner_up, pair_scores
 from twotower.testing import check_rows_independent
 from twotower.towers.branching import tree_mask
 
@@ -209,7 +209,8 @@ def test_a_tree_of_three_branches_equals_plain_forwards_of_each(kind):
 def test_accepting_any_of_three_branches_equals_appending_only_the_kept_tokens(kind):
     ctx, den = towers_for(kind)
     ids, mask, main, branch, layout = draw_forks(seed=5)
-    take = torch.tensor([1, 0, 3, 2])  # row 0 branch 0 (fork 1), row 1 main, row 2 branch 2 (fork 1, 2 long), row 3 branch 1
+    # Row 0 takes branch 0 (fork 1), row 1 the main block, row 2 branch 2 (fork 1, 2 long), row 3 branch 1.
+    take = torch.tensor([1, 0, 3, 2])
     keep = torch.tensor([5, 4, 3, 3])
     after = torch.randint(4, 64, (4, 3))
     nxt = torch.randint(4, 64, (4, N))
@@ -354,13 +355,57 @@ def test_two_forks_catch_what_one_misses(kind, shifted):
     assert blocks[2] == 4 and blocks[1] == 5
 
 
+class ThirdChoiceDrafter(SwappedDrafter):
+    """`SwappedDrafter` whose AR token at `at` is only the third choice, behind two wrong ones."""
+
+    def forward_block(self, x, cache, t=None):
+        logits = super().forward_block(x, cache, t)
+        i = self.at - 1 if self.shifted else self.at
+        right = logits[:, i].topk(2).indices[:, 1]  # SwappedDrafter's runner-up there is AR's token
+        other = (right + 2) % self.vocab
+        other = torch.where(other == MASK, (other + 1) % self.vocab, other)
+        logits[torch.arange(x.shape[0]), i, other] = 5.5
+        return logits
+
+
+@pytest.mark.parametrize("kind,shifted", [("nemotron:M*-EM*E", True), ("qwen2", False)])
+def test_two_runner_ups_at_one_position(kind, shifted):
+    """AR's token at position 2 is the draft's third choice: two forks there (alternatives=2) keep
+    every iteration whole, two forks at different positions keep 2 tokens an iteration."""
+    ctx, _ = towers_for(kind)
+    ids, mask = left_pad(random_prompts([5, 8], seed=9))
+    ar = autoregressive(ctx, ids, mask, max_new_tokens=24, pad_token_id=PAD)
+    assert not (ar.new_tokens == MASK).any()
+    drafter = ThirdChoiceDrafter(ctx, shifted, ctx.config.vocab_size, at=2)
+    blocks = {}
+    for alternatives in (1, 2):
+        out = run_decoder(TwoBranchSpeculative(block_size=6, forks=2, alternatives=alternatives), ctx, drafter, ids,
+                          mask, max_new_tokens=24, shifted=shifted)
+        assert torch.equal(out.new_tokens, ar.new_tokens), alternatives
+        blocks[alternatives] = out.blocks
+    assert blocks == {1: 12, 2: 4}
+
+
+def test_pair_scores():
+    c = torch.tensor([[0.9, 0.5, 0.8]])
+    q = torch.tensor([[[0.05, 0.03], [0.3, 0.1], [0.1, 0.05]]])
+    reach = torch.tensor([1.0, 0.9, 0.45])
+    torch.testing.assert_close(pair_scores("likeliest", c, q)[0], reach[:, None] * q[0])
+    expected = pair_scores("expected", c, q)[0]
+    # The q-free factor: reach * (1 + the expected run after the fork), shared by both tokens of a position.
+    torch.testing.assert_close(expected[:, 0] / q[0, :, 0], expected[:, 1] / q[0, :, 1])
+    torch.testing.assert_close(expected[:, 0] / q[0, :, 0], reach * torch.tensor([1 + 0.5 + 0.4, 1 + 0.8, 1.0]))
+    with pytest.raises(ValueError, match="'likeliest' or 'expected', got 'lowest'"):
+        pair_scores("lowest", c, q)
+
+
 @pytest.mark.parametrize("family", FAMILIES)
-@pytest.mark.parametrize("forks,length", [(2, None), (3, 2)])
-def test_forked_trees_keep_the_ar_output(family, forks, length):
+@pytest.mark.parametrize("forks,length,alternatives", [(2, None, 1), (3, 2, 1), (3, None, 3)])
+def test_forked_trees_keep_the_ar_output(family, forks, length, alternatives):
     ctx, den = make_family_towers(family, seed=6)
     ids, mask = left_pad(random_prompts([4, 9, 6], seed=6))
     ar = autoregressive(ctx, ids, mask, max_new_tokens=21, pad_token_id=PAD)
-    decoder = TwoBranchSpeculative(branch_len=length, block_size=6, forks=forks)
+    decoder = TwoBranchSpeculative(branch_len=length, block_size=6, forks=forks, alternatives=alternatives)
     out = run_decoder(decoder, ctx, den, ids, mask, max_new_tokens=21)
     assert torch.equal(out.new_tokens, ar.new_tokens)
 
@@ -447,6 +492,10 @@ def test_bad_arguments_and_registry():
         TwoBranchSpeculative(forks=0)
     with pytest.raises(ValueError, match="forks > 1 needs a named branch_at rule"):
         TwoBranchSpeculative(0.5, forks=2)
+    with pytest.raises(ValueError, match="alternatives must be an int >= 1, got 0"):
+        TwoBranchSpeculative(alternatives=0)
+    with pytest.raises(ValueError, match="alternatives > 1 .* got branch_at='lowest'"):
+        TwoBranchSpeculative("lowest", forks=2, alternatives=2)
     assert isinstance(build_decoder("two_branch"), TwoBranchSpeculative)
     ctx, den = make_towers(seed=1)
     with pytest.raises(ValueError, match="block_size >= 3"):

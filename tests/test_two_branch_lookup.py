@@ -29,7 +29,8 @@ def test_the_per_row_tree_puts_the_longer_candidate_first():
              [1, 2, 3, 4, 5, 6],  # d's continuation, longer: the main block, runner-up branch kept (at 2)
              [1, 7],  # differs at 2, shorter: d stays main, the lookup branches at 2
              [1, 7, 7, 7, 7, 7]]  # differs at 2, longer: the lookup is main, d branches at 2
-    main, branch, width, layout = TwoBranchSpeculative()._lookup_tree(x, alt, j[:, None], found, MASK)
+    firsts = alt.gather(1, j[:, None] - 1)  # the runner-up at each fork
+    main, branch, width, layout = TwoBranchSpeculative()._lookup_tree(x, firsts, j[:, None], found, MASK)
     assert main.tolist() == [d + [MASK] * 2, [9, 1, 2, 3, 4, 5, 6], d + [MASK] * 2, [9, 1, 7, 7, 7, 7, 7]]
     assert width.tolist() == [5, 7, 5, 7] and layout.j.tolist() == [3, 2, 2, 2]
     assert branch.tolist() == [[13, 4, MASK], [12, 3, 4], [7, MASK, MASK], [2, 3, 4]]
@@ -45,7 +46,8 @@ def test_the_per_row_tree_with_two_forks():
     alt = torch.tensor([[11, 12, 13, 14]] * 4)
     forks = torch.tensor([[3, 1], [2, 4], [1, 3], [3, 4]])
     found = [[], [1, 2, 3, 4, 5, 6], [1, 7], [1, 7, 7, 7, 7, 7]]
-    main, branch, width, layout = TwoBranchSpeculative(forks=2)._lookup_tree(x, alt, forks, found, MASK)
+    firsts = alt.gather(1, forks - 1)
+    main, branch, width, layout = TwoBranchSpeculative(forks=2)._lookup_tree(x, firsts, forks, found, MASK)
     assert width.tolist() == [5, 7, 5, 7] and layout.widths == (4, 4)
     # Row 3: the lookup is main and differs at 2, so d's fork at 3 goes (an empty branch at 1).
     assert layout.forks.tolist() == [[3, 1], [2, 4], [1, 2], [1, 2]]
@@ -66,11 +68,11 @@ def test_tree_layout_takes_per_row_branch_lengths():
 
 @pytest.mark.parametrize("family", ["nemotron_h", "llama"])
 @pytest.mark.parametrize("lookup", [1, NgramLookup([3, 2], max_tokens=12)])
-@pytest.mark.parametrize("forks", [1, 3])
-def test_lookup_branches_keep_the_ar_output(family, lookup, forks):
+@pytest.mark.parametrize("forks,alternatives", [(1, 1), (3, 1), (3, 2)])
+def test_lookup_branches_keep_the_ar_output(family, lookup, forks, alternatives):
     ctx, den = make_towers(seed=6) if family == "nemotron_h" else make_family_towers(family, seed=6)
     # Repetitive prompts (a short vocabulary) so that lookups hit; left padding in the batch.
-    decoder = TwoBranchSpeculative(block_size=6, lookup=lookup, forks=forks)
+    decoder = TwoBranchSpeculative(block_size=6, lookup=lookup, forks=forks, alternatives=alternatives)
     assert_lookup_decoder_keeps_ar_output(decoder, ctx, den, 25)
 
 
@@ -148,9 +150,9 @@ def test_sampled_rows_ignore_lookups():
 
 
 @pytest.mark.parametrize("temperature", [0.0, 0.8])
-@pytest.mark.parametrize("forks", [1, 2])
-def test_two_branch_lookup_passes_the_decoder_contract(temperature, forks):
-    check_decoder(TwoBranchSpeculative(lookup=[2, 1], temperature=temperature, forks=forks))
+@pytest.mark.parametrize("forks,alternatives", [(1, 1), (2, 2)])
+def test_two_branch_lookup_passes_the_decoder_contract(temperature, forks, alternatives):
+    check_decoder(TwoBranchSpeculative(lookup=[2, 1], temperature=temperature, forks=forks, alternatives=alternatives))
 
 
 def test_lookup_as_a_dict_and_bad_dicts():

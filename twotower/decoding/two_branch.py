@@ -36,7 +36,8 @@ from .state import DecodeState
 from ..validation import check_int
 from .tree_verify import TreeLayout, accept_tree, supports_tree, tree_extend, tree_layout
 
-__all__ = ["TwoBranchSpeculative", "draft_with_runner_up", "branch_position", "branch_scores", "BRANCH_RULES"]
+__all__ = ["TwoBranchSpeculative", "draft_with_runner_up", "branch_position", "branch_scores", "pair_scores",
+           "BRANCH_RULES"]
 
 BRANCH_RULES = ("likeliest", "lowest", "expected")
 
@@ -71,6 +72,19 @@ def branch_scores(rule: str, c: Tensor, q: Tensor) -> Tensor:
     raise ValueError(f"no scores for branch rule {rule!r}; the named rules are {', '.join(map(repr, BRANCH_RULES))}")
 
 
+def pair_scores(rule: str, c: Tensor, q: Tensor) -> Tensor:
+    """(R, n-1, A) scores of forking at position j (1 .. n-1) with its a-th runner-up, from confidences
+    c (R, n-1) and the runner-ups' probabilities q (R, n-1, A): the chance the branch is taken,
+    prod_{k<j} c_k q_{j,a} ("likeliest"), times 1 + the expected run after it ("expected")."""
+    if rule == "likeliest":
+        return _reach(c)[..., None] * q
+    if rule == "expected":
+        # branch_scores("expected", c, 1) is reach * (1 + expected run): the q-free part, shared by every token.
+        return branch_scores("expected", c, torch.ones_like(c))[..., None] * q
+    raise ValueError(f"forking at several runner-ups per position needs branch_at 'likeliest' or 'expected', "
+                     f"got {rule!r}")
+
+
 def branch_position(rule: str | float, c: Tensor, q: Tensor) -> Tensor:
     """(R,) long branch positions in [1, n-1] from confidences c (R, n-1) and runner-up probabilities
     q (R, n-1) of positions 1 .. n-1: the best position under a named rule (`branch_scores`), or, for a
@@ -83,9 +97,11 @@ def branch_position(rule: str | float, c: Tensor, q: Tensor) -> Tensor:
 
 
 def draft_with_runner_up(denoiser, cache, n: int, *, first: Tensor, shift: bool, mask_token_id: int, tracker,
-                         block_index: int, step_callback=None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+                         block_index: int, step_callback=None, alternatives: int = 1
+                         ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """`draft_one_step`'s draft x (R, n) and, for positions 1 .. n-1, the runner-up tokens (R, n-1),
-    the drafted tokens' probabilities c and the runner-ups' q (R, n-1) (float32, [MASK] excluded)."""
+    the drafted tokens' probabilities c and the runner-ups' q (R, n-1) (float32, [MASK] excluded).
+    alternatives > 1: the runner-ups and q are (R, n-1, alternatives), the next likeliest tokens in turn."""
     R, device = first.shape[0], first.device
     x = torch.full((R, n), mask_token_id, dtype=torch.long, device=device)
     x[:, 0] = first
@@ -93,7 +109,7 @@ def draft_with_runner_up(denoiser, cache, n: int, *, first: Tensor, shift: bool,
     logits = denoiser.forward_block(x, cache, t)  # (R, n, V) float32, freshly allocated
     logits[..., mask_token_id] = float("-inf")  # before topk: neither the draft nor its runner-up may be [MASK]
     pred = logits[:, :-1] if shift else logits[:, 1:]  # the predictions for positions 1 .. n - 1
-    top = pred.topk(2, dim=-1)
+    top = pred.topk(1 + alternatives, dim=-1)
     # Cloned because x is filled in place next: the callback's tokens_before is the all-[MASK] block.
     before = x.clone() if step_callback is not None else None
     x[:, 1:] = top.indices[..., 0]
@@ -101,8 +117,10 @@ def draft_with_runner_up(denoiser, cache, n: int, *, first: Tensor, shift: bool,
     if step_callback is not None:
         shown = torch.cat([logits[:, :1], logits[:, :-1]], dim=1) if shift else logits
         step_callback(block_index, 0, before, shown, x)
-    prob = (top.values - pred.logsumexp(-1, keepdim=True)).exp_()  # (R, n - 1, 2)
-    return x, top.indices[..., 1], prob[..., 0], prob[..., 1]
+    prob = (top.values - pred.logsumexp(-1, keepdim=True)).exp_()  # (R, n - 1, 1 + alternatives)
+    if alternatives == 1:
+        return x, top.indices[..., 1], prob[..., 0], prob[..., 1]
+    return x, top.indices[..., 1:], prob[..., 0], prob[..., 1:]
 
 
 class TwoBranchSpeculative(Speculative):
@@ -121,6 +139,10 @@ class TwoBranchSpeculative(Speculative):
             for more verify positions (benchmarks/lookup_potential.py measures the ceiling). Greedy
             decoding only past 1; sampled batches fork once (a row's draws would otherwise depend on
             the other rows' branch widths).
+        alternatives: the runner-ups each position may fork with (its 2nd .. (1 + alternatives)-th
+            likeliest tokens). Past 1, the forks are the best (position, token) pairs by the chance
+            the branch is taken (`pair_scores`; branch_at "likeliest" or "expected"), so two forks
+            may share a position. Greedy only, as `forks`.
         lookup: as `Speculative`'s (an `NgramLookup` or its n-gram size(s)), but the lookup becomes a
             candidate instead of replacing the draft: a row that found one verifies the lookup and the
             denoiser's draft side by side, the longer as the main block and the other from their first
@@ -136,7 +158,7 @@ class TwoBranchSpeculative(Speculative):
                  block_size: int | None = None, temperature: float = 0.0, top_k: int | None = None,
                  top_p: float | None = None, logits_processors: Sequence[LogitsProcessor] | None = None,
                  batch_block_size: int | None = None, lookup: NgramLookup | int | list[int] | None = None,
-                 forks: int = 1):
+                 forks: int = 1, alternatives: int = 1):
         super().__init__(block_size=block_size, temperature=temperature, top_k=top_k, top_p=top_p,
                          logits_processors=logits_processors, batch_block_size=batch_block_size, lookup=lookup)
         threshold = isinstance(branch_at, float) and 0 < branch_at < 1
@@ -154,13 +176,18 @@ class TwoBranchSpeculative(Speculative):
             raise ValueError(f"forks > 1 needs a named branch_at rule ({', '.join(map(repr, BRANCH_RULES))}) to rank "
                              f"the positions, got branch_at={branch_at!r}")
         self.forks = forks
+        check_int("alternatives", alternatives, 1)
+        if alternatives > 1 and branch_at not in ("likeliest", "expected"):
+            raise ValueError(f"alternatives > 1 ranks (position, token) pairs by the chance they are taken: it needs "
+                             f"branch_at 'likeliest' or 'expected', got branch_at={branch_at!r}")
+        self.alternatives = alternatives
 
     def extra_repr(self) -> str:
         return (f"branch_at={self.branch_at!r}, branch_len={self.branch_len}, forks={self.forks}, "
-                + super().extra_repr())
+                f"alternatives={self.alternatives}, " + super().extra_repr())
 
     def rule_key(self) -> tuple:
-        return (type(self).__qualname__, self.branch_at, self.branch_len, self.forks)
+        return (type(self).__qualname__, self.branch_at, self.branch_len, self.forks, self.alternatives)
 
     def check_call(self, call) -> None:
         super().check_call(call)
@@ -182,7 +209,8 @@ class TwoBranchSpeculative(Speculative):
         den = state.den_cache()
         drafted = draft_with_runner_up(call.denoiser, den, n, first=state.carry["next"].to(den.device),
                                        shift=call.shifted, mask_token_id=call.mask_token_id, tracker=state,
-                                       block_index=state.iterations, step_callback=state.step_callback)
+                                       block_index=state.iterations, step_callback=state.step_callback,
+                                       alternatives=self.alternatives if state.rows.greedy else 1)
         if self.lookup is None or not state.rows.greedy:
             return drafted
         # A main block of N positions and K branches take up to N + K (N - 1) cache slots: cap the lookups to fit.
@@ -207,23 +235,28 @@ class TwoBranchSpeculative(Speculative):
         """Branches per tree this iteration: `forks` when greedy, one when sampling (see `forks`)."""
         return self.forks if state.rows.greedy else 1
 
-    def _fork_positions(self, c: Tensor, q: Tensor, K: int) -> Tensor:
-        """(R, K) long: the K fork positions (distinct, best first), K <= n - 1."""
-        if K == 1:
-            return branch_position(self.branch_at, c, q)[:, None]
-        return branch_scores(self.branch_at, c, q).topk(K, dim=-1).indices + 1
+    def _forks(self, c: Tensor, q: Tensor, alt: Tensor, K: int) -> tuple[Tensor, Tensor]:
+        """(R, K) long fork positions (best first) and the token each branch starts with: the runner-up
+        there, or with several runner-ups per position (alt, q (R, n-1, A)), the best K pairs."""
+        if alt.dim() == 3:
+            scores = pair_scores(self.branch_at, c, q).flatten(1)  # column i: position i // A + 1, token i % A
+            best = scores.topk(K, dim=-1).indices
+            return best // alt.shape[2] + 1, alt.flatten(1).gather(1, best)
+        forks = branch_position(self.branch_at, c, q)[:, None] if K == 1 else \
+            branch_scores(self.branch_at, c, q).topk(K, dim=-1).indices + 1
+        return forks, alt.gather(1, forks - 1)  # alt starts at position 1
 
-    def _runner_up_tree(self, x: Tensor, alt: Tensor, forks: Tensor) -> tuple[Tensor, TreeLayout]:
-        """The branch tokens (R, m) and layout of a runner-up fork at every column of forks (R, K): each
-        branch is d's tokens from its fork on with the runner-up at the fork."""
+    def _runner_up_tree(self, x: Tensor, firsts: Tensor, forks: Tensor) -> tuple[Tensor, TreeLayout]:
+        """The branch tokens (R, m) and layout of a fork at every column of forks (R, K): each branch is
+        d's tokens from its fork on with firsts[:, b] (a runner-up) at the fork."""
         n = x.shape[1]
         layout = tree_layout(forks if forks.shape[1] > 1 else forks[:, 0], n, self.branch_len)  # a host read each
         e = x.gather(1, layout.block_pos[:, n:])  # d's tokens at every branch slot ...
-        for b, start in enumerate(layout.starts()):  # ... and the runner-up at each fork (alt starts at position 1)
-            e[:, start - n] = alt.gather(1, (forks[:, b] - 1)[:, None]).squeeze(1)
+        for b, start in enumerate(layout.starts()):  # ... and the runner-up at each fork
+            e[:, start - n] = firsts[:, b]
         return e, layout
 
-    def _lookup_tree(self, x: Tensor, alt: Tensor, forks: Tensor, found: list[list[int]], mask_token_id: int):
+    def _lookup_tree(self, x: Tensor, firsts: Tensor, forks: Tensor, found: list[list[int]], mask_token_id: int):
         """Each row's main block and branches where some rows found a lookup draft.
 
         A row with a lookup l (after its first token) compares it with the denoiser's draft d: where they
@@ -231,14 +264,14 @@ class TwoBranchSpeculative(Speculative):
         in the place of the last runner-up fork; where one is a prefix of the other, the longer is the
         main block and the runner-up forks stay (they fork inside d, whose prefix the main block then
         shares). Forks of d past k cannot hang from a longer lookup's main block: those rows go without
-        them. Other rows keep d and its forks. Returns main (R, N), branch (R, m), each row's main length
-        (R,) and the layout."""
+        them. Other rows keep d and its forks. firsts (R, K): each fork's runner-up token. Returns main
+        (R, N), branch (R, m), each row's main length (R,) and the layout."""
         fork_rows = forks.tolist()
         mains, trees = [], []
-        for d, runner_up, row_forks, look in zip(x.tolist(), alt.tolist(), fork_rows, found):
+        for d, row_firsts, row_forks, look in zip(x.tolist(), firsts.tolist(), fork_rows, found):
             branches = []
-            for fork in row_forks:
-                branch = [runner_up[fork - 1]] + d[fork + 1:]  # alt starts at position 1
+            for fork, first in zip(row_forks, row_firsts):
+                branch = [first] + d[fork + 1:]
                 branches.append((fork, branch if self.branch_len is None else branch[: self.branch_len]))
             main = d
             if look:
@@ -272,13 +305,14 @@ class TwoBranchSpeculative(Speculative):
         # The draft comes from the denoiser's device, which may differ (docs/design.md, section 2.7).
         x, alt, c, q = (t.to(call.ctx_device) for t in drafted[:4])
         n = x.shape[1]
-        forks = self._fork_positions(c, q, min(self._branches(state), n - 1))
+        pairs = (n - 1) * (alt.shape[2] if alt.dim() == 3 else 1)
+        forks, firsts = self._forks(c, q, alt, min(self._branches(state), pairs))
         width = None
         if len(drafted) == 5 and any(drafted[4]):  # some rows found a lookup: a per-row tree
-            x, e, width, layout = self._lookup_tree(x, alt, forks, drafted[4], call.mask_token_id)
+            x, e, width, layout = self._lookup_tree(x, firsts, forks, drafted[4], call.mask_token_id)
             n = x.shape[1]
         else:
-            e, layout = self._runner_up_tree(x, alt, forks)
+            e, layout = self._runner_up_tree(x, firsts, forks)
         logits = tree_extend(context, state.cache, x, e, layout)  # (R, n + m, V)
         ar = self._choose(state, logits, n)  # ar[:, s]: the context tower's token after slot s (in its branch)
         # Main slots never see a branch slot, so their logits are a plain extend's and Speculative's rule holds.
