@@ -17,8 +17,11 @@ verifying both). Tokens per iteration (generated tokens / iterations, batch 1, g
   it and the draft; elsewhere the draft with its runner-up branch);
 - `three_way`: the ceiling of a three-candidate tree: the best of the lookup, the draft and the
   draft with its runner-up at `TwoBranchSpeculative`'s fork (an oracle choice, as above);
-- `forks2`, `forks3`: `TwoBranchSpeculative(lookup=..., forks=K)` itself: runner-up branches at the K
-  likeliest first rejections, the lookup in the last one's place where a row found one;
+- `forks2`, `forks3`, `forks4`: `TwoBranchSpeculative(lookup=..., forks=K)` itself: runner-up branches
+  at the K likeliest first rejections, the lookup in the last one's place where a row found one
+  (`forks3_expected`: ranked by the "expected" rule);
+- `pairs3`, `pairs4`, `pairs6`: `TwoBranchSpeculative(lookup=..., forks=K, alternatives=3)`: the K best
+  (position, token) pairs among each position's three runner-ups, by the chance the branch is taken;
 - `oracle_fork`: the ceiling of one runner-up branch placed at the draft's true first rejection,
   beside the lookup (an oracle: no rule can place it better).
 
@@ -39,13 +42,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.draft_gate import prompts_of  # noqa: E402
 from twotower.decoding import Autoregressive, NgramLookup, Speculative, TwoBranchSpeculative  # noqa: E402
-from twotower.decoding.two_branch import branch_scores, draft_with_runner_up  # noqa: E402
+from twotower.decoding.two_branch import branch_position, draft_with_runner_up  # noqa: E402
 from twotower.decoding.speculative import room_left  # noqa: E402
 from twotower.model import TwoTowerLM  # noqa: E402
 
 
-MODES = ("denoiser", "lookup", "best_of_both", "two_branch", "three_way", "forks2", "forks3", "oracle_fork",
-         "forks3_expected", "pairs3", "pairs3_expected", "forks4", "pairs4")
+MODES = ("denoiser", "lookup", "best_of_both", "two_branch", "three_way", "forks2", "forks3", "forks4",
+         "forks3_expected", "pairs3", "pairs4", "pairs6", "oracle_fork")
 
 
 class BestOfBoth(Speculative):
@@ -72,12 +75,11 @@ class BestOfBoth(Speculative):
 class ThreeWay(BestOfBoth):
     """`BestOfBoth` with a third candidate: the draft with its runner-up token at the position
     `TwoBranchSpeculative` forks at (its continuation the draft's), the ceiling of verifying all three.
-    forks 0: the runner-up at the draft's true first rejection instead (an oracle fork)."""
+    oracle: the runner-up at the draft's true first rejection instead (a fork no rule can place better)."""
 
-    def __init__(self, reference: list[int], forks: int = 1, alternatives: int = 1, rule: str = "likeliest",
-                 **kwargs):
+    def __init__(self, reference: list[int], oracle: bool = False, **kwargs):
         super().__init__(reference, **kwargs)
-        self.forks, self.alternatives, self.rule = forks, alternatives, rule
+        self.oracle = oracle
 
     def draft(self, state):
         n = min(self._width(state), room_left(state))
@@ -85,31 +87,13 @@ class ThreeWay(BestOfBoth):
         call, den = state.call, state.den_cache()
         x, alt, c, q = draft_with_runner_up(call.denoiser, den, n, first=state.carry["next"], shift=call.shifted,
                                             mask_token_id=call.mask_token_id, tracker=state,
-                                            block_index=state.iterations, alternatives=self.alternatives)
-        if self.alternatives > 1:  # (position, token) pairs ranked by the rule's score with each token's q
-            scores = torch.stack([branch_scores(self.rule, c, q[..., a]) for a in range(self.alternatives)], -1)
-            if self.rule == "likeliest":  # P(taken) = reach * q, not P(first rejection) alike for every token
-                scores = torch.stack([branch_scores("likeliest", c, q[..., a]) / (1 - c).clamp_min(1e-12) * q[..., a]
-                                      for a in range(self.alternatives)], -1)
-            flat = scores[0].flatten().topk(self.forks).indices.tolist()
-            pairs = [(i // self.alternatives + 1, i % self.alternatives) for i in flat]
-            d = x[0].tolist()
-            done = len(state.carry["lookup"][0].tokens) - state.call.input_ids.shape[1]
-            truth = self.reference[done + 1:]
-            candidates = [d[1:]] + [d[1:j] + [int(alt[0, j - 1, a])] + d[j + 1:] for j, a in pairs]
-            candidates += [found] if found else []
-            return self.lookup_draft(state, [max(candidates, key=lambda cand: _run(cand, truth))], n, None, None)
+                                            block_index=state.iterations)
         d = x[0].tolist()
         done = len(state.carry["lookup"][0].tokens) - state.call.input_ids.shape[1]
         truth = self.reference[done + 1:]
-        if self.forks == 0:
-            forks = [min(1 + _run(d[1:], truth), n - 1)]
-        else:
-            forks = (branch_scores("likeliest", c, q)[0].topk(min(self.forks, n - 1)).indices + 1).tolist()
-        candidates = [d[1:]] + [d[1:j] + [int(alt[0, j - 1])] + d[j + 1:] for j in forks] + ([found] if found else [])
-        best = max(candidates, key=lambda cand: _run(cand, truth))
-        self.lookup_won += bool(found) and best is candidates[-1] and _run(found, truth) > _run(d[1:], truth)
-        return self.lookup_draft(state, [best], n, None, None)
+        j = min(1 + _run(d[1:], truth), n - 1) if self.oracle else int(branch_position("likeliest", c, q)[0])
+        candidates = [d[1:], d[1:j] + [int(alt[0, j - 1])] + d[j + 1:]] + ([found] if found else [])
+        return self.lookup_draft(state, [max(candidates, key=lambda cand: _run(cand, truth))], n, None, None)
 
 
 def _run(draft: list[int], truth: list[int]) -> int:
@@ -134,13 +118,11 @@ def tokens_per_iteration(model: TwoTowerLM, ids: list[int], new: int, block: int
                 "three_way": ThreeWay(reference, block_size=block, lookup=lookup),
                 "forks2": TwoBranchSpeculative(block_size=block, lookup=lookup, forks=2),
                 "forks3": TwoBranchSpeculative(block_size=block, lookup=lookup, forks=3),
-                "oracle_fork": ThreeWay(reference, forks=0, block_size=block, lookup=lookup),
-                "forks3_expected": TwoBranchSpeculative("expected", block_size=block, lookup=lookup, forks=3),
-                "pairs3": ThreeWay(reference, forks=3, alternatives=3, block_size=block, lookup=lookup),
-                "pairs3_expected": ThreeWay(reference, forks=3, alternatives=3, rule="expected", block_size=block,
-                                            lookup=lookup),
+                "oracle_fork": ThreeWay(reference, oracle=True, block_size=block, lookup=lookup),
                 "forks4": TwoBranchSpeculative(block_size=block, lookup=lookup, forks=4),
-                "pairs4": ThreeWay(reference, forks=4, alternatives=3, block_size=block, lookup=lookup)}
+                "forks3_expected": TwoBranchSpeculative("expected", block_size=block, lookup=lookup, forks=3),
+                **{f"pairs{k}": TwoBranchSpeculative(block_size=block, lookup=lookup, forks=k, alternatives=3)
+                   for k in (3, 4, 6)}}
     out = {"lookup_won": 0}
     for name in modes:
         decoder = decoders[name]
