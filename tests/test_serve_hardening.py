@@ -588,6 +588,25 @@ def test_lookup_is_a_server_setting_that_reaches_speculative_decoders():
     assert err.value.param == "lookup"
 
 
+def test_forks_and_alternatives_are_server_settings_for_two_branch():
+    with pytest.raises(ValueError, match="forks must be an integer >= 1, got 0"):
+        ServeSettings(forks=0).check(16)
+    settings = ServeSettings(decoder="two_branch", forks=3, alternatives=2)
+    settings.check(16)
+    req = parse_completion({"prompt": "x = ", "max_tokens": 4}, settings, TOK, context_limit=512, model_block_size=16)
+    assert (req.decoder.forks, req.decoder.alternatives) == (3, 2)
+    req = parse_completion({"prompt": "x = ", "max_tokens": 4, "decoder": "speculative"}, settings, TOK,
+                           context_limit=512, model_block_size=16)
+    assert type(req.decoder).__name__ == "Speculative"  # takes no forks: built as before
+    default = parse_completion({"prompt": "x", "max_tokens": 4}, ServeSettings(decoder="two_branch"), TOK,
+                               context_limit=512, model_block_size=16)
+    assert (default.decoder.forks, default.decoder.alternatives) == (1, 1)
+    with pytest.raises(RequestError, match="forks") as err:
+        parse_completion({"prompt": "x", "max_tokens": 4, "forks": 2}, settings, TOK, context_limit=512,
+                         model_block_size=16)
+    assert err.value.param == "forks"
+
+
 def test_a_warning_when_listening_beyond_loopback_without_a_key(model, model_path, monkeypatch, caplog):
     import uvicorn
 
