@@ -188,9 +188,12 @@ def test_tree_mask_of_two_branches():
         layout.j
 
 
-@pytest.mark.parametrize("kind", KINDS)
-def test_a_tree_of_three_branches_equals_plain_forwards_of_each(kind):
-    ctx, _ = towers_for(kind)
+@pytest.mark.parametrize("kind,regime", [(k, None) for k in KINDS]
+                         + [("nemotron:M*-EM*E", r) for r in DT_REGIMES if r != "random"])
+def test_a_tree_of_three_branches_equals_plain_forwards_of_each(kind, regime):
+    """Three branches per row (one row without the second), on every family and, on a hybrid, in every
+    dt regime: the branches' Mamba scans run as rows of one batched scan, each from its own fork."""
+    ctx, _ = towers_for(kind, DT_REGIMES[regime] if regime else None)
     ids, mask, main, branch, layout = draw_forks()
     with torch.inference_mode():
         _, cache = ctx.prefill(ids, mask, logits="none")

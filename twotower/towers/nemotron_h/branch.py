@@ -1,7 +1,8 @@
 """Two-branch verification on NemotronH: the tree forward and its accept (`towers/branching.py`).
 
 Attention layers read the tree mask. A Mamba-2 layer is a causal scan: a mask cannot stop the branch
-from reading the main block's positions j .. n-1, so the layer runs two segments. The main block
+from reading the main block's positions j .. n-1, so the layer runs two segments (the main block, then
+every branch at once: K branches are K rows each). The main block
 scans from the cache's states, exactly as a provisional extend; the branch scans from the main
 block's states after position j - 1, rebuilt per row in closed form from the main segment's recorded
 inputs (`ssd_state_at`, `conv_state_at`: what `accept`'s rollback already uses), with its padding
@@ -57,11 +58,10 @@ def tree_forward(tower, cache: HybridCache, main: Tensor, branch: Tensor, layout
             conv0, ssm0 = cache.conv[i], cache.ssm[i]
             a = blk.mixer(h[:, :n], conv_state=conv0, ssm_state=ssm0, return_xbc=True, return_scan_inputs=True,
                           need_final_state=False)
-            # One segment per branch: each scans from the main block's state at its own fork.
-            segments = [a] + [_branch_scan(blk.mixer, h, conv0, ssm0, a, layout, b) for b in range(len(layout.widths))]
-            pending.xbc[i] = torch.cat([s.xbc for s in segments], dim=1)
-            pending.scan[i] = tuple(torch.cat(parts, dim=1) for parts in zip(*(s.scan_inputs for s in segments)))
-            y = torch.cat([s.y for s in segments], dim=1)
+            by, bxbc, bscan = _branch_scans(blk.mixer, h, conv0, ssm0, a, layout)
+            pending.xbc[i] = torch.cat([a.xbc, bxbc], dim=1)
+            pending.scan[i] = tuple(torch.cat([u, w], dim=1) for u, w in zip(a.scan_inputs, bscan))
+            y = torch.cat([a.y, by], dim=1)
         else:
             y = blk.mixer(h)
         x = blk.post(x, y)
@@ -70,14 +70,30 @@ def tree_forward(tower, cache: HybridCache, main: Tensor, branch: Tensor, layout
     return tower.backbone.norm_f(x)
 
 
-def _branch_scan(mixer, h: Tensor, conv0: Tensor, ssm0: Tensor, main, layout: TreeLayout, b: int):
-    """A Mamba layer's scan of branch b's slots of h (R, n + m, H), seeded at its forks from the main
-    segment's output `main` (its recorded inputs); padding slots are no-ops."""
-    start, width = layout.starts()[b], layout.widths[b]
-    conv, ssm = branch_seed(mixer, conv0, ssm0, main.xbc, main.scan_inputs, layout.forks[:, b])
-    valid = layout.branch_valid[:, start - layout.n:start - layout.n + width]
-    return mixer(h[:, start:start + width], conv_state=conv, ssm_state=ssm, pad_mask=valid, return_xbc=True,
-                 return_scan_inputs=True, need_final_state=False)
+def _branch_scans(mixer, h: Tensor, conv0: Tensor, ssm0: Tensor, main, layout: TreeLayout):
+    """A Mamba layer's scans of every branch's slots of h (R, n + m, H), each seeded at its own forks
+    from the main segment's output `main` (its recorded inputs); padding slots are no-ops. The K
+    branches run as R * K rows of one scan, each padded to the widest branch: one call, not K, which
+    is most of a small model's cost of a tree (docs/design.md, section 2.4). Returns y (R, m, H), xbc
+    (R, m, C) and the scan inputs, in slot order."""
+    R, n, K, W = h.shape[0], layout.n, len(layout.widths), max(layout.widths)
+    k = torch.arange(W, device=h.device)
+    # Slot of branch b's k-th position, clamped inside its own slots (the extra ones are masked below).
+    idx = torch.stack([s + k.clamp(max=w - 1) for s, w in zip(layout.starts(), layout.widths)])  # (K, W)
+    inside = torch.stack([k < w for w in layout.widths])  # (K, W)
+    valid = layout.branch_valid[:, (idx - n).flatten()].view(R, K, W) & inside
+    # Row r's branch b becomes row r * K + b: repeat_interleave puts each row's K copies together.
+    rep = (lambda t: t.repeat_interleave(K, dim=0)) if K > 1 else (lambda t: t)
+    conv, ssm = branch_seed(mixer, rep(conv0), rep(ssm0), rep(main.xbc), tuple(map(rep, main.scan_inputs)),
+                            layout.forks.reshape(-1))
+    out = mixer(h[:, idx.flatten()].reshape(R * K, W, -1), conv_state=conv, ssm_state=ssm,
+                pad_mask=valid.view(R * K, W), return_xbc=True, return_scan_inputs=True, need_final_state=False)
+
+    def slots(t: Tensor) -> Tensor:  # (R * K, W, ...) -> (R, m, ...): branch b's first widths[b] positions in turn
+        t = t.view(R, K, W, *t.shape[2:])
+        return torch.cat([t[:, b, :w] for b, w in enumerate(layout.widths)], dim=1)
+
+    return slots(out.y), slots(out.xbc), tuple(slots(t) for t in out.scan_inputs)
 
 
 def accept_tree(tower, cache: HybridCache, layout: TreeLayout, keep: Tensor, take: Tensor) -> None:
