@@ -116,7 +116,14 @@ def test_accepting_either_branch_equals_appending_only_the_kept_tokens(kind, len
     ctx, den = towers_for(kind)
     ids, mask, main, branch, layout = draw(seed=5, length=length)
     take = torch.tensor([True, False, True, True])  # rows 0, 2, 3 take the branch at j = 1, 5, 2
-    keep = torch.tensor(keep)
+    check_accept(ctx, den, ids, mask, main, branch, layout, take, torch.tensor(keep),
+                 lambda r: branch_tokens(main, branch, layout, r) if take[r] else main[r:r + 1])
+
+
+def check_accept(ctx, den, ids, mask, main, branch, layout, take, keep, candidate):
+    """Settle a tree verify with (take, keep); then the context tower's next extend and the denoiser's
+    next block equal, row by row, those of a cache of the kept tokens (candidate(r): row r's winning
+    candidate as a plain block)."""
     after = torch.randint(4, 64, (4, 3))
     nxt = torch.randint(4, 64, (4, N))
     t = torch.full((4,), 0.5)
@@ -128,12 +135,10 @@ def test_accepting_either_branch_equals_appending_only_the_kept_tokens(kind, len
         den_out = den.forward_block(nxt, cache, t)
         out = ctx.extend(cache, after)
         for r in range(4):
-            kept = (branch_tokens(main, branch, layout, r) if take[r] else main[r:r + 1])[:, :keep[r]]
             ref_cache = reference_cache(ctx, ids, mask, r)
-            ctx.extend(ref_cache, kept)
+            ctx.extend(ref_cache, candidate(r)[:, :keep[r]])
             ref_den = den.forward_block(nxt[r:r + 1], ref_cache, t[r:r + 1])
-            ref = ctx.extend(ref_cache, after[r:r + 1])
-            torch.testing.assert_close(out[r], ref[0], rtol=1e-4, atol=1e-4)
+            torch.testing.assert_close(out[r], ctx.extend(ref_cache, after[r:r + 1])[0], rtol=1e-4, atol=1e-4)
             torch.testing.assert_close(den_out[r], ref_den[0], rtol=1e-4, atol=1e-4)
 
 
@@ -214,23 +219,8 @@ def test_accepting_any_of_three_branches_equals_appending_only_the_kept_tokens(k
     ids, mask, main, branch, layout = draw_forks(seed=5)
     # Row 0 takes branch 0 (fork 1), row 1 the main block, row 2 branch 2 (fork 1, 2 long), row 3 branch 1.
     take = torch.tensor([1, 0, 3, 2])
-    keep = torch.tensor([5, 4, 3, 3])
-    after = torch.randint(4, 64, (4, 3))
-    nxt = torch.randint(4, 64, (4, N))
-    t = torch.full((4,), 0.5)
-    with torch.inference_mode():
-        _, cache = ctx.prefill(ids, mask, logits="none")
-        tree_extend(ctx, cache, main, branch, layout)
-        accept_tree(ctx, cache, layout, keep, take)
-        den_out = den.forward_block(nxt, cache, t)
-        out = ctx.extend(cache, after)
-        for r in range(4):
-            kept = (fork_tokens(main, branch, layout, r, int(take[r]) - 1)[0] if take[r] else main[r:r + 1])
-            ref_cache = reference_cache(ctx, ids, mask, r)
-            ctx.extend(ref_cache, kept[:, :keep[r]])
-            ref_den = den.forward_block(nxt[r:r + 1], ref_cache, t[r:r + 1])
-            torch.testing.assert_close(out[r], ctx.extend(ref_cache, after[r:r + 1])[0], rtol=1e-4, atol=1e-4)
-            torch.testing.assert_close(den_out[r], ref_den[0], rtol=1e-4, atol=1e-4)
+    check_accept(ctx, den, ids, mask, main, branch, layout, take, torch.tensor([5, 4, 3, 3]),
+                 lambda r: fork_tokens(main, branch, layout, r, int(take[r]) - 1)[0] if take[r] else main[r:r + 1])
 
 
 # ---- the decoder --------------------------------------------------------------------------------
