@@ -19,6 +19,12 @@ checked against the same choice that rejected d_j), so greedy output equals `Aut
 for token and sampled output follows AR sampling. The second branch adds n - j verify positions;
 it pays where a forward's cost hardly grows with its positions (accelerators at small batch).
 `benchmarks/two_branch_potential.py` measures what it can gain.
+
+With `forks=K` the same forward verifies K such branches (a tree of K + 1 candidates), at the K best
+positions, or with `alternatives` at the K best (position, runner-up) pairs, so that two may share a
+position. Only a branch forking exactly where d fails can be taken, and at most one of those holds
+the context tower's token there, so the keep rule above is unchanged; a prompt lookup takes the last
+fork's place. `benchmarks/lookup_potential.py` counts what more forks keep.
 """
 
 from __future__ import annotations

@@ -89,12 +89,13 @@ def tree_layout(j: Tensor, n: int, length: int | Tensor | list | None = None) ->
     (R, K) for K branches (each in [1, n - 1]). Each branch covers positions j .. n-1, or only its first
     `length` of them: an int >= 1 for every row, a (R,) long tensor of per-row lengths, each in
     [0, n - j] (0: the row has no such branch), None (all), or, for K branches, a list of K of those.
-    One host read per branch (two with per-row lengths): its width, the longest row's branch."""
+    Host reads: one for a one-branch tree (two with per-row lengths), else one more per branch (its
+    width, the longest row's branch)."""
     if j.dtype != torch.long or j.dim() not in (1, 2):
         raise ValueError(f"j must be a (R,) or (R, K) long tensor of branch positions, got {j.dtype} "
                          f"{tuple(j.shape)}")
     forks = j[:, None] if j.dim() == 1 else j
-    # One host read serves both the range check and the width: the earliest fork has the longest branch.
+    # One host read for the range check, which also gives a one-branch tree its width (see below).
     lo, hi = (int(v) for v in torch.aminmax(forks))
     if lo < 1 or hi > n - 1:
         raise ValueError(f"branch positions must lie in [1, {n - 1}] (position 0 is the context tower's own "
@@ -107,9 +108,10 @@ def tree_layout(j: Tensor, n: int, length: int | Tensor | list | None = None) ->
     for b in range(K):
         fb, lb = forks[:, b], lengths[b]
         limit = _limits(fb, n, lb)
-        w = int(limit.max()) if isinstance(lb, Tensor) else int((n - fb).max()) if lb is None else \
-            min(int((n - fb).max()), lb)
-        w = max(w, 1)  # a branch no row has still takes one (padding) slot: every tensor keeps its shape
+        if K == 1 and not isinstance(lb, Tensor):  # the earliest fork's branch is the longest: no second host read
+            w = n - lo if lb is None else min(n - lo, lb)
+        else:  # a branch no row has still takes one (padding) slot: every tensor keeps its shape
+            w = max(int(limit.max()), 1)
         k = torch.arange(w, device=j.device)
         widths.append(w)
         # Rows share one width per branch; a row whose branch is shorter (later fork, or cut) pads its tail.
