@@ -22,9 +22,9 @@ it pays where a forward's cost hardly grows with its positions (accelerators at 
 
 With `forks=K` the same forward verifies K such branches (a tree of K + 1 candidates), at the K best
 positions, or with `alternatives` at the K best (position, runner-up) pairs, so that two may share a
-position. Only a branch forking exactly where d fails can be taken, and at most one of those holds
-the context tower's token there, so the keep rule above is unchanged; a prompt lookup takes the last
-fork's place. `benchmarks/lookup_potential.py` counts what more forks keep.
+position. Only a branch forking exactly where d fails, with the context tower's token there, can be
+taken, so the keep rule above is unchanged; where two qualify (a lookup and a runner-up with the same
+token), the longer agreeing run wins. A prompt lookup takes the last fork's place. `benchmarks/lookup_potential.py` counts what more forks keep.
 """
 
 from __future__ import annotations
