@@ -30,13 +30,16 @@ from twotower.model import TwoTowerLM  # noqa: E402
 
 
 def modes(rules: list[str], block_size: int | None = None) -> dict:
-    """AR, Speculative and one TwoBranchSpeculative per rule: "<branch_at>[/<branch_len>]"; the
-    speculative modes draft `block_size` positions (None: the model's block)."""
+    """AR, Speculative and one TwoBranchSpeculative per rule: "<branch_at>[/<branch_len>][:<forks>[:<alternatives>]]"
+    (e.g. "likeliest/4", "likeliest:3:3"); the speculative modes draft `block_size` positions (None: the model's block)."""
     out = {"ar": Autoregressive(), "spec": Speculative(block_size=block_size)}
     for r in rules:
-        at, _, length = r.partition("/")
+        rule, *tree = r.split(":")
+        at, _, length = rule.partition("/")
+        forks, alternatives = (list(map(int, tree)) + [1, 1])[:2]
         out[f"two_branch_{r}"] = TwoBranchSpeculative(float(at) if at[0].isdigit() else at,
-                                                      int(length) if length else None, block_size=block_size)
+                                                      int(length) if length else None, block_size=block_size,
+                                                      forks=forks, alternatives=alternatives)
     return out
 
 
@@ -50,7 +53,7 @@ def main(argv=None) -> int:
     p.add_argument("--per-kind", type=int, default=4)
     p.add_argument("--prompt-tokens", type=int, default=48)
     p.add_argument("--max-new-tokens", type=int, default=64)
-    p.add_argument("--rules", nargs="+", default=["likeliest", "likeliest/4"], help="branch_at[/branch_len] values (a float: a threshold)")
+    p.add_argument("--rules", nargs="+", default=["likeliest", "likeliest/4"], help="branch_at[/branch_len][:forks[:alternatives]] values (a float: a threshold)")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
                    help="bfloat16: the speed question (output may differ from AR by rounding)")
