@@ -79,15 +79,21 @@ def policy_table(records: list[tuple[float, int]], cost: float, taus=(0.0, 0.3, 
     return rows
 
 
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def add_prompt_arguments(p: argparse.ArgumentParser, seeds: list[int]) -> None:
+    """The model, draft width, prompts (`prompts_of`'s seeds and count) and threads: the arguments this
+    script shares with the others that decode its prompts (`lookup_potential.py`)."""
     p.add_argument("model", help="a two-tower folder or a built-in name")
     p.add_argument("--block", type=int, default=None, help="draft positions (default: the model's block)")
-    p.add_argument("--cost", type=float, required=True, help="an iteration's cost in AR steps (measured elsewhere)")
-    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--seeds", type=int, nargs="+", default=seeds)
     p.add_argument("--per-kind", type=int, default=3, help="prompts per kind and seed (3 kinds)")
     p.add_argument("--new-tokens", type=int, default=64)
     p.add_argument("--threads", type=int, default=None)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_prompt_arguments(p, seeds=[0, 1, 2])
+    p.add_argument("--cost", type=float, required=True, help="an iteration's cost in AR steps (measured elsewhere)")
     p.add_argument("--out", default=None, help="JSON of the records and tables")
     args = p.parse_args(argv)
     if args.threads:

@@ -40,7 +40,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.draft_gate import prompts_of  # noqa: E402
+from benchmarks.draft_gate import add_prompt_arguments, prompts_of  # noqa: E402
 from twotower.decoding import Autoregressive, NgramLookup, Speculative, TwoBranchSpeculative  # noqa: E402
 from twotower.decoding.two_branch import branch_position, draft_with_runner_up  # noqa: E402
 from twotower.decoding.speculative import room_left  # noqa: E402
@@ -137,14 +137,9 @@ def tokens_per_iteration(model: TwoTowerLM, ids: list[int], new: int, block: int
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("model", help="a two-tower folder or a built-in name")
+    add_prompt_arguments(p, seeds=[1, 2, 3])
     p.add_argument("--ngram", type=int, nargs="+", default=[3])
     p.add_argument("--max-tokens", type=int, default=None, help="the longest lookup draft (NgramLookup.max_tokens)")
-    p.add_argument("--block", type=int, default=None, help="draft positions (default: the model's block)")
-    p.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
-    p.add_argument("--per-kind", type=int, default=3, help="prompts per kind and seed (3 kinds)")
-    p.add_argument("--new-tokens", type=int, default=64)
-    p.add_argument("--threads", type=int, default=None)
     p.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES, help="which modes to run (default: all)")
     p.add_argument("--out", default=None, help="JSON of the per-seed figures")
     args = p.parse_args(argv)

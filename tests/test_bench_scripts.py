@@ -170,6 +170,20 @@ def test_draft_gate_records_each_iteration_without_changing_the_decode(tmp_path,
     assert "| AR step below tau |" in capsys.readouterr().out and json.loads(out.read_text())["records"]
 
 
+def test_lookup_potential_counts_trees_whose_output_is_ars(tmp_path):
+    """benchmarks/lookup_potential.py on the embedded default: every mode it runs (oracles and forked trees
+    included) must give AR's tokens, else it exits; its counts lie in [1, the longest draft]."""
+    from benchmarks import lookup_potential
+
+    out = tmp_path / "lp.json"
+    modes = ["denoiser", "best_of_both", "three_way", "pairs3", "oracle_fork"]
+    assert lookup_potential.main([str(REPO / "twotower" / "assets" / "twotower"), "--ngram", "4", "--max-tokens", "32",
+                                  "--seeds", "1", "--per-kind", "1", "--new-tokens", "24", "--modes", *modes,
+                                  "--out", str(out)]) == 0
+    seed = json.loads(out.read_text())["per_seed"]["1"]
+    assert all(1.0 <= seed[m] <= 33.0 for m in modes) and seed["iterations"] is not None
+
+
 def _real_model_run_on(device: str, tmp_path) -> dict:
     """real_model.py's timed call and NLL judge on `device`, beside `generate` on that device."""
     from conftest import save_tiny_twotower
