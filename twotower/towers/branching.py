@@ -12,10 +12,11 @@ the cache takes n + m provisional slots (m = n - min(j), the longest branch),
 and a tree mask: a branch query sees the cache, the main block before j and the branch up to itself;
 a main query never sees a branch slot. More candidates (K branches, each forking at its own per-row
 position) follow one another in the branch slots, each with its own width, and a branch query sees
-only its own branch. Recurrent layers cannot read a mask; each family runs them
-per segment (`towers/nemotron_h/branch.py`). Afterwards `take_branch` moves the winning branch's
-slots of a row over the main block's positions j.., and the family's ordinary `accept` settles the
-n-slot block: rows are then exactly as if only their kept tokens had been appended.
+only its own branch. Recurrent layers cannot read a mask; a family scans them along each slot's
+path instead (`tree_ancestors`, `tree_parents`; `towers/nemotron_h/branch.py`). Afterwards
+`take_branch` moves the winning branch's slots of a row over the main block's positions j.., and
+the family's ordinary `accept` settles the n-slot block: rows are then exactly as if only their
+kept tokens had been appended.
 
 This module holds what does not depend on the family: the layout, the mask and the K,V move.
 """
@@ -29,7 +30,7 @@ from torch import Tensor
 
 from ..cache_base import KVBuffers
 
-__all__ = ["TreeLayout", "tree_layout", "tree_mask", "take_branch"]
+__all__ = ["TreeLayout", "tree_layout", "tree_ancestors", "tree_parents", "tree_mask", "take_branch"]
 
 
 @dataclass
@@ -122,28 +123,48 @@ def tree_layout(j: Tensor, n: int, length: int | Tensor | list | None = None) ->
     return TreeLayout(n, tuple(widths), forks, torch.cat(valid, dim=1), torch.cat(pos, dim=1))
 
 
-def tree_mask(layout: TreeLayout, prefix_valid: Tensor) -> Tensor:
-    """(R, 1, n + m, offset + n + m) bool attention mask of a tree verify (True = may attend).
-
-    prefix_valid (R, offset): the cache's real positions before the block (holes and padding False).
-    Every query sees the real prefix; main slot a sees main slots <= a; a slot of branch b (forking at
-    j) sees main slots before j and branch b's slots up to itself that hold a position. A slot always
-    sees itself, so a padding slot's attention stays finite (its output is never read).
-    """
-    n, m = layout.n, layout.m
+def tree_ancestors(layout: TreeLayout) -> Tensor:
+    """(R, n + m, n + m) bool: [r, t, s] = slot s lies on slot t's path through the tree (t included).
+    Main slot a's path is main slots 0 .. a; the path of branch b's k-th slot (forking at j) is main
+    slots 0 .. j - 1 and the branch's slots 0 .. k. A padding slot's path runs on through its branch's
+    earlier slots (no real slot has it on its path; what it computes is never read)."""
+    n, L = layout.n, layout.n + layout.m
     R, dev = layout.forks.shape[0], layout.forks.device
-    L = n + m
     a = torch.arange(L, device=dev)
     # Slot a's side: 0 for the main block, b + 1 for branch b.
     side = torch.cat([a.new_zeros(n)] + [a.new_full((w,), b + 1) for b, w in enumerate(layout.widths)])
     causal = a[None, :] <= a[:, None]  # (L, L), slot order: main then the branches
-    # (R, L, L): within one side, causal; a branch query also sees the main block before its fork.
-    allowed = (causal & (side[:, None] == side[None, :]))[None].expand(R, L, L).clone()  # clone: written per row
-    # Main slots j.. hold d_j.., which the branch replaces; the main -> branch block stays False, so a main
-    # query attends exactly as in a plain extend of d.
-    allowed[:, n:, :n] = a[None, None, :n] < layout.slot_forks()[:, :, None]
+    # Within one side, causal; a branch slot's path also holds the main block before its fork.
+    anc = (causal & (side[:, None] == side[None, :]))[None].expand(R, L, L).clone()  # clone: written per row
+    # Main slots j.. hold d_j.., which the branch replaces; the main -> branch block stays False: a main slot's
+    # path is exactly a plain extend's.
+    anc[:, n:, :n] = a[None, None, :n] < layout.slot_forks()[:, :, None]
+    return anc
+
+
+def tree_parents(layout: TreeLayout) -> Tensor:
+    """(R, n + m) long: the slot just before each slot on its path (-1: the cache's last position, for
+    main slot 0). A branch's first slot follows the main slot before its fork."""
+    L = layout.n + layout.m
+    parents = (torch.arange(L, device=layout.forks.device) - 1).expand(layout.forks.shape[0], L).clone()
+    for b, start in enumerate(layout.starts()):
+        parents[:, start] = layout.forks[:, b] - 1
+    return parents
+
+
+def tree_mask(layout: TreeLayout, prefix_valid: Tensor) -> Tensor:
+    """(R, 1, n + m, offset + n + m) bool attention mask of a tree verify (True = may attend).
+
+    prefix_valid (R, offset): the cache's real positions before the block (holes and padding False).
+    Every query sees the real prefix and the slots of its own path that hold a position
+    (`tree_ancestors`): main slot a sees main slots <= a; a slot of branch b (forking at j) sees main
+    slots before j and branch b's slots up to itself. A slot always sees itself, so a padding slot's
+    attention stays finite (its output is never read).
+    """
+    n, L = layout.n, layout.n + layout.m
+    R, dev = layout.forks.shape[0], layout.forks.device
     key_valid = torch.cat([torch.ones(R, n, dtype=torch.bool, device=dev), layout.branch_valid], dim=1)
-    allowed &= key_valid[:, None, :]
+    allowed = tree_ancestors(layout) & key_valid[:, None, :]
     allowed |= torch.eye(L, dtype=torch.bool, device=dev)[None]
     prefix = prefix_valid[:, None, :].expand(R, L, prefix_valid.shape[1])
     return torch.cat([prefix, allowed], dim=2)[:, None]

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..common import RMSNorm
-from .ssd import causal_conv1d, ssd_scan, ssd_step
+from .ssd import ScanTree, causal_conv1d, ssd_scan, ssd_step, ssd_tree_scan, tree_conv1d
 
 MAMBA, ATTENTION, MLP, MOE = "linear_attention", "full_attention", "mlp", "moe"
 BLOCK_TYPES = (MAMBA, ATTENTION, MLP, MOE)
@@ -137,6 +137,7 @@ class Mamba2Mixer(nn.Module):
         return_chunk_states: bool = False,
         need_final_state: bool = True,
         return_scan_inputs: bool = False,
+        tree: ScanTree | None = None,
     ) -> MambaOut:
         """h: (b, L, H). pad_mask: (b, L) bool, True for real tokens; padded positions leave every state unchanged.
 
@@ -146,6 +147,9 @@ class Mamba2Mixer(nn.Module):
         the denoiser reads its cache and never writes it. `return_scan_inputs` also returns the
         scan's inputs (and, with `return_xbc`, the raw conv inputs), from which the states after any
         position can be rebuilt (a speculative extend that is then cut back).
+        `tree`: the L positions form a tree, not a chain (a tree verify, `towers/nemotron_h/branch.py`):
+        each reads the states and its own path only. A tree has no end, so no state comes back
+        (conv_state and ssm_state are None).
         """
         b, L, _ = h.shape
         z, xbc, dt = self.in_proj(h).split([self.intermediate, self.conv_dim, self.num_heads], dim=-1)
@@ -153,7 +157,12 @@ class Mamba2Mixer(nn.Module):
             # A padded position feeds zeros to the conv (as an empty prefix would) and has dt = 0,
             # i.e. no decay and no input: each row computes what it computes alone.
             xbc = xbc * pad_mask[..., None].to(xbc.dtype)
-        conv_out, new_conv = causal_conv1d(xbc, self.conv1d.weight.squeeze(1), self.conv1d.bias, initial_state=conv_state)
+        if tree is None:
+            conv_out, new_conv = causal_conv1d(xbc, self.conv1d.weight.squeeze(1), self.conv1d.bias,
+                                               initial_state=conv_state)
+        else:
+            conv_out, new_conv = tree_conv1d(xbc, self.conv1d.weight.squeeze(1), self.conv1d.bias,
+                                             initial_state=conv_state, taps=tree.conv_taps), None
         conv_out = F.silu(conv_out)
         x, B, C = conv_out.split([self.intermediate, self.n_groups * self.state_size, self.n_groups * self.state_size], dim=-1)
         dt = F.softplus(dt.float() + self.dt_bias.float())
@@ -168,7 +177,9 @@ class Mamba2Mixer(nn.Module):
         B = B.view(b, L, self.n_groups, self.state_size)
         C = C.view(b, L, self.n_groups, self.state_size)
         chunk_states = None
-        if L == 1 and ssm_state is not None and not return_chunk_states:
+        if tree is not None:
+            y, final = ssd_tree_scan(x, dt, A, B, C, D=self.D, initial_state=ssm_state, ancestors=tree.ancestors), None
+        elif L == 1 and ssm_state is not None and not return_chunk_states:
             y, final = ssd_step(x[:, 0], dt[:, 0], A, B[:, 0], C[:, 0], D=self.D, state=ssm_state.float())
             y = y[:, None]
         else:

@@ -29,6 +29,7 @@ numbers and the kernel is called with no bias, no softplus and no limit of its o
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from importlib.metadata import version
 
 import torch
@@ -43,6 +44,9 @@ __all__ = [
     "conv_boundary_states",
     "conv_state_at",
     "ssd_state_at",
+    "ssd_tree_scan",
+    "tree_conv1d",
+    "ScanTree",
     "kernel_backend",
     "scan_path",
     "trust_short_seeded",
@@ -179,24 +183,31 @@ def ssd_scan_reference(
 
 
 def _single_chunk(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor | None,
-                  initial_state: Tensor | None, *, final_state: bool = True) -> tuple[Tensor, Tensor | None]:
+                  initial_state: Tensor | None, *, final_state: bool = True,
+                  ancestors: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
     """The whole sequence is one chunk (decode blocks, short extends): the same math as the chunked
     form with the inter-chunk recurrence reduced to one decay, written as batched matmuls over
     (b, h) so a 16-token block costs a handful of kernels. Inputs float32; B / C per group
     (b, L, g, n): the C_t . B_s products are shared by a group's h / g heads, so they are computed
-    once per group (the products the per-head form computes, bit for bit, h / g times fewer)."""
+    once per group (the products the per-head form computes, bit for bit, h / g times fewer).
+
+    ancestors (b, L, L) bool: the positions form a tree (`ssd_tree_scan`), not a chain; there is
+    then no single final state."""
     b, L, h, p = x.shape
     g, n = B.shape[2], B.shape[3]
     r = h // g  # heads per group; head j reads group j // r (as repeat_interleave lays them out)
     xh = (x * dt[..., None]).permute(0, 2, 1, 3)  # (b, h, L, p): dt_s x_s
     Bg, Cg = B.permute(0, 2, 1, 3), C.permute(0, 2, 1, 3)  # (b, g, L, n)
     dA = (dt * A).permute(0, 2, 1)  # (b, h, L)
-    cum = dA.cumsum(-1)
+    if ancestors is None:
+        cum, seg = dA.cumsum(-1), _segsum(dA)
+    else:
+        cum, seg = _tree_segsum(dA, ancestors)
     cb = (Cg @ Bg.transpose(-1, -2))[:, :, None]  # (b, g, 1, t, s)
-    scores = (cb * torch.exp(_segsum(dA)).view(b, g, r, L, L)).view(b, h, L, L)  # (b, h, t, s)
+    scores = (cb * torch.exp(seg).view(b, g, r, L, L)).view(b, h, L, L)  # (b, h, t, s)
     y = scores @ xh  # (b, h, L, p)
     final = None
-    if final_state:
+    if final_state and ancestors is None:
         Bh = Bg[:, :, None].expand(b, g, r, L, n).reshape(b, h, L, n)
         to_end = torch.exp(cum[..., -1:] - cum)  # (b, h, L)
         final = ((Bh * to_end[..., None]).transpose(-1, -2) @ xh).transpose(-1, -2)  # (b, h, p, n)
@@ -204,12 +215,72 @@ def _single_chunk(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Ten
         init = initial_state.float()
         from_init = (Cg[:, :, None] @ init.view(b, g, r, p, n).transpose(-1, -2)).view(b, h, L, p)
         y = y + from_init * torch.exp(cum)[..., None]
-        if final_state:
+        if final is not None:
             final = final + init * torch.exp(cum[..., -1])[..., None, None]
     y = y.permute(0, 2, 1, 3)
     if D is not None:
         y = y + x * D.float()[:, None]
     return y, final
+
+
+def _tree_segsum(dA: Tensor, ancestors: Tensor) -> tuple[Tensor, Tensor]:
+    """`_segsum` and the inclusive cumulative sum for positions that form a tree: dA (b, h, L),
+    ancestors (b, L, L) bool (ancestors[:, t, s]: s lies on t's path from the root, t itself
+    included). Returns cum (b, h, L), the sum of dA over t's path, and seg (b, h, t, s) =
+    cum_t - cum_s, the decay from s to t along the path, where s is an ancestor of t, -inf elsewhere.
+
+    Differences of path sums, not masked sums: the paths are a few dozen positions (a verify tree),
+    and `ssd_state_at`'s rollback of the same slots already decays by such differences."""
+    anc = ancestors[:, None]  # (b, 1, t, s)
+    cum = (dA[..., None, :] * anc).sum(-1)  # (b, h, t): in position order along each path, like cumsum
+    seg = (cum[..., :, None] - cum[..., None, :]).masked_fill(~anc, float("-inf"))
+    return cum, seg
+
+
+@dataclass
+class ScanTree:
+    """A block of positions that form a tree (a tree verify's main block and branches), for a Mamba
+    layer: `ancestors` (b, L, L) bool, ancestors[:, t, s] = slot s lies on slot t's path (t itself
+    included), and `conv_taps` (b, k, L) long, the inputs each slot's causal conv reads along its
+    path (`tree_conv1d`). `towers/nemotron_h/branch.py` builds one per tree verify."""
+
+    ancestors: Tensor
+    conv_taps: Tensor
+
+
+def ssd_tree_scan(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, *, D: Tensor | None,
+                  initial_state: Tensor | None, ancestors: Tensor) -> Tensor:
+    """y (b, L, h, p) float32 of a scan over positions that form a tree: each position sees the
+    initial state and the positions on its own path (ancestors (b, L, L) bool, as `ScanTree`), as if
+    its path alone had been scanned. Arguments as `ssd_scan_reference`'s. One quadratic pass: the
+    single-chunk form with the causal triangle replaced by the tree, so K branches cost what a
+    chain of as many positions costs."""
+    f32 = torch.float32
+    x, dt, B, C = x.to(f32), dt.to(f32), B.to(f32), C.to(f32)
+    return _single_chunk(x, dt, A.to(f32), B, C, D, initial_state, final_state=False, ancestors=ancestors)[0]
+
+
+def tree_conv1d(x: Tensor, weight: Tensor, bias: Tensor | None, *, initial_state: Tensor | None,
+                taps: Tensor) -> Tensor:
+    """`causal_conv1d` over positions that form a tree: y (b, L, c), where slot t's window is its
+    own path's last k raw inputs. taps (b, k, L) long index [initial_state, x] along time
+    (0 .. k-2: the state's inputs, k - 1 + t: slot t); taps[:, j] is what weight[:, j] multiplies
+    (j = 0 the oldest), as `ScanTree.conv_taps`. The sum runs in `causal_conv1d`'s order, so a
+    chain's slots get its numbers bit for bit."""
+    b, L, c = x.shape
+    k = weight.shape[-1]
+    xt = x.transpose(1, 2)
+    if initial_state is None:
+        initial_state = xt.new_zeros(b, c, k - 1)
+    full = torch.cat([initial_state.to(xt.dtype), xt], dim=-1)  # (b, c, k - 1 + L)
+    w = weight.to(xt.dtype)
+    y = None
+    for j in range(k):
+        tap = full.gather(-1, taps[:, j, None, :].expand(b, c, L)) * w[:, j, None]
+        y = tap if y is None else y + tap
+    if bias is not None:
+        y = y + bias.to(xt.dtype)[:, None]
+    return y.transpose(1, 2)
 
 
 def ssd_step(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, *, D: Tensor | None, state: Tensor):
