@@ -63,10 +63,11 @@ class ServeSettings:
             is unchanged.
         lookup_max_tokens: with lookup, greedy lookup drafts of up to this many tokens, past the
             request's block_size (`NgramLookup.max_tokens`); None = block_size - 1.
-        forks / alternatives: with `decoder: two_branch`, runner-up branches per verify and runner-ups
-            a position may fork with (`TwoBranchSpeculative(forks=..., alternatives=...)`: more tokens
-            per iteration for more verify positions, greedy only); None = the decoder's default (1).
-            Server settings; decoders without them ignore them.
+        forks / alternatives / branch_len: with `decoder: two_branch`, runner-up branches per verify,
+            runner-ups a position may fork with, and the positions each branch verifies
+            (`TwoBranchSpeculative(forks=..., alternatives=..., branch_len=...)`: more tokens per
+            iteration for more verify positions, greedy only); None = the decoder's defaults (1, 1,
+            to the block's end). Server settings; decoders without them ignore them.
         temperature / max_tokens: request defaults.
         max_batch: rows per working batch; further requests wait for a row to leave.
         stop_at_eos: a row ends at the tokenizer's EOS.
@@ -127,6 +128,7 @@ class ServeSettings:
     lookup_max_tokens: int | None = None
     forks: int | None = None
     alternatives: int | None = None
+    branch_len: int | None = None
     steps_per_block: int = 16
     temperature: float = 0.0
     max_tokens: int = 16
@@ -179,7 +181,7 @@ class ServeSettings:
                 need_int(name)
         if self.batch_block_size is not None:
             need_int("batch_block_size", 2)  # position 0 of a draft is the context tower's own token
-        for name in ("lookup", "lookup_max_tokens", "forks", "alternatives"):
+        for name in ("lookup", "lookup_max_tokens", "forks", "alternatives", "branch_len"):
             if getattr(self, name) is not None:
                 need_int(name)
         if self.lookup_max_tokens is not None and self.lookup is None:
@@ -421,6 +423,7 @@ def _request(body: dict, prompt: Prompt, param: str, tokens_param: str, max_toke
         lookup=None if settings.lookup is None else NgramLookup(settings.lookup, settings.lookup_max_tokens),
         forks=settings.forks,  # None: left out by build_decoder, so the class default applies
         alternatives=settings.alternatives,
+        branch_len=settings.branch_len,
         steps_per_block=_int(body, "steps_per_block", settings.steps_per_block, 1, lim.steps),
     )
     # top_p = 1 filters nothing: the same request as one without top_p.

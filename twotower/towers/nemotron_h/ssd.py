@@ -269,17 +269,13 @@ def tree_conv1d(x: Tensor, weight: Tensor, bias: Tensor | None, *, initial_state
     chain's slots get its numbers bit for bit."""
     b, L, c = x.shape
     k = weight.shape[-1]
-    xt = x.transpose(1, 2)
-    if initial_state is None:
-        initial_state = xt.new_zeros(b, c, k - 1)
-    full = torch.cat([initial_state.to(xt.dtype), xt], dim=-1)  # (b, c, k - 1 + L)
-    w = weight.to(xt.dtype)
+    full, w = _conv_window(x, weight, initial_state)
     y = None
     for j in range(k):
         tap = full.gather(-1, taps[:, j, None, :].expand(b, c, L)) * w[:, j, None]
         y = tap if y is None else y + tap
     if bias is not None:
-        y = y + bias.to(xt.dtype)[:, None]
+        y = y + bias.to(full.dtype)[:, None]
     return y.transpose(1, 2)
 
 
@@ -439,6 +435,15 @@ def ssd_scan(x, dt, A, B, C, *, chunk_size, D=None, initial_state=None, return_c
 _SHIFT_CONV_MAX_LEN = 64
 
 
+def _conv_window(x: Tensor, weight: Tensor, initial_state: Tensor | None) -> tuple[Tensor, Tensor]:
+    """[initial_state, x] along time (b, c, k - 1 + L) (zeros for a missing state) and the weight, both
+    in x's dtype: what a depthwise causal conv of x (b, L, c) with weight (c, k) reads."""
+    xt = x.transpose(1, 2)
+    if initial_state is None:
+        initial_state = xt.new_zeros(xt.shape[0], xt.shape[1], weight.shape[-1] - 1)
+    return torch.cat([initial_state.to(xt.dtype), xt], dim=-1), weight.to(xt.dtype)
+
+
 def causal_conv1d(x: Tensor, weight: Tensor, bias: Tensor | None, *, initial_state: Tensor | None = None):
     """Depthwise causal conv over time with a carried state, followed by nothing (the caller applies SiLU).
 
@@ -450,11 +455,7 @@ def causal_conv1d(x: Tensor, weight: Tensor, bias: Tensor | None, *, initial_sta
     """
     b, L, c = x.shape
     k = weight.shape[-1]
-    xt = x.transpose(1, 2)
-    if initial_state is None:
-        initial_state = xt.new_zeros(b, c, k - 1)
-    full = torch.cat([initial_state.to(xt.dtype), xt], dim=-1)  # (b, c, k - 1 + L)
-    w = weight.to(xt.dtype)
+    full, w = _conv_window(x, weight, initial_state)
     if L <= _SHIFT_CONV_MAX_LEN:
         # k shifted multiply-adds: for short inputs (decode steps, one block) this avoids the
         # fixed cost of a convolution kernel launch, which dominates at these sizes.
@@ -462,9 +463,9 @@ def causal_conv1d(x: Tensor, weight: Tensor, bias: Tensor | None, *, initial_sta
         for j in range(1, k):
             y = y + full[:, :, j:j + L] * w[:, j, None]
         if bias is not None:
-            y = y + bias.to(xt.dtype)[:, None]
+            y = y + bias.to(full.dtype)[:, None]
     else:
-        y = F.conv1d(full, w.unsqueeze(1), None if bias is None else bias.to(xt.dtype), groups=c)
+        y = F.conv1d(full, w.unsqueeze(1), None if bias is None else bias.to(full.dtype), groups=c)
     return y.transpose(1, 2), full[:, :, full.shape[-1] - (k - 1):]
 
 
