@@ -152,19 +152,20 @@ def tree_parents(layout: TreeLayout) -> Tensor:
     return parents
 
 
-def tree_mask(layout: TreeLayout, prefix_valid: Tensor) -> Tensor:
+def tree_mask(layout: TreeLayout, prefix_valid: Tensor, ancestors: Tensor | None = None) -> Tensor:
     """(R, 1, n + m, offset + n + m) bool attention mask of a tree verify (True = may attend).
 
     prefix_valid (R, offset): the cache's real positions before the block (holes and padding False).
     Every query sees the real prefix and the slots of its own path that hold a position
     (`tree_ancestors`): main slot a sees main slots <= a; a slot of branch b (forking at j) sees main
     slots before j and branch b's slots up to itself. A slot always sees itself, so a padding slot's
-    attention stays finite (its output is never read).
+    attention stays finite (its output is never read). ancestors: `tree_ancestors(layout)`, when the
+    caller has it already.
     """
     n, L = layout.n, layout.n + layout.m
     R, dev = layout.forks.shape[0], layout.forks.device
     key_valid = torch.cat([torch.ones(R, n, dtype=torch.bool, device=dev), layout.branch_valid], dim=1)
-    allowed = tree_ancestors(layout) & key_valid[:, None, :]
+    allowed = (tree_ancestors(layout) if ancestors is None else ancestors) & key_valid[:, None, :]
     allowed |= torch.eye(L, dtype=torch.bool, device=dev)[None]
     prefix = prefix_valid[:, None, :].expand(R, L, prefix_valid.shape[1])
     return torch.cat([prefix, allowed], dim=2)[:, None]

@@ -23,10 +23,11 @@ from .ssd import ScanTree
 __all__ = ["tree_forward", "accept_tree", "scan_tree"]
 
 
-def scan_tree(layout: TreeLayout, kernel_size: int) -> ScanTree:
+def scan_tree(layout: TreeLayout, kernel_size: int, ancestors: Tensor | None = None) -> ScanTree:
     """The `ScanTree` of a tree layout for Mamba layers with a `kernel_size` conv: the slots' paths,
     and the k inputs each slot's conv reads, the oldest first. Conv inputs are indexed as `tree_conv1d`
-    lays them out: the cache's k - 1 conv inputs, then the block's slots."""
+    lays them out: the cache's k - 1 conv inputs, then the block's slots. ancestors: `tree_ancestors(layout)`,
+    when the caller has it already."""
     km1 = kernel_size - 1
     parents = tree_parents(layout) + km1  # -1 (before the block) becomes the cache's last conv input
     R = parents.shape[0]
@@ -38,7 +39,7 @@ def scan_tree(layout: TreeLayout, kernel_size: int) -> ScanTree:
     for _ in range(km1):
         tap = before.gather(1, tap)
         taps.append(tap)
-    return ScanTree(tree_ancestors(layout), torch.stack(taps[::-1], dim=1))
+    return ScanTree(tree_ancestors(layout) if ancestors is None else ancestors, torch.stack(taps[::-1], dim=1))
 
 
 def tree_forward(tower, cache: HybridCache, main: Tensor, branch: Tensor, layout: TreeLayout) -> Tensor:
@@ -53,10 +54,11 @@ def tree_forward(tower, cache: HybridCache, main: Tensor, branch: Tensor, layout
     cache.key_mask[:, offset:offset + n] = True
     cache.key_mask[:, offset + n:offset + n + m] = layout.branch_valid
     types = tower.backbone.block_types
-    mask = tree_mask(layout, cache.key_mask[:, :offset]) if ATTENTION in types else None
+    ancestors = tree_ancestors(layout)  # the paths, shared by the attention mask and the Mamba scans
+    mask = tree_mask(layout, cache.key_mask[:, :offset], ancestors) if ATTENTION in types else None
     tree = None
     if MAMBA in types:
-        tree = scan_tree(layout, tower.config.conv_kernel)
+        tree = scan_tree(layout, tower.config.conv_kernel, ancestors)
         real = cache.key_mask[:, offset:offset + n + m]
     pending = PendingScan(offset, n + m)
     for i, blk in enumerate(tower.backbone.layers):
