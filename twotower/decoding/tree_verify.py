@@ -43,7 +43,7 @@ def tree_extend(context, cache, main: Tensor, branch: Tensor, layout: TreeLayout
     """Verify main (R, n) and branch (R, m) in one provisional forward; logits (R, n + m, V) float32,
     slot order main then branch (every branch's slots in turn, `towers/branching.py`). `accept_tree`
     settles the cache."""
-    # The family forwards trust layout.n and layout.m (cache slots, the mask, Mamba segments): refuse a mismatch
+    # The family forwards trust layout.n and layout.m (cache slots, the mask, the Mamba tree scan): refuse a mismatch
     # here, before any of them touches the cache.
     rows = layout.forks.shape[0]
     if main.shape != (rows, layout.n) or branch.shape != (rows, layout.m):

@@ -9,15 +9,16 @@ The D²SD idea (arXiv 2606.04446) on a one-forward mask draft. Per iteration, fo
     e            = d_0..d_{j-1}, r_j, d_{j+1}..d_{n-1}: the runner-up r_j at j. Positions after j of a
                    one-forward draft do not condition on the token at j, so the continuation is d's.
     logits       = one context forward over d and e_j..e_{n-1} with a tree mask (`tree_verify`);
-                   NemotronH's Mamba-2 layers scan the branch from d's state after j - 1
+                   NemotronH's Mamba-2 layers scan every slot along its own path, in one pass
     keep_1       = `Speculative`'s rule on d
     take         = keep_1 == j (d fails exactly at j) and r_j is the context tower's token there
     keep         = take ? j + 1 + the leading branch positions > j that agree : keep_1
 
 Every kept token is the context tower's own choice given the tokens before it (the token at j is
 checked against the same choice that rejected d_j), so greedy output equals `Autoregressive` token
-for token and sampled output follows AR sampling. The second branch adds n - j verify positions;
-it pays where a forward's cost hardly grows with its positions (accelerators at small batch).
+for token and sampled output follows AR sampling. The second branch adds n - j verify positions (at
+most `branch_len`); it pays where a forward's cost grows slowly with its positions (accelerators at
+small batch, and a small model's single row on a CPU: README, "Choosing a sampler").
 `benchmarks/two_branch_potential.py` measures what it can gain.
 
 With `forks=K` the same forward verifies K such branches (a tree of K + 1 candidates), at the K best
