@@ -18,6 +18,10 @@ run by `benchmarks/gpu_checks.sh`) has passed on a GPU. The list is empty until 
 version only with that run's log. `TWOTOWER_TRUST_SHORT_SEEDED_KERNEL=1` (or `trust_short_seeded`)
 overrides the list, for that parity run and for tests. Long or unseeded scans use the kernel.
 
+A tree verify (several candidate continuations in one forward, `towers/branching.py`) scans a tree of
+positions instead of a chain: `ssd_tree_scan` and `tree_conv1d` give every position what a scan of its
+own path alone gives, with the single-chunk form's math and the causal triangle replaced by the tree.
+
 The recurrence, per head h (state (P, N)), for t = 0 .. L-1:
     state_t = exp(dt_t * A_h) * state_{t-1} + dt_t * x_t (outer) B_t
     y_t     = state_t @ C_t + D_h * x_t
@@ -232,7 +236,7 @@ def _tree_segsum(dA: Tensor, ancestors: Tensor) -> tuple[Tensor, Tensor]:
     Differences of path sums, not masked sums: the paths are a few dozen positions (a verify tree),
     and `ssd_state_at`'s rollback of the same slots already decays by such differences."""
     anc = ancestors[:, None]  # (b, 1, t, s)
-    cum = (dA[..., None, :] * anc).sum(-1)  # (b, h, t): in position order along each path, like cumsum
+    cum = (dA[..., None, :] * anc).sum(-1)  # (b, h, t): dA summed over t's path
     seg = (cum[..., :, None] - cum[..., None, :]).masked_fill(~anc, float("-inf"))
     return cum, seg
 
