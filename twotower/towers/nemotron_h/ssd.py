@@ -235,9 +235,9 @@ def _tree_segsum(dA: Tensor, ancestors: Tensor) -> tuple[Tensor, Tensor]:
 
     Differences of path sums, not masked sums: the paths are a few dozen positions (a verify tree),
     and `ssd_state_at`'s rollback of the same slots already decays by such differences."""
-    anc = ancestors[:, None]  # (b, 1, t, s)
-    cum = (dA[..., None, :] * anc).sum(-1)  # (b, h, t): dA summed over t's path
-    seg = (cum[..., :, None] - cum[..., None, :]).masked_fill(~anc, float("-inf"))
+    # (b, h, s) @ (b, s, t): dA summed over t's path, one batched product with no (b, h, L, L) temporary.
+    cum = dA @ ancestors.transpose(-1, -2).to(dA.dtype)
+    seg = (cum[..., :, None] - cum[..., None, :]).masked_fill(~ancestors[:, None], float("-inf"))
     return cum, seg
 
 
