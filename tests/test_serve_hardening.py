@@ -588,21 +588,25 @@ def test_lookup_is_a_server_setting_that_reaches_speculative_decoders():
     assert err.value.param == "lookup"
 
 
-def test_forks_alternatives_and_branch_len_are_server_settings_for_two_branch():
+def test_forks_alternatives_branch_len_and_lookup_alone_are_server_settings_for_two_branch():
     with pytest.raises(ValueError, match="forks must be an integer >= 1, got 0"):
         ServeSettings(forks=0).check(16)
     with pytest.raises(ValueError, match="branch_len must be an integer >= 1, got 0"):
         ServeSettings(branch_len=0).check(16)
-    settings = ServeSettings(decoder="two_branch", forks=3, alternatives=2, branch_len=4)
+    with pytest.raises(ValueError, match="lookup_alone=8 needs lookup"):
+        ServeSettings(decoder="two_branch", lookup_alone=8).check(16)
+    settings = ServeSettings(decoder="two_branch", forks=3, alternatives=2, branch_len=4, lookup=4, lookup_alone=8)
     settings.check(16)
     req = parse_completion({"prompt": "x = ", "max_tokens": 4}, settings, TOK, context_limit=512, model_block_size=16)
     assert (req.decoder.forks, req.decoder.alternatives, req.decoder.branch_len) == (3, 2, 4)
+    assert req.decoder.lookup_alone == 8 and req.decoder.lookup.ngrams == (4,)
     req = parse_completion({"prompt": "x = ", "max_tokens": 4, "decoder": "speculative"}, settings, TOK,
                            context_limit=512, model_block_size=16)
     assert type(req.decoder).__name__ == "Speculative"  # takes no forks: built as before
     default = parse_completion({"prompt": "x", "max_tokens": 4}, ServeSettings(decoder="two_branch"), TOK,
                                context_limit=512, model_block_size=16)
     assert (default.decoder.forks, default.decoder.alternatives, default.decoder.branch_len) == (1, 1, None)
+    assert default.decoder.lookup_alone is None
     with pytest.raises(RequestError, match="forks") as err:
         parse_completion({"prompt": "x", "max_tokens": 4, "forks": 2}, settings, TOK, context_limit=512,
                          model_block_size=16)

@@ -4,6 +4,7 @@
   their first difference, per row, and keeps the runner-up branch where a lookup adds nothing new;
 * greedy output is `Autoregressive`'s, batched with left padding and alone, on a hybrid and a Llama;
 * where the denoiser's draft is always wrong, every multi-token iteration comes from the lookup branch;
+* `lookup_alone`: iterations whose lookups are all long enough run no denoiser forward, output AR's;
 * sampled decoding ignores lookups (its draws must not depend on other rows), and the decoder contract holds;
 * per-row branch lengths in `tree_layout`, `lookup` given as a dict, and lookup trees cut to fit a sliding window.
 """
@@ -54,6 +55,21 @@ def test_the_per_row_tree_with_two_forks():
     assert layout.branch_valid.sum(-1).tolist() == [2 + 4, 3 + 1, 4 + 1, 0 + 3]  # row 1: d (a prefix) ends at 4
     assert branch[:, :4].tolist() == [[13, 4, MASK, MASK], [12, 3, 4, MASK], [11, 2, 3, 4], [MASK] * 4]
     assert branch[:, 4:].tolist() == [[11, 2, 3, 4], [14, MASK, MASK, MASK], [7, MASK, MASK, MASK], [2, 3, 4, MASK]]
+
+
+def test_the_per_row_tree_with_lookups_alone():
+    """`lookup_alone=3`: a row whose lookup has 3 tokens or more verifies it alone (its forks go, even
+    where the lookup is d's own continuation); shorter lookups keep the tree."""
+    d = [9, 1, 2, 3, 4]
+    x = torch.tensor([d] * 3)
+    forks = torch.tensor([[3, 1]] * 3)
+    found = [[1, 7], [1, 2, 3], [7, 7, 7, 7, 7, 7]]
+    firsts = torch.tensor([[13, 11]] * 3)
+    decoder = TwoBranchSpeculative(forks=2, lookup=4, lookup_alone=3)
+    main, branch, width, layout = decoder._lookup_tree(x, firsts, forks, found, MASK)
+    assert main.tolist() == [d + [MASK] * 2, [9, 1, 2, 3] + [MASK] * 3, [9, 7, 7, 7, 7, 7, 7]]
+    assert width.tolist() == [5, 4, 7]
+    assert layout.branch_valid.sum(-1).tolist() == [2 + 1, 0, 0]  # row 0: d's fork at 3 and the lookup at 2
 
 
 def test_tree_layout_takes_per_row_branch_lengths():
@@ -141,6 +157,41 @@ def test_with_a_draft_that_is_always_wrong_the_lookup_branch_gives_every_extra_t
     assert torch.equal(out.new_tokens, ar.new_tokens) and out.blocks == 10
 
 
+def test_long_lookups_alone_skip_the_denoiser():
+    """`lookup_alone=k`: an iteration where every row's lookup has k tokens or more verifies the lookups
+    alone (no denoiser forward, no tree); shorter ones keep the tree. The output is AR's either way."""
+    ctx, _ = make_towers(seed=11)
+    drafter = WrongDrafter(ctx, ctx.config.vocab_size)
+    ids = torch.tensor([[5, 6, 7, 8] * 4])
+    ar = autoregressive(ctx, ids, None, max_new_tokens=40, pad_token_id=PAD)
+    truth = ar.new_tokens[0].tolist()
+    for lookup_alone, forwards in ((9, 0), (10, 4)):  # the oracle's lookups have 9 tokens, the last one 3
+        decoder = TwoBranchSpeculative(block_size=6, lookup=OracleLookup(truth, max_tokens=9), forks=2,
+                                       lookup_alone=lookup_alone)
+        out = run_decoder(decoder, ctx, drafter, ids, max_new_tokens=40)
+        assert torch.equal(out.new_tokens, ar.new_tokens) and out.blocks == 4
+        assert out.nfe.tolist() == [forwards], lookup_alone
+
+
+@pytest.mark.parametrize("family", ["nemotron_h", "llama"])
+@pytest.mark.parametrize("lookup_alone", [1, 3])
+def test_lookup_alone_keeps_the_ar_output(family, lookup_alone):
+    ctx, den = make_towers(seed=6) if family == "nemotron_h" else make_family_towers(family, seed=6)
+    decoder = TwoBranchSpeculative(block_size=6, lookup=NgramLookup([3, 2], max_tokens=12), forks=3, alternatives=2,
+                                   lookup_alone=lookup_alone)
+    assert_lookup_decoder_keeps_ar_output(decoder, ctx, den, 25)
+
+
+def test_lookup_alone_needs_a_lookup_and_a_positive_length():
+    with pytest.raises(ValueError, match=r"lookup_alone=8 needs lookup .*lookup=4, lookup_alone=8"):
+        TwoBranchSpeculative(lookup_alone=8)
+    for bad in (0, 2.5, True):
+        with pytest.raises(ValueError, match="lookup_alone"):
+            TwoBranchSpeculative(lookup=4, lookup_alone=bad)
+    towers_key = TwoBranchSpeculative(lookup=4).rule_key()
+    assert TwoBranchSpeculative(lookup=4, lookup_alone=8).rule_key() != towers_key  # not verified together
+
+
 def test_sampled_rows_ignore_lookups():
     ctx, den = make_towers(seed=8)
     ids, mask = left_pad(random_prompts([5, 9], seed=8))
@@ -153,6 +204,8 @@ def test_sampled_rows_ignore_lookups():
 @pytest.mark.parametrize("forks,alternatives", [(1, 1), (2, 2)])
 def test_two_branch_lookup_passes_the_decoder_contract(temperature, forks, alternatives):
     check_decoder(TwoBranchSpeculative(lookup=[2, 1], temperature=temperature, forks=forks, alternatives=alternatives))
+    check_decoder(TwoBranchSpeculative(lookup=[2, 1], temperature=temperature, forks=forks, alternatives=alternatives,
+                                       lookup_alone=2))
 
 
 def test_lookup_as_a_dict_and_bad_dicts():

@@ -94,7 +94,7 @@ def draft_one_step(denoiser, cache, n: int, *, first: Tensor, shift: bool, mask_
     return x, (conf.cumprod_(-1) >= cut).sum(-1) + 1
 
 
-class _Uses:
+class PartialTracker:
     """A `DecodeState` seen by a draft: its denoiser forwards count only for the rows in `uses` (R,) bool."""
 
     def __init__(self, state: DecodeState, uses: Tensor):
@@ -236,7 +236,7 @@ class Speculative(Decoder):
             return self.lookup_draft(state, found, n, None, None)
         # Rows drafted by lookup ride along in the denoiser's forward (no cache copy for a sub-batch) but
         # do not count it: each row's `nfe` is what it would be alone.
-        tracker = state if found is None else _Uses(state, torch.tensor([not f for f in found]))
+        tracker = state if found is None else PartialTracker(state, torch.tensor([not f for f in found]))
         x, width = self.denoiser_draft(state, n, tracker, cut)
         return (x, width) if found is None or not any(found) else self.lookup_draft(state, found, n, x, width)
 

@@ -68,6 +68,9 @@ class ServeSettings:
             (`TwoBranchSpeculative(forks=..., alternatives=..., branch_len=...)`: more tokens per
             iteration for more verify positions, greedy only); None = the decoder's defaults (1, 1,
             to the block's end). Server settings; decoders without them ignore them.
+        lookup_alone: with `decoder: two_branch` and lookup, a row whose lookup has at least this many
+            tokens verifies it alone, with no denoiser draft (`TwoBranchSpeculative(lookup_alone=...)`;
+            16 on the embedded default: 7.00 tokens / iteration at 1.80x AR); None = never.
         temperature / max_tokens: request defaults.
         max_batch: rows per working batch; further requests wait for a row to leave.
         stop_at_eos: a row ends at the tokenizer's EOS.
@@ -129,6 +132,7 @@ class ServeSettings:
     forks: int | None = None
     alternatives: int | None = None
     branch_len: int | None = None
+    lookup_alone: int | None = None
     steps_per_block: int = 16
     temperature: float = 0.0
     max_tokens: int = 16
@@ -181,12 +185,13 @@ class ServeSettings:
                 need_int(name)
         if self.batch_block_size is not None:
             need_int("batch_block_size", 2)  # position 0 of a draft is the context tower's own token
-        for name in ("lookup", "lookup_max_tokens", "forks", "alternatives", "branch_len"):
+        for name in ("lookup", "lookup_max_tokens", "forks", "alternatives", "branch_len", "lookup_alone"):
             if getattr(self, name) is not None:
                 need_int(name)
-        if self.lookup_max_tokens is not None and self.lookup is None:
-            raise ValueError(f"lookup_max_tokens={self.lookup_max_tokens} needs lookup (the n-gram size of "
-                             "prompt-lookup drafts), e.g. lookup: 3")
+        for name in ("lookup_max_tokens", "lookup_alone"):
+            if getattr(self, name) is not None and self.lookup is None:
+                raise ValueError(f"{name}={getattr(self, name)} needs lookup (the n-gram size of prompt-lookup "
+                                 "drafts), e.g. lookup: 3")
         if self.max_waiting is not None:
             need_int("max_waiting", 0)
         if self.max_connections is not None:
@@ -424,6 +429,7 @@ def _request(body: dict, prompt: Prompt, param: str, tokens_param: str, max_toke
         forks=settings.forks,  # None: left out by build_decoder, so the class default applies
         alternatives=settings.alternatives,
         branch_len=settings.branch_len,
+        lookup_alone=settings.lookup_alone,
         steps_per_block=_int(body, "steps_per_block", settings.steps_per_block, 1, lim.steps),
     )
     # top_p = 1 filters nothing: the same request as one without top_p.
