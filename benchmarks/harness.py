@@ -146,27 +146,35 @@ class Runner:
 # ---- timed runs ---------------------------------------------------------------------------------
 
 
-def _timed_pass(runner: Runner, mode: Mode, batches: list[tuple[Tensor, Tensor]], device: torch.device):
-    """One timed pass of `mode` over every batch: (seconds, calls, (CUDA peak, resident) bytes or None)."""
+def _timed_call(runner: Runner, mode: Mode, ids: Tensor, mask: Tensor, device: torch.device):
+    """One timed call of `mode` on one batch: (seconds, call, (CUDA peak, resident) bytes or None)."""
     resident = None
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
         resident = torch.cuda.memory_allocated(device)  # every loaded model's weights, not only this mode's
     sync(device)
     start = time.perf_counter()
-    calls = [runner(mode, ids, mask) for ids, mask in batches]
+    call = runner(mode, ids, mask)
     sync(device)
     seconds = time.perf_counter() - start
     peak = None if resident is None else (torch.cuda.max_memory_allocated(device), resident)
-    return seconds, calls, peak
+    return seconds, call, peak
+
+
+def rotated(n_modes: int, turn: int) -> list[int]:
+    """The mode indexes in the order of one turn: each turn starts one mode later, so over the turns
+    every mode runs in every position (first after a warm machine, last after all the others) alike."""
+    return [(turn + k) % n_modes for k in range(n_modes)]
 
 
 def run_modes(runner: Runner, modes: list[Mode], batches: list[tuple[Tensor, Tensor]], repeats: int,
               device: torch.device) -> list[dict]:
     """One warm-up call per mode, then `repeats` rounds in which every mode makes one timed pass over
-    every batch. Interleaving the modes round by round means a slow spell of the machine (other load,
-    frequency changes) lands on every mode alike instead of on whichever mode happened to run then,
-    so the throughput ratios are steadier. Returns, per mode, raw numbers + the tokens (N_total, N)."""
+    every batch, interleaved batch by batch: each batch runs under every mode back to back, in an
+    order that rotates from batch to batch (`rotated`). A slow spell of the machine (other load,
+    frequency changes) then lands on every mode alike, within seconds rather than within a round of
+    whole passes, and no mode always runs first or last; the ratios are steadier (two modes that run
+    the same computation measure alike). Returns, per mode, raw numbers + the tokens (N_total, N)."""
     warm = [runner(mode, *batches[0], measure_cache=True) for mode in modes]  # warm-up; also sizes the caches
     seconds: list[list[float]] = [[] for _ in modes]
     first: list = [None] * len(modes)
@@ -174,16 +182,21 @@ def run_modes(runner: Runner, modes: list[Mode], batches: list[tuple[Tensor, Ten
     peaks: list = [None] * len(modes)
     started = time.perf_counter()
     for rnd in range(repeats):
-        for i, mode in enumerate(modes):
-            dt, calls, peak = _timed_pass(runner, mode, batches, device)
-            seconds[i].append(dt)
+        spent, calls = [0.0] * len(modes), [[] for _ in modes]
+        for j, (ids, mask) in enumerate(batches):
+            for i in rotated(len(modes), rnd * len(batches) + j):
+                dt, call, peak = _timed_call(runner, modes[i], ids, mask, device)
+                spent[i] += dt
+                calls[i].append(call)
+                if peak is not None and (peaks[i] is None or peak[0] - peak[1] > peaks[i][0] - peaks[i][1]):
+                    peaks[i] = peak
+        for i in range(len(modes)):
+            seconds[i].append(spent[i])
             if first[i] is None:
-                first[i] = calls
+                first[i] = calls[i]
             else:
                 deterministic[i] &= torch.equal(torch.cat([c.new_tokens for c in first[i]]),
-                                                torch.cat([c.new_tokens for c in calls]))
-            if peak is not None and (peaks[i] is None or peak[0] - peak[1] > peaks[i][0] - peaks[i][1]):
-                peaks[i] = peak
+                                                torch.cat([c.new_tokens for c in calls[i]]))
         print(f"    round {rnd + 1}/{repeats} done ({time.perf_counter() - started:.0f} s)", flush=True)
     out = []
     for i, mode in enumerate(modes):

@@ -460,3 +460,39 @@ def test_seeds_option():
                         (["--seeds", "1", "--seed", "2"], "not both")):
         with pytest.raises(SystemExit, match=match):
             bench.parse_seeds(parse(argv))
+
+
+# ---- the interleaving of timed runs -------------------------------------------------------------
+
+
+def test_rotated_puts_every_mode_in_every_position():
+    turns = [harness.rotated(3, t) for t in range(3)]
+    assert turns == [[0, 1, 2], [1, 2, 0], [2, 0, 1]]
+    for position in range(3):
+        assert sorted(turn[position] for turn in turns) == [0, 1, 2]
+
+
+def test_run_modes_interleaves_the_modes_batch_by_batch():
+    """Every batch runs under every mode back to back, in a rotating order; each mode's seconds per
+    round add up its own calls only, and its tokens come from its own calls."""
+    from types import SimpleNamespace
+
+    log = []
+
+    def runner(mode, ids, mask, measure_cache=False):
+        if not measure_cache:
+            log.append((mode.name, int(ids[0, 0])))
+        new = ids[:, :2] + (1 if mode.name == "b" else 0)
+        return harness.Call(new, torch.ones(ids.shape[0], dtype=torch.long), 0)
+
+    modes_ = [SimpleNamespace(name=n, kind="ar") for n in ("a", "b", "c")]
+    batches = [(torch.full((2, 3), j), torch.ones(2, 3)) for j in range(4)]
+    out = harness.run_modes(runner, modes_, batches, repeats=2, device=torch.device("cpu"))
+    assert len(log) == 2 * 4 * 3
+    for turn in range(8):  # round r, batch j: turn r * 4 + j
+        chunk = log[3 * turn: 3 * turn + 3]
+        assert {j for _, j in chunk} == {turn % 4}
+        assert [name for name, _ in chunk] == [modes_[i].name for i in harness.rotated(3, turn)]
+    assert [len(r["seconds_per_repeat"]) for r in out] == [2, 2, 2]
+    assert torch.equal(out[1]["tokens"], torch.cat([b[0][:, :2] + 1 for b in batches]))
+    assert all(r["deterministic_across_repeats"] for r in out)
