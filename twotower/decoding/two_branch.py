@@ -158,12 +158,13 @@ class TwoBranchSpeculative(Speculative):
             batches branch at the runner-up (their draws would otherwise depend on the other rows' lookups).
         lookup_alone: with `lookup`, greedy: a row that found a lookup of at least this many tokens
             verifies that lookup alone, with no denoiser draft and no branches; an iteration in which
-            every row does runs no denoiser forward, as `Speculative(lookup=...)`. A long lookup is
-            usually right, and skipping the draft saves about half an iteration's cost. In a batch
-            with other rows the row rides along in their draft forward without using or counting it,
-            so it runs as it would alone. None (default): the denoiser drafts every iteration. On the
-            embedded default, 16 kept 7.00 tokens per iteration at 1.80x AR, against the full tree's
-            7.40 at 1.62x and `Speculative(lookup=4)`'s 5.08 at 1.81x (README, levers table).
+            every row does runs no denoiser forward, as `Speculative(lookup=...)`. Skipping the draft
+            saves about half an iteration's cost, for some of the tokens the tree would have kept
+            (even long lookups are often wrong early). In a batch with other rows the row rides along
+            in their draft forward without using or counting it, so it runs as it would alone. None
+            (default): the denoiser drafts every iteration. On the embedded default (forks 6,
+            alternatives 3, branch_len 4), 8 kept 6.71 tokens per iteration at 1.63x AR, against the
+            full tree's 7.15 at 1.52x and `Speculative(lookup=4)`'s 5.01 at 1.70x (README, levers table).
 
     One-step greedy drafts only (no `draft_steps` > 1, no `draft_cut`). The context tower's family
     needs a tree verify (NemotronH, Llama, Qwen2, Mistral). Output: `Autoregressive`'s.
