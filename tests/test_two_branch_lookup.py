@@ -233,7 +233,7 @@ def test_lookup_trees_fit_a_request_that_ends_at_a_sliding_window(prompt_len):
         want = model.generate(ids, decoder=Autoregressive(), max_new_tokens=24 - prompt_len)
         truth = OracleLookup(want.new_tokens[0].tolist(), max_tokens=12)  # always right, 12 tokens where room
         for lookup in (NgramLookup(1, max_tokens=12), truth):
-            for forks in (1, 2):
-                got = model.generate(ids, decoder=TwoBranchSpeculative(block_size=4, lookup=lookup, forks=forks),
-                                     max_new_tokens=24 - prompt_len)
-                assert torch.equal(got.new_tokens, want.new_tokens), (lookup, forks)
+            for forks, alone in ((1, None), (2, None), (2, 3)):  # 3: lookups cut to fit may fall short of it
+                decoder = TwoBranchSpeculative(block_size=4, lookup=lookup, forks=forks, lookup_alone=alone)
+                got = model.generate(ids, decoder=decoder, max_new_tokens=24 - prompt_len)
+                assert torch.equal(got.new_tokens, want.new_tokens), (lookup, forks, alone)

@@ -230,7 +230,11 @@ class TwoBranchSpeculative(Speculative):
         if n < 3:  # no room for a tree: this iteration verifies one plain draft
             return super().draft(state)
         found = self.looked_up(state, n) if self.lookup is not None and state.rows.greedy else None
-        alone = [self._alone(f) for f in found] if found is not None else [False] * len(state)
+        # A main block of N positions and K branches take up to N + K (N - 1) cache slots: cap the lookups to fit.
+        # Whether a row goes alone is read off the capped lookup, the one `_lookup_tree` sees.
+        cap = (room + K) // (K + 1) - 1
+        capped = None if found is None else [f[:cap] for f in found]
+        alone = [self._alone(f) for f in capped] if capped is not None else [False] * len(state)
         if all(alone):  # every row verifies its lookup alone: a plain verify (`advance` sees two parts)
             return self.lookup_draft(state, found, n, None, None)
         # Rows whose lookup goes alone ride along in the denoiser's forward without counting it (and
@@ -241,11 +245,7 @@ class TwoBranchSpeculative(Speculative):
                                        shift=call.shifted, mask_token_id=call.mask_token_id, tracker=tracker,
                                        block_index=state.iterations, step_callback=state.step_callback,
                                        alternatives=self.alternatives if state.rows.greedy else 1)
-        if found is None:
-            return drafted
-        # A main block of N positions and K branches take up to N + K (N - 1) cache slots: cap the lookups to fit.
-        cap = (room + K) // (K + 1) - 1
-        return (*drafted, [f[:cap] for f in found])
+        return drafted if capped is None else (*drafted, capped)
 
     def _alone(self, found: list[int]) -> bool:
         """Whether a row's lookup (its tokens after the next one) is verified alone (`lookup_alone`)."""
