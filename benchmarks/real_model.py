@@ -28,6 +28,11 @@ each packed mode also checked against AR on its own packed context:
     python benchmarks/real_model.py --merged --diffusion --next-lines 0 --per-kind 3 --threads 2 \
         --baseline ar_fp32 --short-drafts 6 8 --only ar_fp32 ar_fp32_packed spec_fp32_int8_b6 \
         spec_fp32_int8_packed spec_fp32_int8_packed_b6 spec_fp32_int8_packed_b8
+On a CPU with a oneDNN bf16 path, the bf16 counterpart: the merged draft on the packed bf16 context with
+n-position drafts (`spec_packed_b<n>`) and lookups beside them (`spec_packed_b<n>_lk<g>_m<M>`):
+
+    python benchmarks/real_model.py --merged --diffusion --next-lines 0 --per-kind 3 --threads 2 \
+        --short-drafts 6 --lookup 3 --lookup-max-tokens 15 --only ar ar_packed spec_packed_b6 spec_packed_b6_lk3_m15
 Quality of a diffusion mode (judged against AR's own output on the same prompts):
   * NLL retention: AR's NLL / the mode's NLL of its generated text under the float32 AR model;
   * distinct-4 retention: the mode's distinct-4 / AR's;
@@ -246,6 +251,8 @@ def build_modes(samplers: list[str], cuts: list[float] = (), merged: bool = Fals
         modes[f"spec_fp32_int8_b{n}"] = ("fp32_int8", Speculative(block_size=n))
         modes[f"spec_fp32_int8_packed_b{n}"] = ("fp32_int8_packed", Speculative(block_size=n))
         modes[f"spec_fp32_int8_packed16_b{n}"] = ("fp32_int8_packed16", Speculative(block_size=n))
+        # bf16 on a CPU with a oneDNN bf16 path: the merged draft on the packed bf16 context (ar_packed's model).
+        modes[f"spec_packed_b{n}"] = ("bf16_packed", Speculative(block_size=n))
         for k in draft_steps:  # multi-step drafts: more accepted tokens for one more draft forward each
             modes[f"spec_merged_b{n}_s{k}"] = ("bf16_merged", Speculative(block_size=n, draft_steps=k))
             modes[f"spec_fp32_int8_packed_b{n}_s{k}"] = ("fp32_int8_packed", Speculative(block_size=n, draft_steps=k))
@@ -254,8 +261,11 @@ def build_modes(samplers: list[str], cuts: list[float] = (), merged: bool = Fals
         for n in (*short, 16) if merged and short else ():
             modes[f"spec_fp32_int8_packed_b{n}_lk{g}"] = ("fp32_int8_packed", Speculative(block_size=n, lookup=g))
             if lookup_max is not None and n in short:
+                long_lookup = NgramLookup(g, max_tokens=lookup_max)
                 modes[f"spec_fp32_int8_packed_b{n}_lk{g}_m{lookup_max}"] = (
-                    "fp32_int8_packed", Speculative(block_size=n, lookup=NgramLookup(g, max_tokens=lookup_max)))
+                    "fp32_int8_packed", Speculative(block_size=n, lookup=long_lookup))
+                modes[f"spec_packed_b{n}_lk{g}_m{lookup_max}"] = (
+                    "bf16_packed", Speculative(block_size=n, lookup=long_lookup))
     for s in samplers:
         kind, _, value = s.partition(":")
         sampler = {"confidence": ConfidenceThreshold, "frontier": FrontierRun}[kind](float(value))

@@ -93,6 +93,10 @@ def test_real_model_float32_baseline_keeps_no_bf16_mode_and_short_drafts_draft_f
     key, decoder = steps["spec_fp32_int8_packed_b6_s2"]
     assert key == "fp32_int8_packed" and (decoder.block_size, decoder.draft_steps) == (6, 2)
     assert rm.parse_args(["--draft-steps", "2", "3"]).draft_steps == [2, 3]
+    bf16 = rm.build_modes([], merged=True, only=["spec_packed_b6_lk3_m15"], short=[6], lookup=[3], lookup_max=15)
+    assert set(bf16) == {"ar", "spec_packed_b6_lk3_m15"}  # checked against bf16 AR, its own dtype
+    key, decoder = bf16["spec_packed_b6_lk3_m15"]
+    assert key == "bf16_packed" and decoder.block_size == 6 and decoder.lookup.max_tokens == 15
 
 
 def test_int8_draft_modes_run_on_the_int8_copies_and_the_kernel_table_prints_every_shape(tmp_path, capsys):
