@@ -9,6 +9,9 @@ order so the machine's load hits them alike.
     python benchmarks/two_branch_speed.py smollm2-135m --dtype bfloat16 --merged --out OUT.json
     # float32 on a CPU without AMX: the int8 draft, a packed context and 6-position drafts for every mode
     python benchmarks/two_branch_speed.py smollm2-135m --int8-draft --pack-context --block-size 6 --threads 2
+    # trees beside prompt-lookup drafts (both speculative modes take the same lookup)
+    python benchmarks/two_branch_speed.py smollm2-135m --dtype bfloat16 --pack-context --block-size 6 \
+        --lookup 3 --lookup-max-tokens 15 --rules likeliest likeliest:3:3
 
 Prints a table and writes JSON (default benchmarks/results/two_branch_speed_<model>.json).
 """
@@ -25,21 +28,22 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.two_branch_potential import byte_prompts, real_prompts, write_result  # noqa: E402
-from twotower.decoding import Autoregressive, Speculative, TwoBranchSpeculative  # noqa: E402
+from twotower.decoding import Autoregressive, NgramLookup, Speculative, TwoBranchSpeculative  # noqa: E402
 from twotower.model import TwoTowerLM  # noqa: E402
 
 
-def modes(rules: list[str], block_size: int | None = None) -> dict:
+def modes(rules: list[str], block_size: int | None = None, lookup: NgramLookup | None = None) -> dict:
     """AR, Speculative and one TwoBranchSpeculative per rule: "<branch_at>[/<branch_len>][:<forks>[:<alternatives>]]"
-    (e.g. "likeliest/4", "likeliest:3:3"); the speculative modes draft `block_size` positions (None: the model's block)."""
-    out = {"ar": Autoregressive(), "spec": Speculative(block_size=block_size)}
+    (e.g. "likeliest/4", "likeliest:3:3"); the speculative modes draft `block_size` positions (None: the model's block)
+    and all take `lookup` (None: no prompt-lookup drafts), so "speed vs spec" compares trees on the same lookups."""
+    out = {"ar": Autoregressive(), "spec": Speculative(block_size=block_size, lookup=lookup)}
     for r in rules:
         rule, *tree = r.split(":")
         at, _, length = rule.partition("/")
         forks, alternatives = (list(map(int, tree)) + [1, 1])[:2]
         out[f"two_branch_{r}"] = TwoBranchSpeculative(float(at) if at[0].isdigit() else at,
                                                       int(length) if length else None, block_size=block_size,
-                                                      forks=forks, alternatives=alternatives)
+                                                      forks=forks, alternatives=alternatives, lookup=lookup)
     return out
 
 
@@ -64,14 +68,21 @@ def main(argv=None) -> int:
     p.add_argument("--pack-context", action="store_true",
                    help="merge_adapters(pack_context=True): the context's products pre-packed, AR's steps included")
     p.add_argument("--block-size", type=int, default=None, help="positions per draft (default: the model's block)")
+    p.add_argument("--lookup", type=int, default=None, metavar="G",
+                   help="prompt-lookup drafts of G-grams for every speculative mode (default: none)")
+    p.add_argument("--lookup-max-tokens", type=int, default=None, metavar="M",
+                   help="with --lookup: lookup drafts of up to M tokens (NgramLookup(G, max_tokens=M))")
     p.add_argument("--out")
     args = p.parse_args(argv)
+    if args.lookup_max_tokens is not None and args.lookup is None:
+        p.error(f"--lookup-max-tokens {args.lookup_max_tokens} needs --lookup G (the n-gram size), e.g. --lookup 3")
     torch.set_num_threads(args.threads)
     model = TwoTowerLM.from_pretrained(args.model, dtype=getattr(torch, args.dtype)).eval()
     if args.merged or args.int8_draft or args.pack_context:  # AR's context is touched only by pack_context
         model.merge_adapters(int8_draft=args.int8_draft, pack_context=args.pack_context)
     source = args.source if args.source != "auto" else ("bytes" if model.config.vocab_size <= 512 else "real")
-    ms = modes(args.rules, args.block_size)
+    lookup = None if args.lookup is None else NgramLookup(args.lookup, max_tokens=args.lookup_max_tokens)
+    ms = modes(args.rules, args.block_size, lookup)
     names = list(ms)
     rows = {n: {"tokens": 0, "nfe": 0, "seconds": 0.0, "equal_ar": True} for n in names}
     with torch.inference_mode():
@@ -94,7 +105,8 @@ def main(argv=None) -> int:
     lines = [f"### {args.model}: {len(prompts)} prompts, batch 1, greedy, {args.max_new_tokens} new tokens, "
              f"{args.threads} thread(s), {args.dtype}{', merged' if args.merged else ''}"
              f"{', int8 draft' if args.int8_draft else ''}{', packed context' if args.pack_context else ''}"
-             f"{f', {args.block_size}-position drafts' if args.block_size else ''}", "",
+             f"{f', {args.block_size}-position drafts' if args.block_size else ''}"
+             f"{f', lookups {lookup!r}' if lookup else ''}", "",
              "| mode | tokens/iteration | tokens/s | speed vs spec | output == AR |", "|---|---|---|---|---|"]
     base = rows["spec"]["tokens"] / rows["spec"]["seconds"]
     for name in names:

@@ -18,7 +18,7 @@ if str(REPO) not in sys.path:  # benchmarks/ is a folder of the repository, not 
 
 from benchmarks import draft_diagnostics, draft_quality, spec_cost, workload  # noqa: E402
 from twotower import ByteTokenizer, TwoTowerLM  # noqa: E402
-from twotower.decoding import Speculative  # noqa: E402
+from twotower.decoding import NgramLookup, Speculative  # noqa: E402
 
 MODEL = str(REPO / "twotower" / "assets" / "twotower")
 SHORT = ["--prompts", "3", "--prompt-len", "32", "--max-new-tokens", "16"]
@@ -149,6 +149,12 @@ def test_two_branch_speed_runs_on_the_int8_draft_with_short_drafts(tmp_path):
     assert 1.0 <= res["modes"]["spec"]["tokens_per_iter"] <= 4.0
     modes = two_branch_speed.modes(["likeliest/3"], block_size=6)
     assert modes["spec"].block_size == 6 and modes["two_branch_likeliest/3"].block_size == 6
+    lookup = NgramLookup(3, max_tokens=15)
+    modes = two_branch_speed.modes(["likeliest:3:3"], block_size=6, lookup=lookup)
+    assert modes["spec"].lookup is lookup and modes["two_branch_likeliest:3:3"].lookup is lookup
+    assert modes["two_branch_likeliest:3:3"].forks == 3
+    with pytest.raises(SystemExit):  # --lookup-max-tokens alone names no n-gram size
+        two_branch_speed.main([MODEL, "--lookup-max-tokens", "15"])
 
 
 def test_draft_gate_records_each_iteration_without_changing_the_decode(tmp_path, capsys):
