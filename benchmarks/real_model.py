@@ -45,6 +45,7 @@ Prints markdown tables and writes JSON (default benchmarks/results/real_model.js
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import random
 import statistics
@@ -59,6 +60,7 @@ from twotower.decoding import Autoregressive, MaskDiffusion, NgramLookup, Specul
 from twotower.evaluation import continuation_nll, distinct_n
 from twotower.model import TwoTowerLM
 from twotower.samplers import ConfidenceThreshold, FrontierRun
+from twotower.tokenizers import frequent_tokens
 
 # The training recipe's split: documents whose name hashes below this are held out.
 VAL_FRACTION = 0.02
@@ -120,6 +122,11 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="with --lookup, --merged and --short-drafts: also run spec_fp32_int8_packed_b<n>_lk<g>_m<M>, "
                         "lookup drafts of up to M tokens (NgramLookup(g, max_tokens=M)) beside the n-position "
                         "denoiser drafts")
+    p.add_argument("--draft-vocab", nargs="*", default=[], metavar="K[:F]",
+                   help="with --merged and --short-drafts: also run every bf16 packed mode and spec_fp32_merged_b<n> "
+                        "with the draft's head over a vocabulary subset (merge_adapters(draft_vocab=...)): the K "
+                        "tokens most frequent in the recipe's training split plus every id below F "
+                        "(tokenizers.frequent_tokens), as <mode>_v<K> or <mode>_v<K>f<F>")
     p.add_argument("--merged", action="store_true",
                    help="also run the inference copies (TwoTowerLM.merge_adapters): spec_merged (LoRA merged, "
                         "q/k/v and gate/up fused, pre-packed for oneDNN in the denoiser), ar_fused / spec_fused "
@@ -225,7 +232,7 @@ MODELS = {"bf16": (torch.bfloat16, None), "fp32": (torch.float32, None),
 
 def build_modes(samplers: list[str], cuts: list[float] = (), merged: bool = False, only=None,
                 baseline: str = "ar", short: list[int] = (), draft_steps: list[int] = (), lookup: list[int] = (),
-                lookup_max: int | None = None) -> dict:
+                lookup_max: int | None = None, vocabs: list[str] = ()) -> dict:
     """name -> (model key in MODELS, decoder). `only` keeps those modes plus the AR each is measured against."""
     modes = {"ar": ("bf16", Autoregressive()), "spec": ("bf16", Speculative()),
              "ar_fp32": ("fp32", Autoregressive()), "spec_fp32": ("fp32", Speculative())}
@@ -266,6 +273,11 @@ def build_modes(samplers: list[str], cuts: list[float] = (), merged: bool = Fals
                     "fp32_int8_packed", Speculative(block_size=n, lookup=long_lookup))
                 modes[f"spec_packed_b{n}_lk{g}_m{lookup_max}"] = (
                     "bf16_packed", Speculative(block_size=n, lookup=long_lookup))
+    for spec in vocabs if merged and short else ():
+        tag = vocab_model_keys(spec)
+        for name, (key, dec) in list(modes.items()):
+            if key == "bf16_packed" and name.startswith("spec") or name.startswith("spec_fp32_merged_b"):
+                modes[f"{name}_{tag}"] = (f"{key}_{tag}", dec)
     for s in samplers:
         kind, _, value = s.partition(":")
         sampler = {"confidence": ConfidenceThreshold, "frontier": FrontierRun}[kind](float(value))
@@ -277,6 +289,25 @@ def build_modes(samplers: list[str], cuts: list[float] = (), merged: bool = Fals
         keep = set(only) | {baseline} | {reference_ar(modes, n) for n in only if n.startswith("spec")}
         modes = {n: m for n, m in modes.items() if n in keep}
     return modes
+
+
+def vocab_model_keys(spec: str) -> str:
+    """Register the MODELS keys of a --draft-vocab spec "K" or "K:F" (bf16 packed, float32 merged); its tag."""
+    k, _, f = spec.partition(":")
+    if not k.isdigit() or f and not f.isdigit():
+        raise SystemExit(f"--draft-vocab: {spec!r} is not K or K:F (two counts of tokens, e.g. 8192:8192)")
+    tag = f"v{k}" + (f"f{f}" if f else "")
+    vocab = (int(k), int(f or 0))
+    MODELS[f"bf16_packed_{tag}"] = (torch.bfloat16, {"pack_context": True, "draft_vocab": vocab})
+    MODELS[f"fp32_merged_{tag}"] = (torch.float32, {"draft_vocab": vocab})
+    return tag
+
+
+@functools.cache
+def training_texts() -> tuple[str, ...]:
+    """The recipe's training split (stdlib + stdlib-docs, the documents `held_out_documents` leaves)."""
+    return tuple(d.text for src in ("stdlib", "stdlib-docs") for d in iter_documents(src)
+                 if not held_out(d.name, VAL_FRACTION))
 
 
 def reference_ar(modes: dict, name: str) -> str:
@@ -429,9 +460,14 @@ def load_model(name: str, key: str, device="cpu") -> TwoTowerLM:
     moving drops them)."""
     dtype, merge = MODELS[key]
     model = TwoTowerLM.from_pretrained(name, dtype=dtype).eval().to(device)
+    if merge is not None and "draft_vocab" in merge:  # (K, F): the subset, counted on the training split
+        k, f = merge["draft_vocab"]
+        merge = merge | {"draft_vocab": frequent_tokens(model.tokenizer, training_texts(), k, first_ids=f)}
+        print(f"{key}: a draft vocabulary of {len(merge['draft_vocab'])} tokens", file=sys.stderr)
     if merge is not None:
         made = model.merge_adapters(**merge)
-        print(f"{key}: merge_adapters(**{merge}) made {made / 1e6:.1f} MB of inference copies", file=sys.stderr)
+        shown = {k: f"<{len(v)} ids>" if k == "draft_vocab" else v for k, v in merge.items()}
+        print(f"{key}: merge_adapters(**{shown}) made {made / 1e6:.1f} MB of inference copies", file=sys.stderr)
     return model
 
 
@@ -440,7 +476,7 @@ def main(argv=None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     modes = build_modes(args.diffusion, args.spec_cuts, args.merged, args.only, args.baseline, args.short_drafts,
-                        args.draft_steps, args.lookup, args.lookup_max_tokens)
+                        args.draft_steps, args.lookup, args.lookup_max_tokens, args.draft_vocab)
     models = {key: load_model(args.model, key, args.device)
               for key in sorted({m for m, _ in modes.values()} | {"fp32"})}
     tok = models["fp32"].tokenizer

@@ -247,3 +247,20 @@ def test_continuous_batch_compares_static_and_scheduled_batches_on_the_same_prom
     assert "| mean |" in capsys.readouterr().out
     with pytest.raises(SystemExit):
         cb.parse_args(["--max-batch", "0"])
+
+
+def test_draft_vocab_modes_run_the_packed_and_float32_drafts_on_a_vocab_subset():
+    """real_model.py --draft-vocab K:F: each bf16 packed speculative mode and spec_fp32_merged_b<n> gets a _v<K>f<F>
+    twin whose model merges with draft_vocab=(K, F) (resolved to ids when loaded), checked against its dtype's AR."""
+    from benchmarks import real_model as rm
+
+    modes = rm.build_modes([], merged=True, short=[6], lookup=[3], lookup_max=15, vocabs=["8192:4096", "100"],
+                           only=["spec_packed_b6_lk3_m15_v8192f4096", "spec_fp32_merged_b6_v100"])
+    assert set(modes) == {"ar", "ar_fp32", "spec_packed_b6_lk3_m15_v8192f4096", "spec_fp32_merged_b6_v100"}
+    key, decoder = modes["spec_packed_b6_lk3_m15_v8192f4096"]
+    assert rm.MODELS[key] == (torch.bfloat16, {"pack_context": True, "draft_vocab": (8192, 4096)})
+    assert decoder.block_size == 6 and decoder.lookup.max_tokens == 15
+    assert rm.MODELS[modes["spec_fp32_merged_b6_v100"][0]] == (torch.float32, {"draft_vocab": (100, 0)})
+    assert rm.context_of(key) == rm.context_of("bf16_packed")  # measured against AR on the same packed context
+    with pytest.raises(SystemExit, match="not K or K:F"):
+        rm.build_modes([], merged=True, short=[6], vocabs=["8k"])

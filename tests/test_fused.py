@@ -577,3 +577,56 @@ def test_pack_context_in_serve_and_predict_fuses_the_context_and_is_recorded(tmp
     assert all(m.fused_nbytes for m in module.model.context.modules() if isinstance(m, Fusable))
     settings = module.prediction_settings()
     assert settings["pack_context"] is True and settings["merge_adapters"] is True
+
+
+# ---- a draft head over part of the vocabulary (merge_adapters(draft_vocab=...)) ------------------------------
+
+
+def test_a_vocab_subset_head_is_the_full_head_on_its_tokens_and_outside_everywhere_else():
+    g = torch.Generator().manual_seed(30)
+    weight, bias, x = torch.randn(40, 8, generator=g), torch.randn(40, generator=g), torch.randn(2, 3, 8, generator=g)
+    vocab = torch.tensor([0, 5, 6, 17, 39])
+    got = inference_linear.VocabSubsetHead(weight, bias, vocab)(x)
+    want = torch.nn.functional.linear(x, weight, bias)
+    assert got.shape == want.shape
+    assert torch.allclose(got[..., vocab], want[..., vocab], atol=1e-6)
+    outside = torch.ones(40, dtype=torch.bool)
+    outside[vocab] = False
+    assert (got[..., outside] == inference_linear.OUTSIDE_VOCAB).all()
+    assert torch.isin(got.argmax(-1), vocab).all()
+    probs = got.softmax(-1)  # a distribution over the full vocabulary, exactly 0 outside the subset
+    assert torch.isfinite(probs).all() and (probs[..., outside] == 0).all()
+
+
+@pytest.mark.parametrize("decoder", [Speculative(block_size=6), TwoBranchSpeculative(block_size=6)],
+                         ids=["speculative", "two_branch"])
+def test_speculative_with_a_draft_vocab_equals_ar_and_drafts_only_its_tokens(decoder):
+    """A subset that leaves out most of the vocabulary: drafts stay inside it, the output stays AR's."""
+    model = lora_model(31)
+    ids, mask = left_pad(random_prompts([6, 11, 3], seed=31))
+    want = autoregressive(model.context, ids, mask, max_new_tokens=20)
+    vocab = torch.arange(0, model.config.vocab_size, 3)
+    made = model.merge_adapters(draft_vocab=vocab.flip(0).tolist() + [0])  # any order, repeats: sorted, distinct
+    head = model.denoiser.__dict__[HEAD_COPY]
+    assert torch.equal(head.vocab, vocab) and made >= head.nbytes
+    logits = draft_logits(model.context, model.denoiser)
+    assert torch.isin(logits.argmax(-1), vocab).all()
+    got = run_decoder(decoder, model.context, model.denoiser, ids, mask, max_new_tokens=20)
+    assert torch.equal(got.new_tokens, want.new_tokens) and got.blocks >= 1
+    model.unmerge_adapters()
+    assert HEAD_COPY not in model.denoiser.__dict__
+
+
+def test_a_full_draft_vocab_drafts_as_the_full_head():
+    model = lora_model(32)
+    model.merge_adapters(pack=False)
+    want = draft_logits(model.context, model.denoiser)
+    model.merge_adapters(pack=False, draft_vocab=range(model.config.vocab_size))
+    assert torch.allclose(draft_logits(model.context, model.denoiser), want, atol=1e-5)
+
+
+@pytest.mark.parametrize("bad, match", [([], "non-empty"), ([[1, 2]], "1-D"), ([1.5, 2.0], "integer"),
+                                        ([3, 10_000], r"\[10000\]"), ([-1], r"\[-1\]"), ("abc", "token ids")])
+def test_merge_adapters_refuses_a_bad_draft_vocab_by_value(bad, match):
+    with pytest.raises(ValueError, match=match):
+        lora_model(33).merge_adapters(draft_vocab=bad)

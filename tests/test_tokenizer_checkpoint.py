@@ -94,3 +94,19 @@ def test_predict_cli_links_the_models_tokenizer_into_the_data(word_model_dir, tm
     # word tokens, encoded with the word tokenizer (which, like SmolLM2's, puts no BOS before text)
     assert [r["prompt_tokens"] for r in rows] == [2, 1]
     assert all(w in WORDS for r in rows for w in r["completion"].split())
+
+
+def test_frequent_tokens_keeps_the_most_frequent_the_first_ids_and_every_special_id():
+    import torch
+
+    from twotower.tokenizers import frequent_tokens
+
+    tok = ByteTokenizer()
+    got = frequent_tokens(tok, ["aaab", "ab", "c"], 2)
+    a, b = tok.encode("a")[0], tok.encode("b")[0]
+    assert got.tolist() == sorted({a, b} | set(tok.special_token_ids))
+    assert got.dtype == torch.long
+    with_first = frequent_tokens(tok, [], 0, first_ids=10)
+    assert with_first.tolist() == list(range(10))  # ids 0..3 are the byte tokenizer's specials
+    with pytest.raises(ValueError, match="k=-1"):
+        frequent_tokens(tok, ["a"], -1)

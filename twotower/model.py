@@ -48,7 +48,7 @@ from .towers.checkpoints import check_keys, check_shapes, module_name, released_
 from .towers.lazy import close_refs
 from .towers.loading import materialize, target_dtype, two_tower_refs
 from .towers.saving import save_state_dict
-from .validation import check_int, check_token, device_of, parse_dtype
+from .validation import check_draft_vocab, check_int, check_token, device_of, parse_dtype
 
 __all__ = ["TwoTowerLM", "shape_only_model"]
 
@@ -367,7 +367,8 @@ class TwoTowerLM(ReleasedGenerationMixin, TowerPair, nn.Module):
 
     # ---- inference copies: merged adapters, fused projections ---------------------------------
     def merge_adapters(self, *, fuse: bool = True, pack: bool = True, fuse_context: bool = False,
-                       pack_context: bool = False, int8_draft: bool = False, pack_rows: int | None = None) -> int:
+                       pack_context: bool = False, int8_draft: bool = False, pack_rows: int | None = None,
+                       draft_vocab: Sequence[int] | Tensor | None = None) -> int:
         """Make a speculative iteration cheaper at inference; returns the bytes of the copies made.
 
         The denoiser: every LoRA adapter applies one merged weight W + s B A instead of its base and
@@ -396,6 +397,12 @@ class TwoTowerLM(ReleasedGenerationMixin, TowerPair, nn.Module):
         context tower verifies in its own dtype. Where torch lacks the kernels (or off the CPU) the
         copies stay in the model's dtype.
 
+        draft_vocab: token ids (`tokenizers.frequent_tokens` picks them): the draft's head computes those
+        rows only and never proposes another token (`towers.inference_linear.VocabSubsetHead`). The head
+        is a fifth of a SmolLM2 draft's weights; a draft over a third of the vocabulary reads two thirds
+        of them less. Speculative output stays AR's (the context tower verifies over the full vocabulary);
+        a token outside the subset is a rejection.
+
         Inference only: parameters, state dict, checkpoints and training are unchanged; `.train()`,
         moving or casting the model, and `unmerge_adapters` drop the copies (call this again after
         `.to(...)`).
@@ -404,7 +411,8 @@ class TwoTowerLM(ReleasedGenerationMixin, TowerPair, nn.Module):
             raise ValueError(f"this model's projections are quantized ({self.quantization}); merged or fused copies "
                              "would be full precision. Load it without quantize= to merge adapters")
         rows = context_pack_rows(self.context.lm_head.weight.dtype, pack_rows) if pack_context else None  # checked first
-        made = merge_adapters(self.denoiser, fuse=fuse, pack=INT8 if int8_draft else pack)
+        vocab = None if draft_vocab is None else check_draft_vocab(draft_vocab, self.config.vocab_size)
+        made = merge_adapters(self.denoiser, fuse=fuse, pack=INT8 if int8_draft else pack, draft_vocab=vocab)
         if fuse_context or pack_context:
             made += fuse_projections(self.context, pack=pack_context, max_rows=rows)
         return made

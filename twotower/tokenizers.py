@@ -17,7 +17,8 @@ import abc
 import functools
 import importlib
 import json
-from collections.abc import Sequence
+from collections import Counter
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 import torch
@@ -26,7 +27,7 @@ from .hub import builtin_name, resolve_model
 
 __all__ = ["Tokenizer", "ByteTokenizer", "HFTokenizer", "DEFAULT_MASK_TOKEN_ID", "load_tokenizer", "find_tokenizer",
            "check_tokenizer_fits", "save_tokenizer", "tokenizer_for", "tokenizer_spec", "tokenizer_from_spec",
-           "BYTE_TOKENIZER"]
+           "BYTE_TOKENIZER", "frequent_tokens"]
 
 # config.json's "tokenizer" entry for byte-level models (ByteTokenizer, ids = UTF-8 bytes + 4).
 BYTE_TOKENIZER = "byte"
@@ -423,3 +424,25 @@ def save_tokenizer(tokenizer: Tokenizer | None, path: str | Path) -> dict:
         tokenizer.hf.save_pretrained(str(path))
         return {}
     raise TypeError(f"cannot save a {type(tokenizer).__name__} beside a checkpoint; use HFTokenizer or ByteTokenizer")
+
+
+def frequent_tokens(tokenizer: Tokenizer, texts: Iterable[str], k: int, *, first_ids: int = 0) -> torch.Tensor:
+    """A draft vocabulary (`TwoTowerLM.merge_adapters(draft_vocab=...)`): the `k` ids seen most often in
+    `texts`, every id below `first_ids`, and the tokenizer's special ids (EOS must stay draftable, or no
+    draft could end a row). Sorted, distinct, int64.
+
+    `first_ids` covers what `texts` under-represent: a BPE vocabulary numbers its tokens roughly in merge
+    order, so its low ids are the ones its training corpus used most.
+    """
+    k = int(k)
+    if k < 0 or first_ids < 0:
+        raise ValueError(f"k and first_ids must be >= 0 (how many tokens to keep), got k={k}, first_ids={first_ids}")
+    counts: Counter[int] = Counter()
+    for text in texts:
+        counts.update(tokenizer.encode(text))
+    keep = {t for t, _ in counts.most_common(k)} | set(range(min(first_ids, tokenizer.vocab_size)))
+    hf = getattr(tokenizer, "hf", None)  # a chat template's markers are special tokens of the HF tokenizer
+    keep |= set(tokenizer.special_token_ids) | set(getattr(hf, "all_special_ids", ()))
+    if not keep:
+        raise ValueError("frequent_tokens kept no token: give texts, k > 0 or first_ids > 0")
+    return torch.tensor(sorted(keep), dtype=torch.long)

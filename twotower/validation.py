@@ -11,7 +11,7 @@ import math
 
 import torch
 
-__all__ = ["FLOAT_DTYPES", "check_float", "check_int", "check_positive", "check_token", "device_of",
+__all__ = ["FLOAT_DTYPES", "check_draft_vocab", "check_float", "check_int", "check_positive", "check_token", "device_of",
            "parse_dtype"]
 
 # The dtypes a model may be loaded or generated in, by the names configs and CLIs use.
@@ -66,6 +66,21 @@ def check_token(name: str, value, vocab_size: int) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < vocab_size:
         raise ValueError(f"{name} must be a token id in [0, {vocab_size}), got {value!r}")
     return value
+
+
+def check_draft_vocab(ids, vocab_size: int) -> torch.Tensor:
+    """A draft vocabulary (a 1-D sequence or tensor of token ids in [0, vocab_size)) as sorted, distinct int64."""
+    try:
+        t = torch.as_tensor(ids)
+    except (TypeError, ValueError, RuntimeError) as e:
+        raise ValueError(f"draft_vocab must be a 1-D list or tensor of token ids, got {type(ids).__name__}") from e
+    if t.dim() != 1 or t.numel() == 0 or t.is_floating_point() or t.is_complex() or t.dtype == torch.bool:
+        raise ValueError(f"draft_vocab must be a non-empty 1-D list or tensor of integer token ids, got "
+                         f"{t.dtype} of shape {tuple(t.shape)} (twotower.tokenizers.frequent_tokens builds one)")
+    bad = t[(t < 0) | (t >= vocab_size)]
+    if bad.numel():
+        raise ValueError(f"draft_vocab must hold token ids in [0, {vocab_size}), got {bad[:5].tolist()}")
+    return torch.unique(t.long())  # sorted
 
 
 def parse_dtype(name: str, value, allowed: dict[str, torch.dtype] | None = FLOAT_DTYPES, *,

@@ -35,7 +35,7 @@ from torch import Tensor
 
 from ..time_embedding import build_time_conditioning
 from .base import ContextTowerBase, DenoiserTowerBase, family_for
-from .inference_linear import HEAD_COPY, INT8, InferenceLinear, can_quantize, makes_copy
+from .inference_linear import HEAD_COPY, INT8, InferenceLinear, VocabSubsetHead, can_quantize, makes_copy
 from ..validation import check_int, check_positive
 
 __all__ = ["DenoiserBuilder", "FullCopy", "LoRA", "LoRALinear", "Borrowed", "builder_from_spec", "is_adapter",
@@ -325,7 +325,8 @@ def dense_state_dict(denoiser: nn.Module) -> dict[str, Tensor]:
     return {k: v.detach().clone() for k, v in out.items()}
 
 
-def merge_adapters(denoiser: nn.Module, *, fuse: bool = True, pack: bool | str = True) -> int:
+def merge_adapters(denoiser: nn.Module, *, fuse: bool = True, pack: bool | str = True,
+                   draft_vocab: Tensor | None = None) -> int:
     """Inference speed for a denoiser: every LoRA adapter applies one merged weight (W + s B A, see
     `LoRALinear.merge`) instead of its base and two low-rank matmuls; with `fuse`, projections that
     read one input become one matmul (`fuse_projections`: Llama's q/k/v and gate/up), over their
@@ -333,6 +334,8 @@ def merge_adapters(denoiser: nn.Module, *, fuse: bool = True, pack: bool | str =
     pre-packed for oneDNN where that applies (on a CPU, bf16 or float32: `towers.inference_linear`), and so
     is a copy of the output head (`lm_head`), which the family's `head` then uses. pack="int8": every
     copy, the output projections and the head held as dynamic int8 instead (a cheaper, rounded draft).
+    draft_vocab (sorted distinct token ids): the head copy covers those tokens only (`VocabSubsetHead`),
+    made whatever `pack` says.
 
     Returns the bytes of the copies made: for a LoRA denoiser every projection once, about one more
     backbone without its embeddings, plus the head when packed; for a full copy only the fused ones
@@ -362,7 +365,10 @@ def merge_adapters(denoiser: nn.Module, *, fuse: bool = True, pack: bool | str =
         if isinstance(m, LoRALinear) and id(m) not in covered:
             m.merge(pack=pack)
             made += m.__dict__[_MERGED].weight_nbytes  # its bias is the base's own, not copied
-    if head is not None and makes_copy(head.weight, pack):
+    if head is not None and draft_vocab is not None:
+        denoiser.__dict__[HEAD_COPY] = VocabSubsetHead(head.weight, head.bias, draft_vocab, pack=pack)
+        made += denoiser.__dict__[HEAD_COPY].nbytes
+    elif head is not None and makes_copy(head.weight, pack):
         # A head copy only pays where it is packed; it is the largest single product of a draft.
         denoiser.__dict__[HEAD_COPY] = InferenceLinear(head.weight, head.bias, pack=pack)
         made += denoiser.__dict__[HEAD_COPY].nbytes

@@ -33,7 +33,7 @@ from torch import Tensor
 
 from ..hardware import cpu_has_bf16_path, has_int8_linear, onednn_can_pack
 
-__all__ = ["InferenceLinear", "can_pack", "can_quantize", "context_pack_rows", "makes_copy", "HEAD_COPY", "INT8",
+__all__ = ["InferenceLinear", "VocabSubsetHead", "OUTSIDE_VOCAB", "can_pack", "can_quantize", "context_pack_rows", "makes_copy", "HEAD_COPY", "INT8",
            "PACKINGS"]
 
 # Where `towers.adapters.merge_adapters` keeps a denoiser's packed head copy (a plain attribute).
@@ -50,6 +50,11 @@ PACK_ROWS = 16
 # that row alone at every count tested (1 to 512): a packed verify of a batch-8 block computes what packed AR
 # steps compute.
 CONTEXT_PACK_ROWS = {torch.bfloat16: PACK_ROWS, torch.float32: 128}
+
+# The logit a `VocabSubsetHead` gives every token outside its vocabulary: finite, so that a softmax, an entropy
+# (0 * log 0) or a division by a temperature stays finite, yet far enough below any real logit that its
+# probability is exactly 0 in float32.
+OUTSIDE_VOCAB = -1e9
 
 # `pack` values: False (F.linear), True (oneDNN pre-packed where `can_pack`), INT8 (dynamic int8, `can_quantize`).
 INT8 = "int8"
@@ -164,3 +169,41 @@ class InferenceLinear:
         if self.packed:
             return torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, "none", [], "")
         return F.linear(x, self.weight, self.bias)
+
+
+class VocabSubsetHead:
+    """A draft's LM head over part of the vocabulary: the rows of `vocab` only, scattered back to full width.
+
+    The head is the largest single product of a draft (49152 x 576 for SmolLM2: a fifth of its weights).
+    Drafting from the tokens a model actually writes (a frequency-ranked subset, as FR-Spec, Zhao et al.
+    2025, does for EAGLE's heads) reads a fraction of it. Tokens outside `vocab` get the logit
+    `OUTSIDE_VOCAB`, so the draft never proposes them, and its probabilities stay a distribution over the
+    full vocabulary: a sampled draft's acceptance test still sees the proposal it drew from. The context
+    tower verifies every token over the full vocabulary, so speculative output is unchanged; only how
+    many tokens a draft gets right can move (a token outside `vocab` is always a rejection).
+
+    Args:
+        weight, bias: the full head, (V, H) and (V,) or None.
+        vocab: sorted, distinct token ids in [0, V) (`TwoTowerLM.merge_adapters` checks them).
+        pack: as `InferenceLinear`'s, for the subset's rows.
+    """
+
+    def __init__(self, weight: Tensor, bias: Tensor | None, vocab: Tensor, *, pack: bool | str = False):
+        self.size = weight.shape[0]
+        self.vocab = vocab.to(weight.device)
+        rows = weight.detach().index_select(0, self.vocab)
+        self.inner = InferenceLinear(rows, None if bias is None else bias.detach().index_select(0, self.vocab),
+                                     pack=pack)
+
+    @property
+    def nbytes(self) -> int:
+        return self.inner.nbytes + self.vocab.nbytes
+
+    def check(self, x: Tensor, what: str) -> None:
+        """As `InferenceLinear.check`."""
+        self.inner.check(x, what)
+
+    def __call__(self, x: Tensor) -> Tensor:
+        sub = self.inner(x)
+        out = sub.new_full((*sub.shape[:-1], self.size), OUTSIDE_VOCAB)
+        return out.index_copy_(-1, self.vocab, sub)
