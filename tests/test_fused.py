@@ -9,6 +9,8 @@
 * a packed draft (bf16 on a CPU) is the unpacked merged draft up to bf16 rounding;
 * an int8 draft (`merge_adapters(int8_draft=True)`) is the float draft up to int8 rounding, and
   speculative decoding through it still equals AR token for token;
+* a draft head over part of the vocabulary (`merge_adapters(draft_vocab=...)`) is the full head on its
+  tokens and never drafts another; speculative decoding through it still equals AR token for token;
 * the copies are inference-only: the state dict is unchanged, `.train()`, moving / casting and
   `unmerge_adapters` drop them, gradients never go through them, and a stale copy is refused.
 """
@@ -63,6 +65,18 @@ def lora_model(seed: int, dtype=torch.float32) -> TwoTowerLM:
     model = TwoTowerLM.from_backbone(ctx, block_size=6, denoiser=LoRA(rank=4, alpha=8.0))
     model.denoiser.load_state_dict(den.state_dict())
     return model
+
+
+# Both lossless decoders: the two-branch tree verify runs through every inference copy too.
+LOSSLESS_DECODERS = pytest.mark.parametrize("decoder", [Speculative(block_size=6), TwoBranchSpeculative(block_size=6)],
+                                            ids=["speculative", "two_branch"])
+
+
+def lossless_case(seed: int):
+    """(`lora_model(seed)`, ids, mask, its float32 AR output): three left-padded prompts, 20 new tokens."""
+    model = lora_model(seed)
+    ids, mask = left_pad(random_prompts([6, 11, 3], seed=seed))
+    return model, ids, mask, autoregressive(model.context, ids, mask, max_new_tokens=20)
 
 
 def draft_logits(ctx, den, seed: int = 0, S: int = 6):
@@ -169,13 +183,10 @@ def test_fused_context_equals_unfused(model_type, dtype):
 # ---- decoding: still lossless ----------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("decoder", [Speculative(block_size=6), TwoBranchSpeculative(block_size=6)],
-                         ids=["speculative", "two_branch"])
+@LOSSLESS_DECODERS
 def test_speculative_with_merged_and_fused_towers_equals_ar(decoder):
     """Both lossless decoders: the two-branch tree verify runs through the fused context projections too."""
-    model = lora_model(7)
-    ids, mask = left_pad(random_prompts([6, 11, 3], seed=7))
-    want = autoregressive(model.context, ids, mask, max_new_tokens=20)
+    model, ids, mask, want = lossless_case(7)
     before = run_decoder(decoder, model.context, model.denoiser, ids, mask, max_new_tokens=20)
     assert model.merge_adapters(fuse_context=True) > 0
     after = run_decoder(decoder, model.context, model.denoiser, ids, mask, max_new_tokens=20)
@@ -428,12 +439,9 @@ def test_int8_draft_is_the_float_draft_up_to_int8_rounding(full_copy):
 
 
 @needs_int8
-@pytest.mark.parametrize("decoder", [Speculative(block_size=6), TwoBranchSpeculative(block_size=6)],
-                         ids=["speculative", "two_branch"])
+@LOSSLESS_DECODERS
 def test_speculative_with_an_int8_draft_equals_ar(decoder):
-    model = lora_model(20)
-    ids, mask = left_pad(random_prompts([6, 11, 3], seed=20))
-    want = autoregressive(model.context, ids, mask, max_new_tokens=20)
+    model, ids, mask, want = lossless_case(20)
     assert model.merge_adapters(int8_draft=True) > 0
     assert all(c.int8 for c in int8_copies(model.denoiser))
     got = run_decoder(decoder, model.context, model.denoiser, ids, mask, max_new_tokens=20)
@@ -598,13 +606,10 @@ def test_a_vocab_subset_head_is_the_full_head_on_its_tokens_and_outside_everywhe
     assert torch.isfinite(probs).all() and (probs[..., outside] == 0).all()
 
 
-@pytest.mark.parametrize("decoder", [Speculative(block_size=6), TwoBranchSpeculative(block_size=6)],
-                         ids=["speculative", "two_branch"])
+@LOSSLESS_DECODERS
 def test_speculative_with_a_draft_vocab_equals_ar_and_drafts_only_its_tokens(decoder):
     """A subset that leaves out most of the vocabulary: drafts stay inside it, the output stays AR's."""
-    model = lora_model(31)
-    ids, mask = left_pad(random_prompts([6, 11, 3], seed=31))
-    want = autoregressive(model.context, ids, mask, max_new_tokens=20)
+    model, ids, mask, want = lossless_case(31)
     vocab = torch.arange(0, model.config.vocab_size, 3)
     made = model.merge_adapters(draft_vocab=vocab.flip(0).tolist() + [0])  # any order, repeats: sorted, distinct
     head = model.denoiser.__dict__[HEAD_COPY]
