@@ -48,7 +48,7 @@ from .towers.checkpoints import check_keys, check_shapes, module_name, released_
 from .towers.lazy import close_refs
 from .towers.loading import materialize, target_dtype, two_tower_refs
 from .towers.saving import save_state_dict
-from .validation import check_draft_vocab, check_int, check_token, device_of, parse_dtype
+from .validation import check_int, check_token, device_of, parse_dtype
 
 __all__ = ["TwoTowerLM", "shape_only_model"]
 
@@ -397,11 +397,8 @@ class TwoTowerLM(ReleasedGenerationMixin, TowerPair, nn.Module):
         context tower verifies in its own dtype. Where torch lacks the kernels (or off the CPU) the
         copies stay in the model's dtype.
 
-        draft_vocab: token ids (`tokenizers.frequent_tokens` picks them): the draft's head computes those
-        rows only and never proposes another token (`towers.inference_linear.VocabSubsetHead`). The head
-        is a fifth of a SmolLM2 draft's weights; a draft over a third of the vocabulary reads two thirds
-        of them less. Speculative output stays AR's (the context tower verifies over the full vocabulary);
-        a token outside the subset is a rejection.
+        draft_vocab: token ids (`tokenizers.frequent_tokens` picks them): the draft's head computes and
+        proposes those only (`towers.inference_linear.VocabSubsetHead`); speculative output stays AR's.
 
         Inference only: parameters, state dict, checkpoints and training are unchanged; `.train()`,
         moving or casting the model, and `unmerge_adapters` drop the copies (call this again after
@@ -411,8 +408,7 @@ class TwoTowerLM(ReleasedGenerationMixin, TowerPair, nn.Module):
             raise ValueError(f"this model's projections are quantized ({self.quantization}); merged or fused copies "
                              "would be full precision. Load it without quantize= to merge adapters")
         rows = context_pack_rows(self.context.lm_head.weight.dtype, pack_rows) if pack_context else None  # checked first
-        vocab = None if draft_vocab is None else check_draft_vocab(draft_vocab, self.config.vocab_size)
-        made = merge_adapters(self.denoiser, fuse=fuse, pack=INT8 if int8_draft else pack, draft_vocab=vocab)
+        made = merge_adapters(self.denoiser, fuse=fuse, pack=INT8 if int8_draft else pack, draft_vocab=draft_vocab)
         if fuse_context or pack_context:
             made += fuse_projections(self.context, pack=pack_context, max_rows=rows)
         return made

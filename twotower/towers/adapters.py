@@ -36,7 +36,7 @@ from torch import Tensor
 from ..time_embedding import build_time_conditioning
 from .base import ContextTowerBase, DenoiserTowerBase, family_for
 from .inference_linear import HEAD_COPY, INT8, InferenceLinear, VocabSubsetHead, can_quantize, makes_copy
-from ..validation import check_int, check_positive
+from ..validation import check_draft_vocab, check_int, check_positive
 
 __all__ = ["DenoiserBuilder", "FullCopy", "LoRA", "LoRALinear", "Borrowed", "builder_from_spec", "is_adapter",
            "merge_adapters", "unmerge_adapters", "fuse_projections", "dense_state_dict"]
@@ -326,7 +326,7 @@ def dense_state_dict(denoiser: nn.Module) -> dict[str, Tensor]:
 
 
 def merge_adapters(denoiser: nn.Module, *, fuse: bool = True, pack: bool | str = True,
-                   draft_vocab: Tensor | None = None) -> int:
+                   draft_vocab=None) -> int:
     """Inference speed for a denoiser: every LoRA adapter applies one merged weight (W + s B A, see
     `LoRALinear.merge`) instead of its base and two low-rank matmuls; with `fuse`, projections that
     read one input become one matmul (`fuse_projections`: Llama's q/k/v and gate/up), over their
@@ -334,8 +334,8 @@ def merge_adapters(denoiser: nn.Module, *, fuse: bool = True, pack: bool | str =
     pre-packed for oneDNN where that applies (on a CPU, bf16 or float32: `towers.inference_linear`), and so
     is a copy of the output head (`lm_head`), which the family's `head` then uses. pack="int8": every
     copy, the output projections and the head held as dynamic int8 instead (a cheaper, rounded draft).
-    draft_vocab (sorted distinct token ids): the head copy covers those tokens only (`VocabSubsetHead`),
-    made whatever `pack` says.
+    draft_vocab (token ids, `validation.check_draft_vocab`): the head copy covers those tokens only
+    (`VocabSubsetHead`), made whatever `pack` says.
 
     Returns the bytes of the copies made: for a LoRA denoiser every projection once, about one more
     backbone without its embeddings, plus the head when packed; for a full copy only the fused ones
@@ -344,8 +344,10 @@ def merge_adapters(denoiser: nn.Module, *, fuse: bool = True, pack: bool | str =
     (the update is added to W once, in float32, then rounded to W's dtype; a packed product may sum
     in another order).
     """
-    unmerge_adapters(denoiser)  # copies of an earlier call (another fuse / pack choice) must not outlive this one
     head = getattr(denoiser, "lm_head", None)
+    if draft_vocab is not None and head is not None:  # checked before any copy is dropped or made
+        draft_vocab = check_draft_vocab(draft_vocab, head.weight.shape[0])
+    unmerge_adapters(denoiser)  # copies of an earlier call (another fuse / pack choice) must not outlive this one
     if pack == INT8 and head is not None and not can_quantize(head.weight):  # asked for, and nothing would be int8
         warnings.warn(f"int8_draft=True: the draft's copies stay {head.weight.dtype}, since dynamic int8 runs on a "
                       f"CPU with torch's quantized kernels only (this denoiser is on {head.weight.device}; "

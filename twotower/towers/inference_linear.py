@@ -33,8 +33,8 @@ from torch import Tensor
 
 from ..hardware import cpu_has_bf16_path, has_int8_linear, onednn_can_pack
 
-__all__ = ["InferenceLinear", "VocabSubsetHead", "OUTSIDE_VOCAB", "can_pack", "can_quantize", "context_pack_rows", "makes_copy", "HEAD_COPY", "INT8",
-           "PACKINGS"]
+__all__ = ["InferenceLinear", "VocabSubsetHead", "can_pack", "can_quantize", "context_pack_rows", "makes_copy",
+           "HEAD_COPY", "INT8", "OUTSIDE_VOCAB", "PACKINGS"]
 
 # Where `towers.adapters.merge_adapters` keeps a denoiser's packed head copy (a plain attribute).
 HEAD_COPY = "_twotower_head"
