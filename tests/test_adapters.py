@@ -488,3 +488,103 @@ def test_lora_fine_tuning_refuses_a_sharded_context(chat_llama):
     with pytest.raises(ValueError, match="context_sharding='replicate'"):
         DenoiserFineTuning(str(chat_llama), block_size=8, denoiser=LoRA(rank=2), context_sharding="shard")
     DenoiserFineTuning(str(chat_llama), block_size=8, denoiser=FullCopy(), context_sharding="shard")
+
+
+# ---- shallow drafts: `skip_layers` --------------------------------------------------------------------
+
+OUTPUT_PROJECTIONS = {"o_proj", "down_proj", "out_proj"}  # what writes a layer's sub-blocks into the residual
+
+
+def zero_layer_outputs_(den, layers) -> None:
+    """Zero every output projection of `layers`: each layer then adds nothing to the residual stream, which
+    is what skipping it must compute (written without `skip_layers`, through the full-depth forward)."""
+    with torch.no_grad():
+        for i in layers:
+            for name, p in den.backbone.layers[i].named_parameters():
+                if OUTPUT_PROJECTIONS & set(name.split(".")):
+                    p.zero_()
+
+
+@pytest.mark.parametrize("model_type", FAMILIES)
+def test_a_skipped_layer_computes_what_a_layer_adding_nothing_does(model_type):
+    ctx = family_context(model_type, seed=3)
+    skip = [1] if model_type != "nemotron_h" else [0, 3, 5]  # NemotronH: a Mamba, a MoE and an attention layer
+    den = FullCopy(skip_layers=skip).build(ctx).eval()
+    randomize_(den, seed=4, scale=0.3)  # the copy's own weights: a skipped layer must not be the context's either
+    randomize_time_(den, 5)
+    reference = FullCopy().build(ctx).eval()
+    reference.load_state_dict(den.state_dict())
+    deep = both_forwards(ctx, reference, seed=6)
+    zero_layer_outputs_(reference, skip)
+    assert reference.skip_layers == frozenset() and den.skip_layers == frozenset(skip)
+    for got, want, full in zip(both_forwards(ctx, den, seed=6), both_forwards(ctx, reference, seed=6), deep):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+        assert (got - full).abs().max() > 1e-2  # the skipped layers did matter: the check can fail
+
+
+def test_skipped_layers_are_frozen_and_get_no_gradient(chat_llama):
+    model = TwoTowerLM.from_backbone(chat_llama, block_size=4, denoiser=LoRA(rank=2, skip_layers=[1]))
+    den = model.denoiser
+    trainable = {n.split(".")[2] for n, p in den.named_parameters() if p.requires_grad and ".layers." in n}
+    assert trainable == {"0", "2"}
+    x = torch.randint(4, model.config.vocab_size, (2, 8))
+    _, states = model.context.forward_train(x, 4)
+    den.forward_train(torch.where(x % 2 == 0, MASK, x), states, torch.rand(2, 2)).sum().backward()
+    for n, p in den.named_parameters():
+        if ".layers." in n:
+            assert (p.grad is None) == (".layers.1." in n), n
+    den.set_skip_layers([])  # run again: trains again
+    assert all(p.requires_grad for p in den.parameters())
+
+
+def test_skip_layers_round_trip_through_adapter_and_full_checkpoints(chat_llama, tmp_path):
+    model = trained_adapter_model(chat_llama)
+    model.denoiser.set_skip_layers([2])  # set after the build: the record follows the tower
+    model.save_pretrained(tmp_path / "adapter")
+    raw = json.loads((tmp_path / "adapter" / "config.json").read_text())
+    assert raw["denoiser"] == LoRA(rank=4, alpha=8, skip_layers=[2]).spec()
+    loaded = TwoTowerLM.from_pretrained(tmp_path / "adapter").eval()
+    assert loaded.denoiser.skip_layers == frozenset([2])
+    assert_same_denoiser(model, loaded)
+
+    full = TwoTowerLM.from_backbone(chat_llama, block_size=8, denoiser=FullCopy(skip_layers=[0, 2])).eval()
+    randomize_time_(full.denoiser, 7)
+    full.save_pretrained(tmp_path / "full")
+    assert json.loads((tmp_path / "full" / "config.json").read_text())["denoiser"] == FullCopy(skip_layers=[0, 2]).spec()
+    again = TwoTowerLM.from_pretrained(tmp_path / "full").eval()
+    assert again.denoiser.skip_layers == frozenset([0, 2])
+    assert_same_denoiser(full, again)
+    full.denoiser.set_skip_layers([])  # a full-depth model writes the file it wrote before the option
+    full.save_pretrained(tmp_path / "deep")
+    assert "denoiser" not in json.loads((tmp_path / "deep" / "config.json").read_text())
+
+
+def test_speculative_with_a_shallow_draft_equals_greedy_ar(chat_llama):
+    model = trained_adapter_model(chat_llama, shifted=True)
+    model.denoiser.set_skip_layers([0, 1])
+    ids, mask = left_pad(random_prompts([4, 9, 6], seed=9))
+    ar = model.generate(ids, mask, decoder=Autoregressive(), max_new_tokens=20)
+    out = model.generate(ids, mask, decoder=Speculative(block_size=8), max_new_tokens=20)
+    assert torch.equal(out.new_tokens, ar.new_tokens)
+    assert int(out.nfe.sum()) > 0  # the shallow denoiser drafted
+
+
+@pytest.mark.parametrize("skip, match", [
+    ("13", "list of layer indices"), (3, "list of layer indices"), ([1.0], "integer layer indices"),
+    ([True], "integer layer indices"), ([-1], r"from 0; got \[-1\]"),
+])
+def test_bad_skip_layers_are_refused_by_value(skip, match):
+    with pytest.raises(ValueError, match=match):
+        LoRA(rank=2, skip_layers=skip)
+    with pytest.raises(ValueError, match=match):
+        FullCopy(skip_layers=skip)
+
+
+def test_skip_layers_beyond_the_tower_or_of_every_layer_are_refused_at_build():
+    ctx = family_context("llama")
+    with pytest.raises(ValueError, match=r"below the tower's 3 layers; got \[3\]"):
+        FullCopy(skip_layers=[3]).build(ctx)
+    den = LoRA(rank=2).build(ctx)
+    with pytest.raises(ValueError, match="skips all 3 layers; keep at least one"):
+        den.set_skip_layers([0, 1, 2])
+    assert den.skip_layers == frozenset()  # refused before anything changed

@@ -635,3 +635,60 @@ def test_a_full_draft_vocab_drafts_as_the_full_head():
 def test_merge_adapters_refuses_a_bad_draft_vocab_by_value(bad, match):
     with pytest.raises(ValueError, match=match):
         lora_model(33).merge_adapters(draft_vocab=bad)
+
+
+def test_draft_vocab_in_serve_and_predict_restricts_the_draft_keeps_ar_and_is_recorded(tmp_path):
+    """predict / serve take `draft_vocab` as a file or a folder of ids (`save_draft_vocab`); the merged head is
+    over exactly those ids, speculative output stays AR's, and predictions record which list they used."""
+    from twotower.inference import GenerationModule
+    from twotower.serving.app import load_model
+    from twotower.serving.requests import ServeSettings
+    from twotower.tokenizers import DRAFT_VOCAB_FILE, load_draft_vocab, save_draft_vocab
+
+    path, _ = saved_lora_model(tmp_path)
+    vocab = list(range(0, 64, 2))
+    assert save_draft_vocab(vocab, path) == path / DRAFT_VOCAB_FILE  # a folder: the model's own file
+    assert load_draft_vocab(path) == vocab and load_draft_vocab(path / DRAFT_VOCAB_FILE) == vocab
+    served = load_model(ServeSettings(model=str(path), draft_vocab=str(path)))  # implies merge_adapters
+    assert served.denoiser.__dict__[HEAD_COPY].vocab.tolist() == vocab
+    ids, mask = left_pad(random_prompts([5, 8], seed=4))
+    want = autoregressive(served.context, ids, mask, max_new_tokens=12)
+    assert torch.equal(speculative(served.context, served.denoiser, ids, mask, max_new_tokens=12).new_tokens,
+                       want.new_tokens)
+    module = GenerationModule(str(path), decoder="speculative", draft_vocab=str(path / DRAFT_VOCAB_FILE))
+    module.on_predict_start()
+    assert module.model.denoiser.__dict__[HEAD_COPY].vocab.tolist() == vocab
+    settings = module.prediction_settings()
+    assert settings["merge_adapters"] is True and settings["draft_vocab"].startswith("32 ids ")
+    other = save_draft_vocab(vocab[:-1], tmp_path / "other.json")
+    assert GenerationModule(str(path), draft_vocab=str(other)).prediction_settings()["draft_vocab"] != settings["draft_vocab"]
+    assert "draft_vocab" not in GenerationModule(str(path)).prediction_settings()
+
+
+@pytest.mark.parametrize("content, error, match", [
+    (None, FileNotFoundError, "no file .*save_draft_vocab"), ("[1, 2", ValueError, "not a JSON list"),
+    ('{"a": 1}', ValueError, "non-empty JSON list of integer token ids, got 'dict'"),
+    ("[]", ValueError, "non-empty JSON list"), ("[1, 2.5]", ValueError, r"integer token ids, got \[1, 2.5\]"),
+    ("[1, 1000000]", ValueError, r"token ids in \[0, \d+\), got \[1000000\]"),
+])
+def test_a_bad_draft_vocab_file_is_refused_before_predicting(tmp_path, content, error, match):
+    from twotower.inference import GenerationModule
+
+    path, _ = saved_lora_model(tmp_path)
+    file = tmp_path / "vocab.json"
+    if content is not None:
+        file.write_text(content)
+    with pytest.raises(error, match=match):
+        GenerationModule(str(path), draft_vocab=str(file))
+
+
+def test_the_smollm2_asset_ships_a_draft_vocab_with_the_chat_markers_and_eos():
+    from twotower.hub import resolve_model
+    from twotower.tokenizers import find_tokenizer, load_draft_vocab
+
+    ids = load_draft_vocab("smollm2-135m")
+    tok = find_tokenizer(resolve_model("smollm2-135m-backbone"))
+    assert len(ids) == len(set(ids)) == 24160 and ids == sorted(ids) and max(ids) < tok.vocab_size
+    markers = set(tok.hf.all_special_ids) | {tok.eos_token_id}
+    assert markers <= set(ids)
+    assert set(range(16384)) <= set(ids)  # every id below 16384 (frequent_tokens' first_ids)

@@ -25,12 +25,17 @@ from .decoding.base import length_limit
 from .hub import resolve_model
 from .model import TwoTowerLM
 from .quantization import check_quantize
-from .tokenizers import Tokenizer, tokenizer_for
-from .validation import check_int, parse_dtype
+from .tokenizers import Tokenizer, load_draft_vocab, tokenizer_for
+from .validation import check_draft_vocab, check_int, parse_dtype
 
 __all__ = ["GenerationModule", "checkpoint_fingerprint"]
 
 _SAMPLE = 1 << 20  # bytes hashed from each end of a weight file's data
+
+
+def ids_digest(ids: torch.Tensor) -> str:
+    """"<n> ids <hash>" of a token-id list: recorded with predictions instead of the list (up to a vocabulary)."""
+    return f"{ids.numel()} ids {hashlib.sha256(ids.long().numpy().tobytes()).hexdigest()[:16]}"
 
 
 def checkpoint_fingerprint(path: str | os.PathLike) -> str:
@@ -92,13 +97,17 @@ class GenerationModule(L.LightningModule):
         pack_context: pre-pack the context tower's products for oneDNN too
             (`TwoTowerLM.merge_adapters(pack_context=True)`; implies merge_adapters): cheaper AR steps
             and verifies (up to 16 rows in bf16, 128 in float32), on a CPU.
+        draft_vocab: the denoiser's head over these tokens only (`TwoTowerLM.merge_adapters(draft_vocab=...)`;
+            implies merge_adapters): a JSON file of ids, a folder holding draft_vocab.json, or a built-in
+            model that ships one ("smollm2-135m"; `tokenizers.load_draft_vocab`). A cheaper draft whose
+            speculative output stays AR's; a diffusion decoder samples only these tokens.
     """
 
     def __init__(self, model: str, decoder: Decoder | str | None = None, max_new_tokens: int = 128,
                  stop_at_eos: bool = True, context_device: str | None = None, denoiser_device: str | None = None,
                  dtype: str | None = None, seed: int | None = 0, tokenizer: Tokenizer | None = None,
                  compile: bool = False, quantize: str | None = None, merge_adapters: bool = False,
-                 int8_draft: bool = False, pack_context: bool = False):
+                 int8_draft: bool = False, pack_context: bool = False, draft_vocab: str | None = None):
         super().__init__()
         if isinstance(decoder, str):  # a name of the one decoder registry (or a class_path), default settings
             decoder = build_decoder(decoder)
@@ -125,7 +134,11 @@ class GenerationModule(L.LightningModule):
         self.tokenizer = tokenizer_for(self.model, model, tokenizer)
         self.compile = compile
         self.int8_draft, self.pack_context = bool(int8_draft), bool(pack_context)
-        self.merge_adapters = bool(merge_adapters) or self.int8_draft or self.pack_context
+        # Read and checked now, against the loaded model: a bad list fails before any prompt is read.
+        self.draft_vocab = None if draft_vocab is None else check_draft_vocab(load_draft_vocab(draft_vocab),
+                                                                              self.model.config.vocab_size)
+        self.merge_adapters = (bool(merge_adapters) or self.int8_draft or self.pack_context
+                               or self.draft_vocab is not None)
         self.model_dir = str(model.resolve())
         self.fingerprint = checkpoint_fingerprint(model)
         self.dtype_name = dtype
@@ -147,6 +160,7 @@ class GenerationModule(L.LightningModule):
             **({"merge_adapters": True} if self.merge_adapters else {}),
             **({"int8_draft": True} if self.int8_draft else {}),
             **({"pack_context": True} if self.pack_context else {}),
+            **({"draft_vocab": ids_digest(self.draft_vocab)} if self.draft_vocab is not None else {}),
         }
 
     def prompt_budget(self) -> tuple[int, str] | None:
@@ -163,7 +177,8 @@ class GenerationModule(L.LightningModule):
         if self.devices[0] is not None:
             self.model.place_towers_on_devices(*self.devices)
         if self.merge_adapters:  # after every move: moving the model drops the copies
-            self.model.merge_adapters(int8_draft=self.int8_draft, pack_context=self.pack_context)
+            self.model.merge_adapters(int8_draft=self.int8_draft, pack_context=self.pack_context,
+                                      draft_vocab=self.draft_vocab)
         if self.compile:
             self.model.compile_towers()
 

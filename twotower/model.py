@@ -209,6 +209,9 @@ class TwoTowerLM(ReleasedGenerationMixin, TowerPair, nn.Module):
                                            denoiser_device=denoiser_device, quantize=quantize)
         finally:
             close_refs(refs.values())
+        model.denoiser_builder = builder_from_spec(raw.get("denoiser"))  # exports record it; older files do not
+        if model.denoiser_builder.skip_layers:
+            model.denoiser.set_skip_layers(model.denoiser_builder.skip_layers)
         model.context.requires_grad_(False)
         model.tokenizer = find_tokenizer(path)
         warn_if_slow_bf16(dtype, device, f"loading {path.name} in bfloat16")
@@ -249,6 +252,15 @@ class TwoTowerLM(ReleasedGenerationMixin, TowerPair, nn.Module):
         model.tokenizer = find_tokenizer(path) or model.tokenizer
         return model
 
+    def denoiser_record(self) -> dict:
+        """The denoiser builder's spec as config.json records it, with the layers the denoiser skips now
+        (`set_skip_layers` may have been called after the build)."""
+        spec = self.denoiser_builder.spec()
+        args = {k: v for k, v in spec["init_args"].items() if k != "skip_layers"}
+        if self.denoiser.skip_layers:
+            args["skip_layers"] = sorted(self.denoiser.skip_layers)
+        return {**spec, "init_args": args}
+
     def save_adapter(self, path: str | os.PathLike, *, backbone: str | None = None,
                      tokenizer: Tokenizer | None = None) -> None:
         """Write an adapter checkpoint: config.json (the backbone's config, the generation settings,
@@ -265,7 +277,7 @@ class TwoTowerLM(ReleasedGenerationMixin, TowerPair, nn.Module):
         raw = self.config.to_dict()
         raw.update({"block_size": self.block_size, "mask_token_id": self.mask_token_id, "shifted": self.shifted,
                     "architectures": ["TwoTowerLM"], "time_conditioning": self.denoiser.time.spec(),
-                    "denoiser": self.denoiser_builder.spec(), "backbone": str(source)})
+                    "denoiser": self.denoiser_record(), "backbone": str(source)})
         raw.update(save_tokenizer(tokenizer, path))
         (path / "config.json").write_text(json.dumps(raw, indent=2) + "\n")
         state = {k: v.detach().contiguous() for k, v in self.denoiser.state_dict().items()}
@@ -342,6 +354,8 @@ class TwoTowerLM(ReleasedGenerationMixin, TowerPair, nn.Module):
                              "save the full-precision model and pass quantize= when loading it")
         extra = {"block_size": self.block_size, "mask_token_id": self.mask_token_id, "shifted": self.shifted,
                  "architectures": ["TwoTowerLM"], "time_conditioning": self.denoiser.time.spec()}
+        if self.denoiser.skip_layers:  # a shallow draft; a full-depth file stays as it was before the option
+            extra["denoiser"] = self.denoiser_record()
         extra.update(save_tokenizer(tokenizer if tokenizer is not None else self.tokenizer, path))
         save_state_dict(self.released_state_dict(), path, config=self.config, max_shard_size=max_shard_size,
                         expert_layout=expert_layout, extra_config=extra)

@@ -27,11 +27,13 @@ from .hub import builtin_name, resolve_model
 
 __all__ = ["Tokenizer", "ByteTokenizer", "HFTokenizer", "DEFAULT_MASK_TOKEN_ID", "load_tokenizer", "find_tokenizer",
            "check_tokenizer_fits", "save_tokenizer", "tokenizer_for", "tokenizer_spec", "tokenizer_from_spec",
-           "BYTE_TOKENIZER", "frequent_tokens"]
+           "BYTE_TOKENIZER", "frequent_tokens", "DRAFT_VOCAB_FILE", "save_draft_vocab", "load_draft_vocab"]
 
 # config.json's "tokenizer" entry for byte-level models (ByteTokenizer, ids = UTF-8 bytes + 4).
 BYTE_TOKENIZER = "byte"
 _HF_FILES = ("tokenizer.json", "tokenizer_config.json")
+# A model folder's draft vocabulary (`save_draft_vocab`): predict / serve take the folder for `draft_vocab`.
+DRAFT_VOCAB_FILE = "draft_vocab.json"
 
 # The one default [MASK] id, for a tokenizer that declares no mask token and a model or run that
 # names none: NemotronH checkpoints reserve id 3 for [MASK], and the byte tokenizer follows them.
@@ -446,3 +448,35 @@ def frequent_tokens(tokenizer: Tokenizer, texts: Iterable[str], k: int, *, first
     if not keep:
         raise ValueError("frequent_tokens kept no token: give texts, k > 0 or first_ids > 0")
     return torch.tensor(sorted(keep), dtype=torch.long)
+
+
+def save_draft_vocab(ids, path: str | Path) -> Path:
+    """Write a draft vocabulary (`frequent_tokens`) as a JSON list of ids, to `path` or, for a folder
+    (a model's, say), to `path / DRAFT_VOCAB_FILE`. Returns the file written."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / DRAFT_VOCAB_FILE
+    path.write_text(json.dumps(torch.as_tensor(ids).tolist()) + "\n")
+    return path
+
+
+def load_draft_vocab(where: str | Path) -> list[int]:
+    """The ids of a draft vocabulary: a JSON file of ids (`save_draft_vocab`), a folder holding
+    DRAFT_VOCAB_FILE, or a built-in model name that ships one ("smollm2-135m"). The ids are checked
+    against a model's vocabulary where they are used (`merge_adapters(draft_vocab=...)`)."""
+    path = Path(where).expanduser()
+    if not path.exists() and builtin_name(where) is not None:
+        path = resolve_model(where)
+    if path.is_dir():
+        path = path / DRAFT_VOCAB_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"draft_vocab {str(where)!r}: no file {path}; write one with "
+                                "twotower.tokenizers.save_draft_vocab(frequent_tokens(...), PATH)")
+    try:
+        ids = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"draft_vocab {path} is not a JSON list of token ids ({e})") from None
+    if not isinstance(ids, list) or not ids or not all(isinstance(i, int) and not isinstance(i, bool) for i in ids):
+        shown = ids[:5] if isinstance(ids, list) else type(ids).__name__
+        raise ValueError(f"draft_vocab {path} must hold a non-empty JSON list of integer token ids, got {shown!r}")
+    return ids

@@ -83,6 +83,23 @@ def check_draft_vocab(ids, vocab_size: int) -> torch.Tensor:
     return torch.unique(t.long())  # sorted
 
 
+def check_skip_layers(layers, num_layers: int | None = None) -> frozenset[int]:
+    """Layer indices a denoiser skips (an iterable of distinct ints in [0, num_layers), leaving at least
+    one layer) as a frozenset. num_layers None (the depth not known yet): only non-negative ints."""
+    if isinstance(layers, (str, bytes)) or not hasattr(layers, "__iter__"):
+        raise ValueError(f"skip_layers must be a list of layer indices, got {layers!r}")
+    layers = list(layers)
+    if not all(isinstance(i, int) and not isinstance(i, bool) for i in layers):
+        raise ValueError(f"skip_layers must hold integer layer indices, got {layers!r}")
+    bad = [i for i in layers if i < 0 or (num_layers is not None and i >= num_layers)]
+    if bad:
+        top = "" if num_layers is None else f", below the tower's {num_layers} layers"
+        raise ValueError(f"skip_layers must be layer indices from 0{top}; got {bad}")
+    if num_layers is not None and len(set(layers)) >= num_layers:
+        raise ValueError(f"skip_layers {sorted(set(layers))} skips all {num_layers} layers; keep at least one")
+    return frozenset(layers)
+
+
 def parse_dtype(name: str, value, allowed: dict[str, torch.dtype] | None = FLOAT_DTYPES, *,
                 purpose: str = "") -> torch.dtype:
     """A dtype name ("bfloat16", "torch.bfloat16") or a torch dtype -> the torch dtype.

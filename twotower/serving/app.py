@@ -46,7 +46,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from ..decoding import Towers
 from ..decoding.base import length_limit
 from ..model import TwoTowerLM
-from ..tokenizers import tokenizer_for
+from ..tokenizers import load_draft_vocab, tokenizer_for
 from ..validation import parse_dtype
 from .connections import header_deadline_protocol
 from .requests import RequestError, ServeSettings, parse_chat, parse_completion
@@ -173,8 +173,10 @@ def load_model(settings: ServeSettings):
     model = TwoTowerLM.from_pretrained(settings.model, dtype=dtype).to(settings.device).eval().requires_grad_(False)
     if settings.denoiser_device is not None:
         model.place_towers_on_devices(settings.device, settings.denoiser_device)
-    if settings.merge_adapters or settings.int8_draft or settings.pack_context:  # after every move: moving drops them
-        model.merge_adapters(int8_draft=settings.int8_draft, pack_context=settings.pack_context)
+    vocab = None if settings.draft_vocab is None else load_draft_vocab(settings.draft_vocab)
+    if settings.merge_adapters or settings.int8_draft or settings.pack_context or vocab is not None:
+        # After every move: moving the model drops the copies.
+        model.merge_adapters(int8_draft=settings.int8_draft, pack_context=settings.pack_context, draft_vocab=vocab)
     return model
 
 

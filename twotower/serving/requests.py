@@ -117,6 +117,10 @@ class ServeSettings:
         pack_context: pre-pack the context tower's products for oneDNN too
             (`TwoTowerLM.merge_adapters(pack_context=True)`; implies merge_adapters; one more context
             tower of memory): cheaper AR steps and verifies (up to 16 rows in bf16, 128 in float32), on a CPU.
+        draft_vocab: the denoiser's head over these tokens only (`TwoTowerLM.merge_adapters(draft_vocab=...)`;
+            implies merge_adapters): a JSON file of ids, a folder holding draft_vocab.json, or a built-in
+            model that ships one ("smollm2-135m"; `tokenizers.load_draft_vocab`). A cheaper draft; the
+            speculative output stays AR's, a diffusion decoder samples only these tokens.
     """
 
     model: str = "embedded"
@@ -160,6 +164,7 @@ class ServeSettings:
     merge_adapters: bool = False
     int8_draft: bool = False
     pack_context: bool = False
+    draft_vocab: str | None = None
 
     def limits(self, model_block_size: int | None) -> "Limits":
         """The per-request ranges this server enforces, for a model trained with `model_block_size`."""

@@ -35,7 +35,7 @@ def check_family(family_or_model_type, config=None, *, reference=None, seed: int
     ctx, den = tiny_towers(family, config, seed=seed)
     name = family.model_type
     for check in (check_interfaces, check_prefill_and_extends, check_left_padding, check_provisional_accept,
-                  check_cache_contract, check_forward_block, check_training_forward):
+                  check_cache_contract, check_forward_block, check_training_forward, check_skip_layers):
         with torch.inference_mode():
             check(ctx, den, name)
     check_speculative_equals_ar(ctx, den, name)
@@ -182,6 +182,36 @@ def check_training_forward(ctx, den, name: str) -> None:
         cache = ctx.empty_cache(2) if k == 0 else ctx.prefill(x[:, : k * S])[1]
         block = den.forward_block(noisy[:, k * S: (k + 1) * S], cache, t[:, k])
         assert_close(train[:, k * S: (k + 1) * S], block, f"{name}: denoiser forward_train block {k} vs forward_block")
+
+
+def check_skip_layers(ctx, den, name: str) -> None:
+    """A skipped layer (`DenoiserTowerBase.set_skip_layers`) is not run: both denoiser forwards ignore its
+    weights, and skipping it changes them (a family whose loops bypass `run_layers` would fail here)."""
+    S, nB = 4, 2
+    x = _ids((2, S * nB), ctx, 15)
+    noisy = torch.where(x % 2 == 0, torch.full_like(x, MASK), x)
+    t = torch.tensor([[0.4, 0.7], [0.9, 0.2]])
+    _, states = ctx.forward_train(x, S)
+    _, cache = ctx.prefill(x[:, :S])
+
+    def both():
+        return den.forward_train(noisy, states, t), den.forward_block(noisy[:, S:], cache, t[:, 1])
+
+    skipped = len(den.backbone.layers) - 1  # the last layer: every family has one, of any type
+    deep = both()
+    saved = {k: v.clone() for k, v in den.backbone.layers[skipped].state_dict().items()}
+    den.set_skip_layers([skipped])
+    try:
+        shallow = both()
+        randomize_(den.backbone.layers[skipped], seed=16, scale=0.5)
+        for got, want, what in zip(both(), shallow, ("forward_train", "forward_block")):
+            assert_close(got, want, f"{name}: {what} with layer {skipped} skipped, after its weights changed")
+        expect(any((a - b).abs().max() > 1e-4 for a, b in zip(shallow, deep)),
+               f"{name}: skipping layer {skipped} left both denoiser forwards unchanged; loop over "
+               "DenoiserTowerBase.run_layers()")
+    finally:
+        den.set_skip_layers([])
+        den.backbone.layers[skipped].load_state_dict(saved)
 
 
 def check_speculative_equals_ar(ctx, den, name: str) -> None:

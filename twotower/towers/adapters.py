@@ -36,7 +36,7 @@ from torch import Tensor
 from ..time_embedding import build_time_conditioning
 from .base import ContextTowerBase, DenoiserTowerBase, family_for
 from .inference_linear import HEAD_COPY, INT8, InferenceLinear, VocabSubsetHead, can_quantize, makes_copy
-from ..validation import check_draft_vocab, check_int, check_positive
+from ..validation import check_draft_vocab, check_int, check_positive, check_skip_layers
 
 __all__ = ["DenoiserBuilder", "FullCopy", "LoRA", "LoRALinear", "Borrowed", "builder_from_spec", "is_adapter",
            "merge_adapters", "unmerge_adapters", "fuse_projections", "dense_state_dict"]
@@ -154,17 +154,35 @@ class LoRALinear(nn.Module):
 
 class DenoiserBuilder(abc.ABC):
     """Makes a denoiser tower from a context tower. Subclasses are chosen by `class_path`
-    (`DenoiserFineTuning(denoiser=...)`, config.json's "denoiser" entry) and must round-trip
-    through `spec()` / `builder_from_spec`."""
+    (`DenoiserFineTuning(denoiser=...)`, config.json's "denoiser" entry), implement `make` and must
+    round-trip through `spec()` / `builder_from_spec`.
 
-    @abc.abstractmethod
+    Args:
+        skip_layers: layer indices the denoiser does not run (`DenoiserTowerBase.set_skip_layers`): a
+            shallower draft that costs less per forward. Every builder takes it, so that training,
+            export and loading rebuild the same shallow tower from config.json.
+    """
+
+    def __init__(self, *, skip_layers=()):
+        self.skip_layers = tuple(sorted(check_skip_layers(skip_layers)))
+
     def build(self, context: ContextTowerBase, *, time_init: str = "identity", time: dict | None = None,
               device=None) -> DenoiserTowerBase:
-        """A fresh denoiser over `context` (on `device`, None: the context's)."""
+        """A fresh denoiser over `context` (on `device`, None: the context's), skipping `skip_layers`."""
+        den = self.make(context, time_init=time_init, time=time, device=device)
+        if self.skip_layers:  # checked against the tower's depth here, where it is known
+            den.set_skip_layers(self.skip_layers)
+        return den
+
+    @abc.abstractmethod
+    def make(self, context: ContextTowerBase, *, time_init: str = "identity", time: dict | None = None,
+             device=None) -> DenoiserTowerBase:
+        """The subclass's denoiser over `context`, every layer run (`build` applies `skip_layers`)."""
 
     def init_args(self) -> dict:
-        """The constructor arguments that rebuild this builder (JSON-serialisable)."""
-        return {}
+        """The constructor arguments that rebuild this builder (JSON-serialisable). `skip_layers`
+        appears only when set, so a full-depth builder's record is what it was before the option."""
+        return {"skip_layers": list(self.skip_layers)} if self.skip_layers else {}
 
     def spec(self) -> dict:
         """{"class_path", "init_args"}: what config.json and checkpoints record."""
@@ -179,7 +197,7 @@ class DenoiserBuilder(abc.ABC):
 class FullCopy(DenoiserBuilder):
     """The released design: the denoiser owns a copy of every context weight (+ time conditioning)."""
 
-    def build(self, context, *, time_init="identity", time=None, device=None):
+    def make(self, context, *, time_init="identity", time=None, device=None):
         return family_for(context.config).denoiser.from_context(context, time_init=time_init, time=time, device=device)
 
 
@@ -190,9 +208,13 @@ class LoRA(DenoiserBuilder):
         rank: r of each update B A (r x in and out x r parameters per projection).
         alpha: the update is scaled by alpha / rank (so a change of rank keeps the step size).
         targets: the projection names (last component of the module path) that get an adapter.
+        skip_layers: layers the denoiser does not run (`DenoiserBuilder`); their adapters are still
+            made, so that a full-depth adapter checkpoint loads into a shallow denoiser as it is.
     """
 
-    def __init__(self, rank: int = 32, alpha: float = 32.0, targets: list[str] | tuple[str, ...] = LLAMA_PROJECTIONS):
+    def __init__(self, rank: int = 32, alpha: float = 32.0, targets: list[str] | tuple[str, ...] = LLAMA_PROJECTIONS,
+                 *, skip_layers=()):
+        super().__init__(skip_layers=skip_layers)
         check_int("LoRA rank", rank)
         check_positive("LoRA alpha", alpha)
         if isinstance(targets, str) or not targets or not all(isinstance(t, str) for t in targets):
@@ -200,9 +222,9 @@ class LoRA(DenoiserBuilder):
         self.rank, self.alpha, self.targets = rank, float(alpha), tuple(targets)
 
     def init_args(self) -> dict:
-        return {"rank": self.rank, "alpha": self.alpha, "targets": list(self.targets)}
+        return {"rank": self.rank, "alpha": self.alpha, "targets": list(self.targets), **super().init_args()}
 
-    def build(self, context, *, time_init="identity", time=None, device=None):
+    def make(self, context, *, time_init="identity", time=None, device=None):
         p = next(context.parameters())
         if device is not None and torch.device(device) != p.device:
             raise ValueError(f"a LoRA denoiser borrows the context tower's weights, which are on {p.device}; "

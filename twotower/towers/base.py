@@ -37,6 +37,7 @@ from .inference_linear import HEAD_COPY
 from .lazy import close_refs
 from .loading import backbone_refs, materialize
 from .registry import TowerFamily, family_for, registered_families
+from ..validation import check_skip_layers
 
 __all__ = ["ContextTowerBase", "DenoiserTowerBase", "TowerFamily", "register_family", "family_for",
            "registered_families"]
@@ -235,6 +236,27 @@ class DenoiserTowerBase(nn.Module, abc.ABC):
     backbone: nn.Module
     lm_head: nn.Linear
     time: nn.Module
+    # Layers the denoiser passes over (a shallow draft, `set_skip_layers`); a class default, so that
+    # towers built on the meta device or loaded from old checkpoints run every layer.
+    skip_layers: frozenset[int] = frozenset()
+
+    def run_layers(self) -> list[tuple[int, nn.Module]]:
+        """(index, block) of every layer the denoiser runs, in order. Every family's forwards loop
+        over this, so a skipped layer costs nothing and layer i still reads the context's layer i."""
+        return [(i, blk) for i, blk in enumerate(self.backbone.layers) if i not in self.skip_layers]
+
+    def set_skip_layers(self, layers) -> None:
+        """Run the denoiser without the given layer indices (a shallower, cheaper draft; weights kept).
+
+        The skipped layers' weights stay (a checkpoint's names do not change) but are frozen: they get no
+        gradient, and data-parallel training would otherwise stop on parameters no forward used. A
+        layer skipped before and run now trains again. The time modulation of a kept layer is still
+        its own. At least one layer must remain.
+        """
+        skip = check_skip_layers(layers, len(self.backbone.layers))
+        for i in skip | self.skip_layers:
+            self.backbone.layers[i].requires_grad_(i not in skip)
+        self.skip_layers = skip
 
     @abc.abstractmethod
     def forward_block(self, x: Tensor, cache: Cache, t: Tensor | None = None, *,

@@ -66,7 +66,7 @@ class LlamaDenoiserTower(DenoiserTowerBase):
 
     def _layers(self, h: Tensor, mods, attend) -> Tensor:
         """Run every layer on h (..., S, H); `attend(i, q, k, v)` gives layer i's attention output."""
-        for i, blk in enumerate(self.backbone.layers):
+        for i, blk in self.run_layers():
             m_attn = None if mods is None else mods[2 * i]
             m_mlp = None if mods is None else mods[2 * i + 1]
             h = run_block(blk, partial(self._layer, i, blk, attend), h, m_attn, m_mlp)

@@ -85,7 +85,7 @@ class DenoiserTower(DenoiserTowerBase):
         mask = self.block_key_mask(x, cache)
         h_all = self.backbone.embeddings(x)
         mods = None if t is None else self.time(t.to(h_all.device))  # each (b, 1, H)
-        for i, blk in enumerate(self.backbone.layers):
+        for i, blk in self.run_layers():
             mod = None if mods is None else mods[i]
             h = blk.pre(h_all, mod)
             if blk.block_type == ATTENTION:
@@ -130,7 +130,7 @@ class DenoiserTower(DenoiserTowerBase):
                 y = blk.mixer(h)
             return blk.post(hid, y, mod)
 
-        for i, blk in enumerate(self.backbone.layers):
+        for i, blk in self.run_layers():
             hid = run_block(blk, partial(step, i, blk), hid, None if mods is None else mods[i])
         hid = hid.reshape(b, L, H)
         return hid if return_hidden else self.head(hid)
