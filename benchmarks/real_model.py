@@ -96,6 +96,10 @@ INSTRUCTIONS = [
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="smollm2-135m", help="a two-tower folder or a built-in name")
+    p.add_argument("--alt-model", default=None,
+                   help="a second two-tower model over the same backbone (a shallow draft, another stage): with "
+                        "--merged and --short-drafts every bf16 packed speculative mode and spec_fp32_merged_b<n> "
+                        "(vocabulary twins included) gets an <mode>_alt twin that drafts with it, in the same run")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--per-kind", type=int, default=4, help="prompts of each kind per seed")
     p.add_argument("--new-tokens", type=int, default=64)
@@ -214,6 +218,8 @@ def prefix_agreement(a: list[int], b: list[int]) -> int:
 
 
 # The models a mode may run on: dtype, and which inference copies (`TwoTowerLM.merge_adapters`).
+# A MODELS key ending so loads --alt-model instead of --model (`build_modes(alt=True)`).
+ALT = "_alt"
 MODELS = {"bf16": (torch.bfloat16, None), "fp32": (torch.float32, None),
           "bf16_merged": (torch.bfloat16, {}),  # merge_adapters()'s defaults: merged, fused, packed
           "bf16_fused": (torch.bfloat16, {"fuse_context": True}),
@@ -232,7 +238,7 @@ MODELS = {"bf16": (torch.bfloat16, None), "fp32": (torch.float32, None),
 
 def build_modes(samplers: list[str], cuts: list[float] = (), merged: bool = False, only=None,
                 baseline: str = "ar", short: list[int] = (), draft_steps: list[int] = (), lookup: list[int] = (),
-                lookup_max: int | None = None, vocabs: list[str] = ()) -> dict:
+                lookup_max: int | None = None, vocabs: list[str] = (), alt: bool = False) -> dict:
     """name -> (model key in MODELS, decoder). `only` keeps those modes plus the AR each is measured against."""
     modes = {"ar": ("bf16", Autoregressive()), "spec": ("bf16", Speculative()),
              "ar_fp32": ("fp32", Autoregressive()), "spec_fp32": ("fp32", Speculative())}
@@ -278,6 +284,10 @@ def build_modes(samplers: list[str], cuts: list[float] = (), merged: bool = Fals
         for name, (key, dec) in list(modes.items()):
             if key == "bf16_packed" and name.startswith("spec") or name.startswith("spec_fp32_merged_b"):
                 modes[f"{name}_{tag}"] = (f"{key}_{tag}", dec)
+    for name, (key, dec) in list(modes.items()) if alt and merged and short else ():
+        if key.startswith("bf16_packed") and name.startswith("spec") or name.startswith("spec_fp32_merged_b"):
+            MODELS[f"{key}{ALT}"] = MODELS[key]  # the same dtype and copies, over --alt-model's weights
+            modes[f"{name}{ALT}"] = (f"{key}{ALT}", dec)
     for s in samplers:
         kind, _, value = s.partition(":")
         sampler = {"confidence": ConfidenceThreshold, "frontier": FrontierRun}[kind](float(value))
@@ -476,8 +486,9 @@ def main(argv=None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     modes = build_modes(args.diffusion, args.spec_cuts, args.merged, args.only, args.baseline, args.short_drafts,
-                        args.draft_steps, args.lookup, args.lookup_max_tokens, args.draft_vocab)
-    models = {key: load_model(args.model, key, args.device)
+                        args.draft_steps, args.lookup, args.lookup_max_tokens, args.draft_vocab,
+                        args.alt_model is not None)
+    models = {key: load_model(args.alt_model if key.endswith(ALT) else args.model, key, args.device)
               for key in sorted({m for m, _ in modes.values()} | {"fp32"})}
     tok = models["fp32"].tokenizer
     docs = {"prose": held_out_documents("stdlib-docs"), "python": held_out_documents("stdlib")}

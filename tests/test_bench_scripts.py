@@ -264,3 +264,27 @@ def test_draft_vocab_modes_run_the_packed_and_float32_drafts_on_a_vocab_subset()
     assert rm.context_of(key) == rm.context_of("bf16_packed")  # measured against AR on the same packed context
     with pytest.raises(SystemExit, match="not K or K:F"):
         rm.build_modes([], merged=True, short=[6], vocabs=["8k"])
+
+
+def test_alt_model_modes_twin_the_packed_and_float32_drafts_and_load_the_other_model(monkeypatch):
+    """real_model.py --alt-model DIR: each bf16 packed speculative mode and spec_fp32_merged_b<n> (vocabulary
+    twins included) gets an _alt twin with the same dtype and copies, loaded from DIR, against its dtype's AR."""
+    from benchmarks import real_model as rm
+
+    modes = rm.build_modes([], merged=True, short=[6], lookup=[3], lookup_max=15, vocabs=["100"], alt=True,
+                           only=["spec_packed_b6_lk3_m15_alt", "spec_packed_b6_lk3_m15_v100_alt",
+                                 "spec_fp32_merged_b6_alt"])
+    assert set(modes) == {"ar", "ar_fp32", "spec_packed_b6_lk3_m15_alt", "spec_packed_b6_lk3_m15_v100_alt",
+                          "spec_fp32_merged_b6_alt"}
+    key = modes["spec_packed_b6_lk3_m15_v100_alt"][0]
+    assert key == "bf16_packed_v100_alt" and rm.MODELS[key] == rm.MODELS["bf16_packed_v100"]
+    assert rm.context_of(key) == rm.context_of("bf16_packed")
+    assert "spec_packed_b6_alt" not in rm.build_modes([], merged=True, short=[6])  # only with alt=True
+    loaded = []
+    monkeypatch.setattr(rm, "load_model", lambda name, key, device="cpu": loaded.append((name, key)) or rm)
+    monkeypatch.setattr(rm, "tokenizer", None, raising=False)  # what main reads from the fp32 "model"
+    monkeypatch.setattr(rm, "held_out_documents", lambda *a: (_ for _ in ()).throw(SystemExit(0)))  # stop there
+    with pytest.raises(SystemExit):
+        rm.main(["--model", "A", "--alt-model", "B", "--merged", "--short-drafts", "6",
+                 "--only", "spec_fp32_merged_b6_alt"])
+    assert sorted(loaded) == [("A", "bf16"), ("A", "fp32"), ("B", "fp32_merged_alt")]
