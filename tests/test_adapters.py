@@ -588,3 +588,22 @@ def test_skip_layers_beyond_the_tower_or_of_every_layer_are_refused_at_build():
     with pytest.raises(ValueError, match="skips all 3 layers; keep at least one"):
         den.set_skip_layers([0, 1, 2])
     assert den.skip_layers == frozenset()  # refused before anything changed
+
+
+def test_merge_adapters_makes_no_copies_for_skipped_layers_and_a_shallow_draft_stays_lossless():
+    from twotower.towers.llama.layers import Fusable
+
+    ctx = family_context("llama", seed=17)
+    model = TwoTowerLM.from_backbone(ctx, block_size=6, shifted=True, denoiser=LoRA(rank=4, skip_layers=[1])).eval()
+    randomize_lora_(model.denoiser, seed=18)
+    randomize_time_(model.denoiser, seed=19)
+    ids, mask = left_pad(random_prompts([4, 9, 6], seed=20))
+    want = model.generate(ids, mask, decoder=Autoregressive(), max_new_tokens=15)
+    unmerged = model.generate(ids, mask, decoder=Speculative(block_size=6), max_new_tokens=15)
+    model.merge_adapters(pack=False)
+    layers = model.denoiser.backbone.layers
+    for i, has_copies in ((0, True), (1, False), (2, True)):
+        assert any(m.fused_nbytes for m in layers[i].modules() if isinstance(m, Fusable)) == has_copies, i
+        assert any(m.merged for m in layers[i].modules() if isinstance(m, LoRALinear)) == has_copies, i
+    got = model.generate(ids, mask, decoder=Speculative(block_size=6), max_new_tokens=15)
+    assert torch.equal(got.new_tokens, want.new_tokens) and torch.equal(unmerged.new_tokens, want.new_tokens)

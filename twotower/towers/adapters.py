@@ -374,10 +374,15 @@ def merge_adapters(denoiser: nn.Module, *, fuse: bool = True, pack: bool | str =
         warnings.warn(f"int8_draft=True: the draft's copies stay {head.weight.dtype}, since dynamic int8 runs on a "
                       f"CPU with torch's quantized kernels only (this denoiser is on {head.weight.device}; "
                       f"twotower.hardware.has_int8_linear() says whether this torch has them)", stacklevel=3)
-    covered: set[int] = set()
+    # Layers the denoiser skips (a shallow draft) get no copies: they never run. A layer run again later
+    # computes through its plain modules, which stay exact.
+    skipped = {id(m) for i in getattr(denoiser, "skip_layers", ()) for m in denoiser.backbone.layers[i].modules()}
+    covered: set[int] = set(skipped)
     made = 0
     if fuse:
         for m in _fusable(denoiser):
+            if id(m) in skipped:
+                continue
             m.fuse(pack=pack)
             # The fused copy is built from these adapters' merged weights (`applied_weights`): no copy of their own.
             covered.update(id(getattr(m, n)) for n in m.FUSED_PROJECTIONS)
