@@ -607,3 +607,18 @@ def test_merge_adapters_makes_no_copies_for_skipped_layers_and_a_shallow_draft_s
         assert any(m.merged for m in layers[i].modules() if isinstance(m, LoRALinear)) == has_copies, i
     got = model.generate(ids, mask, decoder=Speculative(block_size=6), max_new_tokens=15)
     assert torch.equal(got.new_tokens, want.new_tokens) and torch.equal(unmerged.new_tokens, want.new_tokens)
+
+
+def test_a_full_checkpoint_naming_a_missing_builder_still_loads_unless_it_is_shallow(chat_llama, tmp_path):
+    """config.json's "denoiser" entry is read for a full copy only when it lists skip_layers: a full copy a plug-in
+    builder made loads without that package, as before the option; a shallow one needs its builder."""
+    model = TwoTowerLM.from_backbone(chat_llama, block_size=8).eval()
+    model.save_pretrained(tmp_path / "full")
+    config = tmp_path / "full" / "config.json"
+    raw = json.loads(config.read_text())
+    config.write_text(json.dumps({**raw, "denoiser": {"class_path": "not_installed.Builder", "init_args": {}}}))
+    assert TwoTowerLM.from_pretrained(tmp_path / "full").denoiser.skip_layers == frozenset()
+    config.write_text(json.dumps({**raw, "denoiser": {"class_path": "not_installed.Builder",
+                                                       "init_args": {"skip_layers": [1]}}}))
+    with pytest.raises(ValueError, match="'not_installed.Builder' cannot be imported"):
+        TwoTowerLM.from_pretrained(tmp_path / "full")

@@ -209,8 +209,10 @@ class TwoTowerLM(ReleasedGenerationMixin, TowerPair, nn.Module):
                                            denoiser_device=denoiser_device, quantize=quantize)
         finally:
             close_refs(refs.values())
-        model.denoiser_builder = builder_from_spec(raw.get("denoiser"))  # exports record it; older files do not
-        if model.denoiser_builder.skip_layers:
+        spec = raw.get("denoiser")
+        # Read only for a shallow tower: a full copy made by a plug-in builder loads without its package, as before.
+        if isinstance(spec, dict) and spec.get("init_args", {}).get("skip_layers"):
+            model.denoiser_builder = builder_from_spec(spec)
             model.denoiser.set_skip_layers(model.denoiser_builder.skip_layers)
         model.context.requires_grad_(False)
         model.tokenizer = find_tokenizer(path)
