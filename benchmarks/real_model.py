@@ -279,15 +279,13 @@ def build_modes(samplers: list[str], cuts: list[float] = (), merged: bool = Fals
                     "fp32_int8_packed", Speculative(block_size=n, lookup=long_lookup))
                 modes[f"spec_packed_b{n}_lk{g}_m{lookup_max}"] = (
                     "bf16_packed", Speculative(block_size=n, lookup=long_lookup))
+    drafts = twinned_drafts(modes)  # taken once: a second --draft-vocab must not twin the first one's twins
     for spec in vocabs if merged and short else ():
         tag = vocab_model_keys(spec)
-        for name, (key, dec) in list(modes.items()):
-            if key == "bf16_packed" and name.startswith("spec") or name.startswith("spec_fp32_merged_b"):
-                modes[f"{name}_{tag}"] = (f"{key}_{tag}", dec)
-    for name, (key, dec) in list(modes.items()) if alt and merged and short else ():
-        if key.startswith("bf16_packed") and name.startswith("spec") or name.startswith("spec_fp32_merged_b"):
-            MODELS[f"{key}{ALT}"] = MODELS[key]  # the same dtype and copies, over --alt-model's weights
-            modes[f"{name}{ALT}"] = (f"{key}{ALT}", dec)
+        modes |= {f"{name}_{tag}": (f"{key}_{tag}", dec) for name, key, dec in drafts}
+    for name, key, dec in twinned_drafts(modes) if alt and merged and short else ():  # vocabulary twins included
+        MODELS[f"{key}{ALT}"] = MODELS[key]  # the same dtype and copies, over --alt-model's weights
+        modes[f"{name}{ALT}"] = (f"{key}{ALT}", dec)
     for s in samplers:
         kind, _, value = s.partition(":")
         sampler = {"confidence": ConfidenceThreshold, "frontier": FrontierRun}[kind](float(value))
@@ -299,6 +297,13 @@ def build_modes(samplers: list[str], cuts: list[float] = (), merged: bool = Fals
         keep = set(only) | {baseline} | {reference_ar(modes, n) for n in only if n.startswith("spec")}
         modes = {n: m for n, m in modes.items() if n in keep}
     return modes
+
+
+def twinned_drafts(modes: dict) -> list[tuple]:
+    """(name, key, decoder) of the modes --draft-vocab and --alt-model twin: the speculative modes on a bf16
+    packed model and spec_fp32_merged_b<n>, with any twins they already have."""
+    return [(name, key, dec) for name, (key, dec) in modes.items()
+            if key.startswith("bf16_packed") and name.startswith("spec") or name.startswith("spec_fp32_merged_b")]
 
 
 def vocab_model_keys(spec: str) -> str:

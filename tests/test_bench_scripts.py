@@ -288,3 +288,13 @@ def test_alt_model_modes_twin_the_packed_and_float32_drafts_and_load_the_other_m
         rm.main(["--model", "A", "--alt-model", "B", "--merged", "--short-drafts", "6",
                  "--only", "spec_fp32_merged_b6_alt"])
     assert sorted(loaded) == [("A", "bf16"), ("A", "fp32"), ("B", "fp32_merged_alt")]
+
+
+def test_two_draft_vocabs_twin_only_the_plain_drafts():
+    """--draft-vocab A B: each plain draft mode gets one twin per vocabulary, never a twin of a twin."""
+    from benchmarks import real_model as rm
+
+    modes = rm.build_modes([], merged=True, short=[6], vocabs=["100", "200"])
+    assert {"spec_fp32_merged_b6_v100", "spec_fp32_merged_b6_v200", "spec_packed_b6_v100", "spec_packed_b6_v200"} <= set(modes)
+    assert not [name for name in modes if "_v100_v200" in name]
+    assert all(key in rm.MODELS for key, _ in modes.values())
