@@ -194,6 +194,63 @@ def test_lookup_potential_counts_trees_whose_output_is_ars(tmp_path):
     assert all(1.0 <= seed[m] <= 33.0 for m in modes) and seed["iterations"] is not None
 
 
+def _naive_store(seqs, n):
+    """{key: (count of its most frequent next token, that token's latest continuation start, sequence)}
+    by a plain scan: the reference for benchmarks/datastore_potential.py's `Datastore`."""
+    nexts = {}
+    for s, seq in enumerate(seqs):
+        for i in range(len(seq) - n):
+            nexts.setdefault(tuple(seq[i:i + n]), []).append((seq[i + n], s, i + n))
+    out = {}
+    for key, occ in nexts.items():
+        counts = {}
+        for t, _, _ in occ:
+            counts[t] = counts.get(t, 0) + 1
+        best = min(counts, key=lambda t: (-counts[t], t))  # most frequent, ties: the smallest id
+        _, s, start = [o for o in occ if o[0] == best][-1]  # its latest occurrence
+        out[key] = (counts[best], s, start)
+    return out
+
+
+@pytest.mark.parametrize("n", [1, 2, 3])
+def test_datastore_proposes_what_a_plain_scan_finds(n):
+    """`Datastore.propose` equals a plain scan's choice for every n-gram of the sequences and for absent
+    ones, within each sequence only, and honours min_count; an n whose key would not fit 64 bits is refused."""
+    from benchmarks.datastore_potential import Datastore
+
+    g = torch.Generator().manual_seed(n)
+    seqs = [torch.randint(0, 5, (int(length),), generator=g).tolist() for length in (30, 2, 17, 40)]
+    store, want = Datastore(seqs, n, vocab_size=5), _naive_store(seqs, n)
+    assert len(store) == len(want)
+    for key, (count, s, start) in want.items():
+        assert store.propose(key, 6) == seqs[s][start:start + 6], key
+        assert store.propose(key, 6, min_count=count + 1) == []
+    absent = [k for k in ([a] * n for a in range(5)) if tuple(k) not in want]
+    assert all(store.propose(k, 6) == [] for k in absent)
+    with pytest.raises(ValueError, match="n <= 4"):
+        Datastore(seqs, 5, vocab_size=49152)
+
+
+def test_datastore_lookup_drafts_where_the_row_has_nothing_and_keeps_ars_output():
+    """benchmarks/datastore_potential.py's `StoreLookup` on the embedded default: with AR's own output in
+    the store, its drafts replace the denoiser's and take fewer iterations than the row's own lookup,
+    and every output is AR's (`tokens_per_iteration` exits otherwise)."""
+    from benchmarks.datastore_potential import Datastore, StoreLookup
+    from benchmarks.draft_gate import prompts_of
+    from benchmarks.lookup_potential import tokens_per_iteration
+    from twotower.decoding import Autoregressive
+
+    model = TwoTowerLM.from_pretrained(str(REPO / "twotower" / "assets" / "twotower"), dtype=torch.float32).eval()
+    ids = prompts_of(model, [1], 1)[0]
+    with torch.inference_mode():
+        ar = Autoregressive().generate(model, torch.tensor([ids]), max_new_tokens=32).sequences[0].tolist()
+        store = Datastore([ar], 4, model.tokenizer.vocab_size)
+        own = tokens_per_iteration(model, ids, 32, 16, NgramLookup(4), ("lookup",))
+        stored = tokens_per_iteration(model, ids, 32, 16, StoreLookup(store, 4), ("lookup", "best_of_both"))
+    assert stored["lookup"] < own["lookup"]
+    assert stored["best_of_both"] <= stored["lookup"]
+
+
 def _real_model_run_on(device: str, tmp_path) -> dict:
     """real_model.py's timed call and NLL judge on `device`, beside `generate` on that device."""
     from conftest import save_tiny_twotower
