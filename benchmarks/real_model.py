@@ -33,6 +33,8 @@ n-position drafts (`spec_packed_b<n>`) and lookups beside them (`spec_packed_b<n
 
     python benchmarks/real_model.py --merged --diffusion --next-lines 0 --per-kind 3 --threads 2 \
         --short-drafts 6 --lookup 3 --lookup-max-tokens 15 --only ar ar_packed spec_packed_b6 spec_packed_b6_lk3_m15
+The same with the draft in int8 (`spec_packed_int8_b<n>`, `spec_packed_int8_b<n>_lk<g>_m<M>`: the draft's copies
+and head as dynamic int8, as `spec_fp32_int8` holds them, on the same packed bf16 context).
 Quality of a diffusion mode (judged against AR's own output on the same prompts):
   * NLL retention: AR's NLL / the mode's NLL of its generated text under the float32 AR model;
   * distinct-4 retention: the mode's distinct-4 / AR's;
@@ -233,7 +235,9 @@ MODELS = {"bf16": (torch.bfloat16, None), "fp32": (torch.float32, None),
           "fp32_packed16": (torch.float32, {"pack_context": True, "pack_rows": 16}),
           "fp32_int8_packed16": (torch.float32, {"int8_draft": True, "pack_context": True, "pack_rows": 16}),
           "bf16_int8": (torch.bfloat16, {"int8_draft": True}),
-          "bf16_packed": (torch.bfloat16, {"pack_context": True})}
+          "bf16_packed": (torch.bfloat16, {"pack_context": True}),
+          # the draft in int8 on the packed bf16 context: both drafting and verifying read the fewest bytes
+          "bf16_packed_int8": (torch.bfloat16, {"pack_context": True, "int8_draft": True})}
 
 
 def build_modes(samplers: list[str], cuts: list[float] = (), merged: bool = False, only=None,
@@ -266,6 +270,7 @@ def build_modes(samplers: list[str], cuts: list[float] = (), merged: bool = Fals
         modes[f"spec_fp32_int8_packed16_b{n}"] = ("fp32_int8_packed16", Speculative(block_size=n))
         # bf16 on a CPU with a oneDNN bf16 path: the merged draft on the packed bf16 context (ar_packed's model).
         modes[f"spec_packed_b{n}"] = ("bf16_packed", Speculative(block_size=n))
+        modes[f"spec_packed_int8_b{n}"] = ("bf16_packed_int8", Speculative(block_size=n))
         for k in draft_steps:  # multi-step drafts: more accepted tokens for one more draft forward each
             modes[f"spec_merged_b{n}_s{k}"] = ("bf16_merged", Speculative(block_size=n, draft_steps=k))
             modes[f"spec_fp32_int8_packed_b{n}_s{k}"] = ("fp32_int8_packed", Speculative(block_size=n, draft_steps=k))
@@ -279,6 +284,8 @@ def build_modes(samplers: list[str], cuts: list[float] = (), merged: bool = Fals
                     "fp32_int8_packed", Speculative(block_size=n, lookup=long_lookup))
                 modes[f"spec_packed_b{n}_lk{g}_m{lookup_max}"] = (
                     "bf16_packed", Speculative(block_size=n, lookup=long_lookup))
+                modes[f"spec_packed_int8_b{n}_lk{g}_m{lookup_max}"] = (
+                    "bf16_packed_int8", Speculative(block_size=n, lookup=long_lookup))
     drafts = twinned_drafts(modes)  # taken once: a second --draft-vocab must not twin the first one's twins
     for spec in vocabs if merged and short else ():
         tag = vocab_model_keys(spec)
@@ -314,6 +321,7 @@ def vocab_model_keys(spec: str) -> str:
     tag = f"v{k}" + (f"f{f}" if f else "")
     vocab = (int(k), int(f or 0))
     MODELS[f"bf16_packed_{tag}"] = (torch.bfloat16, {"pack_context": True, "draft_vocab": vocab})
+    MODELS[f"bf16_packed_int8_{tag}"] = (torch.bfloat16, {"pack_context": True, "int8_draft": True, "draft_vocab": vocab})
     MODELS[f"fp32_merged_{tag}"] = (torch.float32, {"draft_vocab": vocab})
     return tag
 

@@ -319,6 +319,11 @@ def test_draft_vocab_modes_run_the_packed_and_float32_drafts_on_a_vocab_subset()
     assert decoder.block_size == 6 and decoder.lookup.max_tokens == 15
     assert rm.MODELS[modes["spec_fp32_merged_b6_v100"][0]] == (torch.float32, {"draft_vocab": (100, 0)})
     assert rm.context_of(key) == rm.context_of("bf16_packed")  # measured against AR on the same packed context
+    int8 = rm.build_modes([], merged=True, short=[6], lookup=[3], lookup_max=15, vocabs=["100"],
+                          only=["spec_packed_int8_b6_lk3_m15_v100"])
+    key = int8["spec_packed_int8_b6_lk3_m15_v100"][0]
+    assert rm.MODELS[key] == (torch.bfloat16, {"pack_context": True, "int8_draft": True, "draft_vocab": (100, 0)})
+    assert rm.context_of(key) == rm.context_of("bf16_packed") and set(int8) == {"ar", "spec_packed_int8_b6_lk3_m15_v100"}
     with pytest.raises(SystemExit, match="not K or K:F"):
         rm.build_modes([], merged=True, short=[6], vocabs=["8k"])
 
