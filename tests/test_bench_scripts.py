@@ -323,7 +323,14 @@ def test_draft_vocab_modes_run_the_packed_and_float32_drafts_on_a_vocab_subset()
                           only=["spec_packed_int8_b6_lk3_m15_v100"])
     key = int8["spec_packed_int8_b6_lk3_m15_v100"][0]
     assert rm.MODELS[key] == (torch.bfloat16, {"pack_context": True, "int8_draft": True, "draft_vocab": (100, 0)})
-    assert rm.context_of(key) == rm.context_of("bf16_packed") and set(int8) == {"ar", "spec_packed_int8_b6_lk3_m15_v100"}
+    assert rm.context_of(key) == rm.context_of("bf16_packed")
+    assert set(int8) == {"ar", "spec_packed_int8_b6_lk3_m15_v100"}
+    fp32 = rm.build_modes([], merged=True, short=[6], lookup=[3], lookup_max=15, vocabs=["100"], baseline="ar_fp32",
+                          only=["spec_fp32_int8_packed_b6_lk3_m15_v100"])
+    key = fp32["spec_fp32_int8_packed_b6_lk3_m15_v100"][0]
+    assert rm.MODELS[key] == (torch.float32, {"int8_draft": True, "pack_context": True, "draft_vocab": (100, 0)})
+    assert rm.context_of(key) == rm.context_of("fp32_int8_packed")
+    assert set(fp32) == {"ar_fp32", "spec_fp32_int8_packed_b6_lk3_m15_v100"}
     with pytest.raises(SystemExit, match="not K or K:F"):
         rm.build_modes([], merged=True, short=[6], vocabs=["8k"])
 
