@@ -282,6 +282,9 @@ def build_modes(samplers: list[str], cuts: list[float] = (), merged: bool = Fals
                 long_lookup = NgramLookup(g, max_tokens=lookup_max)
                 modes[f"spec_fp32_int8_packed_b{n}_lk{g}_m{lookup_max}"] = (
                     "fp32_int8_packed", Speculative(block_size=n, lookup=long_lookup))
+                # the plain float32 context: on a CPU where packing float32 does not pay
+                modes[f"spec_fp32_int8_b{n}_lk{g}_m{lookup_max}"] = (
+                    "fp32_int8", Speculative(block_size=n, lookup=long_lookup))
                 modes[f"spec_packed_b{n}_lk{g}_m{lookup_max}"] = (
                     "bf16_packed", Speculative(block_size=n, lookup=long_lookup))
                 modes[f"spec_packed_int8_b{n}_lk{g}_m{lookup_max}"] = (
@@ -308,10 +311,10 @@ def build_modes(samplers: list[str], cuts: list[float] = (), merged: bool = Fals
 
 def twinned_drafts(modes: dict) -> list[tuple]:
     """(name, key, decoder) of the modes --draft-vocab and --alt-model twin: the speculative modes on a bf16
-    packed model or with the int8 draft on a packed float32 one, and spec_fp32_merged_b<n>, with any twins
-    they already have."""
+    packed model or with the int8 draft on a float32 one, and spec_fp32_merged_b<n>, with any twins they
+    already have."""
     return [(name, key, dec) for name, (key, dec) in modes.items()
-            if key.startswith(("bf16_packed", "fp32_int8_packed")) and name.startswith("spec")
+            if key.startswith(("bf16_packed", "fp32_int8")) and name.startswith("spec")
             or name.startswith("spec_fp32_merged_b")]
 
 
@@ -324,7 +327,7 @@ def vocab_model_keys(spec: str) -> str:
     vocab = (int(k), int(f or 0))
     MODELS[f"bf16_packed_{tag}"] = (torch.bfloat16, {"pack_context": True, "draft_vocab": vocab})
     MODELS[f"bf16_packed_int8_{tag}"] = (torch.bfloat16, {"pack_context": True, "int8_draft": True, "draft_vocab": vocab})
-    for key in ("fp32_int8_packed", "fp32_int8_packed16"):  # the float32 path's drafts: int8 on a packed context
+    for key in ("fp32_int8", "fp32_int8_packed", "fp32_int8_packed16"):  # the float32 path's int8 drafts
         MODELS[f"{key}_{tag}"] = (torch.float32, {**MODELS[key][1], "draft_vocab": vocab})
     MODELS[f"fp32_merged_{tag}"] = (torch.float32, {"draft_vocab": vocab})
     return tag

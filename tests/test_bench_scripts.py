@@ -331,6 +331,10 @@ def test_draft_vocab_modes_run_the_packed_and_float32_drafts_on_a_vocab_subset()
     assert rm.MODELS[key] == (torch.float32, {"int8_draft": True, "pack_context": True, "draft_vocab": (100, 0)})
     assert rm.context_of(key) == rm.context_of("fp32_int8_packed")
     assert set(fp32) == {"ar_fp32", "spec_fp32_int8_packed_b6_lk3_m15_v100"}
+    plain = rm.build_modes([], merged=True, short=[6], lookup=[3], lookup_max=15, vocabs=["100"], baseline="ar_fp32",
+                           only=["spec_fp32_int8_b6_lk3_m15_v100"])["spec_fp32_int8_b6_lk3_m15_v100"][0]
+    assert rm.MODELS[plain] == (torch.float32, {"int8_draft": True, "draft_vocab": (100, 0)})
+    assert rm.context_of(plain) == rm.context_of("fp32")  # the plain float32 context: measured against plain AR
     with pytest.raises(SystemExit, match="not K or K:F"):
         rm.build_modes([], merged=True, short=[6], vocabs=["8k"])
 
