@@ -20,7 +20,7 @@ alike): `plain` (as shipped), `merged` (LoRA merged), `merged+fused` (+ q/k/v an
 (`merge_adapters(pack_context=True)`: the context's products packed too, AR's steps included), and
 `merged+fused, int8 draft` (`merge_adapters(int8_draft=True)`: the draft's products and head in
 dynamic int8; the context's untouched) and `int8 draft + context packed` (`merge_adapters(int8_draft=True,
-pack_context=True)`).
+pack_context=True)`), the last also packed for inputs of at most 16 rows (`... context packed16`, `pack_rows=16`).
 Phase times are thread CPU ms (`time.thread_time`; --kernels: wall ms),
 the median over rounds; read ratios, not absolutes (the machine is shared). `iteration` is
 draft + verify + accept, and `AR steps` that over the same variant's AR step.
@@ -44,7 +44,9 @@ VARIANTS = {"plain": None, "merged": {"fuse": False, "pack": False}, "merged+fus
             "+ context fused": {"fuse": True, "pack": True, "fuse_context": True},
             "+ context packed": {"fuse": True, "pack": True, "pack_context": True},
             "merged+fused, int8 draft": {"fuse": True, "int8_draft": True},
-            "int8 draft + context packed": {"fuse": True, "int8_draft": True, "pack_context": True}}
+            "int8 draft + context packed": {"fuse": True, "int8_draft": True, "pack_context": True},
+            # packed for inputs of up to 16 rows, not float32's default 128: oneDNN picks the layout by that size
+            "int8 draft + context packed16": {"fuse": True, "int8_draft": True, "pack_context": True, "pack_rows": 16}}
 PHASES = ("draft", "verify", "accept", "AR step")
 
 
