@@ -124,3 +124,22 @@ def test_the_float32_pack_and_int8_probes_answer_what_the_ops_do():
         int8 = False
     assert hardware.has_int8_linear() is int8
     assert hardware.onednn_can_pack(torch.float64) is False  # oneDNN packs no float64 linear
+
+
+def test_the_frozen_towers_eval_mode_warning_is_lightnings_own_text_and_is_silenced(tmp_path):
+    """twotower.training silences Lightning's "modules in eval mode" warning (the frozen context tower is in
+    eval mode by design) by its text: the pattern must match what this Lightning says, or the filter is dead."""
+    import re
+
+    from twotower import training
+
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        _fit(tmp_path, "32-true")()
+    assert any(re.match(training.EVAL_MODE_WARNING, str(w.message)) for w in seen)
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        warnings.filterwarnings("ignore", message=training.EVAL_MODE_WARNING)  # what importing training does
+        _fit(tmp_path, "32-true")()
+    assert not any("eval mode" in str(w.message) for w in seen)
+

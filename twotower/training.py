@@ -19,6 +19,7 @@ Lightning's `ModelParallelStrategy` can shard them as they are made.
 from __future__ import annotations
 
 import json
+import warnings
 from functools import partial
 from pathlib import Path
 
@@ -41,6 +42,12 @@ from .model import TwoTowerLM
 from .tokenizers import DEFAULT_MASK_TOKEN_ID, tokenizer_spec
 from .towers.adapters import DenoiserBuilder, FullCopy, builder_from_spec, dense_state_dict, is_adapter
 from .towers.base import ContextTowerBase, run_block
+
+# Lightning warns at the start of fit about every module left in eval mode ("may lead to unexpected
+# behavior"). Here that is the frozen context tower, kept in eval mode on purpose by
+# `DenoiserFineTuning.train` (no dropout, no batch statistics); the warning would greet every run.
+EVAL_MODE_WARNING = r"Found \d+ module\(s\) in eval mode at the start of training"
+warnings.filterwarnings("ignore", message=EVAL_MODE_WARNING)
 
 
 # ---- denoiser fine-tuning ---------------------------------------------------------------------
