@@ -319,24 +319,28 @@ def test_draft_vocab_modes_run_the_packed_and_float32_drafts_on_a_vocab_subset()
     assert decoder.block_size == 6 and decoder.lookup.max_tokens == 15
     assert rm.MODELS[modes["spec_fp32_merged_b6_v100"][0]] == (torch.float32, {"draft_vocab": (100, 0)})
     assert rm.context_of(key) == rm.context_of("bf16_packed")  # measured against AR on the same packed context
-    int8 = rm.build_modes([], merged=True, short=[6], lookup=[3], lookup_max=15, vocabs=["100"],
-                          only=["spec_packed_int8_b6_lk3_m15_v100"])
-    key = int8["spec_packed_int8_b6_lk3_m15_v100"][0]
-    assert rm.MODELS[key] == (torch.bfloat16, {"pack_context": True, "int8_draft": True, "draft_vocab": (100, 0)})
-    assert rm.context_of(key) == rm.context_of("bf16_packed")
-    assert set(int8) == {"ar", "spec_packed_int8_b6_lk3_m15_v100"}
-    fp32 = rm.build_modes([], merged=True, short=[6], lookup=[3], lookup_max=15, vocabs=["100"], baseline="ar_fp32",
-                          only=["spec_fp32_int8_packed_b6_lk3_m15_v100"])
-    key = fp32["spec_fp32_int8_packed_b6_lk3_m15_v100"][0]
-    assert rm.MODELS[key] == (torch.float32, {"int8_draft": True, "pack_context": True, "draft_vocab": (100, 0)})
-    assert rm.context_of(key) == rm.context_of("fp32_int8_packed")
-    assert set(fp32) == {"ar_fp32", "spec_fp32_int8_packed_b6_lk3_m15_v100"}
-    plain = rm.build_modes([], merged=True, short=[6], lookup=[3], lookup_max=15, vocabs=["100"], baseline="ar_fp32",
-                           only=["spec_fp32_int8_b6_lk3_m15_v100"])["spec_fp32_int8_b6_lk3_m15_v100"][0]
-    assert rm.MODELS[plain] == (torch.float32, {"int8_draft": True, "draft_vocab": (100, 0)})
-    assert rm.context_of(plain) == rm.context_of("fp32")  # the plain float32 context: measured against plain AR
     with pytest.raises(SystemExit, match="not K or K:F"):
         rm.build_modes([], merged=True, short=[6], vocabs=["8k"])
+
+
+@pytest.mark.parametrize("name, baseline, merge, context", [
+    ("spec_packed_int8_b6_lk3_m15", "ar", {"pack_context": True, "int8_draft": True}, "bf16_packed"),
+    ("spec_fp32_int8_packed_b6_lk3_m15", "ar_fp32", {"int8_draft": True, "pack_context": True}, "fp32_int8_packed"),
+    ("spec_fp32_int8_b6_lk3_m15", "ar_fp32", {"int8_draft": True}, "fp32"),  # the plain float32 context
+])
+def test_int8_draft_modes_have_draft_vocab_twins_on_their_own_context(name, baseline, merge, context):
+    """real_model.py's int8 drafts (on the packed bf16 context, the packed and the plain float32 ones) each get a
+    --draft-vocab twin whose model adds draft_vocab to the same copies, measured against AR on the same context."""
+    from benchmarks import real_model as rm
+
+    twin = f"{name}_v100"
+    modes = rm.build_modes([], merged=True, short=[6], lookup=[3], lookup_max=15, vocabs=["100"], baseline=baseline,
+                           only=[twin])
+    assert set(modes) == {baseline, twin}
+    key = modes[twin][0]
+    assert rm.MODELS[key] == (rm.MODELS[key][0], {**merge, "draft_vocab": (100, 0)})
+    assert rm.MODELS[key][0] == (torch.bfloat16 if baseline == "ar" else torch.float32)
+    assert rm.context_of(key) == rm.context_of(context)
 
 
 def test_alt_model_modes_twin_the_packed_and_float32_drafts_and_load_the_other_model(monkeypatch):
