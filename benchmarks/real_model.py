@@ -319,17 +319,16 @@ def twinned_drafts(modes: dict) -> list[tuple]:
 
 
 def vocab_model_keys(spec: str) -> str:
-    """Register the MODELS keys of a --draft-vocab spec "K" or "K:F" (bf16 packed, float32 merged); its tag."""
+    """Register the MODELS keys of a --draft-vocab spec "K" or "K:F" (a twin of each of `twinned_drafts`' models,
+    with draft_vocab added to its copies); its tag."""
     k, _, f = spec.partition(":")
     if not k.isdigit() or f and not f.isdigit():
         raise SystemExit(f"--draft-vocab: {spec!r} is not K or K:F (two counts of tokens, e.g. 8192:8192)")
     tag = f"v{k}" + (f"f{f}" if f else "")
     vocab = (int(k), int(f or 0))
-    MODELS[f"bf16_packed_{tag}"] = (torch.bfloat16, {"pack_context": True, "draft_vocab": vocab})
-    MODELS[f"bf16_packed_int8_{tag}"] = (torch.bfloat16, {"pack_context": True, "int8_draft": True, "draft_vocab": vocab})
-    for key in ("fp32_int8", "fp32_int8_packed", "fp32_int8_packed16"):  # the float32 path's int8 drafts
-        MODELS[f"{key}_{tag}"] = (torch.float32, {**MODELS[key][1], "draft_vocab": vocab})
-    MODELS[f"fp32_merged_{tag}"] = (torch.float32, {"draft_vocab": vocab})
+    for key in ("bf16_packed", "bf16_packed_int8", "fp32_int8", "fp32_int8_packed", "fp32_int8_packed16", "fp32_merged"):
+        dtype, merge = MODELS[key]
+        MODELS[f"{key}_{tag}"] = (dtype, {**merge, "draft_vocab": vocab})
     return tag
 
 
